@@ -1,0 +1,18 @@
+# The set-up commands of the README. They create .venv on first use (Python >= 3.10 as python3) and reinstall when
+# pyproject.toml changes.
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest

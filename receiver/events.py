@@ -1,0 +1,278 @@
+"""Normalize a decoded callback into `Event`s: pure functions, no I/O.
+
+One `TaskFinish` document gives one event per `JobsDetail` entry; a workflow
+callback gives one event carrying its tasks; a moderation callback gives one
+event per verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from receiver import moderation
+from receiver.dedup import dedup_id
+from receiver.fields import (
+    integer,
+    items,
+    mapping,
+    mappings,
+    object_ref,
+    object_ref_from_url,
+    text,
+    timestamp,
+)
+from receiver.model import Event, ObjectRef, Source, Task, WorkflowRef
+from receiver.payload import DEFAULT_LIMITS, Document, Limits, PayloadError, decode
+
+
+def parse_callback(
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    *,
+    source: Source = "http",
+    source_meta: Mapping[str, Any] | None = None,
+    received_at: datetime | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[Event]:
+    """Decode and normalize one callback body. Raises only `PayloadError`."""
+    document = decode(body, headers, limits)
+    return normalize(
+        document,
+        source=source,
+        source_meta=source_meta,
+        received_at=received_at,
+        max_events=limits.max_events,
+    )
+
+
+def normalize(
+    document: Document,
+    *,
+    source: Source = "http",
+    source_meta: Mapping[str, Any] | None = None,
+    received_at: datetime | None = None,
+    max_events: int = DEFAULT_LIMITS.max_events,
+) -> list[Event]:
+    """Turn a decoded document into events, or raise `PayloadError("unknown_shape")`."""
+    data = document.data
+    meta = dict(source_meta or {})
+    if source == "http" and _came_through_cmq(document, meta):
+        source = "cmq-push"
+    common = {
+        "format": document.format,
+        "source": source,
+        "source_meta": meta,
+        "received_at": received_at or datetime.now(timezone.utc),
+        "raw": data,
+    }
+    event_name = text(data.get("EventName"))
+    if moderation.is_moderation(document):
+        events = moderation.events(document, common)
+    elif "WorkflowExecution" in data:
+        events = [_workflow_event(mapping(data["WorkflowExecution"]), event_name, common)]
+    elif "JobsDetail" in data:
+        details = mappings(data["JobsDetail"])
+        _check_count(details, max_events)
+        events = [_job_event(detail, event_name, common) for detail in details]
+    else:
+        raise PayloadError(
+            "unknown_shape", "no JobsDetail, WorkflowExecution or moderation result found"
+        )
+    if not events:
+        raise PayloadError("unknown_shape", "the callback holds no job, workflow or verdict")
+    _check_count(events, max_events)
+    return events
+
+
+def _check_count(entries: list[Any], max_events: int) -> None:
+    if len(entries) > max_events:
+        raise PayloadError(
+            "too_many_events", f"{len(entries)} entries in one callback, the limit is {max_events}"
+        )
+
+
+def _came_through_cmq(document: Document, meta: dict[str, Any]) -> bool:
+    """A TDMQ-CMQ topic pushed this: a JSON envelope, or the SIMPLIFIED body + CMQ headers."""
+    if document.envelope is not None:
+        envelope = document.envelope
+        meta.update(
+            topic_owner=envelope.get("TopicOwner"),
+            topic_name=envelope.get("topicName"),
+            subscription_name=envelope.get("subscriptionName"),
+            message_id=envelope.get("msgId"),
+            publish_time=envelope.get("publishTime"),
+        )
+        return True
+    message_id = document.headers.get("x-cmq-message-id")
+    if message_id is not None:
+        meta.update(message_id=message_id, message_tag=document.headers.get("x-cmq-message-tag"))
+        return True
+    return False
+
+
+# --- jobs ------------------------------------------------------------------------------
+
+
+def _job_event(detail: dict[str, Any], event_name: str | None, common: dict[str, Any]) -> Event:
+    operation = detail.get("Operation")
+    op = mapping(operation)
+    source_input = mapping(detail.get("Input"))
+    job_id = text(detail.get("JobId"))
+    state = text(detail.get("State"))
+    return Event(
+        id=dedup_id("job", job_id, state, entry=detail),
+        kind="job",
+        event_name=event_name or "TaskFinish",
+        job_id=job_id,
+        tag=text(detail.get("Tag")),
+        state=state,
+        code=text(detail.get("Code")),
+        message=text(detail.get("Message")),
+        queue_id=text(detail.get("QueueId")),
+        input=object_ref(
+            source_input.get("BucketId"), source_input.get("Region"), source_input.get("Object")
+        ),
+        outputs=_job_outputs(op, succeeded=state == "Success"),
+        user_data=text(op.get("UserData")),
+        job_level=integer(op.get("JobLevel")),
+        template_id=text(op.get("TemplateId")),
+        template_name=text(op.get("TemplateName")),
+        workflow=_workflow_ref(detail.get("Workflow")),
+        tasks=[],
+        moderation=None,
+        created_at=timestamp(detail.get("CreationTime")),
+        started_at=timestamp(detail.get("StartTime")),
+        finished_at=timestamp(detail.get("EndTime")),
+        operation=operation if isinstance(operation, dict) else None,
+        **common,
+    )
+
+
+def _job_outputs(operation: dict[str, Any], *, succeeded: bool) -> list[ObjectRef]:
+    """Every file the job produced, as full keys."""
+    refs: list[ObjectRef] = []
+    media = mapping(operation.get("MediaResult"))
+    for output_file in mappings(media.get("OutputFile")):
+        refs += _output_file(output_file)
+        # Snapshot nests the sprite sheet inside OutputFile; accept it beside it too.
+        for sprite in mappings(output_file.get("SpriteOutputFile")):
+            refs += _output_file(sprite)
+    for sprite in mappings(media.get("SpriteOutputFile")):
+        refs += _output_file(sprite)
+
+    target = mapping(operation.get("Output"))
+    picture = mapping(operation.get("PicProcessResult"))
+    for name in items(picture.get("ObjectName")):
+        if ref := object_ref(target.get("Bucket"), target.get("Region"), name):
+            refs.append(ref)
+
+    # A job without a result node (file jobs, most AI jobs) wrote its Output.Object,
+    # unless that is still a template such as `cover-${Number}.jpg`.
+    if not refs and succeeded:
+        key = text(target.get("Object"))
+        if key and "${" not in key:
+            refs.append(ObjectRef(text(target.get("Bucket")), text(target.get("Region")), key))
+    if len(refs) > 1:  # the same file named twice (a sprite in both places) is one output
+        refs = list({(r.bucket, r.region, r.key): r for r in refs}.values())
+    return refs
+
+
+def _output_file(output_file: dict[str, Any]) -> list[ObjectRef]:
+    # Snapshot gives bare names under a prefix (`output/snapshot-` + `0.jpg`); SmartCover
+    # gives full keys with an empty prefix. A name that already starts with the prefix is
+    # taken as a full key.
+    prefix = text(output_file.get("ObjectPrefix")) or ""
+    bucket, region = text(output_file.get("Bucket")), text(output_file.get("Region"))
+    refs = []
+    for name in items(output_file.get("ObjectName")):
+        name = text(name)
+        if name is None:
+            continue
+        key = name if name.startswith(prefix) else prefix + name
+        refs.append(ObjectRef(bucket, region, key))
+    return refs
+
+
+def _workflow_ref(value: Any) -> WorkflowRef | None:
+    workflow = mapping(value)
+    if not workflow:
+        return None
+    return WorkflowRef(
+        workflow_id=text(workflow.get("WorkflowId")),
+        workflow_name=text(workflow.get("WorkflowName")),
+        name=text(workflow.get("Name")),
+        run_id=text(workflow.get("RunId")),
+    )
+
+
+# --- workflows -------------------------------------------------------------------------
+
+
+def _workflow_event(
+    execution: dict[str, Any], event_name: str | None, common: dict[str, Any]
+) -> Event:
+    event_name = event_name or "WorkflowFinish"
+    run_id = text(execution.get("RunId"))
+    state = text(execution.get("State"))
+    bucket = execution.get("BucketId")
+    tasks = [_task(task, bucket) for task in mappings(execution.get("Tasks"))]
+    outputs = [ref for task in tasks for ref in task.outputs]
+    # WorkflowExecution names no region; the task outputs' URLs do.
+    region = next((ref.region for ref in outputs if ref.region), None)
+    finished = [task.finished_at for task in tasks if task.finished_at]
+    return Event(
+        id=dedup_id("workflow", run_id, event_name, state, entry=execution),
+        kind="workflow",
+        event_name=event_name,
+        job_id=None,
+        tag=None,
+        state=state,
+        code=None,
+        message=None,
+        queue_id=None,
+        input=object_ref(bucket, region, execution.get("Object")),
+        outputs=outputs,
+        user_data=None,
+        job_level=None,
+        template_id=None,
+        template_name=None,
+        workflow=WorkflowRef(
+            workflow_id=text(execution.get("WorkflowId")),
+            workflow_name=text(execution.get("WorkflowName")),
+            name=None,
+            run_id=run_id,
+        ),
+        tasks=tasks,
+        moderation=None,
+        created_at=timestamp(execution.get("CreateTime")),
+        started_at=timestamp(execution.get("StartTime")),
+        finished_at=timestamp(execution.get("EndTime")) or (max(finished) if finished else None),
+        operation=None,
+        **common,
+    )
+
+
+def _task(task: dict[str, Any], bucket: Any) -> Task:
+    result = mapping(task.get("ResultInfo"))
+    outputs = []
+    for info in mappings(result.get("ObjectInfo")):
+        name = text(info.get("ObjectName"))
+        ref = object_ref_from_url(info.get("ObjectUrl"), bucket) or object_ref(
+            bucket, None, name.lstrip("/") if name else None
+        )
+        if ref:
+            outputs.append(ref)
+    return Task(
+        type=text(task.get("Type")),
+        name=text(task.get("Name")),
+        job_id=text(task.get("JobId")),
+        state=text(task.get("State")),
+        template_id=text(task.get("TemplateId")),
+        template_name=text(task.get("TemplateName")),
+        created_at=timestamp(task.get("CreateTime")),
+        started_at=timestamp(task.get("StartTime")),
+        finished_at=timestamp(task.get("EndTime")),
+        outputs=outputs,
+    )
