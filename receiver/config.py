@@ -1,0 +1,242 @@
+"""Configuration: one TOML file, every key overridable by a `CI_RECEIVER_*` variable.
+
+`CI_RECEIVER_HTTP__PORT=9000` overrides `[http] port` (double underscore between
+levels); `${NAME}` inside a TOML string is replaced by the environment variable NAME.
+With no file at all the embedded default applies: SQLite inbox in `./ci-receiver-data`,
+the `log` handler on every event, port 8080.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from receiver.payload import Limits
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_ENV = "CI_RECEIVER_CONFIG"
+ENV_PREFIX = "CI_RECEIVER_"
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Option names whose values are masked when the effective config is printed.
+_SECRET_NAME = re.compile(r"secret|token|password|passwd|api_?key|credential", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, key or variable."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpConfig(Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    # When set, callbacks are only accepted on /callbacks/<one of these>.
+    tokens: list[SecretStr] = []
+    access_log: bool = True
+    # Seconds to let in-flight requests finish after SIGTERM.
+    graceful_timeout: float = Field(10.0, gt=0)
+
+
+class LimitsConfig(Section):
+    max_bytes: int = Field(Limits.__dataclass_fields__["max_bytes"].default, gt=0)
+    max_depth: int = Field(Limits.__dataclass_fields__["max_depth"].default, gt=0)
+    max_elements: int = Field(Limits.__dataclass_fields__["max_elements"].default, gt=0)
+    max_events: int = Field(Limits.__dataclass_fields__["max_events"].default, gt=0)
+
+    def to_limits(self) -> Limits:
+        return Limits(**self.model_dump())
+
+
+class InboxConfig(Section):
+    # Default: <data_dir>/inbox.db
+    path: Path | None = None
+    # "full": a commit survives power loss; "normal": survives a process crash only.
+    synchronous: Literal["full", "normal"] = "full"
+    # How much of a rejected body is kept for inspection.
+    rejected_body_bytes: int = Field(64 * 1024, ge=0)
+
+
+class DispatchConfig(Section):
+    # Longest wait before looking for retries that came due.
+    poll_interval: float = Field(1.0, gt=0)
+    # Seconds running handler attempts get to finish on shutdown before being cancelled.
+    drain_timeout: float = Field(10.0, ge=0)
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: console on a terminal, JSON lines otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class HandlerConfig(BaseModel):
+    """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    timeout: float = Field(30.0, gt=0)
+    max_attempts: int = Field(10, ge=1)
+    backoff_initial: float = Field(1.0, ge=0)
+    backoff_max: float = Field(600.0, ge=0)
+    concurrency: int = Field(8, ge=1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+StrOrList = str | list[str] | None
+
+
+class RouteMatch(Section):
+    """Every key given must match; a list matches any of its values; `key` and
+    `user_data` are glob patterns (`videos/*.mp4`)."""
+
+    kind: StrOrList = None
+    event_name: StrOrList = None
+    tag: StrOrList = None
+    state: StrOrList = None
+    bucket: StrOrList = None
+    region: StrOrList = None
+    key: StrOrList = None
+    user_data: StrOrList = None
+
+
+class RouteConfig(Section):
+    match: RouteMatch = RouteMatch()
+    handlers: list[str] = Field(min_length=1)
+
+
+def _default_handlers() -> dict[str, HandlerConfig]:
+    return {"log": HandlerConfig(type="log")}
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Path("ci-receiver-data")
+    http: HttpConfig = HttpConfig()
+    limits: LimitsConfig = LimitsConfig()
+    inbox: InboxConfig = InboxConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    log: LogConfig = LogConfig()
+    handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
+    # None: every handler gets every event.
+    routes: list[RouteConfig] | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file comes in as init values; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_name_known_handlers(self) -> Config:
+        for index, route in enumerate(self.routes or ()):
+            for name in route.handlers:
+                if name not in self.handlers:
+                    raise ValueError(
+                        f"routes[{index}] names handler {name!r}, which is not configured"
+                        f" (configured: {', '.join(sorted(self.handlers)) or 'none'})"
+                    )
+        return self
+
+    @property
+    def inbox_path(self) -> Path:
+        return self.inbox.path or self.data_dir / "inbox.db"
+
+    def effective(self) -> dict[str, Any]:
+        """The configuration as it will be used, secrets masked: what check-config prints."""
+        data = self.model_dump(mode="json")
+        data["inbox"]["path"] = str(self.inbox_path)
+        data["handlers"] = {
+            name: _mask(handler.model_dump(mode="json")) for name, handler in self.handlers.items()
+        }
+        return data
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read the TOML file (or `$CI_RECEIVER_CONFIG`, or none) and the environment."""
+    path = path or os.environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as file:
+                data = tomllib.load(file)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _expand_env(data, os.environ, ())
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(where + _describe(exc)) from None
+
+
+def _expand_env(value: Any, environ: Mapping[str, str], key: tuple[str | int, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, environ, (*key, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, environ, (*key, i)) for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(f"{_dotted(key)}: environment variable {name} is not set")
+            return environ[name]
+
+        return _ENV_REFERENCE.sub(replace, value)
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = _dotted(item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        variable = ENV_PREFIX + "__".join(str(part) for part in item["loc"]).upper()
+        if variable in os.environ:
+            message += f" (from the environment variable {variable})"
+        lines.append(f"{location}: {message}")
+    return "; ".join(lines)
+
+
+def _dotted(key: tuple[Any, ...]) -> str:
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _mask(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: ("**********" if _SECRET_NAME.search(k) and v not in (None, "") else v)
+        for k, v in options.items()
+    }

@@ -1,0 +1,267 @@
+"""Run handlers on stored events: claim due runs, attempt them, record the outcome.
+
+Each (event, handler) pair is its own run: a failing handler is retried on its own,
+with exponential backoff and jitter, and dead-lettered after its last attempt, while
+the other handlers of the event are not run again. Runs are leased, so a process that
+dies mid-attempt leaves them to be picked up again once the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import structlog
+
+import handlers as handler_api
+from handlers import Fail, Handler, Retry
+from receiver.config import HandlerConfig
+from receiver.inbox import Claim, Inbox, Outcome
+from receiver.metrics import Metrics
+
+logger = structlog.get_logger("ci_receiver.dispatch")
+
+# Extra lease time beyond the handler's timeout before another process may take a run.
+LEASE_GRACE_SECONDS = 5.0
+START_RETRY_MAX_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class Slot:
+    """A configured handler and what the dispatcher knows of it."""
+
+    name: str
+    handler: Handler
+    config: HandlerConfig
+    running: int = 0
+    started: bool = False
+    start_error: str | None = None
+    start_failures: int = 0
+    next_start_at: float = 0.0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.config.concurrency - self.running if self.started else 0
+
+
+def backoff(config: HandlerConfig, attempt: int) -> float:
+    """Seconds before retry number `attempt` (1-based): doubling, capped, equal jitter."""
+    ceiling = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        inbox: Inbox,
+        slots: list[Slot],
+        metrics: Metrics,
+        *,
+        poll_interval: float = 1.0,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self._inbox = inbox
+        self._slots = {slot.name: slot for slot in slots}
+        self._metrics = metrics
+        self._poll_interval = poll_interval
+        self._drain_timeout = drain_timeout
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def handler_status(self) -> dict[str, str]:
+        return {
+            name: "started" if slot.started else f"not started: {slot.start_error}"
+            for name, slot in self._slots.items()
+        }
+
+    def wake(self) -> None:
+        """New work may be due: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        for slot in self._slots.values():
+            await self._start_handler(slot)
+        self._loop_task = asyncio.create_task(self._loop(), name="dispatcher")
+
+    async def stop(self) -> None:
+        """Stop claiming; give running attempts `drain_timeout` to end, then release them."""
+        self._stopping = True
+        self.wake()
+        if self._loop_task is not None:
+            await self._loop_task
+        tasks = {task for slot in self._slots.values() for task in slot.tasks}
+        if tasks:
+            logger.info("draining handler attempts", running=len(tasks))
+            _, unfinished = await asyncio.wait(tasks, timeout=self._drain_timeout)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        for slot in self._slots.values():
+            if slot.started:
+                try:
+                    await handler_api.close(slot.handler)
+                except Exception:
+                    logger.exception("handler did not close cleanly", handler=slot.name)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._start_waiting_handlers()
+                if await self._claim_and_spawn():
+                    continue  # claims filled every free place: there may be more due now
+                delay = await self._seconds_to_next_due()
+            except Exception:
+                logger.exception("dispatch cycle failed; trying again shortly")
+                delay = self._poll_interval
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _claim_and_spawn(self) -> bool:
+        saturated = False
+        for slot in self._slots.values():
+            if self._stopping or slot.free <= 0:
+                continue
+            free = slot.free
+            lease = slot.config.timeout + LEASE_GRACE_SECONDS
+            claims = await self._inbox.claim(slot.name, free, lease)
+            for claim in claims:
+                slot.running += 1
+                task = asyncio.create_task(self._attempt(slot, claim))
+                slot.tasks.add(task)
+                task.add_done_callback(slot.tasks.discard)
+            saturated |= len(claims) == free
+        return saturated
+
+    async def _seconds_to_next_due(self) -> float:
+        ready = [name for name, slot in self._slots.items() if slot.free > 0]
+        due = await self._inbox.next_due(ready)
+        waits = [self._poll_interval]
+        if due is not None:
+            waits.append((due - datetime.now(timezone.utc)).total_seconds())
+        waits += [
+            slot.next_start_at - time.time() for slot in self._slots.values() if not slot.started
+        ]
+        return max(0.0, min(waits))
+
+    # --- handler lifecycle -------------------------------------------------------------
+
+    async def _start_waiting_handlers(self) -> None:
+        now = time.time()
+        for slot in self._slots.values():
+            if not slot.started and slot.next_start_at <= now:
+                await self._start_handler(slot)
+
+    async def _start_handler(self, slot: Slot) -> None:
+        try:
+            await handler_api.start(slot.handler)
+        except Exception as exc:
+            slot.start_failures += 1
+            delay = min(START_RETRY_MAX_SECONDS, 2 ** (slot.start_failures - 1))
+            slot.next_start_at = time.time() + delay
+            slot.start_error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "handler cannot start; its events wait in the inbox",
+                handler=slot.name,
+                error=slot.start_error,
+                retry_in=delay,
+            )
+            self._metrics.handler_up.labels(slot.name).set(0)
+            return
+        if slot.start_failures:
+            logger.info("handler started", handler=slot.name, after_failures=slot.start_failures)
+        slot.started, slot.start_error = True, None
+        self._metrics.handler_up.labels(slot.name).set(1)
+
+    # --- one attempt -------------------------------------------------------------------
+
+    async def _attempt(self, slot: Slot, claim: Claim) -> None:
+        started_at = datetime.now(timezone.utc)
+        context = structlog.contextvars.bound_contextvars(
+            request_id=claim.request_id, event_id=claim.event.id, handler=slot.name
+        )
+        running = self._metrics.running.labels(slot.name)
+        running.inc()
+        try:
+            with context:
+                try:
+                    outcome, error, retry_at = await self._run(slot, claim)
+                except asyncio.CancelledError:
+                    # Shutdown ran out of time: hand the run back without counting it.
+                    await asyncio.shield(
+                        self._record(
+                            slot, claim, "released", started_at, "interrupted by shutdown", None
+                        )
+                    )
+                    raise
+                await self._record(slot, claim, outcome, started_at, error, retry_at)
+        finally:
+            running.dec()
+            slot.running -= 1
+            self.wake()
+
+    async def _run(self, slot: Slot, claim: Claim) -> tuple[Outcome, str | None, datetime | None]:
+        config = slot.config
+        attempt = claim.attempts + 1
+        delay: float | None = None
+        began = time.perf_counter()
+        try:
+            await asyncio.wait_for(slot.handler(claim.event), config.timeout)
+        except Fail as exc:
+            return "dead", f"Fail: {exc}", None
+        except Retry as exc:
+            error, delay = f"Retry: {exc}", exc.after
+        except asyncio.TimeoutError:
+            error = f"timed out after {config.timeout:g}s"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            return "done", None, None
+        finally:
+            self._metrics.handler_seconds.labels(slot.name).observe(time.perf_counter() - began)
+        if attempt >= config.max_attempts:
+            return "dead", error, None
+        delay = backoff(config, attempt) if delay is None else delay
+        return "retry", error, datetime.now(timezone.utc) + timedelta(seconds=delay)
+
+    async def _record(
+        self,
+        slot: Slot,
+        claim: Claim,
+        outcome: Outcome,
+        started_at: datetime,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
+        self._metrics.attempts.labels(slot.name, outcome).inc()
+        attempt = claim.attempts + 1
+        if outcome == "done":
+            logger.debug("handled", attempt=attempt)
+        elif outcome == "retry":
+            logger.warning(
+                "handler failed; will retry", attempt=attempt, error=error, retry_at=retry_at
+            )
+        elif outcome == "dead":
+            logger.error("handler gave up; dead-lettered", attempt=attempt, error=error)
+        try:
+            recorded = await self._inbox.finish(
+                claim, outcome, started_at=started_at, error=error, retry_at=retry_at
+            )
+        except Exception:
+            logger.exception("cannot record the attempt; the run is retried when its lease ends")
+            return
+        if not recorded:
+            logger.warning("the run's lease was lost to another process; its outcome is dropped")

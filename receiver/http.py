@@ -1,0 +1,190 @@
+"""The HTTP receiver: CI's CallBack URL, plus health, readiness and metrics.
+
+`POST /callbacks` (or `/callbacks/<token>` when tokens are configured) answers 200 only
+after the callback is committed to the inbox. Bad input gets a 4xx with a JSON reason,
+and its body is kept for inspection; a body over the limit is refused as soon as the
+limit is passed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from receiver.inbox import Receipt
+from receiver.payload import PayloadError
+from receiver.service import Service
+
+logger = structlog.get_logger("ci_receiver.http")
+
+# Request headers kept with each callback: what tells its format, variant and sender.
+HEADERS_OF_INTEREST = (
+    "content-type",
+    "content-length",
+    "user-agent",
+    "x-ci-content-version",
+    "x-cmq-message-id",
+    "x-cmq-message-tag",
+    "x-cmq-request-id",
+    "x-forwarded-for",
+    "x-real-ip",
+)
+
+
+def error(status: int, reason: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+
+def create_app(service: Service) -> Starlette:
+    config = service.config
+    tokens = [token.get_secret_value().encode() for token in config.http.tokens]
+    max_bytes = config.limits.max_bytes
+    ingestor, metrics = service.ingestor, service.metrics
+
+    async def receive_callback(request: Request) -> Response:
+        if tokens and not _token_ok(request.path_params.get("token"), tokens):
+            metrics.callbacks.labels("http", "unauthorized").inc()
+            return error(401, "unauthorized", "POST to /callbacks/<token> with a configured token")
+        receipt = Receipt(
+            body=b"",
+            source="http",
+            received_at=datetime.now(timezone.utc),
+            request_id=request.scope["state"]["request_id"],
+            headers={k: v for k, v in request.headers.items() if k in HEADERS_OF_INTEREST},
+            source_meta={"request_id": request.scope["state"]["request_id"]},
+        )
+        too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            await ingestor.reject(receipt, too_large, size=int(declared))
+            return error(413, too_large.reason, too_large.message)
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    receipt.body = bytes(body)
+                    await ingestor.reject(receipt, too_large, size=len(body))
+                    return error(413, too_large.reason, too_large.message)
+        except ClientDisconnect:
+            logger.info("client went away before sending the whole body", received=len(body))
+            return Response(status_code=400)
+        receipt.body = bytes(body)
+        try:
+            stored = await ingestor.ingest(receipt)
+        except PayloadError as exc:
+            return error(400, exc.reason, exc.message)
+        except Exception:
+            logger.exception("cannot commit the callback to the inbox")
+            return error(
+                503, "inbox_unavailable", "the callback could not be stored; send it again"
+            )
+        return JSONResponse(
+            {
+                "accepted": len(stored.new),
+                "duplicates": len(stored.duplicates),
+                "ids": stored.new + stored.duplicates,
+            }
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ready, checks = await service.readiness()
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": reason, "detail": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/callbacks", receive_callback, methods=["POST"]),
+            Route("/callbacks/{token}", receive_callback, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
+    )
+    app.add_middleware(RequestContext, access_log=config.http.access_log)
+    return app
+
+
+def _token_ok(given: str | None, tokens: list[bytes]) -> bool:
+    if given is None:
+        return False
+    candidate = given.encode()
+    # Compare against every token so the time taken does not tell which one is close.
+    return any([hmac.compare_digest(candidate, token) for token in tokens])
+
+
+class RequestContext:
+    """Give every request an id (its `X-Request-Id`, or a new one), bind it to the log
+    context of everything the request does, echo it back, and log the request."""
+
+    def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        began = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                if self.access_log:
+                    logger.info(
+                        "request",
+                        method=scope["method"],
+                        # Never log a callback token.
+                        path="/callbacks/***"
+                        if scope["path"].startswith("/callbacks/")
+                        else scope["path"],
+                        status=status,
+                        ms=round((time.perf_counter() - began) * 1000, 2),
+                    )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and 0 < len(value) <= 64 and value.isascii():
+            text: Any = value.decode()
+            if text.isprintable():
+                return str(text)
+    return uuid.uuid4().hex

@@ -1,0 +1,101 @@
+"""The one way a callback gets in, whatever its channel: decode, route, commit."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+
+import structlog
+
+from receiver.events import parse_callback
+from receiver.inbox import Inbox, Receipt, Stored
+from receiver.metrics import Metrics
+from receiver.model import Event
+from receiver.payload import Limits, PayloadError
+from receiver.routing import Router
+
+logger = structlog.get_logger("ci_receiver.ingest")
+
+# Bodies this large are parsed off the event loop so that other requests keep moving.
+THREAD_PARSE_BYTES = 64 * 1024
+
+
+class Ingestor:
+    def __init__(
+        self,
+        inbox: Inbox,
+        router: Router,
+        metrics: Metrics,
+        limits: Limits,
+        on_new_events: Callable[[], None],
+    ) -> None:
+        self._inbox = inbox
+        self._router = router
+        self._metrics = metrics
+        self._limits = limits
+        self._on_new_events = on_new_events
+
+    async def ingest(self, receipt: Receipt) -> Stored:
+        """Commit the callback and its events; raise `PayloadError` after recording a
+        body that cannot be decoded. Returns only once the commit is durable."""
+        began = time.perf_counter()
+        try:
+            events = await self._parse(receipt)
+        except PayloadError as error:
+            await self.reject(receipt, error)
+            raise
+        routed = [(event, self._router.handlers_for(event)) for event in events]
+        stored = await self._inbox.store(receipt, routed)
+        self._count(receipt, routed, stored)
+        self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
+        if stored.new:
+            self._on_new_events()
+        return stored
+
+    async def reject(
+        self, receipt: Receipt, error: PayloadError, *, size: int | None = None
+    ) -> None:
+        self._metrics.callbacks.labels(receipt.source, "rejected").inc()
+        logger.warning(
+            "callback rejected",
+            reason=error.reason,
+            detail=error.message,
+            size=size or len(receipt.body),
+        )
+        try:
+            await self._inbox.reject(receipt, error.reason, error.message, size=size)
+        except Exception:
+            logger.exception("cannot record the rejected callback", head=receipt.body[:200])
+
+    async def _parse(self, receipt: Receipt) -> list[Event]:
+        parse = functools.partial(
+            parse_callback,
+            receipt.body,
+            receipt.headers,
+            source=receipt.source,
+            source_meta=receipt.source_meta,
+            received_at=receipt.received_at,
+            limits=self._limits,
+        )
+        if len(receipt.body) > THREAD_PARSE_BYTES:
+            return await asyncio.to_thread(parse)
+        return parse()
+
+    def _count(
+        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], stored: Stored
+    ) -> None:
+        self._metrics.callbacks.labels(
+            receipt.source, "accepted" if stored.new else "duplicate"
+        ).inc()
+        new = set(stored.new)
+        for event, handler_names in routed:
+            if event.id not in new:
+                continue
+            self._metrics.events.labels(event.kind, event.state or "").inc()
+            if not handler_names:
+                self._metrics.unrouted.inc()
+                logger.info(
+                    "no route for event", event_id=event.id, tag=event.tag, state=event.state
+                )

@@ -1,0 +1,58 @@
+"""Prometheus metrics, in a registry of their own per service (served on GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.callbacks = Counter(
+            "ci_receiver_callbacks",
+            "Callbacks received, by source and outcome (accepted, duplicate, rejected, ...).",
+            ["source", "outcome"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "ci_receiver_events",
+            "New events stored, by kind and state.",
+            ["kind", "state"],
+            registry=self.registry,
+        )
+        self.unrouted = Counter(
+            "ci_receiver_unrouted_events",
+            "New events that no route sent to any handler.",
+            registry=self.registry,
+        )
+        self.ingest_seconds = Histogram(
+            "ci_receiver_ingest_seconds",
+            "Time from a callback's bytes to its durable commit.",
+            ["source"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.attempts = Counter(
+            "ci_receiver_handler_attempts",
+            "Handler attempts, by handler and outcome (done, retry, dead, released).",
+            ["handler", "outcome"],
+            registry=self.registry,
+        )
+        self.handler_seconds = Histogram(
+            "ci_receiver_handler_seconds",
+            "Duration of handler attempts.",
+            ["handler"],
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "ci_receiver_handler_running",
+            "Handler attempts running now.",
+            ["handler"],
+            registry=self.registry,
+        )
+        self.handler_up = Gauge(
+            "ci_receiver_handler_up",
+            "1 when the handler started, 0 while its start keeps failing.",
+            ["handler"],
+            registry=self.registry,
+        )
