@@ -95,7 +95,7 @@ def create_app(service: Service) -> Starlette:
             {
                 "accepted": len(stored.new),
                 "duplicates": len(stored.duplicates),
-                "ids": stored.new + stored.duplicates,
+                "ids": stored.ids,
             }
         )
 

@@ -32,6 +32,7 @@ class Receipt:
 @dataclass(slots=True)
 class Stored:
     receipt_id: int
+    ids: list[str]  # every event of the callback, in document order
     new: list[str]
     duplicates: list[str]
 

@@ -155,7 +155,7 @@ class SqliteInbox:
                 connection.execute(
                     "UPDATE receipts SET outcome = 'duplicate' WHERE id = ?", (receipt_id,)
                 )
-            return Stored(receipt_id, new, duplicates)
+            return Stored(receipt_id, [row[0] for row in rows], new, duplicates)
 
         return await self._writer.submit(store)
 

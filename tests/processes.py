@@ -1,0 +1,128 @@
+"""Real processes for tests: a free port, the pulsar-lite broker, a ci-receiver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port} after {timeout}s")
+
+
+class PulsarLite:
+    """The pulsar-lite broker (real Pulsar binary protocol) on a free port, with its own
+    data folder, so that it can be stopped and started again over the same data."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from pulsar_lite.binary_finder import find_pulsar_lite_binary
+
+        self.binary = find_pulsar_lite_binary()
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"pulsar://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "broker.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [self.binary, "--addr", f"127.0.0.1:{self.port}", "--db-path", str(self.data_dir / "db"),
+             "--log-level", "warn"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
+        )  # fmt: skip
+        wait_for_port(self.port, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class Receiver:
+    """`ci-receiver <command> --config <file>` as a child process, as a user runs it."""
+
+    def __init__(self, config_file: Path, command: str = "serve", port: int | None = None) -> None:
+        self.config_file = config_file
+        self.command = command
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.log_path = config_file.parent / f"{command}-{self.port}.log"
+        self._log: IO[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None, wait_http: bool = True) -> Receiver:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        environment = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),  # so configs can name test handlers by dotted path
+            "CI_RECEIVER_HTTP__PORT": str(self.port),
+            "CI_RECEIVER_HTTP__HOST": "127.0.0.1",
+            **(env or {}),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "receiver.cli", self.command, "--config", str(self.config_file)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=self.config_file.parent,
+        )  # fmt: skip
+        if wait_http:
+            wait_for_port(self.port, self.process)
+        return self
+
+    def post(self, body: bytes, path: str = "/callbacks", **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, content=body, timeout=10, **kwargs)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: the exit code of a clean shutdown."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        if self._log is not None:
+            self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
