@@ -51,11 +51,21 @@ class PulsarLite:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "broker.log", "ab")  # noqa: SIM115
+        address = f"127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [self.binary, "--addr", f"127.0.0.1:{self.port}", "--db-path", str(self.data_dir / "db"),
-             "--log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
-        )  # fmt: skip
+            [
+                self.binary,
+                "--addr",
+                address,
+                "--db-path",
+                str(self.data_dir / "db"),
+                "--log-level",
+                "warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+        )
         wait_for_port(self.port, self.process)
 
     def stop(self) -> None:
@@ -92,8 +102,11 @@ class Receiver:
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "receiver.cli", self.command, "--config", str(self.config_file)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=self.config_file.parent,
-        )  # fmt: skip
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=self.config_file.parent,
+        )
         if wait_http:
             wait_for_port(self.port, self.process)
         return self

@@ -2,34 +2,64 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import orjson
 import pytest
 
 from receiver import parse_callback
 from tests.callbacks import ALL, load
+from tests.handlers_for_tests import recorded
 from tests.processes import Receiver
 
 
-@pytest.fixture
-def receiver(tmp_path):
+def serve(tmp_path: Path, extra: str = "", *, recorder: str = "") -> Receiver:
     config = tmp_path / "ci-receiver.toml"
     config.write_text(
         f"""
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 [dispatch]
 poll_interval = 0.2
 [handlers.jobs]
 type = "sqlite"
-path = "{tmp_path / 'jobs.db'}"
+path = "{tmp_path / "jobs.db"}"
 [handlers.log]
 type = "log"
+[handlers.recorder]
+type = "tests.handlers_for_tests:Recorder"
+path = "{tmp_path / "recorded.jsonl"}"
+backoff_initial = 0.1
+backoff_max = 0.2
+{recorder}
+{extra}
 """
     )
-    process = Receiver(config).start()
+    return Receiver(config).start()
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    process = serve(tmp_path)
     yield process
     process.stop()
 
 
-def test_every_fixture_is_accepted_and_repeats_are_duplicates(receiver):
+def inbox_rows(tmp_path: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(tmp_path / "data" / "inbox.db") as connection:
+        return connection.execute(sql).fetchall()
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_every_fixture_is_accepted_stored_once_and_handled(receiver, tmp_path):
     seen: set[str] = set()
     for name in ALL:
         expected = [event.id for event in parse_callback(load(name))]
@@ -39,5 +69,204 @@ def test_every_fixture_is_accepted_and_repeats_are_duplicates(receiver):
         assert answer["ids"] == expected
         assert answer["accepted"] == len(set(expected) - seen), name
         assert answer["duplicates"] == len(set(expected) & seen), name
-        assert response.headers["x-request-id"]
         seen.update(expected)
+    # Each event is stored once and run once by every handler.
+    assert sorted(row[0] for row in inbox_rows(tmp_path, "SELECT id FROM events")) == sorted(seen)
+    assert len(inbox_rows(tmp_path, "SELECT id FROM receipts")) == len(ALL)
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == len(seen))
+    assert sorted(recorded(tmp_path / "recorded.jsonl")) == sorted(seen)
+    wait_until(lambda: not inbox_rows(tmp_path, "SELECT 1 FROM runs WHERE status != 'done'"))
+    with sqlite3.connect(tmp_path / "jobs.db") as jobs:
+        stored_jobs = jobs.execute("SELECT job_id, state FROM jobs").fetchall()
+    assert len(stored_jobs) == len({event_id.split(":")[1] for event_id in seen})
+
+
+def test_a_duplicate_is_answered_200_and_not_handled_again(receiver, tmp_path):
+    first = receiver.post(load("transcode.xml"))
+    second = receiver.post(load("transcode.xml"))
+    third = receiver.post(ci_json_of("transcode.xml"))
+    assert [r.status_code for r in (first, second, third)] == [200, 200, 200]
+    assert [r.json()["accepted"] for r in (first, second, third)] == [1, 0, 0]
+    wait_until(lambda: recorded(tmp_path / "recorded.jsonl") == first.json()["ids"])
+    time.sleep(0.5)
+    assert recorded(tmp_path / "recorded.jsonl") == first.json()["ids"]
+    outcomes = inbox_rows(tmp_path, "SELECT outcome FROM receipts ORDER BY id")
+    assert outcomes == [("accepted",), ("duplicate",), ("duplicate",)]
+
+
+def ci_json_of(name: str) -> bytes:
+    from tests.callbacks import ci_json_from_xml
+
+    return ci_json_from_xml(load(name))
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "empty"),
+        (b"hello", "not_xml_or_json"),
+        (b"<Response><JobsDetail>", "malformed_xml"),
+        (b'{"JobsDetail": {},}', "malformed_json"),
+        (b'<!DOCTYPE r [<!ENTITY a "b">]><Response/>', "forbidden_xml"),
+        (b'{"hello": "world"}', "unknown_shape"),
+    ],
+)
+def test_bad_input_is_a_400_with_its_reason_and_the_body_is_kept(receiver, tmp_path, body, reason):
+    response = receiver.post(body, headers={"Content-Type": "application/xml"})
+    assert response.status_code == 400
+    assert response.json()["error"] == reason
+    assert response.json()["detail"]
+    rows = inbox_rows(tmp_path, "SELECT outcome, error_reason, body, headers FROM receipts")
+    assert rows == [("rejected", reason, body, rows[0][3])]
+    assert orjson.loads(rows[0][3])["content-type"] == "application/xml"
+
+
+def test_a_body_over_the_limit_is_refused_early(tmp_path):
+    receiver = serve(tmp_path, "[limits]\nmax_bytes = 1000\n")
+    try:
+        declared = receiver.post(b"<" + b"x" * 2000)
+        assert declared.status_code == 413
+        assert declared.json()["error"] == "too_large"
+
+        def chunks():  # no Content-Length: the limit is found while streaming
+            yield b"<Response>"
+            for _ in range(100):
+                yield b"x" * 100
+
+        streamed = httpx.post(receiver.url + "/callbacks", content=chunks(), timeout=10)
+        assert streamed.status_code == 413
+        rows = inbox_rows(
+            tmp_path, "SELECT outcome, error_reason, size, length(body) FROM receipts"
+        )
+        assert rows[0] == ("rejected", "too_large", 2001, 0)
+        assert rows[1][:2] == ("rejected", "too_large")
+        assert rows[1][2] > 1000
+        assert receiver.post(load("transcode.xml")[:1000]).status_code == 400  # within: decoded
+    finally:
+        receiver.stop()
+
+
+def test_unknown_paths_and_methods_get_json_errors(receiver):
+    missing = httpx.get(receiver.url + "/nope")
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    wrong = httpx.get(receiver.url + "/callbacks")
+    assert (wrong.status_code, wrong.json()["error"]) == (405, "method_not_allowed")
+
+
+def test_tokens_guard_the_callback_url_and_stay_out_of_the_logs(tmp_path):
+    receiver = serve(tmp_path, '[http]\ntokens = ["s3cret-one", "s3cret-two"]\n')
+    try:
+        assert receiver.post(load("transcode.xml")).status_code == 401
+        assert receiver.post(load("transcode.xml"), path="/callbacks/wrong").status_code == 401
+        assert receiver.post(load("transcode.xml"), path="/callbacks/s3cret-two").status_code == 200
+        assert inbox_rows(tmp_path, "SELECT count(*) FROM receipts") == [(1,)]
+    finally:
+        receiver.terminate()
+    assert "s3cret" not in receiver.log()
+    assert '"path":"/callbacks/***"' in receiver.log()
+
+
+def test_health_readiness_and_metrics(receiver):
+    assert httpx.get(receiver.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(receiver.url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["inbox"] == "writable"
+    assert ready.json()["checks"]["handler:jobs"] == "started"
+    receiver.post(load("transcode.xml"))
+    receiver.post(b"nope")
+    metrics = httpx.get(receiver.url + "/metrics").text
+    assert 'ci_receiver_callbacks_total{outcome="accepted",source="http"} 1.0' in metrics
+    assert 'ci_receiver_callbacks_total{outcome="rejected",source="http"} 1.0' in metrics
+    assert 'ci_receiver_events_total{kind="job",state="Success"} 1.0' in metrics
+
+
+def test_the_request_id_is_echoed_and_carried_into_handler_logs(receiver):
+    response = receiver.post(load("smartcover.xml"), headers={"X-Request-Id": "ci-abc-123"})
+    assert response.headers["x-request-id"] == "ci-abc-123"
+    generated = receiver.post(load("transcode.xml")).headers["x-request-id"]
+    wait_until(lambda: receiver.log().count('"logger":"ci_receiver.events"') >= 2)
+    handled = [
+        orjson.loads(line) for line in receiver.log().splitlines() if '"ci_receiver.events"' in line
+    ]
+    assert {(line["request_id"], line["tag"]) for line in handled} == {
+        ("ci-abc-123", "SmartCover"),
+        (generated, "Transcode"),
+    }
+
+
+def test_moderation_callbacks_with_their_header(receiver):
+    response = receiver.post(
+        load("moderation_video_simple.json"),
+        headers={"Content-Type": "application/json", "X-Ci-Content-Version": "Simple"},
+    )
+    assert response.json()["ids"] == ["moderation:test_trace_id:Success:0"]
+
+
+def test_a_failing_handler_is_retried_and_the_others_are_not_rerun(tmp_path):
+    receiver = serve(tmp_path, recorder="fail_first = 2")
+    try:
+        (event_id,) = receiver.post(load("transcode.xml")).json()["ids"]
+        wait_until(lambda: recorded(tmp_path / "recorded.jsonl") == [event_id])
+        wait_until(lambda: not inbox_rows(tmp_path, "SELECT 1 FROM runs WHERE status != 'done'"))
+        attempts = inbox_rows(
+            tmp_path, "SELECT handler, number, outcome FROM attempts ORDER BY handler, number"
+        )
+    finally:
+        receiver.terminate()
+    assert attempts == [
+        ("jobs", 1, "done"),
+        ("log", 1, "done"),
+        ("recorder", 1, "retry"),
+        ("recorder", 2, "retry"),
+        ("recorder", 3, "done"),
+    ]
+    assert recorded(tmp_path / "recorded.jsonl", "failed") == [event_id, event_id]
+
+
+def test_dead_letters_then_replay(tmp_path):
+    receiver = serve(tmp_path, recorder="fail_first = 5\nmax_attempts = 2")
+    try:
+        (event_id,) = receiver.post(load("transcode.xml")).json()["ids"]
+        wait_until(
+            lambda: (
+                inbox_rows(tmp_path, "SELECT status, attempts FROM runs WHERE handler = 'recorder'")
+                == [("dead", 2)]
+            )
+        )
+        replay = receiver_cli(tmp_path, "replay", "--dead")
+        assert replay.stdout.strip() == "1 run(s) queued again"
+        wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl", "failed")) == 4)
+        wait_until(
+            lambda: (
+                inbox_rows(tmp_path, "SELECT status, attempts FROM runs WHERE handler = 'recorder'")
+                == [("dead", 2)]
+            )
+        )
+    finally:
+        receiver.terminate()
+    listed = receiver_cli(tmp_path, "events", "list", "--status", "dead", "--json")
+    (row,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert row["id"] == event_id
+    assert row["handlers"]["recorder"] == {
+        "status": "dead",
+        "attempts": 2,
+        "error": "RuntimeError: planned failure 4 of 5",
+    }
+    assert row["handlers"]["jobs"]["status"] == "done"
+
+
+def receiver_cli(tmp_path: Path, *args: str):
+    import subprocess
+    import sys
+
+    from tests.processes import REPO
+
+    config = str(tmp_path / "ci-receiver.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver.cli", *args, "--config", config],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    return result

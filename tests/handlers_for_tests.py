@@ -1,0 +1,48 @@
+"""A handler for tests, configured by dotted path (`tests.handlers_for_tests:Recorder`)
+in a ci-receiver process: it appends what it sees to a JSON-lines file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from receiver.model import Event
+
+
+class Recorder:
+    """Options: `path` (required), `fail_first` (fail the first N attempts of each event),
+    `delay` (seconds per attempt)."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.path = Path(options["path"])
+        self.fail_first = int(options.get("fail_first", 0))
+        self.delay = float(options.get("delay", 0))
+        self.seen: Counter[str] = Counter()
+
+    async def __call__(self, event: Event) -> None:
+        self.seen[event.id] += 1
+        self._write("started", event)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.seen[event.id] <= self.fail_first:
+            self._write("failed", event)
+            raise RuntimeError(f"planned failure {self.seen[event.id]} of {self.fail_first}")
+        self._write("done", event)
+
+    def _write(self, what: str, event: Event) -> None:
+        line = {"what": what, "id": event.id, "pid": os.getpid(), "source": event.source}
+        with open(self.path, "ab") as file:
+            file.write(orjson.dumps(line) + b"\n")
+
+
+def recorded(path: Path, what: str = "done") -> list[str]:
+    if not path.exists():
+        return []
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return [line["id"] for line in lines if line["what"] == what]

@@ -1,0 +1,174 @@
+"""The ci-receiver command as a user types it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.callbacks import FIXTURES, load
+from tests.handlers_for_tests import recorded
+from tests.processes import REPO, Receiver
+
+
+def cli(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver.cli", *args],
+        capture_output=True,
+        env={"PYTHONPATH": str(REPO), "CI_RECEIVER_CONFIG": str(tmp_path / "ci-receiver.toml")},
+        cwd=tmp_path,
+    )
+    if ok:
+        assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    (tmp_path / "ci-receiver.toml").write_text(
+        f"""
+data_dir = "{tmp_path / "data"}"
+[dispatch]
+poll_interval = 0.1
+[handlers.recorder]
+type = "tests.handlers_for_tests:Recorder"
+path = "{tmp_path / "recorded.jsonl"}"
+[handlers.later]
+type = "tests.handlers_for_tests:Recorder"
+path = "{tmp_path / "later.jsonl"}"
+[[routes]]
+handlers = ["recorder"]
+"""
+    )
+    process = Receiver(tmp_path / "ci-receiver.toml").start()
+    yield process
+    process.stop()
+
+
+def test_send_posts_a_file_and_prints_the_answer(receiver, tmp_path):
+    result = cli(
+        tmp_path, "send", str(FIXTURES / "smartcover.json"), "--url", receiver.url + "/callbacks"
+    )
+    assert result.stderr.decode().strip() == "200 OK"
+    assert orjson.loads(result.stdout)["ids"] == ["job:j6842765cf84611ecb8546d80f2baf56f:Success"]
+    bad = cli(
+        tmp_path, "send", str(REPO / "README.md"), "--url", receiver.url + "/callbacks", ok=False
+    )
+    assert bad.returncode == 1
+    assert orjson.loads(bad.stdout)["error"] == "not_xml_or_json"
+
+
+def test_send_reports_an_unreachable_receiver(tmp_path):
+    (tmp_path / "ci-receiver.toml").write_text("")
+    result = cli(
+        tmp_path,
+        "send",
+        str(FIXTURES / "smartcover.json"),
+        "--url",
+        "http://127.0.0.1:9/callbacks",
+        ok=False,
+    )
+    assert result.returncode == 1
+    assert b"cannot POST to http://127.0.0.1:9/callbacks" in result.stderr
+
+
+def test_events_list_and_show(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))
+    receiver.post(load("smartcover_failed.xml"))
+    wait_for(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 2)
+    time.sleep(0.3)
+    listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
+    assert [line.split("  ")[1:4] for line in listed] == [
+        ["job:j9f42765cf84611ecb8546d80f2baf5aa:Failed", "SmartCover", "Failed"],
+        ["job:j68427030f84611ecb8546d80f2baf56f:Success", "Transcode", "Success"],
+    ]
+    assert listed[0].endswith("recorder=done")
+    failed = cli(tmp_path, "events", "list", "--state", "Failed", "--json").stdout.splitlines()
+    assert [orjson.loads(line)["tag"] for line in failed] == ["SmartCover"]
+    shown = orjson.loads(
+        cli(tmp_path, "events", "show", "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed").stdout
+    )
+    assert shown["event"]["code"] == "ResourceDownloadFailed"
+    assert "raw" not in shown["event"]
+    assert [(a["handler"], a["outcome"]) for a in shown["attempts"]] == [("recorder", "done")]
+    full = orjson.loads(
+        cli(
+            tmp_path, "events", "show", "--json", "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed"
+        ).stdout
+    )
+    assert full["event"]["raw"]["JobsDetail"]["Tag"] == "SmartCover"
+    missing = cli(tmp_path, "events", "show", "job:nope:Success", ok=False)
+    assert b"no event 'job:nope:Success'" in missing.stderr
+
+
+def test_rejected_callbacks_can_be_listed_read_and_replayed(receiver, tmp_path):
+    # A body refused today (here: over a limit) and accepted once the limit is raised.
+    body = load("transcode.xml")
+    config = tmp_path / "ci-receiver.toml"
+    receiver.stop()
+    config.write_text(config.read_text() + "[limits]\nmax_elements = 20\n")
+    restarted = Receiver(config).start()
+    try:
+        assert restarted.post(body).json()["error"] == "too_many_elements"
+        listed = cli(tmp_path, "events", "rejected").stdout.decode()
+        assert listed.startswith("#1 ")
+        assert "too_many_elements: more than 20 XML elements" in listed
+        assert cli(tmp_path, "events", "rejected", "--body", "1").stdout == body
+        config.write_text(config.read_text().replace("max_elements = 20", "max_elements = 5000"))
+        replayed = cli(tmp_path, "replay", "--receipt", "1").stdout.decode()
+        assert replayed.strip() == "1 new event(s), 0 already stored"
+        wait_for(
+            lambda: (
+                recorded(tmp_path / "recorded.jsonl")
+                == ["job:j68427030f84611ecb8546d80f2baf56f:Success"]
+            )
+        )
+    finally:
+        restarted.stop()
+    lines = [orjson.loads(line) for line in (tmp_path / "recorded.jsonl").read_bytes().splitlines()]
+    assert lines[-1]["source"] == "replay"
+
+
+def test_replay_all_backfills_a_new_handler(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))
+    receiver.post(load("two_jobs.xml"))
+    wait_for(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
+    assert recorded(tmp_path / "later.jsonl") == []
+    assert (
+        cli(tmp_path, "replay", "--all", "--handler", "later").stdout.strip()
+        == b"3 run(s) queued again"
+    )
+    wait_for(lambda: len(recorded(tmp_path / "later.jsonl")) == 3)
+    assert sorted(recorded(tmp_path / "later.jsonl")) == sorted(
+        recorded(tmp_path / "recorded.jsonl")
+    )
+
+
+def test_replay_needs_to_be_told_what(receiver, tmp_path):
+    result = cli(tmp_path, "replay", ok=False)
+    assert result.returncode == 2
+    assert b"say what to replay" in result.stderr
+    assert (
+        b"not configured: nope"
+        in cli(tmp_path, "replay", "--dead", "--handler", "nope", ok=False).stderr
+    )
+
+
+def test_a_config_error_is_reported_not_a_traceback(tmp_path):
+    (tmp_path / "ci-receiver.toml").write_text("[http]\nport = 'x'\n")
+    result = cli(tmp_path, "serve", ok=False)
+    assert result.returncode == 1
+    assert b"Error: config: " in result.stderr
+    assert b"http.port" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def wait_for(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

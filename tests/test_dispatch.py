@@ -1,0 +1,296 @@
+"""Dispatch semantics against a real SQLite inbox, with handlers written for the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from datetime import datetime, timezone
+
+import pytest
+
+from handlers import Fail, Retry
+from receiver.config import HandlerConfig
+from receiver.dispatch import Dispatcher, Slot, backoff
+from receiver.inbox import Receipt
+from receiver.inbox.sqlite import SqliteInbox
+from receiver.metrics import Metrics
+from receiver.model import Event
+from tests.callbacks import load
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "timeout": 5}
+
+
+class Recording:
+    """Records every call; raises what the test tells it to for the first attempts."""
+
+    def __init__(self, failures: list[BaseException] | None = None, delay: float = 0) -> None:
+        self.calls: list[str] = []
+        self.failures = list(failures or [])
+        self.delay = delay
+        self.running = 0
+        self.most_running = 0
+
+    async def __call__(self, event: Event) -> None:
+        self.calls.append(event.id)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.failures:
+                raise self.failures.pop(0)
+        finally:
+            self.running -= 1
+
+
+@pytest.fixture
+async def inbox(tmp_path):
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)
+    await inbox.open()
+    yield inbox
+    await inbox.close()
+
+
+async def store(inbox, name: str, handlers: list[str]) -> list[str]:
+    from receiver import parse_callback
+
+    body = load(name)
+    events = parse_callback(body)
+    receipt = Receipt(body, "http", datetime.now(timezone.utc), "req-1")
+    stored = await inbox.store(receipt, [(event, handlers) for event in events])
+    return stored.new
+
+
+def dispatcher(inbox, poll=0.05, drain=5.0, **handlers) -> Dispatcher:
+    slots = []
+    for name, (handler, config) in handlers.items():
+        slots.append(Slot(name, handler, HandlerConfig(type="test", **{**FAST, **config})))
+    return Dispatcher(inbox, slots, Metrics(), poll_interval=poll, drain_timeout=drain)
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def statuses(inbox, event_id: str) -> dict[str, tuple[str, int]]:
+    detail = await inbox.event(event_id)
+    return {run.handler: (run.status, run.attempts) for run in detail.runs}
+
+
+async def settled(inbox, event_id: str) -> bool:
+    return all(status != "pending" for status, _ in (await statuses(inbox, event_id)).values())
+
+
+async def test_a_failing_handler_is_retried_alone(inbox):
+    flaky = Recording([RuntimeError("db down"), Retry("busy")])
+    steady = Recording()
+    (event_id,) = await store(inbox, "transcode.xml", ["flaky", "steady"])
+    d = dispatcher(inbox, flaky=(flaky, {}), steady=(steady, {}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert await statuses(inbox, event_id) == {"flaky": ("done", 3), "steady": ("done", 1)}
+    assert flaky.calls == [event_id] * 3
+    assert steady.calls == [event_id]
+    attempts = (await inbox.event(event_id)).attempts
+    assert [(a.handler, a.number, a.outcome) for a in attempts if a.handler == "flaky"] == [
+        ("flaky", 1, "retry"),
+        ("flaky", 2, "retry"),
+        ("flaky", 3, "done"),
+    ]
+    assert "RuntimeError: db down" in attempts[0].error
+
+
+async def test_dead_letter_after_the_last_attempt(inbox):
+    always = Recording([RuntimeError("no")] * 10)
+    (event_id,) = await store(inbox, "transcode.xml", ["always"])
+    d = dispatcher(inbox, always=(always, {"max_attempts": 3}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert await statuses(inbox, event_id) == {"always": ("dead", 3)}
+    assert len(always.calls) == 3
+    assert [s.id for s in await inbox.events(status="dead")] == [event_id]
+
+
+async def test_fail_dead_letters_at_once(inbox):
+    refusing = Recording([Fail("HTTP 404 from the peer")])
+    (event_id,) = await store(inbox, "transcode.xml", ["refusing"])
+    d = dispatcher(inbox, refusing=(refusing, {"max_attempts": 5}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    detail = await inbox.event(event_id)
+    assert detail.runs[0].status == "dead"
+    assert detail.runs[0].attempts == 1
+    assert detail.runs[0].last_error == "Fail: HTTP 404 from the peer"
+
+
+async def test_retry_after_sets_when_the_next_attempt_is_due(inbox):
+    later = Recording([Retry("rate limited", after=3600)])
+    (event_id,) = await store(inbox, "transcode.xml", ["later"])
+    d = dispatcher(inbox, later=(later, {}))
+    await d.start()
+    await until(lambda: _attempted(inbox, event_id))
+    await d.stop()
+    run = (await inbox.event(event_id)).runs[0]
+    assert (run.status, run.attempts) == ("pending", 1)
+    wait = (run.due_at - datetime.now(timezone.utc)).total_seconds()
+    assert 3500 < wait <= 3600
+
+
+async def _attempted(inbox, event_id: str) -> bool:
+    return bool((await inbox.event(event_id)).attempts)
+
+
+async def test_a_handler_past_its_timeout_is_retried(inbox):
+    slow = Recording(delay=5)
+    (event_id,) = await store(inbox, "transcode.xml", ["slow"])
+    d = dispatcher(inbox, slow=(slow, {"timeout": 0.1, "max_attempts": 2}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    detail = await inbox.event(event_id)
+    assert detail.runs[0].status == "dead"
+    assert [a.error for a in detail.attempts] == ["timed out after 0.1s"] * 2
+
+
+async def test_concurrency_is_bounded_per_handler(inbox):
+    counted = Recording(delay=0.05)
+    ids = []
+    for name in (
+        "transcode.xml",
+        "smartcover.xml",
+        "snapshot.xml",
+        "pic_process.xml",
+        "two_jobs.xml",
+    ):
+        ids += await store(inbox, name, ["counted"])
+    d = dispatcher(inbox, counted=(counted, {"concurrency": 2}))
+    await d.start()
+    await until(lambda: _all_settled(inbox, ids))
+    await d.stop()
+    assert sorted(counted.calls) == sorted(ids)
+    assert counted.most_running == 2
+
+
+async def _all_settled(inbox, ids: list[str]) -> bool:
+    return all([await settled(inbox, event_id) for event_id in ids])
+
+
+async def test_a_handler_that_cannot_start_holds_its_runs_until_it_can(inbox):
+    class StartsOnSecondTry(Recording):
+        starts = 0
+
+        async def start(self) -> None:
+            self.starts += 1
+            if self.starts == 1:
+                raise ConnectionRefusedError("database not up yet")
+
+    handler = StartsOnSecondTry()
+    (event_id,) = await store(inbox, "transcode.xml", ["db"])
+    d = dispatcher(inbox, db=(handler, {}))
+    await d.start()
+    assert d.handler_status() == {"db": "not started: ConnectionRefusedError: database not up yet"}
+    assert handler.calls == []
+    await until(lambda: settled(inbox, event_id))  # start is retried after ~1 s
+    await d.stop()
+    assert handler.starts == 2
+    assert await statuses(inbox, event_id) == {"db": ("done", 1)}
+
+
+async def test_stop_lets_running_attempts_finish(inbox):
+    slowish = Recording(delay=0.3)
+    (event_id,) = await store(inbox, "transcode.xml", ["slowish"])
+    d = dispatcher(inbox, slowish=(slowish, {}), drain=5)
+    await d.start()
+    await until(lambda: _running(slowish))
+    await d.stop()
+    assert await statuses(inbox, event_id) == {"slowish": ("done", 1)}
+
+
+async def _running(handler: Recording) -> bool:
+    return handler.running > 0
+
+
+async def test_stop_releases_what_does_not_finish_in_time_without_counting_it(inbox):
+    stuck = Recording(delay=60)
+    (event_id,) = await store(inbox, "transcode.xml", ["stuck"])
+    d = dispatcher(inbox, stuck=(stuck, {"timeout": 120}), drain=0.2)
+    await d.start()
+    await until(lambda: _running(stuck))
+    await d.stop()
+    detail = await inbox.event(event_id)
+    assert (detail.runs[0].status, detail.runs[0].attempts) == ("pending", 0)
+    assert [(a.outcome, a.error) for a in detail.attempts] == [
+        ("released", "interrupted by shutdown")
+    ]
+    # A new dispatcher (the restarted process) runs it at once: the lease was handed back.
+    again = Recording()
+    d = dispatcher(inbox, stuck=(again, {}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert again.calls == [event_id]
+
+
+async def test_a_run_leased_by_a_process_that_died_is_taken_over_after_its_lease(inbox):
+    (event_id,) = await store(inbox, "transcode.xml", ["h"])
+    (claim,) = await inbox.claim("h", 10, lease_seconds=0.3)  # the process dies here
+    assert await inbox.claim("h", 10, lease_seconds=30) == []
+    handler = Recording()
+    d = dispatcher(inbox, h=(handler, {}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert handler.calls == [event_id]
+    # The dead process's late report is refused: its lease token no longer holds.
+    assert not await inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
+
+
+async def test_pending_work_resumes_after_a_restart(inbox):
+    ids = await store(inbox, "two_jobs.xml", ["h"])
+    first = Recording([RuntimeError("boom")])
+    d = dispatcher(inbox, h=(first, {"backoff_initial": 0.3, "backoff_max": 0.3}))
+    await d.start()
+    await until(lambda: _calls(first, 2))
+    await d.stop()
+    second = Recording()
+    d = dispatcher(inbox, h=(second, {}))
+    await d.start()
+    await until(lambda: _all_settled(inbox, ids))
+    await d.stop()
+    assert Counter(first.calls + second.calls) == {ids[0]: 2, ids[1]: 1} or Counter(
+        first.calls + second.calls
+    ) == {ids[0]: 1, ids[1]: 2}
+
+
+async def _calls(handler: Recording, n: int) -> bool:
+    return len(handler.calls) >= n
+
+
+async def test_requeue_dead_runs_replays_them(inbox):
+    (event_id,) = await store(inbox, "transcode.xml", ["h", "other"])
+    broken = Recording([Fail("bad config")])
+    other = Recording()
+    d = dispatcher(inbox, h=(broken, {}), other=(other, {}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    assert await inbox.requeue(None, None, dead_only=True) == 1
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert await statuses(inbox, event_id) == {"h": ("done", 1), "other": ("done", 1)}
+    assert broken.calls == [event_id, event_id]
+    assert other.calls == [event_id]
+
+
+def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():
+    config = HandlerConfig(type="t", backoff_initial=1, backoff_max=10)
+    for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
+        delays = [backoff(config, attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 10  # jittered
