@@ -11,23 +11,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import structlog
+from prometheus_client import Counter, Gauge, Histogram
 
 import handlers as handler_api
 from handlers import Fail, Handler, Retry
 from receiver.config import HandlerConfig
 from receiver.inbox import Claim, Inbox, Outcome
 from receiver.metrics import Metrics
+from receiver.model import Event
 
 logger = structlog.get_logger("ci_receiver.dispatch")
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # pragma: no cover
+    from async_timeout import timeout
 
 # Extra lease time beyond the handler's timeout before another process may take a run.
 LEASE_GRACE_SECONDS = 5.0
 START_RETRY_MAX_SECONDS = 60.0
+# Events just stored are kept in memory for their claims, up to this many.
+FRESH_EVENTS = 10_000
 
 
 @dataclass(slots=True)
@@ -42,11 +52,26 @@ class Slot:
     start_error: str | None = None
     start_failures: int = 0
     next_start_at: float = 0.0
+    # Whether the inbox may hold due runs of this handler: claiming is skipped otherwise.
+    maybe_due: bool = True
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def free(self) -> int:
         return self.config.concurrency - self.running if self.started else 0
+
+
+class _SlotMetrics:
+    """A handler's metric series, looked up once rather than on every attempt."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.outcomes: dict[str, Counter] = {
+            outcome: metrics.attempts.labels(name, outcome)
+            for outcome in ("done", "retry", "dead", "released")
+        }
+        self.seconds: Histogram = metrics.handler_seconds.labels(name)
+        self.running: Gauge = metrics.running.labels(name)
+        self.up: Gauge = metrics.handler_up.labels(name)
 
 
 def backoff(config: HandlerConfig, attempt: int) -> float:
@@ -67,7 +92,11 @@ class Dispatcher:
     ) -> None:
         self._inbox = inbox
         self._slots = {slot.name: slot for slot in slots}
-        self._metrics = metrics
+        self._metrics = {slot.name: _SlotMetrics(metrics, slot.name) for slot in slots}
+        # Events just stored, and the handlers yet to claim them: what the claims of those
+        # runs would otherwise read back from the inbox and decode.
+        self._fresh: dict[str, Event] = {}
+        self._unclaimed: dict[str, set[str]] = {}
         self._poll_interval = poll_interval
         self._drain_timeout = drain_timeout
         self._wake = asyncio.Event()
@@ -85,7 +114,23 @@ class Dispatcher:
         }
 
     def wake(self) -> None:
-        """New work may be due: look now rather than at the next poll."""
+        """Work may be due for any handler (a requeue, a poll): look now."""
+        for slot in self._slots.values():
+            slot.maybe_due = True
+        self._wake.set()
+
+    def notify(self, stored: list[tuple[Event, list[str]]]) -> None:
+        """These events were just stored with pending runs of these handlers."""
+        for event, names in stored:
+            if names:
+                self._fresh[event.id] = event
+                self._unclaimed[event.id] = set(names)
+                for name in names:
+                    if name in self._slots:
+                        self._slots[name].maybe_due = True
+        while len(self._fresh) > FRESH_EVENTS:
+            oldest = next(iter(self._fresh))
+            del self._fresh[oldest], self._unclaimed[oldest]
         self._wake.set()
 
     async def start(self) -> None:
@@ -120,8 +165,9 @@ class Dispatcher:
             self._wake.clear()
             try:
                 await self._start_waiting_handlers()
-                if await self._claim_and_spawn():
-                    continue  # claims filled every free place: there may be more due now
+                await self._claim_and_spawn()
+                if any(slot.maybe_due and slot.free > 0 for slot in self._slots.values()):
+                    continue
                 delay = await self._seconds_to_next_due()
             except Exception:
                 logger.exception("dispatch cycle failed; trying again shortly")
@@ -129,22 +175,33 @@ class Dispatcher:
             if delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
+                    continue
+            # Slept until a retry came due or the poll interval passed: look everywhere.
+            for slot in self._slots.values():
+                slot.maybe_due = True
 
-    async def _claim_and_spawn(self) -> bool:
-        saturated = False
+    async def _claim_and_spawn(self) -> None:
         for slot in self._slots.values():
-            if self._stopping or slot.free <= 0:
+            if self._stopping or not slot.maybe_due or slot.free <= 0:
                 continue
             free = slot.free
             lease = slot.config.timeout + LEASE_GRACE_SECONDS
-            claims = await self._inbox.claim(slot.name, free, lease)
+            claims = await self._inbox.claim(slot.name, free, lease, known=self._fresh)
+            # A full claim may have left more behind; a short one emptied what was due.
+            slot.maybe_due = len(claims) == free
             for claim in claims:
+                self._forget(claim.event.id, slot.name)
                 slot.running += 1
                 task = asyncio.create_task(self._attempt(slot, claim))
                 slot.tasks.add(task)
                 task.add_done_callback(slot.tasks.discard)
-            saturated |= len(claims) == free
-        return saturated
+
+    def _forget(self, event_id: str, handler: str) -> None:
+        waiting = self._unclaimed.get(event_id)
+        if waiting is not None:
+            waiting.discard(handler)
+            if not waiting:
+                del self._fresh[event_id], self._unclaimed[event_id]
 
     async def _seconds_to_next_due(self) -> float:
         ready = [name for name, slot in self._slots.items() if slot.free > 0]
@@ -179,12 +236,12 @@ class Dispatcher:
                 error=slot.start_error,
                 retry_in=delay,
             )
-            self._metrics.handler_up.labels(slot.name).set(0)
+            self._metrics[slot.name].up.set(0)
             return
         if slot.start_failures:
             logger.info("handler started", handler=slot.name, after_failures=slot.start_failures)
         slot.started, slot.start_error = True, None
-        self._metrics.handler_up.labels(slot.name).set(1)
+        self._metrics[slot.name].up.set(1)
 
     # --- one attempt -------------------------------------------------------------------
 
@@ -193,7 +250,7 @@ class Dispatcher:
         context = structlog.contextvars.bound_contextvars(
             request_id=claim.request_id, event_id=claim.event.id, handler=slot.name
         )
-        running = self._metrics.running.labels(slot.name)
+        running = self._metrics[slot.name].running
         running.inc()
         try:
             with context:
@@ -211,7 +268,8 @@ class Dispatcher:
         finally:
             running.dec()
             slot.running -= 1
-            self.wake()
+            if slot.maybe_due:  # its last claim was full: more may be waiting for a place
+                self._wake.set()
 
     async def _run(self, slot: Slot, claim: Claim) -> tuple[Outcome, str | None, datetime | None]:
         config = slot.config
@@ -219,7 +277,8 @@ class Dispatcher:
         delay: float | None = None
         began = time.perf_counter()
         try:
-            await asyncio.wait_for(slot.handler(claim.event), config.timeout)
+            async with timeout(config.timeout):
+                await slot.handler(claim.event)
         except Fail as exc:
             return "dead", f"Fail: {exc}", None
         except Retry as exc:
@@ -231,7 +290,7 @@ class Dispatcher:
         else:
             return "done", None, None
         finally:
-            self._metrics.handler_seconds.labels(slot.name).observe(time.perf_counter() - began)
+            self._metrics[slot.name].seconds.observe(time.perf_counter() - began)
         if attempt >= config.max_attempts:
             return "dead", error, None
         delay = backoff(config, attempt) if delay is None else delay
@@ -246,7 +305,7 @@ class Dispatcher:
         error: str | None,
         retry_at: datetime | None,
     ) -> None:
-        self._metrics.attempts.labels(slot.name, outcome).inc()
+        self._metrics[slot.name].outcomes[outcome].inc()
         attempt = claim.attempts + 1
         if outcome == "done":
             logger.debug("handled", attempt=attempt)

@@ -29,13 +29,13 @@ class Ingestor:
         router: Router,
         metrics: Metrics,
         limits: Limits,
-        on_new_events: Callable[[], None],
+        on_stored: Callable[[list[tuple[Event, list[str]]]], None],
     ) -> None:
         self._inbox = inbox
         self._router = router
         self._metrics = metrics
         self._limits = limits
-        self._on_new_events = on_new_events
+        self._on_stored = on_stored
 
     async def ingest(self, receipt: Receipt) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
@@ -51,7 +51,8 @@ class Ingestor:
         self._count(receipt, routed, stored)
         self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
         if stored.new:
-            self._on_new_events()
+            new = set(stored.new)
+            self._on_stored([(event, names) for event, names in routed if event.id in new])
         return stored
 
     async def reject(

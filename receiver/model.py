@@ -241,7 +241,8 @@ class Event:
 
     def to_json(self) -> bytes:
         """The JSON form of `to_dict()`, as UTF-8 bytes."""
-        return orjson.dumps(self.to_dict())
+        # orjson writes the dataclasses and datetimes itself, to the same bytes.
+        return orjson.dumps(self)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Event:

@@ -50,7 +50,7 @@ class Service:
             Router(config.routes, list(config.handlers)),
             self.metrics,
             config.limits.to_limits(),
-            on_new_events=self.dispatcher.wake,
+            on_stored=self.dispatcher.notify,
         )
         self.draining = False
         self._checks: dict[str, Check] = {}

@@ -6,6 +6,7 @@ on another database implements the same methods. SQLite is the built-in one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -116,8 +117,15 @@ class Inbox(Protocol):
         its full size when only a part was read."""
         ...
 
-    async def claim(self, handler: str, limit: int, lease_seconds: float) -> list[Claim]:
-        """Lease up to `limit` due pending runs of `handler`."""
+    async def claim(
+        self,
+        handler: str,
+        limit: int,
+        lease_seconds: float,
+        known: Mapping[str, Event] | None = None,
+    ) -> list[Claim]:
+        """Lease up to `limit` due pending runs of `handler`; events found in `known`
+        (the ones the caller just stored) are not read back."""
         ...
 
     async def finish(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,15 @@ class SqliteInbox:
 
     # --- dispatch ------------------------------------------------------------------
 
-    async def claim(self, handler: str, limit: int, lease_seconds: float) -> list[Claim]:
+    async def claim(
+        self,
+        handler: str,
+        limit: int,
+        lease_seconds: float,
+        known: Mapping[str, Event] | None = None,
+    ) -> list[Claim]:
         token = uuid.uuid4().hex
+        known = known or {}
 
         def claim(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
             now = time.time()
@@ -206,8 +214,10 @@ class SqliteInbox:
 
         rows = await self._writer.submit(claim)
         return [
-            Claim(Event.from_json(data), handler, attempts, token, request_id)
-            for _, data, request_id, attempts in rows
+            Claim(
+                known.get(event_id) or Event.from_json(data), handler, attempts, token, request_id
+            )
+            for event_id, data, request_id, attempts in rows
         ]
 
     async def finish(

@@ -1,8 +1,9 @@
 """Group commit: one thread owns the SQLite connection and commits queued work in batches.
 
 Every operation submitted while a commit (and its fsync) is under way joins the next
-batch, so concurrent callbacks share one fsync. Each operation runs in its own
-savepoint: one that fails is rolled back alone and its caller gets the exception.
+batch, so concurrent callbacks share one fsync. A batch runs its operations back to
+back; only if one fails is the batch run again with a savepoint per operation, so that
+the failing one is rolled back alone and its caller alone gets the exception.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._accepting = False
         self.commits = 0  # batches committed, for tests and metrics
 
     def start(self) -> None:
@@ -44,19 +46,17 @@ class Writer:
         self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
+        self._accepting = True
 
     def stop(self) -> None:
+        self._accepting = False
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def submit(self, operation: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if not self.alive:
+        if not self._accepting:
             raise InboxClosedError("the inbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -108,32 +108,50 @@ class Writer:
         return batch, False
 
     def _commit(self, connection: sqlite3.Connection, batch: list[_Item]) -> None:
-        results: list[tuple[Any, BaseException | None]] = []
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            for operation, _, _ in batch:
-                connection.execute("SAVEPOINT operation")
-                try:
-                    results.append((operation(connection), None))
-                except Exception as exc:
-                    connection.execute("ROLLBACK TO operation")
-                    results.append((None, exc))
-                connection.execute("RELEASE operation")
-            connection.execute("COMMIT")
-            self.commits += 1
+            try:
+                results = self._execute(connection, batch, isolated=False)
+            except Exception:
+                connection.execute("ROLLBACK")
+                results = self._execute(connection, batch, isolated=True)
         except Exception as exc:  # the batch as a whole failed: disk full, lock timeout
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             results = [(None, exc)] * len(batch)
+        # One wake-up per event loop for the whole batch, not one per operation.
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
         for (_, future, loop), (result, error) in zip(batch, results, strict=True):
+            settled.setdefault(loop, []).append((future, result, error))
+        for loop, outcomes in settled.items():
             with contextlib.suppress(RuntimeError):  # that caller's loop is already closed
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                loop.call_soon_threadsafe(_settle_all, outcomes)
+
+    def _execute(
+        self, connection: sqlite3.Connection, batch: list[_Item], *, isolated: bool
+    ) -> list[tuple[Any, BaseException | None]]:
+        results: list[tuple[Any, BaseException | None]] = []
+        connection.execute("BEGIN IMMEDIATE")
+        for operation, _, _ in batch:
+            if not isolated:
+                results.append((operation(connection), None))
+                continue
+            connection.execute("SAVEPOINT operation")
+            try:
+                results.append((operation(connection), None))
+            except Exception as exc:
+                connection.execute("ROLLBACK TO operation")
+                results.append((None, exc))
+            connection.execute("RELEASE operation")
+        connection.execute("COMMIT")
+        self.commits += 1
+        return results
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _settle_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in outcomes:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

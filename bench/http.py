@@ -1,0 +1,171 @@
+"""Callbacks/s and latency through the whole HTTP path, next to a bare Starlette endpoint.
+
+    python -m bench.http [--duration 10] [--connections 32]
+
+Needs wrk (Debian: apt-get install wrk). For an XML and a JSON callback, each request a
+new job, wrk drives 32 connections at:
+  - a bare Starlette endpoint under uvicorn that only reads the body (the baseline);
+  - `ci-receiver serve`: decode, normalize, commit to the durable SQLite inbox
+    (synchronous=full), answer; the dispatcher runs the `jsonl` handler (fsync'd)
+    in the same process meanwhile.
+Both on the same uvicorn settings (uvloop, httptools, one process), in the same run.
+Afterwards, how long the dispatcher took to finish the handler backlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.callbacks import load
+from tests.processes import REPO, free_port, wait_for_port
+
+LUA = Path(__file__).with_name("unique_ids.lua")
+BODIES = {
+    "xml": ("transcode.xml", b"j68427030f84611ecb8546d80f2baf56f", "application/xml"),
+    "json": ("smartcover.json", b"j6842765cf84611ecb8546d80f2baf56f", "application/json"),
+}
+
+
+def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    wait_for_port(port, process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(60)
+
+
+def wrk(url: str, body: Path, run: str, content_type: str, connections: int, duration: int) -> dict:
+    env = {
+        **os.environ,
+        "BENCH_BODY": str(body),
+        "BENCH_RUN": run,
+        "BENCH_CONTENT_TYPE": content_type,
+    }
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(LUA), url],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": _ms(latency["50"]),
+        "p99": _ms(latency["99"]),
+        "errors": int(errors.group(1)) if errors else 0,
+        "socket_errors": "Socket errors" in out,
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/http.py needs wrk: apt-get install wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    bodies = {}
+    for fmt, (name, job_id, content_type) in BODIES.items():
+        template = work / f"{fmt}.body"
+        template.write_bytes(load(name).replace(job_id, b"j@@ID@@"))
+        bodies[fmt] = (template, content_type)
+
+    config = work / "ci-receiver.toml"
+    config.write_text(
+        f'data_dir = "{work / "data"}"\n[http]\naccess_log = false\n[log]\nlevel = "warning"\n'
+        f'[handlers.jsonl]\ntype = "jsonl"\npath = "{work / "events.jsonl"}"\nconcurrency = 64\n'
+    )
+    bare_port, full_port = free_port(), free_port()
+    uvicorn = [
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    targets = {
+        "bare Starlette": [
+            *(sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port)),
+            *uvicorn,
+        ],
+        "ci-receiver": [
+            *(sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)),
+            *("--host", "127.0.0.1", "--port", str(full_port)),
+        ],
+    }
+    ports = {"bare Starlette": bare_port, "ci-receiver": full_port}
+
+    print(
+        f"{args.connections} connections, {args.duration} s a run, wrk -t2, {os.cpu_count()} cores"
+    )
+    header = ("target", "body", "callbacks/s", "p50 ms", "p99 ms", "non-2xx", "ratio")
+    print("\n{:<16} {:<5} {:>12} {:>8} {:>8} {:>8} {:>6}".format(*header))
+    results: dict[tuple[str, str], dict] = {}
+    for target, command in targets.items():
+        process = start(command, ports[target], work / f"{target.split()[0]}.log")
+        try:
+            for fmt, (body, content_type) in bodies.items():
+                url = f"http://127.0.0.1:{ports[target]}/callbacks"
+                result = wrk(
+                    url, body, f"{fmt[0]}{target[0]}", content_type, args.connections, args.duration
+                )
+                results[target, fmt] = result
+                base = results.get(("bare Starlette", fmt))
+                ratio = (
+                    f"{result['rps'] / base['rps']:.2f}x"
+                    if base and target != "bare Starlette"
+                    else ""
+                )
+                print(f"{target:<16} {fmt:<5} {result['rps']:>12.0f} {result['p50']:>8.2f} "
+                      f"{result['p99']:>8.2f} {result['errors']:>8} {ratio:>6}")  # fmt: skip
+            if target == "ci-receiver":
+                began = time.monotonic()
+                inbox = work / "data" / "inbox.db"
+                while _pending(inbox):
+                    time.sleep(0.2)
+                stored = _count(inbox, "SELECT count(*) FROM events")
+                drained = time.monotonic() - began
+                print(
+                    f"\n{stored} events stored; handler backlog done {drained:.1f} s after the load"
+                )
+        finally:
+            stop(process)
+    shutil.rmtree(work)
+
+
+def _pending(inbox: Path) -> int:
+    return _count(inbox, "SELECT count(*) FROM runs WHERE status = 'pending'")
+
+
+def _count(inbox: Path, sql: str) -> int:
+    with sqlite3.connect(inbox) as connection:
+        return connection.execute(sql).fetchone()[0]
+
+
+if __name__ == "__main__":
+    main()
