@@ -1,16 +1,20 @@
-# The set-up commands of the README. They create .venv on first use (Python >= 3.10 as python3) and reinstall when
-# pyproject.toml changes.
+# The two set-up commands of the README: `make serve` and `make test`.
+# Both create .venv on first use (Python >= 3.10 as python3) and reinstall
+# when pyproject.toml changes.
 
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test
+.PHONY: serve test
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
+
+serve: $(BIN)/.installed
+	$(BIN)/ci-receiver serve
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
