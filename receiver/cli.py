@@ -88,12 +88,20 @@ def check_config(config_path: Path | None) -> None:
     """Validate the config and every handler's options; print the effective config."""
     from receiver.service import build_slots
 
+    import handlers
+
     config = _load(config_path)
     try:
-        build_slots(config)
+        slots = build_slots(config)
     except HandlerConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
-    click.echo(orjson.dumps(config.effective(), option=orjson.OPT_INDENT_2).decode())
+    effective = config.effective()
+    for slot in slots:
+        # The handler's own view of its options: defaults filled in, SecretStr masked.
+        shown = handlers.shown_options(slot.handler)
+        if shown is not None:
+            effective["handlers"][slot.name].update(shown)
+    click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     click.echo("config OK", err=True)
 
 
