@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from handlers import HandlerConfigError
+from handlers import HandlerConfigError, shown_options
 from receiver.config import Config, ConfigError, load_config
 from receiver.logs import configure_logging
 
@@ -88,8 +88,6 @@ def check_config(config_path: Path | None) -> None:
     """Validate the config and every handler's options; print the effective config."""
     from receiver.service import build_slots
 
-    import handlers
-
     config = _load(config_path)
     try:
         slots = build_slots(config)
@@ -98,7 +96,7 @@ def check_config(config_path: Path | None) -> None:
     effective = config.effective()
     for slot in slots:
         # The handler's own view of its options: defaults filled in, SecretStr masked.
-        shown = handlers.shown_options(slot.handler)
+        shown = shown_options(slot.handler)
         if shown is not None:
             effective["handlers"][slot.name].update(shown)
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
