@@ -36,6 +36,7 @@ BUILTINS: dict[str, str] = {
     "jsonl": "handlers.jsonl:JsonLinesHandler",
     "sql": "handlers.sql:SqlHandler",
     "sqlite": "handlers.sql:SqliteHandler",
+    "webhook": "handlers.webhook:WebhookHandler",
 }
 
 
