@@ -37,6 +37,10 @@ BUILTINS: dict[str, str] = {
     "sql": "handlers.sql:SqlHandler",
     "sqlite": "handlers.sql:SqliteHandler",
     "webhook": "handlers.webhook:WebhookHandler",
+    "wecom": "handlers.chat:WeComHandler",
+    "dingtalk": "handlers.chat:DingTalkHandler",
+    "feishu": "handlers.chat:FeishuHandler",
+    "slack": "handlers.chat:SlackHandler",
 }
 
 
