@@ -41,6 +41,7 @@ BUILTINS: dict[str, str] = {
     "dingtalk": "handlers.chat:DingTalkHandler",
     "feishu": "handlers.chat:FeishuHandler",
     "slack": "handlers.chat:SlackHandler",
+    "email": "handlers.email:EmailHandler",
 }
 
 
