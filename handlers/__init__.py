@@ -42,6 +42,7 @@ BUILTINS: dict[str, str] = {
     "feishu": "handlers.chat:FeishuHandler",
     "slack": "handlers.chat:SlackHandler",
     "email": "handlers.email:EmailHandler",
+    "pulsar": "handlers.pulsar:PulsarHandler",
 }
 
 
