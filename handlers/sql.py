@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, field_serializer
-from sqlalchemy import URL, Insert, MetaData, case, make_url
+from sqlalchemy import URL, Insert, MetaData, Table, case, make_url
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -35,6 +35,9 @@ DRIVERS = {
     "mariadb": ("aiomysql", "mysql"),
 }
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# No pre-ping on checkout (it costs a round trip per event); a connection the server
+# dropped fails one attempt, which is retried, and none is kept past this age.
+POOL_RECYCLE_SECONDS = 1800
 
 
 class SqlOptions(BaseModel):
@@ -104,6 +107,10 @@ class SqlHandler:
             if self.options.history
             else None
         )
+        self._upsert = upsert_job(self.jobs, self.dialect)
+        self._insert_event = (
+            insert_event(self.events, self.dialect) if self.events is not None else None
+        )
         self._engine: AsyncEngine | None = None
 
     @property
@@ -113,6 +120,9 @@ class SqlHandler:
     async def start(self) -> None:
         engine = self._create_engine()
         try:
+            database = self._url.database
+            if self.dialect == "sqlite" and database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
             async with engine.begin() as connection:
                 added = await connection.run_sync(create_or_migrate, self._metadata)
         except Exception as exc:
@@ -132,16 +142,16 @@ class SqlHandler:
         if self._engine is None:
             raise RuntimeError("the sql handler is not started")
         async with self._engine.begin() as connection:
-            await connection.execute(self._upsert_job(job_row(event)))
-            if self.events is not None:
+            await connection.execute(self._upsert, job_row(event))
+            if self._insert_event is not None:
                 await connection.execute(
-                    self._insert_event(event_row(event, self.options.include_raw))
+                    self._insert_event, event_row(event, self.options.include_raw)
                 )
 
     def _create_engine(self) -> AsyncEngine:
         if self.dialect != "sqlite":
             return create_async_engine(
-                self._url, pool_size=self.options.pool_size, pool_pre_ping=True
+                self._url, pool_size=self.options.pool_size, pool_recycle=POOL_RECYCLE_SECONDS
             )
         engine = create_async_engine(self._url)
 
@@ -156,40 +166,42 @@ class SqlHandler:
 
         return engine
 
-    def _upsert_job(self, row: dict[str, Any]) -> Insert:
-        jobs = self.jobs
-        updated = [name for name in row if name != "job_id"]
-        if self.dialect in ("mysql", "mariadb"):
-            statement = mysql.insert(jobs).values(row)
-            newer = jobs.c.state_rank <= statement.inserted.state_rank
-            # MySQL has no WHERE on ON DUPLICATE KEY UPDATE, so each column keeps its
-            # value unless the event is at least as far along. MySQL runs assignments
-            # left to right, later ones seeing the new values of earlier ones: the
-            # condition reads state_rank, so it is assigned last and every column is
-            # judged against the row as it was.
-            updated.remove("state_rank")
-            return statement.on_duplicate_key_update(
-                [
-                    (name, case((newer, statement.inserted[name]), else_=jobs.c[name]))
-                    for name in [*updated, "state_rank"]
-                ]
-            )
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        statement = insert(jobs).values(row)
-        return statement.on_conflict_do_update(
-            index_elements=[jobs.c.job_id],
-            set_={name: statement.excluded[name] for name in updated},
-            where=jobs.c.state_rank <= statement.excluded.state_rank,
-        )
 
-    def _insert_event(self, row: dict[str, Any]) -> Insert:
-        assert self.events is not None
-        if self.dialect in ("mysql", "mariadb"):
-            # A no-op update: unlike INSERT IGNORE, it does not hide other errors.
-            statement = mysql.insert(self.events).values(row)
-            return statement.on_duplicate_key_update(event_id=self.events.c.event_id)
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        return insert(self.events).values(row).on_conflict_do_nothing()
+def upsert_job(jobs: Table, dialect: str) -> Insert:
+    """INSERT a job row, or UPDATE it when the event is at least as far along. Built once
+    and executed with each row as parameters, so SQLAlchemy compiles it once."""
+    updated = [column.name for column in jobs.columns if column.name != "job_id"]
+    if dialect in ("mysql", "mariadb"):
+        statement = mysql.insert(jobs)
+        newer = jobs.c.state_rank <= statement.inserted.state_rank
+        # MySQL has no WHERE on ON DUPLICATE KEY UPDATE, so each column keeps its value
+        # unless the event is at least as far along. MySQL runs assignments left to
+        # right, later ones seeing the new values of earlier ones: the condition reads
+        # state_rank, so it is assigned last and every column is judged against the row
+        # as it was.
+        updated.remove("state_rank")
+        return statement.on_duplicate_key_update(
+            [
+                (name, case((newer, statement.inserted[name]), else_=jobs.c[name]))
+                for name in [*updated, "state_rank"]
+            ]
+        )
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(jobs)
+    return statement.on_conflict_do_update(
+        index_elements=[jobs.c.job_id],
+        set_={name: statement.excluded[name] for name in updated},
+        where=jobs.c.state_rank <= statement.excluded.state_rank,
+    )
+
+
+def insert_event(events: Table, dialect: str) -> Insert:
+    """INSERT an event row unless its event id is already there."""
+    if dialect in ("mysql", "mariadb"):
+        # A no-op update: unlike INSERT IGNORE, it does not hide other errors.
+        statement = mysql.insert(events)
+        return statement.on_duplicate_key_update(event_id=events.c.event_id)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(events).on_conflict_do_nothing()
 
 
 class SqliteHandler(SqlHandler):
@@ -198,8 +210,3 @@ class SqliteHandler(SqlHandler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         sqlite_options = SqliteOptions.model_validate(options)
         super().__init__({"url": f"sqlite:///{sqlite_options.path}", "table": sqlite_options.table})
-        self._path = sqlite_options.path
-
-    async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        await super().start()

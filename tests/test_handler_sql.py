@@ -216,7 +216,7 @@ def bad_credentials(url: str, tmp_path) -> tuple[str, str]:
     if url.startswith("sqlite"):
         blocker = tmp_path / "a-file"
         blocker.write_text("")
-        return f"sqlite:///{blocker}/jobs.db", "unable to open database file"
+        return f"sqlite:///{blocker}/jobs.db", "FileExistsError"
     if url.startswith("postgresql"):
         # The machine's PostgreSQL trusts local connections: no password can be wrong
         # there, but a login role can be missing.
