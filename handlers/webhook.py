@@ -29,7 +29,8 @@ class WebhookOptions(HttpOptions):
     url: str = Field(pattern=r"^https?://")
     # One `whsec_<base64>` secret or several (rotation: the receiver accepts any of them).
     secret: SecretStr | list[SecretStr] = Field(default_factory=list)
-    headers: dict[str, str] = Field(default_factory=dict)
+    # Extra headers, e.g. Authorization: secrets, so check-config masks their values.
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
     # The decoded callback document can be large; leave it out for a slimmer body.
     include_raw: bool = True
 
@@ -87,7 +88,7 @@ class WebhookHandler(HttpHandler):
         webhook_id = message_id(event)
         timestamp = int(time.time())
         headers = {
-            **self.options.headers,
+            **{name: value.get_secret_value() for name, value in self.options.headers.items()},
             "Content-Type": "application/json",
             "webhook-id": webhook_id,
             "webhook-timestamp": str(timestamp),
