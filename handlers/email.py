@@ -65,12 +65,12 @@ class EmailHandler:
         self._tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
-        if self.options.security != "none":
-            cafile = str(self.options.ca_file) if self.options.ca_file else None
-            self._tls = ssl.create_default_context(cafile=cafile)
-        smtp = self._client()
         where = f"smtp://{self.options.host}:{self.options.port}"
         try:
+            if self.options.security != "none":
+                cafile = str(self.options.ca_file) if self.options.ca_file else None
+                self._tls = ssl.create_default_context(cafile=cafile)
+            smtp = self._client()
             await smtp.connect()
             await smtp.quit()
         except aiosmtplib.SMTPAuthenticationError as exc:
