@@ -10,8 +10,10 @@ check credentials) and `async def close()`. Returning is success; raising `Retry
 asks for another attempt, `Fail` gives up at once (dead letter); any other exception
 counts as a retry.
 
-A `type` in the config names a built-in (`log`, `jsonl`, `sqlite`, ...), an entry
-point of the group `ci_receiver.handlers`, or a dotted path `package.module:attribute`.
+A `type` in the config names a built-in (`log`, `jsonl`, `sql`, `webhook`, ...), an
+entry point of the group `ci_receiver.handlers`, or a dotted path
+`package.module:attribute`. A handler that keeps its validated options as a pydantic
+model in `self.options` gets them printed by `check-config`, secrets masked.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ValidationError
 
 from receiver.model import Event
 
@@ -32,6 +36,13 @@ BUILTINS: dict[str, str] = {
     "jsonl": "handlers.jsonl:JsonLinesHandler",
     "sql": "handlers.sql:SqlHandler",
     "sqlite": "handlers.sql:SqliteHandler",
+    "webhook": "handlers.webhook:WebhookHandler",
+    "wecom": "handlers.chat:WeComHandler",
+    "dingtalk": "handlers.chat:DingTalkHandler",
+    "feishu": "handlers.chat:FeishuHandler",
+    "slack": "handlers.chat:SlackHandler",
+    "email": "handlers.email:EmailHandler",
+    "pulsar": "handlers.pulsar:PulsarHandler",
 }
 
 
@@ -87,11 +98,34 @@ def build(type_name: str, options: Mapping[str, Any]) -> Handler:
         handler = factory(options)
     except HandlerConfigError:
         raise
-    except Exception as exc:  # pydantic's ValidationError, TypeError, ValueError, ...
+    except ValidationError as exc:
+        # Name each key, and never echo the input: it may be a secret.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'options'}: "
+            + (
+                "unknown option"
+                if item["type"] == "extra_forbidden"
+                else item["msg"].removeprefix("Value error, ")
+            )
+            for item in exc.errors()
+        )
+        raise HandlerConfigError(
+            f"bad options for handler type {type_name!r}: {problems}"
+        ) from None
+    except Exception as exc:  # TypeError, ValueError, ...
         raise HandlerConfigError(f"bad options for handler type {type_name!r}: {exc}") from exc
     if not callable(handler):
         raise HandlerConfigError(f"handler type {type_name!r} made {handler!r}, not a callable")
     return handler
+
+
+def shown_options(handler: Handler) -> dict[str, Any] | None:
+    """The handler's validated options (defaults filled in, secrets masked), if it keeps
+    them as a pydantic model in `options`."""
+    options = getattr(handler, "options", None)
+    if isinstance(options, BaseModel):
+        return options.model_dump(mode="json", by_alias=True)
+    return None
 
 
 def entry_point_names() -> list[str]:

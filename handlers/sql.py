@@ -1,94 +1,62 @@
-"""`sql` / `sqlite`: keep a `jobs` table of the latest state of every job, upserted.
+"""`sql` / `sqlite`: keep a `jobs` table of the latest state of every job, upserted, and
+optionally an `events` table with every event once.
 
-One row per job (JobId; RunId for workflow instances, the moderation job id for
-verdicts), written with SQLAlchemy Core. An upsert never moves a job backwards: a late
-`Running` after `Success` leaves the row alone, and replaying an event is harmless.
+One implementation for SQLite, PostgreSQL and MySQL/MariaDB, on SQLAlchemy Core with
+async drivers (aiosqlite, asyncpg, aiomysql). An upsert never moves a job backwards: a
+late `Running` after `Success` leaves the row alone, and replaying an event is
+harmless. Tables are created, or given the columns they lack, on start.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table, Text
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+import structlog
+from pydantic import BaseModel, ConfigDict, field_serializer
+from sqlalchemy import URL, Insert, MetaData, Table, case, make_url
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from handlers import HandlerConfigError
+from handlers.sql_tables import create_or_migrate, event_row, events_table, job_row, jobs_table
 from receiver.model import Event
 
-# How far along a job is; an update must not lower it.
-STATE_RANK = {"Submitted": 0, "Running": 1, "Pause": 1, "Success": 2, "Failed": 2, "Cancel": 2}
-UNKNOWN_STATE_RANK = 1
+logger = structlog.get_logger("ci_receiver.handlers.sql")
 
-
-def jobs_table(metadata: MetaData, name: str) -> Table:
-    return Table(
-        name,
-        metadata,
-        Column("job_id", String(128), primary_key=True),
-        Column("kind", String(16), nullable=False),
-        Column("event_name", String(64)),
-        Column("tag", String(64)),
-        Column("state", String(32)),
-        Column("state_rank", Integer, nullable=False),
-        Column("code", String(128)),
-        Column("message", Text),
-        Column("queue_id", String(64)),
-        Column("input_bucket", String(128)),
-        Column("input_region", String(64)),
-        Column("input_key", Text),
-        Column("outputs", JSON, nullable=False),
-        Column("user_data", Text),
-        Column("job_level", Integer),
-        Column("template_id", String(128)),
-        Column("template_name", String(255)),
-        Column("workflow", JSON),
-        Column("created_at", DateTime(timezone=True)),
-        Column("started_at", DateTime(timezone=True)),
-        Column("finished_at", DateTime(timezone=True)),
-        Column("event_id", String(255), nullable=False),
-        Column("updated_at", DateTime(timezone=True), nullable=False),
-    )
-
-
-def job_row(event: Event) -> dict[str, Any]:
-    run_id = event.workflow.run_id if event.workflow else None
-    return {
-        "job_id": event.job_id or (run_id if event.kind == "workflow" else None) or event.id,
-        "kind": event.kind,
-        "event_name": event.event_name,
-        "tag": event.tag,
-        "state": event.state,
-        "state_rank": STATE_RANK.get(event.state or "", UNKNOWN_STATE_RANK),
-        "code": event.code,
-        "message": event.message,
-        "queue_id": event.queue_id,
-        "input_bucket": event.input.bucket if event.input else None,
-        "input_region": event.input.region if event.input else None,
-        "input_key": event.input.key if event.input else None,
-        "outputs": [output.to_dict() for output in event.outputs],
-        "user_data": event.user_data,
-        "job_level": event.job_level,
-        "template_id": event.template_id,
-        "template_name": event.template_name,
-        "workflow": event.workflow.to_dict() if event.workflow else None,
-        "created_at": _utc(event.created_at),
-        "started_at": _utc(event.started_at),
-        "finished_at": _utc(event.finished_at),
-        "event_id": event.id,
-        "updated_at": datetime.now(timezone.utc),
-    }
+# backend -> (async driver, the ci-receiver extra that installs it)
+DRIVERS = {
+    "sqlite": ("aiosqlite", None),
+    "postgresql": ("asyncpg", "postgres"),
+    "mysql": ("aiomysql", "mysql"),
+    "mariadb": ("aiomysql", "mysql"),
+}
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# No pre-ping on checkout (it costs a round trip per event); a connection the server
+# dropped fails one attempt, which is retried, and none is kept past this age.
+POOL_RECYCLE_SECONDS = 1800
 
 
 class SqlOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # An async SQLAlchemy URL, e.g. sqlite+aiosqlite:///jobs.db
+    # A SQLAlchemy URL: sqlite:///jobs.db, postgresql://user:pass@host/db,
+    # mysql://user:pass@host/db. The async driver is filled in when left out.
     url: str
     table: str = "jobs"
+    # Also keep every event, once, in `events_table`.
+    history: bool = False
+    events_table: str = "events"
+    # Keep the decoded callback document in the history rows.
+    include_raw: bool = False
+    pool_size: int = 5
+
+    @field_serializer("url")
+    def _hide_password(self, url: str) -> str:
+        return make_url(url).render_as_string(hide_password=True)
 
 
 class SqliteOptions(BaseModel):
@@ -98,49 +66,147 @@ class SqliteOptions(BaseModel):
     table: str = "jobs"
 
 
+def async_url(url: str) -> URL:
+    """The URL with its async driver, which must be importable: a clear error otherwise."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise HandlerConfigError(f"url: not a database URL: {exc}") from None
+    backend = parsed.get_backend_name()
+    backend = "postgresql" if backend == "postgres" else backend
+    if backend not in DRIVERS:
+        raise HandlerConfigError(
+            f"url: {backend!r} is not supported; use sqlite, postgresql or mysql"
+        )
+    driver, extra = DRIVERS[backend]
+    if "+" not in parsed.drivername:
+        parsed = parsed.set(drivername=f"{backend}+{driver}")
+    if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
+        # Job messages and keys can be Chinese; MySQL's older "utf8" cannot hold all of it.
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError as exc:
+        raise HandlerConfigError(f"url: {exc}") from None
+    except ImportError as exc:
+        install = f"pip install 'ci-receiver[{extra}]'" if extra else f"pip install {driver}"
+        raise HandlerConfigError(
+            f"url: the driver for {parsed.drivername} is not installed ({exc}): {install}"
+        ) from None
+    return parsed
+
+
 class SqlHandler:
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = SqlOptions.model_validate(options)
-        self._url = self.options.url
+        self._url = async_url(self.options.url)
         self._metadata = MetaData()
         self.jobs = jobs_table(self._metadata, self.options.table)
+        self.events = (
+            events_table(self._metadata, self.options.events_table)
+            if self.options.history
+            else None
+        )
+        self._upsert = upsert_job(self.jobs, self.dialect)
+        self._insert_event = (
+            insert_event(self.events, self.dialect) if self.events is not None else None
+        )
         self._engine: AsyncEngine | None = None
 
+    @property
+    def dialect(self) -> str:
+        return self._url.get_backend_name()
+
     async def start(self) -> None:
-        self._engine = create_async_engine(self._url)
-        async with self._engine.begin() as connection:
-            await connection.run_sync(self._metadata.create_all)
+        engine = self._create_engine()
+        try:
+            database = self._url.database
+            if self.dialect == "sqlite" and database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            async with engine.begin() as connection:
+                added = await connection.run_sync(create_or_migrate, self._metadata)
+        except Exception as exc:
+            await engine.dispose()
+            where = self._url.render_as_string(hide_password=True)
+            raise RuntimeError(f"cannot open {where}: {type(exc).__name__}: {exc}") from None
+        if added:
+            logger.info("added missing columns", columns=added)
+        self._engine = engine
 
     async def close(self) -> None:
         if self._engine is not None:
             await self._engine.dispose()
+            self._engine = None
 
     async def __call__(self, event: Event) -> None:
         if self._engine is None:
             raise RuntimeError("the sql handler is not started")
-        row = job_row(event)
-        statement = sqlite_insert(self.jobs).values(row)
-        statement = statement.on_conflict_do_update(
-            index_elements=[self.jobs.c.job_id],
-            set_={name: statement.excluded[name] for name in row if name != "job_id"},
-            where=self.jobs.c.state_rank <= statement.excluded.state_rank,
-        )
         async with self._engine.begin() as connection:
-            await connection.execute(statement)
+            await connection.execute(self._upsert, job_row(event))
+            if self._insert_event is not None:
+                await connection.execute(
+                    self._insert_event, event_row(event, self.options.include_raw)
+                )
+
+    def _create_engine(self) -> AsyncEngine:
+        if self.dialect != "sqlite":
+            return create_async_engine(
+                self._url, pool_size=self.options.pool_size, pool_recycle=POOL_RECYCLE_SECONDS
+            )
+        engine = create_async_engine(self._url)
+
+        # Readers do not block the writer in WAL mode, and concurrent writers wait for
+        # each other rather than fail with "database is locked".
+        @sqlalchemy_event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_connection: Any, _: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        return engine
+
+
+def upsert_job(jobs: Table, dialect: str) -> Insert:
+    """INSERT a job row, or UPDATE it when the event is at least as far along. Built once
+    and executed with each row as parameters, so SQLAlchemy compiles it once."""
+    updated = [column.name for column in jobs.columns if column.name != "job_id"]
+    if dialect in ("mysql", "mariadb"):
+        statement = mysql.insert(jobs)
+        newer = jobs.c.state_rank <= statement.inserted.state_rank
+        # MySQL has no WHERE on ON DUPLICATE KEY UPDATE, so each column keeps its value
+        # unless the event is at least as far along. MySQL runs assignments left to
+        # right, later ones seeing the new values of earlier ones: the condition reads
+        # state_rank, so it is assigned last and every column is judged against the row
+        # as it was.
+        updated.remove("state_rank")
+        return statement.on_duplicate_key_update(
+            [
+                (name, case((newer, statement.inserted[name]), else_=jobs.c[name]))
+                for name in [*updated, "state_rank"]
+            ]
+        )
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(jobs)
+    return statement.on_conflict_do_update(
+        index_elements=[jobs.c.job_id],
+        set_={name: statement.excluded[name] for name in updated},
+        where=jobs.c.state_rank <= statement.excluded.state_rank,
+    )
+
+
+def insert_event(events: Table, dialect: str) -> Insert:
+    """INSERT an event row unless its event id is already there."""
+    if dialect in ("mysql", "mariadb"):
+        # A no-op update: unlike INSERT IGNORE, it does not hide other errors.
+        statement = mysql.insert(events)
+        return statement.on_duplicate_key_update(event_id=events.c.event_id)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(events).on_conflict_do_nothing()
 
 
 class SqliteHandler(SqlHandler):
     """`sql` on a SQLite file, named by `path`."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        sqlite = SqliteOptions.model_validate(options)
-        super().__init__({"url": f"sqlite+aiosqlite:///{sqlite.path}", "table": sqlite.table})
-        self._path = sqlite.path
-
-    async def start(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        await super().start()
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.astimezone(timezone.utc) if value else None
+        sqlite_options = SqliteOptions.model_validate(options)
+        super().__init__({"url": f"sqlite:///{sqlite_options.path}", "table": sqlite_options.table})

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from handlers import HandlerConfigError
+from handlers import HandlerConfigError, shown_options
 from receiver.config import Config, ConfigError, load_config
 from receiver.logs import configure_logging
 
@@ -90,10 +90,16 @@ def check_config(config_path: Path | None) -> None:
 
     config = _load(config_path)
     try:
-        build_slots(config)
+        slots = build_slots(config)
     except HandlerConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
-    click.echo(orjson.dumps(config.effective(), option=orjson.OPT_INDENT_2).decode())
+    effective = config.effective()
+    for slot in slots:
+        # The handler's own view of its options: defaults filled in, SecretStr masked.
+        shown = shown_options(slot.handler)
+        if shown is not None:
+            effective["handlers"][slot.name].update(shown)
+    click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     click.echo("config OK", err=True)
 
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.databases import drop_tables, require_server
 from tests.processes import PulsarLite
 
 # `HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py` for a long fuzzing run.
@@ -24,3 +26,26 @@ def pulsar_broker(tmp_path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def database_url(request, tmp_path):
+    """The same test on SQLite (a temp file), PostgreSQL and MySQL/MariaDB (the machine's
+    servers). A server that does not answer skips the test, except under CI=true."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'handler.db'}"
+    return require_server(request.param)
+
+
+@pytest.fixture
+async def sql_options(database_url):
+    """`sql` handler options on tables of this test's own, dropped afterwards."""
+    suffix = uuid.uuid4().hex[:10]
+    options = {
+        "url": database_url,
+        "table": f"jobs_{suffix}",
+        "history": True,
+        "events_table": f"events_{suffix}",
+    }
+    yield options
+    await drop_tables(database_url, [options["table"], options["events_table"]])

@@ -1,0 +1,255 @@
+"""Chat robots: `wecom` (企业微信), `dingtalk` (钉钉), `feishu` (飞书) and `slack`.
+
+Each posts one readable message per event (see `handlers.message`) to the robot's
+webhook URL. WeCom, DingTalk and Feishu answer HTTP 200 even when they refuse a
+message, with an error code in the body: a rate limit or a busy server is retried,
+anything else (bad token, missing keyword, bad signature) fails at once, since
+retrying cannot fix it. Slack answers `ok`, or an error status with a reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import httpx
+from pydantic import SecretStr, field_validator
+
+from handlers import Fail, Retry
+from handlers.http import HttpHandler, HttpOptions, check_status, excerpt, retry_after
+from handlers.message import (
+    DEFAULT_TEMPLATE,
+    DINGTALK_MARKDOWN,
+    MARKDOWN,
+    SLACK,
+    TEXT,
+    Markup,
+    check_template,
+    render,
+)
+from receiver.model import Event
+
+# WeCom's documented content limits, in UTF-8 bytes.
+WECOM_MAX_BYTES = {"text": 2048, "markdown": 4096}
+# Error codes that mean "not now" rather than "never": -1 is a busy server on all three.
+WECOM_RETRYABLE = {-1, 45009}  # 45009: over the 20 messages per minute
+DINGTALK_RETRYABLE = {-1, 130101, 410100, 90030}  # sending too fast / over the limit
+FEISHU_RETRYABLE = {-1, 11232}  # 11232: frequency limited
+
+
+class ChatOptions(HttpOptions):
+    # The robot's webhook URL: a secret, since it carries the robot's token or key.
+    url: SecretStr
+    template: str = DEFAULT_TEMPLATE
+
+    _check_template = field_validator("template")(check_template)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class ChatHandler(HttpHandler):
+    options: ChatOptions
+    vendor = "chat robot"
+
+    def __init__(self, options: ChatOptions) -> None:
+        super().__init__()
+        self.options = options
+
+    def message(self, event: Event, markup: Markup, template: str | None = None) -> str:
+        return render(template or self.options.template, event, markup)
+
+
+def check_answer(
+    response: httpx.Response, vendor: str, code_keys: tuple[str, ...], retryable: set[int]
+) -> None:
+    """Success is a 2xx answer whose error code is 0."""
+    if response.status_code == 429 or response.status_code >= 500:
+        check_status(response)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    codes = [body[key] for key in code_keys if key in body] if isinstance(body, dict) else []
+    if not codes:
+        check_status(response)
+        raise Fail(f"{vendor} answered without an error code: {excerpt(response)}")
+    code = codes[0]
+    if code == 0 and response.is_success:
+        return
+    summary = f"{vendor} refused the message: {excerpt(response)}"
+    if code in retryable:
+        raise Retry(summary, after=retry_after(response))
+    raise Fail(summary)
+
+
+def truncate_utf8(text: str, limit: int) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "..."
+
+
+# --- WeCom ------------------------------------------------------------------------------
+
+
+class WeComOptions(ChatOptions):
+    msgtype: Literal["markdown", "text"] = "markdown"
+
+
+class WeComHandler(ChatHandler):
+    """企业微信 group robot: `https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...`."""
+
+    vendor = "wecom robot"
+    options: WeComOptions
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(WeComOptions.model_validate(options))
+
+    async def __call__(self, event: Event) -> None:
+        kind = self.options.msgtype
+        content = self.message(event, MARKDOWN if kind == "markdown" else TEXT)
+        content = truncate_utf8(content, WECOM_MAX_BYTES[kind])
+        payload = {"msgtype": kind, kind: {"content": content}}
+        response = await self.post(self.options.url.get_secret_value(), json=payload)
+        check_answer(response, self.vendor, ("errcode",), WECOM_RETRYABLE)
+
+
+# --- DingTalk ---------------------------------------------------------------------------
+
+
+class DingTalkOptions(ChatOptions):
+    msgtype: Literal["markdown", "text"] = "markdown"
+    # The robot's 加签 secret (`SEC...`); without it the robot must use keywords or IPs.
+    secret: SecretStr | None = None
+    # The markdown message's title: what the notification preview shows.
+    title: str = "$title"
+
+    _check_title = field_validator("title")(check_template)
+
+
+def dingtalk_sign(secret: str, timestamp_ms: int) -> str:
+    """base64(HMAC-SHA256(key=secret, "{timestamp}\\n{secret}")), timestamp in ms."""
+    digest = hmac.new(secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256)
+    return base64.b64encode(digest.digest()).decode()
+
+
+class DingTalkHandler(ChatHandler):
+    """钉钉 custom robot: `https://oapi.dingtalk.com/robot/send?access_token=...`."""
+
+    vendor = "dingtalk robot"
+    options: DingTalkOptions
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(DingTalkOptions.model_validate(options))
+
+    async def __call__(self, event: Event) -> None:
+        options = self.options
+        if options.msgtype == "markdown":
+            payload: dict[str, Any] = {
+                "msgtype": "markdown",
+                "markdown": {
+                    "title": self.message(event, TEXT, options.title),
+                    "text": self.message(event, DINGTALK_MARKDOWN),
+                },
+            }
+        else:
+            payload = {"msgtype": "text", "text": {"content": self.message(event, TEXT)}}
+        url = httpx.URL(options.url.get_secret_value())
+        if options.secret is not None:
+            timestamp = int(time.time() * 1000)
+            # Added to the query the URL already has (access_token).
+            url = url.copy_merge_params(
+                {
+                    "timestamp": str(timestamp),
+                    "sign": dingtalk_sign(options.secret.get_secret_value(), timestamp),
+                }
+            )
+        response = await self.post(url, json=payload)
+        check_answer(response, self.vendor, ("errcode",), DINGTALK_RETRYABLE)
+
+
+# --- Feishu -----------------------------------------------------------------------------
+
+
+class FeishuOptions(ChatOptions):
+    # `markdown` sends an interactive card with a coloured header and a markdown body.
+    msgtype: Literal["markdown", "text"] = "markdown"
+    # The robot's 签名校验 secret.
+    secret: SecretStr | None = None
+    # The card's header (markdown only).
+    title: str = "$title"
+
+    _check_title = field_validator("title")(check_template)
+
+
+def feishu_sign(secret: str, timestamp: int) -> str:
+    """base64(HMAC-SHA256(key="{timestamp}\\n{secret}", empty message)), timestamp in s."""
+    digest = hmac.new(f"{timestamp}\n{secret}".encode(), b"", hashlib.sha256)
+    return base64.b64encode(digest.digest()).decode()
+
+
+class FeishuHandler(ChatHandler):
+    """飞书 custom bot: `https://open.feishu.cn/open-apis/bot/v2/hook/...`."""
+
+    vendor = "feishu bot"
+    options: FeishuOptions
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(FeishuOptions.model_validate(options))
+
+    async def __call__(self, event: Event) -> None:
+        options = self.options
+        payload: dict[str, Any]
+        if options.msgtype == "markdown":
+            failed = event.state not in (None, "Success")
+            payload = {
+                "msg_type": "interactive",
+                "card": {
+                    "header": {
+                        "title": {
+                            "tag": "plain_text",
+                            "content": self.message(event, TEXT, options.title),
+                        },
+                        "template": "red" if failed else "green",
+                    },
+                    "elements": [{"tag": "markdown", "content": self.message(event, MARKDOWN)}],
+                },
+            }
+        else:
+            payload = {"msg_type": "text", "content": {"text": self.message(event, TEXT)}}
+        if options.secret is not None:
+            timestamp = int(time.time())
+            payload["timestamp"] = str(timestamp)
+            payload["sign"] = feishu_sign(options.secret.get_secret_value(), timestamp)
+        response = await self.post(options.url.get_secret_value(), json=payload)
+        # Older endpoints answer `StatusCode` rather than `code`.
+        check_answer(response, self.vendor, ("code", "StatusCode"), FEISHU_RETRYABLE)
+
+
+# --- Slack ------------------------------------------------------------------------------
+
+
+class SlackHandler(ChatHandler):
+    """Slack incoming webhook: `https://hooks.slack.com/services/...`, text in mrkdwn."""
+
+    vendor = "slack webhook"
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(ChatOptions.model_validate(options))
+
+    async def __call__(self, event: Event) -> None:
+        payload = {"text": self.message(event, SLACK)}
+        response = await self.post(self.options.url.get_secret_value(), json=payload)
+        check_status(response)
+        # Slack answers a bare `ok`; anything else is a refusal it explains in the body.
+        if response.text.strip() != "ok":
+            raise Fail(f"{self.vendor} answered {response.status_code}: {excerpt(response)}")

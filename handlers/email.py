@@ -1,0 +1,134 @@
+"""`email`: one message per event through an SMTP relay (aiosmtplib), as plain text with
+an HTML alternative.
+
+`start()` connects and logs in once, so a wrong host or password shows at start-up
+(the handler is held back and its events wait) rather than as failed events. Each
+event then gets its own connection: notification mail is rare enough that holding a
+session open would only mean handling its time-outs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Mapping
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosmtplib
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from handlers import Fail, Retry
+from handlers.message import DEFAULT_TEMPLATE, HTML, TEXT, check_template, render
+from receiver.model import Event
+
+DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
+
+
+class EmailOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    host: str
+    # Default: 587 for starttls, 465 for ssl, 25 for none.
+    port: int | None = Field(None, ge=1, le=65535)
+    # starttls: upgrade a plain connection (required, never silently skipped);
+    # ssl: TLS from the first byte (SMTPS); none: no encryption (a local relay).
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str | None = None
+    password: SecretStr | None = None
+    # A CA bundle (PEM) to trust instead of the system's, e.g. for a private relay.
+    ca_file: Path | None = None
+    sender: str = Field(alias="from")
+    to: list[str] = Field(min_length=1)
+    subject: str = "[ci-receiver] $title"
+    template: str = DEFAULT_TEMPLATE
+    # Also send an HTML alternative rendered from the same template.
+    html: bool = True
+    request_timeout: float = Field(30.0, gt=0)
+
+    _check_templates = field_validator("subject", "template")(check_template)
+
+    @model_validator(mode="after")
+    def _port_and_login(self) -> EmailOptions:
+        if self.port is None:
+            self.port = DEFAULT_PORTS[self.security]
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both username and password, or neither")
+        return self
+
+
+class EmailHandler:
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = EmailOptions.model_validate(options)
+        self._tls: ssl.SSLContext | None = None
+
+    async def start(self) -> None:
+        where = f"smtp://{self.options.host}:{self.options.port}"
+        try:
+            if self.options.security != "none":
+                cafile = str(self.options.ca_file) if self.options.ca_file else None
+                self._tls = ssl.create_default_context(cafile=cafile)
+            smtp = self._client()
+            await smtp.connect()
+            await smtp.quit()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise RuntimeError(
+                f"{where} refused the login of {self.options.username!r}: {exc.code} {exc.message}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise RuntimeError(f"cannot connect to {where}: {exc}") from None
+
+    async def __call__(self, event: Event) -> None:
+        message = self.message(event)
+        try:
+            smtp = self._client()
+            async with smtp:
+                await smtp.send_message(message)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refusals = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if all(r.code >= 500 for r in exc.recipients):
+                raise Fail(f"every recipient refused: {refusals}") from None
+            raise Retry(f"recipients refused for now: {refusals}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            # SMTP's own split: 5xx is permanent (bad login, sender refused), 4xx is not.
+            error = f"{type(exc).__name__}: {exc.code} {exc.message}"
+            raise (Fail(error) if exc.code >= 500 else Retry(error)) from None
+        except aiosmtplib.SMTPNotSupported as exc:
+            raise Fail(f"the relay cannot do what is configured: {exc}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise Retry(f"{type(exc).__name__}: {exc}") from None
+
+    def message(self, event: Event) -> EmailMessage:
+        options = self.options
+        message = EmailMessage()
+        message["Subject"] = " ".join(render(options.subject, event, TEXT).split())
+        message["From"] = options.sender
+        message["To"] = ", ".join(options.to)
+        message["Date"] = formatdate(usegmt=True)
+        # The same event always gets the same Message-ID, so a repeat after a crash can
+        # be recognized by mail clients and filters.
+        digest = hashlib.sha256(event.id.encode()).hexdigest()[:32]
+        message["Message-ID"] = f"<{digest}@ci-receiver>"
+        message.set_content(render(options.template, event, TEXT))
+        if options.html:
+            body = render(options.template, event, HTML)
+            message.add_alternative(
+                f'<html><body style="font-family: sans-serif">{body}</body></html>',
+                subtype="html",
+            )
+        return message
+
+    def _client(self) -> aiosmtplib.SMTP:
+        options = self.options
+        return aiosmtplib.SMTP(
+            hostname=options.host,
+            port=options.port,
+            username=options.username,
+            password=options.password.get_secret_value() if options.password else None,
+            use_tls=options.security == "ssl",
+            start_tls=options.security == "starttls",
+            tls_context=self._tls,
+            timeout=options.request_timeout,
+        )

@@ -1,0 +1,129 @@
+"""`pulsar`: publish each event's JSON to a Pulsar (or TDMQ for Pulsar) topic.
+
+Other services subscribe to the topic instead of to CI. Each message carries the event
+id, kind, state, tag, event name and job id as properties (filter or dedupe without
+parsing), and the job id as its partition key, so one job's events stay in order on a
+partitioned topic. Delivery is at-least-once: dedupe on the `event_id` property.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import pulsar
+import pulsar.asyncio
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from handlers import Retry
+from receiver.model import Event
+
+COMPRESSION = {
+    "none": pulsar.CompressionType.NONE,
+    "lz4": pulsar.CompressionType.LZ4,
+    "zlib": pulsar.CompressionType.ZLib,
+    "zstd": pulsar.CompressionType.ZSTD,
+    "snappy": pulsar.CompressionType.SNAPPY,
+}
+
+
+class PulsarOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # pulsar://host:6650 or pulsar+ssl://host:6651 (TDMQ: the cluster's access point).
+    service_url: str = Field(pattern=r"^pulsar(\+ssl)?://")
+    # A full name, e.g. persistent://tenant/namespace/ci-events (TDMQ: pulsar-xxx/ns/topic).
+    topic: str
+    # A JWT for token authentication (TDMQ: the role's token).
+    token: SecretStr | None = None
+    tls_trust_certs_file: Path | None = None
+    producer_name: str | None = None
+    compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "none"
+    batching: bool = True
+    # Seconds for connecting and topic lookups (start-up), and for one send.
+    operation_timeout: int = Field(30, ge=1)
+    send_timeout: float = Field(20.0, gt=0)
+    # Extra fixed properties on every message, e.g. {env = "prod"}.
+    properties: dict[str, str] = Field(default_factory=dict)
+    # The decoded callback document can be large; leave it out for slimmer messages.
+    include_raw: bool = True
+
+
+class PulsarHandler:
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = PulsarOptions.model_validate(options)
+        self._client: pulsar.asyncio.Client | None = None
+        self._producer: pulsar.asyncio.Producer | None = None
+
+    async def start(self) -> None:
+        options = self.options
+        self._client = pulsar.asyncio.Client(
+            options.service_url,
+            authentication=(
+                pulsar.AuthenticationToken(options.token.get_secret_value())
+                if options.token
+                else None
+            ),
+            operation_timeout_seconds=options.operation_timeout,
+            connection_timeout_ms=options.operation_timeout * 1000,
+            tls_trust_certs_file_path=(
+                str(options.tls_trust_certs_file) if options.tls_trust_certs_file else None
+            ),
+            # The C++ client logs to stdout unless given a Python logger.
+            logger=logging.getLogger("ci_receiver.pulsar"),
+        )
+        try:
+            self._producer = await self._client.create_producer(
+                options.topic,
+                producer_name=options.producer_name,
+                compression_type=COMPRESSION[options.compression],
+                batching_enabled=options.batching,
+                send_timeout_millis=int(options.send_timeout * 1000),
+            )
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise RuntimeError(
+                f"cannot publish to {options.topic} at {options.service_url}: {exc}"
+            ) from None
+
+    async def close(self) -> None:
+        client, self._client, self._producer = self._client, None, None
+        if client is not None:
+            await client.close()  # flushes and closes the producer too
+
+    async def __call__(self, event: Event) -> None:
+        if self._producer is None:
+            raise RuntimeError("the pulsar handler is not started")
+        record = event.to_dict()
+        if not self.options.include_raw:
+            del record["raw"]
+        properties = {
+            **self.options.properties,
+            **{
+                name: value
+                for name, value in (
+                    ("event_id", event.id),
+                    ("kind", event.kind),
+                    ("state", event.state),
+                    ("tag", event.tag),
+                    ("event_name", event.event_name),
+                    ("job_id", event.job_id),
+                )
+                if value is not None
+            },
+        }
+        run_id = event.workflow.run_id if event.workflow else None
+        try:
+            await self._producer.send(
+                orjson.dumps(record),
+                properties=properties,
+                partition_key=event.job_id or run_id or event.id,
+                event_timestamp=int(event.received_at.timestamp() * 1000),
+            )
+        except pulsar.asyncio.PulsarException as exc:
+            raise Retry(f"publish to {self.options.topic} failed: {exc}") from exc

@@ -1,0 +1,66 @@
+"""Messages rendered from events for the chat and e-mail handlers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from handlers.message import FIELDS, HTML, MARKDOWN, TEXT, check_template, render
+from receiver import parse_callback
+from receiver.model import ObjectRef
+from tests.callbacks import ALL, load
+from tests.sample_events import event
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_field_renders_for_every_fixture(name):
+    template = " | ".join(f"${field}" for field in FIELDS)
+    for one in parse_callback(load(name)):
+        text = render(template, one, TEXT)
+        assert one.state in text
+        assert "$" not in text.replace(one.user_data or "", "")
+
+
+def test_the_default_message_of_a_failed_job():
+    failed = event("transcode_failed.json")
+    assert render("$title\n$details", failed, TEXT).splitlines()[:4] == [
+        "Transcode Failed",
+        f"Job: {failed.job_id}",
+        "State: Failed",
+        f"Error: {failed.code}: {failed.message}",
+    ]
+
+
+def test_moderation_verdicts_are_spelled_out():
+    assert render("$verdict", event("moderation_video_detail.json"), TEXT).startswith("violation")
+    suspected = render("$verdict", event("moderation_image_simple_hit.json"), TEXT)
+    assert suspected.startswith("suspected")
+    assert render("$verdict", event("smartcover.xml"), TEXT) == ""
+
+
+def test_long_output_lists_are_cut_with_a_count():
+    many = [ObjectRef("b-1", "ap-guangzhou", f"out/{i}.jpg") for i in range(15)]
+    snapshot = dataclasses.replace(event("snapshot.xml"), outputs=many)
+    outputs = render("$outputs ($output_count)", snapshot, TEXT)
+    assert outputs.startswith("out/0.jpg, out/1.jpg")
+    assert outputs.endswith("out/9.jpg (+5 more) (15)")
+
+
+def test_html_escapes_values_and_breaks_lines():
+    tricky = dataclasses.replace(event("smartcover.xml"), user_data="<script>&</script>")
+    html = render("$title\n$user_data", tricky, HTML)
+    assert html == "SmartCover Success<br>\n&lt;script&gt;&amp;&lt;/script&gt;"
+
+
+def test_markdown_bolds_labels():
+    assert "**State**: Success" in render("$details", event("smartcover.xml"), MARKDOWN)
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [("$job", "unknown field $job"), ("costs $5", "not a valid template"), ("${tag", "not a")],
+)
+def test_bad_templates_are_refused(template, says):
+    with pytest.raises(ValueError, match=says.replace("$", r"\$")):
+        check_template(template)

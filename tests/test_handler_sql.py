@@ -1,0 +1,279 @@
+"""The `sql` handler on real databases: every test runs on SQLite (a temp file), the
+machine's PostgreSQL and its MariaDB (see the `database_url` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import handlers
+from handlers.sql import SqlHandler, async_url
+from tests.processes import REPO
+from tests.sample_events import at_state, event
+
+
+async def started(options) -> SqlHandler:
+    handler = SqlHandler(options)
+    await handler.start()
+    return handler
+
+
+async def rows(handler: SqlHandler, table) -> list[dict]:
+    engine = create_async_engine(async_url(handler.options.url))
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(select(table))
+            return [dict(row._mapping) for row in result]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_job_is_stored_with_every_field(sql_options):
+    handler = await started(sql_options)
+    smartcover = event("smartcover.xml")
+    try:
+        await handler(smartcover)
+    finally:
+        await handler.close()
+
+    [row] = await rows(handler, handler.jobs)
+    assert row["job_id"] == smartcover.job_id
+    assert (row["kind"], row["tag"], row["state"]) == ("job", "SmartCover", "Success")
+    assert row["event_id"] == smartcover.id
+    assert row["input_key"] == smartcover.input.key
+    assert row["input_bucket"] == smartcover.input.bucket
+    assert row["outputs"] == [output.to_dict() for output in smartcover.outputs]
+    assert len(row["outputs"]) == 5
+    assert row["user_data"] == smartcover.user_data
+    assert row["queue_id"] == smartcover.queue_id
+    for name in ("created_at", "started_at", "finished_at"):
+        assert row[name] == getattr(smartcover, name)
+        assert row[name].tzinfo == timezone.utc
+    assert row["updated_at"].tzinfo == timezone.utc
+
+
+async def test_datetimes_are_stored_in_utc(sql_options):
+    handler = await started(sql_options)
+    smartcover = event("smartcover.xml")  # 15:29:48 +08:00 in the callback
+    try:
+        await handler(smartcover)
+    finally:
+        await handler.close()
+
+    # Read around the handler's own type: what is actually in the column.
+    engine = create_async_engine(async_url(handler.options.url))
+    try:
+        async with engine.connect() as connection:
+            table = connection.dialect.identifier_preparer.quote(handler.jobs.name)
+            stored = (await connection.execute(text(f"SELECT finished_at FROM {table}"))).scalar()
+    finally:
+        await engine.dispose()
+    if isinstance(stored, str):  # SQLite keeps text
+        stored = datetime.fromisoformat(stored)
+    if stored.tzinfo is None:  # SQLite and MySQL keep no offset: it must be UTC
+        assert stored == datetime(2022, 6, 30, 7, 29, 48)
+    else:
+        assert stored == datetime(2022, 6, 30, 7, 29, 48, tzinfo=timezone.utc)
+
+
+async def test_replaying_an_event_changes_nothing(sql_options):
+    handler = await started(sql_options)
+    failed = event("smartcover_failed.xml")
+    try:
+        await handler(failed)
+        [before] = await rows(handler, handler.jobs)
+        await handler(failed)
+    finally:
+        await handler.close()
+
+    [after] = await rows(handler, handler.jobs)
+    assert {k: v for k, v in after.items() if k != "updated_at"} == {
+        k: v for k, v in before.items() if k != "updated_at"
+    }
+    assert (after["code"], after["message"]) == (failed.code, failed.message)
+    history = await rows(handler, handler.events)
+    assert [row["event_id"] for row in history] == [failed.id]
+
+
+async def test_a_late_event_does_not_move_a_job_backwards(sql_options):
+    handler = await started(sql_options)
+    success = event("transcode.xml")
+    running = at_state(success, "Running")
+    try:
+        await handler(success)
+        await handler(running)  # arrives late, e.g. a retried delivery
+    finally:
+        await handler.close()
+
+    [row] = await rows(handler, handler.jobs)
+    assert (row["state"], row["event_id"]) == ("Success", success.id)
+    assert row["outputs"] == [output.to_dict() for output in success.outputs]
+    history = await rows(handler, handler.events)
+    assert sorted(row["event_id"] for row in history) == sorted([success.id, running.id])
+
+
+async def test_a_job_moves_forwards(sql_options):
+    handler = await started(sql_options)
+    success = event("transcode.xml")
+    submitted = at_state(success, "Submitted")
+    try:
+        await handler(submitted)
+        await handler(at_state(success, "Running"))
+        await handler(success)
+    finally:
+        await handler.close()
+
+    [row] = await rows(handler, handler.jobs)
+    assert (row["state"], row["event_id"], row["state_rank"]) == ("Success", success.id, 2)
+
+
+async def test_concurrent_events_of_one_job_end_at_its_furthest_state(sql_options):
+    handler = await started(sql_options)
+    success = event("snapshot.xml")
+    states = ["Running", "Submitted", "Success", "Running", "Pause", "Submitted", "Running"]
+    try:
+        await handler(at_state(success, "Submitted"))
+        await asyncio.gather(*(handler(at_state(success, state)) for state in states))
+    finally:
+        await handler.close()
+
+    [row] = await rows(handler, handler.jobs)
+    assert (row["state"], row["event_id"]) == ("Success", f"job:{success.job_id}:Success")
+    history = await rows(handler, handler.events)
+    assert len(history) == len(set(states))
+
+
+async def test_workflows_and_verdicts_get_rows_of_their_own(sql_options):
+    handler = await started(sql_options)
+    workflow = event("workflow_finish.xml")
+    verdict = event("moderation_video_detail.json")
+    try:
+        await handler(workflow)
+        await handler(verdict)
+    finally:
+        await handler.close()
+
+    found = {row["kind"]: row for row in await rows(handler, handler.jobs)}
+    assert found["workflow"]["job_id"] == workflow.workflow.run_id
+    assert found["workflow"]["workflow"]["workflow_name"] == workflow.workflow.workflow_name
+    assert found["moderation"]["job_id"] == verdict.job_id
+    assert found["moderation"]["moderation"]["result"] == 1
+
+
+async def test_missing_columns_are_added_on_start(sql_options):
+    # A jobs table as an older version made it: fewer columns, one row.
+    engine = create_async_engine(async_url(sql_options["url"]))
+    old = Table(
+        sql_options["table"],
+        MetaData(),
+        Column("job_id", String(128), primary_key=True),
+        Column("kind", String(16), nullable=False),
+        Column("state", String(32)),
+        Column("state_rank", Integer, nullable=False),
+        Column("event_id", String(255), nullable=False),
+    )
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(old.metadata.create_all)
+            await connection.execute(
+                old.insert().values(
+                    job_id="jold", kind="job", state="Success", state_rank=2, event_id="e"
+                )
+            )
+    finally:
+        await engine.dispose()
+
+    handler = await started(sql_options)
+    try:
+        await handler(event("smartcover.xml"))
+    finally:
+        await handler.close()
+
+    engine = create_async_engine(async_url(sql_options["url"]))
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(
+                lambda sync: {c["name"] for c in inspect(sync).get_columns(sql_options["table"])}
+            )
+    finally:
+        await engine.dispose()
+    assert columns == {column.name for column in handler.jobs.columns}
+    found = {row["job_id"]: row for row in await rows(handler, handler.jobs)}
+    assert found["jold"]["state"] == "Success"
+    assert found["jold"]["outputs"] is None
+    assert found[event("smartcover.xml").job_id]["tag"] == "SmartCover"
+
+
+def bad_credentials(url: str, tmp_path) -> tuple[str, str]:
+    """A URL that must fail at start, and what the error has to say."""
+    if url.startswith("sqlite"):
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        return f"sqlite:///{blocker}/jobs.db", "FileExistsError"
+    if url.startswith("postgresql"):
+        # The machine's PostgreSQL trusts local connections: no password can be wrong
+        # there, but a login role can be missing.
+        return "postgresql://no_such_role_ci:wrongpassword@127.0.0.1:5432/test", (
+            'role "no_such_role_ci" does not exist'
+        )
+    return "mysql://root:wrongpassword@127.0.0.1:3306/test", "Access denied for user 'root'"
+
+
+async def test_start_fails_with_a_clear_error_on_bad_credentials(database_url, tmp_path):
+    url, says = bad_credentials(database_url, tmp_path)
+    handler = SqlHandler({"url": url})
+    with pytest.raises(RuntimeError) as raised:
+        await handler.start()
+    message = str(raised.value)
+    assert message.startswith("cannot open ")
+    assert says in message
+    assert "wrongpassword" not in message
+    await handler.close()
+
+
+def test_a_missing_driver_is_named_at_check_config(tmp_path):
+    # asyncpg is installed here; a package of that name that fails to import stands in
+    # for a machine without it (the only stand-in in these tests).
+    shadow = tmp_path / "shadow" / "asyncpg"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named asyncpg')\n")
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text('[handlers.db]\ntype = "sql"\nurl = "postgresql://u:p@db.example/x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver.cli", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{REPO}"},
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "handlers.db: url: the driver for postgresql+asyncpg is not installed" in result.stderr
+    assert "pip install 'ci-receiver[postgres]'" in result.stderr
+
+
+def test_unsupported_databases_are_refused_by_name():
+    with pytest.raises(handlers.HandlerConfigError, match="'oracle' is not supported"):
+        handlers.build("sql", {"url": "oracle://u:p@h/db"})
+
+
+def test_check_config_hides_the_database_password(tmp_path):
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(
+        '[handlers.db]\ntype = "sql"\nurl = "postgresql://app:s3cret@db.example/jobs"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver.cli", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout
+    assert "postgresql://app:***@db.example/jobs" in result.stdout
