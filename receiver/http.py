@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from receiver.ids import new_id
 from receiver.inbox import Receipt
 from receiver.payload import PayloadError
 from receiver.service import Service
@@ -187,4 +187,4 @@ def _request_id(scope: Scope) -> str:
             text: Any = value.decode()
             if text.isprintable():
                 return str(text)
-    return uuid.uuid4().hex
+    return new_id()

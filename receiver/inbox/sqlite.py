@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from receiver.ids import new_id
 from receiver.inbox import (
     Attempt,
     Claim,
@@ -113,10 +113,10 @@ class SqliteInbox:
         return self._writer.commits
 
     async def open(self) -> None:
-        self._writer.start()
+        await self._writer.start()
 
     async def close(self) -> None:
-        self._writer.stop()
+        await self._writer.stop()
 
     # --- ingest --------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ class SqliteInbox:
         lease_seconds: float,
         known: Mapping[str, Event] | None = None,
     ) -> list[Claim]:
-        token = uuid.uuid4().hex
+        token = new_id()
         known = known or {}
 
         def claim(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
