@@ -49,7 +49,8 @@ class Ingestor:
         routed = [(event, self._router.handlers_for(event)) for event in events]
         stored = await self._inbox.store(receipt, routed)
         self._count(receipt, routed, stored)
-        self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
+        self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
         if stored.new:
             new = set(stored.new)
             self._on_stored([(event, names) for event, names in routed if event.id in new])
@@ -58,7 +59,7 @@ class Ingestor:
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
     ) -> None:
-        self._metrics.callbacks.labels(receipt.source, "rejected").inc()
+        self._metrics.series(self._metrics.callbacks, receipt.source, "rejected").inc()
         logger.warning(
             "callback rejected",
             reason=error.reason,
@@ -87,16 +88,16 @@ class Ingestor:
     def _count(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], stored: Stored
     ) -> None:
-        self._metrics.callbacks.labels(
-            receipt.source, "accepted" if stored.new else "duplicate"
-        ).inc()
+        metrics = self._metrics
+        outcome = "accepted" if stored.new else "duplicate"
+        metrics.series(metrics.callbacks, receipt.source, outcome).inc()
         new = set(stored.new)
         for event, handler_names in routed:
             if event.id not in new:
                 continue
-            self._metrics.events.labels(event.kind, event.state or "").inc()
+            metrics.series(metrics.events, event.kind, event.state or "").inc()
             if not handler_names:
-                self._metrics.unrouted.inc()
+                metrics.unrouted.inc()
                 logger.info(
                     "no route for event", event_id=event.id, tag=event.tag, state=event.state
                 )

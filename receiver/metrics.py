@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
     def __init__(self) -> None:
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         self.callbacks = Counter(
             "ci_receiver_callbacks",
@@ -56,3 +59,11 @@ class Metrics:
             ["handler"],
             registry=self.registry,
         )
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: labels() takes a lock every call."""
+        key = (id(metric), labels)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = metric.labels(*labels)
+        return found
