@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.inbox import Receipt
 from receiver.payload import PayloadError
-from receiver.service import Service
+from receiver.service import Backend
 
 logger = structlog.get_logger("ci_receiver.http")
 
@@ -47,7 +47,7 @@ def error(status: int, reason: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-def create_app(service: Service) -> Starlette:
+def create_app(service: Backend) -> Starlette:
     config = service.config
     tokens = [token.get_secret_value().encode() for token in config.http.tokens]
     max_bytes = config.limits.max_bytes
