@@ -52,8 +52,8 @@ class PulsarLite:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "broker.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [self.binary, "--addr", f"127.0.0.1:{self.port}", "--db-path", str(self.data_dir / "db"),
-             "--log-level", "warn"],
+            [self.binary, "--addr", f"127.0.0.1:{self.port}",
+             "--db-path", str(self.data_dir / "db"), "--log-level", "warn"],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir,
         )  # fmt: skip
         wait_for_port(self.port, self.process)
@@ -92,7 +92,8 @@ class Receiver:
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "receiver.cli", self.command, "--config", str(self.config_file)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=self.config_file.parent,
+            stdout=self._log, stderr=subprocess.STDOUT, env=environment,
+            cwd=self.config_file.parent,
         )  # fmt: skip
         if wait_http:
             wait_for_port(self.port, self.process)

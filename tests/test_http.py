@@ -14,12 +14,12 @@ def receiver(tmp_path):
     config = tmp_path / "ci-receiver.toml"
     config.write_text(
         f"""
-data_dir = "{tmp_path / 'data'}"
+data_dir = "{tmp_path / "data"}"
 [dispatch]
 poll_interval = 0.2
 [handlers.jobs]
 type = "sqlite"
-path = "{tmp_path / 'jobs.db'}"
+path = "{tmp_path / "jobs.db"}"
 [handlers.log]
 type = "log"
 """
