@@ -1,0 +1,11 @@
+"""TDMQ for Pulsar: the consumer behind `ci-receiver consume` / `run`, and relay mode.
+
+- `consumer`: CI callbacks from Pulsar topics into the inbox, acked once committed;
+- `messages`: a callback as a Pulsar message and back (properties carry the headers);
+- `client`: the Pulsar client and subscription made from `[tdmq]`.
+"""
+
+from receiver.tdmq.client import TdmqError
+from receiver.tdmq.consumer import TdmqConsumer
+
+__all__ = ["TdmqConsumer", "TdmqError"]
