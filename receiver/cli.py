@@ -56,13 +56,21 @@ def main() -> None:
 @click.option("--host", help="Address to listen on (default from config: 0.0.0.0).")
 @click.option("--port", type=int, help="Port to listen on (default from config: 8080).")
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
-    """Run the HTTP receiver and the dispatcher."""
+    """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
     from receiver.runner import HttpServer, run_service
 
     config = _load(config_path, host=host, port=port)
     configure_logging(config.log.level, config.log.format)
-    service = _service(config)
-    sys.exit(_run(run_service(service, [HttpServer(service, _announce(config))])))
+    if not config.relay.topic:
+        service = _service(config)
+        sys.exit(_run(run_service(service, [HttpServer(service, _announce(config))])))
+    from receiver.tdmq import TdmqError
+
+    relay = _relay_service(config)
+    try:
+        sys.exit(_run(run_service(relay, [HttpServer(relay, _announce(config))])))
+    except TdmqError as exc:  # the topic cannot be reached at start
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -88,6 +96,8 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
 
     config = _load(config_path, host=host, port=port)
     configure_logging(config.log.level, config.log.format)
+    if config.relay.topic:
+        click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     service = _service(config)
     consumer = _consumer(config, service)
     components = [HttpServer(service, _announce(config)), consumer]
@@ -115,6 +125,15 @@ def _consumer(config: Config, service: Any) -> Any:
     service.add_check("tdmq", consumer.check)
     click.echo(f"consuming {consumer.where} from {config.tdmq.service_url}", err=True)
     return consumer
+
+
+def _relay_service(config: Config) -> Any:
+    from receiver.tdmq import RelayService
+
+    if not config.tdmq.service_url:
+        raise click.ClickException("config: relay.topic is set: set tdmq.service_url too")
+    click.echo(f"relaying callbacks to {config.relay.topic}", err=True)
+    return RelayService(config)
 
 
 def _service(config: Config) -> Any:

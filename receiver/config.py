@@ -130,6 +130,15 @@ class TdmqConfig(Section):
         return missing
 
 
+class RelayConfig(Section):
+    """`[relay]`: with a topic, `serve` publishes each accepted callback there (over the
+    `[tdmq]` connection) instead of storing it; `consume` processes do the rest."""
+
+    topic: str | None = None
+    # Seconds to wait for the broker to confirm a callback before answering 503.
+    send_timeout: float = Field(10.0, gt=0)
+
+
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
@@ -185,6 +194,7 @@ class Config(BaseSettings):
     dispatch: DispatchConfig = DispatchConfig()
     log: LogConfig = LogConfig()
     tdmq: TdmqConfig = TdmqConfig()
+    relay: RelayConfig = RelayConfig()
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
     # None: every handler gets every event.
     routes: list[RouteConfig] | None = None

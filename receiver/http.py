@@ -1,9 +1,9 @@
 """The HTTP receiver: CI's CallBack URL, plus health, readiness and metrics.
 
 `POST /callbacks` (or `/callbacks/<token>` when tokens are configured) answers 200 only
-after the callback is committed to the inbox. Bad input gets a 4xx with a JSON reason,
-and its body is kept for inspection; a body over the limit is refused as soon as the
-limit is passed.
+after the callback is committed to the inbox (in relay mode: confirmed by the TDMQ
+broker). Bad input gets a 4xx with a JSON reason, and its body is kept for inspection;
+a body over the limit is refused as soon as the limit is passed.
 """
 
 from __future__ import annotations
