@@ -110,9 +110,14 @@ async def close(
     *parts: pulsar.asyncio.Consumer | pulsar.asyncio.Producer | None,
     timeout: float = 5.0,
 ) -> None:
-    """Close consumers and producers, then the client, each within `timeout`: a broker
-    that is down never answers, and shutdown must not wait for it."""
-    for part in (*parts, client):
+    """Close consumers and producers, each within `timeout` (a broker that is down never
+    answers), then shut the client down.
+
+    Not `client.close()`: its C++ side finishes on a detached thread that still holds the
+    Python callback, and releasing it while the interpreter exits aborts the process
+    ("terminate called without an active exception", apache/pulsar-client-python#256).
+    `shutdown()` joins the client's threads before it returns."""
+    for part in parts:
         if part is None:
             continue
         try:
