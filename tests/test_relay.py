@@ -22,10 +22,10 @@ def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker):
         extra=f'[relay]\ntopic = "{TOPIC}"\nsend_timeout = 2\n[limits]\nmax_bytes = 100000',
     )
     relay_data = tmp_path / "relay-data"
-    relay = Receiver(site.config, "serve").start(env={"CI_RECEIVER_DATA_DIR": str(relay_data)})
-    consumer = Receiver(site.config, "consume").start(wait_http=False)
+    relay, consumer = Receiver(site.config, "serve"), Receiver(site.config, "consume")
     try:
-        consumer.wait_for_log("tdmq consumer connected")
+        relay.start(env={"CI_RECEIVER_DATA_DIR": str(relay_data)})
+        consumer.start(wait_http=False).wait_for_log("tdmq consumer connected")
         ready = httpx.get(relay.url + "/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"]["relay"] == f"publishing to {TOPIC}"

@@ -36,9 +36,9 @@ def processes():
 
     def start(site: Site, command: str = "consume", env: dict | None = None) -> Receiver:
         process = Receiver(site.config, command)
+        started.append(process)  # stopped at the end even if it never gets ready
         process.start(env=env, wait_http=command != "consume")
         process.wait_for_log("tdmq consumer connected")
-        started.append(process)
         return process
 
     yield start
