@@ -77,7 +77,7 @@ class Relay:
         except PayloadError as error:
             await self.reject(receipt, error)
             raise
-        await self._publish(receipt.body, relay_properties(receipt), _ordering_key(events[0]))
+        await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
         self._metrics.callbacks.labels(receipt.source, "relayed").inc()
         self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
         ids = [event.id for event in events]
@@ -110,9 +110,9 @@ class Relay:
         await asyncio.wait_for(send, self._config.relay.send_timeout + 5)
 
 
-def _ordering_key(event: Event) -> str:
+def _message_key(event: Event) -> str:
     """One job's (or workflow instance's) callbacks share a key, so that a Key_Shared
-    subscription hands them to the same consumer in order."""
+    subscription hands them to the same consumer."""
     run_id = event.workflow.run_id if event.workflow else None
     return event.job_id or run_id or event.id
 
