@@ -7,6 +7,7 @@ from typing import Any
 
 import pulsar
 import pulsar.asyncio
+import pulsar.exceptions
 import structlog
 
 from receiver.config import TdmqConfig
@@ -46,6 +47,10 @@ FATAL = {
     pulsar.Result.SubscriptionNotFound,
     pulsar.Result.NotAllowedError,
 }
+
+
+# What the client raises: its asyncio API has an exception class of its own.
+PULSAR_ERRORS = (pulsar.asyncio.PulsarException, pulsar.exceptions.PulsarException)
 
 
 class TdmqError(RuntimeError):
@@ -122,7 +127,7 @@ async def close(
             continue
         try:
             await asyncio.wait_for(part.close(), timeout)
-        except (asyncio.TimeoutError, pulsar.asyncio.PulsarException) as exc:
+        except (asyncio.TimeoutError, *PULSAR_ERRORS) as exc:
             logger.info("tdmq close incomplete", part=type(part).__name__, error=describe(exc))
     if client is not None:
         client.shutdown()
