@@ -82,6 +82,63 @@ class LogConfig(Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class TdmqConfig(Section):
+    """`[tdmq]`: the TDMQ for Pulsar (or Apache Pulsar) connection, and what `consume` reads."""
+
+    # The cluster's access address: pulsar://host:6650, pulsar+ssl://host:6651, or the
+    # http://... address the TDMQ console shows.
+    service_url: str | None = None
+    # A TDMQ role token (console: role management); None connects without authentication.
+    token: SecretStr | None = None
+    # Full names, persistent://<cluster id>/<namespace>/<topic>; or a pattern instead.
+    topics: list[str] = []
+    topic_pattern: str | None = None
+    subscription: str = "ci-receiver"
+    # shared: every consumer process takes a part of the messages (scale out);
+    # key_shared: the same, but one job's messages always go to the same process;
+    # failover / exclusive: one process at a time.
+    subscription_type: Literal["shared", "key_shared", "failover", "exclusive"] = "shared"
+    # Where a new subscription starts: earliest also takes what was published before.
+    initial_position: Literal["earliest", "latest"] = "earliest"
+    # Messages the client fetches ahead, and messages ingested at once: together the bound
+    # on what this process holds in memory.
+    receiver_queue_size: int = Field(100, ge=1)
+    concurrency: int = Field(32, ge=1)
+    # Seconds before a message whose commit failed is delivered again.
+    nack_delay: float = Field(5.0, gt=0)
+    # Messages that cannot be decoded are kept in the inbox as rejected and acked; when
+    # this is set they are also published here (raw body, with the reason in properties).
+    dead_letter_topic: str | None = None
+    operation_timeout: float = Field(30.0, gt=0)
+    tls_trust_certs_file: Path | None = None
+    tls_allow_insecure_connection: bool = False
+    tls_validate_hostname: bool = False
+    # The Pulsar client library logs on its own to stdout, at this level and above.
+    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
+
+    @model_validator(mode="after")
+    def _topics_or_pattern(self) -> TdmqConfig:
+        if self.topics and self.topic_pattern:
+            raise ValueError("set topics or topic_pattern, not both")
+        return self
+
+    def missing_for_consumer(self) -> list[str]:
+        """The keys `consume` needs that are not set."""
+        missing = [] if self.service_url else ["tdmq.service_url"]
+        if not (self.topics or self.topic_pattern):
+            missing.append("tdmq.topics (or tdmq.topic_pattern)")
+        return missing
+
+
+class RelayConfig(Section):
+    """`[relay]`: with a topic, `serve` publishes each accepted callback there (over the
+    `[tdmq]` connection) instead of storing it; `consume` processes do the rest."""
+
+    topic: str | None = None
+    # Seconds to wait for the broker to confirm a callback before answering 503.
+    send_timeout: float = Field(10.0, gt=0)
+
+
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
@@ -136,6 +193,8 @@ class Config(BaseSettings):
     inbox: InboxConfig = InboxConfig()
     dispatch: DispatchConfig = DispatchConfig()
     log: LogConfig = LogConfig()
+    tdmq: TdmqConfig = TdmqConfig()
+    relay: RelayConfig = RelayConfig()
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
     # None: every handler gets every event.
     routes: list[RouteConfig] | None = None

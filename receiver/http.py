@@ -1,9 +1,9 @@
 """The HTTP receiver: CI's CallBack URL, plus health, readiness and metrics.
 
 `POST /callbacks` (or `/callbacks/<token>` when tokens are configured) answers 200 only
-after the callback is committed to the inbox. Bad input gets a 4xx with a JSON reason,
-and its body is kept for inspection; a body over the limit is refused as soon as the
-limit is passed.
+after the callback is committed to the inbox (in relay mode: confirmed by the TDMQ
+broker). Bad input gets a 4xx with a JSON reason, and its body is kept for inspection;
+a body over the limit is refused as soon as the limit is passed.
 """
 
 from __future__ import annotations
@@ -26,24 +26,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from receiver.ids import new_id
 from receiver.inbox import Receipt
 from receiver.payload import PayloadError
-from receiver.service import Service
+from receiver.service import Backend
 
 logger = structlog.get_logger("ci_receiver.http")
 
 # Request headers kept with each callback: what tells its format, variant and sender.
 HEADERS_OF_INTEREST = frozenset(
     {
-        b"content-type",
-        b"content-length",
-        b"user-agent",
-        b"x-ci-content-version",
-        b"x-cmq-message-id",
-        b"x-cmq-message-tag",
-        b"x-cmq-request-id",
-        b"x-forwarded-for",
-        b"x-real-ip",
+        "content-type",
+        "content-length",
+        "user-agent",
+        "x-ci-content-version",
+        "x-cmq-message-id",
+        "x-cmq-message-tag",
+        "x-cmq-request-id",
+        "x-forwarded-for",
+        "x-real-ip",
     }
 )
+# As ASGI gives them: lower-case bytes.
+_RAW_HEADERS_OF_INTEREST = frozenset(name.encode() for name in HEADERS_OF_INTEREST)
 
 
 class JsonResponse(JSONResponse):
@@ -60,11 +62,11 @@ def _headers_of_interest(scope: Scope) -> dict[str, str]:
     return {
         name.decode(): value.decode("latin-1")
         for name, value in scope["headers"]
-        if name in HEADERS_OF_INTEREST
+        if name in _RAW_HEADERS_OF_INTEREST
     }
 
 
-def create_app(service: Service) -> Starlette:
+def create_app(service: Backend) -> Starlette:
     config = service.config
     tokens = [token.get_secret_value().encode() for token in config.http.tokens]
     max_bytes = config.limits.max_bytes

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
@@ -20,6 +21,31 @@ logger = structlog.get_logger("ci_receiver.ingest")
 
 # Bodies this large are parsed off the event loop so that other requests keep moving.
 THREAD_PARSE_BYTES = 64 * 1024
+
+
+async def parse(receipt: Receipt, limits: Limits) -> list[Event]:
+    """Decode and normalize a receipt's body; raises `PayloadError`."""
+    work = functools.partial(
+        parse_callback,
+        receipt.body,
+        receipt.headers,
+        source=receipt.source,
+        source_meta=receipt.source_meta,
+        received_at=receipt.received_at,
+        limits=limits,
+    )
+    if len(receipt.body) > THREAD_PARSE_BYTES:
+        return await asyncio.to_thread(work)
+    return work()
+
+
+class Intake(Protocol):
+    """Where a source hands its callbacks: the `Ingestor` below, or the TDMQ relay."""
+
+    async def ingest(self, receipt: Receipt) -> Stored: ...
+    async def reject(
+        self, receipt: Receipt, error: PayloadError, *, size: int | None = None
+    ) -> None: ...
 
 
 class Ingestor:
@@ -42,7 +68,7 @@ class Ingestor:
         body that cannot be decoded. Returns only once the commit is durable."""
         began = time.perf_counter()
         try:
-            events = await self._parse(receipt)
+            events = await parse(receipt, self._limits)
         except PayloadError as error:
             await self.reject(receipt, error)
             raise
@@ -70,20 +96,6 @@ class Ingestor:
             await self._inbox.reject(receipt, error.reason, error.message, size=size)
         except Exception:
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
-
-    async def _parse(self, receipt: Receipt) -> list[Event]:
-        parse = functools.partial(
-            parse_callback,
-            receipt.body,
-            receipt.headers,
-            source=receipt.source,
-            source_meta=receipt.source_meta,
-            received_at=receipt.received_at,
-            limits=self._limits,
-        )
-        if len(receipt.body) > THREAD_PARSE_BYTES:
-            return await asyncio.to_thread(parse)
-        return parse()
 
     def _count(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], stored: Stored

@@ -14,7 +14,7 @@ import structlog
 import uvicorn
 
 from receiver.http import create_app
-from receiver.service import Service
+from receiver.service import Backend
 
 logger = structlog.get_logger("ci_receiver.runner")
 
@@ -47,7 +47,7 @@ class _Server(uvicorn.Server):
 class HttpServer:
     name = "http"
 
-    def __init__(self, service: Service, on_listening: Callable[[str, int], None]) -> None:
+    def __init__(self, service: Backend, on_listening: Callable[[str, int], None]) -> None:
         http = service.config.http
         config = uvicorn.Config(
             create_app(service),
@@ -77,7 +77,7 @@ class HttpServer:
         self._server.should_exit = True
 
 
-async def run_service(service: Service, components: list[Component]) -> int:
+async def run_service(service: Backend, components: list[Component]) -> int:
     """Start the service and its components; return the process exit code."""
     await service.start()
     loop = asyncio.get_running_loop()

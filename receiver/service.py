@@ -4,12 +4,13 @@ dispatcher and the ingest path that the HTTP app and the TDMQ consumer share."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
-from receiver.ingest import Ingestor
+from receiver.ingest import Ingestor, Intake
 from receiver.metrics import Metrics
 from receiver.routing import Router
 
@@ -27,6 +28,23 @@ def build_slots(config: Config) -> list[Slot]:
             raise handler_api.HandlerConfigError(f"handlers.{name}: {exc}") from exc
         slots.append(Slot(name, handler, handler_config))
     return slots
+
+
+class Backend(Protocol):
+    """What the HTTP app and the runner need behind them: a `Service`, or a relay that
+    publishes callbacks to TDMQ instead of keeping them."""
+
+    draining: bool
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def ingestor(self) -> Intake: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
 
 class Service:

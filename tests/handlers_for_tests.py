@@ -41,8 +41,14 @@ class Recorder:
             file.write(orjson.dumps(line) + b"\n")
 
 
-def recorded(path: Path, what: str = "done") -> list[str]:
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file that a process may still be appending to:
+    a last line without its newline is still being written."""
     if not path.exists():
         return []
-    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
-    return [line["id"] for line in lines if line["what"] == what]
+    data = path.read_bytes()
+    return [orjson.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
+
+
+def recorded(path: Path, what: str = "done") -> list[str]:
+    return [line["id"] for line in json_lines(path) if line["what"] == what]

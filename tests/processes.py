@@ -135,6 +135,17 @@ class Receiver:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        """Wait until the process has logged `text` (e.g. that it is connected)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()

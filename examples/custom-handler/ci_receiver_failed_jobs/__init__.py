@@ -20,4 +20,7 @@ class FailedJobs:
     async def __call__(self, event: Event) -> None:
         if event.state in ("Failed", "Cancel"):
             note = f"{event.tag} {event.state}: {event.code} {event.message}\n"
-            (self.folder / f"{event.job_id}.txt").write_text(note)
+            # Write, then rename: a script watching the folder never sees half a note.
+            partial = self.folder / f".{event.job_id}.txt.partial"
+            partial.write_text(note)
+            partial.replace(self.folder / f"{event.job_id}.txt")

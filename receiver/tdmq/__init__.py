@@ -1,0 +1,13 @@
+"""TDMQ for Pulsar: the consumer behind `ci-receiver consume` / `run`, and relay mode.
+
+- `consumer`: CI callbacks from Pulsar topics into the inbox, acked once committed;
+- `relay`: `serve` publishing each callback to a topic instead of keeping it;
+- `messages`: a callback as a Pulsar message and back (properties carry the headers);
+- `client`: the Pulsar client and subscription made from `[tdmq]`.
+"""
+
+from receiver.tdmq.client import TdmqError
+from receiver.tdmq.consumer import TdmqConsumer
+from receiver.tdmq.relay import Relay, RelayService
+
+__all__ = ["Relay", "RelayService", "TdmqConsumer", "TdmqError"]

@@ -1,0 +1,140 @@
+"""The Pulsar client and subscription, made from `[tdmq]`; which failures are worth a retry."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pulsar
+import pulsar.asyncio
+import pulsar.exceptions
+import structlog
+
+from receiver.config import TdmqConfig
+
+logger = structlog.get_logger("ci_receiver.tdmq")
+
+SUBSCRIPTION_TYPES = {
+    "shared": pulsar.ConsumerType.Shared,
+    "key_shared": pulsar.ConsumerType.KeyShared,
+    "failover": pulsar.ConsumerType.Failover,
+    "exclusive": pulsar.ConsumerType.Exclusive,
+}
+INITIAL_POSITIONS = {
+    "earliest": pulsar.InitialPosition.Earliest,
+    "latest": pulsar.InitialPosition.Latest,
+}
+_CLIENT_LOG_LEVELS = {
+    "debug": pulsar.LoggerLevel.Debug,
+    "info": pulsar.LoggerLevel.Info,
+    "warn": pulsar.LoggerLevel.Warn,
+    "error": pulsar.LoggerLevel.Error,
+}
+
+BATCH_WAIT_MS = 100
+BATCH_BYTES = 8 * 1024 * 1024
+
+# Failures that waiting will not mend: a wrong token, name or setting. Anything else
+# (broker down, lookup timeout, ...) is retried.
+FATAL = {
+    pulsar.Result.AuthenticationError,
+    pulsar.Result.AuthorizationError,
+    pulsar.Result.ErrorGettingAuthenticationData,
+    pulsar.Result.InvalidConfiguration,
+    pulsar.Result.InvalidTopicName,
+    pulsar.Result.InvalidUrl,
+    pulsar.Result.TopicNotFound,
+    pulsar.Result.SubscriptionNotFound,
+    pulsar.Result.NotAllowedError,
+}
+
+
+# What the client raises: its asyncio API has an exception class of its own.
+PULSAR_ERRORS = (pulsar.asyncio.PulsarException, pulsar.exceptions.PulsarException)
+
+
+class TdmqError(RuntimeError):
+    """TDMQ cannot work as configured: a wrong token, topic or subscription name."""
+
+
+def client_options(config: TdmqConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "operation_timeout_seconds": max(1, round(config.operation_timeout)),
+        "tls_allow_insecure_connection": config.tls_allow_insecure_connection,
+        "tls_validate_hostname": config.tls_validate_hostname,
+        # The C++ library's own console logger: a Python `logger=` can deadlock with nacks
+        # on other threads and hang interpreter exit (apache/pulsar-client-python#116).
+        "logger": pulsar.ConsoleLogger(_CLIENT_LOG_LEVELS[config.client_log_level]),
+    }
+    if config.token is not None:
+        options["authentication"] = pulsar.AuthenticationToken(config.token.get_secret_value())
+    if config.tls_trust_certs_file is not None:
+        options["tls_trust_certs_file_path"] = str(config.tls_trust_certs_file)
+    return options
+
+
+def make_client(config: TdmqConfig) -> pulsar.asyncio.Client:
+    if not config.service_url:
+        raise ValueError("tdmq.service_url is not set")
+    return pulsar.asyncio.Client(config.service_url, **client_options(config))
+
+
+def subscribe_options(config: TdmqConfig) -> dict[str, Any]:
+    topics = config.topics[0] if len(config.topics) == 1 else list(config.topics)
+    return {
+        "topic": config.topic_pattern or topics,
+        "is_pattern_topic": config.topic_pattern is not None,
+        "subscription_name": config.subscription,
+        "consumer_type": SUBSCRIPTION_TYPES[config.subscription_type],
+        "initial_position": INITIAL_POSITIONS[config.initial_position],
+        "receiver_queue_size": config.receiver_queue_size,
+        # Bound the prefetch of a multi-topic or partitioned subscription the same way.
+        "max_total_receiver_queue_size_across_partitions": config.receiver_queue_size,
+        "negative_ack_redelivery_delay_ms": round(config.nack_delay * 1000),
+        # What the consumer's receiving thread takes at once, waiting no longer than
+        # BATCH_WAIT_MS for it, so that it notices a stop promptly.
+        "batch_receive_policy": pulsar.ConsumerBatchReceivePolicy(
+            config.concurrency, BATCH_BYTES, BATCH_WAIT_MS
+        ),
+        # Acks and nacks per message even when the publisher batched messages together,
+        # so that one nack does not bring a whole batch back.
+        "batch_index_ack_enabled": True,
+    }
+
+
+def is_fatal(error: BaseException) -> bool:
+    return isinstance(error, pulsar.asyncio.PulsarException) and error.error() in FATAL
+
+
+def describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+async def close(
+    client: pulsar.asyncio.Client | None,
+    *parts: pulsar.asyncio.Consumer | pulsar.asyncio.Producer | None,
+    timeout: float = 5.0,
+) -> None:
+    """Close consumers and producers together within `timeout` (a broker that is down
+    never answers; what a consumer left unacked comes back anyway), then shut the
+    client down.
+
+    Not `client.close()`: its C++ side finishes on a detached thread that still holds the
+    Python callback, and releasing it while the interpreter exits aborts the process
+    ("terminate called without an active exception", apache/pulsar-client-python#256).
+    `shutdown()` joins the client's threads before it returns."""
+    closing = [part for part in parts if part is not None]
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(part.close() for part in closing), return_exceptions=True), timeout
+        )
+    except asyncio.TimeoutError:
+        logger.info("tdmq close incomplete", error=f"no answer within {timeout:g}s")
+    else:
+        for part, outcome in zip(closing, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                logger.info(
+                    "tdmq close incomplete", part=type(part).__name__, error=describe(outcome)
+                )
+    if client is not None:
+        client.shutdown()

@@ -1,0 +1,287 @@
+"""The TDMQ consumer: CI callbacks from Pulsar topics into the inbox, acked once committed.
+
+Every message goes through the same ingest path as an HTTP callback (`messages.read`
+turns it into a receipt) and is acked only after the inbox commit is durable:
+- the inbox fails: negative ack, the message comes back after `nack_delay`;
+- the body cannot be decoded: the ingestor has kept it as rejected; it is also
+  published to `dead_letter_topic` when one is set, then acked, so it never loops;
+- the ack itself is lost (broker restart): the message comes again and the inbox
+  recognizes it as a duplicate.
+
+Threading: one thread of its own takes messages from the client in batches
+(`batch_receive`, which returns at least every 100 ms, so that stopping is prompt:
+a plain blocking `receive()` would not see SIGTERM until a message came) and hands each
+batch to the event loop, where messages are ingested, acked and nacked through
+`pulsar.asyncio`. Taking one message at a time from the event loop (`pulsar.asyncio`'s
+`receive()`) costs a thread hand-over per message, which made draining a backlog about
+half as fast. The hand-off is bounded: at most `concurrency` messages are being
+ingested (one more batch of as many waits for a free slot) and `receiver_queue_size`
+wait in the client, so memory stays flat however long the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import _pulsar
+import pulsar
+import pulsar.asyncio
+import structlog
+from prometheus_client import Counter
+
+from receiver.config import TdmqConfig
+from receiver.ingest import Intake
+from receiver.metrics import Metrics
+from receiver.payload import PayloadError
+from receiver.tdmq import messages
+from receiver.tdmq.client import (
+    BATCH_WAIT_MS,
+    PULSAR_ERRORS,
+    TdmqError,
+    close,
+    describe,
+    is_fatal,
+    make_client,
+    subscribe_options,
+)
+
+logger = structlog.get_logger("ci_receiver.tdmq")
+
+# How long messages being ingested get to finish on shutdown. One that does not is
+# redelivered (it was not acked), so cutting it short loses nothing.
+DRAIN_SECONDS = 5.0
+# How often the connection is looked at, to log when it drops or comes back.
+WATCH_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+# How long the broker gets to answer closing the consumer and the dead-letter producer
+# (together). A live broker answers in milliseconds; the client's own shutdown may then
+# wait a few seconds more for a connection that does not close.
+CLOSE_SECONDS = 2.0
+
+
+class TdmqConsumer:
+    name = "tdmq"
+
+    def __init__(self, config: TdmqConfig, intake: Intake, metrics: Metrics) -> None:
+        self._config = config
+        self._intake = intake
+        outcomes = Counter(
+            "ci_receiver_tdmq_messages",
+            "TDMQ messages by outcome: acked, nacked (delivered again later), dead_lettered.",
+            ["outcome"],
+            registry=metrics.registry,
+        )
+        self._acked = outcomes.labels("acked")
+        self._nacked = outcomes.labels("nacked")
+        self._dead_lettered = outcomes.labels("dead_lettered")
+        # Taken by the receiving thread for each message it hands over, given back when
+        # the message is acked or nacked: the bound on messages being ingested.
+        self._slots = threading.Semaphore(config.concurrency)
+        self._working: set[asyncio.Task[None]] = set()
+        self._client: pulsar.asyncio.Client | None = None
+        self._consumer: pulsar.asyncio.Consumer | None = None
+        self._dead_letters: pulsar.asyncio.Producer | None = None
+        self._subscribing: asyncio.Task[pulsar.asyncio.Consumer] | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def where(self) -> str:
+        topics = self._config.topic_pattern or ", ".join(self._config.topics)
+        return f"{topics} as {self._config.subscription} ({self._config.subscription_type})"
+
+    @property
+    def connected(self) -> bool:
+        if self._consumer is None:
+            return False
+        # pulsar.asyncio.Consumer does not expose is_connected() (its Producer and the
+        # blocking Consumer do); the C++ consumer under it does.
+        return bool(self._consumer._consumer.is_connected())
+
+    async def check(self) -> tuple[bool, str]:
+        """Readiness: the subscription exists and its connection is up."""
+        if self._consumer is None:
+            return False, f"subscribing to {self.where}"
+        if not self.connected:
+            return False, "disconnected (reconnecting)"
+        return True, f"connected to {self.where}"
+
+    async def run(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._client = make_client(self._config)
+        watching: asyncio.Task[None] | None = None
+        try:
+            self._subscribing = asyncio.create_task(self._subscribe(), name="tdmq-subscribe")
+            try:
+                consumer = await self._subscribing
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    return
+                raise
+            logger.info("tdmq consumer connected", subscription=self.where)
+            watching = asyncio.create_task(self._watch_connection(), name="tdmq-watch")
+            loop = asyncio.get_running_loop()
+            thread = ThreadPoolExecutor(1, thread_name_prefix="tdmq-receive")
+            try:
+                await loop.run_in_executor(thread, self._receive, consumer, loop)
+            finally:
+                self._stopping.set()  # also when run() itself is cancelled
+                thread.shutdown(wait=False)
+            await self._drain()
+        finally:
+            if watching is not None:
+                watching.cancel()
+            await self._close()
+
+    def stop(self) -> None:
+        """Stop taking messages; those being ingested finish, the others come back."""
+        self._stopping.set()
+        if self._subscribing is not None:
+            self._subscribing.cancel()
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def _receive(self, consumer: pulsar.asyncio.Consumer, loop: asyncio.AbstractEventLoop) -> None:
+        """The receiving thread: batches from the client to the event loop until stopped."""
+        # pulsar.asyncio.Consumer has no batch_receive(); the C++ consumer under it has.
+        client_side = consumer._consumer
+        while not self._stopping.is_set():
+            try:
+                batch = client_side.batch_receive()
+            except Exception as exc:  # pulsar.exceptions.*, e.g. while reconnecting
+                logger.warning("tdmq receive failed; trying again", error=describe(exc))
+                self._stopping.wait(1.0)
+                continue
+            if self._stopping.is_set():
+                return  # not acked: the broker delivers them again
+            for _ in batch:
+                while not self._slots.acquire(timeout=BATCH_WAIT_MS / 1000):
+                    if self._stopping.is_set():
+                        return  # not acked: the broker delivers them again
+            if batch:
+                loop.call_soon_threadsafe(self._start, consumer, batch)
+
+    def _start(self, consumer: pulsar.asyncio.Consumer, batch: list[_pulsar.Message]) -> None:
+        for message in batch:
+            task = asyncio.create_task(self._handle(consumer, message))
+            self._working.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._working.discard(task)
+        self._slots.release()
+
+    async def _subscribe(self) -> pulsar.asyncio.Consumer:
+        """Subscribe, waiting for the broker as long as it takes; a wrong token or name is
+        an error at once."""
+        assert self._client is not None
+        delay = 1.0
+        while True:
+            try:
+                if self._config.dead_letter_topic and self._dead_letters is None:
+                    self._dead_letters = await self._client.create_producer(
+                        self._config.dead_letter_topic,
+                        batching_enabled=False,
+                        send_timeout_millis=round(self._config.operation_timeout * 1000),
+                    )
+                self._consumer = await self._client.subscribe(**subscribe_options(self._config))
+            except pulsar.asyncio.PulsarException as exc:
+                if is_fatal(exc):
+                    raise TdmqError(f"cannot subscribe to {self.where}: {describe(exc)}") from None
+                logger.warning(
+                    "cannot subscribe yet; trying again",
+                    error=describe(exc),
+                    retry_in=delay,
+                    url=self._config.service_url,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+            else:
+                return self._consumer
+
+    # --- one message -------------------------------------------------------------------
+
+    async def _handle(self, consumer: pulsar.asyncio.Consumer, message: _pulsar.Message) -> None:
+        delivery = messages.read(message)
+        receipt = delivery.receipt
+        with structlog.contextvars.bound_contextvars(request_id=receipt.request_id):
+            refused = delivery.refused
+            try:
+                if refused is not None:  # the relay refused it already: keep it, as it did
+                    await self._intake.reject(receipt, refused, size=delivery.size)
+                else:
+                    try:
+                        await self._intake.ingest(receipt)
+                    except PayloadError as error:  # kept as rejected by the ingestor
+                        refused = error
+            except Exception:
+                logger.exception(
+                    "cannot commit the message; it will be delivered again",
+                    message_id=str(message.message_id()),
+                    redelivery_count=message.redelivery_count(),
+                )
+                await self._nack(consumer, message)
+                return
+            if refused is not None and not await self._dead_letter(message, refused):
+                await self._nack(consumer, message)
+                return
+            try:
+                await consumer.acknowledge(message)
+            except PULSAR_ERRORS as exc:
+                # Committed already: when the message comes again it is a duplicate.
+                logger.info("ack not sent; the message will come again", error=describe(exc))
+            self._acked.inc()
+
+    async def _dead_letter(self, message: _pulsar.Message, refused: PayloadError) -> bool:
+        if self._dead_letters is None:
+            return True
+        properties = {
+            **message.properties(),
+            messages.REJECTED: refused.reason,
+            messages.REJECTED_DETAIL: refused.message,
+            messages.PREFIX + "topic": message.topic_name(),
+            messages.PREFIX + "message-id": str(message.message_id()),
+        }
+        try:
+            await self._dead_letters.send(message.data(), properties)
+        except PULSAR_ERRORS as exc:
+            logger.warning("cannot publish to the dead-letter topic", error=describe(exc))
+            return False
+        self._dead_lettered.inc()
+        return True
+
+    async def _nack(self, consumer: pulsar.asyncio.Consumer, message: _pulsar.Message) -> None:
+        self._nacked.inc()
+        with contextlib.suppress(*PULSAR_ERRORS):  # still unacked: it comes back anyway
+            await consumer.negative_acknowledge(message)
+
+    # --- connection and shutdown -------------------------------------------------------
+
+    async def _watch_connection(self) -> None:
+        """Log when the connection drops or comes back: `consume` has no /readyz to ask."""
+        was = True
+        while True:
+            now = self.connected
+            if now and not was:
+                logger.info("tdmq consumer connected", subscription=self.where)
+            elif was and not now:
+                logger.warning("tdmq consumer disconnected; reconnecting", subscription=self.where)
+            was = now
+            await asyncio.sleep(WATCH_SECONDS)
+
+    async def _drain(self) -> None:
+        if not self._working:
+            return
+        logger.info("finishing messages being ingested", count=len(self._working))
+        _, unfinished = await asyncio.wait(set(self._working), timeout=DRAIN_SECONDS)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+
+    async def _close(self) -> None:
+        # The consumer first, so that the broker hands its unacked messages to the
+        # other consumers at once.
+        await close(self._client, self._consumer, self._dead_letters, timeout=CLOSE_SECONDS)

@@ -1,0 +1,122 @@
+"""A callback as a Pulsar message and back: message properties carry what HTTP headers do.
+
+The relay (`serve` with `[relay] topic`) publishes the raw body with the request's
+headers of interest under their own names (`x-ci-content-version`, `x-cmq-message-id`,
+...) and the `ci-receiver-*` properties below. The consumer turns such a message back
+into the HTTP callback it was (`source: http`, with `source_meta.relay` telling the hop
+through TDMQ), so it decodes and deduplicates exactly as if `serve` had stored it.
+
+Any other message is a callback published by someone's own bridge: `source: tdmq`, its
+properties kept in `source_meta`, and a property named like a header of interest read
+as that header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import _pulsar
+
+from receiver.http import HEADERS_OF_INTEREST
+from receiver.inbox import Receipt
+from receiver.payload import PayloadError
+
+PREFIX = "ci-receiver-"
+SOURCE = PREFIX + "source"  # "http": published by the relay
+REQUEST_ID = PREFIX + "request-id"
+RECEIVED_AT = PREFIX + "received-at"
+REJECTED = PREFIX + "rejected"  # the reason, when the relay refused the body
+REJECTED_DETAIL = PREFIX + "rejected-detail"
+SIZE = PREFIX + "size"  # the full size of a refused body that was not read whole
+
+# The body is carried whole, so its length tells nothing a header needs to.
+_NOT_RELAYED = {"content-length"}
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What a message brings: the receipt to ingest, or one the relay already refused."""
+
+    receipt: Receipt
+    refused: PayloadError | None = None
+    size: int | None = None
+
+
+def relay_properties(
+    receipt: Receipt, refused: PayloadError | None = None, size: int | None = None
+) -> dict[str, str]:
+    properties = {k: v for k, v in receipt.headers.items() if k not in _NOT_RELAYED}
+    properties[SOURCE] = receipt.source
+    properties[REQUEST_ID] = receipt.request_id
+    properties[RECEIVED_AT] = receipt.received_at.isoformat()
+    if refused is not None:
+        properties[REJECTED] = refused.reason
+        properties[REJECTED_DETAIL] = refused.message
+        properties[SIZE] = str(size if size is not None else len(receipt.body))
+    return properties
+
+
+def read(message: _pulsar.Message) -> Delivery:
+    properties: dict[str, str] = message.properties()
+    headers = {
+        name.lower(): value
+        for name, value in properties.items()
+        if name.lower() in HEADERS_OF_INTEREST and name.lower() not in _NOT_RELAYED
+    }
+    where = {
+        "topic": message.topic_name(),
+        "message_id": str(message.message_id()),
+        "publish_time": _from_millis(message.publish_timestamp()),
+        "redelivery_count": message.redelivery_count(),
+    }
+    if properties.get(SOURCE) == "http":
+        request_id = properties.get(REQUEST_ID) or where["message_id"]
+        receipt = Receipt(
+            body=message.data(),
+            source="http",
+            received_at=_parse_time(properties.get(RECEIVED_AT)),
+            request_id=request_id,
+            headers=headers,
+            source_meta={"request_id": request_id, "relay": where},
+        )
+        reason = properties.get(REJECTED)
+        if reason is None:
+            return Delivery(receipt)
+        size = properties.get(SIZE, "")
+        return Delivery(
+            receipt,
+            PayloadError(reason, properties.get(REJECTED_DETAIL, "")),
+            int(size) if size.isdigit() else None,
+        )
+    meta: dict[str, Any] = dict(where)
+    if message.event_timestamp():
+        meta["event_time"] = _from_millis(message.event_timestamp())
+    if message.partition_key():
+        meta["key"] = message.partition_key()
+    own = {k: v for k, v in properties.items() if not k.startswith(PREFIX)}
+    if own:
+        meta["properties"] = own
+    return Delivery(
+        Receipt(
+            body=message.data(),
+            source="tdmq",
+            received_at=datetime.now(timezone.utc),
+            request_id=where["message_id"],
+            headers=headers,
+            source_meta=meta,
+        )
+    )
+
+
+def _from_millis(millis: int) -> str:
+    return datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat()
+
+
+def _parse_time(text: str | None) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text or "")
+    except ValueError:
+        return datetime.now(timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -1,0 +1,146 @@
+"""Relay mode: `serve` publishes each callback to a TDMQ topic instead of keeping it.
+
+The HTTP receivers then hold no state, so any number of them can sit behind a load
+balancer, while `consume` processes on a Shared subscription store and handle the
+callbacks. A callback is answered 200 only once the broker has confirmed (persisted)
+it, and 503 when it cannot be, so that the sender tries again.
+
+Bodies are still decoded first: bad input gets its 400 here, as without the relay. The
+refused body is published too, flagged with the reason (`ci-receiver-rejected`): the
+consumer records it as rejected in the inbox without decoding it again, so it shows in
+`ci-receiver events rejected` like any other, and no relay keeps anything on its disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pulsar
+import pulsar.asyncio
+import structlog
+
+from receiver.config import Config
+from receiver.inbox import Receipt, Stored
+from receiver.ingest import parse
+from receiver.metrics import Metrics
+from receiver.model import Event
+from receiver.payload import PayloadError
+from receiver.tdmq.client import TdmqError, close, describe, make_client
+from receiver.tdmq.messages import relay_properties
+
+logger = structlog.get_logger("ci_receiver.relay")
+
+
+class Relay:
+    """The HTTP app's intake in relay mode: validate, publish, answer once confirmed."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        if not (config.relay.topic and config.tdmq.service_url):
+            raise ValueError("relay mode needs relay.topic and tdmq.service_url")
+        self.topic = config.relay.topic
+        self._config = config
+        self._metrics = metrics
+        self._limits = config.limits.to_limits()
+        self._client: pulsar.asyncio.Client | None = None
+        self._producer: pulsar.asyncio.Producer | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None and self._producer.is_connected()
+
+    async def start(self) -> None:
+        self._client = make_client(self._config.tdmq)
+        try:
+            self._producer = await self._client.create_producer(
+                self.topic,
+                # One message per callback: redelivery, dead-lettering and Key_Shared
+                # routing then work per callback, not per batch of unrelated ones.
+                batching_enabled=False,
+                send_timeout_millis=round(self._config.relay.send_timeout * 1000),
+            )
+        except pulsar.asyncio.PulsarException as exc:
+            await close(self._client)
+            raise TdmqError(
+                f"cannot publish to {self.topic} at {self._config.tdmq.service_url}: "
+                f"{describe(exc)}"
+            ) from None
+
+    async def close(self) -> None:
+        await close(self._client, self._producer)
+        self._client = self._producer = None
+
+    async def ingest(self, receipt: Receipt) -> Stored:
+        began = time.perf_counter()
+        try:
+            events = await parse(receipt, self._limits)
+        except PayloadError as error:
+            await self.reject(receipt, error)
+            raise
+        await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
+        self._metrics.callbacks.labels(receipt.source, "relayed").inc()
+        self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
+        ids = [event.id for event in events]
+        # Nothing is stored here (receipt 0): whether an event is new is for the consumer
+        # to find out, so every one counts as accepted.
+        return Stored(receipt_id=0, ids=ids, new=ids, duplicates=[])
+
+    async def reject(
+        self, receipt: Receipt, error: PayloadError, *, size: int | None = None
+    ) -> None:
+        self._metrics.callbacks.labels(receipt.source, "rejected").inc()
+        full_size = size if size is not None else len(receipt.body)
+        logger.warning(
+            "callback rejected", reason=error.reason, detail=error.message, size=full_size
+        )
+        kept = receipt.body[: self._config.inbox.rejected_body_bytes]
+        try:
+            await self._publish(kept, relay_properties(receipt, error, full_size), None)
+        except Exception as exc:
+            logger.error(
+                "cannot relay the rejected callback", error=describe(exc), head=receipt.body[:200]
+            )
+
+    async def _publish(self, body: bytes, properties: dict[str, str], key: str | None) -> None:
+        if self._producer is None:
+            raise RuntimeError("the relay is not started")
+        send = self._producer.send(body, properties, partition_key=key)
+        # The producer gives up after send_timeout by itself; this only guards against a
+        # confirmation that never comes.
+        await asyncio.wait_for(send, self._config.relay.send_timeout + 5)
+
+
+def _message_key(event: Event) -> str:
+    """One job's (or workflow instance's) callbacks share a key, so that a Key_Shared
+    subscription hands them to the same consumer."""
+    run_id = event.workflow.run_id if event.workflow else None
+    return event.job_id or run_id or event.id
+
+
+class RelayService:
+    """What `serve` runs in relay mode: no inbox, no dispatcher, just the relay."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.ingestor = Relay(config, self.metrics)
+        self.draining = False
+
+    async def start(self) -> None:
+        await self.ingestor.start()
+
+    async def stop(self) -> None:
+        self.draining = True
+        await self.ingestor.close()
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        connected = self.ingestor.connected
+        checks = {
+            "relay": (
+                connected,
+                f"publishing to {self.ingestor.topic}" if connected else "disconnected",
+            ),
+            "draining": (not self.draining, "draining" if self.draining else "no"),
+        }
+        details = {name: detail for name, (_, detail) in checks.items()}
+        return all(ok for ok, _ in checks.values()), details

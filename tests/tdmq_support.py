@@ -1,0 +1,180 @@
+"""For the TDMQ tests: configs, publishing with the official client, reading the results.
+
+Results are read straight from the files a ci-receiver process writes (its SQLite inbox
+and a `jsonl` handler's file), so the tests see what a user would find there.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pulsar
+
+from tests.handlers_for_tests import json_lines
+
+T = TypeVar("T")
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjaS1yZWNlaXZlciJ9.test-role-token"
+
+
+def write_config(
+    path: Path,
+    broker_url: str,
+    topic: str,
+    *,
+    data_dir: Path,
+    jsonl: Path,
+    tdmq: str = "",
+    extra: str = "",
+) -> Path:
+    """A config as a user writes it: the TDMQ section, a jsonl handler to count with."""
+    path.write_text(
+        f"""
+data_dir = "{data_dir}"
+[log]
+format = "json"
+[dispatch]
+poll_interval = 0.2
+[tdmq]
+service_url = "{broker_url}"
+token = "{TOKEN}"
+topics = ["{topic}"]
+nack_delay = 0.5
+{tdmq}
+[handlers.jobs]
+type = "jsonl"
+path = "{jsonl}"
+include_raw = false
+{extra}
+"""
+    )
+    return path
+
+
+def publish(
+    broker_url: str, topic: str, messages: Iterable[bytes | tuple[bytes, dict[str, str]]]
+) -> int:
+    """Publish with the official client, unbatched, each confirmed; returns how many."""
+    client = pulsar.Client(broker_url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+    try:
+        producer = client.create_producer(topic, batching_enabled=False)
+        count = 0
+        for message in messages:
+            body, properties = message if isinstance(message, tuple) else (message, {})
+            producer.send(body, properties=properties)
+            count += 1
+        return count
+    finally:
+        client.close()
+
+
+def wait_until(check: Callable[[], T], what: str, timeout: float = 60) -> T:
+    """Poll `check` until it returns something truthy; a bound against hangs, not a speed
+    assertion."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: still not the case after {timeout}s")
+        time.sleep(0.1)
+
+
+def handled(jsonl: Path) -> Counter[str]:
+    """How many times the jsonl handler was given each event id."""
+    return Counter(line["id"] for line in json_lines(jsonl))
+
+
+def query(inbox: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    if not inbox.exists():
+        return []
+    connection = sqlite3.connect(inbox, timeout=10)
+    try:
+        return connection.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:  # the schema is not created yet
+        return []
+    finally:
+        connection.close()
+
+
+def receipts(inbox: Path) -> list[dict[str, Any]]:
+    rows = query(
+        inbox,
+        "SELECT id, source, outcome, error_reason, body, headers, source_meta, event_ids,"
+        " size, request_id FROM receipts ORDER BY id",
+    )
+    return [
+        {
+            "id": row[0],
+            "source": row[1],
+            "outcome": row[2],
+            "error_reason": row[3],
+            "body": row[4],
+            "headers": orjson.loads(row[5]),
+            "source_meta": orjson.loads(row[6]),
+            "event_ids": orjson.loads(row[7]),
+            "size": row[8],
+            "request_id": row[9],
+        }
+        for row in rows
+    ]
+
+
+def events(inbox: Path) -> dict[str, dict[str, Any]]:
+    return {row[0]: orjson.loads(row[1]) for row in query(inbox, "SELECT id, data FROM events")}
+
+
+def variant(body: bytes, number: int) -> bytes:
+    """The SmartCover fixture as another job: a distinct event per number."""
+    return body.replace(b"j6842765cf84611ecb8546d80f2baf56f", f"j{number:032x}".encode())
+
+
+class Site:
+    """One ci-receiver installation in a folder: its config, inbox and handler output."""
+
+    def __init__(self, folder: Path, broker_url: str, topic: str, **config: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.inbox = folder / "data" / "inbox.db"
+        self.jsonl = folder / "jobs.jsonl"
+        self.config = write_config(
+            folder / "ci-receiver.toml",
+            broker_url,
+            topic,
+            data_dir=folder / "data",
+            jsonl=self.jsonl,
+            **config,
+        )
+
+    def handled(self) -> Counter[str]:
+        return handled(self.jsonl)
+
+    def receipts(self) -> list[dict[str, Any]]:
+        return receipts(self.inbox)
+
+    def events(self) -> dict[str, dict[str, Any]]:
+        return events(self.inbox)
+
+
+def content_version(name: str) -> dict[str, str]:
+    """The header CI sends with a moderation callback, told by the fixture's name."""
+    for version in ("Simple", "Detail"):
+        if f"_{version.lower()}" in name:
+            return {"X-Ci-Content-Version": version}
+    return {}
+
+
+def ci_receiver(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run one `ci-receiver` command to its end, as a user at a shell."""
+    return subprocess.run(
+        [sys.executable, "-m", "receiver.cli", *args], capture_output=True, text=True, timeout=60
+    )

@@ -1,0 +1,97 @@
+"""Relay mode end to end: `serve` publishes callbacks to a topic, `consume` keeps and
+handles them. Both are real processes; the broker is pulsar-lite."""
+
+from __future__ import annotations
+
+import httpx
+
+from receiver import parse_callback
+from tests.callbacks import ALL, load
+from tests.processes import Receiver, free_port
+from tests.tdmq_support import Site, ci_receiver, content_version, wait_until
+
+TOPIC = "persistent://public/default/ci-callbacks"
+
+
+def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker):
+    # One config for the fleet: `serve` relays with it, `consume` stores with it.
+    site = Site(
+        tmp_path / "fleet",
+        pulsar_broker.url,
+        TOPIC,
+        extra=f'[relay]\ntopic = "{TOPIC}"\nsend_timeout = 2\n[limits]\nmax_bytes = 100000',
+    )
+    relay_data = tmp_path / "relay-data"
+    relay, consumer = Receiver(site.config, "serve"), Receiver(site.config, "consume")
+    try:
+        relay.start(env={"CI_RECEIVER_DATA_DIR": str(relay_data)})
+        consumer.start(wait_http=False).wait_for_log("tdmq consumer connected")
+        ready = httpx.get(relay.url + "/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"]["relay"] == f"publishing to {TOPIC}"
+
+        expected: set[str] = set()
+        request_ids: dict[str, str] = {}
+        for name in ALL:
+            response = relay.post(load(name), headers=content_version(name))
+            assert response.status_code == 200, (name, response.text)
+            ids = [e.id for e in parse_callback(load(name), content_version(name))]
+            assert response.json()["ids"] == ids
+            expected.update(ids)
+            request_ids[response.headers["x-request-id"]] = name
+        bad = relay.post(b"not a callback")
+        assert (bad.status_code, bad.json()["error"]) == (400, "not_xml_or_json")
+        too_large = relay.post(b"<" * 100_001)
+        assert (too_large.status_code, too_large.json()["error"]) == (413, "too_large")
+
+        wait_until(lambda: set(site.handled()) == expected, "every callback handled")
+        assert set(site.handled().values()) == {1}
+        wait_until(lambda: len(site.receipts()) == len(ALL) + 2, "the refused bodies kept")
+        receipts = site.receipts()
+        for receipt in receipts:
+            # Stored as the HTTP callback it was, with the hop through TDMQ noted.
+            assert receipt["source"] == "http"
+            assert receipt["source_meta"]["relay"]["topic"] == TOPIC
+        by_request = {r["request_id"]: r for r in receipts}
+        for request_id, name in request_ids.items():
+            assert by_request[request_id]["body"] == load(name)
+        rejected = [
+            (r["error_reason"], r["size"], r["body"])
+            for r in receipts
+            if r["outcome"] == "rejected"
+        ]
+        assert sorted(rejected) == [
+            ("not_xml_or_json", 14, b"not a callback"),
+            ("too_large", 100_001, b""),  # refused from its Content-Length, never read
+        ]
+        events = site.events()
+        assert events["job:j6842765cf84611ecb8546d80f2baf56f:Success"]["source"] == "http"
+        assert {e["source"] for e in events.values()} == {"http", "cmq-push"}
+        assert not relay_data.exists()  # the relay keeps nothing on its disk
+
+        # Without the broker, nothing is answered 200: the sender will try again.
+        pulsar_broker.stop()
+        unstored = relay.post(load("transcode.xml"))
+        assert unstored.status_code == 503
+        assert httpx.get(relay.url + "/readyz").status_code == 503
+        assert relay.terminate() == 0
+        assert consumer.terminate() == 0
+    finally:
+        relay.stop()
+        consumer.stop()
+
+
+def test_commands_say_what_is_missing_or_unreachable(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path}"\n')
+    consume = ci_receiver("consume", "--config", str(config))
+    assert consume.returncode == 1
+    assert "set tdmq.service_url and tdmq.topics (or tdmq.topic_pattern)" in consume.stderr
+
+    nobody = f"pulsar://127.0.0.1:{free_port()}"
+    config.write_text(
+        f'[tdmq]\nservice_url = "{nobody}"\noperation_timeout = 1\n[relay]\ntopic = "{TOPIC}"\n'
+    )
+    serve = ci_receiver("serve", "--port", str(free_port()), "--config", str(config))
+    assert serve.returncode == 1
+    assert f"cannot publish to {TOPIC} at {nobody}" in serve.stderr
