@@ -5,9 +5,10 @@
 Needs wrk (Debian: apt-get install wrk). For an XML and a JSON callback, each request a
 new job, wrk drives 32 connections at:
   - a bare Starlette endpoint under uvicorn that only reads the body (the baseline);
-  - `ci-receiver serve`: decode, normalize, commit to the durable SQLite inbox
-    (synchronous=full), answer; the dispatcher runs the `jsonl` handler (fsync'd)
-    in the same process meanwhile.
+  - `ci-receiver serve` with no handler: decode, normalize, commit to the durable
+    SQLite inbox (synchronous=full), answer;
+  - the same with the `jsonl` handler (fsync'd), which the dispatcher runs in the same
+    process meanwhile.
 Both on the same uvicorn settings (uvloop, httptools, one process), in the same run.
 Afterwards, how long the dispatcher took to finish the handler backlog.
 """
@@ -22,7 +23,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tests.callbacks import load
@@ -93,12 +93,14 @@ def main() -> None:
         template.write_bytes(load(name).replace(job_id, b"j@@ID@@"))
         bodies[fmt] = (template, content_type)
 
-    config = work / "ci-receiver.toml"
-    config.write_text(
-        f'data_dir = "{work / "data"}"\n[http]\naccess_log = false\n[log]\nlevel = "warning"\n'
+    common = '[http]\naccess_log = false\n[log]\nlevel = "warning"\n'
+    ingest_only = work / "ingest-only.toml"
+    ingest_only.write_text(f'data_dir = "{work / "data-ingest"}"\nroutes = []\n{common}')
+    with_jsonl = work / "jsonl.toml"
+    with_jsonl.write_text(
+        f'data_dir = "{work / "data"}"\n{common}'
         f'[handlers.jsonl]\ntype = "jsonl"\npath = "{work / "events.jsonl"}"\nconcurrency = 64\n'
     )
-    bare_port, full_port = free_port(), free_port()
     uvicorn = [
         "--loop",
         "uvloop",
@@ -108,17 +110,18 @@ def main() -> None:
         "--log-level",
         "warning",
     ]
+    ports = {name: free_port() for name in ("bare Starlette", "store only", "store + jsonl")}
     targets = {
         "bare Starlette": [
-            *(sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port)),
-            *uvicorn,
-        ],
-        "ci-receiver": [
-            *(sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)),
-            *("--host", "127.0.0.1", "--port", str(full_port)),
+            *(sys.executable, "-m", "uvicorn", "bench.bare_app:app"),
+            *("--port", str(ports["bare Starlette"]), *uvicorn),
         ],
     }
-    ports = {"bare Starlette": bare_port, "ci-receiver": full_port}
+    for name, config in (("store only", ingest_only), ("store + jsonl", with_jsonl)):
+        targets[name] = [
+            *(sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)),
+            *("--host", "127.0.0.1", "--port", str(ports[name])),
+        ]
 
     print(
         f"{args.connections} connections, {args.duration} s a run, wrk -t2, {os.cpu_count()} cores"
@@ -126,40 +129,29 @@ def main() -> None:
     header = ("target", "body", "callbacks/s", "p50 ms", "p99 ms", "non-2xx", "ratio")
     print("\n{:<16} {:<5} {:>12} {:>8} {:>8} {:>8} {:>6}".format(*header))
     results: dict[tuple[str, str], dict] = {}
-    for target, command in targets.items():
-        process = start(command, ports[target], work / f"{target.split()[0]}.log")
+    for run, (target, command) in enumerate(targets.items()):
+        process = start(command, ports[target], work / f"{run}.log")
         try:
             for fmt, (body, content_type) in bodies.items():
                 url = f"http://127.0.0.1:{ports[target]}/callbacks"
                 result = wrk(
-                    url, body, f"{fmt[0]}{target[0]}", content_type, args.connections, args.duration
+                    url, body, f"{fmt[0]}{run}", content_type, args.connections, args.duration
                 )
                 results[target, fmt] = result
-                base = results.get(("bare Starlette", fmt))
-                ratio = (
-                    f"{result['rps'] / base['rps']:.2f}x"
-                    if base and target != "bare Starlette"
-                    else ""
-                )
-                print(f"{target:<16} {fmt:<5} {result['rps']:>12.0f} {result['p50']:>8.2f} "
-                      f"{result['p99']:>8.2f} {result['errors']:>8} {ratio:>6}")  # fmt: skip
-            if target == "ci-receiver":
-                began = time.monotonic()
-                inbox = work / "data" / "inbox.db"
-                while _pending(inbox):
-                    time.sleep(0.2)
-                stored = _count(inbox, "SELECT count(*) FROM events")
-                drained = time.monotonic() - began
-                print(
-                    f"\n{stored} events stored; handler backlog done {drained:.1f} s after the load"
-                )
+                base = results[("bare Starlette", fmt)]
+                ratio = f"{result['rps'] / base['rps']:.2f}x" if target != "bare Starlette" else ""
+                row = (target, fmt, f"{result['rps']:.0f}", f"{result['p50']:.2f}",
+                       f"{result['p99']:.2f}", result["errors"], ratio)  # fmt: skip
+                print("{:<16} {:<5} {:>12} {:>8} {:>8} {:>8} {:>6}".format(*row))
         finally:
             stop(process)
+    inbox = work / "data" / "inbox.db"
+    print(
+        f"\n{_count(inbox, 'SELECT count(*) FROM events')} events stored with jsonl; "
+        f"{_count(inbox, 'SELECT count(*) FROM runs WHERE status = ' + repr('done'))} handled "
+        "before the process was stopped"
+    )
     shutil.rmtree(work)
-
-
-def _pending(inbox: Path) -> int:
-    return _count(inbox, "SELECT count(*) FROM runs WHERE status = 'pending'")
 
 
 def _count(inbox: Path, sql: str) -> int:

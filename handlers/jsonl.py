@@ -57,11 +57,14 @@ class JsonLinesHandler:
         return path.with_name(f"{path.stem}-{day}{path.suffix}")
 
     async def __call__(self, event: Event) -> None:
-        record = event.to_dict()
-        if not self.options.include_raw:
+        if self.options.include_raw:
+            line = event.to_json()
+        else:
+            record = event.to_dict()
             del record["raw"]
+            line = orjson.dumps(record)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((self.path_for(event), orjson.dumps(record) + b"\n", done))
+        self._pending.append((self.path_for(event), line + b"\n", done))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
         await done

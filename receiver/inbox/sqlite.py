@@ -190,7 +190,7 @@ class SqliteInbox:
         token = new_id()
         known = known or {}
 
-        def claim(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        def claim(connection: sqlite3.Connection) -> list[Claim]:
             now = time.time()
             leased = connection.execute(
                 "UPDATE runs SET lease_until = ?, lease_token = ?, updated_at = ?"
@@ -202,23 +202,30 @@ class SqliteInbox:
             if not leased:
                 return []
             attempts = dict(leased)
-            marks = ",".join("?" * len(attempts))
-            return [
-                (event_id, data, request_id, attempts[event_id])
-                for event_id, data, request_id in connection.execute(
-                    "SELECT e.id, e.data, r.request_id FROM events e"
-                    f" JOIN receipts r ON r.id = e.receipt_id WHERE e.id IN ({marks})",
+            request_ids = dict(
+                connection.execute(
+                    "SELECT e.id, r.request_id FROM events e JOIN receipts r"
+                    f" ON r.id = e.receipt_id WHERE e.id IN ({_marks(attempts)})",
                     list(attempts),
                 )
+            )
+            # Operations run on the event loop, so `known` cannot change while this runs:
+            # the events it holds are neither read back nor decoded.
+            events = {event_id: known[event_id] for event_id in attempts if event_id in known}
+            unknown = [event_id for event_id in attempts if event_id not in events]
+            if unknown:
+                events.update(
+                    (event_id, Event.from_json(data))
+                    for event_id, data in connection.execute(
+                        f"SELECT id, data FROM events WHERE id IN ({_marks(unknown)})", unknown
+                    )
+                )
+            return [
+                Claim(events[event_id], handler, count, token, request_ids.get(event_id))
+                for event_id, count in attempts.items()
             ]
 
-        rows = await self._writer.submit(claim)
-        return [
-            Claim(
-                known.get(event_id) or Event.from_json(data), handler, attempts, token, request_id
-            )
-            for event_id, data, request_id, attempts in rows
-        ]
+        return await self._writer.submit(claim)
 
     async def finish(
         self,
@@ -446,6 +453,10 @@ def _receipt_row(receipt: Receipt, body: bytes, size: int) -> tuple[Any, ...]:
         body,
         size,
     )
+
+
+def _marks(values: Any) -> str:
+    return ",".join("?" * len(values))
 
 
 def _runs(connection: sqlite3.Connection, event_id: str) -> list[RunState]:
