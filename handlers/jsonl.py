@@ -60,9 +60,7 @@ class JsonLinesHandler:
         if self.options.include_raw:
             line = event.to_json()
         else:
-            record = event.to_dict()
-            del record["raw"]
-            line = orjson.dumps(record)
+            line = orjson.dumps(event.to_dict(include_raw=False))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((self.path_for(event), line + b"\n", done))
         if self._flushing is None:

@@ -99,9 +99,7 @@ class PulsarHandler:
     async def __call__(self, event: Event) -> None:
         if self._producer is None:
             raise RuntimeError("the pulsar handler is not started")
-        record = event.to_dict()
-        if not self.options.include_raw:
-            del record["raw"]
+        record = event.to_dict(include_raw=self.options.include_raw)
         properties = {
             **self.options.properties,
             **{
@@ -117,12 +115,11 @@ class PulsarHandler:
                 if value is not None
             },
         }
-        run_id = event.workflow.run_id if event.workflow else None
         try:
             await self._producer.send(
                 orjson.dumps(record),
                 properties=properties,
-                partition_key=event.job_id or run_id or event.id,
+                partition_key=event.subject,
                 event_timestamp=int(event.received_at.timestamp() * 1000),
             )
         except pulsar.asyncio.PulsarException as exc:

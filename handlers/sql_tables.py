@@ -117,8 +117,7 @@ def events_table(metadata: MetaData, name: str) -> Table:
 
 def row_key(event: Event) -> str:
     """The jobs-table key: JobId; a workflow instance's RunId; else the event id."""
-    run_id = event.workflow.run_id if event.workflow else None
-    return event.job_id or (run_id if event.kind == "workflow" else None) or event.id
+    return event.subject
 
 
 def job_row(event: Event) -> dict[str, Any]:
@@ -151,9 +150,7 @@ def job_row(event: Event) -> dict[str, Any]:
 
 
 def event_row(event: Event, include_raw: bool) -> dict[str, Any]:
-    record = event.to_dict()
-    if not include_raw:
-        del record["raw"]
+    record = event.to_dict(include_raw=include_raw)
     return {
         "event_id": event.id,
         "job_id": row_key(event),

@@ -81,10 +81,7 @@ class WebhookHandler(HttpHandler):
         self._keys = [decode_secret(s.get_secret_value()) for s in self.options.secrets]
 
     async def __call__(self, event: Event) -> None:
-        record = event.to_dict()
-        if not self.options.include_raw:
-            del record["raw"]
-        body = orjson.dumps(record)
+        body = orjson.dumps(event.to_dict(include_raw=self.options.include_raw))
         webhook_id = message_id(event)
         timestamp = int(time.time())
         headers = {

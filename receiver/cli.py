@@ -275,7 +275,7 @@ def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
     if detail is None:
         raise click.ClickException(f"no event {event_id!r}")
     record = {
-        "event": detail.event.to_dict(),
+        "event": detail.event.to_dict(include_raw=as_json),
         "receipt_id": detail.receipt_id,
         "request_id": detail.request_id,
         "runs": [
@@ -290,8 +290,6 @@ def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
             for a in detail.attempts
         ],
     }  # fmt: skip
-    if not as_json:
-        del record["event"]["raw"]
     click.echo(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
 
 

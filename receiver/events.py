@@ -14,6 +14,7 @@ from typing import Any
 from receiver import moderation
 from receiver.dedup import dedup_id
 from receiver.fields import (
+    entry_document,
     integer,
     items,
     mapping,
@@ -75,7 +76,10 @@ def normalize(
     elif "JobsDetail" in data:
         details = mappings(data["JobsDetail"])
         _check_count(details, max_events)
-        events = [_job_event(detail, event_name, common) for detail in details]
+        events = [
+            _job_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
+            for detail in details
+        ]
     else:
         raise PayloadError(
             "unknown_shape", "no JobsDetail, WorkflowExecution or moderation result found"

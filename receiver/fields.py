@@ -99,3 +99,14 @@ def object_ref_from_url(url: Any, default_bucket: Any = None) -> ObjectRef | Non
     if key and default_bucket is not None:
         return ObjectRef(bucket=text(default_bucket), region=None, key=key)
     return None
+
+
+def entry_document(
+    document: dict[str, Any], entry: dict[str, Any], entries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The document an event keeps as `raw`: the whole callback, except that of one with
+    several JobsDetail entries each event keeps only its own entry (a hundred-job callback
+    must not be stored a hundred times)."""
+    if len(entries) == 1:
+        return document
+    return {**document, "JobsDetail": entry}

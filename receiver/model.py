@@ -173,9 +173,20 @@ class Event:
     operation: dict[str, Any] | None
     raw: dict[str, Any]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (str, int, list, dict, None): datetimes as ISO 8601 strings."""
-        return {
+    @property
+    def subject(self) -> str:
+        """What the event is about, as a key: the JobId, a workflow instance's RunId, or
+        (for a callback without either) the event id."""
+        if self.job_id:
+            return self.job_id
+        if self.kind == "workflow" and self.workflow and self.workflow.run_id:
+            return self.workflow.run_id
+        return self.id
+
+    def to_dict(self, *, include_raw: bool = True) -> dict[str, Any]:
+        """Plain data (str, int, list, dict, None): datetimes as ISO 8601 strings.
+        `include_raw=False` leaves out the decoded document."""
+        data = {
             "id": self.id,
             "kind": self.kind,
             "event_name": self.event_name,
@@ -204,6 +215,9 @@ class Event:
             "operation": self.operation,
             "raw": self.raw,
         }
+        if not include_raw:
+            del data["raw"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:

@@ -11,6 +11,7 @@ from typing import Any
 
 from receiver.dedup import dedup_id
 from receiver.fields import (
+    entry_document,
     integer,
     mapping,
     mappings,
@@ -37,8 +38,10 @@ def events(document: Document, common: dict[str, Any]) -> list[Event]:
     if _is_simple(data):
         return [_simple_event(data, common)]
     event_name = text(data.get("EventName"))
+    details = mappings(data.get("JobsDetail"))
     return [
-        _detail_event(detail, event_name, common) for detail in mappings(data.get("JobsDetail"))
+        _detail_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
+        for detail in details
     ]
 
 

@@ -119,6 +119,29 @@ def test_each_jobsdetail_entry_is_an_event():
     assert len({e.id for e in events}) == 2
 
 
+def test_of_several_entries_each_event_keeps_only_its_own_as_raw():
+    single = only("transcode.xml")
+    assert single.raw == decode_data("transcode.xml")  # one entry: the whole document
+    events = parse_callback(load("two_jobs.xml"))
+    assert [e.raw["JobsDetail"]["JobId"] for e in events] == [e.job_id for e in events]
+    assert all(e.raw["EventName"] == "TaskFinish" for e in events)
+
+
+def decode_data(name: str) -> dict:
+    from receiver.payload import decode
+
+    return decode(load(name)).data
+
+
+def test_subject_is_the_job_the_run_or_the_event():
+    assert only("transcode.xml").subject == "j68427030f84611ecb8546d80f2baf56f"
+    assert only("workflow_finish.xml").subject == "i166ee19017b011eda8a5525400c540df"
+    no_id = parse_callback(b'{"JobsDetail": {"State": "Success"}}')[0]
+    assert no_id.subject == no_id.id
+    job_in_workflow = only("animation_workflow.json")
+    assert job_in_workflow.subject == job_in_workflow.job_id
+
+
 def test_unknown_tag_still_gives_a_complete_event_with_its_operation():
     body = (
         b"<Response><EventName>TaskFinish</EventName><JobsDetail><Code>Success</Code>"

@@ -113,8 +113,7 @@ class Relay:
 def _message_key(event: Event) -> str:
     """One job's (or workflow instance's) callbacks share a key, so that a Key_Shared
     subscription hands them to the same consumer."""
-    run_id = event.workflow.run_id if event.workflow else None
-    return event.job_id or run_id or event.id
+    return event.subject
 
 
 class RelayService:
