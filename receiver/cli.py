@@ -323,7 +323,7 @@ def rejected(config_path: Path | None, limit: int, receipt_id: int | None) -> No
     "--handler", "handler_names", multiple=True, help="Only (or also: new) runs of this handler."
 )
 @click.option(
-    "--all", "all_events", is_flag=True, help="Every stored event (with --handler: backfill)."
+    "--all", "all_events", is_flag=True, help="Every stored event (needs --handler: a backfill)."
 )
 @click.option(
     "--receipt",
@@ -356,6 +356,10 @@ def replay(
         return
     if not (event_ids or dead_only or all_events):
         raise click.UsageError("say what to replay: EVENT_IDS, --dead, --all or --receipt")
+    if all_events and not handler_names:
+        raise click.UsageError(
+            "--all runs handlers over every stored event: name them with --handler"
+        )
     unknown = [name for name in handler_names if name not in config.handlers]
     if unknown:
         raise click.ClickException(f"handler(s) not configured: {', '.join(unknown)}")
@@ -379,6 +383,11 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
             receipt = await service.inbox.receipt(receipt_id)
             if receipt is None:
                 raise click.ClickException(f"no receipt {receipt_id}")
+            if receipt.cut_from is not None:
+                raise click.ClickException(
+                    f"receipt {receipt_id} was refused at {receipt.cut_from} bytes and only its"
+                    f" first {len(receipt.body)} were kept: it cannot be decoded again"
+                )
             receipt.source = "replay"
             receipt.source_meta = {**receipt.source_meta, "replayed_receipt": receipt_id}
             return await service.ingestor.ingest(receipt)

@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from receiver.payload import Limits
@@ -28,6 +36,7 @@ else:  # pragma: no cover
 CONFIG_ENV = "CI_RECEIVER_CONFIG"
 ENV_PREFIX = "CI_RECEIVER_"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 # Option names whose values are masked when the effective config is printed.
 _SECRET_NAME = re.compile(r"secret|token|password|passwd|api_?key|credential", re.IGNORECASE)
 
@@ -45,6 +54,18 @@ class HttpConfig(Section):
     port: int = Field(8080, ge=0, le=65535)
     # When set, callbacks are only accepted on /callbacks/<one of these>.
     tokens: list[SecretStr] = []
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_fit_in_a_url(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        for index, token in enumerate(tokens):
+            if not _URL_SAFE.fullmatch(token.get_secret_value()):
+                raise ValueError(
+                    f"token {index} must be letters, digits, '-', '_', '.' or '~' (it is a path"
+                    " segment), and not empty"
+                )
+        return tokens
+
     access_log: bool = True
     # Seconds to let in-flight requests finish after SIGTERM.
     graceful_timeout: float = Field(10.0, gt=0)
@@ -52,7 +73,9 @@ class HttpConfig(Section):
 
 class LimitsConfig(Section):
     max_bytes: int = Field(Limits.__dataclass_fields__["max_bytes"].default, gt=0)
-    max_depth: int = Field(Limits.__dataclass_fields__["max_depth"].default, gt=0)
+    # At most 200: a deeper document could not be written out as JSON again (orjson stops
+    # at 254 levels, and the Event nests the document two levels down).
+    max_depth: int = Field(Limits.__dataclass_fields__["max_depth"].default, gt=0, le=200)
     max_elements: int = Field(Limits.__dataclass_fields__["max_elements"].default, gt=0)
     max_events: int = Field(Limits.__dataclass_fields__["max_events"].default, gt=0)
 

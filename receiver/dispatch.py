@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import sys
 import time
@@ -23,6 +24,7 @@ import handlers as handler_api
 from handlers import Fail, Handler, Retry
 from receiver.config import HandlerConfig
 from receiver.inbox import Claim, Inbox, Outcome
+from receiver.inbox.writer import LOCK_TIMEOUT
 from receiver.metrics import Metrics
 from receiver.model import Event
 
@@ -33,8 +35,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     from async_timeout import timeout
 
-# Extra lease time beyond the handler's timeout before another process may take a run.
-LEASE_GRACE_SECONDS = 5.0
+# Extra lease time beyond the handler's timeout before another process may take a run:
+# room for recording the outcome, even behind another process's write lock.
+LEASE_GRACE_SECONDS = LOCK_TIMEOUT + 5.0
 START_RETRY_MAX_SECONDS = 60.0
 # Events just stored are kept in memory for their claims, up to this many.
 FRESH_EVENTS = 10_000
@@ -55,6 +58,7 @@ class Slot:
     # Whether the inbox may hold due runs of this handler: claiming is skipped otherwise.
     maybe_due: bool = True
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    starting: asyncio.Task[None] | None = None
 
     @property
     def free(self) -> int:
@@ -72,6 +76,25 @@ class _SlotMetrics:
         self.seconds: Histogram = metrics.handler_seconds.labels(name)
         self.running: Gauge = metrics.running.labels(name)
         self.up: Gauge = metrics.handler_up.labels(name)
+
+
+# The longest a handler may ask to wait before its next attempt (Retry(after=...)).
+MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0
+
+
+def _sane_delay(after: float | None) -> float | None:
+    """A handler's own delay, if it is a usable number of seconds; else the backoff's."""
+    if after is None or not isinstance(after, (int, float)) or not math.isfinite(after):
+        return None
+    return min(max(after, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _status(slot: Slot) -> str:
+    if slot.started:
+        return "started"
+    if slot.start_error is None:
+        return "starting"
+    return f"not started: {slot.start_error}"
 
 
 def backoff(config: HandlerConfig, attempt: int) -> float:
@@ -108,10 +131,7 @@ class Dispatcher:
         return self._loop_task is not None and not self._loop_task.done()
 
     def handler_status(self) -> dict[str, str]:
-        return {
-            name: "started" if slot.started else f"not started: {slot.start_error}"
-            for name, slot in self._slots.items()
-        }
+        return {name: _status(slot) for name, slot in self._slots.items()}
 
     def wake(self) -> None:
         """Work may be due for any handler (a requeue, a poll): look now."""
@@ -122,20 +142,24 @@ class Dispatcher:
     def notify(self, stored: list[tuple[Event, list[str]]]) -> None:
         """These events were just stored with pending runs of these handlers."""
         for event, names in stored:
-            if names:
+            # Kept only for handlers that run now: one that cannot start must not pin
+            # events in memory (its claims read them back when it runs).
+            running = {name for name in names if name in self._slots and self._slots[name].started}
+            if running:
                 self._fresh[event.id] = event
-                self._unclaimed[event.id] = set(names)
-                for name in names:
-                    if name in self._slots:
-                        self._slots[name].maybe_due = True
+                self._unclaimed[event.id] = running
+            for name in names:
+                if name in self._slots:
+                    self._slots[name].maybe_due = True
         while len(self._fresh) > FRESH_EVENTS:
             oldest = next(iter(self._fresh))
             del self._fresh[oldest], self._unclaimed[oldest]
         self._wake.set()
 
     async def start(self) -> None:
-        for slot in self._slots.values():
-            await self._start_handler(slot)
+        """Start the dispatch loop; each handler starts in the background, so that one
+        slow to connect holds back neither the others nor the receiver."""
+        self._start_waiting_handlers()
         self._loop_task = asyncio.create_task(self._loop(), name="dispatcher")
 
     async def stop(self) -> None:
@@ -144,6 +168,10 @@ class Dispatcher:
         self.wake()
         if self._loop_task is not None:
             await self._loop_task
+        starting = [slot.starting for slot in self._slots.values() if slot.starting]
+        for task in starting:
+            task.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
         tasks = {task for slot in self._slots.values() for task in slot.tasks}
         if tasks:
             logger.info("draining handler attempts", running=len(tasks))
@@ -164,7 +192,7 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._start_waiting_handlers()
+                self._start_waiting_handlers()
                 await self._claim_and_spawn()
                 if any(slot.maybe_due and slot.free > 0 for slot in self._slots.values()):
                     continue
@@ -210,38 +238,51 @@ class Dispatcher:
         if due is not None:
             waits.append((due - datetime.now(timezone.utc)).total_seconds())
         waits += [
-            slot.next_start_at - time.time() for slot in self._slots.values() if not slot.started
+            slot.next_start_at - time.time()
+            for slot in self._slots.values()
+            if not slot.started and slot.starting is None
         ]
         return max(0.0, min(waits))
 
     # --- handler lifecycle -------------------------------------------------------------
 
-    async def _start_waiting_handlers(self) -> None:
+    def _start_waiting_handlers(self) -> None:
         now = time.time()
         for slot in self._slots.values():
-            if not slot.started and slot.next_start_at <= now:
-                await self._start_handler(slot)
+            if not slot.started and slot.starting is None and slot.next_start_at <= now:
+                slot.starting = asyncio.create_task(self._start_handler(slot))
 
     async def _start_handler(self, slot: Slot) -> None:
         try:
-            await handler_api.start(slot.handler)
+            async with timeout(slot.config.timeout):
+                await handler_api.start(slot.handler)
         except Exception as exc:
             slot.start_failures += 1
             delay = min(START_RETRY_MAX_SECONDS, 2 ** (slot.start_failures - 1))
             slot.next_start_at = time.time() + delay
-            slot.start_error = f"{type(exc).__name__}: {exc}"
+            error = (
+                f"no start within {slot.config.timeout:g}s"
+                if isinstance(exc, asyncio.TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            # /readyz shows only the kind of error: the message may name hosts and users.
+            slot.start_error = error.split(":")[0]
             logger.error(
                 "handler cannot start; its events wait in the inbox",
                 handler=slot.name,
-                error=slot.start_error,
+                error=error,
                 retry_in=delay,
             )
             self._metrics[slot.name].up.set(0)
-            return
-        if slot.start_failures:
-            logger.info("handler started", handler=slot.name, after_failures=slot.start_failures)
-        slot.started, slot.start_error = True, None
-        self._metrics[slot.name].up.set(1)
+        else:
+            if slot.start_failures:
+                logger.info("handler started", handler=slot.name, after=slot.start_failures)
+            slot.started, slot.start_error = True, None
+            slot.maybe_due = True
+            self._metrics[slot.name].up.set(1)
+        finally:
+            slot.starting = None
+            self._wake.set()
 
     # --- one attempt -------------------------------------------------------------------
 
@@ -264,6 +305,11 @@ class Dispatcher:
                         )
                     )
                     raise
+                except Exception as exc:  # a bug of ours: still count it and try later
+                    logger.exception("attempt failed outside the handler")
+                    outcome, error = "retry", f"internal error: {type(exc).__name__}: {exc}"
+                    delay = backoff(slot.config, claim.attempts + 1)
+                    retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
                 await self._record(slot, claim, outcome, started_at, error, retry_at)
         finally:
             running.dec()
@@ -282,7 +328,7 @@ class Dispatcher:
         except Fail as exc:
             return "dead", f"Fail: {exc}", None
         except Retry as exc:
-            error, delay = f"Retry: {exc}", exc.after
+            error, delay = f"Retry: {exc}", _sane_delay(exc.after)
         except asyncio.TimeoutError:
             error = f"timed out after {config.timeout:g}s"
         except Exception as exc:

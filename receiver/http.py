@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.ids import new_id
 from receiver.inbox import Receipt
+from receiver.ingest import RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
 
@@ -57,6 +58,12 @@ def error(status: int, reason: str, detail: str) -> JsonResponse:
     return JsonResponse({"error": reason, "detail": detail}, status_code=status)
 
 
+def unavailable() -> JsonResponse:
+    # Even a body that will be refused is kept first: when it cannot be, the sender is
+    # asked to send it again rather than have it vanish.
+    return error(503, "inbox_unavailable", "the callback could not be stored; send it again")
+
+
 def _headers_of_interest(scope: Scope) -> dict[str, str]:
     # From the raw ASGI headers: decoding only these is cheaper than Request.headers.
     return {
@@ -87,16 +94,14 @@ def create_app(service: Backend) -> Starlette:
         too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         declared = receipt.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            await ingestor.reject(receipt, too_large, size=int(declared))
-            return error(413, too_large.reason, too_large.message)
+            return await refuse(receipt, too_large, size=int(declared))
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > max_bytes:
                     receipt.body = bytes(body)
-                    await ingestor.reject(receipt, too_large, size=len(body))
-                    return error(413, too_large.reason, too_large.message)
+                    return await refuse(receipt, too_large, size=len(body))
         except ClientDisconnect:
             logger.info("client went away before sending the whole body", received=len(body))
             return Response(status_code=400)
@@ -105,11 +110,11 @@ def create_app(service: Backend) -> Starlette:
             stored = await ingestor.ingest(receipt)
         except PayloadError as exc:
             return error(400, exc.reason, exc.message)
+        except RejectionNotKept:
+            return unavailable()
         except Exception:
             logger.exception("cannot commit the callback to the inbox")
-            return error(
-                503, "inbox_unavailable", "the callback could not be stored; send it again"
-            )
+            return unavailable()
         return JsonResponse(
             {
                 "accepted": len(stored.new),
@@ -117,6 +122,13 @@ def create_app(service: Backend) -> Starlette:
                 "ids": stored.ids,
             }
         )
+
+    async def refuse(receipt: Receipt, refusal: PayloadError, *, size: int) -> Response:
+        try:
+            await ingestor.reject(receipt, refusal, size=size)
+        except RejectionNotKept:
+            return unavailable()
+        return error(413, refusal.reason, refusal.message)
 
     async def healthz(request: Request) -> Response:
         return JsonResponse({"status": "ok"})

@@ -39,13 +39,32 @@ async def parse(receipt: Receipt, limits: Limits) -> list[Event]:
     return work()
 
 
+# The states CI documents; any other value a callback carries counts as "other", so that
+# what a sender writes cannot grow the metric series without bound.
+KNOWN_STATES = frozenset({"Submitted", "Running", "Success", "Failed", "Pause", "Cancel"})
+
+
+def _state_label(state: str | None) -> str:
+    return state if state in KNOWN_STATES else "other"
+
+
+class RejectionNotKept(Exception):
+    """A body was refused and could not be kept either: the sender should send it again."""
+
+
 class Intake(Protocol):
     """Where a source hands its callbacks: the `Ingestor` below, or the TDMQ relay."""
 
-    async def ingest(self, receipt: Receipt) -> Stored: ...
+    async def ingest(self, receipt: Receipt) -> Stored:
+        """Keep the callback; raise `PayloadError` for a body refused (and kept), or
+        `RejectionNotKept` for one refused that could not be kept."""
+        ...
+
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
-    ) -> None: ...
+    ) -> None:
+        """Keep a refused body for inspection; raise `RejectionNotKept` if it cannot be."""
+        ...
 
 
 class Ingestor:
@@ -94,8 +113,9 @@ class Ingestor:
         )
         try:
             await self._inbox.reject(receipt, error.reason, error.message, size=size)
-        except Exception:
+        except Exception as exc:
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
+            raise RejectionNotKept(str(exc)) from exc
 
     def _count(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], stored: Stored
@@ -107,7 +127,7 @@ class Ingestor:
         for event, handler_names in routed:
             if event.id not in new:
                 continue
-            metrics.series(metrics.events, event.kind, event.state or "").inc()
+            metrics.series(metrics.events, event.kind, _state_label(event.state)).inc()
             if not handler_names:
                 metrics.unrouted.inc()
                 logger.info(

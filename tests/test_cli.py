@@ -133,6 +133,22 @@ def test_rejected_callbacks_can_be_listed_read_and_replayed(receiver, tmp_path):
     assert lines[-1]["source"] == "replay"
 
 
+def test_a_body_kept_only_in_part_is_not_decoded_again(receiver, tmp_path):
+    config = tmp_path / "ci-receiver.toml"
+    receiver.stop()
+    config.write_text(
+        config.read_text() + "[limits]\nmax_bytes = 100\n[inbox]\nrejected_body_bytes = 50\n"
+    )
+    restarted = Receiver(config).start()
+    try:
+        assert restarted.post(load("transcode.xml")).json()["error"] == "too_large"
+    finally:
+        restarted.stop()
+    result = cli(tmp_path, "replay", "--receipt", "1", ok=False)
+    assert result.returncode == 1
+    assert b"only its first 0 were kept: it cannot be decoded again" in result.stderr
+
+
 def test_replay_all_backfills_a_new_handler(receiver, tmp_path):
     receiver.post(load("transcode.xml"))
     receiver.post(load("two_jobs.xml"))
@@ -152,6 +168,9 @@ def test_replay_needs_to_be_told_what(receiver, tmp_path):
     result = cli(tmp_path, "replay", ok=False)
     assert result.returncode == 2
     assert b"say what to replay" in result.stderr
+    every_handler = cli(tmp_path, "replay", "--all", ok=False)
+    assert every_handler.returncode == 2
+    assert b"name them with --handler" in every_handler.stderr
     assert (
         b"not configured: nope"
         in cli(tmp_path, "replay", "--dead", "--handler", "nope", ok=False).stderr

@@ -85,6 +85,12 @@ def test_a_missing_env_reference_names_the_key_and_the_variable(tmp_path, monkey
             "routes[0].match.colour: unknown key",
         ),
         ("[http\n", "not valid TOML"),
+        ('[http]\ntokens = [""]\n', "http.tokens: token 0 must be letters, digits"),
+        ('[http]\ntokens = ["a/b"]\n', "http.tokens: token 0 must be letters, digits"),
+        (
+            "[limits]\nmax_depth = 300\n",
+            "limits.max_depth: Input should be less than or equal to 200",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, message):

@@ -195,12 +195,56 @@ async def test_a_handler_that_cannot_start_holds_its_runs_until_it_can(inbox):
     (event_id,) = await store(inbox, "transcode.xml", ["db"])
     d = dispatcher(inbox, db=(handler, {}))
     await d.start()
-    assert d.handler_status() == {"db": "not started: ConnectionRefusedError: database not up yet"}
+    await until(lambda: _status(d, "db", "not started: ConnectionRefusedError"))
     assert handler.calls == []
     await until(lambda: settled(inbox, event_id))  # start is retried after ~1 s
     await d.stop()
     assert handler.starts == 2
     assert await statuses(inbox, event_id) == {"db": ("done", 1)}
+
+
+async def _status(d: Dispatcher, name: str, wanted: str) -> bool:
+    return d.handler_status()[name] == wanted
+
+
+async def test_a_handler_slow_to_start_holds_back_nothing_else(inbox):
+    class SlowStart(Recording):
+        async def start(self) -> None:
+            await asyncio.sleep(3600)
+
+    slow, quick = SlowStart(), Recording()
+    (event_id,) = await store(inbox, "transcode.xml", ["slow", "quick"])
+    d = dispatcher(inbox, slow=(slow, {"timeout": 60}), quick=(quick, {}))
+    await d.start()  # returns at once: starts run in the background
+    await until(lambda: _calls(quick, 1))
+    assert d.handler_status() == {"slow": "starting", "quick": "started"}
+    await d.stop()  # and stop does not wait for the start either
+    assert await statuses(inbox, event_id) == {"slow": ("pending", 0), "quick": ("done", 1)}
+
+
+async def test_a_start_that_hangs_is_given_up_after_the_handler_timeout(inbox):
+    class Hangs(Recording):
+        async def start(self) -> None:
+            await asyncio.sleep(3600)
+
+    d = dispatcher(inbox, h=(Hangs(), {"timeout": 0.1}))
+    await d.start()
+    await until(lambda: _status(d, "h", "not started: no start within 0.1s"))
+    await d.stop()
+
+
+@pytest.mark.parametrize("after", [float("inf"), float("nan"), 1e300, -5])
+async def test_a_retry_delay_that_is_no_usable_number_is_bounded(inbox, after):
+    odd = Recording([Retry("odd", after=after)])
+    (event_id,) = await store(inbox, "transcode.xml", ["odd"])
+    d = dispatcher(inbox, odd=(odd, {}))
+    await d.start()
+    await until(lambda: _attempted(inbox, event_id))
+    await d.stop()
+    run = (await inbox.event(event_id)).runs[0]
+    assert (run.status, run.attempts) == ("pending", 1)
+    wait = (run.due_at - datetime.now(timezone.utc)).total_seconds()
+    assert wait <= 7 * 24 * 3600
 
 
 async def test_stop_lets_running_attempts_finish(inbox):

@@ -178,6 +178,12 @@ def test_health_readiness_and_metrics(receiver):
     assert 'ci_receiver_callbacks_total{outcome="accepted",source="http"} 1.0' in metrics
     assert 'ci_receiver_callbacks_total{outcome="rejected",source="http"} 1.0' in metrics
     assert 'ci_receiver_events_total{kind="job",state="Success"} 1.0' in metrics
+    # A state CI does not document is counted, but cannot make series of its own.
+    receiver.post(b'{"JobsDetail": {"JobId": "j1", "State": "Whatever-1"}}')
+    receiver.post(b'{"JobsDetail": {"JobId": "j2", "State": "Whatever-2"}}')
+    metrics = httpx.get(receiver.url + "/metrics").text
+    assert 'ci_receiver_events_total{kind="job",state="other"} 2.0' in metrics
+    assert "Whatever" not in metrics
 
 
 def test_the_request_id_is_echoed_and_carried_into_handler_logs(receiver):

@@ -99,9 +99,11 @@ async def test_one_failing_operation_does_not_sink_its_batch(inbox):
 
         await inbox._writer.submit(fail)
 
+    before = inbox.commits
     results = await asyncio.gather(broken(), store(inbox, "transcode.xml"), return_exceptions=True)
     assert isinstance(results[0], sqlite3.IntegrityError)
     assert results[1].new
+    assert inbox.commits == before + 1  # one batch, the good operation committed in it
 
 
 async def test_a_rejected_body_is_kept_up_to_the_bound_with_its_full_size(inbox):
@@ -155,6 +157,38 @@ async def test_requeue_resets_runs_of_chosen_events(inbox):
     assert await inbox.requeue([event_id], None, dead_only=False) == 1
     run = (await inbox.event(event_id)).runs[0]
     assert (run.status, run.attempts) == ("pending", 0)
+
+
+async def test_a_late_report_after_a_requeue_is_refused(inbox):
+    (event_id,) = (await store(inbox, "transcode.xml", handlers=["a"])).new
+    (claim,) = await inbox.claim("a", 1, lease_seconds=0.05)
+    await asyncio.sleep(0.1)  # the lease ends: the process is gone, the run is replayed
+    assert await inbox.requeue([event_id], None, dead_only=False) == 1
+    assert not await inbox.finish(claim, "dead", started_at=datetime.now(timezone.utc))
+    run = (await inbox.event(event_id)).runs[0]
+    assert (run.status, run.attempts) == ("pending", 0)
+
+
+async def test_readiness_pings_write_only_when_nothing_committed_lately(inbox):
+    await store(inbox, "transcode.xml")
+    before = inbox.commits
+    await inbox.ping()
+    assert inbox.commits == before  # the store a moment ago showed the inbox takes writes
+    inbox._writer.last_commit -= 60
+    await inbox.ping()
+    assert inbox.commits == before + 1
+
+
+async def test_a_writer_that_stops_fails_what_waits_instead_of_hanging(tmp_path):
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=16)
+    await inbox.open()
+    waits = inbox._writer.submit(lambda connection: None)
+    inbox._writer._task.cancel()  # the writer task ends other than by stop()
+    with pytest.raises(Exception, match="the inbox writer stopped"):
+        await waits
+    with pytest.raises(Exception, match="closed"):
+        await store(inbox, "transcode.xml")
+    await inbox.close()
 
 
 async def test_a_leased_run_is_not_requeued_under_its_runner(inbox):

@@ -28,6 +28,8 @@ class Receipt:
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)
     source_meta: dict[str, Any] = field(default_factory=dict)
+    # Set on a stored receipt whose body was kept only in part: the size that arrived.
+    cut_from: int | None = None
 
 
 @dataclass(slots=True)

@@ -13,7 +13,9 @@ alone gets the exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,15 +42,18 @@ class Writer:
         self._setup = setup
         self._connection: sqlite3.Connection | None = None
         self._pending: list[_Item] = []
+        self._batch: list[_Item] = []  # being committed
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="inbox-commit")
         self._accepting = False
         self.commits = 0  # batches committed, for tests and metrics
+        self.last_commit = 0.0  # time.monotonic() of the last commit that went through
 
     async def start(self) -> None:
         self._connection = await self._in_thread(self._connect)
         self._task = asyncio.create_task(self._run(), name="inbox-writer")
+        self._task.add_done_callback(self._ended)
         self._accepting = True
 
     async def stop(self) -> None:
@@ -56,7 +61,8 @@ class Writer:
         self._accepting = False
         if self._task is not None:
             self._work.set()
-            await self._task
+            # A writer that died has said so to its callers already; still close.
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._connection is not None:
             await self._in_thread(self._connection.close)
@@ -88,8 +94,20 @@ class Writer:
             await self._work.wait()
             self._work.clear()
             while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._commit(batch)
+                self._batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                await self._commit(self._batch)
+                self._batch = []
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """Should the writer ever stop other than by stop(), nothing may wait on it."""
+        self._accepting = False
+        error = task.exception() if not task.cancelled() else None
+        failure = InboxClosedError(f"the inbox writer stopped: {error!r}")
+        for _, future in [*self._batch, *self._pending]:
+            if not future.done():
+                future.set_exception(failure)
+        self._batch, self._pending = [], []
 
     async def _commit(self, batch: list[_Item]) -> None:
         connection = self._connection
@@ -104,9 +122,11 @@ class Writer:
                 results = self._execute(connection, batch, isolated=True)
             await self._in_thread(connection.execute, "COMMIT")
             self.commits += 1
+            self.last_commit = time.monotonic()
         except Exception as exc:  # the batch as a whole failed: disk full, lock timeout
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
             results = [(None, exc)] * len(batch)
         for (_, future), (result, error) in zip(batch, results, strict=True):
             if future.cancelled():

@@ -22,7 +22,7 @@ import structlog
 
 from receiver.config import Config
 from receiver.inbox import Receipt, Stored
-from receiver.ingest import parse
+from receiver.ingest import RejectionNotKept, parse
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import PayloadError
@@ -100,6 +100,7 @@ class Relay:
             logger.error(
                 "cannot relay the rejected callback", error=describe(exc), head=receipt.body[:200]
             )
+            raise RejectionNotKept(describe(exc)) from exc
 
     async def _publish(self, body: bytes, properties: dict[str, str], key: str | None) -> None:
         if self._producer is None:
