@@ -13,6 +13,7 @@ import pytest
 from tests.callbacks import FIXTURES, load
 from tests.handlers_for_tests import recorded
 from tests.processes import REPO, Receiver
+from tests.waiting import wait_until
 
 
 def cli(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -79,7 +80,7 @@ def test_send_reports_an_unreachable_receiver(tmp_path):
 def test_events_list_and_show(receiver, tmp_path):
     receiver.post(load("transcode.xml"))
     receiver.post(load("smartcover_failed.xml"))
-    wait_for(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 2)
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 2)
     time.sleep(0.3)
     listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
     assert [line.split("  ")[1:4] for line in listed] == [
@@ -121,7 +122,7 @@ def test_rejected_callbacks_can_be_listed_read_and_replayed(receiver, tmp_path):
         config.write_text(config.read_text().replace("max_elements = 20", "max_elements = 5000"))
         replayed = cli(tmp_path, "replay", "--receipt", "1").stdout.decode()
         assert replayed.strip() == "1 new event(s), 0 already stored"
-        wait_for(
+        wait_until(
             lambda: (
                 recorded(tmp_path / "recorded.jsonl")
                 == ["job:j68427030f84611ecb8546d80f2baf56f:Success"]
@@ -152,13 +153,13 @@ def test_a_body_kept_only_in_part_is_not_decoded_again(receiver, tmp_path):
 def test_replay_all_backfills_a_new_handler(receiver, tmp_path):
     receiver.post(load("transcode.xml"))
     receiver.post(load("two_jobs.xml"))
-    wait_for(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
     assert recorded(tmp_path / "later.jsonl") == []
     assert (
         cli(tmp_path, "replay", "--all", "--handler", "later").stdout.strip()
         == b"3 run(s) queued again"
     )
-    wait_for(lambda: len(recorded(tmp_path / "later.jsonl")) == 3)
+    wait_until(lambda: len(recorded(tmp_path / "later.jsonl")) == 3)
     assert sorted(recorded(tmp_path / "later.jsonl")) == sorted(
         recorded(tmp_path / "recorded.jsonl")
     )
@@ -184,10 +185,3 @@ def test_a_config_error_is_reported_not_a_traceback(tmp_path):
     assert b"Error: config: " in result.stderr
     assert b"http.port" in result.stderr
     assert b"Traceback" not in result.stderr
-
-
-def wait_for(condition, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)

@@ -14,6 +14,7 @@ import orjson
 
 from tests.handlers_for_tests import recorded
 from tests.processes import Receiver
+from tests.waiting import wait_until
 
 CALLBACKS = 600
 
@@ -57,13 +58,6 @@ def callback(n: int) -> bytes:
 def rows(path: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(path) as connection:
         return connection.execute(sql).fetchall()
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.1)
 
 
 def test_kill_9_under_load_loses_nothing_answered_and_handles_it_after_restart(tmp_path):

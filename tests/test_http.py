@@ -14,6 +14,7 @@ from receiver import parse_callback
 from tests.callbacks import ALL, load
 from tests.handlers_for_tests import recorded
 from tests.processes import Receiver
+from tests.waiting import wait_until
 
 
 def serve(tmp_path: Path, extra: str = "", *, recorder: str = "") -> Receiver:
@@ -50,13 +51,6 @@ def receiver(tmp_path):
 def inbox_rows(tmp_path: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(tmp_path / "data" / "inbox.db") as connection:
         return connection.execute(sql).fetchall()
-
-
-def wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_every_fixture_is_accepted_stored_once_and_handled(receiver, tmp_path):
