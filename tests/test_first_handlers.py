@@ -70,22 +70,6 @@ async def test_sqlite_jobs_table_is_upserted_and_never_moves_backwards(tmp_path)
     assert orjson.loads(outputs) == [o.to_dict() for o in success.outputs]
 
 
-@pytest.fixture
-def restore_logging():
-    """Undo configure_logging after the test: its handler writes to the test's captured
-    stdout, which later tests must not inherit."""
-    import logging
-
-    import structlog
-
-    root = logging.getLogger()
-    handlers_before, level_before = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers_before
-    root.setLevel(level_before)
-    structlog.reset_defaults()
-
-
 async def test_log_handler_logs_a_failed_job_with_its_code(capsys, restore_logging):
     from receiver.logs import configure_logging
 

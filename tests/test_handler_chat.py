@@ -5,6 +5,8 @@ documented shapes and check DingTalk's and Feishu's signatures themselves
 from __future__ import annotations
 
 import dataclasses
+import logging
+from urllib.parse import quote
 
 import pytest
 
@@ -22,8 +24,10 @@ from tests.processes import free_port
 from tests.sample_events import event
 
 KEY = "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"
-TOKEN = "c0ffee"
+TOKEN = "c0ffee-dingtalk-access-token"
 SECRET = "SEC0123456789abcdef"
+FEISHU_HOOK = "0a1b2c3d-feishu-hook"
+SLACK_HOOK = "T000/B000/slack-hook-secret"
 
 
 async def send(type_name: str, options: dict, *events) -> None:
@@ -150,7 +154,7 @@ async def test_dingtalk_sending_too_fast_is_retried(dingtalk):
 @pytest.fixture
 def feishu():
     with HttpPeer(feishu_bot(SECRET)) as peer:
-        peer.hook = f"{peer.url}/open-apis/bot/v2/hook/0a1b2c"
+        peer.hook = f"{peer.url}/open-apis/bot/v2/hook/{FEISHU_HOOK}"
         yield peer
 
 
@@ -194,7 +198,7 @@ async def test_feishu_frequency_limit_is_retried(feishu):
 @pytest.fixture
 def slack():
     with HttpPeer(slack_webhook()) as peer:
-        peer.hook = f"{peer.url}/services/T000/B000/XXXX"
+        peer.hook = f"{peer.url}/services/{SLACK_HOOK}"
         yield peer
 
 
@@ -245,6 +249,26 @@ async def test_errors_do_not_leak_the_robot_token(wecom):
     with pytest.raises(Fail) as raised:
         await send("wecom", {"url": wecom.hook.replace(KEY, "secret-key-123")}, event())
     assert "secret-key-123" not in str(raised.value)
+
+
+@pytest.mark.parametrize("vendor", ["wecom", "dingtalk", "feishu", "slack"])
+async def test_the_robot_url_never_reaches_the_logs(vendor, request, capsys, restore_logging):
+    from receiver.logs import configure_logging
+
+    peer = request.getfixturevalue(vendor)
+    configure_logging("debug", "json")  # the most a user can turn on
+    options = {"url": peer.hook, **({"secret": SECRET} if vendor in ("dingtalk", "feishu") else {})}
+    await send(vendor, options, event())
+    logging.getLogger("tests").info("sent")  # shows that the output is captured
+    out = capsys.readouterr().out
+
+    [sent] = peer.requests
+    secrets = {"wecom": [KEY], "dingtalk": [TOKEN], "feishu": [FEISHU_HOOK], "slack": [SLACK_HOOK]}
+    if "sign" in sent.query:  # DingTalk's signature, as it is in the URL and decoded
+        secrets[vendor] += [sent.query["sign"], quote(sent.query["sign"], safe="")]
+    assert '"event":"sent"' in out
+    for secret in secrets[vendor]:
+        assert secret not in out
 
 
 @pytest.mark.parametrize("type_name", ["wecom", "dingtalk", "feishu", "slack"])
