@@ -205,35 +205,46 @@ class TdmqConsumer:
     # --- one message -------------------------------------------------------------------
 
     async def _handle(self, consumer: pulsar.asyncio.Consumer, message: _pulsar.Message) -> None:
-        delivery = messages.read(message)
-        receipt = delivery.receipt
-        with structlog.contextvars.bound_contextvars(request_id=receipt.request_id):
-            refused = delivery.refused
+        """Ack once the message is kept; nack on any failure to keep it. Nothing escapes:
+        a message neither acked nor nacked would wait for a reconnect to come back."""
+        try:
+            kept = await self._keep(message)
+        except Exception:
+            logger.exception(
+                "cannot commit the message; it will be delivered again",
+                message_id=str(message.message_id()),
+                redelivery_count=message.redelivery_count(),
+            )
+            kept = False
+        if not kept:
+            await self._nack(consumer, message)
+            return
+        try:
+            await consumer.acknowledge(message)
+        except PULSAR_ERRORS as exc:
+            # Committed already: when the message comes again it is a duplicate.
+            logger.info("ack not sent; the message will come again", error=describe(exc))
+        self._acked.inc()
+
+    async def _keep(self, message: _pulsar.Message) -> bool:
+        """Commit the message's callback, or record it as rejected (and dead-letter it);
+        False when the dead-letter topic did not take it. Raises when the inbox fails."""
+        try:
+            delivery = messages.read(message)
+        except Exception as exc:  # the same message fails the same way: never to loop
+            delivery = messages.unreadable(message, exc)
+        receipt, refused = delivery.receipt, delivery.refused
+        # For the rest of this message's task (its own context): every line it logs,
+        # the ack's and the nack's included.
+        structlog.contextvars.bind_contextvars(request_id=receipt.request_id)
+        if refused is not None:  # refused by the relay already, or unreadable: keep it
+            await self._intake.reject(receipt, refused, size=delivery.size)
+        else:
             try:
-                if refused is not None:  # the relay refused it already: keep it, as it did
-                    await self._intake.reject(receipt, refused, size=delivery.size)
-                else:
-                    try:
-                        await self._intake.ingest(receipt)
-                    except PayloadError as error:  # kept as rejected by the ingestor
-                        refused = error
-            except Exception:
-                logger.exception(
-                    "cannot commit the message; it will be delivered again",
-                    message_id=str(message.message_id()),
-                    redelivery_count=message.redelivery_count(),
-                )
-                await self._nack(consumer, message)
-                return
-            if refused is not None and not await self._dead_letter(message, refused):
-                await self._nack(consumer, message)
-                return
-            try:
-                await consumer.acknowledge(message)
-            except PULSAR_ERRORS as exc:
-                # Committed already: when the message comes again it is a duplicate.
-                logger.info("ack not sent; the message will come again", error=describe(exc))
-            self._acked.inc()
+                await self._intake.ingest(receipt)
+            except PayloadError as error:  # kept as rejected by the ingestor
+                refused = error
+        return refused is None or await self._dead_letter(message, refused)
 
     async def _dead_letter(self, message: _pulsar.Message, refused: PayloadError) -> bool:
         if self._dead_letters is None:
