@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import threading
 from datetime import datetime, timezone
 
 import pulsar
+import pulsar.asyncio
 import pytest
 
 from receiver.config import ConfigError, TdmqConfig, load_config
@@ -170,6 +173,42 @@ async def test_a_refusal_the_inbox_cannot_record_is_nacked_not_lost(tmp_path, pu
         consumer.stop()
         await asyncio.wait_for(running, 30)
         await inbox.close()
+
+
+def receiving_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("tdmq-receive")]
+
+
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_closing_waits_for_the_receiving_thread_and_leaves_the_loop_free(
+    pulsar_broker, monkeypatch, how
+):
+    seen = {}
+    close_consumer, shutdown_client = pulsar.asyncio.Consumer.close, pulsar.asyncio.Client.shutdown
+
+    async def close(consumer) -> None:
+        seen["receiving while closing"] = receiving_threads()
+        await close_consumer(consumer)
+
+    def shutdown(client) -> None:
+        seen["shut down on"] = threading.current_thread()
+        shutdown_client(client)
+
+    monkeypatch.setattr(pulsar.asyncio.Consumer, "close", close)
+    monkeypatch.setattr(pulsar.asyncio.Client, "shutdown", shutdown)
+    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), _NoIntake(), Metrics())
+    running = asyncio.create_task(consumer.run())
+    await eventually(receiving_threads, "the receiving thread started")
+    if how == "stop":
+        consumer.stop()
+    else:  # as when the process is interrupted
+        running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(running, 30)
+    # Not closed under the thread's batch_receive(); the client's threads are joined off
+    # the event loop, which meanwhile serves HTTP requests in `run`.
+    assert seen["receiving while closing"] == []
+    assert seen["shut down on"] is not threading.current_thread()
 
 
 async def test_stop_while_the_broker_cannot_be_reached(tmp_path):

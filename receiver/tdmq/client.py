@@ -122,7 +122,8 @@ async def close(
     Not `client.close()`: its C++ side finishes on a detached thread that still holds the
     Python callback, and releasing it while the interpreter exits aborts the process
     ("terminate called without an active exception", apache/pulsar-client-python#256).
-    `shutdown()` joins the client's threads before it returns."""
+    `shutdown()` joins the client's threads before it returns: on a thread of its own,
+    so that the event loop (serving HTTP in `run`) is not held up meanwhile."""
     closing = [part for part in parts if part is not None]
     try:
         outcomes = await asyncio.wait_for(
@@ -137,4 +138,4 @@ async def close(
                     "tdmq close incomplete", part=type(part).__name__, error=describe(outcome)
                 )
     if client is not None:
-        client.shutdown()
+        await asyncio.to_thread(client.shutdown)

@@ -129,7 +129,10 @@ class TdmqConsumer:
                 await loop.run_in_executor(thread, self._receive, consumer, loop)
             finally:
                 self._stopping.set()  # also when run() itself is cancelled
-                thread.shutdown(wait=False)
+                # The receiving thread sees the stop within BATCH_WAIT_MS; wait for it
+                # (off the event loop), so the consumer is not closed under its
+                # batch_receive().
+                await asyncio.to_thread(thread.shutdown)
             await self._drain()
         finally:
             if watching is not None:
