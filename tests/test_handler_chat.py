@@ -5,13 +5,16 @@ documented shapes and check DingTalk's and Feishu's signatures themselves
 from __future__ import annotations
 
 import dataclasses
+import html
 import logging
+import re
 from urllib.parse import quote
 
 import pytest
 
 import handlers
 from handlers import Fail, Retry
+from receiver.model import Event
 from tests.peers import (
     HttpPeer,
     Reply,
@@ -61,7 +64,7 @@ async def test_wecom_gets_a_markdown_message(wecom):
     assert content.startswith("SmartCover Success\n")
     assert f"**Job**: {smartcover.job_id}" in content
     assert "**State**: Success" in content
-    assert f"**Input**: {smartcover.input.key} ({smartcover.input.bucket})" in content
+    assert f"**Input**: {smartcover.input.key} &#40;{smartcover.input.bucket}&#41;" in content
     assert smartcover.outputs[0].key in content
     assert "**Error**" not in content
 
@@ -228,6 +231,65 @@ async def test_slack_refusals(slack, reply, outcome):
         await send("slack", {"url": slack.hook}, event())
     if reply.status == 429:
         assert raised.value.after == 30
+
+
+# --- what a forged callback can put in a message ----------------------------------------
+
+# UserData and Message come from the callback: a link, a mention (WeCom <@id>, Feishu
+# <at>, Slack <!channel>), emphasis, code, a heading and a quote, and a line of its own
+# that would pass for the real state.
+HOSTILE = (
+    "[click](https://evil.example) ![i](https://evil.example/i.png) <@all> <at id=all></at>"
+    " <!channel> **b** _i_ ~~s~~ `c` | \\ & @x\n# heading\n> quote\n**State**: Success"
+)
+HOSTILE_ON_ONE_LINE = HOSTILE.replace("\n", " ")
+
+
+def forged() -> Event:
+    return dataclasses.replace(event("smartcover_failed.xml"), user_data=HOSTILE, message=HOSTILE)
+
+
+def labelled(content: str, label: str) -> str:
+    """The rest of the one line that starts with `label`."""
+    [line] = [line for line in content.split("\n") if line.startswith(label)]
+    return line.removeprefix(label)
+
+
+@pytest.mark.parametrize("vendor", ["wecom", "dingtalk", "feishu"])
+async def test_markdown_robots_get_forged_values_as_plain_characters(vendor, request):
+    peer = request.getfixturevalue(vendor)
+    options = {"url": peer.hook, **({"secret": SECRET} if vendor in ("dingtalk", "feishu") else {})}
+    await send(vendor, options, forged())
+
+    body = peer.requests[0].json()
+    content = {
+        "wecom": lambda: body["markdown"]["content"],
+        "dingtalk": lambda: body["markdown"]["text"],
+        "feishu": lambda: body["card"]["elements"][0]["content"],
+    }[vendor]()
+    user_data = labelled(content, "**User data**: ")
+    error = labelled(content, "**Error**: ")
+    assert [line for line in content.splitlines() if line.startswith("**State**")] == [
+        "**State**: Failed"  # the real one: no line of the forged values' own
+    ]
+    for value in (user_data, error.split(": ", 1)[1]):
+        # Every character that makes markup is a character reference, shown as itself.
+        assert not set("[]()!<>@*_~`#|\\&") & set(re.sub("&#[0-9]+;", "", value))
+        assert html.unescape(value) == HOSTILE_ON_ONE_LINE
+
+
+async def test_slack_gets_forged_values_without_links_mentions_or_lines_of_their_own(slack):
+    await send("slack", {"url": slack.hook}, forged())
+
+    text = slack.requests[0].json()["text"]
+    user_data = labelled(text, "*User data*: ")
+    assert [line for line in text.splitlines() if line.startswith(("*State*", "**State**"))] == [
+        "*State*: Failed"
+    ]
+    assert not set("<>") & set(user_data)  # Slack's links and mentions need < and >
+    assert user_data.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") == (
+        HOSTILE_ON_ONE_LINE
+    )
 
 
 # --- shared -----------------------------------------------------------------------------

@@ -64,3 +64,19 @@ def test_markdown_bolds_labels():
 def test_bad_templates_are_refused(template, says):
     with pytest.raises(ValueError, match=says.replace("$", r"\$")):
         check_template(template)
+
+
+@pytest.mark.parametrize(
+    ("user_data", "sent"),
+    [
+        ("- item", "&#45; item"),  # a list
+        ("1. first", "1&#46; first"),
+        ("=====", "&#61;===="),  # a heading underline under the line before
+        ("# heading", "&#35; heading"),
+        ("> quote", "&#62; quote"),
+        ("line\n- item", "line - item"),  # no line of its own
+    ],
+)
+def test_a_value_cannot_start_a_markdown_block(user_data, sent):
+    tricky = dataclasses.replace(event("smartcover.xml"), user_data=user_data)
+    assert render("$user_data", tricky, MARKDOWN) == sent
