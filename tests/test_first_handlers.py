@@ -70,6 +70,22 @@ async def test_sqlite_jobs_table_is_upserted_and_never_moves_backwards(tmp_path)
     assert orjson.loads(outputs) == [o.to_dict() for o in success.outputs]
 
 
+async def test_sqlite_takes_the_history_options_of_sql(tmp_path):
+    path = tmp_path / "jobs.db"
+    handler = await started(
+        "sqlite", path=str(path), table="ci_jobs", history=True, events_table="ci_events"
+    )
+    events = parse_callback(load("two_jobs.xml"))
+    for event in events:
+        await handler(event)
+    await handlers.close(handler)
+    with sqlite3.connect(path) as connection:
+        jobs = connection.execute("SELECT job_id FROM ci_jobs").fetchall()
+        history = connection.execute("SELECT event_id FROM ci_events").fetchall()
+    assert sorted(jobs) == sorted((event.job_id,) for event in events)
+    assert sorted(history) == sorted((event.id,) for event in events)
+
+
 async def test_log_handler_logs_a_failed_job_with_its_code(capsys, restore_logging):
     from receiver.logs import configure_logging
 
