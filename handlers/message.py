@@ -153,11 +153,12 @@ def plain_fields(event: Event) -> dict[str, str]:
     """Every field but `title` and `details`, as unescaped text ("" when absent)."""
     workflow = event.workflow
     failed = event.state not in (None, "Success")
+    subject = event.subject  # the JobId, a workflow's RunId, else the event id
     return {
         "id": event.id,
         "kind": event.kind,
         "event_name": event.event_name or "",
-        "job_id": event.job_id or (workflow.run_id if workflow else None) or "",
+        "job_id": subject if subject != event.id else "",
         "tag": event.tag or "",
         "state": event.state or "",
         "code": event.code or "",

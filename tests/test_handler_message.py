@@ -80,3 +80,14 @@ def test_bad_templates_are_refused(template, says):
 def test_a_value_cannot_start_a_markdown_block(user_data, sent):
     tricky = dataclasses.replace(event("smartcover.xml"), user_data=user_data)
     assert render("$user_data", tricky, MARKDOWN) == sent
+
+
+def test_job_id_is_the_job_or_the_workflow_run_and_never_the_event_id():
+    workflow = event("workflow_finish.xml")
+    assert workflow.job_id is None
+    assert render("$job_id", workflow, TEXT) == workflow.workflow.run_id
+    smartcover = event("smartcover.xml")
+    assert render("$job_id", smartcover, TEXT) == smartcover.job_id
+    no_id = dataclasses.replace(smartcover, job_id=None)  # as a callback without a JobId
+    assert render("$job_id", no_id, TEXT) == ""
+    assert "Job:" not in render("$details", no_id, TEXT)
