@@ -2,9 +2,11 @@
 
 Every message goes through the same ingest path as an HTTP callback (`messages.read`
 turns it into a receipt) and is acked only after the inbox commit is durable:
-- the inbox fails: negative ack, the message comes back after `nack_delay`;
-- the body cannot be decoded: the ingestor has kept it as rejected; it is also
-  published to `dead_letter_topic` when one is set, then acked, so it never loops;
+- the inbox fails (recording a refusal included): negative ack, the message comes
+  back after `nack_delay`;
+- the body cannot be decoded, or the message itself cannot be read (a garbled relay
+  property): it is kept as rejected; it is also published to `dead_letter_topic` when
+  one is set, then acked, so it never loops;
 - the ack itself is lost (broker restart): the message comes again and the inbox
   recognizes it as a duplicate.
 
