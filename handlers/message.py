@@ -3,13 +3,15 @@
 A message is a `string.Template` over the fields in `FIELDS` (`$job_id`, `${state}`,
 ...). The default is `$title` and `$details`: labelled lines that leave out what does
 not apply (no error line for a success, no verdict for a transcode). Values are escaped
-for the markup of the target (Slack's mrkdwn, HTML), so a key with `<` or `&` in it
-cannot break the message.
+for the markup of the target (the robots' markdown, Slack's mrkdwn, HTML): they come
+from the callback, which anyone who can reach the receiver can forge, so a value must
+not make a link, a mention or a line of its own in the message.
 """
 
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,15 +58,44 @@ class Markup:
     newline: str = "\n"
 
 
+# What makes markup in the robots' markdown (WeCom, DingTalk, Feishu): links and images
+# ([ ] ( ) !), emphasis and code (* _ ~ `), headings and quotes (# >), tags and mentions
+# (< > @: <font>, WeCom's <@userid>, Feishu's <at>), tables (|), escapes (\) and
+# character references (&).
+_MARKDOWN_SPECIAL = re.compile(r"[\[\]()!*_~`#>|<@\\&]")
+# What makes a list or a heading underline at the start of a line: "-", "+", "=", "1."
+# (and "1)", whose ")" is special anywhere).
+_MARKDOWN_LINE_START = re.compile(r"^(\s*\d*)([-+=.])")
+
+
+def _one_line(text: str) -> str:
+    """A value's own line breaks would let it start lines that pass for the message's."""
+    return " ".join(text.splitlines())
+
+
+def _reference(character: str) -> str:
+    return f"&#{ord(character)};"
+
+
+def _markdown_escape(text: str) -> str:
+    """Each special character as an HTML character reference, which the three robots show
+    as the character itself (their markdown takes HTML, e.g. <font>). Backslash escapes
+    are not part of every robot's markdown."""
+    text = _MARKDOWN_SPECIAL.sub(lambda match: _reference(match.group()), _one_line(text))
+    return _MARKDOWN_LINE_START.sub(lambda match: match[1] + _reference(match[2]), text)
+
+
 def _slack_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """The three characters Slack's mrkdwn asks to escape: links and mentions need < >.
+    Slack has no escape for its emphasis (* _ ~ `)."""
+    return _one_line(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 TEXT = Markup(bold=lambda label: label, escape=lambda text: text)
-MARKDOWN = Markup(bold=lambda label: f"**{label}**", escape=lambda text: text)
+MARKDOWN = Markup(bold=lambda label: f"**{label}**", escape=_markdown_escape)
 # DingTalk's markdown joins single newlines into one paragraph.
 DINGTALK_MARKDOWN = Markup(
-    bold=lambda label: f"**{label}**", escape=lambda text: text, newline="\n\n"
+    bold=lambda label: f"**{label}**", escape=_markdown_escape, newline="\n\n"
 )
 SLACK = Markup(bold=lambda label: f"*{label}*", escape=_slack_escape)
 HTML = Markup(
@@ -122,11 +153,12 @@ def plain_fields(event: Event) -> dict[str, str]:
     """Every field but `title` and `details`, as unescaped text ("" when absent)."""
     workflow = event.workflow
     failed = event.state not in (None, "Success")
+    subject = event.subject  # the JobId, a workflow's RunId, else the event id
     return {
         "id": event.id,
         "kind": event.kind,
         "event_name": event.event_name or "",
-        "job_id": event.job_id or (workflow.run_id if workflow else None) or "",
+        "job_id": subject if subject != event.id else "",
         "tag": event.tag or "",
         "state": event.state or "",
         "code": event.code or "",

@@ -4,12 +4,14 @@ Other services subscribe to the topic instead of to CI. Each message carries the
 id, kind, state, tag, event name and job id as properties (filter or dedupe without
 parsing), and the job id as its partition key, so one job's events stay in order on a
 partitioned topic. Delivery is at-least-once: dedupe on the `event_id` property.
+
+The client is made and shut down as the TDMQ consumer's is (`receiver.tdmq.client`),
+with the same connection options and the same workarounds for the client library.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from handlers import Retry
 from receiver.model import Event
+from receiver.tdmq.client import SERVICE_URL_PATTERN, describe, make_client
+from receiver.tdmq.client import close as close_client
 
 COMPRESSION = {
     "none": pulsar.CompressionType.NONE,
@@ -34,18 +38,24 @@ COMPRESSION = {
 class PulsarOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # pulsar://host:6650 or pulsar+ssl://host:6651 (TDMQ: the cluster's access point).
-    service_url: str = Field(pattern=r"^pulsar(\+ssl)?://")
+    # pulsar://host:6650, pulsar+ssl://host:6651, or an http(s):// address (TDMQ: the
+    # cluster's access address), as in [tdmq].
+    service_url: str = Field(pattern=SERVICE_URL_PATTERN)
     # A full name, e.g. persistent://tenant/namespace/ci-events (TDMQ: pulsar-xxx/ns/topic).
     topic: str
     # A JWT for token authentication (TDMQ: the role's token).
     token: SecretStr | None = None
     tls_trust_certs_file: Path | None = None
+    tls_allow_insecure_connection: bool = False
+    tls_validate_hostname: bool = False
+    # The client library logs to stdout on its own, at this level and above.
+    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
     producer_name: str | None = None
     compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "none"
     batching: bool = True
-    # Seconds for connecting and topic lookups (start-up), and for one send.
-    operation_timeout: int = Field(30, ge=1)
+    # Seconds for the client's own operations (connecting, topic lookups: start-up), and
+    # for one send.
+    operation_timeout: float = Field(30.0, gt=0)
     send_timeout: float = Field(20.0, gt=0)
     # Extra fixed properties on every message, e.g. {env = "prod"}.
     properties: dict[str, str] = Field(default_factory=dict)
@@ -61,21 +71,7 @@ class PulsarHandler:
 
     async def start(self) -> None:
         options = self.options
-        self._client = pulsar.asyncio.Client(
-            options.service_url,
-            authentication=(
-                pulsar.AuthenticationToken(options.token.get_secret_value())
-                if options.token
-                else None
-            ),
-            operation_timeout_seconds=options.operation_timeout,
-            connection_timeout_ms=options.operation_timeout * 1000,
-            tls_trust_certs_file_path=(
-                str(options.tls_trust_certs_file) if options.tls_trust_certs_file else None
-            ),
-            # The C++ client logs to stdout unless given a Python logger.
-            logger=logging.getLogger("ci_receiver.pulsar"),
-        )
+        self._client = make_client(options)
         try:
             self._producer = await self._client.create_producer(
                 options.topic,
@@ -88,13 +84,13 @@ class PulsarHandler:
             with contextlib.suppress(Exception):
                 await self.close()
             raise RuntimeError(
-                f"cannot publish to {options.topic} at {options.service_url}: {exc}"
+                f"cannot publish to {options.topic} at {options.service_url}: {describe(exc)}"
             ) from None
 
     async def close(self) -> None:
-        client, self._client, self._producer = self._client, None, None
-        if client is not None:
-            await client.close()  # flushes and closes the producer too
+        client, producer = self._client, self._producer
+        self._client = self._producer = None
+        await close_client(client, producer)
 
     async def __call__(self, event: Event) -> None:
         if self._producer is None:

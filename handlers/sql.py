@@ -40,18 +40,24 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_RECYCLE_SECONDS = 1800
 
 
-class SqlOptions(BaseModel):
+class TableOptions(BaseModel):
+    """What `sql` and `sqlite` share: the tables."""
+
     model_config = ConfigDict(extra="forbid")
 
-    # A SQLAlchemy URL: sqlite:///jobs.db, postgresql://user:pass@host/db,
-    # mysql://user:pass@host/db. The async driver is filled in when left out.
-    url: str
     table: str = "jobs"
     # Also keep every event, once, in `events_table`.
     history: bool = False
     events_table: str = "events"
     # Keep the decoded callback document in the history rows.
     include_raw: bool = False
+
+
+class SqlOptions(TableOptions):
+    # A SQLAlchemy URL: sqlite:///jobs.db, postgresql://user:pass@host/db,
+    # mysql://user:pass@host/db. The async driver is filled in when left out.
+    url: str
+    # Connections kept open to a database server (a SQLite file has no pool to size).
     pool_size: int = 5
 
     @field_serializer("url")
@@ -59,11 +65,9 @@ class SqlOptions(BaseModel):
         return make_url(url).render_as_string(hide_password=True)
 
 
-class SqliteOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SqliteOptions(TableOptions):
+    # The database file, created with its folder when missing.
     path: Path
-    table: str = "jobs"
 
 
 def async_url(url: str) -> URL:
@@ -97,9 +101,16 @@ def async_url(url: str) -> URL:
 
 
 class SqlHandler:
+    options: TableOptions
+
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self.options = SqlOptions.model_validate(options)
-        self._url = async_url(self.options.url)
+        sql_options = SqlOptions.model_validate(options)
+        self._prepare(sql_options, async_url(sql_options.url), sql_options.pool_size)
+
+    def _prepare(self, options: TableOptions, url: URL, pool_size: int | None) -> None:
+        self.options = options
+        self._url = url
+        self._pool_size = pool_size
         self._metadata = MetaData()
         self.jobs = jobs_table(self._metadata, self.options.table)
         self.events = (
@@ -151,7 +162,7 @@ class SqlHandler:
     def _create_engine(self) -> AsyncEngine:
         if self.dialect != "sqlite":
             return create_async_engine(
-                self._url, pool_size=self.options.pool_size, pool_recycle=POOL_RECYCLE_SECONDS
+                self._url, pool_size=self._pool_size, pool_recycle=POOL_RECYCLE_SECONDS
             )
         engine = create_async_engine(self._url)
 
@@ -205,8 +216,8 @@ def insert_event(events: Table, dialect: str) -> Insert:
 
 
 class SqliteHandler(SqlHandler):
-    """`sql` on a SQLite file, named by `path`."""
+    """`sql` on a SQLite file, named by `path` rather than by a URL."""
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         sqlite_options = SqliteOptions.model_validate(options)
-        super().__init__({"url": f"sqlite:///{sqlite_options.path}", "table": sqlite_options.table})
+        self._prepare(sqlite_options, async_url(f"sqlite:///{sqlite_options.path}"), None)

@@ -58,3 +58,9 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(numeric)
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).propagate = False
+    # httpx logs every request's full URL at INFO ("HTTP Request: POST <url>") and httpcore
+    # its exchanges at DEBUG; a robot's URL carries its key or token (WeCom `key=`,
+    # DingTalk `access_token` and `sign`, Slack and Feishu hook paths), which must never
+    # reach the logs. The handlers report their own outcomes, without the URL.
+    for leaky in ("httpx", "httpcore"):
+        logging.getLogger(leaky).setLevel(max(numeric, logging.WARNING))

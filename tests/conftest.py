@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 from tests.databases import drop_tables, require_server
@@ -49,3 +51,18 @@ async def sql_options(database_url):
     }
     yield options
     await drop_tables(database_url, [options["table"], options["events_table"]])
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo configure_logging after the test: its handler writes to the test's captured
+    stdout, which later tests must not inherit, and it sets levels on named loggers."""
+    root = logging.getLogger()
+    handlers_before, level_before = root.handlers[:], root.level
+    named = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
+    yield
+    root.handlers[:] = handlers_before
+    root.setLevel(level_before)
+    for name, level in named.items():
+        logging.getLogger(name).setLevel(level)
+    structlog.reset_defaults()

@@ -60,16 +60,20 @@ include_raw = false
 
 
 def publish(
-    broker_url: str, topic: str, messages: Iterable[bytes | tuple[bytes, dict[str, str]]]
+    broker_url: str,
+    topic: str,
+    messages: Iterable[bytes | tuple[bytes, dict[str, str]]],
+    **send: Any,
 ) -> int:
-    """Publish with the official client, unbatched, each confirmed; returns how many."""
+    """Publish with the official client, unbatched, each confirmed; returns how many.
+    `send` goes to every `producer.send` (e.g. `event_timestamp`)."""
     client = pulsar.Client(broker_url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
     try:
         producer = client.create_producer(topic, batching_enabled=False)
         count = 0
         for message in messages:
             body, properties = message if isinstance(message, tuple) else (message, {})
-            producer.send(body, properties=properties)
+            producer.send(body, properties=properties, **send)
             count += 1
         return count
     finally:

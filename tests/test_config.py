@@ -131,14 +131,13 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         "backoff_initial": 1.0,
         "backoff_max": 600.0,
         "concurrency": 8,
+        # check-config shows every option as the handler will use it, defaults included,
+        # and only options the handler takes
         "path": "jobs.db",
-        # check-config shows every option as the handler will use it, defaults included
-        "url": "sqlite:///jobs.db",
         "table": "jobs",
         "history": False,
         "events_table": "events",
         "include_raw": False,
-        "pool_size": 5,
     }
     assert "config OK" in result.stderr
 

@@ -70,20 +70,20 @@ async def test_sqlite_jobs_table_is_upserted_and_never_moves_backwards(tmp_path)
     assert orjson.loads(outputs) == [o.to_dict() for o in success.outputs]
 
 
-@pytest.fixture
-def restore_logging():
-    """Undo configure_logging after the test: its handler writes to the test's captured
-    stdout, which later tests must not inherit."""
-    import logging
-
-    import structlog
-
-    root = logging.getLogger()
-    handlers_before, level_before = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers_before
-    root.setLevel(level_before)
-    structlog.reset_defaults()
+async def test_sqlite_takes_the_history_options_of_sql(tmp_path):
+    path = tmp_path / "jobs.db"
+    handler = await started(
+        "sqlite", path=str(path), table="ci_jobs", history=True, events_table="ci_events"
+    )
+    events = parse_callback(load("two_jobs.xml"))
+    for event in events:
+        await handler(event)
+    await handlers.close(handler)
+    with sqlite3.connect(path) as connection:
+        jobs = connection.execute("SELECT job_id FROM ci_jobs").fetchall()
+        history = connection.execute("SELECT event_id FROM ci_events").fetchall()
+    assert sorted(jobs) == sorted((event.job_id,) for event in events)
+    assert sorted(history) == sorted((event.id,) for event in events)
 
 
 async def test_log_handler_logs_a_failed_job_with_its_code(capsys, restore_logging):

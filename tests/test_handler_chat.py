@@ -5,11 +5,16 @@ documented shapes and check DingTalk's and Feishu's signatures themselves
 from __future__ import annotations
 
 import dataclasses
+import html
+import logging
+import re
+from urllib.parse import quote
 
 import pytest
 
 import handlers
 from handlers import Fail, Retry
+from receiver.model import Event
 from tests.peers import (
     HttpPeer,
     Reply,
@@ -22,8 +27,10 @@ from tests.processes import free_port
 from tests.sample_events import event
 
 KEY = "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"
-TOKEN = "c0ffee"
+TOKEN = "c0ffee-dingtalk-access-token"
 SECRET = "SEC0123456789abcdef"
+FEISHU_HOOK = "0a1b2c3d-feishu-hook"
+SLACK_HOOK = "T000/B000/slack-hook-secret"
 
 
 async def send(type_name: str, options: dict, *events) -> None:
@@ -57,7 +64,7 @@ async def test_wecom_gets_a_markdown_message(wecom):
     assert content.startswith("SmartCover Success\n")
     assert f"**Job**: {smartcover.job_id}" in content
     assert "**State**: Success" in content
-    assert f"**Input**: {smartcover.input.key} ({smartcover.input.bucket})" in content
+    assert f"**Input**: {smartcover.input.key} &#40;{smartcover.input.bucket}&#41;" in content
     assert smartcover.outputs[0].key in content
     assert "**Error**" not in content
 
@@ -150,7 +157,7 @@ async def test_dingtalk_sending_too_fast_is_retried(dingtalk):
 @pytest.fixture
 def feishu():
     with HttpPeer(feishu_bot(SECRET)) as peer:
-        peer.hook = f"{peer.url}/open-apis/bot/v2/hook/0a1b2c"
+        peer.hook = f"{peer.url}/open-apis/bot/v2/hook/{FEISHU_HOOK}"
         yield peer
 
 
@@ -194,7 +201,7 @@ async def test_feishu_frequency_limit_is_retried(feishu):
 @pytest.fixture
 def slack():
     with HttpPeer(slack_webhook()) as peer:
-        peer.hook = f"{peer.url}/services/T000/B000/XXXX"
+        peer.hook = f"{peer.url}/services/{SLACK_HOOK}"
         yield peer
 
 
@@ -226,6 +233,65 @@ async def test_slack_refusals(slack, reply, outcome):
         assert raised.value.after == 30
 
 
+# --- what a forged callback can put in a message ----------------------------------------
+
+# UserData and Message come from the callback: a link, a mention (WeCom <@id>, Feishu
+# <at>, Slack <!channel>), emphasis, code, a heading and a quote, and a line of its own
+# that would pass for the real state.
+HOSTILE = (
+    "[click](https://evil.example) ![i](https://evil.example/i.png) <@all> <at id=all></at>"
+    " <!channel> **b** _i_ ~~s~~ `c` | \\ & @x\n# heading\n> quote\n**State**: Success"
+)
+HOSTILE_ON_ONE_LINE = HOSTILE.replace("\n", " ")
+
+
+def forged() -> Event:
+    return dataclasses.replace(event("smartcover_failed.xml"), user_data=HOSTILE, message=HOSTILE)
+
+
+def labelled(content: str, label: str) -> str:
+    """The rest of the one line that starts with `label`."""
+    [line] = [line for line in content.split("\n") if line.startswith(label)]
+    return line.removeprefix(label)
+
+
+@pytest.mark.parametrize("vendor", ["wecom", "dingtalk", "feishu"])
+async def test_markdown_robots_get_forged_values_as_plain_characters(vendor, request):
+    peer = request.getfixturevalue(vendor)
+    options = {"url": peer.hook, **({"secret": SECRET} if vendor in ("dingtalk", "feishu") else {})}
+    await send(vendor, options, forged())
+
+    body = peer.requests[0].json()
+    content = {
+        "wecom": lambda: body["markdown"]["content"],
+        "dingtalk": lambda: body["markdown"]["text"],
+        "feishu": lambda: body["card"]["elements"][0]["content"],
+    }[vendor]()
+    user_data = labelled(content, "**User data**: ")
+    error = labelled(content, "**Error**: ")
+    assert [line for line in content.splitlines() if line.startswith("**State**")] == [
+        "**State**: Failed"  # the real one: no line of the forged values' own
+    ]
+    for value in (user_data, error.split(": ", 1)[1]):
+        # Every character that makes markup is a character reference, shown as itself.
+        assert not set("[]()!<>@*_~`#|\\&") & set(re.sub("&#[0-9]+;", "", value))
+        assert html.unescape(value) == HOSTILE_ON_ONE_LINE
+
+
+async def test_slack_gets_forged_values_without_links_mentions_or_lines_of_their_own(slack):
+    await send("slack", {"url": slack.hook}, forged())
+
+    text = slack.requests[0].json()["text"]
+    user_data = labelled(text, "*User data*: ")
+    assert [line for line in text.splitlines() if line.startswith(("*State*", "**State**"))] == [
+        "*State*: Failed"
+    ]
+    assert not set("<>") & set(user_data)  # Slack's links and mentions need < and >
+    assert user_data.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") == (
+        HOSTILE_ON_ONE_LINE
+    )
+
+
 # --- shared -----------------------------------------------------------------------------
 
 
@@ -245,6 +311,26 @@ async def test_errors_do_not_leak_the_robot_token(wecom):
     with pytest.raises(Fail) as raised:
         await send("wecom", {"url": wecom.hook.replace(KEY, "secret-key-123")}, event())
     assert "secret-key-123" not in str(raised.value)
+
+
+@pytest.mark.parametrize("vendor", ["wecom", "dingtalk", "feishu", "slack"])
+async def test_the_robot_url_never_reaches_the_logs(vendor, request, capsys, restore_logging):
+    from receiver.logs import configure_logging
+
+    peer = request.getfixturevalue(vendor)
+    configure_logging("debug", "json")  # the most a user can turn on
+    options = {"url": peer.hook, **({"secret": SECRET} if vendor in ("dingtalk", "feishu") else {})}
+    await send(vendor, options, event())
+    logging.getLogger("tests").info("sent")  # shows that the output is captured
+    out = capsys.readouterr().out
+
+    [sent] = peer.requests
+    secrets = {"wecom": [KEY], "dingtalk": [TOKEN], "feishu": [FEISHU_HOOK], "slack": [SLACK_HOOK]}
+    if "sign" in sent.query:  # DingTalk's signature, as it is in the URL and decoded
+        secrets[vendor] += [sent.query["sign"], quote(sent.query["sign"], safe="")]
+    assert '"event":"sent"' in out
+    for secret in secrets[vendor]:
+        assert secret not in out
 
 
 @pytest.mark.parametrize("type_name", ["wecom", "dingtalk", "feishu", "slack"])

@@ -64,3 +64,30 @@ def test_markdown_bolds_labels():
 def test_bad_templates_are_refused(template, says):
     with pytest.raises(ValueError, match=says.replace("$", r"\$")):
         check_template(template)
+
+
+@pytest.mark.parametrize(
+    ("user_data", "sent"),
+    [
+        ("- item", "&#45; item"),  # a list
+        ("1. first", "1&#46; first"),
+        ("=====", "&#61;===="),  # a heading underline under the line before
+        ("# heading", "&#35; heading"),
+        ("> quote", "&#62; quote"),
+        ("line\n- item", "line - item"),  # no line of its own
+    ],
+)
+def test_a_value_cannot_start_a_markdown_block(user_data, sent):
+    tricky = dataclasses.replace(event("smartcover.xml"), user_data=user_data)
+    assert render("$user_data", tricky, MARKDOWN) == sent
+
+
+def test_job_id_is_the_job_or_the_workflow_run_and_never_the_event_id():
+    workflow = event("workflow_finish.xml")
+    assert workflow.job_id is None
+    assert render("$job_id", workflow, TEXT) == workflow.workflow.run_id
+    smartcover = event("smartcover.xml")
+    assert render("$job_id", smartcover, TEXT) == smartcover.job_id
+    no_id = dataclasses.replace(smartcover, job_id=None)  # as a callback without a JobId
+    assert render("$job_id", no_id, TEXT) == ""
+    assert "Job:" not in render("$details", no_id, TEXT)

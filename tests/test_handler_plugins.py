@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,7 +85,8 @@ def installed_example(tmp_path_factory):
     return target
 
 
-def test_the_example_package_is_found_through_its_entry_point(installed_example, tmp_path):
+def example_config(tmp_path: Path) -> tuple[Path, Path]:
+    """A config with the example handler as `failures`; the config file and its folder."""
     config = tmp_path / "ci-receiver.toml"
     folder = tmp_path / "failed-jobs"
     config.write_text(
@@ -97,7 +99,16 @@ type = "failed-jobs"
 folder = "{folder}"
 """
     )
-    pythonpath = {"PYTHONPATH": f"{installed_example}{os.pathsep}{REPO}"}
+    return config, folder
+
+
+def with_example(installed_example: Path) -> dict[str, str]:
+    return {"PYTHONPATH": f"{installed_example}{os.pathsep}{REPO}"}
+
+
+def test_the_example_package_is_found_through_its_entry_point(installed_example, tmp_path):
+    config, folder = example_config(tmp_path)
+    pythonpath = with_example(installed_example)
     checked = subprocess.run(
         [sys.executable, "-m", "receiver.cli", "check-config", "--config", str(config)],
         capture_output=True, text=True, env={**os.environ, **pythonpath}, timeout=60,
@@ -115,6 +126,27 @@ folder = "{folder}"
         receiver.stop()
     assert note.read_text() == f"SmartCover Failed: {failed.code} {failed.message}\n"
     assert [p.name for p in folder.iterdir()] == [note.name]  # the success left no file
+
+
+def test_the_example_keeps_a_hostile_job_id_inside_its_folder(installed_example, tmp_path):
+    config, folder = example_config(tmp_path)
+    failed = load("smartcover_failed.xml")
+    hostile = ["../../escaped", "/etc/ci-receiver-escaped"]  # JobIds of a forged callback
+    receiver = Receiver(config).start(env=with_example(installed_example))
+    try:
+        for job_id in hostile:
+            body = failed.replace(b"j9f42765cf84611ecb8546d80f2baf5aa", job_id.encode())
+            assert receiver.post(body).status_code == 200
+        notes = wait_until(
+            lambda: len(found := sorted(folder.glob("*.txt"))) == 2 and found,
+            what="a note for each hostile JobId, in the folder",
+        )
+    finally:
+        receiver.stop()
+    assert all(note.read_text().startswith("SmartCover Failed: ") for note in notes)
+    assert sorted(folder.iterdir()) == notes  # and no partial note left behind
+    assert not (tmp_path.parent / "escaped.txt").exists()
+    assert not Path("/etc/ci-receiver-escaped.txt").exists()
 
 
 def test_without_the_package_the_type_is_unknown(tmp_path):

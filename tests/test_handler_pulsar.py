@@ -7,6 +7,7 @@ import json
 import uuid
 
 import pulsar
+import pulsar.asyncio
 import pytest
 
 import handlers
@@ -112,6 +113,59 @@ async def test_a_broker_gone_after_start_is_retried(pulsar_broker):
         await handler.close()
 
 
-def test_a_service_url_must_be_pulsar():
+async def test_the_client_is_made_and_shut_down_as_the_tdmq_consumer_does(
+    pulsar_broker, monkeypatch
+):
+    made, ended = [], []
+    make = pulsar.asyncio.Client.__init__
+
+    def init(client, service_url, **options):
+        made.append(options)
+        make(client, service_url, **options)
+
+    async def close(client):
+        ended.append("close")
+
+    monkeypatch.setattr(pulsar.asyncio.Client, "__init__", init)
+    monkeypatch.setattr(pulsar.asyncio.Client, "close", close)
+    shutdown = pulsar.asyncio.Client.shutdown
+    monkeypatch.setattr(
+        pulsar.asyncio.Client,
+        "shutdown",
+        lambda client: (ended.append("shutdown"), shutdown(client)),
+    )
+    handler = PulsarHandler(
+        {"service_url": pulsar_broker.url, "topic": topic(), "token": "t0ken", "batching": False}
+    )
+    await handler.start()
+    try:
+        await handler(event())
+    finally:
+        await handler.close()
+    [options] = made
+    # The library's own console logger: a Python logger can deadlock with nacks on other
+    # threads (apache/pulsar-client-python#116).
+    assert isinstance(options["logger"], pulsar.ConsoleLogger)
+    assert isinstance(options["authentication"], pulsar.AuthenticationToken)
+    # shutdown(), never close(): its detached thread aborts the process at exit (#256).
+    assert ended == ["shutdown"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "pulsar://127.0.0.1:6650",
+        "pulsar+ssl://pulsar.internal:6651",
+        "http://pulsar-xxxxxxxx.tdmq.ap-gz.public.tencenttdmq.com:8080",  # TDMQ's access address
+        "https://pulsar.internal:8443",
+    ],
+)
+def test_the_service_url_takes_the_forms_tdmq_does(url):
+    handler = handlers.build("pulsar", {"service_url": url, "topic": "t"})
+    assert handlers.shown_options(handler)["service_url"] == url
+
+
+@pytest.mark.parametrize("url", ["broker:6650", "ftp://broker", "tcp://broker:6650"])
+def test_another_service_url_is_refused(url):
     with pytest.raises(handlers.HandlerConfigError, match="service_url: String should match"):
-        handlers.build("pulsar", {"service_url": "http://broker:8080", "topic": "t"})
+        handlers.build("pulsar", {"service_url": url, "topic": "t"})

@@ -24,6 +24,7 @@ from tests.processes import Receiver
 from tests.sample_events import event
 from tests.waiting import wait_until
 
+ROBOT_KEY = "e2e-robot-key-5c1f"  # in the robot's URL: never to be logged
 SECRET = "whsec_" + base64.b64encode(b"end-to-end secret, 32 bytes long").decode()
 # Small backoffs so that a retry comes within the test.
 FAST_RETRIES = "backoff_initial = 0.05\nbackoff_max = 0.2\nmax_attempts = 3\n"
@@ -65,7 +66,7 @@ async def test_a_callback_reaches_a_webhook_a_robot_and_postgresql(
 ):
     url, table = postgres_table
     monkeypatch.setenv("HOOK_SECRET", SECRET)  # the secret comes from the environment
-    with HttpPeer() as hook, HttpPeer(wecom_robot("k3y")) as robot:
+    with HttpPeer() as hook, HttpPeer(wecom_robot(ROBOT_KEY)) as robot:
         receiver = configure(
             tmp_path,
             f"""
@@ -75,7 +76,7 @@ url = "{hook.url}/ci"
 secret = "${{HOOK_SECRET}}"
 [handlers.robot]
 type = "wecom"
-url = "{robot.url}/cgi-bin/webhook/send?key=k3y"
+url = "{robot.url}/cgi-bin/webhook/send?key={ROBOT_KEY}"
 [handlers.db]
 type = "sql"
 url = "{url}"
@@ -105,6 +106,9 @@ table = "{table}"
     finally:
         await engine.dispose()
     assert tuple(row) == (failed.job_id, "Failed")
+    log = receiver.log()
+    assert '"event":"request"' in log  # the process logged at info ...
+    assert ROBOT_KEY not in log  # ... and the robot's URL nowhere
 
 
 def test_500_then_200_is_retried_by_the_dispatcher_then_done(tmp_path):

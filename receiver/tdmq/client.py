@@ -1,14 +1,17 @@
-"""The Pulsar client and subscription, made from `[tdmq]`; which failures are worth a retry."""
+"""The Pulsar client and subscription, made from `[tdmq]` (or a `pulsar` handler's
+options); which failures are worth a retry."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import pulsar
 import pulsar.asyncio
 import pulsar.exceptions
 import structlog
+from pydantic import SecretStr
 
 from receiver.config import TdmqConfig
 
@@ -57,26 +60,51 @@ class TdmqError(RuntimeError):
     """TDMQ cannot work as configured: a wrong token, topic or subscription name."""
 
 
-def client_options(config: TdmqConfig) -> dict[str, Any]:
+# The service URLs the client takes: the binary protocol, or HTTP lookup (the address
+# the TDMQ console shows is http://).
+SERVICE_URL_PATTERN = r"^(pulsar(\+ssl)?|https?)://"
+
+
+class ClientSettings(Protocol):
+    """What a client is made from: `[tdmq]`, or a `pulsar` handler's options."""
+
+    @property
+    def service_url(self) -> str | None: ...
+    @property
+    def token(self) -> SecretStr | None: ...
+    @property
+    def operation_timeout(self) -> float: ...
+    @property
+    def tls_trust_certs_file(self) -> Path | None: ...
+    @property
+    def tls_allow_insecure_connection(self) -> bool: ...
+    @property
+    def tls_validate_hostname(self) -> bool: ...
+    @property
+    def client_log_level(self) -> str: ...
+
+
+def client_options(settings: ClientSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "operation_timeout_seconds": max(1, round(config.operation_timeout)),
-        "tls_allow_insecure_connection": config.tls_allow_insecure_connection,
-        "tls_validate_hostname": config.tls_validate_hostname,
+        "operation_timeout_seconds": max(1, round(settings.operation_timeout)),
+        "tls_allow_insecure_connection": settings.tls_allow_insecure_connection,
+        "tls_validate_hostname": settings.tls_validate_hostname,
         # The C++ library's own console logger: a Python `logger=` can deadlock with nacks
         # on other threads and hang interpreter exit (apache/pulsar-client-python#116).
-        "logger": pulsar.ConsoleLogger(_CLIENT_LOG_LEVELS[config.client_log_level]),
+        "logger": pulsar.ConsoleLogger(_CLIENT_LOG_LEVELS[settings.client_log_level]),
     }
-    if config.token is not None:
-        options["authentication"] = pulsar.AuthenticationToken(config.token.get_secret_value())
-    if config.tls_trust_certs_file is not None:
-        options["tls_trust_certs_file_path"] = str(config.tls_trust_certs_file)
+    if settings.token is not None:
+        options["authentication"] = pulsar.AuthenticationToken(settings.token.get_secret_value())
+    if settings.tls_trust_certs_file is not None:
+        options["tls_trust_certs_file_path"] = str(settings.tls_trust_certs_file)
     return options
 
 
-def make_client(config: TdmqConfig) -> pulsar.asyncio.Client:
-    if not config.service_url:
+def make_client(settings: ClientSettings) -> pulsar.asyncio.Client:
+    """The client to make everywhere; end it with `close()` below."""
+    if not settings.service_url:
         raise ValueError("tdmq.service_url is not set")
-    return pulsar.asyncio.Client(config.service_url, **client_options(config))
+    return pulsar.asyncio.Client(settings.service_url, **client_options(settings))
 
 
 def subscribe_options(config: TdmqConfig) -> dict[str, Any]:
@@ -122,7 +150,8 @@ async def close(
     Not `client.close()`: its C++ side finishes on a detached thread that still holds the
     Python callback, and releasing it while the interpreter exits aborts the process
     ("terminate called without an active exception", apache/pulsar-client-python#256).
-    `shutdown()` joins the client's threads before it returns."""
+    `shutdown()` joins the client's threads before it returns: on a thread of its own,
+    so that the event loop (serving HTTP in `run`) is not held up meanwhile."""
     closing = [part for part in parts if part is not None]
     try:
         outcomes = await asyncio.wait_for(
@@ -137,4 +166,4 @@ async def close(
                     "tdmq close incomplete", part=type(part).__name__, error=describe(outcome)
                 )
     if client is not None:
-        client.shutdown()
+        await asyncio.to_thread(client.shutdown)

@@ -2,9 +2,11 @@
 
 Every message goes through the same ingest path as an HTTP callback (`messages.read`
 turns it into a receipt) and is acked only after the inbox commit is durable:
-- the inbox fails: negative ack, the message comes back after `nack_delay`;
-- the body cannot be decoded: the ingestor has kept it as rejected; it is also
-  published to `dead_letter_topic` when one is set, then acked, so it never loops;
+- the inbox fails (recording a refusal included): negative ack, the message comes
+  back after `nack_delay`;
+- the body cannot be decoded, or the message itself cannot be read (a garbled relay
+  property): it is kept as rejected; it is also published to `dead_letter_topic` when
+  one is set, then acked, so it never loops;
 - the ack itself is lost (broker restart): the message comes again and the inbox
   recognizes it as a duplicate.
 
@@ -129,7 +131,10 @@ class TdmqConsumer:
                 await loop.run_in_executor(thread, self._receive, consumer, loop)
             finally:
                 self._stopping.set()  # also when run() itself is cancelled
-                thread.shutdown(wait=False)
+                # The receiving thread sees the stop within BATCH_WAIT_MS; wait for it
+                # (off the event loop), so the consumer is not closed under its
+                # batch_receive().
+                await asyncio.to_thread(thread.shutdown)
             await self._drain()
         finally:
             if watching is not None:
@@ -205,35 +210,46 @@ class TdmqConsumer:
     # --- one message -------------------------------------------------------------------
 
     async def _handle(self, consumer: pulsar.asyncio.Consumer, message: _pulsar.Message) -> None:
-        delivery = messages.read(message)
-        receipt = delivery.receipt
-        with structlog.contextvars.bound_contextvars(request_id=receipt.request_id):
-            refused = delivery.refused
+        """Ack once the message is kept; nack on any failure to keep it. Nothing escapes:
+        a message neither acked nor nacked would wait for a reconnect to come back."""
+        try:
+            kept = await self._keep(message)
+        except Exception:
+            logger.exception(
+                "cannot commit the message; it will be delivered again",
+                message_id=str(message.message_id()),
+                redelivery_count=message.redelivery_count(),
+            )
+            kept = False
+        if not kept:
+            await self._nack(consumer, message)
+            return
+        try:
+            await consumer.acknowledge(message)
+        except PULSAR_ERRORS as exc:
+            # Committed already: when the message comes again it is a duplicate.
+            logger.info("ack not sent; the message will come again", error=describe(exc))
+        self._acked.inc()
+
+    async def _keep(self, message: _pulsar.Message) -> bool:
+        """Commit the message's callback, or record it as rejected (and dead-letter it);
+        False when the dead-letter topic did not take it. Raises when the inbox fails."""
+        try:
+            delivery = messages.read(message)
+        except Exception as exc:  # the same message fails the same way: never to loop
+            delivery = messages.unreadable(message, exc)
+        receipt, refused = delivery.receipt, delivery.refused
+        # For the rest of this message's task (its own context): every line it logs,
+        # the ack's and the nack's included.
+        structlog.contextvars.bind_contextvars(request_id=receipt.request_id)
+        if refused is not None:  # refused by the relay already, or unreadable: keep it
+            await self._intake.reject(receipt, refused, size=delivery.size)
+        else:
             try:
-                if refused is not None:  # the relay refused it already: keep it, as it did
-                    await self._intake.reject(receipt, refused, size=delivery.size)
-                else:
-                    try:
-                        await self._intake.ingest(receipt)
-                    except PayloadError as error:  # kept as rejected by the ingestor
-                        refused = error
-            except Exception:
-                logger.exception(
-                    "cannot commit the message; it will be delivered again",
-                    message_id=str(message.message_id()),
-                    redelivery_count=message.redelivery_count(),
-                )
-                await self._nack(consumer, message)
-                return
-            if refused is not None and not await self._dead_letter(message, refused):
-                await self._nack(consumer, message)
-                return
-            try:
-                await consumer.acknowledge(message)
-            except PULSAR_ERRORS as exc:
-                # Committed already: when the message comes again it is a duplicate.
-                logger.info("ack not sent; the message will come again", error=describe(exc))
-            self._acked.inc()
+                await self._intake.ingest(receipt)
+            except PayloadError as error:  # kept as rejected by the ingestor
+                refused = error
+        return refused is None or await self._dead_letter(message, refused)
 
     async def _dead_letter(self, message: _pulsar.Message, refused: PayloadError) -> bool:
         if self._dead_letters is None:

@@ -9,10 +9,15 @@ through TDMQ), so it decodes and deduplicates exactly as if `serve` had stored i
 Any other message is a callback published by someone's own bridge: `source: tdmq`, its
 properties kept in `source_meta`, and a property named like a header of interest read
 as that header.
+
+A message `read` cannot make sense of (a relay property that is not what the relay
+writes, an event time past the year 9999) raises `ValueError`; `unreadable` turns it
+into a refused delivery, so that it is kept as rejected like an undecodable body.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -84,11 +89,14 @@ def read(message: _pulsar.Message) -> Delivery:
         reason = properties.get(REJECTED)
         if reason is None:
             return Delivery(receipt)
-        size = properties.get(SIZE, "")
+        size = properties.get(SIZE)
+        # Not isdigit(): it takes "²" and other digits int() refuses.
+        if size is not None and not re.fullmatch(r"[0-9]+", size):
+            raise ValueError(f"{SIZE} is not a number: {size[:40]!r}")
         return Delivery(
             receipt,
             PayloadError(reason, properties.get(REJECTED_DETAIL, "")),
-            int(size) if size.isdigit() else None,
+            None if size is None else int(size),
         )
     meta: dict[str, Any] = dict(where)
     if message.event_timestamp():
@@ -110,13 +118,38 @@ def read(message: _pulsar.Message) -> Delivery:
     )
 
 
+def unreadable(message: _pulsar.Message, error: Exception) -> Delivery:
+    """A message `read` refused, as a bridge message refused with the reason
+    `bad_message`: kept with its body and every property, so that it is seen, and acked
+    rather than delivered again and again."""
+    message_id = str(message.message_id())
+    receipt = Receipt(
+        body=message.data(),
+        source="tdmq",
+        received_at=datetime.now(timezone.utc),
+        request_id=message_id,
+        source_meta={
+            "topic": message.topic_name(),
+            "message_id": message_id,
+            "properties": message.properties(),
+        },
+    )
+    return Delivery(receipt, PayloadError("bad_message", f"the message cannot be read: {error}"))
+
+
 def _from_millis(millis: int) -> str:
-    return datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat()
+    try:
+        return datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"a time out of range: {millis} ms") from None
 
 
 def _parse_time(text: str | None) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(text or "")
-    except ValueError:
+    """The relay's `received-at`; now when there is none."""
+    if text is None:
         return datetime.now(timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{RECEIVED_AT} is not an ISO 8601 time: {text[:40]!r}") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from receiver.model import Event
+
+
+def file_name(job_id: str) -> str:
+    """The JobId when it is a plain name, else its SHA-256: the id comes from the
+    callback, and a forged one (`../..`, `/etc/x`) must not choose where to write."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,128}", job_id):
+        return job_id
+    return hashlib.sha256(job_id.encode()).hexdigest()
 
 
 class FailedJobs:
@@ -20,7 +30,8 @@ class FailedJobs:
     async def __call__(self, event: Event) -> None:
         if event.state in ("Failed", "Cancel"):
             note = f"{event.tag} {event.state}: {event.code} {event.message}\n"
+            name = file_name(event.subject)  # the JobId (a workflow's: its RunId)
             # Write, then rename: a script watching the folder never sees half a note.
-            partial = self.folder / f".{event.job_id}.txt.partial"
+            partial = self.folder / f".{name}.txt.partial"
             partial.write_text(note)
-            partial.replace(self.folder / f"{event.job_id}.txt")
+            partial.replace(self.folder / f"{name}.txt")
