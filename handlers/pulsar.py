@@ -22,9 +22,10 @@ import pulsar.asyncio
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from handlers import Retry
+from receiver.config import PULSAR_SERVICE_URL
 from receiver.model import Event
-from receiver.tdmq.client import SERVICE_URL_PATTERN, describe, make_client
 from receiver.tdmq.client import close as close_client
+from receiver.tdmq.client import describe, make_client
 
 COMPRESSION = {
     "none": pulsar.CompressionType.NONE,
@@ -40,7 +41,7 @@ class PulsarOptions(BaseModel):
 
     # pulsar://host:6650, pulsar+ssl://host:6651, or an http(s):// address (TDMQ: the
     # cluster's access address), as in [tdmq].
-    service_url: str = Field(pattern=SERVICE_URL_PATTERN)
+    service_url: str = Field(pattern=PULSAR_SERVICE_URL)
     # A full name, e.g. persistent://tenant/namespace/ci-events (TDMQ: pulsar-xxx/ns/topic).
     topic: str
     # A JWT for token authentication (TDMQ: the role's token).

@@ -37,6 +37,9 @@ CONFIG_ENV = "CI_RECEIVER_CONFIG"
 ENV_PREFIX = "CI_RECEIVER_"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+# What the Pulsar client takes as a service URL ([tdmq] and the pulsar handler alike):
+# the binary protocol, or HTTP lookup (the address the TDMQ console shows is http://).
+PULSAR_SERVICE_URL = r"^(pulsar(\+ssl)?|https?)://"
 # Option names whose values are masked when the effective config is printed.
 _SECRET_NAME = re.compile(r"secret|token|password|passwd|api_?key|credential", re.IGNORECASE)
 
@@ -110,7 +113,7 @@ class TdmqConfig(Section):
 
     # The cluster's access address: pulsar://host:6650, pulsar+ssl://host:6651, or the
     # http://... address the TDMQ console shows.
-    service_url: str | None = None
+    service_url: str | None = Field(None, pattern=PULSAR_SERVICE_URL)
     # A TDMQ role token (console: role management); None connects without authentication.
     token: SecretStr | None = None
     # Full names, persistent://<cluster id>/<namespace>/<topic>; or a pattern instead.

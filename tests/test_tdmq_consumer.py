@@ -132,24 +132,10 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
         await inbox.close()
 
 
-class RaisingIngestor(Ingestor):
-    """`Ingestor.reject` raising when the inbox cannot record the refusal, as the ingest
-    path is being changed to do (until then it logs the failure and returns)."""
-
-    def __init__(self, inbox: Inbox, metrics: Metrics) -> None:
-        super().__init__(inbox, Router(None, []), metrics, Limits(), on_stored=lambda s: None)
-        self.inbox = inbox
-
-    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> None:
-        await self.inbox.reject(receipt, error.reason, error.message, size=size)
-
-
 async def test_a_refusal_the_inbox_cannot_record_is_nacked_not_lost(tmp_path, pulsar_broker):
     inbox = open_inbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
     metrics = Metrics()
-    consumer = TdmqConsumer(
-        consumer_config(pulsar_broker.url), RaisingIngestor(inbox, metrics), metrics
-    )
+    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
     running = asyncio.create_task(consumer.run())
     count = counter(metrics)
     refused_by_relay = {messages.SOURCE: "http", messages.REJECTED: "malformed_xml"}

@@ -60,11 +60,6 @@ class TdmqError(RuntimeError):
     """TDMQ cannot work as configured: a wrong token, topic or subscription name."""
 
 
-# The service URLs the client takes: the binary protocol, or HTTP lookup (the address
-# the TDMQ console shows is http://).
-SERVICE_URL_PATTERN = r"^(pulsar(\+ssl)?|https?)://"
-
-
 class ClientSettings(Protocol):
     """What a client is made from: `[tdmq]`, or a `pulsar` handler's options."""
 
