@@ -23,8 +23,17 @@ logger = structlog.get_logger("ci_receiver.ingest")
 THREAD_PARSE_BYTES = 64 * 1024
 
 
-async def parse(receipt: Receipt, limits: Limits) -> list[Event]:
-    """Decode and normalize a receipt's body; raises `PayloadError`."""
+async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> list[Event]:
+    """Decode and normalize a receipt's body. A body that cannot be is first kept through
+    `intake.reject`, then its `PayloadError` is raised."""
+    try:
+        return await _parse(receipt, limits)
+    except PayloadError as error:
+        await intake.reject(receipt, error)
+        raise
+
+
+async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
     work = functools.partial(
         parse_callback,
         receipt.body,
@@ -86,11 +95,7 @@ class Ingestor:
         """Commit the callback and its events; raise `PayloadError` after recording a
         body that cannot be decoded. Returns only once the commit is durable."""
         began = time.perf_counter()
-        try:
-            events = await parse(receipt, self._limits)
-        except PayloadError as error:
-            await self.reject(receipt, error)
-            raise
+        events = await parse_or_refuse(receipt, self._limits, self)
         routed = [(event, self._router.handlers_for(event)) for event in events]
         stored = await self._inbox.store(receipt, routed)
         self._count(receipt, routed, stored)

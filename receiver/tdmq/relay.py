@@ -22,7 +22,7 @@ import structlog
 
 from receiver.config import Config
 from receiver.inbox import Receipt, Stored
-from receiver.ingest import RejectionNotKept, parse
+from receiver.ingest import RejectionNotKept, parse_or_refuse
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import PayloadError
@@ -72,11 +72,7 @@ class Relay:
 
     async def ingest(self, receipt: Receipt) -> Stored:
         began = time.perf_counter()
-        try:
-            events = await parse(receipt, self._limits)
-        except PayloadError as error:
-            await self.reject(receipt, error)
-            raise
+        events = await parse_or_refuse(receipt, self._limits, self)
         await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
         self._metrics.callbacks.labels(receipt.source, "relayed").inc()
         self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
