@@ -18,7 +18,6 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict
 
 from receiver.model import Event
@@ -57,10 +56,7 @@ class JsonLinesHandler:
         return path.with_name(f"{path.stem}-{day}{path.suffix}")
 
     async def __call__(self, event: Event) -> None:
-        if self.options.include_raw:
-            line = event.to_json()
-        else:
-            line = orjson.dumps(event.to_dict(include_raw=False))
+        line = event.to_json(include_raw=self.options.include_raw)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((self.path_for(event), line + b"\n", done))
         if self._flushing is None:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 import pulsar
 import pulsar.asyncio
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
 from handlers import Retry
-from receiver.config import PULSAR_SERVICE_URL
+from receiver.config import PULSAR_SERVICE_URL, PulsarConnection
 from receiver.model import Event
 from receiver.tdmq.client import close as close_client
 from receiver.tdmq.client import describe, make_client
@@ -36,27 +34,16 @@ COMPRESSION = {
 }
 
 
-class PulsarOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PulsarOptions(PulsarConnection):
+    """The connection as in `[tdmq]` (service_url required here), and where to publish."""
 
-    # pulsar://host:6650, pulsar+ssl://host:6651, or an http(s):// address (TDMQ: the
-    # cluster's access address), as in [tdmq].
     service_url: str = Field(pattern=PULSAR_SERVICE_URL)
     # A full name, e.g. persistent://tenant/namespace/ci-events (TDMQ: pulsar-xxx/ns/topic).
     topic: str
-    # A JWT for token authentication (TDMQ: the role's token).
-    token: SecretStr | None = None
-    tls_trust_certs_file: Path | None = None
-    tls_allow_insecure_connection: bool = False
-    tls_validate_hostname: bool = False
-    # The client library logs to stdout on its own, at this level and above.
-    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
     producer_name: str | None = None
     compression: Literal["none", "lz4", "zlib", "zstd", "snappy"] = "none"
     batching: bool = True
-    # Seconds for the client's own operations (connecting, topic lookups: start-up), and
-    # for one send.
-    operation_timeout: float = Field(30.0, gt=0)
+    # Seconds for one send.
     send_timeout: float = Field(20.0, gt=0)
     # Extra fixed properties on every message, e.g. {env = "prod"}.
     properties: dict[str, str] = Field(default_factory=dict)
@@ -96,7 +83,6 @@ class PulsarHandler:
     async def __call__(self, event: Event) -> None:
         if self._producer is None:
             raise RuntimeError("the pulsar handler is not started")
-        record = event.to_dict(include_raw=self.options.include_raw)
         properties = {
             **self.options.properties,
             **{
@@ -114,7 +100,7 @@ class PulsarHandler:
         }
         try:
             await self._producer.send(
-                orjson.dumps(record),
+                event.to_json(include_raw=self.options.include_raw),
                 properties=properties,
                 partition_key=event.subject,
                 event_timestamp=int(event.received_at.timestamp() * 1000),

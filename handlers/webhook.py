@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from handlers.http import HttpHandler, HttpOptions, check_status
@@ -81,7 +80,7 @@ class WebhookHandler(HttpHandler):
         self._keys = [decode_secret(s.get_secret_value()) for s in self.options.secrets]
 
     async def __call__(self, event: Event) -> None:
-        body = orjson.dumps(event.to_dict(include_raw=self.options.include_raw))
+        body = event.to_json(include_raw=self.options.include_raw)
         webhook_id = message_id(event)
         timestamp = int(time.time())
         headers = {

@@ -26,6 +26,12 @@ config_option = click.option(
 )
 
 
+def listen_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--host and --port, for the commands that serve HTTP."""
+    command = click.option("--port", type=int, help="Port to listen on (default 8080).")(command)
+    return click.option("--host", help="Address to listen on (default 0.0.0.0).")(command)
+
+
 def _load(config_path: Path | None, **overrides: Any) -> Config:
     try:
         config = load_config(config_path)
@@ -53,8 +59,7 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--host", help="Address to listen on (default from config: 0.0.0.0).")
-@click.option("--port", type=int, help="Port to listen on (default from config: 8080).")
+@listen_options
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
     from receiver.runner import HttpServer, run_service
@@ -88,8 +93,7 @@ def consume(config_path: Path | None) -> None:
 
 @main.command("run")
 @config_option
-@click.option("--host", help="Address to listen on (default from config: 0.0.0.0).")
-@click.option("--port", type=int, help="Port to listen on (default from config: 8080).")
+@listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, TDMQ consumer and dispatcher in one process."""
     from receiver.runner import HttpServer, run_service

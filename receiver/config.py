@@ -108,14 +108,27 @@ class LogConfig(Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class TdmqConfig(Section):
-    """`[tdmq]`: the TDMQ for Pulsar (or Apache Pulsar) connection, and what `consume` reads."""
+class PulsarConnection(Section):
+    """How to reach a TDMQ for Pulsar (or Apache Pulsar) cluster: `[tdmq]`, and the
+    `pulsar` handler's options."""
 
     # The cluster's access address: pulsar://host:6650, pulsar+ssl://host:6651, or the
     # http://... address the TDMQ console shows.
     service_url: str | None = Field(None, pattern=PULSAR_SERVICE_URL)
     # A TDMQ role token (console: role management); None connects without authentication.
     token: SecretStr | None = None
+    # Seconds for the client's own operations (connecting, topic lookups, sends).
+    operation_timeout: float = Field(30.0, gt=0)
+    tls_trust_certs_file: Path | None = None
+    tls_allow_insecure_connection: bool = False
+    tls_validate_hostname: bool = False
+    # The Pulsar client library logs on its own to stdout, at this level and above.
+    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
+
+
+class TdmqConfig(PulsarConnection):
+    """`[tdmq]`: the connection, and what `consume` reads."""
+
     # Full names, persistent://<cluster id>/<namespace>/<topic>; or a pattern instead.
     topics: list[str] = []
     topic_pattern: str | None = None
@@ -135,12 +148,6 @@ class TdmqConfig(Section):
     # Messages that cannot be decoded are kept in the inbox as rejected and acked; when
     # this is set they are also published here (raw body, with the reason in properties).
     dead_letter_topic: str | None = None
-    operation_timeout: float = Field(30.0, gt=0)
-    tls_trust_certs_file: Path | None = None
-    tls_allow_insecure_connection: bool = False
-    tls_validate_hostname: bool = False
-    # The Pulsar client library logs on its own to stdout, at this level and above.
-    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
 
     @model_validator(mode="after")
     def _topics_or_pattern(self) -> TdmqConfig:

@@ -253,9 +253,11 @@ class Event:
             raw=data.get("raw") or {},
         )
 
-    def to_json(self) -> bytes:
+    def to_json(self, *, include_raw: bool = True) -> bytes:
         """The JSON form of `to_dict()`, as UTF-8 bytes."""
-        # orjson writes the dataclasses and datetimes itself, to the same bytes.
+        if not include_raw:
+            return orjson.dumps(self.to_dict(include_raw=False))
+        # orjson writes the dataclasses and datetimes itself, to the same bytes, faster.
         return orjson.dumps(self)
 
     @classmethod

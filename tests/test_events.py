@@ -426,6 +426,7 @@ def test_to_dict_and_json_round_trip(name):
         assert Event.from_dict(event.to_dict()) == event
         assert Event.from_json(event.to_json()) == event
         assert orjson.loads(event.to_json()) == event.to_dict()
+        assert orjson.loads(event.to_json(include_raw=False)) == event.to_dict(include_raw=False)
 
 
 def test_to_dict_has_the_documented_keys_and_iso_times():

@@ -4,16 +4,14 @@ options); which failures are worth a retry."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pulsar
 import pulsar.asyncio
 import pulsar.exceptions
 import structlog
-from pydantic import SecretStr
 
-from receiver.config import TdmqConfig
+from receiver.config import PulsarConnection, TdmqConfig
 
 logger = structlog.get_logger("ci_receiver.tdmq")
 
@@ -60,26 +58,7 @@ class TdmqError(RuntimeError):
     """TDMQ cannot work as configured: a wrong token, topic or subscription name."""
 
 
-class ClientSettings(Protocol):
-    """What a client is made from: `[tdmq]`, or a `pulsar` handler's options."""
-
-    @property
-    def service_url(self) -> str | None: ...
-    @property
-    def token(self) -> SecretStr | None: ...
-    @property
-    def operation_timeout(self) -> float: ...
-    @property
-    def tls_trust_certs_file(self) -> Path | None: ...
-    @property
-    def tls_allow_insecure_connection(self) -> bool: ...
-    @property
-    def tls_validate_hostname(self) -> bool: ...
-    @property
-    def client_log_level(self) -> str: ...
-
-
-def client_options(settings: ClientSettings) -> dict[str, Any]:
+def client_options(settings: PulsarConnection) -> dict[str, Any]:
     options: dict[str, Any] = {
         "operation_timeout_seconds": max(1, round(settings.operation_timeout)),
         "tls_allow_insecure_connection": settings.tls_allow_insecure_connection,
@@ -95,7 +74,7 @@ def client_options(settings: ClientSettings) -> dict[str, Any]:
     return options
 
 
-def make_client(settings: ClientSettings) -> pulsar.asyncio.Client:
+def make_client(settings: PulsarConnection) -> pulsar.asyncio.Client:
     """The client to make everywhere; end it with `close()` below."""
     if not settings.service_url:
         raise ValueError("tdmq.service_url is not set")
