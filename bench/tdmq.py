@@ -102,7 +102,7 @@ def drain_consumer(url: str, count: int, data_dir: Path) -> dict[str, float]:
     from receiver.config import Config, TdmqConfig
     from receiver.logs import configure_logging
     from receiver.service import Service
-    from receiver.tdmq import TdmqConsumer
+    from receiver.sources.tdmq import TdmqConsumer
 
     configure_logging("warning", "json")
     tdmq = TdmqConfig(service_url=url, topics=[TOPIC], subscription="consumer")

@@ -13,8 +13,8 @@ from typing import Protocol
 import structlog
 import uvicorn
 
-from receiver.http import create_app
 from receiver.service import Backend
+from receiver.sources.http import create_app
 
 logger = structlog.get_logger("ci_receiver.runner")
 

@@ -9,8 +9,8 @@ import httpx
 import uvicorn
 
 from receiver.config import Config
-from receiver.http import create_app
 from receiver.service import Service
+from receiver.sources.http import create_app
 from tests.callbacks import load
 from tests.processes import free_port
 

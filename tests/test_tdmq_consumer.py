@@ -18,8 +18,8 @@ from receiver.ingest import Ingestor
 from receiver.metrics import Metrics
 from receiver.payload import Limits, PayloadError
 from receiver.routing import Router
-from receiver.tdmq import TdmqConsumer, TdmqError, messages
-from receiver.tdmq.client import client_options, subscribe_options
+from receiver.sources.tdmq import TdmqConsumer, TdmqError, messages
+from receiver.sources.tdmq.client import client_options, subscribe_options
 from tests.callbacks import load
 from tests.processes import free_port
 from tests.tdmq_support import TOKEN, publish

@@ -45,7 +45,7 @@ if STAGE in ("before", "after", "hold"):
 if SKIP_IDS:
     import pulsar
 
-    from receiver.tdmq.consumer import TdmqConsumer
+    from receiver.sources.tdmq.consumer import TdmqConsumer
 
     subscribe = TdmqConsumer._subscribe
 

@@ -38,8 +38,8 @@ from receiver.config import TdmqConfig
 from receiver.ingest import Intake
 from receiver.metrics import Metrics
 from receiver.payload import PayloadError
-from receiver.tdmq import messages
-from receiver.tdmq.client import (
+from receiver.sources.tdmq import messages
+from receiver.sources.tdmq.client import (
     BATCH_WAIT_MS,
     PULSAR_ERRORS,
     TdmqError,
@@ -50,7 +50,7 @@ from receiver.tdmq.client import (
     subscribe_options,
 )
 
-logger = structlog.get_logger("ci_receiver.tdmq")
+logger = structlog.get_logger("ci_receiver.sources.tdmq")
 
 # How long messages being ingested get to finish on shutdown. One that does not is
 # redelivered (it was not acked), so cutting it short loses nothing.

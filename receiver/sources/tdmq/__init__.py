@@ -6,8 +6,8 @@
 - `client`: the Pulsar client and subscription made from `[tdmq]`.
 """
 
-from receiver.tdmq.client import TdmqError
-from receiver.tdmq.consumer import TdmqConsumer
-from receiver.tdmq.relay import Relay, RelayService
+from receiver.sources.tdmq.client import TdmqError
+from receiver.sources.tdmq.consumer import TdmqConsumer
+from receiver.sources.tdmq.relay import Relay, RelayService
 
 __all__ = ["Relay", "RelayService", "TdmqConsumer", "TdmqError"]

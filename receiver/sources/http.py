@@ -29,7 +29,7 @@ from receiver.ingest import RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
 
-logger = structlog.get_logger("ci_receiver.http")
+logger = structlog.get_logger("ci_receiver.sources.http")
 
 # Request headers kept with each callback: what tells its format, variant and sender.
 HEADERS_OF_INTEREST = frozenset(

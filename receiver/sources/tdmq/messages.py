@@ -24,9 +24,9 @@ from typing import Any
 
 import _pulsar
 
-from receiver.http import HEADERS_OF_INTEREST
 from receiver.inbox import Receipt
 from receiver.payload import PayloadError
+from receiver.sources.http import HEADERS_OF_INTEREST
 
 PREFIX = "ci-receiver-"
 SOURCE = PREFIX + "source"  # "http": published by the relay

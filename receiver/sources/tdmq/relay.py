@@ -26,8 +26,8 @@ from receiver.ingest import RejectionNotKept, parse_or_refuse
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import PayloadError
-from receiver.tdmq.client import TdmqError, close, describe, make_client
-from receiver.tdmq.messages import relay_properties
+from receiver.sources.tdmq.client import TdmqError, close, describe, make_client
+from receiver.sources.tdmq.messages import relay_properties
 
 logger = structlog.get_logger("ci_receiver.relay")
 

@@ -13,7 +13,7 @@ import structlog
 
 from receiver.config import PulsarConnection, TdmqConfig
 
-logger = structlog.get_logger("ci_receiver.tdmq")
+logger = structlog.get_logger("ci_receiver.sources.tdmq")
 
 SUBSCRIPTION_TYPES = {
     "shared": pulsar.ConsumerType.Shared,

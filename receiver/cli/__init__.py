@@ -1,0 +1,20 @@
+"""The `ci-receiver` command: one module per command group."""
+
+from __future__ import annotations
+
+import click
+
+from receiver.cli.events import events
+from receiver.cli.replay import replay
+from receiver.cli.serving import consume, run_all, serve
+from receiver.cli.setup import check_config, send
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ci-receiver")
+def main() -> None:
+    """Receive Tencent Cloud Infinite (CI) job callbacks, keep them, and act on them."""
+
+
+for command in (serve, consume, run_all, check_config, send, events, replay):
+    main.add_command(command)

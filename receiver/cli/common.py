@@ -1,0 +1,81 @@
+"""What the commands share: the config option, loading it, running a coroutine, the inbox."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from handlers import HandlerConfigError
+from receiver.config import Config, ConfigError, load_config
+
+T = TypeVar("T")
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CI_RECEIVER_CONFIG",
+    help="TOML config file (default: $CI_RECEIVER_CONFIG, or the embedded default).",
+)
+
+
+def listen_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--host and --port, for the commands that serve HTTP."""
+    command = click.option("--port", type=int, help="Port to listen on (default 8080).")(command)
+    return click.option("--host", help="Address to listen on (default 0.0.0.0).")(command)
+
+
+def load(config_path: Path | None, **overrides: Any) -> Config:
+    """The config, with --host / --port applied; a bad one ends the command with its error."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(f"config: {exc}") from None
+    http = {k: v for k, v in overrides.items() if v is not None}
+    if http:
+        config = config.model_copy(update={"http": config.http.model_copy(update=http)})
+    return config
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover (not on Windows)
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def make_service(config: Config) -> Any:
+    from receiver.service import Service
+
+    try:
+        return Service(config)
+    except HandlerConfigError as exc:
+        raise click.ClickException(f"config: {exc}") from None
+
+
+def with_inbox(config_path: Path | None, query: Callable[[Any], Awaitable[T]]) -> T:
+    """Open the configured inbox, run `query` on it, close it."""
+    from receiver.inbox import open_inbox
+
+    config = load(config_path)
+    if not config.inbox_path.exists():
+        raise click.ClickException(f"no inbox at {config.inbox_path} (nothing received yet?)")
+
+    async def run() -> T:
+        inbox = open_inbox(
+            config.inbox_path,
+            synchronous=config.inbox.synchronous,
+            rejected_body_bytes=config.inbox.rejected_body_bytes,
+        )
+        await inbox.open()
+        try:
+            return await query(inbox)
+        finally:
+            await inbox.close()
+
+    return asyncio.run(run())

@@ -1,0 +1,64 @@
+"""`check-config` and `send`: for setting a receiver up and trying it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from handlers import HandlerConfigError, shown_options
+from receiver.cli.common import config_option, load
+
+
+@click.command("check-config")
+@config_option
+def check_config(config_path: Path | None) -> None:
+    """Validate the config and every handler's options; print the effective config."""
+    from receiver.service import build_slots
+
+    config = load(config_path)
+    try:
+        slots = build_slots(config)
+    except HandlerConfigError as exc:
+        raise click.ClickException(f"config: {exc}") from None
+    effective = config.effective()
+    for slot in slots:
+        # The handler's own view of its options: defaults filled in, SecretStr masked.
+        shown = shown_options(slot.handler)
+        if shown is not None:
+            effective["handlers"][slot.name].update(shown)
+    click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
+    click.echo("config OK", err=True)
+
+
+@click.command()
+@click.argument("file", type=click.File("rb"))
+@click.option("--url", default="http://127.0.0.1:8080/callbacks", show_default=True)
+@click.option("--header", "-H", "headers", multiple=True, help="Extra header, 'Name: value'.")
+def send(file: Any, url: str, headers: tuple[str, ...]) -> None:
+    """POST a callback file to a receiver, as CI would (for testing a setup)."""
+    import httpx
+
+    extra = dict(_header(h) for h in headers)
+    body = file.read()
+    content_type = "application/json" if body.lstrip()[:1] in (b"{", b"[") else "application/xml"
+    try:
+        response = httpx.post(
+            url, content=body, headers={"Content-Type": content_type, **extra}, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot POST to {url}: {exc}") from None
+    click.echo(f"{response.status_code} {response.reason_phrase}", err=True)
+    click.echo(response.text)
+    if not response.is_success:
+        sys.exit(1)
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition(":")
+    if not separator:
+        raise click.BadParameter(f"{text!r} is not 'Name: value'", param_hint="--header")
+    return name.strip(), value.strip()

@@ -1,0 +1,5 @@
+"""Where callbacks come from: each source turns deliveries into receipts for ingest.
+
+- `http`: CI's CallBack URL (and a TDMQ-CMQ topic's HTTP push);
+- `tdmq`: TDMQ for Pulsar topics, and relay mode.
+"""
