@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -87,6 +88,17 @@ class LimitsConfig(Section):
 
 
 class InboxConfig(Section):
+    """`[inbox]`: the SQLite file (the default), or a PostgreSQL database that any number
+    of receivers and consumers share."""
+
+    # postgresql://user:password@host:5432/db (password URL-encoded; `${PW}` reads it from
+    # the environment). Unset: the SQLite file at `path`.
+    url: str | None = Field(None, pattern=r"^postgres(ql)?://")
+    # The PostgreSQL schema holding the inbox's tables (created when missing), so that they
+    # never meet the tables of a `sql` handler on the same database.
+    postgres_schema: str = Field("ci_receiver", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # Connections each process keeps to PostgreSQL.
+    pool_size: int = Field(10, ge=2, le=1000)
     # Default: <data_dir>/inbox.db
     path: Path | None = None
     # "full": a commit survives power loss; "normal": survives a process crash only.
@@ -262,7 +274,10 @@ class Config(BaseSettings):
     def effective(self) -> dict[str, Any]:
         """The configuration as it will be used, secrets masked: what check-config prints."""
         data = self.model_dump(mode="json")
-        data["inbox"]["path"] = str(self.inbox_path)
+        if self.inbox.url is None:
+            data["inbox"]["path"] = str(self.inbox_path)
+        else:
+            data["inbox"]["url"] = mask_url(self.inbox.url)
         data["handlers"] = {
             name: _mask(handler.model_dump(mode="json")) for name, handler in self.handlers.items()
         }
@@ -332,3 +347,13 @@ def _mask(options: dict[str, Any]) -> dict[str, Any]:
         k: ("**********" if _SECRET_NAME.search(k) and v not in (None, "") else v)
         for k, v in options.items()
     }
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password masked, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:**********"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
