@@ -173,6 +173,16 @@ class Inbox(Protocol):
 
     async def pending_counts(self) -> dict[str, int]: ...
 
+    async def known(self, event_ids: list[str]) -> set[str]:
+        """Which of these event ids are stored."""
+        ...
+
+    async def get_state(self, key: str) -> str | None:
+        """A small durable value (e.g. the reconcile cursor); None when never set."""
+        ...
+
+    async def set_state(self, key: str, value: str) -> None: ...
+
 
 def open_inbox(path: Path, *, synchronous: str = "full", rejected_body_bytes: int) -> Inbox:
     from receiver.inbox.sqlite import SqliteInbox

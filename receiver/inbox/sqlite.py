@@ -34,6 +34,8 @@ from receiver.model import Event
 
 SCHEMA_VERSION = 1
 PING_FRESH_SECONDS = 5.0
+# State keys share the meta table with the schema version: a prefix keeps them apart.
+_STATE_PREFIX = "state:"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS receipts (
@@ -450,6 +452,40 @@ class SqliteInbox:
             )
 
         return await self._writer.submit(counts)
+
+    # --- known ids and small durable state -------------------------------------------
+
+    async def known(self, event_ids: list[str]) -> set[str]:
+        def known(connection: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(event_ids), 500):  # below SQLite's variable limit
+                chunk = event_ids[start : start + 500]
+                found.update(
+                    row[0]
+                    for row in connection.execute(
+                        f"SELECT id FROM events WHERE id IN ({_marks(chunk)})", chunk
+                    )
+                )
+            return found
+
+        return await self._writer.submit(known) if event_ids else set()
+
+    async def get_state(self, key: str) -> str | None:
+        def get(connection: sqlite3.Connection) -> str | None:
+            row = connection.execute(
+                "SELECT value FROM meta WHERE key = ?", (_STATE_PREFIX + key,)
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._writer.submit(get)
+
+    async def set_state(self, key: str, value: str) -> None:
+        def set_(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (_STATE_PREFIX + key, value)
+            )
+
+        await self._writer.submit(set_)
 
 
 def _receipt_row(receipt: Receipt, body: bytes, size: int) -> tuple[Any, ...]:
