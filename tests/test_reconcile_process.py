@@ -59,12 +59,12 @@ def environment(tmp_path: Path) -> dict[str, str]:
     return {"CI_TEST_SECRET_KEY": (tmp_path / "secret_key").read_text()}
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "receiver.cli", *args]
     return subprocess.run(
         [*command, "--config", str(tmp_path / "ci-receiver.toml")],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        env={**environment(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        env={**environment(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env},
     )  # fmt: skip
 
 
@@ -145,3 +145,28 @@ def test_reconcile_by_hand_dry_run_changes_nothing(tmp_path, ci):
     unknown = cli(tmp_path, "reconcile", "--bucket", "other-1250000000")
     assert unknown.returncode == 1
     assert "other-1250000000 is not in [ci] buckets (media-1250000000)" in unknown.stderr
+
+
+def test_check_config_masks_the_credentials_from_file_or_environment(tmp_path, ci):
+    config(tmp_path, ci)
+    shown = cli(tmp_path, "check-config", CI_RECEIVER_CI__SECRET_ID="AKIDfromenvironment")
+    assert shown.returncode == 0, shown.stderr
+    effective = orjson.loads(shown.stdout)["ci"]
+    assert (effective["secret_id"], effective["secret_key"]) == ("**********", "**********")
+    assert (effective["interval"], effective["window"]) == (0.5, 3600)
+    assert "AKIDfromenvironment" not in shown.stdout
+    assert SECRET_KEY not in shown.stdout
+
+    # The environment overrides the file: the right key from there, a wrong one in it.
+    config(tmp_path, ci, secret_key="not-the-key")
+    assert cli(tmp_path, "reconcile", "--dry-run").returncode == 1
+    fixed = cli(tmp_path, "reconcile", "--dry-run", CI_RECEIVER_CI__SECRET_KEY=SECRET_KEY)
+    assert fixed.returncode == 0, fixed.stderr
+
+    (tmp_path / "ci-receiver.toml").write_text(
+        f'[ci]\nsecret_id = "x"\nsecret_key = "y"\n[[ci.buckets]]\nname = "{BUCKET}"\n'
+        f'region = "{REGION}"\n'
+    )
+    refused = cli(tmp_path, "check-config")
+    assert refused.returncode == 1
+    assert "ci.buckets[0]: name the job tags" in refused.stderr
