@@ -105,11 +105,9 @@ def workflow_document(execution: dict[str, Any]) -> dict[str, Any]:
     return {"EventName": "WorkflowFinish", "WorkflowExecution": execution}
 
 
-def events_of(document: dict[str, Any], received_at: datetime | None = None) -> list[Event]:
+def events_of(document: dict[str, Any]) -> list[Event]:
     """Normalize a callback document made from an API answer, as a callback would be."""
-    return normalize(
-        Document(data=document, format="json"), source="reconcile", received_at=received_at
-    )
+    return normalize(Document(data=document, format="json"), source="reconcile")
 
 
 def ci_time(moment: datetime) -> str:
@@ -139,7 +137,7 @@ class CiApi:
             ["reason"],
             registry=registry,
         )
-        self.regions = {bucket.name: bucket.region for bucket in config.buckets}
+        self._regions = {bucket.name: bucket.region for bucket in config.buckets}
 
     # --- the calls -----------------------------------------------------------------
 
@@ -270,7 +268,7 @@ class CiApi:
     # --- the machinery -------------------------------------------------------------
 
     def _client(self, bucket: str) -> CosS3Client:
-        region = self.regions.get(bucket)
+        region = self._regions.get(bucket)
         if region is None:
             raise CiApiError(f"bucket {bucket} is not in [ci] buckets")
         with self._lock:
