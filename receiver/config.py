@@ -12,12 +12,14 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -27,6 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from receiver.inbox import Cutoffs
 from receiver.payload import Limits
 
 if sys.version_info >= (3, 11):
@@ -198,6 +201,10 @@ def parse_duration(value: str | float) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+# Seconds, written as a number or as `90s`, `5m`, `24h`, `7d`.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
 class CiBucket(Section):
     """`[[ci.buckets]]`: one bucket bound to CI, and what of it to watch."""
 
@@ -233,16 +240,11 @@ class CiConfig(Section):
     # the bucket's CI domain.
     endpoint: str | None = Field(None, pattern=r"^https?://[^/?#\s]+/?$")
     # Seconds between reconcile passes, and how far back each pass looks.
-    interval: float = Field(300.0, gt=0)
-    window: float = Field(86400.0, gt=0)
+    interval: Duration = Field(300.0, gt=0)
+    window: Duration = Field(86400.0, gt=0)
     # Seconds for one API request, and attempts for one that is throttled or fails.
     request_timeout: float = Field(10.0, gt=0)
     max_attempts: int = Field(5, ge=1)
-
-    @field_validator("interval", "window", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> float:
-        return parse_duration(value)
 
     @model_validator(mode="after")
     def _credentials_to_watch(self) -> CiConfig:
@@ -253,6 +255,28 @@ class CiConfig(Section):
     @property
     def enabled(self) -> bool:
         return bool(self.buckets)
+
+
+class RetentionConfig(Section):
+    """`[retention]`: how long what is finished stays in the inbox; 0 keeps it for ever.
+
+    Pending, held and dead-lettered work is never removed, whatever its age."""
+
+    # Handled events (every run done, or none routed), with their runs, attempts and
+    # receipts, and duplicate deliveries' receipts.
+    events: Duration = Field(30 * 86400.0, ge=0)
+    # The bodies of handled callbacks: their events stay, without the decoded document.
+    bodies: Duration = Field(7 * 86400.0, ge=0)
+    # Refused callbacks.
+    refused: Duration = Field(3 * 86400.0, ge=0)
+    # How often the background pruning runs.
+    interval: Duration = Field(3600.0, gt=0)
+
+    def cutoffs(self, now: datetime) -> Cutoffs:
+        def before(seconds: float) -> datetime | None:
+            return now - timedelta(seconds=seconds) if seconds else None
+
+        return Cutoffs(before(self.events), before(self.bodies), before(self.refused))
 
 
 class HandlerConfig(BaseModel):
@@ -312,6 +336,7 @@ class Config(BaseSettings):
     tdmq: TdmqConfig = TdmqConfig()
     relay: RelayConfig = RelayConfig()
     ci: CiConfig = CiConfig()
+    retention: RetentionConfig = RetentionConfig()
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
     # None: every handler gets every event.
     routes: list[RouteConfig] | None = None

@@ -3,6 +3,7 @@ dispatcher and the ingest path that the HTTP app and the TDMQ consumer share."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -12,6 +13,9 @@ from receiver.dispatch import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
 from receiver.ingest import Ingestor, Intake
 from receiver.metrics import Metrics
+from receiver.monitor import BacklogMonitor
+from receiver.presence import Presence
+from receiver.retention import Pruner
 from receiver.routing import Router
 
 # A readiness check: returns (ok, detail).
@@ -66,6 +70,12 @@ class Service:
             config.limits.to_limits(),
             on_stored=self.dispatcher.notify,
         )
+        # Inbox upkeep, running beside the dispatcher for as long as the service does.
+        self.pruner = Pruner(self.inbox, config.retention, self.metrics.registry)
+        self.monitor = BacklogMonitor(self.inbox, list(config.handlers), self.metrics.registry)
+        self.presence = Presence(self.inbox, list(config.handlers))
+        self._upkeep_parts = (self.pruner, self.monitor, self.presence)
+        self._upkeep: list[asyncio.Task[None]] = []
         self.draining = False
         self._checks: dict[str, Check] = {}
 
@@ -76,9 +86,15 @@ class Service:
     async def start(self) -> None:
         await self.inbox.open()
         await self.dispatcher.start()
+        self._upkeep = [
+            asyncio.create_task(part.run(), name=part.name) for part in self._upkeep_parts
+        ]
 
     async def stop(self) -> None:
         self.draining = True
+        for part in self._upkeep_parts:
+            part.stop()
+        await asyncio.gather(*self._upkeep, return_exceptions=True)
         await self.dispatcher.stop()
         await self.inbox.close()
 

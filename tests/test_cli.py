@@ -147,7 +147,7 @@ def test_a_body_kept_only_in_part_is_not_decoded_again(receiver, tmp_path):
         restarted.stop()
     result = cli(tmp_path, "replay", "--receipt", "1", ok=False)
     assert result.returncode == 1
-    assert b"only its first 0 were kept: it cannot be decoded again" in result.stderr
+    assert b"was not kept whole" in result.stderr
 
 
 def test_replay_all_backfills_a_new_handler(receiver, tmp_path):
@@ -155,14 +155,65 @@ def test_replay_all_backfills_a_new_handler(receiver, tmp_path):
     receiver.post(load("two_jobs.xml"))
     wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
     assert recorded(tmp_path / "later.jsonl") == []
-    assert (
-        cli(tmp_path, "replay", "--all", "--handler", "later").stdout.strip()
-        == b"3 run(s) queued again"
-    )
+    # The routes send nothing to `later`: replay says so rather than queue behind them.
+    routed = cli(tmp_path, "replay", "--all", "--handler", "later")
+    assert routed.stdout.strip() == b"0 run(s) queued again, of 3 event(s)"
+    assert b"3 event(s) not sent to later by the routes" in routed.stderr
+    planned = cli(tmp_path, "replay", "--all", "--handler", "later", "--ignore-routes", "--dry-run")
+    assert planned.stdout.strip() == b"3 run(s) would be queued, of 3 event(s)"
+    assert recorded(tmp_path / "later.jsonl") == []
+    forced = cli(tmp_path, "replay", "--all", "--handler", "later", "--ignore-routes")
+    assert forced.stdout.strip() == b"3 run(s) queued again, of 3 event(s)"
+    assert b"no running receiver" not in forced.stderr  # the receiver has `later`
     wait_until(lambda: len(recorded(tmp_path / "later.jsonl")) == 3)
     assert sorted(recorded(tmp_path / "later.jsonl")) == sorted(
         recorded(tmp_path / "recorded.jsonl")
     )
+
+
+def test_replay_by_filter_and_time(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))
+    receiver.post(load("two_jobs.xml"))
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
+    tags = cli(tmp_path, "replay", "--tag", "Transcode", "--since", "1h", "--dry-run")
+    assert tags.stdout.strip() == b"3 run(s) would be queued, of 3 event(s)"
+    keys = cli(tmp_path, "replay", "--key", "input/?.mp4", "--dry-run")
+    assert keys.stdout.strip() == b"2 run(s) would be queued, of 2 event(s)"
+    assert (
+        cli(tmp_path, "replay", "--until", "1h")
+        .stderr.strip()
+        .endswith(b"no event matches: nothing to replay")
+    )
+    again = cli(tmp_path, "replay", "--key", "*.mp4", "--handler", "recorder")
+    assert again.stdout.strip().startswith(b"3 run(s) queued again")
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 6)
+
+
+def test_replay_for_a_handler_no_running_receiver_has_warns(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 1)
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(
+        config.read_text().replace(
+            "[[routes]]",
+            f'[handlers.added]\ntype = "tests.handlers_for_tests:Recorder"\n'
+            f'path = "{tmp_path / "added.jsonl"}"\n[[routes]]',
+        )
+    )
+    wait_until(lambda: presence_written(tmp_path))
+    result = cli(tmp_path, "replay", "--all", "--handler", "added", "--ignore-routes")
+    assert result.stdout.strip() == b"1 run(s) queued again, of 1 event(s)"
+    assert b"no running receiver has handler 'added'" in result.stderr
+
+
+def presence_written(tmp_path) -> bool:
+    import sqlite3
+
+    connection = sqlite3.connect(tmp_path / "data" / "inbox.db")
+    try:
+        return bool(connection.execute("SELECT 1 FROM state WHERE key LIKE 'process:%'").fetchall())
+    finally:
+        connection.close()
 
 
 def test_replay_needs_to_be_told_what(receiver, tmp_path):

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from receiver.inbox import EventFilter, Receipt, SchemaError
+from receiver.inbox import Cutoffs, EventFilter, Pruned, Receipt, SchemaError
 from tests.callbacks import ALL, load
 
 
@@ -297,6 +297,8 @@ async def test_requeue_chosen_events_and_handlers(inbox):
         (claim,) = await inbox.claim(handler, 1, 30)
         await inbox.finish(claim, "done", started_at=now())
     assert await inbox.requeue([event_id], None, dead_only=True) == 0  # nothing dead
+    assert await inbox.requeue([event_id], ["b", "new"], dead_only=False, dry_run=True) == 2
+    assert await run_states(inbox, event_id) == {"a": ("done", 1), "b": ("done", 1)}
     assert await inbox.requeue([event_id], ["b"], dead_only=False) == 1
     assert await run_states(inbox, event_id) == {"a": ("done", 1), "b": ("pending", 0)}
     assert await inbox.requeue([event_id], None, dead_only=False) == 2
@@ -458,3 +460,134 @@ async def set_schema_version(place, version: int) -> None:
         )
     finally:
         await connection.close()
+
+
+# --- counts, loading, size ------------------------------------------------------------
+
+
+async def test_counts_since_a_moment(inbox):
+    old = receipt(job("jold"))
+    old.received_at = now() - timedelta(days=2)
+    await inbox.store(old, [(e, ["a"]) for e in parse_callback(old.body)])
+    since = now() - timedelta(hours=1)
+    await store_body(inbox, job("j1", state="Failed"), handlers=["a", "b"])
+    await store_body(inbox, job("j1", state="Failed"))
+    await store(inbox, "workflow_finish.xml", handlers=["a"])
+    await inbox.reject(receipt(b"x"), "not_xml_or_json", "x")
+    (claim,) = await inbox.claim("b", 1, 30)
+    await inbox.finish(claim, "dead", started_at=now())
+    counts = await inbox.counts(since)
+    assert counts.receipts == {"accepted": 2, "duplicate": 1, "rejected": 1}
+    assert counts.tags == {"Transcode": 1, "WorkflowFinish": 1}
+    assert counts.states == {"Failed": 1, "Success": 1}
+    assert counts.runs == {"a": {"pending": 2}, "b": {"dead": 1}}
+
+
+async def test_load_gives_the_stored_events_without_their_documents(inbox):
+    stored = await store(inbox, "two_jobs.xml", handlers=[])
+    loaded = await inbox.load([*stored.new, "job:none:Success"])
+    assert sorted(e.id for e in loaded) == sorted(stored.new)
+    assert all(e.raw == {} and e.operation is None and e.input for e in loaded)
+    assert await inbox.load([]) == []
+
+
+async def test_size_grows_with_what_is_stored(inbox):
+    before = await inbox.size()
+    for n in range(200):
+        await store_body(inbox, job(f"jsize{n}"))
+    assert await inbox.size() > before
+
+
+async def test_states_by_prefix_and_deleted(inbox):
+    await inbox.set_state("process:a", "1")
+    await inbox.set_state("process:b", "2")
+    await inbox.set_state("processes", "3")
+    await inbox.set_state("other", "4")
+    assert await inbox.states("process:") == {"process:a": "1", "process:b": "2"}
+    await inbox.delete_state("process:a")
+    assert await inbox.states("process") == {"process:b": "2", "processes": "3"}
+
+
+# --- retention ------------------------------------------------------------------------
+
+DAY = timedelta(days=1)
+
+
+async def store_at(inbox, body: bytes, days_ago: float, handlers=("a",)):
+    arrived = receipt(body)
+    arrived.received_at = now() - days_ago * DAY
+    events = parse_callback(body, received_at=arrived.received_at)
+    return await inbox.store(arrived, [(e, list(handlers)) for e in events])
+
+
+async def finish_all(inbox, handler: str, outcome: str) -> None:
+    for claim in await inbox.claim(handler, 1000, 30):
+        await inbox.finish(claim, outcome, started_at=now())
+
+
+async def prune_all(inbox, cutoffs, limit: int = 500):
+    total = Pruned()
+    while pruned := await inbox.prune(cutoffs, limit=limit):
+        total += pruned
+    return total
+
+
+async def test_retention_removes_only_what_is_handled_and_old(inbox):
+    done_old = await store_at(inbox, job("jdone"), 40, handlers=["a"])
+    await finish_all(inbox, "a", "done")
+    await store_at(inbox, job("jdup"), 40, handlers=["a"])
+    await store_at(inbox, job("jdup"), 39)  # a duplicate's receipt, as old
+    await finish_all(inbox, "a", "done")
+    await store_at(inbox, job("jdead"), 40, handlers=["d"])
+    await finish_all(inbox, "d", "dead")
+    pending_old = await store_at(inbox, job("jpending"), 40, handlers=["p"])
+    unrouted = await store_at(inbox, job("jnoroute"), 40, handlers=[])
+    recent = await store_at(inbox, job("jrecent"), 1, handlers=["a"])
+    await finish_all(inbox, "a", "done")
+    refused_old = receipt(b"garbage")
+    refused_old.received_at = now() - 5 * DAY
+    await inbox.reject(refused_old, "not_xml_or_json", "g")
+    await inbox.reject(receipt(b"fresh garbage"), "not_xml_or_json", "g")
+
+    cutoffs = Cutoffs(events=now() - 30 * DAY, bodies=now() - 7 * DAY, refused=now() - 3 * DAY)
+    planned = await inbox.prune(cutoffs, dry_run=True)
+    # jdone, jdup and jnoroute with their receipts, the duplicate of jdup, one refused
+    assert (planned.events, planned.receipts) == (3, 5)
+    assert planned.bytes > 0
+    pruned = await prune_all(inbox, cutoffs, limit=1)  # batch by batch
+    assert (pruned.events, pruned.receipts) == (planned.events, planned.receipts)
+
+    left = {e.job_id for e in await inbox.events(limit=100)}
+    assert left == {"jdead", "jpending", "jrecent"}
+    assert await inbox.event(done_old.new[0]) is None
+    assert await inbox.event(unrouted.new[0]) is None
+    assert (await inbox.event(recent.new[0])).event.raw  # within every period
+    # Pending and dead-lettered work keeps its body: it may still run or be replayed.
+    pending = await inbox.event(pending_old.new[0])
+    assert pending.event.raw
+    assert await run_states(inbox, pending_old.new[0]) == {"p": ("pending", 0)}
+    assert [r.error_reason for r in await inbox.receipts(outcome="rejected")] == ["not_xml_or_json"]
+    assert len(await inbox.receipts(outcome="rejected")) == 1
+    assert await inbox.prune(cutoffs, dry_run=True) == Pruned()
+
+
+async def test_retention_drops_bodies_of_handled_callbacks_before_their_events(inbox):
+    stored = await store_at(inbox, load("transcode.xml"), 10, handlers=["a"])
+    held_back = await store_at(inbox, job("jwaiting"), 10, handlers=["slow"])
+    await finish_all(inbox, "a", "done")
+    cutoffs = Cutoffs(events=now() - 30 * DAY, bodies=now() - 7 * DAY, refused=None)
+    pruned = await prune_all(inbox, cutoffs)
+    assert (pruned.events, pruned.receipts, pruned.bodies) == (0, 0, 1)
+    assert pruned.bytes == len(load("transcode.xml"))
+    detail = await inbox.event(stored.new[0])
+    assert detail.event.raw == {}  # the event stays, its document is gone with the body
+    assert detail.event.tag == "Transcode"
+    assert (await inbox.receipt(stored.receipt_id)).body == b""
+    assert (await inbox.event(held_back.new[0])).event.raw
+
+
+async def test_a_pruned_event_arriving_again_is_new(inbox):
+    await store_at(inbox, job("jagain"), 40, handlers=["a"])
+    await finish_all(inbox, "a", "done")
+    await prune_all(inbox, Cutoffs(events=now() - 30 * DAY, bodies=None, refused=None))
+    assert (await store_body(inbox, job("jagain"))).new == ["job:jagain:Success"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from receiver.cli.events import events
+from receiver.cli.prune import prune
 from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
 from receiver.cli.serving import consume, run_all, serve
 from receiver.cli.setup import check_config, send
+from receiver.cli.stats import stats
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,5 +19,16 @@ def main() -> None:
     """Receive Tencent Cloud Infinite (CI) job callbacks, keep them, and act on them."""
 
 
-for command in (serve, consume, run_all, check_config, send, events, replay, reconcile):
+for command in (
+    serve,
+    consume,
+    run_all,
+    check_config,
+    send,
+    events,
+    stats,
+    replay,
+    reconcile,
+    prune,
+):
     main.add_command(command)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from handlers import HandlerConfigError
-from receiver.config import Config, ConfigError, load_config
-from receiver.inbox import SchemaError
+from receiver.config import Config, ConfigError, load_config, parse_duration
+from receiver.inbox import EventFilter, SchemaError
 
 T = TypeVar("T")
 
@@ -28,6 +29,47 @@ def listen_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--host and --port, for the commands that serve HTTP."""
     command = click.option("--port", type=int, help="Port to listen on (default 8080).")(command)
     return click.option("--host", help="Address to listen on (default 0.0.0.0).")(command)
+
+
+class Moment(click.ParamType):
+    """A time: ISO 8601 (`2026-11-30T08:00:00+08:00`; UTC when it names no zone), or a
+    duration back from now (`90m`, `24h`, `7d`)."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(value))
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a time (ISO 8601) nor a duration (24h)", param, ctx)
+        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options choosing events (`events list`, `replay`): each one given must match."""
+    options = [
+        click.option("--kind", type=click.Choice(["job", "workflow", "moderation"])),
+        click.option("--tag", help="Job tag (e.g. SmartCover), or a workflow's event name."),
+        click.option("--state", help="Job state, e.g. Failed."),
+        click.option("--job", "job_id", help="A JobId (or a workflow's RunId)."),
+        click.option("--bucket", help="The input object's bucket."),
+        click.option("--key", help="A glob over the input object's key: 'videos/*.mp4'."),
+        click.option("--since", type=Moment(), help="Received since: ISO 8601, or 24h ago."),
+        click.option("--until", type=Moment(), help="Received before: ISO 8601, or 1h ago."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def event_filter(**options: Any) -> EventFilter:
+    return EventFilter(**{k: v for k, v in options.items() if k in EventFilter.__slots__})
 
 
 def load(config_path: Path | None, **overrides: Any) -> Config:

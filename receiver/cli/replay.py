@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from receiver.cli.common import config_option, load, make_service, with_inbox
+from receiver.cli.common import (
+    config_option,
+    event_filter,
+    filter_options,
+    load,
+    make_service,
+    with_inbox,
+)
 from receiver.config import Config
+from receiver.inbox import EventFilter, Inbox
 
 
 @click.command()
 @config_option
 @click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_events", is_flag=True, help="Every stored event.")
+@filter_options
 @click.option("--dead", "dead_only", is_flag=True, help="Only dead-lettered runs.")
 @click.option(
-    "--handler", "handler_names", multiple=True, help="Only (or also: new) runs of this handler."
+    "--handler", "handler_names", multiple=True, help="Runs of this handler (created if missing)."
 )
 @click.option(
-    "--all", "all_events", is_flag=True, help="Every stored event (needs --handler: a backfill)."
+    "--ignore-routes", is_flag=True, help="Create runs even for events the routes do not send."
 )
+@click.option("--dry-run", is_flag=True, help="Say what would be queued; change nothing.")
 @click.option(
     "--receipt",
     "receipt_id",
@@ -31,43 +43,101 @@ from receiver.config import Config
 def replay(
     config_path: Path | None,
     event_ids: tuple[str, ...],
+    all_events: bool,
     dead_only: bool,
     handler_names: tuple[str, ...],
-    all_events: bool,
+    ignore_routes: bool,
+    dry_run: bool,
     receipt_id: int | None,
+    **filters: Any,
 ) -> None:
     """Run handlers again: dead letters, chosen events, or a stored callback.
 
     \b
-      ci-receiver replay --dead                 every dead-lettered run
-      ci-receiver replay --dead --handler db    dead runs of one handler
-      ci-receiver replay job:j68...:Success     every run of one event
-      ci-receiver replay --all --handler db     run a new handler over all history
-      ci-receiver replay --receipt 42           decode callback #42 again
+      ci-receiver replay --dead                     every dead-lettered run
+      ci-receiver replay --dead --handler db        dead runs of one handler
+      ci-receiver replay job:j68...:Success         every run of one event
+      ci-receiver replay --tag Transcode --since 24h --handler db --dry-run
+      ci-receiver replay --all --handler db         a new handler over all history
+      ci-receiver replay --receipt 42               decode callback #42 again
 
-    A running receiver picks the runs up within its poll interval.
+    Named handlers get runs only for events the routes send them (--ignore-routes
+    for all). A running receiver picks the runs up at once (PostgreSQL) or within its
+    poll interval (SQLite).
     """
     config = load(config_path)
     if receipt_id is not None:
         _replay_receipt(config, receipt_id)
         return
-    if not (event_ids or dead_only or all_events):
-        raise click.UsageError("say what to replay: EVENT_IDS, --dead, --all or --receipt")
-    if all_events and not handler_names:
+    chosen = event_filter(**filters)
+    if not (event_ids or all_events or dead_only or chosen != EventFilter()):
+        raise click.UsageError(
+            "say what to replay: EVENT_IDS, a filter (--tag, --since, ...), --dead, --all"
+            " or --receipt"
+        )
+    if all_events and not (handler_names or dead_only):
         raise click.UsageError(
             "--all runs handlers over every stored event: name them with --handler"
         )
     unknown = [name for name in handler_names if name not in config.handlers]
     if unknown:
         raise click.ClickException(f"handler(s) not configured: {', '.join(unknown)}")
-    count = with_inbox(
-        config_path,
-        lambda inbox: inbox.requeue(
-            list(event_ids) or None, list(handler_names) or None, dead_only=dead_only
-        ),
-        read_only=False,
-    )
-    click.echo(f"{count} run(s) queued again")
+    if dead_only:
+        chosen.status = "dead"
+
+    async def run(inbox: Inbox) -> None:
+        from receiver.presence import running
+        from receiver.replay import chosen_ids, replay
+        from receiver.routing import Router
+
+        ids = await chosen_ids(inbox, list(event_ids), chosen)
+        if not ids:
+            click.echo("no event matches: nothing to replay", err=True)
+            return
+        with click.progressbar(
+            length=len(ids), label="replaying", file=sys.stderr, show_pos=True
+        ) as bar:
+            done = await replay(
+                inbox,
+                Router(config.routes, list(config.handlers)),
+                ids,
+                handlers=list(handler_names),
+                dead_only=dead_only,
+                ignore_routes=ignore_routes,
+                dry_run=dry_run,
+                progress=bar.update,
+            )
+        verb = "would be queued" if dry_run else "queued again"
+        click.echo(f"{done.runs} run(s) {verb}, of {done.events} event(s)")
+        for handler, count in done.unrouted.items():
+            if count:
+                click.echo(
+                    f"{count} event(s) not sent to {handler} by the routes: left alone"
+                    " (--ignore-routes to run them anyway)",
+                    err=True,
+                )
+        if done.runs and not dry_run:
+            _warn_if_nobody_runs(await running(inbox), list(handler_names))
+
+    with_inbox(config_path, run, read_only=False)
+
+
+def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
+    """Runs only run where a receiver has their handler: say so when none has."""
+    if not processes:
+        click.echo(
+            "no receiver is running on this inbox now: the runs wait until one starts",
+            err=True,
+        )
+        return
+    for handler in handlers:
+        if not any(handler in process.handlers for process in processes):
+            click.echo(
+                f"no running receiver has handler {handler!r} (they started with an older"
+                " config): its runs wait until one does; restart them, or send them SIGHUP"
+                " to reload handlers and routes",
+                err=True,
+            )
 
 
 def _replay_receipt(config: Config, receipt_id: int) -> None:
@@ -81,10 +151,10 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
             receipt = await service.inbox.receipt(receipt_id)
             if receipt is None:
                 raise click.ClickException(f"no receipt {receipt_id}")
-            if receipt.cut_from is not None:
+            if receipt.cut_from is not None or not receipt.body:
                 raise click.ClickException(
-                    f"receipt {receipt_id} was refused at {receipt.cut_from} bytes and only its"
-                    f" first {len(receipt.body)} were kept: it cannot be decoded again"
+                    f"receipt {receipt_id} was not kept whole (refused for its size, or its"
+                    " body removed by retention): it cannot be decoded again"
                 )
             receipt.source = "replay"
             receipt.source_meta = {**receipt.source_meta, "replayed_receipt": receipt_id}

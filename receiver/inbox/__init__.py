@@ -160,6 +160,43 @@ class Backlog:
     oldest_due: datetime | None  # the earliest due_at of its pending runs
 
 
+@dataclass(slots=True)
+class Counts:
+    """What arrived since a moment, for `stats` and the overview."""
+
+    receipts: dict[str, int]  # by outcome: accepted, duplicate, rejected
+    tags: dict[str, int]  # new events by tag (or event name, for workflows and verdicts)
+    states: dict[str, int]  # new events by state
+    runs: dict[str, dict[str, int]]  # of those events' runs: handler -> status -> count
+
+
+@dataclass(slots=True, frozen=True)
+class Cutoffs:
+    """What retention may remove: what was received before each moment (None: keep)."""
+
+    events: datetime | None  # handled events, their runs and attempts, and their receipts
+    bodies: datetime | None  # the bodies of handled callbacks (their events stay)
+    refused: datetime | None  # refused callbacks
+
+
+@dataclass(slots=True)
+class Pruned:
+    events: int = 0
+    receipts: int = 0  # receipts removed, refused ones included
+    bodies: int = 0  # bodies dropped from receipts that stay
+    bytes: int = 0  # of bodies and event rows removed
+
+    def __iadd__(self, other: Pruned) -> Pruned:
+        self.events += other.events
+        self.receipts += other.receipts
+        self.bodies += other.bodies
+        self.bytes += other.bytes
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.receipts or self.bodies)
+
+
 class Inbox(Protocol):
     async def open(self) -> None:
         """Connect, create or migrate the schema; raise with a clear message when the
@@ -226,11 +263,17 @@ class Inbox(Protocol):
     # --- replay ---------------------------------------------------------------------
 
     async def requeue(
-        self, event_ids: list[str] | None, handlers: list[str] | None, *, dead_only: bool
+        self,
+        event_ids: list[str] | None,
+        handlers: list[str] | None,
+        *,
+        dead_only: bool,
+        dry_run: bool = False,
     ) -> int:
         """Make runs pending again with their attempts reset (named handlers: creating
         the runs that do not exist yet); None selects every event or every handler.
-        Runs leased right now are left alone. Returns how many runs were queued."""
+        Runs leased right now are left alone. Returns how many runs were (with
+        `dry_run`: would be) queued."""
         ...
 
     # --- reading (never blocks writers) ---------------------------------------------
@@ -268,12 +311,42 @@ class Inbox(Protocol):
         """Per handler with any pending or dead run."""
         ...
 
-    async def pending_counts(self) -> dict[str, int]: ...
+    async def counts(self, since: datetime) -> Counts:
+        """Receipts, new events and their runs since `since`."""
+        ...
+
+    async def load(self, event_ids: list[str]) -> list[Event]:
+        """These events as stored, without their documents (`raw` empty): for deciding
+        about many events at once (replay by routes)."""
+        ...
+
+    async def size(self) -> int:
+        """Bytes the inbox takes on disk."""
+        ...
+
+    # --- retention ------------------------------------------------------------------
+
+    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
+        """Remove one batch (at most `limit` of each kind) of what the cutoffs allow;
+        call again until it returns nothing. Never touches an event with a run pending,
+        held or dead-lettered, nor the body those need. `dry_run` counts everything
+        that would go, changing nothing."""
+        ...
+
+    async def compact(self) -> None:
+        """Give the space pruning freed back to the file system, in small steps (SQLite);
+        nothing where the database does it itself (PostgreSQL's autovacuum)."""
+        ...
 
     # --- small durable state (the reconciler's cursor) ------------------------------
 
     async def get_state(self, key: str) -> str | None: ...
     async def set_state(self, key: str, value: str) -> None: ...
+    async def states(self, prefix: str) -> dict[str, str]:
+        """Every key starting with `prefix`, with its value."""
+        ...
+
+    async def delete_state(self, key: str) -> None: ...
 
 
 def open_inbox(config: Config, *, read_only: bool = False, wait: bool = False) -> Inbox:

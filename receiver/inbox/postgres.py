@@ -33,11 +33,14 @@ from receiver.inbox import (
     Attempt,
     Backlog,
     Claim,
+    Counts,
+    Cutoffs,
     EventDetail,
     EventFilter,
     EventSummary,
     InboxUnavailable,
     Outcome,
+    Pruned,
     Receipt,
     ReceiptOutcome,
     ReceiptSummary,
@@ -46,7 +49,7 @@ from receiver.inbox import (
     Stored,
 )
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
-from receiver.inbox.query import Dialect, event_conditions, glob_to_like
+from receiver.inbox.query import UNFINISHED_RUN, Dialect, event_conditions, glob_to_like
 from receiver.inbox.records import Documents, event_data
 from receiver.model import Event
 
@@ -446,42 +449,28 @@ class PostgresInbox:
     # --- replay --------------------------------------------------------------------
 
     async def requeue(
-        self, event_ids: list[str] | None, handlers: list[str] | None, *, dead_only: bool
+        self,
+        event_ids: list[str] | None,
+        handlers: list[str] | None,
+        *,
+        dead_only: bool,
+        dry_run: bool = False,
     ) -> int:
         ids = None if event_ids is None else [text(i) for i in event_ids]
-        async with self.pool.acquire() as connection, connection.transaction():
-            if handlers and not dead_only:
-                # Named handlers: create the runs that do not exist yet, reset the others.
-                total = 0
-                for handler in handlers:
-                    status = await connection.execute(
-                        "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                        " SELECT id, $1, 'pending', now(), now() FROM events"
-                        " WHERE $2::text[] IS NULL OR id = ANY($2::text[])"
-                        " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
-                        " attempts = 0, due_at = now(), last_error = NULL, lease_until = NULL,"
-                        " lease_token = NULL, updated_at = now()"
-                        " WHERE runs.lease_until IS NULL OR runs.lease_until <= now()",
-                        handler,
-                        ids,
-                    )
-                    total += _count(status)
-            else:
-                status = await connection.execute(
-                    "UPDATE runs SET status = 'pending', attempts = 0, due_at = now(),"
-                    " last_error = NULL, lease_until = NULL, lease_token = NULL,"
-                    " updated_at = now()"
-                    " WHERE (lease_until IS NULL OR lease_until <= now())"
-                    " AND (NOT $1 OR status = 'dead')"
-                    " AND ($2::text[] IS NULL OR event_id = ANY($2::text[]))"
-                    " AND ($3::text[] IS NULL OR handler = ANY($3::text[]))",
-                    dead_only,
-                    ids,
-                    handlers,
-                )
-                total = _count(status)
+        async with self.pool.acquire() as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                total = await _requeue(connection, ids, handlers, dead_only)
+            except BaseException:
+                await transaction.rollback()
+                raise
+            if dry_run:
+                await transaction.rollback()
+                return total
             if total:
                 await connection.execute(f"NOTIFY {CHANNEL}")
+            await transaction.commit()
         return total
 
     # --- reading -------------------------------------------------------------------
@@ -592,6 +581,65 @@ class PostgresInbox:
                 entry.dead = count
         return found
 
+    async def counts(self, since: datetime) -> Counts:
+        async with self.pool.acquire() as connection:
+
+            async def grouped(sql: str) -> dict[str, int]:
+                return {str(key): count for key, count in await connection.fetch(sql, since)}
+
+            receipts = await grouped(
+                "SELECT outcome, count(*) FROM receipts WHERE received_at >= $1 GROUP BY 1"
+            )
+            tags = await grouped(
+                "SELECT coalesce(tag, event_name, kind), count(*) FROM events"
+                " WHERE received_at >= $1 GROUP BY 1"
+            )
+            states = await grouped(
+                "SELECT coalesce(state, '-'), count(*) FROM events"
+                " WHERE received_at >= $1 GROUP BY 1"
+            )
+            runs: dict[str, dict[str, int]] = {}
+            for handler, status, count in await connection.fetch(
+                "SELECT r.handler, r.status, count(*) FROM events e JOIN runs r"
+                " ON r.event_id = e.id WHERE e.received_at >= $1 GROUP BY 1, 2",
+                since,
+            ):
+                runs.setdefault(handler, {})[status] = count
+        return Counts(receipts=receipts, tags=tags, states=states, runs=runs)
+
+    async def load(self, event_ids: list[str]) -> list[Event]:
+        if not event_ids:
+            return []
+        rows = await self.pool.fetch(
+            "SELECT data FROM events WHERE id = ANY($1::text[])", [text(i) for i in event_ids]
+        )
+        return [Event.from_json(row[0]) for row in rows]
+
+    async def size(self) -> int:
+        size: int | None = await self.pool.fetchval(
+            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1 AND c.relkind = 'r'",
+            self._schema,
+        )
+        return int(size or 0)
+
+    # --- retention -----------------------------------------------------------------
+
+    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
+        async with self.pool.acquire() as connection, connection.transaction():
+            # One replica prunes at a time: two deleting the same rows in another order
+            # could deadlock. The others find nothing to do this time.
+            if not dry_run and not await connection.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                f"ci-receiver prune {self._schema}",
+            ):
+                return Pruned()
+            return await _prune(connection, cutoffs, None if dry_run else limit, dry_run)
+
+    async def compact(self) -> None:
+        """PostgreSQL's autovacuum makes the space of deleted rows reusable by itself."""
+
     # --- state ---------------------------------------------------------------------
 
     async def get_state(self, key: str) -> str | None:
@@ -607,6 +655,122 @@ class PostgresInbox:
             text(key),
             text(value),
         )
+
+    async def states(self, prefix: str) -> dict[str, str]:
+        rows = await self.pool.fetch(
+            "SELECT key, value FROM state WHERE left(key, $1) = $2", len(prefix), text(prefix)
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def delete_state(self, key: str) -> None:
+        await self._write("DELETE FROM state WHERE key = $1", text(key))
+
+
+async def _requeue(
+    connection: asyncpg.Connection,
+    ids: list[str] | None,
+    handlers: list[str] | None,
+    dead_only: bool,
+) -> int:
+    if handlers and not dead_only:
+        # Named handlers: create the runs that do not exist yet, reset the others.
+        total = 0
+        for handler in handlers:
+            status = await connection.execute(
+                "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+                " SELECT id, $1, 'pending', now(), now() FROM events"
+                " WHERE $2::text[] IS NULL OR id = ANY($2::text[])"
+                " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
+                " attempts = 0, due_at = now(), last_error = NULL, lease_until = NULL,"
+                " lease_token = NULL, updated_at = now()"
+                " WHERE runs.lease_until IS NULL OR runs.lease_until <= now()",
+                handler,
+                ids,
+            )
+            total += _count(status)
+    else:
+        status = await connection.execute(
+            "UPDATE runs SET status = 'pending', attempts = 0, due_at = now(),"
+            " last_error = NULL, lease_until = NULL, lease_token = NULL,"
+            " updated_at = now()"
+            " WHERE (lease_until IS NULL OR lease_until <= now())"
+            " AND (NOT $1 OR status = 'dead')"
+            " AND ($2::text[] IS NULL OR event_id = ANY($2::text[]))"
+            " AND ($3::text[] IS NULL OR handler = ANY($3::text[]))",
+            dead_only,
+            ids,
+            handlers,
+        )
+        total = _count(status)
+    return total
+
+
+async def _prune(
+    connection: asyncpg.Connection, cutoffs: Cutoffs, limit: int | None, dry_run: bool
+) -> Pruned:
+    """One batch of retention (`limit` None: everything, for a dry run's count)."""
+    found = Pruned()
+    if cutoffs.events is not None:
+        events = await connection.fetch(
+            "SELECT e.id, octet_length(e.data) FROM events e WHERE e.received_at < $1"
+            f" AND NOT {UNFINISHED_RUN} ORDER BY e.received_at LIMIT $2",
+            cutoffs.events,
+            limit,
+        )
+        found.events = len(events)
+        found.bytes += sum(row[1] for row in events)
+        ids = [row[0] for row in events]
+        if not dry_run and ids:
+            for table in ("runs", "attempts"):
+                await connection.execute(
+                    f"DELETE FROM {table} WHERE event_id = ANY($1::text[])", ids
+                )
+            await connection.execute("DELETE FROM events WHERE id = ANY($1::text[])", ids)
+        # A receipt goes with the last of its events; a duplicate's has none of its own.
+        still = f" AND {UNFINISHED_RUN}" if dry_run else ""
+        receipts = await connection.fetch(
+            "SELECT id, coalesce(octet_length(body), 0) FROM receipts WHERE received_at < $1"
+            " AND outcome != 'rejected' AND NOT EXISTS (SELECT 1 FROM events e"
+            f" WHERE e.receipt_id = receipts.id{still}) ORDER BY received_at LIMIT $2",
+            cutoffs.events,
+            limit,
+        )
+        found += await _remove_receipts(connection, receipts, dry_run)
+    if cutoffs.refused is not None:
+        refused = await connection.fetch(
+            "SELECT id, coalesce(octet_length(body), 0) FROM receipts WHERE received_at < $1"
+            " AND outcome = 'rejected' ORDER BY received_at LIMIT $2",
+            cutoffs.refused,
+            limit,
+        )
+        found += await _remove_receipts(connection, refused, dry_run)
+    if cutoffs.bodies is not None:
+        bodies = await connection.fetch(
+            "SELECT id, octet_length(body) FROM receipts WHERE received_at < $1"
+            " AND body IS NOT NULL AND outcome != 'rejected' AND NOT EXISTS (SELECT 1"
+            f" FROM events e WHERE e.receipt_id = receipts.id AND {UNFINISHED_RUN})"
+            " ORDER BY received_at LIMIT $2",
+            cutoffs.bodies,
+            limit,
+        )
+        found.bodies = len(bodies)
+        found.bytes += sum(row[1] for row in bodies)
+        if not dry_run and bodies:
+            await connection.execute(
+                "UPDATE receipts SET body = NULL WHERE id = ANY($1::bigint[])",
+                [row[0] for row in bodies],
+            )
+    return found
+
+
+async def _remove_receipts(
+    connection: asyncpg.Connection, rows: list[Any], dry_run: bool
+) -> Pruned:
+    if not dry_run and rows:
+        await connection.execute(
+            "DELETE FROM receipts WHERE id = ANY($1::bigint[])", [row[0] for row in rows]
+        )
+    return Pruned(receipts=len(rows), bytes=sum(row[1] for row in rows))
 
 
 async def probe(url: str, schema: str) -> str:

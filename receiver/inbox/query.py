@@ -10,6 +10,12 @@ from typing import Any
 
 from receiver.inbox import EventFilter
 
+# An event with such a run is kept by retention, and so is the body it is rebuilt from.
+UNFINISHED_RUN = (
+    "EXISTS (SELECT 1 FROM runs r WHERE r.event_id = e.id"
+    " AND r.status IN ('pending', 'held', 'dead'))"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Dialect:

@@ -25,11 +25,14 @@ from receiver.inbox import (
     Attempt,
     Backlog,
     Claim,
+    Counts,
+    Cutoffs,
     EventDetail,
     EventFilter,
     EventSummary,
     InboxUnavailable,
     Outcome,
+    Pruned,
     Receipt,
     ReceiptOutcome,
     ReceiptSummary,
@@ -37,7 +40,7 @@ from receiver.inbox import (
     SchemaError,
     Stored,
 )
-from receiver.inbox.query import Dialect, event_conditions, glob_to_sqlite
+from receiver.inbox.query import UNFINISHED_RUN, Dialect, event_conditions, glob_to_sqlite
 from receiver.inbox.reader import Reader
 from receiver.inbox.records import Documents, event_data
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, setup, version
@@ -45,6 +48,8 @@ from receiver.inbox.writer import Writer
 from receiver.model import Event
 
 PING_FRESH_SECONDS = 5.0
+# Pages (of 4 KiB) handed back to the file system per step of compact().
+COMPACT_PAGES = 2048
 # Ids per `IN (...)` list: SQLite allows 32766 parameters; stay far below.
 CHUNK = 500
 
@@ -290,13 +295,22 @@ class SqliteInbox:
     # --- replay --------------------------------------------------------------------
 
     async def requeue(
-        self, event_ids: list[str] | None, handlers: list[str] | None, *, dead_only: bool
+        self,
+        event_ids: list[str] | None,
+        handlers: list[str] | None,
+        *,
+        dead_only: bool,
+        dry_run: bool = False,
     ) -> int:
         def requeue(connection: sqlite3.Connection) -> int:
             now = time.time()
+            connection.execute("SAVEPOINT requeue")
             total = 0
             for chunk in _chunks(event_ids):
                 total += _requeue(connection, now, chunk, handlers, dead_only)
+            if dry_run:
+                connection.execute("ROLLBACK TO requeue")
+            connection.execute("RELEASE requeue")
             return total
 
         return await self._write.submit(requeue)
@@ -443,6 +457,77 @@ class SqliteInbox:
 
         return await self._reader.run(backlog)
 
+    async def counts(self, since: datetime) -> Counts:
+        start = since.timestamp()
+
+        def counts(connection: sqlite3.Connection) -> Counts:
+            def grouped(sql: str) -> dict[str, int]:
+                return {str(key): count for key, count in connection.execute(sql, (start,))}
+
+            runs: dict[str, dict[str, int]] = {}
+            for handler, status, count in connection.execute(
+                "SELECT r.handler, r.status, COUNT(*) FROM events e JOIN runs r"
+                " ON r.event_id = e.id WHERE e.received_at >= ? GROUP BY 1, 2",
+                (start,),
+            ):
+                runs.setdefault(handler, {})[status] = count
+            return Counts(
+                receipts=grouped(
+                    "SELECT outcome, COUNT(*) FROM receipts WHERE received_at >= ? GROUP BY 1"
+                ),
+                tags=grouped(
+                    "SELECT COALESCE(tag, event_name, kind), COUNT(*) FROM events"
+                    " WHERE received_at >= ? GROUP BY 1"
+                ),
+                states=grouped(
+                    "SELECT COALESCE(state, '-'), COUNT(*) FROM events"
+                    " WHERE received_at >= ? GROUP BY 1"
+                ),
+                runs=runs,
+            )
+
+        return await self._reader.run(counts)
+
+    async def load(self, event_ids: list[str]) -> list[Event]:
+        def load(connection: sqlite3.Connection) -> list[bytes]:
+            found: list[bytes] = []
+            for chunk in _chunks(event_ids):
+                found += [
+                    row[0]
+                    for row in connection.execute(
+                        f"SELECT data FROM events WHERE id IN ({_marks(chunk)})", chunk
+                    )
+                ]
+            return found
+
+        return [Event.from_json(data) for data in await self._reader.run(load)] if event_ids else []
+
+    async def size(self) -> int:
+        files = [self.path, self.path.with_name(self.path.name + "-wal")]
+        return sum(path.stat().st_size for path in files if path.exists())
+
+    # --- retention -----------------------------------------------------------------
+
+    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
+        def prune(connection: sqlite3.Connection) -> Pruned:
+            return _prune(connection, cutoffs, limit, dry_run)
+
+        if dry_run:
+            return await self._reader.run(prune)
+        return await self._write.submit(prune)
+
+    async def compact(self) -> None:
+        def step(connection: sqlite3.Connection) -> bool:
+            """Hand back some free pages; True while some are left and it helped."""
+            before = connection.execute("PRAGMA freelist_count").fetchone()[0]
+            connection.execute(f"PRAGMA incremental_vacuum({COMPACT_PAGES})")
+            after = connection.execute("PRAGMA freelist_count").fetchone()[0]
+            return 0 < after < before  # no progress: a file without incremental vacuum
+
+        # Small steps, each its own commit: callbacks keep being stored in between.
+        while await self._write.submit(step):
+            pass
+
     # --- state ---------------------------------------------------------------------
 
     async def get_state(self, key: str) -> str | None:
@@ -457,6 +542,86 @@ class SqliteInbox:
             connection.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
 
         await self._write.submit(put)
+
+    async def states(self, prefix: str) -> dict[str, str]:
+        def states(connection: sqlite3.Connection) -> dict[str, str]:
+            return dict(
+                connection.execute(
+                    "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?",
+                    (len(prefix), prefix),
+                ).fetchall()
+            )
+
+        return await self._reader.run(states)
+
+    async def delete_state(self, key: str) -> None:
+        def delete(connection: sqlite3.Connection) -> None:
+            connection.execute("DELETE FROM state WHERE key = ?", (key,))
+
+        await self._write.submit(delete)
+
+
+def _prune(connection: sqlite3.Connection, cutoffs: Cutoffs, limit: int, dry_run: bool) -> Pruned:
+    """One batch of retention; with `dry_run`, the count of everything it would take."""
+    found = Pruned()
+    batch = -1 if dry_run else limit  # LIMIT -1: no limit
+    unfinished = UNFINISHED_RUN
+    if cutoffs.events is not None:
+        before = cutoffs.events.timestamp()
+        events = connection.execute(
+            f"SELECT e.seq, e.id, LENGTH(e.data) FROM events e WHERE e.received_at < ?"
+            f" AND NOT {unfinished} ORDER BY e.received_at LIMIT ?",
+            (before, batch),
+        ).fetchall()
+        found.events = len(events)
+        found.bytes += sum(row[2] for row in events)
+        ids = [row[1] for row in events]
+        if not dry_run:
+            for chunk in _chunks(ids):
+                assert chunk is not None
+                for table in ("runs", "attempts"):
+                    connection.execute(
+                        f"DELETE FROM {table} WHERE event_id IN ({_marks(chunk)})", chunk
+                    )
+                connection.execute(f"DELETE FROM events WHERE id IN ({_marks(chunk)})", chunk)
+        # A receipt goes with the last of its events; a duplicate's has none of its own.
+        receipts = connection.execute(
+            "SELECT id, COALESCE(LENGTH(body), 0) FROM receipts WHERE received_at < ?"
+            " AND outcome != 'rejected' AND NOT EXISTS (SELECT 1 FROM events e"
+            f" WHERE e.receipt_id = receipts.id{' AND ' + unfinished if dry_run else ''})"
+            " ORDER BY received_at LIMIT ?",
+            (before, batch),
+        ).fetchall()
+        found += _remove_receipts(connection, receipts, dry_run)
+    if cutoffs.refused is not None:
+        refused = connection.execute(
+            "SELECT id, COALESCE(LENGTH(body), 0) FROM receipts WHERE received_at < ?"
+            " AND outcome = 'rejected' ORDER BY received_at LIMIT ?",
+            (cutoffs.refused.timestamp(), batch),
+        ).fetchall()
+        found += _remove_receipts(connection, refused, dry_run)
+    if cutoffs.bodies is not None:
+        bodies = connection.execute(
+            "SELECT id, LENGTH(body) FROM receipts WHERE received_at < ? AND body IS NOT NULL"
+            " AND outcome != 'rejected' AND NOT EXISTS (SELECT 1 FROM events e"
+            f" WHERE e.receipt_id = receipts.id AND {unfinished}) ORDER BY received_at LIMIT ?",
+            (cutoffs.bodies.timestamp(), batch),
+        ).fetchall()
+        found.bodies = len(bodies)
+        found.bytes += sum(row[1] for row in bodies)
+        if not dry_run:
+            connection.executemany(
+                "UPDATE receipts SET body = NULL WHERE id = ?", [(row[0],) for row in bodies]
+            )
+    return found
+
+
+def _remove_receipts(
+    connection: sqlite3.Connection, rows: list[tuple[int, int]], dry_run: bool
+) -> Pruned:
+    if not dry_run:
+        connection.executemany("DELETE FROM receipts WHERE id = ?", [(row[0],) for row in rows])
+    return Pruned(receipts=len(rows), bytes=sum(row[1] for row in rows))
 
 
 async def probe(path: Path) -> str:

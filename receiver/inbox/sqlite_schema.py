@@ -97,12 +97,15 @@ def version(connection: sqlite3.Connection) -> int | None:
 
 
 def setup(connection: sqlite3.Connection) -> None:
-    """Create the tables, or bring an older inbox up to date, in one transaction (two
-    processes starting at once on one file: the second finds the work done)."""
+    """Put the file in WAL mode, then create the tables or bring an older inbox up to
+    date, in one transaction (two processes starting at once on one file: the second
+    finds the work done)."""
     if connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-        # Only a new file takes this without a VACUUM: space freed by retention then goes
-        # back to the file system in small steps (PRAGMA incremental_vacuum).
+        # Only a new file takes this without a VACUUM, and only before it turns to WAL:
+        # space freed by retention then goes back to the file system in small steps
+        # (PRAGMA incremental_vacuum).
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("BEGIN IMMEDIATE")
     try:
         found = version(connection)

@@ -85,7 +85,6 @@ class Writer:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
             connection.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
-            connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             self._setup(connection)
         except BaseException:

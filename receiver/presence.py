@@ -1,0 +1,96 @@
+"""Which processes run on an inbox, with which handlers.
+
+Each running service says so in the inbox's small state every half minute, so that a
+replay can tell when no running process would ever run what it queues (a handler added
+to the config file but not to the receivers that run it yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import orjson
+import structlog
+
+from receiver.ids import new_id
+from receiver.inbox import Inbox
+
+logger = structlog.get_logger("ci_receiver.presence")
+
+PREFIX = "process:"
+INTERVAL_SECONDS = 30.0
+# A process not heard of for this long is gone (killed, or its host is).
+GONE_SECONDS = 3 * INTERVAL_SECONDS
+# Entries of processes gone this long are removed.
+FORGET_SECONDS = 86400.0
+
+
+@dataclass(slots=True)
+class Process:
+    host: str
+    pid: int
+    handlers: list[str]
+    seen: float  # time.time() when it last said so
+
+
+class Presence:
+    name = "presence"
+
+    def __init__(self, inbox: Inbox, handlers: list[str]) -> None:
+        self._inbox = inbox
+        self.handlers = list(handlers)
+        self._key = f"{PREFIX}{socket.gethostname()}:{os.getpid()}:{new_id()}"
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self.announce()
+                    await _forget_gone(self._inbox)
+                except Exception as exc:  # the inbox failing shows in /readyz already
+                    logger.debug("presence not recorded", error=str(exc))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), INTERVAL_SECONDS)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._inbox.delete_state(self._key)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def announce(self) -> None:
+        process = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "handlers": self.handlers,
+            "seen": time.time(),
+        }
+        await self._inbox.set_state(self._key, orjson.dumps(process).decode())
+
+
+async def running(inbox: Inbox) -> list[Process]:
+    """The processes heard of lately."""
+    return [p for p in await _processes(inbox) if time.time() - p.seen < GONE_SECONDS]
+
+
+async def _processes(inbox: Inbox) -> list[Process]:
+    found = []
+    for value in (await inbox.states(PREFIX)).values():
+        try:
+            found.append(Process(**orjson.loads(value)))
+        except (orjson.JSONDecodeError, TypeError):
+            continue
+    return found
+
+
+async def _forget_gone(inbox: Inbox) -> None:
+    for key, value in (await inbox.states(PREFIX)).items():
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError):
+            if time.time() - orjson.loads(value)["seen"] > FORGET_SECONDS:
+                await inbox.delete_state(key)

@@ -1,0 +1,96 @@
+"""Retention: prune what is finished and old from the inbox, in the background.
+
+Each pass removes, batch by batch, what `[retention]` allows (see `Inbox.prune`: pending,
+held and dead-lettered work is never touched), pausing between batches so that storing
+callbacks never waits long behind it, then gives the freed space back (`compact`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from receiver.config import RetentionConfig
+from receiver.inbox import Inbox, Pruned
+
+logger = structlog.get_logger("ci_receiver.retention")
+
+BATCH = 500
+# Between batches: what a callback waits at most behind pruning is one batch.
+PAUSE_SECONDS = 0.05
+
+
+class Pruner:
+    name = "retention"
+
+    def __init__(
+        self, inbox: Inbox, config: RetentionConfig, registry: CollectorRegistry | None = None
+    ) -> None:
+        self._inbox = inbox
+        self._config = config
+        pruned = Counter(
+            "ci_receiver_pruned",
+            "What retention removed from the inbox: events, receipts, bodies, bytes.",
+            ["what"],
+            registry=registry,
+        )
+        self._counted = {what: pruned.labels(what) for what in ("events", "receipts", "bodies")}
+        self._bytes = pruned.labels("bytes")
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """A pass now, then one every `interval`, until stopped."""
+        while not self._stopping.is_set():
+            try:
+                pruned = await self.prune()
+            except Exception:  # the inbox failed: the next pass tries again
+                logger.exception("retention pass failed")
+            else:
+                if pruned:
+                    logger.info(
+                        "pruned the inbox",
+                        events=pruned.events,
+                        receipts=pruned.receipts,
+                        bodies=pruned.bodies,
+                        bytes=pruned.bytes,
+                    )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._config.interval)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def prune(
+        self,
+        *,
+        now: datetime | None = None,
+        dry_run: bool = False,
+        progress: Callable[[Pruned], None] | None = None,
+    ) -> Pruned:
+        """One whole pass; `dry_run` only counts. Stops between batches when stopped."""
+        cutoffs = self._config.cutoffs(now or datetime.now(timezone.utc))
+        if dry_run:
+            return await self._inbox.prune(cutoffs, dry_run=True)
+        total = Pruned()
+        while not self._stopping.is_set():
+            batch = await self._inbox.prune(cutoffs, limit=BATCH)
+            if not batch:
+                break
+            total += batch
+            self._count(batch)
+            if progress is not None:
+                progress(batch)
+            await asyncio.sleep(PAUSE_SECONDS)
+        if total:
+            await self._inbox.compact()
+        return total
+
+    def _count(self, batch: Pruned) -> None:
+        for what, counter in self._counted.items():
+            counter.inc(getattr(batch, what))
+        self._bytes.inc(batch.bytes)
