@@ -10,6 +10,7 @@ from typing import Protocol
 
 import structlog
 
+from receiver import vocabulary
 from receiver.events import parse_callback
 from receiver.inbox import Inbox, Receipt, Stored
 from receiver.metrics import Metrics
@@ -50,7 +51,7 @@ async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
 
 # The states CI documents; any other value a callback carries counts as "other", so that
 # what a sender writes cannot grow the metric series without bound.
-KNOWN_STATES = frozenset({"Submitted", "Running", "Success", "Failed", "Pause", "Cancel"})
+KNOWN_STATES = frozenset(vocabulary.STATES)
 
 
 def _state_label(state: str | None) -> str:
@@ -131,6 +132,9 @@ class Ingestor:
         new = set(stored.new)
         for event, handler_names in routed:
             if event.id not in new:
+                # CI sending again, or the same callback over a second channel: answered
+                # as accepted, kept and handled once.
+                logger.info("duplicate event; already stored", event_id=event.id)
                 continue
             metrics.series(metrics.events, event.kind, _state_label(event.state)).inc()
             if not handler_names:

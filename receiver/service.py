@@ -6,16 +6,31 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import structlog
+
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
 from receiver.ingest import Ingestor, Intake
+from receiver.masking import Masker, secrets_in
 from receiver.metrics import Metrics
-from receiver.routing import Router
+from receiver.routing import Router, warnings
+
+logger = structlog.get_logger("ci_receiver.service")
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+def handler_secrets_masker(config: Config, slots: list[Slot]) -> Masker:
+    """Masks the handlers' secret options (as configured, and as the handlers validated
+    them) and URLs' user info and query."""
+    secrets = [secret for handler in config.handlers.values() for secret in secrets_in(handler)]
+    secrets += [
+        secret for slot in slots for secret in secrets_in(getattr(slot.handler, "options", None))
+    ]
+    return Masker(secrets)
 
 
 def build_slots(config: Config) -> list[Slot]:
@@ -56,12 +71,14 @@ class Service:
             synchronous=config.inbox.synchronous,
             rejected_body_bytes=config.inbox.rejected_body_bytes,
         )
+        slots = build_slots(config)
         self.dispatcher = Dispatcher(
             self.inbox,
-            build_slots(config),
+            slots,
             self.metrics,
             poll_interval=config.dispatch.poll_interval,
             drain_timeout=config.dispatch.drain_timeout,
+            mask=handler_secrets_masker(config, slots),
         )
         self.ingestor = Ingestor(
             self.inbox,
@@ -72,6 +89,8 @@ class Service:
         )
         self.draining = False
         self._checks: dict[str, Check] = {}
+        for warning in warnings(config):
+            logger.warning("config may not do what was meant", warning=warning)
 
     def add_check(self, name: str, check: Check) -> None:
         """Let a source (the TDMQ consumer) take part in readiness."""
@@ -101,9 +120,12 @@ class Service:
                 checks[name] = await check()
             except Exception as exc:
                 checks[name] = (False, str(exc))
-        details = {name: detail for name, (_, detail) in checks.items()}
-        # Handlers that cannot start do not make the receiver unready: callbacks are still
-        # kept, and their runs wait. They show here for the operator.
+        # A handler that has not started shows here with its error (secrets masked). By
+        # default it does not make the receiver unready: callbacks are still kept, and its
+        # runs wait. A required one does.
+        started = self.dispatcher.handler_started()
         for name, status in self.dispatcher.handler_status().items():
-            details[f"handler:{name}"] = status
+            ok = started[name] or not self.config.required(name)
+            checks[f"handler:{name}"] = (ok, status)
+        details = {name: detail for name, (_, detail) in checks.items()}
         return all(ok for ok, _ in checks.values()), details
