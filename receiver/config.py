@@ -130,8 +130,9 @@ class PulsarConnection(Section):
     tls_trust_certs_file: Path | None = None
     tls_allow_insecure_connection: bool = False
     tls_validate_hostname: bool = False
-    # The Pulsar client library logs on its own to stdout, at this level and above.
-    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
+    # The Pulsar client library's own log lines at this level and above go into the log
+    # (logger "pulsar"); "off" drops them.
+    client_log_level: Literal["debug", "info", "warn", "error", "off"] = "warn"
 
 
 class TdmqConfig(PulsarConnection):

@@ -58,7 +58,16 @@ def _state_label(state: str | None) -> str:
     return state if state in KNOWN_STATES else "other"
 
 
-class RejectionNotKept(Exception):
+class IntakeUnavailable(Exception):
+    """The callback cannot be taken now: the sender should send it again. `reason` is the
+    machine-readable reason of the 503 answer."""
+
+    def __init__(self, message: str, *, reason: str = "inbox_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RejectionNotKept(IntakeUnavailable):
     """A body was refused and could not be kept either: the sender should send it again."""
 
 
@@ -66,8 +75,9 @@ class Intake(Protocol):
     """Where a source hands its callbacks: the `Ingestor` below, or the TDMQ relay."""
 
     async def ingest(self, receipt: Receipt) -> Stored:
-        """Keep the callback; raise `PayloadError` for a body refused (and kept), or
-        `RejectionNotKept` for one refused that could not be kept."""
+        """Keep the callback; raise `PayloadError` for a body refused (and kept),
+        `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
+        when it cannot be kept now."""
         ...
 
     async def reject(

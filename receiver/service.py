@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import structlog
-
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch import Dispatcher, Slot
@@ -15,9 +13,7 @@ from receiver.inbox import Inbox, open_inbox
 from receiver.ingest import Ingestor, Intake
 from receiver.masking import Masker, secrets_in
 from receiver.metrics import Metrics
-from receiver.routing import Router, warnings
-
-logger = structlog.get_logger("ci_receiver.service")
+from receiver.routing import Router
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
@@ -89,8 +85,6 @@ class Service:
         )
         self.draining = False
         self._checks: dict[str, Check] = {}
-        for warning in warnings(config):
-            logger.warning("config may not do what was meant", warning=warning)
 
     def add_check(self, name: str, check: Check) -> None:
         """Let a source (the TDMQ consumer) take part in readiness."""

@@ -86,6 +86,10 @@ def test_a_duplicate_is_answered_200_and_not_handled_again(receiver, tmp_path):
     assert recorded(tmp_path / "recorded.jsonl") == first.json()["ids"]
     outcomes = inbox_rows(tmp_path, "SELECT outcome FROM receipts ORDER BY id")
     assert outcomes == [("accepted",), ("duplicate",), ("duplicate",)]
+    logged = [orjson.loads(line) for line in receiver.log().splitlines() if "duplicate" in line]
+    assert [(line["level"], line["event"], line["event_id"]) for line in logged] == [
+        ("info", "duplicate event; already stored", first.json()["ids"][0])
+    ] * 2
 
 
 def ci_json_of(name: str) -> bytes:
