@@ -116,7 +116,7 @@ def plain_fields(event: Event, zone: tzinfo = timezone.utc) -> dict[str, str]:
         "template_name": event.template_name or "",
         "workflow_name": (workflow.workflow_name or workflow.workflow_id or "") if workflow else "",
         "run_id": (workflow.run_id or "") if workflow else "",
-        "verdict": _verdict(event),
+        "verdict": verdict(event),
         "finished_at": shown(event.finished_at, zone),
         "received_at": shown(event.received_at, zone),
     }
@@ -132,14 +132,15 @@ def _outputs(outputs: list[ObjectRef]) -> str:
     return ", ".join(keys) + (f" (+{more} more)" if more else "")
 
 
-def _verdict(event: Event) -> str:
+def verdict(event: Event) -> str:
+    """`violation: Porn (score 99)`, `suspected ...`, `normal`; "" for no verdict."""
     moderation = event.moderation
     if moderation is None:
         return ""
     result = moderation.result
-    verdict = "unknown" if result is None else VERDICTS.get(result, f"result {result}")
+    text = "unknown" if result is None else VERDICTS.get(result, f"result {result}")
     if moderation.label and moderation.label != "Normal":
-        verdict += f": {moderation.label}"
+        text += f": {moderation.label}"
     if moderation.score is not None:
-        verdict += f" (score {moderation.score})"
-    return verdict
+        text += f" (score {moderation.score})"
+    return text
