@@ -1,5 +1,6 @@
-"""Secrets out of the messages a receiver shows outside its log (`/readyz`): the user
-info and query of URLs, and the values of the options that hold secrets."""
+"""Secrets out of messages written from errors (a handler's start error on `/readyz` and
+in the log, the Pulsar library's lines, a broker's address): the user info and query of
+URLs, and the values of the options that hold secrets."""
 
 from __future__ import annotations
 

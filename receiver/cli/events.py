@@ -15,6 +15,7 @@ import orjson
 
 from receiver.cli.common import config_option, load, with_inbox
 from receiver.cli.views import event_lines, printable, summary_row
+from receiver.inbox import EventSummary
 from receiver.timezones import parse_timezone
 
 # How many of the newest events `tail` reads on each look.
@@ -97,7 +98,7 @@ def _say_none(filters: dict[str, Any]) -> None:
         )
 
 
-def _summary_json(summary: Any) -> dict[str, Any]:
+def _summary_json(summary: EventSummary) -> dict[str, Any]:
     return {
         "id": summary.id,
         "received_at": summary.received_at.isoformat(),
@@ -162,9 +163,11 @@ def tail(
     """
     zone = _zone(config_path)
 
-    def show(summary: Any) -> None:
-        text = orjson.dumps(_summary_json(summary)).decode() if as_json else None
-        click.echo(text or "  ".join(summary_row(summary, zone)))
+    def show(summary: EventSummary) -> None:
+        if as_json:
+            click.echo(orjson.dumps(_summary_json(summary)).decode())
+        else:
+            click.echo("  ".join(summary_row(summary, zone)))
 
     async def follow(inbox: Any) -> None:
         stop = asyncio.Event()
