@@ -21,17 +21,19 @@ from pydantic import SecretStr, field_validator
 
 from handlers import Fail, Retry
 from handlers.http import HttpHandler, HttpOptions, check_status, excerpt, retry_after
-from handlers.message import (
-    DEFAULT_TEMPLATE,
+from handlers.markup import (
+    CHAT_TEXT,
     DINGTALK_MARKDOWN,
-    MARKDOWN,
+    FEISHU_MARKDOWN,
+    FEISHU_TEXT,
     SLACK,
     TEXT,
+    WECOM_MARKDOWN,
     Markup,
-    check_template,
-    render,
 )
+from handlers.message import DEFAULT_TEMPLATE, check_template, render
 from receiver.model import Event
+from receiver.timezones import check_timezone, parse_timezone
 
 # WeCom's documented content limits, in UTF-8 bytes.
 WECOM_MAX_BYTES = {"text": 2048, "markdown": 4096}
@@ -45,8 +47,11 @@ class ChatOptions(HttpOptions):
     # The robot's webhook URL: a secret, since it carries the robot's token or key.
     url: SecretStr
     template: str = DEFAULT_TEMPLATE
+    # The zone of the times in the message: an IANA name (Asia/Shanghai) or UTC.
+    timezone: str = "UTC"
 
     _check_template = field_validator("template")(check_template)
+    _check_timezone = field_validator("timezone")(check_timezone)
 
     @field_validator("url")
     @classmethod
@@ -63,9 +68,10 @@ class ChatHandler(HttpHandler):
     def __init__(self, options: ChatOptions) -> None:
         super().__init__()
         self.options = options
+        self._zone = parse_timezone(options.timezone)
 
     def message(self, event: Event, markup: Markup, template: str | None = None) -> str:
-        return render(template or self.options.template, event, markup)
+        return render(template or self.options.template, event, markup, self._zone)
 
 
 def check_answer(
@@ -116,7 +122,7 @@ class WeComHandler(ChatHandler):
 
     async def __call__(self, event: Event) -> None:
         kind = self.options.msgtype
-        content = self.message(event, MARKDOWN if kind == "markdown" else TEXT)
+        content = self.message(event, WECOM_MARKDOWN if kind == "markdown" else CHAT_TEXT)
         content = truncate_utf8(content, WECOM_MAX_BYTES[kind])
         payload = {"msgtype": kind, kind: {"content": content}}
         response = await self.post(self.options.url.get_secret_value(), json=payload)
@@ -162,7 +168,7 @@ class DingTalkHandler(ChatHandler):
                 },
             }
         else:
-            payload = {"msgtype": "text", "text": {"content": self.message(event, TEXT)}}
+            payload = {"msgtype": "text", "text": {"content": self.message(event, CHAT_TEXT)}}
         url = httpx.URL(options.url.get_secret_value())
         if options.secret is not None:
             timestamp = int(time.time() * 1000)
@@ -221,11 +227,13 @@ class FeishuHandler(ChatHandler):
                         },
                         "template": "red" if failed else "green",
                     },
-                    "elements": [{"tag": "markdown", "content": self.message(event, MARKDOWN)}],
+                    "elements": [
+                        {"tag": "markdown", "content": self.message(event, FEISHU_MARKDOWN)}
+                    ],
                 },
             }
         else:
-            payload = {"msg_type": "text", "content": {"text": self.message(event, TEXT)}}
+            payload = {"msg_type": "text", "content": {"text": self.message(event, FEISHU_TEXT)}}
         if options.secret is not None:
             timestamp = int(time.time())
             payload["timestamp"] = str(timestamp)

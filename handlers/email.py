@@ -21,8 +21,10 @@ import aiosmtplib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from handlers import Fail, Retry
-from handlers.message import DEFAULT_TEMPLATE, HTML, TEXT, check_template, render
+from handlers.markup import HTML, TEXT
+from handlers.message import DEFAULT_TEMPLATE, check_template, render
 from receiver.model import Event
+from receiver.timezones import check_timezone, parse_timezone
 
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 
@@ -47,8 +49,11 @@ class EmailOptions(BaseModel):
     # Also send an HTML alternative rendered from the same template.
     html: bool = True
     request_timeout: float = Field(30.0, gt=0)
+    # The zone of the times in the mail: an IANA name (Asia/Shanghai) or UTC.
+    timezone: str = "UTC"
 
     _check_templates = field_validator("subject", "template")(check_template)
+    _check_timezone = field_validator("timezone")(check_timezone)
 
     @model_validator(mode="after")
     def _port_and_login(self) -> EmailOptions:
@@ -63,6 +68,7 @@ class EmailHandler:
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = EmailOptions.model_validate(options)
         self._tls: ssl.SSLContext | None = None
+        self._zone = parse_timezone(self.options.timezone)
 
     async def start(self) -> None:
         where = f"smtp://{self.options.host}:{self.options.port}"
@@ -103,7 +109,7 @@ class EmailHandler:
     def message(self, event: Event) -> EmailMessage:
         options = self.options
         message = EmailMessage()
-        message["Subject"] = " ".join(render(options.subject, event, TEXT).split())
+        message["Subject"] = " ".join(render(options.subject, event, TEXT, self._zone).split())
         message["From"] = options.sender
         message["To"] = ", ".join(options.to)
         message["Date"] = formatdate(usegmt=True)
@@ -111,9 +117,9 @@ class EmailHandler:
         # be recognized by mail clients and filters.
         digest = hashlib.sha256(event.id.encode()).hexdigest()[:32]
         message["Message-ID"] = f"<{digest}@ci-receiver>"
-        message.set_content(render(options.template, event, TEXT))
+        message.set_content(render(options.template, event, TEXT, self._zone))
         if options.html:
-            body = render(options.template, event, HTML)
+            body = render(options.template, event, HTML, self._zone)
             message.add_alternative(
                 f'<html><body style="font-family: sans-serif">{body}</body></html>',
                 subtype="html",

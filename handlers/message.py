@@ -2,22 +2,21 @@
 
 A message is a `string.Template` over the fields in `FIELDS` (`$job_id`, `${state}`,
 ...). The default is `$title` and `$details`: labelled lines that leave out what does
-not apply (no error line for a success, no verdict for a transcode). Values are escaped
-for the markup of the target (the robots' markdown, Slack's mrkdwn, HTML): they come
-from the callback, which anyone who can reach the receiver can forge, so a value must
-not make a link, a mention or a line of its own in the message.
+not apply (no error line for a success, no verdict for a transcode). Values are written
+for the markup of the target (`handlers.markup`): they come from the callback, which
+anyone who can reach the receiver can forge, so a value must not make a link, a mention
+or a line of its own in the message. Times are shown in the handler's time zone.
 """
 
 from __future__ import annotations
 
-import html
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone, tzinfo
 from string import Template
 
+from handlers.markup import Markup
 from receiver.model import Event, ObjectRef
+from receiver.timezones import shown
+from receiver.vocabulary import VERDICTS
 
 # Every field a template may use, and what it holds (README: "Message templates").
 FIELDS: dict[str, str] = {
@@ -41,68 +40,11 @@ FIELDS: dict[str, str] = {
     "workflow_name": "the workflow's name",
     "run_id": "the workflow instance",
     "verdict": "moderation: `violation: Porn (score 99)`, else empty",
-    "finished_at": "when the job ended, UTC",
-    "received_at": "when ci-receiver got the callback, UTC",
+    "finished_at": "when the job ended, in the handler's time zone",
+    "received_at": "when ci-receiver got the callback, in the handler's time zone",
 }
 DEFAULT_TEMPLATE = "$title\n$details"
 MAX_LISTED_OUTPUTS = 10
-VERDICTS = {0: "normal", 1: "violation", 2: "suspected"}
-
-
-@dataclass(frozen=True, slots=True)
-class Markup:
-    """How a target writes a bold label and a line break, and what it must escape."""
-
-    bold: Callable[[str], str]
-    escape: Callable[[str], str]
-    newline: str = "\n"
-
-
-# What makes markup in the robots' markdown (WeCom, DingTalk, Feishu): links and images
-# ([ ] ( ) !), emphasis and code (* _ ~ `), headings and quotes (# >), tags and mentions
-# (< > @: <font>, WeCom's <@userid>, Feishu's <at>), tables (|), escapes (\) and
-# character references (&).
-_MARKDOWN_SPECIAL = re.compile(r"[\[\]()!*_~`#>|<@\\&]")
-# What makes a list or a heading underline at the start of a line: "-", "+", "=", "1."
-# (and "1)", whose ")" is special anywhere).
-_MARKDOWN_LINE_START = re.compile(r"^(\s*\d*)([-+=.])")
-
-
-def _one_line(text: str) -> str:
-    """A value's own line breaks would let it start lines that pass for the message's."""
-    return " ".join(text.splitlines())
-
-
-def _reference(character: str) -> str:
-    return f"&#{ord(character)};"
-
-
-def _markdown_escape(text: str) -> str:
-    """Each special character as an HTML character reference, which the three robots show
-    as the character itself (their markdown takes HTML, e.g. <font>). Backslash escapes
-    are not part of every robot's markdown."""
-    text = _MARKDOWN_SPECIAL.sub(lambda match: _reference(match.group()), _one_line(text))
-    return _MARKDOWN_LINE_START.sub(lambda match: match[1] + _reference(match[2]), text)
-
-
-def _slack_escape(text: str) -> str:
-    """The three characters Slack's mrkdwn asks to escape: links and mentions need < >.
-    Slack has no escape for its emphasis (* _ ~ `)."""
-    return _one_line(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-TEXT = Markup(bold=lambda label: label, escape=lambda text: text)
-MARKDOWN = Markup(bold=lambda label: f"**{label}**", escape=_markdown_escape)
-# DingTalk's markdown joins single newlines into one paragraph.
-DINGTALK_MARKDOWN = Markup(
-    bold=lambda label: f"**{label}**", escape=_markdown_escape, newline="\n\n"
-)
-SLACK = Markup(bold=lambda label: f"*{label}*", escape=_slack_escape)
-HTML = Markup(
-    bold=lambda label: f"<b>{label}</b>",
-    escape=lambda text: html.escape(text, quote=False),
-    newline="<br>\n",
-)
 
 
 def check_template(template: str) -> str:
@@ -118,10 +60,12 @@ def check_template(template: str) -> str:
     return template
 
 
-def render(template: str, event: Event, markup: Markup) -> str:
-    values = {name: markup.escape(value) for name, value in plain_fields(event).items()}
+def render(template: str, event: Event, markup: Markup, zone: tzinfo = timezone.utc) -> str:
+    """The message, its values escaped for `markup`, its times in `zone`."""
+    fields = plain_fields(event, zone)
+    values = {name: markup.escape(value) for name, value in fields.items()}
     values["title"] = markup.escape(title(event))
-    values["details"] = details(event, markup)
+    values["details"] = details(fields, event, markup)
     # The newlines the user wrote are the target's line breaks too.
     return Template(template.replace("\n", markup.newline)).substitute(values)
 
@@ -131,8 +75,7 @@ def title(event: Event) -> str:
     return f"{what} {event.state}" if event.state else what
 
 
-def details(event: Event, markup: Markup) -> str:
-    fields = plain_fields(event)
+def details(fields: dict[str, str], event: Event, markup: Markup) -> str:
     labelled = [
         ("Workflow run" if event.kind == "workflow" else "Job", fields["job_id"]),
         ("State", fields["state"]),
@@ -149,8 +92,9 @@ def details(event: Event, markup: Markup) -> str:
     )
 
 
-def plain_fields(event: Event) -> dict[str, str]:
-    """Every field but `title` and `details`, as unescaped text ("" when absent)."""
+def plain_fields(event: Event, zone: tzinfo = timezone.utc) -> dict[str, str]:
+    """Every field but `title` and `details`, as unescaped text ("" when absent), times
+    in `zone`."""
     workflow = event.workflow
     failed = event.state not in (None, "Success")
     subject = event.subject  # the JobId, a workflow's RunId, else the event id
@@ -172,9 +116,9 @@ def plain_fields(event: Event) -> dict[str, str]:
         "template_name": event.template_name or "",
         "workflow_name": (workflow.workflow_name or workflow.workflow_id or "") if workflow else "",
         "run_id": (workflow.run_id or "") if workflow else "",
-        "verdict": _verdict(event),
-        "finished_at": _utc(event.finished_at),
-        "received_at": _utc(event.received_at),
+        "verdict": verdict(event),
+        "finished_at": shown(event.finished_at, zone),
+        "received_at": shown(event.received_at, zone),
     }
 
 
@@ -188,18 +132,15 @@ def _outputs(outputs: list[ObjectRef]) -> str:
     return ", ".join(keys) + (f" (+{more} more)" if more else "")
 
 
-def _verdict(event: Event) -> str:
+def verdict(event: Event) -> str:
+    """`violation: Porn (score 99)`, `suspected ...`, `normal`; "" for no verdict."""
     moderation = event.moderation
     if moderation is None:
         return ""
     result = moderation.result
-    verdict = "unknown" if result is None else VERDICTS.get(result, f"result {result}")
+    text = "unknown" if result is None else VERDICTS.get(result, f"result {result}")
     if moderation.label and moderation.label != "Normal":
-        verdict += f": {moderation.label}"
+        text += f": {moderation.label}"
     if moderation.score is not None:
-        verdict += f" (score {moderation.score})"
-    return verdict
-
-
-def _utc(value: datetime | None) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+        text += f" (score {moderation.score})"
+    return text

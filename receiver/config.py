@@ -1,9 +1,9 @@
 """Configuration: one TOML file, every key overridable by a `CI_RECEIVER_*` variable.
 
 `CI_RECEIVER_HTTP__PORT=9000` overrides `[http] port` (double underscore between
-levels); `${NAME}` inside a TOML string is replaced by the environment variable NAME.
-With no file at all the embedded default applies: SQLite inbox in `./ci-receiver-data`,
-the `log` handler on every event, port 8080.
+levels); `${NAME}` inside a TOML string is replaced by the environment variable NAME
+(`receiver.envvars` reads both). With no file at all the embedded default applies:
+SQLite inbox in `./ci-receiver-data`, the `log` handler on every event, port 8080.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from receiver import envvars, vocabulary
 from receiver.inbox import Cutoffs
+from receiver.masking import SECRET_NAME
 from receiver.payload import Limits
+from receiver.timezones import check_timezone
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,14 +41,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "CI_RECEIVER_CONFIG"
-ENV_PREFIX = "CI_RECEIVER_"
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_PREFIX = envvars.PREFIX
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 # What the Pulsar client takes as a service URL ([tdmq] and the pulsar handler alike):
 # the binary protocol, or HTTP lookup (the address the TDMQ console shows is http://).
 PULSAR_SERVICE_URL = r"^(pulsar(\+ssl)?|https?)://"
-# Option names whose values are masked when the effective config is printed.
-_SECRET_NAME = re.compile(r"secret|token|password|passwd|api_?key|credential", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -115,12 +115,20 @@ class DispatchConfig(Section):
     poll_interval: float = Field(1.0, gt=0)
     # Seconds running handler attempts get to finish on shutdown before being cancelled.
     drain_timeout: float = Field(10.0, ge=0)
+    # Whether a handler that has not started (or cannot) makes /readyz answer 503; a
+    # handler's own `required` overrides this. Callbacks are kept either way.
+    unready_on_handler_error: bool = False
 
 
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: console on a terminal, JSON lines otherwise.
     format: Literal["auto", "json", "console"] = "auto"
+    # The zone of the log's timestamps and of the times the CLI shows: an IANA name
+    # (Asia/Shanghai) or UTC.
+    timezone: str = "UTC"
+
+    _check_timezone = field_validator("timezone")(check_timezone)
 
 
 class PulsarConnection(Section):
@@ -137,8 +145,9 @@ class PulsarConnection(Section):
     tls_trust_certs_file: Path | None = None
     tls_allow_insecure_connection: bool = False
     tls_validate_hostname: bool = False
-    # The Pulsar client library logs on its own to stdout, at this level and above.
-    client_log_level: Literal["debug", "info", "warn", "error"] = "warn"
+    # The Pulsar client library's own log lines at this level and above go into the log
+    # (logger "pulsar"); "off" drops them.
+    client_log_level: Literal["debug", "info", "warn", "error", "off"] = "warn"
 
 
 class TdmqConfig(PulsarConnection):
@@ -290,6 +299,9 @@ class HandlerConfig(BaseModel):
     backoff_initial: float = Field(1.0, ge=0)
     backoff_max: float = Field(600.0, ge=0)
     concurrency: int = Field(8, ge=1)
+    # Whether this handler not running makes /readyz answer 503; None: as
+    # [dispatch] unready_on_handler_error says.
+    required: bool | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -301,16 +313,42 @@ StrOrList = str | list[str] | None
 
 class RouteMatch(Section):
     """Every key given must match; a list matches any of its values; `key` and
-    `user_data` are glob patterns (`videos/*.mp4`)."""
+    `user_data` are glob patterns (`videos/*.mp4`). `kind`, `state` and `verdict` take
+    only what CI can send, in any case; `event_name`, `tag` and `label` match without
+    regard to case."""
 
     kind: StrOrList = None
     event_name: StrOrList = None
     tag: StrOrList = None
     state: StrOrList = None
+    # Moderation events: `violation`, `suspected` or `normal` (Moderation.result 1, 2, 0),
+    # and CI's label (`Porn`, `Ads`, ...).
+    verdict: StrOrList = None
+    label: StrOrList = None
     bucket: StrOrList = None
     region: StrOrList = None
     key: StrOrList = None
     user_data: StrOrList = None
+
+    @field_validator("kind", "state", "verdict")
+    @classmethod
+    def _one_of_the_known(cls, value: StrOrList, info: ValidationInfo) -> StrOrList:
+        if value is None:
+            return None
+        known = {
+            "kind": vocabulary.KINDS,
+            "state": vocabulary.STATES,
+            "verdict": tuple(vocabulary.VERDICTS.values()),
+        }[info.field_name or ""]
+        values = [value] if isinstance(value, str) else value
+        spelled = [vocabulary.canonical(v, known) for v in values]
+        unknown = [v for v, s in zip(values, spelled, strict=True) if s is None]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))} can never match: CI sends"
+                f" {', '.join(known)} (in any case)"
+            )
+        return spelled[0] if isinstance(value, str) else spelled  # type: ignore[return-value]
 
 
 class RouteConfig(Section):
@@ -322,10 +360,8 @@ def _default_handlers() -> dict[str, HandlerConfig]:
     return {"log": HandlerConfig(type="log")}
 
 
-class Config(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
-    )
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     data_dir: Path = Path("ci-receiver-data")
     http: HttpConfig = HttpConfig()
@@ -340,18 +376,6 @@ class Config(BaseSettings):
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
     # None: every handler gets every event.
     routes: list[RouteConfig] | None = None
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML file comes in as init values; the environment overrides it.
-        return (env_settings, init_settings)
 
     @model_validator(mode="after")
     def _routes_name_known_handlers(self) -> Config:
@@ -376,14 +400,21 @@ class Config(BaseSettings):
         else:
             data["inbox"]["url"] = mask_url(self.inbox.url)
         data["handlers"] = {
-            name: _mask(handler.model_dump(mode="json")) for name, handler in self.handlers.items()
+            name: _mask({**handler.model_dump(mode="json"), "required": self.required(name)})
+            for name, handler in self.handlers.items()
         }
         return data
+
+    def required(self, handler: str) -> bool:
+        """Whether this handler not running makes the receiver unready."""
+        own = self.handlers[handler].required
+        return self.dispatch.unready_on_handler_error if own is None else own
 
 
 def load_config(path: str | Path | None = None) -> Config:
     """Read the TOML file (or `$CI_RECEIVER_CONFIG`, or none) and the environment."""
     path = path or os.environ.get(CONFIG_ENV)
+    where = f"{path}: " if path else ""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -393,55 +424,37 @@ def load_config(path: str | Path | None = None) -> Config:
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data = _expand_env(data, os.environ, ())
     try:
-        return Config(**data)
+        data = envvars.expand_references(data, os.environ)
+    except envvars.EnvironmentProblem as exc:
+        raise ConfigError(where + str(exc)) from None
+    try:
+        overrides, sources = envvars.overrides(Config, os.environ)
+    except envvars.EnvironmentProblem as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return Config.model_validate(envvars.merge(data, overrides))
     except ValidationError as exc:
-        where = f"{path}: " if path else ""
-        raise ConfigError(where + _describe(exc)) from None
+        raise ConfigError(where + _describe(exc, sources)) from None
 
 
-def _expand_env(value: Any, environ: Mapping[str, str], key: tuple[str | int, ...]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand_env(v, environ, (*key, k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, environ, (*key, i)) for i, v in enumerate(value)]
-    if isinstance(value, str):
-
-        def replace(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in environ:
-                raise ConfigError(f"{_dotted(key)}: environment variable {name} is not set")
-            return environ[name]
-
-        return _ENV_REFERENCE.sub(replace, value)
-    return value
-
-
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, sources: Mapping[tuple[str | int, ...], str]) -> str:
     lines = []
     for item in error.errors():
-        location = _dotted(item["loc"]) or "config"
+        location = envvars.dotted(item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        variable = ENV_PREFIX + "__".join(str(part) for part in item["loc"]).upper()
-        if variable in os.environ:
+        variable = envvars.source_of(item["loc"], sources)
+        if variable is not None:
             message += f" (from the environment variable {variable})"
         lines.append(f"{location}: {message}")
     return "; ".join(lines)
 
 
-def _dotted(key: tuple[Any, ...]) -> str:
-    out = ""
-    for part in key:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _mask(options: dict[str, Any]) -> dict[str, Any]:
     return {
-        k: ("**********" if _SECRET_NAME.search(k) and v not in (None, "") else v)
+        k: ("**********" if SECRET_NAME.search(k) and v not in (None, "") else v)
         for k, v in options.items()
     }
 

@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -97,6 +98,10 @@ def _status(slot: Slot) -> str:
     return f"not started: {slot.start_error}"
 
 
+def _unmasked(text: str) -> str:
+    return text
+
+
 def backoff(config: HandlerConfig, attempt: int) -> float:
     """Seconds before retry number `attempt` (1-based): doubling, capped, equal jitter."""
     ceiling = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
@@ -112,8 +117,12 @@ class Dispatcher:
         *,
         poll_interval: float = 1.0,
         drain_timeout: float = 10.0,
+        mask: Callable[[str], str] = _unmasked,
     ) -> None:
         self._inbox = inbox
+        # What takes secrets (passwords in URLs, tokens) out of a handler's start error
+        # before it is logged or shown by /readyz.
+        self._mask = mask
         self._slots = {slot.name: slot for slot in slots}
         self._metrics = {slot.name: _SlotMetrics(metrics, slot.name) for slot in slots}
         # Events just stored, and the handlers yet to claim them: what the claims of those
@@ -131,7 +140,11 @@ class Dispatcher:
         return self._loop_task is not None and not self._loop_task.done()
 
     def handler_status(self) -> dict[str, str]:
+        """Each handler's `started`, `starting` or `not started: <its error>`."""
         return {name: _status(slot) for name, slot in self._slots.items()}
+
+    def handler_started(self) -> dict[str, bool]:
+        return {name: slot.started for name, slot in self._slots.items()}
 
     def wake(self) -> None:
         """Work may be due for any handler (a requeue, a poll): look now."""
@@ -262,13 +275,12 @@ class Dispatcher:
             slot.start_failures += 1
             delay = min(START_RETRY_MAX_SECONDS, 2 ** (slot.start_failures - 1))
             slot.next_start_at = time.time() + delay
-            error = (
+            error = self._mask(
                 f"no start within {slot.config.timeout:g}s"
                 if isinstance(exc, asyncio.TimeoutError)
                 else f"{type(exc).__name__}: {exc}"
             )
-            # /readyz shows only the kind of error: the message may name hosts and users.
-            slot.start_error = error.split(":")[0]
+            slot.start_error = error
             logger.error(
                 "handler cannot start; its events wait in the inbox",
                 handler=slot.name,

@@ -7,6 +7,7 @@ event per verdict.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +58,7 @@ def normalize(
     max_events: int = DEFAULT_LIMITS.max_events,
 ) -> list[Event]:
     """Turn a decoded document into events, or raise `PayloadError("unknown_shape")`."""
+    document = _without_response_wrapper(document)
     data = document.data
     meta = dict(source_meta or {})
     if source == "http" and _came_through_cmq(document, meta):
@@ -88,6 +90,17 @@ def normalize(
         raise PayloadError("unknown_shape", "the callback holds no job, workflow or verdict")
     _check_count(events, max_events)
     return events
+
+
+def _without_response_wrapper(document: Document) -> Document:
+    """A JSON callback written as `{"Response": {...}}` (the XML root kept, as on the
+    WordsGeneralize page) reads as the XML one does: the root unwrapped."""
+    data = document.data
+    if document.format == "json" and data.keys() == {"Response"}:
+        inner = data["Response"]
+        if isinstance(inner, dict):
+            return dataclasses.replace(document, data=inner)
+    return document
 
 
 def _check_count(entries: list[Any], max_events: int) -> None:
@@ -230,7 +243,8 @@ def _workflow_event(
         id=dedup_id("workflow", run_id, event_name, state, entry=execution),
         kind="workflow",
         event_name=event_name,
-        job_id=None,
+        # What a workflow instance is known by, as a job by its JobId.
+        job_id=run_id,
         tag=None,
         state=state,
         code=None,

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import structlog
 
+from receiver import vocabulary
 from receiver.events import parse_callback
 from receiver.inbox import Inbox, Receipt, Stored
 from receiver.metrics import Metrics
@@ -50,14 +51,23 @@ async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
 
 # The states CI documents; any other value a callback carries counts as "other", so that
 # what a sender writes cannot grow the metric series without bound.
-KNOWN_STATES = frozenset({"Submitted", "Running", "Success", "Failed", "Pause", "Cancel"})
+KNOWN_STATES = frozenset(vocabulary.STATES)
 
 
 def _state_label(state: str | None) -> str:
     return state if state in KNOWN_STATES else "other"
 
 
-class RejectionNotKept(Exception):
+class IntakeUnavailable(Exception):
+    """The callback cannot be taken now: the sender should send it again. `reason` is the
+    machine-readable reason of the 503 answer."""
+
+    def __init__(self, message: str, *, reason: str = "inbox_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RejectionNotKept(IntakeUnavailable):
     """A body was refused and could not be kept either: the sender should send it again."""
 
 
@@ -65,8 +75,9 @@ class Intake(Protocol):
     """Where a source hands its callbacks: the `Ingestor` below, or the TDMQ relay."""
 
     async def ingest(self, receipt: Receipt) -> Stored:
-        """Keep the callback; raise `PayloadError` for a body refused (and kept), or
-        `RejectionNotKept` for one refused that could not be kept."""
+        """Keep the callback; raise `PayloadError` for a body refused (and kept),
+        `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
+        when it cannot be kept now."""
         ...
 
     async def reject(
@@ -131,6 +142,9 @@ class Ingestor:
         new = set(stored.new)
         for event, handler_names in routed:
             if event.id not in new:
+                # CI sending again, or the same callback over a second channel: answered
+                # as accepted, kept and handled once.
+                logger.info("duplicate event; already stored", event_id=event.id)
                 continue
             metrics.series(metrics.events, event.kind, _state_label(event.state)).inc()
             if not handler_names:

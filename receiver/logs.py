@@ -8,20 +8,44 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime, timezone, tzinfo
 from typing import Any
 
 import orjson
 import structlog
 
-SHARED_PROCESSORS: list[Any] = [
-    structlog.contextvars.merge_contextvars,
-    structlog.stdlib.add_log_level,
-    structlog.stdlib.add_logger_name,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
-]
+from receiver.timezones import parse_timezone
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+class ZonedTimeStamper:
+    """`timestamp` in ISO 8601 with the zone's offset (`2026-11-22T15:29:48.123+08:00`)."""
+
+    def __init__(self, zone: tzinfo) -> None:
+        self.zone = zone
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event["timestamp"] = datetime.now(self.zone).isoformat()
+        return event
+
+
+def _shared_processors(timezone_name: str) -> list[Any]:
+    zone = parse_timezone(timezone_name)
+    stamper = (
+        structlog.processors.TimeStamper(fmt="iso", utc=True)
+        if zone is timezone.utc
+        else ZonedTimeStamper(zone)
+    )
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        stamper,
+    ]
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", timezone_name: str = "UTC") -> None:
+    """Timestamps in `timezone_name` (UTC by default, written with a `Z`)."""
+    shared = _shared_processors(timezone_name)
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer()
@@ -33,7 +57,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     numeric = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[
-            *SHARED_PROCESSORS,
+            *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
@@ -50,7 +74,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
                 *([] if console else [structlog.processors.format_exc_info]),
                 renderer,
             ],
-            foreign_pre_chain=SHARED_PROCESSORS,
+            foreign_pre_chain=shared,
         )
     )
     root = logging.getLogger()

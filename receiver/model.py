@@ -175,13 +175,9 @@ class Event:
 
     @property
     def subject(self) -> str:
-        """What the event is about, as a key: the JobId, a workflow instance's RunId, or
-        (for a callback without either) the event id."""
-        if self.job_id:
-            return self.job_id
-        if self.kind == "workflow" and self.workflow and self.workflow.run_id:
-            return self.workflow.run_id
-        return self.id
+        """What the event is about, as a key: its `job_id` (the JobId, a workflow
+        instance's RunId), or for a callback without one the event id."""
+        return self.job_id or self.id
 
     def to_dict(self, *, include_raw: bool = True) -> dict[str, Any]:
         """Plain data (str, int, list, dict, None): datetimes as ISO 8601 strings.
@@ -223,11 +219,14 @@ class Event:
     def from_dict(cls, data: dict[str, Any]) -> Event:
         workflow = data.get("workflow")
         moderation = data.get("moderation")
+        job_id = data.get("job_id")
+        if job_id is None and data["kind"] == "workflow" and workflow:
+            job_id = workflow.get("run_id")  # stored before workflows had their RunId here
         return cls(
             id=data["id"],
             kind=data["kind"],
             event_name=data.get("event_name"),
-            job_id=data.get("job_id"),
+            job_id=job_id,
             tag=data.get("tag"),
             state=data.get("state"),
             code=data.get("code"),

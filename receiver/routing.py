@@ -1,7 +1,9 @@
 """Which handlers an event goes to: `[[routes]]` from the config, matched in order.
 
 Several routes may match; each handler runs once per event. With no routes at all,
-every configured handler gets every event.
+every configured handler gets every event. `kind`, `state` and `verdict` reach here in
+CI's own spelling (the config checks them); `event_name`, `tag` and `label` match
+without regard to case.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 
-from receiver.config import RouteConfig, RouteMatch
+from receiver import vocabulary
+from receiver.config import Config, RouteConfig, RouteMatch
 from receiver.model import Event
 
 Predicate = Callable[[Event], bool]
@@ -31,15 +34,48 @@ class Router:
         return list(names)
 
 
+def warnings(config: Config) -> list[str]:
+    """What in the routes is allowed but likely a mistake: a handler no route reaches,
+    an event name or tag CI is not known to send. (A route naming a handler that is not
+    configured is an error of the config itself.)"""
+    found = []
+    if config.routes is not None:
+        routed = {name for route in config.routes for name in route.handlers}
+        for name in config.handlers:
+            if name not in routed:
+                found.append(f"handlers.{name}: no route sends it anything")
+    for index, route in enumerate(config.routes or ()):
+        for field, known in (
+            ("event_name", vocabulary.EVENT_NAMES),
+            ("tag", vocabulary.TAGS),
+        ):
+            for value in _values(getattr(route.match, field)) or ():
+                if vocabulary.canonical(value, known) is None:
+                    found.append(
+                        f"routes[{index}].match.{field}: CI is not known to send {value!r}"
+                        f" (known: {', '.join(known)})"
+                    )
+    return found
+
+
 def _always(event: Event) -> bool:
     return True
 
 
 def _predicate(match: RouteMatch) -> Predicate:
     checks: list[Predicate] = []
-    for field in ("kind", "event_name", "tag", "state"):
+    for field in ("kind", "state"):
         if (wanted := _values(getattr(match, field))) is not None:
             checks.append(lambda e, f=field, w=wanted: getattr(e, f) in w)
+    for field in ("event_name", "tag"):
+        if (wanted := _folded(getattr(match, field))) is not None:
+            checks.append(lambda e, f=field, w=wanted: _fold(getattr(e, f)) in w)
+    if (verdicts := _values(match.verdict)) is not None:
+        checks.append(lambda e, w=verdicts: _verdict(e) in w)
+    if (labels := _folded(match.label)) is not None:
+        checks.append(
+            lambda e, w=labels: e.moderation is not None and _fold(e.moderation.label) in w
+        )
     if (buckets := _values(match.bucket)) is not None:
         checks.append(lambda e, w=buckets: e.input is not None and e.input.bucket in w)
     if (regions := _values(match.region)) is not None:
@@ -51,10 +87,25 @@ def _predicate(match: RouteMatch) -> Predicate:
     return lambda event: all(check(event) for check in checks)
 
 
+def _verdict(event: Event) -> str | None:
+    if event.moderation is None or event.moderation.result is None:
+        return None
+    return vocabulary.VERDICTS.get(event.moderation.result)
+
+
 def _values(value: str | list[str] | None) -> frozenset[str] | None:
     if value is None:
         return None
     return frozenset([value] if isinstance(value, str) else value)
+
+
+def _folded(value: str | list[str] | None) -> frozenset[str] | None:
+    values = _values(value)
+    return None if values is None else frozenset(v.casefold() for v in values)
+
+
+def _fold(text: str | None) -> str | None:
+    return None if text is None else text.casefold()
 
 
 def _glob(text: str, patterns: frozenset[str]) -> bool:

@@ -12,6 +12,7 @@ from receiver.config import Config
 from receiver.dispatch import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
 from receiver.ingest import Ingestor, Intake
+from receiver.masking import Masker, secrets_in
 from receiver.metrics import Metrics
 from receiver.monitor import BacklogMonitor
 from receiver.presence import Presence
@@ -20,6 +21,16 @@ from receiver.routing import Router
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+def handler_secrets_masker(config: Config, slots: list[Slot]) -> Masker:
+    """Masks the handlers' secret options (as configured, and as the handlers validated
+    them) and URLs' user info and query."""
+    secrets = [secret for handler in config.handlers.values() for secret in secrets_in(handler)]
+    secrets += [
+        secret for slot in slots for secret in secrets_in(getattr(slot.handler, "options", None))
+    ]
+    return Masker(secrets)
 
 
 def build_slots(config: Config) -> list[Slot]:
@@ -56,12 +67,14 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.inbox: Inbox = open_inbox(config, wait=True)
+        slots = build_slots(config)
         self.dispatcher = Dispatcher(
             self.inbox,
-            build_slots(config),
+            slots,
             self.metrics,
             poll_interval=config.dispatch.poll_interval,
             drain_timeout=config.dispatch.drain_timeout,
+            mask=handler_secrets_masker(config, slots),
         )
         self.ingestor = Ingestor(
             self.inbox,
@@ -113,9 +126,12 @@ class Service:
                 checks[name] = await check()
             except Exception as exc:
                 checks[name] = (False, str(exc))
-        details = {name: detail for name, (_, detail) in checks.items()}
-        # Handlers that cannot start do not make the receiver unready: callbacks are still
-        # kept, and their runs wait. They show here for the operator.
+        # A handler that has not started shows here with its error (secrets masked). By
+        # default it does not make the receiver unready: callbacks are still kept, and its
+        # runs wait. A required one does.
+        started = self.dispatcher.handler_started()
         for name, status in self.dispatcher.handler_status().items():
-            details[f"handler:{name}"] = status
+            ok = started[name] or not self.config.required(name)
+            checks[f"handler:{name}"] = (ok, status)
+        details = {name: detail for name, (_, detail) in checks.items()}
         return all(ok for ok, _ in checks.values()), details

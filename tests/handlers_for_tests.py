@@ -41,6 +41,21 @@ class Recorder:
             file.write(orjson.dumps(line) + b"\n")
 
 
+class CannotStart:
+    """A handler whose start always fails with a message naming its secrets, as a
+    driver's error can: options `token` and `url`."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.token = options["token"]
+        self.url = options["url"]
+
+    async def start(self) -> None:
+        raise PermissionError(f"{self.url} refused the login with token {self.token}")
+
+    async def __call__(self, event: Event) -> None:
+        raise AssertionError("never started, never called")
+
+
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a JSON-lines file that a process may still be appending to:
     a last line without its newline is still being written."""

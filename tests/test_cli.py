@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from receiver import parse_callback
 from tests.callbacks import FIXTURES, load
 from tests.handlers_for_tests import recorded
 from tests.processes import REPO, Receiver
@@ -80,30 +82,111 @@ def test_send_reports_an_unreachable_receiver(tmp_path):
 def test_events_list_and_show(receiver, tmp_path):
     receiver.post(load("transcode.xml"))
     receiver.post(load("smartcover_failed.xml"))
-    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 2)
+    receiver.post(load("workflow_finish.xml"))
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
     time.sleep(0.3)
-    listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
-    assert [line.split("  ")[1:4] for line in listed] == [
-        ["job:j9f42765cf84611ecb8546d80f2baf5aa:Failed", "SmartCover", "Failed"],
-        ["job:j68427030f84611ecb8546d80f2baf56f:Success", "Transcode", "Success"],
+    header, *listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
+    assert header.split() == ["RECEIVED", "ID", "EVENT", "TAG", "STATE", "HANDLERS"]
+    assert [line.split()[2:] for line in listed] == [
+        [
+            "workflow:i166ee19017b011eda8a5525400c540df:WorkflowFinish:Success",
+            "WorkflowFinish",
+            "-",
+            "Success",
+            "recorder=done",
+        ],
+        [
+            "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed",
+            "TaskFinish",
+            "SmartCover",
+            "Failed",
+            "recorder=done",
+        ],
+        [
+            "job:j68427030f84611ecb8546d80f2baf56f:Success",
+            "TaskFinish",
+            "Transcode",
+            "Success",
+            "recorder=done",
+        ],
     ]
-    assert listed[0].endswith("recorder=done")
     failed = cli(tmp_path, "events", "list", "--state", "Failed", "--json").stdout.splitlines()
     assert [orjson.loads(line)["tag"] for line in failed] == ["SmartCover"]
-    shown = orjson.loads(
-        cli(tmp_path, "events", "show", "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed").stdout
-    )
-    assert shown["event"]["code"] == "ResourceDownloadFailed"
-    assert "raw" not in shown["event"]
-    assert [(a["handler"], a["outcome"]) for a in shown["attempts"]] == [("recorder", "done")]
+    # The TAG column and --tag agree: a workflow has no tag; --kind finds it, and its
+    # RunId is its job.
+    none = cli(tmp_path, "events", "list", "--tag", "WorkflowFinish")
+    assert none.stdout == b""
+    assert b"no events match --tag WorkflowFinish" in none.stderr
+    assert b"use --kind" in none.stderr
+    run = cli(tmp_path, "events", "list", "--job", "i166ee19017b011eda8a5525400c540df", "--json")
+    assert [orjson.loads(line)["kind"] for line in run.stdout.splitlines()] == ["workflow"]
+
+    shown = cli(tmp_path, "events", "show", "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed")
+    lines = shown.stdout.decode().splitlines()
+    assert lines[0] == "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed"
+    fields = dict(line.strip().split(maxsplit=1) for line in lines[1:4])
+    assert fields == {"kind": "job (TaskFinish)", "tag": "SmartCover", "state": "Failed"}
+    assert any(line.strip().startswith("error     ResourceDownloadFailed: ") for line in lines)
+    assert lines[lines.index("handlers") + 1].strip() == "recorder  done, 1 attempt(s)"
     full = orjson.loads(
         cli(
             tmp_path, "events", "show", "--json", "job:j9f42765cf84611ecb8546d80f2baf5aa:Failed"
         ).stdout
     )
+    assert full["event"]["code"] == "ResourceDownloadFailed"
     assert full["event"]["raw"]["JobsDetail"]["Tag"] == "SmartCover"
+    assert [(a["handler"], a["outcome"]) for a in full["attempts"]] == [("recorder", "done")]
     missing = cli(tmp_path, "events", "show", "job:nope:Success", ok=False)
     assert b"no event 'job:nope:Success'" in missing.stderr
+
+
+def test_events_show_a_forged_value_does_not_reach_the_terminal_raw(receiver, tmp_path):
+    callback = orjson.loads(load("smartcover.json"))
+    # A terminal title, a screen clear and a colour, as JSON lets them be written.
+    callback["JobsDetail"][0]["Operation"]["UserData"] = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred"
+    event_id = receiver.post(orjson.dumps(callback)).json()["ids"][0]
+    shown = cli(tmp_path, "events", "show", event_id).stdout.decode()
+    assert "\x1b" not in shown
+    assert "\x07" not in shown
+    assert "user data \\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mred" in shown
+
+
+def test_an_empty_inbox_says_so(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))  # the inbox exists, with an accepted callback
+    listed = cli(tmp_path, "events", "list", "--status", "dead")
+    assert (listed.stdout, listed.stderr) == (b"", b"no events match --status dead\n")
+    rejected = cli(tmp_path, "events", "rejected")
+    assert (rejected.stdout, rejected.stderr) == (b"", b"no rejected callbacks\n")
+
+
+def test_events_tail_follows_new_events_and_stops_on_sigterm(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))
+    receiver.post(load("smartcover.xml"))
+    out = tmp_path / "tail.out"
+    with open(out, "wb") as sink:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "receiver.cli", "events", "tail", "-n", "1",
+             "--interval", "0.1"],
+            stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path,
+            env={"PYTHONPATH": str(REPO), "CI_RECEIVER_CONFIG": str(tmp_path / "ci-receiver.toml")},
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "SmartCover" in out.read_text())
+        receiver.post(load("workflow_finish.xml"))
+        receiver.post(load("two_jobs.xml"))
+        wait_until(lambda: len(out.read_text().splitlines()) == 4)
+        tail.send_signal(signal.SIGTERM)
+        assert tail.wait(30) == 0
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    ids = [line.split()[2] for line in out.read_text().splitlines()]
+    assert ids == [
+        "job:j6842765cf84611ecb8546d80f2baf56f:Success",  # only the last one at first
+        "workflow:i166ee19017b011eda8a5525400c540df:WorkflowFinish:Success",
+        *[event.id for event in parse_callback(load("two_jobs.xml"))],  # as stored
+    ]
 
 
 def test_rejected_callbacks_can_be_listed_read_and_replayed(receiver, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -61,7 +62,9 @@ def test_env_references_in_strings(tmp_path, monkeypatch):
 def test_a_missing_env_reference_names_the_key_and_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv("NOPE_SECRET", raising=False)
     path = write(tmp_path, '[handlers.hook]\ntype = "log"\nsecret = "${NOPE_SECRET}"\n')
-    assert error(path) == "handlers.hook.secret: environment variable NOPE_SECRET is not set"
+    assert error(path) == (
+        f"{path}: handlers.hook.secret: environment variable NOPE_SECRET is not set"
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,6 +105,93 @@ def test_a_bad_value_from_the_environment_says_so(tmp_path, monkeypatch):
     assert "(from the environment variable CI_RECEIVER_HTTP__PORT)" in error(write(tmp_path, ""))
 
 
+@pytest.mark.parametrize("tokens", ["abc,def", " abc , def ", '["abc", "def"]'])
+def test_a_list_of_strings_from_the_environment_comma_separated_or_json(monkeypatch, tokens):
+    monkeypatch.delenv("CI_RECEIVER_CONFIG", raising=False)
+    monkeypatch.setenv("CI_RECEIVER_HTTP__TOKENS", tokens)
+    monkeypatch.setenv("CI_RECEIVER_TDMQ__TOPICS", "persistent://t/ns/a,persistent://t/ns/b")
+    config = load_config()
+    assert [t.get_secret_value() for t in config.http.tokens] == ["abc", "def"]
+    assert config.tdmq.topics == ["persistent://t/ns/a", "persistent://t/ns/b"]
+
+
+def test_tables_and_lists_of_tables_from_the_environment_in_json(tmp_path, monkeypatch):
+    path = write(tmp_path, '[handlers.hook]\ntype = "log"\n')
+    monkeypatch.setenv(
+        "CI_RECEIVER_ROUTES", '[{"match": {"state": "failed"}, "handlers": ["hook"]}]'
+    )
+    monkeypatch.setenv("CI_RECEIVER_HANDLERS__HOOK__HEADERS", '{"Authorization": "Bearer x"}')
+    # a handler's options are not typed here: a string stays a string
+    monkeypatch.setenv("CI_RECEIVER_HANDLERS__HOOK__TEMPLATE", "[CI] $title")
+    monkeypatch.setenv("CI_RECEIVER_HTTP", '{"host": "127.0.0.1"}')
+    monkeypatch.setenv("CI_RECEIVER_HTTP__PORT", "9002")  # a key inside the table above
+    config = load_config(path)
+    assert config.routes is not None
+    assert config.routes[0].match.state == "Failed"
+    assert config.handlers["hook"].options == {
+        "headers": {"Authorization": "Bearer x"},
+        "template": "[CI] $title",
+    }
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 9002)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "CI_RECEIVER_ROUTES",
+            "failed:log",
+            "CI_RECEIVER_ROUTES: takes JSON here: an array like",
+        ),
+        ("CI_RECEIVER_TDMQ__TOPICS", '["a",', "CI_RECEIVER_TDMQ__TOPICS: not valid JSON"),
+        (
+            "CI_RECEIVER_ROUTES",
+            '[{"match": {"colour": "red"}, "handlers": ["log"]}]',
+            "routes[0].match.colour: unknown key (from the environment variable"
+            " CI_RECEIVER_ROUTES)",
+        ),
+        (
+            "CI_RECEIVER_HTTP__TOKENS",
+            "a/b",
+            "http.tokens: token 0 must be letters, digits, '-', '_', '.' or '~' (it is a path"
+            " segment), and not empty (from the environment variable CI_RECEIVER_HTTP__TOKENS)",
+        ),
+        (
+            "CI_RECEIVER_HANDLERS__LOG__MAX_ATTEMPTS",
+            "many",
+            "handlers.log.max_attempts: Input should be a valid integer, unable to parse string"
+            " as an integer (from the environment variable"
+            " CI_RECEIVER_HANDLERS__LOG__MAX_ATTEMPTS)",
+        ),
+        ("CI_RECEIVER_HTTP____PORT", "1", "CI_RECEIVER_HTTP____PORT: an empty level"),
+    ],
+)
+def test_a_bad_environment_value_is_an_error_naming_the_variable(monkeypatch, name, value, message):
+    monkeypatch.delenv("CI_RECEIVER_CONFIG", raising=False)
+    monkeypatch.setenv(name, value)
+    assert message in error(None)
+
+
+def test_every_bad_variable_is_named_at_once(monkeypatch):
+    monkeypatch.delenv("CI_RECEIVER_CONFIG", raising=False)
+    monkeypatch.setenv("CI_RECEIVER_ROUTES", "x")
+    monkeypatch.setenv("CI_RECEIVER_TDMQ__TOPICS", "[")
+    assert error(None).count("CI_RECEIVER_") == 2
+
+
+def test_every_missing_env_reference_is_reported_at_once(tmp_path, monkeypatch):
+    for name in ("NOPE_A", "NOPE_B"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(
+        tmp_path,
+        '[http]\ntokens = ["${NOPE_A}"]\n[handlers.hook]\ntype = "log"\nsecret = "${NOPE_B}"\n',
+    )
+    assert error(path) == (
+        f"{path}: http.tokens[0]: environment variable NOPE_A is not set;"
+        " handlers.hook.secret: environment variable NOPE_B is not set"
+    )
+
+
 def test_a_missing_file_is_an_error(tmp_path):
     assert error(tmp_path / "nope.toml").endswith("nope.toml: no such config file")
 
@@ -131,6 +221,7 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         "backoff_initial": 1.0,
         "backoff_max": 600.0,
         "concurrency": 8,
+        "required": False,
         # check-config shows every option as the handler will use it, defaults included,
         # and only options the handler takes
         "path": "jobs.db",
@@ -158,3 +249,33 @@ def test_check_config_validates_each_handler(tmp_path, table, message):
     result = run_cli("check-config", "--config", str(write(tmp_path, "[handlers.bad]\n" + table)))
     assert result.returncode == 1
     assert message in result.stderr
+
+
+def test_check_config_with_lists_from_the_environment_and_its_errors(tmp_path):
+    env = {**os.environ, "CI_RECEIVER_HTTP__TOKENS": "abc,def"}
+    env.pop("CI_RECEIVER_CONFIG", None)
+    result = run_cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["http"]["tokens"] == ["**********", "**********"]
+    env["CI_RECEIVER_ROUTES"] = "not json"
+    result = run_cli("check-config", env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "CI_RECEIVER_ROUTES: takes JSON here" in result.stderr
+
+
+def test_check_config_warns_of_routes_that_miss(tmp_path):
+    path = write(
+        tmp_path,
+        '[handlers.db]\ntype = "log"\n[handlers.chat]\ntype = "log"\n'
+        '[[routes]]\nmatch = { state = "failed", tag = "Smartcover" }\nhandlers = ["chat"]\n',
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["routes"][0]["match"]["state"] == "Failed"
+    assert "warning: handlers.db: no route sends it anything" in result.stderr
+    assert "warning: routes[0].match.tag" not in result.stderr  # a known tag in another case
+    path.write_text(path.read_text().replace('"failed"', '"done"'))
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert "routes[0].match.state: 'done' can never match: CI sends Submitted" in result.stderr

@@ -187,7 +187,9 @@ async def test_a_handler_that_cannot_start_holds_its_runs_until_it_can(inbox):
     (event_id,) = await store(inbox, "transcode.xml", ["db"])
     d = dispatcher(inbox, db=(handler, {}))
     await d.start()
-    await until(lambda: _status(d, "db", "not started: ConnectionRefusedError"))
+    await until(
+        lambda: _status(d, "db", "not started: ConnectionRefusedError: database not up yet")
+    )
     assert handler.calls == []
     await until(lambda: settled(inbox, event_id))  # start is retried after ~1 s
     await d.stop()

@@ -133,6 +133,34 @@ def decode_data(name: str) -> dict:
     return decode(load(name)).data
 
 
+def test_a_json_callback_wrapped_in_response_reads_as_the_xml_root_does():
+    # As published for WordsGeneralize: {"Response": {"EventName": ..., "JobsDetail": [...]}}
+    event = only("words_generalize_response.json")
+    # The published sample leaves out State and Tag (its XML twin has Tag); Code is there.
+    assert event.id == "job:ac34be3aa0bf411ed9ce39d7cc972e427:-"
+    assert (event.state, event.code) == (None, "Success")
+    assert (event.kind, event.event_name, event.format) == ("job", "TaskFinish", "json")
+    assert event.input == ObjectRef("test-123456789", "ap-chongqing", "text.txt")
+    assert event.finished_at == datetime(2022, 7, 25, 16, 35, 43, tzinfo=CST)
+    assert event.operation is not None
+    assert event.operation["WordsGeneralizeResult"]["WordsGeneralizeLable"]["Word"] == "Taxi"
+    # the event keeps the document as the XML one would be kept: without its root
+    assert event.raw["EventName"] == "TaskFinish"
+    unwrapped = parse_callback(
+        orjson.dumps(orjson.loads(load("words_generalize_response.json"))["Response"])
+    )
+    assert event.to_dict(include_raw=False) | {"received_at": None} == unwrapped[0].to_dict(
+        include_raw=False
+    ) | {"received_at": None}
+
+
+def test_stored_workflow_events_from_before_read_with_their_run_id():
+    event = only("workflow_finish.xml")
+    stored = event.to_dict() | {"job_id": None}  # as kept when workflows had no job_id
+    assert Event.from_dict(stored).job_id == event.workflow.run_id
+    assert Event.from_dict(stored).id == event.id
+
+
 def test_subject_is_the_job_the_run_or_the_event():
     assert only("transcode.xml").subject == "j68427030f84611ecb8546d80f2baf56f"
     assert only("workflow_finish.xml").subject == "i166ee19017b011eda8a5525400c540df"
@@ -205,8 +233,8 @@ def test_workflow_finish_carries_its_tasks_and_reads_times_with_a_space():
     assert event.kind == "workflow"
     assert event.event_name == "WorkflowFinish"
     assert event.id == "workflow:i166ee19017b011eda8a5525400c540df:WorkflowFinish:Success"
-    assert event.job_id is None
-    assert event.workflow.run_id == "i166ee19017b011eda8a5525400c540df"
+    # a workflow instance's job id is its RunId, as in the jobs table and the templates
+    assert event.job_id == event.workflow.run_id == "i166ee19017b011eda8a5525400c540df"
     assert event.workflow.workflow_name == "workflow-3"
     assert event.input == ObjectRef("test-1234567890", None, "wk-test/game.mp4")
     assert event.created_at == datetime(2022, 8, 9, 14, 54, 17, tzinfo=CST)
@@ -385,6 +413,8 @@ def test_tdmq_source_and_metadata_are_kept():
         b"<Other/>",
         b"[1, 2]",
         b'"text"'[:0] + b"[]",
+        b'{"Response": "nope"}',
+        b'{"Response": {"Foo": 1}}',
     ],
 )
 def test_documents_that_are_no_callback_are_unknown_shape(body):

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
-import re
+import os
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from markdown_it import MarkdownIt
 
 import handlers
 from handlers import Fail, Retry
@@ -64,7 +67,7 @@ async def test_wecom_gets_a_markdown_message(wecom):
     assert content.startswith("SmartCover Success\n")
     assert f"**Job**: {smartcover.job_id}" in content
     assert "**State**: Success" in content
-    assert f"**Input**: {smartcover.input.key} &#40;{smartcover.input.bucket}&#41;" in content
+    assert f"**Input**: {smartcover.input.key} ({smartcover.input.bucket})" in content
     assert smartcover.outputs[0].key in content
     assert "**Error**" not in content
 
@@ -235,18 +238,146 @@ async def test_slack_refusals(slack, reply, outcome):
 
 # --- what a forged callback can put in a message ----------------------------------------
 
-# UserData and Message come from the callback: a link, a mention (WeCom <@id>, Feishu
-# <at>, Slack <!channel>), emphasis, code, a heading and a quote, and a line of its own
-# that would pass for the real state.
-HOSTILE = (
-    "[click](https://evil.example) ![i](https://evil.example/i.png) <@all> <at id=all></at>"
-    " <!channel> **b** _i_ ~~s~~ `c` | \\ & @x\n# heading\n> quote\n**State**: Success"
+# Tag, UserData, Message and the input key come from the callback. They carry a link, an
+# image, a link reference, mentions (WeCom <@id>, Feishu <at>, Slack <!channel> and
+# <@U..>, DingTalk's @), tags, emphasis, code, a heading and a quote, an entity meant to
+# become a tag after escaping, and a line of its own that would pass for the real state.
+HOSTILE_TAG = "# [Pay here](https://evil.example/pay)"
+HOSTILE_USER_DATA = (
+    '<@U024BE7LH> <!channel> @all <at id=all></at> <font color="warning">red</font>'
+    " <https://evil.example|docs> <https://evil.example>"
 )
-HOSTILE_ON_ONE_LINE = HOSTILE.replace("\n", " ")
+HOSTILE_MESSAGE = (
+    "[click](https://evil.example) ![i](https://evil.example/i.png) [ref]: https://evil.example"
+    " **b** ~~s~~ `c` &#60;at id=all&#62;\n**State**: Success"
+)
+ORDINARY_KEY = "uploads/2022-06-30/video_id (test-123) a+b=c.mp4"
 
 
 def forged() -> Event:
-    return dataclasses.replace(event("smartcover_failed.xml"), user_data=HOSTILE, message=HOSTILE)
+    failed = event("smartcover_failed.xml")
+    return dataclasses.replace(
+        failed,
+        tag=HOSTILE_TAG,
+        user_data=HOSTILE_USER_DATA,
+        message=HOSTILE_MESSAGE,
+        input=dataclasses.replace(failed.input, key=ORDINARY_KEY),
+    )
+
+
+# Each robot in each of its message types, and where the message is in what it gets.
+ROBOTS = {
+    "wecom-markdown": ("wecom", {}, lambda body: body["markdown"]["content"]),
+    "wecom-text": ("wecom", {"msgtype": "text"}, lambda body: body["text"]["content"]),
+    "dingtalk-markdown": ("dingtalk", {"secret": SECRET}, lambda body: body["markdown"]["text"]),
+    "dingtalk-text": (
+        "dingtalk",
+        {"secret": SECRET, "msgtype": "text"},
+        lambda body: body["text"]["content"],
+    ),
+    "feishu-markdown": (
+        "feishu",
+        {"secret": SECRET},
+        lambda body: body["card"]["elements"][0]["content"],
+    ),
+    "feishu-text": (
+        "feishu",
+        {"secret": SECRET, "msgtype": "text"},
+        lambda body: body["content"]["text"],
+    ),
+    "slack": ("slack", {}, lambda body: body["text"]),
+}
+GOLDEN = Path(__file__).parent / "golden" / "chat"
+CASES = {"smartcover": lambda: event("smartcover.xml"), "forged": forged}
+
+
+async def sent_to(robot: str, case: str, request) -> dict:
+    vendor, options, _ = ROBOTS[robot]
+    peer = request.getfixturevalue(vendor)
+    await send(vendor, {"url": peer.hook, **options}, CASES[case]())
+    [sent] = peer.requests
+    body = sent.json()
+    for signed in ("timestamp", "sign"):  # Feishu's signature: new on every request
+        body.pop(signed, None)
+    return body
+
+
+def golden_text(body: dict) -> str:
+    """The body as a golden file shows it: JSON, readable, the zero-width spaces the
+    markup puts in written as \\u200b (JSON's own escape for it, so it loads back)."""
+    text = json.dumps(body, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    return text.replace("\u200b", "\\u200b")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("robot", ROBOTS)
+async def test_each_robot_gets_the_message_in_its_golden_file(robot, case, request):
+    """tests/golden/chat/ holds what each robot is sent: the readable sample of each
+    dialect. `UPDATE_GOLDEN=1 pytest tests/test_handler_chat.py` rewrites them."""
+    body = golden_text(await sent_to(robot, case, request))
+    path = GOLDEN / f"{robot}-{case}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+    assert body == path.read_text()
+
+
+def commonmark(text: str) -> list:
+    """The inline tokens a CommonMark renderer (with HTML and strikethrough) makes."""
+    md = MarkdownIt("commonmark", {"html": True}).enable("strikethrough")
+    return md.parse(text)
+
+
+def kinds(tokens: list) -> set[str]:
+    found = {token.type for token in tokens}
+    for token in tokens:
+        found |= {child.type for child in token.children or ()}
+    return found
+
+
+@pytest.mark.parametrize("robot", ["wecom-markdown", "dingtalk-markdown", "feishu-markdown"])
+async def test_forged_markup_makes_no_link_mention_tag_or_block(robot, request):
+    content = ROBOTS[robot][2](await sent_to(robot, "forged", request))
+    tokens = commonmark(content)
+    made = kinds(tokens)
+    assert not made & {"link_open", "image", "html_inline", "html_block", "autolink"}
+    assert not made & {"heading_open", "blockquote_open", "bullet_list_open", "hr"}
+    bold = [
+        token.children[i + 1].content
+        for token in tokens
+        if token.type == "inline"
+        for i, child in enumerate(token.children or ())
+        if child.type == "strong_open"
+    ]
+    assert set(bold) <= {"Job", "State", "Error", "Input", "User data", "Finished"}
+    # the real state only: no line of the forged values' own
+    assert [line for line in content.split("\n") if line.startswith("**State")] == [
+        "**State**: Failed"
+    ]
+    # What is shown is what was sent (the zero-width spaces and references aside).
+    shown = content.replace("\u200b", "")
+    if robot == "feishu-markdown":
+        shown = html.unescape(shown)
+    for value in (HOSTILE_USER_DATA, HOSTILE_MESSAGE.replace("\n", " "), ORDINARY_KEY):
+        assert value in shown
+    if robot == "feishu-markdown":  # references: nothing at all is markup
+        assert not made & {"em_open", "s_open", "code_inline"}
+
+
+async def test_feishu_text_mentions_nobody(request):
+    text = ROBOTS["feishu-text"][2](await sent_to("feishu-text", "forged", request))
+    assert "<at" not in text
+    assert HOSTILE_USER_DATA in text.replace("\u200b", "")
+
+
+async def test_slack_gets_forged_values_without_links_mentions_or_lines_of_their_own(request):
+    text = ROBOTS["slack"][2](await sent_to("slack", "forged", request))
+    user_data = labelled(text, "*User data*: ")
+    assert [line for line in text.splitlines() if line.startswith(("*State", "**State"))] == [
+        "*State*: Failed"
+    ]
+    assert not set("<>") & set(user_data)  # Slack's links and mentions need < and >
+    assert html.unescape(user_data) == HOSTILE_USER_DATA
 
 
 def labelled(content: str, label: str) -> str:
@@ -255,41 +386,15 @@ def labelled(content: str, label: str) -> str:
     return line.removeprefix(label)
 
 
-@pytest.mark.parametrize("vendor", ["wecom", "dingtalk", "feishu"])
-async def test_markdown_robots_get_forged_values_as_plain_characters(vendor, request):
-    peer = request.getfixturevalue(vendor)
-    options = {"url": peer.hook, **({"secret": SECRET} if vendor in ("dingtalk", "feishu") else {})}
-    await send(vendor, options, forged())
-
-    body = peer.requests[0].json()
-    content = {
-        "wecom": lambda: body["markdown"]["content"],
-        "dingtalk": lambda: body["markdown"]["text"],
-        "feishu": lambda: body["card"]["elements"][0]["content"],
-    }[vendor]()
-    user_data = labelled(content, "**User data**: ")
-    error = labelled(content, "**Error**: ")
-    assert [line for line in content.splitlines() if line.startswith("**State**")] == [
-        "**State**: Failed"  # the real one: no line of the forged values' own
-    ]
-    for value in (user_data, error.split(": ", 1)[1]):
-        # Every character that makes markup is a character reference, shown as itself.
-        assert not set("[]()!<>@*_~`#|\\&") & set(re.sub("&#[0-9]+;", "", value))
-        assert html.unescape(value) == HOSTILE_ON_ONE_LINE
+async def test_a_robots_times_in_its_time_zone(wecom):
+    await send("wecom", {"url": wecom.hook, "timezone": "Asia/Shanghai"}, event("smartcover.xml"))
+    content = wecom.requests[0].json()["markdown"]["content"]
+    assert "**Finished**: 2022-06-30 15:29:48 CST" in content
 
 
-async def test_slack_gets_forged_values_without_links_mentions_or_lines_of_their_own(slack):
-    await send("slack", {"url": slack.hook}, forged())
-
-    text = slack.requests[0].json()["text"]
-    user_data = labelled(text, "*User data*: ")
-    assert [line for line in text.splitlines() if line.startswith(("*State*", "**State**"))] == [
-        "*State*: Failed"
-    ]
-    assert not set("<>") & set(user_data)  # Slack's links and mentions need < and >
-    assert user_data.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") == (
-        HOSTILE_ON_ONE_LINE
-    )
+def test_an_unknown_time_zone_is_refused():
+    with pytest.raises(handlers.HandlerConfigError, match="timezone: unknown time zone"):
+        handlers.build("slack", {"url": "https://example.com/hook", "timezone": "Nowhere/Land"})
 
 
 # --- shared -----------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 
-from handlers.message import FIELDS, HTML, MARKDOWN, TEXT, check_template, render
+from handlers.markup import FEISHU_MARKDOWN, HTML, TEXT, WECOM_MARKDOWN
+from handlers.message import FIELDS, check_template, render
 from receiver import parse_callback
 from receiver.model import ObjectRef
+from receiver.timezones import parse_timezone
 from tests.callbacks import ALL, load
 from tests.sample_events import event
 
@@ -18,7 +20,7 @@ def test_every_field_renders_for_every_fixture(name):
     template = " | ".join(f"${field}" for field in FIELDS)
     for one in parse_callback(load(name)):
         text = render(template, one, TEXT)
-        assert one.state in text
+        assert (one.state or "") in text
         assert "$" not in text.replace(one.user_data or "", "")
 
 
@@ -54,7 +56,27 @@ def test_html_escapes_values_and_breaks_lines():
 
 
 def test_markdown_bolds_labels():
-    assert "**State**: Success" in render("$details", event("smartcover.xml"), MARKDOWN)
+    assert "**State**: Success" in render("$details", event("smartcover.xml"), WECOM_MARKDOWN)
+
+
+def test_times_are_shown_in_the_handlers_zone():
+    smartcover = event("smartcover.xml")  # EndTime 2022-06-30T15:29:48+0800
+    assert render("$finished_at", smartcover, TEXT) == "2022-06-30 07:29:48 UTC"
+    shanghai = parse_timezone("Asia/Shanghai")
+    assert render("$finished_at", smartcover, TEXT, shanghai) == "2022-06-30 15:29:48 CST"
+    assert "**Finished**: 2022-06-30 15:29:48 CST" in render(
+        "$details", smartcover, WECOM_MARKDOWN, shanghai
+    )
+
+
+ORDINARY = "uploads/2022-06-30/video_id (test-123) #1 a+b=c 50% ~x! @home"
+
+
+@pytest.mark.parametrize("markup", [WECOM_MARKDOWN, FEISHU_MARKDOWN], ids=["wecom", "feishu"])
+def test_ordinary_characters_are_sent_as_they_are(markup):
+    # What a key, a date or a message commonly holds makes no markup where it stands.
+    ordinary = dataclasses.replace(event("smartcover.xml"), user_data=ORDINARY)
+    assert render("$user_data", ordinary, markup) == ORDINARY
 
 
 @pytest.mark.parametrize(
@@ -67,24 +89,24 @@ def test_bad_templates_are_refused(template, says):
 
 
 @pytest.mark.parametrize(
-    ("user_data", "sent"),
+    ("user_data", "feishu", "wecom"),
     [
-        ("- item", "&#45; item"),  # a list
-        ("1. first", "1&#46; first"),
-        ("=====", "&#61;===="),  # a heading underline under the line before
-        ("# heading", "&#35; heading"),
-        ("> quote", "&#62; quote"),
-        ("line\n- item", "line - item"),  # no line of its own
+        ("- item", "&#45; item", "\u200b- item"),  # a list
+        ("1. first", "1&#46; first", "\u200b1. first"),
+        ("=====", "&#61;====", "\u200b====="),  # a heading underline under the line before
+        ("# heading", "&#35; heading", "\u200b# heading"),
+        ("> quote", "&#62; quote", "\u200b> quote"),
+        ("line\n- item", "line - item", "line - item"),  # no line of its own
     ],
 )
-def test_a_value_cannot_start_a_markdown_block(user_data, sent):
+def test_a_value_cannot_start_a_markdown_block(user_data, feishu, wecom):
     tricky = dataclasses.replace(event("smartcover.xml"), user_data=user_data)
-    assert render("$user_data", tricky, MARKDOWN) == sent
+    assert render("$user_data", tricky, FEISHU_MARKDOWN) == feishu
+    assert render("$user_data", tricky, WECOM_MARKDOWN) == wecom
 
 
 def test_job_id_is_the_job_or_the_workflow_run_and_never_the_event_id():
     workflow = event("workflow_finish.xml")
-    assert workflow.job_id is None
     assert render("$job_id", workflow, TEXT) == workflow.workflow.run_id
     smartcover = event("smartcover.xml")
     assert render("$job_id", smartcover, TEXT) == smartcover.job_id

@@ -86,6 +86,10 @@ def test_a_duplicate_is_answered_200_and_not_handled_again(receiver, tmp_path):
     assert recorded(tmp_path / "recorded.jsonl") == first.json()["ids"]
     outcomes = inbox_rows(tmp_path, "SELECT outcome FROM receipts ORDER BY id")
     assert outcomes == [("accepted",), ("duplicate",), ("duplicate",)]
+    logged = [orjson.loads(line) for line in receiver.log().splitlines() if "duplicate" in line]
+    assert [(line["level"], line["event"], line["event_id"]) for line in logged] == [
+        ("info", "duplicate event; already stored", first.json()["ids"][0])
+    ] * 2
 
 
 def ci_json_of(name: str) -> bytes:
@@ -234,7 +238,7 @@ def test_dead_letters_then_replay(tmp_path):
             )
         )
         replay = receiver_cli(tmp_path, "replay", "--dead")
-        assert replay.stdout.strip() == "1 run(s) queued again"
+        assert replay.stdout.strip() == "1 run(s) queued again, of 1 event(s)"
         wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl", "failed")) == 4)
         wait_until(
             lambda: (

@@ -72,13 +72,20 @@ def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker):
         # Without the broker, nothing is answered 200: the sender will try again.
         pulsar_broker.stop()
         unstored = relay.post(load("transcode.xml"))
-        assert unstored.status_code == 503
+        assert (unstored.status_code, unstored.json()["error"]) == (503, "relay_unavailable")
+        unkept = relay.post(b"not a callback either")  # a refusal it cannot pass on
+        assert (unkept.status_code, unkept.json()["error"]) == (503, "relay_unavailable")
         assert httpx.get(relay.url + "/readyz").status_code == 503
         assert relay.terminate() == 0
         assert consumer.terminate() == 0
     finally:
         relay.stop()
         consumer.stop()
+    # The log says which broker failed, and not that an inbox did.
+    failures = [line for line in relay.log().splitlines() if "cannot relay the" in line]
+    assert len(failures) == 2
+    assert all(pulsar_broker.url in line and TOPIC in line for line in failures)
+    assert "inbox" not in relay.log()
 
 
 def test_commands_say_what_is_missing_or_unreachable(tmp_path):

@@ -7,8 +7,12 @@ consumer did is read from its inbox and from a `jsonl` handler's file.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import httpx
+import orjson
 import pulsar
 import pytest
 
@@ -244,3 +248,33 @@ def test_same_callback_over_http_and_tdmq_is_stored_and_handled_once(
 
     pulsar_broker.stop()
     wait_until(lambda: not httpx.get(both.url + "/readyz").json()["ready"], "unready")
+
+
+def test_the_client_library_log_is_part_of_the_json_log(tmp_path, pulsar_broker):
+    """The Pulsar C++ library logs on its own threads; its lines reach stdout as JSON
+    lines of the logger `pulsar`, not as its own plain text."""
+    site = Site(tmp_path, pulsar_broker.url, TOPIC, tdmq='client_log_level = "info"')
+    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "receiver.cli", "consume", "--config", str(site.config)],
+            stdout=out,
+            stderr=err,
+            cwd=tmp_path,
+        )
+    try:
+        wait_until(lambda: "tdmq consumer connected" in stdout.read_text(), "connected")
+        publish(pulsar_broker.url, TOPIC, [load("smartcover.xml")])
+        wait_until(lambda: site.handled(), "the callback handled")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = [orjson.loads(line) for line in stdout.read_text().splitlines()]  # JSON, all
+    library = [line for line in lines if line["logger"] == "pulsar"]
+    assert any("Connected to broker" in line["event"] for line in library)
+    assert all(line["level"] in ("info", "warning", "error") for line in library)
+    assert all(":" in line["source"] for line in library)  # its file and line: Consumer:123
+    assert "Connected to broker" not in stderr.read_text()

@@ -1,16 +1,25 @@
-"""`events list / show / rejected`: what the inbox holds."""
+"""`events list / show / tail / rejected`: what the inbox holds, for people (or `--json`)."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
+from collections.abc import Callable
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
 import click
 import orjson
 
-from receiver.cli.common import config_option, with_inbox
-from receiver.inbox import EventFilter
+from receiver.cli.common import config_option, event_filter, filter_options, load, with_inbox
+from receiver.cli.views import event_lines, printable, summary_row
+from receiver.inbox import RUN_STATUSES, EventSummary
+from receiver.timezones import parse_timezone
+
+# How many of the newest events `tail` reads on each look.
+TAIL_PAGE = 200
 
 
 @click.group()
@@ -18,59 +27,98 @@ def events() -> None:
     """Look at stored events and rejected callbacks."""
 
 
+def event_filters(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What `list` and `tail` select on: the common filters, and a run status."""
+    command = click.option(
+        "--status",
+        type=click.Choice(RUN_STATUSES),
+        help="Events with a handler run in this status.",
+    )(command)
+    return filter_options(command)
+
+
+def _zone(config_path: Path | None) -> tzinfo:
+    return parse_timezone(load(config_path).log.timezone)
+
+
 @events.command("list")
 @config_option
-@click.option("--kind", type=click.Choice(["job", "workflow", "moderation"]))
-@click.option("--tag", help="Job tag, e.g. SmartCover.")
-@click.option("--state", help="Job state, e.g. Failed.")
-@click.option("--job", "job_id", help="A JobId.")
-@click.option(
-    "--status",
-    type=click.Choice(["pending", "done", "dead"]),
-    help="Events with a handler run in this status.",
-)
+@event_filters
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: Any) -> None:
-    """The latest events, newest first, with each handler's status."""
-    found = with_inbox(config_path, lambda inbox: inbox.events(EventFilter(**filters), limit=limit))
-    for summary in found:
-        runs = {
+    """The latest events, newest first, with each handler's status.
+
+    TAG is the job's Tag: workflow and moderation events have none (-), and EVENT tells
+    them apart (WorkflowFinish, ReviewVideo, ...).
+    """
+    zone = _zone(config_path)
+    found = with_inbox(
+        config_path, lambda inbox: inbox.events(event_filter(**filters), limit=limit)
+    )
+    if not found:
+        _say_none(filters)
+        return
+    if as_json:
+        for summary in found:
+            click.echo(orjson.dumps(_summary_json(summary)).decode())
+        return
+    rows = [summary_row(summary, zone) for summary in found]
+    header = ("RECEIVED", "ID", "EVENT", "TAG", "STATE", "HANDLERS")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        click.echo(_aligned(row, widths))
+
+
+def _aligned(row: tuple[str, ...], widths: list[int]) -> str:
+    cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+    return "  ".join([*cells, row[-1]]).rstrip()
+
+
+def _say_none(filters: dict[str, Any]) -> None:
+    chosen = " ".join(
+        f"--{name.replace('_id', '')} {value}" for name, value in filters.items() if value
+    )
+    click.echo(f"no events{' match ' + chosen if chosen else ' stored yet'}", err=True)
+    if filters.get("tag"):
+        click.echo(
+            "(a tag is a job's Tag: workflow and moderation events have none; use --kind)",
+            err=True,
+        )
+
+
+def _summary_json(summary: EventSummary) -> dict[str, Any]:
+    return {
+        "id": summary.id,
+        "received_at": summary.received_at.isoformat(),
+        "kind": summary.kind,
+        "event_name": summary.event_name,
+        "tag": summary.tag,
+        "state": summary.state,
+        "job_id": summary.job_id,
+        "handlers": {
             r.handler: {"status": r.status, "attempts": r.attempts, "error": r.last_error}
             for r in summary.runs
-        }
-        if as_json:
-            row = {
-                "id": summary.id,
-                "received_at": summary.received_at.isoformat(),
-                "kind": summary.kind,
-                "event_name": summary.event_name,
-                "tag": summary.tag,
-                "state": summary.state,
-                "job_id": summary.job_id,
-                "handlers": runs,
-            }
-            click.echo(orjson.dumps(row).decode())
-        else:
-            handlers = (
-                " ".join(f"{name}={run['status']}" for name, run in runs.items()) or "(no route)"
-            )
-            what = summary.tag or summary.event_name
-            when = f"{summary.received_at:%Y-%m-%d %H:%M:%S}"
-            click.echo(f"{when}  {summary.id}  {what}  {summary.state}  {handlers}")
+        },
+    }
 
 
 @events.command("show")
 @config_option
 @click.argument("event_id")
-@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON, callback too.")
 def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
     """One event, its handler runs and every attempt."""
+    zone = _zone(config_path)
     detail = with_inbox(config_path, lambda inbox: inbox.event(event_id))
     if detail is None:
-        raise click.ClickException(f"no event {event_id!r}")
+        raise click.ClickException(f"no event {printable(event_id)!r}")
+    if not as_json:
+        for line in event_lines(detail, zone):
+            click.echo(line)
+        return
     record = {
-        "event": detail.event.to_dict(include_raw=as_json),
+        "event": detail.event.to_dict(),
         "receipt_id": detail.receipt_id,
         "request_id": detail.request_id,
         "runs": [
@@ -88,6 +136,58 @@ def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
     click.echo(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
 
 
+@events.command("tail")
+@config_option
+@event_filters
+@click.option("--lines", "-n", default=10, show_default=True, help="Events shown at first.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between looks.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def tail(
+    config_path: Path | None, lines: int, interval: float, as_json: bool, **filters: Any
+) -> None:
+    """Follow events as they are stored, until Ctrl-C or SIGTERM.
+
+    Each event shows once, when it is stored, with its handlers' status then. Works
+    while a receiver runs on the same data folder.
+    """
+    zone = _zone(config_path)
+
+    def show(summary: EventSummary) -> None:
+        if as_json:
+            click.echo(orjson.dumps(_summary_json(summary)).decode())
+        else:
+            click.echo("  ".join(summary_row(summary, zone)))
+
+    async def follow(inbox: Any) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        found = await inbox.events(event_filter(**filters), limit=TAIL_PAGE)
+        for summary in reversed(found[:lines]):
+            show(summary)
+        seen = {summary.id for summary in found}
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+                break
+            except asyncio.TimeoutError:
+                pass
+            found = await inbox.events(event_filter(**filters), limit=TAIL_PAGE)
+            new = [summary for summary in found if summary.id not in seen]
+            if seen and len(new) == TAIL_PAGE:
+                click.echo(
+                    f"(more than {TAIL_PAGE} events since the last look: older ones left out)",
+                    err=True,
+                )
+            for summary in reversed(new):
+                show(summary)
+            # The newest page is enough: an event once out of it never comes back to it.
+            seen = {summary.id for summary in found}
+
+    with_inbox(config_path, follow)
+
+
 @events.command("rejected")
 @config_option
 @click.option("--limit", default=20, show_default=True)
@@ -100,11 +200,13 @@ def rejected(config_path: Path | None, limit: int, receipt_id: int | None) -> No
             raise click.ClickException(f"no receipt {receipt_id}")
         sys.stdout.buffer.write(found.body)
         return
+    zone = _zone(config_path)
     receipts = with_inbox(
         config_path, lambda inbox: inbox.receipts(limit=limit, outcome="rejected")
     )
+    if not receipts:
+        click.echo("no rejected callbacks", err=True)
     for r in receipts:
-        when = f"{r.received_at:%Y-%m-%d %H:%M:%S}"
-        click.echo(
-            f"#{r.id}  {when}  {r.source}  {r.size} bytes  {r.error_reason}: {r.error_detail}"
-        )
+        when = f"{r.received_at.astimezone(zone):%Y-%m-%d %H:%M:%S}"
+        detail = printable(f"{r.error_reason}: {r.error_detail}")
+        click.echo(f"#{r.id}  {when}  {r.source}  {r.size} bytes  {detail}")

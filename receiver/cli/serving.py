@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+import structlog
 
 from receiver.cli.common import config_option, listen_options, load, make_service, run_async
 from receiver.config import Config
 from receiver.logs import configure_logging
+from receiver.routing import warnings
 
 
 @click.command()
@@ -22,7 +24,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     from receiver.runner import HttpServer, run_service
 
     config = load(config_path, host=host, port=port)
-    configure_logging(config.log.level, config.log.format)
+    start_logging(config)
     if not config.relay.topic:
         service = make_service(config)
         components = [HttpServer(service, _announce(config)), *_reconciler(config, service)]
@@ -43,7 +45,7 @@ def consume(config_path: Path | None) -> None:
     from receiver.runner import run_service
 
     config = load(config_path)
-    configure_logging(config.log.level, config.log.format)
+    start_logging(config)
     service = make_service(config)
     consumer = _consumer(config, service)
     sys.exit(run_async(run_service(service, [consumer, *_reconciler(config, service)])))
@@ -57,13 +59,21 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     from receiver.runner import HttpServer, run_service
 
     config = load(config_path, host=host, port=port)
-    configure_logging(config.log.level, config.log.format)
+    start_logging(config)
     if config.relay.topic:
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     service = make_service(config)
     consumer = _consumer(config, service)
     components = [HttpServer(service, _announce(config)), consumer, *_reconciler(config, service)]
     sys.exit(run_async(run_service(service, components)))
+
+
+def start_logging(config: Config) -> None:
+    """Configure the log, and say there what in the config is likely a mistake."""
+    configure_logging(config.log.level, config.log.format, config.log.timezone)
+    logger = structlog.get_logger("ci_receiver.config")
+    for warning in warnings(config):
+        logger.warning("config may not do what was meant", warning=warning)
 
 
 def _announce(config: Config) -> Callable[[str, int], None]:

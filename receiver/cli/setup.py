@@ -19,6 +19,7 @@ from receiver.inbox import InboxUnavailable, SchemaError, probe
 @config_option
 def check_config(config_path: Path | None) -> None:
     """Validate the config and every handler's options; print the effective config."""
+    from receiver.routing import warnings
     from receiver.service import build_slots
 
     config = load(config_path)
@@ -33,6 +34,8 @@ def check_config(config_path: Path | None) -> None:
         if shown is not None:
             effective["handlers"][slot.name].update(shown)
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
+    for warning in warnings(config):
+        click.echo(f"warning: {warning}", err=True)
     try:
         found = asyncio.run(probe(config))
     except (InboxUnavailable, SchemaError) as exc:

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.ids import new_id
 from receiver.inbox import Receipt
-from receiver.ingest import RejectionNotKept
+from receiver.ingest import IntakeUnavailable, RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
 
@@ -58,10 +58,11 @@ def error(status: int, reason: str, detail: str) -> JsonResponse:
     return JsonResponse({"error": reason, "detail": detail}, status_code=status)
 
 
-def unavailable() -> JsonResponse:
+def unavailable(reason: str = "inbox_unavailable") -> JsonResponse:
     # Even a body that will be refused is kept first: when it cannot be, the sender is
-    # asked to send it again rather than have it vanish.
-    return error(503, "inbox_unavailable", "the callback could not be stored; send it again")
+    # asked to send it again rather than have it vanish. `relay_unavailable`: the broker
+    # did not confirm it (relay mode).
+    return error(503, reason, "the callback could not be stored; send it again")
 
 
 def _headers_of_interest(scope: Scope) -> dict[str, str]:
@@ -110,8 +111,8 @@ def create_app(service: Backend) -> Starlette:
             stored = await ingestor.ingest(receipt)
         except PayloadError as exc:
             return error(400, exc.reason, exc.message)
-        except RejectionNotKept:
-            return unavailable()
+        except IntakeUnavailable as exc:  # a refused body not kept, a broker away, ...
+            return unavailable(exc.reason)
         except Exception:
             logger.exception("cannot commit the callback to the inbox")
             return unavailable()
@@ -126,8 +127,8 @@ def create_app(service: Backend) -> Starlette:
     async def refuse(receipt: Receipt, refusal: PayloadError, *, size: int) -> Response:
         try:
             await ingestor.reject(receipt, refusal, size=size)
-        except RejectionNotKept:
-            return unavailable()
+        except RejectionNotKept as exc:
+            return unavailable(exc.reason)
         return error(413, refusal.reason, refusal.message)
 
     async def healthz(request: Request) -> Response:

@@ -12,6 +12,7 @@ import pulsar.exceptions
 import structlog
 
 from receiver.config import PulsarConnection, TdmqConfig
+from receiver.sources.tdmq.client_log import client_logger
 
 logger = structlog.get_logger("ci_receiver.sources.tdmq")
 
@@ -24,12 +25,6 @@ SUBSCRIPTION_TYPES = {
 INITIAL_POSITIONS = {
     "earliest": pulsar.InitialPosition.Earliest,
     "latest": pulsar.InitialPosition.Latest,
-}
-_CLIENT_LOG_LEVELS = {
-    "debug": pulsar.LoggerLevel.Debug,
-    "info": pulsar.LoggerLevel.Info,
-    "warn": pulsar.LoggerLevel.Warn,
-    "error": pulsar.LoggerLevel.Error,
 }
 
 BATCH_WAIT_MS = 100
@@ -63,9 +58,8 @@ def client_options(settings: PulsarConnection) -> dict[str, Any]:
         "operation_timeout_seconds": max(1, round(settings.operation_timeout)),
         "tls_allow_insecure_connection": settings.tls_allow_insecure_connection,
         "tls_validate_hostname": settings.tls_validate_hostname,
-        # The C++ library's own console logger: a Python `logger=` can deadlock with nacks
-        # on other threads and hang interpreter exit (apache/pulsar-client-python#116).
-        "logger": pulsar.ConsoleLogger(_CLIENT_LOG_LEVELS[settings.client_log_level]),
+        # The C++ library's own log, into the structured log (see client_log).
+        "logger": client_logger(settings.client_log_level),
     }
     if settings.token is not None:
         options["authentication"] = pulsar.AuthenticationToken(settings.token.get_secret_value())

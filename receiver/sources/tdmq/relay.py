@@ -22,7 +22,8 @@ import structlog
 
 from receiver.config import Config
 from receiver.inbox import Receipt, Stored
-from receiver.ingest import RejectionNotKept, parse_or_refuse
+from receiver.ingest import IntakeUnavailable, RejectionNotKept, parse_or_refuse
+from receiver.masking import Masker
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import PayloadError
@@ -30,6 +31,10 @@ from receiver.sources.tdmq.client import TdmqError, close, describe, make_client
 from receiver.sources.tdmq.messages import relay_properties
 
 logger = structlog.get_logger("ci_receiver.relay")
+
+# The 503's reason when the broker does not confirm a callback: not the inbox's.
+UNAVAILABLE = "relay_unavailable"
+_mask_urls = Masker()
 
 
 class Relay:
@@ -73,7 +78,11 @@ class Relay:
     async def ingest(self, receipt: Receipt) -> Stored:
         began = time.perf_counter()
         events = await parse_or_refuse(receipt, self._limits, self)
-        await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
+        try:
+            await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
+        except Exception as exc:
+            logger.error("cannot relay the callback", **self._where(), error=describe(exc))
+            raise IntakeUnavailable(describe(exc), reason=UNAVAILABLE) from exc
         self._metrics.callbacks.labels(receipt.source, "relayed").inc()
         self._metrics.ingest_seconds.labels(receipt.source).observe(time.perf_counter() - began)
         ids = [event.id for event in events]
@@ -94,9 +103,16 @@ class Relay:
             await self._publish(kept, relay_properties(receipt, error, full_size), None)
         except Exception as exc:
             logger.error(
-                "cannot relay the rejected callback", error=describe(exc), head=receipt.body[:200]
+                "cannot relay the rejected callback",
+                **self._where(),
+                error=describe(exc),
+                head=receipt.body[:200],
             )
-            raise RejectionNotKept(describe(exc)) from exc
+            raise RejectionNotKept(describe(exc), reason=UNAVAILABLE) from exc
+
+    def _where(self) -> dict[str, str]:
+        """The broker and topic a failure is about, for the log."""
+        return {"broker": _mask_urls(self._config.tdmq.service_url or ""), "topic": self.topic}
 
     async def _publish(self, body: bytes, properties: dict[str, str], key: str | None) -> None:
         if self._producer is None:

@@ -1,0 +1,49 @@
+"""Secrets out of messages: URLs' user info and query, and secret option values."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from receiver.masking import Masker, secrets_in
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            "cannot open postgresql://ci:pw@db:5432/media?sslmode=require: refused",
+            "cannot open postgresql://***@db:5432/media?***: refused",
+        ),
+        (
+            "POST https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k-1 failed",
+            "POST https://qyapi.weixin.qq.com/cgi-bin/webhook/send?*** failed",
+        ),
+        ("smtp://mail.example.com:465 refused", "smtp://mail.example.com:465 refused"),
+        ("the token s3cr3t-value is wrong", "the token *** is wrong"),
+        ("no URL, no secret", "no URL, no secret"),
+    ],
+)
+def test_masked(text, masked):
+    assert Masker(["s3cr3t-value"])(text) == masked
+
+
+def test_secrets_are_found_by_type_and_by_option_name():
+    class Options(BaseModel):
+        url: SecretStr
+        headers: dict[str, SecretStr]
+        host: str
+        password: str
+
+    options = Options(
+        url=SecretStr("https://hooks.example.com/T1/B2/x"),
+        headers={"Authorization": SecretStr("Bearer abc")},
+        host="smtp.example.com",
+        password="pw-1234",
+    )
+    assert sorted(secrets_in(options)) == [
+        "Bearer abc",
+        "https://hooks.example.com/T1/B2/x",
+        "pw-1234",
+    ]
+    assert sorted(secrets_in({"api_key": ["k1", "k2"], "level": "info"})) == ["k1", "k2"]
