@@ -157,10 +157,13 @@ def write_schema_1(path, names: list[str]) -> list:
             (number, received, body, len(body), orjson.dumps(ids)),
         )
         for event in events:
+            # Version 1 gave workflow events no job id (now their RunId).
+            job_id = None if event.kind == "workflow" else event.job_id
+            data = {**orjson.loads(event.to_json()), "job_id": job_id}
             connection.execute(
                 "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.id, number, received, event.kind, event.event_name, event.job_id,
-                 event.tag, event.state, event.to_json()),
+                (event.id, number, received, event.kind, event.event_name, job_id,
+                 event.tag, event.state, orjson.dumps(data)),
             )  # fmt: skip
             connection.execute(
                 "INSERT INTO runs VALUES (?, 'a', 'done', 1, 0, NULL, NULL, NULL, 0)", (event.id,)
@@ -187,6 +190,9 @@ async def test_an_inbox_of_schema_1_is_migrated_on_start_and_shrinks(tmp_path):
             detail = await inbox.event(event.id)
             assert detail.event == event  # the document is rebuilt from the kept body
             assert [(r.handler, r.status) for r in detail.runs] == [("a", "done")]
+        (workflow,) = [e for e in before if e.kind == "workflow"]
+        (found,) = await inbox.events(EventFilter(job_id=workflow.workflow.run_id))
+        assert found.id == workflow.id  # older workflow events are found by their RunId
         listed = await inbox.events(EventFilter(tag="Transcode"))
         assert {e.key for e in listed} == {e.input.key for e in before if e.tag == "Transcode"}
         assert [r.error_reason for r in await inbox.receipts(outcome="rejected")] == [

@@ -153,12 +153,14 @@ def check_readable(connection: sqlite3.Connection) -> None:
 
 
 def _migrate_from_1(connection: sqlite3.Connection) -> None:
-    """Version 1 kept ISO times as text and the whole document in every event."""
+    """Version 1 kept ISO times as text and the whole document in every event, and
+    workflow events without a job id (their RunId is their job id now)."""
     count = connection.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     logger.info("migrating the inbox to schema 2", events=count)
     connection.create_function("epoch", 1, _epoch, deterministic=True)
     connection.create_function("lean", 1, lean, deterministic=True)
     connection.create_function("input_field", 2, _input_field, deterministic=True)
+    connection.create_function("run_id", 1, _run_id, deterministic=True)
     _script(
         connection,
         """
@@ -178,8 +180,9 @@ def _migrate_from_1(connection: sqlite3.Connection) -> None:
             outcome, error_reason, error_detail, event_ids FROM receipts_v1;
         INSERT INTO events (seq, id, receipt_id, received_at, kind, event_name, job_id, tag,
             state, bucket, key, data)
-        SELECT rowid, id, receipt_id, epoch(received_at), kind, event_name, job_id, tag, state,
-            input_field(data, 'bucket'), input_field(data, 'key'), lean(data) FROM events_v1;
+        SELECT rowid, id, receipt_id, epoch(received_at), kind, event_name,
+            COALESCE(job_id, run_id(data)), tag, state, input_field(data, 'bucket'),
+            input_field(data, 'key'), lean(data) FROM events_v1;
         DROP TABLE events_v1;
         DROP TABLE receipts_v1;
         """,
@@ -193,3 +196,10 @@ def _epoch(text: str) -> float:
 def _input_field(data: bytes, name: str) -> str | None:
     source = orjson.loads(data).get("input") or {}
     return source.get(name)
+
+
+def _run_id(data: bytes) -> str | None:
+    fields = orjson.loads(data)
+    if fields.get("kind") != "workflow":
+        return None
+    return (fields.get("workflow") or {}).get("run_id")
