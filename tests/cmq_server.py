@@ -88,6 +88,7 @@ class Queues:
             " msg_id TEXT, body TEXT, enqueue_time INT, first_dequeue_time INT,"
             " dequeue_count INT, visible_at REAL, receipt_handle TEXT)"
         )
+        self.db.execute("CREATE INDEX IF NOT EXISTS visible ON messages (queue, visible_at)")
         self.peak_hidden: Counter[str] = Counter()
 
     def check(self, queue: str | None) -> str:
@@ -148,11 +149,9 @@ class Queues:
 
     def counts(self, queue: str) -> tuple[int, int]:
         """(messages in the queue, of which hidden)."""
-        total, hidden = self.db.execute(
-            "SELECT count(*), count(CASE WHEN visible_at > ? THEN 1 END) FROM messages"
-            " WHERE queue = ?",
-            (time.time(), queue),
-        ).fetchone()
+        count = "SELECT count(*) FROM messages WHERE queue = ? AND visible_at > ?"
+        total = self.db.execute(count, (queue, float("-inf"))).fetchone()[0]
+        hidden = self.db.execute(count, (queue, time.time())).fetchone()[0]
         return total, hidden
 
 

@@ -108,9 +108,7 @@ async def test_no_message_is_an_empty_batch_after_the_long_poll(stand_in, client
     assert [m.body for m in await waiting] == ["late"]
 
 
-async def test_a_message_comes_back_with_a_new_handle_and_only_the_latest_deletes(
-    stand_in, client
-):
+async def test_a_message_comes_back_with_a_new_handle_and_only_the_latest_deletes(stand_in, client):
     stand_in.send([b"again"])
     [first] = await client.receive(QUEUE, 16, 0)
     assert await client.receive(QUEUE, 16, 0) == []  # hidden

@@ -274,6 +274,7 @@ async def test_a_refusal_after_start_is_retried_and_shows_in_readiness(
     metrics = Metrics()
     running = consume(stand_in, ingestor(inbox, metrics), metrics)
     try:
+
         async def receiving() -> bool:
             return (await running.consumer.check())[0]
 

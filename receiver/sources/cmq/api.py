@@ -167,6 +167,8 @@ class CmqApi:
     async def delete(self, queue: str, handles: Sequence[str]) -> dict[str, CmqRefused]:
         """Delete messages by their latest receipt handles (DeleteMessage for one,
         BatchDeleteMessage for more); returns the handles CMQ refused, with why."""
+        if not handles:
+            return {}
         if len(handles) == 1:
             try:
                 await self._call("DeleteMessage", {"queueName": queue, "receiptHandle": handles[0]})

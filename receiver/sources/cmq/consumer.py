@@ -148,9 +148,12 @@ class CmqConsumer:
         config = self._config
         delay = BACKOFF_FIRST
         while not self._stopping.is_set():
+            # Until the queue has answered once, without long polling: a refused key or
+            # queue, or readiness, is then known at once.
+            wait = config.polling_wait if self._states[queue].answered else 0
             began = time.perf_counter()
             try:
-                messages = await self._receive(queue, config.batch, config.polling_wait)
+                messages = await self._receive(queue, config.batch, wait)
             except asyncio.CancelledError:
                 if self._stopping.is_set():
                     return
