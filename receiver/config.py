@@ -169,11 +169,11 @@ class CmqConfig(Section):
 
     # CallBackMqConfig.MqRegion (sh, bj, gz, cd, hk, ...): the endpoint is made from it
     # and `network`, unless `endpoint` is set.
-    region: str | None = Field(None, pattern=r"^[a-z]+$")
+    region: str | None = None
     network: Literal["public", "vpc"] = "public"
     # The console's API request address (队列服务 > API 请求地址), e.g.
     # https://cmq-gz.public.tencenttdmq.com: scheme, host and port only.
-    endpoint: str | None = Field(None, pattern=r"^https?://[^/?#\s]+/?$")
+    endpoint: str | None = None
     # A CAM key allowed to receive and delete on the queues; a temporary key also needs
     # its token.
     secret_id: SecretStr | None = None
@@ -190,6 +190,23 @@ class CmqConfig(Section):
     concurrency: int = Field(2, ge=1)
     # Seconds for an answer beyond `polling_wait`.
     request_timeout: float = Field(10.0, gt=0)
+
+    @field_validator("region")
+    @classmethod
+    def _region_code(cls, region: str | None) -> str | None:
+        if region is not None and not re.fullmatch(r"[a-z]+", region):
+            raise ValueError(f"{region!r} is not a CMQ region code (sh, bj, gz, cd, hk, ...)")
+        return region
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_address(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not re.fullmatch(r"https?://[^/?#\s]+/?", endpoint):
+            raise ValueError(
+                "give the console's API request address, scheme, host and port only"
+                " (https://cmq-gz.public.tencenttdmq.com); the path is CMQ's own"
+            )
+        return endpoint
 
     @field_validator("queues")
     @classmethod

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from receiver.config import CmqConfig
+from receiver.config import CmqConfig, ConfigError, load_config
 from receiver.sources.cmq import api
 from receiver.sources.cmq.api import CmqApi, CmqRefused, CmqUnavailable
 from tests.cmq_server import sign
@@ -190,3 +190,21 @@ def test_the_endpoint_comes_from_the_region_or_is_given():
     assert CmqConfig(region="bj", network="vpc").url == "http://bj.mqadapter.cmq.tencentyun.com"
     given = CmqConfig(region="gz", endpoint="https://cmq-gz.public.tencenttdmq.com:9443/")
     assert given.url == "https://cmq-gz.public.tencenttdmq.com:9443"
+
+
+@pytest.mark.parametrize(
+    ("section", "said"),
+    [
+        ('endpoint = "https://cmq-gz.public.tencenttdmq.com/v2/index.php"', "host and port only"),
+        ('region = "ap-guangzhou"', "not a CMQ region code"),
+        ('queues = ["1st"]', "'1st' is not a CMQ queue name"),
+        ('queues = ["a", "a"]', "a queue is named twice"),
+        ("batch = 17", "cmq.batch"),
+        ("polling_wait = 31", "cmq.polling_wait"),
+    ],
+)
+def test_a_cmq_setting_that_cannot_work_is_a_config_error(tmp_path, section, said):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[cmq]\n{section}\n")
+    with pytest.raises(ConfigError, match=said):
+        load_config(path)

@@ -50,6 +50,7 @@ BACKOFF_MAX = 30.0
 # the key or the permission is being fixed.
 REFUSED_RETRY = 60.0
 DELETE_BACKOFF_MAX = 2.0
+DELETE_RETRY_SECONDS = 60.0
 
 
 class CmqError(RuntimeError):
@@ -118,7 +119,7 @@ class CmqConsumer:
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            failures = [t.exception() for t in done if t is not stopping and t.exception()]
+            failure = next((t.exception() for t in done if t is not stopping), None)
             self.stop()
             _, unfinished = await asyncio.wait(tasks, timeout=DRAIN_SECONDS)
             if unfinished:
@@ -126,8 +127,8 @@ class CmqConsumer:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if failures:
-                raise failures[0]  # type: ignore[misc]
+            if failure is not None:
+                raise failure
         finally:
             stopping.cancel()
             for task in tasks:
@@ -200,21 +201,28 @@ class CmqConsumer:
                 f" code {refused.code}: {refused.message} (request {refused.request_id});"
                 f" {refused.hint}"
             )
+        answer = f"code {refused.code}: {refused.message}"
         if refused.throttled:
-            self._change(queue, True, f"throttled (code {refused.code}); backing off", "info")
+            self._change(queue, True, "throttled", answer, "info")
             return _jitter(delay)
-        detail = f"refused: code {refused.code}: {refused.message}"
-        self._change(queue, False, detail, "error", hint=refused.hint)
-        return REFUSED_RETRY if refused.fatal else _jitter(delay)
-
-    def _unavailable(self, queue: str, error: str, delay: float) -> float:
-        self._change(queue, False, f"unavailable: {error}; retrying", "warning")
+        if refused.fatal:
+            self._change(queue, False, "refused", answer, "error", hint=refused.hint)
+            return REFUSED_RETRY
+        self._change(queue, False, "failing", answer, "warning")
         return _jitter(delay)
 
-    def _change(self, queue: str, ready: bool, detail: str, level: str, **extra: Any) -> None:
+    def _unavailable(self, queue: str, error: str, delay: float) -> float:
+        self._change(queue, False, "unavailable", error, "warning")
+        return _jitter(delay)
+
+    def _change(
+        self, queue: str, ready: bool, kind: str, error: str, level: str, **extra: Any
+    ) -> None:
+        """Record the queue's state; log it when it is not what it was."""
         state = self._states[queue]
+        detail = f"{kind}: {error}; retrying"
         if state.detail != detail:
-            getattr(logger, level)("cmq queue " + detail, queue=queue, **extra)
+            getattr(logger, level)(f"cmq queue {kind}; retrying", queue=queue, error=error, **extra)
         state.ready, state.detail = ready, detail
 
     async def _sleep(self, seconds: float) -> None:
@@ -262,9 +270,9 @@ class CmqConsumer:
         visible time); one that stays comes back and is then a duplicate."""
         assert self._api is not None
         handles = [m.receipt_handle for m in messages if m.receipt_handle]
+        # Retried while the handles last (CMQ's next visible time), up to a minute.
         times = [m.next_visible_time for m in messages if m.next_visible_time]
-        # Not past the handles' life; a few seconds when CMQ gave no time.
-        deadline = min(times) if times else time.time() + 5
+        deadline = min([*times, time.time() + DELETE_RETRY_SECONDS])
         delay = BACKOFF_FIRST
         while True:
             try:
