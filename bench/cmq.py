@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.tdmq import PeakRss, backlog_body, distinct
+from bench.draining import PeakRss, drain_through
+from bench.tdmq import backlog_body, distinct
 from tests.cmq_support import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
 
 
@@ -74,40 +75,15 @@ def drain_bare(url: str, count: int) -> dict[str, float]:
 
 
 def drain_consumer(url: str, count: int, data_dir: Path) -> dict[str, float]:
-    import uvloop
-
     from receiver.config import Config
-    from receiver.logs import configure_logging
-    from receiver.service import Service
     from receiver.sources.cmq import CmqConsumer
 
-    configure_logging("warning", "json")
     config = Config(data_dir=data_dir, handlers={}, cmq=cmq_config(url))
 
-    async def run() -> dict[str, float]:
-        service = Service(config)
-        await service.start()
-        consumer = CmqConsumer(config.cmq, service.ingestor, service.metrics)
-        rss = PeakRss()
-        began = time.perf_counter()
-        running = asyncio.create_task(consumer.run())
-        deleted = {"outcome": "deleted"}
-        registry = service.metrics.registry
-        while (registry.get_sample_value("ci_receiver_cmq_messages_total", deleted) or 0) < count:
-            if running.done():
-                running.result()
-            await asyncio.sleep(0.05)
-        seconds = time.perf_counter() - began
-        peak = rss.stop()
-        consumer.stop()
-        await running
-        stored = len(await service.inbox.events(limit=count + 1))
-        await service.stop()
-        if stored != count:
-            raise RuntimeError(f"{stored} events stored, {count} expected")
-        return {"seconds": seconds, "peak_rss": peak}
+    def consumer(service):
+        return CmqConsumer(config.cmq, service.ingestor, service.metrics)
 
-    return uvloop.run(run())
+    return drain_through(config, consumer, "ci_receiver_cmq_messages_total", "deleted", count)
 
 
 def child(kind: str, url: str, count: int, data_dir: str) -> dict[str, float]:

@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import httpx
 
 from tests.cmq_server import PATH, sign
 from tests.processes import REPO, free_port, wait_for_port
-from tests.tdmq_support import events, handled, receipts
+from tests.tdmq_support import Installation
 
 SECRET_ID = "AKIDstandin0123456789abcdefghijklmnop"
 SECRET_KEY = "stand-in-secret-key-0123456789ab"
@@ -135,16 +134,12 @@ def cmq_section(stand_in: CmqStandIn, **keys: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-class CmqSite:
-    """One ci-receiver installation consuming from the stand-in: its config, inbox and a
-    `jsonl` handler's file to count what was handled."""
+class CmqSite(Installation):
+    """An installation consuming from the stand-in's queues; `extra` is TOML for other
+    sections (with their headers)."""
 
     def __init__(self, folder: Path, stand_in: CmqStandIn, extra: str = "", **cmq: Any) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        self.inbox = folder / "data" / "inbox.db"
-        self.jsonl = folder / "jobs.jsonl"
-        self.config = folder / "ci-receiver.toml"
+        super().__init__(folder)
         self.config.write_text(
             f'data_dir = "{folder / "data"}"\n'
             '[log]\nformat = "json"\n'
@@ -153,12 +148,3 @@ class CmqSite:
             + cmq_section(stand_in, **cmq)
             + extra
         )
-
-    def handled(self) -> Counter[str]:
-        return handled(self.jsonl)
-
-    def receipts(self) -> list[dict[str, Any]]:
-        return receipts(self.inbox)
-
-    def events(self) -> dict[str, dict[str, Any]]:
-        return events(self.inbox)

@@ -18,6 +18,7 @@ from receiver.model import Event
 from tests.callbacks import ALL, load
 from tests.cmq_support import QUEUE, SECRET_KEY, CmqSite, CmqStandIn
 from tests.processes import REPO, Receiver
+from tests.sample_events import comparable
 from tests.tdmq_support import ci_receiver, publish, query, variant, wait_until
 
 HOOKS = REPO / "tests" / "hooks"
@@ -31,19 +32,11 @@ def stand_in(tmp_path):
 
 
 @pytest.fixture
-def processes():
-    started: list[Receiver] = []
-
+def processes(receivers):
     def start(site: CmqSite, command: str = "consume", env: dict | None = None) -> Receiver:
-        process = Receiver(site.config, command)
-        started.append(process)  # stopped at the end even if it never gets ready
-        process.start(env=env, wait_http=command != "consume")
-        process.wait_for_log("cmq queue receiving")
-        return process
+        return receivers(site.config, command, env, ready="cmq queue receiving")
 
-    yield start
-    for process in started:
-        process.stop()
+    return start
 
 
 def stalling(tmp_path, stage: str) -> dict[str, str]:
@@ -54,13 +47,6 @@ def stalling(tmp_path, stage: str) -> dict[str, str]:
         "CI_RECEIVER_TEST_STALL_MARK": str(tmp_path / "stalled"),
         "CI_RECEIVER_TEST_RELEASE": str(tmp_path / "release"),
     }
-
-
-def comparable(event: Event) -> dict:
-    data = event.to_dict()
-    for channel_specific in ("received_at", "source", "source_meta"):
-        del data[channel_specific]
-    return data
 
 
 def test_every_fixture_through_a_queue_is_decoded_as_over_http_handled_and_deleted(

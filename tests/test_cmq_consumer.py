@@ -4,7 +4,7 @@ stand-in (tests/cmq_server.py), which stands in for TDMQ for CMQ."""
 from __future__ import annotations
 
 import asyncio
-import inspect
+import itertools
 
 import pytest
 from structlog.testing import capture_logs
@@ -20,21 +20,7 @@ from receiver.sources.cmq import CmqConsumer, CmqError
 from tests.callbacks import load
 from tests.cmq_support import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
 from tests.tdmq_support import variant
-
-
-async def eventually(check, what: str, timeout: float = 30) -> None:
-    """Wait for `check()` (sync or async) to hold: a bound against hangs, not a speed
-    assertion."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -261,7 +247,7 @@ async def test_throttling_and_5xx_back_off_logged_once_per_change(stand_in, inbo
     states = [e["event"] for e in logs if e["event"].startswith("cmq queue")]
     # 6 throttled answers, then 6 503s, to 3 pollers: a line when the queue's state
     # changes, not one per answer.
-    assert all(a != b for a, b in zip(states, states[1:], strict=False))
+    assert all(a != b for a, b in itertools.pairwise(states))
     assert 1 <= states.count("cmq queue throttled; retrying") < 6
     assert 1 <= states.count("cmq queue unavailable; retrying") < 6
     assert states[-1] == "cmq queue receiving"

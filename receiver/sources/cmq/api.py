@@ -115,6 +115,7 @@ def _typed(value: Any, kind: type) -> Any:
 
 def signature(secret_key: str, method: str, host: str, params: Mapping[str, str]) -> str:
     """The documented request signature over `params` (all but `Signature`)."""
+    # (The page writes an `_` in a name as `.`; no parameter sent here has one.)
     query = "&".join(f"{name}={params[name]}" for name in sorted(params))
     digest = hashlib.sha256 if params.get("SignatureMethod") == "HmacSHA256" else hashlib.sha1
     mac = hmac.new(secret_key.encode(), f"{method}{host}{PATH}?{query}".encode(), digest)
@@ -199,17 +200,19 @@ class CmqApi:
             )
         except httpx.HTTPError as exc:
             raise CmqUnavailable(f"{action}: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            raise CmqUnavailable(f"{action}: HTTP {response.status_code}")
+        status = f"HTTP {response.status_code}"
         try:
             # Not orjson: a message body may hold a lone surrogate escape, which orjson
             # refuses for the whole answer; it is refused later, for that message only.
             answer = json.loads(response.content)
         except ValueError:
-            raise CmqUnavailable(f"{action}: the answer is not JSON") from None
+            raise CmqUnavailable(f"{action}: {status}, not a CMQ answer (no JSON)") from None
         code = answer.get("code") if isinstance(answer, dict) else None
         if not isinstance(code, int) or isinstance(code, bool):
-            raise CmqUnavailable(f"{action}: the answer has no code")
+            raise CmqUnavailable(f"{action}: {status}, not a CMQ answer (no code)")
+        if code == 0 and response.status_code != 200:
+            raise CmqUnavailable(f"{action}: {status}")
+        # CMQ answers its codes with 200; a code on another status is read all the same.
         if code != 0:
             raise CmqRefused(
                 action,
