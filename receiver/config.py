@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -87,6 +88,17 @@ class LimitsConfig(Section):
 
 
 class InboxConfig(Section):
+    """`[inbox]`: the SQLite file (the default), or a PostgreSQL database that any number
+    of receivers and consumers share."""
+
+    # postgresql://user:password@host:5432/db (password URL-encoded; `${PW}` reads it from
+    # the environment). Unset: the SQLite file at `path`.
+    url: str | None = Field(None, pattern=r"^postgres(ql)?://")
+    # The PostgreSQL schema holding the inbox's tables (created when missing), so that they
+    # never meet the tables of a `sql` handler on the same database.
+    postgres_schema: str = Field("ci_receiver", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # Connections each process keeps to PostgreSQL.
+    pool_size: int = Field(10, ge=2, le=1000)
     # Default: <data_dir>/inbox.db
     path: Path | None = None
     # "full": a commit survives power loss; "normal": survives a process crash only.
@@ -255,6 +267,77 @@ class RelayConfig(Section):
     send_timeout: float = Field(10.0, gt=0)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from a number or a string such as `90`, `90s`, `5m`, `24h`, `7d`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (seconds, or a number with s, m, h or d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+class CiBucket(Section):
+    """`[[ci.buckets]]`: one bucket bound to CI, and what of it to watch."""
+
+    # With its APPID, as CI names it: `media-1250000000`.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*-[0-9]+$")
+    region: str = Field(pattern=r"^[a-z]+(-[a-z0-9]+)+$")
+    # The job list API takes one tag per call (Transcode, Snapshot, SmartCover, ...).
+    tags: list[str] = []
+    # Only jobs of these queues; empty: every queue.
+    queue_ids: list[str] = []
+    # Workflow ids whose executions are watched.
+    workflows: list[str] = []
+
+    @model_validator(mode="after")
+    def _something_to_watch(self) -> CiBucket:
+        if not (self.tags or self.workflows):
+            raise ValueError(
+                "name the job tags (the job list API needs one per call) or the workflows to watch"
+            )
+        return self
+
+
+class CiConfig(Section):
+    """`[ci]`: credentials for CI's job query API, and what the reconciler watches."""
+
+    secret_id: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    # The session token of temporary credentials (STS), sent with secret_id and secret_key.
+    token: SecretStr | None = None
+    buckets: list[CiBucket] = []
+    # Where the API requests go instead of https://<bucket>.ci.<region>.myqcloud.com:
+    # scheme://host[:port] (a private gateway or proxy; tests). The Host header still names
+    # the bucket's CI domain.
+    endpoint: str | None = Field(None, pattern=r"^https?://[^/?#\s]+/?$")
+    # Seconds between reconcile passes, and how far back each pass looks.
+    interval: float = Field(300.0, gt=0)
+    window: float = Field(86400.0, gt=0)
+    # Seconds for one API request, and attempts for one that is throttled or fails.
+    request_timeout: float = Field(10.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+
+    @field_validator("interval", "window", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    @model_validator(mode="after")
+    def _credentials_to_watch(self) -> CiConfig:
+        if self.buckets and not (self.secret_id and self.secret_key):
+            raise ValueError("set secret_id and secret_key to watch buckets")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.buckets)
+
+
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
@@ -312,6 +395,7 @@ class Config(BaseSettings):
     tdmq: TdmqConfig = TdmqConfig()
     cmq: CmqConfig = CmqConfig()
     relay: RelayConfig = RelayConfig()
+    ci: CiConfig = CiConfig()
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
     # None: every handler gets every event.
     routes: list[RouteConfig] | None = None
@@ -346,7 +430,10 @@ class Config(BaseSettings):
     def effective(self) -> dict[str, Any]:
         """The configuration as it will be used, secrets masked: what check-config prints."""
         data = self.model_dump(mode="json")
-        data["inbox"]["path"] = str(self.inbox_path)
+        if self.inbox.url is None:
+            data["inbox"]["path"] = str(self.inbox_path)
+        else:
+            data["inbox"]["url"] = mask_url(self.inbox.url)
         data["handlers"] = {
             name: _mask(handler.model_dump(mode="json")) for name, handler in self.handlers.items()
         }
@@ -416,3 +503,13 @@ def _mask(options: dict[str, Any]) -> dict[str, Any]:
         k: ("**********" if _SECRET_NAME.search(k) and v not in (None, "") else v)
         for k, v in options.items()
     }
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password masked, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:**********"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))

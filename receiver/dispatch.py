@@ -160,6 +160,8 @@ class Dispatcher:
         """Start the dispatch loop; each handler starts in the background, so that one
         slow to connect holds back neither the others nor the receiver."""
         self._start_waiting_handlers()
+        # Runs that other processes make due (their callbacks, a replay) wake this one too.
+        self._inbox.watch(self.wake)
         self._loop_task = asyncio.create_task(self._loop(), name="dispatcher")
 
     async def stop(self) -> None:

@@ -51,11 +51,7 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.inbox: Inbox = open_inbox(
-            config.inbox_path,
-            synchronous=config.inbox.synchronous,
-            rejected_body_bytes=config.inbox.rejected_body_bytes,
-        )
+        self.inbox: Inbox = open_inbox(config, wait=True)
         self.dispatcher = Dispatcher(
             self.inbox,
             build_slots(config),
@@ -92,7 +88,7 @@ class Service:
             await self.inbox.ping()
             checks["inbox"] = (True, "writable")
         except Exception as exc:
-            checks["inbox"] = (False, f"not writable: {exc}")
+            checks["inbox"] = (False, str(exc))
         running = self.dispatcher.running
         checks["dispatcher"] = (running, "running" if running else "stopped")
         checks["draining"] = (not self.draining, "draining" if self.draining else "no")

@@ -10,6 +10,7 @@ import structlog
 from hypothesis import HealthCheck, settings
 
 from tests.databases import drop_tables, require_server
+from tests.inboxes import BACKENDS, InboxPlace
 from tests.processes import PulsarLite, Receiver
 
 # `HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py` for a long fuzzing run.
@@ -51,6 +52,20 @@ def receivers():
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+async def inbox_place(request, tmp_path):
+    """Where this test's inbox lives: SQLite, then PostgreSQL (a schema of its own)."""
+    place = InboxPlace(request.param, tmp_path)
+    yield place
+    await place.close()
+
+
+@pytest.fixture
+async def inbox(inbox_place):
+    """An open inbox on each backend."""
+    return await inbox_place.open()
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mysql"])

@@ -6,6 +6,7 @@ and a `jsonl` handler's file), so the tests see what a user would find there.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import orjson
 import pulsar
 
+from receiver.inbox.sqlite import SqliteInbox
 from tests.handlers_for_tests import json_lines
 
 T = TypeVar("T")
@@ -134,7 +136,22 @@ def receipts(inbox: Path) -> list[dict[str, Any]]:
 
 
 def events(inbox: Path) -> dict[str, dict[str, Any]]:
-    return {row[0]: orjson.loads(row[1]) for row in query(inbox, "SELECT id, data FROM events")}
+    """Every stored event, whole (read through the inbox, which rebuilds the document)."""
+
+    async def read() -> dict[str, dict[str, Any]]:
+        reader = SqliteInbox(inbox, rejected_body_bytes=0, read_only=True)
+        await reader.open()
+        try:
+            found = {}
+            for _, event_id in await reader.event_ids(limit=100_000):
+                detail = await reader.event(event_id)
+                assert detail is not None
+                found[event_id] = detail.event.to_dict()
+            return found
+        finally:
+            await reader.close()
+
+    return asyncio.run(read()) if inbox.exists() else {}
 
 
 def variant(body: bytes, number: int) -> bytes:

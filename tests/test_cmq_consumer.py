@@ -1,5 +1,6 @@
-"""The CMQ consumer in-process, with a real SQLite inbox, against the loopback CMQ
-stand-in (tests/cmq_server.py), which stands in for TDMQ for CMQ."""
+"""The CMQ consumer in-process, with a real inbox (`inbox`: SQLite, then PostgreSQL),
+against the loopback CMQ stand-in (tests/cmq_server.py), which stands in for TDMQ for
+CMQ."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from structlog.testing import capture_logs
 
 from receiver import parse_callback
 from receiver.config import CmqConfig
-from receiver.inbox import Inbox, Receipt, Stored, open_inbox
+from receiver.inbox import Inbox, Receipt, Stored
+from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest import Ingestor
 from receiver.metrics import Metrics
 from receiver.payload import Limits, PayloadError
@@ -28,14 +30,6 @@ def stand_in(tmp_path):
     server = CmqStandIn(tmp_path / "cmq", visibility_timeout=1).start()
     yield server
     server.close()
-
-
-@pytest.fixture
-async def inbox(tmp_path):
-    inbox = open_inbox(tmp_path / "inbox.db", rejected_body_bytes=65536)
-    await inbox.open()
-    yield inbox
-    await inbox.close()
 
 
 def cmq_config(stand_in: CmqStandIn, **keys) -> CmqConfig:
@@ -107,7 +101,7 @@ async def test_callbacks_are_committed_then_deleted(stand_in, inbox):
 
 
 async def test_an_inbox_failure_leaves_the_message_to_come_back(tmp_path, stand_in):
-    inbox = open_inbox(tmp_path / "late.db", rejected_body_bytes=1024)  # not open: failing
+    inbox = SqliteInbox(tmp_path / "late.db", rejected_body_bytes=1024)  # not open: failing
     metrics = Metrics()
     running = consume(stand_in, ingestor(inbox, metrics), metrics)
     try:

@@ -1,4 +1,5 @@
-"""Dispatch semantics against a real SQLite inbox, with handlers written for the tests."""
+"""Dispatch semantics against real inboxes (SQLite and PostgreSQL: the `inbox` fixture),
+with handlers written for the tests."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import pytest
 from handlers import Fail, Retry
 from receiver.config import HandlerConfig
 from receiver.dispatch import Dispatcher, Slot, backoff
-from receiver.inbox import Receipt
-from receiver.inbox.sqlite import SqliteInbox
+from receiver.inbox import EventFilter, Receipt
 from receiver.metrics import Metrics
 from receiver.model import Event
 from tests.callbacks import load
@@ -42,14 +42,6 @@ class Recording:
                 raise self.failures.pop(0)
         finally:
             self.running -= 1
-
-
-@pytest.fixture
-async def inbox(tmp_path):
-    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)
-    await inbox.open()
-    yield inbox
-    await inbox.close()
 
 
 async def store(inbox, name: str, handlers: list[str]) -> list[str]:
@@ -114,7 +106,7 @@ async def test_dead_letter_after_the_last_attempt(inbox):
     await d.stop()
     assert await statuses(inbox, event_id) == {"always": ("dead", 3)}
     assert len(always.calls) == 3
-    assert [s.id for s in await inbox.events(status="dead")] == [event_id]
+    assert [s.id for s in await inbox.events(EventFilter(status="dead"))] == [event_id]
 
 
 async def test_fail_dead_letters_at_once(inbox):

@@ -12,7 +12,8 @@ import pulsar.asyncio
 import pytest
 
 from receiver.config import ConfigError, TdmqConfig, load_config
-from receiver.inbox import Inbox, Receipt, open_inbox
+from receiver.inbox import Inbox, Receipt
+from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest import Ingestor
 from receiver.metrics import Metrics
 from receiver.payload import Limits, PayloadError
@@ -48,7 +49,7 @@ def ingestor(inbox: Inbox, metrics: Metrics) -> Ingestor:
 
 
 async def test_an_inbox_failure_is_nacked_and_the_message_comes_back(tmp_path, pulsar_broker):
-    inbox = open_inbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
     metrics = Metrics()
     consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
     running = asyncio.create_task(consumer.run())
@@ -93,7 +94,7 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
     tmp_path, pulsar_broker, unreadable
 ):
     properties, send = UNREADABLE[unreadable]
-    inbox = open_inbox(tmp_path / "inbox.db", rejected_body_bytes=65536)
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=65536)
     await inbox.open()
     metrics = Metrics()
     consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
@@ -118,7 +119,7 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
 
 
 async def test_a_refusal_the_inbox_cannot_record_is_nacked_not_lost(tmp_path, pulsar_broker):
-    inbox = open_inbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
     metrics = Metrics()
     consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
     running = asyncio.create_task(consumer.run())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from receiver.cli.events import events
+from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
 from receiver.cli.serving import consume, run_all, serve
 from receiver.cli.setup import check_config, send
@@ -16,5 +17,5 @@ def main() -> None:
     """Receive Tencent Cloud Infinite (CI) job callbacks, keep them, and act on them."""
 
 
-for command in (serve, consume, run_all, check_config, send, events, replay):
+for command in (serve, consume, run_all, check_config, send, events, replay, reconcile):
     main.add_command(command)

@@ -11,6 +11,7 @@ import click
 
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError, load_config
+from receiver.inbox import SchemaError
 
 T = TypeVar("T")
 
@@ -58,21 +59,21 @@ def make_service(config: Config) -> Any:
         raise click.ClickException(f"config: {exc}") from None
 
 
-def with_inbox(config_path: Path | None, query: Callable[[Any], Awaitable[T]]) -> T:
-    """Open the configured inbox, run `query` on it, close it."""
+def with_inbox(
+    config_path: Path | None, query: Callable[[Any], Awaitable[T]], *, read_only: bool = True
+) -> T:
+    """Open the configured inbox, run `query` on it, close it. Read-only by default: the
+    inspection commands take no lock a running receiver could wait for."""
     from receiver.inbox import open_inbox
 
     config = load(config_path)
-    if not config.inbox_path.exists():
-        raise click.ClickException(f"no inbox at {config.inbox_path} (nothing received yet?)")
 
     async def run() -> T:
-        inbox = open_inbox(
-            config.inbox_path,
-            synchronous=config.inbox.synchronous,
-            rejected_body_bytes=config.inbox.rejected_body_bytes,
-        )
-        await inbox.open()
+        inbox = open_inbox(config, read_only=read_only)
+        try:
+            await inbox.open()
+        except (FileNotFoundError, SchemaError) as exc:
+            raise click.ClickException(str(exc)) from None
         try:
             return await query(inbox)
         finally:

@@ -10,6 +10,7 @@ import click
 import orjson
 
 from receiver.cli.common import config_option, with_inbox
+from receiver.inbox import EventFilter
 
 
 @click.group()
@@ -32,7 +33,7 @@ def events() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: Any) -> None:
     """The latest events, newest first, with each handler's status."""
-    found = with_inbox(config_path, lambda inbox: inbox.events(limit=limit, **filters))
+    found = with_inbox(config_path, lambda inbox: inbox.events(EventFilter(**filters), limit=limit))
     for summary in found:
         runs = {
             r.handler: {"status": r.status, "attempts": r.attempts, "error": r.last_error}

@@ -65,6 +65,7 @@ def replay(
         lambda inbox: inbox.requeue(
             list(event_ids) or None, list(handler_names) or None, dead_only=dead_only
         ),
+        read_only=False,
     )
     click.echo(f"{count} run(s) queued again")
 

@@ -25,7 +25,8 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     configure_logging(config.log.level, config.log.format)
     if not config.relay.topic:
         service = make_service(config)
-        sys.exit(run_async(run_service(service, [HttpServer(service, _announce(config))])))
+        components = [HttpServer(service, _announce(config)), *_reconciler(config, service)]
+        sys.exit(run_async(run_service(service, components)))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
@@ -45,7 +46,8 @@ def consume(config_path: Path | None) -> None:
     config = load(config_path)
     configure_logging(config.log.level, config.log.format)
     service = make_service(config)
-    sys.exit(run_async(run_service(service, _consumers(config, service))))
+    components = [*_consumers(config, service), *_reconciler(config, service)]
+    sys.exit(run_async(run_service(service, components)))
 
 
 @click.command("run")
@@ -60,7 +62,11 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     if config.relay.topic:
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     service = make_service(config)
-    components = [HttpServer(service, _announce(config)), *_consumers(config, service)]
+    components = [
+        HttpServer(service, _announce(config)),
+        *_consumers(config, service),
+        *_reconciler(config, service),
+    ]
     sys.exit(run_async(run_service(service, components)))
 
 
@@ -118,6 +124,22 @@ def _tdmq_consumer(config: Config, service: Any) -> Any:
     service.add_check("tdmq", consumer.check)
     click.echo(f"consuming {consumer.where} from {config.tdmq.service_url}", err=True)
     return consumer
+
+
+def _reconciler(config: Config, service: Any) -> list[Any]:
+    """The reconciler, when [ci] watches buckets; CI refusing the credentials ends the
+    command before it serves."""
+    if not config.ci.enabled:
+        return []
+    from receiver.ci_api import CiApiError
+    from receiver.sources.reconcile import reconciler_for
+
+    try:
+        reconciler = reconciler_for(config, service)
+    except CiApiError as exc:
+        raise click.ClickException(f"[ci]: {exc}") from None
+    click.echo(f"reconciling {len(config.ci.buckets)} bucket(s) with CI's job API", err=True)
+    return [reconciler]
 
 
 def _relay_service(config: Config) -> Any:

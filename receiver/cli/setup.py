@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import orjson
 
 from handlers import HandlerConfigError, shown_options
 from receiver.cli.common import config_option, load
+from receiver.inbox import InboxUnavailable, SchemaError, probe
 
 
 @click.command("check-config")
@@ -31,6 +33,11 @@ def check_config(config_path: Path | None) -> None:
         if shown is not None:
             effective["handlers"][slot.name].update(shown)
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
+    try:
+        found = asyncio.run(probe(config))
+    except (InboxUnavailable, SchemaError) as exc:
+        raise click.ClickException(f"inbox: {exc}") from None
+    click.echo(f"inbox: {found}", err=True)
     click.echo("config OK", err=True)
 
 

@@ -1,21 +1,43 @@
 """The durable inbox: every callback, its events, and each handler's progress on them.
 
-The interface below is all the HTTP app, the consumer and the dispatcher use; an inbox
-on another database implements the same methods. SQLite is the built-in one.
+The `Inbox` protocol below is all that sources, ingest, dispatch, the CLI and the admin
+API use. Two backends implement it with the same semantics (one contract test suite
+runs over both): SQLite, the embedded default on one host, and PostgreSQL, shared by
+any number of receivers and consumers.
+
+Each callback's bytes are stored once, with its receipt. An event row keeps the
+normalized fields and a reference to its receipt; `raw` and `operation` are rebuilt by
+decoding the receipt's body again when an event is read whole (see `records.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from receiver.model import Event, Source
 
-RunStatus = Literal["pending", "done", "dead"]
+if TYPE_CHECKING:
+    from receiver.config import Config
+
+# held: waiting for the event to be verified (it runs once it is); forged: the
+# verification contradicted the event, so it never runs.
+RunStatus = Literal["pending", "done", "dead", "held", "forged"]
+RUN_STATUSES: tuple[RunStatus, ...] = ("pending", "done", "dead", "held", "forged")
 Outcome = Literal["done", "retry", "dead", "released"]
+ReceiptOutcome = Literal["accepted", "duplicate", "rejected"]
+
+
+class SchemaError(RuntimeError):
+    """The inbox cannot be used by this version of ci-receiver (a newer schema, or an
+    older one that only a receiver's start migrates)."""
+
+
+class InboxUnavailable(RuntimeError):
+    """The inbox cannot be reached or cannot write now (a database restarting, a full
+    disk); the caller should answer 503 and expect it to come back by itself."""
 
 
 @dataclass(slots=True)
@@ -42,7 +64,7 @@ class Stored:
 
 @dataclass(slots=True)
 class Claim:
-    """One (event, handler) run leased to this process until `lease_until`."""
+    """One (event, handler) run leased to this process until its lease ends."""
 
     event: Event
     handler: str
@@ -56,7 +78,7 @@ class RunState:
     handler: str
     status: RunStatus
     attempts: int
-    due_at: datetime | None
+    due_at: datetime | None  # when a pending run may be attempted next
     last_error: str | None
 
 
@@ -72,6 +94,9 @@ class Attempt:
 
 @dataclass(slots=True)
 class EventSummary:
+    """An event as lists show it; `seq` orders events by arrival and pages lists."""
+
+    seq: int
     id: str
     received_at: datetime
     kind: str
@@ -79,6 +104,8 @@ class EventSummary:
     tag: str | None
     state: str | None
     job_id: str | None
+    bucket: str | None
+    key: str | None
     runs: list[RunState]
 
 
@@ -96,28 +123,67 @@ class ReceiptSummary:
     id: int
     received_at: datetime
     source: str
-    outcome: Literal["accepted", "duplicate", "rejected"]
+    outcome: ReceiptOutcome
     size: int
     error_reason: str | None
     error_detail: str | None
     event_ids: list[str]
 
 
+@dataclass(slots=True, kw_only=True)
+class EventFilter:
+    """Which events a list, a replay or a count is about; every field set must match.
+
+    `key` is a glob over the input object's key (`*` any run of characters, `?` one).
+    `status` selects events with a run in that status (of `handler`, when given);
+    `since` / `until` bound `received_at` (from inclusive, to exclusive).
+    """
+
+    kind: str | None = None
+    tag: str | None = None
+    state: str | None = None
+    job_id: str | None = None
+    bucket: str | None = None
+    key: str | None = None
+    status: RunStatus | None = None
+    handler: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(slots=True)
+class Backlog:
+    """A handler's work in the inbox, for gauges and the overview."""
+
+    pending: int
+    dead: int
+    oldest_due: datetime | None  # the earliest due_at of its pending runs
+
+
 class Inbox(Protocol):
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect, create or migrate the schema; raise with a clear message when the
+        inbox cannot be used (a newer schema, wrong credentials)."""
+        ...
+
     async def close(self) -> None: ...
+
+    # --- ingest ---------------------------------------------------------------------
 
     async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
         """Commit the receipt, each new event and a pending run per routed handler; an
-        event whose id is already stored is a duplicate and gets no runs."""
+        event whose id is already stored is a duplicate and gets no runs. Two processes
+        storing the same id at the same moment: one new, one duplicate, never an error."""
         ...
 
     async def reject(
         self, receipt: Receipt, reason: str, detail: str, *, size: int | None = None
     ) -> int:
-        """Record a body that could not be decoded, kept up to a bounded size; `size` is
-        its full size when only a part was read."""
+        """Record a body that could not be decoded, its first `rejected_body_bytes`
+        kept; `size` is its full size when only a part was read."""
         ...
+
+    # --- dispatch -------------------------------------------------------------------
 
     async def claim(
         self,
@@ -126,8 +192,9 @@ class Inbox(Protocol):
         lease_seconds: float,
         known: Mapping[str, Event] | None = None,
     ) -> list[Claim]:
-        """Lease up to `limit` due pending runs of `handler`; events found in `known`
-        (the ones the caller just stored) are not read back."""
+        """Lease up to `limit` due pending runs of `handler`, runs leased to no one (or
+        whose lease ended); events found in `known` (the ones the caller just stored)
+        are not read back."""
         ...
 
     async def finish(
@@ -139,42 +206,111 @@ class Inbox(Protocol):
         error: str | None = None,
         retry_at: datetime | None = None,
     ) -> bool:
-        """Record an attempt; False when the lease was lost to another process."""
+        """Record an attempt; False when the lease was lost (ended and taken by another
+        process, or the run was replayed since)."""
         ...
 
-    async def next_due(self, handlers: list[str]) -> datetime | None: ...
+    async def next_due(self, handlers: list[str]) -> datetime | None:
+        """When the earliest pending run of these handlers can be claimed."""
+        ...
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` whenever another process may have made runs due (a new event, a
+        replay). Backends that cannot tell never call it: dispatch polls anyway."""
+        ...
+
     async def ping(self) -> None:
         """Raise unless the inbox takes writes."""
         ...
 
+    # --- replay ---------------------------------------------------------------------
+
     async def requeue(
         self, event_ids: list[str] | None, handlers: list[str] | None, *, dead_only: bool
     ) -> int:
-        """Make runs pending again (creating them for named handlers); returns how many."""
+        """Make runs pending again with their attempts reset (named handlers: creating
+        the runs that do not exist yet); None selects every event or every handler.
+        Runs leased right now are left alone. Returns how many runs were queued."""
         ...
 
+    # --- reading (never blocks writers) ---------------------------------------------
+
     async def events(
-        self,
-        *,
-        limit: int = 50,
-        kind: str | None = None,
-        tag: str | None = None,
-        state: str | None = None,
-        job_id: str | None = None,
-        status: RunStatus | None = None,
-    ) -> list[EventSummary]: ...
+        self, filter: EventFilter | None = None, *, limit: int = 50, before: int | None = None
+    ) -> list[EventSummary]:
+        """Newest first; `before` is the `seq` of the last event of the previous page."""
+        ...
+
+    async def event_ids(
+        self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
+    ) -> list[tuple[int, str]]:
+        """(seq, id) of matching events, oldest first from `after`: for going through
+        many events in pages (replay by filter)."""
+        ...
+
     async def event(self, event_id: str) -> EventDetail | None: ...
+
+    async def known(self, event_ids: list[str]) -> set[str]:
+        """Which of these event ids are stored."""
+        ...
+
     async def receipts(
-        self, *, limit: int = 50, outcome: str | None = None
-    ) -> list[ReceiptSummary]: ...
+        self, *, limit: int = 50, outcome: ReceiptOutcome | None = None, before: int | None = None
+    ) -> list[ReceiptSummary]:
+        """Newest first; `before` is the id of the last receipt of the previous page."""
+        ...
+
     async def receipt(self, receipt_id: int) -> Receipt | None:
         """A stored callback as received (a rejected one cut to the kept size)."""
         ...
 
+    async def backlog(self) -> dict[str, Backlog]:
+        """Per handler with any pending or dead run."""
+        ...
+
     async def pending_counts(self) -> dict[str, int]: ...
 
+    # --- small durable state (the reconciler's cursor) ------------------------------
 
-def open_inbox(path: Path, *, synchronous: str = "full", rejected_body_bytes: int) -> Inbox:
+    async def get_state(self, key: str) -> str | None: ...
+    async def set_state(self, key: str, value: str) -> None: ...
+
+
+def open_inbox(config: Config, *, read_only: bool = False, wait: bool = False) -> Inbox:
+    """The inbox the config names: PostgreSQL for a `postgresql://` URL, else the SQLite
+    file. `read_only` opens it for the inspection commands: no schema changes, no
+    writer, nothing that could hold up a running receiver. With `wait`, opening waits
+    for a database server that cannot be reached yet (a service starting), instead of
+    failing at once (a command)."""
+    inbox = config.inbox
+    if inbox.url is not None:
+        from receiver.inbox.postgres import PostgresInbox
+
+        return PostgresInbox(
+            inbox.url,
+            schema=inbox.postgres_schema,
+            pool_size=inbox.pool_size,
+            rejected_body_bytes=inbox.rejected_body_bytes,
+            read_only=read_only,
+            wait=wait,
+        )
     from receiver.inbox.sqlite import SqliteInbox
 
-    return SqliteInbox(path, synchronous=synchronous, rejected_body_bytes=rejected_body_bytes)
+    return SqliteInbox(
+        config.inbox_path,
+        synchronous=inbox.synchronous,
+        rejected_body_bytes=inbox.rejected_body_bytes,
+        read_only=read_only,
+    )
+
+
+async def probe(config: Config) -> str:
+    """Check that the configured inbox can be used, without changing it; a line saying
+    what was found. Raises `InboxUnavailable` or `SchemaError` with what is wrong."""
+    if config.inbox.url is not None:
+        from receiver.inbox.postgres import probe as probe_postgres
+
+        return await probe_postgres(config.inbox.url, config.inbox.postgres_schema)
+    from receiver.inbox.sqlite import probe as probe_sqlite
+
+    return await probe_sqlite(config.inbox_path)

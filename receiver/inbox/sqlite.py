@@ -1,15 +1,19 @@
-"""The SQLite inbox: a WAL database in the data folder, written through group commit.
+"""The SQLite inbox: a WAL database in the data folder, the embedded default.
 
-`synchronous=full` (the default) fsyncs the WAL on every commit, so an answered
+Writes go through group commit on the event loop (`writer.py`); reads run on
+connections of their own on helper threads (`reader.py`), so neither waits for the
+other. `synchronous=full` (the default) fsyncs the WAL on every commit, so an answered
 callback survives a power cut; `normal` survives a crash of the process but may lose
-the last commits on power loss, for fewer fsyncs.
+the last commits on power loss, for fewer fsyncs. Several processes on one host may
+share the file; SQLite serializes their writes.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,147 +23,131 @@ import orjson
 from receiver.ids import new_id
 from receiver.inbox import (
     Attempt,
+    Backlog,
     Claim,
     EventDetail,
+    EventFilter,
     EventSummary,
+    InboxUnavailable,
     Outcome,
     Receipt,
+    ReceiptOutcome,
     ReceiptSummary,
     RunState,
-    RunStatus,
+    SchemaError,
     Stored,
 )
+from receiver.inbox.query import Dialect, event_conditions, glob_to_sqlite
+from receiver.inbox.reader import Reader
+from receiver.inbox.records import Documents, event_data
+from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, setup, version
 from receiver.inbox.writer import Writer
 from receiver.model import Event
 
-SCHEMA_VERSION = 1
 PING_FRESH_SECONDS = 5.0
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS receipts (
-    id INTEGER PRIMARY KEY,
-    received_at TEXT NOT NULL,
-    source TEXT NOT NULL,
-    request_id TEXT,
-    headers BLOB NOT NULL,
-    source_meta BLOB NOT NULL,
-    body BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    error_reason TEXT,
-    error_detail TEXT,
-    event_ids BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id);
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY,
-    receipt_id INTEGER NOT NULL REFERENCES receipts (id),
-    received_at TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    event_name TEXT,
-    job_id TEXT,
-    tag TEXT,
-    state TEXT,
-    data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
-CREATE TABLE IF NOT EXISTS runs (
-    event_id TEXT NOT NULL REFERENCES events (id),
-    handler TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    due_at REAL NOT NULL,
-    lease_until REAL,
-    lease_token TEXT,
-    last_error TEXT,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (event_id, handler)
-);
-CREATE INDEX IF NOT EXISTS runs_due ON runs (handler, due_at) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS runs_status ON runs (status, handler);
-CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL,
-    handler TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL NOT NULL,
-    outcome TEXT NOT NULL,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS attempts_event ON attempts (event_id);
-"""
+# Ids per `IN (...)` list: SQLite allows 32766 parameters; stay far below.
+CHUNK = 500
 
-
-def _setup(connection: sqlite3.Connection) -> None:
-    connection.executescript(SCHEMA)
-    row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None:
-        connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"the inbox was written by a newer ci-receiver (schema {row[0]}, this one knows"
-            f" {SCHEMA_VERSION}); upgrade ci-receiver"
-        )
+DIALECT = Dialect(
+    placeholder=lambda n: "?",
+    glob=lambda column, param: f"{column} GLOB {param}",
+    glob_pattern=glob_to_sqlite,
+    time=lambda moment: moment.timestamp(),
+)
+_RUN_STATUS = {"done": "done", "dead": "dead", "retry": "pending", "released": "pending"}
 
 
 class SqliteInbox:
-    def __init__(self, path: Path, *, synchronous: str = "full", rejected_body_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        rejected_body_bytes: int,
+        read_only: bool = False,
+    ) -> None:
         self.path = path
         self._rejected_body_bytes = rejected_body_bytes
-        self._writer = Writer(path, synchronous=synchronous, setup=_setup)
+        self._writer = None if read_only else Writer(path, synchronous=synchronous, setup=setup)
+        self._reader = Reader(path)
 
     @property
     def commits(self) -> int:
-        return self._writer.commits
+        return self._write.commits
+
+    @property
+    def _write(self) -> Writer:
+        if self._writer is None:
+            raise RuntimeError("this inbox was opened read-only")
+        return self._writer
 
     async def open(self) -> None:
-        await self._writer.start()
+        if self._writer is not None:
+            await self._writer.start()
+            return
+        if not self.path.exists():
+            raise FileNotFoundError(f"no inbox at {self.path} (nothing received yet?)")
+        await self._reader.run(check_readable)
 
     async def close(self) -> None:
-        await self._writer.stop()
+        if self._writer is not None:
+            await self._writer.stop()
+        self._reader.close()
 
     # --- ingest --------------------------------------------------------------------
 
     async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
         rows = [
-            (e.id, e.kind, e.event_name, e.job_id, e.tag, e.state, e.to_json(), handlers)
-            for e, handlers in routed
+            (
+                event.id,
+                event.kind,
+                event.event_name,
+                event.job_id,
+                event.tag,
+                event.state,
+                event.input.bucket if event.input else None,
+                event.input.key if event.input else None,
+                event_data(event),
+                handlers,
+            )
+            for event, handlers in routed
         ]
+        ids = [row[0] for row in rows]
         receipt_row = _receipt_row(receipt, receipt.body, len(receipt.body))
+        received_at = receipt_row[0]
 
         def store(connection: sqlite3.Connection) -> Stored:
             now = time.time()
             receipt_id = connection.execute(
                 "INSERT INTO receipts (received_at, source, request_id, headers, source_meta,"
                 " body, size, outcome, event_ids) VALUES (?, ?, ?, ?, ?, ?, ?, 'accepted', ?)",
-                (*receipt_row, orjson.dumps([row[0] for row in rows])),
+                (*receipt_row, orjson.dumps(ids)),
             ).lastrowid
-            assert receipt_id is not None
             new, duplicates = [], []
-            for event_id, kind, name, job_id, tag, state, data, handlers in rows:
+            for *columns, handlers in rows:
                 inserted = connection.execute(
-                    "INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id,"
-                    " tag, state, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key,"
+                    " data, receipt_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (event_id, receipt_id, receipt_row[0], kind, name, job_id, tag, state, data),
+                    (*columns, receipt_id, received_at),
                 ).fetchone()
                 if inserted is None:
-                    duplicates.append(event_id)
+                    duplicates.append(columns[0])
                     continue
-                new.append(event_id)
+                new.append(columns[0])
                 connection.executemany(
                     "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
                     " VALUES (?, ?, 'pending', ?, ?)",
-                    [(event_id, handler, now, now) for handler in handlers],
+                    [(columns[0], handler, now, now) for handler in handlers],
                 )
             if not new:
                 connection.execute(
                     "UPDATE receipts SET outcome = 'duplicate' WHERE id = ?", (receipt_id,)
                 )
-            return Stored(receipt_id, [row[0] for row in rows], new, duplicates)
+            assert receipt_id is not None
+            return Stored(receipt_id, ids, new, duplicates)
 
-        return await self._writer.submit(store)
+        return await self._write.submit(store)
 
     async def reject(
         self, receipt: Receipt, reason: str, detail: str, *, size: int | None = None
@@ -177,7 +165,7 @@ class SqliteInbox:
             assert receipt_id is not None
             return receipt_id
 
-        return await self._writer.submit(reject)
+        return await self._write.submit(reject)
 
     # --- dispatch ------------------------------------------------------------------
 
@@ -191,7 +179,7 @@ class SqliteInbox:
         token = new_id()
         known = known or {}
 
-        def claim(connection: sqlite3.Connection) -> list[Claim]:
+        def claim(connection: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
             now = time.time()
             leased = connection.execute(
                 "UPDATE runs SET lease_until = ?, lease_token = ?, updated_at = ?"
@@ -201,32 +189,34 @@ class SqliteInbox:
                 (now + lease_seconds, token, now, handler, now, now, limit),
             ).fetchall()
             if not leased:
-                return []
-            attempts = dict(leased)
-            request_ids = dict(
-                connection.execute(
-                    "SELECT e.id, r.request_id FROM events e JOIN receipts r"
-                    f" ON r.id = e.receipt_id WHERE e.id IN ({_marks(attempts)})",
-                    list(attempts),
-                )
-            )
-            # Operations run on the event loop, so `known` cannot change while this runs:
+                return [], []
+            # `known` cannot change while this runs (operations run on the event loop):
             # the events it holds are neither read back nor decoded.
-            events = {event_id: known[event_id] for event_id in attempts if event_id in known}
-            unknown = [event_id for event_id in attempts if event_id not in events]
-            if unknown:
-                events.update(
-                    (event_id, Event.from_json(data))
-                    for event_id, data in connection.execute(
-                        f"SELECT id, data FROM events WHERE id IN ({_marks(unknown)})", unknown
-                    )
-                )
-            return [
-                Claim(events[event_id], handler, count, token, request_ids.get(event_id))
-                for event_id, count in attempts.items()
-            ]
+            unknown = [event_id for event_id, _ in leased if event_id not in known]
+            rows = connection.execute(
+                "SELECT e.id, r.request_id, e.data, e.receipt_id, r.body, r.headers"
+                f" FROM events e JOIN receipts r ON r.id = e.receipt_id"
+                f" WHERE e.id IN ({_marks(leased)})",
+                [event_id for event_id, _ in leased],
+            ).fetchall()
+            unknown_ids = set(unknown)
+            return leased, [row if row[0] in unknown_ids else row[:2] for row in rows]
 
-        return await self._writer.submit(claim)
+        leased, rows = await self._write.submit(claim)
+        # Decoding what was read back happens after the commit, not under the write lock.
+        documents = Documents()
+        found: dict[str, tuple[Event, str | None]] = {}
+        for row in rows:
+            if len(row) == 2:
+                found[row[0]] = (known[row[0]], row[1])
+            else:
+                event = documents.restore(Event.from_json(row[2]), row[3], row[4], row[5])
+                found[row[0]] = (event, row[1])
+        return [
+            Claim(found[event_id][0], handler, attempts, token, found[event_id][1])
+            for event_id, attempts in leased
+            if event_id in found
+        ]
 
     async def finish(
         self,
@@ -238,9 +228,7 @@ class SqliteInbox:
         retry_at: datetime | None = None,
     ) -> bool:
         counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
-        status = {"done": "done", "dead": "dead", "retry": "pending", "released": "pending"}[
-            outcome
-        ]
+        status = _RUN_STATUS[outcome]
         started = started_at.timestamp()
         due = retry_at.timestamp() if retry_at else None
         key = (claim.event.id, claim.handler, claim.lease_token)
@@ -262,25 +250,31 @@ class SqliteInbox:
             )
             return True
 
-        return await self._writer.submit(finish)
+        return await self._write.submit(finish)
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
-        marks = ",".join("?" * len(handlers))
+        if not handlers:
+            return None
 
         def next_due(connection: sqlite3.Connection) -> float | None:
             return connection.execute(
                 "SELECT MIN(MAX(due_at, COALESCE(lease_until, 0))) FROM runs"
-                f" WHERE status = 'pending' AND handler IN ({marks})",
+                f" WHERE status = 'pending' AND handler IN ({_marks(handlers)})",
                 handlers,
             ).fetchone()[0]
 
-        due = await self._writer.submit(next_due) if handlers else None
+        due = await self._reader.run(next_due)
         return _datetime(due) if due is not None else None
 
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Other processes on the file cannot tell this one: dispatch polls."""
+
     async def ping(self) -> None:
-        # A commit that went through a moment ago says as much as a write of our own
-        # would; readiness probes then add no fsync to a busy inbox.
-        if time.monotonic() - self._writer.last_commit < PING_FRESH_SECONDS:
+        writer = self._write
+        # A commit that went through a moment ago, and no failure since, says as much as
+        # a write of our own would; readiness probes then add no fsync to a busy inbox.
+        recent = time.monotonic() - writer.last_commit < PING_FRESH_SECONDS
+        if recent and writer.last_commit > writer.last_failure_at:
             return
 
         def ping(connection: sqlite3.Connection) -> None:
@@ -288,7 +282,10 @@ class SqliteInbox:
                 "INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (str(time.time()),)
             )
 
-        await self._writer.submit(ping)
+        try:
+            await writer.submit(ping)
+        except Exception as exc:
+            raise InboxUnavailable(f"not writable: {exc}") from exc
 
     # --- replay --------------------------------------------------------------------
 
@@ -297,87 +294,55 @@ class SqliteInbox:
     ) -> int:
         def requeue(connection: sqlite3.Connection) -> int:
             now = time.time()
-            selected = "SELECT id FROM events" + (
-                f" WHERE id IN ({','.join('?' * len(event_ids))})" if event_ids else ""
-            )
-            arguments: list[Any] = list(event_ids or ())
-            if handlers and not dead_only:
-                # Named handlers: create the runs that do not exist yet, reset the others.
-                total = 0
-                for handler in handlers:
-                    total += connection.execute(
-                        "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                        f" SELECT id, ?, 'pending', ?, ? FROM ({selected}) WHERE true"
-                        " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
-                        " attempts = 0, due_at = excluded.due_at, last_error = NULL,"
-                        " lease_until = NULL, lease_token = NULL,"
-                        " updated_at = excluded.updated_at"
-                        " WHERE runs.lease_until IS NULL OR runs.lease_until <= excluded.due_at",
-                        (handler, now, now, *arguments),
-                    ).rowcount
-                return total
-            conditions = ["(lease_until IS NULL OR lease_until <= ?)"]
-            values: list[Any] = [now]
-            if dead_only:
-                conditions.append("status = 'dead'")
-            if event_ids:
-                conditions.append(f"event_id IN ({selected})")
-                values += arguments
-            if handlers:
-                conditions.append(f"handler IN ({','.join('?' * len(handlers))})")
-                values += handlers
-            return connection.execute(
-                "UPDATE runs SET status = 'pending', attempts = 0, due_at = ?, last_error = NULL,"
-                " lease_until = NULL, lease_token = NULL,"
-                f" updated_at = ? WHERE {' AND '.join(conditions)}",
-                (now, now, *values),
-            ).rowcount
+            total = 0
+            for chunk in _chunks(event_ids):
+                total += _requeue(connection, now, chunk, handlers, dead_only)
+            return total
 
-        return await self._writer.submit(requeue)
+        return await self._write.submit(requeue)
 
-    # --- inspection ----------------------------------------------------------------
+    # --- reading -------------------------------------------------------------------
 
     async def events(
-        self,
-        *,
-        limit: int = 50,
-        kind: str | None = None,
-        tag: str | None = None,
-        state: str | None = None,
-        job_id: str | None = None,
-        status: RunStatus | None = None,
+        self, filter: EventFilter | None = None, *, limit: int = 50, before: int | None = None
     ) -> list[EventSummary]:
-        conditions, values = [], []
-        for column, value in (("kind", kind), ("tag", tag), ("state", state), ("job_id", job_id)):
-            if value is not None:
-                conditions.append(f"e.{column} = ?")
-                values.append(value)
-        if status is not None:
-            conditions.append(
-                "EXISTS (SELECT 1 FROM runs r WHERE r.event_id = e.id AND r.status = ?)"
-            )
-            values.append(status)
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        found = event_conditions(filter, DIALECT)
+        if before is not None:
+            found.add(f"e.seq < {found.param(before)}")
 
         def events(connection: sqlite3.Connection) -> list[EventSummary]:
-            found = connection.execute(
-                "SELECT e.id, e.received_at, e.kind, e.event_name, e.tag, e.state, e.job_id"
-                f" FROM events e {where} ORDER BY e.rowid DESC LIMIT ?",
-                (*values, limit),
+            rows = connection.execute(
+                "SELECT e.seq, e.id, e.received_at, e.kind, e.event_name, e.tag, e.state,"
+                f" e.job_id, e.bucket, e.key FROM events e {found.where()}"
+                " ORDER BY e.seq DESC LIMIT ?",
+                (*found.values, limit),
             ).fetchall()
+            runs = _runs(connection, [row[1] for row in rows])
             return [
-                EventSummary(
-                    row[0], datetime.fromisoformat(row[1]), *row[2:], _runs(connection, row[0])
-                )
-                for row in found
+                EventSummary(row[0], row[1], _datetime(row[2]), *row[3:], runs.get(row[1], []))
+                for row in rows
             ]
 
-        return await self._writer.submit(events)
+        return await self._reader.run(events)
+
+    async def event_ids(
+        self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
+    ) -> list[tuple[int, str]]:
+        found = event_conditions(filter, DIALECT)
+        found.add(f"e.seq > {found.param(after)}")
+
+        def event_ids(connection: sqlite3.Connection) -> list[tuple[int, str]]:
+            return connection.execute(
+                f"SELECT e.seq, e.id FROM events e {found.where()} ORDER BY e.seq LIMIT ?",
+                (*found.values, limit),
+            ).fetchall()
+
+        return await self._reader.run(event_ids)
 
     async def event(self, event_id: str) -> EventDetail | None:
         def event(connection: sqlite3.Connection) -> tuple[Any, ...] | None:
             row = connection.execute(
-                "SELECT e.data, e.receipt_id, r.request_id FROM events e"
+                "SELECT e.data, e.receipt_id, r.request_id, r.body, r.headers FROM events e"
                 " JOIN receipts r ON r.id = e.receipt_id WHERE e.id = ?",
                 (event_id,),
             ).fetchone()
@@ -391,70 +356,172 @@ class SqliteInbox:
                     (event_id,),
                 )
             ]
-            return (*row, _runs(connection, event_id), attempts)
+            return (*row, _runs(connection, [event_id]).get(event_id, []), attempts)
 
-        found = await self._writer.submit(event)
+        found = await self._reader.run(event)
         if found is None:
             return None
-        data, receipt_id, request_id, runs, attempts = found
-        return EventDetail(Event.from_json(data), receipt_id, request_id, runs, attempts)
+        data, receipt_id, request_id, body, headers, runs, attempts = found
+        event = Documents().restore(Event.from_json(data), receipt_id, body, headers)
+        return EventDetail(event, receipt_id, request_id, runs, attempts)
+
+    async def known(self, event_ids: list[str]) -> set[str]:
+        def known(connection: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for chunk in _chunks(event_ids):
+                found.update(
+                    row[0]
+                    for row in connection.execute(
+                        f"SELECT id FROM events WHERE id IN ({_marks(chunk)})", chunk
+                    )
+                )
+            return found
+
+        return await self._reader.run(known) if event_ids else set()
 
     async def receipts(
-        self, *, limit: int = 50, outcome: str | None = None
+        self, *, limit: int = 50, outcome: ReceiptOutcome | None = None, before: int | None = None
     ) -> list[ReceiptSummary]:
+        conditions, values = [], []
+        if outcome is not None:
+            conditions.append("outcome = ?")
+            values.append(outcome)
+        if before is not None:
+            conditions.append("id < ?")
+            values.append(before)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+
         def receipts(connection: sqlite3.Connection) -> list[ReceiptSummary]:
             rows = connection.execute(
                 "SELECT id, received_at, source, outcome, size, error_reason, error_detail,"
-                " event_ids FROM receipts"
-                + (" WHERE outcome = ?" if outcome else "")
-                + " ORDER BY id DESC LIMIT ?",
-                (outcome, limit) if outcome else (limit,),
+                f" event_ids FROM receipts {where} ORDER BY id DESC LIMIT ?",
+                (*values, limit),
             ).fetchall()
             return [
-                ReceiptSummary(
-                    row[0], datetime.fromisoformat(row[1]), *row[2:7], orjson.loads(row[7])
-                )
+                ReceiptSummary(row[0], _datetime(row[1]), *row[2:7], orjson.loads(row[7]))
                 for row in rows
             ]
 
-        return await self._writer.submit(receipts)
+        return await self._reader.run(receipts)
 
     async def receipt(self, receipt_id: int) -> Receipt | None:
-        def body(connection: sqlite3.Connection) -> tuple[Any, ...] | None:
+        def receipt(connection: sqlite3.Connection) -> tuple[Any, ...] | None:
             return connection.execute(
                 "SELECT body, source, received_at, request_id, headers, source_meta, size"
                 " FROM receipts WHERE id = ?",
                 (receipt_id,),
             ).fetchone()
 
-        row = await self._writer.submit(body)
+        row = await self._reader.run(receipt)
         if row is None:
             return None
         body, source, received_at, request_id, headers, meta, size = row
+        body = body or b""
         return Receipt(
             body,
             source,
-            datetime.fromisoformat(received_at),
+            _datetime(received_at),
             request_id or "",
             orjson.loads(headers),
             orjson.loads(meta),
             cut_from=size if size > len(body) else None,
         )
 
-    async def pending_counts(self) -> dict[str, int]:
-        def counts(connection: sqlite3.Connection) -> dict[str, int]:
-            return dict(
-                connection.execute(
-                    "SELECT handler, COUNT(*) FROM runs WHERE status = 'pending' GROUP BY handler"
-                ).fetchall()
-            )
+    async def backlog(self) -> dict[str, Backlog]:
+        def backlog(connection: sqlite3.Connection) -> dict[str, Backlog]:
+            found: dict[str, Backlog] = {}
+            for handler, status, count, oldest in connection.execute(
+                "SELECT handler, status, COUNT(*), MIN(due_at) FROM runs"
+                " WHERE status IN ('pending', 'dead') GROUP BY status, handler"
+            ):
+                entry = found.setdefault(handler, Backlog(0, 0, None))
+                if status == "pending":
+                    entry.pending, entry.oldest_due = count, _datetime(oldest)
+                else:
+                    entry.dead = count
+            return found
 
-        return await self._writer.submit(counts)
+        return await self._reader.run(backlog)
+
+    # --- state ---------------------------------------------------------------------
+
+    async def get_state(self, key: str) -> str | None:
+        def get(connection: sqlite3.Connection) -> str | None:
+            row = connection.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
+
+        return await self._reader.run(get)
+
+    async def set_state(self, key: str, value: str) -> None:
+        def put(connection: sqlite3.Connection) -> None:
+            connection.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
+
+        await self._write.submit(put)
+
+
+async def probe(path: Path) -> str:
+    """Say what the file holds, or that it will be created; nothing is changed."""
+    if not path.exists():
+        folder = next((p for p in path.parents if p.exists()), None)
+        if folder is None or not os.access(folder, os.W_OK):
+            raise InboxUnavailable(f"cannot create {path}: {folder} is not writable")
+        return f"SQLite: {path} is created at the first start"
+    reader = Reader(path)
+    try:
+        found = await reader.run(version)
+    finally:
+        reader.close()
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaError(f"{path} was written by a newer ci-receiver (schema {found})")
+    return f"SQLite: {path}, schema version {found} (this ci-receiver writes {SCHEMA_VERSION})"
+
+
+def _requeue(
+    connection: sqlite3.Connection,
+    now: float,
+    event_ids: list[str] | None,
+    handlers: list[str] | None,
+    dead_only: bool,
+) -> int:
+    selected = "SELECT id FROM events"
+    if event_ids:
+        selected += f" WHERE id IN ({_marks(event_ids)})"
+    arguments: list[Any] = list(event_ids or ())
+    if handlers and not dead_only:
+        # Named handlers: create the runs that do not exist yet, reset the others.
+        total = 0
+        for handler in handlers:
+            total += connection.execute(
+                "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+                f" SELECT id, ?, 'pending', ?, ? FROM ({selected}) WHERE true"
+                " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
+                " attempts = 0, due_at = excluded.due_at, last_error = NULL,"
+                " lease_until = NULL, lease_token = NULL, updated_at = excluded.updated_at"
+                " WHERE runs.lease_until IS NULL OR runs.lease_until <= excluded.due_at",
+                (handler, now, now, *arguments),
+            ).rowcount
+        return total
+    conditions = ["(lease_until IS NULL OR lease_until <= ?)"]
+    values: list[Any] = [now]
+    if dead_only:
+        conditions.append("status = 'dead'")
+    if event_ids:
+        conditions.append(f"event_id IN ({_marks(event_ids)})")
+        values += arguments
+    if handlers:
+        conditions.append(f"handler IN ({_marks(handlers)})")
+        values += handlers
+    return connection.execute(
+        "UPDATE runs SET status = 'pending', attempts = 0, due_at = ?, last_error = NULL,"
+        " lease_until = NULL, lease_token = NULL,"
+        f" updated_at = ? WHERE {' AND '.join(conditions)}",
+        (now, now, *values),
+    ).rowcount
 
 
 def _receipt_row(receipt: Receipt, body: bytes, size: int) -> tuple[Any, ...]:
     return (
-        receipt.received_at.isoformat(),
+        receipt.received_at.timestamp(),
         receipt.source,
         receipt.request_id,
         orjson.dumps(receipt.headers),
@@ -468,15 +535,27 @@ def _marks(values: Any) -> str:
     return ",".join("?" * len(values))
 
 
-def _runs(connection: sqlite3.Connection, event_id: str) -> list[RunState]:
-    return [
-        RunState(handler, status, attempts, _datetime(due) if status == "pending" else None, error)
-        for handler, status, attempts, due, error in connection.execute(
-            "SELECT handler, status, attempts, due_at, last_error FROM runs"
-            " WHERE event_id = ? ORDER BY handler",
-            (event_id,),
-        )
-    ]
+def _chunks(values: list[str] | None) -> list[list[str] | None]:
+    """`IN (...)` lists of a bounded size; None (every event) stays one unbounded chunk."""
+    if values is None:
+        return [None]
+    return [values[i : i + CHUNK] for i in range(0, len(values), CHUNK)]
+
+
+def _runs(connection: sqlite3.Connection, event_ids: list[str]) -> dict[str, list[RunState]]:
+    found: dict[str, list[RunState]] = {}
+    for chunk in _chunks(event_ids):
+        assert chunk is not None
+        for event_id, handler, status, attempts, due, error in connection.execute(
+            "SELECT event_id, handler, status, attempts, due_at, last_error FROM runs"
+            f" WHERE event_id IN ({_marks(chunk)}) ORDER BY handler",
+            chunk,
+        ):
+            due_at = _datetime(due) if status == "pending" else None
+            found.setdefault(event_id, []).append(
+                RunState(handler, status, attempts, due_at, error)
+            )
+    return found
 
 
 def _datetime(timestamp: float) -> datetime:

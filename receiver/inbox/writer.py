@@ -49,6 +49,9 @@ class Writer:
         self._accepting = False
         self.commits = 0  # batches committed, for tests and metrics
         self.last_commit = 0.0  # time.monotonic() of the last commit that went through
+        # The last batch that failed as a whole (disk full, lock timeout), and when.
+        self.last_failure: Exception | None = None
+        self.last_failure_at = 0.0
 
     async def start(self) -> None:
         self._connection = await self._in_thread(self._connect)
@@ -80,10 +83,14 @@ class Writer:
     def _connect(self) -> sqlite3.Connection:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
-        with connection:
+        try:
+            connection.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             self._setup(connection)
+        except BaseException:
+            connection.close()
+            raise
         # No waiting on the event loop: a BEGIN that finds the lock taken is retried on
         # the helper thread, with the lock timeout.
         connection.execute("PRAGMA busy_timeout=0")
@@ -124,6 +131,7 @@ class Writer:
             self.commits += 1
             self.last_commit = time.monotonic()
         except Exception as exc:  # the batch as a whole failed: disk full, lock timeout
+            self.last_failure, self.last_failure_at = exc, time.monotonic()
             with contextlib.suppress(sqlite3.Error):
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")

@@ -1,0 +1,670 @@
+"""The PostgreSQL inbox: one database shared by any number of receivers and consumers.
+
+- **Dedup across replicas**: events are inserted `ON CONFLICT (id) DO NOTHING`; two
+  replicas storing the same id at once: the second waits for the first to commit and
+  finds a duplicate, never an error.
+- **One round trip per callback**: the receipt, its new events and their runs go in
+  one statement (`STORE`), which also notifies the other replicas.
+- **Claims** take due runs `FOR UPDATE SKIP LOCKED` under a lease measured on the
+  database's clock, so replicas never wait for each other's claims, and a replica that
+  dies mid-attempt leaves its runs to the others when the lease ends.
+- **Wake-ups**: every replica LISTENs on `ci_receiver_work`; a store or a replay
+  NOTIFYs, so an idle replica starts new work at once (polling stays as the fallback).
+- **Failures**: the database restarting or unreachable makes operations raise (callers
+  answer 503 or leave the message unacked); the pool reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from receiver.ids import new_id
+from receiver.inbox import (
+    Attempt,
+    Backlog,
+    Claim,
+    EventDetail,
+    EventFilter,
+    EventSummary,
+    InboxUnavailable,
+    Outcome,
+    Receipt,
+    ReceiptOutcome,
+    ReceiptSummary,
+    RunState,
+    SchemaError,
+    Stored,
+)
+from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
+from receiver.inbox.query import Dialect, event_conditions, glob_to_like
+from receiver.inbox.records import Documents, event_data
+from receiver.model import Event
+
+logger = structlog.get_logger("ci_receiver.inbox")
+
+CHANNEL = "ci_receiver_work"
+# Seconds any one statement may take before it counts as a failure (a database that
+# stopped answering must not hold a callback's answer for ever).
+COMMAND_TIMEOUT = 10.0
+PING_FRESH_SECONDS = 5.0
+# How often the listening connection is checked: a connection that died quietly (a
+# network cut) is only noticed when used.
+LISTEN_CHECK_SECONDS = 15.0
+RETRY_MAX_SECONDS = 30.0
+# Errors that waiting will not mend: refused credentials, no such database.
+FATAL_CONNECT_ERRORS = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InsufficientPrivilegeError,
+)
+
+DIALECT = Dialect(
+    placeholder=lambda n: f"${n}",
+    glob=lambda column, param: f"{column} LIKE {param}",
+    glob_pattern=glob_to_like,
+    time=lambda moment: moment,
+)
+_RUN_STATUS = {"done": "done", "dead": "dead", "retry": "pending", "released": "pending"}
+
+STORE = f"""
+WITH receipt AS (SELECT nextval('receipts_id_seq') AS id),
+inserted AS (
+    INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id, tag, state,
+        bucket, key, data)
+    SELECT e.id, receipt.id, $1, e.kind, e.event_name, e.job_id, e.tag, e.state, e.bucket,
+        e.key, e.data
+    FROM receipt, unnest($9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+        $14::text[], $15::text[], $16::text[], $17::bytea[]) WITH ORDINALITY
+        AS e(id, kind, event_name, job_id, tag, state, bucket, key, data, n)
+    ORDER BY e.n
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+),
+new_runs AS (
+    INSERT INTO runs (event_id, handler, status, due_at, updated_at)
+    SELECT DISTINCT r.event_id, r.handler, 'pending', now(), now()
+    FROM unnest($18::text[], $19::text[]) AS r(event_id, handler)
+    JOIN inserted ON inserted.id = r.event_id
+    RETURNING 1
+),
+kept AS (
+    INSERT INTO receipts (id, received_at, source, request_id, headers, source_meta, body,
+        size, outcome, event_ids)
+    SELECT receipt.id, $1, $2, $3, $4, $5, $6, $7,
+        CASE WHEN EXISTS (SELECT 1 FROM inserted) THEN 'accepted' ELSE 'duplicate' END, $8
+    FROM receipt
+    RETURNING id
+),
+notified AS (SELECT pg_notify('{CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM new_runs))
+SELECT (SELECT id FROM kept), ARRAY(SELECT id FROM inserted), (SELECT count(*) FROM notified)
+"""
+
+CLAIM = """
+WITH due AS (
+    SELECT event_id FROM runs
+    WHERE handler = $1 AND status = 'pending' AND due_at <= now()
+        AND (lease_until IS NULL OR lease_until <= now())
+    ORDER BY due_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+),
+leased AS (
+    UPDATE runs SET lease_until = now() + make_interval(secs => $3), lease_token = $4,
+        updated_at = now()
+    FROM due WHERE runs.event_id = due.event_id AND runs.handler = $1
+    RETURNING runs.event_id, runs.attempts
+)
+SELECT l.event_id, l.attempts, r.request_id, e.data, e.receipt_id, r.body, r.headers
+FROM leased l JOIN events e ON e.id = l.event_id JOIN receipts r ON r.id = e.receipt_id
+"""
+
+FINISH = """
+WITH updated AS (
+    UPDATE runs SET status = $4, attempts = attempts + $5, due_at = COALESCE($6, now()),
+        lease_until = NULL, lease_token = NULL, last_error = $7, updated_at = now()
+    WHERE event_id = $1 AND handler = $2 AND lease_token = $3
+    RETURNING event_id
+),
+recorded AS (
+    INSERT INTO attempts (event_id, handler, number, started_at, finished_at, outcome, error)
+    SELECT $1, $2, $8, $9, now(), $10, $7 FROM updated
+)
+SELECT count(*) FROM updated
+"""
+
+
+class PostgresInbox:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str,
+        pool_size: int,
+        rejected_body_bytes: int,
+        read_only: bool = False,
+        wait: bool = False,
+    ) -> None:
+        self._url = url
+        self._schema = schema
+        self._pool_size = pool_size
+        self._rejected_body_bytes = rejected_body_bytes
+        self._read_only = read_only
+        self._wait = wait
+        self._pool: asyncpg.Pool | None = None
+        self._watchers: list[Callable[[], None]] = []
+        self._listening: asyncio.Task[None] | None = None
+        self._last_write = 0.0
+        self._last_failure = 0.0
+
+    # --- connections ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._open()
+                return
+            except FATAL_CONNECT_ERRORS as exc:
+                raise InboxUnavailable(f"PostgreSQL refused: {exc}") from None
+            except asyncpg.InterfaceError as exc:  # a URL or setting asyncpg cannot use
+                raise InboxUnavailable(f"cannot use inbox.url: {exc}") from None
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+                retryable = not isinstance(exc, asyncpg.PostgresError) or _transient(exc)
+                if not (self._wait and retryable):
+                    raise InboxUnavailable(
+                        f"cannot open the PostgreSQL inbox: {_describe(exc)}"
+                    ) from None
+                logger.warning(
+                    "PostgreSQL not reachable yet; trying again", error=str(exc), retry_in=delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _open(self) -> None:
+        connection = await asyncpg.connect(
+            self._url, timeout=COMMAND_TIMEOUT, server_settings=self._settings()
+        )
+        try:
+            if self._read_only:
+                await check_readable(connection, self._schema)
+            else:
+                await setup(connection, self._schema)
+        finally:
+            await connection.close()
+        self._pool = await asyncpg.create_pool(
+            self._url,
+            min_size=1,
+            max_size=self._pool_size,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings=self._settings(),
+        )
+        if not self._read_only:
+            self._listening = asyncio.create_task(self._listen(), name="inbox-listen")
+
+    def _settings(self) -> dict[str, str]:
+        settings = {"search_path": self._schema, "application_name": "ci-receiver"}
+        if self._read_only:
+            settings["default_transaction_read_only"] = "on"
+        return settings
+
+    async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+            self._listening = None
+        if self._pool is not None:
+            await asyncio.wait_for(self._pool.close(), COMMAND_TIMEOUT)
+            self._pool = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise InboxUnavailable("the inbox is closed")
+        return self._pool
+
+    async def _write(self, query: str, *args: Any) -> Any:
+        """One statement that writes; remembers when writing last worked, for ping()."""
+        try:
+            result = await self.pool.fetchrow(query, *args)
+        except Exception:
+            self._last_failure = time.monotonic()
+            raise
+        self._last_write = time.monotonic()
+        return result
+
+    # --- ingest --------------------------------------------------------------------
+
+    async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
+        ids = [event.id for event, _ in routed]
+        columns: list[list[Any]] = [[] for _ in range(9)]
+        run_events: list[str] = []
+        run_handlers: list[str] = []
+        for event, handlers in routed:
+            source = event.input
+            values = (
+                event.id,
+                event.kind,
+                event.event_name,
+                event.job_id,
+                event.tag,
+                event.state,
+                source.bucket if source else None,
+                source.key if source else None,
+            )
+            for column, value in zip(columns, values, strict=False):
+                column.append(text(value))
+            columns[8].append(event_data(event))
+            for handler in handlers:
+                run_events.append(text(event.id))
+                run_handlers.append(handler)
+        row = await self._write(
+            STORE,
+            receipt.received_at,
+            receipt.source,
+            text(receipt.request_id),
+            orjson.dumps(receipt.headers),
+            orjson.dumps(receipt.source_meta),
+            receipt.body,
+            len(receipt.body),
+            orjson.dumps(ids),
+            *columns,
+            run_events,
+            run_handlers,
+        )
+        receipt_id, inserted, _ = row
+        new_ids = set(inserted)
+        new = [event_id for event_id in ids if text(event_id) in new_ids]
+        duplicates = [event_id for event_id in ids if text(event_id) not in new_ids]
+        # One callback naming an event twice stores it once: the second is a duplicate.
+        for event_id in set(new):
+            while new.count(event_id) > 1:
+                new.remove(event_id)
+                duplicates.append(event_id)
+        return Stored(receipt_id, ids, new, duplicates)
+
+    async def reject(
+        self, receipt: Receipt, reason: str, detail: str, *, size: int | None = None
+    ) -> int:
+        kept = receipt.body[: self._rejected_body_bytes]
+        row = await self._write(
+            "INSERT INTO receipts (received_at, source, request_id, headers, source_meta, body,"
+            " size, outcome, event_ids, error_reason, error_detail)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, 'rejected', $8, $9, $10) RETURNING id",
+            receipt.received_at,
+            receipt.source,
+            text(receipt.request_id),
+            orjson.dumps(receipt.headers),
+            orjson.dumps(receipt.source_meta),
+            kept,
+            len(receipt.body) if size is None else size,
+            orjson.dumps([]),
+            text(reason),
+            text(detail),
+        )
+        return int(row[0])
+
+    # --- dispatch ------------------------------------------------------------------
+
+    async def claim(
+        self,
+        handler: str,
+        limit: int,
+        lease_seconds: float,
+        known: Mapping[str, Event] | None = None,
+    ) -> list[Claim]:
+        token = new_id()
+        known = known or {}
+        try:
+            rows = await self.pool.fetch(CLAIM, handler, limit, lease_seconds, token)
+        except Exception:
+            self._last_failure = time.monotonic()
+            raise
+        documents = Documents()
+        claims = []
+        for event_id, attempts, request_id, data, receipt_id, body, headers in rows:
+            event = known.get(event_id)
+            if event is None:
+                event = documents.restore(Event.from_json(data), receipt_id, body, headers)
+            claims.append(Claim(event, handler, attempts, token, request_id))
+        return claims
+
+    async def finish(
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        *,
+        started_at: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
+        row = await self._write(
+            FINISH,
+            text(claim.event.id),
+            claim.handler,
+            claim.lease_token,
+            _RUN_STATUS[outcome],
+            int(counted),
+            retry_at,
+            text(error),
+            claim.attempts + int(counted),
+            started_at,
+            outcome,
+        )
+        return bool(row[0])
+
+    async def next_due(self, handlers: list[str]) -> datetime | None:
+        if not handlers:
+            return None
+        # Leases are on the database's clock, which this host's may differ from: ask how
+        # far away the next run is, not when.
+        seconds: float | None = await self.pool.fetchval(
+            "SELECT extract(epoch FROM min(greatest(due_at, coalesce(lease_until, due_at)))"
+            " - now()) FROM runs WHERE status = 'pending' AND handler = ANY($1::text[])",
+            handlers,
+        )
+        if seconds is None:
+            return None
+        return datetime.now(timezone.utc) + timedelta(seconds=float(seconds))
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        self._watchers.append(wake)
+
+    def _wake(self) -> None:
+        for wake in self._watchers:
+            wake()
+
+    async def _listen(self) -> None:
+        """Keep one connection LISTENing, reconnecting after any failure."""
+        delay = 1.0
+
+        def connected() -> None:
+            nonlocal delay
+            delay = 1.0
+
+        while True:
+            try:
+                await self._listen_once(on_connected=connected)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning(
+                    "inbox notifications lost; reconnecting (dispatch polls meanwhile)",
+                    error=_describe(exc),
+                    retry_in=delay,
+                )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _listen_once(self, on_connected: Callable[[], None]) -> None:
+        """LISTEN until the connection is lost; each connect wakes the watchers, since
+        notifications may have been missed meanwhile."""
+        connection = await asyncpg.connect(
+            self._url, timeout=COMMAND_TIMEOUT, server_settings=self._settings()
+        )
+        try:
+            lost = asyncio.Event()
+            connection.add_termination_listener(lambda _: lost.set())
+            await connection.add_listener(CHANNEL, lambda *_: self._wake())
+            on_connected()
+            self._wake()
+            while not lost.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(lost.wait(), LISTEN_CHECK_SECONDS)
+                if not lost.is_set():
+                    await connection.fetchval("SELECT 1", timeout=COMMAND_TIMEOUT)
+            raise ConnectionError("the listening connection closed")
+        finally:
+            connection.terminate()
+
+    async def ping(self) -> None:
+        # A write that went through a moment ago, and no failure since, says as much as
+        # one of our own would.
+        now = time.monotonic()
+        if now - self._last_write < PING_FRESH_SECONDS and self._last_write > self._last_failure:
+            return
+        try:
+            await self._write(
+                "INSERT INTO meta VALUES ('heartbeat', $1)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                str(time.time()),
+            )
+        except Exception as exc:
+            raise InboxUnavailable(f"PostgreSQL: {_describe(exc)}") from exc
+
+    # --- replay --------------------------------------------------------------------
+
+    async def requeue(
+        self, event_ids: list[str] | None, handlers: list[str] | None, *, dead_only: bool
+    ) -> int:
+        ids = None if event_ids is None else [text(i) for i in event_ids]
+        async with self.pool.acquire() as connection, connection.transaction():
+            if handlers and not dead_only:
+                # Named handlers: create the runs that do not exist yet, reset the others.
+                total = 0
+                for handler in handlers:
+                    status = await connection.execute(
+                        "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+                        " SELECT id, $1, 'pending', now(), now() FROM events"
+                        " WHERE $2::text[] IS NULL OR id = ANY($2::text[])"
+                        " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
+                        " attempts = 0, due_at = now(), last_error = NULL, lease_until = NULL,"
+                        " lease_token = NULL, updated_at = now()"
+                        " WHERE runs.lease_until IS NULL OR runs.lease_until <= now()",
+                        handler,
+                        ids,
+                    )
+                    total += _count(status)
+            else:
+                status = await connection.execute(
+                    "UPDATE runs SET status = 'pending', attempts = 0, due_at = now(),"
+                    " last_error = NULL, lease_until = NULL, lease_token = NULL,"
+                    " updated_at = now()"
+                    " WHERE (lease_until IS NULL OR lease_until <= now())"
+                    " AND (NOT $1 OR status = 'dead')"
+                    " AND ($2::text[] IS NULL OR event_id = ANY($2::text[]))"
+                    " AND ($3::text[] IS NULL OR handler = ANY($3::text[]))",
+                    dead_only,
+                    ids,
+                    handlers,
+                )
+                total = _count(status)
+            if total:
+                await connection.execute(f"NOTIFY {CHANNEL}")
+        return total
+
+    # --- reading -------------------------------------------------------------------
+
+    async def events(
+        self, filter: EventFilter | None = None, *, limit: int = 50, before: int | None = None
+    ) -> list[EventSummary]:
+        found = event_conditions(filter, DIALECT)
+        if before is not None:
+            found.add(f"e.seq < {found.param(before)}")
+        limit_param = found.param(limit)
+        async with self.pool.acquire() as connection:
+            rows = await connection.fetch(
+                "SELECT e.seq, e.id, e.received_at, e.kind, e.event_name, e.tag, e.state,"
+                f" e.job_id, e.bucket, e.key FROM events e {found.where()}"
+                f" ORDER BY e.seq DESC LIMIT {limit_param}",
+                *found.values,
+            )
+            runs = await _runs(connection, [row[1] for row in rows])
+        return [EventSummary(*row, runs.get(row[1], [])) for row in rows]
+
+    async def event_ids(
+        self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
+    ) -> list[tuple[int, str]]:
+        found = event_conditions(filter, DIALECT)
+        found.add(f"e.seq > {found.param(after)}")
+        limit_param = found.param(limit)
+        rows = await self.pool.fetch(
+            f"SELECT e.seq, e.id FROM events e {found.where()} ORDER BY e.seq LIMIT {limit_param}",
+            *found.values,
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def event(self, event_id: str) -> EventDetail | None:
+        async with self.pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT e.data, e.receipt_id, r.request_id, r.body, r.headers FROM events e"
+                " JOIN receipts r ON r.id = e.receipt_id WHERE e.id = $1",
+                text(event_id),
+            )
+            if row is None:
+                return None
+            attempts = [
+                Attempt(*attempt)
+                for attempt in await connection.fetch(
+                    "SELECT handler, number, started_at, finished_at, outcome, error"
+                    " FROM attempts WHERE event_id = $1 ORDER BY id",
+                    text(event_id),
+                )
+            ]
+            runs = await _runs(connection, [text(event_id)])
+        data, receipt_id, request_id, body, headers = row
+        event = Documents().restore(Event.from_json(data), receipt_id, body, headers)
+        return EventDetail(event, receipt_id, request_id, runs.get(text(event_id), []), attempts)
+
+    async def known(self, event_ids: list[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        by_text = {text(event_id): event_id for event_id in event_ids}
+        rows = await self.pool.fetch(
+            "SELECT id FROM events WHERE id = ANY($1::text[])", list(by_text)
+        )
+        return {by_text[row[0]] for row in rows}
+
+    async def receipts(
+        self, *, limit: int = 50, outcome: ReceiptOutcome | None = None, before: int | None = None
+    ) -> list[ReceiptSummary]:
+        rows = await self.pool.fetch(
+            "SELECT id, received_at, source, outcome, size, error_reason, error_detail,"
+            " event_ids FROM receipts WHERE ($1::text IS NULL OR outcome = $1)"
+            " AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+            outcome,
+            before,
+            limit,
+        )
+        return [ReceiptSummary(*row[:7], orjson.loads(row[7])) for row in rows]
+
+    async def receipt(self, receipt_id: int) -> Receipt | None:
+        row = await self.pool.fetchrow(
+            "SELECT body, source, received_at, request_id, headers, source_meta, size"
+            " FROM receipts WHERE id = $1",
+            receipt_id,
+        )
+        if row is None:
+            return None
+        body, source, received_at, request_id, headers, meta, size = row
+        body = body or b""
+        return Receipt(
+            body,
+            source,
+            received_at,
+            request_id or "",
+            orjson.loads(headers),
+            orjson.loads(meta),
+            cut_from=size if size > len(body) else None,
+        )
+
+    async def backlog(self) -> dict[str, Backlog]:
+        found: dict[str, Backlog] = {}
+        for handler, status, count, oldest in await self.pool.fetch(
+            "SELECT handler, status, count(*), min(due_at) FROM runs"
+            " WHERE status IN ('pending', 'dead') GROUP BY status, handler"
+        ):
+            entry = found.setdefault(handler, Backlog(0, 0, None))
+            if status == "pending":
+                entry.pending, entry.oldest_due = count, oldest
+            else:
+                entry.dead = count
+        return found
+
+    # --- state ---------------------------------------------------------------------
+
+    async def get_state(self, key: str) -> str | None:
+        value: str | None = await self.pool.fetchval(
+            "SELECT value FROM state WHERE key = $1", text(key)
+        )
+        return value
+
+    async def set_state(self, key: str, value: str) -> None:
+        await self._write(
+            "INSERT INTO state VALUES ($1, $2)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            text(key),
+            text(value),
+        )
+
+
+async def probe(url: str, schema: str) -> str:
+    """Connect and say what the schema holds; nothing is changed."""
+    try:
+        connection = await asyncpg.connect(url, timeout=COMMAND_TIMEOUT)
+    except Exception as exc:
+        raise InboxUnavailable(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
+    try:
+        where = f"PostgreSQL {connection.get_server_version().major}"
+        try:
+            await check_readable(connection, schema)
+        except SchemaError as exc:
+            if "no inbox" not in str(exc):
+                raise
+            return f"{where}: schema {schema!r} is created at the first start"
+        return f"{where}: inbox in schema {schema!r}, schema version {SCHEMA_VERSION}"
+    finally:
+        await connection.close()
+
+
+def text(value: str | None) -> str | None:
+    """A value for a text column: PostgreSQL refuses NUL in text, whatever a callback
+    carries."""
+    if value is not None and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+async def _runs(connection: asyncpg.Connection, event_ids: list[str]) -> dict[str, list[RunState]]:
+    found: dict[str, list[RunState]] = {}
+    if not event_ids:
+        return found
+    for event_id, handler, status, attempts, due, error in await connection.fetch(
+        "SELECT event_id, handler, status, attempts, due_at, last_error FROM runs"
+        " WHERE event_id = ANY($1::text[]) ORDER BY handler",
+        event_ids,
+    ):
+        due_at = due if status == "pending" else None
+        found.setdefault(event_id, []).append(RunState(handler, status, attempts, due_at, error))
+    return found
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as `UPDATE 3` or `INSERT 0 3`."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _transient(error: asyncpg.PostgresError) -> bool:
+    """The database starting, stopping or overloaded: worth waiting for."""
+    return isinstance(
+        error,
+        asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError,
+    )
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__

@@ -1,0 +1,138 @@
+"""The PostgreSQL inbox's tables, in a schema of their own (`inbox.postgres_schema`).
+
+Created and migrated at start under an advisory lock, so that replicas starting at the
+same moment do it once. JSON documents and bodies are `bytea`, not `jsonb`: jsonb
+refuses `\\u0000`, which a hostile callback may well carry, and a refused insert would
+turn one bad callback into a 503 for ever. Text columns get NUL replaced for the same
+reason (`text()` in postgres.py); the event's own JSON keeps the value as sent.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from receiver.inbox import SchemaError
+
+SCHEMA_VERSION = 1
+
+TABLES = [
+    "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS state (key text PRIMARY KEY, value text NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS receipts (
+        id bigserial PRIMARY KEY,
+        received_at timestamptz NOT NULL,
+        source text NOT NULL,
+        request_id text,
+        headers bytea NOT NULL,
+        source_meta bytea NOT NULL,
+        body bytea,
+        size integer NOT NULL,
+        outcome text NOT NULL,
+        error_reason text,
+        error_detail text,
+        event_ids bytea NOT NULL,
+        -- Where a receipt copied from another inbox came from (`inbox copy`), so that
+        -- copying again adds nothing.
+        origin text UNIQUE
+    )""",
+    "CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id)",
+    "CREATE INDEX IF NOT EXISTS receipts_time ON receipts (received_at)",
+    """CREATE TABLE IF NOT EXISTS events (
+        seq bigserial UNIQUE,
+        id text PRIMARY KEY,
+        receipt_id bigint NOT NULL,
+        received_at timestamptz NOT NULL,
+        kind text NOT NULL,
+        event_name text,
+        job_id text,
+        tag text,
+        state text,
+        bucket text,
+        key text,
+        data bytea NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id)",
+    "CREATE INDEX IF NOT EXISTS events_time ON events (received_at)",
+    "CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id)",
+    """CREATE TABLE IF NOT EXISTS runs (
+        event_id text NOT NULL,
+        handler text NOT NULL,
+        status text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        due_at timestamptz NOT NULL,
+        lease_until timestamptz,
+        lease_token text,
+        last_error text,
+        updated_at timestamptz NOT NULL,
+        PRIMARY KEY (event_id, handler)
+    )""",
+    "CREATE INDEX IF NOT EXISTS runs_due ON runs (handler, due_at) WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS runs_status ON runs (status, handler)",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        id bigserial PRIMARY KEY,
+        event_id text NOT NULL,
+        handler text NOT NULL,
+        number integer NOT NULL,
+        started_at timestamptz NOT NULL,
+        finished_at timestamptz NOT NULL,
+        outcome text NOT NULL,
+        error text
+    )""",
+    "CREATE INDEX IF NOT EXISTS attempts_event ON attempts (event_id)",
+]
+
+
+def _lock_key(schema: str) -> str:
+    return f"ci-receiver inbox schema {schema}"
+
+
+async def setup(connection: asyncpg.Connection, schema: str) -> None:
+    """Create or migrate the tables in `schema`; one process at a time."""
+    key = _lock_key(schema)
+    await connection.execute("SELECT pg_advisory_lock(hashtext($1))", key)
+    try:
+        async with connection.transaction():
+            exists = await connection.fetchval(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1", schema
+            )
+            if not exists:
+                await connection.execute(f'CREATE SCHEMA "{schema}"')
+            found = await _version(connection, schema)
+            if found is not None and found > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"the inbox in schema {schema!r} was written by a newer ci-receiver (schema"
+                    f" version {found}, this one knows {SCHEMA_VERSION}); upgrade ci-receiver"
+                )
+            for statement in TABLES:
+                await connection.execute(statement)
+            await connection.execute(
+                "INSERT INTO meta VALUES ('schema_version', $1)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                str(SCHEMA_VERSION),
+            )
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+
+async def check_readable(connection: asyncpg.Connection, schema: str) -> None:
+    found = await _version(connection, schema)
+    if found == SCHEMA_VERSION:
+        return
+    if found is None:
+        raise SchemaError(f"no inbox in schema {schema!r} (nothing received yet?)")
+    raise SchemaError(
+        f"the inbox in schema {schema!r} has version {found}, this ci-receiver knows"
+        f" {SCHEMA_VERSION}: run the same version as the receivers"
+    )
+
+
+async def _version(connection: asyncpg.Connection, schema: str) -> int | None:
+    has_meta = await connection.fetchval(
+        "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'meta'", schema
+    )
+    if not has_meta:
+        return None
+    value = await connection.fetchval(
+        f"SELECT value FROM \"{schema}\".meta WHERE key = 'schema_version'"
+    )
+    return int(value) if value is not None else None

@@ -1,0 +1,85 @@
+"""An `EventFilter` as SQL conditions, for both backends: they differ only in how a
+parameter is written, how a glob is matched and how a time is stored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from receiver.inbox import EventFilter
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    placeholder: Callable[[int], str]  # the n-th parameter (1-based): "?" or "$n"
+    glob: Callable[[str, str], str]  # (column, placeholder) -> condition
+    glob_pattern: Callable[[str], str]  # the user's glob as the parameter value
+    time: Callable[[datetime], Any]  # a datetime as the time columns store it
+
+
+class Conditions:
+    """Conditions and their parameters, numbered from `first`."""
+
+    def __init__(self, dialect: Dialect, first: int = 1) -> None:
+        self.dialect = dialect
+        self.parts: list[str] = []
+        self.values: list[Any] = []
+        self._first = first
+
+    def param(self, value: Any) -> str:
+        self.values.append(value)
+        return self.dialect.placeholder(self._first + len(self.values) - 1)
+
+    def add(self, condition: str) -> None:
+        self.parts.append(condition)
+
+    def where(self) -> str:
+        return f"WHERE {' AND '.join(self.parts)}" if self.parts else ""
+
+
+def event_conditions(filter: EventFilter | None, dialect: Dialect, first: int = 1) -> Conditions:
+    """Conditions over `events e` (and its runs) for a filter."""
+    found = Conditions(dialect, first)
+    if filter is None:
+        return found
+    for column in ("kind", "tag", "state", "job_id", "bucket"):
+        value = getattr(filter, column)
+        if value is not None:
+            found.add(f"e.{column} = {found.param(value)}")
+    if filter.key is not None:
+        found.add(dialect.glob("e.key", found.param(dialect.glob_pattern(filter.key))))
+    if filter.since is not None:
+        found.add(f"e.received_at >= {found.param(dialect.time(filter.since))}")
+    if filter.until is not None:
+        found.add(f"e.received_at < {found.param(dialect.time(filter.until))}")
+    if filter.status is not None or filter.handler is not None:
+        runs = ["r.event_id = e.id"]
+        if filter.status is not None:
+            runs.append(f"r.status = {found.param(filter.status)}")
+        if filter.handler is not None:
+            runs.append(f"r.handler = {found.param(filter.handler)}")
+        found.add(f"EXISTS (SELECT 1 FROM runs r WHERE {' AND '.join(runs)})")
+    return found
+
+
+def glob_to_like(pattern: str) -> str:
+    """`*` and `?` as LIKE's `%` and `_`, everything else literal (escaped with `\\`)."""
+    out = []
+    for char in pattern:
+        if char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        elif char in "%_\\":
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def glob_to_sqlite(pattern: str) -> str:
+    """SQLite's GLOB would read `[` as a character class: make it literal, so that both
+    backends match `*` and `?` only."""
+    return pattern.replace("[", "[[]")

@@ -1,0 +1,192 @@
+"""The SQLite inbox's tables, created on first start and migrated from older versions.
+
+Times are seconds since the epoch (REAL), so that ranges and orderings are plain number
+comparisons. Version 2 keeps each callback's bytes once: events hold their normalized
+fields without the decoded document (see `records.py`), where version 1 kept the whole
+document in every event.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+
+import orjson
+import structlog
+
+from receiver.inbox import SchemaError
+from receiver.inbox.records import lean
+
+logger = structlog.get_logger("ci_receiver.inbox")
+
+SCHEMA_VERSION = 2
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    source TEXT NOT NULL,
+    request_id TEXT,
+    headers BLOB NOT NULL,
+    source_meta BLOB NOT NULL,
+    body BLOB,
+    size INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error_reason TEXT,
+    error_detail TEXT,
+    event_ids BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id);
+CREATE INDEX IF NOT EXISTS receipts_time ON receipts (received_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    receipt_id INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    event_name TEXT,
+    job_id TEXT,
+    tag TEXT,
+    state TEXT,
+    bucket TEXT,
+    key TEXT,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+CREATE INDEX IF NOT EXISTS events_time ON events (received_at);
+CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id);
+CREATE TABLE IF NOT EXISTS runs (
+    event_id TEXT NOT NULL,
+    handler TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due_at REAL NOT NULL,
+    lease_until REAL,
+    lease_token TEXT,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (event_id, handler)
+);
+CREATE INDEX IF NOT EXISTS runs_due ON runs (handler, due_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status, handler);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    handler TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_event ON attempts (event_id);
+"""
+
+
+def version(connection: sqlite3.Connection) -> int | None:
+    """The inbox's schema version; None for a new, empty database."""
+    has_meta = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if not has_meta:
+        return None
+    row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def setup(connection: sqlite3.Connection) -> None:
+    """Create the tables, or bring an older inbox up to date, in one transaction (two
+    processes starting at once on one file: the second finds the work done)."""
+    if connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        # Only a new file takes this without a VACUUM: space freed by retention then goes
+        # back to the file system in small steps (PRAGMA incremental_vacuum).
+        connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        found = version(connection)
+        if found is not None and found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the inbox was written by a newer ci-receiver (schema {found}, this one"
+                f" knows {SCHEMA_VERSION}); upgrade ci-receiver"
+            )
+        if found == 1:
+            _migrate_from_1(connection)
+        _script(connection, TABLES)
+        connection.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    if found == 1:
+        logger.info("compacting the migrated inbox")
+        connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        connection.execute("VACUUM")
+
+
+def _script(connection: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits the transaction under way first.
+    for statement in script.split(";"):
+        if statement.strip():
+            connection.execute(statement)
+
+
+def check_readable(connection: sqlite3.Connection) -> None:
+    """For read-only use: the schema must be this version's, since nothing may change it."""
+    found = version(connection)
+    if found == SCHEMA_VERSION:
+        return
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the inbox was written by a newer ci-receiver (schema {found}, this one knows"
+            f" {SCHEMA_VERSION}); upgrade ci-receiver"
+        )
+    raise SchemaError(
+        f"the inbox has schema {found}; start the receiver once (it migrates on start)"
+    )
+
+
+def _migrate_from_1(connection: sqlite3.Connection) -> None:
+    """Version 1 kept ISO times as text and the whole document in every event."""
+    count = connection.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    logger.info("migrating the inbox to schema 2", events=count)
+    connection.create_function("epoch", 1, _epoch, deterministic=True)
+    connection.create_function("lean", 1, lean, deterministic=True)
+    connection.create_function("input_field", 2, _input_field, deterministic=True)
+    _script(
+        connection,
+        """
+        ALTER TABLE receipts RENAME TO receipts_v1;
+        ALTER TABLE events RENAME TO events_v1;
+        DROP INDEX IF EXISTS receipts_outcome;
+        DROP INDEX IF EXISTS events_job;
+        """,
+    )
+    _script(connection, TABLES)
+    _script(
+        connection,
+        """
+        INSERT INTO receipts (id, received_at, source, request_id, headers, source_meta, body,
+            size, outcome, error_reason, error_detail, event_ids)
+        SELECT id, epoch(received_at), source, request_id, headers, source_meta, body, size,
+            outcome, error_reason, error_detail, event_ids FROM receipts_v1;
+        INSERT INTO events (seq, id, receipt_id, received_at, kind, event_name, job_id, tag,
+            state, bucket, key, data)
+        SELECT rowid, id, receipt_id, epoch(received_at), kind, event_name, job_id, tag, state,
+            input_field(data, 'bucket'), input_field(data, 'key'), lean(data) FROM events_v1;
+        DROP TABLE events_v1;
+        DROP TABLE receipts_v1;
+        """,
+    )
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _input_field(data: bytes, name: str) -> str | None:
+    source = orjson.loads(data).get("input") or {}
+    return source.get(name)

@@ -1,0 +1,272 @@
+"""The reconciler: finished jobs whose callback never came, found through CI's job API.
+
+CI documents no retries for its callbacks: one lost while the receiver was down or
+unreachable is lost for good. Every `interval` a pass asks CI, for each watch (a
+bucket's job tag, per queue when queues are named, or a bucket's workflow), for what
+finished (`Success`, `Failed`, `Cancel`) among the jobs created in the window, page by
+page, and asks the inbox which of their event ids it holds. Each one missing goes
+through the normal ingest path as a callback document with `source = "reconcile"`, so
+routes and handlers treat it like the callback it stands for; its dedup id is the
+callback's, so a callback that arrives afterwards is a duplicate.
+
+The window reaches back `window` before the watch's cursor: the end of its last
+completed pass, kept in the inbox. A receiver that was down for longer than the window
+catches up from where it stopped; a pass that fails (CI unreachable after the retries)
+leaves the cursor where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from receiver.ci_api import (
+    FINAL_STATES,
+    CiApi,
+    CiApiError,
+    events_of,
+    job_document,
+    workflow_document,
+)
+from receiver.config import CiConfig, Config
+from receiver.fields import text
+from receiver.ids import new_id
+from receiver.inbox import Inbox, Receipt
+from receiver.ingest import Intake
+from receiver.model import Event
+from receiver.payload import PayloadError
+
+logger = structlog.get_logger("ci_receiver.sources.reconcile")
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """One listing a pass makes: a bucket's jobs of one tag (and queue), or the
+    executions of one of its workflows."""
+
+    bucket: str
+    tag: str | None = None
+    queue_id: str | None = None
+    workflow_id: str | None = None
+
+    @property
+    def cursor_key(self) -> str:
+        what = f"workflow:{self.workflow_id}" if self.workflow_id else f"tag:{self.tag}"
+        return f"reconcile:{self.bucket}:{what}" + (f":{self.queue_id}" if self.queue_id else "")
+
+    def __str__(self) -> str:
+        what = f"workflow {self.workflow_id}" if self.workflow_id else str(self.tag)
+        return f"{self.bucket} {what}" + (f" (queue {self.queue_id})" if self.queue_id else "")
+
+
+def watches(config: CiConfig, bucket: str | None = None) -> list[Watch]:
+    found = []
+    for watched in config.buckets:
+        if bucket is not None and watched.name != bucket:
+            continue
+        for tag in watched.tags:
+            found += [Watch(watched.name, tag, queue) for queue in watched.queue_ids or [None]]
+        found += [Watch(watched.name, workflow_id=w) for w in watched.workflows]
+    return found
+
+
+@dataclass(slots=True)
+class Found:
+    """A finished job (or workflow execution) the inbox did not hold."""
+
+    watch: Watch
+    event: Event
+    recovered: bool
+
+
+@dataclass(slots=True)
+class Report:
+    checked: int = 0
+    found: list[Found] = field(default_factory=list)
+    # Watches whose listing failed, with why; their cursors did not move.
+    failed: dict[Watch, str] = field(default_factory=dict)
+
+    @property
+    def recovered(self) -> list[Found]:
+        return [f for f in self.found if f.recovered]
+
+
+class Reconciler:
+    name = "reconcile"
+
+    def __init__(
+        self, config: CiConfig, api: CiApi, inbox: Inbox, intake: Intake,
+        registry: CollectorRegistry | None = None,
+    ) -> None:  # fmt: skip
+        self._config = config
+        self._api = api
+        self._inbox = inbox
+        self._intake = intake
+        self._checked = Counter(
+            "ci_receiver_reconcile_checked",
+            "Finished jobs and workflow executions the reconciler listed from CI's API.",
+            registry=registry,
+        )
+        self._recovered = Counter(
+            "ci_receiver_reconcile_recovered",
+            "Events the reconciler stored because their callback never came, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self._stopping = asyncio.Event()
+        self._pass: asyncio.Task[Report] | None = None
+
+    async def run(self) -> None:
+        """A pass now, then one every `interval`, until stopped."""
+        while not self._stopping.is_set():
+            self._pass = asyncio.create_task(self.reconcile(), name="reconcile-pass")
+            try:
+                report = await self._pass
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    return
+                raise
+            except Exception:  # the inbox failed: try again next interval
+                logger.exception("reconcile pass failed")
+            else:
+                logger.info(
+                    "reconcile pass done",
+                    checked=report.checked,
+                    recovered=len(report.recovered),
+                    failed=[str(w) for w in report.failed],
+                )
+            finally:
+                self._pass = None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._config.interval)
+
+    def stop(self) -> None:
+        """Stop at once: a pass cut short leaves its cursors where they were."""
+        self._stopping.set()
+        if self._pass is not None:
+            self._pass.cancel()
+
+    async def reconcile(
+        self,
+        *,
+        since: timedelta | None = None,
+        bucket: str | None = None,
+        dry_run: bool = False,
+        on_watch: Callable[[Watch, Report], None] | None = None,
+    ) -> Report:
+        """One pass over every watch (of `bucket`). `since` looks back that far instead of
+        from the cursors, and moves none; `dry_run` stores nothing and moves no cursor."""
+        report = Report()
+        for watch in watches(self._config, bucket):
+            try:
+                await self._reconcile(watch, since, dry_run, report)
+            except CiApiError as error:
+                report.failed[watch] = str(error)
+                logger.error("cannot list from CI's job API", watch=str(watch), error=str(error))
+            if on_watch is not None:
+                on_watch(watch, report)
+        return report
+
+    async def _reconcile(
+        self, watch: Watch, since: timedelta | None, dry_run: bool, report: Report
+    ) -> None:
+        until = datetime.now(timezone.utc)
+        if since is not None:
+            start = until - since
+        else:
+            cursor = await self._inbox.get_state(watch.cursor_key)
+            last = datetime.fromisoformat(cursor) if cursor else until
+            start = min(last, until) - timedelta(seconds=self._config.window)
+        if watch.workflow_id:
+            pages = self._api.pages(
+                self._api.list_workflow_executions, watch.bucket, watch.workflow_id,
+                since=start, until=until,
+            )  # fmt: skip
+            document = workflow_document
+        else:
+            assert watch.tag is not None
+            pages = self._api.pages(
+                self._api.list_jobs, watch.bucket, watch.tag, queue_id=watch.queue_id,
+                since=start, until=until,
+            )  # fmt: skip
+            document = job_document
+        async for page in pages:
+            finished = [i for i in page.items if text(i.get("State")) in FINAL_STATES]
+            report.checked += len(finished)
+            self._checked.inc(len(finished))
+            candidates = [(item, events_of(document(item))) for item in finished]
+            known = await self._inbox.known([e.id for _, events in candidates for e in events])
+            for item, events in candidates:
+                missing = [event for event in events if event.id not in known]
+                if missing:
+                    await self._recover(watch, item, missing, dry_run, report)
+        if since is None and not dry_run:
+            await self._inbox.set_state(watch.cursor_key, until.isoformat())
+
+    async def _recover(
+        self,
+        watch: Watch,
+        item: dict[str, Any],
+        missing: list[Event],
+        dry_run: bool,
+        report: Report,
+    ) -> None:
+        if dry_run:
+            report.found += [Found(watch, event, recovered=False) for event in missing]
+            return
+        if watch.workflow_id:
+            # The list gives summaries; the callback carried the execution with its tasks.
+            run_id = text(item.get("RunId")) or ""
+            execution = await self._api.get_workflow_execution(watch.bucket, run_id)
+            if execution is None:
+                logger.warning("CI listed a workflow execution it cannot show", run_id=run_id)
+                return
+            body = workflow_document(execution)
+        else:
+            body = job_document(item)
+        receipt = Receipt(
+            body=orjson.dumps(body),
+            source="reconcile",
+            received_at=datetime.now(timezone.utc),
+            request_id=new_id(),
+            headers={"content-type": "application/json"},
+            source_meta={"bucket": watch.bucket, "watch": str(watch)},
+        )
+        try:
+            stored = await self._intake.ingest(receipt)
+        except PayloadError as error:  # kept as rejected by the ingestor
+            logger.error("a job from CI's API cannot be stored", error=str(error))
+            return
+        new = set(stored.new)
+        for event in missing:
+            recovered = event.id in new
+            report.found.append(Found(watch, event, recovered))
+            if recovered:
+                self._recovered.labels(event.kind).inc()
+                logger.info(
+                    "recovered an event whose callback never came",
+                    event_id=event.id, job_id=event.subject, tag=event.tag, state=event.state,
+                    bucket=watch.bucket, key=event.input.key if event.input else None,
+                )  # fmt: skip
+
+
+def reconciler_for(config: Config, service: Any) -> Reconciler:
+    """The reconciler of `serve`, `consume` and `run`, its credentials tried first (one
+    cheap call per bucket): raises `CiApiError` when CI refuses them, a bucket or a tag.
+    CI out of reach is no reason not to start: the passes keep trying."""
+    api = CiApi(config.ci, service.metrics.registry)
+    try:
+        asyncio.run(api.check())  # before the service's own event loop starts
+    except CiApiError as error:
+        if not error.retryable:
+            raise
+        logger.warning("CI's job API cannot be reached yet", error=str(error))
+    return Reconciler(config.ci, api, service.inbox, service.ingestor, service.metrics.registry)

@@ -1,0 +1,180 @@
+"""What only the PostgreSQL inbox does: wake other replicas, create its schema once when
+replicas start together, and ride out a database that goes away and comes back.
+
+The outage is a loopback TCP proxy in front of the machine's server (tests/tcp_proxy.py),
+cut and restored by the test: the server itself keeps serving the other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+
+import asyncpg
+import orjson
+import pytest
+from sqlalchemy import make_url
+
+from receiver import parse_callback
+from receiver.inbox import InboxUnavailable, Receipt
+from receiver.inbox.postgres import PostgresInbox
+from tests.databases import require_server
+from tests.inboxes import drop_schema
+from tests.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+async def server():
+    """The machine's PostgreSQL, and a schema name of this test's own, dropped after."""
+    url = require_server("postgresql")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    yield url, schema
+    await drop_schema(url, schema)
+
+
+def inbox_at(url: str, schema: str, **options) -> PostgresInbox:
+    return PostgresInbox(url, schema=schema, pool_size=4, rejected_body_bytes=1024, **options)
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    return make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+
+
+def receipt_for(job_id: str) -> tuple[Receipt, list]:
+    body = orjson.dumps({"JobsDetail": {"JobId": job_id, "State": "Success"}})
+    routed = [(event, ["a"]) for event in parse_callback(body)]
+    return Receipt(body, "http", datetime.now(timezone.utc), "r"), routed
+
+
+async def eventually(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_store_wakes_the_other_replicas(server):
+    url, schema = server
+    storing, idle = inbox_at(url, schema), inbox_at(url, schema)
+    await storing.open()
+    await idle.open()
+    wakes = []
+    idle.watch(lambda: wakes.append(1))
+    try:
+        await eventually(lambda: wakes)  # connecting wakes once: something may be due
+        before = len(wakes)
+        await storing.store(*receipt_for("jwake"))
+        await eventually(lambda: len(wakes) > before, timeout=2)
+        before = len(wakes)
+        await storing.requeue(None, ["b"], dead_only=False)  # a replay wakes them too
+        await eventually(lambda: len(wakes) > before, timeout=2)
+        before = len(wakes)
+        await storing.store(*receipt_for("jwake"))  # a duplicate makes nothing due
+        await asyncio.sleep(0.3)
+        assert len(wakes) == before
+    finally:
+        await storing.close()
+        await idle.close()
+
+
+async def test_replicas_starting_together_create_the_schema_once(server):
+    url, schema = server
+    replicas = [inbox_at(url, schema) for _ in range(6)]
+    await asyncio.gather(*(replica.open() for replica in replicas))
+    try:
+        results = await asyncio.gather(*(r.store(*receipt_for("jsame")) for r in replicas))
+        assert sorted(len(result.new) for result in results) == [0, 0, 0, 0, 0, 1]
+    finally:
+        await asyncio.gather(*(replica.close() for replica in replicas))
+
+
+async def test_an_outage_fails_operations_and_service_resumes_by_itself(server):
+    url, schema = server
+    async with TcpProxy(make_url(url).port) as proxy:
+        inbox = inbox_at(through(proxy, url), schema)
+        await inbox.open()
+        wakes = []
+        inbox.watch(lambda: wakes.append(1))
+        try:
+            await inbox.store(*receipt_for("jbefore"))
+            await inbox.ping()
+            await eventually(lambda: wakes)
+
+            await proxy.cut()
+            with pytest.raises(Exception):  # noqa: B017, PT011 (whatever asyncpg raises)
+                await inbox.store(*receipt_for("jduring"))
+            inbox._last_write = 0  # no fresh write to vouch for it: ping asks the server
+            with pytest.raises(InboxUnavailable, match="PostgreSQL"):
+                await inbox.ping()
+
+            await proxy.restore()
+            woken = len(wakes)
+            stored = await retrying(lambda: inbox.store(*receipt_for("jafter")))
+            assert stored.new == ["job:jafter:Success"]
+            await inbox.ping()
+            # The listening connection comes back too, and wakes: work may have come
+            # meanwhile.
+            await eventually(lambda: len(wakes) > woken, timeout=40)
+            assert await inbox.known(["job:jbefore:Success", "job:jduring:Success"]) == {
+                "job:jbefore:Success"
+            }
+        finally:
+            await inbox.close()
+
+
+async def retrying(operation, timeout: float = 10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await operation()
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_a_service_waits_for_the_database_at_start(server):
+    url, schema = server
+    proxy = TcpProxy(make_url(url).port)  # not listening yet: the database is away
+    waiting = inbox_at(through(proxy, url), schema, wait=True)
+    opening = asyncio.create_task(waiting.open())
+    await asyncio.sleep(1.5)
+    assert not opening.done()
+    await proxy.restore()
+    try:
+        await asyncio.wait_for(opening, 30)
+        assert (await waiting.store(*receipt_for("jlate"))).new
+    finally:
+        await waiting.close()
+        await proxy.cut()
+
+
+async def test_a_command_does_not_wait_for_an_absent_database(server):
+    url, schema = server
+    proxy = TcpProxy(make_url(url).port)
+    with pytest.raises(InboxUnavailable, match="cannot open the PostgreSQL inbox"):
+        await asyncio.wait_for(inbox_at(through(proxy, url), schema).open(), 10)
+
+
+async def test_a_database_that_does_not_exist_is_an_error_at_once(server):
+    url, schema = server
+    missing = make_url(url).set(database=f"nope_{uuid.uuid4().hex[:8]}")
+    inbox = inbox_at(missing.render_as_string(hide_password=False), schema, wait=True)
+    with pytest.raises(InboxUnavailable, match="refused"):
+        await asyncio.wait_for(inbox.open(), 10)
+
+
+async def test_the_tables_live_in_their_own_schema(server):
+    url, schema = server
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    await inbox.close()
+    connection = await asyncpg.connect(url)
+    try:
+        tables = await connection.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema
+        )
+    finally:
+        await connection.close()
+    assert [t[0] for t in tables] == ["attempts", "events", "meta", "receipts", "runs", "state"]

@@ -1,0 +1,172 @@
+"""The reconciler as a user runs it: `ci-receiver serve` and `ci-receiver reconcile` as
+child processes, against the loopback stand-in for CI (tests/ci_api_server.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.ci_api_server import CiApiServer, callback_body, job
+from tests.handlers_for_tests import json_lines, recorded
+from tests.processes import REPO, Receiver
+from tests.waiting import wait_until
+
+BUCKET, REGION = "media-1250000000", "ap-guangzhou"
+SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
+
+
+@pytest.fixture
+def ci():
+    server = CiApiServer({SECRET_ID: SECRET_KEY}).start()
+    yield server
+    server.stop()
+
+
+def config(tmp_path: Path, ci: CiApiServer, secret_key: str = SECRET_KEY) -> Path:
+    path = tmp_path / "ci-receiver.toml"
+    path.write_text(
+        f"""
+data_dir = "{tmp_path / "data"}"
+[log]
+format = "json"
+[dispatch]
+poll_interval = 0.2
+[handlers.recorder]
+type = "tests.handlers_for_tests:Recorder"
+path = "{tmp_path / "recorded.jsonl"}"
+[ci]
+secret_id = "{SECRET_ID}"
+secret_key = "${{CI_TEST_SECRET_KEY}}"
+endpoint = "{ci.url}"
+interval = "0.5s"
+window = "1h"
+[[ci.buckets]]
+name = "{BUCKET}"
+region = "{REGION}"
+tags = ["Transcode"]
+"""
+    )
+    (tmp_path / "secret_key").write_text(secret_key)
+    return path
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    return {"CI_TEST_SECRET_KEY": (tmp_path / "secret_key").read_text()}
+
+
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "receiver.cli", *args]
+    return subprocess.run(
+        [*command, "--config", str(tmp_path / "ci-receiver.toml")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**environment(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env},
+    )  # fmt: skip
+
+
+def test_ten_jobs_end_three_callbacks_are_lost_and_the_running_receiver_recovers_them(tmp_path, ci):
+    jobs = [job(n, BUCKET, REGION) for n in range(10)]
+    ci.add_jobs(BUCKET, *({**detail, "State": "Running"} for detail in jobs))
+    receiver = Receiver(config(tmp_path, ci)).start(env=environment(tmp_path))
+    try:
+        receiver.wait_for_log("reconcile pass done")
+        # Seven callbacks come through; CI's API still shows the jobs running.
+        lost = {1, 5, 8}
+        for n, detail in enumerate(jobs):
+            if n not in lost:
+                assert receiver.post(callback_body(detail)).status_code == 200
+        # Then the API shows all ten finished: the next pass finds the three.
+        ci.jobs[BUCKET] = jobs
+        done = tmp_path / "recorded.jsonl"
+        wait_until(lambda: len(recorded(done)) == 10, what="ten jobs handled")
+        # More passes go by; nothing is stored or handled twice.
+        passes = receiver.log().count("reconcile pass done")
+        wait_until(lambda: receiver.log().count("reconcile pass done") >= passes + 3)
+        assert receiver.terminate() == 0
+    finally:
+        receiver.stop()
+    handled = [line for line in json_lines(done) if line["what"] == "done"]
+    assert Counter(line["id"] for line in handled) == {
+        f"job:j{n:032x}:Success": 1 for n in range(10)
+    }
+    by_source = {line["id"]: line["source"] for line in handled}
+    assert {i for i, source in by_source.items() if source == "reconcile"} == {
+        f"job:j{n:032x}:Success" for n in lost
+    }
+    log = [orjson.loads(line) for line in receiver.log().splitlines() if line.startswith("{")]
+    recovered = [
+        line for line in log if line["event"] == "recovered an event whose callback never came"
+    ]
+    assert sorted(line["job_id"] for line in recovered) == [f"j{n:032x}" for n in sorted(lost)]
+    assert SECRET_KEY not in receiver.log()
+    # Every request the receiver made was signed as CI checks it.
+    assert ci.requests
+    assert all(seen.status == 200 for seen in ci.requests)
+
+
+def test_wrong_credentials_are_a_clear_error_at_start(tmp_path, ci):
+    receiver = Receiver(config(tmp_path, ci, secret_key="not-the-key"))
+    receiver.start(env=environment(tmp_path), wait_http=False)
+    try:
+        assert receiver.wait(30) == 1
+    finally:
+        receiver.stop()
+    output = receiver.log()
+    assert "[ci]: check media-1250000000: HTTP 403 SignatureDoesNotMatch" in output
+    assert "listening" not in output
+    assert "not-the-key" not in output
+
+
+def test_reconcile_by_hand_dry_run_changes_nothing(tmp_path, ci):
+    ci.add_jobs(BUCKET, job(1, BUCKET, REGION), job(2, BUCKET, REGION, state="Failed"))
+    config(tmp_path, ci)
+
+    dry = cli(tmp_path, "reconcile", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"missing  job:j{1:032x}:Success  Transcode  {BUCKET}  input/video-1.mp4" in dry.stdout
+    assert f"missing  job:j{2:032x}:Failed" in dry.stdout
+    assert "2 finished checked, 2 missing (dry run: nothing stored)" in dry.stdout
+    assert cli(tmp_path, "events", "list").stdout == ""
+
+    real = cli(tmp_path, "reconcile", "--since", "2h", "--bucket", BUCKET)
+    assert real.returncode == 0, real.stderr
+    assert real.stdout.count("recovered  job:") == 2
+    assert "2 finished checked, 2 missing, 2 recovered" in real.stdout
+    listed = cli(tmp_path, "events", "list", "--json").stdout.splitlines()
+    assert sorted(orjson.loads(line)["state"] for line in listed) == ["Failed", "Success"]
+
+    again = cli(tmp_path, "reconcile")
+    assert "2 finished checked, 0 missing, 0 recovered" in again.stdout
+
+    unknown = cli(tmp_path, "reconcile", "--bucket", "other-1250000000")
+    assert unknown.returncode == 1
+    assert "other-1250000000 is not in [ci] buckets (media-1250000000)" in unknown.stderr
+
+
+def test_check_config_masks_the_credentials_from_file_or_environment(tmp_path, ci):
+    config(tmp_path, ci)
+    shown = cli(tmp_path, "check-config", CI_RECEIVER_CI__SECRET_ID="AKIDfromenvironment")
+    assert shown.returncode == 0, shown.stderr
+    effective = orjson.loads(shown.stdout)["ci"]
+    assert (effective["secret_id"], effective["secret_key"]) == ("**********", "**********")
+    assert (effective["interval"], effective["window"]) == (0.5, 3600)
+    assert "AKIDfromenvironment" not in shown.stdout
+    assert SECRET_KEY not in shown.stdout
+
+    # The environment overrides the file: the right key from there, a wrong one in it.
+    config(tmp_path, ci, secret_key="not-the-key")
+    assert cli(tmp_path, "reconcile", "--dry-run").returncode == 1
+    fixed = cli(tmp_path, "reconcile", "--dry-run", CI_RECEIVER_CI__SECRET_KEY=SECRET_KEY)
+    assert fixed.returncode == 0, fixed.stderr
+
+    (tmp_path / "ci-receiver.toml").write_text(
+        f'[ci]\nsecret_id = "x"\nsecret_key = "y"\n[[ci.buckets]]\nname = "{BUCKET}"\n'
+        f'region = "{REGION}"\n'
+    )
+    refused = cli(tmp_path, "check-config")
+    assert refused.returncode == 1
+    assert "ci.buckets[0]: name the job tags" in refused.stderr
