@@ -208,3 +208,16 @@ def test_a_cmq_setting_that_cannot_work_is_a_config_error(tmp_path, section, sai
     path.write_text(f"[cmq]\n{section}\n")
     with pytest.raises(ConfigError, match=said):
         load_config(path)
+
+
+def test_the_cmq_keys_come_from_the_environment_too(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text('[cmq]\nregion = "gz"\nqueues = ["ci-callbacks"]\n')
+    monkeypatch.setenv("CI_RECEIVER_CMQ__SECRET_ID", SECRET_ID)
+    monkeypatch.setenv("CI_RECEIVER_CMQ__SECRET_KEY", SECRET_KEY)
+    monkeypatch.setenv("CI_RECEIVER_CMQ__NETWORK", "vpc")
+    cmq = load_config(path).cmq
+    assert cmq.secret_key.get_secret_value() == SECRET_KEY
+    assert cmq.missing_for_consumer() == []
+    assert cmq.url == "http://gz.mqadapter.cmq.tencentyun.com"
+    assert SECRET_KEY not in str(load_config(path).effective())
