@@ -23,19 +23,17 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
 import pulsar
 
+from bench.draining import PeakRss, drain_through
 from tests.callbacks import ci_json_from_xml, load
 from tests.processes import PulsarLite
 
 TOPIC = "persistent://public/default/bench-callbacks"
-SAMPLE_SECONDS = 0.01
 
 
 def backlog_body(fmt: str) -> bytes:
@@ -57,27 +55,6 @@ def publish(url: str, fmt: str, count: int) -> None:
     client.close()
 
 
-class PeakRss:
-    """The highest RSS of this process seen by a sampling thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(SAMPLE_SECONDS)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, self._process.memory_info().rss)
-
-
 def drain_bare(url: str, count: int) -> dict[str, float]:
     client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
     consumer = client.subscribe(
@@ -97,42 +74,16 @@ def drain_bare(url: str, count: int) -> dict[str, float]:
 
 
 def drain_consumer(url: str, count: int, data_dir: Path) -> dict[str, float]:
-    import uvloop
-
     from receiver.config import Config, TdmqConfig
-    from receiver.logs import configure_logging
-    from receiver.service import Service
     from receiver.sources.tdmq import TdmqConsumer
 
-    configure_logging("warning", "json")
     tdmq = TdmqConfig(service_url=url, topics=[TOPIC], subscription="consumer")
     config = Config(data_dir=data_dir, handlers={}, tdmq=tdmq)
 
-    async def run() -> dict[str, float]:
-        service = Service(config)
-        await service.start()
-        consumer = TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
-        rss = PeakRss()
-        began = time.perf_counter()
-        running = asyncio.create_task(consumer.run())
-        acked = {"outcome": "acked"}
-        while (
-            service.metrics.registry.get_sample_value("ci_receiver_tdmq_messages_total", acked) or 0
-        ) < count:
-            if running.done():
-                running.result()
-            await asyncio.sleep(0.05)
-        seconds = time.perf_counter() - began
-        peak = rss.stop()
-        consumer.stop()
-        await running
-        stored = len(await service.inbox.events(limit=count + 1))
-        await service.stop()
-        if stored != count:
-            raise RuntimeError(f"{stored} events stored, {count} expected")
-        return {"seconds": seconds, "peak_rss": peak}
+    def consumer(service):
+        return TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
 
-    return uvloop.run(run())
+    return drain_through(config, consumer, "ci_receiver_tdmq_messages_total", "acked", count)
 
 
 def ingest_alone(fmt: str, count: int, data_dir: Path) -> dict[str, float]:

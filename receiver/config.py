@@ -187,6 +187,89 @@ class TdmqConfig(PulsarConnection):
         return missing
 
 
+class CmqConfig(Section):
+    """`[cmq]`: TDMQ for CMQ queues, where CI delivers with `CallBackType=TDMQ` and
+    `MqMode=Queue`; what `consume` (and `run`) pull from."""
+
+    # CallBackMqConfig.MqRegion (sh, bj, gz, cd, hk, ...): the endpoint is made from it
+    # and `network`, unless `endpoint` is set.
+    region: str | None = None
+    network: Literal["public", "vpc"] = "public"
+    # The console's API request address (队列服务 > API 请求地址), e.g.
+    # https://cmq-gz.public.tencenttdmq.com: scheme, host and port only.
+    endpoint: str | None = None
+    # A CAM key allowed to receive and delete on the queues; a temporary key also needs
+    # its token.
+    secret_id: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    token: SecretStr | None = None
+    signature_method: Literal["HmacSHA256", "HmacSHA1"] = "HmacSHA256"
+    # CallBackMqConfig.MqName of every queue CI delivers to.
+    queues: list[str] = []
+    # Seconds a receive waits for a message (long polling).
+    polling_wait: int = Field(10, ge=0, le=30)
+    # Messages taken per receive, and receives (batches) in hand at once per queue:
+    # together the bound on messages held, batch x concurrency per queue.
+    batch: int = Field(16, ge=1, le=16)
+    concurrency: int = Field(2, ge=1)
+    # Seconds for an answer beyond `polling_wait`.
+    request_timeout: float = Field(10.0, gt=0)
+
+    @field_validator("region")
+    @classmethod
+    def _region_code(cls, region: str | None) -> str | None:
+        if region is not None and not re.fullmatch(r"[a-z]+", region):
+            raise ValueError(f"{region!r} is not a CMQ region code (sh, bj, gz, cd, hk, ...)")
+        return region
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_address(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not re.fullmatch(r"https?://[^/?#\s]+/?", endpoint):
+            raise ValueError(
+                "give the console's API request address, scheme, host and port only"
+                " (https://cmq-gz.public.tencenttdmq.com); the path is CMQ's own"
+            )
+        return endpoint
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, queues: list[str]) -> list[str]:
+        for name in queues:
+            # CMQ: up to 64 characters, a letter first, then letters, digits, - and _.
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", name):
+                raise ValueError(f"{name!r} is not a CMQ queue name")
+        if len(set(queues)) != len(queues):
+            raise ValueError("a queue is named twice")
+        return queues
+
+    @property
+    def url(self) -> str | None:
+        """Where the data API is: `endpoint`, or the documented address of `region`."""
+        if self.endpoint:
+            return self.endpoint.rstrip("/")
+        if self.region is None:
+            return None
+        if self.network == "vpc":
+            return f"http://{self.region}.mqadapter.cmq.tencentyun.com"
+        return f"https://cmq-{self.region}.public.tencenttdmq.com"
+
+    @property
+    def configured(self) -> bool:
+        """Whether anything of `[cmq]` is set: then `consume` runs it."""
+        return bool(self.queues or self.endpoint or self.region)
+
+    def missing_for_consumer(self) -> list[str]:
+        """The keys `consume` needs that are not set."""
+        needed = {
+            "cmq.region (or cmq.endpoint)": self.url,
+            "cmq.secret_id": self.secret_id,
+            "cmq.secret_key": self.secret_key,
+            "cmq.queues": self.queues,
+        }
+        return [key for key, value in needed.items() if not value]
+
+
 class RelayConfig(Section):
     """`[relay]`: with a topic, `serve` publishes each accepted callback there (over the
     `[tdmq]` connection) instead of storing it; `consume` processes do the rest."""
@@ -370,6 +453,7 @@ class Config(BaseModel):
     dispatch: DispatchConfig = DispatchConfig()
     log: LogConfig = LogConfig()
     tdmq: TdmqConfig = TdmqConfig()
+    cmq: CmqConfig = CmqConfig()
     relay: RelayConfig = RelayConfig()
     ci: CiConfig = CiConfig()
     retention: RetentionConfig = RetentionConfig()

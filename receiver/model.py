@@ -9,7 +9,7 @@ from typing import Any, Literal
 import orjson
 
 Kind = Literal["job", "workflow", "moderation"]
-Source = Literal["http", "tdmq", "cmq-push", "reconcile", "replay"]
+Source = Literal["http", "tdmq", "cmq", "cmq-push", "reconcile", "replay"]
 
 
 @dataclass(slots=True)

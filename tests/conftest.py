@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import structlog
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.databases import drop_tables, require_server
 from tests.inboxes import BACKENDS, InboxPlace
-from tests.processes import PulsarLite
+from tests.processes import PulsarLite, Receiver
 
 # `HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py` for a long fuzzing run.
 settings.register_profile(
@@ -29,6 +30,28 @@ def pulsar_broker(tmp_path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def receivers():
+    """`start(config, command, env, ready=text)`: `ci-receiver <command>` as a child
+    process, waited for until it logs `ready`. Every one is killed at the test's end,
+    even one that never got ready."""
+    started: list[Receiver] = []
+
+    def start(
+        config: Path, command: str, env: dict | None = None, ready: str | None = None
+    ) -> Receiver:
+        process = Receiver(config, command)
+        started.append(process)
+        process.start(env=env, wait_http=command != "consume")
+        if ready is not None:
+            process.wait_for_log(ready)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -159,22 +159,16 @@ def variant(body: bytes, number: int) -> bytes:
     return body.replace(b"j6842765cf84611ecb8546d80f2baf56f", f"j{number:032x}".encode())
 
 
-class Site:
-    """One ci-receiver installation in a folder: its config, inbox and handler output."""
+class Installation:
+    """One ci-receiver installation in a folder: its inbox, and the file of a `jsonl`
+    handler that counts what was handled; a subclass writes its config."""
 
-    def __init__(self, folder: Path, broker_url: str, topic: str, **config: str) -> None:
+    def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.inbox = folder / "data" / "inbox.db"
         self.jsonl = folder / "jobs.jsonl"
-        self.config = write_config(
-            folder / "ci-receiver.toml",
-            broker_url,
-            topic,
-            data_dir=folder / "data",
-            jsonl=self.jsonl,
-            **config,
-        )
+        self.config = folder / "ci-receiver.toml"
 
     def handled(self) -> Counter[str]:
         return handled(self.jsonl)
@@ -184,6 +178,16 @@ class Site:
 
     def events(self) -> dict[str, dict[str, Any]]:
         return events(self.inbox)
+
+
+class Site(Installation):
+    """An installation consuming a Pulsar topic."""
+
+    def __init__(self, folder: Path, broker_url: str, topic: str, **config: str) -> None:
+        super().__init__(folder)
+        write_config(
+            self.config, broker_url, topic, data_dir=folder / "data", jsonl=self.jsonl, **config
+        )
 
 
 def content_version(name: str) -> dict[str, str]:

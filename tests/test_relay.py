@@ -93,7 +93,11 @@ def test_commands_say_what_is_missing_or_unreachable(tmp_path):
     config.write_text(f'data_dir = "{tmp_path}"\n')
     consume = ci_receiver("consume", "--config", str(config))
     assert consume.returncode == 1
-    assert "set tdmq.service_url and tdmq.topics (or tdmq.topic_pattern)" in consume.stderr
+    assert "nothing to consume: set [cmq] region" in consume.stderr
+    config.write_text(f'data_dir = "{tmp_path}"\n[tdmq]\nservice_url = "pulsar://127.0.0.1:6650"\n')
+    consume = ci_receiver("consume", "--config", str(config))
+    assert consume.returncode == 1
+    assert "set tdmq.topics (or tdmq.topic_pattern) to consume from TDMQ" in consume.stderr
 
     nobody = f"pulsar://127.0.0.1:{free_port()}"
     config.write_text(

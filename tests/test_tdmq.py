@@ -20,6 +20,7 @@ from receiver import parse_callback
 from receiver.model import Event
 from tests.callbacks import ALL, load
 from tests.processes import REPO, Receiver
+from tests.sample_events import comparable
 from tests.tdmq_support import (
     Site,
     ci_receiver,
@@ -35,26 +36,11 @@ HOOKS = REPO / "tests" / "hooks"
 
 
 @pytest.fixture
-def processes():
-    started: list[Receiver] = []
-
+def processes(receivers):
     def start(site: Site, command: str = "consume", env: dict | None = None) -> Receiver:
-        process = Receiver(site.config, command)
-        started.append(process)  # stopped at the end even if it never gets ready
-        process.start(env=env, wait_http=command != "consume")
-        process.wait_for_log("tdmq consumer connected")
-        return process
+        return receivers(site.config, command, env, ready="tdmq consumer connected")
 
-    yield start
-    for process in started:
-        process.stop()
-
-
-def comparable(event: Event) -> dict:
-    data = event.to_dict()
-    for channel_specific in ("received_at", "source", "source_meta"):
-        del data[channel_specific]
-    return data
+    return start
 
 
 def test_every_fixture_is_consumed_decoded_as_over_http_and_handled(

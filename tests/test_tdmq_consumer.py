@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import threading
 from datetime import datetime, timezone
 
@@ -24,23 +23,9 @@ from receiver.sources.tdmq.client import client_options, subscribe_options
 from tests.callbacks import load
 from tests.processes import free_port
 from tests.tdmq_support import TOKEN, publish
+from tests.waiting import eventually
 
 TOPIC = "persistent://public/default/ci-callbacks"
-
-
-async def eventually(check, what: str, timeout: float = 30) -> None:
-    """Wait for `check()` (sync or async) to hold: a bound against hangs, not a speed
-    assertion."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
 
 
 def consumer_config(url: str, **options) -> TdmqConfig:

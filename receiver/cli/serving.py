@@ -41,21 +41,22 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
 @click.command()
 @config_option
 def consume(config_path: Path | None) -> None:
-    """Consume callbacks from TDMQ topics ([tdmq]) and run the dispatcher."""
+    """Consume callbacks from CMQ queues ([cmq]) and/or TDMQ topics ([tdmq]), run the
+    dispatcher."""
     from receiver.runner import run_service
 
     config = load(config_path)
     start_logging(config)
     service = make_service(config)
-    consumer = _consumer(config, service)
-    sys.exit(run_async(run_service(service, [consumer, *_reconciler(config, service)])))
+    components = [*_consumers(config, service), *_reconciler(config, service)]
+    sys.exit(run_async(run_service(service, components)))
 
 
 @click.command("run")
 @config_option
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
-    """HTTP receiver, TDMQ consumer and dispatcher in one process."""
+    """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
     from receiver.runner import HttpServer, run_service
 
     config = load(config_path, host=host, port=port)
@@ -63,8 +64,11 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     if config.relay.topic:
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     service = make_service(config)
-    consumer = _consumer(config, service)
-    components = [HttpServer(service, _announce(config)), consumer, *_reconciler(config, service)]
+    components = [
+        HttpServer(service, _announce(config)),
+        *_consumers(config, service),
+        *_reconciler(config, service),
+    ]
     sys.exit(run_async(run_service(service, components)))
 
 
@@ -87,7 +91,40 @@ def _announce(config: Config) -> Callable[[str, int], None]:
     return announce
 
 
-def _consumer(config: Config, service: Any) -> Any:
+def _consumers(config: Config, service: Any) -> list[Any]:
+    """The consumers of the configured sections: [cmq], [tdmq] (Pulsar), or both."""
+    tdmq = config.tdmq
+    wanted = {
+        "cmq": config.cmq.configured,
+        "tdmq": bool(tdmq.service_url or tdmq.topics or tdmq.topic_pattern),
+    }
+    if not any(wanted.values()):
+        raise click.ClickException(
+            "config: nothing to consume: set [cmq] region (or endpoint), secret_id,"
+            " secret_key and queues for the TDMQ for CMQ queues CI delivers to, and/or"
+            " [tdmq] service_url and topics for TDMQ for Pulsar"
+        )
+    consumers = []
+    if wanted["cmq"]:
+        consumers.append(_cmq_consumer(config, service))
+    if wanted["tdmq"]:
+        consumers.append(_tdmq_consumer(config, service))
+    return consumers
+
+
+def _cmq_consumer(config: Config, service: Any) -> Any:
+    from receiver.sources.cmq import CmqConsumer
+
+    missing = config.cmq.missing_for_consumer()
+    if missing:
+        raise click.ClickException(f"config: set {' and '.join(missing)} to consume from CMQ")
+    consumer = CmqConsumer(config.cmq, service.ingestor, service.metrics)
+    service.add_check("cmq", consumer.check)
+    click.echo(f"consuming CMQ queues {consumer.where}", err=True)
+    return consumer
+
+
+def _tdmq_consumer(config: Config, service: Any) -> Any:
     from receiver.sources.tdmq import TdmqConsumer
 
     missing = config.tdmq.missing_for_consumer()

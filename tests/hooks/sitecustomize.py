@@ -1,10 +1,11 @@
-"""Test-only, for tests/test_tdmq.py: imported at start-up by a ci-receiver process whose
-PYTHONPATH includes this folder.
+"""Test-only, for tests/test_tdmq.py and tests/test_cmq.py: imported at start-up by a
+ci-receiver process whose PYTHONPATH includes this folder.
 
-CI_RECEIVER_TEST_STALL=before (or after): every TDMQ message stops for good right
-before (or right after) its inbox commit, once the file CI_RECEIVER_TEST_STALL_MARK is
-touched: the test then kills the process at that exact point. With `hold`, messages
-wait before their commit until the file CI_RECEIVER_TEST_RELEASE exists.
+CI_RECEIVER_TEST_STALL=before (or after): every TDMQ message (CMQ with
+CI_RECEIVER_TEST_STALL_SOURCE=cmq) stops for good right before (or right after) its
+inbox commit, once the file CI_RECEIVER_TEST_STALL_MARK is touched: the test then kills
+the process at that exact point. With `hold`, messages wait before their commit until
+the file CI_RECEIVER_TEST_RELEASE exists.
 
 CI_RECEIVER_TEST_SKIP_CONSUMER_IDS=N: the process opens and closes N readers before it
 subscribes. pulsar-lite 0.2 refuses a second consumer on a subscription when it has the
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 STAGE = os.environ.get("CI_RECEIVER_TEST_STALL")
+SOURCE = os.environ.get("CI_RECEIVER_TEST_STALL_SOURCE", "tdmq")
 SKIP_IDS = int(os.environ.get("CI_RECEIVER_TEST_SKIP_CONSUMER_IDS", "0"))
 
 if STAGE in ("before", "after", "hold"):
@@ -33,10 +35,10 @@ if STAGE in ("before", "after", "hold"):
             await asyncio.sleep(0.05)
 
     async def ingest_with_stall(self, receipt):
-        if receipt.source == "tdmq" and STAGE in ("before", "hold"):
+        if receipt.source == SOURCE and STAGE in ("before", "hold"):
             await stall()
         stored = await commit(self, receipt)
-        if receipt.source == "tdmq" and STAGE == "after":
+        if receipt.source == SOURCE and STAGE == "after":
             await stall()
         return stored
 
