@@ -8,6 +8,7 @@ the `log` handler on every event, port 8080.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -73,6 +75,41 @@ class HttpConfig(Section):
     # Seconds to let in-flight requests finish after SIGTERM.
     graceful_timeout: float = Field(10.0, gt=0)
 
+    # --- who may post (besides tokens) ---
+    # HTTP Basic credentials: {username = "password"}.
+    basic_auth: dict[str, SecretStr] = {}
+    # Only these addresses (CIDRs) may post; empty: any address.
+    allow_from: list[IPvAnyNetwork] = []
+    # X-Forwarded-For is read only from these (the load balancer in front).
+    trusted_proxies: list[IPvAnyNetwork] = []
+    # Failed authentications per address (IPv6: per /64) and minute before 429; 0: no limit.
+    auth_failures_per_minute: int = Field(30, ge=0)
+
+    # --- bounds on every request ---
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=10)
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(30.0, gt=0)
+    keepalive_timeout: float = Field(5.0, gt=0)
+    # Open connections, and requests being handled, beyond which new ones get 503.
+    max_connections: int = Field(1000, ge=1)
+    max_requests: int = Field(128, ge=1)
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, password in users.items():
+            if not name or ":" in name:
+                raise ValueError(f"user {name!r}: a user name is not empty and has no ':'")
+            if not password.get_secret_value():
+                raise ValueError(f"user {name!r}: the password is empty")
+        return users
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether anything keeps strangers from posting."""
+        return bool(self.tokens or self.basic_auth or self.allow_from)
+
 
 class LimitsConfig(Section):
     max_bytes: int = Field(Limits.__dataclass_fields__["max_bytes"].default, gt=0)
@@ -93,6 +130,11 @@ class InboxConfig(Section):
     synchronous: Literal["full", "normal"] = "full"
     # How much of a rejected body is kept for inspection.
     rejected_body_bytes: int = Field(64 * 1024, ge=0)
+    # Refused callbacks kept per hour, in bytes (bodies and a fixed cost per row); past
+    # it they are counted by reason, not kept.
+    rejected_bytes_per_hour: int = Field(64 * 1024 * 1024, ge=0)
+    # Below this much free space in data_dir the receiver reports itself not ready.
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
 
 class DispatchConfig(Section):
@@ -100,6 +142,36 @@ class DispatchConfig(Section):
     poll_interval: float = Field(1.0, gt=0)
     # Seconds running handler attempts get to finish on shutdown before being cancelled.
     drain_timeout: float = Field(10.0, ge=0)
+
+
+class AdminConfig(Section):
+    """`[admin]`: the listener for /metrics, the detailed /readyz (and the admin API to
+    come), apart from the public port CI posts to."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    # Either a bearer token (Authorization: Bearer <token>) or Basic credentials; on a
+    # loopback host both may be left out.
+    token: SecretStr | None = None
+    basic_auth: dict[str, SecretStr] = {}
+
+    @model_validator(mode="after")
+    def _authenticated_unless_loopback(self) -> AdminConfig:
+        if self.enabled and not (self.token or self.basic_auth) and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: set admin.token or admin.basic_auth"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LogConfig(Section):
@@ -222,6 +294,7 @@ class Config(BaseSettings):
 
     data_dir: Path = Path("ci-receiver-data")
     http: HttpConfig = HttpConfig()
+    admin: AdminConfig = AdminConfig()
     limits: LimitsConfig = LimitsConfig()
     inbox: InboxConfig = InboxConfig()
     dispatch: DispatchConfig = DispatchConfig()

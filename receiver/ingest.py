@@ -6,6 +6,8 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -19,8 +21,18 @@ from receiver.routing import Router
 
 logger = structlog.get_logger("ci_receiver.ingest")
 
-# Bodies this large are parsed off the event loop so that other requests keep moving.
+# Bodies this large are parsed off the event loop so that other requests keep moving,
+# one at a time: a parse holds the GIL, and each more thread parsing would take another
+# share of it from the event loop. So however many large (or hostile) bodies arrive at
+# once, the loop keeps about half of the CPU, and the others wait their turn.
 THREAD_PARSE_BYTES = 64 * 1024
+_PARSER = ThreadPoolExecutor(1, thread_name_prefix="parse")
+# A refused callback kept costs its body and about this much more (headers, metadata,
+# indexes), counted against the hour's budget.
+REJECTED_ROW_BYTES = 512
+# For this long after the inbox failed to commit, readiness says so (unless a commit went
+# through since).
+FAILURE_SHOWN_SECONDS = 10.0
 
 
 async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> list[Event]:
@@ -44,7 +56,7 @@ async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
         limits=limits,
     )
     if len(receipt.body) > THREAD_PARSE_BYTES:
-        return await asyncio.to_thread(work)
+        return await asyncio.get_running_loop().run_in_executor(_PARSER, work)
     return work()
 
 
@@ -76,6 +88,31 @@ class Intake(Protocol):
         ...
 
 
+class RejectedBudget:
+    """How much of refused callbacks may be kept: the first `body_bytes` of each, and
+    `bytes_per_hour` in all (a bucket that refills evenly over the hour), so that a flood
+    of garbage cannot fill the disk."""
+
+    def __init__(self, body_bytes: int, bytes_per_hour: int) -> None:
+        self.body_bytes = body_bytes
+        self._rate = bytes_per_hour / 3600
+        self._capacity = float(bytes_per_hour)
+        self._left = float(bytes_per_hour)
+        self._at = time.monotonic()
+
+    def take(self, body: bytes) -> bytes | None:
+        """The part of `body` to keep, or None when the budget is spent."""
+        now = time.monotonic()
+        self._left = min(self._capacity, self._left + (now - self._at) * self._rate)
+        self._at = now
+        kept = body[: self.body_bytes]
+        cost = len(kept) + REJECTED_ROW_BYTES
+        if cost > self._left:
+            return None
+        self._left -= cost
+        return kept
+
+
 class Ingestor:
     def __init__(
         self,
@@ -84,12 +121,30 @@ class Ingestor:
         metrics: Metrics,
         limits: Limits,
         on_stored: Callable[[list[tuple[Event, list[str]]]], None],
+        rejected: RejectedBudget | None = None,
     ) -> None:
         self._inbox = inbox
         self._router = router
         self._metrics = metrics
         self._limits = limits
         self._on_stored = on_stored
+        self._rejected = rejected or RejectedBudget(64 * 1024, 64 * 1024 * 1024)
+        # (time.monotonic(), error) of the last commit that failed, until one succeeds.
+        self._failure: tuple[float, str] | None = None
+
+    def failing(self) -> str | None:
+        """Why the inbox is failing to commit, when it did a moment ago and has not
+        committed since (a full disk shows here before a probe's small write fails)."""
+        if self._failure is None:
+            return None
+        failed_at, error = self._failure
+        ago = time.monotonic() - failed_at
+        if ago > FAILURE_SHOWN_SECONDS:
+            return None
+        return f"{error} ({ago:.0f} s ago)"
+
+    def _failed(self, exc: Exception) -> None:
+        self._failure = (time.monotonic(), f"{type(exc).__name__}: {exc}")
 
     async def ingest(self, receipt: Receipt) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
@@ -97,7 +152,13 @@ class Ingestor:
         began = time.perf_counter()
         events = await parse_or_refuse(receipt, self._limits, self)
         routed = [(event, self._router.handlers_for(event)) for event in events]
-        stored = await self._inbox.store(receipt, routed)
+        try:
+            stored = await self._inbox.store(receipt, routed)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        if self._failure is not None:
+            self._failure = None
         self._count(receipt, routed, stored)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
@@ -109,16 +170,24 @@ class Ingestor:
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
     ) -> None:
-        self._metrics.series(self._metrics.callbacks, receipt.source, "rejected").inc()
+        metrics = self._metrics
+        metrics.series(metrics.callbacks, receipt.source, "rejected").inc()
+        full_size = len(receipt.body) if size is None else size
+        kept = self._rejected.take(receipt.body)
+        if kept is None:
+            # Counted, not kept, and not logged one by one: a flood is what spends the
+            # budget. The sender still gets its 4xx: the body was refused either way.
+            metrics.series(metrics.rejected_not_kept, receipt.source, error.reason).inc()
+            return
         logger.warning(
-            "callback rejected",
-            reason=error.reason,
-            detail=error.message,
-            size=size or len(receipt.body),
+            "callback rejected", reason=error.reason, detail=error.message, size=full_size
         )
         try:
-            await self._inbox.reject(receipt, error.reason, error.message, size=size)
+            await self._inbox.reject(
+                replace(receipt, body=kept), error.reason, error.message, size=full_size
+            )
         except Exception as exc:
+            self._failed(exc)
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
             raise RejectionNotKept(str(exc)) from exc
 

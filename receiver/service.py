@@ -3,14 +3,16 @@ dispatcher and the ingest path that the HTTP app and the TDMQ consumer share."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
-from receiver.ingest import Ingestor, Intake
+from receiver.ingest import Ingestor, Intake, RejectedBudget
 from receiver.metrics import Metrics
 from receiver.routing import Router
 
@@ -28,6 +30,20 @@ def build_slots(config: Config) -> list[Slot]:
             raise handler_api.HandlerConfigError(f"handlers.{name}: {exc}") from exc
         slots.append(Slot(name, handler, handler_config))
     return slots
+
+
+def free_space(folder: Path, minimum: int) -> tuple[bool, str]:
+    """Whether the file system of `folder` has `minimum` bytes free. A small write (the
+    inbox's probe) can still succeed on a full disk, in pages SQLite had already; a
+    callback then fails. So readiness also asks the file system."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return False, f"cannot tell the free space of {folder}: {exc.strerror or exc}"
+    detail = f"{free // 2**20} MiB free"
+    if free < minimum:
+        return False, f"{detail}, below inbox.min_free_bytes ({minimum // 2**20} MiB)"
+    return True, detail
 
 
 class Backend(Protocol):
@@ -69,6 +85,9 @@ class Service:
             self.metrics,
             config.limits.to_limits(),
             on_stored=self.dispatcher.notify,
+            rejected=RejectedBudget(
+                config.inbox.rejected_body_bytes, config.inbox.rejected_bytes_per_hour
+            ),
         )
         self.draining = False
         self._checks: dict[str, Check] = {}
@@ -90,9 +109,11 @@ class Service:
         checks: dict[str, tuple[bool, str]] = {}
         try:
             await self.inbox.ping()
-            checks["inbox"] = (True, "writable")
+            failing = self.ingestor.failing()
+            checks["inbox"] = (False, f"failing: {failing}") if failing else (True, "writable")
         except Exception as exc:
             checks["inbox"] = (False, f"not writable: {exc}")
+        checks["disk"] = free_space(self.config.inbox_path.parent, self.config.inbox.min_free_bytes)
         running = self.dispatcher.running
         checks["dispatcher"] = (running, "running" if running else "stopped")
         checks["draining"] = (not self.draining, "draining" if self.draining else "no")

@@ -87,6 +87,9 @@ class Receiver:
         self.command = command
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The admin listener (/metrics, the detailed /readyz) on a port of its own.
+        self.admin_port = free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process: subprocess.Popen | None = None
         self.log_path = config_file.parent / f"{command}-{self.port}.log"
         self._log: IO[bytes] | None = None
@@ -98,6 +101,7 @@ class Receiver:
             "PYTHONPATH": str(REPO),  # so configs can name test handlers by dotted path
             "CI_RECEIVER_HTTP__PORT": str(self.port),
             "CI_RECEIVER_HTTP__HOST": "127.0.0.1",
+            "CI_RECEIVER_ADMIN__PORT": str(self.admin_port),
             **(env or {}),
         }
         self.process = subprocess.Popen(

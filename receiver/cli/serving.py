@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import structlog
 
 from receiver.cli.common import config_option, listen_options, load, make_service, run_async
 from receiver.config import Config
 from receiver.logs import configure_logging
+
+logger = structlog.get_logger("ci_receiver.cli")
 
 
 @click.command()
@@ -19,18 +22,18 @@ from receiver.logs import configure_logging
 @listen_options
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
-    from receiver.runner import HttpServer, run_service
+    from receiver.runner import run_service
 
     config = load(config_path, host=host, port=port)
     configure_logging(config.log.level, config.log.format)
     if not config.relay.topic:
         service = make_service(config)
-        sys.exit(run_async(run_service(service, [HttpServer(service, _announce(config))])))
+        sys.exit(run_async(run_service(service, _http_servers(service))))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
     try:
-        sys.exit(run_async(run_service(relay, [HttpServer(relay, _announce(config))])))
+        sys.exit(run_async(run_service(relay, _http_servers(relay))))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
 
@@ -45,7 +48,7 @@ def consume(config_path: Path | None) -> None:
     configure_logging(config.log.level, config.log.format)
     service = make_service(config)
     consumer = _consumer(config, service)
-    sys.exit(run_async(run_service(service, [consumer])))
+    sys.exit(run_async(run_service(service, [consumer, *_admin_server(service)])))
 
 
 @click.command("run")
@@ -53,7 +56,7 @@ def consume(config_path: Path | None) -> None:
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, TDMQ consumer and dispatcher in one process."""
-    from receiver.runner import HttpServer, run_service
+    from receiver.runner import run_service
 
     config = load(config_path, host=host, port=port)
     configure_logging(config.log.level, config.log.format)
@@ -61,8 +64,31 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     service = make_service(config)
     consumer = _consumer(config, service)
-    components = [HttpServer(service, _announce(config)), consumer]
-    sys.exit(run_async(run_service(service, components)))
+    sys.exit(run_async(run_service(service, [*_http_servers(service), consumer])))
+
+
+def _http_servers(service: Any) -> list[Any]:
+    """The public receiver and (unless [admin] enabled = false) the admin listener."""
+    from receiver.runner import HttpServer
+    from receiver.sources.http_auth import open_to_anyone_warning
+
+    warning = open_to_anyone_warning(service.config.http)
+    if warning:
+        click.echo(warning, err=True)
+        logger.warning("no sender authentication", advice=warning)
+    return [HttpServer.public(service, _announce(service.config)), *_admin_server(service)]
+
+
+def _admin_server(service: Any) -> list[Any]:
+    from receiver.runner import HttpServer
+
+    if not service.config.admin.enabled:
+        return []
+
+    def announce(host: str, port: int) -> None:
+        click.echo(f"admin listener on http://{host}:{port} (/metrics, /readyz)", err=True)
+
+    return [HttpServer.admin(service, announce)]
 
 
 def _announce(config: Config) -> Callable[[str, int], None]:

@@ -1,21 +1,22 @@
-"""The HTTP receiver: CI's CallBack URL, plus health, readiness and metrics.
+"""The HTTP receiver: CI's CallBack URL, plus health and a bare readiness.
 
 `POST /callbacks` (or `/callbacks/<token>` when tokens are configured) answers 200 only
 after the callback is committed to the inbox (in relay mode: confirmed by the TDMQ
-broker). Bad input gets a 4xx with a JSON reason, and its body is kept for inspection;
-a body over the limit is refused as soon as the limit is passed.
+broker). A sender that fails authentication is refused before its body is read, and
+nothing of it is kept. Bad input gets a 4xx with a JSON reason, and its body is kept for
+inspection (within the budget of `Ingestor.reject`); a body over the limit is refused as
+soon as the limit is passed. Metrics and the detailed readiness are on the admin
+listener (`receiver.admin`), not here.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -28,6 +29,7 @@ from receiver.inbox import Receipt
 from receiver.ingest import RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
+from receiver.sources.http_auth import SenderAuth, client_address
 
 logger = structlog.get_logger("ci_receiver.sources.http")
 
@@ -47,6 +49,13 @@ HEADERS_OF_INTEREST = frozenset(
 )
 # As ASGI gives them: lower-case bytes.
 _RAW_HEADERS_OF_INTEREST = frozenset(name.encode() for name in HEADERS_OF_INTEREST)
+# A header value kept with a callback is cut to this many bytes.
+MAX_KEPT_HEADER_BYTES = 512
+# Seconds a sender is asked to wait before sending again after a 503.
+RETRY_AFTER = "1"
+# Path segments the access log shows as they are; any other is masked ("***"), so that a
+# token never reaches the log, whatever path it was sent to.
+_LOGGED_SEGMENTS = frozenset({"callbacks", "callback", "healthz", "readyz", "metrics"})
 
 
 class JsonResponse(JSONResponse):
@@ -54,35 +63,52 @@ class JsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def error(status: int, reason: str, detail: str) -> JsonResponse:
-    return JsonResponse({"error": reason, "detail": detail}, status_code=status)
+def error(
+    status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+) -> JsonResponse:
+    return JsonResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
 
 def unavailable() -> JsonResponse:
     # Even a body that will be refused is kept first: when it cannot be, the sender is
     # asked to send it again rather than have it vanish.
-    return error(503, "inbox_unavailable", "the callback could not be stored; send it again")
+    return error(
+        503,
+        "inbox_unavailable",
+        "the callback could not be stored; send it again",
+        {"retry-after": RETRY_AFTER},
+    )
 
 
 def _headers_of_interest(scope: Scope) -> dict[str, str]:
     # From the raw ASGI headers: decoding only these is cheaper than Request.headers.
     return {
-        name.decode(): value.decode("latin-1")
+        name.decode(): value[:MAX_KEPT_HEADER_BYTES].decode("latin-1")
         for name, value in scope["headers"]
         if name in _RAW_HEADERS_OF_INTEREST
     }
 
 
+async def json_http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404, 405) with the JSON body of every other error."""
+    assert isinstance(exc, HTTPException)
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JsonResponse(
+        {"error": reason, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
 def create_app(service: Backend) -> Starlette:
     config = service.config
-    tokens = [token.get_secret_value().encode() for token in config.http.tokens]
+    senders = SenderAuth(config.http)
     max_bytes = config.limits.max_bytes
     ingestor, metrics = service.ingestor, service.metrics
 
     async def receive_callback(request: Request) -> Response:
-        if tokens and not _token_ok(request.path_params.get("token"), tokens):
-            metrics.series(metrics.callbacks, "http", "unauthorized").inc()
-            return error(401, "unauthorized", "POST to /callbacks/<token> with a configured token")
+        refusal = senders.check(request.scope, request.path_params.get("token"))
+        if refusal is not None:
+            metrics.series(metrics.callbacks, "http", refusal.reason).inc()
+            return error(refusal.status, refusal.reason, refusal.detail, refusal.headers)
         receipt = Receipt(
             body=b"",
             source="http",
@@ -134,20 +160,12 @@ def create_app(service: Backend) -> Starlette:
         return JsonResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        ready, checks = await service.readiness()
-        return JsonResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JsonResponse(
-            {"error": reason, "detail": exc.detail},
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        # What a load balancer needs and no more: the details (inbox, handlers, broker)
+        # are on the admin listener.
+        ready, _ = await service.readiness()
+        if ready:
+            return JsonResponse({"ready": True})
+        return JsonResponse({"ready": False}, status_code=503, headers={"retry-after": "5"})
 
     app = Starlette(
         routes=[
@@ -155,25 +173,18 @@ def create_app(service: Backend) -> Starlette:
             Route("/callbacks/{token}", receive_callback, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: json_http_error},
     )
     app.add_middleware(RequestContext, access_log=config.http.access_log)
     return app
 
 
-def _token_ok(given: str | None, tokens: list[bytes]) -> bool:
-    if given is None:
-        return False
-    candidate = given.encode()
-    # Compare against every token so the time taken does not tell which one is close.
-    return any([hmac.compare_digest(candidate, token) for token in tokens])
-
-
 class RequestContext:
     """Give every request an id (its `X-Request-Id`, or a new one), bind it to the log
-    context of everything the request does, echo it back, and log the request."""
+    context of everything the request does, echo it back, and log the request: the route
+    it took (never the path a token is in), the client (behind trusted proxies, the one
+    they name) and its user agent."""
 
     def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
         self.app = app
@@ -203,13 +214,31 @@ class RequestContext:
                     logger.info(
                         "request",
                         method=scope["method"],
-                        # Never log a callback token.
-                        path="/callbacks/***"
-                        if scope["path"].startswith("/callbacks/")
-                        else scope["path"],
+                        path=logged_path(scope),
                         status=status,
                         ms=round((time.perf_counter() - began) * 1000, 2),
+                        client=client_address(scope),
+                        user_agent=_user_agent(scope),
                     )
+
+
+def logged_path(scope: Scope) -> str:
+    """The route template a request matched (`/callbacks/{token}`); for one that matched
+    none, its path with every segment but the known words masked."""
+    route = scope.get("route")
+    if route is not None:
+        return str(route.path)
+    return "/".join(
+        part if not part or part.lower() in _LOGGED_SEGMENTS else "***"
+        for part in scope["path"].split("/")
+    )
+
+
+def _user_agent(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return value[:200].decode("latin-1")
+    return None
 
 
 def _request_id(scope: Scope) -> str:
