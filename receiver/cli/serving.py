@@ -11,7 +11,7 @@ import click
 import structlog
 
 from receiver.cli.common import config_option, listen_options, load, make_service, run_async
-from receiver.config import Config
+from receiver.config import Config, mask_url
 from receiver.logs import configure_logging
 
 logger = structlog.get_logger("ci_receiver.cli")
@@ -110,7 +110,7 @@ def _consumer(config: Config, service: Any) -> Any:
         raise click.ClickException(f"config: set {' and '.join(missing)} to consume from TDMQ")
     consumer = TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
     service.add_check("tdmq", consumer.check)
-    click.echo(f"consuming {consumer.where} from {config.tdmq.service_url}", err=True)
+    click.echo(f"consuming {consumer.where} from {mask_url(config.tdmq.service_url)}", err=True)
     return consumer
 
 
