@@ -94,7 +94,14 @@ class Receiver:
         self.log_path = config_file.parent / f"{command}-{self.port}.log"
         self._log: IO[bytes] | None = None
 
-    def start(self, env: dict[str, str] | None = None, wait_http: bool = True) -> Receiver:
+    def start(
+        self,
+        env: dict[str, str] | None = None,
+        wait_http: bool = True,
+        open_files: int | None = None,
+    ) -> Receiver:
+        """`open_files`: the process's RLIMIT_NOFILE (soft and hard), as a unit file or
+        a container runtime would set it."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         environment = {
             **os.environ,
@@ -110,6 +117,7 @@ class Receiver:
             stderr=subprocess.STDOUT,
             env=environment,
             cwd=self.config_file.parent,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
         if wait_http:
             wait_for_port(self.port, self.process)
@@ -154,3 +162,9 @@ class Receiver:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def _limit_open_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
