@@ -99,12 +99,7 @@ class HttpConfig(Section):
     @field_validator("basic_auth")
     @classmethod
     def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name, password in users.items():
-            if not name or ":" in name:
-                raise ValueError(f"user {name!r}: a user name is not empty and has no ':'")
-            if not password.get_secret_value():
-                raise ValueError(f"user {name!r}: the password is empty")
-        return users
+        return _usable_users(users)
 
     @property
     def authenticated(self) -> bool:
@@ -157,6 +152,18 @@ class AdminConfig(Section):
     token: SecretStr | None = None
     basic_auth: dict[str, SecretStr] = {}
 
+    @field_validator("basic_auth")
+    @classmethod
+    def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        return _usable_users(users)
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value():
+            raise ValueError("the token is empty (leave the key out for none)")
+        return token
+
     @model_validator(mode="after")
     def _authenticated_unless_loopback(self) -> AdminConfig:
         if self.enabled and not (self.token or self.basic_auth) and not _is_loopback(self.host):
@@ -164,6 +171,16 @@ class AdminConfig(Section):
                 f"host {self.host!r} is not a loopback address: set admin.token or admin.basic_auth"
             )
         return self
+
+
+def _usable_users(users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+    """HTTP Basic users: a name without ':' and a password that is not empty."""
+    for name, password in users.items():
+        if not name or ":" in name:
+            raise ValueError(f"user {name!r}: a user name is not empty and has no ':'")
+        if not password.get_secret_value():
+            raise ValueError(f"user {name!r}: the password is empty")
+    return users
 
 
 def _is_loopback(host: str) -> bool:
