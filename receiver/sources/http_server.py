@@ -301,14 +301,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._answer_and_close(error_response(408, "timeout", "the request head took too long"))
         elif phase is _BODY:
             self.guard.refused("body_timeout", self.client)
-            cycle = self.cycle
-            started = cycle.response_started
-            # The app now reads the end of the request, and its own answer goes nowhere.
-            cycle.disconnected = True
-            cycle.message_event.set()
-            if started:
+            if self.cycle.response_started:
                 self.transport.close()
-            else:
+            else:  # the app reads the end of the request, and its answer goes nowhere
                 self._answer_and_close(
                     error_response(408, "timeout", "the request body took too long")
                 )
@@ -332,6 +327,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._answer_and_close(error_response(400, "bad_request", "invalid HTTP request"))
 
     def _answer_and_close(self, response: bytes) -> None:
+        """Answer for the server itself (a request the app never saw), then close. A
+        request of this connection still in the app (pipelined before this one) gets its
+        answer nowhere."""
+        for cycle in (self.cycle, *(cycle for cycle, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
         self.transport.write(response)
         self._linger()
 
