@@ -357,7 +357,8 @@ class Config(BaseSettings):
         data["handlers"] = {
             name: _mask(handler.model_dump(mode="json")) for name, handler in self.handlers.items()
         }
-        return mask_credentials(data)  # type: ignore[no-any-return]
+        masked: dict[str, Any] = mask_credentials(data)
+        return masked
 
 
 def load_config(path: str | Path | None = None) -> Config:

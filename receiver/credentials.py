@@ -61,7 +61,7 @@ class FailureLimiter:
 
     def retry_after(self, address: str) -> int | None:
         """Seconds until the address may try again, or None if it may now."""
-        if not self.per_minute:
+        if not self._windows:  # nobody failed lately: the usual case, kept cheap
             return None
         found = self._windows.get(_limited_key(address))
         if found is None:

@@ -22,9 +22,9 @@ from receiver.routing import Router
 logger = structlog.get_logger("ci_receiver.ingest")
 
 # Bodies this large are parsed off the event loop so that other requests keep moving,
-# one at a time: a parse holds the GIL, and each more thread parsing would take another
-# share of it from the event loop. So however many large (or hostile) bodies arrive at
-# once, the loop keeps about half of the CPU, and the others wait their turn.
+# one at a time: a parse holds the GIL but for the loop's turns, and every more thread
+# parsing would take a further share of it from the loop. So however many large (or
+# hostile) bodies arrive at once, the loop's share stays the same, and they wait in line.
 THREAD_PARSE_BYTES = 64 * 1024
 _PARSER = ThreadPoolExecutor(1, thread_name_prefix="parse")
 # A refused callback kept costs its body and about this much more (headers, metadata,
