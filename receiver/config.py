@@ -95,6 +95,8 @@ class HttpConfig(Section):
     # Open connections, and requests being handled, beyond which new ones get 503.
     max_connections: int = Field(1000, ge=1)
     max_requests: int = Field(128, ge=1)
+    # Of those, requests with bodies over 64 KiB (what holds the most memory).
+    max_large_requests: int = Field(8, ge=1)
 
     @field_validator("basic_auth")
     @classmethod

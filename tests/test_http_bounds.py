@@ -178,6 +178,25 @@ def test_requests_past_the_cap_in_flight_get_503_and_retry_after(tmp_path):
         receiver.stop()
 
 
+def test_large_bodies_in_progress_are_capped_apart(tmp_path):
+    receiver = serve(tmp_path, max_large_requests=1)
+    large = load("transcode.xml").replace(
+        b"</JobsDetail>", b"<Pad>" + b"x" * 100_000 + b"</Pad></JobsDetail>"
+    )
+    try:
+        slow = connect(receiver)  # a large body on its way, holding the one slot
+        slow.sendall(HEAD + b"Content-Length: 200000\r\n\r\n" + b"<" * 1000)
+        time.sleep(0.3)
+        refused = receiver.post(large)
+        assert (refused.status_code, refused.json()["error"]) == (503, "busy")
+        assert refused.headers["retry-after"] == "1"
+        assert receiver.post(load("transcode.xml")).status_code == 200  # small ones go on
+        slow.close()
+        wait_until(lambda: receiver.post(large).status_code == 200, what="the slot back")
+    finally:
+        receiver.stop()
+
+
 @pytest.mark.parametrize("size", [5_000, 2 * 2**20])
 def test_a_body_over_the_limit_reads_its_413_not_a_reset(tmp_path, size):
     receiver = serve(tmp_path)

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.ids import new_id
 from receiver.inbox import Receipt
-from receiver.ingest import RejectionNotKept
+from receiver.ingest import THREAD_PARSE_BYTES, RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
 from receiver.sources.http_auth import SenderAuth, client_address
@@ -49,6 +49,10 @@ HEADERS_OF_INTEREST = frozenset(
 )
 # As ASGI gives them: lower-case bytes.
 _RAW_HEADERS_OF_INTEREST = frozenset(name.encode() for name in HEADERS_OF_INTEREST)
+# Bodies over this size hold the most memory while they wait for the one thread that
+# decodes them (the body, its document and its Event: several times the bytes): only
+# `http.max_large_requests` of them are taken in at once, the others get 503.
+LARGE_BODY_BYTES = THREAD_PARSE_BYTES
 # A header value kept with a callback is cut to this many bytes.
 MAX_KEPT_HEADER_BYTES = 512
 # Seconds a sender is asked to wait before sending again after a 503.
@@ -80,6 +84,32 @@ def unavailable() -> JsonResponse:
     )
 
 
+def busy() -> JsonResponse:
+    return error(
+        503,
+        "busy",
+        "too many large callbacks in progress; send again",
+        {"retry-after": RETRY_AFTER},
+    )
+
+
+class Slots:
+    """A count of things in progress, up to a limit; taken without waiting."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        self.taken -= 1
+
+
 def _headers_of_interest(scope: Scope) -> dict[str, str]:
     # From the raw ASGI headers: decoding only these is cheaper than Request.headers.
     return {
@@ -101,6 +131,7 @@ async def json_http_error(request: Request, exc: Exception) -> Response:
 def create_app(service: Backend) -> Starlette:
     config = service.config
     senders = SenderAuth(config.http)
+    large_bodies = Slots(config.http.max_large_requests)
     max_bytes = config.limits.max_bytes
     ingestor, metrics = service.ingestor, service.metrics
 
@@ -117,21 +148,34 @@ def create_app(service: Backend) -> Starlette:
             headers=_headers_of_interest(request.scope),
             source_meta={"request_id": request.scope["state"]["request_id"]},
         )
-        too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         declared = receipt.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            return await refuse(receipt, too_large, size=int(declared))
+            return await refuse(receipt, size=int(declared))
+        large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+        if large and not large_bodies.take():
+            return busy()
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
+                if not large and len(body) > LARGE_BODY_BYTES:  # no Content-Length
+                    large = large_bodies.take()
+                    if not large:
+                        return busy()
                 if len(body) > max_bytes:
                     receipt.body = bytes(body)
-                    return await refuse(receipt, too_large, size=len(body))
+                    return await refuse(receipt, size=len(body))
+            receipt.body = bytes(body)
+            body.clear()  # one copy held while the callback waits for its commit
+            return await ingest(receipt)
         except ClientDisconnect:
             logger.info("client went away before sending the whole body", received=len(body))
             return Response(status_code=400)
-        receipt.body = bytes(body)
+        finally:
+            if large:
+                large_bodies.give_back()
+
+    async def ingest(receipt: Receipt) -> Response:
         try:
             stored = await ingestor.ingest(receipt)
         except PayloadError as exc:
@@ -149,12 +193,13 @@ def create_app(service: Backend) -> Starlette:
             }
         )
 
-    async def refuse(receipt: Receipt, refusal: PayloadError, *, size: int) -> Response:
+    async def refuse(receipt: Receipt, *, size: int) -> Response:
+        too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         try:
-            await ingestor.reject(receipt, refusal, size=size)
+            await ingestor.reject(receipt, too_large, size=size)
         except RejectionNotKept:
             return unavailable()
-        return error(413, refusal.reason, refusal.message)
+        return error(413, too_large.reason, too_large.message)
 
     async def healthz(request: Request) -> Response:
         return JsonResponse({"status": "ok"})
