@@ -20,7 +20,7 @@ import pulsar.asyncio
 from pydantic import Field
 
 from handlers import Retry
-from receiver.config import PULSAR_SERVICE_URL, PulsarConnection
+from receiver.config import PULSAR_SERVICE_URL, PulsarConnection, mask_url
 from receiver.model import Event
 from receiver.sources.tdmq.client import close as close_client
 from receiver.sources.tdmq.client import describe, make_client
@@ -72,7 +72,8 @@ class PulsarHandler:
             with contextlib.suppress(Exception):
                 await self.close()
             raise RuntimeError(
-                f"cannot publish to {options.topic} at {options.service_url}: {describe(exc)}"
+                f"cannot publish to {options.topic} at {mask_url(options.service_url)}:"
+                f" {describe(exc)}"
             ) from None
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ SQLite inbox in `./ci-receiver-data`, the `log` handler on every event, port 808
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -22,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -77,6 +79,38 @@ class HttpConfig(Section):
     # Seconds to let in-flight requests finish after SIGTERM.
     graceful_timeout: float = Field(10.0, gt=0)
 
+    # --- who may post (besides tokens) ---
+    # HTTP Basic credentials: {username = "password"}.
+    basic_auth: dict[str, SecretStr] = {}
+    # Only these addresses (CIDRs) may post; empty: any address.
+    allow_from: list[IPvAnyNetwork] = []
+    # X-Forwarded-For is read only from these (the load balancer in front).
+    trusted_proxies: list[IPvAnyNetwork] = []
+    # Failed authentications per address (IPv6: per /64) and minute before 429; 0: no limit.
+    auth_failures_per_minute: int = Field(30, ge=0)
+
+    # --- bounds on every request ---
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=10)
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(30.0, gt=0)
+    keepalive_timeout: float = Field(5.0, gt=0)
+    # Open connections, and requests being handled, beyond which new ones get 503.
+    max_connections: int = Field(1000, ge=1)
+    max_requests: int = Field(128, ge=1)
+    # Of those, requests with bodies over 64 KiB (what holds the most memory).
+    max_large_requests: int = Field(8, ge=1)
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        return _usable_users(users)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether anything keeps strangers from posting."""
+        return bool(self.tokens or self.basic_auth or self.allow_from)
+
 
 class LimitsConfig(Section):
     max_bytes: int = Field(Limits.__dataclass_fields__["max_bytes"].default, gt=0)
@@ -108,6 +142,11 @@ class InboxConfig(Section):
     synchronous: Literal["full", "normal"] = "full"
     # How much of a rejected body is kept for inspection.
     rejected_body_bytes: int = Field(64 * 1024, ge=0)
+    # Refused callbacks kept per hour, in bytes (bodies and a fixed cost per row); past
+    # it they are counted by reason, not kept.
+    rejected_bytes_per_hour: int = Field(64 * 1024 * 1024, ge=0)
+    # Below this much free space in data_dir the receiver reports itself not ready.
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
 
 class DispatchConfig(Section):
@@ -118,6 +157,58 @@ class DispatchConfig(Section):
     # Whether a handler that has not started (or cannot) makes /readyz answer 503; a
     # handler's own `required` overrides this. Callbacks are kept either way.
     unready_on_handler_error: bool = False
+
+
+class AdminConfig(Section):
+    """`[admin]`: the listener for /metrics, the detailed /readyz (and the admin API to
+    come), apart from the public port CI posts to."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    # Either a bearer token (Authorization: Bearer <token>) or Basic credentials; on a
+    # loopback host both may be left out.
+    token: SecretStr | None = None
+    basic_auth: dict[str, SecretStr] = {}
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        return _usable_users(users)
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value():
+            raise ValueError("the token is empty (leave the key out for none)")
+        return token
+
+    @model_validator(mode="after")
+    def _authenticated_unless_loopback(self) -> AdminConfig:
+        if self.enabled and not (self.token or self.basic_auth) and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: set admin.token or admin.basic_auth"
+            )
+        return self
+
+
+def _usable_users(users: dict[str, SecretStr]) -> dict[str, SecretStr]:
+    """HTTP Basic users: a name without ':' and a password that is not empty."""
+    for name, password in users.items():
+        if not name or ":" in name:
+            raise ValueError(f"user {name!r}: a user name is not empty and has no ':'")
+        if not password.get_secret_value():
+            raise ValueError(f"user {name!r}: the password is empty")
+    return users
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LogConfig(Section):
@@ -448,6 +539,7 @@ class Config(BaseModel):
 
     data_dir: Path = Path("ci-receiver-data")
     http: HttpConfig = HttpConfig()
+    admin: AdminConfig = AdminConfig()
     limits: LimitsConfig = LimitsConfig()
     inbox: InboxConfig = InboxConfig()
     dispatch: DispatchConfig = DispatchConfig()
@@ -487,7 +579,8 @@ class Config(BaseModel):
             name: _mask({**handler.model_dump(mode="json"), "required": self.required(name)})
             for name, handler in self.handlers.items()
         }
-        return data
+        masked: dict[str, Any] = mask_credentials(data)
+        return masked
 
     def required(self, handler: str) -> bool:
         """Whether this handler not running makes the receiver unready."""
@@ -543,11 +636,33 @@ def _mask(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def mask_credentials(value: Any) -> Any:
+    """`value` (a string, or lists and dicts of them) with every URL's credentials
+    masked: the userinfo (a password, or a lone user name, which is often a token) and
+    the value of every query parameter."""
+    if isinstance(value, dict):
+        return {k: mask_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_credentials(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
+
+
 def mask_url(url: str) -> str:
-    """A URL with its password masked, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo = f"{parts.username or ''}:**********"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        return "**********"  # not readable as a URL: nothing of it can be shown safely
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
+    query = "&".join(
+        f"{name}=***" if separator else name
+        for name, separator, _ in (pair.partition("=") for pair in parts.query.split("&"))
+        if name or separator
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

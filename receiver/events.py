@@ -16,6 +16,7 @@ from receiver import moderation
 from receiver.dedup import dedup_id
 from receiver.fields import (
     entry_document,
+    identifier,
     integer,
     items,
     mapping,
@@ -70,7 +71,7 @@ def normalize(
         "received_at": received_at or datetime.now(timezone.utc),
         "raw": data,
     }
-    event_name = text(data.get("EventName"))
+    event_name = identifier(data.get("EventName"), "EventName")
     if moderation.is_moderation(document):
         events = moderation.events(document, common)
     elif "WorkflowExecution" in data:
@@ -136,25 +137,25 @@ def _job_event(detail: dict[str, Any], event_name: str | None, common: dict[str,
     operation = detail.get("Operation")
     op = mapping(operation)
     source_input = mapping(detail.get("Input"))
-    job_id = text(detail.get("JobId"))
-    state = text(detail.get("State"))
+    job_id = identifier(detail.get("JobId"), "JobId")
+    state = identifier(detail.get("State"), "State")
     return Event(
         id=dedup_id("job", job_id, state, entry=detail),
         kind="job",
         event_name=event_name or "TaskFinish",
         job_id=job_id,
-        tag=text(detail.get("Tag")),
+        tag=identifier(detail.get("Tag"), "Tag"),
         state=state,
         code=text(detail.get("Code")),
         message=text(detail.get("Message")),
-        queue_id=text(detail.get("QueueId")),
+        queue_id=identifier(detail.get("QueueId"), "QueueId"),
         input=object_ref(
             source_input.get("BucketId"), source_input.get("Region"), source_input.get("Object")
         ),
         outputs=_job_outputs(op, succeeded=state == "Success"),
         user_data=text(op.get("UserData")),
         job_level=integer(op.get("JobLevel")),
-        template_id=text(op.get("TemplateId")),
+        template_id=identifier(op.get("TemplateId"), "TemplateId"),
         template_name=text(op.get("TemplateName")),
         workflow=_workflow_ref(detail.get("Workflow")),
         tasks=[],
@@ -217,10 +218,10 @@ def _workflow_ref(value: Any) -> WorkflowRef | None:
     if not workflow:
         return None
     return WorkflowRef(
-        workflow_id=text(workflow.get("WorkflowId")),
+        workflow_id=identifier(workflow.get("WorkflowId"), "WorkflowId"),
         workflow_name=text(workflow.get("WorkflowName")),
         name=text(workflow.get("Name")),
-        run_id=text(workflow.get("RunId")),
+        run_id=identifier(workflow.get("RunId"), "RunId"),
     )
 
 
@@ -231,8 +232,8 @@ def _workflow_event(
     execution: dict[str, Any], event_name: str | None, common: dict[str, Any]
 ) -> Event:
     event_name = event_name or "WorkflowFinish"
-    run_id = text(execution.get("RunId"))
-    state = text(execution.get("State"))
+    run_id = identifier(execution.get("RunId"), "RunId")
+    state = identifier(execution.get("State"), "State")
     bucket = execution.get("BucketId")
     tasks = [_task(task, bucket) for task in mappings(execution.get("Tasks"))]
     outputs = [ref for task in tasks for ref in task.outputs]
@@ -257,7 +258,7 @@ def _workflow_event(
         template_id=None,
         template_name=None,
         workflow=WorkflowRef(
-            workflow_id=text(execution.get("WorkflowId")),
+            workflow_id=identifier(execution.get("WorkflowId"), "WorkflowId"),
             workflow_name=text(execution.get("WorkflowName")),
             name=None,
             run_id=run_id,
@@ -285,9 +286,9 @@ def _task(task: dict[str, Any], bucket: Any) -> Task:
     return Task(
         type=text(task.get("Type")),
         name=text(task.get("Name")),
-        job_id=text(task.get("JobId")),
-        state=text(task.get("State")),
-        template_id=text(task.get("TemplateId")),
+        job_id=identifier(task.get("JobId"), "JobId"),
+        state=identifier(task.get("State"), "State"),
+        template_id=identifier(task.get("TemplateId"), "TemplateId"),
         template_name=text(task.get("TemplateName")),
         created_at=timestamp(task.get("CreateTime")),
         started_at=timestamp(task.get("StartTime")),

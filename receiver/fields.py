@@ -9,12 +9,14 @@ that does not make sense reads as missing, and the raw document keeps what was s
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from receiver.model import ObjectRef
+from receiver.payload import PayloadError
 
 # CI writes its times in Beijing time; a time without an offset is read as that.
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
@@ -27,6 +29,33 @@ def text(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+# An id field (JobId, RunId, trace_id, QueueId, Tag, State, EventName...): CI's are
+# printable ASCII words of up to ~40 characters (`j6842765cf84611ecb8546d80f2baf56f`,
+# `SmartCover`). These name events, rows, files and log lines, so anything else (a NUL,
+# a line break, a JobId of 900 KB) is refused rather than carried along.
+MAX_ID_LENGTH = 128
+_ID = re.compile(rf"[!-~]{{1,{MAX_ID_LENGTH}}}")  # printable ASCII, no blank
+_NOT_ID_CHARACTER = re.compile(r"[^!-~]")
+
+
+def identifier(value: Any, name: str) -> str | None:
+    """An id field read as `text()` reads it; `PayloadError("bad_id")` naming the field
+    when it is longer than MAX_ID_LENGTH or holds anything but printable ASCII."""
+    found = text(value)
+    if found is None or _ID.fullmatch(found):
+        return found
+    if len(found) > MAX_ID_LENGTH:
+        problem = f"{len(found)} characters long (at most {MAX_ID_LENGTH})"
+    else:
+        bad = _NOT_ID_CHARACTER.search(found)
+        assert bad is not None
+        problem = (
+            f"it holds {bad.group()!r} at position {bad.start()} (only printable ASCII"
+            " without blanks)"
+        )
+    raise PayloadError("bad_id", f"{name} is not an id: {problem}")
 
 
 def integer(value: Any) -> int | None:

@@ -6,6 +6,8 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -20,8 +22,15 @@ from receiver.routing import Router
 
 logger = structlog.get_logger("ci_receiver.ingest")
 
-# Bodies this large are parsed off the event loop so that other requests keep moving.
+# Bodies this large are parsed off the event loop so that other requests keep moving,
+# one at a time: a parse holds the GIL but for the loop's turns, and every more thread
+# parsing would take a further share of it from the loop. So however many large (or
+# hostile) bodies arrive at once, the loop's share stays the same, and they wait in line.
 THREAD_PARSE_BYTES = 64 * 1024
+_PARSER = ThreadPoolExecutor(1, thread_name_prefix="parse")
+# A refused callback kept costs its body and about this much more (headers, metadata,
+# indexes), counted against the hour's budget.
+REJECTED_ROW_BYTES = 512
 
 
 async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> list[Event]:
@@ -45,7 +54,7 @@ async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
         limits=limits,
     )
     if len(receipt.body) > THREAD_PARSE_BYTES:
-        return await asyncio.to_thread(work)
+        return await asyncio.get_running_loop().run_in_executor(_PARSER, work)
     return work()
 
 
@@ -87,6 +96,31 @@ class Intake(Protocol):
         ...
 
 
+class RejectedBudget:
+    """How much of refused callbacks may be kept: the first `body_bytes` of each, and
+    `bytes_per_hour` in all (a bucket that refills evenly over the hour), so that a flood
+    of garbage cannot fill the disk."""
+
+    def __init__(self, body_bytes: int, bytes_per_hour: int) -> None:
+        self.body_bytes = body_bytes
+        self._rate = bytes_per_hour / 3600
+        self._capacity = float(bytes_per_hour)
+        self._left = float(bytes_per_hour)
+        self._at = time.monotonic()
+
+    def take(self, body: bytes) -> bytes | None:
+        """The part of `body` to keep, or None when the budget is spent."""
+        now = time.monotonic()
+        self._left = min(self._capacity, self._left + (now - self._at) * self._rate)
+        self._at = now
+        kept = body[: self.body_bytes]
+        cost = len(kept) + REJECTED_ROW_BYTES
+        if cost > self._left:
+            return None
+        self._left -= cost
+        return kept
+
+
 class Ingestor:
     def __init__(
         self,
@@ -95,12 +129,14 @@ class Ingestor:
         metrics: Metrics,
         limits: Limits,
         on_stored: Callable[[list[tuple[Event, list[str]]]], None],
+        rejected: RejectedBudget | None = None,
     ) -> None:
         self._inbox = inbox
         self._router = router
         self._metrics = metrics
         self._limits = limits
         self._on_stored = on_stored
+        self._rejected = rejected or RejectedBudget(64 * 1024, 64 * 1024 * 1024)
 
     async def ingest(self, receipt: Receipt) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
@@ -120,16 +156,24 @@ class Ingestor:
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
     ) -> None:
-        self._metrics.series(self._metrics.callbacks, receipt.source, "rejected").inc()
+        metrics = self._metrics
+        metrics.series(metrics.callbacks, receipt.source, "rejected").inc()
+        full_size = len(receipt.body) if size is None else size
+        kept = self._rejected.take(receipt.body)
+        if kept is None:
+            # Counted, not kept, and not logged one by one: a flood is what spends the
+            # budget. The sender still gets its 4xx: the body was refused either way.
+            metrics.series(metrics.rejected_not_kept, receipt.source, error.reason).inc()
+            return
         logger.warning(
-            "callback rejected",
-            reason=error.reason,
-            detail=error.message,
-            size=size or len(receipt.body),
+            "callback rejected", reason=error.reason, detail=error.message, size=full_size
         )
         try:
-            await self._inbox.reject(receipt, error.reason, error.message, size=size)
+            await self._inbox.reject(
+                replace(receipt, body=kept), error.reason, error.message, size=full_size
+            )
         except Exception as exc:
+            self._failed(exc)
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
             raise RejectionNotKept(str(exc)) from exc
 

@@ -60,6 +60,21 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.http_refused = Counter(
+            "ci_receiver_http_refused",
+            "Connections and requests refused by the HTTP server before the app, by server"
+            " (public, admin) and reason (headers_too_large, header_timeout, body_timeout,"
+            " idle_connection, too_many_connections, too_many_requests, bad_request).",
+            ["server", "reason"],
+            registry=self.registry,
+        )
+        self.rejected_not_kept = Counter(
+            "ci_receiver_rejected_not_kept",
+            "Refused callbacks not kept because the hour's budget for them was spent.",
+            ["source", "reason"],
+            registry=self.registry,
+        )
+
     def series(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: labels() takes a lock every call."""
         key = (id(metric), labels)

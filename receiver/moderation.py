@@ -12,6 +12,7 @@ from typing import Any
 from receiver.dedup import dedup_id
 from receiver.fields import (
     entry_document,
+    identifier,
     integer,
     mapping,
     mappings,
@@ -37,7 +38,7 @@ def events(document: Document, common: dict[str, Any]) -> list[Event]:
     data = document.data
     if _is_simple(data):
         return [_simple_event(data, common)]
-    event_name = text(data.get("EventName"))
+    event_name = identifier(data.get("EventName"), "EventName")
     details = mappings(data.get("JobsDetail"))
     return [
         _detail_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
@@ -53,7 +54,7 @@ def _simple_event(data: dict[str, Any], common: dict[str, Any]) -> Event:
     payload = data["data"]
     code = integer(data.get("code"))
     state = "Success" if code == 0 else "Failed"
-    job_id = text(payload.get("trace_id"))
+    job_id = identifier(payload.get("trace_id"), "trace_id")
     url = text(payload.get("url"))
     # Simple carries one block per scene (porn_info, ads_info, ...); the first scene that
     # hit gives the label and score.
@@ -75,7 +76,7 @@ def _simple_event(data: dict[str, Any], common: dict[str, Any]) -> Event:
     return _event(
         job_id=job_id,
         state=state,
-        event_name=text(payload.get("event")),
+        event_name=identifier(payload.get("event"), "event"),
         code=text(data.get("code")),
         message=text(data.get("message")),
         input=object_ref_from_url(url),
@@ -99,8 +100,8 @@ def _detail_event(detail: dict[str, Any], event_name: str | None, common: dict[s
         data_id=text(detail.get("DataId")),
     )
     return _event(
-        job_id=text(detail.get("JobId")),
-        state=text(detail.get("State")),
+        job_id=identifier(detail.get("JobId"), "JobId"),
+        state=identifier(detail.get("State"), "State"),
         event_name=event_name,
         code=text(detail.get("Code")),
         message=text(detail.get("Message")),

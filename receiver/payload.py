@@ -137,12 +137,19 @@ def _parse_xml(body: bytes, limits: Limits) -> dict[str, Any]:
 
 
 def _xml_to_dict(body: bytes, limits: Limits) -> dict[str, Any]:
+    guard = _GuardedExpat(limits)
     try:
-        return xmltodict.parse(body, expat=_GuardedExpat(limits), disable_entities=True)
+        document: dict[str, Any] = xmltodict.parse(body, expat=guard, disable_entities=True)
     except _Refused as exc:
         raise PayloadError(exc.reason, exc.message) from None
     except ValueError as exc:
         raise PayloadError("malformed_xml", str(exc)) from None
+    # An element is one level of the document, or two when it repeats (a list of dicts):
+    # only a document whose elements nest past half the limit can be too deep. The
+    # <Response> root, unwrapped afterwards, is counted too: the bound stays safe.
+    if guard.deepest > limits.max_depth // 2:
+        _check_depth(document, limits.max_depth + 1, "XML")
+    return document
 
 
 def _strip_xml_declaration(body: bytes) -> bytes:
@@ -169,19 +176,21 @@ class _GuardedExpat:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        self.deepest = 0  # the deepest element nesting seen, once parsed
 
     def ParserCreate(self, *args: Any, **kwargs: Any) -> _GuardedParser:
-        return _GuardedParser(expat.ParserCreate(*args, **kwargs), self.limits)
+        return _GuardedParser(expat.ParserCreate(*args, **kwargs), self.limits, self)
 
 
 class _GuardedParser:
     """A pyexpat parser that refuses DTDs and counts elements and depth as it goes."""
 
-    def __init__(self, parser: Any, limits: Limits) -> None:
+    def __init__(self, parser: Any, limits: Limits, report: _GuardedExpat) -> None:
         parser.StartDoctypeDeclHandler = _refuse_doctype
         parser.EntityDeclHandler = _refuse_entity
         object.__setattr__(self, "_parser", parser)
         object.__setattr__(self, "_limits", limits)
+        object.__setattr__(self, "_report", report)
         object.__setattr__(self, "_handlers", {})
 
     def __getattr__(self, name: str) -> Any:
@@ -204,16 +213,23 @@ class _GuardedParser:
         # cheapest state Python has (the guard then costs a few percent of the parse).
         start, end = StartElementHandler, EndElementHandler
         max_depth, max_elements = self._limits.max_depth, self._limits.max_elements
+        report = self._report
         depth = elements = 0
 
         def counted_start(name: str, attrs: Any) -> None:
             nonlocal depth, elements
             depth += 1
-            elements += 1
+            # An attribute becomes a value of the document as an element does (xmltodict
+            # gives them as a flat [name, value, ...] list).
+            elements += 1 + len(attrs) // 2 if attrs else 1
             if depth > max_depth:
                 raise _Refused("too_deep", f"XML nested deeper than {max_depth} levels")
             if elements > max_elements:
-                raise _Refused("too_many_elements", f"more than {max_elements} XML elements")
+                raise _Refused(
+                    "too_many_elements", f"more than {max_elements} XML elements and attributes"
+                )
+            if depth > report.deepest:
+                report.deepest = depth
             start(name, attrs)
 
         def counted_end(name: str) -> None:
@@ -243,6 +259,22 @@ def _parse_json(body: bytes, limits: Limits) -> Any:
         raise PayloadError("malformed_json", str(exc)) from None
     _check_json_bounds(body, data, limits)
     return data
+
+
+def _check_depth(data: Any, max_depth: int, what: str) -> None:
+    """Refuse a document nested deeper than `max_depth` containers (without recursion:
+    that is what this guards against)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children: Any = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, (dict, list)) and child:
+                if depth >= max_depth:
+                    raise PayloadError(
+                        "too_deep", f"{what} nested deeper than {max_depth - 1} levels"
+                    )
+                stack.append((child, depth + 1))
 
 
 def _check_json_bounds(body: bytes, data: Any, limits: Limits) -> None:

@@ -5,18 +5,28 @@ closes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import structlog
-import uvicorn
 
+from receiver.metrics import Metrics
 from receiver.service import Backend
 from receiver.sources.http import create_app
+from receiver.sources.http_server import (
+    BoundedConfig,
+    Guard,
+    Server,
+    ServerLimits,
+    connections_within,
+    raise_open_files_limit,
+)
 
 logger = structlog.get_logger("ci_receiver.runner")
+
+# The admin listener serves operators and monitoring: a few connections are plenty.
+ADMIN_CONNECTIONS = 32
 
 
 class Component(Protocol):
@@ -28,50 +38,103 @@ class Component(Protocol):
     def stop(self) -> None: ...
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, minus its own signal handling (the runner owns the signals), telling
-    when it listens."""
-
-    on_started: Callable[[_Server], None] = staticmethod(lambda server: None)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
-        await super().startup(sockets)
-        if self.started:
-            self.on_started(self)
-
-
 class HttpServer:
-    name = "http"
+    """A uvicorn server, bounded (`receiver.sources.http_server`), as a component: the
+    public receiver, or the admin listener."""
 
-    def __init__(self, service: Backend, on_listening: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        app: Any,
+        *,
+        host: str,
+        port: int,
+        limits: ServerLimits,
+        metrics: Metrics,
+        graceful_timeout: float,
+        on_listening: Callable[[str, int], None],
+        trusted_proxies: Sequence[Any] = (),
+    ) -> None:
+        self.name = name
+        config = BoundedConfig(
+            app,
+            guard=Guard(name, limits, metrics),
+            host=host,
+            port=port,
+            timeout_graceful_shutdown=graceful_timeout,
+            # X-Forwarded-For is read from these peers only (uvicorn walks it from the
+            # right, skipping trusted hops); with none, never.
+            proxy_headers=bool(trusted_proxies),
+            forwarded_allow_ips=[str(network) for network in trusted_proxies] or None,
+        )
+        self._server = Server(config)
+        self._server.on_started = lambda server: on_listening(*server.address)
+
+    @classmethod
+    def public(cls, service: Backend, on_listening: Callable[[str, int], None]) -> HttpServer:
+        """The port CI posts to: /callbacks, /healthz, a bare /readyz."""
         http = service.config.http
-        config = uvicorn.Config(
+        open_files = raise_open_files_limit()
+        max_connections = connections_within(open_files, http.max_connections)
+        if max_connections < http.max_connections:
+            logger.warning(
+                "http.max_connections lowered to fit the open files limit",
+                max_connections=max_connections,
+                configured=http.max_connections,
+                open_files_limit=open_files,
+            )
+        limits = ServerLimits(
+            max_header_bytes=http.max_header_bytes,
+            max_headers=http.max_headers,
+            header_timeout=http.header_timeout,
+            body_timeout=http.body_timeout,
+            keepalive_timeout=http.keepalive_timeout,
+            max_connections=max_connections,
+            max_requests=http.max_requests,
+        )
+        return cls(
+            "public",
             create_app(service),
             host=http.host,
             port=http.port,
-            lifespan="off",
-            access_log=False,
-            log_config=None,
-            server_header=False,
-            timeout_graceful_shutdown=http.graceful_timeout,
+            limits=limits,
+            metrics=service.metrics,
+            graceful_timeout=http.graceful_timeout,
+            on_listening=on_listening,
+            trusted_proxies=http.trusted_proxies,
         )
-        self._server = _Server(config)
 
-        def announce(server: _Server) -> None:
-            host, port = server.servers[0].sockets[0].getsockname()[:2]
-            on_listening(host, port)
+    @classmethod
+    def admin(cls, service: Backend, on_listening: Callable[[str, int], None]) -> HttpServer:
+        """The admin listener: /metrics, the detailed /readyz (`receiver.admin`)."""
+        from receiver.admin.app import create_admin_app
 
-        self._server.on_started = announce
+        http, admin = service.config.http, service.config.admin
+        limits = ServerLimits(
+            header_timeout=http.header_timeout,
+            body_timeout=http.body_timeout,
+            keepalive_timeout=http.keepalive_timeout,
+            max_connections=ADMIN_CONNECTIONS,
+            max_requests=ADMIN_CONNECTIONS,
+        )
+        return cls(
+            "admin",
+            create_admin_app(service),
+            host=admin.host,
+            port=admin.port,
+            limits=limits,
+            metrics=service.metrics,
+            graceful_timeout=http.graceful_timeout,
+            on_listening=on_listening,
+        )
 
     async def run(self) -> None:
         try:
             await self._server.serve()
         except SystemExit as exc:  # uvicorn exits when it cannot bind
-            raise RuntimeError(f"the HTTP server could not start on its port ({exc})") from None
+            raise RuntimeError(
+                f"the {self.name} HTTP server could not start on its port ({exc})"
+            ) from None
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -79,6 +142,7 @@ class HttpServer:
 
 async def run_service(service: Backend, components: list[Component]) -> int:
     """Start the service and its components; return the process exit code."""
+    raise_open_files_limit()
     await service.start()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

@@ -4,14 +4,16 @@ dispatcher and the ingest path that the HTTP app and the TDMQ consumer share."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
-from receiver.ingest import Ingestor, Intake
+from receiver.ingest import Ingestor, Intake, RejectedBudget
 from receiver.masking import Masker, secrets_in
 from receiver.metrics import Metrics
 from receiver.monitor import BacklogMonitor
@@ -43,6 +45,20 @@ def build_slots(config: Config) -> list[Slot]:
             raise handler_api.HandlerConfigError(f"handlers.{name}: {exc}") from exc
         slots.append(Slot(name, handler, handler_config))
     return slots
+
+
+def free_space(folder: Path, minimum: int) -> tuple[bool, str]:
+    """Whether the file system of `folder` has `minimum` bytes free. A small write (the
+    inbox's probe) can still succeed on a full disk, in pages SQLite had already; a
+    callback then fails. So readiness also asks the file system."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return False, f"cannot tell the free space of {folder}: {exc.strerror or exc}"
+    detail = f"{free // 2**20} MiB free"
+    if free < minimum:
+        return False, f"{detail}, below inbox.min_free_bytes ({minimum // 2**20} MiB)"
+    return True, detail
 
 
 class Backend(Protocol):
@@ -82,6 +98,9 @@ class Service:
             self.metrics,
             config.limits.to_limits(),
             on_stored=self.dispatcher.notify,
+            rejected=RejectedBudget(
+                config.inbox.rejected_body_bytes, config.inbox.rejected_bytes_per_hour
+            ),
         )
         # Inbox upkeep, running beside the dispatcher for as long as the service does.
         self.pruner = Pruner(self.inbox, config.retention, self.metrics.registry)
@@ -118,6 +137,10 @@ class Service:
             checks["inbox"] = (True, "writable")
         except Exception as exc:
             checks["inbox"] = (False, str(exc))
+        if self.config.inbox.url is None:  # the inbox is a file on this host's disk
+            checks["disk"] = free_space(
+                self.config.inbox_path.parent, self.config.inbox.min_free_bytes
+            )
         running = self.dispatcher.running
         checks["dispatcher"] = (running, "running" if running else "stopped")
         checks["draining"] = (not self.draining, "draining" if self.draining else "no")

@@ -87,17 +87,28 @@ class Receiver:
         self.command = command
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The admin listener (/metrics, the detailed /readyz) on a port of its own.
+        self.admin_port = free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process: subprocess.Popen | None = None
         self.log_path = config_file.parent / f"{command}-{self.port}.log"
         self._log: IO[bytes] | None = None
 
-    def start(self, env: dict[str, str] | None = None, wait_http: bool = True) -> Receiver:
+    def start(
+        self,
+        env: dict[str, str] | None = None,
+        wait_http: bool = True,
+        open_files: int | None = None,
+    ) -> Receiver:
+        """`open_files`: the process's RLIMIT_NOFILE (soft and hard), as a unit file or
+        a container runtime would set it."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         environment = {
             **os.environ,
             "PYTHONPATH": str(REPO),  # so configs can name test handlers by dotted path
             "CI_RECEIVER_HTTP__PORT": str(self.port),
             "CI_RECEIVER_HTTP__HOST": "127.0.0.1",
+            "CI_RECEIVER_ADMIN__PORT": str(self.admin_port),
             **(env or {}),
         }
         self.process = subprocess.Popen(
@@ -106,6 +117,7 @@ class Receiver:
             stderr=subprocess.STDOUT,
             env=environment,
             cwd=self.config_file.parent,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
         if wait_http:
             wait_for_port(self.port, self.process)
@@ -150,3 +162,9 @@ class Receiver:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def _limit_open_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))

@@ -194,7 +194,7 @@ def test_the_same_callback_over_http_pulsar_and_cmq_is_stored_and_handled_once(
     site = CmqSite(tmp_path, stand_in, extra=tdmq)
     everything = processes(site, command="run")
     everything.wait_for_log("tdmq consumer connected")
-    ready = httpx.get(everything.url + "/readyz").json()
+    ready = httpx.get(everything.admin_url + "/readyz").json()
     assert ready["ready"]
     assert ready["checks"]["cmq"] == f"{QUEUE}: receiving"
     assert ready["checks"]["tdmq"].startswith("connected")
@@ -216,11 +216,11 @@ def test_the_same_callback_over_http_pulsar_and_cmq_is_stored_and_handled_once(
     assert list(site.events()) == answer["ids"]
     wait_until(lambda: stand_in.stats()["queued"] == {QUEUE: 0}, "deleted")
 
-    metrics = httpx.get(everything.url + "/metrics").text
+    metrics = httpx.get(everything.admin_url + "/metrics").text
     assert 'ci_receiver_cmq_messages_total{outcome="committed"} 1.0' in metrics
     assert 'ci_receiver_cmq_messages_total{outcome="deleted"} 1.0' in metrics
     assert "ci_receiver_cmq_receive_seconds_count" in metrics
 
     stand_in.kill()
-    wait_until(lambda: not httpx.get(everything.url + "/readyz").json()["ready"], "unready")
-    assert "unavailable" in httpx.get(everything.url + "/readyz").json()["checks"]["cmq"]
+    wait_until(lambda: not httpx.get(everything.admin_url + "/readyz").json()["ready"], "unready")
+    assert "unavailable" in httpx.get(everything.admin_url + "/readyz").json()["checks"]["cmq"]

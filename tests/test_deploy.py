@@ -4,6 +4,7 @@ them, so they are parsed and what they name is checked against the code."""
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import shlex
@@ -21,9 +22,11 @@ from receiver.config import Config, load_config
 from tests.processes import REPO
 
 DEPLOY = REPO / "deploy"
-ROUTES = {"/callbacks", "/healthz", "/readyz", "/metrics"}
+ROUTES = {"/callbacks", "/healthz", "/readyz"}  # on the public port
+ADMIN_ROUTES = {"/metrics", "/readyz", "/healthz"}
 SECRETS = {
     "CI_CALLBACK_TOKEN": "token",
+    "CI_ADMIN_TOKEN": "admin-token",
     "POSTGRES_PASSWORD": "password",
     "WECOM_WEBHOOK_URL": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k",
 }
@@ -124,6 +127,10 @@ def test_compose_services_run_real_commands_with_real_settings():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             assert source in compose["volumes"] or (DEPLOY / source).exists(), volume
+        # Descriptors for every connection the receiver may hold.
+        assert service["ulimits"]["nofile"]["soft"] > 2 * Config().http.max_connections
+        # The admin listener is not published: it stays on the container's loopback.
+        assert all(str(Config().admin.port) not in port for port in service.get("ports", []))
     # The receiver relays: a topic, and the connection it publishes over.
     receiver = ours["receiver"]["environment"]
     assert receiver["CI_RECEIVER_RELAY__TOPIC"] in receiver["CI_RECEIVER_TDMQ__TOPICS"]
@@ -137,6 +144,9 @@ def test_compose_services_run_real_commands_with_real_settings():
     result = check_config(config_file, env=consumer["environment"])
     assert result.returncode == 0, result.stderr
     assert '"service_url": "pulsar://pulsar:6650"' in result.stdout
+    # consume has no public port: its health check asks the admin listener.
+    (probe,) = [word for word in consumer["healthcheck"]["test"] if "urlopen" in word]
+    assert f"127.0.0.1:{Config().admin.port}/healthz" in probe
 
 
 def test_kubernetes_manifest_probes_and_config(tmp_path):
@@ -146,9 +156,15 @@ def test_kubernetes_manifest_probes_and_config(tmp_path):
     pod = kinds["StatefulSet"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert_command(container["args"])
-    assert container["ports"][0]["containerPort"] == Config().http.port
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert container["livenessProbe"]["httpGet"]["path"] in ROUTES
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"  # no credentials needed
+    # The Service publishes the public port only; Prometheus scrapes the admin one.
+    (published,) = kinds["Service"]["spec"]["ports"]
+    assert published["targetPort"] == "http"
+    annotations = kinds["StatefulSet"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] in ADMIN_ROUTES
     # Long enough for the drain: HTTP graceful timeout plus dispatcher drain.
     defaults = Config()
     assert pod["terminationGracePeriodSeconds"] > (
@@ -156,7 +172,16 @@ def test_kubernetes_manifest_probes_and_config(tmp_path):
     )
     config = tmp_path / "ci-receiver.toml"
     config.write_text(kinds["ConfigMap"]["data"]["ci-receiver.toml"])
-    assert check_config(config).returncode == 0
+    result = check_config(config)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert ports == {"http": effective["http"]["port"], "admin": effective["admin"]["port"]}
+    assert annotations["prometheus.io/port"] == str(effective["admin"]["port"])
+    # Exposed beyond the pod's loopback, so with a token, from the secret.
+    assert effective["admin"]["host"] == "0.0.0.0"
+    assert effective["admin"]["token"] == "**********"
+    secret_names = {env["name"] for env in container["env"] if "secretKeyRef" in env["valueFrom"]}
+    assert {"CI_CALLBACK_TOKEN", "CI_ADMIN_TOKEN"} <= secret_names
     mount = container["args"][container["args"].index("--config") + 1]
     assert any(mount.startswith(m["mountPath"]) for m in container["volumeMounts"])
 
@@ -171,6 +196,8 @@ def test_systemd_unit_runs_real_commands():
         assert_command(argv)
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 20
+    # Room for the default connection cap next to the inbox and handlers.
+    assert int(service["LimitNOFILE"]) > 2 * Config().http.max_connections
 
 
 def test_the_env_key_check_catches_a_wrong_key_and_reads_as_load_config_does(monkeypatch):

@@ -170,7 +170,7 @@ url = "{hook.url}"
             assert receiver.post(load("stream_extract.xml")).status_code == 200
             hook.wait_for(1)  # the other handler is not held up
             receiver.wait_for_log("handler cannot start; its events wait in the inbox")
-            ready = httpx.get(receiver.url + "/readyz", timeout=10)
+            ready = httpx.get(receiver.admin_url + "/readyz", timeout=10)
             assert receiver.post(load("snapshot.xml")).status_code == 200
             stream = event("stream_extract.xml")
             assert run_status(receiver, stream.id, "db")["status"] == "pending"
@@ -178,7 +178,7 @@ url = "{hook.url}"
         finally:
             receiver.stop()
     assert ready.status_code == 200
-    # /readyz says why, the password masked, as the log does.
+    # /readyz (on the admin listener) says why, the password masked, as the log does.
     assert ready.json()["checks"]["handler:db"].startswith(
         "not started: RuntimeError: cannot open mysql+aiomysql://***@127.0.0.1:3306/test"
     )

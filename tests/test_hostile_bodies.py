@@ -52,6 +52,11 @@ QUADRATIC_BLOWUP = (
 
 DEEP_XML = (b"<a>" * (MiB // 7) + b"</a>" * (MiB // 7))[:MiB]
 WIDE_XML = b"<Response>" + b"<a/>" * ((MiB - 30) // 4) + b"</Response>"
+# One element with as many attributes as fit: expat reads them all before the guard
+# sees the element, so this one costs more than the others (and is still bounded).
+ATTRIBUTES = b"<Response><a " + b" ".join(b'x%d="1"' % i for i in range(200_000))
+ATTRIBUTES = ATTRIBUTES[: ATTRIBUTES.rfind(b" ", 0, MiB - 20)] + b"/></Response>"
+MANY_ATTRIBUTES = b"<Response>" + b'<a x="1" y="2" z="3"/>' * ((MiB - 30) // 22) + b"</Response>"
 DEEP_JSON = b'{"a":' * (MiB // 6)
 DEEP_JSON_WITHIN_ORJSON = b"[" * 1000 + b"]" * 1000
 WIDE_JSON = b"[" + b"0," * ((MiB - 4) // 2) + b"0]"
@@ -81,6 +86,8 @@ def peak_memory_of(body: bytes) -> tuple[str, int]:
         (QUADRATIC_BLOWUP, "forbidden_xml", 2 * MiB),
         (DEEP_XML, "too_deep", 2 * MiB),
         (WIDE_XML, "too_many_elements", 16 * MiB),
+        (ATTRIBUTES, "too_many_elements", 24 * MiB),
+        (MANY_ATTRIBUTES, "too_many_elements", 8 * MiB),
         # orjson itself peaks near 10x the body when it gives up on depth.
         (DEEP_JSON, "malformed_json", 12 * MiB),
         (DEEP_JSON_WITHIN_ORJSON, "too_deep", 4 * MiB),
@@ -94,6 +101,8 @@ def peak_memory_of(body: bytes) -> tuple[str, int]:
         "quadratic-blowup",
         "deep-xml",
         "wide-xml",
+        "attributes",
+        "many-attributes",
         "deep-json",
         "deep-json-within-orjson",
         "wide-json",

@@ -131,14 +131,16 @@ async def test_a_callback_naming_one_job_twice_stores_it_once(inbox):
 
 
 async def test_values_a_database_would_refuse_are_kept(inbox):
-    # NUL is valid in a JSON string, and text columns of PostgreSQL refuse it.
-    body = job("j\u0000nul", tag="Tag\u0000", key="a\u0000b.mp4")
+    # NUL is valid in a JSON string, and text columns of PostgreSQL refuse it. (Ids
+    # are refused with a NUL, so such a value reaches only the other columns.)
+    body = job("jnul", key="a\u0000b.mp4")
     stored = await store_body(inbox, body)
     assert stored.new
     (event,) = parse_callback(body)
     detail = await inbox.event(stored.new[0])
-    assert detail.event.tag == event.tag == "Tag\u0000"
-    assert await inbox.known(stored.new) == set(stored.new)
+    assert detail.event.input.key == event.input.key == "a\u0000b.mp4"
+    (listed,) = await inbox.events()
+    assert listed.key in ("a\u0000b.mp4", "a\ufffdb.mp4")  # the column may not hold NUL
 
 
 async def test_a_rejected_body_is_kept_up_to_the_bound_with_its_full_size(inbox_place):

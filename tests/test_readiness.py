@@ -31,7 +31,9 @@ def receiver_with(tmp_path, dispatch: str, handler: str) -> Receiver:
 def readiness(receiver: Receiver) -> httpx.Response:
     return wait_until(
         lambda: (
-            (r := httpx.get(receiver.url + "/readyz", timeout=10)).json()["checks"]["handler:crm"]
+            (r := httpx.get(receiver.admin_url + "/readyz", timeout=10)).json()["checks"][
+                "handler:crm"
+            ]
             != "starting"
             and r
         ),

@@ -26,7 +26,10 @@ def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker):
     try:
         relay.start(env={"CI_RECEIVER_DATA_DIR": str(relay_data)})
         consumer.start(wait_http=False).wait_for_log("tdmq consumer connected")
-        ready = httpx.get(relay.url + "/readyz")
+        # consume has no public port, but its admin listener tells how it is doing.
+        consumer_ready = httpx.get(consumer.admin_url + "/readyz").json()
+        assert consumer_ready["checks"]["tdmq"].startswith("connected")
+        ready = httpx.get(relay.admin_url + "/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"]["relay"] == f"publishing to {TOPIC}"
 

@@ -214,7 +214,7 @@ def test_same_callback_over_http_and_tdmq_is_stored_and_handled_once(
 ):
     site = Site(tmp_path, pulsar_broker.url, TOPIC)
     both = processes(site, command="run")
-    ready = httpx.get(both.url + "/readyz").json()
+    ready = httpx.get(both.admin_url + "/readyz").json()
     assert ready["ready"]
     assert ready["checks"]["tdmq"].startswith("connected")
 

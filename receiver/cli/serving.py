@@ -11,9 +11,11 @@ import click
 import structlog
 
 from receiver.cli.common import config_option, listen_options, load, make_service, run_async
-from receiver.config import Config
+from receiver.config import Config, mask_url
 from receiver.logs import configure_logging
 from receiver.routing import warnings
+
+logger = structlog.get_logger("ci_receiver.cli")
 
 
 @click.command()
@@ -21,19 +23,19 @@ from receiver.routing import warnings
 @listen_options
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
-    from receiver.runner import HttpServer, run_service
+    from receiver.runner import run_service
 
     config = load(config_path, host=host, port=port)
     start_logging(config)
     if not config.relay.topic:
         service = make_service(config)
-        components = [HttpServer(service, _announce(config)), *_reconciler(config, service)]
+        components = [*_http_servers(service), *_reconciler(config, service)]
         sys.exit(run_async(run_service(service, components)))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
     try:
-        sys.exit(run_async(run_service(relay, [HttpServer(relay, _announce(config))])))
+        sys.exit(run_async(run_service(relay, _http_servers(relay))))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
 
@@ -48,7 +50,11 @@ def consume(config_path: Path | None) -> None:
     config = load(config_path)
     start_logging(config)
     service = make_service(config)
-    components = [*_consumers(config, service), *_reconciler(config, service)]
+    components = [
+        *_consumers(config, service),
+        *_reconciler(config, service),
+        *_admin_server(service),
+    ]
     sys.exit(run_async(run_service(service, components)))
 
 
@@ -57,7 +63,7 @@ def consume(config_path: Path | None) -> None:
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
-    from receiver.runner import HttpServer, run_service
+    from receiver.runner import run_service
 
     config = load(config_path, host=host, port=port)
     start_logging(config)
@@ -65,11 +71,35 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     service = make_service(config)
     components = [
-        HttpServer(service, _announce(config)),
+        *_http_servers(service),
         *_consumers(config, service),
         *_reconciler(config, service),
     ]
     sys.exit(run_async(run_service(service, components)))
+
+
+def _http_servers(service: Any) -> list[Any]:
+    """The public receiver and (unless [admin] enabled = false) the admin listener."""
+    from receiver.runner import HttpServer
+    from receiver.sources.http_auth import open_to_anyone_warning
+
+    warning = open_to_anyone_warning(service.config.http)
+    if warning:
+        click.echo(warning, err=True)
+        logger.warning("no sender authentication", advice=warning)
+    return [HttpServer.public(service, _announce(service.config)), *_admin_server(service)]
+
+
+def _admin_server(service: Any) -> list[Any]:
+    from receiver.runner import HttpServer
+
+    if not service.config.admin.enabled:
+        return []
+
+    def announce(host: str, port: int) -> None:
+        click.echo(f"admin listener on http://{host}:{port} (/metrics, /readyz)", err=True)
+
+    return [HttpServer.admin(service, announce)]
 
 
 def start_logging(config: Config) -> None:
@@ -132,7 +162,7 @@ def _tdmq_consumer(config: Config, service: Any) -> Any:
         raise click.ClickException(f"config: set {' and '.join(missing)} to consume from TDMQ")
     consumer = TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
     service.add_check("tdmq", consumer.check)
-    click.echo(f"consuming {consumer.where} from {config.tdmq.service_url}", err=True)
+    click.echo(f"consuming {consumer.where} from {mask_url(config.tdmq.service_url)}", err=True)
     return consumer
 
 

@@ -12,6 +12,7 @@ import orjson
 
 from handlers import HandlerConfigError, shown_options
 from receiver.cli.common import config_option, load
+from receiver.config import mask_credentials
 from receiver.inbox import InboxUnavailable, SchemaError, probe
 
 
@@ -32,7 +33,7 @@ def check_config(config_path: Path | None) -> None:
         # The handler's own view of its options: defaults filled in, SecretStr masked.
         shown = shown_options(slot.handler)
         if shown is not None:
-            effective["handlers"][slot.name].update(shown)
+            effective["handlers"][slot.name].update(mask_credentials(shown))
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     for warning in warnings(config):
         click.echo(f"warning: {warning}", err=True)

@@ -1,21 +1,22 @@
-"""The HTTP receiver: CI's CallBack URL, plus health, readiness and metrics.
+"""The HTTP receiver: CI's CallBack URL, plus health and a bare readiness.
 
 `POST /callbacks` (or `/callbacks/<token>` when tokens are configured) answers 200 only
 after the callback is committed to the inbox (in relay mode: confirmed by the TDMQ
-broker). Bad input gets a 4xx with a JSON reason, and its body is kept for inspection;
-a body over the limit is refused as soon as the limit is passed.
+broker). A sender that fails authentication is refused before its body is read, and
+nothing of it is kept. Bad input gets a 4xx with a JSON reason, and its body is kept for
+inspection (within the budget of `Ingestor.reject`); a body over the limit is refused as
+soon as the limit is passed. Metrics and the detailed readiness are on the admin
+listener (`receiver.admin`), not here.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -25,9 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.ids import new_id
 from receiver.inbox import Receipt
-from receiver.ingest import IntakeUnavailable, RejectionNotKept
+from receiver.ingest import THREAD_PARSE_BYTES, IntakeUnavailable, RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
+from receiver.sources.http_auth import SenderAuth, client_address
 
 logger = structlog.get_logger("ci_receiver.sources.http")
 
@@ -47,6 +49,17 @@ HEADERS_OF_INTEREST = frozenset(
 )
 # As ASGI gives them: lower-case bytes.
 _RAW_HEADERS_OF_INTEREST = frozenset(name.encode() for name in HEADERS_OF_INTEREST)
+# Bodies over this size hold the most memory while they wait for the one thread that
+# decodes them (the body, its document and its Event: several times the bytes): only
+# `http.max_large_requests` of them are taken in at once, the others get 503.
+LARGE_BODY_BYTES = THREAD_PARSE_BYTES
+# A header value kept with a callback is cut to this many bytes.
+MAX_KEPT_HEADER_BYTES = 512
+# Seconds a sender is asked to wait before sending again after a 503.
+RETRY_AFTER = "1"
+# Path segments the access log shows as they are; any other is masked ("***"), so that a
+# token never reaches the log, whatever path it was sent to.
+_LOGGED_SEGMENTS = frozenset({"callbacks", "callback", "healthz", "readyz", "metrics"})
 
 
 class JsonResponse(JSONResponse):
@@ -54,36 +67,80 @@ class JsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def error(status: int, reason: str, detail: str) -> JsonResponse:
-    return JsonResponse({"error": reason, "detail": detail}, status_code=status)
+def error(
+    status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+) -> JsonResponse:
+    return JsonResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
 
 def unavailable(reason: str = "inbox_unavailable") -> JsonResponse:
     # Even a body that will be refused is kept first: when it cannot be, the sender is
     # asked to send it again rather than have it vanish. `relay_unavailable`: the broker
     # did not confirm it (relay mode).
-    return error(503, reason, "the callback could not be stored; send it again")
+    return error(
+        503,
+        reason,
+        "the callback could not be stored; send it again",
+        {"retry-after": RETRY_AFTER},
+    )
+
+
+def busy() -> JsonResponse:
+    return error(
+        503,
+        "busy",
+        "too many large callbacks in progress; send again",
+        {"retry-after": RETRY_AFTER},
+    )
+
+
+class Slots:
+    """A count of things in progress, up to a limit; taken without waiting."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        self.taken -= 1
 
 
 def _headers_of_interest(scope: Scope) -> dict[str, str]:
     # From the raw ASGI headers: decoding only these is cheaper than Request.headers.
     return {
-        name.decode(): value.decode("latin-1")
+        name.decode(): value[:MAX_KEPT_HEADER_BYTES].decode("latin-1")
         for name, value in scope["headers"]
         if name in _RAW_HEADERS_OF_INTEREST
     }
 
 
+async def json_http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404, 405) with the JSON body of every other error."""
+    assert isinstance(exc, HTTPException)
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JsonResponse(
+        {"error": reason, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
 def create_app(service: Backend) -> Starlette:
     config = service.config
-    tokens = [token.get_secret_value().encode() for token in config.http.tokens]
+    senders = SenderAuth(config.http)
+    large_bodies = Slots(config.http.max_large_requests)
     max_bytes = config.limits.max_bytes
     ingestor, metrics = service.ingestor, service.metrics
 
     async def receive_callback(request: Request) -> Response:
-        if tokens and not _token_ok(request.path_params.get("token"), tokens):
-            metrics.series(metrics.callbacks, "http", "unauthorized").inc()
-            return error(401, "unauthorized", "POST to /callbacks/<token> with a configured token")
+        refusal = senders.check(request.scope, request.path_params.get("token"))
+        if refusal is not None:
+            metrics.series(metrics.callbacks, "http", refusal.reason).inc()
+            return error(refusal.status, refusal.reason, refusal.detail, refusal.headers)
         receipt = Receipt(
             body=b"",
             source="http",
@@ -92,21 +149,34 @@ def create_app(service: Backend) -> Starlette:
             headers=_headers_of_interest(request.scope),
             source_meta={"request_id": request.scope["state"]["request_id"]},
         )
-        too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         declared = receipt.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            return await refuse(receipt, too_large, size=int(declared))
+            return await refuse(receipt, size=int(declared))
+        large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+        if large and not large_bodies.take():
+            return busy()
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
+                if not large and len(body) > LARGE_BODY_BYTES:  # no Content-Length
+                    large = large_bodies.take()
+                    if not large:
+                        return busy()
                 if len(body) > max_bytes:
                     receipt.body = bytes(body)
-                    return await refuse(receipt, too_large, size=len(body))
+                    return await refuse(receipt, size=len(body))
+            receipt.body = bytes(body)
+            body.clear()  # one copy held while the callback waits for its commit
+            return await ingest(receipt)
         except ClientDisconnect:
             logger.info("client went away before sending the whole body", received=len(body))
             return Response(status_code=400)
-        receipt.body = bytes(body)
+        finally:
+            if large:
+                large_bodies.give_back()
+
+    async def ingest(receipt: Receipt) -> Response:
         try:
             stored = await ingestor.ingest(receipt)
         except PayloadError as exc:
@@ -124,31 +194,24 @@ def create_app(service: Backend) -> Starlette:
             }
         )
 
-    async def refuse(receipt: Receipt, refusal: PayloadError, *, size: int) -> Response:
+    async def refuse(receipt: Receipt, *, size: int) -> Response:
+        too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         try:
-            await ingestor.reject(receipt, refusal, size=size)
+            await ingestor.reject(receipt, too_large, size=size)
         except RejectionNotKept as exc:
             return unavailable(exc.reason)
-        return error(413, refusal.reason, refusal.message)
+        return error(413, too_large.reason, too_large.message)
 
     async def healthz(request: Request) -> Response:
         return JsonResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        ready, checks = await service.readiness()
-        return JsonResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JsonResponse(
-            {"error": reason, "detail": exc.detail},
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        # What a load balancer needs and no more: the details (inbox, handlers, broker)
+        # are on the admin listener.
+        ready, _ = await service.readiness()
+        if ready:
+            return JsonResponse({"ready": True})
+        return JsonResponse({"ready": False}, status_code=503, headers={"retry-after": "5"})
 
     app = Starlette(
         routes=[
@@ -156,25 +219,18 @@ def create_app(service: Backend) -> Starlette:
             Route("/callbacks/{token}", receive_callback, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: json_http_error},
     )
     app.add_middleware(RequestContext, access_log=config.http.access_log)
     return app
 
 
-def _token_ok(given: str | None, tokens: list[bytes]) -> bool:
-    if given is None:
-        return False
-    candidate = given.encode()
-    # Compare against every token so the time taken does not tell which one is close.
-    return any([hmac.compare_digest(candidate, token) for token in tokens])
-
-
 class RequestContext:
     """Give every request an id (its `X-Request-Id`, or a new one), bind it to the log
-    context of everything the request does, echo it back, and log the request."""
+    context of everything the request does, echo it back, and log the request: the route
+    it took (never the path a token is in), the client (behind trusted proxies, the one
+    they name) and its user agent."""
 
     def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
         self.app = app
@@ -204,13 +260,31 @@ class RequestContext:
                     logger.info(
                         "request",
                         method=scope["method"],
-                        # Never log a callback token.
-                        path="/callbacks/***"
-                        if scope["path"].startswith("/callbacks/")
-                        else scope["path"],
+                        path=logged_path(scope),
                         status=status,
                         ms=round((time.perf_counter() - began) * 1000, 2),
+                        client=client_address(scope),
+                        user_agent=_user_agent(scope),
                     )
+
+
+def logged_path(scope: Scope) -> str:
+    """The route template a request matched (`/callbacks/{token}`); for one that matched
+    none, its path with every segment but the known words masked."""
+    route = scope.get("route")
+    if route is not None:
+        return str(route.path)
+    return "/".join(
+        part if not part or part.lower() in _LOGGED_SEGMENTS else "***"
+        for part in scope["path"].split("/")
+    )
+
+
+def _user_agent(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return value[:200].decode("latin-1")
+    return None
 
 
 def _request_id(scope: Scope) -> str:

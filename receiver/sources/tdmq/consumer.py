@@ -34,7 +34,7 @@ import pulsar.asyncio
 import structlog
 from prometheus_client import Counter
 
-from receiver.config import TdmqConfig
+from receiver.config import TdmqConfig, mask_url
 from receiver.ingest import Intake
 from receiver.metrics import Metrics
 from receiver.payload import PayloadError
@@ -200,7 +200,7 @@ class TdmqConsumer:
                     "cannot subscribe yet; trying again",
                     error=describe(exc),
                     retry_in=delay,
-                    url=self._config.service_url,
+                    url=mask_url(self._config.service_url or ""),
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)

@@ -20,7 +20,7 @@ import pulsar
 import pulsar.asyncio
 import structlog
 
-from receiver.config import Config
+from receiver.config import Config, mask_url
 from receiver.inbox import Receipt, Stored
 from receiver.ingest import IntakeUnavailable, RejectionNotKept, parse_or_refuse
 from receiver.masking import Masker
@@ -67,7 +67,7 @@ class Relay:
         except pulsar.asyncio.PulsarException as exc:
             await close(self._client)
             raise TdmqError(
-                f"cannot publish to {self.topic} at {self._config.tdmq.service_url}: "
+                f"cannot publish to {self.topic} at {mask_url(self._config.tdmq.service_url)}: "
                 f"{describe(exc)}"
             ) from None
 

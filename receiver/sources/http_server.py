@@ -1,0 +1,435 @@
+"""The HTTP server under the apps: uvicorn's httptools protocol, with the bounds a public
+endpoint needs that uvicorn does not have.
+
+uvicorn (with httptools) keeps no limit on the request head, no header or body read
+timeout, no cap on open connections apart from requests, and closes a connection with
+unread request bytes at once, which makes the kernel answer with a reset that can
+overtake the response. `BoundedHttpProtocol` adds, per connection and without a timer per
+request (one loop timer per connection, moved only when a deadline comes closer):
+
+- the request line and headers are limited in bytes and count: past either, `431` and the
+  connection is closed, before any byte of the body is read;
+- the head must arrive within `header_timeout`, the body within `body_timeout` of the
+  end of the head; an idle keep-alive connection is closed after `keepalive_timeout`;
+- at most `max_connections` are open (one more is answered `503` + `Retry-After` and
+  closed) and at most `max_requests` are in the app (`503` + `Retry-After`);
+- a connection closed with request bytes still coming (a body refused early, `413`)
+  closes gracefully: our side of the connection is shut after the response, and what the
+  client still sends is read and dropped for up to `LINGER_SECONDS`, so that the client
+  reads its answer instead of a reset ("lingering close", as Apache and nginx do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import orjson
+import structlog
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from receiver.metrics import Metrics
+
+logger = structlog.get_logger("ci_receiver.sources.http_server")
+
+# What a refused connection may still send us before it is closed regardless.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
+# Descriptors kept for everything that is not a client connection: the inbox, handler
+# connections, log files, the broker client... (a quarter of a small limit).
+RESERVED_FDS = 256
+# Connections past max_connections that are still answered 503 (then closed); past
+# these, a new connection is closed without a word.
+REFUSING_FRACTION = 10
+# A refusal of one kind is logged at most this often (with the count since the last).
+LOG_EVERY_SECONDS = 10.0
+
+# Connection phases: what the connection's deadline is about.
+_HEAD, _BODY, _APP, _IDLE, _LINGER = "head", "body", "app", "idle", "linger"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 5.0
+    max_connections: int = 1000
+    max_requests: int = 128
+
+
+class Guard:
+    """What the connections of one server share: the limits, and the counting and logging
+    of what they refuse (a flood of refusals must not become a flood of log lines)."""
+
+    def __init__(self, name: str, limits: ServerLimits, metrics: Metrics | None) -> None:
+        self.name = name
+        self.limits = limits
+        self.refusing_limit = limits.max_connections + max(
+            16, limits.max_connections // REFUSING_FRACTION
+        )
+        self._metrics = metrics
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def refused(self, reason: str, client: tuple[str, int] | None) -> None:
+        if self._metrics is not None:
+            self._metrics.series(self._metrics.http_refused, self.name, reason).inc()
+        now = time.monotonic()
+        last, suppressed = self._logged.get(reason, (0.0, 0))
+        if now - last < LOG_EVERY_SECONDS:
+            self._logged[reason] = (last, suppressed + 1)
+            return
+        self._logged[reason] = (now, 0)
+        logger.warning(
+            "http request refused",
+            server=self.name,
+            reason=reason,
+            client=client[0] if client else None,
+            more_since_last_logged=suppressed,
+        )
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _ClosingGently:
+    """The transport as a request cycle sees it: `close()` becomes a lingering close."""
+
+    __slots__ = ("close", "is_closing", "write")
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self.close = close
+
+
+def error_response(
+    status: int, reason: str, detail: str, *, retry_after: int | None = None
+) -> bytes:
+    """A complete `Connection: close` response with the apps' JSON error body."""
+    body = orjson.dumps({"error": reason, "detail": detail})
+    head = [
+        STATUS_LINE[status],
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n",
+    ]
+    if retry_after is not None:
+        head.append(b"retry-after: %d\r\n" % retry_after)
+    return b"".join([*head, b"\r\n", body])
+
+
+async def _busy(scope: Any, receive: Any, send: Any) -> None:
+    """The app for a request over `max_requests`: it leaves the body unread."""
+    body = orjson.dumps({"error": "busy", "detail": "too many requests in progress; send again"})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+                (b"retry-after", b"1"),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits, deadlines and a lingering close."""
+
+    def __init__(self, config: BoundedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.guard = config.guard
+        self._limits = config.guard.limits
+        self._app = self.app
+        self._phase = _HEAD
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._head_bytes = 0  # bytes received while the head was incomplete
+        self._header_bytes = 0  # of the headers parsed so far, exactly
+        self._lingered = 0
+        self._gentle: _ClosingGently | None = None
+
+    # --- connection ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._gentle = _ClosingGently(transport, self._close_after_response)
+        open_connections = len(self.connections)
+        if open_connections > self._limits.max_connections:
+            self.guard.refused("too_many_connections", self.client)
+            if open_connections > self.guard.refusing_limit:
+                transport.abort()
+                return
+            self._answer_and_close(
+                error_response(503, "busy", "too many connections; send again", retry_after=1)
+            )
+            return
+        self._set_deadline(_HEAD, self.loop.time() + self._limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase is _LINGER:
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
+            return
+        if phase is _HEAD or phase is _IDLE:
+            # Counted before parsing: httptools gathers a header's value whole before
+            # calling on_header, so a huge one is caught here, while it arrives.
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse_head()
+            else:
+                self._bad_request()
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrade is served: the request goes on as a plain one
+        except httptools.HttpParserError:
+            self._bad_request()
+        else:
+            if self._phase is _HEAD and self._head_bytes > self._limits.max_header_bytes:
+                self._refuse_head()
+
+    # --- parser callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = 0
+        if self._phase is _IDLE:
+            self._set_deadline(_HEAD, self.loop.time() + self._limits.header_timeout)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's, counting bytes on the way.
+        self._header_bytes += len(name) + len(value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        limits = self._limits
+        if (
+            self._header_bytes + len(self.url) > limits.max_header_bytes
+            or len(self.headers) > limits.max_headers
+        ):
+            raise _HeadTooLarge
+        if len(self.tasks) >= limits.max_requests:
+            self.guard.refused("too_many_requests", self.client)
+            self.app = _busy
+        else:
+            self.app = self._app
+        super().on_headers_complete()
+        self.cycle.transport = self._gentle  # type: ignore[assignment]
+        if self._phase is _HEAD:
+            self._set_deadline(_BODY, self.loop.time() + limits.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._phase is _BODY:
+            self._phase = _APP
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, with the keep-alive wait on the connection's own deadline instead of
+        # a timer per response, and a lingering close when the body was left unread.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing() or self._phase is _LINGER:
+            return
+        if self.pipeline:
+            self.flow.resume_reading()
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        if self.cycle.more_body:  # answered before the whole body came: close
+            self._linger()
+            return
+        self.flow.resume_reading()
+        self._head_bytes = 0
+        self._set_deadline(_IDLE, self.loop.time() + self._limits.keepalive_timeout)
+
+    # --- deadlines -------------------------------------------------------------------
+
+    def _set_deadline(self, phase: str, deadline: float) -> None:
+        self._phase = phase
+        self._deadline = deadline
+        # One timer per connection: moved only when the new deadline comes before it.
+        # A later deadline is found by the timer when it fires, and it re-arms itself.
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_deadline)
+            self._timer_at = deadline
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        phase = self._phase
+        if phase is _APP or self.transport.is_closing():
+            return  # the app's time is bounded by graceful shutdown, not here
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_deadline)
+            self._timer_at = self._deadline
+            return
+        if phase is _IDLE or phase is _LINGER:
+            self.transport.close()
+        elif phase is _HEAD:
+            if self._head_bytes == 0:  # connected and said nothing
+                self.guard.refused("idle_connection", self.client)
+                self.transport.close()
+                return
+            self.guard.refused("header_timeout", self.client)
+            self._answer_and_close(error_response(408, "timeout", "the request head took too long"))
+        elif phase is _BODY:
+            self.guard.refused("body_timeout", self.client)
+            if self.cycle.response_started:
+                self.transport.close()
+            else:  # the app reads the end of the request, and its answer goes nowhere
+                self._answer_and_close(
+                    error_response(408, "timeout", "the request body took too long")
+                )
+
+    # --- refusing and closing --------------------------------------------------------
+
+    def _refuse_head(self) -> None:
+        self.guard.refused("headers_too_large", self.client)
+        limits = self._limits
+        self._answer_and_close(
+            error_response(
+                431,
+                "headers_too_large",
+                f"the request line and headers are limited to {limits.max_header_bytes}"
+                f" bytes and {limits.max_headers} headers",
+            )
+        )
+
+    def _bad_request(self) -> None:
+        self.guard.refused("bad_request", self.client)
+        self._answer_and_close(error_response(400, "bad_request", "invalid HTTP request"))
+
+    def _answer_and_close(self, response: bytes) -> None:
+        """Answer for the server itself (a request the app never saw), then close. A
+        request of this connection still in the app (pipelined before this one) gets its
+        answer nowhere."""
+        for cycle in (self.cycle, *(cycle for cycle, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
+        self.transport.write(response)
+        self._linger()
+
+    def _close_after_response(self) -> None:
+        """What a request cycle's `transport.close()` does (`Connection: close`)."""
+        if self._phase is _LINGER:
+            return
+        if self.cycle is not None and self.cycle.more_body:
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            return
+        self._phase = _LINGER
+        self.flow.resume_reading()
+        # Our side ends here (FIN after the response); reading goes on, and the client's
+        # own FIN, or the deadline, closes.
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._set_deadline(_LINGER, self.loop.time() + LINGER_SECONDS)
+
+
+class BoundedConfig(uvicorn.Config):
+    """uvicorn's Config, carrying the Guard its connections share."""
+
+    def __init__(self, app: Any, *, guard: Guard, **kwargs: Any) -> None:
+        super().__init__(
+            app,
+            http=BoundedHttpProtocol,
+            ws="none",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            date_header=True,
+            **kwargs,
+        )
+        self.guard = guard
+
+
+class Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling (the runner owns the signals), telling
+    when it listens."""
+
+    on_started: Callable[[Server], None] = staticmethod(lambda server: None)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        await super().startup(sockets)
+        if self.started:
+            self.on_started(self)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        return host, port
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one (logged, the first time);
+    return the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or hard == resource.RLIM_INFINITY:
+        if not _limit_logged:
+            _log_limit(soft, soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # pragma: no cover (a sandbox may refuse)
+        logger.warning("cannot raise the open files limit", limit=soft, error=str(exc))
+        return soft
+    _log_limit(hard, soft)
+    return hard
+
+
+_limit_logged = False
+
+
+def _log_limit(limit: int, before: int) -> None:
+    global _limit_logged
+    _limit_logged = True
+    logger.info("open files limit", limit=limit, raised_from=before)
+
+
+def connections_within(open_files: int, wanted: int) -> int:
+    """The most connections (and refusals in progress) that fit in `open_files`
+    descriptors next to the reserve."""
+    reserve = min(RESERVED_FDS, open_files // 4)
+    available = open_files - reserve
+    # max_connections + the refusals beyond it (REFUSING_FRACTION) must fit.
+    fitting = available * REFUSING_FRACTION // (REFUSING_FRACTION + 1) - 16
+    return max(1, min(wanted, fitting))
