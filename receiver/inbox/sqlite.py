@@ -22,6 +22,7 @@ import orjson
 
 from receiver.ids import new_id
 from receiver.inbox import (
+    VERIFY_RUN,
     Attempt,
     Backlog,
     Claim,
@@ -36,6 +37,7 @@ from receiver.inbox import (
     RunState,
     SchemaError,
     Stored,
+    new_runs,
 )
 from receiver.inbox.query import Dialect, event_conditions, glob_to_sqlite
 from receiver.inbox.reader import Reader
@@ -54,7 +56,13 @@ DIALECT = Dialect(
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
 )
-_RUN_STATUS = {"done": "done", "dead": "dead", "retry": "pending", "released": "pending"}
+_RUN_STATUS = {
+    "done": "done",
+    "dead": "dead",
+    "retry": "pending",
+    "released": "pending",
+    "forged": "forged",
+}
 
 
 class SqliteInbox:
@@ -96,7 +104,9 @@ class SqliteInbox:
 
     # --- ingest --------------------------------------------------------------------
 
-    async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
+    async def store(
+        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+    ) -> Stored:
         rows = [
             (
                 event.id,
@@ -137,8 +147,8 @@ class SqliteInbox:
                 new.append(columns[0])
                 connection.executemany(
                     "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                    " VALUES (?, ?, 'pending', ?, ?)",
-                    [(columns[0], handler, now, now) for handler in handlers],
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(columns[0], *run, now, now) for run in new_runs(handlers, verify)],
                 )
             if not new:
                 connection.execute(
@@ -166,6 +176,19 @@ class SqliteInbox:
             return receipt_id
 
         return await self._write.submit(reject)
+
+    async def settle(self, event_id: str, genuine: bool) -> int:
+        status = "pending" if genuine else "forged"
+
+        def settle(connection: sqlite3.Connection) -> int:
+            now = time.time()
+            return connection.execute(
+                "UPDATE runs SET status = ?, due_at = ?, updated_at = ?"
+                " WHERE event_id = ? AND status = 'held'",
+                (status, now, now, event_id),
+            ).rowcount
+
+        return await self._write.submit(settle)
 
     # --- dispatch ------------------------------------------------------------------
 
@@ -484,8 +507,20 @@ def _requeue(
     dead_only: bool,
 ) -> int:
     selected = "SELECT id FROM events"
+    # Events named are released whatever verification said; otherwise a held event's
+    # new runs wait with its others, and a forged event is left alone.
+    status = "'pending'"
     if event_ids:
         selected += f" WHERE id IN ({_marks(event_ids)})"
+    else:
+        selected += (
+            " WHERE NOT EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id"
+            " AND f.status = 'forged')"
+        )
+        status = (
+            "CASE WHEN EXISTS (SELECT 1 FROM runs h WHERE h.event_id = s.id"
+            " AND h.status = 'held') THEN 'held' ELSE 'pending' END"
+        )
     arguments: list[Any] = list(event_ids or ())
     if handlers and not dead_only:
         # Named handlers: create the runs that do not exist yet, reset the others.
@@ -493,8 +528,8 @@ def _requeue(
         for handler in handlers:
             total += connection.execute(
                 "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                f" SELECT id, ?, 'pending', ?, ? FROM ({selected}) WHERE true"
-                " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
+                f" SELECT s.id, ?, {status}, ?, ? FROM ({selected}) s WHERE true"
+                " ON CONFLICT (event_id, handler) DO UPDATE SET status = excluded.status,"
                 " attempts = 0, due_at = excluded.due_at, last_error = NULL,"
                 " lease_until = NULL, lease_token = NULL, updated_at = excluded.updated_at"
                 " WHERE runs.lease_until IS NULL OR runs.lease_until <= excluded.due_at",
@@ -508,9 +543,14 @@ def _requeue(
     if event_ids:
         conditions.append(f"event_id IN ({_marks(event_ids)})")
         values += arguments
+    else:
+        conditions.append("status NOT IN ('held', 'forged')")
     if handlers:
         conditions.append(f"handler IN ({_marks(handlers)})")
         values += handlers
+    else:
+        conditions.append("handler <> ?")
+        values.append(VERIFY_RUN)
     return connection.execute(
         "UPDATE runs SET status = 'pending', attempts = 0, due_at = ?, last_error = NULL,"
         " lease_until = NULL, lease_token = NULL,"
