@@ -11,7 +11,7 @@ from typing import Protocol
 import structlog
 
 from receiver.events import parse_callback
-from receiver.inbox import Inbox, Receipt, Stored
+from receiver.inbox import VERIFY_RUN, Inbox, Receipt, Stored
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import Limits, PayloadError
@@ -84,12 +84,15 @@ class Ingestor:
         metrics: Metrics,
         limits: Limits,
         on_stored: Callable[[list[tuple[Event, list[str]]]], None],
+        verified_sources: frozenset[str] = frozenset(),
     ) -> None:
         self._inbox = inbox
         self._router = router
         self._metrics = metrics
         self._limits = limits
         self._on_stored = on_stored
+        # Events from these sources wait for verification (receiver/verify.py).
+        self._verified_sources = verified_sources
 
     async def ingest(self, receipt: Receipt) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
@@ -97,14 +100,26 @@ class Ingestor:
         began = time.perf_counter()
         events = await parse_or_refuse(receipt, self._limits, self)
         routed = [(event, self._router.handlers_for(event)) for event in events]
-        stored = await self._inbox.store(receipt, routed)
+        verify = self._verifies(receipt)
+        stored = await self._inbox.store(receipt, routed, verify=verify)
         self._count(receipt, routed, stored)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
         if stored.new:
             new = set(stored.new)
-            self._on_stored([(event, names) for event, names in routed if event.id in new])
+            self._on_stored(
+                [(event, [VERIFY_RUN] if verify else names) for event, names in routed
+                 if event.id in new]
+            )  # fmt: skip
         return stored
+
+    def _verifies(self, receipt: Receipt) -> bool:
+        # A stored callback decoded again (`replay --receipt`) is verified as it was
+        # the first time: by the source it came from.
+        source = receipt.source
+        if source == "replay":
+            source = receipt.source_meta.get("replayed_source", source)
+        return source in self._verified_sources
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None

@@ -4,7 +4,7 @@ dispatcher and the ingest path that the HTTP app and the TDMQ consumer share."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import handlers as handler_api
 from receiver.config import Config
@@ -13,6 +13,9 @@ from receiver.inbox import Inbox, open_inbox
 from receiver.ingest import Ingestor, Intake
 from receiver.metrics import Metrics
 from receiver.routing import Router
+
+if TYPE_CHECKING:
+    from receiver.ci_api import CiApi
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
@@ -52,9 +55,24 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.inbox: Inbox = open_inbox(config, wait=True)
+        # CI's job API, shared by the reconciler and verification, when [ci] is set.
+        self.ci_api: CiApi | None = None
+        slots = build_slots(config)
+        if config.ci.enabled:
+            from receiver.ci_api import CiApi
+
+            self.ci_api = CiApi(config.ci, self.metrics.registry)
+        if config.verified_sources():
+            from receiver.verify import verify_slot
+
+            assert self.ci_api is not None  # the config says so
+            slots.append(
+                verify_slot(config.ci, self.ci_api, self.inbox, self.metrics.registry,
+                            wake=lambda: self.dispatcher.wake())
+            )  # fmt: skip
         self.dispatcher = Dispatcher(
             self.inbox,
-            build_slots(config),
+            slots,
             self.metrics,
             poll_interval=config.dispatch.poll_interval,
             drain_timeout=config.dispatch.drain_timeout,
@@ -65,6 +83,7 @@ class Service:
             self.metrics,
             config.limits.to_limits(),
             on_stored=self.dispatcher.notify,
+            verified_sources=config.verified_sources(),
         )
         self.draining = False
         self._checks: dict[str, Check] = {}

@@ -10,7 +10,7 @@ import click
 import orjson
 
 from receiver.cli.common import config_option, with_inbox
-from receiver.inbox import EventFilter
+from receiver.inbox import RUN_STATUSES, EventFilter
 
 
 @click.group()
@@ -26,8 +26,9 @@ def events() -> None:
 @click.option("--job", "job_id", help="A JobId.")
 @click.option(
     "--status",
-    type=click.Choice(["pending", "done", "dead"]),
-    help="Events with a handler run in this status.",
+    type=click.Choice(list(RUN_STATUSES)),
+    help="Events with a run in this status (held: waiting for verification; forged: the"
+    " verification contradicted it).",
 )
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")

@@ -86,8 +86,12 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
                     f"receipt {receipt_id} was refused at {receipt.cut_from} bytes and only its"
                     f" first {len(receipt.body)} were kept: it cannot be decoded again"
                 )
+            receipt.source_meta = {
+                **receipt.source_meta,
+                "replayed_receipt": receipt_id,
+                "replayed_source": receipt.source,
+            }
             receipt.source = "replay"
-            receipt.source_meta = {**receipt.source_meta, "replayed_receipt": receipt_id}
             return await service.ingestor.ingest(receipt)
         finally:
             await service.inbox.close()
