@@ -9,7 +9,8 @@ backoff and jitter. One API request per event:
 
 - **confirmed**: the API shows the same job (JobId, Tag, State, input object), workflow
   execution (RunId, WorkflowId, State, input object) or moderation job (JobId, State,
-  verdict, input object): the held runs become pending;
+  verdict, input object), and the same outputs where it lists them: the held runs
+  become pending;
 - **forged**: the API knows no such job, or says otherwise, or the callback names a
   bucket `[ci]` does not list or an id CI never makes: the held runs become `forged`,
   this run ends `forged` with the reason, and no handler ever sees the event;
@@ -171,6 +172,13 @@ class Verifier:
                 f"the callback's input is {_describe(claimed.input)},"
                 f" CI's job API says {_describe(actual.input)}"
             )
+        # Where the API names what the job wrote, the callback must name the same: the
+        # outputs are what handlers pass on.
+        if actual.outputs and _keys(claimed.outputs) != _keys(actual.outputs):
+            return (
+                f"the callback's outputs are {_keys(claimed.outputs)},"
+                f" CI's job API says {_keys(actual.outputs)}"
+            )
         return None
 
     async def _uncovered(self, event: Event, why: str) -> None:
@@ -218,14 +226,21 @@ def _workflow_id(event: Event) -> str | None:
 
 
 def _same_object(claimed: ObjectRef | None, actual: ObjectRef | None) -> bool:
+    """The same key; the same bucket where the API's answer names one (it was asked on
+    the claimed bucket's own domain, so it speaks of that bucket); the same region where
+    both name one."""
     if claimed is None or actual is None:
         return claimed is actual
     regions = {claimed.region, actual.region} - {None}
     return (
-        claimed.bucket == actual.bucket
-        and claimed.key.lstrip("/") == actual.key.lstrip("/")
+        claimed.key.lstrip("/") == actual.key.lstrip("/")
+        and actual.bucket in (None, claimed.bucket)
         and len(regions) <= 1
     )
+
+
+def _keys(refs: list[ObjectRef]) -> list[str]:
+    return sorted(f"{ref.bucket}/{ref.key}" for ref in refs)
 
 
 def _describe(ref: ObjectRef | None) -> str:
