@@ -323,3 +323,18 @@ async def test_a_forged_event_replayed_by_name_runs_and_keeps_its_verdict(
         assert await receiver.settled(forged) == {VERIFY_RUN: "forged", "recorder": "done"}
         assert receiver.handled() == [forged]
     assert len(ci.requests) == 1  # not verified again
+
+
+@pytest.mark.parametrize(
+    ("section", "sources"),
+    [("http", {"http", "cmq-push"}), ("tdmq", {"tdmq"})],
+)
+def test_each_source_verifies_when_its_section_says_so(ci, tmp_path, section, sources):
+    credentials = {
+        "secret_id": SECRET_ID,
+        "secret_key": SECRET_KEY,
+        "buckets": [{"name": BUCKET, "region": REGION, "tags": ["Transcode"]}],
+    }
+    config = Config(data_dir=tmp_path, ci=credentials, **{section: {"verify": "ci-api"}})
+    assert config.verified_sources() == sources
+    assert Config(data_dir=tmp_path, ci=credentials).verified_sources() == frozenset()
