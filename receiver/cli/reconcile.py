@@ -47,6 +47,7 @@ def reconcile(
 
     async def run() -> Any:
         api = service.ci_api
+        assert api is not None  # [ci] names buckets: checked above
         await api.check()
         await service.inbox.open()
         try:
