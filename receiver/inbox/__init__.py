@@ -28,6 +28,8 @@ RunStatus = Literal["pending", "done", "dead", "held", "forged"]
 RUN_STATUSES: tuple[RunStatus, ...] = ("pending", "done", "dead", "held", "forged")
 # "forged": the verification step's own attempt, which found the event contradicted.
 Outcome = Literal["done", "retry", "dead", "released", "forged"]
+ReceiptOutcome = Literal["accepted", "duplicate", "rejected"]
+
 # The run of the built-in verification step (see receiver/verify.py), stored beside the
 # held runs of an event from a source with `verify = "ci-api"`. Not a name a configured
 # handler can take.
@@ -39,9 +41,6 @@ def new_runs(handlers: list[str], verify: bool) -> list[tuple[str, RunStatus]]:
     if not verify:
         return [(name, "pending") for name in handlers]
     return [(VERIFY_RUN, "pending"), *((name, "held") for name in handlers)]
-
-
-ReceiptOutcome = Literal["accepted", "duplicate", "rejected"]
 
 
 class SchemaError(RuntimeError):
