@@ -220,16 +220,23 @@ class CiApi:
             seen.add(token)
         logger.warning("listing stopped after the page limit", pages=MAX_PAGES)
 
-    async def get_job(self, bucket: str, job_id: str) -> dict[str, Any] | None:
-        """The JobsDetail of one media job, or None when CI does not know the id."""
+    async def get_job(
+        self, bucket: str, job_id: str, *, attempts: int | None = None
+    ) -> dict[str, Any] | None:
+        """The JobsDetail of one media job, or None when CI does not know the id.
+        `attempts` overrides `[ci] max_attempts` (each getter takes it: verification
+        tries once and leaves retrying to the dispatcher)."""
         data = await self._call(
             functools.partial(self._client(bucket).ci_get_media_jobs, Bucket=bucket, JobIDs=job_id),
             what=f"get job {job_id} of {bucket}",
+            attempts=attempts,
         )
         found = [d for d in _entries(data.get("JobsDetail")) if text(d.get("JobId")) == job_id]
         return found[0] if found else None
 
-    async def get_workflow_execution(self, bucket: str, run_id: str) -> dict[str, Any] | None:
+    async def get_workflow_execution(
+        self, bucket: str, run_id: str, *, attempts: int | None = None
+    ) -> dict[str, Any] | None:
         """The WorkflowExecution of one run (with its Tasks), or None when unknown."""
         try:
             data = await self._call(
@@ -237,6 +244,7 @@ class CiApi:
                     self._client(bucket).ci_get_workflowexecution, Bucket=bucket, RunId=run_id
                 ),
                 what=f"get workflow execution {run_id} of {bucket}",
+                attempts=attempts,
             )
         except CiApiError as error:
             if error.status == 404:
@@ -246,7 +254,7 @@ class CiApi:
         return found[0] if found else None
 
     async def get_moderation_job(
-        self, bucket: str, family: str, job_id: str
+        self, bucket: str, family: str, job_id: str, *, attempts: int | None = None
     ) -> dict[str, Any] | None:
         """The JobsDetail of one moderation job; `family` is a value of
         `MODERATION_FAMILIES` (or `document`, `webpage`). None when unknown."""
@@ -257,6 +265,7 @@ class CiApi:
                     Bucket=bucket, Type=family, JobID=job_id,
                 ),
                 what=f"get {family} moderation job {job_id} of {bucket}",
+                attempts=attempts,
             )  # fmt: skip
         except CiApiError as error:
             if error.status == 404:

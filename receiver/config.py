@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from receiver import envvars, vocabulary
-from receiver.inbox import Cutoffs
+from receiver.inbox import VERIFY_RUN, Cutoffs
 from receiver.masking import SECRET_NAME
 from receiver.payload import Limits
 from receiver.timezones import check_timezone
@@ -58,6 +58,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# `verify` of a source: "ci-api" holds each of its events from handlers until CI's job
+# query API confirms it ([ci] credentials needed; see receiver/verify.py).
+Verify = Literal["none", "ci-api"]
+
+
+# The sections with a `verify` key, and the event sources each one's events come as: a
+# CMQ topic's push arrives over HTTP.
+VERIFYING_SECTIONS = {"http": ("http", "cmq-push"), "tdmq": ("tdmq",), "cmq": ("cmq",)}
+
+
 class HttpConfig(Section):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
@@ -78,6 +88,7 @@ class HttpConfig(Section):
     access_log: bool = True
     # Seconds to let in-flight requests finish after SIGTERM.
     graceful_timeout: float = Field(10.0, gt=0)
+    verify: Verify = "none"
 
     # --- who may post (besides tokens) ---
     # HTTP Basic credentials: {username = "password"}.
@@ -263,6 +274,7 @@ class TdmqConfig(PulsarConnection):
     # Messages that cannot be decoded are kept in the inbox as rejected and acked; when
     # this is set they are also published here (raw body, with the reason in properties).
     dead_letter_topic: str | None = None
+    verify: Verify = "none"
 
     @model_validator(mode="after")
     def _topics_or_pattern(self) -> TdmqConfig:
@@ -305,6 +317,8 @@ class CmqConfig(Section):
     concurrency: int = Field(2, ge=1)
     # Seconds for an answer beyond `polling_wait`.
     request_timeout: float = Field(10.0, gt=0)
+    # "ci-api": each event waits for CI's job API to confirm it before any handler runs.
+    verify: Verify = "none"
 
     @field_validator("region")
     @classmethod
@@ -428,6 +442,11 @@ class CiConfig(Section):
     # Seconds for one API request, and attempts for one that is throttled or fails.
     request_timeout: float = Field(10.0, gt=0)
     max_attempts: int = Field(5, ge=1)
+    # Verification: how long after a callback CI's API may still show its job unfinished
+    # (CI's own lag) before the callback counts as forged; and what becomes of events the
+    # API cannot confirm (see the README): held until replayed by name, or passed as is.
+    verify_lag: Duration = Field(60.0, ge=0)
+    verify_uncovered: Literal["hold", "pass"] = "hold"
 
     @model_validator(mode="after")
     def _credentials_to_watch(self) -> CiConfig:
@@ -563,6 +582,27 @@ class Config(BaseModel):
                         f" (configured: {', '.join(sorted(self.handlers)) or 'none'})"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _verification_has_credentials(self) -> Config:
+        if VERIFY_RUN in self.handlers:
+            raise ValueError(f"handlers: {VERIFY_RUN!r} is the verification step's name")
+        verifying = [name for name in VERIFYING_SECTIONS if getattr(self, name).verify != "none"]
+        if verifying and not self.ci.enabled:
+            raise ValueError(
+                f'{verifying[0]}.verify = "ci-api" needs [ci] secret_id, secret_key and the'
+                " buckets whose callbacks are verified ([[ci.buckets]])"
+            )
+        return self
+
+    def verified_sources(self) -> frozenset[str]:
+        """The event sources whose events wait for verification."""
+        return frozenset(
+            source
+            for name, sources in VERIFYING_SECTIONS.items()
+            if getattr(self, name).verify != "none"
+            for source in sources
+        )
 
     @property
     def inbox_path(self) -> Path:

@@ -72,11 +72,16 @@ class _SlotMetrics:
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.outcomes: dict[str, Counter] = {
             outcome: metrics.attempts.labels(name, outcome)
-            for outcome in ("done", "retry", "dead", "released")
+            for outcome in ("done", "retry", "dead", "released", "forged")
         }
         self.seconds: Histogram = metrics.handler_seconds.labels(name)
         self.running: Gauge = metrics.running.labels(name)
         self.up: Gauge = metrics.handler_up.labels(name)
+
+
+class Forged(Exception):
+    """Raised by the verification step (receiver/verify.py): CI's API contradicts the
+    event, whose runs were forged; its own run ends `forged`, with this reason."""
 
 
 # The longest a handler may ask to wait before its next attempt (Retry(after=...)).
@@ -341,6 +346,8 @@ class Dispatcher:
                 await slot.handler(claim.event)
         except Fail as exc:
             return "dead", f"Fail: {exc}", None
+        except Forged as exc:
+            return "forged", f"forged: {exc}", None
         except Retry as exc:
             error, delay = f"Retry: {exc}", _sane_delay(exc.after)
         except asyncio.TimeoutError:

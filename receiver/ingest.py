@@ -14,7 +14,7 @@ import structlog
 
 from receiver import vocabulary
 from receiver.events import parse_callback
-from receiver.inbox import Inbox, Receipt, Stored
+from receiver.inbox import VERIFY_RUN, Inbox, Receipt, Stored
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import Limits, PayloadError
@@ -130,6 +130,7 @@ class Ingestor:
         limits: Limits,
         on_stored: Callable[[list[tuple[Event, list[str]]]], None],
         rejected: RejectedBudget | None = None,
+        verified_sources: frozenset[str] = frozenset(),
     ) -> None:
         self._inbox = inbox
         self._router = router
@@ -137,6 +138,8 @@ class Ingestor:
         self._limits = limits
         self._on_stored = on_stored
         self._rejected = rejected or RejectedBudget(64 * 1024, 64 * 1024 * 1024)
+        # Events from these sources wait for verification (receiver/verify.py).
+        self._verified_sources = verified_sources
 
     async def ingest(self, receipt: Receipt) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
@@ -144,14 +147,26 @@ class Ingestor:
         began = time.perf_counter()
         events = await parse_or_refuse(receipt, self._limits, self)
         routed = [(event, self._router.handlers_for(event)) for event in events]
-        stored = await self._inbox.store(receipt, routed)
+        verify = self._verifies(receipt)
+        stored = await self._inbox.store(receipt, routed, verify=verify)
         self._count(receipt, routed, stored)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
         if stored.new:
             new = set(stored.new)
-            self._on_stored([(event, names) for event, names in routed if event.id in new])
+            self._on_stored(
+                [(event, [VERIFY_RUN] if verify else names) for event, names in routed
+                 if event.id in new]
+            )  # fmt: skip
         return stored
+
+    def _verifies(self, receipt: Receipt) -> bool:
+        # A stored callback decoded again (`replay --receipt`) is verified as it was
+        # the first time: by the source it came from.
+        source = receipt.source
+        if source == "replay":
+            source = receipt.source_meta.get("replayed_source", source)
+        return source in self._verified_sources
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
@@ -173,7 +188,6 @@ class Ingestor:
                 replace(receipt, body=kept), error.reason, error.message, size=full_size
             )
         except Exception as exc:
-            self._failed(exc)
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
             raise RejectionNotKept(str(exc)) from exc
 

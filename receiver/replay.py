@@ -50,10 +50,12 @@ async def replay(
     dead_only: bool,
     ignore_routes: bool = False,
     dry_run: bool = False,
+    release: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Replayed:
-    """Queue again the runs of these events; `progress` is told how many events each
-    page held."""
+    """Queue again the runs of these events; `release` (events the user named) runs
+    them even if held or forged by verification. `progress` is told how many events
+    each page held."""
     done = Replayed(events=len(event_ids))
     for start in range(0, len(event_ids), PAGE):
         page = event_ids[start : start + PAGE]
@@ -64,11 +66,11 @@ async def replay(
                 done.unrouted[handler] = done.unrouted.get(handler, 0) + len(page) - len(routed)
                 if routed:
                     done.runs += await inbox.requeue(
-                        routed, [handler], dead_only=False, dry_run=dry_run
+                        routed, [handler], dead_only=False, dry_run=dry_run, release=release
                     )
         else:
             done.runs += await inbox.requeue(
-                page, handlers or None, dead_only=dead_only, dry_run=dry_run
+                page, handlers or None, dead_only=dead_only, dry_run=dry_run, release=release
             )
         if progress is not None:
             progress(len(page))

@@ -7,7 +7,7 @@ import asyncio
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import handlers as handler_api
 from receiver.config import Config
@@ -20,6 +20,9 @@ from receiver.monitor import BacklogMonitor
 from receiver.presence import Presence
 from receiver.retention import Pruner
 from receiver.routing import Router
+
+if TYPE_CHECKING:
+    from receiver.ci_api import CiApi
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
@@ -83,7 +86,21 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.inbox: Inbox = open_inbox(config, wait=True)
+        # CI's job API, shared by the reconciler and verification, when [ci] is set.
+        self.ci_api: CiApi | None = None
         slots = build_slots(config)
+        if config.ci.enabled:
+            from receiver.ci_api import CiApi
+
+            self.ci_api = CiApi(config.ci, self.metrics.registry)
+        if config.verified_sources():
+            from receiver.verify import verify_slot
+
+            assert self.ci_api is not None  # the config says so
+            slots.append(
+                verify_slot(config.ci, self.ci_api, self.inbox, self.metrics.registry,
+                            wake=lambda: self.dispatcher.wake())
+            )  # fmt: skip
         self.dispatcher = Dispatcher(
             self.inbox,
             slots,
@@ -101,6 +118,7 @@ class Service:
             rejected=RejectedBudget(
                 config.inbox.rejected_body_bytes, config.inbox.rejected_bytes_per_hour
             ),
+            verified_sources=config.verified_sources(),
         )
         # Inbox upkeep, running beside the dispatcher for as long as the service does.
         self.pruner = Pruner(self.inbox, config.retention, self.metrics.registry)

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from receiver.inbox import Cutoffs, EventFilter, Pruned, Receipt, SchemaError
+from receiver.inbox import VERIFY_RUN, Cutoffs, EventFilter, Pruned, Receipt, SchemaError
 from tests.callbacks import ALL, load
 
 
@@ -321,6 +321,93 @@ async def test_a_replayed_run_refuses_the_report_of_its_old_lease(inbox):
     assert await inbox.requeue([event_id], None, dead_only=False) == 1
     assert not await inbox.finish(claim, "dead", started_at=now())
     assert await run_states(inbox, event_id) == {"a": ("pending", 0)}
+
+
+# --- verification ---------------------------------------------------------------------
+
+
+async def store_verified(inbox, job_id: str, handlers=("a", "b")) -> str:
+    body = job(job_id)
+    routed = [(e, list(handlers)) for e in parse_callback(body)]
+    (event_id,) = (await inbox.store(receipt(body), routed, verify=True)).new
+    return event_id
+
+
+async def test_a_verified_event_is_held_until_its_verification_says_genuine(inbox):
+    event_id = await store_verified(inbox, "jheld")
+    assert await run_states(inbox, event_id) == {
+        VERIFY_RUN: ("pending", 0),
+        "a": ("held", 0),
+        "b": ("held", 0),
+    }
+    assert await inbox.claim("a", 5, 30) == []
+    assert await inbox.next_due(["a", "b"]) is None
+    (check,) = await inbox.claim(VERIFY_RUN, 5, 30)
+    assert check.event.id == event_id
+    assert await inbox.settle(event_id, genuine=True) == 2
+    assert await inbox.settle(event_id, genuine=False) == 0  # settled once, for good
+    assert await inbox.finish(check, "done", started_at=now())
+    assert [c.event.id for c in await inbox.claim("a", 5, 30)] == [event_id]
+    assert await run_states(inbox, event_id) == {
+        VERIFY_RUN: ("done", 1),
+        "a": ("pending", 0),
+        "b": ("pending", 0),
+    }
+    # A duplicate of a verified event adds nothing to verify.
+    body = job("jheld")
+    again = await inbox.store(
+        receipt(body), [(e, ["a"]) for e in parse_callback(body)], verify=True
+    )
+    assert again.duplicates == [event_id]
+
+
+async def test_a_forged_event_never_runs_and_is_listed_as_forged(inbox):
+    genuine = await store_verified(inbox, "jgenuine")
+    forged = await store_verified(inbox, "jforged")
+    checks = {c.event.id: c for c in await inbox.claim(VERIFY_RUN, 5, 30)}
+    assert await inbox.settle(forged, genuine=False) == 2
+    reason = "CI's job API says State=Failed"
+    assert await inbox.finish(checks[forged], "forged", started_at=now(), error=reason)
+    assert await run_states(inbox, forged) == {
+        VERIFY_RUN: ("forged", 1),
+        "a": ("forged", 0),
+        "b": ("forged", 0),
+    }
+    detail = await inbox.event(forged)
+    assert [(a.handler, a.outcome, a.error) for a in detail.attempts] == [
+        (VERIFY_RUN, "forged", reason)
+    ]
+    assert await inbox.claim("a", 5, 30) == []
+    listed = await inbox.events(EventFilter(status="forged"))
+    assert [e.id for e in listed] == [forged]
+    assert [e.id for e in await inbox.events(EventFilter(status="held"))] == [genuine]
+    # What is left to do: the other event's verification, and nothing of the forged one.
+    assert {name: b.pending for name, b in (await inbox.backlog()).items()} == {VERIFY_RUN: 1}
+
+
+async def test_replay_releases_a_held_or_forged_event_only_when_named(inbox):
+    plain = (await store_body(inbox, job("jplain"))).new[0]
+    held = await store_verified(inbox, "jwaiting", handlers=["a"])
+    forged = await store_verified(inbox, "jfake", handlers=["a"])
+    await inbox.settle(forged, genuine=False)
+    (check,) = [c for c in await inbox.claim(VERIFY_RUN, 5, 30) if c.event.id == forged]
+    await inbox.finish(check, "forged", started_at=now())
+    # Every event, every handler: only the plain event's run.
+    assert await inbox.requeue(None, None, dead_only=False) == 1
+    # A backfill: the held event's new run waits with its others; the forged one gets none.
+    assert await inbox.requeue(None, ["new"], dead_only=False) == 2
+    assert await run_states(inbox, held) == {
+        VERIFY_RUN: ("pending", 0),
+        "a": ("held", 0),
+        "new": ("held", 0),
+    }
+    assert "new" not in await run_states(inbox, forged)
+    assert await inbox.settle(held, genuine=True) == 2
+    # Named, a forged event's runs are released; its verdict stays on record.
+    assert await inbox.requeue([forged], None, dead_only=False) == 1
+    assert await run_states(inbox, forged) == {VERIFY_RUN: ("forged", 1), "a": ("pending", 0)}
+    assert [c.event.id for c in await inbox.claim("a", 5, 30)] == [plain, held, forged]
+    assert await inbox.requeue([forged], ["b"], dead_only=False) == 1
 
 
 # --- reading --------------------------------------------------------------------------

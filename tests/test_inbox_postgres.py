@@ -78,6 +78,31 @@ async def test_a_store_wakes_the_other_replicas(server):
         await idle.close()
 
 
+async def test_a_verified_event_wakes_the_other_replicas_when_released(server):
+    url, schema = server
+    verifying, idle = inbox_at(url, schema), inbox_at(url, schema)
+    await verifying.open()
+    await idle.open()
+    wakes = []
+    idle.watch(lambda: wakes.append(1))
+    try:
+        await eventually(lambda: wakes)
+        receipt, routed = receipt_for("jgenuine")
+        (genuine,) = (await verifying.store(receipt, routed, verify=True)).new
+        receipt, routed = receipt_for("jforged")
+        (forged,) = (await verifying.store(receipt, routed, verify=True)).new
+        await asyncio.sleep(0.3)
+        before = len(wakes)
+        await verifying.settle(forged, genuine=False)  # nothing became due
+        await asyncio.sleep(0.3)
+        assert len(wakes) == before
+        await verifying.settle(genuine, genuine=True)
+        await eventually(lambda: len(wakes) > before, timeout=2)
+    finally:
+        await verifying.close()
+        await idle.close()
+
+
 async def test_replicas_starting_together_create_the_schema_once(server):
     url, schema = server
     replicas = [inbox_at(url, schema) for _ in range(6)]

@@ -32,7 +32,8 @@ def event_filters(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
         "--status",
         type=click.Choice(RUN_STATUSES),
-        help="Events with a handler run in this status.",
+        help="Events with a run in this status (held: waiting for verification; forged: the"
+        " verification contradicted it).",
     )(command)
     return filter_options(command)
 

@@ -29,7 +29,7 @@ def reconcile(
     receiver's own passes do, and moves their cursors on; --since and --dry-run move
     none.
     """
-    from receiver.ci_api import CiApi, CiApiError
+    from receiver.ci_api import CiApiError
     from receiver.sources.reconcile import Reconciler, Watch, watches
 
     config = load(config_path)
@@ -46,7 +46,8 @@ def reconcile(
     todo = watches(config.ci, bucket)
 
     async def run() -> Any:
-        api = CiApi(config.ci, service.metrics.registry)
+        api = service.ci_api
+        assert api is not None  # [ci] names buckets: checked above
         await api.check()
         await service.inbox.open()
         try:

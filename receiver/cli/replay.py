@@ -105,6 +105,7 @@ def replay(
                 dead_only=dead_only,
                 ignore_routes=ignore_routes,
                 dry_run=dry_run,
+                release=bool(event_ids),  # named ones run whatever verification said
                 progress=bar.update,
             )
         verb = "would be queued" if dry_run else "queued again"
@@ -156,8 +157,12 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
                     f"receipt {receipt_id} was not kept whole (refused for its size, or its"
                     " body removed by retention): it cannot be decoded again"
                 )
+            receipt.source_meta = {
+                **receipt.source_meta,
+                "replayed_receipt": receipt_id,
+                "replayed_source": receipt.source,
+            }
             receipt.source = "replay"
-            receipt.source_meta = {**receipt.source_meta, "replayed_receipt": receipt_id}
             return await service.ingestor.ingest(receipt)
         finally:
             await service.inbox.close()

@@ -26,8 +26,21 @@ if TYPE_CHECKING:
 # verification contradicted the event, so it never runs.
 RunStatus = Literal["pending", "done", "dead", "held", "forged"]
 RUN_STATUSES: tuple[RunStatus, ...] = ("pending", "done", "dead", "held", "forged")
-Outcome = Literal["done", "retry", "dead", "released"]
+# "forged": the verification step's own attempt, which found the event contradicted.
+Outcome = Literal["done", "retry", "dead", "released", "forged"]
 ReceiptOutcome = Literal["accepted", "duplicate", "rejected"]
+
+# The run of the built-in verification step (see receiver/verify.py), stored beside the
+# held runs of an event from a source with `verify = "ci-api"`. Not a name a configured
+# handler can take.
+VERIFY_RUN = "(verify)"
+
+
+def new_runs(handlers: list[str], verify: bool) -> list[tuple[str, RunStatus]]:
+    """(handler, status) of a new event's runs: pending, or held behind its verification."""
+    if not verify:
+        return [(name, "pending") for name in handlers]
+    return [(VERIFY_RUN, "pending"), *((name, "held") for name in handlers)]
 
 
 class SchemaError(RuntimeError):
@@ -207,10 +220,20 @@ class Inbox(Protocol):
 
     # --- ingest ---------------------------------------------------------------------
 
-    async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
+    async def store(
+        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+    ) -> Stored:
         """Commit the receipt, each new event and a pending run per routed handler; an
         event whose id is already stored is a duplicate and gets no runs. Two processes
-        storing the same id at the same moment: one new, one duplicate, never an error."""
+        storing the same id at the same moment: one new, one duplicate, never an error.
+        With `verify`, each new event's runs are stored `held`, beside a pending run of
+        the verification step (`VERIFY_RUN`), which settles them."""
+        ...
+
+    async def settle(self, event_id: str, genuine: bool) -> int:
+        """The verification's verdict on an event: its held runs become pending (genuine)
+        or forged. Returns how many runs changed (none when they were settled already, or
+        released by a replay)."""
         ...
 
     async def reject(
@@ -269,11 +292,18 @@ class Inbox(Protocol):
         *,
         dead_only: bool,
         dry_run: bool = False,
+        release: bool | None = None,
     ) -> int:
         """Make runs pending again with their attempts reset (named handlers: creating
         the runs that do not exist yet); None selects every event or every handler.
         Runs leased right now are left alone. Returns how many runs were (with
-        `dry_run`: would be) queued."""
+        `dry_run`: would be) queued.
+
+        Verification: with `release` (by default: when `event_ids` are named), the events
+        run whatever verification said (held or forged: the caller vouches for them);
+        without, held and forged runs are left alone, and a new run of a held event is
+        created held. The verification run
+        itself is requeued only when `handlers` names it."""
         ...
 
     # --- reading (never blocks writers) ---------------------------------------------

@@ -30,6 +30,7 @@ import structlog
 
 from receiver.ids import new_id
 from receiver.inbox import (
+    VERIFY_RUN,
     Attempt,
     Backlog,
     Claim,
@@ -47,6 +48,7 @@ from receiver.inbox import (
     RunState,
     SchemaError,
     Stored,
+    new_runs,
 )
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
 from receiver.inbox.query import UNFINISHED_RUN, Dialect, event_conditions, glob_to_like
@@ -78,7 +80,13 @@ DIALECT = Dialect(
     glob_pattern=glob_to_like,
     time=lambda moment: moment,
 )
-_RUN_STATUS = {"done": "done", "dead": "dead", "retry": "pending", "released": "pending"}
+_RUN_STATUS = {
+    "done": "done",
+    "dead": "dead",
+    "retry": "pending",
+    "released": "pending",
+    "forged": "forged",
+}
 
 STORE = f"""
 WITH receipt AS (SELECT nextval('receipts_id_seq') AS id),
@@ -96,8 +104,8 @@ inserted AS (
 ),
 new_runs AS (
     INSERT INTO runs (event_id, handler, status, due_at, updated_at)
-    SELECT DISTINCT r.event_id, r.handler, 'pending', now(), now()
-    FROM unnest($18::text[], $19::text[]) AS r(event_id, handler)
+    SELECT DISTINCT r.event_id, r.handler, r.status, now(), now()
+    FROM unnest($18::text[], $19::text[], $20::text[]) AS r(event_id, handler, status)
     JOIN inserted ON inserted.id = r.event_id
     RETURNING 1
 ),
@@ -248,11 +256,14 @@ class PostgresInbox:
 
     # --- ingest --------------------------------------------------------------------
 
-    async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
+    async def store(
+        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+    ) -> Stored:
         ids = [event.id for event, _ in routed]
         columns: list[list[Any]] = [[] for _ in range(9)]
         run_events: list[str] = []
         run_handlers: list[str] = []
+        run_statuses: list[str] = []
         for event, handlers in routed:
             source = event.input
             values = (
@@ -268,9 +279,10 @@ class PostgresInbox:
             for column, value in zip(columns, values, strict=False):
                 column.append(text(value))
             columns[8].append(event_data(event))
-            for handler in handlers:
+            for handler, status in new_runs(handlers, verify):
                 run_events.append(text(event.id))
                 run_handlers.append(handler)
+                run_statuses.append(status)
         row = await self._write(
             STORE,
             receipt.received_at,
@@ -284,6 +296,7 @@ class PostgresInbox:
             *columns,
             run_events,
             run_handlers,
+            run_statuses,
         )
         receipt_id, inserted, _ = row
         new_ids = set(inserted)
@@ -314,6 +327,19 @@ class PostgresInbox:
             orjson.dumps([]),
             text(reason),
             text(detail),
+        )
+        return int(row[0])
+
+    async def settle(self, event_id: str, genuine: bool) -> int:
+        # Released runs wake the other replicas, as new ones do.
+        row = await self._write(
+            "WITH settled AS (UPDATE runs SET status = $2, due_at = now(), updated_at = now()"
+            " WHERE event_id = $1 AND status = 'held' RETURNING 1),"
+            f" notified AS (SELECT pg_notify('{CHANNEL}', '') WHERE $2 = 'pending'"
+            " AND EXISTS (SELECT 1 FROM settled))"
+            " SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM notified)",
+            text(event_id),
+            "pending" if genuine else "forged",
         )
         return int(row[0])
 
@@ -455,13 +481,15 @@ class PostgresInbox:
         *,
         dead_only: bool,
         dry_run: bool = False,
+        release: bool | None = None,
     ) -> int:
         ids = None if event_ids is None else [text(i) for i in event_ids]
+        vouched = event_ids is not None if release is None else release
         async with self.pool.acquire() as connection:
             transaction = connection.transaction()
             await transaction.start()
             try:
-                total = await _requeue(connection, ids, handlers, dead_only)
+                total = await _requeue(connection, ids, handlers, dead_only, vouched)
             except BaseException:
                 await transaction.rollback()
                 raise
@@ -671,38 +699,49 @@ async def _requeue(
     ids: list[str] | None,
     handlers: list[str] | None,
     dead_only: bool,
+    release: bool,
 ) -> int:
     if handlers and not dead_only:
         # Named handlers: create the runs that do not exist yet, reset the others.
+        # Events released (named by the user) run whatever verification said;
+        # otherwise a held event's new runs wait with its others, and a forged event
+        # is left alone.
         total = 0
         for handler in handlers:
             status = await connection.execute(
                 "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                " SELECT id, $1, 'pending', now(), now() FROM events"
-                " WHERE $2::text[] IS NULL OR id = ANY($2::text[])"
-                " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
+                " SELECT e.id, $1, CASE WHEN NOT $3 AND EXISTS (SELECT 1"
+                " FROM runs h WHERE h.event_id = e.id AND h.status = 'held')"
+                " THEN 'held' ELSE 'pending' END, now(), now() FROM events e"
+                " WHERE ($2::text[] IS NULL OR e.id = ANY($2::text[]))"
+                " AND ($3 OR NOT EXISTS (SELECT 1 FROM runs f"
+                " WHERE f.event_id = e.id AND f.status = 'forged'))"
+                " ON CONFLICT (event_id, handler) DO UPDATE SET status = excluded.status,"
                 " attempts = 0, due_at = now(), last_error = NULL, lease_until = NULL,"
                 " lease_token = NULL, updated_at = now()"
                 " WHERE runs.lease_until IS NULL OR runs.lease_until <= now()",
                 handler,
                 ids,
+                release,
             )
             total += _count(status)
-    else:
-        status = await connection.execute(
-            "UPDATE runs SET status = 'pending', attempts = 0, due_at = now(),"
-            " last_error = NULL, lease_until = NULL, lease_token = NULL,"
-            " updated_at = now()"
-            " WHERE (lease_until IS NULL OR lease_until <= now())"
-            " AND (NOT $1 OR status = 'dead')"
-            " AND ($2::text[] IS NULL OR event_id = ANY($2::text[]))"
-            " AND ($3::text[] IS NULL OR handler = ANY($3::text[]))",
-            dead_only,
-            ids,
-            handlers,
-        )
-        total = _count(status)
-    return total
+        return total
+    status = await connection.execute(
+        "UPDATE runs SET status = 'pending', attempts = 0, due_at = now(),"
+        " last_error = NULL, lease_until = NULL, lease_token = NULL, updated_at = now()"
+        " WHERE (lease_until IS NULL OR lease_until <= now())"
+        " AND (NOT $1 OR status = 'dead')"
+        " AND ($2::text[] IS NULL OR event_id = ANY($2::text[]))"
+        " AND ($5 OR status NOT IN ('held', 'forged'))"
+        " AND CASE WHEN $3::text[] IS NULL THEN handler <> $4"
+        " ELSE handler = ANY($3::text[]) END",
+        dead_only,
+        ids,
+        handlers,
+        VERIFY_RUN,
+        release,
+    )
+    return _count(status)
 
 
 async def _prune(

@@ -22,6 +22,7 @@ import orjson
 
 from receiver.ids import new_id
 from receiver.inbox import (
+    VERIFY_RUN,
     Attempt,
     Backlog,
     Claim,
@@ -39,6 +40,7 @@ from receiver.inbox import (
     RunState,
     SchemaError,
     Stored,
+    new_runs,
 )
 from receiver.inbox.query import UNFINISHED_RUN, Dialect, event_conditions, glob_to_sqlite
 from receiver.inbox.reader import Reader
@@ -59,7 +61,13 @@ DIALECT = Dialect(
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
 )
-_RUN_STATUS = {"done": "done", "dead": "dead", "retry": "pending", "released": "pending"}
+_RUN_STATUS = {
+    "done": "done",
+    "dead": "dead",
+    "retry": "pending",
+    "released": "pending",
+    "forged": "forged",
+}
 
 
 class SqliteInbox:
@@ -101,7 +109,9 @@ class SqliteInbox:
 
     # --- ingest --------------------------------------------------------------------
 
-    async def store(self, receipt: Receipt, routed: list[tuple[Event, list[str]]]) -> Stored:
+    async def store(
+        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+    ) -> Stored:
         rows = [
             (
                 event.id,
@@ -142,8 +152,8 @@ class SqliteInbox:
                 new.append(columns[0])
                 connection.executemany(
                     "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                    " VALUES (?, ?, 'pending', ?, ?)",
-                    [(columns[0], handler, now, now) for handler in handlers],
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(columns[0], *run, now, now) for run in new_runs(handlers, verify)],
                 )
             if not new:
                 connection.execute(
@@ -171,6 +181,19 @@ class SqliteInbox:
             return receipt_id
 
         return await self._write.submit(reject)
+
+    async def settle(self, event_id: str, genuine: bool) -> int:
+        status = "pending" if genuine else "forged"
+
+        def settle(connection: sqlite3.Connection) -> int:
+            now = time.time()
+            return connection.execute(
+                "UPDATE runs SET status = ?, due_at = ?, updated_at = ?"
+                " WHERE event_id = ? AND status = 'held'",
+                (status, now, now, event_id),
+            ).rowcount
+
+        return await self._write.submit(settle)
 
     # --- dispatch ------------------------------------------------------------------
 
@@ -301,13 +324,16 @@ class SqliteInbox:
         *,
         dead_only: bool,
         dry_run: bool = False,
+        release: bool | None = None,
     ) -> int:
+        vouched = event_ids is not None if release is None else release
+
         def requeue(connection: sqlite3.Connection) -> int:
             now = time.time()
             connection.execute("SAVEPOINT requeue")
             total = 0
             for chunk in _chunks(event_ids):
-                total += _requeue(connection, now, chunk, handlers, dead_only)
+                total += _requeue(connection, now, chunk, handlers, dead_only, vouched)
             if dry_run:
                 connection.execute("ROLLBACK TO requeue")
             connection.execute("RELEASE requeue")
@@ -647,19 +673,32 @@ def _requeue(
     event_ids: list[str] | None,
     handlers: list[str] | None,
     dead_only: bool,
+    release: bool,
 ) -> int:
-    selected = "SELECT id FROM events"
-    if event_ids:
-        selected += f" WHERE id IN ({_marks(event_ids)})"
+    chosen = []
     arguments: list[Any] = list(event_ids or ())
+    if event_ids:
+        chosen.append(f"id IN ({_marks(event_ids)})")
+    # Events released (named by the user) run whatever verification said; otherwise a
+    # held event's new runs wait with its others, and a forged event is left alone.
+    status = "'pending'"
+    if not release:
+        chosen.append(
+            "NOT EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id AND f.status = 'forged')"
+        )
+        status = (
+            "CASE WHEN EXISTS (SELECT 1 FROM runs h WHERE h.event_id = s.id"
+            " AND h.status = 'held') THEN 'held' ELSE 'pending' END"
+        )
+    selected = "SELECT id FROM events" + (f" WHERE {' AND '.join(chosen)}" if chosen else "")
     if handlers and not dead_only:
         # Named handlers: create the runs that do not exist yet, reset the others.
         total = 0
         for handler in handlers:
             total += connection.execute(
                 "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                f" SELECT id, ?, 'pending', ?, ? FROM ({selected}) WHERE true"
-                " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending',"
+                f" SELECT s.id, ?, {status}, ?, ? FROM ({selected}) s WHERE true"
+                " ON CONFLICT (event_id, handler) DO UPDATE SET status = excluded.status,"
                 " attempts = 0, due_at = excluded.due_at, last_error = NULL,"
                 " lease_until = NULL, lease_token = NULL, updated_at = excluded.updated_at"
                 " WHERE runs.lease_until IS NULL OR runs.lease_until <= excluded.due_at",
@@ -673,9 +712,14 @@ def _requeue(
     if event_ids:
         conditions.append(f"event_id IN ({_marks(event_ids)})")
         values += arguments
+    if not release:
+        conditions.append("status NOT IN ('held', 'forged')")
     if handlers:
         conditions.append(f"handler IN ({_marks(handlers)})")
         values += handlers
+    else:
+        conditions.append("handler <> ?")
+        values.append(VERIFY_RUN)
     return connection.execute(
         "UPDATE runs SET status = 'pending', attempts = 0, due_at = ?, last_error = NULL,"
         " lease_until = NULL, lease_token = NULL,"

@@ -262,7 +262,8 @@ def reconciler_for(config: Config, service: Any) -> Reconciler:
     """The reconciler of `serve`, `consume` and `run`, its credentials tried first (one
     cheap call per bucket): raises `CiApiError` when CI refuses them, a bucket or a tag.
     CI out of reach is no reason not to start: the passes keep trying."""
-    api = CiApi(config.ci, service.metrics.registry)
+    api = service.ci_api
+    assert api is not None  # made by the service when [ci] names buckets
     try:
         asyncio.run(api.check())  # before the service's own event loop starts
     except CiApiError as error:
