@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from receiver.cli.events import events
+from receiver.cli.inbox import inbox
 from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
 from receiver.cli.serving import consume, run_all, serve
@@ -17,5 +18,5 @@ def main() -> None:
     """Receive Tencent Cloud Infinite (CI) job callbacks, keep them, and act on them."""
 
 
-for command in (serve, consume, run_all, check_config, send, events, replay, reconcile):
+for command in (serve, consume, run_all, check_config, send, events, replay, reconcile, inbox):
     main.add_command(command)
