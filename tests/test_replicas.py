@@ -98,6 +98,7 @@ class SqlTable:
             "table": f"jobs_{suffix}",
             "history": True,
             "events_table": f"events_{suffix}",
+            "pool_size": 2,  # five processes, each with its pool, on a shared server
         }
         self.writes = f"events_{suffix}_writes"
 
