@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -37,6 +38,7 @@ import asyncpg
 from bench.http import BODIES, start, stop, wrk
 from tests.callbacks import load
 from tests.databases import answers, server_url
+from tests.inboxes import drop_schema
 from tests.processes import free_port
 
 DRAIN_TIMEOUT = 300.0
@@ -81,8 +83,9 @@ def progress_reader(
     if not setup.postgres:
 
         def read_sqlite() -> tuple[int, int]:
-            with sqlite3.connect(work / "data" / "inbox.db") as connection:
-                return tuple(connection.execute(q).fetchone()[0] for q in (events, done))  # type: ignore[return-value]
+            with contextlib.closing(sqlite3.connect(work / "data" / "inbox.db")) as connection:
+                stored = connection.execute(events).fetchone()[0]
+                return stored, connection.execute(done).fetchone()[0]
 
         return read_sqlite
 
@@ -130,7 +133,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body
         for process in processes:
             stop(process)
         if setup.postgres:
-            asyncio.run(_drop(url, schema))
+            asyncio.run(drop_schema(url, schema))
     return {
         "rps": sum(r["rps"] for r in results),
         "p99": max(r["p99"] for r in results),
@@ -139,14 +142,6 @@ def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body
         "handled/s": handled / elapsed,
         "backlog": stored - handled,
     }
-
-
-async def _drop(url: str, schema: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await connection.close()
 
 
 def main() -> None:
