@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 from tests.databases import drop_tables, require_server
 from tests.inboxes import BACKENDS, InboxPlace
 from tests.processes import PulsarLite, Receiver
+from tests.shared_inbox import SharedInbox
 
 # `HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py` for a long fuzzing run.
 settings.register_profile(
@@ -66,6 +67,14 @@ async def inbox_place(request, tmp_path):
 async def inbox(inbox_place):
     """An open inbox on each backend."""
     return await inbox_place.open()
+
+
+@pytest.fixture
+def shared_inbox():
+    """A PostgreSQL inbox schema for several processes of one test, dropped after."""
+    inbox = SharedInbox(require_server("postgresql"))
+    yield inbox
+    inbox.drop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mysql"])

@@ -4,13 +4,18 @@ use at the same time.
 
 In-process: `async with TcpProxy(upstream_port) as proxy: ... await proxy.cut() ...
 await proxy.restore()`. Cutting closes every connection and stops listening, as a server
-that went down would look from outside.
+that went down would look from outside. For a test that drives child processes and
+waits on them (blocking), `ThreadedProxy` runs the same proxy on an event loop of its
+own thread: `with ThreadedProxy(port) as proxy: ... proxy.cut() ... proxy.restore()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Coroutine
+from typing import Any
 
 from tests.processes import free_port
 
@@ -72,3 +77,36 @@ class TcpProxy:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+
+
+class ThreadedProxy:
+    """A `TcpProxy` served from a thread of its own, driven by blocking calls."""
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._proxy = TcpProxy(upstream_port, upstream_host)
+
+    @property
+    def port(self) -> int:
+        return self._proxy.port
+
+    def __enter__(self) -> ThreadedProxy:
+        self.restore()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def cut(self) -> None:
+        self._call(self._proxy.cut())
+
+    def restore(self) -> None:
+        self._call(self._proxy.restore())
+
+    def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(30)

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import typing
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,13 @@ from dockerfile_parse import DockerfileParser
 
 from receiver.cli import main as cli
 from receiver.config import Config, load_config
+from tests.databases import require_server
 from tests.processes import REPO
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 DEPLOY = REPO / "deploy"
 ROUTES = {"/callbacks", "/healthz", "/readyz"}  # on the public port
@@ -29,15 +36,23 @@ SECRETS = {
     "CI_ADMIN_TOKEN": "admin-token",
     "POSTGRES_PASSWORD": "password",
     "WECOM_WEBHOOK_URL": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k",
+    "CI_RECEIVER_TDMQ__TOKEN": "eyJhbGciOiJIUzI1NiJ9.e30.token",
 }
 
 
 def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ci-receiver check-config` on a deploy file, with its secrets set. A PostgreSQL inbox
+    is pointed at the machine's server, in a schema nothing uses (check-config only looks),
+    since the deploy file's host does not exist here."""
+    environment = {**os.environ, **SECRETS, **(env or {}), "PYTHONPATH": str(REPO)}
+    if tomllib.loads(path.read_text()).get("inbox", {}).get("url"):
+        environment["CI_RECEIVER_INBOX__URL"] = require_server("postgresql")
+        environment["CI_RECEIVER_INBOX__POSTGRES_SCHEMA"] = f"unused_{uuid.uuid4().hex[:8]}"
     return subprocess.run(
         [sys.executable, "-m", "receiver.cli", "check-config", "--config", str(path)],
         capture_output=True,
         text=True,
-        env={**os.environ, **SECRETS, **(env or {}), "PYTHONPATH": str(REPO)},
+        env=environment,
     )
 
 
@@ -86,8 +101,6 @@ def test_dockerfile_runs_ci_receiver_as_a_user_on_the_default_port(dockerfile):
 
 
 def test_dockerfile_copies_what_exists_and_installs_real_extras(dockerfile):
-    import tomllib
-
     for value in instructions(dockerfile, "COPY"):
         if value.startswith("--from"):
             continue
@@ -108,19 +121,21 @@ def test_dockerfile_copies_what_exists_and_installs_real_extras(dockerfile):
 
 
 def test_the_example_configs_pass_check_config():
-    for config in ("ci-receiver.toml", "consumer.toml"):
+    for config in ("ci-receiver.toml", "compose.toml"):
         result = check_config(DEPLOY / config)
         assert result.returncode == 0, (config, result.stderr)
 
 
-def test_compose_services_run_real_commands_with_real_settings():
+def test_compose_runs_receivers_and_consumers_on_one_postgresql_inbox():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
     ours = {name: s for name, s in services.items() if s.get("image") == "ci-receiver:latest"}
     assert set(ours) == {"receiver", "consumer"}
-    for service in ours.values():
+    for name, service in ours.items():
         assert (DEPLOY / service["build"] / "Dockerfile").exists()
         assert_command(service["command"])
+        assert service["command"][0] == {"receiver": "serve", "consumer": "consume"}[name]
+        assert service["deploy"]["replicas"] >= 2
         assert_env_keys(service["environment"])
         for dependency in service["depends_on"]:
             assert dependency in services
@@ -131,59 +146,168 @@ def test_compose_services_run_real_commands_with_real_settings():
         assert service["ulimits"]["nofile"]["soft"] > 2 * Config().http.max_connections
         # The admin listener is not published: it stays on the container's loopback.
         assert all(str(Config().admin.port) not in port for port in service.get("ports", []))
-    # The receiver relays: a topic, and the connection it publishes over.
-    receiver = ours["receiver"]["environment"]
-    assert receiver["CI_RECEIVER_RELAY__TOPIC"] in receiver["CI_RECEIVER_TDMQ__TOPICS"]
-    assert ours["receiver"]["ports"] == [f"{Config().http.port}:{Config().http.port}"]
-    # The consumer's config, with the environment compose gives it, is a valid one.
-    consumer = ours["consumer"]
-    mounted = {
-        v.split(":")[1]: DEPLOY / v.split(":")[0] for v in consumer["volumes"] if v.startswith("./")
-    }
-    config_file = mounted[consumer["command"][consumer["command"].index("--config") + 1]]
-    result = check_config(config_file, env=consumer["environment"])
-    assert result.returncode == 0, result.stderr
-    assert '"service_url": "pulsar://pulsar:6650"' in result.stdout
     # consume has no public port: its health check asks the admin listener.
-    (probe,) = [word for word in consumer["healthcheck"]["test"] if "urlopen" in word]
+    (probe,) = [word for word in ours["consumer"]["healthcheck"]["test"] if "urlopen" in word]
     assert f"127.0.0.1:{Config().admin.port}/healthz" in probe
-
-
-def test_kubernetes_manifest_probes_and_config(tmp_path):
-    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
-    kinds = {doc["kind"]: doc for doc in documents}
-    assert set(kinds) == {"ConfigMap", "Service", "StatefulSet"}
-    pod = kinds["StatefulSet"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert_command(container["args"])
-    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert container["livenessProbe"]["httpGet"]["path"] in ROUTES
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["readinessProbe"]["httpGet"]["port"] == "http"  # no credentials needed
-    # The Service publishes the public port only; Prometheus scrapes the admin one.
-    (published,) = kinds["Service"]["spec"]["ports"]
-    assert published["targetPort"] == "http"
-    annotations = kinds["StatefulSet"]["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/path"] in ADMIN_ROUTES
-    # Long enough for the drain: HTTP graceful timeout plus dispatcher drain.
-    defaults = Config()
-    assert pod["terminationGracePeriodSeconds"] > (
-        defaults.http.graceful_timeout + defaults.dispatch.drain_timeout
+    # One config for all (the same handlers and routes), on the compose PostgreSQL.
+    configs = {mounted_config(service) for service in ours.values()}
+    assert len(configs) == 1
+    config_file = configs.pop()
+    text = config_file.read_text()
+    assert 'url = "postgresql://ci:${POSTGRES_PASSWORD}@postgres:5432/ci"' in text
+    postgres = services["postgres"]["environment"]
+    checked = {}
+    for name, service in ours.items():
+        assert service["environment"]["POSTGRES_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
+        checked[name] = check_config(config_file, env=service["environment"])
+        assert checked[name].returncode == 0, checked[name].stderr
+    assert '"service_url": "pulsar://pulsar:6650"' in checked["consumer"].stdout
+    # The load balancer spreads over every receiver replica, on the port they listen on.
+    balancer = services["lb"]
+    assert balancer["ports"] == [f"{Config().http.port}:{Config().http.port}"]
+    caddyfile = next(
+        DEPLOY / v.split(":")[0] for v in balancer["volumes"] if v.endswith("Caddyfile:ro")
     )
-    config = tmp_path / "ci-receiver.toml"
-    config.write_text(kinds["ConfigMap"]["data"]["ci-receiver.toml"])
-    result = check_config(config)
-    assert result.returncode == 0, result.stderr
-    effective = json.loads(result.stdout)
-    assert ports == {"http": effective["http"]["port"], "admin": effective["admin"]["port"]}
-    assert annotations["prometheus.io/port"] == str(effective["admin"]["port"])
-    # Exposed beyond the pod's loopback, so with a token, from the secret.
-    assert effective["admin"]["host"] == "0.0.0.0"
-    assert effective["admin"]["token"] == "**********"
-    secret_names = {env["name"] for env in container["env"] if "secretKeyRef" in env["valueFrom"]}
-    assert {"CI_CALLBACK_TOKEN", "CI_ADMIN_TOKEN"} <= secret_names
-    mount = container["args"][container["args"].index("--config") + 1]
-    assert any(mount.startswith(m["mountPath"]) for m in container["volumeMounts"])
+    upstream = re.search(r"dynamic a (\S+) (\d+)", caddyfile.read_text())
+    assert upstream is not None
+    assert upstream.groups() == ("receiver", str(Config().http.port))
+
+
+def mounted_config(service: dict) -> Path:
+    """The deploy file a compose service runs with (its --config, mounted from deploy/)."""
+    command = service["command"]
+    inside = command[command.index("--config") + 1]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+    return (DEPLOY / mounted[inside]).resolve()
+
+
+def documents(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc]
+
+
+def secret_command_keys(name: str) -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl create secret` commands in the comments."""
+    comments = " ".join(
+        line.lstrip("# ").rstrip("\\")
+        for line in (DEPLOY / name).read_text().splitlines()
+        if line.startswith("#")
+    )
+    found: dict[str, set[str]] = {}
+    commands = r"kubectl create secret (generic|tls) ([\w-]+)(.*?)(?=kubectl|$)"
+    for kind, secret, options in re.findall(commands, comments):
+        keys = re.findall(r"--from-(?:literal|file)=([\w.-]+)=", options)
+        found[secret] = {"tls.crt", "tls.key"} if kind == "tls" else set(keys)
+    return found
+
+
+def check_pod(
+    template: dict, config_map: dict, secrets: dict[str, set[str]], tmp_path: Path
+) -> None:
+    """Each container runs a real command on the mounted config, reads only secrets the
+    comments tell how to create, and the config passes check-config with that env."""
+    defaults = Config()
+    pod = template["spec"]
+    for container in pod["containers"]:
+        args = container["args"]
+        assert_command(args)
+        image = container["image"]
+        assert ":" in image.rsplit("/", 1)[-1], image
+        assert not image.endswith(":latest"), image
+        mount = args[args.index("--config") + 1]
+        assert any(mount.startswith(m["mountPath"]) for m in container["volumeMounts"])
+        env = {}
+        for variable in container.get("env", []):
+            reference = variable["valueFrom"]["secretKeyRef"]
+            assert reference["key"] in secrets.get(reference["name"], set()), reference
+            env[variable["name"]] = SECRETS.get(variable["name"], "secret")
+        assert_env_keys(env)
+        config = tmp_path / "ci-receiver.toml"
+        config.write_text(config_map["data"]["ci-receiver.toml"])
+        # Every ${VAR} the config reads is set in the pod.
+        assert set(re.findall(r"\$\{(\w+)\}", config.read_text())) <= set(env)
+        result = check_config(config, env=env)
+        assert result.returncode == 0, result.stderr
+        effective = json.loads(result.stdout)
+        ports = {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+        # Prometheus scrapes the admin listener, exposed beyond the pod's loopback: so
+        # with a token, from the secret.
+        annotations = template["metadata"].get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            assert ports["admin"] == effective["admin"]["port"]
+            assert annotations["prometheus.io/port"] == str(effective["admin"]["port"])
+            assert annotations["prometheus.io/path"] in ADMIN_ROUTES
+            assert effective["admin"]["host"] == "0.0.0.0"
+            assert effective["admin"]["token"] == "**********"
+            assert "CI_ADMIN_TOKEN" in env
+        if args[0] == "serve":
+            assert ports["http"] == effective["http"]["port"]
+            assert container["readinessProbe"]["httpGet"]["port"] == "http"  # no credentials
+            assert container["ports"][0]["containerPort"] == defaults.http.port
+            assert container["livenessProbe"]["httpGet"]["path"] in ROUTES
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            # Long enough for the drain: HTTP graceful timeout plus dispatcher drain.
+            assert pod["terminationGracePeriodSeconds"] > (
+                defaults.http.graceful_timeout + defaults.dispatch.drain_timeout
+            )
+
+
+def test_kubernetes_scale_out_on_postgresql(tmp_path):
+    docs = documents("kubernetes.yaml")
+    by_kind: dict[str, list[dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    assert set(by_kind) == {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Ingress"}
+    (config_map,) = by_kind["ConfigMap"]
+    assert "postgresql://" in config_map["data"]["ci-receiver.toml"]
+    secrets = secret_command_keys("kubernetes.yaml")
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    receivers = deployments["ci-receiver"]
+    assert receivers["spec"]["replicas"] >= 2
+    assert receivers["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    labels = receivers["spec"]["template"]["metadata"]["labels"]
+    assert receivers["spec"]["selector"]["matchLabels"] == labels
+    for deployment in deployments.values():
+        check_pod(deployment["spec"]["template"], config_map, secrets, tmp_path)
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert (
+        deployments["ci-receiver-consumer"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        == "consume"
+    )
+    # The budget, the Service and the Ingress all reach the receivers.
+    (budget,) = by_kind["PodDisruptionBudget"]
+    assert budget["spec"]["selector"]["matchLabels"] == labels
+    assert 1 <= budget["spec"]["minAvailable"] < receivers["spec"]["replicas"]
+    (service,) = by_kind["Service"]
+    assert service["spec"]["selector"] == labels
+    container_ports = {
+        p["name"] for p in receivers["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+    (ingress,) = by_kind["Ingress"]
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["secretName"] in secrets
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] in tls["hosts"]
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/callbacks"  # only the callbacks are public
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_kubernetes_single_node_on_sqlite(tmp_path):
+    docs = documents("kubernetes-sqlite.yaml")
+    kinds = {doc["kind"]: doc for doc in docs}
+    assert set(kinds) == {"ConfigMap", "Service", "StatefulSet"}
+    statefulset = kinds["StatefulSet"]
+    assert statefulset["spec"]["replicas"] == 1  # SQLite: one writer node
+    template = statefulset["spec"]["template"]
+    check_pod(template, kinds["ConfigMap"], secret_command_keys("kubernetes-sqlite.yaml"), tmp_path)
+    (container,) = template["spec"]["containers"]
+    config = tomllib.loads(kinds["ConfigMap"]["data"]["ci-receiver.toml"])
+    # The inbox is on the volume that outlives the pod.
+    assert any(m["mountPath"] == config["data_dir"] for m in container["volumeMounts"])
 
 
 def test_systemd_unit_runs_real_commands():
@@ -196,8 +320,6 @@ def test_systemd_unit_runs_real_commands():
         assert_command(argv)
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 20
-    # Room for the default connection cap next to the inbox and handlers.
-    assert int(service["LimitNOFILE"]) > 2 * Config().http.max_connections
 
 
 def test_the_env_key_check_catches_a_wrong_key_and_reads_as_load_config_does(monkeypatch):

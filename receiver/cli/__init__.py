@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from receiver.cli.events import events
+from receiver.cli.inbox import inbox
 from receiver.cli.prune import prune
 from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
@@ -30,5 +31,6 @@ for command in (
     replay,
     reconcile,
     prune,
+    inbox,
 ):
     main.add_command(command)
