@@ -37,12 +37,20 @@ from receiver.inbox import (
     Receipt,
     ReceiptOutcome,
     ReceiptSummary,
+    RejectedReceipt,
     RunState,
     SchemaError,
     Stored,
+    Traffic,
     new_runs,
 )
-from receiver.inbox.query import UNFINISHED_RUN, Dialect, event_conditions, glob_to_sqlite
+from receiver.inbox.query import (
+    UNFINISHED_RUN,
+    Dialect,
+    event_conditions,
+    glob_to_sqlite,
+    tallies,
+)
 from receiver.inbox.reader import Reader
 from receiver.inbox.records import Documents, event_data
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, setup, version
@@ -60,6 +68,7 @@ DIALECT = Dialect(
     glob=lambda column, param: f"{column} GLOB {param}",
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
+    unindexed=lambda column: f"+{column}",
 )
 _RUN_STATUS = {
     "done": "done",
@@ -467,6 +476,26 @@ class SqliteInbox:
             cut_from=size if size > len(body) else None,
         )
 
+    async def rejected(
+        self, *, limit: int = 50, before: int | None = None, preview: int = 512
+    ) -> list[RejectedReceipt]:
+        def rejected(connection: sqlite3.Connection) -> list[RejectedReceipt]:
+            rows = connection.execute(
+                "SELECT id, received_at, source, request_id, size, COALESCE(LENGTH(body), 0),"
+                " error_reason, error_detail, headers, source_meta, substr(body, 1, ?)"
+                " FROM receipts WHERE outcome = 'rejected' AND id < ? ORDER BY id DESC LIMIT ?",
+                (preview, before if before is not None else 1 << 62, limit),
+            ).fetchall()
+            return [
+                RejectedReceipt(
+                    *row[:1], _datetime(row[1]), *row[2:8], orjson.loads(row[8]),
+                    orjson.loads(row[9]), bytes(row[10] or b""),
+                )
+                for row in rows
+            ]  # fmt: skip
+
+        return await self._reader.run(rejected)
+
     async def backlog(self) -> dict[str, Backlog]:
         def backlog(connection: sqlite3.Connection) -> dict[str, Backlog]:
             found: dict[str, Backlog] = {}
@@ -513,6 +542,29 @@ class SqliteInbox:
             )
 
         return await self._reader.run(counts)
+
+    async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
+        start = since.timestamp()
+
+        def traffic(connection: sqlite3.Connection) -> Traffic:
+            callbacks = [
+                (_datetime(bucket * step), outcome, count)
+                for bucket, outcome, count in connection.execute(
+                    "SELECT CAST(received_at / ? AS INTEGER), outcome, COUNT(*) FROM receipts"
+                    " WHERE received_at >= ? GROUP BY 1, 2 ORDER BY 1, 2",
+                    (step, start),
+                )
+            ]
+            tags, states = tallies(
+                connection.execute(
+                    "SELECT COALESCE(tag, event_name, kind), COALESCE(state, '-'), COUNT(*)"
+                    " FROM events WHERE received_at >= ? GROUP BY 1, 2",
+                    (start,),
+                )
+            )
+            return Traffic(step, callbacks, tags, states)
+
+        return await self._reader.run(traffic)
 
     async def load(self, event_ids: list[str]) -> list[Event]:
         def load(connection: sqlite3.Connection) -> list[bytes]:
