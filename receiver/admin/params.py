@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.datastructures import QueryParams
 
 from receiver.config import parse_moment
@@ -23,7 +23,9 @@ MAX_CURSOR = (1 << 63) - 1
 # Longer than any value a callback's field can hold (ids are at most 256 characters).
 MAX_TEXT = 1024
 
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+Text = Annotated[
+    str, Field(min_length=1, max_length=MAX_TEXT), AfterValidator(lambda value: _no_nul(value))
+]
 Moment = Annotated[datetime, BeforeValidator(lambda value: _moment(value))]
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -96,9 +98,7 @@ class NoParameters(Strict):
 class ReplayRequest(Strict):
     """`POST /api/replay`: what `ci-receiver replay` takes, as JSON."""
 
-    events: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] = Field(
-        [], max_length=10_000
-    )
+    events: list[Text] = Field([], max_length=10_000)
     all: bool = False
     filter: Filter | None = None
     dead: bool = False
@@ -142,6 +142,12 @@ def _describe(error: ValidationError) -> str:
             message = "not a parameter this takes"
         problems.append(f"{where}: {message}")
     return "; ".join(problems)
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("a NUL character is in no stored value")
+    return value
 
 
 def _moment(value: Any) -> datetime:
