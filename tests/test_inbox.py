@@ -524,9 +524,7 @@ async def test_filtering_by_a_rare_run_status_among_many_finds_the_newest(inbox)
     assert await jobs(status="dead", handler="b") == []
     assert await jobs(status="forged") == []
     dead = await inbox.event_ids(EventFilter(status="dead"), after=0)
-    assert [event_id for _, event_id in dead] == [
-        f"job:jmany{n}:Failed" for n in (3, 10, 17, 24)
-    ]
+    assert [event_id for _, event_id in dead] == [f"job:jmany{n}:Failed" for n in (3, 10, 17, 24)]
 
 
 async def test_known_tells_which_events_are_stored(inbox):

@@ -33,7 +33,8 @@ HEADERS = {
         " frame-ancestors 'none'; base-uri 'none'"
     ),
     "cache-control": "no-store",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: with it, a browser sends `Origin: null` and the forms look foreign.
+    "referrer-policy": "same-origin",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
 }
