@@ -4,11 +4,12 @@
 
 Fills an inbox (SQLite in a temporary folder; with --postgres a schema of its own on
 CI_RECEIVER_TEST_POSTGRES_URL, dropped afterwards) with `--events` callbacks received
-over the last 24 hours through the inbox's own `store` (every index kept as in
-production): job events of five tags, 5% failed, a workflow event in 50, a refused
-body in 100. Then sets the runs' outcomes directly (claiming and finishing 200,000 runs
-one by one would take minutes and measure nothing here): `log` done everywhere, `db`
-dead for the failed events and done for the others, a few runs pending.
+over the last 24 hours, busier by day, through the inbox's own `store` (every index
+kept as in production): job events of five tags, 5% failed, a workflow event in 50,
+a callback in 50 sent twice, a refused body in 100. Then sets the runs' outcomes in
+place (claiming and finishing 200,000 runs one by one would take minutes and measure
+nothing here): `log` done everywhere, `db` dead for the failed events, done for the
+others.
 
 A `ci-receiver serve` on that inbox then answers each page `--repeat` times (after one
 warm-up request); the median and the slowest are printed, with the median as a ratio
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import statistics
 import sys
@@ -73,24 +75,38 @@ def callback(n: int, rng: random.Random) -> bytes:
     )
 
 
-async def fill(inbox: Inbox, events: int) -> float:
-    """Store `events` callbacks over the last 24 hours; seconds it took."""
-    rng = random.Random(13)
+def arrival_times(events: int, rng: random.Random) -> list[datetime]:
+    """`events` moments over the last 24 hours, busier by day than by night, in order."""
     now = datetime.now(timezone.utc)
+    moments: list[float] = []
+    while len(moments) < events:
+        seconds = rng.random() * 86400
+        busy = 1 + 0.7 * math.sin(2 * math.pi * seconds / 86400) + 0.3 * rng.random()
+        if rng.random() * 2 < busy:
+            moments.append(seconds)
+    return [now - timedelta(seconds=86400 - s) for s in sorted(moments)]
+
+
+async def fill(inbox: Inbox, events: int) -> float:
+    """Store `events` callbacks over the last 24 hours (one in 50 sent twice, one in
+    100 refused); seconds it took."""
+    rng = random.Random(13)
+    times = arrival_times(events, rng)
     began = time.perf_counter()
     for start in range(0, events, BATCH):
         stores = []
         for n in range(start, min(events, start + BATCH)):
             body = callback(n, rng)
-            arrived = Receipt(
-                body, "http", now - timedelta(days=(events - n) / events), f"bench-{n}",
-                {"content-type": "application/json"},
-            )  # fmt: skip
+            routed = [(e, ["db", "log"]) for e in parse_callback(body)]
+            arrived = Receipt(body, "http", times[n], f"bench-{n}",
+                              {"content-type": "application/json"})  # fmt: skip
+            stores.append(inbox.store(arrived, routed))
+            if n % 50 == 25:  # CI sending it again
+                stores.append(inbox.store(Receipt(body, "http", times[n], f"again-{n}"), routed))
             if n % 100 == 99:
-                stores.append(inbox.reject(Receipt(b"<oops" + body[:200], "http",
-                                                   arrived.received_at, f"bad-{n}"),
+                stores.append(inbox.reject(Receipt(b"<oops" + body[:200], "http", times[n],
+                                                   f"bad-{n}"),
                                            "malformed_xml", "no element found"))  # fmt: skip
-            stores.append(inbox.store(arrived, [(e, ["db", "log"]) for e in parse_callback(body)]))
         await asyncio.gather(*stores)
     return time.perf_counter() - began
 
