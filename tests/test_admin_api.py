@@ -3,67 +3,22 @@ cursor paging, one event whole, a job's history, refused callbacks and their byt
 replay with its dry run, the checks of every parameter, and who may do what.
 
 The events are real callbacks posted to the public port; handler `db` fails its first
-attempt of every event and has one attempt only, so each event is dead-lettered for it
-at once and succeeds when replayed.
+attempt of every event and has one attempt only (`tests/inspector_site.py`), so each
+event is dead-lettered for it at once and succeeds when replayed.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
-import orjson
 import pytest
 
 from receiver import parse_callback
-from tests.callbacks import load
+from tests.callbacks import job, load
 from tests.handlers_for_tests import recorded
 from tests.inboxes import InboxPlace
+from tests.inspector_site import start
 from tests.processes import Receiver
 from tests.waiting import wait_until
-
-CONFIG = """
-data_dir = "{data}"
-[admin]
-inspector = {inspector}
-{admin}
-[handlers.db]
-type = "tests.handlers_for_tests:Recorder"
-path = "{recorder}"
-fail_first = 1
-max_attempts = 1
-[handlers.log]
-type = "log"
-"""
-
-
-def start(tmp_path: Path, admin: str = "", inspector: bool = True, env=None) -> Receiver:
-    config = tmp_path / "ci-receiver.toml"
-    config.write_text(
-        CONFIG.format(
-            data=tmp_path / "data",
-            recorder=tmp_path / "db.jsonl",
-            inspector=str(inspector).lower(),
-            admin=admin,
-        )
-    )
-    return Receiver(config).start(env=env)
-
-
-def job(job_id: str, state: str = "Success", tag: str = "Transcode", key: str = "in.mp4") -> bytes:
-    return orjson.dumps(
-        {
-            "EventName": "TaskFinish",
-            "JobsDetail": {
-                "JobId": job_id,
-                "State": state,
-                "Tag": tag,
-                "Code": "Success" if state == "Success" else "InternalError",
-                "Message": "" if state == "Success" else "decode failed",
-                "Input": {"BucketId": "media-1250000000", "Region": "ap-guangzhou", "Object": key},
-            },
-        }
-    )
 
 
 def dead_for_db(receiver: Receiver, count: int) -> None:

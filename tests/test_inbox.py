@@ -14,7 +14,7 @@ import pytest
 
 from receiver import parse_callback
 from receiver.inbox import VERIFY_RUN, Cutoffs, EventFilter, Pruned, Receipt, SchemaError
-from tests.callbacks import ALL, load
+from tests.callbacks import ALL, job, load
 
 
 def receipt(body: bytes, request_id: str = "r", headers: dict | None = None) -> Receipt:
@@ -35,20 +35,6 @@ async def store(inbox, name: str, handlers=("a", "b"), request_id: str = "r"):
 async def store_body(inbox, body: bytes, handlers=("a",), request_id: str = "r"):
     return await inbox.store(
         receipt(body, request_id), [(e, list(handlers)) for e in parse_callback(body)]
-    )
-
-
-def job(job_id: str, state: str = "Success", tag: str = "Transcode", key: str = "in.mp4") -> bytes:
-    return orjson.dumps(
-        {
-            "EventName": "TaskFinish",
-            "JobsDetail": {
-                "JobId": job_id,
-                "State": state,
-                "Tag": tag,
-                "Input": {"BucketId": "media-1250000000", "Region": "ap-guangzhou", "Object": key},
-            },
-        }
     )
 
 

@@ -21,7 +21,8 @@ import pytest
 from tests.callbacks import load
 from tests.databases import in_ci
 from tests.handlers_for_tests import recorded
-from tests.processes import REPO, Receiver
+from tests.inspector_site import start
+from tests.processes import REPO
 from tests.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,21 +58,6 @@ HOSTILE = {
     },
 }
 
-CONFIG = """
-data_dir = "{data}"
-[admin]
-inspector = true
-[log]
-timezone = "Asia/Shanghai"
-[handlers.db]
-type = "tests.handlers_for_tests:Recorder"
-path = "{recorder}"
-fail_first = 1
-max_attempts = 1
-[handlers.log]
-type = "log"
-"""
-
 
 @pytest.fixture
 def browser():
@@ -90,9 +76,7 @@ def browser():
 
 @pytest.fixture
 def receiver(tmp_path):
-    config = tmp_path / "ci-receiver.toml"
-    config.write_text(CONFIG.format(data=tmp_path / "data", recorder=tmp_path / "db.jsonl"))
-    process = Receiver(config).start()
+    process = start(tmp_path, extra='[log]\ntimezone = "Asia/Shanghai"')
     yield process
     process.stop()
 

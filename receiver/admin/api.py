@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from receiver.admin.guard import cross_site
+from receiver.admin.guard import replay_refusal
 from receiver.admin.inspection import HandlerState, Inspection, NotAvailable
 from receiver.admin.params import (
     MAX_CURSOR,
@@ -226,12 +226,7 @@ def _receipt_id(request: Request) -> int:
 
 
 async def _may_write(request: Request) -> None:
-    if request.state.access != "write":
-        raise BadRequest(
-            "these credentials may only read: replaying needs admin.token or admin.basic_auth",
-            status=403,
-        )
-    reason = cross_site(request)
+    reason = replay_refusal(request)
     if reason is not None:
         raise BadRequest(reason, status=403)
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":

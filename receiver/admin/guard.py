@@ -39,6 +39,14 @@ def cross_site(request: Request) -> str | None:
     return None
 
 
+def replay_refusal(request: Request) -> str | None:
+    """Why this request may not replay: credentials that may only look, or a page of
+    another site; None when it may."""
+    if request.state.access != "write":
+        return "these credentials may only look: replaying needs admin.token or admin.basic_auth"
+    return cross_site(request)
+
+
 def csrf_token(request: Request) -> str:
     """The token this browser's forms carry: its cookie's, or a new one (set it with
     `keep_csrf_token`)."""

@@ -49,10 +49,6 @@ class Inspection:
         self._service = service
 
     @property
-    def available(self) -> bool:
-        return getattr(self._service, "inbox", None) is not None
-
-    @property
     def inbox(self) -> Inbox:
         inbox: Inbox | None = getattr(self._service, "inbox", None)
         if inbox is None:
@@ -94,13 +90,11 @@ class Inspection:
         traffic = await self.inbox.traffic(since, step=step)
         return Overview(since, traffic, await self.handlers())
 
-    async def last_dead(self, handler: str) -> tuple[str, str | None] | None:
-        """The newest event dead-lettered for `handler`, and the run's last error."""
+    async def last_error(self, handler: str) -> str | None:
+        """The error of the run dead-lettered last for `handler` (the newest event's)."""
         found = await self.inbox.events(EventFilter(status="dead", handler=handler), limit=1)
-        if not found:
-            return None
-        run = next((r for r in found[0].runs if r.handler == handler), None)
-        return found[0].id, run.last_error if run else None
+        runs = [run for summary in found for run in summary.runs if run.handler == handler]
+        return runs[0].last_error if runs else None
 
     async def replay(self, request: ReplayRequest) -> Replayed:
         """`ci-receiver replay` with these options; BadRequest for what it would refuse."""

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from receiver.admin import charts
-from receiver.admin.guard import CSRF_FIELD, cross_site, csrf_valid
+from receiver.admin.guard import CSRF_FIELD, csrf_valid, replay_refusal
 from receiver.admin.inspection import Inspection
 from receiver.admin.params import (
     BadRequest,
@@ -27,6 +27,7 @@ from receiver.admin.params import (
     Page,
     ReplayRequest,
     Strict,
+    Text,
     from_query,
     text_param,
 )
@@ -43,7 +44,7 @@ class DetailPage(Strict):
 
 
 class DeadPage(Page):
-    handler: str | None = None
+    handler: Text | None = None
     replayed: int | None = None  # runs just queued again, said on the page
 
 
@@ -134,11 +135,12 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
         return pages.render(
             request, "dead.html", section="dead", handlers=handlers, chosen=chosen,
             events=found, older=older, replayed=query.replayed,
-            last_errors={h.name: await inspection.last_dead(h.name) for h in handlers},
+            last_errors={h.name: await inspection.last_error(h.name) for h in handlers},
         )  # fmt: skip
 
     async def confirm_dead(request: Request) -> Response:
-        handler = _replayable_handler(inspection, request.query_params.get("handler"))
+        query = from_query(DeadPage, request.query_params)
+        handler = _replayable_handler(inspection, query.handler)
         backlog = (await inbox().backlog()).get(handler)
         return pages.render(
             request, "confirm.html", section="dead", handler=handler,
@@ -216,12 +218,7 @@ def _replayable_handler(inspection: Inspection, name: object) -> str:
 async def _replay_form(request: Request) -> dict[str, str]:
     """The fields of a replay form, once it is sure the inspector's own page sent it
     with credentials that may write."""
-    if request.state.access != "write":
-        raise BadRequest(
-            "These credentials may only look: replaying needs admin.token or admin.basic_auth.",
-            status=403,
-        )
-    reason = cross_site(request)
+    reason = replay_refusal(request)
     if reason is not None:
         raise BadRequest(f"Refused: {reason}.", status=403)
     kind = request.headers.get("content-type", "").split(";")[0].strip()
