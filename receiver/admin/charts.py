@@ -69,20 +69,28 @@ def traffic_chart(
             counts[outcome][index] += count
     peak = max((sum(column) for column in zip(*counts.values(), strict=True)), default=0)
 
+    xs = [round(index * width / steps, 1) for index in range(steps + 1)]
+    scale = height / max(peak, 1)
+
     def x(index: int) -> float:
-        return round(index * width / steps, 1)
+        return xs[index]
 
     def y(value: int) -> float:
-        return round(height - value * height / max(peak, 1), 1)
+        return round(height - value * scale, 1)
 
-    layers, below = [], [0] * steps
-    for outcome, label in OUTCOMES:
-        above = [low + count for low, count in zip(below, counts[outcome], strict=True)]
-        if any(counts[outcome]):
-            path = _area(below, above, x, y)
-            layers.append(Layer(outcome, label, path, sum(counts[outcome])))
-        below = above
-    outline = "M" + " ".join(f"{px:g},{py:g}" for px, py in _step_line(below, x, y))
+    # Each level of the stack drawn once: the top of one layer is the bottom of the next.
+    level = [0] * steps
+    lines = [_points(_step_line(level, x, y))]
+    for outcome, _ in OUTCOMES:
+        level = [low + count for low, count in zip(level, counts[outcome], strict=True)]
+        lines.append(_points(_step_line(level, x, y)))
+    layers = [
+        Layer(outcome, label, f"M{lines[n + 1]} {' '.join(reversed(lines[n].split(' ')))}Z",
+              sum(counts[outcome]))
+        for n, (outcome, label) in enumerate(OUTCOMES)
+        if any(counts[outcome])
+    ]  # fmt: skip
+    outline = f"M{lines[-1]}"
     moments = [since + timedelta(seconds=traffic.step * i) for i in range(steps + 1)]
     hours = [i for i, moment in enumerate(moments) if _on_the_hour(moment, zone)]
     ticks = [
@@ -108,14 +116,8 @@ def bars(counts: dict[str, int], limit: int = 10) -> list[Bar]:
     return [Bar(label, count, round(100 * count / top, 1)) for label, count in ranked]
 
 
-def _area(
-    below: list[int], above: list[int], x: Callable[[int], float], y: Callable[[int], float]
-) -> str:
-    """The area between two step lines, as one closed path."""
-    top = _step_line(above, x, y)
-    bottom = _step_line(below, x, y)[::-1]
-    points = " ".join(f"{px:g},{py:g}" for px, py in [*top, *bottom])
-    return f"M{points}Z"
+def _points(points: list[tuple[float, float]]) -> str:
+    return " ".join(f"{px:g},{py:g}" for px, py in points)
 
 
 def _step_line(
