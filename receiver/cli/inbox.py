@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from receiver.cli.common import config_option, load, run_async
-from receiver.config import mask_url
+from receiver.masking import mask_url
 
 
 @click.group()
