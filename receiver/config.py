@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -33,7 +32,7 @@ from pydantic import (
 
 from receiver import envvars, vocabulary
 from receiver.inbox import VERIFY_RUN, Cutoffs
-from receiver.masking import SECRET_NAME
+from receiver.masking import SECRET_NAME, mask_credentials, mask_url
 from receiver.payload import Limits
 from receiver.timezones import check_timezone
 
@@ -701,35 +700,3 @@ def _mask(options: dict[str, Any]) -> dict[str, Any]:
         k: ("**********" if SECRET_NAME.search(k) and v not in (None, "") else v)
         for k, v in options.items()
     }
-
-
-def mask_credentials(value: Any) -> Any:
-    """`value` (a string, or lists and dicts of them) with every URL's credentials
-    masked: the userinfo (a password, or a lone user name, which is often a token) and
-    the value of every query parameter."""
-    if isinstance(value, dict):
-        return {k: mask_credentials(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask_credentials(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        return mask_url(value)
-    return value
-
-
-def mask_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises on a malformed port)
-    except ValueError:
-        return "**********"  # not readable as a URL: nothing of it can be shown safely
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
-    query = "&".join(
-        f"{name}=***" if separator else name
-        for name, separator, _ in (pair.partition("=") for pair in parts.query.split("&"))
-        if name or separator
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -148,7 +148,12 @@ class Ingestor:
         events = await parse_or_refuse(receipt, self._limits, self)
         routed = [(event, self._router.handlers_for(event)) for event in events]
         verify = self._verifies(receipt)
-        stored = await self._inbox.store(receipt, routed, verify=verify)
+        try:
+            stored = await self._inbox.store(receipt, routed, verify=verify)
+        except Exception:
+            # Not kept: the sender is asked to send it again (503, nack, left undeleted).
+            self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
+            raise
         self._count(receipt, routed, stored)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -40,9 +41,41 @@ class Masker:
 
 
 def _mask_url(match: re.Match[str]) -> str:
-    userinfo = f"{MASK}@" if match["userinfo"] else ""
-    query = f"?{MASK}" if match["query"] else ""
-    return f"{match['scheme']}{userinfo}{match['rest']}{query}"
+    return mask_url(match[0])
+
+
+def mask_credentials(value: Any) -> Any:
+    """`value` (a string, or lists and dicts of them) with every URL's credentials
+    masked: the userinfo (a password, or a lone user name, which is often a token) and
+    the value of every query parameter."""
+    if isinstance(value, dict):
+        return {k: mask_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_credentials(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password (or lone user name) and query values masked; keeps what
+    tells where it points."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        return "**********"  # not readable as a URL: nothing of it can be shown safely
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{host}" if has_password else f"{MASK}@{host}"
+    query = "&".join(
+        f"{name}={MASK}" if separator else name
+        for name, separator, _ in (pair.partition("=") for pair in parts.query.split("&"))
+        if name or separator
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def secrets_in(value: Any, name: str = "") -> Iterator[str]:

@@ -13,7 +13,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.callbacks = Counter(
             "ci_receiver_callbacks",
-            "Callbacks received, by source and outcome (accepted, duplicate, rejected, ...).",
+            "Callbacks received, by source and outcome (accepted, duplicate, rejected,"
+            " unavailable: not kept, to be sent again, ...).",
             ["source", "outcome"],
             registry=self.registry,
         )

@@ -14,6 +14,7 @@ import typing
 import uuid
 from pathlib import Path
 
+import promql_parser
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
@@ -331,3 +332,75 @@ def test_the_env_key_check_catches_a_wrong_key_and_reads_as_load_config_does(mon
         monkeypatch.setenv(name, value)
     config = load_config()
     assert (config.http.port, config.handlers["db"].type) == (9001, "log")
+
+
+# --- monitoring: alert rules and the Grafana dashboard --------------------------------
+
+MONITORING = DEPLOY / "monitoring"
+SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def every_series(tmp_path: Path) -> set[str]:
+    """The series names a fully configured ci-receiver exposes: a service with [ci] and
+    verification, both consumers and the reconciler, built in-process on one registry."""
+    from receiver.inbox import open_inbox
+    from receiver.service import Service
+    from receiver.sources.cmq import CmqConsumer
+    from receiver.sources.reconcile import Reconciler
+    from receiver.sources.tdmq import TdmqConsumer
+
+    config = Config(
+        data_dir=tmp_path,
+        http={"verify": "ci-api"},
+        ci={
+            "secret_id": "id",
+            "secret_key": "key",
+            "buckets": [{"name": "media-1250000000", "region": "ap-guangzhou", "tags": ["T"]}],
+        },
+        tdmq={"service_url": "pulsar://127.0.0.1:1", "topics": ["persistent://t/n/x"]},
+        cmq={"region": "gz", "secret_id": "id", "secret_key": "key", "queues": ["q"]},
+    )
+    service = Service(config)
+    TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
+    CmqConsumer(config.cmq, service.ingestor, service.metrics)
+    assert service.ci_api is not None
+    Reconciler(
+        config.ci, service.ci_api, open_inbox(config), service.ingestor, service.metrics.registry
+    )
+    names = set()
+    for family in service.metrics.registry.collect():
+        suffixes = SERIES_SUFFIXES.get(family.type, ("",))
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def expressions() -> list[str]:
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    found = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    found += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return found
+
+
+def test_alert_rules_and_dashboard_name_only_metrics_that_exist(tmp_path):
+    for expr in expressions():
+        promql_parser.parse(expr)  # a ValueError names what Prometheus would refuse
+    series = every_series(tmp_path)
+    named = {name for expr in expressions() for name in re.findall(r"ci_receiver_\w+", expr)}
+    assert named, "no ci_receiver metric named"
+    assert named <= series, sorted(named - series)
+    # What the rules are for: each kind of trouble has one.
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"][0]["rules"]
+    alerted = " ".join(rule["expr"] for rule in rules)
+    for metric in (
+        "ci_receiver_dead_letters",
+        "ci_receiver_pending_runs",
+        "ci_receiver_oldest_due_seconds",
+        "ci_receiver_handler_up",
+        'ci_receiver_callbacks_total{outcome="rejected"}',
+        'ci_receiver_callbacks_total{outcome="unavailable"}',
+    ):
+        assert metric in alerted, metric
+    for rule in rules:
+        assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}

@@ -180,9 +180,12 @@ url = "{hook.url}"
     assert ready.status_code == 200
     # /readyz (on the admin listener) says why, the password masked, as the log does.
     assert ready.json()["checks"]["handler:db"].startswith(
-        "not started: RuntimeError: cannot open mysql+aiomysql://***@127.0.0.1:3306/test"
+        "not started: RuntimeError: cannot open mysql+aiomysql://root:***@127.0.0.1:3306/test"
     )
     (line,) = [line for line in receiver.log().splitlines() if "handler cannot start" in line]
-    assert "cannot open mysql+aiomysql://***@127.0.0.1:3306/test?***: OperationalError" in line
+    assert (
+        "cannot open mysql+aiomysql://root:***@127.0.0.1:3306/test?charset=***: OperationalError"
+        in line
+    )
     assert "Access denied for user 'root'" in line
     assert "wrongpassword" not in receiver.log()

@@ -371,6 +371,29 @@ async def test_a_forged_event_never_runs_and_is_listed_as_forged(inbox):
     assert {name: b.pending for name, b in (await inbox.backlog()).items()} == {VERIFY_RUN: 1}
 
 
+async def test_a_forged_event_is_replaced_by_the_next_delivery_of_its_id(inbox):
+    forged = await store_verified(inbox, "jtaken", handlers=["a"])
+    (check,) = await inbox.claim(VERIFY_RUN, 5, 30)
+    await inbox.settle(forged, genuine=False)
+    await inbox.finish(check, "forged", started_at=now())
+    # The reconciler asks which events it need not recover: not this one.
+    assert await inbox.known([forged]) == {forged}
+    assert await inbox.known([forged], forged=False) == set()
+    # The genuine delivery (here from the reconciler, unverified) takes the id over.
+    body = job("jtaken", key="the/real/input.mp4")
+    stored = await inbox.store(receipt(body), [(e, ["a"]) for e in parse_callback(body)])
+    assert (stored.new, stored.duplicates) == ([forged], [])
+    assert await run_states(inbox, forged) == {"a": ("pending", 0)}
+    detail = await inbox.event(forged)
+    assert detail.event.input.key == "the/real/input.mp4"
+    # The verdict on the forgery stays on record.
+    assert [(a.handler, a.outcome) for a in detail.attempts] == [(VERIFY_RUN, "forged")]
+    assert detail.receipt_id == stored.receipt_id
+    assert await inbox.known([forged], forged=False) == {forged}
+    # Once not forged, the id is an ordinary duplicate again.
+    assert (await store_body(inbox, body)).duplicates == [forged]
+
+
 async def test_replay_releases_a_held_or_forged_event_only_when_named(inbox):
     plain = (await store_body(inbox, job("jplain"))).new[0]
     held = await store_verified(inbox, "jwaiting", handlers=["a"])

@@ -13,11 +13,11 @@ from receiver.masking import Masker, secrets_in
     [
         (
             "cannot open postgresql://ci:pw@db:5432/media?sslmode=require: refused",
-            "cannot open postgresql://***@db:5432/media?***: refused",
+            "cannot open postgresql://ci:***@db:5432/media?sslmode=***: refused",
         ),
         (
             "POST https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k-1 failed",
-            "POST https://qyapi.weixin.qq.com/cgi-bin/webhook/send?*** failed",
+            "POST https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=*** failed",
         ),
         ("smtp://mail.example.com:465 refused", "smtp://mail.example.com:465 refused"),
         ("the token s3cr3t-value is wrong", "the token *** is wrong"),

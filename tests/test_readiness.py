@@ -61,7 +61,8 @@ def test_a_handler_that_cannot_start_shows_its_error_masked(tmp_path, dispatch, 
     assert ready.status_code == status
     assert ready.json()["ready"] is (status == 200)
     assert ready.json()["checks"]["handler:crm"] == (
-        "not started: PermissionError: https://***@crm.example.com/api?*** refused the login"
+        "not started: PermissionError: https://crm-user:***@crm.example.com/api?key=*** refused"
+        " the login"
         " with token ***"
     )
     assert ready.json()["checks"]["handler:log"] == "started"

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from receiver import parse_callback
 from receiver.ci_api import CiApi
 from receiver.config import CiConfig
 from receiver.inbox import Receipt
@@ -102,6 +103,27 @@ async def test_one_pass_recovers_exactly_the_jobs_whose_callback_was_lost(ci, in
     assert (again.found, again.checked) == ([], 10)
     await setup.callback(jobs[2])
     assert len(setup.stored) == 10
+
+
+async def test_a_job_whose_id_a_forgery_took_is_recovered_over_it(ci, inbox):
+    setup = Setup(ci, inbox)
+    genuine = job(1, BUCKET, REGION, state="Success")
+    ci.add_jobs(BUCKET, genuine)
+    forgery = {**genuine, "Input": {**genuine["Input"], "Object": "not/the/input.mp4"}}
+    body = callback_body(forgery)
+    receipt = Receipt(body, "http", datetime.now(timezone.utc), "r")
+    events = parse_callback(body)
+    (event_id,) = (await inbox.store(receipt, [(e, ["h"]) for e in events], verify=True)).new
+    # Verification found it forged (see tests/test_verify.py for the step itself).
+    await inbox.settle(event_id, genuine=False)
+
+    report = await setup.reconciler.reconcile()
+
+    assert [found.event.id for found in report.recovered] == [event_id]
+    stored = await inbox.event(event_id)
+    assert stored.event.source == "reconcile"
+    assert stored.event.input.key == genuine["Input"]["Object"]
+    assert [(r.handler, r.status) for r in stored.runs] == [("h", "pending")]
 
 
 async def test_watches_cover_each_tag_queue_and_workflow(ci, inbox):

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from receiver.cli.common import config_option, load, run_async
-from receiver.config import mask_url
+from receiver.masking import mask_url
 
 
 @click.group()
@@ -37,11 +37,8 @@ def copy(
     brings over what they did meanwhile. The tables are created when missing.
     """
     from receiver.inbox import InboxUnavailable, SchemaError
+    from receiver.inbox.copy import copy_inbox
 
-    try:
-        from receiver.inbox.copy import copy_inbox
-    except ImportError as exc:  # asyncpg is an extra
-        raise click.ClickException(f"{exc}: pip install 'ci-receiver[postgres]'") from None
     config = load(config_path)
     url = target or config.inbox.url
     if url is None:

@@ -11,8 +11,9 @@ import click
 import structlog
 
 from receiver.cli.common import config_option, listen_options, load, make_service, run_async
-from receiver.config import Config, mask_url
+from receiver.config import Config
 from receiver.logs import configure_logging
+from receiver.masking import mask_url
 from receiver.routing import warnings
 
 logger = structlog.get_logger("ci_receiver.cli")

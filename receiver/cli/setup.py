@@ -12,8 +12,8 @@ import orjson
 
 from handlers import HandlerConfigError, shown_options
 from receiver.cli.common import config_option, load
-from receiver.config import mask_credentials
 from receiver.inbox import InboxUnavailable, SchemaError, probe
+from receiver.masking import mask_credentials
 
 
 @click.command("check-config")

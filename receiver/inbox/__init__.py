@@ -253,7 +253,8 @@ class Inbox(Protocol):
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
     ) -> Stored:
         """Commit the receipt, each new event and a pending run per routed handler; an
-        event whose id is already stored is a duplicate and gets no runs. Two processes
+        event whose id is already stored is a duplicate and gets no runs, unless the
+        stored one was found forged: then the new one replaces it, its runs afresh. Two processes
         storing the same id at the same moment: one new, one duplicate, never an error.
         With `verify`, each new event's runs are stored `held`, beside a pending run of
         the verification step (`VERIFY_RUN`), which settles them."""
@@ -352,8 +353,9 @@ class Inbox(Protocol):
 
     async def event(self, event_id: str) -> EventDetail | None: ...
 
-    async def known(self, event_ids: list[str]) -> set[str]:
-        """Which of these event ids are stored."""
+    async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:
+        """Which of these event ids are stored (`forged=False`: leaving out the events
+        verification found forged, which a new delivery of their id replaces)."""
         ...
 
     async def receipts(

@@ -53,7 +53,14 @@ from receiver.inbox import (
     new_runs,
 )
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
-from receiver.inbox.query import UNFINISHED_RUN, Dialect, event_conditions, glob_to_like, tallies
+from receiver.inbox.query import (
+    FORGED_EVENT,
+    UNFINISHED_RUN,
+    Dialect,
+    event_conditions,
+    glob_to_like,
+    tallies,
+)
 from receiver.inbox.records import Documents, event_data
 from receiver.model import Event
 
@@ -120,7 +127,19 @@ kept AS (
     RETURNING id
 ),
 notified AS (SELECT pg_notify('{CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM new_runs))
-SELECT (SELECT id FROM kept), ARRAY(SELECT id FROM inserted), (SELECT count(*) FROM notified)
+SELECT (SELECT id FROM kept), ARRAY(SELECT id FROM inserted), (SELECT count(*) FROM notified),
+    -- Ids already taken by an event found forged: this delivery is to replace it.
+    ARRAY(SELECT u.id FROM unnest($9::text[]) AS u(id) WHERE u.id NOT IN
+        (SELECT id FROM inserted) AND {FORGED_EVENT.replace("e.id", "u.id")})
+"""
+
+# A delivery in place of a stored event of its id that was found forged; its runs are
+# cleared for the new ones.
+REPLACE_FORGED = """
+UPDATE events SET kind = $2, event_name = $3, job_id = $4, tag = $5, state = $6,
+    bucket = $7, key = $8, data = $9, receipt_id = $10, received_at = $11
+WHERE id = $1 AND EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id
+    AND f.status = 'forged')
 """
 
 CLAIM = """
@@ -300,7 +319,13 @@ class PostgresInbox:
             run_handlers,
             run_statuses,
         )
-        receipt_id, inserted, _ = row
+        receipt_id, inserted, _, forged = row
+        if forged:
+            runs = list(zip(run_events, run_handlers, run_statuses, strict=True))
+            rows = [tuple(column[i] for column in columns) for i in range(len(ids))]
+            inserted += await self._replace_forged(
+                receipt, receipt_id, [r for r in rows if r[0] in forged], runs
+            )
         new_ids = set(inserted)
         new = [event_id for event_id in ids if text(event_id) in new_ids]
         duplicates = [event_id for event_id in ids if text(event_id) not in new_ids]
@@ -310,6 +335,38 @@ class PostgresInbox:
                 new.remove(event_id)
                 duplicates.append(event_id)
         return Stored(receipt_id, ids, new, duplicates)
+
+    async def _replace_forged(
+        self,
+        receipt: Receipt,
+        receipt_id: int,
+        rows: list[tuple[Any, ...]],
+        runs: list[tuple[str, str, str]],
+    ) -> list[str]:
+        """Replace the forged events of these rows (rare: a forgery came first); the
+        ids replaced."""
+        replaced: list[str] = []
+        async with self.pool.acquire() as connection, connection.transaction():
+            for event_id, *fields in dict((row[0], row) for row in rows).values():
+                status = await connection.execute(
+                    REPLACE_FORGED, event_id, *fields, receipt_id, receipt.received_at
+                )
+                if _count(status):
+                    replaced.append(event_id)
+            if replaced:
+                await connection.execute(
+                    "DELETE FROM runs WHERE event_id = ANY($1::text[])", replaced
+                )
+                await connection.executemany(
+                    "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+                    " VALUES ($1, $2, $3, now(), now()) ON CONFLICT DO NOTHING",
+                    [run for run in runs if run[0] in replaced],
+                )
+                await connection.execute(
+                    "UPDATE receipts SET outcome = 'accepted' WHERE id = $1", receipt_id
+                )
+                await connection.execute(f"NOTIFY {CHANNEL}")
+        return replaced
 
     async def reject(
         self, receipt: Receipt, reason: str, detail: str, *, size: int | None = None
@@ -556,12 +613,13 @@ class PostgresInbox:
         event = Documents().restore(Event.from_json(data), receipt_id, body, headers)
         return EventDetail(event, receipt_id, request_id, runs.get(text(event_id), []), attempts)
 
-    async def known(self, event_ids: list[str]) -> set[str]:
+    async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:
         if not event_ids:
             return set()
         by_text = {text(event_id): event_id for event_id in event_ids}
+        unforged = "" if forged else f" AND NOT {FORGED_EVENT}"
         rows = await self.pool.fetch(
-            "SELECT id FROM events WHERE id = ANY($1::text[])", list(by_text)
+            f"SELECT id FROM events e WHERE id = ANY($1::text[]){unforged}", list(by_text)
         )
         return {by_text[row[0]] for row in rows}
 

@@ -17,6 +17,12 @@ UNFINISHED_RUN = (
 )
 
 
+# An event verification found forged. It keeps its id only until another delivery of
+# that id comes (the genuine callback, or the reconciler recovering it from CI's API),
+# which replaces it, runs and all, instead of being dropped as its duplicate.
+FORGED_EVENT = "EXISTS (SELECT 1 FROM runs f WHERE f.event_id = e.id AND f.status = 'forged')"
+
+
 @dataclass(frozen=True, slots=True)
 class Dialect:
     placeholder: Callable[[int], str]  # the n-th parameter (1-based): "?" or "$n"

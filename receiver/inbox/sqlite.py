@@ -46,6 +46,7 @@ from receiver.inbox import (
     new_runs,
 )
 from receiver.inbox.query import (
+    FORGED_EVENT,
     UNFINISHED_RUN,
     Dialect,
     event_conditions,
@@ -156,7 +157,9 @@ class SqliteInbox:
                     " ON CONFLICT (id) DO NOTHING RETURNING id",
                     (*columns, receipt_id, received_at),
                 ).fetchone()
-                if inserted is None:
+                if inserted is None and not _replace_forged(
+                    connection, columns, receipt_id, received_at
+                ):
                     duplicates.append(columns[0])
                     continue
                 new.append(columns[0])
@@ -415,14 +418,16 @@ class SqliteInbox:
         event = Documents().restore(Event.from_json(data), receipt_id, body, headers)
         return EventDetail(event, receipt_id, request_id, runs, attempts)
 
-    async def known(self, event_ids: list[str]) -> set[str]:
+    async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:
+        unforged = "" if forged else f" AND NOT {FORGED_EVENT}"
+
         def known(connection: sqlite3.Connection) -> set[str]:
             found: set[str] = set()
             for chunk in _chunks(event_ids):
                 found.update(
                     row[0]
                     for row in connection.execute(
-                        f"SELECT id FROM events WHERE id IN ({_marks(chunk)})", chunk
+                        f"SELECT id FROM events e WHERE id IN ({_marks(chunk)}){unforged}", chunk
                     )
                 )
             return found
@@ -718,6 +723,24 @@ async def probe(path: Path) -> str:
     if found is not None and found > SCHEMA_VERSION:
         raise SchemaError(f"{path} was written by a newer ci-receiver (schema {found})")
     return f"SQLite: {path}, schema version {found} (this ci-receiver writes {SCHEMA_VERSION})"
+
+
+def _replace_forged(
+    connection: sqlite3.Connection, columns: list[Any], receipt_id: int, received_at: float
+) -> bool:
+    """Put this delivery in place of a stored event of its id that was found forged, its
+    runs cleared for the new ones; False when the stored one is not forged."""
+    event_id, *fields = columns
+    replaced = connection.execute(
+        "UPDATE events SET kind = ?, event_name = ?, job_id = ?, tag = ?, state = ?,"
+        " bucket = ?, key = ?, data = ?, receipt_id = ?, received_at = ? WHERE id = ?"
+        " AND EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id"
+        " AND f.status = 'forged')",
+        (*fields, receipt_id, received_at, event_id),
+    ).rowcount
+    if replaced:
+        connection.execute("DELETE FROM runs WHERE event_id = ?", (event_id,))
+    return bool(replaced)
 
 
 def _requeue(

@@ -34,8 +34,9 @@ import pulsar.asyncio
 import structlog
 from prometheus_client import Counter
 
-from receiver.config import TdmqConfig, mask_url
+from receiver.config import TdmqConfig
 from receiver.ingest import Intake
+from receiver.masking import mask_url
 from receiver.metrics import Metrics
 from receiver.payload import PayloadError
 from receiver.sources.tdmq import messages

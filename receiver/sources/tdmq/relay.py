@@ -20,10 +20,10 @@ import pulsar
 import pulsar.asyncio
 import structlog
 
-from receiver.config import Config, mask_url
+from receiver.config import Config
 from receiver.inbox import Receipt, Stored
 from receiver.ingest import IntakeUnavailable, RejectionNotKept, parse_or_refuse
-from receiver.masking import Masker
+from receiver.masking import mask_url
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import PayloadError
@@ -34,7 +34,6 @@ logger = structlog.get_logger("ci_receiver.relay")
 
 # The 503's reason when the broker does not confirm a callback: not the inbox's.
 UNAVAILABLE = "relay_unavailable"
-_mask_urls = Masker()
 
 
 class Relay:
@@ -112,7 +111,7 @@ class Relay:
 
     def _where(self) -> dict[str, str]:
         """The broker and topic a failure is about, for the log."""
-        return {"broker": _mask_urls(self._config.tdmq.service_url or ""), "topic": self.topic}
+        return {"broker": mask_url(self._config.tdmq.service_url or ""), "topic": self.topic}
 
     async def _publish(self, body: bytes, properties: dict[str, str], key: str | None) -> None:
         if self._producer is None:

@@ -1,0 +1,151 @@
+"""Inbox bytes per stored callback, next to the callback's own size.
+
+    python -m bench.inbox_size [--copies 500] [--postgres URL]
+
+For every sample callback, stores `--copies` copies (each a distinct job, the body's
+size unchanged) with one handler run each, handles them (one attempt each), and prints
+how many bytes the inbox grew by per callback: the SQLite file, and with `--postgres`
+(default: the machine's server, when it answers) the tables of a PostgreSQL inbox in a
+schema of its own, dropped afterwards. The ratio to the body's size is the figure the
+lean inbox is judged by (each callback's bytes are kept once; the event keeps only its
+normalized fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import sys
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+
+from receiver import parse_callback
+from receiver.config import Config
+from receiver.inbox import Inbox, Receipt, open_inbox
+from tests.callbacks import ALL, load
+
+HEADERS = {"content-type": "application/xml", "user-agent": "CI callback"}
+
+
+def copies_of(name: str, count: int) -> list[bytes]:
+    """`count` variants of a fixture, each a distinct job: the last hex digits of every
+    id it holds (JobId, RunId, trace_id) replaced by a counter of the same width."""
+    body = load(name)
+    ids = {e.job_id for e in parse_callback(body, _headers(name)) if e.job_id}
+    variants = []
+    for number in range(count):
+        variant = body
+        for subject in ids:
+            if len(subject) < 8:
+                continue
+            variant = variant.replace(subject.encode(), f"{subject[:-6]}{number:06x}".encode())
+        variants.append(variant)
+    return variants
+
+
+def _headers(name: str) -> dict[str, str]:
+    version = re.search(r"_(simple|detail)", name)
+    return {"x-ci-content-version": version.group(1).title()} if version else {}
+
+
+async def fill(inbox: Inbox, bodies: list[bytes], name: str) -> int:
+    """Store and handle the bodies; how many events they made."""
+    headers = {**HEADERS, **_headers(name)}
+    events = 0
+    for body in bodies:
+        routed = [(event, ["log"]) for event in parse_callback(body, headers)]
+        receipt = Receipt(body, "http", datetime.now(timezone.utc), "bench", headers, {})
+        events += len((await inbox.store(receipt, routed)).new)
+    while claims := await inbox.claim("log", 500, 60):
+        for claim in claims:
+            await inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
+    return events
+
+
+async def sqlite_bytes(name: str, bodies: list[bytes]) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        config = Config(data_dir=Path(folder), inbox={"synchronous": "normal"})
+        inbox = open_inbox(config)
+        await inbox.open()
+        await inbox.close()  # the empty inbox, folded from its WAL
+        empty = config.inbox_path.stat().st_size
+        inbox = open_inbox(config)
+        await inbox.open()
+        await fill(inbox, bodies, name)
+        await inbox.close()
+        return (config.inbox_path.stat().st_size - empty) / len(bodies)
+
+
+async def postgres_bytes(url: str, name: str, bodies: list[bytes]) -> float:
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    config = Config(inbox={"url": url, "postgres_schema": schema})
+    inbox = open_inbox(config)
+    await inbox.open()
+    try:
+        connection = await asyncpg.connect(url)
+        # VACUUM first and after: bytes of live rows, not of dead ones awaiting autovacuum.
+        empty = await _schema_size(connection, schema)
+        await fill(inbox, bodies, name)
+        full = await _schema_size(connection, schema)
+        await connection.close()
+        return (full - empty) / len(bodies)
+    finally:
+        await inbox.close()
+        connection = await asyncpg.connect(url)
+        await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await connection.close()
+
+
+async def _schema_size(connection: asyncpg.Connection, schema: str) -> int:
+    tables = await connection.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+    for table in tables:
+        await connection.execute(f'VACUUM "{schema}"."{table[0]}"')
+    size: int = await connection.fetchval(
+        "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+        schema,
+    )
+    return size
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=500)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--no-postgres", action="store_true")
+    arguments = parser.parse_args()
+    postgres = None if arguments.no_postgres else arguments.postgres
+    print(f"{arguments.copies} copies of each sample, one handler run and attempt each")
+    header = f"{'callback':<36} {'body':>6} {'SQLite':>8} {'ratio':>6}"
+    if postgres:
+        header += f" {'PostgreSQL':>11} {'ratio':>6}"
+    print(header)
+    ratios: dict[str, list[float]] = {"sqlite": [], "postgres": []}
+    for name in ALL:
+        bodies = copies_of(name, arguments.copies)
+        size = statistics.mean(len(body) for body in bodies)
+        on_sqlite = await sqlite_bytes(name, bodies)
+        ratios["sqlite"].append(on_sqlite / size)
+        line = f"{name:<36} {size:>6.0f} {on_sqlite:>8.0f} {on_sqlite / size:>5.2f}x"
+        if postgres:
+            on_postgres = await postgres_bytes(postgres, name, bodies)
+            ratios["postgres"].append(on_postgres / size)
+            line += f" {on_postgres:>11.0f} {on_postgres / size:>5.2f}x"
+        print(line, flush=True)
+    for backend, values in ratios.items():
+        if values:
+            print(
+                f"{backend}: inbox bytes per callback / body size: median"
+                f" {statistics.median(values):.2f}x, largest {max(values):.2f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
