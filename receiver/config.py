@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -170,32 +170,42 @@ class DispatchConfig(Section):
 
 
 class AdminConfig(Section):
-    """`[admin]`: the listener for /metrics, the detailed /readyz (and the admin API to
-    come), apart from the public port CI posts to."""
+    """`[admin]`: the listener for /metrics, the detailed /readyz, and (with `inspector`)
+    the JSON admin API and the inspector pages, apart from the public port CI posts to."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=0, le=65535)
+    # The JSON admin API (/api) and the inspector pages (/inspector): off unless asked
+    # for, as they show what callbacks carry and can replay them.
+    inspector: bool = False
     # Either a bearer token (Authorization: Bearer <token>) or Basic credentials; on a
-    # loopback host both may be left out.
+    # loopback host both may be left out. These may do everything (replay too).
     token: SecretStr | None = None
     basic_auth: dict[str, SecretStr] = {}
+    # Credentials that may only look (every GET), never replay.
+    read_token: SecretStr | None = None
+    read_basic_auth: dict[str, SecretStr] = {}
 
-    @field_validator("basic_auth")
+    @field_validator("basic_auth", "read_basic_auth")
     @classmethod
     def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
         return _usable_users(users)
 
-    @field_validator("token")
+    @field_validator("token", "read_token")
     @classmethod
     def _token_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
         if token is not None and not token.get_secret_value():
             raise ValueError("the token is empty (leave the key out for none)")
         return token
 
+    @property
+    def credentials(self) -> bool:
+        return bool(self.token or self.basic_auth or self.read_token or self.read_basic_auth)
+
     @model_validator(mode="after")
     def _authenticated_unless_loopback(self) -> AdminConfig:
-        if self.enabled and not (self.token or self.basic_auth) and not _is_loopback(self.host):
+        if self.enabled and not self.credentials and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address: set admin.token or admin.basic_auth"
             )
@@ -399,6 +409,23 @@ def parse_duration(value: str | float) -> float:
 
 # Seconds, written as a number or as `90s`, `5m`, `24h`, `7d`.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_moment(value: str) -> datetime:
+    """A time, as `--since` and the admin API take it: ISO 8601 (`2026-11-30T08:00:00+08:00`;
+    UTC when it names no zone), or a duration back from now (`90m`, `24h`, `7d`). A
+    ValueError says what is wrong."""
+    try:
+        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(value))
+    except ValueError:
+        pass
+    except OverflowError:
+        raise ValueError(f"{value!r} goes back further than a calendar can") from None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a time (ISO 8601) nor a duration (24h)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 class CiBucket(Section):

@@ -7,6 +7,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 FIXTURES = Path(__file__).parent / "fixtures" / "callbacks"
 ALL = sorted(p.name for p in FIXTURES.iterdir() if p.suffix in (".xml", ".json"))
 XML = [name for name in ALL if name.endswith(".xml")]
@@ -51,3 +53,18 @@ def _convert(element: ET.Element) -> Any:
         else:
             result[child.tag] = value
     return result or None
+
+
+def job(job_id: str, state: str = "Success", tag: str = "Transcode", key: str = "in.mp4") -> bytes:
+    """A JSON job callback as small as CI sends one: what filters and lists are about."""
+    return orjson.dumps(
+        {
+            "EventName": "TaskFinish",
+            "JobsDetail": {
+                "JobId": job_id,
+                "State": state,
+                "Tag": tag,
+                "Input": {"BucketId": "media-1250000000", "Region": "ap-guangzhou", "Object": key},
+            },
+        }
+    )

@@ -14,7 +14,7 @@ import pytest
 
 from receiver import parse_callback
 from receiver.inbox import VERIFY_RUN, Cutoffs, EventFilter, Pruned, Receipt, SchemaError
-from tests.callbacks import ALL, load
+from tests.callbacks import ALL, job, load
 
 
 def receipt(body: bytes, request_id: str = "r", headers: dict | None = None) -> Receipt:
@@ -35,20 +35,6 @@ async def store(inbox, name: str, handlers=("a", "b"), request_id: str = "r"):
 async def store_body(inbox, body: bytes, handlers=("a",), request_id: str = "r"):
     return await inbox.store(
         receipt(body, request_id), [(e, list(handlers)) for e in parse_callback(body)]
-    )
-
-
-def job(job_id: str, state: str = "Success", tag: str = "Transcode", key: str = "in.mp4") -> bytes:
-    return orjson.dumps(
-        {
-            "EventName": "TaskFinish",
-            "JobsDetail": {
-                "JobId": job_id,
-                "State": state,
-                "Tag": tag,
-                "Input": {"BucketId": "media-1250000000", "Region": "ap-guangzhou", "Object": key},
-            },
-        }
     )
 
 
@@ -504,6 +490,52 @@ async def test_receipts_page_and_filter_by_outcome(inbox):
     assert [r.outcome for r in await inbox.receipts(outcome="duplicate")] == ["duplicate"]
 
 
+async def test_rejected_receipts_page_with_their_first_bytes_and_headers(inbox):
+    await store_body(inbox, job("jrej"))
+    first = await inbox.reject(
+        receipt(b"<x>" + b"a" * 100, headers={"user-agent": "curl/8"}), "malformed_xml", "no end"
+    )
+    second = receipt(b"\x00\xffnot json")
+    second.source_meta = {"message_id": "m1"}
+    await inbox.reject(second, "not_xml_or_json", "starts with NUL", size=5000)
+    newest, oldest = await inbox.rejected(preview=4)
+    assert (newest.reason, newest.detail, newest.source) == (
+        "not_xml_or_json",
+        "starts with NUL",
+        "http",
+    )
+    assert (newest.size, newest.kept, newest.preview) == (5000, 10, b"\x00\xffno")
+    assert newest.source_meta == {"message_id": "m1"}
+    assert (oldest.id, oldest.size, oldest.kept, oldest.preview) == (first, 103, 103, b"<x>a")
+    assert oldest.headers == {"user-agent": "curl/8"}
+    assert oldest.request_id == "r"
+    assert [r.id for r in await inbox.rejected(before=newest.id)] == [first]
+    assert await inbox.rejected(before=first) == []
+    assert len(await inbox.rejected(limit=1)) == 1
+
+
+async def test_filtering_by_a_rare_run_status_among_many_finds_the_newest(inbox):
+    # Most runs done, a few dead of one handler: both ways of finding them agree.
+    for n in range(30):
+        await store_body(inbox, job(f"jmany{n}", state="Failed" if n % 7 == 3 else "Success"))
+    while claims := await inbox.claim("a", 50, 30):
+        for claim in claims:
+            outcome = "dead" if claim.event.state == "Failed" else "done"
+            await inbox.finish(claim, outcome, started_at=now())
+
+    async def jobs(**fields) -> list[str]:
+        return [e.job_id for e in await inbox.events(EventFilter(**fields), limit=3)]
+
+    assert await jobs(status="dead") == ["jmany24", "jmany17", "jmany10"]
+    assert await jobs(status="dead", handler="a") == ["jmany24", "jmany17", "jmany10"]
+    assert await jobs(status="done") == ["jmany29", "jmany28", "jmany27"]
+    assert await jobs(status="done", handler="a") == ["jmany29", "jmany28", "jmany27"]
+    assert await jobs(status="dead", handler="b") == []
+    assert await jobs(status="forged") == []
+    dead = await inbox.event_ids(EventFilter(status="dead"), after=0)
+    assert [event_id for _, event_id in dead] == [f"job:jmany{n}:Failed" for n in (3, 10, 17, 24)]
+
+
 async def test_known_tells_which_events_are_stored(inbox):
     stored = await store_body(inbox, job("jk"))
     assert await inbox.known([*stored.new, "job:missing:Success"]) == set(stored.new)
@@ -593,6 +625,42 @@ async def test_counts_since_a_moment(inbox):
     assert counts.tags == {"Transcode": 1, "WorkflowFinish": 1}
     assert counts.states == {"Failed": 1, "Success": 1}
     assert counts.runs == {"a": {"pending": 2}, "b": {"dead": 1}}
+
+
+async def test_traffic_per_minute_by_outcome_and_events_by_tag_and_state(inbox):
+    minute = datetime.fromtimestamp(now().timestamp() // 60 * 60, timezone.utc)
+    earlier, later = minute - timedelta(minutes=30), minute - timedelta(minutes=5)
+
+    def at(moment: datetime, body: bytes) -> Receipt:
+        arrived = receipt(body)
+        arrived.received_at = moment
+        return arrived
+
+    async def accept(moment: datetime, body: bytes) -> None:
+        arrived = at(moment, body)
+        await inbox.store(arrived, [(e, ["a"]) for e in parse_callback(body)])
+
+    await accept(minute - timedelta(hours=25), job("jold"))  # before the period
+    await accept(earlier + timedelta(seconds=1), job("j1", state="Failed"))
+    await accept(earlier + timedelta(seconds=59), job("j1", state="Failed"))  # a duplicate
+    await accept(later, load("workflow_finish.xml"))
+    await accept(later + timedelta(seconds=30), job("j2", tag="Snapshot"))
+    await inbox.reject(at(later, b"nope"), "not_xml_or_json", "n")
+    traffic = await inbox.traffic(minute - timedelta(hours=24))
+    assert traffic.step == 60
+    assert traffic.callbacks == [
+        (earlier, "accepted", 1),
+        (earlier, "duplicate", 1),
+        (later, "accepted", 2),
+        (later, "rejected", 1),
+    ]
+    assert traffic.tags == {"Transcode": 1, "Snapshot": 1, "WorkflowFinish": 1}
+    assert traffic.states == {"Failed": 1, "Success": 2}
+    hour = datetime.fromtimestamp(earlier.timestamp() // 3600 * 3600, timezone.utc)
+    hourly = await inbox.traffic(minute - timedelta(hours=24), step=3600)
+    assert sum(count for _, _, count in hourly.callbacks) == 5
+    assert hourly.callbacks[0][0] == hour
+    assert (await inbox.traffic(minute + timedelta(minutes=1))).callbacks == []
 
 
 async def test_load_gives_the_stored_events_without_their_documents(inbox):

@@ -1,7 +1,6 @@
-"""The admin app: `/metrics`, the detailed `/readyz`, and `/healthz`.
-
-More admin routes (the JSON admin API, the inspector page) go in `routes()`: they are
-served on the same listener, behind the same `AdminAuth`.
+"""The admin app: `/metrics`, the detailed `/readyz`, `/healthz`, and with
+`[admin] inspector = true` the JSON admin API (`/api`, `api.py`) and the inspector pages
+(`/inspector`, `inspector.py`), all behind the same `AdminAuth`.
 """
 
 from __future__ import annotations
@@ -13,9 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from receiver.admin.api import api_routes
 from receiver.admin.auth import AdminAuth
+from receiver.admin.inspection import Inspection
+from receiver.admin.inspector import inspector_routes
 from receiver.service import Backend
-from receiver.sources.http import JsonResponse, RequestContext, json_http_error
+from receiver.sources.http import JsonResponse, RequestContext, error, json_http_error
 
 
 def routes(service: Backend) -> list[BaseRoute]:
@@ -33,10 +35,27 @@ def routes(service: Backend) -> list[BaseRoute]:
     async def healthz(request: Request) -> Response:
         return JsonResponse({"status": "ok"})
 
-    return [
+    basics: list[BaseRoute] = [
         Route("/metrics", metrics, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+    ]
+    if not service.config.admin.inspector:
+        return [*basics, *_switched_off()]
+    inspection = Inspection(service)
+    return [*basics, *api_routes(inspection), *inspector_routes(inspection, service.config)]
+
+
+def _switched_off() -> list[BaseRoute]:
+    async def off(request: Request) -> Response:
+        return error(
+            404,
+            "not_found",
+            "the admin API and the inspector are off: set [admin] inspector = true",
+        )
+
+    return [
+        Route(path, off) for path in ("/api/{rest:path}", "/inspector", "/inspector/{rest:path}")
     ]
 
 

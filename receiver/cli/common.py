@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from handlers import HandlerConfigError
-from receiver.config import Config, ConfigError, load_config, parse_duration
+from receiver.config import Config, ConfigError, load_config, parse_moment
 from receiver.inbox import EventFilter, SchemaError
 
 T = TypeVar("T")
@@ -41,14 +41,9 @@ class Moment(click.ParamType):
         if isinstance(value, datetime):
             return value
         try:
-            return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(value))
-        except ValueError:
-            pass
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a time (ISO 8601) nor a duration (24h)", param, ctx)
-        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+            return parse_moment(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:

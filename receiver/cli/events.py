@@ -16,6 +16,7 @@ import orjson
 from receiver.cli.common import config_option, event_filter, filter_options, load, with_inbox
 from receiver.cli.views import event_lines, printable, summary_row
 from receiver.inbox import RUN_STATUSES, EventSummary
+from receiver.inbox.as_json import detail_json, summary_json
 from receiver.timezones import parse_timezone
 
 # How many of the newest events `tail` reads on each look.
@@ -62,7 +63,7 @@ def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: 
         return
     if as_json:
         for summary in found:
-            click.echo(orjson.dumps(_summary_json(summary)).decode())
+            click.echo(orjson.dumps(summary_json(summary)).decode())
         return
     rows = [summary_row(summary, zone) for summary in found]
     header = ("RECEIVED", "ID", "EVENT", "TAG", "STATE", "HANDLERS")
@@ -88,22 +89,6 @@ def _say_none(filters: dict[str, Any]) -> None:
         )
 
 
-def _summary_json(summary: EventSummary) -> dict[str, Any]:
-    return {
-        "id": summary.id,
-        "received_at": summary.received_at.isoformat(),
-        "kind": summary.kind,
-        "event_name": summary.event_name,
-        "tag": summary.tag,
-        "state": summary.state,
-        "job_id": summary.job_id,
-        "handlers": {
-            r.handler: {"status": r.status, "attempts": r.attempts, "error": r.last_error}
-            for r in summary.runs
-        },
-    }
-
-
 @events.command("show")
 @config_option
 @click.argument("event_id")
@@ -118,22 +103,7 @@ def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
         for line in event_lines(detail, zone):
             click.echo(line)
         return
-    record = {
-        "event": detail.event.to_dict(),
-        "receipt_id": detail.receipt_id,
-        "request_id": detail.request_id,
-        "runs": [
-            {"handler": r.handler, "status": r.status, "attempts": r.attempts,
-             "due_at": r.due_at.isoformat() if r.due_at else None, "error": r.last_error}
-            for r in detail.runs
-        ],
-        "attempts": [
-            {"handler": a.handler, "number": a.number, "outcome": a.outcome,
-             "started_at": a.started_at.isoformat(), "finished_at": a.finished_at.isoformat(),
-             "error": a.error}
-            for a in detail.attempts
-        ],
-    }  # fmt: skip
+    record = detail_json(detail)
     click.echo(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
 
 
@@ -155,7 +125,7 @@ def tail(
 
     def show(summary: EventSummary) -> None:
         if as_json:
-            click.echo(orjson.dumps(_summary_json(summary)).decode())
+            click.echo(orjson.dumps(summary_json(summary)).decode())
         else:
             click.echo("  ".join(summary_row(summary, zone)))
 

@@ -98,7 +98,10 @@ def _admin_server(service: Any) -> list[Any]:
         return []
 
     def announce(host: str, port: int) -> None:
-        click.echo(f"admin listener on http://{host}:{port} (/metrics, /readyz)", err=True)
+        routes = "/metrics, /readyz"
+        if service.config.admin.inspector:
+            routes += ", /api, the inspector at /inspector"
+        click.echo(f"admin listener on http://{host}:{port} ({routes})", err=True)
 
     return [HttpServer.admin(service, announce)]
 

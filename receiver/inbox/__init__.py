@@ -183,6 +183,35 @@ class Counts:
     runs: dict[str, dict[str, int]]  # of those events' runs: handler -> status -> count
 
 
+@dataclass(slots=True)
+class Traffic:
+    """What arrived since a moment, for the inspector's overview: callbacks per `step`
+    seconds by outcome, and the new events by tag and by state (as `Counts` has them)."""
+
+    step: int
+    # (the start of a step, outcome, count), oldest first; steps with none left out.
+    callbacks: list[tuple[datetime, ReceiptOutcome, int]]
+    tags: dict[str, int]
+    states: dict[str, int]
+
+
+@dataclass(slots=True)
+class RejectedReceipt:
+    """A refused callback as the inspector lists it: why, from where, and its first bytes."""
+
+    id: int
+    received_at: datetime
+    source: str
+    request_id: str | None
+    size: int  # as it arrived
+    kept: int  # bytes of it kept (0: counted only, or removed)
+    reason: str | None
+    detail: str | None
+    headers: dict[str, str]
+    source_meta: dict[str, Any]
+    preview: bytes  # its first bytes, at most the `preview` asked for
+
+
 @dataclass(slots=True, frozen=True)
 class Cutoffs:
     """What retention may remove: what was received before each moment (None: keep)."""
@@ -339,12 +368,25 @@ class Inbox(Protocol):
         """A stored callback as received (a rejected one cut to the kept size)."""
         ...
 
+    async def rejected(
+        self, *, limit: int = 50, before: int | None = None, preview: int = 512
+    ) -> list[RejectedReceipt]:
+        """Refused callbacks, newest first, each with its first `preview` bytes; `before`
+        is the id of the last one of the previous page."""
+        ...
+
     async def backlog(self) -> dict[str, Backlog]:
         """Per handler with any pending or dead run."""
         ...
 
     async def counts(self, since: datetime) -> Counts:
         """Receipts, new events and their runs since `since`."""
+        ...
+
+    async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
+        """Callbacks per `step` seconds (steps aligned on the epoch) and new events by tag
+        and state, since `since`: one pass over an index of the receipts' times and one
+        over the events of the period, whatever the inbox holds before it."""
         ...
 
     async def load(self, event_ids: list[str]) -> list[Event]:

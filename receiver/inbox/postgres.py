@@ -45,9 +45,11 @@ from receiver.inbox import (
     Receipt,
     ReceiptOutcome,
     ReceiptSummary,
+    RejectedReceipt,
     RunState,
     SchemaError,
     Stored,
+    Traffic,
     new_runs,
 )
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
@@ -57,6 +59,7 @@ from receiver.inbox.query import (
     Dialect,
     event_conditions,
     glob_to_like,
+    tallies,
 )
 from receiver.inbox.records import Documents, event_data
 from receiver.model import Event
@@ -653,6 +656,25 @@ class PostgresInbox:
             cut_from=size if size > len(body) else None,
         )
 
+    async def rejected(
+        self, *, limit: int = 50, before: int | None = None, preview: int = 512
+    ) -> list[RejectedReceipt]:
+        rows = await self.pool.fetch(
+            "SELECT id, received_at, source, request_id, size, coalesce(octet_length(body), 0),"
+            " error_reason, error_detail, headers, source_meta, substring(body from 1 for $1)"
+            " FROM receipts WHERE outcome = 'rejected' AND ($2::bigint IS NULL OR id < $2)"
+            " ORDER BY id DESC LIMIT $3",
+            preview,
+            before,
+            limit,
+        )
+        return [
+            RejectedReceipt(
+                *row[:8], orjson.loads(row[8]), orjson.loads(row[9]), bytes(row[10] or b"")
+            )
+            for row in rows
+        ]
+
     async def backlog(self) -> dict[str, Backlog]:
         found: dict[str, Backlog] = {}
         for handler, status, count, oldest in await self.pool.fetch(
@@ -691,6 +713,28 @@ class PostgresInbox:
             ):
                 runs.setdefault(handler, {})[status] = count
         return Counts(receipts=receipts, tags=tags, states=states, runs=runs)
+
+    async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
+        # Two passes over two tables: side by side, on two connections of the pool.
+        steps, tallied = await asyncio.gather(
+            self.pool.fetch(
+                "SELECT floor(extract(epoch FROM received_at) / $2)::bigint, outcome, count(*)"
+                " FROM receipts WHERE received_at >= $1 GROUP BY 1, 2 ORDER BY 1, 2",
+                since,
+                step,
+            ),
+            self.pool.fetch(
+                "SELECT coalesce(tag, event_name, kind), coalesce(state, '-'), count(*)"
+                " FROM events WHERE received_at >= $1 GROUP BY 1, 2",
+                since,
+            ),
+        )
+        tags, states = tallies(tallied)
+        found = [
+            (datetime.fromtimestamp(bucket * step, timezone.utc), outcome, count)
+            for bucket, outcome, count in steps
+        ]
+        return Traffic(step, found, tags, states)
 
     async def load(self, event_ids: list[str]) -> list[Event]:
         if not event_ids:

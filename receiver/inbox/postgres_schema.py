@@ -37,6 +37,8 @@ TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id)",
     "CREATE INDEX IF NOT EXISTS receipts_time ON receipts (received_at)",
+    # The overview's callbacks per minute by outcome, read from the index alone.
+    "CREATE INDEX IF NOT EXISTS receipts_time_outcome ON receipts (received_at, outcome)",
     """CREATE TABLE IF NOT EXISTS events (
         seq bigserial UNIQUE,
         id text PRIMARY KEY,
@@ -53,6 +55,9 @@ TABLES = [
     )""",
     "CREATE INDEX IF NOT EXISTS events_job ON events (job_id)",
     "CREATE INDEX IF NOT EXISTS events_time ON events (received_at)",
+    # The overview's events by tag and state, read from the index alone.
+    "CREATE INDEX IF NOT EXISTS events_time_tally"
+    " ON events (received_at, tag, event_name, kind, state)",
     "CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id)",
     """CREATE TABLE IF NOT EXISTS runs (
         event_id text NOT NULL,

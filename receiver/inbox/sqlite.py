@@ -10,6 +10,7 @@ share the file; SQLite serializes their writes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -37,9 +38,11 @@ from receiver.inbox import (
     Receipt,
     ReceiptOutcome,
     ReceiptSummary,
+    RejectedReceipt,
     RunState,
     SchemaError,
     Stored,
+    Traffic,
     new_runs,
 )
 from receiver.inbox.query import (
@@ -48,6 +51,7 @@ from receiver.inbox.query import (
     Dialect,
     event_conditions,
     glob_to_sqlite,
+    tallies,
 )
 from receiver.inbox.reader import Reader
 from receiver.inbox.records import Documents, event_data
@@ -66,6 +70,7 @@ DIALECT = Dialect(
     glob=lambda column, param: f"{column} GLOB {param}",
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
+    unindexed=lambda column: f"+{column}",
 )
 _RUN_STATUS = {
     "done": "done",
@@ -477,6 +482,26 @@ class SqliteInbox:
             cut_from=size if size > len(body) else None,
         )
 
+    async def rejected(
+        self, *, limit: int = 50, before: int | None = None, preview: int = 512
+    ) -> list[RejectedReceipt]:
+        def rejected(connection: sqlite3.Connection) -> list[RejectedReceipt]:
+            rows = connection.execute(
+                "SELECT id, received_at, source, request_id, size, COALESCE(LENGTH(body), 0),"
+                " error_reason, error_detail, headers, source_meta, substr(body, 1, ?)"
+                " FROM receipts WHERE outcome = 'rejected' AND id < ? ORDER BY id DESC LIMIT ?",
+                (preview, before if before is not None else 1 << 62, limit),
+            ).fetchall()
+            return [
+                RejectedReceipt(
+                    *row[:1], _datetime(row[1]), *row[2:8], orjson.loads(row[8]),
+                    orjson.loads(row[9]), bytes(row[10] or b""),
+                )
+                for row in rows
+            ]  # fmt: skip
+
+        return await self._reader.run(rejected)
+
     async def backlog(self) -> dict[str, Backlog]:
         def backlog(connection: sqlite3.Connection) -> dict[str, Backlog]:
             found: dict[str, Backlog] = {}
@@ -523,6 +548,29 @@ class SqliteInbox:
             )
 
         return await self._reader.run(counts)
+
+    async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
+        start = since.timestamp()
+
+        def callbacks(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return connection.execute(
+                "SELECT CAST(received_at / ? AS INTEGER), outcome, COUNT(*) FROM receipts"
+                " WHERE received_at >= ? GROUP BY 1, 2 ORDER BY 1, 2",
+                (step, start),
+            ).fetchall()
+
+        def events(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return connection.execute(
+                "SELECT COALESCE(tag, event_name, kind), COALESCE(state, '-'), COUNT(*)"
+                " FROM events WHERE received_at >= ? GROUP BY 1, 2",
+                (start,),
+            ).fetchall()
+
+        # Two passes over two tables: side by side, on the reader's two threads.
+        steps, tallied = await asyncio.gather(self._reader.run(callbacks), self._reader.run(events))
+        tags, states = tallies(tallied)
+        found = [(_datetime(bucket * step), outcome, count) for bucket, outcome, count in steps]
+        return Traffic(step, found, tags, states)
 
     async def load(self, event_ids: list[str]) -> list[Event]:
         def load(connection: sqlite3.Connection) -> list[bytes]:

@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS receipts (
 );
 CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id);
 CREATE INDEX IF NOT EXISTS receipts_time ON receipts (received_at);
+-- The overview's callbacks per minute by outcome, read from the index alone.
+CREATE INDEX IF NOT EXISTS receipts_time_outcome ON receipts (received_at, outcome);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -56,6 +58,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
 CREATE INDEX IF NOT EXISTS events_time ON events (received_at);
+-- The overview's events by tag and state, read from the index alone.
+CREATE INDEX IF NOT EXISTS events_time_tally ON events (received_at, tag, event_name, kind, state);
 CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id);
 CREATE TABLE IF NOT EXISTS runs (
     event_id TEXT NOT NULL,

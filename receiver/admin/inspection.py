@@ -1,0 +1,158 @@
+"""What the admin API and the inspector pages do with the running service: read its
+inbox, tell its handlers' state, replay. Both front ends call this; neither talks to
+the inbox for anything but plain reads.
+
+Replay follows `ci-receiver replay` to the letter (`receiver.replay`): the same choice
+of events, the same routes, the same counts, and it wakes this process's dispatcher so
+that queued runs start at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from receiver.admin.params import BadRequest, ReplayRequest
+from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
+from receiver.payload import PayloadError
+from receiver.replay import Replayed, chosen_ids, replay
+from receiver.routing import Router
+
+# The overview's period.
+OVERVIEW_HOURS = 24
+
+
+class NotAvailable(Exception):
+    """This process keeps no inbox (relay mode): there is nothing to inspect here."""
+
+
+@dataclass(slots=True)
+class HandlerState:
+    name: str
+    status: str  # started, starting, not started: <its error>; "not configured" for old runs
+    started: bool
+    pending: int
+    dead: int
+    oldest_due: datetime | None
+
+
+@dataclass(slots=True)
+class Overview:
+    since: datetime
+    traffic: Traffic
+    handlers: list[HandlerState]
+
+
+class Inspection:
+    def __init__(self, service: Any) -> None:
+        self._service = service
+
+    @property
+    def inbox(self) -> Inbox:
+        inbox: Inbox | None = getattr(self._service, "inbox", None)
+        if inbox is None:
+            raise NotAvailable(
+                "this process relays callbacks to TDMQ and keeps no inbox: inspect the"
+                " consumers' inbox instead"
+            )
+        return inbox
+
+    @property
+    def handler_names(self) -> list[str]:
+        return list(self._service.config.handlers)
+
+    async def handlers(self) -> list[HandlerState]:
+        """Every configured handler (and any other with work left in the inbox, such as
+        the verification step, or a handler since removed from the config)."""
+        backlog = await self.inbox.backlog()
+        status = self._service.dispatcher.handler_status()
+        started = self._service.dispatcher.handler_started()
+        names = list(status) + sorted(name for name in backlog if name not in status)
+        empty = Backlog(0, 0, None)
+        return [
+            HandlerState(
+                name,
+                status.get(name, "not configured"),
+                started.get(name, False),
+                backlog.get(name, empty).pending,
+                backlog.get(name, empty).dead,
+                backlog.get(name, empty).oldest_due,
+            )
+            for name in names
+        ]
+
+    async def overview(self, step: int = 60) -> Overview:
+        now = datetime.now(timezone.utc)
+        # Whole steps: the first bar of the chart is not a part of one.
+        start = (now - timedelta(hours=OVERVIEW_HOURS)).timestamp() // step * step + step
+        since = datetime.fromtimestamp(start, timezone.utc)
+        traffic = await self.inbox.traffic(since, step=step)
+        return Overview(since, traffic, await self.handlers())
+
+    async def last_error(self, handler: str) -> str | None:
+        """The error of the run dead-lettered last for `handler` (the newest event's)."""
+        found = await self.inbox.events(EventFilter(status="dead", handler=handler), limit=1)
+        runs = [run for summary in found for run in summary.runs if run.handler == handler]
+        return runs[0].last_error if runs else None
+
+    async def replay(self, request: ReplayRequest) -> Replayed:
+        """`ci-receiver replay` with these options; BadRequest for what it would refuse."""
+        chosen = request.filter.event_filter() if request.filter else EventFilter()
+        if not (request.events or request.all or request.dead or chosen != EventFilter()):
+            raise BadRequest("say what to replay: events, a filter, dead or all")
+        if request.all and not (request.handlers or request.dead):
+            raise BadRequest("all runs handlers over every stored event: name them in handlers")
+        if request.events and (request.all or request.filter):
+            raise BadRequest("events are named: leave out all and filter")
+        unknown = [name for name in request.handlers if name not in self.handler_names]
+        if unknown:
+            known = ", ".join(self.handler_names)
+            raise BadRequest(f"handlers: not configured: {', '.join(unknown)} (known: {known})")
+        if request.dead:
+            if chosen.status not in (None, "dead"):
+                raise BadRequest("filter.status: dead replays dead-lettered runs only")
+            chosen.status = "dead"
+            if len(request.handlers) == 1:  # only events with a dead run of that handler
+                chosen.handler = request.handlers[0]
+        ids = await chosen_ids(self.inbox, list(request.events), chosen)
+        if not ids:
+            return Replayed()
+        done = await replay(
+            self.inbox,
+            Router(self._service.config.routes, self.handler_names),
+            ids,
+            handlers=list(request.handlers),
+            dead_only=request.dead,
+            ignore_routes=request.ignore_routes,
+            dry_run=request.dry_run,
+            release=bool(request.events),  # named ones run whatever verification said
+        )
+        if done.runs and not request.dry_run:
+            self._service.dispatcher.wake()
+        return done
+
+    async def replay_receipt(self, receipt_id: int) -> Stored:
+        """Decode a stored callback again (`replay --receipt`), as the CLI does."""
+        receipt = await self.inbox.receipt(receipt_id)
+        if receipt is None:
+            raise BadRequest(f"no receipt {receipt_id}", status=404)
+        if receipt.cut_from is not None or not receipt.body:
+            raise BadRequest(
+                f"receipt {receipt_id} was not kept whole (refused for its size, or its body"
+                " removed by retention): it cannot be decoded again",
+                status=409,
+            )
+        receipt.source_meta = {
+            **receipt.source_meta,
+            "replayed_receipt": receipt_id,
+            "replayed_source": receipt.source,
+        }
+        receipt.source = "replay"
+        try:
+            return await self._service.ingestor.ingest(receipt)
+        except PayloadError as exc:
+            raise BadRequest(
+                f"receipt {receipt_id} still cannot be decoded: {exc.reason}: {exc.message}",
+                status=422,
+            ) from None
