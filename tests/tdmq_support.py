@@ -7,6 +7,7 @@ and a `jsonl` handler's file), so the tests see what a user would find there.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pulsar
 
 from receiver.inbox.sqlite import SqliteInbox
 from tests.handlers_for_tests import json_lines
+from tests.processes import free_port
 
 T = TypeVar("T")
 
@@ -199,7 +201,12 @@ def content_version(name: str) -> dict[str, str]:
 
 
 def ci_receiver(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run one `ci-receiver` command to its end, as a user at a shell."""
+    """Run one `ci-receiver` command to its end, as a user at a shell; a command that
+    serves gets an admin port of its own (the default one may be taken on this machine)."""
     return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "receiver.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CI_RECEIVER_ADMIN__PORT": str(free_port())},
     )

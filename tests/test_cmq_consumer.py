@@ -227,24 +227,42 @@ async def test_a_refused_key_queue_or_permission_stops_at_start(
 async def test_throttling_and_5xx_back_off_logged_once_per_change(stand_in, inbox):
     metrics = Metrics()
     body = load("smartcover.json")
-    await asyncio.to_thread(stand_in.send, [variant(body, n) for n in range(30)])
+
+    async def send(numbers: range) -> None:
+        await asyncio.to_thread(stand_in.send, [variant(body, n) for n in numbers])
+
+    def states() -> list[str]:
+        return [e["event"] for e in logs if e["event"].startswith("cmq queue")]
+
+    def met(trouble: str) -> bool:
+        """The pollers met the trouble and came through it (answered again): the stand-in
+        takes requests again, our own sends included."""
+        seen = states()
+        return trouble in seen and seen[-1] == "cmq queue receiving"
+
+    await send(range(4))
     with capture_logs() as logs:
         running = consume(stand_in, ingestor(inbox, metrics), metrics, batch=2, concurrency=3)
         try:
-            await eventually(lambda: running.count("deleted") >= 4, "receiving")
+            await eventually(lambda: running.count("deleted") == 4, "receiving")
+            # The pollers keep asking (polling_wait is 1 s): they meet each trouble.
             stand_in.control(throttle=6)
-            await eventually(lambda: running.count("deleted") >= 14, "through the throttling")
+            await eventually(lambda: met("cmq queue throttled; retrying"), "through throttling")
+            await send(range(4, 14))
+            await eventually(lambda: running.count("deleted") == 14, "receiving again")
             stand_in.control(unavailable=6)
-            await eventually(lambda: running.count("deleted") == 30, "through the 503s")
+            await eventually(lambda: met("cmq queue unavailable; retrying"), "through the 503s")
+            await send(range(14, 30))
+            await eventually(lambda: running.count("deleted") == 30, "all of them")
         finally:
             await running.stop()
-    states = [e["event"] for e in logs if e["event"].startswith("cmq queue")]
+    seen = states()
     # 6 throttled answers, then 6 503s, to 3 pollers: a line when the queue's state
     # changes, not one per answer.
-    assert all(a != b for a, b in itertools.pairwise(states))
-    assert 1 <= states.count("cmq queue throttled; retrying") < 6
-    assert 1 <= states.count("cmq queue unavailable; retrying") < 6
-    assert states[-1] == "cmq queue receiving"
+    assert all(a != b for a, b in itertools.pairwise(seen))
+    assert 1 <= seen.count("cmq queue throttled; retrying") < 6
+    assert 1 <= seen.count("cmq queue unavailable; retrying") < 6
+    assert seen[-1] == "cmq queue receiving"
 
 
 async def test_a_refusal_after_start_is_retried_and_shows_in_readiness(

@@ -19,7 +19,7 @@ import pytest
 from receiver import parse_callback
 from receiver.model import Event
 from tests.callbacks import ALL, load
-from tests.processes import REPO, Receiver
+from tests.processes import REPO, Receiver, free_port
 from tests.sample_events import comparable
 from tests.tdmq_support import (
     Site,
@@ -247,6 +247,7 @@ def test_the_client_library_log_is_part_of_the_json_log(tmp_path, pulsar_broker)
             stdout=out,
             stderr=err,
             cwd=tmp_path,
+            env={**os.environ, "CI_RECEIVER_ADMIN__PORT": str(free_port())},
         )
     try:
         wait_until(lambda: "tdmq consumer connected" in stdout.read_text(), "connected")
