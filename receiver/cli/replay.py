@@ -135,8 +135,8 @@ def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
         if not any(handler in process.handlers for process in processes):
             click.echo(
                 f"no running receiver has handler {handler!r} (they started with an older"
-                " config): its runs wait until one does; restart them, or send them SIGHUP"
-                " to reload handlers and routes",
+                " config): its runs wait until one does; restart them to load the new handlers"
+                " and routes",
                 err=True,
             )
 
