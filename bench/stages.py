@@ -3,6 +3,7 @@ costs, so that the next change can be judged.
 
     python -m bench.stages [--callbacks 2000] [--concurrency 32] [--rounds 3]
     python -m bench.stages --against main   # this tree next to a git revision's
+    python -m bench.stages --against A --this B   # two revisions
 
 
 For a JSON and an XML callback (each request a new job), CPU µs per callback
@@ -26,8 +27,9 @@ For a JSON and an XML callback (each request a new job), CPU µs per callback
   dispatch           the difference of the two: claims, attempts, outcomes, the log line.
 
 With `--against REV`, the same stages of the code at REV (exported by `git archive`,
-measured by this file) and of this tree, in separate processes, rounds interleaved, with
-the ratio of this tree's figure to REV's: a change judged in one run.
+measured by this file) and of this tree (or of the revision `--this`), in separate
+processes, rounds interleaved, with the ratio of the second's figure to the first's: a
+change judged in one run.
 
 Requests go through the ASGI app in memory (no sockets, no HTTP parsing: see
 bench/http_server.py for the protocol's cost), `concurrency` of them in flight, on
@@ -372,17 +374,32 @@ def table(best: dict[str, dict[str, float]], rounds: int, callbacks: int, concur
         print(f"{stage:<14}{cells}")
 
 
-def against(revision: str, args: argparse.Namespace) -> None:
-    """This tree's stages next to REV's, each round a process of each, interleaved."""
+def export(revision: str, into: Path) -> Path:
+    """The tree of `revision`, with this file to measure it."""
     here = Path(__file__).resolve().parent.parent
-    base = Path(tempfile.mkdtemp(prefix="bench-stages-rev-"))
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(here), "archive", revision], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    shutil.copy(__file__, into / "bench" / "stages.py")  # the same measuring code
+    return into
+
+
+def against(revision: str, args: argparse.Namespace) -> None:
+    """This tree's (or `--this` revision's) stages next to REV's, each round a process
+    of each, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="bench-stages-rev-"))
+    this = "this tree" if args.this is None else args.this
     try:
-        archive = subprocess.run(
-            ["git", "-C", str(here), "archive", revision], capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-        shutil.copy(__file__, base / "bench" / "stages.py")  # the same measuring code
-        trees = {revision: base, "this tree": here}
+        trees = {
+            revision: export(revision, work / "before"),
+            this: (
+                Path(__file__).resolve().parent.parent
+                if args.this is None
+                else export(args.this, work / "after")
+            ),
+        }
         best: dict[str, dict[str, dict[str, float]]] = {name: {} for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():
@@ -397,17 +414,17 @@ def against(revision: str, args: argparse.Namespace) -> None:
                     for stage, us in stages.items():
                         kept[stage] = min(kept.get(stage, float("inf")), us)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     print(
         f"CPU µs per callback, best of {args.rounds} interleaved rounds of {args.callbacks}"
-        f" callbacks, {args.concurrency} in flight: {revision} -> this tree"
+        f" callbacks, {args.concurrency} in flight: {revision} -> {this}"
     )
     for fmt in SAMPLES:
-        print(f"\n{fmt:<14}{revision:>12} {'this tree':>10} {'ratio':>7}")
+        print(f"\n{fmt:<14}{revision[:12]:>12} {this[:12]:>12} {'ratio':>7}")
         for stage in [*STAGES, "dispatch"]:
-            before, after = best[revision][fmt][stage], best["this tree"][fmt][stage]
+            before, after = best[revision][fmt][stage], best[this][fmt][stage]
             ratio = f"{after / before:.2f}x" if before > 1 else ""
-            print(f"{stage:<14}{before:>12.1f} {after:>10.1f} {ratio:>7}")
+            print(f"{stage:<14}{before:>12.1f} {after:>12.1f} {ratio:>7}")
 
 
 def main() -> None:
@@ -416,6 +433,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--against", metavar="REV", help="compare with this git revision")
+    parser.add_argument(
+        "--this", metavar="REV", help="with --against: measure this revision, not the tree"
+    )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.against:
