@@ -1,21 +1,31 @@
-"""Callbacks/s and latency through the whole HTTP path, next to a bare Starlette endpoint.
+"""Callbacks/s, latency and server CPU per callback through the whole HTTP path, next
+to a bare Starlette endpoint.
 
-    python -m bench.http [--duration 10] [--connections 32]
+    python -m bench.http [--duration 10] [--connections 32] [--workers N]
 
 Needs wrk (Debian: apt-get install wrk). For an XML and a JSON callback, each request a
 new job, wrk drives 32 connections at:
   - a bare Starlette endpoint under uvicorn that only reads the body (the baseline);
-  - `ci-receiver serve` with no handler: decode, normalize, commit to the durable
-    SQLite inbox (synchronous=full), answer;
-  - the same with the `jsonl` handler (fsync'd), which the dispatcher runs in the same
-    process meanwhile.
-Both on the same uvicorn settings (uvloop, httptools, one process), in the same run.
-Afterwards, how long the dispatcher took to finish the handler backlog.
+  - `ci-receiver serve` with no handler (`routes = []`): decode, normalize, commit to
+    the durable SQLite inbox (synchronous=full), answer;
+  - `ci-receiver serve` in its default config: the `log` handler on every event, the
+    access log and the default logging (JSON lines, info) written to a file;
+  - the same with the `jsonl` handler (fsync'd) instead of `log`.
+All on the same uvicorn settings (uvloop, httptools), in the same run, with the access
+log and logging as configured (the defaults). For each run, the CPU time (user +
+system) the server's processes spent, from their own accounting (psutil), divided by
+the requests wrk completed: the figure that does not depend on the load generator
+sharing the cores. Afterwards, how much of the handler backlog was done.
+
+`--workers N` runs every target with N worker processes: uvicorn's `--workers` for the
+bare endpoint, `serve --workers N` for the receiver (that option must exist in the
+`serve` under test; without `--workers`, neither is passed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -24,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
 
 from tests.callbacks import load
 from tests.processes import REPO, free_port, wait_for_port
@@ -46,6 +58,17 @@ def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
     return process
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live descendants (the workers)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(60)
@@ -65,6 +88,7 @@ def wrk(url: str, body: Path, run: str, content_type: str, connections: int, dur
     latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50": _ms(latency["50"]),
         "p99": _ms(latency["99"]),
@@ -82,6 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--workers", type=int, help="worker processes per target (needs `serve --workers`)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/http.py needs wrk: apt-get install wrk")
@@ -93,14 +120,17 @@ def main() -> None:
         template.write_bytes(load(name).replace(job_id, b"j@@ID@@"))
         bodies[fmt] = (template, content_type)
 
-    common = '[http]\naccess_log = false\n[log]\nlevel = "warning"\n'
-    ingest_only = work / "ingest-only.toml"
-    ingest_only.write_text(f'data_dir = "{work / "data-ingest"}"\nroutes = []\n{common}')
-    with_jsonl = work / "jsonl.toml"
-    with_jsonl.write_text(
-        f'data_dir = "{work / "data"}"\n{common}'
-        f'[handlers.jsonl]\ntype = "jsonl"\npath = "{work / "events.jsonl"}"\nconcurrency = 64\n'
-    )
+    # The logging and access log are the defaults (JSON lines at info, one line per
+    # request, and one per event for `log`), to the process's log file.
+    configs = {
+        "no handler": f'data_dir = "{work / "data-none"}"\nroutes = []\n',
+        "default (log)": f'data_dir = "{work / "data-log"}"\n',
+        "jsonl": (
+            f'data_dir = "{work / "data"}"\n'
+            f'[handlers.jsonl]\ntype = "jsonl"\npath = "{work / "events.jsonl"}"\n'
+            "concurrency = 64\n"
+        ),
+    }
     uvicorn = [
         "--loop",
         "uvloop",
@@ -110,47 +140,56 @@ def main() -> None:
         "--log-level",
         "warning",
     ]
-    ports = {name: free_port() for name in ("bare Starlette", "store only", "store + jsonl")}
+    workers = ("--workers", str(args.workers)) if args.workers else ()
+    ports = {name: free_port() for name in ("bare Starlette", *configs)}
     targets = {
         "bare Starlette": [
             *(sys.executable, "-m", "uvicorn", "bench.bare_app:app"),
-            *("--port", str(ports["bare Starlette"]), *uvicorn),
+            *("--port", str(ports["bare Starlette"]), *uvicorn, *workers),
         ],
     }
-    for name, config in (("store only", ingest_only), ("store + jsonl", with_jsonl)):
+    for name, text in configs.items():
+        config = work / f"{name.split()[0]}.toml"
+        config.write_text(text)
         targets[name] = [
             *(sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)),
-            *("--host", "127.0.0.1", "--port", str(ports[name])),
+            *("--host", "127.0.0.1", "--port", str(ports[name]), *workers),
         ]
 
     print(
-        f"{args.connections} connections, {args.duration} s a run, wrk -t2, {os.cpu_count()} cores"
+        f"{args.connections} connections, {args.duration} s a run, wrk -t2, {os.cpu_count()} cores,"
+        f" {args.workers or 1} worker process(es) per target"
     )
-    header = ("target", "body", "callbacks/s", "p50 ms", "p99 ms", "non-2xx", "ratio")
-    print("\n{:<16} {:<5} {:>12} {:>8} {:>8} {:>8} {:>6}".format(*header))
+    header = ("target", "body", "callbacks/s", "p50 ms", "p99 ms", "non-2xx", "ratio", "CPU µs")
+    row_format = "{:<15} {:<5} {:>12} {:>8} {:>8} {:>8} {:>6} {:>8}"
+    print("\n" + row_format.format(*header))
     results: dict[tuple[str, str], dict] = {}
     for run, (target, command) in enumerate(targets.items()):
         process = start(command, ports[target], work / f"{run}.log")
         try:
             for fmt, (body, content_type) in bodies.items():
                 url = f"http://127.0.0.1:{ports[target]}/callbacks"
+                cpu_before = cpu_seconds(process.pid)
                 result = wrk(
                     url, body, f"{fmt[0]}{run}", content_type, args.connections, args.duration
                 )
+                cpu = (cpu_seconds(process.pid) - cpu_before) / result["requests"] * 1e6
                 results[target, fmt] = result
                 base = results[("bare Starlette", fmt)]
                 ratio = f"{result['rps'] / base['rps']:.2f}x" if target != "bare Starlette" else ""
                 row = (target, fmt, f"{result['rps']:.0f}", f"{result['p50']:.2f}",
-                       f"{result['p99']:.2f}", result["errors"], ratio)  # fmt: skip
-                print("{:<16} {:<5} {:>12} {:>8} {:>8} {:>8} {:>6}".format(*row))
+                       f"{result['p99']:.2f}", result["errors"], ratio, f"{cpu:.0f}")  # fmt: skip
+                print(row_format.format(*row))
         finally:
             stop(process)
-    inbox = work / "data" / "inbox.db"
-    print(
-        f"\n{_count(inbox, 'SELECT count(*) FROM events')} events stored with jsonl; "
-        f"{_count(inbox, 'SELECT count(*) FROM runs WHERE status = ' + repr('done'))} handled "
-        "before the process was stopped"
-    )
+    print()
+    for name, folder in (("default (log)", "data-log"), ("jsonl", "data")):
+        inbox = work / folder / "inbox.db"
+        print(
+            f"{name}: {_count(inbox, 'SELECT count(*) FROM events')} events stored, "
+            f"{_count(inbox, 'SELECT count(*) FROM runs WHERE status = ' + repr('done'))}"
+            " handled before the process was stopped"
+        )
     shutil.rmtree(work)
 
 

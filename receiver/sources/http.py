@@ -11,7 +11,9 @@ listener (`receiver.admin`), not here.
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -73,27 +75,6 @@ def error(
     return JsonResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
 
 
-def unavailable(reason: str = "inbox_unavailable") -> JsonResponse:
-    # Even a body that will be refused is kept first: when it cannot be, the sender is
-    # asked to send it again rather than have it vanish. `relay_unavailable`: the broker
-    # did not confirm it (relay mode).
-    return error(
-        503,
-        reason,
-        "the callback could not be stored; send it again",
-        {"retry-after": RETRY_AFTER},
-    )
-
-
-def busy() -> JsonResponse:
-    return error(
-        503,
-        "busy",
-        "too many large callbacks in progress; send again",
-        {"retry-after": RETRY_AFTER},
-    )
-
-
 class Slots:
     """A count of things in progress, up to a limit; taken without waiting."""
 
@@ -111,13 +92,75 @@ class Slots:
         self.taken -= 1
 
 
-def _headers_of_interest(scope: Scope) -> dict[str, str]:
-    # From the raw ASGI headers: decoding only these is cheaper than Request.headers.
-    return {
-        name.decode(): value[:MAX_KEPT_HEADER_BYTES].decode("latin-1")
-        for name, value in scope["headers"]
-        if name in _RAW_HEADERS_OF_INTEREST
-    }
+# The paths of `receive_callback`, as Starlette's routes `/callbacks` and
+# `/callbacks/{token}` match them (the same expression, `$` and all).
+_CALLBACK_PATH = re.compile(r"^/callbacks(?:/(?P<token>[^/]+))?$")
+_SERVER_ERROR = b"Internal Server Error"
+
+
+@dataclass(slots=True)
+class Answer:
+    """A complete response of the callback route: what Starlette's JSONResponse sends."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+    @classmethod
+    def json(cls, status: int, content: Any, headers: dict[str, str] | None = None) -> Answer:
+        return cls(
+            status,
+            orjson.dumps(content),
+            [(name.lower().encode("latin-1"), value.encode("latin-1"))
+             for name, value in (headers or {}).items()],
+        )  # fmt: skip
+
+    @classmethod
+    def error(
+        cls, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+    ) -> Answer:
+        return cls.json(status, {"error": reason, "detail": detail}, headers)
+
+    def head(self, request_id: bytes) -> list[tuple[bytes, bytes]]:
+        head = [*self.headers, (b"content-length", b"%d" % len(self.body))]
+        if self.body:
+            head.append((b"content-type", b"application/json"))
+        head.append((b"x-request-id", request_id))
+        return head
+
+
+def unavailable(reason: str = "inbox_unavailable") -> Answer:
+    # Even a body that will be refused is kept first: when it cannot be, the sender is
+    # asked to send it again rather than have it vanish. `relay_unavailable`: the broker
+    # did not confirm it (relay mode).
+    return Answer.error(
+        503, reason, "the callback could not be stored; send it again", {"retry-after": RETRY_AFTER}
+    )
+
+
+def busy() -> Answer:
+    return Answer.error(
+        503,
+        "busy",
+        "too many large callbacks in progress; send again",
+        {"retry-after": RETRY_AFTER},
+    )
+
+
+def _read_head(scope: Scope) -> tuple[str, dict[str, str], str | None]:
+    """In one pass over the raw ASGI headers (cheaper than Request.headers): the request
+    id (`_request_id`), the headers kept with the callback, the user agent logged."""
+    request_id: str | None = None
+    kept: dict[str, str] = {}
+    agent: str | None = None
+    for name, value in scope["headers"]:
+        if name in _RAW_HEADERS_OF_INTEREST:
+            kept[name.decode()] = value[:MAX_KEPT_HEADER_BYTES].decode("latin-1")
+            if agent is None and name == b"user-agent":
+                agent = value[:200].decode("latin-1")
+        elif request_id is None and name == b"x-request-id":
+            request_id = _valid_request_id(value)
+    return request_id or new_id(), kept, agent
 
 
 async def json_http_error(request: Request, exc: Exception) -> Response:
@@ -129,79 +172,179 @@ async def json_http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(service: Backend) -> Starlette:
-    config = service.config
-    senders = SenderAuth(config.http)
-    large_bodies = Slots(config.http.max_large_requests)
-    max_bytes = config.limits.max_bytes
-    ingestor, metrics = service.ingestor, service.metrics
+class Callbacks:
+    """`POST /callbacks[/<token>]` as a bare ASGI endpoint: the one route under load
+    needs none of Starlette's layers (middleware, Request, Response, exception
+    handling), and costs about a third of the CPU without them (bench/stages.py). What
+    `RequestContext` does for the other routes it does itself: the request id bound to
+    the log context once, echoed back, and the access log line."""
 
-    async def receive_callback(request: Request) -> Response:
-        refusal = senders.check(request.scope, request.path_params.get("token"))
+    def __init__(self, service: Backend) -> None:
+        config = service.config
+        self._senders = SenderAuth(config.http)
+        self._large_bodies = Slots(config.http.max_large_requests)
+        self._max_bytes = config.limits.max_bytes
+        self._ingestor, self._metrics = service.ingestor, service.metrics
+        self._access_log = config.http.access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, token: str | None) -> None:
+        began = time.perf_counter()
+        request_id, headers, agent = _read_head(scope)
+        status = 500
+        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            answer = await self._answer(scope, receive, token, request_id, headers)
+            status = answer.status
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": answer.head(request_id.encode()),
+                }
+            )
+            await send({"type": "http.response.body", "body": answer.body})
+        except Exception:
+            # As Starlette's ServerErrorMiddleware: a plain 500, then the error goes on up.
+            status = 500
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-length", b"%d" % len(_SERVER_ERROR)),
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _SERVER_ERROR})
+            raise
+        finally:
+            if self._access_log:
+                logger.info(
+                    "request",
+                    method="POST",
+                    path="/callbacks" if token is None else "/callbacks/{token}",
+                    status=status,
+                    ms=round((time.perf_counter() - began) * 1000, 2),
+                    client=client_address(scope),
+                    user_agent=agent,
+                )
+            structlog.contextvars.reset_contextvars(**bound)
+
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        token: str | None,
+        request_id: str,
+        headers: dict[str, str],
+    ) -> Answer:
+        refusal = self._senders.check(scope, token)
         if refusal is not None:
-            metrics.series(metrics.callbacks, "http", refusal.reason).inc()
-            return error(refusal.status, refusal.reason, refusal.detail, refusal.headers)
+            self._metrics.series(self._metrics.callbacks, "http", refusal.reason).inc()
+            return Answer.error(refusal.status, refusal.reason, refusal.detail, refusal.headers)
         receipt = Receipt(
             body=b"",
             source="http",
             received_at=datetime.now(timezone.utc),
-            request_id=request.scope["state"]["request_id"],
-            headers=_headers_of_interest(request.scope),
-            source_meta={"request_id": request.scope["state"]["request_id"]},
+            request_id=request_id,
+            headers=headers,
+            source_meta={"request_id": request_id},
         )
-        declared = receipt.headers.get("content-length", "")
+        max_bytes = self._max_bytes
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            return await refuse(receipt, size=int(declared))
+            return await self._refuse(receipt, size=int(declared))
         large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
-        if large and not large_bodies.take():
+        if large and not self._large_bodies.take():
             return busy()
-        body = bytearray()
+        body: bytes | bytearray = b""
         try:
-            async for chunk in request.stream():
-                body += chunk
+            more = True
+            while more:  # as Starlette's Request.stream()
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect
+                if message["type"] != "http.request":
+                    continue
+                more = message.get("more_body", False)
+                chunk = message.get("body", b"")
+                if not chunk:
+                    continue
+                if body:
+                    if not isinstance(body, bytearray):
+                        body = bytearray(body)
+                    body += chunk
+                else:  # the whole body in one message, usually: kept without a copy
+                    body = chunk
                 if not large and len(body) > LARGE_BODY_BYTES:  # no Content-Length
-                    large = large_bodies.take()
+                    large = self._large_bodies.take()
                     if not large:
                         return busy()
                 if len(body) > max_bytes:
                     receipt.body = bytes(body)
-                    return await refuse(receipt, size=len(body))
+                    return await self._refuse(receipt, size=len(body))
             receipt.body = bytes(body)
-            body.clear()  # one copy held while the callback waits for its commit
-            return await ingest(receipt)
+            body = b""  # one copy held while the callback waits for its commit
+            return await self._ingest(receipt)
         except ClientDisconnect:
             logger.info("client went away before sending the whole body", received=len(body))
-            return Response(status_code=400)
+            return Answer(400, b"", [])
         finally:
             if large:
-                large_bodies.give_back()
+                self._large_bodies.give_back()
 
-    async def ingest(receipt: Receipt) -> Response:
+    async def _ingest(self, receipt: Receipt) -> Answer:
         try:
-            stored = await ingestor.ingest(receipt)
+            stored = await self._ingestor.ingest(receipt)
         except PayloadError as exc:
-            return error(400, exc.reason, exc.message)
+            return Answer.error(400, exc.reason, exc.message)
         except IntakeUnavailable as exc:  # a refused body not kept, a broker away, ...
             return unavailable(exc.reason)
         except Exception:
             logger.exception("cannot commit the callback to the inbox")
             return unavailable()
-        return JsonResponse(
+        return Answer.json(
+            200,
             {
                 "accepted": len(stored.new),
                 "duplicates": len(stored.duplicates),
                 "ids": stored.ids,
-            }
+            },
         )
 
-    async def refuse(receipt: Receipt, *, size: int) -> Response:
+    async def _refuse(self, receipt: Receipt, *, size: int) -> Answer:
+        max_bytes = self._max_bytes
         too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         try:
-            await ingestor.reject(receipt, too_large, size=size)
+            await self._ingestor.reject(receipt, too_large, size=size)
         except RejectionNotKept as exc:
             return unavailable(exc.reason)
-        return error(413, too_large.reason, too_large.message)
+        return Answer.error(413, too_large.reason, too_large.message)
 
+
+class PublicApp:
+    """The public port's app: `POST /callbacks[/<token>]` straight to `Callbacks`,
+    everything else (health, readiness, 404s, 405s, redirects) to Starlette."""
+
+    def __init__(self, callbacks: Callbacks, rest: ASGIApp) -> None:
+        self._callbacks = callbacks
+        self._rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _CALLBACK_PATH.match(scope["path"])
+            if match is not None:
+                await self._callbacks(scope, receive, send, match["token"])
+                return
+        await self._rest(scope, receive, send)
+
+
+async def _served_by_callbacks(request: Request) -> Response:
+    raise AssertionError("POST /callbacks is served by `Callbacks`, before Starlette")
+
+
+def create_app(service: Backend) -> PublicApp:
     async def healthz(request: Request) -> Response:
         return JsonResponse({"status": "ok"})
 
@@ -213,17 +356,19 @@ def create_app(service: Backend) -> Starlette:
             return JsonResponse({"ready": True})
         return JsonResponse({"ready": False}, status_code=503, headers={"retry-after": "5"})
 
-    app = Starlette(
+    rest = Starlette(
         routes=[
-            Route("/callbacks", receive_callback, methods=["POST"]),
-            Route("/callbacks/{token}", receive_callback, methods=["POST"]),
+            # The callback paths stay known here, for Starlette to answer their other
+            # methods (405) and their trailing slashes (a redirect) as it always has.
+            Route("/callbacks", _served_by_callbacks, methods=["POST"]),
+            Route("/callbacks/{token}", _served_by_callbacks, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
         exception_handlers={HTTPException: json_http_error},
     )
-    app.add_middleware(RequestContext, access_log=config.http.access_log)
-    return app
+    rest.add_middleware(RequestContext, access_log=service.config.http.access_log)
+    return PublicApp(Callbacks(service), rest)
 
 
 class RequestContext:
@@ -289,8 +434,17 @@ def _user_agent(scope: Scope) -> str | None:
 
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
-        if name == b"x-request-id" and 0 < len(value) <= 64 and value.isascii():
-            text: Any = value.decode()
-            if text.isprintable():
-                return str(text)
+        if name == b"x-request-id":
+            found = _valid_request_id(value)
+            if found is not None:
+                return found
     return new_id()
+
+
+def _valid_request_id(value: bytes) -> str | None:
+    """A sender's X-Request-Id, if fit to be echoed and logged."""
+    if 0 < len(value) <= 64 and value.isascii():
+        text = value.decode()
+        if text.isprintable():
+            return text
+    return None
