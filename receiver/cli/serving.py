@@ -126,6 +126,8 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     start_logging(config)
     if config.relay.topic:
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
+    if config.http.workers > 1:
+        click.echo("run is one process: [http] workers applies to serve only", err=True)
     service = make_service(config)
     components = [
         *_http_servers(service),
