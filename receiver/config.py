@@ -85,6 +85,10 @@ class HttpConfig(Section):
         return tokens
 
     access_log: bool = True
+    # Processes serving the port (`serve` only): each takes connections from one shared
+    # listening socket and runs ingest and a dispatcher over the shared inbox; 1 serves
+    # in the command's own process, as without it (README: "Several worker processes").
+    workers: int = Field(1, ge=1, le=64)
     # Seconds to let in-flight requests finish after SIGTERM.
     graceful_timeout: float = Field(10.0, gt=0)
     verify: Verify = "none"

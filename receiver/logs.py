@@ -29,7 +29,18 @@ class ZonedTimeStamper:
         return event
 
 
-def _shared_processors(timezone_name: str) -> list[Any]:
+class StaticFields:
+    """Fields every line carries (a worker's number under `serve --workers`)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.update(self.fields)
+        return event
+
+
+def _shared_processors(timezone_name: str, fields: dict[str, Any] | None = None) -> list[Any]:
     zone = parse_timezone(timezone_name)
     stamper = (
         structlog.processors.TimeStamper(fmt="iso", utc=True)
@@ -38,6 +49,7 @@ def _shared_processors(timezone_name: str) -> list[Any]:
     )
     return [
         structlog.contextvars.merge_contextvars,
+        *([StaticFields(fields)] if fields else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         stamper,
@@ -69,9 +81,15 @@ class _LineWriter:
     debug = info = warning = warn = error = critical = exception = fatal = failure = msg
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", timezone_name: str = "UTC") -> None:
-    """Timestamps in `timezone_name` (UTC by default, written with a `Z`)."""
-    shared = _shared_processors(timezone_name)
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    timezone_name: str = "UTC",
+    fields: dict[str, Any] | None = None,
+) -> None:
+    """Timestamps in `timezone_name` (UTC by default, written with a `Z`); `fields` in
+    every line."""
+    shared = _shared_processors(timezone_name, fields)
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer()

@@ -1,10 +1,31 @@
-"""Prometheus metrics, in a registry of their own per service (served on GET /metrics)."""
+"""Prometheus metrics, in a registry of their own per service (served on GET /metrics).
+
+Under `serve --workers N` every worker process keeps its values in files of the folder
+`PROMETHEUS_MULTIPROC_DIR` names (prometheus_client reads it at import: the supervisor
+sets it for its workers) and /metrics adds up the files of all workers: counters and
+histograms are summed, each gauge as its `multiprocess_mode` says (ignored otherwise).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text of GET /metrics: this process's registry, or every worker's values."""
+    folder = os.environ.get(MULTIPROCESS_DIR)
+    if not folder:
+        return generate_latest(registry)
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=folder)
+    return generate_latest(merged)
 
 
 class Metrics:
@@ -53,12 +74,14 @@ class Metrics:
             "Handler attempts running now.",
             ["handler"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.handler_up = Gauge(
             "ci_receiver_handler_up",
-            "1 when the handler started, 0 while its start keeps failing.",
+            "1 when the handler started, 0 while its start keeps failing (in any worker).",
             ["handler"],
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
 
         self.http_refused = Counter(

@@ -19,6 +19,9 @@ from receiver.inbox import Inbox
 logger = structlog.get_logger("ci_receiver.monitor")
 
 INTERVAL_SECONDS = 15.0
+# Under `serve --workers`, every worker measures the same shared inbox: its latest
+# figure is the one shown.
+SHARED = "livemostrecent"
 
 
 class BacklogMonitor:
@@ -39,21 +42,27 @@ class BacklogMonitor:
             "Handler runs waiting in the inbox (due now or later), by handler.",
             ["handler"],
             registry=registry,
+            multiprocess_mode=SHARED,
         )
         self._dead = Gauge(
             "ci_receiver_dead_letters",
             "Dead-lettered handler runs in the inbox, by handler.",
             ["handler"],
             registry=registry,
+            multiprocess_mode=SHARED,
         )
         self._oldest = Gauge(
             "ci_receiver_oldest_due_seconds",
             "How long the oldest due run of a handler has been waiting (0: none waits).",
             ["handler"],
             registry=registry,
+            multiprocess_mode=SHARED,
         )
         self._size = Gauge(
-            "ci_receiver_inbox_bytes", "Bytes the inbox takes on disk.", registry=registry
+            "ci_receiver_inbox_bytes",
+            "Bytes the inbox takes on disk.",
+            registry=registry,
+            multiprocess_mode=SHARED,
         )
         self._seen: set[str] = set()
         self._stopping = asyncio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -54,8 +55,12 @@ class HttpServer:
         graceful_timeout: float,
         on_listening: Callable[[str, int], None],
         trusted_proxies: Sequence[Any] = (),
+        sock: socket.socket | None = None,
     ) -> None:
         self.name = name
+        # A listening socket bound by the supervisor of `serve --workers` (then host and
+        # port are not bound again here).
+        self._sockets = None if sock is None else [sock]
         config = BoundedConfig(
             app,
             guard=Guard(name, limits, metrics),
@@ -71,7 +76,12 @@ class HttpServer:
         self._server.on_started = lambda server: on_listening(*server.address)
 
     @classmethod
-    def public(cls, service: Backend, on_listening: Callable[[str, int], None]) -> HttpServer:
+    def public(
+        cls,
+        service: Backend,
+        on_listening: Callable[[str, int], None],
+        sock: socket.socket | None = None,
+    ) -> HttpServer:
         """The port CI posts to: /callbacks, /healthz, a bare /readyz."""
         http = service.config.http
         open_files = raise_open_files_limit()
@@ -102,10 +112,16 @@ class HttpServer:
             graceful_timeout=http.graceful_timeout,
             on_listening=on_listening,
             trusted_proxies=http.trusted_proxies,
+            sock=sock,
         )
 
     @classmethod
-    def admin(cls, service: Backend, on_listening: Callable[[str, int], None]) -> HttpServer:
+    def admin(
+        cls,
+        service: Backend,
+        on_listening: Callable[[str, int], None],
+        sock: socket.socket | None = None,
+    ) -> HttpServer:
         """The admin listener: /metrics, the detailed /readyz (`receiver.admin`)."""
         from receiver.admin.app import create_admin_app
 
@@ -126,11 +142,16 @@ class HttpServer:
             metrics=service.metrics,
             graceful_timeout=http.graceful_timeout,
             on_listening=on_listening,
+            sock=sock,
         )
+
+    @property
+    def requests_served(self) -> int:
+        return self._server.server_state.total_requests
 
     async def run(self) -> None:
         try:
-            await self._server.serve()
+            await self._server.serve(self._sockets)
         except SystemExit as exc:  # uvicorn exits when it cannot bind
             raise RuntimeError(
                 f"the {self.name} HTTP server could not start on its port ({exc})"

@@ -82,9 +82,16 @@ class PulsarLite:
 class Receiver:
     """`ci-receiver <command> --config <file>` as a child process, as a user runs it."""
 
-    def __init__(self, config_file: Path, command: str = "serve", port: int | None = None) -> None:
+    def __init__(
+        self,
+        config_file: Path,
+        command: str = "serve",
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.config_file = config_file
         self.command = command
+        self.args = args  # more options of the command (`--workers 2`)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # The admin listener (/metrics, the detailed /readyz) on a port of its own.
@@ -112,7 +119,15 @@ class Receiver:
             **(env or {}),
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", self.command, "--config", str(self.config_file)],
+            [
+                sys.executable,
+                "-m",
+                "receiver.cli",
+                self.command,
+                "--config",
+                str(self.config_file),
+                *self.args,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=environment,

@@ -4,6 +4,7 @@ handles them. Both are real processes; the broker is pulsar-lite."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from receiver import parse_callback
 from tests.callbacks import ALL, load
@@ -13,7 +14,8 @@ from tests.tdmq_support import Site, ci_receiver, content_version, wait_until
 TOPIC = "persistent://public/default/ci-callbacks"
 
 
-def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker, workers):
     # One config for the fleet: `serve` relays with it, `consume` stores with it.
     site = Site(
         tmp_path / "fleet",
@@ -24,7 +26,11 @@ def test_http_to_topic_to_consumer_to_handler(tmp_path, pulsar_broker):
     relay_data = tmp_path / "relay-data"
     relay, consumer = Receiver(site.config, "serve"), Receiver(site.config, "consume")
     try:
-        relay.start(env={"CI_RECEIVER_DATA_DIR": str(relay_data)})
+        relay.start(
+            env={"CI_RECEIVER_DATA_DIR": str(relay_data), "CI_RECEIVER_HTTP__WORKERS": str(workers)}
+        )
+        if workers > 1:  # `serve --workers` relays the same way
+            relay.wait_for_log("all workers listening")
         consumer.start(wait_http=False).wait_for_log("tdmq consumer connected")
         # consume has no public port, but its admin listener tells how it is doing.
         consumer_ready = httpx.get(consumer.admin_url + "/readyz").json()

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -16,13 +16,14 @@ from receiver.admin.api import api_routes
 from receiver.admin.auth import AdminAuth
 from receiver.admin.inspection import Inspection
 from receiver.admin.inspector import inspector_routes
+from receiver.metrics import exposition
 from receiver.service import Backend
 from receiver.sources.http import JsonResponse, RequestContext, error, json_http_error
 
 
 def routes(service: Backend) -> list[BaseRoute]:
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def readyz(request: Request) -> Response:
         ready, checks = await service.readiness()

@@ -68,7 +68,8 @@ def event_filter(**options: Any) -> EventFilter:
 
 
 def load(config_path: Path | None, **overrides: Any) -> Config:
-    """The config, with --host / --port applied; a bad one ends the command with its error."""
+    """The config, with --host / --port / --workers applied; a bad one ends the command
+    with its error."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from receiver.config import Config
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
 from receiver.routing import warnings
+from receiver.worker import SupervisorLink, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.cli")
 
@@ -22,23 +25,76 @@ logger = structlog.get_logger("ci_receiver.cli")
 @click.command()
 @config_option
 @listen_options
-def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes serving the port, each with its dispatcher, over the shared"
+    " inbox (default [http] workers, 1: this process alone).",
+)
+@click.option("--worker", "worker_spec", hidden=True, help="Internal: started as a worker.")
+def serve(
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    worker_spec: str | None,
+) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
     from receiver.runner import run_service
 
-    config = load(config_path, host=host, port=port)
-    start_logging(config)
+    config = load(config_path, host=host, port=port, workers=workers)
+    worker = None if worker_spec is None else WorkerSpec.parse(worker_spec)
+    if worker is None and config.http.workers > 1:
+        sys.exit(_supervise(config, config_path))
+    start_logging(config, worker)
     if not config.relay.topic:
         service = make_service(config)
-        components = [*_http_servers(service), *_reconciler(config, service)]
-        sys.exit(run_async(run_service(service, components)))
+        components = [*_http_servers(service, worker), *_reconciler(config, service, worker)]
+        sys.exit(_run_serve(run_service, service, components))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
     try:
-        sys.exit(run_async(run_service(relay, _http_servers(relay))))
+        sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker)))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
+
+
+def _run_serve(run_service: Any, service: Any, components: list[Any]) -> int:
+    exit_code = run_async(run_service(service, components))
+    if isinstance(components[-1], SupervisorLink):  # a worker: what it did, for the log
+        public = components[0]
+        logger.info("worker stopped", pid=os.getpid(), requests=public.requests_served)
+    return exit_code
+
+
+def _supervise(config: Config, config_path: Path | None) -> int:
+    """`serve --workers N` (N > 1): bind the ports here, and keep N workers on them."""
+    from receiver.supervisor import Supervisor, bind, worker_command
+
+    configure_logging(config.log.level, config.log.format, config.log.timezone)
+    http, admin = config.http, config.admin
+    try:
+        public = bind(http.host, http.port)
+        admin_socket = bind(admin.host, admin.port) if admin.enabled else None
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen: {exc}") from None
+    host, port = public.getsockname()[:2]
+    _announce(config)(host, port)
+    click.echo(f"  ({http.workers} worker processes on this port)", err=True)
+    supervisor = Supervisor(
+        http.workers,
+        worker_command(None if config_path is None else str(config_path)),
+        public,
+        admin_socket,
+        stop_timeout=http.graceful_timeout + config.dispatch.drain_timeout,
+    )
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        public.close()
+        if admin_socket is not None:
+            admin_socket.close()
 
 
 @click.command()
@@ -70,6 +126,8 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     start_logging(config)
     if config.relay.topic:
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
+    if config.http.workers > 1:
+        click.echo("run is one process: [http] workers applies to serve only", err=True)
     service = make_service(config)
     components = [
         *_http_servers(service),
@@ -79,19 +137,26 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     sys.exit(run_async(run_service(service, components)))
 
 
-def _http_servers(service: Any) -> list[Any]:
-    """The public receiver and (unless [admin] enabled = false) the admin listener."""
+def _http_servers(service: Any, worker: WorkerSpec | None = None) -> list[Any]:
+    """The public receiver and (unless [admin] enabled = false) the admin listener; for a
+    worker of `serve --workers`, on the supervisor's sockets, with its link to it."""
     from receiver.runner import HttpServer
     from receiver.sources.http_auth import open_to_anyone_warning
 
     warning = open_to_anyone_warning(service.config.http)
-    if warning:
+    if warning and (worker is None or worker.index == 0):
         click.echo(warning, err=True)
         logger.warning("no sender authentication", advice=warning)
-    return [HttpServer.public(service, _announce(service.config)), *_admin_server(service)]
+    if worker is None:
+        return [HttpServer.public(service, _announce(service.config)), *_admin_server(service)]
+    link = SupervisorLink(worker)
+    public = HttpServer.public(service, link.listening, worker.public_socket())
+    admin = _admin_server(service, worker.admin_socket()) if worker.admin_fd is not None else []
+    # The link last: `_run_serve` knows a worker by it.
+    return [public, *admin, link]
 
 
-def _admin_server(service: Any) -> list[Any]:
+def _admin_server(service: Any, sock: Any = None) -> list[Any]:
     from receiver.runner import HttpServer
 
     if not service.config.admin.enabled:
@@ -103,12 +168,16 @@ def _admin_server(service: Any) -> list[Any]:
             routes += ", /api, the inspector at /inspector"
         click.echo(f"admin listener on http://{host}:{port} ({routes})", err=True)
 
-    return [HttpServer.admin(service, announce)]
+    return [HttpServer.admin(service, announce, sock)]
 
 
-def start_logging(config: Config) -> None:
-    """Configure the log, and say there what in the config is likely a mistake."""
-    configure_logging(config.log.level, config.log.format, config.log.timezone)
+def start_logging(config: Config, worker: WorkerSpec | None = None) -> None:
+    """Configure the log, and say there what in the config is likely a mistake (a worker
+    of `serve --workers` names itself in every line; worker 0 alone warns)."""
+    fields = {} if worker is None else {"worker": worker.index}
+    configure_logging(config.log.level, config.log.format, config.log.timezone, fields)
+    if worker is not None and worker.index != 0:
+        return
     logger = structlog.get_logger("ci_receiver.config")
     for warning in warnings(config):
         logger.warning("config may not do what was meant", warning=warning)
@@ -170,10 +239,10 @@ def _tdmq_consumer(config: Config, service: Any) -> Any:
     return consumer
 
 
-def _reconciler(config: Config, service: Any) -> list[Any]:
-    """The reconciler, when [ci] watches buckets; CI refusing the credentials ends the
-    command before it serves."""
-    if not config.ci.enabled:
+def _reconciler(config: Config, service: Any, worker: WorkerSpec | None = None) -> list[Any]:
+    """The reconciler, when [ci] watches buckets (in worker 0 alone of `serve --workers`);
+    CI refusing the credentials ends the command before it serves."""
+    if not config.ci.enabled or (worker is not None and worker.index != 0):
         return []
     from receiver.ci_api import CiApiError
     from receiver.sources.reconcile import reconciler_for

@@ -26,9 +26,16 @@ Operation = Callable[[sqlite3.Connection], Any]
 _Item = tuple[Operation, asyncio.Future[Any]]
 
 MAX_BATCH = 512
-# Seconds to wait for another process (serve and consume on one data folder) to let go
-# of the write lock.
+# Seconds to wait for another process (serve and consume on one data folder, the workers
+# of `serve --workers`) to let go of the write lock.
 LOCK_TIMEOUT = 10.0
+# How a BEGIN that meets the lock tries again: after these pauses, doubling up to the
+# last. SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25... ms between tries (a
+# whole second each where it was built without usleep), so it wakes up to several ms
+# after the lock was let go: with writers committing back to back, that is time the
+# waiting one's callbacks wait for nothing (bench/sqlite_locks.py).
+FIRST_PAUSE = 0.0001
+LAST_PAUSE = 0.001
 
 
 class InboxClosedError(RuntimeError):
@@ -147,7 +154,7 @@ class Writer:
         try:
             connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _is_busy(exc):
                 raise
             await self._in_thread(_begin_waiting, connection)
 
@@ -174,8 +181,20 @@ class Writer:
 
 
 def _begin_waiting(connection: sqlite3.Connection) -> None:
-    connection.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-    finally:
-        connection.execute("PRAGMA busy_timeout=0")
+    """BEGIN IMMEDIATE, tried again promptly while another process holds the lock, for
+    up to LOCK_TIMEOUT (on the helper thread: the pauses release the GIL)."""
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    pause = FIRST_PAUSE
+    while True:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, LAST_PAUSE)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
