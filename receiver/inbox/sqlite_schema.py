@@ -137,6 +137,10 @@ def setup(connection: sqlite3.Connection) -> None:
         logger.info("compacting the migrated inbox")
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
         connection.execute("VACUUM")
+    elif found == 2:
+        # The old events table's pages back to the file system (a file made by version 2
+        # has incremental vacuum): no rewrite of the whole file.
+        connection.execute("PRAGMA incremental_vacuum")
 
 
 def _script(connection: sqlite3.Connection, script: str) -> None:
