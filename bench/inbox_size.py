@@ -1,14 +1,15 @@
 """Inbox bytes per stored callback, next to the callback's own size.
 
-    python -m bench.inbox_size [--copies 500] [--postgres URL]
+    python -m bench.inbox_size [--copies 500] [--postgres URL | --no-postgres] [--tables]
 
 For every sample callback, stores `--copies` copies (each a distinct job, the body's
 size unchanged) with one handler run each, handles them (one attempt each), and prints
 how many bytes the inbox grew by per callback: the SQLite file, and with `--postgres`
 (default: the machine's server, when it answers) the tables of a PostgreSQL inbox in a
 schema of its own, dropped afterwards. The ratio to the body's size is the figure the
-lean inbox is judged by (each callback's bytes are kept once; the event keeps only its
-normalized fields).
+lean inbox is judged by (each callback's bytes are kept once, compressed; an event row
+keeps only its normalized fields). `--tables` adds where the bytes go: each table and
+index per callback (SQLite's `dbstat`, PostgreSQL's relation sizes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -68,7 +70,10 @@ async def fill(inbox: Inbox, bodies: list[bytes], name: str) -> int:
     return events
 
 
-async def sqlite_bytes(name: str, bodies: list[bytes]) -> float:
+Tables = dict[str, float]
+
+
+async def sqlite_bytes(name: str, bodies: list[bytes]) -> tuple[float, Tables]:
     with tempfile.TemporaryDirectory() as folder:
         config = Config(data_dir=Path(folder), inbox={"synchronous": "normal"})
         inbox = open_inbox(config)
@@ -79,10 +84,14 @@ async def sqlite_bytes(name: str, bodies: list[bytes]) -> float:
         await inbox.open()
         await fill(inbox, bodies, name)
         await inbox.close()
-        return (config.inbox_path.stat().st_size - empty) / len(bodies)
+        connection = sqlite3.connect(config.inbox_path)
+        tables = connection.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")
+        per_table = {table: size / len(bodies) for table, size in tables}
+        connection.close()
+        return (config.inbox_path.stat().st_size - empty) / len(bodies), per_table
 
 
-async def postgres_bytes(url: str, name: str, bodies: list[bytes]) -> float:
+async def postgres_bytes(url: str, name: str, bodies: list[bytes]) -> tuple[float, Tables]:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     config = Config(inbox={"url": url, "postgres_schema": schema})
     inbox = open_inbox(config)
@@ -93,8 +102,16 @@ async def postgres_bytes(url: str, name: str, bodies: list[bytes]) -> float:
         empty = await _schema_size(connection, schema)
         await fill(inbox, bodies, name)
         full = await _schema_size(connection, schema)
+        # Tables with their TOAST, indexes on their own.
+        relations = await connection.fetch(
+            "SELECT c.relname, CASE c.relkind WHEN 'r' THEN pg_table_size(c.oid)"
+            " ELSE pg_relation_size(c.oid) END FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind IN ('r', 'i')",
+            schema,
+        )
         await connection.close()
-        return (full - empty) / len(bodies)
+        per_table = {row[0]: row[1] / len(bodies) for row in relations}
+        return (full - empty) / len(bodies), per_table
     finally:
         await inbox.close()
         connection = await asyncpg.connect(url)
@@ -119,6 +136,7 @@ async def main() -> int:
     parser.add_argument("--copies", type=int, default=500)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--tables", action="store_true", help="bytes per table and index")
     arguments = parser.parse_args()
     postgres = None if arguments.no_postgres else arguments.postgres
     print(f"{arguments.copies} copies of each sample, one handler run and attempt each")
@@ -130,14 +148,20 @@ async def main() -> int:
     for name in ALL:
         bodies = copies_of(name, arguments.copies)
         size = statistics.mean(len(body) for body in bodies)
-        on_sqlite = await sqlite_bytes(name, bodies)
+        on_sqlite, sqlite_tables = await sqlite_bytes(name, bodies)
         ratios["sqlite"].append(on_sqlite / size)
         line = f"{name:<36} {size:>6.0f} {on_sqlite:>8.0f} {on_sqlite / size:>5.2f}x"
+        tables = {"SQLite": sqlite_tables}
         if postgres:
-            on_postgres = await postgres_bytes(postgres, name, bodies)
+            on_postgres, tables["PostgreSQL"] = await postgres_bytes(postgres, name, bodies)
             ratios["postgres"].append(on_postgres / size)
             line += f" {on_postgres:>11.0f} {on_postgres / size:>5.2f}x"
         print(line, flush=True)
+        if arguments.tables:
+            for backend, sizes in tables.items():
+                ordered = sorted(sizes.items(), key=lambda item: -item[1])
+                listed = ", ".join(f"{table} {size:.0f}" for table, size in ordered if size >= 1)
+                print(f"    {backend}: {listed}")
     for backend, values in ratios.items():
         if values:
             print(

@@ -3,6 +3,8 @@ back, the background pass of a running receiver, and `ci-receiver prune`."""
 
 from __future__ import annotations
 
+import base64
+import random
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +31,9 @@ def now() -> datetime:
 
 
 def callback(number: int, padding: int = 0) -> bytes:
+    """A job callback with `padding` bytes of user data that do not compress (the inbox
+    keeps bodies compressed)."""
+    user_data = base64.b64encode(random.Random(number).randbytes(padding)).decode()
     return orjson.dumps(
         {
             "EventName": "TaskFinish",
@@ -36,7 +41,7 @@ def callback(number: int, padding: int = 0) -> bytes:
                 "JobId": f"j{number:032x}",
                 "State": "Success",
                 "Tag": "Transcode",
-                "Operation": {"UserData": "x" * padding},
+                "Operation": {"UserData": user_data},
             },
         }
     )

@@ -5,9 +5,10 @@ API use. Two backends implement it with the same semantics (one contract test su
 runs over both): SQLite, the embedded default on one host, and PostgreSQL, shared by
 any number of receivers and consumers.
 
-Each callback's bytes are stored once, with its receipt. An event row keeps the
-normalized fields and a reference to its receipt; `raw` and `operation` are rebuilt by
-decoding the receipt's body again when an event is read whole (see `records.py`).
+Each callback's bytes are stored once, compressed, with its receipt. An event row keeps
+the normalized fields it is filtered by and a reference to its receipt; the whole event,
+`raw` and `operation` included, is rebuilt by decoding the receipt's body again when it
+is read (see `records.py`).
 """
 
 from __future__ import annotations
@@ -390,8 +391,8 @@ class Inbox(Protocol):
         ...
 
     async def load(self, event_ids: list[str]) -> list[Event]:
-        """These events as stored, without their documents (`raw` empty): for deciding
-        about many events at once (replay by routes)."""
+        """These events, whole: for deciding about many events at once (replay by
+        routes)."""
         ...
 
     async def size(self) -> int:

@@ -207,7 +207,9 @@ def _read_state(connection: sqlite3.Connection) -> list[tuple[str, str]]:
 
 def _read_batch(connection: sqlite3.Connection, *, after: int, limit: int) -> _Batch:
     """The next receipts after id `after`, with their events, runs and attempts, as the
-    PostgreSQL columns take them (one read transaction: one snapshot)."""
+    PostgreSQL columns take them (one read transaction: one snapshot). Bodies and events'
+    JSON go as the file keeps them (compressed, NULL while rebuilt from the body, or as an
+    older version kept them): the PostgreSQL inbox reads them the same way (records.py)."""
     receipts = connection.execute(
         "SELECT id, received_at, source, request_id, headers, source_meta, body, size, outcome,"
         " error_reason, error_detail, event_ids FROM receipts WHERE id > ? ORDER BY id LIMIT ?",

@@ -61,12 +61,22 @@ from receiver.inbox.query import (
     glob_to_like,
     tallies,
 )
-from receiver.inbox.records import Documents, event_data
+from receiver.inbox.records import (
+    EVENT_COLUMNS,
+    EVENT_WIDTH,
+    Documents,
+    materialize,
+    pack,
+    unpack,
+)
 from receiver.model import Event
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
 CHANNEL = "ci_receiver_work"
+# Receipts whose bodies retention may drop (accepted ones received before $1), unless an
+# event of theirs still has work to do.
+BODIES_TO_DROP = "received_at < $1 AND body IS NOT NULL AND outcome != 'rejected'"
 # Seconds any one statement may take before it counts as a failure (a database that
 # stopped answering must not hold a callback's answer for ever).
 COMMAND_TIMEOUT = 10.0
@@ -142,7 +152,7 @@ WHERE id = $1 AND EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id
     AND f.status = 'forged')
 """
 
-CLAIM = """
+CLAIM = f"""
 WITH due AS (
     SELECT event_id FROM runs
     WHERE handler = $1 AND status = 'pending' AND due_at <= now()
@@ -156,7 +166,7 @@ leased AS (
     FROM due WHERE runs.event_id = due.event_id AND runs.handler = $1
     RETURNING runs.event_id, runs.attempts
 )
-SELECT l.event_id, l.attempts, r.request_id, e.data, e.receipt_id, r.body, r.headers
+SELECT l.event_id, l.attempts, r.request_id, {EVENT_COLUMNS}
 FROM leased l JOIN events e ON e.id = l.event_id JOIN receipts r ON r.id = e.receipt_id
 """
 
@@ -299,7 +309,7 @@ class PostgresInbox:
             )
             for column, value in zip(columns, values, strict=False):
                 column.append(text(value))
-            columns[8].append(event_data(event))
+            columns[8].append(None)  # the event's JSON: rebuilt from the body (records.py)
             for handler, status in new_runs(handlers, verify):
                 run_events.append(text(event.id))
                 run_handlers.append(handler)
@@ -311,7 +321,7 @@ class PostgresInbox:
             text(receipt.request_id),
             orjson.dumps(receipt.headers),
             orjson.dumps(receipt.source_meta),
-            receipt.body,
+            pack(receipt.body),
             len(receipt.body),
             orjson.dumps(ids),
             *columns,
@@ -420,10 +430,9 @@ class PostgresInbox:
             raise
         documents = Documents()
         claims = []
-        for event_id, attempts, request_id, data, receipt_id, body, headers in rows:
-            event = known.get(event_id)
-            if event is None:
-                event = documents.restore(Event.from_json(data), receipt_id, body, headers)
+        for row in rows:
+            event_id, attempts, request_id = row[:3]
+            event = known.get(event_id) or documents.event(row[3:])
             claims.append(Claim(event, handler, attempts, token, request_id))
         return claims
 
@@ -594,7 +603,7 @@ class PostgresInbox:
     async def event(self, event_id: str) -> EventDetail | None:
         async with self.pool.acquire() as connection:
             row = await connection.fetchrow(
-                "SELECT e.data, e.receipt_id, r.request_id, r.body, r.headers FROM events e"
+                f"SELECT {EVENT_COLUMNS}, r.request_id FROM events e"
                 " JOIN receipts r ON r.id = e.receipt_id WHERE e.id = $1",
                 text(event_id),
             )
@@ -609,8 +618,8 @@ class PostgresInbox:
                 )
             ]
             runs = await _runs(connection, [text(event_id)])
-        data, receipt_id, request_id, body, headers = row
-        event = Documents().restore(Event.from_json(data), receipt_id, body, headers)
+        event = Documents().event(row)
+        receipt_id, request_id = row[2], row[EVENT_WIDTH]
         return EventDetail(event, receipt_id, request_id, runs.get(text(event_id), []), attempts)
 
     async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:
@@ -638,14 +647,15 @@ class PostgresInbox:
 
     async def receipt(self, receipt_id: int) -> Receipt | None:
         row = await self.pool.fetchrow(
-            "SELECT body, source, received_at, request_id, headers, source_meta, size"
+            "SELECT body, source, received_at, request_id, headers, source_meta, size, outcome"
             " FROM receipts WHERE id = $1",
             receipt_id,
         )
         if row is None:
             return None
-        body, source, received_at, request_id, headers, meta, size = row
-        body = body or b""
+        body, source, received_at, request_id, headers, meta, size, outcome = row
+        # A refused body is kept as it came, whatever its first bytes.
+        body = (body if outcome == "rejected" else unpack(body)) or b""
         return Receipt(
             body,
             source,
@@ -740,9 +750,12 @@ class PostgresInbox:
         if not event_ids:
             return []
         rows = await self.pool.fetch(
-            "SELECT data FROM events WHERE id = ANY($1::text[])", [text(i) for i in event_ids]
+            f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
+            " WHERE e.id = ANY($1::text[])",
+            [text(i) for i in event_ids],
         )
-        return [Event.from_json(row[0]) for row in rows]
+        # Decoding bodies is work for the CPU: not on the event loop.
+        return await asyncio.to_thread(lambda: [Documents().event(row) for row in rows])
 
     async def size(self) -> int:
         size: int | None = await self.pool.fetchval(
@@ -852,7 +865,7 @@ async def _prune(
     found = Pruned()
     if cutoffs.events is not None:
         events = await connection.fetch(
-            "SELECT e.id, octet_length(e.data) FROM events e WHERE e.received_at < $1"
+            "SELECT e.id, coalesce(octet_length(e.data), 0) FROM events e WHERE e.received_at < $1"
             f" AND NOT {UNFINISHED_RUN} ORDER BY e.received_at LIMIT $2",
             cutoffs.events,
             limit,
@@ -885,11 +898,15 @@ async def _prune(
         )
         found += await _remove_receipts(connection, refused, dry_run)
     if cutoffs.bodies is not None:
+        lean = ""
+        if not dry_run:
+            await _keep_data(connection, cutoffs.bodies, limit)
+            # Not a body an event is still rebuilt from (_keep_data gave them their JSON).
+            lean = " OR e.data IS NULL"
         bodies = await connection.fetch(
-            "SELECT id, octet_length(body) FROM receipts WHERE received_at < $1"
-            " AND body IS NOT NULL AND outcome != 'rejected' AND NOT EXISTS (SELECT 1"
-            f" FROM events e WHERE e.receipt_id = receipts.id AND {UNFINISHED_RUN})"
-            " ORDER BY received_at LIMIT $2",
+            f"SELECT id, octet_length(body) FROM receipts WHERE {BODIES_TO_DROP}"
+            " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.receipt_id = receipts.id"
+            f" AND ({UNFINISHED_RUN}{lean})) ORDER BY received_at LIMIT $2",
             cutoffs.bodies,
             limit,
         )
@@ -901,6 +918,26 @@ async def _prune(
                 [row[0] for row in bodies],
             )
     return found
+
+
+async def _keep_data(connection: asyncpg.Connection, before: datetime, limit: int | None) -> None:
+    """Give the events without JSON of the next receipts whose bodies retention drops
+    the JSON their rows keep once the body is gone (decoded off the event loop)."""
+    rows = await connection.fetch(
+        f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
+        " WHERE e.data IS NULL AND e.receipt_id IN (SELECT id FROM receipts"
+        f" WHERE {BODIES_TO_DROP} AND NOT EXISTS (SELECT 1 FROM events e"
+        f" WHERE e.receipt_id = receipts.id AND {UNFINISHED_RUN})"
+        " ORDER BY received_at LIMIT $2)",
+        before,
+        limit,
+    )
+    if rows:
+        data = await asyncio.to_thread(materialize, rows)
+        await connection.executemany(
+            "UPDATE events SET data = $1 WHERE id = $2 AND receipt_id = $3 AND data IS NULL",
+            data,
+        )
 
 
 async def _remove_receipts(

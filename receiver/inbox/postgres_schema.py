@@ -5,6 +5,10 @@ same moment do it once. JSON documents and bodies are `bytea`, not `jsonb`: json
 refuses `\\u0000`, which a hostile callback may well carry, and a refused insert would
 turn one bad callback into a 503 for ever. Text columns get NUL replaced for the same
 reason (`text()` in postgres.py); the event's own JSON keeps the value as sent.
+
+Version 2 keeps accepted bodies compressed and no JSON in an event's row while its
+receipt keeps the body (`data` NULL: the event is rebuilt from it, see records.py), and
+drops two indexes that the wider ones starting with the same column serve.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncpg
 
 from receiver.inbox import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES = [
     "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)",
@@ -36,8 +40,8 @@ TABLES = [
         origin text UNIQUE
     )""",
     "CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id)",
-    "CREATE INDEX IF NOT EXISTS receipts_time ON receipts (received_at)",
-    # The overview's callbacks per minute by outcome, read from the index alone.
+    # The overview's callbacks per minute by outcome, read from the index alone, and any
+    # range of receipts by time.
     "CREATE INDEX IF NOT EXISTS receipts_time_outcome ON receipts (received_at, outcome)",
     """CREATE TABLE IF NOT EXISTS events (
         seq bigserial UNIQUE,
@@ -51,11 +55,12 @@ TABLES = [
         state text,
         bucket text,
         key text,
-        data bytea NOT NULL
+        -- NULL while the receipt keeps the body (the event is rebuilt from it)
+        data bytea
     )""",
     "CREATE INDEX IF NOT EXISTS events_job ON events (job_id)",
-    "CREATE INDEX IF NOT EXISTS events_time ON events (received_at)",
-    # The overview's events by tag and state, read from the index alone.
+    # The overview's events by tag and state, read from the index alone, and any range
+    # of events by time.
     "CREATE INDEX IF NOT EXISTS events_time_tally"
     " ON events (received_at, tag, event_name, kind, state)",
     "CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id)",
@@ -108,6 +113,8 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
                     f"the inbox in schema {schema!r} was written by a newer ci-receiver (schema"
                     f" version {found}, this one knows {SCHEMA_VERSION}); upgrade ci-receiver"
                 )
+            if found == 1:
+                await _migrate_from_1(connection, schema)
             for statement in TABLES:
                 await connection.execute(statement)
             await connection.execute(
@@ -117,6 +124,18 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
             )
     finally:
         await connection.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+
+async def _migrate_from_1(connection: asyncpg.Connection, schema: str) -> None:
+    """Version 1 required an event's JSON. Both changes are to the catalog alone: no row
+    is rewritten (older rows keep their JSON, and their bodies uncompressed, which
+    `records.unpack` tells apart), so the lock is held for a moment."""
+    for statement in (
+        f'ALTER TABLE "{schema}".events ALTER COLUMN data DROP NOT NULL',
+        f'DROP INDEX IF EXISTS "{schema}".events_time',
+        f'DROP INDEX IF EXISTS "{schema}".receipts_time',
+    ):
+        await connection.execute(statement)
 
 
 async def check_readable(connection: asyncpg.Connection, schema: str) -> None:

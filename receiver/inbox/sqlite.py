@@ -54,7 +54,14 @@ from receiver.inbox.query import (
     tallies,
 )
 from receiver.inbox.reader import Reader
-from receiver.inbox.records import Documents, event_data
+from receiver.inbox.records import (
+    EVENT_COLUMNS,
+    EVENT_WIDTH,
+    Documents,
+    materialize,
+    pack,
+    unpack,
+)
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, setup, version
 from receiver.inbox.writer import Writer
 from receiver.model import Event
@@ -62,6 +69,9 @@ from receiver.model import Event
 PING_FRESH_SECONDS = 5.0
 # Pages (of 4 KiB) handed back to the file system per step of compact().
 COMPACT_PAGES = 2048
+# Receipts whose bodies retention may drop (accepted ones received before the parameter),
+# unless an event of theirs still has work to do.
+BODIES_TO_DROP = "received_at < ? AND body IS NOT NULL AND outcome != 'rejected'"
 # Ids per `IN (...)` list: SQLite allows 32766 parameters; stay far below.
 CHUNK = 500
 
@@ -133,13 +143,13 @@ class SqliteInbox:
                 event.state,
                 event.input.bucket if event.input else None,
                 event.input.key if event.input else None,
-                event_data(event),
+                None,  # the event's JSON: rebuilt from the receipt's body (records.py)
                 handlers,
             )
             for event, handlers in routed
         ]
         ids = [row[0] for row in rows]
-        receipt_row = _receipt_row(receipt, receipt.body, len(receipt.body))
+        receipt_row = _receipt_row(receipt, pack(receipt.body), len(receipt.body))
         received_at = receipt_row[0]
 
         def store(connection: sqlite3.Connection) -> Stored:
@@ -235,8 +245,8 @@ class SqliteInbox:
             # the events it holds are neither read back nor decoded.
             unknown = [event_id for event_id, _ in leased if event_id not in known]
             rows = connection.execute(
-                "SELECT e.id, r.request_id, e.data, e.receipt_id, r.body, r.headers"
-                f" FROM events e JOIN receipts r ON r.id = e.receipt_id"
+                f"SELECT e.id, r.request_id, {EVENT_COLUMNS}"
+                " FROM events e JOIN receipts r ON r.id = e.receipt_id"
                 f" WHERE e.id IN ({_marks(leased)})",
                 [event_id for event_id, _ in leased],
             ).fetchall()
@@ -251,8 +261,7 @@ class SqliteInbox:
             if len(row) == 2:
                 found[row[0]] = (known[row[0]], row[1])
             else:
-                event = documents.restore(Event.from_json(row[2]), row[3], row[4], row[5])
-                found[row[0]] = (event, row[1])
+                found[row[0]] = (documents.event(row[2:]), row[1])
         return [
             Claim(found[event_id][0], handler, attempts, token, found[event_id][1])
             for event_id, attempts in leased
@@ -395,7 +404,7 @@ class SqliteInbox:
     async def event(self, event_id: str) -> EventDetail | None:
         def event(connection: sqlite3.Connection) -> tuple[Any, ...] | None:
             row = connection.execute(
-                "SELECT e.data, e.receipt_id, r.request_id, r.body, r.headers FROM events e"
+                f"SELECT {EVENT_COLUMNS}, r.request_id FROM events e"
                 " JOIN receipts r ON r.id = e.receipt_id WHERE e.id = ?",
                 (event_id,),
             ).fetchone()
@@ -414,9 +423,9 @@ class SqliteInbox:
         found = await self._reader.run(event)
         if found is None:
             return None
-        data, receipt_id, request_id, body, headers, runs, attempts = found
-        event = Documents().restore(Event.from_json(data), receipt_id, body, headers)
-        return EventDetail(event, receipt_id, request_id, runs, attempts)
+        event = Documents().event(found)
+        request_id, runs, attempts = found[EVENT_WIDTH:]
+        return EventDetail(event, found[2], request_id, runs, attempts)
 
     async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:
         unforged = "" if forged else f" AND NOT {FORGED_EVENT}"
@@ -462,16 +471,17 @@ class SqliteInbox:
     async def receipt(self, receipt_id: int) -> Receipt | None:
         def receipt(connection: sqlite3.Connection) -> tuple[Any, ...] | None:
             return connection.execute(
-                "SELECT body, source, received_at, request_id, headers, source_meta, size"
-                " FROM receipts WHERE id = ?",
+                "SELECT body, source, received_at, request_id, headers, source_meta, size,"
+                " outcome FROM receipts WHERE id = ?",
                 (receipt_id,),
             ).fetchone()
 
         row = await self._reader.run(receipt)
         if row is None:
             return None
-        body, source, received_at, request_id, headers, meta, size = row
-        body = body or b""
+        body, source, received_at, request_id, headers, meta, size, outcome = row
+        # A refused body is kept as it came, whatever its first bytes.
+        body = (body if outcome == "rejected" else unpack(body)) or b""
         return Receipt(
             body,
             source,
@@ -573,18 +583,21 @@ class SqliteInbox:
         return Traffic(step, found, tags, states)
 
     async def load(self, event_ids: list[str]) -> list[Event]:
-        def load(connection: sqlite3.Connection) -> list[bytes]:
-            found: list[bytes] = []
+        def load(connection: sqlite3.Connection) -> list[Event]:
+            # Rebuilt on the reader's thread: decoding bodies is work for the CPU.
+            documents, found = Documents(), []
             for chunk in _chunks(event_ids):
                 found += [
-                    row[0]
+                    documents.event(row)
                     for row in connection.execute(
-                        f"SELECT data FROM events WHERE id IN ({_marks(chunk)})", chunk
+                        f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r"
+                        f" ON r.id = e.receipt_id WHERE e.id IN ({_marks(chunk)})",
+                        chunk,
                     )
                 ]
             return found
 
-        return [Event.from_json(data) for data in await self._reader.run(load)] if event_ids else []
+        return await self._reader.run(load) if event_ids else []
 
     async def size(self) -> int:
         files = [self.path, self.path.with_name(self.path.name + "-wal")]
@@ -598,7 +611,20 @@ class SqliteInbox:
 
         if dry_run:
             return await self._reader.run(prune)
-        return await self._write.submit(prune)
+        if cutoffs.bodies is None:
+            return await self._write.submit(prune)
+        # The JSON of the events whose bodies go next: decoded on a reader's thread, then
+        # written in the same commit as the bodies are dropped.
+        before = cutoffs.bodies.timestamp()
+        data = await self._reader.run(lambda connection: _losing_bodies(connection, before, limit))
+
+        def keep_and_prune(connection: sqlite3.Connection) -> Pruned:
+            connection.executemany(
+                "UPDATE events SET data = ? WHERE id = ? AND receipt_id = ? AND data IS NULL", data
+            )
+            return _prune(connection, cutoffs, limit, dry_run)
+
+        return await self._write.submit(keep_and_prune)
 
     async def compact(self) -> None:
         def step(connection: sqlite3.Connection) -> bool:
@@ -653,7 +679,7 @@ def _prune(connection: sqlite3.Connection, cutoffs: Cutoffs, limit: int, dry_run
     if cutoffs.events is not None:
         before = cutoffs.events.timestamp()
         events = connection.execute(
-            f"SELECT e.seq, e.id, LENGTH(e.data) FROM events e WHERE e.received_at < ?"
+            f"SELECT e.seq, e.id, COALESCE(LENGTH(e.data), 0) FROM events e WHERE e.received_at < ?"
             f" AND NOT {unfinished} ORDER BY e.received_at LIMIT ?",
             (before, batch),
         ).fetchall()
@@ -685,10 +711,12 @@ def _prune(connection: sqlite3.Connection, cutoffs: Cutoffs, limit: int, dry_run
         ).fetchall()
         found += _remove_receipts(connection, refused, dry_run)
     if cutoffs.bodies is not None:
+        # Not a body an event is still rebuilt from (`_losing_bodies` first gives them JSON).
+        lean = "" if dry_run else " OR e.data IS NULL"
         bodies = connection.execute(
-            "SELECT id, LENGTH(body) FROM receipts WHERE received_at < ? AND body IS NOT NULL"
-            " AND outcome != 'rejected' AND NOT EXISTS (SELECT 1 FROM events e"
-            f" WHERE e.receipt_id = receipts.id AND {unfinished}) ORDER BY received_at LIMIT ?",
+            f"SELECT id, LENGTH(body) FROM receipts WHERE {BODIES_TO_DROP} AND NOT EXISTS"
+            f" (SELECT 1 FROM events e WHERE e.receipt_id = receipts.id AND ({unfinished}{lean}))"
+            " ORDER BY received_at LIMIT ?",
             (cutoffs.bodies.timestamp(), batch),
         ).fetchall()
         found.bodies = len(bodies)
@@ -698,6 +726,22 @@ def _prune(connection: sqlite3.Connection, cutoffs: Cutoffs, limit: int, dry_run
                 "UPDATE receipts SET body = NULL WHERE id = ?", [(row[0],) for row in bodies]
             )
     return found
+
+
+def _losing_bodies(
+    connection: sqlite3.Connection, before: float, limit: int
+) -> list[tuple[bytes, str, int]]:
+    """(data, id, receipt id) for the events without JSON of the next receipts whose
+    bodies retention drops (see `_prune`): what their rows keep once the body is gone."""
+    rows = connection.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
+        " WHERE e.data IS NULL AND e.receipt_id IN (SELECT id FROM receipts"
+        f" WHERE {BODIES_TO_DROP} AND NOT EXISTS (SELECT 1 FROM events e"
+        f" WHERE e.receipt_id = receipts.id AND {UNFINISHED_RUN})"
+        " ORDER BY received_at LIMIT ?)",
+        (before, limit),
+    ).fetchall()
+    return materialize(rows)
 
 
 def _remove_receipts(

@@ -3,7 +3,9 @@
 Times are seconds since the epoch (REAL), so that ranges and orderings are plain number
 comparisons. Version 2 keeps each callback's bytes once: events hold their normalized
 fields without the decoded document (see `records.py`), where version 1 kept the whole
-document in every event.
+document in every event. Version 3 keeps the body compressed and no JSON in an event's
+row while its receipt keeps the body (`data` NULL: the event is rebuilt from the body),
+and drops two indexes that the wider ones starting with the same column serve.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from receiver.inbox.records import lean
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,8 +41,8 @@ CREATE TABLE IF NOT EXISTS receipts (
     event_ids BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id);
-CREATE INDEX IF NOT EXISTS receipts_time ON receipts (received_at);
--- The overview's callbacks per minute by outcome, read from the index alone.
+-- The overview's callbacks per minute by outcome, read from the index alone, and any
+-- range of receipts by time.
 CREATE INDEX IF NOT EXISTS receipts_time_outcome ON receipts (received_at, outcome);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
@@ -54,11 +56,12 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT,
     bucket TEXT,
     key TEXT,
-    data BLOB NOT NULL
+    -- NULL while the receipt keeps the body (the event is rebuilt from it), see records.py
+    data BLOB
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
-CREATE INDEX IF NOT EXISTS events_time ON events (received_at);
--- The overview's events by tag and state, read from the index alone.
+-- The overview's events by tag and state, read from the index alone, and any range of
+-- events by time.
 CREATE INDEX IF NOT EXISTS events_time_tally ON events (received_at, tag, event_name, kind, state);
 CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id);
 CREATE TABLE IF NOT EXISTS runs (
@@ -120,6 +123,8 @@ def setup(connection: sqlite3.Connection) -> None:
             )
         if found == 1:
             _migrate_from_1(connection)
+        elif found == 2:
+            _migrate_from_2(connection)
         _script(connection, TABLES)
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -132,6 +137,10 @@ def setup(connection: sqlite3.Connection) -> None:
         logger.info("compacting the migrated inbox")
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
         connection.execute("VACUUM")
+    elif found == 2:
+        # The old events table's pages back to the file system (a file made by version 2
+        # has incremental vacuum): no rewrite of the whole file.
+        connection.execute("PRAGMA incremental_vacuum")
 
 
 def _script(connection: sqlite3.Connection, script: str) -> None:
@@ -189,6 +198,37 @@ def _migrate_from_1(connection: sqlite3.Connection) -> None:
             input_field(data, 'key'), lean(data) FROM events_v1;
         DROP TABLE events_v1;
         DROP TABLE receipts_v1;
+        """,
+    )
+
+
+def _migrate_from_2(connection: sqlite3.Connection) -> None:
+    """Version 2 required an event's JSON; version 3 leaves it NULL while the body is
+    kept, which SQLite cannot change in place: the events table is made again. Its rows
+    keep their JSON, and bodies stay uncompressed (`unpack` tells them apart): retention
+    removes them in time, and the freed pages serve new rows."""
+    count = connection.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    logger.info("migrating the inbox to schema 3", events=count)
+    _script(
+        connection,
+        """
+        ALTER TABLE events RENAME TO events_v2;
+        DROP INDEX IF EXISTS events_job;
+        DROP INDEX IF EXISTS events_time;
+        DROP INDEX IF EXISTS events_time_tally;
+        DROP INDEX IF EXISTS events_receipt;
+        DROP INDEX IF EXISTS receipts_time;
+        """,
+    )
+    _script(connection, TABLES)
+    _script(
+        connection,
+        """
+        INSERT INTO events (seq, id, receipt_id, received_at, kind, event_name, job_id, tag,
+            state, bucket, key, data)
+        SELECT seq, id, receipt_id, received_at, kind, event_name, job_id, tag, state, bucket,
+            key, data FROM events_v2;
+        DROP TABLE events_v2;
         """,
     )
 
