@@ -243,7 +243,7 @@ class SqliteInbox:
             unknown_ids = set(unknown)
             return leased, [row if row[0] in unknown_ids else row[:2] for row in rows]
 
-        leased, rows = await self._write.submit(claim)
+        leased, rows = await self._write.submit(claim, bookkeeping=True)
         # Decoding what was read back happens after the commit, not under the write lock.
         documents = Documents()
         found: dict[str, tuple[Event, str | None]] = {}
@@ -291,7 +291,7 @@ class SqliteInbox:
             )
             return True
 
-        return await self._write.submit(finish)
+        return await self._write.submit(finish, bookkeeping=True)
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:
