@@ -156,8 +156,15 @@ leased AS (
     FROM due WHERE runs.event_id = due.event_id AND runs.handler = $1
     RETURNING runs.event_id, runs.attempts
 )
-SELECT l.event_id, l.attempts, r.request_id, e.data, e.receipt_id, r.body, r.headers
+SELECT l.event_id, l.attempts, r.request_id
 FROM leased l JOIN events e ON e.id = l.event_id JOIN receipts r ON r.id = e.receipt_id
+"""
+
+# The stored events of claims the caller does not hold in memory (after a restart, or
+# runs made due by another process or a replay).
+CLAIMED_EVENTS = """
+SELECT e.id, e.data, e.receipt_id, r.body, r.headers
+FROM events e JOIN receipts r ON r.id = e.receipt_id WHERE e.id = ANY($1::text[])
 """
 
 FINISH = """
@@ -415,16 +422,22 @@ class PostgresInbox:
         known = known or {}
         try:
             rows = await self.pool.fetch(CLAIM, handler, limit, lease_seconds, token)
+            # Events the caller holds are not read back: neither their row nor the body.
+            unknown = [row[0] for row in rows if row[0] not in known]
+            stored = await self.pool.fetch(CLAIMED_EVENTS, unknown) if unknown else []
         except Exception:
             self._last_failure = time.monotonic()
             raise
         documents = Documents()
+        read = {
+            event_id: documents.restore(Event.from_json(data), receipt_id, body, headers)
+            for event_id, data, receipt_id, body, headers in stored
+        }
         claims = []
-        for event_id, attempts, request_id, data, receipt_id, body, headers in rows:
-            event = known.get(event_id)
-            if event is None:
-                event = documents.restore(Event.from_json(data), receipt_id, body, headers)
-            claims.append(Claim(event, handler, attempts, token, request_id))
+        for event_id, attempts, request_id in rows:
+            event = known.get(event_id) or read.get(event_id)
+            if event is not None:  # else removed since: nothing left to run
+                claims.append(Claim(event, handler, attempts, token, request_id))
         return claims
 
     async def finish(

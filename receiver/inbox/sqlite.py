@@ -233,15 +233,24 @@ class SqliteInbox:
                 return [], []
             # `known` cannot change while this runs (operations run on the event loop):
             # the events it holds are neither read back nor decoded.
+            # Of those, only the request id is read: the row and the body stay on disk.
             unknown = [event_id for event_id, _ in leased if event_id not in known]
-            rows = connection.execute(
-                "SELECT e.id, r.request_id, e.data, e.receipt_id, r.body, r.headers"
-                f" FROM events e JOIN receipts r ON r.id = e.receipt_id"
-                f" WHERE e.id IN ({_marks(leased)})",
-                [event_id for event_id, _ in leased],
-            ).fetchall()
-            unknown_ids = set(unknown)
-            return leased, [row if row[0] in unknown_ids else row[:2] for row in rows]
+            ids = [event_id for event_id, _ in leased if event_id in known]
+            rows: list[Any] = []
+            if ids:
+                rows = connection.execute(
+                    "SELECT e.id, r.request_id FROM events e JOIN receipts r"
+                    f" ON r.id = e.receipt_id WHERE e.id IN ({_marks(ids)})",
+                    ids,
+                ).fetchall()
+            if unknown:
+                rows += connection.execute(
+                    "SELECT e.id, r.request_id, e.data, e.receipt_id, r.body, r.headers"
+                    " FROM events e JOIN receipts r ON r.id = e.receipt_id"
+                    f" WHERE e.id IN ({_marks(unknown)})",
+                    unknown,
+                ).fetchall()
+            return leased, rows
 
         leased, rows = await self._write.submit(claim, bookkeeping=True)
         # Decoding what was read back happens after the commit, not under the write lock.
