@@ -167,18 +167,36 @@ SELECT e.id, e.data, e.receipt_id, r.body, r.headers
 FROM events e JOIN receipts r ON r.id = e.receipt_id WHERE e.id = ANY($1::text[])
 """
 
+# The outcomes of many claims in one statement: each run updated only while its lease is
+# still held, an attempt recorded for each one updated; the positions of those updated
+# come back. Rows are locked in key order, so that two batches never wait on each other.
 FINISH = """
-WITH updated AS (
-    UPDATE runs SET status = $4, attempts = attempts + $5, due_at = COALESCE($6, now()),
-        lease_until = NULL, lease_token = NULL, last_error = $7, updated_at = now()
-    WHERE event_id = $1 AND handler = $2 AND lease_token = $3
-    RETURNING event_id
+WITH o AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+        $6::timestamptz[], $7::text[], $8::int[], $9::timestamptz[], $10::text[])
+        WITH ORDINALITY AS o(event_id, handler, token, status, counted, retry_at, error,
+            number, started_at, outcome, n)
+),
+locked AS (
+    SELECT r.event_id, r.handler, o.n FROM runs r
+    JOIN o ON r.event_id = o.event_id AND r.handler = o.handler AND r.lease_token = o.token
+    ORDER BY r.event_id, r.handler FOR UPDATE OF r
+),
+updated AS (
+    UPDATE runs SET status = o.status, attempts = runs.attempts + o.counted,
+        due_at = COALESCE(o.retry_at, now()), lease_until = NULL, lease_token = NULL,
+        last_error = o.error, updated_at = now()
+    FROM locked JOIN o ON o.n = locked.n
+    WHERE runs.event_id = locked.event_id AND runs.handler = locked.handler
+        AND runs.lease_token = o.token
+    RETURNING o.n
 ),
 recorded AS (
     INSERT INTO attempts (event_id, handler, number, started_at, finished_at, outcome, error)
-    SELECT $1, $2, $8, $9, now(), $10, $7 FROM updated
+    SELECT o.event_id, o.handler, o.number, o.started_at, now(), o.outcome, o.error
+    FROM o JOIN updated ON updated.n = o.n ORDER BY o.n
 )
-SELECT count(*) FROM updated
+SELECT array_agg(n) FROM updated
 """
 
 
@@ -204,6 +222,9 @@ class PostgresInbox:
         self._listening: asyncio.Task[None] | None = None
         self._last_write = 0.0
         self._last_failure = 0.0
+        # Outcomes waiting for their batch's statement, and its future (see finish()).
+        self._outcomes: list[tuple[Any, ...]] | None = None
+        self._recorded: asyncio.Future[set[int]] | None = None
 
     # --- connections ---------------------------------------------------------------
 
@@ -450,20 +471,40 @@ class PostgresInbox:
         retry_at: datetime | None = None,
     ) -> bool:
         counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
-        row = await self._write(
-            FINISH,
-            text(claim.event.id),
-            claim.handler,
-            claim.lease_token,
-            _RUN_STATUS[outcome],
-            int(counted),
-            retry_at,
-            text(error),
-            claim.attempts + int(counted),
-            started_at,
-            outcome,
+        outcomes = self._outcomes
+        if outcomes is None:
+            # The first outcome since the last batch left opens the next; the outcomes
+            # reported until its statement starts go with it, in one round trip.
+            outcomes = self._outcomes = []
+            self._recorded = asyncio.ensure_future(self._record_outcomes(outcomes))
+        recorded = self._recorded
+        assert recorded is not None
+        index = len(outcomes)
+        outcomes.append(
+            (
+                text(claim.event.id),
+                claim.handler,
+                claim.lease_token,
+                _RUN_STATUS[outcome],
+                int(counted),
+                retry_at,
+                text(error),
+                claim.attempts + int(counted),
+                started_at,
+                outcome,
+            )
         )
-        return bool(row[0])
+        # Shared by the batch's callers: one of them cancelled must not cancel the rest.
+        return index + 1 in await asyncio.shield(recorded)
+
+    async def _record_outcomes(self, outcomes: list[tuple[Any, ...]]) -> set[int]:
+        """The positions (1-based) of the outcomes recorded, their leases still held."""
+        await asyncio.sleep(0)  # the attempts finishing in this turn of the loop join
+        if self._outcomes is outcomes:
+            self._outcomes = self._recorded = None
+        columns = [list(column) for column in zip(*outcomes, strict=True)]
+        row = await self._write(FINISH, *columns)
+        return set(row[0] or ())
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:
