@@ -15,7 +15,9 @@ the `log` handler at info, its lines written to /dev/null) and measures CPU time
 - dispatch: the dispatcher then claiming, running and recording all N runs;
 - both at once: N more callbacks stored while the dispatcher runs, until all are done
   (how `serve` runs them), with the inbox commits per callback;
-- the handler alone: the `log` handler called N times, the work dispatch carries out.
+- the handler alone: the `log` handler called N times, the work dispatch carries out;
+- the collector: CPU in garbage collection per callback over store and dispatch (with
+  `--freeze`, what start-up made is frozen first, as `serve` does).
 
 No HTTP: what is measured is the ingest path, the inbox and the dispatcher.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -37,7 +40,22 @@ from pathlib import Path
 CONNECTIONS = 32
 
 
-async def _measure(count: int, postgres: str | None) -> dict[str, float]:
+class _Collections:
+    """CPU the garbage collector takes, from its own callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._began = 0.0
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.thread_time()
+        else:
+            self.seconds += time.thread_time() - self._began
+
+
+async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, float]:
     import handlers as handler_api
     from receiver import parse_callback
     from receiver.config import Config
@@ -80,6 +98,10 @@ async def _measure(count: int, postgres: str | None) -> dict[str, float]:
             await handler_api.start(slot.handler)
             slot.started = True
         await store_all(service, bodies()[:50])  # warm up the code paths and the file
+        if freeze:
+            gc.collect()
+            gc.freeze()
+        collections = _Collections()
         commits = getattr(service.inbox, "commits", 0)
         began = time.process_time()
         await store_all(service, bodies())
@@ -94,6 +116,7 @@ async def _measure(count: int, postgres: str | None) -> dict[str, float]:
         await handled(service, 2 * count + 50)
         both = time.process_time() - began
         both_commits = getattr(service.inbox, "commits", 0) - commits
+        collected = collections.seconds
         slot = next(iter(dispatcher._slots.values()))
         sample = [parse_callback(body)[0] for body in bodies()]
         began = time.process_time()
@@ -114,10 +137,11 @@ async def _measure(count: int, postgres: str | None) -> dict[str, float]:
         "both": both * micro,
         "commits": both_commits / count,
         "handler": alone * micro,
+        "gc": collected * micro / 2,  # over 2N callbacks
     }
 
 
-def child(count: int, postgres: str | None) -> None:
+def child(count: int, postgres: str | None, freeze: bool) -> None:
     """One measurement in this process, printed as a JSON line."""
     import uvloop
 
@@ -126,14 +150,16 @@ def child(count: int, postgres: str | None) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the log lines go nowhere
     try:
         configure_logging("info", "json")
-        figures = uvloop.run(_measure(count, postgres))
+        figures = uvloop.run(_measure(count, postgres, freeze))
     finally:
         sys.stdout = sys.__stdout__
     print(json.dumps(figures))
 
 
-def run_tree(tree: Path, count: int, postgres: str | None) -> dict[str, float]:
+def run_tree(tree: Path, count: int, postgres: str | None, freeze: bool) -> dict[str, float]:
     command = [sys.executable, "-m", "bench.dispatch_cost", "--child", "--callbacks", str(count)]
+    if freeze:
+        command.append("--freeze")
     if postgres:
         command += ["--postgres-url", postgres]
     environment = {**os.environ, "PYTHONPATH": str(tree)}
@@ -151,11 +177,12 @@ def main() -> None:
     parser.add_argument("--callbacks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--postgres", action="store_true", help="the PostgreSQL inbox")
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() after start-up")
     parser.add_argument("--postgres-url", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.callbacks, args.postgres_url)
+        child(args.callbacks, args.postgres_url, args.freeze)
         return
     postgres = None
     if args.postgres:
@@ -167,7 +194,7 @@ def main() -> None:
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):
         for name, tree in reversed(trees.items()):
-            figures = run_tree(tree, args.callbacks, postgres)
+            figures = run_tree(tree, args.callbacks, postgres, args.freeze)
             kept = best.setdefault(name, figures)
             for key, value in figures.items():
                 kept[key] = min(kept[key], value)
@@ -182,6 +209,7 @@ def main() -> None:
         "both": "store + dispatch at once",
         "commits": "inbox commits per callback",
         "handler": "the `log` handler alone",
+        "gc": "garbage collection",
     }
     print(f"{'':<30}{'this':>10}" + (f"{'baseline':>10}{'ratio':>8}" if args.against else ""))
     for key, label in labels.items():
