@@ -69,12 +69,15 @@ class Slot:
 class _SlotMetrics:
     """A handler's metric series, looked up once rather than on every attempt."""
 
-    def __init__(self, metrics: Metrics, name: str) -> None:
+    def __init__(self, metrics: Metrics, slot: Slot) -> None:
+        name = slot.name
         self.outcomes: dict[str, Counter] = {
             outcome: metrics.attempts.labels(name, outcome)
             for outcome in ("done", "retry", "dead", "released", "forged")
         }
         self.seconds: Histogram = metrics.handler_seconds.labels(name)
+        # Moved up and down with each attempt (not read from the slot when scraped: under
+        # `serve --workers` each worker's value lives in prometheus_client's files).
         self.running: Gauge = metrics.running.labels(name)
         self.up: Gauge = metrics.handler_up.labels(name)
 
@@ -129,7 +132,7 @@ class Dispatcher:
         # before it is logged or shown by /readyz.
         self._mask = mask
         self._slots = {slot.name: slot for slot in slots}
-        self._metrics = {slot.name: _SlotMetrics(metrics, slot.name) for slot in slots}
+        self._metrics = {slot.name: _SlotMetrics(metrics, slot) for slot in slots}
         # Events just stored, and the handlers yet to claim them: what the claims of those
         # runs would otherwise read back from the inbox and decode.
         self._fresh: dict[str, Event] = {}
@@ -240,6 +243,7 @@ class Dispatcher:
             for claim in claims:
                 self._forget(claim.event.id, slot.name)
                 slot.running += 1
+                self._metrics[slot.name].running.inc()
                 task = asyncio.create_task(self._attempt(slot, claim))
                 slot.tasks.add(task)
                 task.add_done_callback(slot.tasks.discard)
@@ -307,32 +311,31 @@ class Dispatcher:
 
     async def _attempt(self, slot: Slot, claim: Claim) -> None:
         started_at = datetime.now(timezone.utc)
-        context = structlog.contextvars.bound_contextvars(
+        # This task runs in a copy of the dispatcher's context: what is bound here goes
+        # with it, so there is nothing to unbind.
+        structlog.contextvars.bind_contextvars(
             request_id=claim.request_id, event_id=claim.event.id, handler=slot.name
         )
-        running = self._metrics[slot.name].running
-        running.inc()
         try:
-            with context:
-                try:
-                    outcome, error, retry_at = await self._run(slot, claim)
-                except asyncio.CancelledError:
-                    # Shutdown ran out of time: hand the run back without counting it.
-                    await asyncio.shield(
-                        self._record(
-                            slot, claim, "released", started_at, "interrupted by shutdown", None
-                        )
+            try:
+                outcome, error, retry_at = await self._run(slot, claim)
+            except asyncio.CancelledError:
+                # Shutdown ran out of time: hand the run back without counting it.
+                await asyncio.shield(
+                    self._record(
+                        slot, claim, "released", started_at, "interrupted by shutdown", None
                     )
-                    raise
-                except Exception as exc:  # a bug of ours: still count it and try later
-                    logger.exception("attempt failed outside the handler")
-                    outcome, error = "retry", f"internal error: {type(exc).__name__}: {exc}"
-                    delay = backoff(slot.config, claim.attempts + 1)
-                    retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
-                await self._record(slot, claim, outcome, started_at, error, retry_at)
+                )
+                raise
+            except Exception as exc:  # a bug of ours: still count it and try later
+                logger.exception("attempt failed outside the handler")
+                outcome, error = "retry", f"internal error: {type(exc).__name__}: {exc}"
+                delay = backoff(slot.config, claim.attempts + 1)
+                retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+            await self._record(slot, claim, outcome, started_at, error, retry_at)
         finally:
-            running.dec()
             slot.running -= 1
+            self._metrics[slot.name].running.dec()
             if slot.maybe_due:  # its last claim was full: more may be waiting for a place
                 self._wake.set()
 

@@ -5,6 +5,7 @@ closes."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -165,6 +166,11 @@ async def run_service(service: Backend, components: list[Component]) -> int:
     """Start the service and its components; return the process exit code."""
     raise_open_files_limit()
     await service.start()
+    # What start-up made (modules, config, handlers, pools) lasts as long as the process:
+    # frozen, every full collection no longer walks through it (`python -m
+    # bench.dispatch_cost --freeze`: the collector's time per callback more than halves).
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)

@@ -207,6 +207,25 @@ async def test_a_lease_that_ended_is_taken_over_and_the_late_report_refused(inbo
     assert await run_states(alive, event_id) == {"a": ("done", 1)}
 
 
+async def test_outcomes_reported_together_are_each_refused_or_recorded(inbox_place):
+    dead, alive = await inbox_place.open(), await inbox_place.open()
+    ids = [(await store_body(dead, job(f"jtogether{n}"))).new[0] for n in range(3)]
+    held = await dead.claim("a", 2, lease_seconds=30)
+    (lost,) = await dead.claim("a", 1, lease_seconds=0.2)
+    await asyncio.sleep(0.4)
+    (taken,) = await alive.claim("a", 1, 30)
+    reports = [(claim, "done") for claim in held] + [(lost, "retry")]
+    recorded = await asyncio.gather(
+        *(dead.finish(claim, outcome, started_at=now()) for claim, outcome in reports)
+    )
+    assert recorded == [True, True, False]
+    assert await alive.finish(taken, "dead", started_at=now(), error="x")
+    states = {event_id: await run_states(alive, event_id) for event_id in ids}
+    assert sorted(state["a"] for state in states.values()) == [("dead", 1), *[("done", 1)] * 2]
+    for event_id in ids:
+        assert len((await alive.event(event_id)).attempts) == 1
+
+
 async def test_finish_records_the_outcome_and_schedules_a_retry(inbox):
     (event_id,) = (await store(inbox, "transcode.xml", handlers=["a"])).new
     (claim,) = await inbox.claim("a", 1, 30)

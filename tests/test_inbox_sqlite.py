@@ -63,6 +63,38 @@ async def test_one_failing_operation_does_not_sink_its_batch(inbox):
     assert inbox.commits == before + 1  # one batch, the good operation committed in it
 
 
+async def test_only_a_batch_of_bookkeeping_alone_commits_without_its_own_fsync(inbox):
+    def level(connection: sqlite3.Connection) -> int:
+        return connection.execute("PRAGMA synchronous").fetchone()[0]
+
+    writer = inbox._writer
+    normal, full = 1, 2
+    assert await writer.submit(level, bookkeeping=True) == normal
+    assert await writer.submit(level) == full
+    # A callback's commit beside bookkeeping syncs both.
+    mixed = await asyncio.gather(writer.submit(level, bookkeeping=True), writer.submit(level))
+    assert mixed == [full, full]
+    # What dispatch records is bookkeeping; a callback is not.
+    await store(inbox, "transcode.xml")
+    (claim,) = await inbox.claim("a", 1, 30)
+    assert await writer.submit(level, bookkeeping=True) == normal
+    claimed = writer.submit(level, bookkeeping=True)
+    finished = inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
+    assert await asyncio.gather(claimed, finished) == [normal, True]
+
+
+async def test_an_inbox_set_to_normal_stays_normal(tmp_path):
+    inbox = SqliteInbox(tmp_path / "inbox.db", synchronous="normal", rejected_body_bytes=16)
+    await inbox.open()
+    try:
+        level = await inbox._writer.submit(
+            lambda connection: connection.execute("PRAGMA synchronous").fetchone()[0]
+        )
+        assert level == 1
+    finally:
+        await inbox.close()
+
+
 async def test_readiness_pings_write_only_when_nothing_committed_lately(inbox):
     await store(inbox, "transcode.xml")
     before = inbox.commits

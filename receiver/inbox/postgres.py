@@ -73,7 +73,17 @@ from receiver.model import Event
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-CHANNEL = "ci_receiver_work"
+# Notifications are database-wide: each schema's inbox has a channel of its own, so that
+# deployments sharing a database do not wake each other (a name is cut at 63 characters).
+CHANNEL_PREFIX = "ci_receiver_work."
+CHANNEL = f"left('{CHANNEL_PREFIX}' || current_schema(), 63)"  # in SQL, on the inbox's path
+
+
+def channel(schema: str) -> str:
+    """The channel that `CHANNEL` names on a connection whose search_path is `schema`."""
+    return f"{CHANNEL_PREFIX}{schema}"[:63]
+
+
 # Receipts whose bodies retention may drop (accepted ones received before $1), unless an
 # event of theirs still has work to do.
 BODIES_TO_DROP = "received_at < $1 AND body IS NOT NULL AND outcome != 'rejected'"
@@ -136,7 +146,7 @@ kept AS (
     FROM receipt
     RETURNING id
 ),
-notified AS (SELECT pg_notify('{CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM new_runs))
+notified AS (SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM new_runs))
 SELECT (SELECT id FROM kept), ARRAY(SELECT id FROM inserted), (SELECT count(*) FROM notified),
     -- Ids already taken by an event found forged: this delivery is to replace it.
     ARRAY(SELECT u.id FROM unnest($9::text[]) AS u(id) WHERE u.id NOT IN
@@ -152,7 +162,7 @@ WHERE id = $1 AND EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id
     AND f.status = 'forged')
 """
 
-CLAIM = f"""
+CLAIM = """
 WITH due AS (
     SELECT event_id FROM runs
     WHERE handler = $1 AND status = 'pending' AND due_at <= now()
@@ -166,22 +176,47 @@ leased AS (
     FROM due WHERE runs.event_id = due.event_id AND runs.handler = $1
     RETURNING runs.event_id, runs.attempts
 )
-SELECT l.event_id, l.attempts, r.request_id, {EVENT_COLUMNS}
+SELECT l.event_id, l.attempts, r.request_id
 FROM leased l JOIN events e ON e.id = l.event_id JOIN receipts r ON r.id = e.receipt_id
 """
 
+# The stored events of claims the caller does not hold in memory (after a restart, or
+# runs made due by another process or a replay).
+CLAIMED_EVENTS = f"""
+SELECT {EVENT_COLUMNS}
+FROM events e JOIN receipts r ON r.id = e.receipt_id WHERE e.id = ANY($1::text[])
+"""
+
+# The outcomes of many claims in one statement: each run updated only while its lease is
+# still held, an attempt recorded for each one updated; the positions of those updated
+# come back. Rows are locked in key order, so that two batches never wait on each other.
 FINISH = """
-WITH updated AS (
-    UPDATE runs SET status = $4, attempts = attempts + $5, due_at = COALESCE($6, now()),
-        lease_until = NULL, lease_token = NULL, last_error = $7, updated_at = now()
-    WHERE event_id = $1 AND handler = $2 AND lease_token = $3
-    RETURNING event_id
+WITH o AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+        $6::timestamptz[], $7::text[], $8::int[], $9::timestamptz[], $10::text[])
+        WITH ORDINALITY AS o(event_id, handler, token, status, counted, retry_at, error,
+            number, started_at, outcome, n)
+),
+locked AS (
+    SELECT r.event_id, r.handler, o.n FROM runs r
+    JOIN o ON r.event_id = o.event_id AND r.handler = o.handler AND r.lease_token = o.token
+    ORDER BY r.event_id, r.handler FOR UPDATE OF r
+),
+updated AS (
+    UPDATE runs SET status = o.status, attempts = runs.attempts + o.counted,
+        due_at = COALESCE(o.retry_at, now()), lease_until = NULL, lease_token = NULL,
+        last_error = o.error, updated_at = now()
+    FROM locked JOIN o ON o.n = locked.n
+    WHERE runs.event_id = locked.event_id AND runs.handler = locked.handler
+        AND runs.lease_token = o.token
+    RETURNING o.n
 ),
 recorded AS (
     INSERT INTO attempts (event_id, handler, number, started_at, finished_at, outcome, error)
-    SELECT $1, $2, $8, $9, now(), $10, $7 FROM updated
+    SELECT o.event_id, o.handler, o.number, o.started_at, now(), o.outcome, o.error
+    FROM o JOIN updated ON updated.n = o.n ORDER BY o.n
 )
-SELECT count(*) FROM updated
+SELECT array_agg(n) FROM updated
 """
 
 
@@ -207,6 +242,9 @@ class PostgresInbox:
         self._listening: asyncio.Task[None] | None = None
         self._last_write = 0.0
         self._last_failure = 0.0
+        # Outcomes waiting for their batch's statement, and its future (see finish()).
+        self._outcomes: list[tuple[Any, ...]] | None = None
+        self._recorded: asyncio.Future[set[int]] | None = None
 
     # --- connections ---------------------------------------------------------------
 
@@ -375,7 +413,7 @@ class PostgresInbox:
                 await connection.execute(
                     "UPDATE receipts SET outcome = 'accepted' WHERE id = $1", receipt_id
                 )
-                await connection.execute(f"NOTIFY {CHANNEL}")
+                await connection.execute(f"SELECT pg_notify({CHANNEL}, '')")
         return replaced
 
     async def reject(
@@ -404,7 +442,7 @@ class PostgresInbox:
         row = await self._write(
             "WITH settled AS (UPDATE runs SET status = $2, due_at = now(), updated_at = now()"
             " WHERE event_id = $1 AND status = 'held' RETURNING 1),"
-            f" notified AS (SELECT pg_notify('{CHANNEL}', '') WHERE $2 = 'pending'"
+            f" notified AS (SELECT pg_notify({CHANNEL}, '') WHERE $2 = 'pending'"
             " AND EXISTS (SELECT 1 FROM settled))"
             " SELECT (SELECT count(*) FROM settled), (SELECT count(*) FROM notified)",
             text(event_id),
@@ -425,15 +463,19 @@ class PostgresInbox:
         known = known or {}
         try:
             rows = await self.pool.fetch(CLAIM, handler, limit, lease_seconds, token)
+            # Events the caller holds are not read back: neither their row nor the body.
+            unknown = [row[0] for row in rows if row[0] not in known]
+            stored = await self.pool.fetch(CLAIMED_EVENTS, unknown) if unknown else []
         except Exception:
             self._last_failure = time.monotonic()
             raise
         documents = Documents()
+        read = {row[0]: documents.event(row) for row in stored}
         claims = []
-        for row in rows:
-            event_id, attempts, request_id = row[:3]
-            event = known.get(event_id) or documents.event(row[3:])
-            claims.append(Claim(event, handler, attempts, token, request_id))
+        for event_id, attempts, request_id in rows:
+            event = known.get(event_id) or read.get(event_id)
+            if event is not None:  # else removed since: nothing left to run
+                claims.append(Claim(event, handler, attempts, token, request_id))
         return claims
 
     async def finish(
@@ -446,20 +488,40 @@ class PostgresInbox:
         retry_at: datetime | None = None,
     ) -> bool:
         counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
-        row = await self._write(
-            FINISH,
-            text(claim.event.id),
-            claim.handler,
-            claim.lease_token,
-            _RUN_STATUS[outcome],
-            int(counted),
-            retry_at,
-            text(error),
-            claim.attempts + int(counted),
-            started_at,
-            outcome,
+        outcomes = self._outcomes
+        if outcomes is None:
+            # The first outcome since the last batch left opens the next; the outcomes
+            # reported until its statement starts go with it, in one round trip.
+            outcomes = self._outcomes = []
+            self._recorded = asyncio.ensure_future(self._record_outcomes(outcomes))
+        recorded = self._recorded
+        assert recorded is not None
+        index = len(outcomes)
+        outcomes.append(
+            (
+                text(claim.event.id),
+                claim.handler,
+                claim.lease_token,
+                _RUN_STATUS[outcome],
+                int(counted),
+                retry_at,
+                text(error),
+                claim.attempts + int(counted),
+                started_at,
+                outcome,
+            )
         )
-        return bool(row[0])
+        # Shared by the batch's callers: one of them cancelled must not cancel the rest.
+        return index + 1 in await asyncio.shield(recorded)
+
+    async def _record_outcomes(self, outcomes: list[tuple[Any, ...]]) -> set[int]:
+        """The positions (1-based) of the outcomes recorded, their leases still held."""
+        await asyncio.sleep(0)  # the attempts finishing in this turn of the loop join
+        if self._outcomes is outcomes:
+            self._outcomes = self._recorded = None
+        columns = [list(column) for column in zip(*outcomes, strict=True)]
+        row = await self._write(FINISH, *columns)
+        return set(row[0] or ())
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:
@@ -513,7 +575,7 @@ class PostgresInbox:
         try:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _: lost.set())
-            await connection.add_listener(CHANNEL, lambda *_: self._wake())
+            await connection.add_listener(channel(self._schema), lambda *_: self._wake())
             on_connected()
             self._wake()
             while not lost.is_set():
@@ -565,7 +627,7 @@ class PostgresInbox:
                 await transaction.rollback()
                 return total
             if total:
-                await connection.execute(f"NOTIFY {CHANNEL}")
+                await connection.execute(f"SELECT pg_notify({CHANNEL}, '')")
             await transaction.commit()
         return total
 

@@ -243,17 +243,26 @@ class SqliteInbox:
                 return [], []
             # `known` cannot change while this runs (operations run on the event loop):
             # the events it holds are neither read back nor decoded.
+            # Of those, only the request id is read: the row and the body stay on disk.
             unknown = [event_id for event_id, _ in leased if event_id not in known]
-            rows = connection.execute(
-                f"SELECT e.id, r.request_id, {EVENT_COLUMNS}"
-                " FROM events e JOIN receipts r ON r.id = e.receipt_id"
-                f" WHERE e.id IN ({_marks(leased)})",
-                [event_id for event_id, _ in leased],
-            ).fetchall()
-            unknown_ids = set(unknown)
-            return leased, [row if row[0] in unknown_ids else row[:2] for row in rows]
+            ids = [event_id for event_id, _ in leased if event_id in known]
+            rows: list[Any] = []
+            if ids:
+                rows = connection.execute(
+                    "SELECT e.id, r.request_id FROM events e JOIN receipts r"
+                    f" ON r.id = e.receipt_id WHERE e.id IN ({_marks(ids)})",
+                    ids,
+                ).fetchall()
+            if unknown:
+                rows += connection.execute(
+                    f"SELECT e.id, r.request_id, {EVENT_COLUMNS}"
+                    " FROM events e JOIN receipts r ON r.id = e.receipt_id"
+                    f" WHERE e.id IN ({_marks(unknown)})",
+                    unknown,
+                ).fetchall()
+            return leased, rows
 
-        leased, rows = await self._write.submit(claim)
+        leased, rows = await self._write.submit(claim, bookkeeping=True)
         # Decoding what was read back happens after the commit, not under the write lock.
         documents = Documents()
         found: dict[str, tuple[Event, str | None]] = {}
@@ -300,7 +309,7 @@ class SqliteInbox:
             )
             return True
 
-        return await self._write.submit(finish)
+        return await self._write.submit(finish, bookkeeping=True)
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:

@@ -8,6 +8,14 @@ thread: COMMIT and its fsync, and a BEGIN that has to wait for another process's
 A batch runs its operations back to back; only if one fails is the batch run again with
 a savepoint per operation, so that the failing one is rolled back alone and its caller
 alone gets the exception.
+
+A batch made only of dispatch bookkeeping (claims, attempts and outcomes) commits with
+`synchronous=normal` even when the inbox is `full`: no fsync of its own, still safe
+from a crash of the process (the kill -9 tests), and made durable by the next full
+commit, which syncs the whole WAL before it. What a power cut can take is bookkeeping
+after the last callback committed: a claim (the run is claimed again) or an outcome
+(the handler runs again), which is the at-least-once dispatch promises anyway. A
+batch holding anything else (a callback, a replay, a verdict) commits as configured.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
-_Item = tuple[Operation, asyncio.Future[Any]]
+# (operation, its caller's future, whether it is dispatch bookkeeping)
+_Item = tuple[Operation, asyncio.Future[Any], bool]
 
 MAX_BATCH = 512
 # Seconds to wait for another process (serve and consume on one data folder, the workers
@@ -46,6 +55,7 @@ class Writer:
     def __init__(self, path: Path, *, synchronous: str, setup: Operation) -> None:
         self._path = path
         self._synchronous = synchronous
+        self._syncing = synchronous  # the connection's setting now
         self._setup = setup
         self._connection: sqlite3.Connection | None = None
         self._pending: list[_Item] = []
@@ -79,11 +89,15 @@ class Writer:
             self._connection = None
         self._thread.shutdown()
 
-    def submit(self, operation: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(
+        self, operation: Callable[[sqlite3.Connection], T], *, bookkeeping: bool = False
+    ) -> asyncio.Future[T]:
+        """Queue `operation` for the next commit. `bookkeeping`: it only records dispatch
+        progress, which may be lost to a power cut (see above)."""
         if not self._accepting:
             raise InboxClosedError("the inbox is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((operation, future))
+        self._pending.append((operation, future, bookkeeping))
         self._work.set()
         return future
 
@@ -117,7 +131,7 @@ class Writer:
         self._accepting = False
         error = task.exception() if not task.cancelled() else None
         failure = InboxClosedError(f"the inbox writer stopped: {error!r}")
-        for _, future in [*self._batch, *self._pending]:
+        for _, future, _ in [*self._batch, *self._pending]:
             if not future.done():
                 future.set_exception(failure)
         self._batch, self._pending = [], []
@@ -126,6 +140,7 @@ class Writer:
         connection = self._connection
         assert connection is not None
         try:
+            self._sync(connection, batch)
             await self._begin(connection)
             try:
                 results = self._execute(connection, batch, isolated=False)
@@ -142,13 +157,22 @@ class Writer:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
             results = [(None, exc)] * len(batch)
-        for (_, future), (result, error) in zip(batch, results, strict=True):
+        for (_, future, _), (result, error) in zip(batch, results, strict=True):
             if future.cancelled():
                 continue
             if error is not None:
                 future.set_exception(error)
             else:
                 future.set_result(result)
+
+    def _sync(self, connection: sqlite3.Connection, batch: list[_Item]) -> None:
+        """`normal` for a batch of bookkeeping alone, else as configured."""
+        wanted = self._synchronous
+        if wanted == "full" and all(bookkeeping for _, _, bookkeeping in batch):
+            wanted = "normal"
+        if wanted != self._syncing:
+            connection.execute(f"PRAGMA synchronous={wanted.upper()}")
+            self._syncing = wanted
 
     async def _begin(self, connection: sqlite3.Connection) -> None:
         try:
@@ -163,7 +187,7 @@ class Writer:
         connection: sqlite3.Connection, batch: list[_Item], *, isolated: bool
     ) -> list[tuple[Any, BaseException | None]]:
         results: list[tuple[Any, BaseException | None]] = []
-        for operation, _ in batch:
+        for operation, _, _ in batch:
             if not isolated:
                 results.append((operation(connection), None))
                 continue

@@ -1,0 +1,224 @@
+"""CPU per callback to store it and to dispatch it through the `log` handler, next to
+the same figures of another copy of the code (the baseline), measured in the same run.
+
+    python -m bench.dispatch_cost --against DIR [--callbacks N] [--rounds R] [--postgres]
+
+DIR is a checkout of ci-receiver to compare with (e.g. `git worktree add /tmp/base main`,
+or `git archive main | tar -x -C /tmp/base`). Each round runs one process per tree,
+alternately, each with its tree first on PYTHONPATH; the best round of each is kept.
+A process builds the default service (config defaults: SQLite with synchronous=full,
+the `log` handler at info, its lines written to /dev/null) and measures CPU time
+(`time.process_time`: every thread, user and system) for:
+
+- store: N distinct small JSON callbacks through the ingest path, 32 at a time (as 32
+  connections would send them), the dispatcher not yet running;
+- dispatch: the dispatcher then claiming, running and recording all N runs;
+- both at once: N more callbacks stored while the dispatcher runs, until all are done
+  (how `serve` runs them), with the inbox commits per callback;
+- the handler alone: the `log` handler called N times, the work dispatch carries out;
+- the collector: CPU in garbage collection per callback over store and dispatch (with
+  `--freeze`, what start-up made is frozen first, as `serve` does).
+
+No HTTP: what is measured is the ingest path, the inbox and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+CONNECTIONS = 32
+
+
+class _Collections:
+    """CPU the garbage collector takes, from its own callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._began = 0.0
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.thread_time()
+        else:
+            self.seconds += time.thread_time() - self._began
+
+
+async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, float]:
+    import handlers as handler_api
+    from receiver import parse_callback
+    from receiver.config import Config
+    from receiver.inbox import Receipt
+    from receiver.service import Service
+    from tests.callbacks import job
+
+    def bodies() -> list[bytes]:
+        return [job(f"j{uuid.uuid4().hex}") for _ in range(count)]
+
+    def receipt(body: bytes) -> Receipt:
+        headers = {"content-type": "application/json"}
+        return Receipt(body, "http", datetime.now(timezone.utc), "bench", headers, {})
+
+    async def store_all(service: Service, batch: list[bytes]) -> None:
+        gate = asyncio.Semaphore(CONNECTIONS)
+
+        async def one(body: bytes) -> None:
+            async with gate:
+                await service.ingestor.ingest(receipt(body))
+
+        await asyncio.gather(*(one(body) for body in batch))
+
+    async def handled(service: Service, total: int) -> None:
+        # The counter's own value: collecting the registry would cost more than dispatch.
+        done = service.metrics.attempts.labels("log", "done")._value
+        while done.get() < total:
+            await asyncio.sleep(0.005)
+
+    with tempfile.TemporaryDirectory() as folder:
+        settings: dict = {"data_dir": Path(folder)}
+        if postgres:
+            schema = f"bench_{uuid.uuid4().hex[:8]}"
+            settings["inbox"] = {"url": postgres, "postgres_schema": schema}
+        service = Service(Config(**settings))
+        await service.inbox.open()
+        dispatcher = service.dispatcher
+        # The handler started, the dispatch loop not yet: stores leave the runs pending.
+        for slot in dispatcher._slots.values():
+            await handler_api.start(slot.handler)
+            slot.started = True
+        await store_all(service, bodies()[:50])  # warm up the code paths and the file
+        if freeze:
+            gc.collect()
+            gc.freeze()
+        collections = _Collections()
+        commits = getattr(service.inbox, "commits", 0)
+        began = time.process_time()
+        await store_all(service, bodies())
+        stored = time.process_time() - began
+        began = time.process_time()
+        await dispatcher.start()
+        await handled(service, count + 50)
+        dispatched = time.process_time() - began
+        commits = getattr(service.inbox, "commits", 0)
+        began = time.process_time()
+        await store_all(service, bodies())
+        await handled(service, 2 * count + 50)
+        both = time.process_time() - began
+        both_commits = getattr(service.inbox, "commits", 0) - commits
+        collected = collections.seconds
+        slot = next(iter(dispatcher._slots.values()))
+        sample = [parse_callback(body)[0] for body in bodies()]
+        began = time.process_time()
+        for event in sample:
+            await slot.handler(event)
+        alone = time.process_time() - began
+        await service.stop()
+        if postgres:
+            import asyncpg
+
+            connection = await asyncpg.connect(postgres)
+            await connection.execute(f"DROP SCHEMA {schema} CASCADE")
+            await connection.close()
+    micro = 1e6 / count
+    return {
+        "store": stored * micro,
+        "dispatch": dispatched * micro,
+        "both": both * micro,
+        "commits": both_commits / count,
+        "handler": alone * micro,
+        "gc": collected * micro / 2,  # over 2N callbacks
+    }
+
+
+def child(count: int, postgres: str | None, freeze: bool) -> None:
+    """One measurement in this process, printed as a JSON line."""
+    import uvloop
+
+    from receiver.logs import configure_logging
+
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the log lines go nowhere
+    try:
+        configure_logging("info", "json")
+        figures = uvloop.run(_measure(count, postgres, freeze))
+    finally:
+        sys.stdout = sys.__stdout__
+    print(json.dumps(figures))
+
+
+def run_tree(tree: Path, count: int, postgres: str | None, freeze: bool) -> dict[str, float]:
+    command = [sys.executable, "-m", "bench.dispatch_cost", "--child", "--callbacks", str(count)]
+    if freeze:
+        command.append("--freeze")
+    if postgres:
+        command += ["--postgres-url", postgres]
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        command, cwd=tree, env=environment, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"{tree}: {done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--against", type=Path, help="the baseline's checkout")
+    parser.add_argument("--callbacks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres", action="store_true", help="the PostgreSQL inbox")
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() after start-up")
+    parser.add_argument("--postgres-url", help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.callbacks, args.postgres_url, args.freeze)
+        return
+    postgres = None
+    if args.postgres:
+        from tests.databases import server_url
+
+        postgres = server_url("postgresql")
+    here = Path(__file__).resolve().parents[1]
+    trees = {"this": here} | ({"baseline": args.against.resolve()} if args.against else {})
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.rounds):
+        for name, tree in reversed(trees.items()):
+            figures = run_tree(tree, args.callbacks, postgres, args.freeze)
+            kept = best.setdefault(name, figures)
+            for key, value in figures.items():
+                kept[key] = min(kept[key], value)
+    backend = "PostgreSQL" if postgres else "SQLite (synchronous=full)"
+    print(
+        f"{backend}, {args.callbacks} JSON callbacks, {CONNECTIONS} at a time, best of"
+        f" {args.rounds}; CPU µs per callback (every thread)\n"
+    )
+    labels = {
+        "store": "store (dispatcher idle)",
+        "dispatch": "dispatch through `log`",
+        "both": "store + dispatch at once",
+        "commits": "inbox commits per callback",
+        "handler": "the `log` handler alone",
+        "gc": "garbage collection",
+    }
+    print(f"{'':<30}{'this':>10}" + (f"{'baseline':>10}{'ratio':>8}" if args.against else ""))
+    for key, label in labels.items():
+        line = f"{label:<30}{best['this'][key]:>10.2f}"
+        if args.against:
+            base = best["baseline"][key]
+            line += f"{base:>10.2f}{best['this'][key] / base if base else 0:>8.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
