@@ -2,10 +2,16 @@
 
     python -m bench.parse [--quick]
 
-For every fixture, and for the CI-style JSON rendering of every XML fixture, prints the
-best time of `receiver.parse_callback(body)` and of a bare `xmltodict.parse(body)` or
-`orjson.loads(body)`, measured in the same run, and the overhead of decoding safely and
-normalizing over that bare parse. Then how long each hostile body takes to be refused.
+First, for every XML fixture: xmltodict.parse against xmltodict_rs.parse, both bare, and
+the receiver's two roads to the same dict: the guarded xmltodict (the reference, and the
+road without the xmltodict-rs wheel) and receiver.xml_fast (xmltodict-rs behind its
+checks), with their ratios. Then, for every fixture and for the CI-style JSON rendering of
+every XML fixture, the best time of `receiver.parse_callback(body)` against a bare
+`xmltodict_rs.parse(body)` or `orjson.loads(body)`, and, for XML, parse_callback with
+xmltodict alone. Then how long each hostile body takes to be refused.
+
+Times are CPU time (time.process_time), each the best of interleaved rounds: the machine
+is shared, and noise only ever adds time. Ratios are between figures of the same run.
 """
 
 from __future__ import annotations
@@ -14,15 +20,18 @@ import argparse
 import contextlib
 import statistics
 import sys
+import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import orjson
 import xmltodict
+import xmltodict_rs
 
-from receiver import PayloadError, parse_callback
+from receiver import PayloadError, parse_callback, xml_fast
+from receiver.payload import DEFAULT_LIMITS, _xml_to_dict_guarded
 from tests import test_hostile_bodies as hostile
-from tests.callbacks import ALL, ci_json_from_xml, load
+from tests.callbacks import ALL, XML, ci_json_from_xml, load
 
 
 def best_us(*calls: Callable[[], object], rounds: int) -> list[float]:
@@ -30,7 +39,7 @@ def best_us(*calls: Callable[[], object], rounds: int) -> list[float]:
 
     The minimum is the steadiest estimate on a shared machine: noise only ever adds time.
     """
-    timers = [timeit.Timer(call) for call in calls]
+    timers = [timeit.Timer(call, timer=time.process_time) for call in calls]
     numbers = [timer.autorange()[0] for timer in timers]  # enough calls for >= 0.2 s
     best = [float("inf")] * len(calls)
     for _ in range(rounds):
@@ -39,16 +48,68 @@ def best_us(*calls: Callable[[], object], rounds: int) -> list[float]:
     return best
 
 
+def rooted(body: bytes) -> bytes:
+    if not body.startswith(b"<Response"):  # the workflow sample published without a root
+        body = b"<Response>" + body + b"</Response>"
+    return body
+
+
 def bare_parse(body: bytes, fmt: str) -> object:
     """What a receiver with no safety and no normalization would at least have to do."""
     if fmt == "json":
         data = orjson.loads(body)
         if "msgBody" in data:  # a CMQ envelope: the callback inside is parsed too
-            return xmltodict.parse(data["msgBody"])
+            return xmltodict_rs.parse(data["msgBody"])
         return data
-    if not body.startswith(b"<Response"):  # the workflow sample published without a root
-        body = b"<Response>" + body + b"</Response>"
-    return xmltodict.parse(body)
+    return xmltodict_rs.parse(rooted(body))
+
+
+@contextlib.contextmanager
+def xmltodict_only() -> Iterator[None]:
+    """The receiver as it runs where the xmltodict-rs wheel cannot be installed."""
+    saved, xml_fast.xmltodict_rs = xml_fast.xmltodict_rs, None
+    try:
+        yield
+    finally:
+        xml_fast.xmltodict_rs = saved
+
+
+def parse_callback_xmltodict_only(body: bytes) -> object:
+    with xmltodict_only():
+        return parse_callback(body)
+
+
+def fast_road(body: bytes) -> object:
+    found = xml_fast.parse(body, DEFAULT_LIMITS.max_depth, DEFAULT_LIMITS.max_elements)
+    assert found is not None, "the fast road was not taken"
+    return found
+
+
+def compare_xml_parsers(rounds: int) -> None:
+    print(
+        f"{'XML parse, µs':<32} {'bytes':>6} {'xmltodict':>9} {'-rs':>6} {'ratio':>6}"
+        f" {'guarded':>8} {'fast road':>9} {'ratio':>6}"
+    )
+    ratios: list[float] = []
+    for name in XML:
+        body = rooted(load(name))
+        assert xmltodict.parse(body) == xmltodict_rs.parse(body) == fast_road(body)[0]
+        plain, rust, guarded, fast = best_us(
+            lambda b=body: xmltodict.parse(b),
+            lambda b=body: xmltodict_rs.parse(b),
+            lambda b=body: _xml_to_dict_guarded(b, DEFAULT_LIMITS),
+            lambda b=body: fast_road(b),
+            rounds=rounds,
+        )
+        ratios.append(guarded / fast)
+        print(
+            f"{name:<32} {len(body):>6} {plain:>9.1f} {rust:>6.1f} {plain / rust:>5.1f}x"
+            f" {guarded:>8.1f} {fast:>9.1f} {guarded / fast:>5.1f}x"
+        )
+    print(
+        f"fast road against guarded xmltodict: median {statistics.median(ratios):.1f}x"
+        f" (min {min(ratios):.1f}x, max {max(ratios):.1f}x)\n"
+    )
 
 
 def refused(body: bytes) -> Callable[[], object]:
@@ -73,25 +134,43 @@ def main() -> None:
         else:
             cases.append((name, "json", body))
 
-    print(f"python {sys.version.split()[0]}, best of {rounds} interleaved rounds\n")
-    print(f"{'callback':<44} {'fmt':<4} {'bytes':>6} {'bare µs':>8} {'full µs':>8} {'overhead':>9}")
+    print(f"python {sys.version.split()[0]}, CPU time, best of {rounds} interleaved rounds\n")
+    compare_xml_parsers(rounds)
+
+    print(
+        f"{'parse_callback, µs':<40} {'fmt':<4} {'bytes':>6} {'bare':>6} {'full':>6}"
+        f" {'overhead':>8} {'xmltodict':>9} {'ratio':>6}"
+    )
     overheads: dict[str, list[float]] = {"xml": [], "json": []}
+    speedups: list[float] = []
     for label, fmt, body in cases:
-        bare_us, full_us = best_us(
-            lambda b=body, f=fmt: bare_parse(b, f), lambda b=body: parse_callback(b), rounds=rounds
-        )
+        calls: list[Callable[[], object]] = [
+            lambda b=body, f=fmt: bare_parse(b, f),
+            lambda b=body: parse_callback(b),
+        ]
+        if fmt == "xml" or b"msgBody" in body:  # the decode as it was: xmltodict alone
+            calls.append(lambda b=body: parse_callback_xmltodict_only(b))
+        bare_us, full_us, *before = best_us(*calls, rounds=rounds)
         overhead = full_us / bare_us - 1
         overheads[fmt].append(overhead)
-        print(
-            f"{label:<44} {fmt:<4} {len(body):>6} {bare_us:>8.1f} {full_us:>8.1f} {overhead:>+9.0%}"
+        line = (
+            f"{label:<40} {fmt:<4} {len(body):>6} {bare_us:>6.1f} {full_us:>6.1f} {overhead:>+8.0%}"
         )
+        if before:
+            speedups.append(before[0] / full_us)
+            line += f" {before[0]:>9.1f} {before[0] / full_us:>5.1f}x"
+        print(line)
 
     print()
     for fmt, values in overheads.items():
         print(
-            f"{fmt}: median overhead {statistics.median(values):+.0%}"
+            f"{fmt}: median overhead over the bare parse {statistics.median(values):+.0%}"
             f" (min {min(values):+.0%}, max {max(values):+.0%})"
         )
+    print(
+        f"xml: parse_callback against it with xmltodict alone: median"
+        f" {statistics.median(speedups):.1f}x (min {min(speedups):.1f}x, max {max(speedups):.1f}x)"
+    )
 
     print(f"\n{'hostile body (<= 1 MiB)':<32} {'reason':<20} {'ms to refuse':>12}")
     for name in (

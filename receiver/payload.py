@@ -14,6 +14,8 @@ from xml.parsers import expat
 import orjson
 import xmltodict
 
+from receiver import xml_fast
+
 Format = Literal["xml", "json"]
 
 _BOM = b"\xef\xbb\xbf"
@@ -137,6 +139,22 @@ def _parse_xml(body: bytes, limits: Limits) -> dict[str, Any]:
 
 
 def _xml_to_dict(body: bytes, limits: Limits) -> dict[str, Any]:
+    fast = xml_fast.parse(body, limits.max_depth, limits.max_elements)
+    if fast is not None:
+        document, deepest = fast
+    else:
+        document, deepest = _xml_to_dict_guarded(body, limits)
+    # An element is one level of the document, or two when it repeats (a list of dicts):
+    # only a document whose elements nest past half the limit can be too deep. The
+    # <Response> root, unwrapped afterwards, is counted too: the bound stays safe.
+    if deepest > limits.max_depth // 2:
+        _check_depth(document, limits.max_depth + 1, "XML")
+    return document
+
+
+def _xml_to_dict_guarded(body: bytes, limits: Limits) -> tuple[dict[str, Any], int]:
+    """xmltodict itself, on a guarded expat: the reference, and the road for any body
+    the fast one is not sure of (it gives every refusal)."""
     guard = _GuardedExpat(limits)
     try:
         document: dict[str, Any] = xmltodict.parse(body, expat=guard, disable_entities=True)
@@ -144,12 +162,7 @@ def _xml_to_dict(body: bytes, limits: Limits) -> dict[str, Any]:
         raise PayloadError(exc.reason, exc.message) from None
     except ValueError as exc:
         raise PayloadError("malformed_xml", str(exc)) from None
-    # An element is one level of the document, or two when it repeats (a list of dicts):
-    # only a document whose elements nest past half the limit can be too deep. The
-    # <Response> root, unwrapped afterwards, is counted too: the bound stays safe.
-    if guard.deepest > limits.max_depth // 2:
-        _check_depth(document, limits.max_depth + 1, "XML")
-    return document
+    return document, guard.deepest
 
 
 def _strip_xml_declaration(body: bytes) -> bytes:
