@@ -283,6 +283,9 @@ class StandIn:
                 "queued": {name: total for name, (total, _) in counts.items()},
                 "hidden": {name: hidden for name, (_, hidden) in counts.items()},
                 "peak_hidden": dict(self.queues.peak_hidden),
+                # Troubles still to answer (set through /control).
+                "throttle": self.throttle,
+                "unavailable": self.unavailable,
             }
         )
 

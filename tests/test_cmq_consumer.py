@@ -235,10 +235,14 @@ async def test_throttling_and_5xx_back_off_logged_once_per_change(stand_in, inbo
         return [e["event"] for e in logs if e["event"].startswith("cmq queue")]
 
     def met(trouble: str) -> bool:
-        """The pollers met the trouble and came through it (answered again): the stand-in
-        takes requests again, our own sends included."""
+        """The pollers met the trouble and came through it (answered again), and the
+        stand-in has no trouble left to answer: it takes requests again, our own sends
+        included (a long poll begun before the trouble may answer first)."""
         seen = states()
-        return trouble in seen and seen[-1] == "cmq queue receiving"
+        if not (trouble in seen and seen[-1] == "cmq queue receiving"):
+            return False
+        left = stand_in.stats()
+        return left["throttle"] == 0 and left["unavailable"] == 0
 
     await send(range(4))
     with capture_logs() as logs:
