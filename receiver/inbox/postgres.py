@@ -79,6 +79,18 @@ CHANNEL_PREFIX = "ci_receiver_work."
 CHANNEL = f"left('{CHANNEL_PREFIX}' || current_schema(), 63)"  # in SQL, on the inbox's path
 
 
+class _PooledConnection(asyncpg.Connection):
+    """A connection of the inbox's pool, returned to it without asyncpg's reset query.
+
+    Statements on pooled connections take no session state (no session advisory lock,
+    cursor, LISTEN or SET: the schema's lock and the listener have connections of their
+    own), so `RESET ALL; UNLISTEN *; ...` after every statement was a round trip for
+    nothing. asyncpg still rolls back a transaction left open."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 def channel(schema: str) -> str:
     """The channel that `CHANNEL` names on a connection whose search_path is `schema`."""
     return f"{CHANNEL_PREFIX}{schema}"[:63]
@@ -283,6 +295,7 @@ class PostgresInbox:
             await connection.close()
         self._pool = await asyncpg.create_pool(
             self._url,
+            connection_class=_PooledConnection,
             min_size=1,
             max_size=self._pool_size,
             command_timeout=COMMAND_TIMEOUT,
