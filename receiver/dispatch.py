@@ -42,6 +42,10 @@ LEASE_GRACE_SECONDS = LOCK_TIMEOUT + 5.0
 START_RETRY_MAX_SECONDS = 60.0
 # Events just stored are kept in memory for their claims, up to this many.
 FRESH_EVENTS = 10_000
+# Wake-ups from other processes (PostgreSQL NOTIFY: one per stored callback anywhere)
+# within this many seconds make one claim, not one each; the process that stored an
+# event claims it at once meanwhile, from memory.
+REMOTE_WAKE_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -140,6 +144,7 @@ class Dispatcher:
         self._poll_interval = poll_interval
         self._drain_timeout = drain_timeout
         self._wake = asyncio.Event()
+        self._remote_wake: asyncio.TimerHandle | None = None
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -159,6 +164,18 @@ class Dispatcher:
         for slot in self._slots.values():
             slot.maybe_due = True
         self._wake.set()
+
+    def wake_soon(self) -> None:
+        """Another process made work due (a stored callback, a replay): look within
+        `REMOTE_WAKE_SECONDS`, once for all the wake-ups that arrive until then."""
+        if self._remote_wake is None:
+            self._remote_wake = asyncio.get_running_loop().call_later(
+                REMOTE_WAKE_SECONDS, self._woken_remotely
+            )
+
+    def _woken_remotely(self) -> None:
+        self._remote_wake = None
+        self.wake()
 
     def notify(self, stored: list[tuple[Event, list[str]]]) -> None:
         """These events were just stored with pending runs of these handlers."""
@@ -182,12 +199,14 @@ class Dispatcher:
         slow to connect holds back neither the others nor the receiver."""
         self._start_waiting_handlers()
         # Runs that other processes make due (their callbacks, a replay) wake this one too.
-        self._inbox.watch(self.wake)
+        self._inbox.watch(self.wake_soon)
         self._loop_task = asyncio.create_task(self._loop(), name="dispatcher")
 
     async def stop(self) -> None:
         """Stop claiming; give running attempts `drain_timeout` to end, then release them."""
         self._stopping = True
+        if self._remote_wake is not None:
+            self._remote_wake.cancel()
         self.wake()
         if self._loop_task is not None:
             await self._loop_task
