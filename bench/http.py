@@ -81,10 +81,14 @@ def wrk(url: str, body: Path, run: str, content_type: str, connections: int, dur
         "BENCH_RUN": run,
         "BENCH_CONTENT_TYPE": content_type,
     }
-    out = subprocess.run(
+    done = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(LUA), url],
-        capture_output=True, text=True, env=env, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    if done.returncode:
+        failed = f"wrk against {url} failed ({done.returncode})"
+        raise RuntimeError(f"{failed}: {done.stderr}{done.stdout}")
+    out = done.stdout
     latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
