@@ -12,7 +12,9 @@ its own so that its peak RSS is its own:
   what is measured is the consumer and the ingest path, not a handler.
 A third process feeds the same bodies straight to the ingest path (no broker), as many
 at once as the consumer's `concurrency`: the ceiling any consumer in front of it has.
-Peak RSS is sampled with psutil every 10 ms.
+Peak RSS is sampled with psutil every 10 ms. CPU µs per message is the draining
+process's own (every thread, the client's included; not the broker's): on a shared
+machine a steadier figure than the rates, which move with whatever else runs.
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ def drain_bare(url: str, count: int) -> dict[str, float]:
         initial_position=pulsar.InitialPosition.Earliest,
     )
     rss = PeakRss()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         consumer.acknowledge(consumer.receive())
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     peak = rss.stop()
     client.close()
-    return {"seconds": seconds, "peak_rss": peak}
+    return {"seconds": seconds, "cpu": cpu, "peak_rss": peak}
 
 
 def drain_consumer(url: str, count: int, data_dir: Path) -> dict[str, float]:
@@ -147,6 +149,7 @@ def main() -> None:
     print(
         f"\n{'fmt':<5} {'backlog':>8} {'bare msg/s':>11} {'consumer msg/s':>15} {'ratio':>6}"
         f" {'bare peak RSS':>14} {'consumer peak RSS':>18} {'ingest alone/s':>15}"
+        f" {'bare CPU µs':>12} {'consumer CPU µs':>16}"
     )
     for fmt in args.formats:
         for count in args.backlogs:
@@ -164,7 +167,8 @@ def main() -> None:
             print(
                 f"{fmt:<5} {count:>8} {bare_rate:>11,.0f} {our_rate:>15,.0f}"
                 f" {our_rate / bare_rate:>5.2f}x {bare['peak_rss'] / 2**20:>11.0f} MiB"
-                f" {ours['peak_rss'] / 2**20:>15.0f} MiB {count / alone['seconds']:>15,.0f}",
+                f" {ours['peak_rss'] / 2**20:>15.0f} MiB {count / alone['seconds']:>15,.0f}"
+                f" {bare['cpu'] / count * 1e6:>12.1f} {ours['cpu'] / count * 1e6:>16.1f}",
                 flush=True,
             )
 

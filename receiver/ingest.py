@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
+from structlog.contextvars import bind_contextvars
 
 from receiver import vocabulary
 from receiver.events import parse_callback
-from receiver.inbox import VERIFY_RUN, Inbox, Receipt, Stored
+from receiver.inbox import VERIFY_RUN, Inbox, Receipt, Stored, ToStore
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import Limits, PayloadError
@@ -154,16 +155,65 @@ class Ingestor:
             # Not kept: the sender is asked to send it again (503, nack, left undeleted).
             self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
             raise
+        stored_new = self._kept(receipt, routed, verify, stored, began)
+        if stored_new:
+            self._on_stored(stored_new)
+        return stored
+
+    async def ingest_many(self, receipts: list[Receipt]) -> list[Stored | BaseException]:
+        """`ingest` for several callbacks at once (a batch of queued messages), in one
+        group commit where the inbox has it: for each, its `Stored` or the exception
+        `ingest` would have raised. Returns once every commit is durable.
+
+        Each callback's log lines carry its request id (bound in the caller's context,
+        which is left with the last one's)."""
+        began = time.perf_counter()
+        # Each receipt's place is filled below: by its refusal, or by its store's outcome.
+        results: list[Any] = [None] * len(receipts)
+        parsed: list[tuple[int, ToStore]] = []
+        for index, receipt in enumerate(receipts):
+            bind_contextvars(request_id=receipt.request_id)
+            try:
+                events = await parse_or_refuse(receipt, self._limits, self)
+            except Exception as exc:  # PayloadError, the body kept as rejected, or not
+                results[index] = exc
+                continue
+            routed = [(event, self._router.handlers_for(event)) for event in events]
+            parsed.append((index, (receipt, routed, self._verifies(receipt))))
+        try:
+            outcomes = await self._inbox.store_many([item for _, item in parsed])
+        except Exception as exc:  # the inbox is closed: none of them is kept
+            outcomes = [exc] * len(parsed)
+        stored_new: list[tuple[Event, list[str]]] = []
+        for (index, (receipt, routed, verify)), stored in zip(parsed, outcomes, strict=True):
+            results[index] = stored
+            if isinstance(stored, BaseException):
+                self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
+                continue
+            bind_contextvars(request_id=receipt.request_id)
+            stored_new += self._kept(receipt, routed, verify, stored, began)
+        if stored_new:
+            self._on_stored(stored_new)
+        return results
+
+    def _kept(
+        self,
+        receipt: Receipt,
+        routed: list[tuple[Event, list[str]]],
+        verify: bool,
+        stored: Stored,
+        began: float,
+    ) -> list[tuple[Event, list[str]]]:
+        """Count a committed callback; its new events, each with the runs to dispatch."""
         self._count(receipt, routed, stored)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
-        if stored.new:
-            new = set(stored.new)
-            self._on_stored(
-                [(event, [VERIFY_RUN] if verify else names) for event, names in routed
-                 if event.id in new]
-            )  # fmt: skip
-        return stored
+        if not stored.new:
+            return []
+        new = set(stored.new)
+        return [
+            (event, [VERIFY_RUN] if verify else names) for event, names in routed if event.id in new
+        ]
 
     def _verifies(self, receipt: Receipt) -> bool:
         # A stored callback decoded again (`replay --receipt`) is verified as it was

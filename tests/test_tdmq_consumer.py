@@ -207,6 +207,9 @@ class _NoIntake:
     async def ingest(self, receipt: Receipt):
         raise AssertionError("no message expected")
 
+    async def ingest_many(self, receipts: list[Receipt]):
+        raise AssertionError("no message expected")
+
     async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> None:
         raise AssertionError("no message expected")
 

@@ -76,6 +76,10 @@ class Stored:
     duplicates: list[str]
 
 
+# What `Inbox.store_many` takes for each callback: `store`'s arguments.
+ToStore = tuple[Receipt, list[tuple[Event, list[str]]], bool]
+
+
 @dataclass(slots=True)
 class Claim:
     """One (event, handler) run leased to this process until its lease ends."""
@@ -259,6 +263,12 @@ class Inbox(Protocol):
         storing the same id at the same moment: one new, one duplicate, never an error.
         With `verify`, each new event's runs are stored `held`, beside a pending run of
         the verification step (`VERIFY_RUN`), which settles them."""
+        ...
+
+    async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
+        """`store` for several callbacks at once (a batch of queued messages), committed
+        together where the inbox can: for each, its `Stored` or the exception `store`
+        would have raised, each failing alone."""
         ...
 
     async def settle(self, event_id: str, genuine: bool) -> int:

@@ -49,6 +49,7 @@ from receiver.inbox import (
     RunState,
     SchemaError,
     Stored,
+    ToStore,
     Traffic,
     new_runs,
 )
@@ -396,6 +397,11 @@ class PostgresInbox:
                 new.remove(event_id)
                 duplicates.append(event_id)
         return Stored(receipt_id, ids, new, duplicates)
+
+    async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
+        # Each a statement of its own, at once over the pool's connections.
+        stores = (self.store(receipt, routed, verify=verify) for receipt, routed, verify in items)
+        return await asyncio.gather(*stores, return_exceptions=True)
 
     async def _replace_forged(
         self,

@@ -42,6 +42,7 @@ from receiver.inbox import (
     RunState,
     SchemaError,
     Stored,
+    ToStore,
     Traffic,
     new_runs,
 )
@@ -133,59 +134,11 @@ class SqliteInbox:
     async def store(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
     ) -> Stored:
-        rows = [
-            (
-                event.id,
-                event.kind,
-                event.event_name,
-                event.job_id,
-                event.tag,
-                event.state,
-                event.input.bucket if event.input else None,
-                event.input.key if event.input else None,
-                None,  # the event's JSON: rebuilt from the receipt's body (records.py)
-                handlers,
-            )
-            for event, handlers in routed
-        ]
-        ids = [row[0] for row in rows]
-        receipt_row = _receipt_row(receipt, pack(receipt.body), len(receipt.body))
-        received_at = receipt_row[0]
+        return await self._write.submit(_storing(receipt, routed, verify))
 
-        def store(connection: sqlite3.Connection) -> Stored:
-            now = time.time()
-            receipt_id = connection.execute(
-                "INSERT INTO receipts (received_at, source, request_id, headers, source_meta,"
-                " body, size, outcome, event_ids) VALUES (?, ?, ?, ?, ?, ?, ?, 'accepted', ?)",
-                (*receipt_row, orjson.dumps(ids)),
-            ).lastrowid
-            new, duplicates = [], []
-            for *columns, handlers in rows:
-                inserted = connection.execute(
-                    "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key,"
-                    " data, receipt_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (*columns, receipt_id, received_at),
-                ).fetchone()
-                if inserted is None and not _replace_forged(
-                    connection, columns, receipt_id, received_at
-                ):
-                    duplicates.append(columns[0])
-                    continue
-                new.append(columns[0])
-                connection.executemany(
-                    "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(columns[0], *run, now, now) for run in new_runs(handlers, verify)],
-                )
-            if not new:
-                connection.execute(
-                    "UPDATE receipts SET outcome = 'duplicate' WHERE id = ?", (receipt_id,)
-                )
-            assert receipt_id is not None
-            return Stored(receipt_id, ids, new, duplicates)
-
-        return await self._write.submit(store)
+    async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
+        futures = self._write.submit_many([_storing(*item) for item in items])
+        return await asyncio.gather(*futures, return_exceptions=True)
 
     async def reject(
         self, receipt: Receipt, reason: str, detail: str, *, size: int | None = None
@@ -855,6 +808,66 @@ def _requeue(
         f" updated_at = ? WHERE {' AND '.join(conditions)}",
         (now, now, *values),
     ).rowcount
+
+
+def _storing(
+    receipt: Receipt, routed: list[tuple[Event, list[str]]], verify: bool
+) -> Callable[[sqlite3.Connection], Stored]:
+    """The write operation that stores a callback (see `Inbox.store`): the rows are made
+    here, on the event loop, before the write."""
+    rows = [
+        (
+            event.id,
+            event.kind,
+            event.event_name,
+            event.job_id,
+            event.tag,
+            event.state,
+            event.input.bucket if event.input else None,
+            event.input.key if event.input else None,
+            None,  # the event's JSON: rebuilt from the receipt's body (records.py)
+            handlers,
+        )
+        for event, handlers in routed
+    ]
+    ids = [row[0] for row in rows]
+    receipt_row = _receipt_row(receipt, pack(receipt.body), len(receipt.body))
+    received_at = receipt_row[0]
+
+    def store(connection: sqlite3.Connection) -> Stored:
+        now = time.time()
+        receipt_id = connection.execute(
+            "INSERT INTO receipts (received_at, source, request_id, headers, source_meta,"
+            " body, size, outcome, event_ids) VALUES (?, ?, ?, ?, ?, ?, ?, 'accepted', ?)",
+            (*receipt_row, orjson.dumps(ids)),
+        ).lastrowid
+        new, duplicates = [], []
+        for *columns, handlers in rows:
+            inserted = connection.execute(
+                "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key,"
+                " data, receipt_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                (*columns, receipt_id, received_at),
+            ).fetchone()
+            if inserted is None and not _replace_forged(
+                connection, columns, receipt_id, received_at
+            ):
+                duplicates.append(columns[0])
+                continue
+            new.append(columns[0])
+            connection.executemany(
+                "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(columns[0], *run, now, now) for run in new_runs(handlers, verify)],
+            )
+        if not new:
+            connection.execute(
+                "UPDATE receipts SET outcome = 'duplicate' WHERE id = ?", (receipt_id,)
+            )
+        assert receipt_id is not None
+        return Stored(receipt_id, ids, new, duplicates)
+
+    return store
 
 
 def _receipt_row(receipt: Receipt, body: bytes, size: int) -> tuple[Any, ...]:

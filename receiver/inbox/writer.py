@@ -101,6 +101,17 @@ class Writer:
         self._work.set()
         return future
 
+    def submit_many(self, operations: list[Operation]) -> list[asyncio.Future[Any]]:
+        """Queue several operations at once (a batch of messages): each its own future,
+        each rolled back alone should it fail, as if submitted one by one."""
+        if not self._accepting:
+            raise InboxClosedError("the inbox is closed")
+        create_future = asyncio.get_running_loop().create_future
+        futures = [create_future() for _ in operations]
+        self._pending += [(op, f, False) for op, f in zip(operations, futures, strict=True)]
+        self._work.set()
+        return futures
+
     def _connect(self) -> sqlite3.Connection:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)

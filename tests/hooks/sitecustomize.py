@@ -2,10 +2,10 @@
 ci-receiver process whose PYTHONPATH includes this folder.
 
 CI_RECEIVER_TEST_STALL=before (or after): every TDMQ message (CMQ with
-CI_RECEIVER_TEST_STALL_SOURCE=cmq) stops for good right before (or right after) its
-inbox commit, once the file CI_RECEIVER_TEST_STALL_MARK is touched: the test then kills
-the process at that exact point. With `hold`, messages wait before their commit until
-the file CI_RECEIVER_TEST_RELEASE exists.
+CI_RECEIVER_TEST_STALL_SOURCE=cmq), or batch of them, stops for good right before (or
+right after) its inbox commit, once the file CI_RECEIVER_TEST_STALL_MARK is touched:
+the test then kills the process at that exact point. With `hold`, messages wait before
+their commit until the file CI_RECEIVER_TEST_RELEASE exists.
 
 CI_RECEIVER_TEST_SKIP_CONSUMER_IDS=N: the process opens and closes N readers before it
 subscribes. pulsar-lite 0.2 refuses a second consumer on a subscription when it has the
@@ -43,6 +43,19 @@ if STAGE in ("before", "after", "hold"):
         return stored
 
     Ingestor.ingest = ingest_with_stall
+    commit_many = Ingestor.ingest_many
+
+    async def ingest_many_with_stall(self, receipts):
+        # The TDMQ consumer commits a batch of messages at once: the same stalls.
+        ours = any(receipt.source == SOURCE for receipt in receipts)
+        if ours and STAGE in ("before", "hold"):
+            await stall()
+        outcomes = await commit_many(self, receipts)
+        if ours and STAGE == "after":
+            await stall()
+        return outcomes
+
+    Ingestor.ingest_many = ingest_many_with_stall
 
 if SKIP_IDS:
     import pulsar

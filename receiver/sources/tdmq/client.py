@@ -88,9 +88,10 @@ def subscribe_options(config: TdmqConfig) -> dict[str, Any]:
         "max_total_receiver_queue_size_across_partitions": config.receiver_queue_size,
         "negative_ack_redelivery_delay_ms": round(config.nack_delay * 1000),
         # What the consumer's receiving thread takes at once, waiting no longer than
-        # BATCH_WAIT_MS for it, so that it notices a stop promptly.
+        # BATCH_WAIT_MS for it, so that it notices a stop promptly. Half of what may be
+        # ingested at once: one batch is decoded while the other's commit syncs.
         "batch_receive_policy": pulsar.ConsumerBatchReceivePolicy(
-            config.concurrency, BATCH_BYTES, BATCH_WAIT_MS
+            max(1, config.concurrency // 2), BATCH_BYTES, BATCH_WAIT_MS
         ),
         # Acks and nacks per message even when the publisher batched messages together,
         # so that one nack does not bring a whole batch back.

@@ -13,12 +13,15 @@ turns it into a receipt) and is acked only after the inbox commit is durable:
 Threading: one thread of its own takes messages from the client in batches
 (`batch_receive`, which returns at least every 100 ms, so that stopping is prompt:
 a plain blocking `receive()` would not see SIGTERM until a message came) and hands each
-batch to the event loop, where messages are ingested, acked and nacked through
-`pulsar.asyncio`. Taking one message at a time from the event loop (`pulsar.asyncio`'s
-`receive()`) costs a thread hand-over per message, which made draining a backlog about
-half as fast. The hand-off is bounded: at most `concurrency` messages are being
-ingested (one more batch of as many waits for a free slot) and `receiver_queue_size`
-wait in the client, so memory stays flat however long the backlog.
+batch to the event loop as one task, which ingests the batch in one group commit, then
+acks and nacks each message straight through the client (which sends acks grouped).
+Taking one message at a time from the event loop (`pulsar.asyncio`'s `receive()`)
+costs a thread hand-over per message, which made draining a backlog about half as fast;
+a task, a commit future and an awaited ack (one more hand-over back from the client's
+thread) per message cost about as much again (README, "Draining a TDMQ backlog"). The
+hand-off is bounded: at most `concurrency` messages are being ingested (one more batch
+of as many waits for a free slot) and `receiver_queue_size` wait in the client, so
+memory stays flat however long the backlog.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ import asyncio
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import _pulsar
 import pulsar
 import pulsar.asyncio
 import structlog
 from prometheus_client import Counter
+from structlog.contextvars import bind_contextvars
 
 from receiver.config import TdmqConfig
+from receiver.inbox import Receipt, Stored
 from receiver.ingest import Intake
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
@@ -65,10 +71,16 @@ RETRY_MAX_SECONDS = 30.0
 CLOSE_SECONDS = 2.0
 
 
+class BatchIntake(Intake, Protocol):
+    """An intake that also takes a batch of callbacks at once (`Ingestor`)."""
+
+    async def ingest_many(self, receipts: list[Receipt]) -> list[Stored | BaseException]: ...
+
+
 class TdmqConsumer:
     name = "tdmq"
 
-    def __init__(self, config: TdmqConfig, intake: Intake, metrics: Metrics) -> None:
+    def __init__(self, config: TdmqConfig, intake: BatchIntake, metrics: Metrics) -> None:
         self._config = config
         self._intake = intake
         outcomes = Counter(
@@ -83,7 +95,8 @@ class TdmqConsumer:
         # Taken by the receiving thread for each message it hands over, given back when
         # the message is acked or nacked: the bound on messages being ingested.
         self._slots = threading.Semaphore(config.concurrency)
-        self._working: set[asyncio.Task[None]] = set()
+        # Each batch being ingested, and how many messages it holds.
+        self._working: dict[asyncio.Task[None], int] = {}
         self._client: pulsar.asyncio.Client | None = None
         self._consumer: pulsar.asyncio.Consumer | None = None
         self._dead_letters: pulsar.asyncio.Producer | None = None
@@ -171,14 +184,12 @@ class TdmqConsumer:
                 loop.call_soon_threadsafe(self._start, consumer, batch)
 
     def _start(self, consumer: pulsar.asyncio.Consumer, batch: list[_pulsar.Message]) -> None:
-        for message in batch:
-            task = asyncio.create_task(self._handle(consumer, message))
-            self._working.add(task)
-            task.add_done_callback(self._done)
+        task = asyncio.create_task(self._handle(consumer, batch))
+        self._working[task] = len(batch)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._working.discard(task)
-        self._slots.release()
+        self._slots.release(self._working.pop(task))
 
     async def _subscribe(self) -> pulsar.asyncio.Consumer:
         """Subscribe, waiting for the broker as long as it takes; a wrong token or name is
@@ -208,49 +219,63 @@ class TdmqConsumer:
             else:
                 return self._consumer
 
-    # --- one message -------------------------------------------------------------------
+    # --- a batch of messages -------------------------------------------------------------
 
-    async def _handle(self, consumer: pulsar.asyncio.Consumer, message: _pulsar.Message) -> None:
-        """Ack once the message is kept; nack on any failure to keep it. Nothing escapes:
-        a message neither acked nor nacked would wait for a reconnect to come back."""
+    async def _handle(
+        self, consumer: pulsar.asyncio.Consumer, batch: list[_pulsar.Message]
+    ) -> None:
+        """Ack each message once it is kept, nack it on any failure to keep it. Nothing
+        escapes: a message neither acked nor nacked would wait for a reconnect to come
+        back. The callbacks to ingest are committed together (one group commit, no task
+        or future hand-over per message); acks go straight to the client, which sends
+        them grouped, so no answer has to come back through the event loop."""
+        client_side = consumer._consumer
+        deliveries = [_read(message) for message in batch]
+        ingesting = [i for i, delivery in enumerate(deliveries) if delivery.refused is None]
         try:
-            kept = await self._keep(message)
-        except Exception:
-            logger.exception(
-                "cannot commit the message; it will be delivered again",
-                message_id=str(message.message_id()),
-                redelivery_count=message.redelivery_count(),
-            )
-            kept = False
-        if not kept:
-            await self._nack(consumer, message)
-            return
-        try:
-            await consumer.acknowledge(message)
-        except PULSAR_ERRORS as exc:
-            # Committed already: when the message comes again it is a duplicate.
-            logger.info("ack not sent; the message will come again", error=describe(exc))
-        self._acked.inc()
-
-    async def _keep(self, message: _pulsar.Message) -> bool:
-        """Commit the message's callback, or record it as rejected (and dead-letter it);
-        False when the dead-letter topic did not take it. Raises when the inbox fails."""
-        try:
-            delivery = messages.read(message)
-        except Exception as exc:  # the same message fails the same way: never to loop
-            delivery = messages.unreadable(message, exc)
-        receipt, refused = delivery.receipt, delivery.refused
-        # For the rest of this message's task (its own context): every line it logs,
-        # the ack's and the nack's included.
-        structlog.contextvars.bind_contextvars(request_id=receipt.request_id)
-        if refused is not None:  # refused by the relay already, or unreadable: keep it
-            await self._intake.reject(receipt, refused, size=delivery.size)
-        else:
+            outcomes = await self._intake.ingest_many([deliveries[i].receipt for i in ingesting])
+        except Exception as exc:
+            outcomes = [exc] * len(ingesting)
+        outcome_of = dict(zip(ingesting, outcomes, strict=True))
+        acked = 0
+        for index, (message, delivery) in enumerate(zip(batch, deliveries, strict=True)):
+            # For this message's lines, the ack's and the nack's included.
+            bind_contextvars(request_id=delivery.receipt.request_id)
             try:
-                await self._intake.ingest(receipt)
-            except PayloadError as error:  # kept as rejected by the ingestor
-                refused = error
-        return refused is None or await self._dead_letter(message, refused)
+                kept = await self._keep(message, delivery, outcome_of.get(index, delivery.refused))
+            except Exception:
+                logger.exception(
+                    "cannot commit the message; it will be delivered again",
+                    message_id=str(message.message_id()),
+                    redelivery_count=message.redelivery_count(),
+                )
+                kept = False
+            if not kept:
+                self._nack(client_side, message)
+                continue
+            try:
+                client_side.acknowledge_async(message, _ack_sent)
+            except PULSAR_ERRORS as exc:
+                # Committed already: when the message comes again it is a duplicate.
+                logger.info("ack not sent; the message will come again", error=describe(exc))
+            acked += 1
+        self._acked.inc(acked)
+
+    async def _keep(
+        self, message: _pulsar.Message, delivery: messages.Delivery, outcome: object
+    ) -> bool:
+        """Whether the message is done with, given how its ingest went (`outcome`: its
+        `Stored`, the `PayloadError` its body was refused with, or what the inbox raised,
+        raised again here). A refused one is recorded as rejected if the relay refused it
+        or it could not be read, and dead-lettered; False when the dead-letter topic did
+        not take it."""
+        if isinstance(outcome, PayloadError):
+            if delivery.refused is not None:  # refused by the relay, or unreadable
+                await self._intake.reject(delivery.receipt, outcome, size=delivery.size)
+            return await self._dead_letter(message, outcome)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return True
 
     async def _dead_letter(self, message: _pulsar.Message, refused: PayloadError) -> bool:
         if self._dead_letters is None:
@@ -270,10 +295,11 @@ class TdmqConsumer:
         self._dead_lettered.inc()
         return True
 
-    async def _nack(self, consumer: pulsar.asyncio.Consumer, message: _pulsar.Message) -> None:
+    def _nack(self, client_side: _pulsar.Consumer, message: _pulsar.Message) -> None:
         self._nacked.inc()
+        # The client only notes it (redelivered after nack_delay): nothing to wait for.
         with contextlib.suppress(*PULSAR_ERRORS):  # still unacked: it comes back anyway
-            await consumer.negative_acknowledge(message)
+            client_side.negative_acknowledge(message)
 
     # --- connection and shutdown -------------------------------------------------------
 
@@ -292,7 +318,7 @@ class TdmqConsumer:
     async def _drain(self) -> None:
         if not self._working:
             return
-        logger.info("finishing messages being ingested", count=len(self._working))
+        logger.info("finishing messages being ingested", count=sum(self._working.values()))
         _, unfinished = await asyncio.wait(set(self._working), timeout=DRAIN_SECONDS)
         for task in unfinished:
             task.cancel()
@@ -302,3 +328,17 @@ class TdmqConsumer:
         # The consumer first, so that the broker hands its unacked messages to the
         # other consumers at once.
         await close(self._client, self._consumer, self._dead_letters, timeout=CLOSE_SECONDS)
+
+
+def _read(message: _pulsar.Message) -> messages.Delivery:
+    try:
+        return messages.read(message)
+    except Exception as exc:  # the same message fails the same way: never to loop
+        return messages.unreadable(message, exc)
+
+
+def _ack_sent(result: _pulsar.Result) -> None:
+    """Called on a client thread once an ack is sent (or not)."""
+    if result != _pulsar.Result.Ok:
+        # Committed already: when the message comes again it is a duplicate.
+        logger.info("ack not sent; the message will come again", error=str(result))
