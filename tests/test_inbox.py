@@ -108,6 +108,35 @@ async def test_two_replicas_storing_the_same_callback_at_once(inbox_place):
     assert (await first.backlog())["a"].pending == 5
 
 
+async def test_a_batch_is_stored_as_each_callback_alone_would_be(inbox):
+    """`store_many` (a batch of queued messages): each item stored or deduplicated as
+    `store` would (the same job twice in one batch: one new, one duplicate), and one
+    that cannot be stored fails alone while the others are kept."""
+    transcode, snapshot = load("transcode.xml"), load("snapshot.xml")
+    unstorable = [(e, [{"not": "a handler name"}]) for e in parse_callback(load("smartcover.xml"))]
+    items = [
+        (receipt(transcode, "1"), [(e, ["a"]) for e in parse_callback(transcode)], False),
+        (receipt(transcode, "2"), [(e, ["a"]) for e in parse_callback(transcode)], False),
+        (receipt(load("smartcover.xml"), "3"), unstorable, False),
+        (receipt(snapshot, "4"), [(e, ["a", "b"]) for e in parse_callback(snapshot)], False),
+    ]
+    first, again, failed, other = await inbox.store_many(items)
+    transcode_id = "job:j68427030f84611ecb8546d80f2baf56f:Success"
+    assert first.ids == again.ids == [transcode_id]
+    assert sorted([first.new, again.new]) == [[], [transcode_id]]
+    assert isinstance(failed, Exception)
+    assert other.new == other.ids
+    assert await run_states(inbox, transcode_id) == {"a": ("pending", 0)}
+    assert await run_states(inbox, other.ids[0]) == {"a": ("pending", 0), "b": ("pending", 0)}
+    kept = sorted((r.outcome, r.event_ids) for r in await inbox.receipts())
+    expected = [
+        ("accepted", [transcode_id]),
+        ("accepted", other.ids),
+        ("duplicate", [transcode_id]),
+    ]
+    assert kept == sorted(expected)
+
+
 async def test_the_same_job_in_xml_and_json_is_one_event(inbox):
     xml = await store(inbox, "smartcover.xml")
     json = await store(inbox, "smartcover.json")
