@@ -320,27 +320,30 @@ class Dispatcher:
             request_id=claim.request_id, event_id=claim.event.id, handler=slot.name
         )
         try:
-            try:
-                outcome, error, retry_at = await self._run(slot, claim)
-            except asyncio.CancelledError:
-                # Shutdown ran out of time: hand the run back without counting it.
-                await asyncio.shield(
-                    self._record(
-                        slot, claim, "released", started_at, "interrupted by shutdown", None
-                    )
-                )
-                raise
-            except Exception as exc:  # a bug of ours: still count it and try later
-                logger.exception("attempt failed outside the handler")
-                outcome, error = "retry", f"internal error: {type(exc).__name__}: {exc}"
-                delay = backoff(slot.config, claim.attempts + 1)
-                retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
-            await self._record(slot, claim, outcome, started_at, error, retry_at)
-        finally:
-            slot.running -= 1
-            self._metrics[slot.name].running.dec()
-            if slot.maybe_due:  # its last claim was full: more may be waiting for a place
-                self._wake.set()
+            outcome, error, retry_at = await self._run(slot, claim)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time: hand the run back without counting it.
+            self._free(slot)
+            await asyncio.shield(
+                self._record(slot, claim, "released", started_at, "interrupted by shutdown", None)
+            )
+            raise
+        except Exception as exc:  # a bug of ours: still count it and try later
+            logger.exception("attempt failed outside the handler")
+            outcome, error = "retry", f"internal error: {type(exc).__name__}: {exc}"
+            delay = backoff(slot.config, claim.attempts + 1)
+            retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        # The handler is done with the run: its place is free now, not once the outcome
+        # is committed, so that the next claim goes in the same commit as this outcome
+        # rather than the one after (the run stays leased until its outcome is in).
+        self._free(slot)
+        await self._record(slot, claim, outcome, started_at, error, retry_at)
+
+    def _free(self, slot: Slot) -> None:
+        slot.running -= 1
+        self._metrics[slot.name].running.dec()
+        if slot.maybe_due:  # its last claim was full: more may be waiting for a place
+            self._wake.set()
 
     async def _run(self, slot: Slot, claim: Claim) -> tuple[Outcome, str | None, datetime | None]:
         config = slot.config
