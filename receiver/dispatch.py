@@ -165,6 +165,7 @@ class Dispatcher:
 
     def notify(self, stored: list[tuple[Event, list[str]]]) -> None:
         """These events were just stored with pending runs of these handlers."""
+        due = False
         for event, names in stored:
             # Kept only for handlers that run now: one that cannot start must not pin
             # events in memory (its claims read them back when it runs).
@@ -174,11 +175,14 @@ class Dispatcher:
                 self._unclaimed[event.id] = running
             for name in names:
                 if name in self._slots:
-                    self._slots[name].maybe_due = True
+                    self._slots[name].maybe_due = due = True
         while len(self._fresh) > FRESH_EVENTS:
             oldest = next(iter(self._fresh))
             del self._fresh[oldest], self._unclaimed[oldest]
-        self._wake.set()
+        # Events routed nowhere (or to no handler of this process) give the loop nothing
+        # to do: woken, it would only ask the inbox again when the next run is due.
+        if due:
+            self._wake.set()
 
     async def start(self) -> None:
         """Start the dispatch loop; each handler starts in the background, so that one
