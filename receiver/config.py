@@ -579,8 +579,15 @@ class RouteConfig(Section):
     handlers: list[str] = Field(min_length=1)
 
 
+# The embedded default's `log` handler writes a line and holds nothing outside: its
+# attempts at once need no bound to spare a service, and 8 (each claim taking no more
+# than its free places) let dispatch fall far behind a busy receiver (README, HTTP
+# benchmark).
+DEFAULT_LOG_CONCURRENCY = 64
+
+
 def _default_handlers() -> dict[str, HandlerConfig]:
-    return {"log": HandlerConfig(type="log")}
+    return {"log": HandlerConfig(type="log", concurrency=DEFAULT_LOG_CONCURRENCY)}
 
 
 class Config(BaseModel):
