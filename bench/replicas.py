@@ -64,9 +64,12 @@ def write_configs(work: Path, setup: Setup, url: str, schema: str) -> list[Path]
     configs = []
     for replica in range(setup.replicas):
         path = work / f"replica{replica}.toml"
+        # As on hosts of their own: each its data_dir and admin listener (on one host
+        # the second replica to bind the default admin port would fail to start).
         path.write_text(
-            f'data_dir = "{work / "data"}"\n'
+            f'data_dir = "{work / f"data{replica}"}"\n'
             '[http]\naccess_log = false\n[log]\nlevel = "warning"\n'
+            f"[admin]\nport = {free_port()}\n"
             f'[handlers.jsonl]\ntype = "jsonl"\npath = "{work / f"events{replica}.jsonl"}"\n'
             f"fsync = false\nconcurrency = 64\n{inbox}"
         )
@@ -83,7 +86,7 @@ def progress_reader(
     if not setup.postgres:
 
         def read_sqlite() -> tuple[int, int]:
-            with contextlib.closing(sqlite3.connect(work / "data" / "inbox.db")) as connection:
+            with contextlib.closing(sqlite3.connect(work / "data0" / "inbox.db")) as connection:
                 stored = connection.execute(events).fetchone()[0]
                 return stored, connection.execute(done).fetchone()[0]
 
