@@ -16,7 +16,6 @@ For a JSON and an XML callback (each request a new job), CPU µs per callback
   decode             bytes to a document (`receiver.payload.decode`);
   normalize          document to Events (`receiver.events.normalize`);
   route              the handlers of each event;
-  serialize          each Event's row data (`receiver.inbox.records.event_data`);
   inbox store        `SqliteInbox.store`, `concurrency` at a time (group commit,
                      synchronous=full);
   access log         the access log line alone, as configured for production (JSON);
@@ -62,7 +61,6 @@ from bench.bare_app import app as bare_app
 from receiver.config import Config
 from receiver.events import normalize
 from receiver.inbox import Receipt, Stored
-from receiver.inbox.records import event_data
 from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest import _state_label
 from receiver.logs import configure_logging
@@ -207,7 +205,7 @@ class Bench:
         return await drive(app, fmt, self.count, self.concurrency)
 
     async def parts(self, fmt: str) -> tuple[dict[str, float], int]:
-        """decode, normalize, route, serialize, metrics, access log: each on its own."""
+        """decode, normalize, route, metrics, access log: each on its own."""
         body = bodies(fmt, 1)[0]
         headers = {"content-type": SAMPLES[fmt][2].decode(), "user-agent": "bench/stages"}
         meta = {"request_id": "r"}
@@ -244,7 +242,6 @@ class Bench:
                 lambda: normalize(document, source="http", source_meta=meta, received_at=now), n
             ),
             "route": per_call(lambda: [router.handlers_for(e) for e in events], n),
-            "serialize": per_call(lambda: [event_data(e) for e in events], n),
             "access log": per_call(access_log, n),
             "metrics": per_call(metric_updates, n),
         }, n
@@ -317,7 +314,6 @@ STAGES = [
     "decode",
     "normalize",
     "route",
-    "serialize",
     "inbox store",
     "access log",
     "metrics",

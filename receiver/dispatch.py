@@ -76,15 +76,12 @@ class Slot:
 class _SlotMetrics:
     """A handler's metric series, looked up once rather than on every attempt."""
 
-    def __init__(self, metrics: Metrics, slot: Slot) -> None:
-        name = slot.name
+    def __init__(self, metrics: Metrics, name: str) -> None:
         self.outcomes: dict[str, Counter] = {
             outcome: metrics.attempts.labels(name, outcome)
             for outcome in ("done", "retry", "dead", "released", "forged")
         }
         self.seconds: Histogram = metrics.handler_seconds.labels(name)
-        # Moved up and down with each attempt (not read from the slot when scraped: under
-        # `serve --workers` each worker's value lives in prometheus_client's files).
         self.running: Gauge = metrics.running.labels(name)
         self.up: Gauge = metrics.handler_up.labels(name)
 
@@ -139,7 +136,7 @@ class Dispatcher:
         # before it is logged or shown by /readyz.
         self._mask = mask
         self._slots = {slot.name: slot for slot in slots}
-        self._metrics = {slot.name: _SlotMetrics(metrics, slot) for slot in slots}
+        self._metrics = {slot.name: _SlotMetrics(metrics, slot.name) for slot in slots}
         # Events just stored, and the handlers yet to claim them: what the claims of those
         # runs would otherwise read back from the inbox and decode.
         self._fresh: dict[str, Event] = {}
@@ -171,7 +168,7 @@ class Dispatcher:
     def wake_soon(self) -> None:
         """Another process made work due (a stored callback, a replay): look within
         `REMOTE_WAKE_SECONDS`, once for all the wake-ups that arrive until then."""
-        if self._remote_wake is None:
+        if self._remote_wake is None and not self._stopping:
             self._remote_wake = asyncio.get_running_loop().call_later(
                 REMOTE_WAKE_SECONDS, self._woken_remotely
             )

@@ -114,7 +114,7 @@ def configure_logging(
         )
     )
     # The names structlog.stdlib.LoggerFactory gives (the caller's module when no name
-    # is passed), without its `logging.Logger`s.
+    # is passed); of the `logging.Logger` it makes, only the name is used.
     names = structlog.stdlib.LoggerFactory(ignore_frame_names=[__name__])
 
     def line_writer(*args: Any) -> _LineWriter:

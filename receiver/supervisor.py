@@ -180,6 +180,9 @@ class Supervisor:
                 # Signals from the terminal reach the supervisor only; it passes them on.
                 process_group=0,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         ours.setblocking(False)

@@ -5,8 +5,9 @@ A worker is `serve` as one process runs it, except that its listening sockets co
 bound from the supervisor (descriptors inherited at start), only worker 0 serves the
 admin listener and runs the reconciler, and a socket pair ties it to the supervisor:
 the worker says on it when it listens, and sees on it when the supervisor is gone (the
-supervisor's end closes with it, even on kill -9), then stops as on SIGTERM, so that no
-worker outlives its supervisor.
+supervisor's end closes with it, even on kill -9), then drains and stops as on SIGTERM
+(logging the link's end as an error, exit code 1), so that no worker outlives its
+supervisor.
 """
 
 from __future__ import annotations
@@ -52,12 +53,11 @@ class WorkerSpec:
 
 class SupervisorLink:
     """The worker's end of its socket pair, as a component of the runner: it ends (and
-    with it the worker, cleanly) when the supervisor's end closes."""
+    with it the worker, drained) when the supervisor's end closes."""
 
     name = "supervisor-link"
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self._index = spec.index
         self._sock = socket.socket(fileno=spec.link_fd)
         self._sock.setblocking(False)
         self._stopping = asyncio.Event()

@@ -728,9 +728,9 @@ async def test_traffic_per_minute_by_outcome_and_events_by_tag_and_state(inbox):
 async def test_an_event_its_body_no_longer_yields_keeps_what_its_row_holds(inbox):
     # Events are rebuilt from their bodies; one that a newer normalizer would no longer
     # find in its body (here: stored with another callback's body) is still read, claimed
-    # and loaded, with the fields its row keeps.
+    # and loaded, with the fields its row keeps (and the body's format).
     (other,) = events_of(receipt(load("transcode.xml")))
-    arrived = receipt(job("jelsewhere"))
+    arrived = receipt(load("snapshot.xml"))
     await inbox.store(arrived, [(other, ["a"])])
     (claim,) = await inbox.claim("a", 10, 30)
     (loaded,) = await inbox.load([other.id])
@@ -740,6 +740,7 @@ async def test_an_event_its_body_no_longer_yields_keeps_what_its_row_holds(inbox
         )  # fmt: skip
         assert (event.input.bucket, event.input.key) == (other.input.bucket, other.input.key)
         assert (event.received_at, event.source, event.raw) == (arrived.received_at, "http", {})
+        assert event.format == "xml"
 
 
 async def test_load_gives_the_stored_events(inbox):

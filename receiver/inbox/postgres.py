@@ -8,8 +8,9 @@
 - **Claims** take due runs `FOR UPDATE SKIP LOCKED` under a lease measured on the
   database's clock, so replicas never wait for each other's claims, and a replica that
   dies mid-attempt leaves its runs to the others when the lease ends.
-- **Wake-ups**: every replica LISTENs on `ci_receiver_work`; a store or a replay
-  NOTIFYs, so an idle replica starts new work at once (polling stays as the fallback).
+- **Wake-ups**: every replica LISTENs on its schema's channel (`ci_receiver_work.<schema>`);
+  a store or a replay notifies it, so an idle replica starts new work within
+  moments (polling stays as the fallback).
 - **Failures**: the database restarting or unreachable makes operations raise (callers
   answer 503 or leave the message unacked); the pool reconnects by itself.
 """
@@ -836,7 +837,9 @@ class PostgresInbox:
             [text(i) for i in event_ids],
         )
         # Decoding bodies is work for the CPU: not on the event loop.
-        return await asyncio.to_thread(lambda: [Documents().event(row) for row in rows])
+        # One `Documents` for the read: each receipt's body is decoded once for its events.
+        documents = Documents()
+        return await asyncio.to_thread(lambda: [documents.event(row) for row in rows])
 
     async def size(self) -> int:
         size: int | None = await self.pool.fetchval(

@@ -17,7 +17,7 @@ import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -88,7 +88,12 @@ class Documents:
         if data is None:
             # A normalizer that no longer yields this event from its body (a newer
             # version) still leaves what the row's columns say.
-            return original or _from_columns(event_id, columns, source, meta, received_at)
+            if original is not None:
+                return original
+            # The body's first character says which it was (XML starts with markup).
+            xml = (unpack(body) or b"").lstrip()[:1] == b"<"
+            kept = "xml" if xml else "json"
+            return _from_columns(event_id, columns, kept, source, meta, received_at)
         event = Event.from_json(data)
         if original is not None:  # an older inbox's event: its document from the body
             event.raw, event.operation = original.raw, original.operation
@@ -148,6 +153,7 @@ def materialize(rows: Sequence[Sequence[Any]]) -> list[tuple[bytes, str, int]]:
 def _from_columns(
     event_id: str,
     columns: list[Any],
+    format: Literal["xml", "json"],
     source: Any,
     meta: bytes | str | Mapping[str, Any],
     received_at: datetime | float,
@@ -159,7 +165,7 @@ def _from_columns(
         input=ObjectRef(bucket, None, key) if key is not None else None,
         outputs=[], user_data=None, job_level=None, template_id=None, template_name=None,
         workflow=None, tasks=[], moderation=None, created_at=None, started_at=None,
-        finished_at=None, format="json", source=source, source_meta=dict(_mapping(meta)),
+        finished_at=None, format=format, source=source, source_meta=dict(_mapping(meta)),
         received_at=_datetime(received_at), operation=None, raw={},
     )  # fmt: skip
 

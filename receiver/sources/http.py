@@ -192,9 +192,11 @@ class Callbacks:
         request_id, headers, agent = _read_head(scope)
         status = 500
         bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = False
         try:
             answer = await self._answer(scope, receive, token, request_id, headers)
             status = answer.status
+            started = True
             await send(
                 {
                     "type": "http.response.start",
@@ -204,8 +206,10 @@ class Callbacks:
             )
             await send({"type": "http.response.body", "body": answer.body})
         except Exception:
-            # As Starlette's ServerErrorMiddleware: a plain 500, then the error goes on up.
-            status = 500
+            # As Starlette's ServerErrorMiddleware: a plain 500 (unless the answer had
+            # begun), then the error goes on up.
+            if started:
+                raise
             await send(
                 {
                     "type": "http.response.start",
@@ -386,7 +390,6 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         began = time.perf_counter()
 

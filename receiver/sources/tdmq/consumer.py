@@ -19,9 +19,9 @@ Taking one message at a time from the event loop (`pulsar.asyncio`'s `receive()`
 costs a thread hand-over per message, which made draining a backlog about half as fast;
 a task, a commit future and an awaited ack (one more hand-over back from the client's
 thread) per message cost about as much again (README, "Draining a TDMQ backlog"). The
-hand-off is bounded: at most `concurrency` messages are being ingested (one more batch
-of as many waits for a free slot) and `receiver_queue_size` wait in the client, so
-memory stays flat however long the backlog.
+hand-off is bounded: at most `concurrency` messages are being ingested (in batches of
+half as many; one more batch waits for a free slot) and `receiver_queue_size` wait in
+the client, so memory stays flat however long the backlog.
 """
 
 from __future__ import annotations
