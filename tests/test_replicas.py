@@ -268,8 +268,21 @@ def test_the_same_callbacks_everywhere_are_stored_once_and_handled_once(cluster)
     # Each handler's side effect happened once per event: nothing was run twice.
     assert cluster.deliveries.counts() == dict.fromkeys(ids, 1)
     assert cluster.sql.counts() == dict.fromkeys(ids, 1)
-    attempts = cluster.inbox.query("SELECT attempts FROM runs")
-    assert {row[0] for row in attempts} == {1}
+    # One attempt of each run succeeded; any other was recorded as failed with its error
+    # and retried, as designed (a handler timing out on a loaded machine), never a second
+    # success from a run claimed twice.
+    outcomes = Counter(
+        (event_id, handler, outcome)
+        for event_id, handler, outcome in cluster.inbox.query(
+            "SELECT event_id, handler, outcome FROM attempts"
+        )
+    )
+    assert {key: n for key, n in outcomes.items() if key[2] == "done"} == {
+        (event_id, handler, "done"): 1 for event_id in ids for handler in ("hook", "db")
+    }
+    assert {key[2] for key in outcomes} <= {"done", "retry"}
+    failed = cluster.inbox.query("SELECT error FROM attempts WHERE outcome = 'retry'")
+    assert all(row[0] for row in failed)
     assert len(cluster.deliveries.senders()) > 1  # the processes shared the work
 
 
