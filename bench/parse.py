@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 import timeit
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import orjson
 import xmltodict
@@ -64,18 +64,8 @@ def bare_parse(body: bytes, fmt: str) -> object:
     return xmltodict_rs.parse(rooted(body))
 
 
-@contextlib.contextmanager
-def xmltodict_only() -> Iterator[None]:
-    """The receiver as it runs where the xmltodict-rs wheel cannot be installed."""
-    saved, xml_fast.xmltodict_rs = xml_fast.xmltodict_rs, None
-    try:
-        yield
-    finally:
-        xml_fast.xmltodict_rs = saved
-
-
 def parse_callback_xmltodict_only(body: bytes) -> object:
-    with xmltodict_only():
+    with xml_fast.reference_only():
         return parse_callback(body)
 
 

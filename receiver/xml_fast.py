@@ -23,7 +23,9 @@ show it is xmltodict's:
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 from xml.parsers import expat
 
@@ -33,6 +35,19 @@ except ImportError:  # no wheel for this platform: xmltodict alone, as before
     xmltodict_rs = None
 
 AVAILABLE = xmltodict_rs is not None
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """xmltodict alone, as where the xmltodict-rs wheel cannot be installed: for the
+    differential tests and the benchmark that compare the two paths."""
+    global xmltodict_rs
+    saved, xmltodict_rs = xmltodict_rs, None
+    try:
+        yield
+    finally:
+        xmltodict_rs = saved
+
 
 _UTF8_DECLARED = re.compile(rb"""encoding\s*=\s*["']utf-8["']""", re.IGNORECASE)
 

@@ -67,6 +67,7 @@ from receiver.inbox.records import (
     EVENT_COLUMNS,
     EVENT_WIDTH,
     Documents,
+    event_row,
     materialize,
     pack,
     unpack,
@@ -349,18 +350,7 @@ class PostgresInbox:
         run_handlers: list[str] = []
         run_statuses: list[str] = []
         for event, handlers in routed:
-            source = event.input
-            values = (
-                event.id,
-                event.kind,
-                event.event_name,
-                event.job_id,
-                event.tag,
-                event.state,
-                source.bucket if source else None,
-                source.key if source else None,
-            )
-            for column, value in zip(columns, values, strict=False):
+            for column, value in zip(columns, event_row(event), strict=False):
                 column.append(text(value))
             columns[8].append(None)  # the event's JSON: rebuilt from the body (records.py)
             for handler, status in new_runs(handlers, verify):

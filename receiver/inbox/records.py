@@ -44,6 +44,16 @@ EVENT_COLUMNS = (
 EVENT_WIDTH = 15
 
 
+def event_row(event: Event) -> tuple[Any, ...]:
+    """An event's row as both inboxes store it: id, kind, event_name, job_id, tag,
+    state, bucket, key. Its JSON is not stored: it is rebuilt from the receipt's body."""
+    source = event.input
+    return (
+        event.id, event.kind, event.event_name, event.job_id, event.tag, event.state,
+        source.bucket if source else None, source.key if source else None,
+    )  # fmt: skip
+
+
 def pack(body: bytes) -> bytes:
     """An accepted callback's body as the inbox keeps it. Callbacks are verbose XML or
     JSON: a third of their size compressed, and a receipt row then fits an SQLite page

@@ -59,6 +59,7 @@ from receiver.inbox.records import (
     EVENT_COLUMNS,
     EVENT_WIDTH,
     Documents,
+    event_row,
     materialize,
     pack,
     unpack,
@@ -815,21 +816,7 @@ def _storing(
 ) -> Callable[[sqlite3.Connection], Stored]:
     """The write operation that stores a callback (see `Inbox.store`): the rows are made
     here, on the event loop, before the write."""
-    rows = [
-        (
-            event.id,
-            event.kind,
-            event.event_name,
-            event.job_id,
-            event.tag,
-            event.state,
-            event.input.bucket if event.input else None,
-            event.input.key if event.input else None,
-            None,  # the event's JSON: rebuilt from the receipt's body (records.py)
-            handlers,
-        )
-        for event, handlers in routed
-    ]
+    rows = [(*event_row(event), None, handlers) for event, handlers in routed]
     ids = [row[0] for row in rows]
     receipt_row = _receipt_row(receipt, pack(receipt.body), len(receipt.body))
     received_at = receipt_row[0]
