@@ -16,8 +16,7 @@ import asyncio
 import subprocess
 import sys
 
-import psutil
-
+from bench.http import cpu_seconds
 from tests.processes import free_port, wait_for_port
 
 BODY = b"<Response>" + b"x" * 1000 + b"</Response>"
@@ -78,11 +77,6 @@ async def drive(port: int, requests: int, connections: int) -> None:
     await asyncio.gather(*(one() for _ in range(connections)))
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def measure(kind: str, requests: int, connections: int) -> float:
     port = free_port()
     child = subprocess.Popen(
@@ -90,11 +84,10 @@ def measure(kind: str, requests: int, connections: int) -> float:
     )
     try:
         wait_for_port(port, child)
-        process = psutil.Process(child.pid)
         asyncio.run(drive(port, connections * 10, connections))  # warm up
-        before = cpu_seconds(process)
+        before = cpu_seconds(child.pid)
         asyncio.run(drive(port, requests, connections))
-        return (cpu_seconds(process) - before) / requests * 1e6
+        return (cpu_seconds(child.pid) - before) / requests * 1e6
     finally:
         child.terminate()
         child.wait(30)

@@ -511,6 +511,12 @@ class RetentionConfig(Section):
         return Cutoffs(before(self.events), before(self.bodies), before(self.refused))
 
 
+# A `log` handler writes a line and holds nothing outside: its attempts at once need no
+# bound to spare a service, and 8 (each claim taking no more than its free places) let
+# dispatch fall far behind a busy receiver (README, HTTP benchmark).
+DEFAULT_LOG_CONCURRENCY = 64
+
+
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
@@ -525,6 +531,13 @@ class HandlerConfig(BaseModel):
     # Whether this handler not running makes /readyz answer 503; None: as
     # [dispatch] unready_on_handler_error says.
     required: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_needs_no_bound(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "log" and "concurrency" not in data:
+            return {**data, "concurrency": DEFAULT_LOG_CONCURRENCY}
+        return data
 
     @property
     def options(self) -> dict[str, Any]:
@@ -579,15 +592,8 @@ class RouteConfig(Section):
     handlers: list[str] = Field(min_length=1)
 
 
-# The embedded default's `log` handler writes a line and holds nothing outside: its
-# attempts at once need no bound to spare a service, and 8 (each claim taking no more
-# than its free places) let dispatch fall far behind a busy receiver (README, HTTP
-# benchmark).
-DEFAULT_LOG_CONCURRENCY = 64
-
-
 def _default_handlers() -> dict[str, HandlerConfig]:
-    return {"log": HandlerConfig(type="log", concurrency=DEFAULT_LOG_CONCURRENCY)}
+    return {"log": HandlerConfig(type="log")}
 
 
 class Config(BaseModel):

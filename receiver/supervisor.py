@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import structlog
 
+from receiver.metrics import MULTIPROCESS_DIR
 from receiver.worker import READY, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.supervisor")
@@ -176,7 +177,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 *self._command(spec),
                 pass_fds=inherited,
-                env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir},
+                env={**os.environ, MULTIPROCESS_DIR: self._metrics_dir},
                 # Signals from the terminal reach the supervisor only; it passes them on.
                 process_group=0,
             )

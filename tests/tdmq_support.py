@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import orjson
 import pulsar
 
-from receiver.inbox.records import unpack
+from receiver.inbox.records import stored_body
 from receiver.inbox.sqlite import SqliteInbox
 from tests.handlers_for_tests import json_lines
 from tests.processes import free_port
@@ -127,8 +127,7 @@ def receipts(inbox: Path) -> list[dict[str, Any]]:
             "source": row[1],
             "outcome": row[2],
             "error_reason": row[3],
-            # Kept compressed, but a refused body: as it came.
-            "body": row[4] if row[2] == "rejected" else unpack(row[4]),
+            "body": stored_body(row[4], row[2]) if row[4] is not None else None,
             "headers": orjson.loads(row[5]),
             "source_meta": orjson.loads(row[6]),
             "event_ids": orjson.loads(row[7]),

@@ -33,6 +33,15 @@ def test_the_embedded_default(monkeypatch):
     assert config.routes is None
 
 
+def test_log_handlers_run_64_at_once_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("CI_RECEIVER_CONFIG", raising=False)
+    assert load_config().handlers["log"].concurrency == 64
+    text = '[handlers.a]\ntype = "log"\n[handlers.b]\ntype = "log"\nconcurrency = 3\n'
+    text += '[handlers.c]\ntype = "jsonl"\npath = "e.jsonl"\n'
+    handlers = load_config(write(tmp_path, text)).handlers
+    assert {name: h.concurrency for name, h in handlers.items()} == {"a": 64, "b": 3, "c": 8}
+
+
 def test_a_file_named_by_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CI_RECEIVER_CONFIG", str(write(tmp_path, "[http]\nport = 9100\n")))
     assert load_config().http.port == 9100

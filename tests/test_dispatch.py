@@ -240,10 +240,14 @@ async def test_a_retry_delay_that_is_no_usable_number_is_bounded(inbox, after):
     assert detail.attempts[0].outcome == "retry"
     run = detail.runs[0]
     if after == -5 and run.status == "done":
-        return  # due again at once, and run again before the stop: no wait at all
+        # Due again at once, and run again (successfully) before the stop: no wait at all.
+        assert run.attempts == 2
+        return
     assert (run.status, run.attempts) == ("pending", 1)
     wait = (run.due_at - datetime.now(timezone.utc)).total_seconds()
     assert wait <= 7 * 24 * 3600
+    if after == -5:  # a delay in the past is no delay: due now, not 5 s ago
+        assert -1 < wait <= 1
 
 
 async def test_stop_lets_running_attempts_finish(inbox):

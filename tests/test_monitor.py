@@ -5,19 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import httpx
-import orjson
 from prometheus_client import CollectorRegistry
 
 from receiver import parse_callback
 from receiver.inbox import Receipt
 from receiver.monitor import BacklogMonitor
-from tests.callbacks import load
+from tests.callbacks import job, load
 from tests.processes import Receiver
 from tests.waiting import wait_until
-
-
-def job(number: int) -> bytes:
-    return orjson.dumps({"JobsDetail": {"JobId": f"j{number:032x}", "State": "Success"}})
 
 
 async def store(inbox, body: bytes, handlers: list[str]) -> None:
@@ -34,8 +29,8 @@ async def test_gauges_show_pending_dead_the_oldest_wait_and_the_size(inbox):
     registry = CollectorRegistry()
     monitor = BacklogMonitor(inbox, ["a", "b", "idle"], registry)
     for number in range(3):
-        await store(inbox, job(number), ["a"])
-    await store(inbox, job(10), ["b"])
+        await store(inbox, job(f"j{number:032x}"), ["a"])
+    await store(inbox, job(f"j{10:032x}"), ["b"])
     (claim,) = await inbox.claim("b", 1, 30)
     await inbox.finish(claim, "dead", started_at=datetime.now(timezone.utc), error="x")
 

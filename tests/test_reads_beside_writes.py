@@ -16,6 +16,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+import httpx
 import orjson
 
 from receiver import parse_callback
@@ -87,7 +88,10 @@ def test_inspection_commands_on_a_big_inbox_never_hold_up_callbacks(tmp_path):
         number = EVENTS
         while not reading.is_set():
             began = time.monotonic()
-            answers.append(receiver.post(body(number)).status_code)
+            try:
+                answers.append(receiver.post(body(number)).status_code)
+            except httpx.HTTPError:  # held up past the client's timeout: what this is about
+                answers.append(0)
             slowest = max(slowest, time.monotonic() - began)
             number += 1
 
@@ -107,6 +111,7 @@ def test_inspection_commands_on_a_big_inbox_never_hold_up_callbacks(tmp_path):
             assert result.returncode == 0, result.stderr
         reading.set()
         poster.join(60)
+        assert not poster.is_alive()
         print({name: f"{seconds:.2f} s" for name, seconds in durations.items()})
         print(f"{len(answers)} callbacks posted meanwhile, the slowest answered in {slowest:.3f} s")
         assert answers

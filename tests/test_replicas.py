@@ -26,6 +26,7 @@ import pytest
 
 import handlers
 from receiver.dispatch import LEASE_GRACE_SECONDS
+from tests.callbacks import job
 from tests.databases import drop_tables, require_server
 from tests.peers import HttpPeer, Reply, Request
 from tests.processes import REPO, Receiver
@@ -43,8 +44,7 @@ HOOK_DELAY = 0.5  # the webhook's receiver is slow: runs pile up and stay in fli
 
 
 def callback(n: int, run: str) -> bytes:
-    detail = {"JobId": f"j{run}{n:024x}", "State": "Success", "Tag": "Transcode", "Code": "0"}
-    return orjson.dumps({"EventName": "TaskFinish", "JobsDetail": detail})
+    return job(f"j{run}{n:024x}")
 
 
 class Deliveries:

@@ -22,6 +22,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.callbacks import job
 from tests.handlers_for_tests import json_lines, recorded
 from tests.processes import Receiver
 from tests.waiting import wait_until
@@ -52,8 +53,7 @@ timeout = 2
 
 
 def callback(n: int, run: str = "a") -> bytes:
-    detail = {"JobId": f"j{run}{n:024x}", "State": "Success", "Tag": "Transcode", "Code": "0"}
-    return orjson.dumps({"EventName": "TaskFinish", "JobsDetail": detail})
+    return job(f"j{run}{n:024x}")
 
 
 def post(receiver: Receiver, body: bytes) -> httpx.Response:

@@ -50,21 +50,22 @@ def serve(
     if not config.relay.topic:
         service = make_service(config)
         components = [*_http_servers(service, worker), *_reconciler(config, service, worker)]
-        sys.exit(_run_serve(run_service, service, components))
+        sys.exit(_run_serve(run_service, service, components, worker))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
     try:
-        sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker)))
+        sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker), worker))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
 
 
-def _run_serve(run_service: Any, service: Any, components: list[Any]) -> int:
+def _run_serve(
+    run_service: Any, service: Any, components: list[Any], worker: WorkerSpec | None
+) -> int:
     exit_code = run_async(run_service(service, components))
-    if isinstance(components[-1], SupervisorLink):  # a worker: what it did, for the log
-        public = components[0]
-        logger.info("worker stopped", pid=os.getpid(), requests=public.requests_served)
+    if worker is not None:  # what it did, for the log (the public server comes first)
+        logger.info("worker stopped", pid=os.getpid(), requests=components[0].requests_served)
     return exit_code
 
 
@@ -152,7 +153,6 @@ def _http_servers(service: Any, worker: WorkerSpec | None = None) -> list[Any]:
     link = SupervisorLink(worker)
     public = HttpServer.public(service, link.listening, worker.public_socket())
     admin = _admin_server(service, worker.admin_socket()) if worker.admin_fd is not None else []
-    # The link last: `_run_serve` knows a worker by it.
     return [public, *admin, link]
 
 

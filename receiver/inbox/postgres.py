@@ -70,7 +70,7 @@ from receiver.inbox.records import (
     event_row,
     materialize,
     pack,
-    unpack,
+    stored_body,
 )
 from receiver.model import Event
 
@@ -725,9 +725,8 @@ class PostgresInbox:
         )
         if row is None:
             return None
-        body, source, received_at, request_id, headers, meta, size, outcome = row
-        # A refused body is kept as it came, whatever its first bytes.
-        body = (body if outcome == "rejected" else unpack(body)) or b""
+        kept, source, received_at, request_id, headers, meta, size, outcome = row
+        body = stored_body(kept, outcome)
         return Receipt(
             body,
             source,

@@ -70,6 +70,12 @@ def unpack(stored: bytes | None) -> bytes | None:
     return zlib.decompress(memoryview(stored)[len(PACKED) :])
 
 
+def stored_body(body: bytes | None, outcome: str) -> bytes:
+    """A receipt's body as it arrived: accepted ones are kept packed, a refused body as
+    it came, whatever its first bytes; b"" once retention dropped it."""
+    return (body if outcome == "rejected" else unpack(body)) or b""
+
+
 def event_data(event: Event) -> bytes:
     """An event's JSON without its document (`raw`, `operation`): what its row keeps
     once the receipt's body is gone."""

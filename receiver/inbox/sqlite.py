@@ -62,7 +62,7 @@ from receiver.inbox.records import (
     event_row,
     materialize,
     pack,
-    unpack,
+    stored_body,
 )
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, setup, version
 from receiver.inbox.writer import Writer
@@ -442,9 +442,8 @@ class SqliteInbox:
         row = await self._reader.run(receipt)
         if row is None:
             return None
-        body, source, received_at, request_id, headers, meta, size, outcome = row
-        # A refused body is kept as it came, whatever its first bytes.
-        body = (body if outcome == "rejected" else unpack(body)) or b""
+        kept, source, received_at, request_id, headers, meta, size, outcome = row
+        body = stored_body(kept, outcome)
         return Receipt(
             body,
             source,

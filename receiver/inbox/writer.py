@@ -94,21 +94,19 @@ class Writer:
     ) -> asyncio.Future[T]:
         """Queue `operation` for the next commit. `bookkeeping`: it only records dispatch
         progress, which may be lost to a power cut (see above)."""
-        if not self._accepting:
-            raise InboxClosedError("the inbox is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((operation, future, bookkeeping))
-        self._work.set()
+        (future,) = self.submit_many([operation], bookkeeping=bookkeeping)
         return future
 
-    def submit_many(self, operations: list[Operation]) -> list[asyncio.Future[Any]]:
+    def submit_many(
+        self, operations: list[Operation], *, bookkeeping: bool = False
+    ) -> list[asyncio.Future[Any]]:
         """Queue several operations at once (a batch of messages): each its own future,
         each rolled back alone should it fail, as if submitted one by one."""
         if not self._accepting:
             raise InboxClosedError("the inbox is closed")
         create_future = asyncio.get_running_loop().create_future
         futures = [create_future() for _ in operations]
-        self._pending += [(op, f, False) for op, f in zip(operations, futures, strict=True)]
+        self._pending += [(op, f, bookkeeping) for op, f in zip(operations, futures, strict=True)]
         self._work.set()
         return futures
 
