@@ -73,87 +73,93 @@ async def fill(inbox: Inbox, bodies: list[bytes], name: str) -> int:
 Tables = dict[str, float]
 
 
-async def sqlite_bytes(name: str, bodies: list[bytes]) -> tuple[float, Tables]:
+def _growth(before: dict[str, int], after: dict[str, int], count: int) -> Tables:
+    return {name: (size - before.get(name, 0)) / count for name, size in after.items()}
+
+
+async def sqlite_bytes(name: str, rounds: tuple[list[bytes], list[bytes]]) -> tuple[float, Tables]:
+    """Bytes per callback of the second round on SQLite, in all and per table."""
     with tempfile.TemporaryDirectory() as folder:
         config = Config(data_dir=Path(folder), inbox={"synchronous": "normal"})
-        inbox = open_inbox(config)
-        await inbox.open()
-        await inbox.close()  # the empty inbox, folded from its WAL
-        empty = config.inbox_path.stat().st_size
-        inbox = open_inbox(config)
-        await inbox.open()
-        await fill(inbox, bodies, name)
-        await inbox.close()
-        connection = sqlite3.connect(config.inbox_path)
-        tables = connection.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")
-        per_table = {table: size / len(bodies) for table, size in tables}
-        connection.close()
-        return (config.inbox_path.stat().st_size - empty) / len(bodies), per_table
+        sizes = []
+        for bodies in rounds:
+            inbox = open_inbox(config)
+            await inbox.open()
+            await fill(inbox, bodies, name)
+            await inbox.close()  # folded from its WAL
+            connection = sqlite3.connect(config.inbox_path)
+            tables = connection.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")
+            sizes.append((config.inbox_path.stat().st_size, dict(tables.fetchall())))
+            connection.close()
+        count = len(rounds[1])
+        return (sizes[1][0] - sizes[0][0]) / count, _growth(sizes[0][1], sizes[1][1], count)
 
 
-async def postgres_bytes(url: str, name: str, bodies: list[bytes]) -> tuple[float, Tables]:
+async def postgres_bytes(
+    url: str, name: str, rounds: tuple[list[bytes], list[bytes]]
+) -> tuple[float, Tables]:
+    """Bytes per callback of the second round on PostgreSQL, in all and per relation."""
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     config = Config(inbox={"url": url, "postgres_schema": schema})
     inbox = open_inbox(config)
     await inbox.open()
+    connection = await asyncpg.connect(url)
     try:
-        connection = await asyncpg.connect(url)
-        # VACUUM first and after: bytes of live rows, not of dead ones awaiting autovacuum.
-        empty = await _schema_size(connection, schema)
-        await fill(inbox, bodies, name)
-        full = await _schema_size(connection, schema)
-        # Tables with their TOAST, indexes on their own.
-        relations = await connection.fetch(
-            "SELECT c.relname, CASE c.relkind WHEN 'r' THEN pg_table_size(c.oid)"
-            " ELSE pg_relation_size(c.oid) END FROM pg_class c JOIN pg_namespace n"
-            " ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind IN ('r', 'i')",
-            schema,
-        )
-        await connection.close()
-        per_table = {row[0]: row[1] / len(bodies) for row in relations}
-        return (full - empty) / len(bodies), per_table
+        sizes = []
+        for bodies in rounds:
+            await fill(inbox, bodies, name)
+            sizes.append(await _relation_sizes(connection, schema))
+        count = len(rounds[1])
+        total = (sum(sizes[1].values()) - sum(sizes[0].values())) / count
+        return total, _growth(sizes[0], sizes[1], count)
     finally:
         await inbox.close()
-        connection = await asyncpg.connect(url)
         await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await connection.close()
 
 
-async def _schema_size(connection: asyncpg.Connection, schema: str) -> int:
+async def _relation_sizes(connection: asyncpg.Connection, schema: str) -> dict[str, int]:
+    """Each table (with its TOAST) and index of the schema, VACUUMed first: bytes of live
+    rows, not of dead ones awaiting autovacuum."""
     tables = await connection.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
     for table in tables:
         await connection.execute(f'VACUUM "{schema}"."{table[0]}"')
-    size: int = await connection.fetchval(
-        "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+    rows = await connection.fetch(
+        "SELECT c.relname, CASE c.relkind WHEN 'r' THEN pg_table_size(c.oid)"
+        " ELSE pg_relation_size(c.oid) END FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind IN ('r', 'i')",
         schema,
     )
-    return size
+    return {row[0]: row[1] for row in rows}
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=500)
+    parser.add_argument("--copies", type=int, default=2000)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--tables", action="store_true", help="bytes per table and index")
     arguments = parser.parse_args()
     postgres = None if arguments.no_postgres else arguments.postgres
-    print(f"{arguments.copies} copies of each sample, one handler run and attempt each")
+    print(
+        f"{arguments.copies} copies of each sample on top of as many, one handler run and"
+        " attempt each"
+    )
     header = f"{'callback':<36} {'body':>6} {'SQLite':>8} {'ratio':>6}"
     if postgres:
         header += f" {'PostgreSQL':>11} {'ratio':>6}"
     print(header)
     ratios: dict[str, list[float]] = {"sqlite": [], "postgres": []}
     for name in ALL:
-        bodies = copies_of(name, arguments.copies)
-        size = statistics.mean(len(body) for body in bodies)
-        on_sqlite, sqlite_tables = await sqlite_bytes(name, bodies)
+        bodies = copies_of(name, 2 * arguments.copies)
+        rounds = (bodies[: arguments.copies], bodies[arguments.copies :])
+        size = statistics.mean(len(body) for body in rounds[1])
+        on_sqlite, sqlite_tables = await sqlite_bytes(name, rounds)
         ratios["sqlite"].append(on_sqlite / size)
         line = f"{name:<36} {size:>6.0f} {on_sqlite:>8.0f} {on_sqlite / size:>5.2f}x"
         tables = {"SQLite": sqlite_tables}
         if postgres:
-            on_postgres, tables["PostgreSQL"] = await postgres_bytes(postgres, name, bodies)
+            on_postgres, tables["PostgreSQL"] = await postgres_bytes(postgres, name, rounds)
             ratios["postgres"].append(on_postgres / size)
             line += f" {on_postgres:>11.0f} {on_postgres / size:>5.2f}x"
         print(line, flush=True)

@@ -1,4 +1,4 @@
-"""An inbox the previous schema wrote (SQLite 2, PostgreSQL 1: bodies uncompressed, each
+"""An inbox an earlier schema wrote (SQLite 2, PostgreSQL 1: bodies uncompressed, each
 event's JSON in its row), migrated when a receiver starts on it: everything it held is
 found again, and it goes on taking callbacks the new way.
 
@@ -281,13 +281,14 @@ async def test_an_inbox_of_sqlite_schema_2_is_migrated_on_start(tmp_path):
     try:
         assert connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone() == ("3",)
+        ).fetchone() == ("4",)
         indexes = {
             row[0]
             for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
-        assert not {"events_time", "receipts_time"} & indexes
+        assert not {"events_time", "receipts_time", "runs_status", "receipts_outcome"} & indexes
         assert {"events_job", "events_time_tally", "events_receipt"} <= indexes
+        assert {"runs_open", "receipts_unaccepted"} <= indexes
         # The new callback: its body compressed, its event without JSON.
         (body, data) = connection.execute(
             "SELECT r.body, e.data FROM receipts r JOIN events e ON e.receipt_id = r.id"
@@ -361,12 +362,17 @@ async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(server):
     connection = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
         assert (
-            await connection.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "2"
+            await connection.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "3"
         )
         indexes = {row[0] for row in await connection.fetch(
             "SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema
         )}  # fmt: skip
-        assert not {"events_time", "receipts_time"} & indexes
+        retired = {"events_time", "receipts_time", "runs_status", "receipts_outcome"}
+        assert not (retired | {"receipts_origin_key"}) & indexes
+        assert {"runs_open", "receipts_unaccepted", "receipts_origin"} <= indexes
+        assert await connection.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'runs'::regclass"
+        ) == ["fillfactor=70"]
         body, data = await connection.fetchrow(
             "SELECT r.body, e.data FROM receipts r JOIN events e ON e.receipt_id = r.id"
             " WHERE r.id = (SELECT MAX(id) FROM receipts)"

@@ -141,6 +141,46 @@ async def test_a_long_read_holds_up_no_write(inbox):
     assert await read == 50  # the read saw its own snapshot
 
 
+async def test_reads_of_the_uncommon_runs_and_receipts_use_their_partial_indexes(tmp_path):
+    """runs_open and receipts_unaccepted hold only what is not done / not accepted, and
+    SQLite uses a partial index only when the query itself says so: each read that lists
+    dead runs or refused receipts is planned with the index, not a scan of every row."""
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=16)
+    statements: list[str] = []
+    connect = inbox._reader._connect
+
+    def traced() -> sqlite3.Connection:
+        connection = connect()
+        connection.set_trace_callback(statements.append)  # with its parameters bound
+        return connection
+
+    inbox._reader._connect = traced  # type: ignore[method-assign]
+    await inbox.open()
+    try:
+        await store(inbox, "transcode.xml")
+        await inbox.backlog()
+        await inbox.events(EventFilter(status="dead", handler="a"))
+        await inbox.receipts(outcome="rejected")
+        await inbox.rejected()
+    finally:
+        await inbox.close()
+    plans = {}
+    connection = sqlite3.connect(tmp_path / "inbox.db")
+    for statement in statements:
+        if statement.lstrip().upper().startswith("SELECT"):
+            plan = connection.execute(f"EXPLAIN QUERY PLAN {statement}").fetchall()
+            plans[statement] = " | ".join(row[3] for row in plan)
+    connection.close()
+    used = {index for plan in plans.values() for index in ("runs_open", "receipts_unaccepted")
+            if index in plan}  # fmt: skip
+    assert used == {"runs_open", "receipts_unaccepted"}, plans
+    for statement, plan in plans.items():
+        if "FROM runs" in statement and "'dead'" in statement:
+            assert "runs_open" in plan, plan
+        if "FROM receipts" in statement and "'rejected'" in statement:
+            assert "receipts_unaccepted" in plan, plan
+
+
 async def test_a_read_only_inbox_refuses_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no inbox"):
         await SqliteInbox(tmp_path / "none.db", rejected_body_bytes=0, read_only=True).open()

@@ -45,7 +45,7 @@ INSERT INTO receipts (received_at, source, request_id, headers, source_meta, bod
     outcome, error_reason, error_detail, event_ids, origin)
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bytea[], $5::bytea[],
     $6::bytea[], $7::integer[], $8::text[], $9::text[], $10::text[], $11::bytea[], $12::text[])
-ON CONFLICT (origin) DO NOTHING
+ON CONFLICT (origin) WHERE origin IS NOT NULL DO NOTHING
 RETURNING 1
 """
 

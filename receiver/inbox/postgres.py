@@ -743,7 +743,8 @@ class PostgresInbox:
         rows = await self.pool.fetch(
             "SELECT id, received_at, source, request_id, size, coalesce(octet_length(body), 0),"
             " error_reason, error_detail, headers, source_meta, substring(body from 1 for $1)"
-            " FROM receipts WHERE outcome = 'rejected' AND ($2::bigint IS NULL OR id < $2)"
+            " FROM receipts WHERE outcome <> 'accepted' AND outcome = 'rejected'"
+            " AND ($2::bigint IS NULL OR id < $2)"
             " ORDER BY id DESC LIMIT $3",
             preview,
             before,
@@ -760,7 +761,7 @@ class PostgresInbox:
         found: dict[str, Backlog] = {}
         for handler, status, count, oldest in await self.pool.fetch(
             "SELECT handler, status, count(*), min(due_at) FROM runs"
-            " WHERE status IN ('pending', 'dead') GROUP BY status, handler"
+            " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler"
         ):
             entry = found.setdefault(handler, Backlog(0, 0, None))
             if status == "pending":

@@ -8,7 +8,11 @@ reason (`text()` in postgres.py); the event's own JSON keeps the value as sent.
 
 Version 2 keeps accepted bodies compressed and no JSON in an event's row while its
 receipt keeps the body (`data` NULL: the event is rebuilt from it, see records.py), and
-drops two indexes that the wider ones starting with the same column serve.
+drops two indexes that the wider ones starting with the same column serve. Version 3
+indexes runs by status, receipts by outcome and by origin only where they are not the
+common case (done, accepted, not copied), and leaves room in the pages of `runs` so that
+a claim (which changes no indexed column) updates its row in place, without new index
+entries: together a fifth of a small callback's bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncpg
 
 from receiver.inbox import SchemaError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TABLES = [
     "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)",
@@ -37,9 +41,13 @@ TABLES = [
         event_ids bytea NOT NULL,
         -- Where a receipt copied from another inbox came from (`inbox copy`), so that
         -- copying again adds nothing.
-        origin text UNIQUE
+        origin text
     )""",
-    "CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS receipts_origin ON receipts (origin)"
+    " WHERE origin IS NOT NULL",
+    # Refused and duplicate receipts by outcome.
+    "CREATE INDEX IF NOT EXISTS receipts_unaccepted ON receipts (outcome, id)"
+    " WHERE outcome <> 'accepted'",
     # The overview's callbacks per minute by outcome, read from the index alone, and any
     # range of receipts by time.
     "CREATE INDEX IF NOT EXISTS receipts_time_outcome ON receipts (received_at, outcome)",
@@ -75,9 +83,10 @@ TABLES = [
         last_error text,
         updated_at timestamptz NOT NULL,
         PRIMARY KEY (event_id, handler)
-    )""",
+    ) WITH (fillfactor = 70)""",
     "CREATE INDEX IF NOT EXISTS runs_due ON runs (handler, due_at) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS runs_status ON runs (status, handler)",
+    # Pending, held, forged and dead runs.
+    "CREATE INDEX IF NOT EXISTS runs_open ON runs (status, handler) WHERE status <> 'done'",
     """CREATE TABLE IF NOT EXISTS attempts (
         id bigserial PRIMARY KEY,
         event_id text NOT NULL,
@@ -115,6 +124,8 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
                 )
             if found == 1:
                 await _migrate_from_1(connection, schema)
+            if found in (1, 2):
+                await _migrate_from_2(connection, schema)
             for statement in TABLES:
                 await connection.execute(statement)
             await connection.execute(
@@ -134,6 +145,19 @@ async def _migrate_from_1(connection: asyncpg.Connection, schema: str) -> None:
         f'ALTER TABLE "{schema}".events ALTER COLUMN data DROP NOT NULL',
         f'DROP INDEX IF EXISTS "{schema}".events_time',
         f'DROP INDEX IF EXISTS "{schema}".receipts_time',
+    ):
+        await connection.execute(statement)
+
+
+async def _migrate_from_2(connection: asyncpg.Connection, schema: str) -> None:
+    """Version 2 indexed every run by status, every receipt by outcome and origin. The
+    new partial indexes are built when the tables are made (`TABLES`); the fill factor
+    applies to pages written from now on."""
+    for statement in (
+        f'DROP INDEX IF EXISTS "{schema}".runs_status',
+        f'DROP INDEX IF EXISTS "{schema}".receipts_outcome',
+        f'ALTER TABLE "{schema}".receipts DROP CONSTRAINT IF EXISTS receipts_origin_key',
+        f'ALTER TABLE "{schema}".runs SET (fillfactor = 70)',
     ):
         await connection.execute(statement)
 

@@ -29,9 +29,6 @@ class Dialect:
     glob: Callable[[str, str], str]  # (column, placeholder) -> condition
     glob_pattern: Callable[[str], str]  # the user's glob as the parameter value
     time: Callable[[datetime], Any]  # a datetime as the time columns store it
-    # A column the planner must not look rows up by (SQLite: `+column`), where its own
-    # choice would be ruinous (see `event_conditions`).
-    unindexed: Callable[[str], str] = lambda column: column
 
 
 class Conditions:
@@ -70,20 +67,20 @@ def event_conditions(filter: EventFilter | None, dialect: Dialect, first: int = 
     if filter.until is not None:
         found.add(f"e.received_at < {found.param(dialect.time(filter.until))}")
     if filter.status is None or filter.status == "done":
-        # Most runs end done: testing each event's own runs (by its key) finds the newest
-        # matches at once. SQLite would rather look them up by runs_status, one scan of
-        # every done run per event: told not to.
+        # Most runs end done (and no index holds them by status): testing each event's own
+        # runs (by its key) finds the newest matches at once.
         runs = ["r.event_id = e.id"]
         if filter.status is not None:
-            runs.append(f"{dialect.unindexed('r.status')} = {found.param(filter.status)}")
+            runs.append(f"r.status = {found.param(filter.status)}")
         if filter.handler is not None:
             runs.append(f"r.handler = {found.param(filter.handler)}")
         if len(runs) > 1:
             found.add(f"EXISTS (SELECT 1 FROM runs r WHERE {' AND '.join(runs)})")
     else:
-        # pending, dead, held and forged runs are few: start from them (runs_status)
-        # rather than test every event's runs, most of which would not match.
-        runs = [f"r.status = {found.param(filter.status)}"]
+        # pending, dead, held and forged runs are few: start from them (runs_open, which
+        # SQLite uses only when told `status <> 'done'`) rather than test every event's
+        # runs, most of which would not match.
+        runs = ["r.status <> 'done'", f"r.status = {found.param(filter.status)}"]
         if filter.handler is not None:
             runs.append(f"r.handler = {found.param(filter.handler)}")
         found.add(f"e.id IN (SELECT r.event_id FROM runs r WHERE {' AND '.join(runs)})")

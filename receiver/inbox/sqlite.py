@@ -82,7 +82,6 @@ DIALECT = Dialect(
     glob=lambda column, param: f"{column} GLOB {param}",
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
-    unindexed=lambda column: f"+{column}",
 )
 _RUN_STATUS = {
     "done": "done",
@@ -411,7 +410,9 @@ class SqliteInbox:
     ) -> list[ReceiptSummary]:
         conditions, values = [], []
         if outcome is not None:
-            conditions.append("outcome = ?")
+            # receipts_unaccepted serves the other outcomes, when told so
+            unaccepted = "" if outcome == "accepted" else "outcome <> 'accepted' AND "
+            conditions.append(f"{unaccepted}outcome = ?")
             values.append(outcome)
         if before is not None:
             conditions.append("id < ?")
@@ -461,7 +462,8 @@ class SqliteInbox:
             rows = connection.execute(
                 "SELECT id, received_at, source, request_id, size, COALESCE(LENGTH(body), 0),"
                 " error_reason, error_detail, headers, source_meta, substr(body, 1, ?)"
-                " FROM receipts WHERE outcome = 'rejected' AND id < ? ORDER BY id DESC LIMIT ?",
+                " FROM receipts WHERE outcome <> 'accepted' AND outcome = 'rejected' AND id < ?"
+                " ORDER BY id DESC LIMIT ?",
                 (preview, before if before is not None else 1 << 62, limit),
             ).fetchall()
             return [
@@ -479,7 +481,7 @@ class SqliteInbox:
             found: dict[str, Backlog] = {}
             for handler, status, count, oldest in connection.execute(
                 "SELECT handler, status, COUNT(*), MIN(due_at) FROM runs"
-                " WHERE status IN ('pending', 'dead') GROUP BY status, handler"
+                " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler"
             ):
                 entry = found.setdefault(handler, Backlog(0, 0, None))
                 if status == "pending":

@@ -5,7 +5,10 @@ comparisons. Version 2 keeps each callback's bytes once: events hold their norma
 fields without the decoded document (see `records.py`), where version 1 kept the whole
 document in every event. Version 3 keeps the body compressed and no JSON in an event's
 row while its receipt keeps the body (`data` NULL: the event is rebuilt from the body),
-and drops two indexes that the wider ones starting with the same column serve.
+and drops two indexes that the wider ones starting with the same column serve. Version 4
+indexes runs by status and receipts by outcome only where they are not the common case
+(done, accepted): those index entries were a tenth of a small callback's bytes and served
+no query.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from receiver.inbox.records import lean
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,7 +43,10 @@ CREATE TABLE IF NOT EXISTS receipts (
     error_detail TEXT,
     event_ids BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS receipts_outcome ON receipts (outcome, id);
+-- Refused and duplicate receipts by outcome (SQLite uses it for a query that says
+-- `outcome <> 'accepted'`).
+CREATE INDEX IF NOT EXISTS receipts_unaccepted ON receipts (outcome, id)
+    WHERE outcome <> 'accepted';
 -- The overview's callbacks per minute by outcome, read from the index alone, and any
 -- range of receipts by time.
 CREATE INDEX IF NOT EXISTS receipts_time_outcome ON receipts (received_at, outcome);
@@ -77,7 +83,9 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (event_id, handler)
 );
 CREATE INDEX IF NOT EXISTS runs_due ON runs (handler, due_at) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS runs_status ON runs (status, handler);
+-- Pending, held, forged and dead runs (SQLite uses it for a query that says
+-- `status <> 'done'`).
+CREATE INDEX IF NOT EXISTS runs_open ON runs (status, handler) WHERE status <> 'done';
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     event_id TEXT NOT NULL,
@@ -125,6 +133,11 @@ def setup(connection: sqlite3.Connection) -> None:
             _migrate_from_1(connection)
         elif found == 2:
             _migrate_from_2(connection)
+        if found is not None and found < 4:
+            _script(
+                connection,
+                "DROP INDEX IF EXISTS runs_status; DROP INDEX IF EXISTS receipts_outcome",
+            )
         _script(connection, TABLES)
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
