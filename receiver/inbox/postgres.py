@@ -57,8 +57,10 @@ from receiver.inbox import (
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
 from receiver.inbox.query import (
     FORGED_EVENT,
+    RUN_STATUS,
     UNFINISHED_RUN,
     Dialect,
+    bodies_to_drop,
     event_conditions,
     glob_to_like,
     tallies,
@@ -99,9 +101,6 @@ def channel(schema: str) -> str:
     return f"{CHANNEL_PREFIX}{schema}"[:63]
 
 
-# Receipts whose bodies retention may drop (accepted ones received before $1), unless an
-# event of theirs still has work to do.
-BODIES_TO_DROP = "received_at < $1 AND body IS NOT NULL AND outcome != 'rejected'"
 # Seconds any one statement may take before it counts as a failure (a database that
 # stopped answering must not hold a callback's answer for ever).
 COMMAND_TIMEOUT = 10.0
@@ -124,13 +123,7 @@ DIALECT = Dialect(
     glob_pattern=glob_to_like,
     time=lambda moment: moment,
 )
-_RUN_STATUS = {
-    "done": "done",
-    "dead": "dead",
-    "retry": "pending",
-    "released": "pending",
-    "forged": "forged",
-}
+BODIES_TO_DROP = bodies_to_drop("$1")
 
 STORE = f"""
 WITH receipt AS (SELECT nextval('receipts_id_seq') AS id),
@@ -512,7 +505,7 @@ class PostgresInbox:
                 text(claim.event.id),
                 claim.handler,
                 claim.lease_token,
-                _RUN_STATUS[outcome],
+                RUN_STATUS[outcome],
                 int(counted),
                 retry_at,
                 text(error),

@@ -1,5 +1,6 @@
-"""An `EventFilter` as SQL conditions, for both backends: they differ only in how a
-parameter is written, how a glob is matched and how a time is stored."""
+"""SQL both backends share: an `EventFilter` as conditions, and the conditions retention
+and dispatch test. The backends differ only in how a parameter is written, how a glob is
+matched and how a time is stored."""
 
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ UNFINISHED_RUN = (
     "EXISTS (SELECT 1 FROM runs r WHERE r.event_id = e.id"
     " AND r.status IN ('pending', 'held', 'dead'))"
 )
+
+
+# The status a run takes when a handler reports each outcome.
+RUN_STATUS = {
+    "done": "done",
+    "dead": "dead",
+    "retry": "pending",
+    "released": "pending",
+    "forged": "forged",
+}
+
+
+def bodies_to_drop(before: str) -> str:
+    """Receipts whose bodies retention may drop: kept (not refused) ones received before
+    the parameter `before`; the caller keeps those an event still has work to do for."""
+    return f"received_at < {before} AND body IS NOT NULL AND outcome != 'rejected'"
 
 
 # An event verification found forged. It keeps its id only until another delivery of

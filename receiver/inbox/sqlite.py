@@ -48,8 +48,10 @@ from receiver.inbox import (
 )
 from receiver.inbox.query import (
     FORGED_EVENT,
+    RUN_STATUS,
     UNFINISHED_RUN,
     Dialect,
+    bodies_to_drop,
     event_conditions,
     glob_to_sqlite,
     tallies,
@@ -71,9 +73,6 @@ from receiver.model import Event
 PING_FRESH_SECONDS = 5.0
 # Pages (of 4 KiB) handed back to the file system per step of compact().
 COMPACT_PAGES = 2048
-# Receipts whose bodies retention may drop (accepted ones received before the parameter),
-# unless an event of theirs still has work to do.
-BODIES_TO_DROP = "received_at < ? AND body IS NOT NULL AND outcome != 'rejected'"
 # Ids per `IN (...)` list: SQLite allows 32766 parameters; stay far below.
 CHUNK = 500
 
@@ -83,13 +82,7 @@ DIALECT = Dialect(
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
 )
-_RUN_STATUS = {
-    "done": "done",
-    "dead": "dead",
-    "retry": "pending",
-    "released": "pending",
-    "forged": "forged",
-}
+BODIES_TO_DROP = bodies_to_drop("?")
 
 
 class SqliteInbox:
@@ -240,7 +233,7 @@ class SqliteInbox:
         retry_at: datetime | None = None,
     ) -> bool:
         counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
-        status = _RUN_STATUS[outcome]
+        status = RUN_STATUS[outcome]
         started = started_at.timestamp()
         due = retry_at.timestamp() if retry_at else None
         key = (claim.event.id, claim.handler, claim.lease_token)
