@@ -114,6 +114,11 @@ def _unmasked(text: str) -> str:
     return text
 
 
+def _unchanged(current: dict[str, Slot], slots: list[Slot]) -> set[str]:
+    """The names of `slots` configured as the running handlers of that name are."""
+    return {s.name for s in slots if s.name in current and current[s.name].config == s.config}
+
+
 def backoff(config: HandlerConfig, attempt: int) -> float:
     """Seconds before retry number `attempt` (1-based): doubling, capped, equal jitter."""
     ceiling = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
@@ -136,7 +141,12 @@ class Dispatcher:
         # before it is logged or shown by /readyz.
         self._mask = mask
         self._slots = {slot.name: slot for slot in slots}
+        self._all_metrics = metrics
         self._metrics = {slot.name: _SlotMetrics(metrics, slot.name) for slot in slots}
+        # Handlers a reload brings, applied by the loop; those it took out, finishing
+        # what they had begun.
+        self._replacement: tuple[list[Slot], Callable[[str], str]] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         # Events just stored, and the handlers yet to claim them: what the claims of those
         # runs would otherwise read back from the inbox and decode.
         self._fresh: dict[str, Event] = {}
@@ -214,6 +224,7 @@ class Dispatcher:
         self.wake()
         if self._loop_task is not None:
             await self._loop_task
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         starting = [slot.starting for slot in self._slots.values() if slot.starting]
         for task in starting:
             task.cancel()
@@ -232,12 +243,74 @@ class Dispatcher:
                 except Exception:
                     logger.exception("handler did not close cleanly", handler=slot.name)
 
+    # --- a config reload ---------------------------------------------------------------
+
+    def replace_handlers(self, slots: list[Slot], mask: Callable[[str], str]) -> list[str]:
+        """Run these handlers from now on (a config reload). A handler whose config did
+        not change keeps running as it is; one removed or changed stops claiming and
+        finishes its running attempts (within `drain_timeout`) before it is closed, while
+        a new or changed one starts as at start-up. The loop makes the change between two
+        cycles, never while it claims. Returns what changes, for the log: `+name` added,
+        `~name` changed, `-name` removed."""
+        self._replacement = (slots, mask)
+        self._wake.set()
+        kept = _unchanged(self._slots, slots)
+        changes = [f"+{s.name}" for s in slots if s.name not in self._slots]
+        changes += [f"~{s.name}" for s in slots if s.name in self._slots and s.name not in kept]
+        wanted = {slot.name for slot in slots}
+        return changes + [f"-{name}" for name in self._slots if name not in wanted]
+
+    def _apply_replacement(self) -> None:
+        if self._replacement is None:
+            return
+        (slots, self._mask), self._replacement = self._replacement, None
+        current = self._slots
+        kept = _unchanged(current, slots)
+        self._slots = {s.name: current[s.name] if s.name in kept else s for s in slots}
+        for name in self._slots.keys() - kept:
+            self._metrics[name] = _SlotMetrics(self._all_metrics, name)
+        retired = [slot for name, slot in current.items() if name not in kept]
+        for slot in retired:
+            task = asyncio.create_task(self._retire(slot), name=f"retire {slot.name}")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        gone = {slot.name for slot in retired} - self._slots.keys()
+        for event_id in list(self._unclaimed):
+            self._unclaimed[event_id] -= gone
+            if not self._unclaimed[event_id]:
+                del self._fresh[event_id], self._unclaimed[event_id]
+        for slot in self._slots.values():
+            slot.maybe_due = True
+
+    async def _retire(self, slot: Slot) -> None:
+        """A handler a reload took out: its running attempts end and record as usual;
+        then it is closed. Its runs not yet claimed stay in the inbox."""
+        if slot.starting is not None:
+            slot.starting.cancel()
+            await asyncio.gather(slot.starting, return_exceptions=True)
+        if slot.tasks:
+            _, unfinished = await asyncio.wait(set(slot.tasks), timeout=self._drain_timeout)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        if slot.started:
+            try:
+                await handler_api.close(slot.handler)
+            except Exception:
+                logger.exception("handler did not close cleanly", handler=slot.name)
+        if slot.name not in self._slots:  # not replaced by a new one of the same name
+            for gauge in (self._all_metrics.running, self._all_metrics.handler_up):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(slot.name)
+        logger.info("handler stopped (config reloaded)", handler=slot.name)
+
     # --- the loop ----------------------------------------------------------------------
 
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
+                self._apply_replacement()
                 self._start_waiting_handlers()
                 await self._claim_and_spawn()
                 if any(slot.maybe_due and slot.free > 0 for slot in self._slots.values()):

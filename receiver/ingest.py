@@ -134,7 +134,9 @@ class Ingestor:
         verified_sources: frozenset[str] = frozenset(),
     ) -> None:
         self._inbox = inbox
-        self._router = router
+        # Replaced whole by a config reload (receiver/reload.py): each callback is routed
+        # by the routes in force when it arrives.
+        self.router = router
         self._metrics = metrics
         self._limits = limits
         self._on_stored = on_stored
@@ -147,7 +149,7 @@ class Ingestor:
         body that cannot be decoded. Returns only once the commit is durable."""
         began = time.perf_counter()
         events = await parse_or_refuse(receipt, self._limits, self)
-        routed = [(event, self._router.handlers_for(event)) for event in events]
+        routed = [(event, self.router.handlers_for(event)) for event in events]
         verify = self._verifies(receipt)
         try:
             stored = await self._inbox.store(receipt, routed, verify=verify)
@@ -178,7 +180,7 @@ class Ingestor:
             except Exception as exc:  # PayloadError, the body kept as rejected, or not
                 results[index] = exc
                 continue
-            routed = [(event, self._router.handlers_for(event)) for event in events]
+            routed = [(event, self.router.handlers_for(event)) for event in events]
             parsed.append((index, (receipt, routed, self._verifies(receipt))))
         try:
             outcomes = await self._inbox.store_many([item for _, item in parsed])

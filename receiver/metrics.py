@@ -83,6 +83,12 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self.config_reloads = Counter(
+            "ci_receiver_config_reloads_total",
+            "Config reloads (SIGHUP): applied, or refused (the running config stays).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
         self.http_refused = Counter(
             "ci_receiver_http_refused",

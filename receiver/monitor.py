@@ -35,7 +35,7 @@ class BacklogMonitor:
         interval: float = INTERVAL_SECONDS,
     ) -> None:
         self._inbox = inbox
-        self._handlers = handlers
+        self.handlers = handlers  # a config reload replaces them
         self._interval = interval
         self._pending = Gauge(
             "ci_receiver_pending_runs",
@@ -83,7 +83,7 @@ class BacklogMonitor:
         backlog = await self._inbox.backlog()
         now = datetime.now(timezone.utc)
         # Handlers seen before keep a series: back to 0 once their backlog is gone.
-        self._seen.update(self._handlers, backlog)
+        self._seen.update(self.handlers, backlog)
         for handler in self._seen:
             entry = backlog.get(handler)
             self._pending.labels(handler).set(entry.pending if entry else 0)

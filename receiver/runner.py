@@ -1,6 +1,6 @@
 """Run the service with its sources until SIGTERM or SIGINT, then shut down in order:
 sources stop taking work (in-flight requests finish), the dispatcher drains, the inbox
-closes."""
+closes. SIGHUP reloads the handlers and routes meanwhile (receiver/reload.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import gc
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -162,8 +162,14 @@ class HttpServer:
         self._server.should_exit = True
 
 
-async def run_service(service: Backend, components: list[Component]) -> int:
-    """Start the service and its components; return the process exit code."""
+async def run_service(
+    service: Backend,
+    components: list[Component],
+    reload: Callable[[], Awaitable[bool]] | None = None,
+) -> int:
+    """Start the service and its components; return the process exit code. `reload`
+    runs on SIGHUP, one at a time (without it, SIGHUP is logged and ignored: it must not
+    end the process, as it would by default)."""
     raise_open_files_limit()
     await service.start()
     # What start-up made (modules, config, handlers, pools) lasts as long as the process:
@@ -176,6 +182,8 @@ async def run_service(service: Backend, components: list[Component]) -> int:
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop_requested.set)
+    reloads = _Reloads(reload)
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
     tasks = {asyncio.create_task(c.run(), name=c.name): c for c in components}
     waiting_for_signal = asyncio.create_task(stop_requested.wait())
     exit_code = 0
@@ -205,8 +213,39 @@ async def run_service(service: Backend, components: list[Component]) -> int:
                 )
     finally:
         waiting_for_signal.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await reloads.finish()
         await service.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
     logger.info("stopped")
     return exit_code
+
+
+class _Reloads:
+    """SIGHUPs, each a reload after the one under way (a reload sees the file as it is
+    when it starts)."""
+
+    def __init__(self, reload: Callable[[], Awaitable[bool]] | None) -> None:
+        self._reload = reload
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self) -> None:
+        if self._reload is None:
+            logger.info("SIGHUP: nothing to reload here (no handlers or routes)")
+            return
+        task = asyncio.create_task(self._run(), name="reload")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        assert self._reload is not None
+        async with self._lock:
+            try:
+                await self._reload()
+            except Exception:  # a bug of ours must not end the process
+                logger.exception("config reload failed; the running config stays")
+
+    async def finish(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -4,6 +4,7 @@ dispatcher and the ingest path that the HTTP app and the TDMQ consumer share."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,6 +90,9 @@ class Service:
         # CI's job API, shared by the reconciler and verification, when [ci] is set.
         self.ci_api: CiApi | None = None
         slots = build_slots(config)
+        # Slots of the receiver's own (verification), not of `[handlers]`: a reload of
+        # the handlers keeps them.
+        self._own_slots: list[Slot] = []
         if config.ci.enabled:
             from receiver.ci_api import CiApi
 
@@ -97,10 +101,11 @@ class Service:
             from receiver.verify import verify_slot
 
             assert self.ci_api is not None  # the config says so
-            slots.append(
+            self._own_slots.append(
                 verify_slot(config.ci, self.ci_api, self.inbox, self.metrics.registry,
                             wake=lambda: self.dispatcher.wake())
             )  # fmt: skip
+        slots += self._own_slots
         self.dispatcher = Dispatcher(
             self.inbox,
             slots,
@@ -128,6 +133,22 @@ class Service:
         self._upkeep: list[asyncio.Task[None]] = []
         self.draining = False
         self._checks: dict[str, Check] = {}
+
+    async def reload(self, config: Config, slots: list[Slot]) -> list[str]:
+        """Take the handlers and routes of `config` (its other sections wait for a
+        restart), with `slots` built from them; what changed, as `Dispatcher` says."""
+        slots = slots + self._own_slots
+        self.config = self.config.model_copy(
+            update={"handlers": config.handlers, "routes": config.routes}
+        )
+        self.ingestor.router = Router(config.routes, list(config.handlers))
+        changes = self.dispatcher.replace_handlers(
+            slots, handler_secrets_masker(self.config, slots)
+        )
+        self.monitor.handlers = self.presence.handlers = list(config.handlers)
+        with contextlib.suppress(Exception):  # else said within the presence interval
+            await self.presence.announce()  # so that `replay` knows at once
+        return changes
 
     def add_check(self, name: str, check: Check) -> None:
         """Let a source (the TDMQ consumer) take part in readiness."""

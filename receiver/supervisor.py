@@ -17,6 +17,8 @@ What the supervisor does:
   `RESTART_WINDOW` seconds, or a worker that exits before it ever listened (a config or
   inbox it cannot open), stop the others and end the command with 1: the service
   manager then restarts it, or an operator reads why.
+- SIGHUP: passes it to every worker, each of which reloads its handlers and routes
+  (receiver/reload.py); a worker started later reads the file as it is then.
 - Metrics: the workers keep their Prometheus values in files of one folder
   (prometheus_client's multiprocess mode), which worker 0's /metrics adds up.
 """
@@ -93,6 +95,7 @@ class Supervisor:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._pass_reload)
         self._metrics_dir = tempfile.mkdtemp(prefix="ci-receiver-metrics-")
         keepers = [asyncio.create_task(self._keep(index)) for index in range(self._count)]
         waiting_for_signal = asyncio.create_task(stop_requested.wait())
@@ -115,13 +118,21 @@ class Supervisor:
                     logger.error("worker could not be kept running", error=repr(outcome))
         finally:
             waiting_for_signal.cancel()
-            for sig in signals:
+            for sig in (*signals, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         clean = all(outcome is True for outcome in outcomes)
         exit_code = 0 if clean and not gave_up and not pending else 1
         logger.info("stopped", pid=os.getpid(), exit_code=exit_code)
         return exit_code
+
+    def _pass_reload(self) -> None:
+        """To the workers listening, which handle SIGHUP by then; one still starting
+        reads the file as it is."""
+        logger.info("SIGHUP: the workers reload their handlers and routes")
+        for index, process in self._processes.items():
+            if index in self._ready:
+                _signal(process, signal.SIGHUP)
 
     async def _keep(self, index: int) -> bool:
         """Keep worker `index` running. Returns, while running, only to give up (False);

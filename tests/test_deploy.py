@@ -321,6 +321,8 @@ def test_systemd_unit_runs_real_commands():
         assert_command(argv)
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 20
+    # `systemctl reload`: the signal the runner reloads handlers and routes on.
+    assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
 
 
 def test_the_env_key_check_catches_a_wrong_key_and_reads_as_load_config_does(monkeypatch):

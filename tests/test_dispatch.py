@@ -341,3 +341,67 @@ def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():
         delays = [backoff(config, attempt) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert max(delays) - min(delays) > ceiling / 10  # jittered
+
+
+# --- a config reload (receiver/reload.py) ----------------------------------------------
+
+
+class Closable(Recording):
+    def __init__(self, delay: float = 0) -> None:
+        super().__init__(delay=delay)
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def slot(name: str, handler: Recording, **config) -> Slot:
+    return Slot(name, handler, HandlerConfig(type="test", **{**FAST, **config}))
+
+
+async def test_a_reload_lets_a_removed_handler_finish_and_leaves_its_other_runs_waiting(inbox):
+    removed = Closable(delay=0.5)
+    first, second = [(await store(inbox, name, ["removed"]))[0]
+                     for name in ("transcode.xml", "smartcover.json")]  # fmt: skip
+    d = dispatcher(inbox, removed=(removed, {"concurrency": 1}))
+    await d.start()
+    await until(lambda: _running(removed))
+    added = Recording()
+    assert d.replace_handlers([slot("added", added)], str) == ["+added", "-removed"]
+    # The attempt under way ends and is recorded; the handler is closed after it.
+    await until(lambda: _closed(removed))
+    assert await statuses(inbox, first) == {"removed": ("done", 1)}
+    assert removed.calls == [first]
+    # Its other run is not claimed by anyone here: it waits for a receiver that has it.
+    (third,) = await store(inbox, "workflow_finish.xml", ["added"])
+    d.wake()
+    await until(lambda: settled(inbox, third))
+    assert added.calls == [third]
+    await asyncio.sleep(0.3)
+    assert await statuses(inbox, second) == {"removed": ("pending", 0)}
+    assert d.handler_status() == {"added": "started"}
+    await d.stop()
+
+
+async def _closed(handler: Closable) -> bool:
+    return handler.closed
+
+
+async def test_a_reload_keeps_an_unchanged_handler_and_restarts_a_changed_one(inbox):
+    same, changed = Closable(), Closable()
+    d = dispatcher(inbox, same=(same, {}), changed=(changed, {}))
+    await d.start()
+    same_again, changed_again = Closable(), Closable()
+    changes = d.replace_handlers(
+        [slot("same", same_again), slot("changed", changed_again, max_attempts=3)], str
+    )
+    assert changes == ["~changed"]
+    await until(lambda: _closed(changed))
+    (event_id,) = await store(inbox, "transcode.xml", ["same", "changed"])
+    d.wake()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    # The unchanged handler kept running as it was (its new instance never started);
+    # the changed one runs as configured now.
+    assert (same.calls, same_again.calls) == ([event_id], [])
+    assert (changed.calls, changed_again.calls) == ([], [event_id])

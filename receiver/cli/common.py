@@ -71,9 +71,14 @@ def load(config_path: Path | None, **overrides: Any) -> Config:
     """The config, with --host / --port / --workers applied; a bad one ends the command
     with its error."""
     try:
-        config = load_config(config_path)
+        return read_config(config_path, **overrides)
     except ConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
+
+
+def read_config(config_path: Path | None, **overrides: Any) -> Config:
+    """The config, with --host / --port / --workers applied; raises ConfigError."""
+    config = load_config(config_path)
     http = {k: v for k, v in overrides.items() if v is not None}
     if http:
         config = config.model_copy(update={"http": config.http.model_copy(update=http)})

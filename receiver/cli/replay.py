@@ -134,9 +134,10 @@ def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
     for handler in handlers:
         if not any(handler in process.handlers for process in processes):
             click.echo(
-                f"no running receiver has handler {handler!r} (they started with an older"
-                " config): its runs wait until one does; restart them to load the new handlers"
-                " and routes",
+                f"no running receiver has handler {handler!r} (they run an older config):"
+                " its runs wait until one does; send them SIGHUP (`systemctl reload"
+                " ci-receiver`, `kill -HUP <pid>`) to load the new handlers and routes, or"
+                " restart them",
                 err=True,
             )
 

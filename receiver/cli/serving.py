@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import structlog
 
-from receiver.cli.common import config_option, listen_options, load, make_service, run_async
+from receiver.cli.common import (
+    config_option,
+    listen_options,
+    load,
+    make_service,
+    read_config,
+    run_async,
+)
 from receiver.config import Config
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
@@ -42,7 +50,9 @@ def serve(
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
     from receiver.runner import run_service
 
-    config = load(config_path, host=host, port=port, workers=workers)
+    _ignore_sighup_while_starting()
+    overrides = {"host": host, "port": port, "workers": workers}
+    config = load(config_path, **overrides)
     worker = None if worker_spec is None else WorkerSpec.parse(worker_spec)
     if worker is None and config.http.workers > 1:
         sys.exit(_supervise(config, config_path))
@@ -50,20 +60,47 @@ def serve(
     if not config.relay.topic:
         service = make_service(config)
         components = [*_http_servers(service, worker), *_reconciler(config, service, worker)]
-        sys.exit(_run_serve(run_service, service, components, worker))
+        reload = _reloader(service, config_path, overrides, worker)
+        sys.exit(_run_serve(run_service, service, components, worker, reload))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
     try:
-        sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker), worker))
+        sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker), worker, None))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
 
 
+def _ignore_sighup_while_starting() -> None:
+    """A reload asked for before the service runs (`systemctl reload` as it starts) must
+    not end it, as SIGHUP does by default; it has read the file just now anyway."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _reloader(
+    service: Any,
+    config_path: Path | None,
+    overrides: dict[str, Any] | None = None,
+    worker: WorkerSpec | None = None,
+) -> Callable[[], Awaitable[bool]]:
+    """What SIGHUP runs: the config read again as at start (file, environment and the
+    command's options), its handlers and routes applied."""
+    from receiver.reload import Reloader
+
+    def read() -> Config:
+        return read_config(config_path, **(overrides or {}))
+
+    return Reloader(service, read, warn=worker is None or worker.index == 0).reload
+
+
 def _run_serve(
-    run_service: Any, service: Any, components: list[Any], worker: WorkerSpec | None
+    run_service: Any,
+    service: Any,
+    components: list[Any],
+    worker: WorkerSpec | None,
+    reload: Callable[[], Awaitable[bool]] | None,
 ) -> int:
-    exit_code = run_async(run_service(service, components))
+    exit_code = run_async(run_service(service, components, reload))
     if worker is not None:  # what it did, for the log (the public server comes first)
         logger.info("worker stopped", pid=os.getpid(), requests=components[0].requests_served)
     return exit_code
@@ -105,6 +142,7 @@ def consume(config_path: Path | None) -> None:
     dispatcher."""
     from receiver.runner import run_service
 
+    _ignore_sighup_while_starting()
     config = load(config_path)
     start_logging(config)
     service = make_service(config)
@@ -113,7 +151,7 @@ def consume(config_path: Path | None) -> None:
         *_reconciler(config, service),
         *_admin_server(service),
     ]
-    sys.exit(run_async(run_service(service, components)))
+    sys.exit(run_async(run_service(service, components, _reloader(service, config_path))))
 
 
 @click.command("run")
@@ -123,6 +161,7 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
     """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
     from receiver.runner import run_service
 
+    _ignore_sighup_while_starting()
     config = load(config_path, host=host, port=port)
     start_logging(config)
     if config.relay.topic:
@@ -135,7 +174,8 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
         *_consumers(config, service),
         *_reconciler(config, service),
     ]
-    sys.exit(run_async(run_service(service, components)))
+    reload = _reloader(service, config_path, {"host": host, "port": port})
+    sys.exit(run_async(run_service(service, components, reload)))
 
 
 def _http_servers(service: Any, worker: WorkerSpec | None = None) -> list[Any]:

@@ -1,0 +1,195 @@
+"""SIGHUP reloads handlers and routes in a running receiver, as an operator does it: the
+config file edited, `kill -HUP`, callbacks posted over loopback all along.
+
+What is checked is what a user relies on: no callback goes unanswered or unstored while
+the reload happens, each is routed by the routes in force when it arrived, a handler
+taken out finishes what it began, a config that does not load changes nothing, and
+`serve --workers` passes the signal to every worker.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.callbacks import job
+from tests.handlers_for_tests import recorded
+from tests.processes import Receiver
+from tests.test_cli import cli
+from tests.test_workers import log_lines, start_workers
+from tests.waiting import wait_until
+
+
+def write_config(tmp_path: Path, handlers: dict[str, str], routes: str, extra: str = "") -> Path:
+    """`handlers`: name -> the JSON-lines file its Recorder writes."""
+    path = tmp_path / "ci-receiver.toml"
+    sections = "".join(
+        f'[handlers.{name}]\ntype = "tests.handlers_for_tests:Recorder"\n'
+        f'path = "{tmp_path / file}"\n'
+        for name, file in handlers.items()
+    )
+    path.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[log]\nformat = "json"\n[dispatch]\n'
+        f"poll_interval = 0.1\n{extra}{sections}{routes}"
+    )
+    return path
+
+
+ALL_TO = '[[routes]]\nhandlers = ["{}"]\n'
+
+
+def callback(n: int) -> bytes:
+    return job(f"j{n:024x}")
+
+
+def job_of(event_id: str) -> int:
+    return int(event_id.split(":")[1][1:], 16)
+
+
+class Sender(threading.Thread):
+    """Posts callback after callback until stopped; keeps every answer's status."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        super().__init__(daemon=True)
+        self.receiver = receiver
+        self.statuses: list[int] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stopping.is_set():
+                body = callback(len(self.statuses))
+                answer = client.post(self.receiver.url + "/callbacks", content=body)
+                self.statuses.append(answer.status_code)
+
+    def stop(self) -> list[int]:
+        self.stopping.set()
+        self.join(15)
+        return self.statuses
+
+
+def reloads(receiver: Receiver, event: str) -> int:
+    return sum(1 for line in log_lines(receiver) if line["event"] == event)
+
+
+def hang_up(receiver: Receiver, applied_before: int) -> None:
+    """SIGHUP, and wait until the reload is logged as applied."""
+    assert receiver.process is not None
+    receiver.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: reloads(receiver, "config reloaded") > applied_before, 15, "the reload")
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    write_config(tmp_path, {"first": "first.jsonl"}, ALL_TO.format("first"))
+    process = Receiver(tmp_path / "ci-receiver.toml").start()
+    yield process
+    process.stop()
+
+
+def test_sighup_applies_new_handlers_and_routes_while_callbacks_keep_coming(receiver, tmp_path):
+    sender = Sender(receiver)
+    sender.start()
+    wait_until(lambda: len(sender.statuses) >= 20, what="callbacks before the reload")
+    write_config(
+        tmp_path,
+        {"first": "first.jsonl", "second": "second.jsonl"},
+        '[[routes]]\nhandlers = ["first", "second"]\n',
+    )
+    sent_before_signal = len(sender.statuses)
+    hang_up(receiver, 0)
+    routed_after = len(sender.statuses) + 1  # the one in flight may have gone either way
+    wait_until(lambda: len(sender.statuses) >= routed_after + 20, what="callbacks after it")
+    statuses = sender.stop()
+    assert set(statuses) == {200}, "every callback answered 200 through the reload"
+    # Every callback stored and handled once by the handler that ran throughout.
+    wait_until(lambda: len(recorded(tmp_path / "first.jsonl")) == len(statuses))
+    assert sorted(job_of(e) for e in recorded(tmp_path / "first.jsonl")) == list(
+        range(len(statuses))
+    )
+
+    # The new handler got what arrived after the reload, and nothing from before it.
+    def second() -> set[int]:
+        return {job_of(e) for e in recorded(tmp_path / "second.jsonl")}
+
+    wait_until(lambda: set(range(routed_after, len(statuses))) <= second(), what="second's")
+    assert not second() & set(range(sent_before_signal))
+    # The receiver says at once that it has the new handler: replay does not warn.
+    replayed = cli(tmp_path, "replay", "--all", "--handler", "second", "--dry-run")
+    assert b"no running receiver" not in replayed.stderr
+    assert receiver.terminate() == 0
+
+
+def test_a_removed_handler_stops_and_a_bad_config_changes_nothing(receiver, tmp_path):
+    receiver.post(callback(0))
+    wait_until(lambda: recorded(tmp_path / "first.jsonl"))
+    # A config that does not load: refused, said why, the running one stays.
+    config = tmp_path / "ci-receiver.toml"
+    good = config.read_text()
+    config.write_text(good + "[handlers.broken]\ntype = 'no.such:Handler'\n")
+    assert receiver.process is not None
+    receiver.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: reloads(receiver, "config not reloaded: the running one stays"))
+    refused = next(
+        line
+        for line in log_lines(receiver)
+        if line["event"] == "config not reloaded: the running one stays"
+    )
+    assert "handlers.broken" in refused["error"]
+    receiver.post(callback(1))
+    wait_until(lambda: len(recorded(tmp_path / "first.jsonl")) == 2)
+    # `first` replaced by `third`, and a section that waits for a restart changed.
+    write_config(
+        tmp_path,
+        {"third": "third.jsonl"},
+        ALL_TO.format("third"),
+        extra="[retention]\nevents = '10d'\n",
+    )
+    hang_up(receiver, 0)
+    receiver.wait_for_log("handler stopped (config reloaded)")
+    sections = [
+        line["sections"]
+        for line in log_lines(receiver)
+        if line["event"] == "config changes that take effect on restart"
+    ]
+    assert sections == [["retention"]]
+    receiver.post(callback(2))
+    wait_until(lambda: recorded(tmp_path / "third.jsonl"))
+    assert [job_of(e) for e in recorded(tmp_path / "third.jsonl")] == [2]
+    assert len(recorded(tmp_path / "first.jsonl")) == 2
+    metrics = httpx.get(receiver.admin_url + "/metrics").text
+    assert 'ci_receiver_config_reloads_total{outcome="applied"} 1.0' in metrics
+    assert 'ci_receiver_config_reloads_total{outcome="refused"} 1.0' in metrics
+    # The removed handler's series are gone, not left saying it is down.
+    up = [line for line in metrics.splitlines() if line.startswith("ci_receiver_handler_up{")]
+    assert up == ['ci_receiver_handler_up{handler="third"} 1.0']
+    assert receiver.terminate() == 0
+
+
+def test_serve_workers_passes_sighup_to_every_worker(tmp_path):
+    write_config(tmp_path, {"first": "first.jsonl"}, ALL_TO.format("first"))
+    receiver = Receiver(tmp_path / "ci-receiver.toml", args=("--workers", "2"))
+    try:
+        start_workers(receiver)
+        write_config(tmp_path, {"second": "second.jsonl"}, ALL_TO.format("second"))
+        assert receiver.process is not None
+        receiver.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: reloads(receiver, "config reloaded") == 2, 15, "both reloads")
+        reloaded = {
+            line["worker"] for line in log_lines(receiver) if line["event"] == "config reloaded"
+        }
+        assert reloaded == {0, 1}
+        for n in range(20):  # on connections of their own: both workers take some
+            answer = httpx.post(
+                receiver.url + "/callbacks", content=callback(n), headers={"connection": "close"}
+            )
+            assert answer.status_code == 200
+        wait_until(lambda: len(recorded(tmp_path / "second.jsonl")) == 20)
+        assert not recorded(tmp_path / "first.jsonl")
+        assert receiver.terminate() == 0
+    finally:
+        receiver.stop()
