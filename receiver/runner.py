@@ -214,6 +214,8 @@ async def run_service(
     finally:
         waiting_for_signal.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
+        # A reload asked for while draining must not end the process (SIGHUP's default).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         await reloads.finish()
         await service.stop()
         for sig in signals:

@@ -120,6 +120,8 @@ class Supervisor:
             waiting_for_signal.cancel()
             for sig in (*signals, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            # From here a SIGHUP is ignored: its default action would end the supervisor.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         clean = all(outcome is True for outcome in outcomes)
         exit_code = 0 if clean and not gave_up and not pending else 1

@@ -193,3 +193,21 @@ def test_serve_workers_passes_sighup_to_every_worker(tmp_path):
         assert receiver.terminate() == 0
     finally:
         receiver.stop()
+
+
+def test_a_sighup_while_draining_does_not_cut_the_drain_short(tmp_path):
+    write_config(tmp_path, {"slow": "slow.jsonl"}, ALL_TO.format("slow"))
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(config.read_text().replace('slow.jsonl"\n', 'slow.jsonl"\ndelay = 1.5\n'))
+    receiver = Receiver(config).start()
+    try:
+        receiver.post(callback(0))
+        wait_until(lambda: recorded(tmp_path / "slow.jsonl", "started"))
+        assert receiver.process is not None
+        receiver.process.send_signal(signal.SIGTERM)
+        receiver.wait_for_log("draining handler attempts")
+        receiver.process.send_signal(signal.SIGHUP)  # `systemctl reload` at a bad moment
+        assert receiver.wait(30) == 0
+        assert [job_of(e) for e in recorded(tmp_path / "slow.jsonl")] == [0]
+    finally:
+        receiver.stop()
