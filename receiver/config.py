@@ -666,7 +666,11 @@ class Config(BaseModel):
         return masked
 
     def required(self, handler: str) -> bool:
-        """Whether this handler not running makes the receiver unready."""
+        """Whether this handler not running makes the receiver unready. One not in the
+        config (the receiver's own verification step, or a handler a reload is taking
+        out) never does."""
+        if handler not in self.handlers:
+            return False
         own = self.handlers[handler].required
         return self.dispatch.unready_on_handler_error if own is None else own
 
@@ -684,6 +688,10 @@ def load_config(path: str | Path | None = None) -> Config:
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+        except OSError as exc:  # a folder, no permission to read it
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     try:
         data = envvars.expand_references(data, os.environ)
     except envvars.EnvironmentProblem as exc:

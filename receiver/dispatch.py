@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -146,7 +147,7 @@ class Dispatcher:
         # Handlers a reload brings, applied by the loop; those it took out, finishing
         # what they had begun.
         self._replacement: tuple[list[Slot], Callable[[str], str]] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], Slot] = {}
         # Events just stored, and the handlers yet to claim them: what the claims of those
         # runs would otherwise read back from the inbox and decode.
         self._fresh: dict[str, Event] = {}
@@ -224,18 +225,21 @@ class Dispatcher:
         self.wake()
         if self._loop_task is not None:
             await self._loop_task
-        await asyncio.gather(*self._retiring, return_exceptions=True)
         starting = [slot.starting for slot in self._slots.values() if slot.starting]
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
-        tasks = {task for slot in self._slots.values() for task in slot.tasks}
+        # The attempts of handlers a reload is taking out drain with the others, within
+        # the same `drain_timeout`.
+        slots = [*self._slots.values(), *self._retiring.values()]
+        tasks = {task for slot in slots for task in slot.tasks}
         if tasks:
             logger.info("draining handler attempts", running=len(tasks))
             _, unfinished = await asyncio.wait(tasks, timeout=self._drain_timeout)
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for slot in self._slots.values():
             if slot.started:
                 try:
@@ -272,8 +276,8 @@ class Dispatcher:
         retired = [slot for name, slot in current.items() if name not in kept]
         for slot in retired:
             task = asyncio.create_task(self._retire(slot), name=f"retire {slot.name}")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retiring[task] = slot
+            task.add_done_callback(self._retiring.pop)
         gone = {slot.name for slot in retired} - self._slots.keys()
         for event_id in list(self._unclaimed):
             self._unclaimed[event_id] -= gone
@@ -299,10 +303,19 @@ class Dispatcher:
             except Exception:
                 logger.exception("handler did not close cleanly", handler=slot.name)
         if slot.name not in self._slots:  # not replaced by a new one of the same name
-            for gauge in (self._all_metrics.running, self._all_metrics.handler_up):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(slot.name)
+            self._forget_series(slot.name)
         logger.info("handler stopped (config reloaded)", handler=slot.name)
+
+    def _forget_series(self, name: str) -> None:
+        """A removed handler's gauges go, rather than go on saying it is down. Under
+        `serve --workers` (prometheus_client's multiprocess mode) a series cannot be
+        removed: NaN there, which `handler_up == 0` and `min by` pass over."""
+        metrics = self._metrics.pop(name)
+        metrics.up.set(math.nan)
+        for gauge in (self._all_metrics.running, self._all_metrics.handler_up):
+            with contextlib.suppress(KeyError), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "not implemented" in that mode
+                gauge.remove(name)
 
     # --- the loop ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import structlog
 
 from receiver.metrics import Metrics
+from receiver.sdnotify import notify
 from receiver.service import Backend
 from receiver.sources.http import create_app
 from receiver.sources.http_server import (
@@ -184,6 +185,9 @@ async def run_service(
         loop.add_signal_handler(sig, stop_requested.set)
     reloads = _Reloads(reload)
     loop.add_signal_handler(signal.SIGHUP, reloads.request)
+    if _reload_asked_while_starting:
+        reloads.request()
+    notify("READY=1")
     tasks = {asyncio.create_task(c.run(), name=c.name): c for c in components}
     waiting_for_signal = asyncio.create_task(stop_requested.wait())
     exit_code = 0
@@ -201,6 +205,10 @@ async def run_service(
                 else:
                     logger.error("component stopped on its own", component=task.get_name())
         logger.info("shutting down")
+        notify("STOPPING=1")
+        # No reload while draining; replaced, not removed: removing would restore SIGHUP's
+        # default action, which ends the process.
+        loop.add_signal_handler(signal.SIGHUP, _ignored_while_stopping)
         service.draining = True
         for component in components:
             component.stop()
@@ -213,15 +221,32 @@ async def run_service(
                 )
     finally:
         waiting_for_signal.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
-        # A reload asked for while draining must not end the process (SIGHUP's default).
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        loop.add_signal_handler(signal.SIGHUP, _ignored_while_stopping)
         await reloads.finish()
         await service.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
     logger.info("stopped")
     return exit_code
+
+
+_reload_asked_while_starting = False
+
+
+def hold_reloads_while_starting() -> None:
+    """From the command's first steps until the service runs, a SIGHUP (`systemctl
+    reload` as it starts) is remembered and applied once it runs, rather than end the
+    process as it would by default, or be lost."""
+
+    def remember(signum: int, frame: object) -> None:
+        global _reload_asked_while_starting
+        _reload_asked_while_starting = True
+
+    signal.signal(signal.SIGHUP, remember)
+
+
+def _ignored_while_stopping() -> None:
+    logger.info("SIGHUP ignored: stopping")
 
 
 class _Reloads:

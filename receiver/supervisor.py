@@ -18,7 +18,9 @@ What the supervisor does:
   inbox it cannot open), stop the others and end the command with 1: the service
   manager then restarts it, or an operator reads why.
 - SIGHUP: passes it to every worker, each of which reloads its handlers and routes
-  (receiver/reload.py); a worker started later reads the file as it is then.
+  (receiver/reload.py); a worker still starting gets it once it listens.
+- systemd (`Type=notify`): `READY=1` once every worker listens, `STOPPING=1` when it
+  stops them; the workers themselves say nothing to the service manager.
 - Metrics: the workers keep their Prometheus values in files of one folder
   (prometheus_client's multiprocess mode), which worker 0's /metrics adds up.
 """
@@ -40,6 +42,8 @@ from collections.abc import Callable
 import structlog
 
 from receiver.metrics import MULTIPROCESS_DIR
+from receiver.sdnotify import ENV as NOTIFY_ENV
+from receiver.sdnotify import notify
 from receiver.worker import READY, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.supervisor")
@@ -87,6 +91,7 @@ class Supervisor:
         self._ready: set[int] = set()
         self._stopping = False
         self._metrics_dir = ""
+        self._reloads = 0  # SIGHUPs passed on so far
 
     async def run(self) -> int:
         """Until SIGTERM / SIGINT, or until a worker cannot be kept running; the exit code."""
@@ -105,6 +110,7 @@ class Supervisor:
             )
             gave_up = waiting_for_signal not in done
             logger.info("stopping the workers", pid=os.getpid())
+            notify("STOPPING=1")
             self._stopping = True
             for process in list(self._processes.values()):
                 _signal(process, signal.SIGTERM)
@@ -118,10 +124,8 @@ class Supervisor:
                     logger.error("worker could not be kept running", error=repr(outcome))
         finally:
             waiting_for_signal.cancel()
-            for sig in (*signals, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
-            # From here a SIGHUP is ignored: its default action would end the supervisor.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         clean = all(outcome is True for outcome in outcomes)
         exit_code = 0 if clean and not gave_up and not pending else 1
@@ -130,8 +134,13 @@ class Supervisor:
 
     def _pass_reload(self) -> None:
         """To the workers listening, which handle SIGHUP by then; one still starting
-        reads the file as it is."""
+        gets it once it listens (`_wait_ready`), since it may have read the file before
+        the change. Not while stopping: the workers are draining."""
+        if self._stopping:
+            logger.info("SIGHUP ignored: stopping")
+            return
         logger.info("SIGHUP: the workers reload their handlers and routes")
+        self._reloads += 1
         for index, process in self._processes.items():
             if index in self._ready:
                 _signal(process, signal.SIGHUP)
@@ -141,9 +150,12 @@ class Supervisor:
         once stopping, whether the worker stopped cleanly."""
         exits: deque[float] = deque()
         while True:
+            reloads_before = self._reloads
             process, link = await self._start(index)
             try:
                 ready = await self._wait_ready(process, link)
+                if ready and self._reloads != reloads_before and not self._stopping:
+                    _signal(process, signal.SIGHUP)  # a reload it may have missed
                 code = await process.wait()
             finally:
                 link.close()
@@ -190,7 +202,7 @@ class Supervisor:
             process = await asyncio.create_subprocess_exec(
                 *self._command(spec),
                 pass_fds=inherited,
-                env={**os.environ, MULTIPROCESS_DIR: self._metrics_dir},
+                env={**_worker_environment(), MULTIPROCESS_DIR: self._metrics_dir},
                 # Signals from the terminal reach the supervisor only; it passes them on.
                 process_group=0,
             )
@@ -224,6 +236,7 @@ class Supervisor:
                     self._ready.add(index)
             if len(self._ready) == self._count:
                 logger.info("all workers listening", workers=self._count)
+                notify("READY=1")
             return True
         return False
 
@@ -233,6 +246,12 @@ class Supervisor:
 
         with contextlib.suppress(OSError):
             multiprocess.mark_process_dead(pid, self._metrics_dir)
+
+
+def _worker_environment() -> dict[str, str]:
+    """The supervisor's environment, but for the service manager's socket: it is the
+    supervisor that tells systemd it is ready or stopping."""
+    return {name: value for name, value in os.environ.items() if name != NOTIFY_ENV}
 
 
 def _signal(process: asyncio.subprocess.Process, sig: int) -> None:

@@ -9,7 +9,7 @@ import sys
 import orjson
 import pytest
 
-from receiver.config import ConfigError, load_config
+from receiver.config import Config, ConfigError, load_config
 
 
 def write(tmp_path, text: str):
@@ -203,6 +203,23 @@ def test_every_missing_env_reference_is_reported_at_once(tmp_path, monkeypatch):
 
 def test_a_missing_file_is_an_error(tmp_path):
     assert error(tmp_path / "nope.toml").endswith("nope.toml: no such config file")
+
+
+def test_a_file_that_cannot_be_read_as_text_is_a_config_error(tmp_path):
+    """Not a traceback: a reload (SIGHUP) counts it as refused and says why."""
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    assert error(folder) == f"{folder}: cannot be read: Is a directory"
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[handlers.caf\xe9]\ntype = "log"\n')
+    assert error(latin).startswith(f"{latin}: not UTF-8 text:")
+
+
+def test_a_handler_not_in_the_config_never_makes_the_receiver_unready():
+    """The verification step, or a handler a reload is taking out while /readyz asks."""
+    config = Config(dispatch={"unready_on_handler_error": True})
+    assert config.required("log") is True
+    assert config.required("gone") is False
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

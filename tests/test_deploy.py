@@ -321,8 +321,10 @@ def test_systemd_unit_runs_real_commands():
         assert_command(argv)
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 20
-    # `systemctl reload`: the signal the runner reloads handlers and routes on.
+    # `systemctl reload`: the signal the runner reloads handlers and routes on, sent
+    # only once the process said it is ready (tests/test_reload.py checks it does).
     assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
+    assert service["Type"] == "notify"
 
 
 def test_the_env_key_check_catches_a_wrong_key_and_reads_as_load_config_does(monkeypatch):

@@ -405,3 +405,19 @@ async def test_a_reload_keeps_an_unchanged_handler_and_restarts_a_changed_one(in
     # the changed one runs as configured now.
     assert (same.calls, same_again.calls) == ([event_id], [])
     assert (changed.calls, changed_again.calls) == ([], [event_id])
+
+
+async def test_stop_while_a_removed_handler_drains_releases_its_attempt(inbox):
+    stuck = Closable(delay=60)
+    (event_id,) = await store(inbox, "transcode.xml", ["stuck"])
+    d = dispatcher(inbox, stuck=(stuck, {"timeout": 120}), drain=0.2)
+    await d.start()
+    await until(lambda: _running(stuck))
+    d.replace_handlers([], str)
+    d.wake()
+    await asyncio.sleep(0.1)  # the loop takes it out; its attempt runs on
+    await d.stop()  # one drain for all: the attempt is handed back, the handler closed
+    detail = await inbox.event(event_id)
+    assert (detail.runs[0].status, detail.runs[0].attempts) == ("pending", 0)
+    assert [a.outcome for a in detail.attempts] == ["released"]
+    assert stuck.closed

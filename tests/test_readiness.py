@@ -4,6 +4,8 @@ the config's choice."""
 
 from __future__ import annotations
 
+import signal
+
 import httpx
 import pytest
 
@@ -70,3 +72,25 @@ def test_a_handler_that_cannot_start_shows_its_error_masked(tmp_path, dispatch, 
     assert "handler cannot start" in log
     for secret in (TOKEN, "crm-pass", "query-secret"):
         assert secret not in log
+
+
+def test_a_reload_that_removes_a_required_handler_that_cannot_start_makes_it_ready(tmp_path):
+    receiver = receiver_with(tmp_path, "", "required = true").start()
+    try:
+        assert readiness(receiver).status_code == 503
+        config = tmp_path / "ci-receiver.toml"
+        without_crm = config.read_text().split("[handlers.crm]")[0]
+        config.write_text(without_crm + '[handlers.log]\ntype = "log"\n')
+        assert receiver.process is not None
+        receiver.process.send_signal(signal.SIGHUP)
+        ready = wait_until(
+            lambda: (
+                (r := httpx.get(receiver.admin_url + "/readyz", timeout=10)).status_code == 200
+                and r
+            ),
+            what="ready without the handler",
+        )
+        assert "handler:crm" not in ready.json()["checks"]
+        assert ready.json()["checks"]["handler:log"] == "started"
+    finally:
+        receiver.stop()

@@ -9,16 +9,23 @@ taken out finishes what it began, a config that does not load changes nothing, a
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.callbacks import job
+from tests.databases import require_server
 from tests.handlers_for_tests import recorded
+from tests.inboxes import drop_schema
 from tests.processes import Receiver
+from tests.tcp_proxy import ThreadedProxy
 from tests.test_cli import cli
 from tests.test_workers import log_lines, start_workers
 from tests.waiting import wait_until
@@ -118,8 +125,10 @@ def test_sighup_applies_new_handlers_and_routes_while_callbacks_keep_coming(rece
 
     wait_until(lambda: set(range(routed_after, len(statuses))) <= second(), what="second's")
     assert not second() & set(range(sent_before_signal))
-    # The receiver says at once that it has the new handler: replay does not warn.
-    replayed = cli(tmp_path, "replay", "--all", "--handler", "second", "--dry-run")
+    # The receiver says at once that it has the new handler: a replay for it (which
+    # warns when no running receiver has the handler) does not warn.
+    replayed = cli(tmp_path, "replay", "--all", "--handler", "second")
+    assert replayed.stdout.startswith(b"%d run(s) queued again" % len(statuses))
     assert b"no running receiver" not in replayed.stderr
     assert receiver.terminate() == 0
 
@@ -170,11 +179,78 @@ def test_a_removed_handler_stops_and_a_bad_config_changes_nothing(receiver, tmp_
     assert receiver.terminate() == 0
 
 
+class ServiceManager:
+    """What systemd listens on for a `Type=notify` unit: a datagram socket, named to the
+    service in `NOTIFY_SOCKET`, that it reads `READY=1` and `STOPPING=1` from."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "notify.sock"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(self.path))
+        self.env = {"NOTIFY_SOCKET": str(self.path)}
+
+    def told(self, timeout: float = 30) -> bytes:
+        self.socket.settimeout(timeout)
+        return self.socket.recv(4096)
+
+    def silent(self, seconds: float) -> bool:
+        self.socket.settimeout(seconds)
+        try:
+            self.socket.recv(4096)
+        except TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def test_ready_is_told_to_systemd_and_a_reload_asked_while_starting_is_applied(tmp_path):
+    url = require_server("postgresql")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    manager = ServiceManager(tmp_path)
+    with ThreadedProxy(int(url.rsplit(":", 1)[1].split("/")[0])) as database:
+        database.cut()  # the database is not up yet: the receiver waits for it, starting
+        inbox = f'[inbox]\nurl = "postgresql://postgres@127.0.0.1:{database.port}/test"\n'
+        inbox += f'postgres_schema = "{schema}"\n'
+        write_config(tmp_path, {"first": "first.jsonl"}, ALL_TO.format("first"), extra=inbox)
+        receiver = Receiver(tmp_path / "ci-receiver.toml")
+        try:
+            receiver.start(env=manager.env, wait_http=False)
+            receiver.wait_for_log("PostgreSQL not reachable yet")
+            write_config(
+                tmp_path,
+                {"first": "first.jsonl", "second": "second.jsonl"},
+                '[[routes]]\nhandlers = ["first", "second"]\n',
+                extra=inbox,
+            )
+            assert receiver.process is not None
+            receiver.process.send_signal(signal.SIGHUP)  # while it starts: remembered
+            time.sleep(0.5)
+            assert receiver.process.poll() is None
+            database.restore()
+            assert manager.told() == b"READY=1"
+            receiver.wait_for_log("config reloaded")
+            assert receiver.post(callback(7)).status_code == 200
+            for handler in ("first", "second"):
+                wait_until(lambda h=handler: recorded(tmp_path / f"{h}.jsonl"), what=handler)
+            receiver.process.send_signal(signal.SIGTERM)
+            assert manager.told() == b"STOPPING=1"
+            assert receiver.wait(30) == 0
+        finally:
+            receiver.stop()
+            manager.close()
+            asyncio.run(drop_schema(url, schema))
+
+
 def test_serve_workers_passes_sighup_to_every_worker(tmp_path):
     write_config(tmp_path, {"first": "first.jsonl"}, ALL_TO.format("first"))
     receiver = Receiver(tmp_path / "ci-receiver.toml", args=("--workers", "2"))
+    manager = ServiceManager(tmp_path)
     try:
-        start_workers(receiver)
+        start_workers(receiver, env=manager.env)
+        # The supervisor tells systemd once every worker listens; the workers say nothing.
+        assert manager.told() == b"READY=1"
         write_config(tmp_path, {"second": "second.jsonl"}, ALL_TO.format("second"))
         assert receiver.process is not None
         receiver.process.send_signal(signal.SIGHUP)
@@ -190,9 +266,17 @@ def test_serve_workers_passes_sighup_to_every_worker(tmp_path):
             assert answer.status_code == 200
         wait_until(lambda: len(recorded(tmp_path / "second.jsonl")) == 20)
         assert not recorded(tmp_path / "first.jsonl")
+        # The removed handler's series no longer says anything about it being up.
+        metrics = httpx.get(receiver.admin_url + "/metrics").text
+        assert 'ci_receiver_handler_up{handler="second"} 1.0' in metrics
+        assert 'ci_receiver_handler_up{handler="first"} 1.0' not in metrics
+        assert 'ci_receiver_handler_up{handler="first"} 0.0' not in metrics
+        assert manager.silent(0.5)
         assert receiver.terminate() == 0
+        assert manager.told() == b"STOPPING=1"
     finally:
         receiver.stop()
+        manager.close()
 
 
 def test_a_sighup_while_draining_does_not_cut_the_drain_short(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,9 +47,9 @@ def serve(
     worker_spec: str | None,
 ) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
-    from receiver.runner import run_service
+    from receiver.runner import hold_reloads_while_starting, run_service
 
-    _ignore_sighup_while_starting()
+    hold_reloads_while_starting()
     overrides = {"host": host, "port": port, "workers": workers}
     config = load(config_path, **overrides)
     worker = None if worker_spec is None else WorkerSpec.parse(worker_spec)
@@ -69,12 +68,6 @@ def serve(
         sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker), worker, None))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
-
-
-def _ignore_sighup_while_starting() -> None:
-    """A reload asked for before the service runs (`systemctl reload` as it starts) must
-    not end it, as SIGHUP does by default; it has read the file just now anyway."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _reloader(
@@ -140,9 +133,9 @@ def _supervise(config: Config, config_path: Path | None) -> int:
 def consume(config_path: Path | None) -> None:
     """Consume callbacks from CMQ queues ([cmq]) and/or TDMQ topics ([tdmq]), run the
     dispatcher."""
-    from receiver.runner import run_service
+    from receiver.runner import hold_reloads_while_starting, run_service
 
-    _ignore_sighup_while_starting()
+    hold_reloads_while_starting()
     config = load(config_path)
     start_logging(config)
     service = make_service(config)
@@ -159,9 +152,9 @@ def consume(config_path: Path | None) -> None:
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
-    from receiver.runner import run_service
+    from receiver.runner import hold_reloads_while_starting, run_service
 
-    _ignore_sighup_while_starting()
+    hold_reloads_while_starting()
     config = load(config_path, host=host, port=port)
     start_logging(config)
     if config.relay.topic:
