@@ -68,10 +68,16 @@ class Slot:
     maybe_due: bool = True
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     starting: asyncio.Task[None] | None = None
+    # The slot of the same name a reload replaced, while its attempts finish: they count
+    # toward this one's concurrency, which a handler may rely on (one at a time).
+    predecessor: Slot | None = None
 
     @property
     def free(self) -> int:
-        return self.config.concurrency - self.running if self.started else 0
+        if not self.started:
+            return 0
+        before = self.predecessor.running if self.predecessor is not None else 0
+        return self.config.concurrency - self.running - before
 
 
 class _SlotMetrics:
@@ -273,6 +279,7 @@ class Dispatcher:
         self._slots = {s.name: current[s.name] if s.name in kept else s for s in slots}
         for name in self._slots.keys() - kept:
             self._metrics[name] = _SlotMetrics(self._all_metrics, name)
+            self._slots[name].predecessor = current.get(name)
         retired = [slot for name, slot in current.items() if name not in kept]
         for slot in retired:
             task = asyncio.create_task(self._retire(slot), name=f"retire {slot.name}")
@@ -302,8 +309,11 @@ class Dispatcher:
                 await handler_api.close(slot.handler)
             except Exception:
                 logger.exception("handler did not close cleanly", handler=slot.name)
-        if slot.name not in self._slots:  # not replaced by a new one of the same name
+        successor = self._slots.get(slot.name)
+        if successor is None:  # not replaced by a new one of the same name
             self._forget_series(slot.name)
+        elif successor.predecessor is slot:
+            successor.predecessor = None
         logger.info("handler stopped (config reloaded)", handler=slot.name)
 
     def _forget_series(self, name: str) -> None:
@@ -448,7 +458,9 @@ class Dispatcher:
     def _free(self, slot: Slot) -> None:
         slot.running -= 1
         self._metrics[slot.name].running.dec()
-        if slot.maybe_due:  # its last claim was full: more may be waiting for a place
+        # Its last claim was full (more may be waiting for a place), or it is a handler a
+        # reload replaced (its successor may be waiting for the place).
+        if slot.maybe_due or self._slots.get(slot.name) is not slot:
             self._wake.set()
 
     async def _run(self, slot: Slot, claim: Claim) -> tuple[Outcome, str | None, datetime | None]:

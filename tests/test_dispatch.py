@@ -421,3 +421,37 @@ async def test_stop_while_a_removed_handler_drains_releases_its_attempt(inbox):
     assert (detail.runs[0].status, detail.runs[0].attempts) == ("pending", 0)
     assert [a.outcome for a in detail.attempts] == ["released"]
     assert stuck.closed
+
+
+class Counted(Closable):
+    """Counts, with the other handlers sharing `together`, attempts running at once."""
+
+    def __init__(self, together: Counter[str], delay: float) -> None:
+        super().__init__(delay=delay)
+        self.together = together
+
+    async def __call__(self, event: Event) -> None:
+        self.together["now"] += 1
+        self.together["most"] = max(self.together["most"], self.together["now"])
+        try:
+            await super().__call__(event)
+        finally:
+            self.together["now"] -= 1
+
+
+async def test_a_changed_handler_keeps_its_concurrency_while_the_old_one_finishes(inbox):
+    together: Counter[str] = Counter()
+    old, new = Counted(together, delay=0.4), Counted(together, delay=0.05)
+    (first,) = await store(inbox, "transcode.xml", ["one"])
+    d = dispatcher(inbox, one=(old, {"concurrency": 1}))
+    await d.start()
+    await until(lambda: _running(old))
+    assert d.replace_handlers([slot("one", new, concurrency=1, max_attempts=3)], str) == ["~one"]
+    ids = [(await store(inbox, name, ["one"]))[0] for name in ("smartcover.json", "snapshot.xml")]
+    d.wake()
+    for event_id in [first, *ids]:
+        await until(lambda e=event_id: settled(inbox, e))
+    await d.stop()
+    assert old.calls == [first]
+    assert sorted(new.calls) == sorted(ids)
+    assert together["most"] == 1  # never the old and the new one at once
