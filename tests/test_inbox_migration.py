@@ -1,6 +1,7 @@
 """An inbox an earlier schema wrote (SQLite 2, PostgreSQL 1: bodies uncompressed, each
-event's JSON in its row), migrated when a receiver starts on it: everything it held is
-found again, and it goes on taking callbacks the new way.
+event's JSON in its row; SQLite 3: full indexes where 4 has partial ones), migrated when
+a receiver starts on it: everything it held is found again, and it goes on taking
+callbacks the new way.
 
 The old tables are made here from the old DDL, as the previous version wrote them, with
 rows as its `store` wrote them.
@@ -381,3 +382,50 @@ async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(server):
         assert data is None
     finally:
         await connection.close()
+
+
+# --- SQLite 3 -> 4: indexes only -------------------------------------------------------
+
+
+async def test_an_inbox_of_sqlite_schema_3_gets_its_partial_indexes(tmp_path):
+    """Schema 3 differed from 4 only in two full indexes, made here as 3 had them."""
+    path = tmp_path / "inbox.db"
+    inbox = SqliteInbox(path, rejected_body_bytes=1024)
+    await inbox.open()
+    body = load("transcode.xml")
+    received = datetime.now(timezone.utc)
+    await inbox.store(
+        Receipt(body, "http", received, "r", HEADERS, {}),
+        [(event, ["a"]) for event in parse_callback(body, HEADERS)],
+    )
+    await inbox.close()
+    connection = sqlite3.connect(path)
+    connection.executescript(
+        """
+        DROP INDEX runs_open;
+        DROP INDEX receipts_unaccepted;
+        CREATE INDEX receipts_outcome ON receipts (outcome, id);
+        CREATE INDEX runs_status ON runs (status, handler);
+        UPDATE meta SET value = '3' WHERE key = 'schema_version';
+        """
+    )
+    connection.close()
+    inbox = SqliteInbox(path, rejected_body_bytes=1024)
+    await inbox.open()
+    try:
+        backlog = await inbox.backlog()
+        assert backlog["a"].pending == 1  # read through runs_open
+    finally:
+        await inbox.close()
+    connection = sqlite3.connect(path)
+    try:
+        indexes = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+        )}  # fmt: skip
+        assert {"runs_open", "receipts_unaccepted"} <= indexes
+        assert not {"runs_status", "receipts_outcome"} & indexes
+        assert connection.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone() == ("4",)
+    finally:
+        connection.close()
