@@ -149,7 +149,8 @@ def busy() -> Answer:
 
 def _read_head(scope: Scope) -> tuple[str, dict[str, str], str | None]:
     """In one pass over the raw ASGI headers (cheaper than Request.headers): the request
-    id (`_request_id`), the headers kept with the callback, the user agent logged."""
+    id (the sender's X-Request-Id when fit to echo, else a new one), the headers kept
+    with a callback, the user agent logged."""
     request_id: str | None = None
     kept: dict[str, str] = {}
     agent: str | None = None
@@ -224,15 +225,8 @@ class Callbacks:
             raise
         finally:
             if self._access_log:
-                logger.info(
-                    "request",
-                    method="POST",
-                    path="/callbacks" if token is None else "/callbacks/{token}",
-                    status=status,
-                    ms=round((time.perf_counter() - began) * 1000, 2),
-                    client=client_address(scope),
-                    user_agent=agent,
-                )
+                path = "/callbacks" if token is None else "/callbacks/{token}"
+                log_request(scope, path, status, began, agent)
             structlog.contextvars.reset_contextvars(**bound)
 
     async def _answer(
@@ -389,7 +383,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id, _, agent = _read_head(scope)
         status = 500
         began = time.perf_counter()
 
@@ -405,15 +399,21 @@ class RequestContext:
                 await self.app(scope, receive, send_with_id)
             finally:
                 if self.access_log:
-                    logger.info(
-                        "request",
-                        method=scope["method"],
-                        path=logged_path(scope),
-                        status=status,
-                        ms=round((time.perf_counter() - began) * 1000, 2),
-                        client=client_address(scope),
-                        user_agent=_user_agent(scope),
-                    )
+                    log_request(scope, logged_path(scope), status, began, agent)
+
+
+def log_request(scope: Scope, path: str, status: int, began: float, agent: str | None) -> None:
+    """The access log line: the route (never a token), the status, the time it took, the
+    client (behind trusted proxies, the one they name) and its user agent."""
+    logger.info(
+        "request",
+        method=scope["method"],
+        path=path,
+        status=status,
+        ms=round((time.perf_counter() - began) * 1000, 2),
+        client=client_address(scope),
+        user_agent=agent,
+    )
 
 
 def logged_path(scope: Scope) -> str:
@@ -426,22 +426,6 @@ def logged_path(scope: Scope) -> str:
         part if not part or part.lower() in _LOGGED_SEGMENTS else "***"
         for part in scope["path"].split("/")
     )
-
-
-def _user_agent(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"user-agent":
-            return value[:200].decode("latin-1")
-    return None
-
-
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            found = _valid_request_id(value)
-            if found is not None:
-                return found
-    return new_id()
 
 
 def _valid_request_id(value: bytes) -> str | None:
