@@ -126,6 +126,14 @@ def _unchanged(current: dict[str, Slot], slots: list[Slot]) -> set[str]:
     return {s.name for s in slots if s.name in current and current[s.name].config == s.config}
 
 
+async def _close(slot: Slot) -> None:
+    if slot.started:
+        try:
+            await handler_api.close(slot.handler)
+        except Exception:
+            logger.exception("handler did not close cleanly", handler=slot.name)
+
+
 def backoff(config: HandlerConfig, attempt: int) -> float:
     """Seconds before retry number `attempt` (1-based): doubling, capped, equal jitter."""
     ceiling = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
@@ -241,17 +249,18 @@ class Dispatcher:
         tasks = {task for slot in slots for task in slot.tasks}
         if tasks:
             logger.info("draining handler attempts", running=len(tasks))
-            _, unfinished = await asyncio.wait(tasks, timeout=self._drain_timeout)
-            for task in unfinished:
-                task.cancel()
-            await asyncio.gather(*unfinished, return_exceptions=True)
+            await self._drain(tasks)
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for slot in self._slots.values():
-            if slot.started:
-                try:
-                    await handler_api.close(slot.handler)
-                except Exception:
-                    logger.exception("handler did not close cleanly", handler=slot.name)
+            await _close(slot)
+
+    async def _drain(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Give running attempts `drain_timeout` to end; cancel the rest, which hand
+        their runs back uncounted (`_attempt`)."""
+        _, unfinished = await asyncio.wait(tasks, timeout=self._drain_timeout)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
 
     # --- a config reload ---------------------------------------------------------------
 
@@ -300,15 +309,8 @@ class Dispatcher:
             slot.starting.cancel()
             await asyncio.gather(slot.starting, return_exceptions=True)
         if slot.tasks:
-            _, unfinished = await asyncio.wait(set(slot.tasks), timeout=self._drain_timeout)
-            for task in unfinished:
-                task.cancel()
-            await asyncio.gather(*unfinished, return_exceptions=True)
-        if slot.started:
-            try:
-                await handler_api.close(slot.handler)
-            except Exception:
-                logger.exception("handler did not close cleanly", handler=slot.name)
+            await self._drain(set(slot.tasks))
+        await _close(slot)
         successor = self._slots.get(slot.name)
         if successor is None:  # not replaced by a new one of the same name
             self._forget_series(slot.name)
