@@ -146,7 +146,7 @@ def decode(
             _mapping(headers),
             source=source,
             source_meta=_mapping(meta),
-            received_at=_datetime(received_at),
+            received_at=as_datetime(received_at),
             limits=_STORED_BODY_LIMITS,
         )
     except PayloadError:
@@ -182,7 +182,7 @@ def _from_columns(
         outputs=[], user_data=None, job_level=None, template_id=None, template_name=None,
         workflow=None, tasks=[], moderation=None, created_at=None, started_at=None,
         finished_at=None, format=format, source=source, source_meta=dict(_mapping(meta)),
-        received_at=_datetime(received_at), operation=None, raw={},
+        received_at=as_datetime(received_at), operation=None, raw={},
     )  # fmt: skip
 
 
@@ -190,8 +190,8 @@ def _mapping(value: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
     return orjson.loads(value) if isinstance(value, (bytes, str)) else value
 
 
-def _datetime(value: datetime | float) -> datetime:
-    # SQLite keeps seconds since the epoch, PostgreSQL a timestamptz.
+def as_datetime(value: datetime | float) -> datetime:
+    """A stored time: SQLite keeps seconds since the epoch, PostgreSQL a timestamptz."""
     if isinstance(value, datetime):
         return value
     return datetime.fromtimestamp(value, timezone.utc)

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from receiver.inbox.records import (
     EVENT_COLUMNS,
     EVENT_WIDTH,
     Documents,
+    as_datetime,
     event_row,
     materialize,
     pack,
@@ -269,7 +270,7 @@ class SqliteInbox:
             ).fetchone()[0]
 
         due = await self._reader.run(next_due)
-        return _datetime(due) if due is not None else None
+        return as_datetime(due) if due is not None else None
 
     def watch(self, wake: Callable[[], None]) -> None:
         """Other processes on the file cannot tell this one: dispatch polls."""
@@ -336,7 +337,7 @@ class SqliteInbox:
             ).fetchall()
             runs = _runs(connection, [row[1] for row in rows])
             return [
-                EventSummary(row[0], row[1], _datetime(row[2]), *row[3:], runs.get(row[1], []))
+                EventSummary(row[0], row[1], as_datetime(row[2]), *row[3:], runs.get(row[1], []))
                 for row in rows
             ]
 
@@ -366,7 +367,7 @@ class SqliteInbox:
             if row is None:
                 return None
             attempts = [
-                Attempt(h, n, _datetime(s), _datetime(f), o, err)
+                Attempt(h, n, as_datetime(s), as_datetime(f), o, err)
                 for h, n, s, f, o, err in connection.execute(
                     "SELECT handler, number, started_at, finished_at, outcome, error"
                     " FROM attempts WHERE event_id = ? ORDER BY id",
@@ -419,7 +420,7 @@ class SqliteInbox:
                 (*values, limit),
             ).fetchall()
             return [
-                ReceiptSummary(row[0], _datetime(row[1]), *row[2:7], orjson.loads(row[7]))
+                ReceiptSummary(row[0], as_datetime(row[1]), *row[2:7], orjson.loads(row[7]))
                 for row in rows
             ]
 
@@ -441,7 +442,7 @@ class SqliteInbox:
         return Receipt(
             body,
             source,
-            _datetime(received_at),
+            as_datetime(received_at),
             request_id or "",
             orjson.loads(headers),
             orjson.loads(meta),
@@ -461,7 +462,7 @@ class SqliteInbox:
             ).fetchall()
             return [
                 RejectedReceipt(
-                    *row[:1], _datetime(row[1]), *row[2:8], orjson.loads(row[8]),
+                    *row[:1], as_datetime(row[1]), *row[2:8], orjson.loads(row[8]),
                     orjson.loads(row[9]), bytes(row[10] or b""),
                 )
                 for row in rows
@@ -478,7 +479,7 @@ class SqliteInbox:
             ):
                 entry = found.setdefault(handler, Backlog(0, 0, None))
                 if status == "pending":
-                    entry.pending, entry.oldest_due = count, _datetime(oldest)
+                    entry.pending, entry.oldest_due = count, as_datetime(oldest)
                 else:
                     entry.dead = count
             return found
@@ -536,7 +537,7 @@ class SqliteInbox:
         # Two passes over two tables: side by side, on the reader's two threads.
         steps, tallied = await asyncio.gather(self._reader.run(callbacks), self._reader.run(events))
         tags, states = tallies(tallied)
-        found = [(_datetime(bucket * step), outcome, count) for bucket, outcome, count in steps]
+        found = [(as_datetime(bucket * step), outcome, count) for bucket, outcome, count in steps]
         return Traffic(step, found, tags, states)
 
     async def load(self, event_ids: list[str]) -> list[Event]:
@@ -883,12 +884,8 @@ def _runs(connection: sqlite3.Connection, event_ids: list[str]) -> dict[str, lis
             f" WHERE event_id IN ({_marks(chunk)}) ORDER BY handler",
             chunk,
         ):
-            due_at = _datetime(due) if status == "pending" else None
+            due_at = as_datetime(due) if status == "pending" else None
             found.setdefault(event_id, []).append(
                 RunState(handler, status, attempts, due_at, error)
             )
     return found
-
-
-def _datetime(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, timezone.utc)
