@@ -128,13 +128,14 @@ BODIES_TO_DROP = bodies_to_drop("$1")
 STORE = f"""
 WITH receipt AS (SELECT nextval('receipts_id_seq') AS id),
 inserted AS (
+    -- No JSON (`data`): the event is rebuilt from the receipt's body (records.py).
     INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id, tag, state,
-        bucket, key, data)
+        bucket, key)
     SELECT e.id, receipt.id, $1, e.kind, e.event_name, e.job_id, e.tag, e.state, e.bucket,
-        e.key, e.data
+        e.key
     FROM receipt, unnest($9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-        $14::text[], $15::text[], $16::text[], $17::bytea[]) WITH ORDINALITY
-        AS e(id, kind, event_name, job_id, tag, state, bucket, key, data, n)
+        $14::text[], $15::text[], $16::text[]) WITH ORDINALITY
+        AS e(id, kind, event_name, job_id, tag, state, bucket, key, n)
     ORDER BY e.n
     ON CONFLICT (id) DO NOTHING
     RETURNING id
@@ -142,7 +143,7 @@ inserted AS (
 new_runs AS (
     INSERT INTO runs (event_id, handler, status, due_at, updated_at)
     SELECT DISTINCT r.event_id, r.handler, r.status, now(), now()
-    FROM unnest($18::text[], $19::text[], $20::text[]) AS r(event_id, handler, status)
+    FROM unnest($17::text[], $18::text[], $19::text[]) AS r(event_id, handler, status)
     JOIN inserted ON inserted.id = r.event_id
     RETURNING 1
 ),
@@ -165,7 +166,7 @@ SELECT (SELECT id FROM kept), ARRAY(SELECT id FROM inserted), (SELECT count(*) F
 # cleared for the new ones.
 REPLACE_FORGED = """
 UPDATE events SET kind = $2, event_name = $3, job_id = $4, tag = $5, state = $6,
-    bucket = $7, key = $8, data = $9, receipt_id = $10, received_at = $11
+    bucket = $7, key = $8, data = NULL, receipt_id = $9, received_at = $10
 WHERE id = $1 AND EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id
     AND f.status = 'forged')
 """
@@ -338,14 +339,13 @@ class PostgresInbox:
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
     ) -> Stored:
         ids = [event.id for event, _ in routed]
-        columns: list[list[Any]] = [[] for _ in range(9)]
+        columns: list[list[Any]] = [[] for _ in range(8)]
         run_events: list[str] = []
         run_handlers: list[str] = []
         run_statuses: list[str] = []
         for event, handlers in routed:
-            for column, value in zip(columns, event_row(event), strict=False):
+            for column, value in zip(columns, event_row(event), strict=True):
                 column.append(text(value))
-            columns[8].append(None)  # the event's JSON: rebuilt from the body (records.py)
             for handler, status in new_runs(handlers, verify):
                 run_events.append(text(event.id))
                 run_handlers.append(handler)

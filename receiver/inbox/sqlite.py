@@ -735,7 +735,7 @@ def _replace_forged(
     event_id, *fields = columns
     replaced = connection.execute(
         "UPDATE events SET kind = ?, event_name = ?, job_id = ?, tag = ?, state = ?,"
-        " bucket = ?, key = ?, data = ?, receipt_id = ?, received_at = ? WHERE id = ?"
+        " bucket = ?, key = ?, data = NULL, receipt_id = ?, received_at = ? WHERE id = ?"
         " AND EXISTS (SELECT 1 FROM runs f WHERE f.event_id = events.id"
         " AND f.status = 'forged')",
         (*fields, receipt_id, received_at, event_id),
@@ -811,7 +811,7 @@ def _storing(
 ) -> Callable[[sqlite3.Connection], Stored]:
     """The write operation that stores a callback (see `Inbox.store`): the rows are made
     here, on the event loop, before the write."""
-    rows = [(*event_row(event), None, handlers) for event, handlers in routed]
+    rows = [(*event_row(event), handlers) for event, handlers in routed]
     ids = [row[0] for row in rows]
     receipt_row = _receipt_row(receipt, pack(receipt.body), len(receipt.body))
     received_at = receipt_row[0]
@@ -826,8 +826,9 @@ def _storing(
         new, duplicates = [], []
         for *columns, handlers in rows:
             inserted = connection.execute(
+                # No JSON (`data`): the event is rebuilt from the receipt's body.
                 "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key,"
-                " data, receipt_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " receipt_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO NOTHING RETURNING id",
                 (*columns, receipt_id, received_at),
             ).fetchone()
