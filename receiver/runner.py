@@ -206,9 +206,7 @@ async def run_service(
                     logger.error("component stopped on its own", component=task.get_name())
         logger.info("shutting down")
         notify("STOPPING=1")
-        # No reload while draining; replaced, not removed: removing would restore SIGHUP's
-        # default action, which ends the process.
-        loop.add_signal_handler(signal.SIGHUP, _ignored_while_stopping)
+        reloads.stop()  # no reload while draining
         service.draining = True
         for component in components:
             component.stop()
@@ -221,7 +219,6 @@ async def run_service(
                 )
     finally:
         waiting_for_signal.cancel()
-        loop.add_signal_handler(signal.SIGHUP, _ignored_while_stopping)
         await reloads.finish()
         await service.stop()
         for sig in signals:
@@ -245,20 +242,22 @@ def hold_reloads_while_starting() -> None:
     signal.signal(signal.SIGHUP, remember)
 
 
-def _ignored_while_stopping() -> None:
-    logger.info("SIGHUP ignored: stopping")
-
-
 class _Reloads:
     """SIGHUPs, each a reload after the one under way (a reload sees the file as it is
-    when it starts)."""
+    when it starts). Once stopping, a SIGHUP is ignored; its handler stays in place until
+    the loop closes (removing it would restore the default action, which ends the
+    process)."""
 
     def __init__(self, reload: Callable[[], Awaitable[bool]] | None) -> None:
         self._reload = reload
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     def request(self) -> None:
+        if self._stopping:
+            logger.info("SIGHUP ignored: stopping")
+            return
         if self._reload is None:
             logger.info("SIGHUP: nothing to reload here (no handlers or routes)")
             return
@@ -274,5 +273,10 @@ class _Reloads:
             except Exception:  # a bug of ours must not end the process
                 logger.exception("config reload failed; the running config stays")
 
+    def stop(self) -> None:
+        self._stopping = True
+
     async def finish(self) -> None:
+        """Stop taking reloads; wait for the one under way."""
+        self.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
