@@ -10,7 +10,7 @@ import structlog
 from hypothesis import HealthCheck, settings
 
 from tests.databases import drop_tables, require_server
-from tests.inboxes import BACKENDS, InboxPlace
+from tests.inboxes import BACKENDS, InboxPlace, drop_schema
 from tests.processes import PulsarLite, Receiver
 from tests.shared_inbox import SharedInbox
 
@@ -67,6 +67,16 @@ async def inbox_place(request, tmp_path):
 async def inbox(inbox_place):
     """An open inbox on each backend."""
     return await inbox_place.open()
+
+
+@pytest.fixture
+async def postgres_schema():
+    """The machine's PostgreSQL, and a schema name of this test's own, dropped after:
+    (url, schema)."""
+    url = require_server("postgresql")
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    yield url, schema
+    await drop_schema(url, schema)
 
 
 @pytest.fixture

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import orjson
-import pytest
 
 from receiver import parse_callback
 from receiver.inbox import Cutoffs, Receipt
@@ -24,8 +22,6 @@ from receiver.inbox.postgres import PostgresInbox
 from receiver.inbox.records import PACKED, event_data
 from receiver.inbox.sqlite import SqliteInbox
 from tests.callbacks import load
-from tests.databases import require_server
-from tests.inboxes import drop_schema
 
 NAMES = ["transcode.xml", "smartcover.json", "two_jobs.xml", "workflow_finish.xml"]
 HEADERS = {"content-type": "application/xml"}
@@ -305,14 +301,6 @@ async def test_an_inbox_of_sqlite_schema_2_is_migrated_on_start(tmp_path):
 # --- PostgreSQL 1 -> 2 ------------------------------------------------------------------
 
 
-@pytest.fixture
-async def server():
-    url = require_server("postgresql")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    yield url, schema
-    await drop_schema(url, schema)
-
-
 async def write_postgres_1(url: str, schema: str) -> list:
     connection = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
@@ -347,8 +335,8 @@ async def write_postgres_1(url: str, schema: str) -> list:
     return events
 
 
-async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(server):
-    url, schema = server
+async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(postgres_schema):
+    url, schema = postgres_schema
     events = await write_postgres_1(url, schema)
     replicas = [
         PostgresInbox(url, schema=schema, pool_size=2, rejected_body_bytes=1024) for _ in range(3)

@@ -19,18 +19,7 @@ from sqlalchemy import make_url
 from receiver import parse_callback
 from receiver.inbox import InboxUnavailable, Receipt
 from receiver.inbox.postgres import PostgresInbox
-from tests.databases import require_server
-from tests.inboxes import drop_schema
 from tests.tcp_proxy import TcpProxy
-
-
-@pytest.fixture
-async def server():
-    """The machine's PostgreSQL, and a schema name of this test's own, dropped after."""
-    url = require_server("postgresql")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    yield url, schema
-    await drop_schema(url, schema)
 
 
 def inbox_at(url: str, schema: str, **options) -> PostgresInbox:
@@ -54,8 +43,8 @@ async def eventually(condition, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_store_wakes_the_other_replicas(server):
-    url, schema = server
+async def test_a_store_wakes_the_other_replicas(postgres_schema):
+    url, schema = postgres_schema
     storing, idle = inbox_at(url, schema), inbox_at(url, schema)
     await storing.open()
     await idle.open()
@@ -78,8 +67,8 @@ async def test_a_store_wakes_the_other_replicas(server):
         await idle.close()
 
 
-async def test_a_verified_event_wakes_the_other_replicas_when_released(server):
-    url, schema = server
+async def test_a_verified_event_wakes_the_other_replicas_when_released(postgres_schema):
+    url, schema = postgres_schema
     verifying, idle = inbox_at(url, schema), inbox_at(url, schema)
     await verifying.open()
     await idle.open()
@@ -103,8 +92,8 @@ async def test_a_verified_event_wakes_the_other_replicas_when_released(server):
         await idle.close()
 
 
-async def test_replicas_starting_together_create_the_schema_once(server):
-    url, schema = server
+async def test_replicas_starting_together_create_the_schema_once(postgres_schema):
+    url, schema = postgres_schema
     replicas = [inbox_at(url, schema) for _ in range(6)]
     await asyncio.gather(*(replica.open() for replica in replicas))
     try:
@@ -114,8 +103,8 @@ async def test_replicas_starting_together_create_the_schema_once(server):
         await asyncio.gather(*(replica.close() for replica in replicas))
 
 
-async def test_an_outage_fails_operations_and_service_resumes_by_itself(server):
-    url, schema = server
+async def test_an_outage_fails_operations_and_service_resumes_by_itself(postgres_schema):
+    url, schema = postgres_schema
     async with TcpProxy(make_url(url).port) as proxy:
         inbox = inbox_at(through(proxy, url), schema)
         await inbox.open()
@@ -159,8 +148,8 @@ async def retrying(operation, timeout: float = 10.0):
             await asyncio.sleep(0.1)
 
 
-async def test_a_service_waits_for_the_database_at_start(server):
-    url, schema = server
+async def test_a_service_waits_for_the_database_at_start(postgres_schema):
+    url, schema = postgres_schema
     proxy = TcpProxy(make_url(url).port)  # not listening yet: the database is away
     waiting = inbox_at(through(proxy, url), schema, wait=True)
     opening = asyncio.create_task(waiting.open())
@@ -175,23 +164,23 @@ async def test_a_service_waits_for_the_database_at_start(server):
         await proxy.cut()
 
 
-async def test_a_command_does_not_wait_for_an_absent_database(server):
-    url, schema = server
+async def test_a_command_does_not_wait_for_an_absent_database(postgres_schema):
+    url, schema = postgres_schema
     proxy = TcpProxy(make_url(url).port)
     with pytest.raises(InboxUnavailable, match="cannot open the PostgreSQL inbox"):
         await asyncio.wait_for(inbox_at(through(proxy, url), schema).open(), 10)
 
 
-async def test_a_database_that_does_not_exist_is_an_error_at_once(server):
-    url, schema = server
+async def test_a_database_that_does_not_exist_is_an_error_at_once(postgres_schema):
+    url, schema = postgres_schema
     missing = make_url(url).set(database=f"nope_{uuid.uuid4().hex[:8]}")
     inbox = inbox_at(missing.render_as_string(hide_password=False), schema, wait=True)
     with pytest.raises(InboxUnavailable, match="refused"):
         await asyncio.wait_for(inbox.open(), 10)
 
 
-async def test_the_tables_live_in_their_own_schema(server):
-    url, schema = server
+async def test_the_tables_live_in_their_own_schema(postgres_schema):
+    url, schema = postgres_schema
     inbox = inbox_at(url, schema)
     await inbox.open()
     await inbox.close()

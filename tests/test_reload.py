@@ -9,21 +9,17 @@ taken out finishes what it began, a config that does not load changes nothing, a
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.callbacks import job
-from tests.databases import require_server
 from tests.handlers_for_tests import recorded
-from tests.inboxes import drop_schema
 from tests.processes import Receiver
 from tests.tcp_proxy import ThreadedProxy
 from tests.test_cli import cli
@@ -205,9 +201,10 @@ class ServiceManager:
         self.socket.close()
 
 
-def test_ready_is_told_to_systemd_and_a_reload_asked_while_starting_is_applied(tmp_path):
-    url = require_server("postgresql")
-    schema = f"test_{uuid.uuid4().hex[:12]}"
+def test_ready_is_told_to_systemd_and_a_reload_asked_while_starting_is_applied(
+    tmp_path, postgres_schema
+):
+    url, schema = postgres_schema
     manager = ServiceManager(tmp_path)
     with ThreadedProxy(int(url.rsplit(":", 1)[1].split("/")[0])) as database:
         database.cut()  # the database is not up yet: the receiver waits for it, starting
@@ -240,7 +237,6 @@ def test_ready_is_told_to_systemd_and_a_reload_asked_while_starting_is_applied(t
         finally:
             receiver.stop()
             manager.close()
-            asyncio.run(drop_schema(url, schema))
 
 
 def test_serve_workers_passes_sighup_to_every_worker(tmp_path):
