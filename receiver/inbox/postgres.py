@@ -56,10 +56,12 @@ from receiver.inbox import (
 )
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
 from receiver.inbox.query import (
+    BACKLOG,
     FORGED_EVENT,
     RUN_STATUS,
     UNFINISHED_RUN,
     Dialect,
+    backlogs,
     bodies_to_drop,
     event_conditions,
     glob_to_like,
@@ -751,17 +753,7 @@ class PostgresInbox:
         ]
 
     async def backlog(self) -> dict[str, Backlog]:
-        found: dict[str, Backlog] = {}
-        for handler, status, count, oldest in await self.pool.fetch(
-            "SELECT handler, status, count(*), min(due_at) FROM runs"
-            " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler"
-        ):
-            entry = found.setdefault(handler, Backlog(0, 0, None))
-            if status == "pending":
-                entry.pending, entry.oldest_due = count, oldest
-            else:
-                entry.dead = count
-        return found
+        return backlogs(await self.pool.fetch(BACKLOG))
 
     async def counts(self, since: datetime) -> Counts:
         async with self.pool.acquire() as connection:

@@ -4,12 +4,13 @@ matched and how a time is stored."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from receiver.inbox import EventFilter
+from receiver.inbox import Backlog, EventFilter
+from receiver.inbox.records import as_datetime
 
 # An event with such a run is kept by retention, and so is the body it is rebuilt from.
 UNFINISHED_RUN = (
@@ -101,6 +102,26 @@ def event_conditions(filter: EventFilter | None, dialect: Dialect, first: int = 
         if filter.handler is not None:
             runs.append(f"r.handler = {found.param(filter.handler)}")
         found.add(f"e.id IN (SELECT r.event_id FROM runs r WHERE {' AND '.join(runs)})")
+    return found
+
+
+# Pending and dead runs per handler, for the gauges (`backlogs`). `status <> 'done'` lets
+# SQLite read them from runs_open, which holds no done run.
+BACKLOG = (
+    "SELECT handler, status, count(*), min(due_at) FROM runs"
+    " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler"
+)
+
+
+def backlogs(rows: Iterable[Sequence[Any]]) -> dict[str, Backlog]:
+    """Each handler's backlog, from rows of `BACKLOG`."""
+    found: dict[str, Backlog] = {}
+    for handler, status, count, oldest in rows:
+        entry = found.setdefault(handler, Backlog(0, 0, None))
+        if status == "pending":
+            entry.pending, entry.oldest_due = count, as_datetime(oldest)
+        else:
+            entry.dead = count
     return found
 
 

@@ -47,10 +47,12 @@ from receiver.inbox import (
     new_runs,
 )
 from receiver.inbox.query import (
+    BACKLOG,
     FORGED_EVENT,
     RUN_STATUS,
     UNFINISHED_RUN,
     Dialect,
+    backlogs,
     bodies_to_drop,
     event_conditions,
     glob_to_sqlite,
@@ -472,17 +474,7 @@ class SqliteInbox:
 
     async def backlog(self) -> dict[str, Backlog]:
         def backlog(connection: sqlite3.Connection) -> dict[str, Backlog]:
-            found: dict[str, Backlog] = {}
-            for handler, status, count, oldest in connection.execute(
-                "SELECT handler, status, COUNT(*), MIN(due_at) FROM runs"
-                " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler"
-            ):
-                entry = found.setdefault(handler, Backlog(0, 0, None))
-                if status == "pending":
-                    entry.pending, entry.oldest_due = count, as_datetime(oldest)
-                else:
-                    entry.dead = count
-            return found
+            return backlogs(connection.execute(BACKLOG))
 
         return await self._reader.run(backlog)
 
