@@ -1,14 +1,14 @@
 """CPU per callback to store it and to dispatch it through the `log` handler, next to
 the same figures of another copy of the code (the baseline), measured in the same run.
 
-    python -m bench.dispatch_cost --against DIR [--callbacks N] [--rounds R] [--postgres]
+    python -m bench.dispatch_cost [--against REV] [--callbacks N] [--rounds R] [--postgres]
 
-DIR is a checkout of ci-receiver to compare with (e.g. `git worktree add /tmp/base main`,
-or `git archive main | tar -x -C /tmp/base`). Each round runs one process per tree,
-alternately, each with its tree first on PYTHONPATH; the best round of each is kept.
-A process builds the default service (config defaults: SQLite with synchronous=full,
-the `log` handler at info, its lines written to /dev/null) and measures CPU time
-(`time.process_time`: every thread, user and system) for:
+REV is a git revision to compare with, exported with this tree's measuring code
+(bench/trees.py). Each round runs one process per tree, alternately, each with its tree
+first on PYTHONPATH; the best round of each is kept. A process builds the default
+service (config defaults: SQLite with synchronous=full, the `log` handler at info, its
+lines written to /dev/null) and measures CPU time (`time.process_time`: every thread,
+user and system) for:
 
 - store: N distinct small JSON callbacks through the ingest path, 32 at a time (as 32
   connections would send them), the dispatcher not yet running;
@@ -29,13 +29,15 @@ import asyncio
 import gc
 import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+
+from bench.trees import HERE, best_of, export
 
 CONNECTIONS = 32
 
@@ -156,24 +158,9 @@ def child(count: int, postgres: str | None, freeze: bool) -> None:
     print(json.dumps(figures))
 
 
-def run_tree(tree: Path, count: int, postgres: str | None, freeze: bool) -> dict[str, float]:
-    command = [sys.executable, "-m", "bench.dispatch_cost", "--child", "--callbacks", str(count)]
-    if freeze:
-        command.append("--freeze")
-    if postgres:
-        command += ["--postgres-url", postgres]
-    environment = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        command, cwd=tree, env=environment, capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise RuntimeError(f"{tree}: {done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--against", type=Path, help="the baseline's checkout")
+    parser.add_argument("--against", metavar="REV", help="the git revision to compare with")
     parser.add_argument("--callbacks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--postgres", action="store_true", help="the PostgreSQL inbox")
@@ -189,15 +176,15 @@ def main() -> None:
         from tests.databases import server_url
 
         postgres = server_url("postgresql")
-    here = Path(__file__).resolve().parents[1]
-    trees = {"this": here} | ({"baseline": args.against.resolve()} if args.against else {})
-    best: dict[str, dict[str, float]] = {}
-    for _ in range(args.rounds):
-        for name, tree in reversed(trees.items()):
-            figures = run_tree(tree, args.callbacks, postgres, args.freeze)
-            kept = best.setdefault(name, figures)
-            for key, value in figures.items():
-                kept[key] = min(kept[key], value)
+    arguments = ["--child", "--callbacks", str(args.callbacks)]
+    arguments += ["--freeze"] if args.freeze else []
+    arguments += ["--postgres-url", postgres] if postgres else []
+    work = Path(tempfile.mkdtemp(prefix="bench-dispatch-rev-"))
+    try:
+        trees = {"baseline": export(args.against, work / "baseline")} if args.against else {}
+        best = best_of(args.rounds, {**trees, "this": HERE}, "bench.dispatch_cost", arguments)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     backend = "PostgreSQL" if postgres else "SQLite (synchronous=full)"
     print(
         f"{backend}, {args.callbacks} JSON callbacks, {CONNECTIONS} at a time, best of"

@@ -25,8 +25,8 @@ For a JSON and an XML callback (each request a new job), CPU µs per callback
                      event), until every run is done;
   dispatch           the difference of the two: claims, attempts, outcomes, the log line.
 
-With `--against REV`, the same stages of the code at REV (exported by `git archive`,
-measured by this file) and of this tree (or of the revision `--this`), in separate
+With `--against REV`, the same stages of the code at REV (exported with this tree's
+measuring code, bench/trees.py) and of this tree (or of the revision `--this`), in separate
 processes, rounds interleaved, with the ratio of the second's figure to the first's: a
 change judged in one run.
 
@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ import structlog
 import uvloop
 
 from bench.bare_app import app as bare_app
+from bench.trees import HERE, best_of, export
 from receiver.config import Config
 from receiver.events import normalize
 from receiver.inbox import Receipt, Stored
@@ -370,18 +370,6 @@ def table(best: dict[str, dict[str, float]], rounds: int, callbacks: int, concur
         print(f"{stage:<14}{cells}")
 
 
-def export(revision: str, into: Path) -> Path:
-    """The tree of `revision`, with this file to measure it."""
-    here = Path(__file__).resolve().parent.parent
-    into.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(here), "archive", revision], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    shutil.copy(__file__, into / "bench" / "stages.py")  # the same measuring code
-    return into
-
-
 def against(revision: str, args: argparse.Namespace) -> None:
     """This tree's (or `--this` revision's) stages next to REV's, each round a process
     of each, interleaved."""
@@ -390,25 +378,11 @@ def against(revision: str, args: argparse.Namespace) -> None:
     try:
         trees = {
             revision: export(revision, work / "before"),
-            this: (
-                Path(__file__).resolve().parent.parent
-                if args.this is None
-                else export(args.this, work / "after")
-            ),
+            this: HERE if args.this is None else export(args.this, work / "after"),
         }
-        best: dict[str, dict[str, dict[str, float]]] = {name: {} for name in trees}
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.stages", "--json", "--rounds", "1",
-                     "--callbacks", str(args.callbacks), "--concurrency", str(args.concurrency)],
-                    cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                    capture_output=True, text=True, check=True,
-                ).stdout  # fmt: skip
-                for fmt, stages in json.loads(out).items():
-                    kept = best[name].setdefault(fmt, {})
-                    for stage, us in stages.items():
-                        kept[stage] = min(kept.get(stage, float("inf")), us)
+        arguments = ["--json", "--rounds", "1", "--callbacks", str(args.callbacks),
+                     "--concurrency", str(args.concurrency)]  # fmt: skip
+        best = best_of(args.rounds, trees, "bench.stages", arguments)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
