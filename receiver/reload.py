@@ -18,7 +18,7 @@ import structlog
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError
 from receiver.metrics import Metrics
-from receiver.routing import warnings
+from receiver.routing import log_warnings
 from receiver.service import Service, build_slots
 
 logger = structlog.get_logger("ci_receiver.reload")
@@ -55,6 +55,6 @@ class Reloader:
         logger.info("config reloaded", handlers=changes or "unchanged")
         if on_restart:
             logger.warning("config changes that take effect on restart", sections=on_restart)
-        for warning in warnings(config) if self._warn else ():
-            logger.warning("config may not do what was meant", warning=warning)
+        if self._warn:
+            log_warnings(config)
         return True

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 
+import structlog
+
 from receiver import vocabulary
 from receiver.config import Config, RouteConfig, RouteMatch
 from receiver.model import Event
@@ -56,6 +58,13 @@ def warnings(config: Config) -> list[str]:
                         f" (known: {', '.join(known)})"
                     )
     return found
+
+
+def log_warnings(config: Config) -> None:
+    """`warnings` in the log, where a receiver starts or reloads its config."""
+    logger = structlog.get_logger("ci_receiver.config")
+    for warning in warnings(config):
+        logger.warning("config may not do what was meant", warning=warning)
 
 
 def _always(event: Event) -> bool:

@@ -23,7 +23,7 @@ from receiver.cli.common import (
 from receiver.config import Config
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
-from receiver.routing import warnings
+from receiver.routing import log_warnings
 from receiver.worker import SupervisorLink, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.cli")
@@ -209,11 +209,8 @@ def start_logging(config: Config, worker: WorkerSpec | None = None) -> None:
     of `serve --workers` names itself in every line; worker 0 alone warns)."""
     fields = {} if worker is None else {"worker": worker.index}
     configure_logging(config.log.level, config.log.format, config.log.timezone, fields)
-    if worker is not None and worker.index != 0:
-        return
-    logger = structlog.get_logger("ci_receiver.config")
-    for warning in warnings(config):
-        logger.warning("config may not do what was meant", warning=warning)
+    if worker is None or worker.index == 0:
+        log_warnings(config)
 
 
 def _announce(config: Config) -> Callable[[str, int], None]:
