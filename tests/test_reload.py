@@ -291,3 +291,22 @@ def test_a_sighup_while_draining_does_not_cut_the_drain_short(tmp_path):
         assert [job_of(e) for e in recorded(tmp_path / "slow.jsonl")] == [0]
     finally:
         receiver.stop()
+
+
+def test_route_warnings_are_logged_at_start_and_again_on_reload(tmp_path):
+    unrouted = {"first": "first.jsonl", "spare": "spare.jsonl"}
+    write_config(tmp_path, unrouted, ALL_TO.format("first"))
+    receiver = Receiver(tmp_path / "ci-receiver.toml").start()
+    try:
+
+        def warned() -> list[str]:
+            return [line["warning"] for line in log_lines(receiver)
+                    if line["event"] == "config may not do what was meant"]  # fmt: skip
+
+        wait_until(warned, what="the warning at start")
+        assert warned() == ["handlers.spare: no route sends it anything"]
+        hang_up(receiver, 0)
+        wait_until(lambda: len(warned()) == 2, what="the warning on reload")
+        assert receiver.terminate() == 0
+    finally:
+        receiver.stop()
