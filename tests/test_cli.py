@@ -159,6 +159,24 @@ def test_an_empty_inbox_says_so(receiver, tmp_path):
     assert (rejected.stdout, rejected.stderr) == (b"", b"no rejected callbacks\n")
 
 
+def test_stats_counts_what_arrived_and_what_the_handlers_did(receiver, tmp_path):
+    receiver.post(load("transcode.xml"))
+    receiver.post(load("transcode.xml"))  # CI sending it again: a duplicate
+    receiver.post(load("two_jobs.xml"))
+    receiver.post(b"not a callback")
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
+    counted = orjson.loads(cli(tmp_path, "stats", "--since", "1h", "--json").stdout)
+    assert counted["callbacks"] == {"accepted": 2, "duplicate": 1, "rejected": 1}
+    assert counted["tags"] == {"Transcode": 3}
+    assert counted["states"] == {"Success": 3}
+    assert counted["handlers"] == {"recorder": {"done": 3}}
+    shown = cli(tmp_path, "stats").stdout.decode()
+    assert "callbacks\n  accepted" in shown
+    assert "handler recorder\n  done" in shown
+    later = cli(tmp_path, "stats", "--since", "2099-01-01T00:00:00Z").stdout.decode()
+    assert later.splitlines()[-1] == "nothing received"
+
+
 def test_events_tail_follows_new_events_and_stops_on_sigterm(receiver, tmp_path):
     receiver.post(load("transcode.xml"))
     receiver.post(load("smartcover.xml"))
