@@ -109,11 +109,22 @@ class HttpConfig(Section):
     header_timeout: float = Field(10.0, gt=0)
     body_timeout: float = Field(30.0, gt=0)
     keepalive_timeout: float = Field(5.0, gt=0)
-    # Open connections, and requests being handled, beyond which new ones get 503.
-    max_connections: int = Field(1000, ge=1)
-    max_requests: int = Field(128, ge=1)
-    # Of those, requests with bodies over 64 KiB (what holds the most memory).
+    # Open connections beyond which new ones are answered 503 + Retry-After, then closed.
+    # Unset: as many as the open files limit allows next to a reserve for the inbox,
+    # handlers and logs, up to 10,000 (receiver/sources/http_server.py).
+    max_connections: int | None = Field(None, ge=1)
+    # Callbacks in progress are bounded by the memory they hold: their bodies' bytes
+    # (Content-Length, or read so far) plus a constant each. One that does not fit waits
+    # up to `admission_wait` seconds for room before a 503 + Retry-After: a burst of
+    # honest callbacks is taken in, not refused (CI documents no retry).
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    admission_wait: float = Field(10.0, ge=0)
+    # Of those, bodies over 64 KiB (decoded one at a time; several times their size
+    # meanwhile).
     max_large_requests: int = Field(8, ge=1)
+    # A safety net far above any burst: requests in the app at once (each connection
+    # runs one at a time), beyond which new ones get 503 at once.
+    max_requests: int = Field(16384, ge=1)
 
     @field_validator("basic_auth")
     @classmethod

@@ -31,6 +31,7 @@ from receiver.inbox import Receipt
 from receiver.ingest import THREAD_PARSE_BYTES, IntakeUnavailable, RejectionNotKept
 from receiver.payload import PayloadError
 from receiver.service import Backend
+from receiver.sources.admission import Admission
 from receiver.sources.http_auth import SenderAuth, client_address
 
 logger = structlog.get_logger("ci_receiver.sources.http")
@@ -138,13 +139,8 @@ def unavailable(reason: str = "inbox_unavailable") -> Answer:
     )
 
 
-def busy() -> Answer:
-    return Answer.error(
-        503,
-        "busy",
-        "too many large callbacks in progress; send again",
-        {"retry-after": RETRY_AFTER},
-    )
+def busy(detail: str) -> Answer:
+    return Answer.error(503, "busy", f"{detail}; send again", {"retry-after": RETRY_AFTER})
 
 
 def _read_head(scope: Scope) -> tuple[str, dict[str, str], str | None]:
@@ -183,7 +179,12 @@ class Callbacks:
     def __init__(self, service: Backend) -> None:
         config = service.config
         self._senders = SenderAuth(config.http)
+        self._admission = Admission(config.http.max_inflight_bytes, config.http.admission_wait)
         self._large_bodies = Slots(config.http.max_large_requests)
+        self._no_room = (
+            f"no room for this callback within {config.http.admission_wait:g} s"
+            " (too many in progress)"
+        )
         self._max_bytes = config.limits.max_bytes
         self._ingestor, self._metrics = service.ingestor, service.metrics
         self._access_log = config.http.access_log
@@ -251,11 +252,19 @@ class Callbacks:
         )
         max_bytes = self._max_bytes
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            return await self._refuse(receipt, size=int(declared))
-        large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+        size = int(declared) if declared.isdigit() else None
+        if size is not None and size > max_bytes:
+            return await self._refuse(receipt, size=size)
+        large = size is not None and size > LARGE_BODY_BYTES
         if large and not self._large_bodies.take():
-            return busy()
+            return self._busy("too many large callbacks in progress")
+        ticket = await self._admission.enter(size or 0)
+        if ticket is None:
+            if large:
+                self._large_bodies.give_back()
+            return self._busy(self._no_room)
+        # A chunked body (no Content-Length) is admitted as it is read, within the wait.
+        grow_until = time.monotonic() + self._admission.wait
         body: bytes | bytearray = b""
         try:
             more = True
@@ -275,10 +284,13 @@ class Callbacks:
                     body += chunk
                 else:  # the whole body in one message, usually: kept without a copy
                     body = chunk
-                if not large and len(body) > LARGE_BODY_BYTES:  # no Content-Length
-                    large = self._large_bodies.take()
-                    if not large:
-                        return busy()
+                if size is None:
+                    if not await self._admission.grow(ticket, len(chunk), deadline=grow_until):
+                        return self._busy(self._no_room)
+                    if not large and len(body) > LARGE_BODY_BYTES:
+                        large = self._large_bodies.take()
+                        if not large:
+                            return self._busy("too many large callbacks in progress")
                 if len(body) > max_bytes:
                     receipt.body = bytes(body)
                     return await self._refuse(receipt, size=len(body))
@@ -289,8 +301,13 @@ class Callbacks:
             logger.info("client went away before sending the whole body", received=len(body))
             return Answer(400, b"", [])
         finally:
+            self._admission.leave(ticket)
             if large:
                 self._large_bodies.give_back()
+
+    def _busy(self, detail: str) -> Answer:
+        self._metrics.series(self._metrics.callbacks, "http", "busy").inc()
+        return busy(detail)
 
     async def _ingest(self, receipt: Receipt) -> Answer:
         try:
