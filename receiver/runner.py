@@ -30,6 +30,9 @@ logger = structlog.get_logger("ci_receiver.runner")
 
 # The admin listener serves operators and monitoring: a few connections are plenty.
 ADMIN_CONNECTIONS = 32
+# Fewer connections than this (the open files limit leaves no more) is worth a warning:
+# a burst of callbacks could be refused.
+FEW_CONNECTIONS = 1000
 
 
 class Component(Protocol):
@@ -87,8 +90,10 @@ class HttpServer:
         """The port CI posts to: /callbacks, /healthz, a bare /readyz."""
         http = service.config.http
         open_files = raise_open_files_limit()
-        max_connections = connections_within(open_files, http.max_connections)
-        if max_connections < http.max_connections:
+        fitting, max_open = connections_within(open_files)
+        wanted = http.max_connections or FEW_CONNECTIONS
+        max_connections = min(http.max_connections or fitting, fitting)
+        if max_connections < wanted:
             logger.warning(
                 "http.max_connections lowered to fit the open files limit",
                 max_connections=max_connections,
@@ -103,6 +108,7 @@ class HttpServer:
             keepalive_timeout=http.keepalive_timeout,
             max_connections=max_connections,
             max_requests=http.max_requests,
+            max_open=max_open,
         )
         return cls(
             "public",

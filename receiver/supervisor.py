@@ -44,14 +44,13 @@ import structlog
 from receiver.metrics import MULTIPROCESS_DIR
 from receiver.sdnotify import ENV as NOTIFY_ENV
 from receiver.sdnotify import notify
+from receiver.sources.http_server import LISTEN_BACKLOG
 from receiver.worker import READY, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.supervisor")
 
 RESTARTS_ALLOWED = 5
 RESTART_WINDOW = 60.0
-# uvicorn's default listen backlog.
-BACKLOG = 2048
 # Beyond the workers' own graceful and drain timeouts, how long to wait for them at
 # shutdown before they are killed.
 STOP_MARGIN = 30.0
@@ -66,7 +65,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise

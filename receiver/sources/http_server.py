@@ -12,7 +12,9 @@ request (one loop timer per connection, moved only when a deadline comes closer)
 - the head must arrive within `header_timeout`, the body within `body_timeout` of the
   end of the head; an idle keep-alive connection is closed after `keepalive_timeout`;
 - at most `max_connections` are open (one more is answered `503` + `Retry-After` and
-  closed) and at most `max_requests` are in the app (`503` + `Retry-After`);
+  closed) and at most `max_requests` are in the app (`503` + `Retry-After`), a safety
+  net: what bounds the callbacks in progress is their memory
+  (receiver/sources/admission.py);
 - a connection closed with request bytes still coming (a body refused early, `413`)
   closes gracefully: our side of the connection is shut after the response, and what the
   client still sends is read and dropped for up to `LINGER_SECONDS`, so that the client
@@ -45,9 +47,18 @@ LINGER_BYTES = 16 * 1024 * 1024
 # Descriptors kept for everything that is not a client connection: the inbox, handler
 # connections, log files, the broker client... (a quarter of a small limit).
 RESERVED_FDS = 256
-# Connections past max_connections that are still answered 503 (then closed); past
-# these, a new connection is closed without a word.
+# The most connections taken when `http.max_connections` is unset, whatever descriptors
+# are left (a container's limit is often 1,048,576): each open connection holds some
+# memory (its buffers, parser and, once it has sent a request, its task), so what a
+# burst of senders can open at once stays within a small VM.
+MOST_CONNECTIONS = 10_000
+# Without a limit of descriptors (the admin listener): a tenth more connections than
+# max_connections are still answered 503 (then closed); past these, a new connection is
+# closed without a word.
 REFUSING_FRACTION = 10
+# Connections not yet accepted that the kernel keeps (it caps this at net.core.somaxconn):
+# a burst of senders connecting at once waits there rather than being refused.
+LISTEN_BACKLOG = 65535
 # A refusal of one kind is logged at most this often (with the count since the last).
 LOG_EVERY_SECONDS = 10.0
 
@@ -64,6 +75,9 @@ class ServerLimits:
     keepalive_timeout: float = 5.0
     max_connections: int = 1000
     max_requests: int = 128
+    # Connections held at all: past max_connections, up to this many are still answered
+    # 503 (then closed); past it, closed without a word. None: a tenth more.
+    max_open: int | None = None
 
 
 class Guard:
@@ -73,7 +87,7 @@ class Guard:
     def __init__(self, name: str, limits: ServerLimits, metrics: Metrics | None) -> None:
         self.name = name
         self.limits = limits
-        self.refusing_limit = limits.max_connections + max(
+        self.refusing_limit = limits.max_open or limits.max_connections + max(
             16, limits.max_connections // REFUSING_FRACTION
         )
         self._metrics = metrics
@@ -421,6 +435,7 @@ class BoundedConfig(uvicorn.Config):
             log_config=None,
             server_header=False,
             date_header=True,
+            backlog=LISTEN_BACKLOG,
             **kwargs,
         )
         self.guard = guard
@@ -473,11 +488,11 @@ def _log_limit(limit: int, before: int) -> None:
     logger.info("open files limit", limit=limit, raised_from=before)
 
 
-def connections_within(open_files: int, wanted: int) -> int:
-    """The most connections (and refusals in progress) that fit in `open_files`
-    descriptors next to the reserve."""
+def connections_within(open_files: int) -> tuple[int, int]:
+    """What `open_files` descriptors allow next to the reserve: the connections to serve
+    by default (up to `MOST_CONNECTIONS`, and leaving room to refuse a tenth more), and
+    the connections to hold at all (served, or being answered 503)."""
     reserve = min(RESERVED_FDS, open_files // 4)
     available = open_files - reserve
-    # max_connections + the refusals beyond it (REFUSING_FRACTION) must fit.
-    fitting = available * REFUSING_FRACTION // (REFUSING_FRACTION + 1) - 16
-    return max(1, min(wanted, fitting))
+    served = available * REFUSING_FRACTION // (REFUSING_FRACTION + 1) - 16
+    return max(1, min(served, MOST_CONNECTIONS)), max(1, available)
