@@ -35,7 +35,8 @@ class Metrics:
         self.callbacks = Counter(
             "ci_receiver_callbacks",
             "Callbacks received, by source and outcome (accepted, duplicate, rejected,"
-            " unavailable: not kept, to be sent again, ...).",
+            " unavailable: not kept, to be sent again; busy: no room within http.admission_wait,"
+            " 503, ...).",
             ["source", "outcome"],
             registry=self.registry,
         )
