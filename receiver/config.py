@@ -480,6 +480,9 @@ class CiConfig(Section):
     # Seconds between reconcile passes, and how far back each pass looks.
     interval: Duration = Field(300.0, gt=0)
     window: Duration = Field(86400.0, gt=0)
+    # How long after a job ended its callback may still be on its way: a pass leaves a
+    # job that ended more recently to a later one, so what it recovers never came.
+    settle: Duration = Field(120.0, ge=0)
     # Seconds for one API request, and attempts for one that is throttled or fails.
     request_timeout: float = Field(10.0, gt=0)
     max_attempts: int = Field(5, ge=1)

@@ -324,6 +324,19 @@ def _error(status: int, code: str, message: str) -> tuple[int, str]:
 
 # --- what tests put in it ----------------------------------------------------------------
 
+# How long each job runs; and, unless a test says when, how long ago it was created: its
+# callback is then long due, and the reconciler takes it as settled.
+RAN = timedelta(seconds=30)
+CREATED_AGO = timedelta(minutes=10)
+
+
+def _times(created: datetime | None, ended: datetime | None) -> tuple[datetime, datetime]:
+    if ended is None:
+        created = created or datetime.now(timezone.utc) - CREATED_AGO
+        ended = created + RAN
+    created = created or ended - RAN
+    return created.astimezone(BEIJING), ended.astimezone(BEIJING)
+
 
 def job(
     n: int,
@@ -334,9 +347,10 @@ def job(
     state: str = "Success",
     queue_id: str = "p0123456789abcdef0123456789abcdef",
     created: datetime | None = None,
+    ended: datetime | None = None,
 ) -> dict[str, Any]:
     """A JobsDetail as CI documents it for a Transcode job (code, times, input, output)."""
-    created = (created or datetime.now(timezone.utc)).astimezone(BEIJING)
+    created, ended = _times(created, ended)
     failed = state == "Failed"
     return {
         "Code": "InternalError" if failed else "Success",
@@ -346,7 +360,7 @@ def job(
         "State": state,
         "CreationTime": created.strftime(CI_TIME),
         "StartTime": (created + timedelta(seconds=1)).strftime(CI_TIME),
-        "EndTime": (created + timedelta(seconds=30)).strftime(CI_TIME),
+        "EndTime": ended.strftime(CI_TIME),
         "QueueId": queue_id,
         "Input": {"BucketId": bucket, "Region": region, "Object": f"input/video-{n}.mp4"},
         "Operation": {
@@ -365,10 +379,10 @@ def job(
 
 def execution(
     n: int, bucket: str, region: str, workflow_id: str, *, state: str = "Success",
-    created: datetime | None = None,
+    created: datetime | None = None, ended: datetime | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A WorkflowExecution with one Transcode task, as the WorkflowFinish callback has it."""
-    created = (created or datetime.now(timezone.utc)).astimezone(BEIJING)
+    created, ended = _times(created, ended)
     return {
         "RunId": f"i{n:032x}",
         "BucketId": bucket,
@@ -382,7 +396,7 @@ def execution(
             "JobId": f"j{n + 1000:032x}",
             "State": state,
             "StartTime": created.strftime(CI_TIME),
-            "EndTime": (created + timedelta(seconds=30)).strftime(CI_TIME),
+            "EndTime": ended.strftime(CI_TIME),
             "ResultInfo": {
                 "ObjectCount": "1",
                 "ObjectInfo": {

@@ -23,8 +23,10 @@ Messages live in an SQLite file, so the server can be killed and started again o
 the same queues, like the real (durable) service. For the tests, `/_stand-in/...`
 (unsigned, not part of CMQ) answers the next requests with throttling (4420) or a
 gateway's 503, refuses actions as a missing CAM permission (4000, module code 10461),
-writes the next message body as raw JSON text (a hostile answer), and reports counts
-(requests per action, messages queued and hidden, the most hidden at once).
+refuses every signed request with a code of the test's choosing until told otherwise
+(4104, a key CMQ no longer knows; 6000, CMQ failing...), writes the next message body
+as raw JSON text (a hostile answer), and reports counts (requests per action, messages
+queued and hidden, the most hidden at once).
 
     python -m tests.cmq_server --port P --db F --key ID:KEY --queue NAME [...]
 """
@@ -165,6 +167,7 @@ class StandIn:
         self.throttle = 0  # next requests answered "qps throttling"
         self.unavailable = 0  # next requests answered by a gateway's 503
         self.denied: set[str] = set()  # actions the key has no CAM permission for
+        self.refusal: dict[str, Any] | None = None  # {code, message} for every request
         self.raw_body: str | None = None  # JSON text for the next received msgBody
 
     def app(self) -> Starlette:
@@ -194,6 +197,8 @@ class StandIn:
                 raise Refused(4420, "(10250)qps throttling")
             if action in self.denied:
                 raise Refused(4000, "(10461)no cam authentication")
+            if self.refusal is not None:
+                raise Refused(self.refusal["code"], self.refusal["message"])
             answer = await self.act(action, params)
         except Refused as refused:
             body = {"code": refused.code, "message": refused.message, **refused.extra}
@@ -294,6 +299,7 @@ class StandIn:
         self.throttle = change.get("throttle", self.throttle)
         self.unavailable = change.get("unavailable", self.unavailable)
         self.denied = set(change.get("deny", self.denied))
+        self.refusal = change.get("refuse", self.refusal)
         self.raw_body = change.get("raw_body", self.raw_body)
         return JSONResponse({"ok": True})
 

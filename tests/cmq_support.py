@@ -109,7 +109,8 @@ class CmqStandIn:
         return self._http.get(self.url + "/_stand-in/stats").json()
 
     def control(self, **change: Any) -> None:
-        """throttle=N / unavailable=N: the next N requests; deny=[actions]."""
+        """throttle=N / unavailable=N: the next N requests; deny=[actions];
+        refuse={"code": C, "message": M}: every request until refuse=None."""
         self._http.post(self.url + "/_stand-in/control", json=change).raise_for_status()
 
 

@@ -153,6 +153,21 @@ async def test_refusals_carry_the_code_and_say_whether_waiting_helps(stand_in):
         assert "cam" in refused.value.message
         stand_in.control(deny=[])
 
+        # A code of the authentication family no list names: refused all the same.
+        stand_in.control(refuse={"code": 4104, "message": "the key does not exist"})
+        with pytest.raises(CmqRefused) as refused:
+            await no_queue.receive(QUEUE, 16, 0)
+        assert (refused.value.code, refused.value.fatal) == (4104, True)
+        assert "secret_key" in refused.value.hint
+        assert refused.value.request_id
+
+        # CMQ failing: tried again, as a 5xx.
+        stand_in.control(refuse={"code": 6000, "message": "(10050)server internal error"})
+        with pytest.raises(CmqRefused) as refused:
+            await no_queue.receive(QUEUE, 16, 0)
+        assert (refused.value.code, refused.value.fatal, refused.value.hint) == (6000, False, "")
+        stand_in.control(refuse=None)
+
         stand_in.control(throttle=1)
         with pytest.raises(CmqRefused) as refused:
             await no_queue.receive(QUEUE, 16, 0)
@@ -168,6 +183,33 @@ async def test_refusals_carry_the_code_and_say_whether_waiting_helps(stand_in):
     finally:
         await wrong_key.close()
         await no_queue.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "fatal", "said"),
+    [
+        (4000, True, "BatchDeleteMessage actions"),  # a parameter, or CAM (10461)
+        (4100, True, "check cmq.secret_id"),  # the signature
+        (4103, True, "may use this queue"),  # CAM: not authorized for the resource
+        (4110, True, "check cmq.secret_id"),  # another CAM refusal
+        (4200, True, "clock"),  # the request expired
+        (4300, True, "arrears"),
+        (4440, True, "check the queue name"),
+        (4410, True, "the limit"),  # the queue holds as many messages as it may
+        (4600, True, "CMQ's error codes"),  # a family with no hint of its own
+        (5100, True, "CMQ's error codes"),
+        (4420, False, ""),  # throttled
+        (4480, False, ""),
+        (6070, False, ""),
+        (6000, False, ""),  # CMQ failing
+        (6200, False, ""),  # "try again later"
+        (4430, False, ""),  # a stale receipt handle: about one message
+    ],
+)
+def test_codes_are_read_by_family(code, fatal, said):
+    refused = CmqRefused("BatchReceiveMessage", code, "", "r", {})
+    assert refused.fatal is fatal
+    assert said in refused.hint if said else refused.hint == ""
 
 
 async def test_an_endpoint_that_does_not_answer_is_unavailable():

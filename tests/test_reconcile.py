@@ -226,3 +226,67 @@ async def test_stop_ends_a_pass_at_once(ci, inbox):
         await asyncio.sleep(0.01)
     setup.reconciler.stop()
     await asyncio.wait_for(running, 5)
+
+
+async def test_a_job_that_just_ended_waits_for_a_later_pass(ci, inbox):
+    """Its callback may still be on its way: a pass leaves it (settle, 2 minutes by
+    default); a later one recovers it only if the callback never came."""
+    setup = Setup(ci, inbox)
+    now = datetime.now(timezone.utc)
+    a_second_ago = now - timedelta(seconds=1)
+    late, lost = (
+        job(1, BUCKET, REGION, ended=a_second_ago),
+        job(2, BUCKET, REGION, ended=a_second_ago),
+    )
+    ci.add_jobs(BUCKET, late, lost, job(3, BUCKET, REGION))  # 3 ended ten minutes ago
+
+    report = await setup.reconciler.reconcile(now=now)
+    assert [f.event.job_id for f in report.recovered] == [f"j{3:032x}"]
+    assert sorted(f.event.job_id for f in report.settling) == [f"j{1:032x}", f"j{2:032x}"]
+    assert not any(f.recovered for f in report.settling)
+    assert len(setup.stored) == 1
+
+    await setup.callback(late)  # comes in, a little late
+    # Still within settle: nothing more.
+    assert (await setup.reconciler.reconcile(now=now + timedelta(seconds=60))).found == []
+    report = await setup.reconciler.reconcile(now=now + timedelta(minutes=3))
+    assert [f.event.job_id for f in report.recovered] == [f"j{2:032x}"]
+    assert report.settling == []
+    assert setup.metric("ci_receiver_reconcile_recovered_total", kind="job") == 2
+    # `settle` given for one pass: 0 takes a job that has just ended.
+    ci.add_jobs(BUCKET, job(4, BUCKET, REGION, ended=now))
+    report = await setup.reconciler.reconcile(now=now, settle=timedelta(0))
+    assert [f.event.job_id for f in report.recovered] == [f"j{4:032x}"]
+
+
+async def test_a_job_left_to_settle_is_listed_by_the_next_pass_whatever_its_age(ci, inbox):
+    """Listings go by creation time: the cursor stops where the next pass's window still
+    reaches back to a job left to settle, even one created before that window."""
+    setup = Setup(ci, inbox)  # a one-hour window
+    now = datetime.now(timezone.utc)
+    cursor = Watch(BUCKET, "Transcode").cursor_key
+    await inbox.set_state(cursor, (now - timedelta(minutes=5)).isoformat())  # the last pass
+    long_running = job(1, BUCKET, REGION, created=now - timedelta(minutes=62), ended=now)
+    ci.add_jobs(BUCKET, long_running)
+
+    report = await setup.reconciler.reconcile(now=now)
+    assert [f.event.job_id for f in report.settling] == [f"j{1:032x}"]
+    assert datetime.fromisoformat(await inbox.get_state(cursor)) < now
+
+    later = now + timedelta(minutes=20)
+    report = await setup.reconciler.reconcile(now=later)
+    assert [f.event.job_id for f in report.recovered] == [f"j{1:032x}"]
+    # Nothing left to settle: the cursor is the end of the pass again.
+    assert datetime.fromisoformat(await inbox.get_state(cursor)) == later
+
+
+async def test_a_workflow_execution_that_just_ended_waits_too(ci, inbox):
+    setup = Setup(ci, inbox, buckets=[{"name": BUCKET, "region": REGION, "workflows": ["w1"]}])
+    now = datetime.now(timezone.utc)
+    ci.executions[BUCKET] = [execution(1, BUCKET, REGION, "w1", ended=now)]
+    # The list gives no end time: the execution is fetched whole to know it.
+    report = await setup.reconciler.reconcile(now=now)
+    assert [f.event.job_id for f in report.settling] == [f"i{1:032x}"]
+    assert report.recovered == []
+    report = await setup.reconciler.reconcile(now=now + timedelta(minutes=3))
+    assert [f.event.job_id for f in report.recovered] == [f"i{1:032x}"]

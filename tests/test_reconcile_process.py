@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -27,8 +29,11 @@ def ci():
     server.stop()
 
 
-def config(tmp_path: Path, ci: CiApiServer, secret_key: str = SECRET_KEY) -> Path:
+def config(
+    tmp_path: Path, ci: CiApiServer, secret_key: str = SECRET_KEY, settle: str | None = None
+) -> Path:
     path = tmp_path / "ci-receiver.toml"
+    settling = f'settle = "{settle}"' if settle is not None else ""
     path.write_text(
         f"""
 data_dir = "{tmp_path / "data"}"
@@ -45,6 +50,7 @@ secret_key = "${{CI_TEST_SECRET_KEY}}"
 endpoint = "{ci.url}"
 interval = "0.5s"
 window = "1h"
+{settling}
 [[ci.buckets]]
 name = "{BUCKET}"
 region = "{REGION}"
@@ -108,6 +114,61 @@ def test_ten_jobs_end_three_callbacks_are_lost_and_the_running_receiver_recovers
     assert all(seen.status == 200 for seen in ci.requests)
 
 
+def passes_done(receiver: Receiver) -> list[dict]:
+    lines = [orjson.loads(line) for line in receiver.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line["event"] == "reconcile pass done"]
+
+
+def test_a_callback_still_on_its_way_when_its_job_ends_is_not_recovered(tmp_path, ci):
+    """CI lists the job finished a moment before its callback comes: the passes leave
+    it to settle, and the callback is what gets stored and handled."""
+    ended = datetime.now(timezone.utc)
+    detail = job(1, BUCKET, REGION, ended=ended)
+    ci.add_jobs(BUCKET, detail)
+    receiver = Receiver(config(tmp_path, ci, settle="4s")).start(env=environment(tmp_path))
+
+    def left() -> bool:
+        return any(p["settling"] == 1 for p in passes_done(receiver))
+
+    try:
+        wait_until(left, what="a pass leaving the job to settle")
+        assert receiver.post(callback_body(detail)).status_code == 200
+        done = tmp_path / "recorded.jsonl"
+        wait_until(lambda: len(recorded(done)) == 1, what="the callback handled")
+        # Passes go on past settle: they find the job stored.
+        time.sleep(max(0.0, (ended - datetime.now(timezone.utc)).total_seconds() + 4))
+        passes = len(passes_done(receiver))
+        wait_until(lambda: len(passes_done(receiver)) >= passes + 2, what="two more passes")
+        assert receiver.terminate() == 0
+    finally:
+        receiver.stop()
+    assert [line["source"] for line in json_lines(done) if line["what"] == "done"] == ["http"]
+    assert "recovered an event whose callback never came" not in receiver.log()
+    assert all(p["recovered"] == 0 for p in passes_done(receiver))
+
+
+def test_reconcile_by_hand_leaves_a_job_that_just_ended_unless_told_not_to(tmp_path, ci):
+    ci.add_jobs(BUCKET, job(1, BUCKET, REGION, ended=datetime.now(timezone.utc)))
+    config(tmp_path, ci)
+
+    waits = cli(tmp_path, "reconcile", "--since", "1h")
+    assert waits.returncode == 0, waits.stderr
+    assert f"settling  job:j{1:032x}:Success  Transcode  {BUCKET}  input/video-1.mp4" in (
+        waits.stdout
+    )
+    assert "1 finished checked, 0 missing, 0 recovered; 1 ended too recently" in waits.stdout
+    assert cli(tmp_path, "events", "list").stdout == ""
+
+    now = cli(tmp_path, "reconcile", "--since", "1h", "--settle", "0")
+    assert now.returncode == 0, now.stderr
+    assert f"recovered  job:j{1:032x}:Success" in now.stdout
+    assert "1 finished checked, 1 missing, 1 recovered" in now.stdout
+
+    wrong = cli(tmp_path, "reconcile", "--settle", "soon")
+    assert wrong.returncode == 2
+    assert "--settle" in wrong.stderr
+
+
 def test_wrong_credentials_are_a_clear_error_at_start(tmp_path, ci):
     receiver = Receiver(config(tmp_path, ci, secret_key="not-the-key"))
     receiver.start(env=environment(tmp_path), wait_http=False)
@@ -153,7 +214,7 @@ def test_check_config_masks_the_credentials_from_file_or_environment(tmp_path, c
     assert shown.returncode == 0, shown.stderr
     effective = orjson.loads(shown.stdout)["ci"]
     assert (effective["secret_id"], effective["secret_key"]) == ("**********", "**********")
-    assert (effective["interval"], effective["window"]) == (0.5, 3600)
+    assert (effective["interval"], effective["window"], effective["settle"]) == (0.5, 3600, 120)
     assert "AKIDfromenvironment" not in shown.stdout
     assert SECRET_KEY not in shown.stdout
 

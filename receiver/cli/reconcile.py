@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from receiver.cli.common import config_option, load, make_service, run_async
 from receiver.config import parse_duration
+
+if TYPE_CHECKING:  # imported when the command runs: the CLI starts without them
+    from receiver.sources.reconcile import Found
 
 
 @click.command()
@@ -18,8 +21,17 @@ from receiver.config import parse_duration
 @click.option("--since", help="Look back this far (24h, 90m, 7d) instead of from the cursors.")
 @click.option("--bucket", help="Only this bucket (one of [ci] buckets).")
 @click.option("--dry-run", is_flag=True, help="Show what is missing; store nothing.")
+@click.option(
+    "--settle",
+    help="Leave jobs that ended less than this long ago to a later pass (default: [ci]"
+    " settle); 0 takes them now.",
+)
 def reconcile(
-    config_path: Path | None, since: str | None, bucket: str | None, dry_run: bool
+    config_path: Path | None,
+    since: str | None,
+    bucket: str | None,
+    dry_run: bool,
+    settle: str | None,
 ) -> None:
     """Find finished jobs whose callback never came, and store them.
 
@@ -27,7 +39,8 @@ def reconcile(
     the inbox lacks as if its callback had come; a running receiver then runs its
     handlers. Without --since a pass starts from where the last one ended, as the
     receiver's own passes do, and moves their cursors on; --since and --dry-run move
-    none.
+    none. A job that ended less than [ci] settle (or --settle) ago is shown as settling
+    and left to a later pass: its callback may still be on its way.
     """
     from receiver.ci_api import CiApiError
     from receiver.sources.reconcile import Reconciler, Watch, watches
@@ -38,10 +51,8 @@ def reconcile(
     names = [b.name for b in config.ci.buckets]
     if bucket is not None and bucket not in names:
         raise click.ClickException(f"{bucket} is not in [ci] buckets ({', '.join(names)})")
-    try:
-        look_back = timedelta(seconds=parse_duration(since)) if since else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
+    look_back = _duration(since, "--since")
+    settle_for = _duration(settle, "--settle")
     service = make_service(config)
     todo = watches(config.ci, bucket)
 
@@ -61,7 +72,11 @@ def reconcile(
                     bar.update(1, watch)
 
                 return await reconciler.reconcile(
-                    since=look_back, bucket=bucket, dry_run=dry_run, on_watch=advance
+                    since=look_back,
+                    bucket=bucket,
+                    dry_run=dry_run,
+                    settle=settle_for,
+                    on_watch=advance,
                 )
         finally:
             await service.inbox.close()
@@ -71,14 +86,29 @@ def reconcile(
     except CiApiError as exc:
         raise click.ClickException(f"[ci]: {exc}") from None
     for found in report.found:
-        event = found.event
         what = "recovered" if found.recovered else ("missing" if dry_run else "stored already")
-        key = event.input.key if event.input else ""
-        click.echo(f"{what}  {event.id}  {event.tag or event.kind}  {found.watch.bucket}  {key}")
+        _echo(what, found)
+    for found in report.settling:
+        _echo("settling", found)
     for watch, error in report.failed.items():
         click.echo(f"failed  {watch}: {error}", err=True)
     summary = f"{report.checked} finished checked, {len(report.found)} missing"
     summary += " (dry run: nothing stored)" if dry_run else f", {len(report.recovered)} recovered"
+    if report.settling:
+        summary += f"; {len(report.settling)} ended too recently, left to a later pass"
     click.echo(summary)
     if report.failed:
         sys.exit(1)
+
+
+def _duration(value: str | None, option: str) -> timedelta | None:
+    try:
+        return timedelta(seconds=parse_duration(value)) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _echo(what: str, found: Found) -> None:
+    event = found.event
+    key = event.input.key if event.input else ""
+    click.echo(f"{what}  {event.id}  {event.tag or event.kind}  {found.watch.bucket}  {key}")

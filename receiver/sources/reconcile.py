@@ -9,10 +9,14 @@ through the normal ingest path as a callback document with `source = "reconcile"
 routes and handlers treat it like the callback it stands for; its dedup id is the
 callback's, so a callback that arrives afterwards is a duplicate.
 
+A job that ended less than `settle` ago is left to a later pass: its callback may still
+be on its way, and what a pass recovers should be what never came.
+
 The window reaches back `window` before the watch's cursor: the end of its last
 completed pass, kept in the inbox. A receiver that was down for longer than the window
 catches up from where it stopped; a pass that fails (CI unreachable after the retries)
-leaves the cursor where it was.
+leaves the cursor where it was; a pass that left jobs to settle moves it only so far
+that the next pass's window still reaches back to their creation.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class Found:
 class Report:
     checked: int = 0
     found: list[Found] = field(default_factory=list)
+    # Missing, but ended less than `settle` ago: left to a later pass.
+    settling: list[Found] = field(default_factory=list)
     # Watches whose listing failed, with why; their cursors did not move.
     failed: dict[Watch, str] = field(default_factory=dict)
 
@@ -141,6 +147,7 @@ class Reconciler:
                     "reconcile pass done",
                     checked=report.checked,
                     recovered=len(report.recovered),
+                    settling=len(report.settling),
                     failed=[str(w) for w in report.failed],
                 )
             finally:
@@ -160,14 +167,20 @@ class Reconciler:
         since: timedelta | None = None,
         bucket: str | None = None,
         dry_run: bool = False,
+        settle: timedelta | None = None,
+        now: datetime | None = None,
         on_watch: Callable[[Watch, Report], None] | None = None,
     ) -> Report:
         """One pass over every watch (of `bucket`). `since` looks back that far instead of
-        from the cursors, and moves none; `dry_run` stores nothing and moves no cursor."""
+        from the cursors, and moves none; `dry_run` stores nothing and moves no cursor;
+        `settle` replaces `[ci] settle`; `now` is the clock's reading (tests)."""
         report = Report()
+        if settle is None:
+            settle = timedelta(seconds=self._config.settle)
         for watch in watches(self._config, bucket):
             try:
-                await self._reconcile(watch, since, dry_run, report)
+                until = now or datetime.now(timezone.utc)
+                await self._reconcile(watch, report, since, dry_run, until, until - settle)
             except CiApiError as error:
                 report.failed[watch] = str(error)
                 logger.error("cannot list from CI's job API", watch=str(watch), error=str(error))
@@ -176,9 +189,16 @@ class Reconciler:
         return report
 
     async def _reconcile(
-        self, watch: Watch, since: timedelta | None, dry_run: bool, report: Report
+        self,
+        watch: Watch,
+        report: Report,
+        since: timedelta | None,
+        dry_run: bool,
+        until: datetime,
+        settled: datetime,
     ) -> None:
-        until = datetime.now(timezone.utc)
+        """List what finished up to `until`; recover what the inbox lacks and ended by
+        `settled`."""
         if since is not None:
             start = until - since
         else:
@@ -198,6 +218,7 @@ class Reconciler:
                 since=start, until=until,
             )  # fmt: skip
             document = job_document
+        done_until = until
         async for page in pages:
             finished = [i for i in page.items if text(i.get("State")) in FINAL_STATES]
             report.checked += len(finished)
@@ -208,32 +229,39 @@ class Reconciler:
             known = await self._inbox.known(ids, forged=False)
             for item, events in candidates:
                 missing = [event for event in events if event.id not in known]
-                if missing:
-                    await self._recover(watch, item, missing, dry_run, report)
+                if not missing:
+                    continue
+                body = await self._document(watch, item)
+                if body is None:
+                    continue
+                if _ended_after(body, settled):
+                    report.settling += [Found(watch, event, recovered=False) for event in missing]
+                    # The next pass must list it again: its window has to reach back to the
+                    # job's creation (within this pass's, or CI would not have listed it).
+                    created = min(e.created_at or start for e in missing)
+                    done_until = min(done_until, created + timedelta(seconds=self._config.window))
+                elif dry_run:
+                    report.found += [Found(watch, event, recovered=False) for event in missing]
+                else:
+                    await self._recover(watch, body, missing, report)
         if since is None and not dry_run:
-            await self._inbox.set_state(watch.cursor_key, until.isoformat())
+            await self._inbox.set_state(watch.cursor_key, done_until.isoformat())
+
+    async def _document(self, watch: Watch, item: dict[str, Any]) -> dict[str, Any] | None:
+        """The callback document a listed job or workflow execution stands for."""
+        if not watch.workflow_id:
+            return job_document(item)
+        # The list gives summaries; the callback carried the execution with its tasks.
+        run_id = text(item.get("RunId")) or ""
+        execution = await self._api.get_workflow_execution(watch.bucket, run_id)
+        if execution is None:
+            logger.warning("CI listed a workflow execution it cannot show", run_id=run_id)
+            return None
+        return workflow_document(execution)
 
     async def _recover(
-        self,
-        watch: Watch,
-        item: dict[str, Any],
-        missing: list[Event],
-        dry_run: bool,
-        report: Report,
+        self, watch: Watch, body: dict[str, Any], missing: list[Event], report: Report
     ) -> None:
-        if dry_run:
-            report.found += [Found(watch, event, recovered=False) for event in missing]
-            return
-        if watch.workflow_id:
-            # The list gives summaries; the callback carried the execution with its tasks.
-            run_id = text(item.get("RunId")) or ""
-            execution = await self._api.get_workflow_execution(watch.bucket, run_id)
-            if execution is None:
-                logger.warning("CI listed a workflow execution it cannot show", run_id=run_id)
-                return
-            body = workflow_document(execution)
-        else:
-            body = job_document(item)
         receipt = Receipt(
             body=orjson.dumps(body),
             source="reconcile",
@@ -258,6 +286,13 @@ class Reconciler:
                     event_id=event.id, job_id=event.subject, tag=event.tag, state=event.state,
                     bucket=watch.bucket, key=event.input.key if event.input else None,
                 )  # fmt: skip
+
+
+def _ended_after(body: dict[str, Any], moment: datetime) -> bool:
+    """Whether the job (or execution) ended after `moment`; one whose end CI does not
+    give counts as ended long ago."""
+    ended = [e.finished_at for e in events_of(body) if e.finished_at is not None]
+    return bool(ended) and max(ended) > moment
 
 
 def reconciler_for(config: Config, service: Any) -> Reconciler:

@@ -11,7 +11,8 @@ and `requestId`.
 
 Failures come out as one of two exceptions:
 - `CmqRefused`: CMQ answered with a code. `fatal` when waiting will not mend it (a wrong
-  key, a missing queue or permission), with a hint of what to check;
+  key, a missing queue or permission: every code but throttling and CMQ's own failures),
+  with a hint of what to check;
 - `CmqUnavailable`: no answer that can be read (network, 5xx, a gateway's page).
 """
 
@@ -36,22 +37,31 @@ PATH = "/v2/index.php"
 REQUEST_CLIENT = "ci-receiver"
 
 NO_MESSAGE = 7000
+# CMQ's codes come in families, told apart by thousands and hundreds (CMQ's error-code
+# table: cloud.tencent.com/document/product/406/5903, the same under TDMQ for CMQ at
+# /document/product/1496/70948; 4101-4110 are Tencent Cloud API 2.0's common CAM codes,
+# cloud.tencent.com/doc/api/309/7025). So a code no table lists is still placed.
 # Waiting mends these: QPS throttling (4420, 4480) and too many messages in flight (6070).
 THROTTLED = frozenset({4420, 4480, 6070})
-# ... and not these: what is wrong is the key, the request, the queue or the account.
-HINTS = {
-    4000: "CMQ refused the request: if the message names CAM or a permission, the key's"
-    " user needs the tdmq ReceiveMessage, BatchReceiveMessage, DeleteMessage and"
-    " BatchDeleteMessage actions on this queue (see the README's CAM policy)",
-    4100: "check cmq.secret_id and cmq.secret_key (the key must be enabled, and a temporary"
-    " key needs cmq.token), and that this machine's clock is right",
-    4300: "the account is in arrears: CMQ serves it again once it is paid",
-    4440: "check the queue name (CallBackMqConfig.MqName) and that it exists in the region"
-    " of the endpoint",
-}
-FATAL = frozenset(HINTS)
+# CMQ's own failures (internal errors, "try again later"): retried as a 5xx is.
+SERVER_FAMILY = 6
 # Of a receipt handle that is no longer the message's latest (expired, or received again).
 STALE_HANDLE = 4430
+# Every other code is a refusal waiting will not mend: what is wrong is the key, the
+# request, the queue or the account. What to check, by family (code // 100):
+HINTS = {
+    40: "CMQ refused the request: if the message names CAM or a permission, the key's"
+    " user needs the tdmq ReceiveMessage, BatchReceiveMessage, DeleteMessage and"
+    " BatchDeleteMessage actions on this queue (see the README's CAM policy)",
+    41: "check cmq.secret_id and cmq.secret_key (the key must exist and be enabled, and a"
+    " temporary key needs cmq.token), that this machine's clock is right, and that the"
+    " key's user may use this queue (see the README's CAM policy)",
+    42: "the request expired: check this machine's clock",
+    43: "the account is in arrears or barred: CMQ serves it again once that is settled",
+    44: "check the queue name (CallBackMqConfig.MqName) and that it exists in the region"
+    " of the endpoint (CMQ's message names the resource or the limit)",
+}
+OTHER_HINT = "see CMQ's error codes: https://cloud.tencent.com/document/product/1496/70948"
 
 
 class CmqRefused(Exception):
@@ -68,16 +78,20 @@ class CmqRefused(Exception):
         super().__init__(f"{action}: CMQ answered code {code}: {message} (request {request_id})")
 
     @property
-    def fatal(self) -> bool:
-        return self.code in FATAL
-
-    @property
     def throttled(self) -> bool:
         return self.code in THROTTLED
 
     @property
+    def fatal(self) -> bool:
+        """Waiting will not mend it: anything but throttling, CMQ's own failures and a
+        stale receipt handle (which is about one message, not the key or the queue)."""
+        return not (
+            self.throttled or self.code // 1000 == SERVER_FAMILY or self.code == STALE_HANDLE
+        )
+
+    @property
     def hint(self) -> str:
-        return HINTS.get(self.code, "")
+        return HINTS.get(self.code // 100, OTHER_HINT) if self.fatal else ""
 
 
 class CmqUnavailable(Exception):

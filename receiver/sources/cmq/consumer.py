@@ -13,9 +13,12 @@ unless it is deleted with the receipt handle of its latest receive. So:
 Each queue has `concurrency` pollers. A poller takes one batch (up to `batch` messages),
 ingests its messages at once, deletes the kept ones in one request, and only then takes
 the next: at most `batch x concurrency` messages per queue are in hand, however long the
-backlog. Throttling, 5xx and network errors are retried with jittered backoff, logged
-once per change of the queue's state; a key, queue or permission refused before the
-queue ever answered stops the consumer with CMQ's code and message.
+backlog. Throttling, CMQ's own failures (6xxx), 5xx and network errors are retried with
+jittered backoff, logged once per change of the queue's state; any other refusal (a key,
+queue, permission or account: waiting will not mend it) before the queue ever answered
+stops the consumer with CMQ's code, message and request id and what to check. Once the
+queue has answered, such a refusal (a key disabled while running) is logged as an error
+and retried once a minute.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ DELETE_RETRY_SECONDS = 60.0
 
 
 class CmqError(RuntimeError):
-    """CMQ refused the configured key, queue or permission before the queue ever answered."""
+    """CMQ refused the key, queue, permission or account before the queue ever answered."""
 
 
 @dataclass(slots=True)
