@@ -1,10 +1,11 @@
-"""`sql` / `sqlite`: keep a `jobs` table of the latest state of every job, upserted, and
-optionally an `events` table with every event once.
+"""`sql` / `sqlite`: keep a jobs table of the latest state of every job, upserted, and
+optionally an events table with every event once.
 
 One implementation for SQLite, PostgreSQL and MySQL/MariaDB, on SQLAlchemy Core with
 async drivers (aiosqlite, asyncpg, aiomysql). An upsert never moves a job backwards: a
 late `Running` after `Success` leaves the row alone, and replaying an event is
-harmless. Tables are created, or given the columns they lack, on start.
+harmless. Tables are created, or given the columns they lack, on start: only its own
+(sql_schema.py).
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, field_serializer
-from sqlalchemy import URL, Insert, MetaData, Table, case, make_url
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from sqlalchemy import URL, Insert, Table, case, make_url
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from handlers import HandlerConfigError
-from handlers.sql_tables import create_or_migrate, event_row, events_table, job_row, jobs_table
+from handlers.sql_schema import Prepared, Wanted, prepare
+from handlers.sql_tables import event_row, job_row
 from receiver.model import Event
+from receiver.ownership import NotOurs
 
 logger = structlog.get_logger("ci_receiver.handlers.sql")
 
@@ -45,10 +48,12 @@ class TableOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    table: str = "jobs"
+    # Not `jobs`, a name a database may well hold already (an earlier default, still
+    # used where it is ci-receiver's: sql_schema.LEGACY_NAMES).
+    table: str = "ci_jobs"
     # Also keep every event, once, in `events_table`.
     history: bool = False
-    events_table: str = "events"
+    events_table: str = "ci_events"
     # Keep the decoded callback document in the history rows.
     include_raw: bool = False
 
@@ -57,6 +62,9 @@ class SqlOptions(TableOptions):
     # A SQLAlchemy URL: sqlite:///jobs.db, postgresql://user:pass@host/db,
     # mysql://user:pass@host/db. The async driver is filled in when left out.
     url: str
+    # The tables' schema (PostgreSQL: created when missing; MySQL: a database); unset:
+    # the connection's own (`public`, the URL's database).
+    schema_name: str | None = Field(None, alias="schema")  # `schema` is BaseModel's
     # Connections kept open to a database server (a SQLite file has no pool to size).
     pool_size: int = 5
 
@@ -105,23 +113,37 @@ class SqlHandler:
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         sql_options = SqlOptions.model_validate(options)
-        self._prepare(sql_options, async_url(sql_options.url), sql_options.pool_size)
+        url = async_url(sql_options.url)
+        schema = sql_options.schema_name
+        if schema is not None and url.get_backend_name() == "sqlite":
+            raise HandlerConfigError("schema: SQLite has none; leave it out")
+        self._prepare(sql_options, url, sql_options.pool_size, schema)
 
-    def _prepare(self, options: TableOptions, url: URL, pool_size: int | None) -> None:
+    def _prepare(
+        self, options: TableOptions, url: URL, pool_size: int | None, schema: str | None
+    ) -> None:
         self.options = options
         self._url = url
         self._pool_size = pool_size
-        self._metadata = MetaData()
-        self.jobs = jobs_table(self._metadata, self.options.table)
-        self.events = (
-            events_table(self._metadata, self.options.events_table)
-            if self.options.history
-            else None
-        )
-        self._upsert = upsert_job(self.jobs, self.dialect)
-        self._insert_event = (
-            insert_event(self.events, self.dialect) if self.events is not None else None
-        )
+        self._schema = schema
+        # Which option puts a table elsewhere, for the error when its name is taken.
+        elsewhere = "" if self.dialect == "sqlite" else " (or `schema`)"
+        given = options.model_fields_set
+        self._wanted = [Wanted("jobs", options.table, f"`table`{elsewhere}", "table" not in given)]
+        if options.history:
+            self._wanted.append(
+                Wanted(
+                    "events",
+                    options.events_table,
+                    f"`events_table`{elsewhere}",
+                    "events_table" not in given,
+                )
+            )
+        # The tables and statements, once start() knows which tables they are.
+        self.jobs: Table | None = None
+        self.events: Table | None = None
+        self._upsert: Insert | None = None
+        self._insert_event: Insert | None = None
         self._engine: AsyncEngine | None = None
 
     @property
@@ -130,19 +152,37 @@ class SqlHandler:
 
     async def start(self) -> None:
         engine = self._create_engine()
+        where = self._url.render_as_string(hide_password=True)
         try:
             database = self._url.database
             if self.dialect == "sqlite" and database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             async with engine.begin() as connection:
-                added = await connection.run_sync(create_or_migrate, self._metadata)
+                if self._schema is not None and self.dialect == "postgresql":
+                    quoted = connection.dialect.identifier_preparer.quote_schema(self._schema)
+                    await connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+                prepared = await connection.run_sync(prepare, self._wanted, self._schema, where)
+        except NotOurs:
+            await engine.dispose()
+            raise
         except Exception as exc:
             await engine.dispose()
-            where = self._url.render_as_string(hide_password=True)
             raise RuntimeError(f"cannot open {where}: {type(exc).__name__}: {exc}") from None
-        if added:
-            logger.info("added missing columns", columns=added)
+        self._use(prepared)
         self._engine = engine
+
+    def _use(self, prepared: Prepared) -> None:
+        for name in prepared.legacy:
+            logger.info("using the table of an earlier default name, with its data", table=name)
+        if prepared.adopted:
+            logger.info("registered tables an earlier ci-receiver made", tables=prepared.adopted)
+        if prepared.added:
+            logger.info("added missing columns", columns=prepared.added)
+        self.jobs = prepared.tables["jobs"]
+        self.events = prepared.tables.get("events")
+        self._upsert = upsert_job(self.jobs, self.dialect)
+        if self.events is not None:
+            self._insert_event = insert_event(self.events, self.dialect)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -150,7 +190,7 @@ class SqlHandler:
             self._engine = None
 
     async def __call__(self, event: Event) -> None:
-        if self._engine is None:
+        if self._engine is None or self._upsert is None:
             raise RuntimeError("the sql handler is not started")
         async with self._engine.begin() as connection:
             await connection.execute(self._upsert, job_row(event))
@@ -220,4 +260,5 @@ class SqliteHandler(SqlHandler):
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         sqlite_options = SqliteOptions.model_validate(options)
-        self._prepare(sqlite_options, async_url(f"sqlite:///{sqlite_options.path}"), None)
+        url = async_url(f"sqlite:///{sqlite_options.path}")
+        self._prepare(sqlite_options, url, None, None)

@@ -1,4 +1,5 @@
-"""The tables of the `sql` handler, one event's rows, and creating or migrating them.
+"""The tables of the `sql` handler and one event's rows (sql_schema.py puts the tables
+in the database).
 
 Written once in SQLAlchemy Core for SQLite, PostgreSQL and MySQL/MariaDB. Datetimes
 are stored in UTC: PostgreSQL as `timestamptz`, the other two, which keep no offset,
@@ -14,7 +15,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Column,
-    Connection,
     DateTime,
     Dialect,
     Index,
@@ -24,7 +24,6 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
-    inspect,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeEngine
@@ -59,7 +58,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-def jobs_table(metadata: MetaData, name: str) -> Table:
+def jobs_table(metadata: MetaData, name: str, schema: str | None = None) -> Table:
     """The latest known state of each job: one row per JobId (a workflow's RunId)."""
     return Table(
         name,
@@ -88,11 +87,12 @@ def jobs_table(metadata: MetaData, name: str) -> Table:
         Column("finished_at", UtcDateTime),
         Column("event_id", String(255), nullable=False),
         Column("updated_at", UtcDateTime, nullable=False),
+        schema=schema,
         mysql_charset="utf8mb4",
     )
 
 
-def events_table(metadata: MetaData, name: str) -> Table:
+def events_table(metadata: MetaData, name: str, schema: str | None = None) -> Table:
     """Every event once, by event id: the history behind the jobs table."""
     return Table(
         name,
@@ -111,6 +111,7 @@ def events_table(metadata: MetaData, name: str) -> Table:
         # Event.to_dict(), `raw` left out unless asked for.
         Column("event", JSON, nullable=False),
         Index(f"ix_{name}_job_id", "job_id"),
+        schema=schema,
         mysql_charset="utf8mb4",
     )
 
@@ -165,24 +166,3 @@ def event_row(event: Event, include_raw: bool) -> dict[str, Any]:
         "source": event.source,
         "event": record,
     }
-
-
-def create_or_migrate(connection: Connection, metadata: MetaData) -> list[str]:
-    """Create missing tables; add the columns an older version's tables lack (nullable,
-    since existing rows have no value). Returns the `table.column`s added."""
-    metadata.create_all(connection)
-    inspector = inspect(connection)
-    preparer = connection.dialect.identifier_preparer
-    added = []
-    for table in metadata.sorted_tables:
-        existing = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in existing:
-                continue
-            ddl = (
-                f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN "
-                f"{preparer.format_column(column)} {column.type.compile(connection.dialect)}"
-            )
-            connection.exec_driver_sql(ddl)
-            added.append(f"{table.name}.{column.name}")
-    return added

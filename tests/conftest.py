@@ -9,7 +9,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from tests.databases import drop_tables, require_server
+from tests.databases import drop_tables, execute, require_server, schema_keyword
 from tests.inboxes import BACKENDS, InboxPlace, drop_schema
 from tests.processes import PulsarLite, Receiver
 from tests.shared_inbox import SharedInbox
@@ -108,6 +108,21 @@ async def sql_options(database_url):
     }
     yield options
     await drop_tables(database_url, [options["table"], options["events_table"]])
+
+
+@pytest.fixture
+async def sql_place(database_url):
+    """A database URL and a schema of this test's own, dropped afterwards: (url, schema).
+    On MySQL a schema is a database; SQLite has none (its file is the test's own)."""
+    if database_url.startswith("sqlite"):
+        yield database_url, None
+        return
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    keyword = schema_keyword(database_url)
+    await execute(database_url, f"CREATE {keyword} {schema}")
+    yield database_url, schema
+    cascade = " CASCADE" if keyword == "SCHEMA" else ""
+    await execute(database_url, f"DROP {keyword} IF EXISTS {schema}{cascade}")
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ import os
 import socket
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import MetaData, inspect, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from handlers.sql import async_url
+from handlers.sql_schema import REGISTRY, registry_table
 
 SERVERS = {
     "postgresql": ("CI_RECEIVER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
@@ -49,11 +50,30 @@ def require_server(backend: str) -> str:
 
 
 async def drop_tables(url: str, names: list[str]) -> None:
+    """Drop the tables, and their rows in the `sql` handler's registry."""
     engine = create_async_engine(async_url(url))
     try:
         async with engine.begin() as connection:
             quote = connection.dialect.identifier_preparer.quote
             for name in names:
                 await connection.execute(text(f"DROP TABLE IF EXISTS {quote(name)}"))
+            if await connection.run_sync(lambda sync: inspect(sync).has_table(REGISTRY)):
+                registry = registry_table(MetaData(), None)
+                await connection.execute(registry.delete().where(registry.c.table_name.in_(names)))
     finally:
         await engine.dispose()
+
+
+async def execute(url: str, *statements: str) -> None:
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+    finally:
+        await engine.dispose()
+
+
+def schema_keyword(url: str) -> str:
+    """What a schema is called on the server: MySQL's are databases."""
+    return "SCHEMA" if url.startswith("postgresql") else "DATABASE"

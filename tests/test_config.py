@@ -251,9 +251,9 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         # check-config shows every option as the handler will use it, defaults included,
         # and only options the handler takes
         "path": "jobs.db",
-        "table": "jobs",
+        "table": "ci_jobs",
         "history": False,
-        "events_table": "events",
+        "events_table": "ci_events",
         "include_raw": False,
     }
     assert "config OK" in result.stderr

@@ -94,7 +94,7 @@ def test_kill_9_under_load_loses_nothing_answered_and_handles_it_after_restart(t
         wait_until(lambda: not rows(inbox, "SELECT 1 FROM runs WHERE status != 'done'"))
     finally:
         assert restarted.terminate() == 0
-    jobs = rows(tmp_path / "jobs.db", "SELECT event_id FROM jobs")
+    jobs = rows(tmp_path / "jobs.db", "SELECT event_id FROM ci_jobs")
     assert sorted(event_id for (event_id,) in jobs) == sorted(stored)  # one row per job
     handled = Counter(recorded(tmp_path / "recorded.jsonl"))
     assert set(handled) == stored

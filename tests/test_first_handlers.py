@@ -50,7 +50,7 @@ async def test_jsonl_can_leave_out_the_raw_document(tmp_path):
 
 def job_rows(path):
     with sqlite3.connect(path) as connection:
-        return connection.execute("SELECT job_id, state, event_id, outputs FROM jobs").fetchall()
+        return connection.execute("SELECT job_id, state, event_id, outputs FROM ci_jobs").fetchall()
 
 
 async def test_sqlite_jobs_table_is_upserted_and_never_moves_backwards(tmp_path):

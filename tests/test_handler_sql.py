@@ -10,13 +10,29 @@ import sys
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, select, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import handlers
 from handlers.sql import SqlHandler, async_url
+from handlers.sql_schema import REGISTRY, registry_table
+from handlers.sql_tables import job_row, jobs_table
+from receiver.ownership import NotOurs
+from tests.callbacks import load
 from tests.processes import REPO
 from tests.sample_events import at_state, event
+from tests.waiting import eventually
 
 
 async def started(options) -> SqlHandler:
@@ -168,7 +184,8 @@ async def test_workflows_and_verdicts_get_rows_of_their_own(sql_options):
 
 
 async def test_missing_columns_are_added_on_start(sql_options):
-    # A jobs table as an older version made it: fewer columns, one row.
+    # A jobs table as an older version made it, before tables were registered: fewer
+    # columns, one row.
     engine = create_async_engine(async_url(sql_options["url"]))
     old = Table(
         sql_options["table"],
@@ -177,14 +194,22 @@ async def test_missing_columns_are_added_on_start(sql_options):
         Column("kind", String(16), nullable=False),
         Column("state", String(32)),
         Column("state_rank", Integer, nullable=False),
+        Column("outputs", JSON, nullable=False),
         Column("event_id", String(255), nullable=False),
+        Column("updated_at", DateTime, nullable=False),
     )
     try:
         async with engine.begin() as connection:
             await connection.run_sync(old.metadata.create_all)
             await connection.execute(
                 old.insert().values(
-                    job_id="jold", kind="job", state="Success", state_rank=2, event_id="e"
+                    job_id="jold",
+                    kind="job",
+                    state="Success",
+                    state_rank=2,
+                    outputs=[],
+                    event_id="e",
+                    updated_at=datetime(2026, 1, 1),
                 )
             )
     finally:
@@ -207,7 +232,7 @@ async def test_missing_columns_are_added_on_start(sql_options):
     assert columns == {column.name for column in handler.jobs.columns}
     found = {row["job_id"]: row for row in await rows(handler, handler.jobs)}
     assert found["jold"]["state"] == "Success"
-    assert found["jold"]["outputs"] is None
+    assert found["jold"]["tag"] is None
     assert found[event("smartcover.xml").job_id]["tag"] == "SmartCover"
 
 
@@ -277,3 +302,191 @@ def test_check_config_hides_the_database_password(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "s3cret" not in result.stdout
     assert "postgresql://app:***@db.example/jobs" in result.stdout
+
+
+# --- only its own tables ------------------------------------------------------------
+
+
+async def users_jobs_table(url: str, schema: str | None) -> Table:
+    """A table of the user's that happens to be called `jobs`, with a row."""
+    table = Table(
+        "jobs",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("name", String(64)),
+        Column("created_at", DateTime),
+        schema=schema,
+    )
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(table.metadata.create_all)
+            await connection.execute(
+                table.insert().values(id=7, name="theirs", created_at=datetime(2026, 1, 1))
+            )
+    finally:
+        await engine.dispose()
+    return table
+
+
+async def snapshot(url: str, table: Table) -> tuple[list, list, list]:
+    """A table's columns, indexes and rows: what ci-receiver must leave as they are."""
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+
+            def described(sync) -> tuple[list, list]:
+                found = inspect(sync)
+                columns = found.get_columns(table.name, schema=table.schema)
+                indexes = found.get_indexes(table.name, schema=table.schema)
+                return [(c["name"], str(c["type"])) for c in columns], indexes
+
+            columns, indexes = await connection.run_sync(described)
+            rows = [tuple(row) for row in await connection.execute(select(table))]
+    finally:
+        await engine.dispose()
+    return columns, indexes, rows
+
+
+async def registered(url: str, schema: str | None) -> dict[str, str]:
+    """The registry's tables, by what they hold (none without a registry)."""
+    registry = registry_table(MetaData(), schema)
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            if not await connection.run_sync(
+                lambda sync: inspect(sync).has_table(REGISTRY, schema=schema)
+            ):
+                return {}
+            result = await connection.execute(select(registry.c.table_name, registry.c.holds))
+            return dict(result.all())
+    finally:
+        await engine.dispose()
+
+
+def place_options(url: str, schema: str | None, **options) -> dict:
+    return {"url": url, **({"schema": schema} if schema else {}), **options}
+
+
+async def test_a_table_it_did_not_create_is_left_as_it_is(sql_place):
+    url, schema = sql_place
+    theirs = await users_jobs_table(url, schema)
+    before = await snapshot(url, theirs)
+
+    handler = SqlHandler(place_options(url, schema, table="jobs", history=True))
+    with pytest.raises(NotOurs) as refused:
+        await handler.start()
+    await handler.close()
+
+    message = str(refused.value)
+    assert message.startswith(f"table '{schema + '.' if schema else ''}jobs' in ")
+    assert "was not created by ci-receiver" in message
+    assert "set `table`" in message
+    assert ("`schema`" in message) == (not url.startswith("sqlite"))
+    assert await snapshot(url, theirs) == before
+    assert "jobs" not in await registered(url, schema)
+
+
+async def test_by_default_its_tables_are_made_beside_a_users_jobs_table(sql_place):
+    url, schema = sql_place
+    theirs = await users_jobs_table(url, schema)
+    before = await snapshot(url, theirs)
+
+    handler = await started(place_options(url, schema, history=True))
+    try:
+        await handler(event("smartcover.xml"))
+    finally:
+        await handler.close()
+
+    assert (handler.jobs.name, handler.events.name) == ("ci_jobs", "ci_events")
+    [row] = await rows(handler, handler.jobs)
+    assert row["job_id"] == event("smartcover.xml").job_id
+    assert await snapshot(url, theirs) == before
+    assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}
+
+
+async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql_place):
+    # `jobs` as an earlier version made it by default, before there was a registry.
+    url, schema = sql_place
+    old = jobs_table(MetaData(), "jobs", schema)
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(old.metadata.create_all)
+            await connection.execute(old.insert(), job_row(event("transcode.xml")))
+    finally:
+        await engine.dispose()
+
+    for _ in range(2):  # adopted, then found registered
+        handler = await started(place_options(url, schema))
+        try:
+            await handler(event("smartcover.xml"))
+        finally:
+            await handler.close()
+        assert handler.jobs.name == "jobs"
+
+    found = {row["job_id"] for row in await rows(handler, handler.jobs)}
+    assert found == {event("transcode.xml").job_id, event("smartcover.xml").job_id}
+    assert await registered(url, schema) == {"jobs": "jobs"}
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            tables = await connection.run_sync(
+                lambda sync: inspect(sync).get_table_names(schema=schema)
+            )
+    finally:
+        await engine.dispose()
+    assert "ci_jobs" not in tables
+
+
+async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
+    url, schema = sql_place
+    theirs = Table(REGISTRY, MetaData(), Column("id", Integer, primary_key=True), schema=schema)
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(theirs.metadata.create_all)
+    finally:
+        await engine.dispose()
+
+    handler = SqlHandler(place_options(url, schema))
+    with pytest.raises(NotOurs, match=f"{REGISTRY}' in .* was not created by ci-receiver"):
+        await handler.start()
+    await handler.close()
+    assert (await snapshot(url, theirs))[0] == [("id", "INTEGER")]
+
+
+def test_sqlite_has_no_schema():
+    with pytest.raises(handlers.HandlerConfigError, match="schema: SQLite has none"):
+        handlers.build("sql", {"url": "sqlite:///jobs.db", "schema": "x"})
+
+
+async def test_a_receiver_leaves_a_users_jobs_table_alone_and_fills_its_own(
+    sql_place, tmp_path, receivers
+):
+    url, schema = sql_place
+    theirs = await users_jobs_table(url, schema)
+    before = await snapshot(url, theirs)
+    in_schema = f'schema = "{schema}"\n' if schema else ""
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[dispatch]\npoll_interval = 0.2\n'
+        f'[handlers.mine]\ntype = "sql"\nurl = "{url}"\n{in_schema}table = "jobs"\n'
+        f'[handlers.db]\ntype = "sql"\nurl = "{url}"\n{in_schema}history = true\n'
+    )
+    receiver = receivers(config, "serve")
+
+    assert receiver.post(load("smartcover.xml")).status_code == 200
+    ours = jobs_table(MetaData(), "ci_jobs", schema)
+
+    async def stored() -> bool:
+        return bool((await snapshot(url, ours))[2])
+
+    await eventually(stored, "the job in ci_jobs")
+    receiver.wait_for_log("handler cannot start; its events wait in the inbox")
+    log = receiver.log()
+    assert f"table '{schema + '.' if schema else ''}jobs' in " in log
+    assert "was not created by ci-receiver, so it is left as it is; set `table`" in log
+    assert receiver.terminate() == 0
+    assert await snapshot(url, theirs) == before
+    assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}

@@ -71,7 +71,7 @@ def test_every_fixture_is_accepted_stored_once_and_handled(receiver, tmp_path):
     assert sorted(recorded(tmp_path / "recorded.jsonl")) == sorted(seen)
     wait_until(lambda: not inbox_rows(tmp_path, "SELECT 1 FROM runs WHERE status != 'done'"))
     with sqlite3.connect(tmp_path / "jobs.db") as jobs:
-        stored_jobs = jobs.execute("SELECT job_id, state FROM jobs").fetchall()
+        stored_jobs = jobs.execute("SELECT job_id, state FROM ci_jobs").fetchall()
     assert len(stored_jobs) == len({event_id.split(":")[1] for event_id in seen})
 
 

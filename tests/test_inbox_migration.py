@@ -279,6 +279,10 @@ async def test_an_inbox_of_sqlite_schema_2_is_migrated_on_start(tmp_path):
         assert connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
         ).fetchone() == ("4",)
+        # An earlier version's inbox, unmarked, recognised and marked as ci-receiver's.
+        assert connection.execute("SELECT value FROM meta WHERE key = 'created_by'").fetchone() == (
+            "ci-receiver",
+        )
         indexes = {
             row[0]
             for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
@@ -352,6 +356,11 @@ async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(postgres_schem
     try:
         assert (
             await connection.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "3"
+        )
+        # An earlier version's inbox, unmarked, recognised and marked as ci-receiver's.
+        assert (
+            await connection.fetchval("SELECT value FROM meta WHERE key = 'created_by'")
+            == "ci-receiver"
         )
         indexes = {row[0] for row in await connection.fetch(
             "SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema

@@ -13,6 +13,7 @@ import click
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError, load_config, parse_moment
 from receiver.inbox import EventFilter, SchemaError
+from receiver.ownership import NotOurs
 
 T = TypeVar("T")
 
@@ -115,7 +116,7 @@ def with_inbox(
         inbox = open_inbox(config, read_only=read_only)
         try:
             await inbox.open()
-        except (FileNotFoundError, SchemaError) as exc:
+        except (FileNotFoundError, SchemaError, NotOurs) as exc:
             raise click.ClickException(str(exc)) from None
         try:
             return await query(inbox)

@@ -38,6 +38,7 @@ def copy(
     """
     from receiver.inbox import InboxUnavailable, SchemaError
     from receiver.inbox.copy import copy_inbox
+    from receiver.ownership import NotOurs
 
     config = load(config_path)
     url = target or config.inbox.url
@@ -58,7 +59,7 @@ def copy(
             report = run_async(
                 copy_inbox(source, url, schema, batch=batch, on_total=total, on_batch=bar.update)
             )
-    except (FileNotFoundError, SchemaError, InboxUnavailable) as exc:
+    except (FileNotFoundError, SchemaError, InboxUnavailable, NotOurs) as exc:
         raise click.ClickException(str(exc)) from None
     for table, tally in report.tables.items():
         updated = f", {tally.updated} brought up to date" if table == "runs" else ""

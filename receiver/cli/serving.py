@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from receiver.cli.common import (
     run_async,
 )
 from receiver.config import Config
+from receiver.inbox import SchemaError
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
+from receiver.ownership import NotOurs
 from receiver.routing import log_warnings
 from receiver.worker import SupervisorLink, WorkerSpec
 
@@ -93,7 +95,7 @@ def _run_serve(
     worker: WorkerSpec | None,
     reload: Callable[[], Awaitable[bool]] | None,
 ) -> int:
-    exit_code = run_async(run_service(service, components, reload))
+    exit_code = _until_stopped(run_service(service, components, reload))
     if worker is not None:  # what it did, for the log (the public server comes first)
         logger.info("worker stopped", pid=os.getpid(), requests=components[0].requests_served)
     return exit_code
@@ -144,7 +146,7 @@ def consume(config_path: Path | None) -> None:
         *_reconciler(config, service),
         *_admin_server(service),
     ]
-    sys.exit(run_async(run_service(service, components, _reloader(service, config_path))))
+    sys.exit(_until_stopped(run_service(service, components, _reloader(service, config_path))))
 
 
 @click.command("run")
@@ -168,7 +170,16 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
         *_reconciler(config, service),
     ]
     reload = _reloader(service, config_path, {"host": host, "port": port})
-    sys.exit(run_async(run_service(service, components, reload)))
+    sys.exit(_until_stopped(run_service(service, components, reload)))
+
+
+def _until_stopped(running: Coroutine[Any, Any, int]) -> int:
+    """Run the service; an inbox it must not or cannot use ends it with the reason, not
+    a traceback."""
+    try:
+        return run_async(running)
+    except (SchemaError, NotOurs) as exc:
+        raise click.ClickException(f"inbox: {exc}") from None
 
 
 def _http_servers(service: Any, worker: WorkerSpec | None = None) -> list[Any]:

@@ -14,6 +14,7 @@ from handlers import HandlerConfigError, shown_options
 from receiver.cli.common import config_option, load
 from receiver.inbox import InboxUnavailable, SchemaError, probe
 from receiver.masking import mask_credentials
+from receiver.ownership import NotOurs
 
 
 @click.command("check-config")
@@ -39,7 +40,7 @@ def check_config(config_path: Path | None) -> None:
         click.echo(f"warning: {warning}", err=True)
     try:
         found = asyncio.run(probe(config))
-    except (InboxUnavailable, SchemaError) as exc:
+    except (InboxUnavailable, SchemaError, NotOurs) as exc:
         raise click.ClickException(f"inbox: {exc}") from None
     click.echo(f"inbox: {found}", err=True)
     click.echo("config OK", err=True)

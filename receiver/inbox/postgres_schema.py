@@ -13,15 +13,30 @@ indexes runs by status, receipts by outcome and by origin only where they are no
 common case (done, accepted, not copied), and leaves room in the pages of `runs` so that
 a claim (which changes no indexed column) updates its row in place, without new index
 entries: together a fifth of a small callback's bytes.
+
+The inbox is marked as ci-receiver's by a row in `meta` (`MARK`), which needs no more
+rights than writing the schema version; tables of its names that it did not create,
+in a schema a user pointed it at, are not touched (receiver/ownership.py).
 """
 
 from __future__ import annotations
 
 import asyncpg
+import structlog
 
 from receiver.inbox import SchemaError
+from receiver.ownership import Claim, claim
+
+logger = structlog.get_logger("ci_receiver.inbox")
 
 SCHEMA_VERSION = 3
+
+# The row in `meta` that says the tables are a ci-receiver inbox.
+MARK = ("created_by", "ci-receiver")
+OUR_TABLES = ["meta", "state", "receipts", "events", "runs", "attempts"]
+# The tables of every version: unmarked, these and a schema version in `meta` are an
+# inbox an earlier version made.
+EVERY_VERSION = set(OUR_TABLES)
 
 TABLES = [
     "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL)",
@@ -116,6 +131,7 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
             )
             if not exists:
                 await connection.execute(f'CREATE SCHEMA "{schema}"')
+            ownership = await owned(connection, schema)
             found = await _version(connection, schema)
             if found is not None and found > SCHEMA_VERSION:
                 raise SchemaError(
@@ -133,8 +149,54 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 str(SCHEMA_VERSION),
             )
+            await connection.execute(
+                "INSERT INTO meta VALUES ($1, $2)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                *MARK,
+            )
     finally:
         await connection.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+    if ownership == "adopted":
+        logger.info("marked the inbox an earlier ci-receiver made as its own", schema=schema)
+
+
+async def owned(connection: asyncpg.Connection, schema: str) -> Claim:
+    """Whether the tables of the inbox's names in `schema` are ci-receiver's (or there
+    are none); `NotOurs` when they are not."""
+    names = {
+        row[0]
+        for row in await connection.fetch(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1 AND c.relname = ANY($2::text[])",
+            schema,
+            OUR_TABLES,
+        )
+    }
+    meta = await _meta(connection, schema) if "meta" in names else {}
+    return claim(
+        f"the PostgreSQL schema {schema!r} (holding {', '.join(sorted(names))})",
+        "inbox.postgres_schema",
+        exists=bool(names),
+        marked=meta.get(MARK[0]) == MARK[1],
+        shaped=names >= EVERY_VERSION and meta.get("schema_version", "").isdigit(),
+    )
+
+
+async def _meta(connection: asyncpg.Connection, schema: str) -> dict[str, str]:
+    """The mark and the schema version, if `meta` is a table of keys and values."""
+    columns = await connection.fetchval(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1"
+        " AND table_name = 'meta' AND column_name IN ('key', 'value')",
+        schema,
+    )
+    if columns != 2:
+        return {}
+    rows = await connection.fetch(
+        f'SELECT key::text, value::text FROM "{schema}".meta'
+        " WHERE key::text IN ($1, 'schema_version')",
+        MARK[0],
+    )
+    return {key: value for key, value in rows}
 
 
 async def _migrate_from_1(connection: asyncpg.Connection, schema: str) -> None:
@@ -163,6 +225,7 @@ async def _migrate_from_2(connection: asyncpg.Connection, schema: str) -> None:
 
 
 async def check_readable(connection: asyncpg.Connection, schema: str) -> None:
+    await owned(connection, schema)
     found = await _version(connection, schema)
     if found == SCHEMA_VERSION:
         return

@@ -69,7 +69,7 @@ from receiver.inbox.records import (
     pack,
     stored_body,
 )
-from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, setup, version
+from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, owned, setup, version
 from receiver.inbox.writer import Writer
 from receiver.model import Event
 
@@ -711,6 +711,7 @@ async def probe(path: Path) -> str:
         return f"SQLite: {path} is created at the first start"
     reader = Reader(path)
     try:
+        await reader.run(owned)
         found = await reader.run(version)
     finally:
         reader.close()

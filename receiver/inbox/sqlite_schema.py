@@ -9,6 +9,9 @@ and drops two indexes that the wider ones starting with the same column serve. V
 indexes runs by status and receipts by outcome only where they are not the common case
 (done, accepted): those index entries were a tenth of a small callback's bytes and served
 no query.
+
+The inbox is marked as ci-receiver's by a row in `meta` (`MARK`); a file that holds
+anything else is not touched (receiver/ownership.py).
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ import structlog
 
 from receiver.inbox import SchemaError
 from receiver.inbox.records import lean
+from receiver.ownership import Claim, claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
 SCHEMA_VERSION = 4
+
+# The row in `meta` that says the file is a ci-receiver inbox.
+MARK = ("created_by", "ci-receiver")
+# The tables of every version: a file without the mark holding these, and a schema
+# version in `meta`, is an inbox an earlier version made.
+EVERY_VERSION = {"meta", "receipts", "events", "runs", "attempts"}
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -111,11 +121,43 @@ def version(connection: sqlite3.Connection) -> int | None:
     return int(row[0]) if row else None
 
 
+def owned(connection: sqlite3.Connection) -> Claim:
+    """Whether the file is ci-receiver's inbox (or empty); `NotOurs` when it is not."""
+    names = {
+        row[0]
+        for row in connection.execute(
+            "SELECT name FROM sqlite_master"
+            " WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'"
+        )
+    }
+    meta = _meta(connection) if "meta" in names else {}
+    path = connection.execute("PRAGMA database_list").fetchone()[2]
+    return claim(
+        f"the SQLite file {path} (holding {', '.join(sorted(names)[:5])})",
+        "inbox.path",
+        exists=bool(names),
+        marked=meta.get(MARK[0]) == MARK[1],
+        shaped=names >= EVERY_VERSION and meta.get("schema_version", "").isdigit(),
+    )
+
+
+def _meta(connection: sqlite3.Connection) -> dict[str, str]:
+    """The mark and the schema version, if `meta` is a table of keys and values."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(meta)")}
+    if not {"key", "value"} <= columns:
+        return {}
+    rows = connection.execute(
+        "SELECT key, value FROM meta WHERE key IN (?, 'schema_version')", (MARK[0],)
+    )
+    return {str(key): str(value) for key, value in rows}
+
+
 def setup(connection: sqlite3.Connection) -> None:
     """Put the file in WAL mode, then create the tables or bring an older inbox up to
     date, in one transaction (two processes starting at once on one file: the second
-    finds the work done)."""
-    if connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+    finds the work done). A file that is not an inbox is left as it is (`owned`)."""
+    ownership = owned(connection)
+    if ownership == "new":
         # Only a new file takes this without a VACUUM, and only before it turns to WAL:
         # space freed by retention then goes back to the file system in small steps
         # (PRAGMA incremental_vacuum).
@@ -142,10 +184,13 @@ def setup(connection: sqlite3.Connection) -> None:
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
+        connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", MARK)
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+    if ownership == "adopted":
+        logger.info("marked the inbox an earlier ci-receiver made as its own")
     if found == 1:
         logger.info("compacting the migrated inbox")
         connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -165,6 +210,7 @@ def _script(connection: sqlite3.Connection, script: str) -> None:
 
 def check_readable(connection: sqlite3.Connection) -> None:
     """For read-only use: the schema must be this version's, since nothing may change it."""
+    owned(connection)
     found = version(connection)
     if found == SCHEMA_VERSION:
         return
