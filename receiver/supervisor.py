@@ -50,27 +50,11 @@ logger = structlog.get_logger("ci_receiver.supervisor")
 
 RESTARTS_ALLOWED = 5
 RESTART_WINDOW = 60.0
-# uvicorn's default listen backlog.
-BACKLOG = 2048
 # Beyond the workers' own graceful and drain timeouts, how long to wait for them at
 # shutdown before they are killed.
 STOP_MARGIN = 30.0
 
 Command = Callable[[WorkerSpec], list[str]]
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket, as uvicorn would bind it; OSError if the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class Supervisor:
