@@ -95,7 +95,9 @@ def normalize(
     document = _without_response_wrapper(document)
     data = document.data
     meta = dict(source_meta or {})
-    if source == "http" and _came_through_cmq(document, meta):
+    # An HTTP receipt that a CMQ topic pushed is kept as `cmq-push` (receiver/ingest.py):
+    # decoded again, it is found so again, and its metadata with it.
+    if source in ("http", "cmq-push") and _came_through_cmq(document, meta):
         source = "cmq-push"
     common = {
         "format": document.format,

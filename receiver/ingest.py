@@ -59,6 +59,14 @@ async def _parse(receipt: Receipt, limits: Limits) -> Normalized:
     return work()
 
 
+def _by_its_events_source(receipt: Receipt, events: list[Event]) -> Receipt:
+    """The receipt as kept: by the source its events came by, which decoding may find
+    more exactly (an HTTP post that a CMQ topic pushed is `cmq-push`), so that a list of
+    events reads each one's source off its receipt without decoding it again."""
+    source = events[0].source
+    return receipt if source == receipt.source else replace(receipt, source=source)
+
+
 # The states CI documents; any other value a callback carries counts as "other", so that
 # what a sender writes cannot grow the metric series without bound.
 KNOWN_STATES = frozenset(vocabulary.STATES)
@@ -149,6 +157,7 @@ class Ingestor:
         body that cannot be decoded. Returns only once the commit is durable."""
         began = time.perf_counter()
         parsed = await parse_or_refuse(receipt, self._limits, self)
+        receipt = _by_its_events_source(receipt, parsed.events)
         routed = [(event, self.router.handlers_for(event)) for event in parsed.events]
         verify = self._verifies(receipt)
         try:
@@ -181,6 +190,7 @@ class Ingestor:
             except Exception as exc:  # PayloadError, the body kept as rejected, or not
                 results[index] = exc
                 continue
+            receipt = _by_its_events_source(receipt, normalized.events)
             routed = [(event, self.router.handlers_for(event)) for event in normalized.events]
             to_store = (receipt, routed, self._verifies(receipt))
             parsed.append((index, to_store, normalized.warnings))
