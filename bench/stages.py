@@ -211,7 +211,7 @@ class Bench:
         meta = {"request_id": "r"}
         now = datetime.now(timezone.utc)
         document = decode(body, headers, DEFAULT_LIMITS)
-        events = normalize(document, source="http", source_meta=meta, received_at=now)
+        events = normalize(document, source="http", source_meta=meta, received_at=now).events
         router = Router(None, ["log"])
         metrics = Metrics()
         logger = structlog.get_logger("ci_receiver.sources.http")
@@ -257,7 +257,7 @@ class Bench:
                 headers = {"content-type": SAMPLES[fmt][2].decode()}
                 receipt = Receipt(body, "http", now, f"r{i}", headers, {"request_id": f"r{i}"})
                 document = decode(body, headers, DEFAULT_LIMITS)
-                events = normalize(document, source="http", source_meta={}, received_at=now)
+                events = normalize(document, source="http", source_meta={}, received_at=now).events
                 receipts.append((receipt, [(event, ["log"]) for event in events]))
 
             async def client(mine: list[Any]) -> None:

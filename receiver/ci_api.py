@@ -107,7 +107,7 @@ def workflow_document(execution: dict[str, Any]) -> dict[str, Any]:
 
 def events_of(document: dict[str, Any]) -> list[Event]:
     """Normalize a callback document made from an API answer, as a callback would be."""
-    return normalize(Document(data=document, format="json"), source="reconcile")
+    return normalize(Document(data=document, format="json"), source="reconcile").events
 
 
 def ci_time(moment: datetime) -> str:

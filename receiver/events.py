@@ -2,13 +2,15 @@
 
 One `TaskFinish` document gives one event per `JobsDetail` entry; a workflow
 callback gives one event carrying its tasks; a moderation callback gives one
-event per verdict.
+event per verdict. Beside its events, a callback gives the names of the fields it sent
+in a form they could not be read in (kept as sent in `raw`), for the caller to count.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,9 +27,19 @@ from receiver.fields import (
     object_ref_from_url,
     text,
     timestamp,
+    user_data,
 )
 from receiver.model import Event, ObjectRef, Source, Task, WorkflowRef
 from receiver.payload import DEFAULT_LIMITS, Document, Limits, PayloadError, decode
+
+
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """A callback's events, and the fields it sent that only inform but could not be
+    read as CI documents them (`EndTime`, `UserData`, ...: once per occurrence)."""
+
+    events: list[Event]
+    warnings: list[str]
 
 
 def parse_callback(
@@ -40,6 +52,26 @@ def parse_callback(
     limits: Limits = DEFAULT_LIMITS,
 ) -> list[Event]:
     """Decode and normalize one callback body. Raises only `PayloadError`."""
+    return read_callback(
+        body,
+        headers,
+        source=source,
+        source_meta=source_meta,
+        received_at=received_at,
+        limits=limits,
+    ).events
+
+
+def read_callback(
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    *,
+    source: Source = "http",
+    source_meta: Mapping[str, Any] | None = None,
+    received_at: datetime | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Normalized:
+    """`parse_callback`, with the warnings. Raises only `PayloadError`."""
     document = decode(body, headers, limits)
     return normalize(
         document,
@@ -57,12 +89,15 @@ def normalize(
     source_meta: Mapping[str, Any] | None = None,
     received_at: datetime | None = None,
     max_events: int = DEFAULT_LIMITS.max_events,
-) -> list[Event]:
-    """Turn a decoded document into events, or raise `PayloadError("unknown_shape")`."""
+) -> Normalized:
+    """Turn a decoded document into events, or raise `PayloadError` (`unknown_shape`,
+    `bad_id`, `too_many_events`)."""
     document = _without_response_wrapper(document)
     data = document.data
     meta = dict(source_meta or {})
-    if source == "http" and _came_through_cmq(document, meta):
+    # An HTTP receipt that a CMQ topic pushed is kept as `cmq-push` (receiver/ingest.py):
+    # decoded again, it is found so again, and its metadata with it.
+    if source in ("http", "cmq-push") and _came_through_cmq(document, meta):
         source = "cmq-push"
     common = {
         "format": document.format,
@@ -72,15 +107,22 @@ def normalize(
         "raw": data,
     }
     event_name = identifier(data.get("EventName"), "EventName")
+    warnings: list[str] = []
     if moderation.is_moderation(document):
-        events = moderation.events(document, common)
+        events = moderation.events(document, common, warnings)
     elif "WorkflowExecution" in data:
-        events = [_workflow_event(mapping(data["WorkflowExecution"]), event_name, common)]
+        execution = mapping(data["WorkflowExecution"])
+        events = [_workflow_event(execution, event_name, common, warnings)]
     elif "JobsDetail" in data:
         details = mappings(data["JobsDetail"])
         _check_count(details, max_events)
         events = [
-            _job_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
+            _job_event(
+                detail,
+                event_name,
+                {**common, "raw": entry_document(data, detail, details)},
+                warnings,
+            )
             for detail in details
         ]
     else:
@@ -90,7 +132,7 @@ def normalize(
     if not events:
         raise PayloadError("unknown_shape", "the callback holds no job, workflow or verdict")
     _check_count(events, max_events)
-    return events
+    return Normalized(events, warnings)
 
 
 def _without_response_wrapper(document: Document) -> Document:
@@ -133,7 +175,9 @@ def _came_through_cmq(document: Document, meta: dict[str, Any]) -> bool:
 # --- jobs ------------------------------------------------------------------------------
 
 
-def _job_event(detail: dict[str, Any], event_name: str | None, common: dict[str, Any]) -> Event:
+def _job_event(
+    detail: dict[str, Any], event_name: str | None, common: dict[str, Any], warnings: list[str]
+) -> Event:
     operation = detail.get("Operation")
     op = mapping(operation)
     source_input = mapping(detail.get("Input"))
@@ -153,16 +197,16 @@ def _job_event(detail: dict[str, Any], event_name: str | None, common: dict[str,
             source_input.get("BucketId"), source_input.get("Region"), source_input.get("Object")
         ),
         outputs=_job_outputs(op, succeeded=state == "Success"),
-        user_data=text(op.get("UserData")),
+        user_data=user_data(op.get("UserData"), warnings),
         job_level=integer(op.get("JobLevel")),
         template_id=identifier(op.get("TemplateId"), "TemplateId"),
         template_name=text(op.get("TemplateName")),
         workflow=_workflow_ref(detail.get("Workflow")),
         tasks=[],
         moderation=None,
-        created_at=timestamp(detail.get("CreationTime")),
-        started_at=timestamp(detail.get("StartTime")),
-        finished_at=timestamp(detail.get("EndTime")),
+        created_at=timestamp(detail.get("CreationTime"), "CreationTime", warnings),
+        started_at=timestamp(detail.get("StartTime"), "StartTime", warnings),
+        finished_at=timestamp(detail.get("EndTime"), "EndTime", warnings),
         operation=operation if isinstance(operation, dict) else None,
         **common,
     )
@@ -229,17 +273,18 @@ def _workflow_ref(value: Any) -> WorkflowRef | None:
 
 
 def _workflow_event(
-    execution: dict[str, Any], event_name: str | None, common: dict[str, Any]
+    execution: dict[str, Any], event_name: str | None, common: dict[str, Any], warnings: list[str]
 ) -> Event:
     event_name = event_name or "WorkflowFinish"
     run_id = identifier(execution.get("RunId"), "RunId")
     state = identifier(execution.get("State"), "State")
     bucket = execution.get("BucketId")
-    tasks = [_task(task, bucket) for task in mappings(execution.get("Tasks"))]
+    tasks = [_task(task, bucket, warnings) for task in mappings(execution.get("Tasks"))]
     outputs = [ref for task in tasks for ref in task.outputs]
     # WorkflowExecution names no region; the task outputs' URLs do.
     region = next((ref.region for ref in outputs if ref.region), None)
     finished = [task.finished_at for task in tasks if task.finished_at]
+    ended = timestamp(execution.get("EndTime"), "EndTime", warnings)
     return Event(
         id=dedup_id("workflow", run_id, event_name, state, entry=execution),
         kind="workflow",
@@ -265,15 +310,15 @@ def _workflow_event(
         ),
         tasks=tasks,
         moderation=None,
-        created_at=timestamp(execution.get("CreateTime")),
-        started_at=timestamp(execution.get("StartTime")),
-        finished_at=timestamp(execution.get("EndTime")) or (max(finished) if finished else None),
+        created_at=timestamp(execution.get("CreateTime"), "CreateTime", warnings),
+        started_at=timestamp(execution.get("StartTime"), "StartTime", warnings),
+        finished_at=ended or (max(finished) if finished else None),
         operation=None,
         **common,
     )
 
 
-def _task(task: dict[str, Any], bucket: Any) -> Task:
+def _task(task: dict[str, Any], bucket: Any, warnings: list[str]) -> Task:
     result = mapping(task.get("ResultInfo"))
     outputs = []
     for info in mappings(result.get("ObjectInfo")):
@@ -290,8 +335,8 @@ def _task(task: dict[str, Any], bucket: Any) -> Task:
         state=identifier(task.get("State"), "State"),
         template_id=identifier(task.get("TemplateId"), "TemplateId"),
         template_name=text(task.get("TemplateName")),
-        created_at=timestamp(task.get("CreateTime")),
-        started_at=timestamp(task.get("StartTime")),
-        finished_at=timestamp(task.get("EndTime")),
+        created_at=timestamp(task.get("CreateTime"), "CreateTime", warnings),
+        started_at=timestamp(task.get("StartTime"), "StartTime", warnings),
+        finished_at=timestamp(task.get("EndTime"), "EndTime", warnings),
         outputs=outputs,
     )

@@ -3,8 +3,11 @@
 XML gives `None` for an empty element and a scalar for an element that appears once;
 JSON leaves empty elements out, writes numbers as strings (or, in moderation
 callbacks, as numbers) and makes a list only of what is repeated. These helpers
-flatten those differences and never raise on a value of the wrong type: a field
-that does not make sense reads as missing, and the raw document keeps what was sent.
+flatten those differences. An id field of the wrong type is refused (`identifier`);
+any other field that does not make sense reads as missing, and the raw document keeps
+what was sent. Of the fields that only inform, a time that is no time and a UserData
+that is no string are named in a list of warnings (`timestamp`, `user_data`), which the
+caller counts: reading stays pure.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+import orjson
 
 from receiver.model import ObjectRef
 from receiver.payload import PayloadError
@@ -41,21 +46,40 @@ _NOT_ID_CHARACTER = re.compile(r"[^!-~]")
 
 
 def identifier(value: Any, name: str) -> str | None:
-    """An id field read as `text()` reads it; `PayloadError("bad_id")` naming the field
-    when it is longer than MAX_ID_LENGTH or holds anything but printable ASCII."""
-    found = text(value)
-    if found is None or _ID.fullmatch(found):
-        return found
-    if len(found) > MAX_ID_LENGTH:
-        problem = f"{len(found)} characters long (at most {MAX_ID_LENGTH})"
+    """An id field: `None` when missing or empty, else a string of printable ASCII
+    without blanks, at most MAX_ID_LENGTH characters. Anything else is refused,
+    `PayloadError("bad_id")` naming the field: CI writes its ids as strings, and a
+    number, true/false, a list (an XML element repeated) or an object (an element with
+    attributes or children) must not be stored as a callback without id or state."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise PayloadError("bad_id", f"{name} is not an id: it is {_kind(value)}, not a string")
+    if _ID.fullmatch(value):
+        return value
+    if len(value) > MAX_ID_LENGTH:
+        problem = f"{len(value)} characters long (at most {MAX_ID_LENGTH})"
     else:
-        bad = _NOT_ID_CHARACTER.search(found)
+        bad = _NOT_ID_CHARACTER.search(value)
         assert bad is not None
         problem = (
             f"it holds {bad.group()!r} at position {bad.start()} (only printable ASCII"
             " without blanks)"
         )
     raise PayloadError("bad_id", f"{name} is not an id: {problem}")
+
+
+def _kind(value: Any) -> str:
+    """What a decoded value is, in words that fit both XML and JSON."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r:.20})"
+    if isinstance(value, list):
+        return f"a list of {len(value)} (an element repeated)"
+    if isinstance(value, dict):
+        return "an object (an element with attributes or children)"
+    return type(value).__name__
 
 
 def integer(value: Any) -> int | None:
@@ -87,13 +111,22 @@ def mappings(value: Any) -> list[dict[str, Any]]:
     return [v for v in items(value) if isinstance(v, dict)]
 
 
-def timestamp(value: Any) -> datetime | None:
+def timestamp(value: Any, name: str, warnings: list[str]) -> datetime | None:
     """Parse CI's times: `2022-06-30T15:29:42+0800`, `2022-08-09 14:54:17+0800`.
 
-    `-` (a job that has not started), empty and unreadable values give `None`.
+    `-` (a job that has not started), empty and missing give `None`. So does any other
+    value, which is no time: then `name` goes into `warnings` (the raw document keeps
+    the value as sent; the event's time field stays a datetime or null).
     """
-    if not isinstance(value, str) or len(value) < 10:
+    if value is None or value in ("", "-"):
         return None
+    parsed = _time(value) if isinstance(value, str) and len(value) >= 10 else None
+    if parsed is None:
+        warnings.append(name)
+    return parsed
+
+
+def _time(value: str) -> datetime | None:
     if sys.version_info < (3, 11) and value[-5:-4] in ("+", "-") and value[-4:].isdigit():
         value = f"{value[:-2]}:{value[-2:]}"  # 3.10's fromisoformat wants +08:00
     try:
@@ -101,6 +134,16 @@ def timestamp(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=CHINA_STANDARD_TIME)
+
+
+def user_data(value: Any, warnings: list[str]) -> str | None:
+    """`Operation.UserData`: the string a job was submitted with, `None` if empty. CI
+    sends a string; anything else (an object, a list, a number) is kept as its JSON
+    text rather than dropped, and `UserData` goes into `warnings`."""
+    if value is None or isinstance(value, str):
+        return value or None
+    warnings.append("UserData")
+    return orjson.dumps(value).decode()
 
 
 def object_ref(bucket: Any, region: Any, key: Any) -> ObjectRef | None:

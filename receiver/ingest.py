@@ -14,7 +14,7 @@ import structlog
 from structlog.contextvars import bind_contextvars
 
 from receiver import vocabulary
-from receiver.events import parse_callback
+from receiver.events import Normalized, read_callback
 from receiver.inbox import VERIFY_RUN, Inbox, Receipt, Stored, ToStore
 from receiver.metrics import Metrics
 from receiver.model import Event
@@ -34,7 +34,7 @@ _PARSER = ThreadPoolExecutor(1, thread_name_prefix="parse")
 REJECTED_ROW_BYTES = 512
 
 
-async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> list[Event]:
+async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> Normalized:
     """Decode and normalize a receipt's body. A body that cannot be is first kept through
     `intake.reject`, then its `PayloadError` is raised."""
     try:
@@ -44,9 +44,9 @@ async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> l
         raise
 
 
-async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
+async def _parse(receipt: Receipt, limits: Limits) -> Normalized:
     work = functools.partial(
-        parse_callback,
+        read_callback,
         receipt.body,
         receipt.headers,
         source=receipt.source,
@@ -57,6 +57,14 @@ async def _parse(receipt: Receipt, limits: Limits) -> list[Event]:
     if len(receipt.body) > THREAD_PARSE_BYTES:
         return await asyncio.get_running_loop().run_in_executor(_PARSER, work)
     return work()
+
+
+def _by_its_events_source(receipt: Receipt, events: list[Event]) -> Receipt:
+    """The receipt as kept: by the source its events came by, which decoding may find
+    more exactly (an HTTP post that a CMQ topic pushed is `cmq-push`), so that a list of
+    events reads each one's source off its receipt without decoding it again."""
+    source = events[0].source
+    return receipt if source == receipt.source else replace(receipt, source=source)
 
 
 # The states CI documents; any other value a callback carries counts as "other", so that
@@ -148,8 +156,9 @@ class Ingestor:
         """Commit the callback and its events; raise `PayloadError` after recording a
         body that cannot be decoded. Returns only once the commit is durable."""
         began = time.perf_counter()
-        events = await parse_or_refuse(receipt, self._limits, self)
-        routed = [(event, self.router.handlers_for(event)) for event in events]
+        parsed = await parse_or_refuse(receipt, self._limits, self)
+        receipt = _by_its_events_source(receipt, parsed.events)
+        routed = [(event, self.router.handlers_for(event)) for event in parsed.events]
         verify = self._verifies(receipt)
         try:
             stored = await self._inbox.store(receipt, routed, verify=verify)
@@ -157,7 +166,7 @@ class Ingestor:
             # Not kept: the sender is asked to send it again (503, nack, left undeleted).
             self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
             raise
-        stored_new = self._kept(receipt, routed, verify, stored, began)
+        stored_new = self._kept(receipt, routed, verify, stored, began, parsed.warnings)
         if stored_new:
             self._on_stored(stored_new)
         return stored
@@ -172,28 +181,32 @@ class Ingestor:
         began = time.perf_counter()
         # Each receipt's place is filled below: by its refusal, or by its store's outcome.
         results: list[Any] = [None] * len(receipts)
-        parsed: list[tuple[int, ToStore]] = []
+        # Each parsed callback: its place, what to store, its warnings.
+        parsed: list[tuple[int, ToStore, list[str]]] = []
         for index, receipt in enumerate(receipts):
             bind_contextvars(request_id=receipt.request_id)
             try:
-                events = await parse_or_refuse(receipt, self._limits, self)
+                normalized = await parse_or_refuse(receipt, self._limits, self)
             except Exception as exc:  # PayloadError, the body kept as rejected, or not
                 results[index] = exc
                 continue
-            routed = [(event, self.router.handlers_for(event)) for event in events]
-            parsed.append((index, (receipt, routed, self._verifies(receipt))))
+            receipt = _by_its_events_source(receipt, normalized.events)
+            routed = [(event, self.router.handlers_for(event)) for event in normalized.events]
+            to_store = (receipt, routed, self._verifies(receipt))
+            parsed.append((index, to_store, normalized.warnings))
         try:
-            outcomes = await self._inbox.store_many([item for _, item in parsed])
+            outcomes = await self._inbox.store_many([item for _, item, _ in parsed])
         except Exception as exc:  # the inbox is closed: none of them is kept
             outcomes = [exc] * len(parsed)
         stored_new: list[tuple[Event, list[str]]] = []
-        for (index, (receipt, routed, verify)), stored in zip(parsed, outcomes, strict=True):
+        for (index, to_store, warnings), stored in zip(parsed, outcomes, strict=True):
+            receipt, routed, verify = to_store
             results[index] = stored
             if isinstance(stored, BaseException):
                 self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
                 continue
             bind_contextvars(request_id=receipt.request_id)
-            stored_new += self._kept(receipt, routed, verify, stored, began)
+            stored_new += self._kept(receipt, routed, verify, stored, began, warnings)
         if stored_new:
             self._on_stored(stored_new)
         return results
@@ -205,9 +218,12 @@ class Ingestor:
         verify: bool,
         stored: Stored,
         began: float,
+        warnings: list[str],
     ) -> list[tuple[Event, list[str]]]:
         """Count a committed callback; its new events, each with the runs to dispatch."""
         self._count(receipt, routed, stored)
+        if stored.new and warnings:
+            self._warn(warnings)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
         if not stored.new:
@@ -216,6 +232,17 @@ class Ingestor:
         return [
             (event, [VERIFY_RUN] if verify else names) for event, names in routed if event.id in new
         ]
+
+    def _warn(self, fields: list[str]) -> None:
+        """Count the fields a new callback sent that could not be read (a duplicate's
+        were counted when it was new), and say which."""
+        metrics = self._metrics
+        for name in fields:
+            metrics.series(metrics.field_warnings, name).inc()
+        logger.warning(
+            "callback fields not understood, kept as sent in the raw document",
+            fields=sorted(set(fields)),
+        )
 
     def _verifies(self, receipt: Receipt) -> bool:
         # A stored callback decoded again (`replay --receipt`) is verified as it was

@@ -99,6 +99,14 @@ class Metrics:
             ["server", "reason"],
             registry=self.registry,
         )
+        self.field_warnings = Counter(
+            "ci_receiver_field_warnings",
+            "Fields of new callbacks that only inform but could not be read as CI documents"
+            " them (a time that is no time, a UserData that is no string), kept as sent in"
+            " the event's raw document, by field (EndTime, UserData, ...).",
+            ["field"],
+            registry=self.registry,
+        )
         self.rejected_not_kept = Counter(
             "ci_receiver_rejected_not_kept",
             "Refused callbacks not kept because the hour's budget for them was spent.",

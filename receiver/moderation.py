@@ -34,14 +34,19 @@ def is_moderation(document: Document) -> bool:
     return event_name.startswith("Review") or (version == "detail" and "JobsDetail" in data)
 
 
-def events(document: Document, common: dict[str, Any]) -> list[Event]:
+def events(document: Document, common: dict[str, Any], warnings: list[str]) -> list[Event]:
     data = document.data
     if _is_simple(data):
         return [_simple_event(data, common)]
     event_name = identifier(data.get("EventName"), "EventName")
     details = mappings(data.get("JobsDetail"))
     return [
-        _detail_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
+        _detail_event(
+            detail,
+            event_name,
+            {**common, "raw": entry_document(data, detail, details)},
+            warnings,
+        )
         for detail in details
     ]
 
@@ -87,7 +92,9 @@ def _simple_event(data: dict[str, Any], common: dict[str, Any]) -> Event:
     )
 
 
-def _detail_event(detail: dict[str, Any], event_name: str | None, common: dict[str, Any]) -> Event:
+def _detail_event(
+    detail: dict[str, Any], event_name: str | None, common: dict[str, Any], warnings: list[str]
+) -> Event:
     result = detail.get("Result")
     url = text(detail.get("Url"))
     verdict = Moderation(
@@ -108,7 +115,7 @@ def _detail_event(detail: dict[str, Any], event_name: str | None, common: dict[s
         input=object_ref(detail.get("BucketId"), detail.get("Region"), detail.get("Object"))
         or object_ref_from_url(url),
         verdict=verdict,
-        created_at=timestamp(detail.get("CreationTime")),
+        created_at=timestamp(detail.get("CreationTime"), "CreationTime", warnings),
         entry=detail,
         common=common,
     )

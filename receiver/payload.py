@@ -29,7 +29,7 @@ class PayloadError(Exception):
 
     `reason` is stable and machine-readable (`empty`, `too_large`, `not_xml_or_json`,
     `malformed_xml`, `malformed_json`, `forbidden_xml`, `too_deep`, `too_many_elements`,
-    `bad_envelope`, `unknown_shape`, `too_many_events`); `message` is for humans.
+    `bad_envelope`, `unknown_shape`, `too_many_events`, `bad_id`); `message` is for humans.
     """
 
     def __init__(self, reason: str, message: str) -> None:

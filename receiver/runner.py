@@ -25,6 +25,7 @@ from receiver.sources.http_server import (
     connections_within,
     raise_open_files_limit,
 )
+from receiver.sources.listen import listen
 
 logger = structlog.get_logger("ci_receiver.runner")
 
@@ -66,6 +67,7 @@ class HttpServer:
         # A listening socket bound by the supervisor of `serve --workers` (then host and
         # port are not bound again here).
         self._sockets = None if sock is None else [sock]
+        self._address = (host, port)
         config = BoundedConfig(
             app,
             guard=Guard(name, limits, metrics),
@@ -158,12 +160,9 @@ class HttpServer:
         return self._server.server_state.total_requests
 
     async def run(self) -> None:
-        try:
-            await self._server.serve(self._sockets)
-        except SystemExit as exc:  # uvicorn exits when it cannot bind
-            raise RuntimeError(
-                f"the {self.name} HTTP server could not start on its port ({exc})"
-            ) from None
+        # CannotListen says which server, the address, why and what to change.
+        sockets = self._sockets or [listen(self.name, *self._address)]
+        await self._server.serve(sockets)
 
     def stop(self) -> None:
         self._server.should_exit = True

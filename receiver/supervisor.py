@@ -44,7 +44,6 @@ import structlog
 from receiver.metrics import MULTIPROCESS_DIR
 from receiver.sdnotify import ENV as NOTIFY_ENV
 from receiver.sdnotify import notify
-from receiver.sources.http_server import LISTEN_BACKLOG
 from receiver.worker import READY, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.supervisor")
@@ -56,20 +55,6 @@ RESTART_WINDOW = 60.0
 STOP_MARGIN = 30.0
 
 Command = Callable[[WorkerSpec], list[str]]
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket, as uvicorn would bind it; OSError if the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class Supervisor:

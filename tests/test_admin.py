@@ -35,6 +35,26 @@ def test_on_loopback_without_credentials_and_apart_from_the_public_port(tmp_path
         receiver.stop()
 
 
+def test_a_second_serve_on_one_host_says_the_admin_port_is_taken_and_how_to_change_it(
+    tmp_path,
+):
+    first = serve(tmp_path)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second = Receiver(second_dir / "ci-receiver.toml")
+    (second_dir / "ci-receiver.toml").write_text(f'data_dir = "{second_dir / "data"}"\n')
+    try:
+        second.start(env={"CI_RECEIVER_ADMIN__PORT": str(first.admin_port)}, wait_http=False)
+        assert second.wait(30) == 1
+    finally:
+        second.stop()
+        first.stop()
+    assert (
+        f"the admin HTTP server cannot listen on 127.0.0.1:{first.admin_port}: [Errno 98]"
+        " Address already in use; set another [admin] port (CI_RECEIVER_ADMIN__PORT)"
+    ) in second.log()
+
+
 def test_a_token_or_basic_credentials_guard_every_route(tmp_path):
     receiver = serve(tmp_path, 'token = "admin-tok-1"\nbasic_auth = { ops = "ops-pw-1" }')
     try:

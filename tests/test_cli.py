@@ -140,6 +140,24 @@ def test_events_list_and_show(receiver, tmp_path):
     assert b"no event 'job:nope:Success'" in missing.stderr
 
 
+def test_events_list_json_carries_each_events_source_as_show_does(receiver, tmp_path):
+    receiver.post(load("smartcover.xml"))
+    receiver.post(load("cmq_envelope_transcode.json"))  # a CMQ topic's JSON push
+    pushed = load("workflow_finish.xml")  # its SIMPLIFIED push: the body and CMQ headers
+    receiver.post(pushed, headers={"x-cmq-message-id": "m-1", "x-cmq-message-tag": "t"})
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
+    listed = [
+        orjson.loads(line) for line in cli(tmp_path, "events", "list", "--json").stdout.splitlines()
+    ]
+    assert [event["source"] for event in listed] == ["cmq-push", "cmq-push", "http"]
+    for event in listed:
+        shown = orjson.loads(cli(tmp_path, "events", "show", "--json", event["id"]).stdout)
+        assert shown["event"]["source"] == event["source"]
+    # Read again from its receipt, a pushed event keeps what the push told about it.
+    workflow = orjson.loads(cli(tmp_path, "events", "show", "--json", listed[0]["id"]).stdout)
+    assert workflow["event"]["source_meta"]["message_id"] == "m-1"
+
+
 def test_events_show_a_forged_value_does_not_reach_the_terminal_raw(receiver, tmp_path):
     callback = orjson.loads(load("smartcover.json"))
     # A terminal title, a screen clear and a colour, as JSON lets them be written.

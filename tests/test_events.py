@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from receiver import Event, ObjectRef, PayloadError, parse_callback
+from receiver.events import read_callback
 from tests.callbacks import ALL, XML, ci_json_from_xml, load
 
 CST = timezone(timedelta(hours=8))
@@ -428,7 +429,7 @@ def test_normalize_takes_a_decoded_document_and_defaults_its_event_limit():
     from receiver.payload import decode
 
     body = load("two_jobs.xml")
-    assert [normalized(e) for e in normalize(decode(body))] == [
+    assert [normalized(e) for e in normalize(decode(body)).events] == [
         normalized(e) for e in parse_callback(body)
     ]
     jobs = [{"JobId": f"j{n}", "State": "Success"} for n in range(101)]
@@ -474,3 +475,103 @@ def test_to_dict_has_the_documented_keys_and_iso_times():
 def test_a_time_without_offset_is_read_as_beijing_time():
     body = b'{"JobsDetail": {"JobId": "j1", "State": "Success", "EndTime": "2022-06-30T15:29:42"}}'
     assert parse_callback(body)[0].finished_at == datetime(2022, 6, 30, 15, 29, 42, tzinfo=CST)
+
+
+# --- fields of the wrong type ----------------------------------------------------------
+
+JOB = {"JobId": "j1", "State": "Success", "Tag": "Transcode"}
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "kind"),
+    [
+        ({"JobsDetail": {**JOB, "State": True}}, "State", "true (a boolean)"),
+        ({"JobsDetail": {**JOB, "State": ["Success"]}}, "State", "a list of 1"),
+        ({"JobsDetail": {**JOB, "State": 1}}, "State", "a number (1)"),
+        ({"JobsDetail": {**JOB, "JobId": {}}}, "JobId", "an object"),
+        ({"JobsDetail": {**JOB, "JobId": 12345}}, "JobId", "a number (12345)"),
+        ({"JobsDetail": {**JOB, "Tag": ["Transcode", "Snapshot"]}}, "Tag", "a list of 2"),
+        ({"EventName": False, "JobsDetail": JOB}, "EventName", "false (a boolean)"),
+        ({"WorkflowExecution": {"RunId": 7, "State": "Success"}}, "RunId", "a number (7)"),
+        ({"EventName": "ReviewVideo", "JobsDetail": {"JobId": 1.5}}, "JobId", "a number"),
+        ({"code": 0, "data": {"trace_id": ["t1"], "event": "ReviewImage"}}, "trace_id", "a list"),
+    ],
+)
+def test_a_json_id_field_of_the_wrong_type_is_refused_naming_it(document, field, kind):
+    with pytest.raises(PayloadError) as refused:
+        parse_callback(orjson.dumps(document))
+    assert refused.value.reason == "bad_id"
+    assert refused.value.message.startswith(f"{field} is not an id: it is {kind}")
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [
+        ("<State>Success</State><State>Failed</State>", "a list of 2 (an element repeated)"),
+        ("<State><a/></State>", "an object (an element with attributes or children)"),
+        ('<State at="1">Success</State>', "an object"),
+    ],
+)
+def test_an_xml_id_element_repeated_or_with_children_is_refused(state, kind):
+    body = f"<Response><JobsDetail><JobId>j1</JobId>{state}</JobsDetail></Response>"
+    with pytest.raises(PayloadError) as refused:
+        parse_callback(body.encode())
+    assert refused.value.reason == "bad_id"
+    assert refused.value.message.startswith(f"State is not an id: it is {kind}")
+
+
+def test_an_empty_id_element_is_still_a_missing_id():
+    body = b"<Response><JobsDetail><JobId/><State></State></JobsDetail></Response>"
+    (event,) = parse_callback(body)
+    assert (event.job_id, event.state) == (None, None)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_sample_is_refused_or_warned_about(name):
+    """Every shipped sample, the published ones as published (moderation JSON with its
+    real numbers among them), reads without a warning."""
+    headers = {"X-Ci-Content-Version": "Detail"} if "detail" in name else None
+    parsed = read_callback(load(name), headers)
+    assert parsed.events
+    assert parsed.warnings == []
+
+
+def test_informative_fields_that_cannot_be_read_are_kept_as_sent_with_a_warning():
+    operation = {"UserData": {"video_id": 1001, "tags": ["a"]}, "TemplateId": "t1"}
+    sent = {
+        **JOB,
+        "CreationTime": "yesterday",
+        "StartTime": ["2022-06-30T15:29:42+0800"],
+        "EndTime": 1656574182,
+        "Operation": operation,
+    }
+    parsed = read_callback(orjson.dumps({"JobsDetail": sent}))
+    (event,) = parsed.events
+    assert (event.created_at, event.started_at, event.finished_at) == (None, None, None)
+    assert event.user_data == '{"video_id":1001,"tags":["a"]}'
+    assert event.raw["JobsDetail"] == sent  # as sent
+    assert event.operation == operation
+    assert parsed.warnings == ["UserData", "CreationTime", "StartTime", "EndTime"]
+    assert Event.from_json(event.to_json()) == event
+
+
+def test_warnings_name_each_occurrence_in_workflow_tasks_moderation_and_xml():
+    workflow = (
+        b"<Response><WorkflowExecution><RunId>i1</RunId><State>Success</State>"
+        b"<CreateTime>soon</CreateTime><Tasks><JobId>j1</JobId><EndTime>0</EndTime></Tasks>"
+        b"<Tasks><JobId>j2</JobId><EndTime><a/></EndTime></Tasks></WorkflowExecution></Response>"
+    )
+    assert read_callback(workflow).warnings == ["EndTime", "EndTime", "CreateTime"]
+    verdict = {"EventName": "ReviewImage", "JobsDetail": {"JobId": "v1", "CreationTime": 5}}
+    assert read_callback(orjson.dumps(verdict)).warnings == ["CreationTime"]
+    user_data = b"<Response><JobsDetail><JobId>j1</JobId><Operation><UserData><a>1</a>"
+    user_data += b"</UserData></Operation></JobsDetail></Response>"
+    parsed = read_callback(user_data)
+    assert (parsed.events[0].user_data, parsed.warnings) == ('{"a":"1"}', ["UserData"])
+
+
+def test_dash_empty_and_missing_times_and_a_string_user_data_give_no_warning():
+    sent = {**JOB, "CreationTime": "", "StartTime": "-", "Operation": {"UserData": ""}}
+    parsed = read_callback(orjson.dumps({"JobsDetail": sent}))
+    assert parsed.warnings == []
+    assert parsed.events[0].user_data is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,6 +119,51 @@ def test_bad_input_is_a_400_with_its_reason_and_the_body_is_kept(receiver, tmp_p
     rows = inbox_rows(tmp_path, "SELECT outcome, error_reason, body, headers FROM receipts")
     assert rows == [("rejected", reason, body, rows[0][3])]
     assert orjson.loads(rows[0][3])["content-type"] == "application/xml"
+
+
+def test_an_id_field_of_the_wrong_type_is_a_400_naming_it_and_the_body_is_kept(receiver, tmp_path):
+    bodies = [
+        b'{"JobsDetail": {"JobId": "j1", "State": ["Success"]}}',
+        b'{"JobsDetail": {"JobId": {}, "State": "Success"}}',
+        b"<Response><JobsDetail><JobId>j1</JobId><State>Success</State><State>Failed</State>"
+        b"</JobsDetail></Response>",
+    ]
+    answers = [receiver.post(body) for body in bodies]
+    assert [(a.status_code, a.json()["error"]) for a in answers] == [(400, "bad_id")] * 3
+    assert [a.json()["detail"].split(":")[0] for a in answers] == [
+        "State is not an id",
+        "JobId is not an id",
+        "State is not an id",
+    ]
+    rows = inbox_rows(tmp_path, "SELECT outcome, error_reason, body FROM receipts ORDER BY id")
+    assert rows == [("rejected", "bad_id", body) for body in bodies]
+    assert inbox_rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
+
+
+def test_unreadable_times_and_user_data_are_kept_as_sent_and_counted(receiver, tmp_path):
+    detail = {
+        "JobId": "j-odd",
+        "State": "Success",
+        "EndTime": "soon",
+        "Operation": {"UserData": {"video_id": 1001}},
+    }
+    body = orjson.dumps({"JobsDetail": detail})
+    assert receiver.post(body).status_code == 200
+    assert receiver.post(body).json()["duplicates"] == 1  # counted once
+    assert receiver.post(load("transcode.xml")).status_code == 200
+    metrics = httpx.get(receiver.admin_url + "/metrics").text
+    assert 'ci_receiver_field_warnings_total{field="EndTime"} 1.0' in metrics
+    assert 'ci_receiver_field_warnings_total{field="UserData"} 1.0' in metrics
+    assert metrics.count("ci_receiver_field_warnings_total{") == 2
+    show = [sys.executable, "-m", "receiver.cli", "events", "show", "--json", "job:j-odd:Success"]
+    shown = orjson.loads(
+        subprocess.run(
+            [*show, "--config", str(receiver.config_file)], capture_output=True, check=True
+        ).stdout
+    )["event"]
+    assert (shown["finished_at"], shown["user_data"]) == (None, '{"video_id":1001}')
+    assert shown["raw"]["JobsDetail"] == detail
+    assert "callback fields not understood" in receiver.log()
 
 
 def test_a_body_over_the_limit_is_refused_early(tmp_path):

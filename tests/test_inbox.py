@@ -172,6 +172,19 @@ async def test_values_a_database_would_refuse_are_kept(inbox):
     assert listed.key in ("a\u0000b.mp4", "a\ufffdb.mp4")  # the column may not hold NUL
 
 
+async def test_a_list_gives_each_events_source_as_its_record_does(inbox):
+    pushed = receipt(load("transcode.xml"), headers={"x-cmq-message-id": "m-1"})
+    pushed.source = "cmq-push"  # as ingest keeps a receipt a CMQ topic pushed
+    queued = dataclasses.replace(receipt(load("smartcover.xml")), source="tdmq")
+    for arrived in (pushed, queued):
+        await inbox.store(arrived, [(e, ["a"]) for e in events_of(arrived)])
+    listed = await inbox.events()
+    assert [summary.source for summary in listed] == ["tdmq", "cmq-push"]
+    for summary in listed:
+        assert (await inbox.event(summary.id)).event.source == summary.source
+    assert (await inbox.event(listed[1].id)).event.source_meta["message_id"] == "m-1"
+
+
 async def test_a_rejected_body_is_kept_up_to_the_bound_with_its_full_size(inbox_place):
     inbox_place.config.inbox.rejected_body_bytes = 16
     inbox = await inbox_place.open()

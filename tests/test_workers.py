@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import sqlite3
 import threading
 from collections import Counter
@@ -249,3 +250,21 @@ def test_a_worker_that_cannot_start_ends_the_command(tmp_path):
     finally:
         receiver.stop()
     assert "worker exited before it listened: stopping" in receiver.log()
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+def test_a_public_port_in_use_is_named_with_the_key_to_change(tmp_path, workers):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        receiver = Receiver(config(tmp_path), port=port, args=workers)
+        try:
+            receiver.start(wait_http=False)
+            assert receiver.wait(30) == 1
+        finally:
+            receiver.stop()
+    assert (
+        f"the public HTTP server cannot listen on 127.0.0.1:{port}: [Errno 98] Address"
+        " already in use; set another [http] port (CI_RECEIVER_HTTP__PORT)"
+    ) in receiver.log()

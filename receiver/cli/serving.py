@@ -103,15 +103,16 @@ def _run_serve(
 
 def _supervise(config: Config, config_path: Path | None) -> int:
     """`serve --workers N` (N > 1): bind the ports here, and keep N workers on them."""
-    from receiver.supervisor import Supervisor, bind, worker_command
+    from receiver.sources.listen import CannotListen, listen
+    from receiver.supervisor import Supervisor, worker_command
 
     configure_logging(config.log.level, config.log.format, config.log.timezone)
     http, admin = config.http, config.admin
     try:
-        public = bind(http.host, http.port)
-        admin_socket = bind(admin.host, admin.port) if admin.enabled else None
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen: {exc}") from None
+        public = listen("public", http.host, http.port)
+        admin_socket = listen("admin", admin.host, admin.port) if admin.enabled else None
+    except CannotListen as exc:
+        raise click.ClickException(str(exc)) from None
     host, port = public.getsockname()[:2]
     _announce(config)(host, port)
     click.echo(f"  ({http.workers} worker processes on this port)", err=True)

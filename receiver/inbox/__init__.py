@@ -124,6 +124,7 @@ class EventSummary:
     job_id: str | None
     bucket: str | None
     key: str | None
+    source: str  # its receipt's: how it came (`http`, `cmq-push`, `tdmq`, ...)
     runs: list[RunState]
 
 

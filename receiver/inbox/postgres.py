@@ -59,6 +59,7 @@ from receiver.inbox.query import (
     BACKLOG,
     FORGED_EVENT,
     RUN_STATUS,
+    SUMMARY_COLUMNS,
     UNFINISHED_RUN,
     Dialect,
     backlogs,
@@ -647,8 +648,7 @@ class PostgresInbox:
         limit_param = found.param(limit)
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(
-                "SELECT e.seq, e.id, e.received_at, e.kind, e.event_name, e.tag, e.state,"
-                f" e.job_id, e.bucket, e.key FROM events e {found.where()}"
+                f"SELECT {SUMMARY_COLUMNS} FROM events e {found.where()}"
                 f" ORDER BY e.seq DESC LIMIT {limit_param}",
                 *found.values,
             )

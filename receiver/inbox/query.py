@@ -69,6 +69,13 @@ class Conditions:
         return f"WHERE {' AND '.join(self.parts)}" if self.parts else ""
 
 
+# What a list shows of each event `e`: the columns of `EventSummary`, but its runs.
+SUMMARY_COLUMNS = (
+    "e.seq, e.id, e.received_at, e.kind, e.event_name, e.tag, e.state, e.job_id, e.bucket,"
+    " e.key, (SELECT r.source FROM receipts r WHERE r.id = e.receipt_id)"
+)
+
+
 def event_conditions(filter: EventFilter | None, dialect: Dialect, first: int = 1) -> Conditions:
     """Conditions over `events e` (and its runs) for a filter."""
     found = Conditions(dialect, first)

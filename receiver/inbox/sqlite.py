@@ -50,6 +50,7 @@ from receiver.inbox.query import (
     BACKLOG,
     FORGED_EVENT,
     RUN_STATUS,
+    SUMMARY_COLUMNS,
     UNFINISHED_RUN,
     Dialect,
     backlogs,
@@ -332,8 +333,7 @@ class SqliteInbox:
 
         def events(connection: sqlite3.Connection) -> list[EventSummary]:
             rows = connection.execute(
-                "SELECT e.seq, e.id, e.received_at, e.kind, e.event_name, e.tag, e.state,"
-                f" e.job_id, e.bucket, e.key FROM events e {found.where()}"
+                f"SELECT {SUMMARY_COLUMNS} FROM events e {found.where()}"
                 " ORDER BY e.seq DESC LIMIT ?",
                 (*found.values, limit),
             ).fetchall()

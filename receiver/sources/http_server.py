@@ -56,9 +56,6 @@ MOST_CONNECTIONS = 10_000
 # max_connections are still answered 503 (then closed); past these, a new connection is
 # closed without a word.
 REFUSING_FRACTION = 10
-# Connections not yet accepted that the kernel keeps (it caps this at net.core.somaxconn):
-# a burst of senders connecting at once waits there rather than being refused.
-LISTEN_BACKLOG = 65535
 # A refusal of one kind is logged at most this often (with the count since the last).
 LOG_EVERY_SECONDS = 10.0
 
@@ -435,7 +432,6 @@ class BoundedConfig(uvicorn.Config):
             log_config=None,
             server_header=False,
             date_header=True,
-            backlog=LISTEN_BACKLOG,
             **kwargs,
         )
         self.guard = guard

@@ -76,7 +76,7 @@ class Relay:
 
     async def ingest(self, receipt: Receipt) -> Stored:
         began = time.perf_counter()
-        events = await parse_or_refuse(receipt, self._limits, self)
+        events = (await parse_or_refuse(receipt, self._limits, self)).events
         try:
             await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
         except Exception as exc:

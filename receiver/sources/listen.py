@@ -1,0 +1,39 @@
+"""The listening sockets of the public and admin HTTP servers, bound here rather than by
+uvicorn: one way to bind for `serve` and for the supervisor of `serve --workers`, and a
+port that cannot be had is an error saying which server, the address, the system's
+reason and the settings to change (uvicorn logs the OS error and exits with 3)."""
+
+from __future__ import annotations
+
+import socket
+
+# Connections not yet accepted that the kernel keeps (it caps this at net.core.somaxconn):
+# a burst of senders connecting at once waits there rather than being refused.
+LISTEN_BACKLOG = 65535
+# Where each server's address is set: the config section (and so its environment keys).
+SECTIONS = {"public": "http", "admin": "admin"}
+
+
+class CannotListen(Exception):
+    """A server's address cannot be listened on; the message says what to do."""
+
+
+def listen(server: str, host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the `public` or `admin` server, as uvicorn would bind
+    it, or `CannotListen` naming the address, the OS error and the keys to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        section = SECTIONS[server]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        env = f"CI_RECEIVER_{section.upper()}__"
+        raise CannotListen(
+            f"the {server} HTTP server cannot listen on {address}: {exc}; set another"
+            f" [{section}] port ({env}PORT) or host ({env}HOST)"
+        ) from None
+    return sock
