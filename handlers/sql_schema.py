@@ -53,6 +53,9 @@ class Prepared:
     added: list[str] = field(default_factory=list)
     # Older default names used in place of the new ones.
     legacy: list[str] = field(default_factory=list)
+    # Every table there before this start was ci-receiver's (or there was none): a
+    # SQLite file is then its own, to put in WAL mode.
+    sole: bool = False
 
 
 def registry_table(metadata: MetaData, schema: str | None) -> Table:
@@ -72,26 +75,29 @@ def prepare(
 ) -> Prepared:
     """Create the wanted tables that are missing, adopt an earlier version's, and add the
     columns an older one lacks (nullable: existing rows have no value). Raises `NotOurs`
-    for a table of a wanted name that ci-receiver did not make."""
+    for a table of a wanted name that ci-receiver did not make, before anything is
+    written (SQLite and MySQL commit a CREATE TABLE at once, whatever follows)."""
     if connection.dialect.name == "postgresql":
         # Replicas starting at once take turns (until commit) rather than fail.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock(hashtext('{REGISTRY}'))")
     inspector = inspect(connection)
     metadata = MetaData()
     registry = registry_table(metadata, schema)
-    exists = inspector.has_table(REGISTRY, schema=schema)
+    has_registry = inspector.has_table(REGISTRY, schema=schema)
     # The registry's own name and shape are its mark.
     claim(
         f"table {_qualified(REGISTRY, schema)!r} in {where}",
         "`schema`",
-        exists=exists,
+        exists=has_registry,
         marked=False,
-        shaped=exists and _shaped(inspector, registry),
+        shaped=has_registry and _shaped(inspector, registry),
     )
-    if not exists:
-        # Another handler may be making it at this moment.
-        connection.execute(CreateTable(registry, if_not_exists=True))
-    registered = dict(connection.execute(select(registry.c.table_name, registry.c.holds)).all())
+    registered = (
+        dict(connection.execute(select(registry.c.table_name, registry.c.holds)).all())
+        if has_registry
+        else {}
+    )
+    present = {*inspector.get_table_names(schema=schema), *inspector.get_view_names(schema=schema)}
 
     prepared = Prepared()
     for want in wanted:
@@ -113,9 +119,14 @@ def prepare(
             prepared.created.append(name)
         elif verdict == "adopted":
             prepared.adopted.append(name)
-        if verdict != "new":
-            prepared.added += _add_missing_columns(connection, inspector, table)
+    prepared.sole = present <= {REGISTRY, *(table.name for table in prepared.tables.values())}
 
+    if not has_registry:
+        # Another handler may be making it at this moment.
+        connection.execute(CreateTable(registry, if_not_exists=True))
+    for table in prepared.tables.values():
+        if table.name not in prepared.created:
+            prepared.added += _add_missing_columns(connection, inspector, table)
     by_name = {table.name: table for table in prepared.tables.values()}
     metadata.create_all(connection, tables=[by_name[name] for name in prepared.created])
     marking = [*prepared.created, *prepared.adopted]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from datetime import datetime, timezone
 
 import pytest
@@ -30,6 +32,7 @@ from handlers.sql_schema import REGISTRY, registry_table
 from handlers.sql_tables import job_row, jobs_table
 from receiver.ownership import NotOurs
 from tests.callbacks import load
+from tests.databases import execute
 from tests.processes import REPO
 from tests.sample_events import at_state, event
 from tests.waiting import eventually
@@ -454,6 +457,51 @@ async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
         await handler.start()
     await handler.close()
     assert (await snapshot(url, theirs))[0] == [("id", "INTEGER")]
+
+
+def journal_mode(path) -> str:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+async def test_a_refused_start_leaves_a_users_sqlite_file_byte_for_byte(tmp_path):
+    # The user's file is in SQLite's own default journal mode: WAL would be a change to
+    # it that stays.
+    path = tmp_path / "app.db"
+    await users_jobs_table(f"sqlite:///{path}", None)
+    assert journal_mode(path) == "delete"
+    before = path.read_bytes()
+
+    handler = SqlHandler({"url": f"sqlite:///{path}", "table": "jobs", "history": True})
+    with pytest.raises(NotOurs):
+        await handler.start()
+    await handler.close()
+
+    assert path.read_bytes() == before  # no registry beside their table either
+    assert [found.name for found in tmp_path.iterdir()] == ["app.db"]  # no -wal, -shm
+    assert journal_mode(path) == "delete"
+
+
+async def test_only_a_sqlite_file_of_its_own_tables_is_put_in_wal_mode(tmp_path):
+    own, shared = tmp_path / "jobs.db", tmp_path / "app.db"
+    theirs = await users_jobs_table(f"sqlite:///{shared}", None)
+
+    async def start_and_store(path) -> None:
+        handler = await started({"url": f"sqlite:///{path}", "history": True})
+        try:
+            await handler(event("smartcover.xml"))
+        finally:
+            await handler.close()
+
+    for path in (own, shared):
+        await start_and_store(path)
+    assert journal_mode(own) == "wal"
+    assert journal_mode(shared) == "delete"  # their jobs table is beside ours
+
+    # Once the user's table is gone, the file is ci-receiver's alone.
+    await execute(f"sqlite:///{shared}", f"DROP TABLE {theirs.name}")
+    await start_and_store(shared)
+    assert journal_mode(shared) == "wal"
 
 
 def test_sqlite_has_no_schema():
