@@ -528,7 +528,9 @@ async def test_a_receiver_leaves_a_users_jobs_table_alone_and_fills_its_own(
     ours = jobs_table(MetaData(), "ci_jobs", schema)
 
     async def stored() -> bool:
-        return bool((await snapshot(url, ours))[2])
+        # The receiver starts its handlers without waiting for them: the table is there
+        # once it is registered.
+        return "ci_jobs" in await registered(url, schema) and bool((await snapshot(url, ours))[2])
 
     await eventually(stored, "the job in ci_jobs")
     receiver.wait_for_log("handler cannot start; its events wait in the inbox")
