@@ -3,9 +3,12 @@ at start, and only ever its own (receiver/ownership.py).
 
 Its mark is a row in its registry, the table `ci_receiver_tables` in the same schema as
 its tables: a plain table works alike on SQLite, PostgreSQL and MySQL, where a table
-comment would not (SQLite has none). A table an earlier version made, before there was a
-registry, is recognised by its shape (`_shaped`) and registered. A user's table of the
-same name is never altered: the start fails, naming it and the option to change.
+comment would not (SQLite has none). Kept beside the table, a row outlives it: a user may
+drop the table and make one of their own under its name, so a registered table is ours
+only while it still has our primary key (`_marked`). A table an earlier version made,
+before there was a registry, is recognised by its shape (`_shaped`) and registered. A
+user's table of the same name is never altered: the start fails, naming it and the option
+to change.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def prepare(
         table = TABLES[want.holds](metadata, name, schema)
         prepared.tables[want.holds] = table
         exists = inspector.has_table(name, schema=schema)
-        marked = registered.get(name) == want.holds
+        marked = exists and _marked(inspector, table, want.holds, registered)
         verdict = claim(
             f"table {_qualified(name, schema)!r} in {where}",
             want.option,
@@ -160,15 +163,24 @@ def _name(
     if not inspector.has_table(legacy, schema=schema):
         return want.name
     old = TABLES[want.holds](MetaData(), legacy, schema)
-    ours = registered.get(legacy) == want.holds or _shaped(inspector, old)
+    ours = _marked(inspector, old, want.holds, registered) or _shaped(inspector, old)
     return legacy if ours else want.name
+
+
+def _marked(inspector: Inspector, table: Table, holds: Holds, registered: dict[str, str]) -> bool:
+    """Registered as holding `holds`, and still the table that was: our primary key."""
+    return registered.get(table.name) == holds and _keyed(inspector, table)
+
+
+def _keyed(inspector: Inspector, table: Table) -> bool:
+    key = inspector.get_pk_constraint(table.name, schema=table.schema)["constrained_columns"]
+    return key == [column.name for column in table.primary_key]
 
 
 def _shaped(inspector: Inspector, table: Table) -> bool:
     """Made by ci-receiver, as far as its shape tells: our primary key, and every column
     that must have a value (all versions had them). Columns a user added are allowed."""
-    key = inspector.get_pk_constraint(table.name, schema=table.schema)["constrained_columns"]
-    if key != [column.name for column in table.primary_key]:
+    if not _keyed(inspector, table):
         return False
     found = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
     return {column.name for column in table.columns if not column.nullable} <= found

@@ -310,10 +310,10 @@ def test_check_config_hides_the_database_password(tmp_path):
 # --- only its own tables ------------------------------------------------------------
 
 
-async def users_jobs_table(url: str, schema: str | None) -> Table:
-    """A table of the user's that happens to be called `jobs`, with a row."""
+async def users_jobs_table(url: str, schema: str | None, name: str = "jobs") -> Table:
+    """A table of the user's that happens to be called `jobs` (or `name`), with a row."""
     table = Table(
-        "jobs",
+        name,
         MetaData(),
         Column("id", Integer, primary_key=True),
         Column("name", String(64)),
@@ -440,6 +440,30 @@ async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql
     finally:
         await engine.dispose()
     assert "ci_jobs" not in tables
+
+
+async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_place):
+    # ci-receiver made and registered ci_jobs; the user dropped it and made their own
+    # under the name, which the registry still lists.
+    url, schema = sql_place
+    handler = await started(place_options(url, schema))
+    await handler.close()
+    qualified = f"{schema}.ci_jobs" if schema else "ci_jobs"
+    await execute(url, f"DROP TABLE {qualified}")
+    theirs = await users_jobs_table(url, schema, "ci_jobs")
+    before = await snapshot(url, theirs)
+    assert await registered(url, schema) == {"ci_jobs": "jobs"}
+
+    handler = SqlHandler(place_options(url, schema))
+    with pytest.raises(NotOurs) as refused:
+        await handler.start()
+    await handler.close()
+
+    assert str(refused.value).startswith(f"table '{qualified}' in ")
+    assert "was not created by ci-receiver, so it is left as it is; set `table`" in str(
+        refused.value
+    )
+    assert await snapshot(url, theirs) == before
 
 
 async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
