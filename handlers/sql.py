@@ -162,6 +162,8 @@ class SqlHandler:
                     quoted = connection.dialect.identifier_preparer.quote_schema(self._schema)
                     await connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
                 prepared = await connection.run_sync(prepare, self._wanted, self._schema, where)
+            if self.dialect == "sqlite":
+                await self._journal(engine, prepared.sole)
         except NotOurs:
             await engine.dispose()
             raise
@@ -170,6 +172,21 @@ class SqlHandler:
             raise RuntimeError(f"cannot open {where}: {type(exc).__name__}: {exc}") from None
         self._use(prepared)
         self._engine = engine
+
+    async def _journal(self, engine: AsyncEngine, sole: bool) -> None:
+        """WAL mode, where readers do not block the writer, for a file of ci-receiver's
+        tables only: the mode stays with the file, so a file with tables of a user's keeps
+        theirs (its writers still wait for each other: busy_timeout)."""
+        if not sole:
+            logger.info(
+                "the SQLite file holds tables ci-receiver did not create; its journal mode"
+                " is left as it is",
+                file=self._url.database,
+            )
+            return
+        async with engine.connect() as connection:
+            # Outside a transaction: SQLite cannot change the mode within one.
+            await connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
     def _use(self, prepared: Prepared) -> None:
         for name in prepared.legacy:
@@ -206,12 +223,11 @@ class SqlHandler:
             )
         engine = create_async_engine(self._url)
 
-        # Readers do not block the writer in WAL mode, and concurrent writers wait for
-        # each other rather than fail with "database is locked".
+        # Concurrent writers wait for each other rather than fail with "database is
+        # locked". (WAL mode is set once the file is known to be ours: start.)
         @sqlalchemy_event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection: Any, _: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.close()
 

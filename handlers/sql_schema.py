@@ -3,9 +3,12 @@ at start, and only ever its own (receiver/ownership.py).
 
 Its mark is a row in its registry, the table `ci_receiver_tables` in the same schema as
 its tables: a plain table works alike on SQLite, PostgreSQL and MySQL, where a table
-comment would not (SQLite has none). A table an earlier version made, before there was a
-registry, is recognised by its shape (`_shaped`) and registered. A user's table of the
-same name is never altered: the start fails, naming it and the option to change.
+comment would not (SQLite has none). Kept beside the table, a row outlives it: a user may
+drop the table and make one of their own under its name, so a registered table is ours
+only while it still has our primary key (`_marked`). A table an earlier version made,
+before there was a registry, is recognised by its shape (`_shaped`) and registered. A
+user's table of the same name is never altered: the start fails, naming it and the option
+to change.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Prepared:
     added: list[str] = field(default_factory=list)
     # Older default names used in place of the new ones.
     legacy: list[str] = field(default_factory=list)
+    # Every table there before this start was ci-receiver's (or there was none): a
+    # SQLite file is then its own, to put in WAL mode.
+    sole: bool = False
 
 
 def registry_table(metadata: MetaData, schema: str | None) -> Table:
@@ -72,26 +78,29 @@ def prepare(
 ) -> Prepared:
     """Create the wanted tables that are missing, adopt an earlier version's, and add the
     columns an older one lacks (nullable: existing rows have no value). Raises `NotOurs`
-    for a table of a wanted name that ci-receiver did not make."""
+    for a table of a wanted name that ci-receiver did not make, before anything is
+    written (SQLite and MySQL commit a CREATE TABLE at once, whatever follows)."""
     if connection.dialect.name == "postgresql":
         # Replicas starting at once take turns (until commit) rather than fail.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock(hashtext('{REGISTRY}'))")
     inspector = inspect(connection)
     metadata = MetaData()
     registry = registry_table(metadata, schema)
-    exists = inspector.has_table(REGISTRY, schema=schema)
+    has_registry = inspector.has_table(REGISTRY, schema=schema)
     # The registry's own name and shape are its mark.
     claim(
         f"table {_qualified(REGISTRY, schema)!r} in {where}",
         "`schema`",
-        exists=exists,
+        exists=has_registry,
         marked=False,
-        shaped=exists and _shaped(inspector, registry),
+        shaped=has_registry and _shaped(inspector, registry),
     )
-    if not exists:
-        # Another handler may be making it at this moment.
-        connection.execute(CreateTable(registry, if_not_exists=True))
-    registered = dict(connection.execute(select(registry.c.table_name, registry.c.holds)).all())
+    registered = (
+        dict(connection.execute(select(registry.c.table_name, registry.c.holds)).all())
+        if has_registry
+        else {}
+    )
+    present = {*inspector.get_table_names(schema=schema), *inspector.get_view_names(schema=schema)}
 
     prepared = Prepared()
     for want in wanted:
@@ -101,7 +110,7 @@ def prepare(
         table = TABLES[want.holds](metadata, name, schema)
         prepared.tables[want.holds] = table
         exists = inspector.has_table(name, schema=schema)
-        marked = registered.get(name) == want.holds
+        marked = exists and _marked(inspector, table, want.holds, registered)
         verdict = claim(
             f"table {_qualified(name, schema)!r} in {where}",
             want.option,
@@ -113,9 +122,14 @@ def prepare(
             prepared.created.append(name)
         elif verdict == "adopted":
             prepared.adopted.append(name)
-        if verdict != "new":
-            prepared.added += _add_missing_columns(connection, inspector, table)
+    prepared.sole = present <= {REGISTRY, *(table.name for table in prepared.tables.values())}
 
+    if not has_registry:
+        # Another handler may be making it at this moment.
+        connection.execute(CreateTable(registry, if_not_exists=True))
+    for table in prepared.tables.values():
+        if table.name not in prepared.created:
+            prepared.added += _add_missing_columns(connection, inspector, table)
     by_name = {table.name: table for table in prepared.tables.values()}
     metadata.create_all(connection, tables=[by_name[name] for name in prepared.created])
     marking = [*prepared.created, *prepared.adopted]
@@ -149,15 +163,24 @@ def _name(
     if not inspector.has_table(legacy, schema=schema):
         return want.name
     old = TABLES[want.holds](MetaData(), legacy, schema)
-    ours = registered.get(legacy) == want.holds or _shaped(inspector, old)
+    ours = _marked(inspector, old, want.holds, registered) or _shaped(inspector, old)
     return legacy if ours else want.name
+
+
+def _marked(inspector: Inspector, table: Table, holds: Holds, registered: dict[str, str]) -> bool:
+    """Registered as holding `holds`, and still the table that was: our primary key."""
+    return registered.get(table.name) == holds and _keyed(inspector, table)
+
+
+def _keyed(inspector: Inspector, table: Table) -> bool:
+    key = inspector.get_pk_constraint(table.name, schema=table.schema)["constrained_columns"]
+    return key == [column.name for column in table.primary_key]
 
 
 def _shaped(inspector: Inspector, table: Table) -> bool:
     """Made by ci-receiver, as far as its shape tells: our primary key, and every column
     that must have a value (all versions had them). Columns a user added are allowed."""
-    key = inspector.get_pk_constraint(table.name, schema=table.schema)["constrained_columns"]
-    if key != [column.name for column in table.primary_key]:
+    if not _keyed(inspector, table):
         return False
     found = {column["name"] for column in inspector.get_columns(table.name, schema=table.schema)}
     return {column.name for column in table.columns if not column.nullable} <= found

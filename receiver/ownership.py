@@ -2,9 +2,10 @@
 
 Where it would create a table (the `sql` handler's tables, the inbox's), something of
 that name may already be there: a user's own table, or a file that is not an inbox.
-It is used only when it carries ci-receiver's mark, or, unmarked, has the exact shape an
-earlier version made (which then gets the mark: adopted). Anything else is left as it
-is, and the start is refused with the object's name and the option that points
+It is used only when it carries ci-receiver's mark (a mark kept beside it, which would
+outlive it, counts only while it still has ci-receiver's key), or, unmarked, has the exact
+shape an earlier version made (which then gets the mark: adopted). Anything else is left
+as it is, and the start is refused with the object's name and the option that points
 ci-receiver elsewhere. How the mark is kept is each store's own (see its module); the
 rule is this one.
 """

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from datetime import datetime, timezone
 
 import pytest
@@ -30,6 +32,7 @@ from handlers.sql_schema import REGISTRY, registry_table
 from handlers.sql_tables import job_row, jobs_table
 from receiver.ownership import NotOurs
 from tests.callbacks import load
+from tests.databases import execute
 from tests.processes import REPO
 from tests.sample_events import at_state, event
 from tests.waiting import eventually
@@ -307,10 +310,10 @@ def test_check_config_hides_the_database_password(tmp_path):
 # --- only its own tables ------------------------------------------------------------
 
 
-async def users_jobs_table(url: str, schema: str | None) -> Table:
-    """A table of the user's that happens to be called `jobs`, with a row."""
+async def users_jobs_table(url: str, schema: str | None, name: str = "jobs") -> Table:
+    """A table of the user's that happens to be called `jobs` (or `name`), with a row."""
     table = Table(
-        "jobs",
+        name,
         MetaData(),
         Column("id", Integer, primary_key=True),
         Column("name", String(64)),
@@ -439,6 +442,30 @@ async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql
     assert "ci_jobs" not in tables
 
 
+async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_place):
+    # ci-receiver made and registered ci_jobs; the user dropped it and made their own
+    # under the name, which the registry still lists.
+    url, schema = sql_place
+    handler = await started(place_options(url, schema))
+    await handler.close()
+    qualified = f"{schema}.ci_jobs" if schema else "ci_jobs"
+    await execute(url, f"DROP TABLE {qualified}")
+    theirs = await users_jobs_table(url, schema, "ci_jobs")
+    before = await snapshot(url, theirs)
+    assert await registered(url, schema) == {"ci_jobs": "jobs"}
+
+    handler = SqlHandler(place_options(url, schema))
+    with pytest.raises(NotOurs) as refused:
+        await handler.start()
+    await handler.close()
+
+    assert str(refused.value).startswith(f"table '{qualified}' in ")
+    assert "was not created by ci-receiver, so it is left as it is; set `table`" in str(
+        refused.value
+    )
+    assert await snapshot(url, theirs) == before
+
+
 async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
     url, schema = sql_place
     theirs = Table(REGISTRY, MetaData(), Column("id", Integer, primary_key=True), schema=schema)
@@ -454,6 +481,51 @@ async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
         await handler.start()
     await handler.close()
     assert (await snapshot(url, theirs))[0] == [("id", "INTEGER")]
+
+
+def journal_mode(path) -> str:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+async def test_a_refused_start_leaves_a_users_sqlite_file_byte_for_byte(tmp_path):
+    # The user's file is in SQLite's own default journal mode: WAL would be a change to
+    # it that stays.
+    path = tmp_path / "app.db"
+    await users_jobs_table(f"sqlite:///{path}", None)
+    assert journal_mode(path) == "delete"
+    before = path.read_bytes()
+
+    handler = SqlHandler({"url": f"sqlite:///{path}", "table": "jobs", "history": True})
+    with pytest.raises(NotOurs):
+        await handler.start()
+    await handler.close()
+
+    assert path.read_bytes() == before  # no registry beside their table either
+    assert [found.name for found in tmp_path.iterdir()] == ["app.db"]  # no -wal, -shm
+    assert journal_mode(path) == "delete"
+
+
+async def test_only_a_sqlite_file_of_its_own_tables_is_put_in_wal_mode(tmp_path):
+    own, shared = tmp_path / "jobs.db", tmp_path / "app.db"
+    theirs = await users_jobs_table(f"sqlite:///{shared}", None)
+
+    async def start_and_store(path) -> None:
+        handler = await started({"url": f"sqlite:///{path}", "history": True})
+        try:
+            await handler(event("smartcover.xml"))
+        finally:
+            await handler.close()
+
+    for path in (own, shared):
+        await start_and_store(path)
+    assert journal_mode(own) == "wal"
+    assert journal_mode(shared) == "delete"  # their jobs table is beside ours
+
+    # Once the user's table is gone, the file is ci-receiver's alone.
+    await execute(f"sqlite:///{shared}", f"DROP TABLE {theirs.name}")
+    await start_and_store(shared)
+    assert journal_mode(shared) == "wal"
 
 
 def test_sqlite_has_no_schema():
@@ -480,7 +552,9 @@ async def test_a_receiver_leaves_a_users_jobs_table_alone_and_fills_its_own(
     ours = jobs_table(MetaData(), "ci_jobs", schema)
 
     async def stored() -> bool:
-        return bool((await snapshot(url, ours))[2])
+        # The receiver starts its handlers without waiting for them: the table is there
+        # once it is registered.
+        return "ci_jobs" in await registered(url, schema) and bool((await snapshot(url, ours))[2])
 
     await eventually(stored, "the job in ci_jobs")
     receiver.wait_for_log("handler cannot start; its events wait in the inbox")
