@@ -83,10 +83,12 @@ class Backend(Protocol):
 
 
 class Service:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, wait: bool = True) -> None:
+        """`wait`: a service, whose start waits for an inbox database that cannot be
+        reached yet; a command (`replay --receipt`, `reconcile`) fails at once instead."""
         self.config = config
         self.metrics = Metrics()
-        self.inbox: Inbox = open_inbox(config, wait=True)
+        self.inbox: Inbox = open_inbox(config, wait=wait, registry=self.metrics.registry)
         # CI's job API, shared by the reconciler and verification, when [ci] is set.
         self.ci_api: CiApi | None = None
         slots = build_slots(config)
