@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from receiver.cli.common import config_option, load, make_service, run_async
+from receiver.cli.common import config_option, inbox_errors, load, make_service, run_async
 from receiver.config import parse_duration
 
 
@@ -42,7 +42,7 @@ def reconcile(
         look_back = timedelta(seconds=parse_duration(since)) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    service = make_service(config)
+    service = make_service(config, wait=False)
     todo = watches(config.ci, bucket)
 
     async def run() -> Any:
@@ -67,7 +67,8 @@ def reconcile(
             await service.inbox.close()
 
     try:
-        report = run_async(run())
+        with inbox_errors():
+            report = run_async(run())
     except CiApiError as exc:
         raise click.ClickException(f"[ci]: {exc}") from None
     for found in report.found:

@@ -57,7 +57,7 @@ def serve(
         sys.exit(_supervise(config, config_path))
     start_logging(config, worker)
     if not config.relay.topic:
-        service = make_service(config)
+        service = make_service(config, wait=True)
         components = [*_http_servers(service, worker), *_reconciler(config, service, worker)]
         reload = _reloader(service, config_path, overrides, worker)
         sys.exit(_run_serve(run_service, service, components, worker, reload))
@@ -138,7 +138,7 @@ def consume(config_path: Path | None) -> None:
     hold_reloads_while_starting()
     config = load(config_path)
     start_logging(config)
-    service = make_service(config)
+    service = make_service(config, wait=True)
     components = [
         *_consumers(config, service),
         *_reconciler(config, service),
@@ -161,7 +161,7 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     if config.http.workers > 1:
         click.echo("run is one process: [http] workers applies to serve only", err=True)
-    service = make_service(config)
+    service = make_service(config, wait=True)
     components = [
         *_http_servers(service),
         *_consumers(config, service),
