@@ -167,48 +167,54 @@ async def run_service(
     service: Backend,
     components: list[Component],
     reload: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    serving: Sequence[Component] = (),
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
-    """Start the service and its components; return the process exit code. `reload`
-    runs on SIGHUP, one at a time (without it, SIGHUP is logged and ignored: it must not
-    end the process, as it would by default)."""
+    """Start the service and its components; return the process exit code, or raise what
+    made the service's start fail (an inbox it cannot use).
+
+    `serving` (the HTTP servers) run from the first moment, while the service starts:
+    its inbox may wait for its database, and meanwhile `/healthz` says the process lives,
+    `/readyz` why it is not ready, and callbacks get 503. `components` (consumers, the
+    reconciler: they would only fail) start once the service runs, and then the service
+    manager is told it is ready (`on_ready` too: a worker's supervisor). SIGTERM or SIGINT
+    stops it at any point. `reload` runs on SIGHUP, one at a time (without it, SIGHUP is
+    logged and ignored: it must not end the process, as it would by default)."""
     raise_open_files_limit()
-    await service.start()
-    # What start-up made (modules, config, handlers, pools) lasts as long as the process:
-    # frozen, every full collection no longer walks through it (`python -m
-    # bench.dispatch_cost --freeze`: the collector's time per callback more than halves).
-    gc.collect()
-    gc.freeze()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop_requested.set)
-    reloads = _Reloads(reload)
-    loop.add_signal_handler(signal.SIGHUP, reloads.request)
-    if _reload_asked_while_starting:
-        reloads.request()
-    notify("READY=1")
-    tasks = {asyncio.create_task(c.run(), name=c.name): c for c in components}
     waiting_for_signal = asyncio.create_task(stop_requested.wait())
+    running = list(serving)
+    tasks = _run(running)
+    starting = asyncio.create_task(service.start(), name="start")
+    reloads = _Reloads(reload)
     exit_code = 0
     try:
         done, _ = await asyncio.wait(
-            {*tasks, waiting_for_signal}, return_when=asyncio.FIRST_COMPLETED
+            {starting, waiting_for_signal, *tasks}, return_when=asyncio.FIRST_COMPLETED
         )
+        if done == {starting} and starting.exception() is None:
+            _started(reloads)
+            if on_ready is not None:
+                on_ready()
+            running += components
+            tasks.update(_run(components))
+            done, _ = await asyncio.wait(
+                {waiting_for_signal, *tasks}, return_when=asyncio.FIRST_COMPLETED
+            )
         if waiting_for_signal not in done:
             exit_code = 1
-            for task in done:
-                if task.exception() is not None:
-                    logger.error(
-                        "component failed", component=task.get_name(), error=str(task.exception())
-                    )
-                else:
-                    logger.error("component stopped on its own", component=task.get_name())
+            _log_failures(done - {starting})
         logger.info("shutting down")
         notify("STOPPING=1")
         reloads.stop()  # no reload while draining
         service.draining = True
-        for component in components:
+        starting.cancel()  # still waiting for its inbox, say
+        for component in running:
             component.stop()
         for task, outcome in zip(
             tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True
@@ -219,12 +225,43 @@ async def run_service(
                 )
     finally:
         waiting_for_signal.cancel()
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         await reloads.finish()
         await service.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
+    failure = starting.exception() if starting.done() and not starting.cancelled() else None
+    if failure is not None:
+        raise failure
     logger.info("stopped")
     return exit_code
+
+
+def _run(components: Sequence[Component]) -> dict[asyncio.Task[None], Component]:
+    return {asyncio.create_task(c.run(), name=c.name): c for c in components}
+
+
+def _started(reloads: _Reloads) -> None:
+    """The service runs: reloads are taken from now on (one asked meanwhile applied), and
+    the service manager is told."""
+    # What start-up made (modules, config, handlers, pools) lasts as long as the process:
+    # frozen, every full collection no longer walks through it (`python -m
+    # bench.dispatch_cost --freeze`: the collector's time per callback more than halves).
+    gc.collect()
+    gc.freeze()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloads.request)
+    if _reload_asked_while_starting:
+        reloads.request()
+    notify("READY=1")
+
+
+def _log_failures(done: set[asyncio.Task[None]]) -> None:
+    for task in done:
+        if task.exception() is not None:
+            logger.error("component failed", component=task.get_name(), error=str(task.exception()))
+        else:
+            logger.error("component stopped on its own", component=task.get_name())
 
 
 _reload_asked_while_starting = False
