@@ -77,7 +77,10 @@ class Backend(Protocol):
     def metrics(self) -> Metrics: ...
     @property
     def ingestor(self) -> Intake: ...
-    async def start(self) -> None: ...
+    async def start(self, waiting: Callable[[], None] | None = None) -> None:
+        """Start; call `waiting` if it first has to wait (for its inbox's database)."""
+        ...
+
     async def stop(self) -> None: ...
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
@@ -156,8 +159,8 @@ class Service:
         """Let a source (the TDMQ consumer) take part in readiness."""
         self._checks[name] = check
 
-    async def start(self) -> None:
-        await self.inbox.open()
+    async def start(self, waiting: Callable[[], None] | None = None) -> None:
+        await self.inbox.open(waiting)
         await self.dispatcher.start()
         self._upkeep = [
             asyncio.create_task(part.run(), name=part.name) for part in self._upkeep_parts

@@ -252,9 +252,10 @@ class Pruned:
 
 
 class Inbox(Protocol):
-    async def open(self) -> None:
+    async def open(self, waiting: Callable[[], None] | None = None) -> None:
         """Connect, create or migrate the schema; raise with a clear message when the
-        inbox cannot be used (a newer schema, wrong credentials)."""
+        inbox cannot be used (a newer schema, wrong credentials). An inbox opened to wait
+        for its database (`open_inbox(wait=True)`) calls `waiting` once if it has to."""
         ...
 
     async def close(self) -> None: ...

@@ -301,9 +301,10 @@ class PostgresInbox:
 
     # --- connections ---------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, waiting: Callable[[], None] | None = None) -> None:
         """With `wait`, a server that cannot be reached is waited for (its absence logged
-        once); otherwise, and for errors that waiting will not mend, raise at once."""
+        once, `waiting` called once); otherwise, and for errors that waiting will not
+        mend, raise at once."""
         delay = 1.0
         where = self._reach.location
         while True:
@@ -322,6 +323,9 @@ class PostgresInbox:
             except InboxUnavailable:  # not reached (reach.py)
                 if not self._wait:
                     raise
+                if waiting is not None:
+                    waiting()
+                    waiting = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, OPEN_RETRY_MAX_SECONDS)
 
