@@ -70,7 +70,7 @@ from receiver.inbox.query import (
     glob_to_like,
     tallies,
 )
-from receiver.inbox.reach import Location, Reach, describe
+from receiver.inbox.reach import Location, Reach, describe, quiet_pool_floor
 from receiver.inbox.records import (
     EVENT_COLUMNS,
     EVENT_WIDTH,
@@ -290,6 +290,7 @@ class PostgresInbox:
         self._wait = wait
         # A service's inbox (`wait`) logs its outages; a command says why it failed.
         self._reach = Reach(Location.of(url), log=wait, registry=registry)
+        quiet_pool_floor()
         self._pool: _Pool | None = None
         self._watchers: list[Callable[[], None]] = []
         self._listening: asyncio.Task[None] | None = None

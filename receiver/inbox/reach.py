@@ -11,6 +11,7 @@ it came back; `ci_receiver_inbox_unreachable_total` counts the failed attempts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +66,25 @@ class Location:
 
 def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
+
+
+class _QuietFloor(logging.Filter):
+    """asyncpg's pool reconnects in the background to keep its floor of connections, and
+    logs every failure with its traceback: while the server is away, `Reach` says so
+    once instead. Other failures of it still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        floor = str(record.msg).startswith("Failed to restore the pool connection floor")
+        return not (floor and isinstance(error, UNREACHABLE))
+
+
+def quiet_pool_floor() -> None:
+    """Install `_QuietFloor` on asyncpg's pool logger (once, however often called)."""
+    logging.getLogger("asyncpg.pool").addFilter(_QUIET_FLOOR)
+
+
+_QUIET_FLOOR = _QuietFloor()
 
 
 class Reach:
