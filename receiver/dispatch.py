@@ -98,6 +98,7 @@ class Forged(Exception):
     event, whose runs were forged; its own run ends `forged`, with this reason."""
 
 
+# Said when an attempt's outcome cannot be recorded (the inbox failing).
 LOST_OUTCOME = "cannot record the attempt; the run is retried when its lease ends"
 # The longest a handler may ask to wait before its next attempt (Retry(after=...)).
 MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0

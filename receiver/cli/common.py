@@ -107,8 +107,8 @@ def make_service(config: Config, *, wait: bool) -> Any:
 
 @contextlib.contextmanager
 def inbox_errors() -> Iterator[None]:
-    """An inbox that cannot be used (its database away, a schema of another version, no
-    file yet) ends the command with one line saying why, and exit code 1."""
+    """An inbox that cannot be used (its database away, a schema of another version)
+    ends the command with one line saying why, and exit code 1."""
     try:
         yield
     except (InboxUnavailable, SchemaError) as exc:
@@ -128,8 +128,8 @@ def with_inbox(
         inbox = open_inbox(config, read_only=read_only)
         try:
             await inbox.open()
-        except FileNotFoundError as exc:
-            raise click.ClickException(f"inbox: {exc}") from None
+        except FileNotFoundError as exc:  # no SQLite file yet
+            raise click.ClickException(str(exc)) from None
         try:
             return await query(inbox)
         finally:

@@ -109,9 +109,10 @@ def _run(
     reload: Callable[[], Awaitable[bool]] | None,
     link: SupervisorLink | None = None,
 ) -> int:
-    """Run until stopped (`receiver.runner.run_service`): the servers from the start, the
-    other components once the service runs; an inbox that cannot be used (refused
-    credentials, a newer schema) ends the command with its reason."""
+    """Run until stopped (`receiver.runner.run_service`): the servers once the service
+    runs, or while it waits for its database, the other components once it runs; an
+    inbox that cannot be used (refused credentials, a newer schema) ends the command
+    with its reason."""
     from receiver.runner import run_service
 
     ready = None if link is None else link.ready
