@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 import handlers as handler_api
 from handlers import Fail, Handler, Retry
 from receiver.config import HandlerConfig
-from receiver.inbox import Claim, Inbox, Outcome
+from receiver.inbox import Claim, Inbox, InboxUnavailable, Outcome
 from receiver.inbox.writer import LOCK_TIMEOUT
 from receiver.metrics import Metrics
 from receiver.model import Event
@@ -98,6 +98,8 @@ class Forged(Exception):
     event, whose runs were forged; its own run ends `forged`, with this reason."""
 
 
+# Said when an attempt's outcome cannot be recorded (the inbox failing).
+LOST_OUTCOME = "cannot record the attempt; the run is retried when its lease ends"
 # The longest a handler may ask to wait before its next attempt (Retry(after=...)).
 MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0
 
@@ -341,6 +343,10 @@ class Dispatcher:
                 if any(slot.maybe_due and slot.free > 0 for slot in self._slots.values()):
                     continue
                 delay = await self._seconds_to_next_due()
+            except InboxUnavailable:
+                # The database away: the inbox logs that once as it goes and once as it
+                # comes back, and counts the failures; the loop only tries again.
+                delay = self._poll_interval
             except Exception:
                 logger.exception("dispatch cycle failed; trying again shortly")
                 delay = self._poll_interval
@@ -515,8 +521,11 @@ class Dispatcher:
             recorded = await self._inbox.finish(
                 claim, outcome, started_at=started_at, error=error, retry_at=retry_at
             )
+        except InboxUnavailable as exc:  # the database away: no traceback to read
+            logger.warning(LOST_OUTCOME, error=str(exc))
+            return
         except Exception:
-            logger.exception("cannot record the attempt; the run is retried when its lease ends")
+            logger.exception(LOST_OUTCOME)
             return
         if not recorded:
             logger.warning("the run's lease was lost to another process; its outcome is dropped")

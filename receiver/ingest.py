@@ -15,7 +15,7 @@ from structlog.contextvars import bind_contextvars
 
 from receiver import vocabulary
 from receiver.events import Normalized, read_callback
-from receiver.inbox import VERIFY_RUN, Inbox, Receipt, Stored, ToStore
+from receiver.inbox import VERIFY_RUN, Inbox, InboxUnavailable, Receipt, Stored, ToStore
 from receiver.metrics import Metrics
 from receiver.model import Event
 from receiver.payload import Limits, PayloadError
@@ -162,9 +162,11 @@ class Ingestor:
         verify = self._verifies(receipt)
         try:
             stored = await self._inbox.store(receipt, routed, verify=verify)
-        except Exception:
+        except Exception as exc:
             # Not kept: the sender is asked to send it again (503, nack, left undeleted).
             self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
+            if isinstance(exc, InboxUnavailable):  # the database away: the inbox logs it once
+                raise IntakeUnavailable(str(exc)) from exc
             raise
         stored_new = self._kept(receipt, routed, verify, stored, began, parsed.warnings)
         if stored_new:

@@ -172,64 +172,112 @@ async def run_service(
     service: Backend,
     components: list[Component],
     reload: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    serving: Sequence[Component] = (),
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
-    """Start the service and its components; return the process exit code. `reload`
-    runs on SIGHUP, one at a time (without it, SIGHUP is logged and ignored: it must not
-    end the process, as it would by default)."""
+    """Start the service and its components; return the process exit code, or raise what
+    made the service's start fail (an inbox it cannot use).
+
+    `serving` (the HTTP servers) start once the service runs, so that what listens is
+    ready, or as soon as its start has to wait for the inbox's database: they serve
+    meanwhile, `/healthz` saying the process lives, `/readyz` why it is not ready, and
+    callbacks getting 503. `components` (consumers, the reconciler) start once the
+    service runs, and then the service manager is told it is ready (`on_ready` too: a
+    worker's supervisor). SIGTERM or SIGINT stops it at any point. `reload` runs on
+    SIGHUP, one at a time (without it, SIGHUP is logged and ignored: it must not end the
+    process, as it would by default)."""
     raise_open_files_limit()
-    await service.start()
-    # What start-up made (modules, config, handlers, pools) lasts as long as the process:
-    # frozen, every full collection no longer walks through it (`python -m
-    # bench.dispatch_cost --freeze`: the collector's time per callback more than halves).
-    gc.collect()
-    gc.freeze()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop_requested.set)
-    reloads = _Reloads(reload)
-    loop.add_signal_handler(signal.SIGHUP, reloads.request)
-    if _reload_asked_while_starting:
-        reloads.request()
-    notify("READY=1")
-    tasks = {asyncio.create_task(c.run(), name=c.name): c for c in components}
     waiting_for_signal = asyncio.create_task(stop_requested.wait())
+    must_wait = asyncio.Event()
+    starting = asyncio.create_task(service.start(waiting=must_wait.set), name="start")
+    waits = asyncio.create_task(must_wait.wait())
+    tasks: dict[asyncio.Task[None], Component] = {}
+    reloads = _Reloads(reload)
     exit_code = 0
     try:
-        done, _ = await asyncio.wait(
-            {*tasks, waiting_for_signal}, return_when=asyncio.FIRST_COMPLETED
-        )
-        if waiting_for_signal not in done:
+        ended = await _first(waiting_for_signal, starting, waits)
+        listening = ended is waits
+        if listening:  # the inbox waits for its database: serve meanwhile
+            tasks.update(_run(serving))
+            ended = await _first(waiting_for_signal, starting, *tasks)
+        if ended is starting and starting.exception() is None:
+            if not listening:
+                tasks.update(_run(serving))
+            _started(reloads)
+            if on_ready is not None:
+                on_ready()
+            tasks.update(_run(components))
+            ended = await _first(waiting_for_signal, *tasks)
+        if ended is not waiting_for_signal:
             exit_code = 1
-            for task in done:
-                if task.exception() is not None:
-                    logger.error(
-                        "component failed", component=task.get_name(), error=str(task.exception())
-                    )
-                else:
-                    logger.error("component stopped on its own", component=task.get_name())
+            if ended is not starting:
+                _log_end(ended)
         logger.info("shutting down")
         notify("STOPPING=1")
         reloads.stop()  # no reload while draining
         service.draining = True
-        for component in components:
+        starting.cancel()  # still waiting for its inbox, say
+        for component in tasks.values():
             component.stop()
         for task, outcome in zip(
             tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True
         ):
-            if isinstance(outcome, BaseException) and task not in done:
+            if isinstance(outcome, BaseException) and task is not ended:
                 logger.error(
                     "component failed while stopping", component=task.get_name(), error=str(outcome)
                 )
     finally:
         waiting_for_signal.cancel()
+        waits.cancel()
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         await reloads.finish()
         await service.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
+    failure = starting.exception() if starting.done() and not starting.cancelled() else None
+    if failure is not None:
+        raise failure
     logger.info("stopped")
     return exit_code
+
+
+async def _first(*tasks: asyncio.Task[Any]) -> asyncio.Task[Any]:
+    """The first of `tasks` to end (of several ending together, the first given)."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    return next(task for task in tasks if task in done)
+
+
+def _run(components: Sequence[Component]) -> dict[asyncio.Task[None], Component]:
+    return {asyncio.create_task(c.run(), name=c.name): c for c in components}
+
+
+def _started(reloads: _Reloads) -> None:
+    """The service runs: reloads are taken from now on (one asked meanwhile applied), and
+    the service manager is told."""
+    # What start-up made (modules, config, handlers, pools) lasts as long as the process:
+    # frozen, every full collection no longer walks through it (`python -m
+    # bench.dispatch_cost --freeze`: the collector's time per callback more than halves).
+    gc.collect()
+    gc.freeze()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloads.request)
+    if _reload_asked_while_starting:
+        reloads.request()
+    notify("READY=1")
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    """Why a component that runs until stopped ended."""
+    if task.exception() is not None:
+        logger.error("component failed", component=task.get_name(), error=str(task.exception()))
+    else:
+        logger.error("component stopped on its own", component=task.get_name())
 
 
 _reload_asked_while_starting = False

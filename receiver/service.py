@@ -77,16 +77,21 @@ class Backend(Protocol):
     def metrics(self) -> Metrics: ...
     @property
     def ingestor(self) -> Intake: ...
-    async def start(self) -> None: ...
+    async def start(self, waiting: Callable[[], None] | None = None) -> None:
+        """Start; call `waiting` if it first has to wait (for its inbox's database)."""
+        ...
+
     async def stop(self) -> None: ...
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
 
 class Service:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, wait: bool = True) -> None:
+        """`wait`: a service, whose start waits for an inbox database that cannot be
+        reached yet; a command (`replay --receipt`, `reconcile`) fails at once instead."""
         self.config = config
         self.metrics = Metrics()
-        self.inbox: Inbox = open_inbox(config, wait=True)
+        self.inbox: Inbox = open_inbox(config, wait=wait, registry=self.metrics.registry)
         # CI's job API, shared by the reconciler and verification, when [ci] is set.
         self.ci_api: CiApi | None = None
         slots = build_slots(config)
@@ -154,8 +159,8 @@ class Service:
         """Let a source (the TDMQ consumer) take part in readiness."""
         self._checks[name] = check
 
-    async def start(self) -> None:
-        await self.inbox.open()
+    async def start(self, waiting: Callable[[], None] | None = None) -> None:
+        await self.inbox.open(waiting)
         await self.dispatcher.start()
         self._upkeep = [
             asyncio.create_task(part.run(), name=part.name) for part in self._upkeep_parts

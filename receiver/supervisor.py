@@ -14,12 +14,13 @@ What the supervisor does:
   their own, so Ctrl-C in a terminal reaches the supervisor alone, and only once.
 - A worker that exits while the supervisor is not stopping (kill -9, a crash, a SIGTERM
   sent to it alone) is started again at once. More than `RESTARTS_ALLOWED` of these in
-  `RESTART_WINDOW` seconds, or a worker that exits before it ever listened (a config or
+  `RESTART_WINDOW` seconds, or a worker that exits before it was ever ready (a config or
   inbox it cannot open), stop the others and end the command with 1: the service
   manager then restarts it, or an operator reads why.
 - SIGHUP: passes it to every worker, each of which reloads its handlers and routes
-  (receiver/reload.py); a worker still starting gets it once it listens.
-- systemd (`Type=notify`): `READY=1` once every worker listens, `STOPPING=1` when it
+  (receiver/reload.py); a worker still starting gets it once it is ready.
+- systemd (`Type=notify`): `READY=1` once every worker is ready (it listens from the
+  start, and is ready once its inbox is open), `STOPPING=1` when it
   stops them; the workers themselves say nothing to the service manager.
 - Metrics: the workers keep their Prometheus values in files of one folder
   (prometheus_client's multiprocess mode), which worker 0's /metrics adds up.
@@ -117,8 +118,8 @@ class Supervisor:
         return exit_code
 
     def _pass_reload(self) -> None:
-        """To the workers listening, which handle SIGHUP by then; one still starting
-        gets it once it listens (`_wait_ready`), since it may have read the file before
+        """To the workers ready, which handle SIGHUP by then; one still starting
+        gets it once it is ready (`_wait_ready`), since it may have read the file before
         the change. Not while stopping: the workers are draining."""
         if self._stopping:
             logger.info("SIGHUP ignored: stopping")
@@ -147,11 +148,11 @@ class Supervisor:
                 self._ready.discard(index)
                 self._forget_metrics(process.pid)
             if self._stopping:
-                # Ended by our SIGTERM before it even listened: it had taken nothing.
+                # Ended by our SIGTERM before it was even ready: it had taken nothing.
                 return code == 0 or (not ready and code == -signal.SIGTERM)
             if not ready:
                 logger.error(
-                    "worker exited before it listened: stopping", worker=index, exit_code=code
+                    "worker exited before it was ready: stopping", worker=index, exit_code=code
                 )
                 return False
             now = time.monotonic()
@@ -203,7 +204,7 @@ class Supervisor:
         return process, ours
 
     async def _wait_ready(self, process: asyncio.subprocess.Process, link: socket.socket) -> bool:
-        """Whether the worker said it listens before it exited."""
+        """Whether the worker said it is ready before it exited."""
         loop = asyncio.get_running_loop()
         said = asyncio.ensure_future(loop.sock_recv(link, 16))
         exited = asyncio.ensure_future(process.wait())

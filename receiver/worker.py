@@ -4,10 +4,10 @@ is given by the supervisor, and its link back to it.
 A worker is `serve` as one process runs it, except that its listening sockets come
 bound from the supervisor (descriptors inherited at start), only worker 0 serves the
 admin listener and runs the reconciler, and a socket pair ties it to the supervisor:
-the worker says on it when it listens, and sees on it when the supervisor is gone (the
-supervisor's end closes with it, even on kill -9), then drains and stops as on SIGTERM
-(logging the link's end as an error, exit code 1), so that no worker outlives its
-supervisor.
+the worker says on it when it is ready (its inbox open), and sees on it when the
+supervisor is gone (the supervisor's end closes with it, even on kill -9), then drains
+and stops as on SIGTERM (logging the link's end as an error, exit code 1), so that no
+worker outlives its supervisor.
 """
 
 from __future__ import annotations
@@ -63,8 +63,12 @@ class SupervisorLink:
         self._stopping = asyncio.Event()
 
     def listening(self, host: str, port: int) -> None:
-        """The public server listens: say so to the supervisor and in the log."""
+        """The public server listens (its inbox may not be open yet): said in the log."""
         logger.info("worker listening", pid=os.getpid(), host=host, port=port)
+
+    def ready(self) -> None:
+        """The service runs: say so to the supervisor, which tells systemd once every
+        worker is ready, and from then on passes SIGHUP to this one."""
         with contextlib.suppress(OSError):  # a supervisor gone is seen by run()
             self._sock.send(READY)
 

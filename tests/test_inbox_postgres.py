@@ -8,6 +8,7 @@ cut and restored by the test: the server itself keeps serving the other tests.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -116,11 +117,13 @@ async def test_an_outage_fails_operations_and_service_resumes_by_itself(postgres
             await eventually(lambda: wakes)
 
             await proxy.cut()
-            with pytest.raises(Exception):  # noqa: B017, PT011 (whatever asyncpg raises)
+            where = re.escape(f"PostgreSQL at 127.0.0.1:{proxy.port}/{make_url(url).database}")
+            with pytest.raises(InboxUnavailable, match=f"^{where} unreachable") as first:
                 await inbox.store(*receipt_for("jduring"))
             inbox._last_write = 0  # no fresh write to vouch for it: ping asks the server
-            with pytest.raises(InboxUnavailable, match="PostgreSQL"):
+            with pytest.raises(InboxUnavailable, match=f"^{where} unreachable since ") as later:
                 await inbox.ping()
+            assert later.value.since == first.value.since is not None
 
             await proxy.restore()
             woken = len(wakes)
@@ -167,7 +170,8 @@ async def test_a_service_waits_for_the_database_at_start(postgres_schema):
 async def test_a_command_does_not_wait_for_an_absent_database(postgres_schema):
     url, schema = postgres_schema
     proxy = TcpProxy(make_url(url).port)
-    with pytest.raises(InboxUnavailable, match="cannot open the PostgreSQL inbox"):
+    where = re.escape(f"PostgreSQL at 127.0.0.1:{proxy.port}/{make_url(url).database}")
+    with pytest.raises(InboxUnavailable, match=f"^{where} unreachable: "):
         await asyncio.wait_for(inbox_at(through(proxy, url), schema).open(), 10)
 
 

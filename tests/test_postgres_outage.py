@@ -1,6 +1,8 @@
 """`serve` and `consume` on a PostgreSQL inbox that goes away and comes back, as real
 processes: nothing is answered 200 or acked that was not committed, `/readyz` says why,
-and service resumes by itself.
+and service resumes by itself. A receiver started while the database is away listens at
+once and waits for it; the commands say in one line that it is away; the log says so once
+as it goes and once as it comes back.
 
 The outage is a loopback TCP proxy between the processes and the machine's server
 (tests/tcp_proxy.py), cut and restored by the test: the server keeps serving the other
@@ -9,13 +11,21 @@ tests meanwhile.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import orjson
+import pytest
+from sqlalchemy import make_url
 
-from tests.processes import Receiver
+from tests.processes import REPO, Receiver
 from tests.shared_inbox import SharedInbox
 from tests.tcp_proxy import ThreadedProxy
 from tests.tdmq_support import TOKEN, publish, wait_until
+from tests.test_cli import cli
+from tests.test_senders import metric
+from tests.test_workers import log_lines
 
 TOPIC = "persistent://public/default/ci-callbacks"
 
@@ -29,8 +39,15 @@ def event_id(job: str) -> str:
     return f"job:{job}:Success"
 
 
-def write_config(tmp_path, inbox: SharedInbox, proxy_port: int, broker_url: str):
+def write_config(tmp_path, inbox: SharedInbox, proxy_port: int, broker_url: str | None = None):
     path = tmp_path / "ci-receiver.toml"
+    tdmq = f"""
+[tdmq]
+service_url = "{broker_url}"
+token = "{TOKEN}"
+topics = ["{TOPIC}"]
+nack_delay = 0.5
+"""
     path.write_text(
         f"""
 data_dir = "{tmp_path / "data"}"
@@ -38,13 +55,11 @@ data_dir = "{tmp_path / "data"}"
 format = "json"
 [http]
 access_log = false
+[admin]
+inspector = true
 [dispatch]
 poll_interval = 0.2
-[tdmq]
-service_url = "{broker_url}"
-token = "{TOKEN}"
-topics = ["{TOPIC}"]
-nack_delay = 0.5
+{tdmq if broker_url else ""}
 [handlers.recorder]
 type = "tests.handlers_for_tests:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
@@ -59,6 +74,21 @@ def handled(inbox: SharedInbox) -> dict[str, int]:
     """Done runs by event, as the inbox records them."""
     rows = inbox.query("SELECT event_id, attempts FROM runs WHERE status = 'done'")
     return dict(rows)
+
+
+def where(inbox: SharedInbox, proxy_port: int) -> str:
+    """The database as the receiver names it, through the proxy."""
+    return f"127.0.0.1:{proxy_port}/{make_url(inbox.url).database}"
+
+
+def said(receiver: Receiver, event: str) -> list[dict]:
+    """The log lines of `receiver` (every process of it) whose event starts so."""
+    return [line for line in log_lines(receiver) if line["event"].startswith(event)]
+
+
+UNREACHABLE = "PostgreSQL inbox unreachable"
+REACHABLE = "PostgreSQL inbox reachable again"
+FAILED_ATTEMPTS = "ci_receiver_inbox_unreachable_total"
 
 
 def test_an_outage_answers_503_nacks_is_unready_and_resumes_by_itself(
@@ -86,9 +116,20 @@ def test_an_outage_answers_503_nacks_is_unready_and_resumes_by_itself(
             )
             assert ready.json() == {"ready": False}
             assert ready.headers["retry-after"]
-            # The admin listener says why.
+            # The admin listener says why; its API and the inspector, why and since when.
             details = httpx.get(serve.admin_url + "/readyz").json()
-            assert details["checks"]["inbox"].startswith("PostgreSQL: ")
+            away = f"PostgreSQL at {where(shared_inbox, proxy.port)} unreachable since "
+            assert details["checks"]["inbox"].startswith(away)
+            api = httpx.get(serve.admin_url + "/api/events")
+            assert api.status_code == 503
+            assert api.headers["retry-after"]
+            assert api.json()["error"] == "inbox_unavailable"
+            assert api.json()["detail"].startswith(away)
+            assert api.json()["since"]
+            page = httpx.get(serve.admin_url + "/inspector/events")
+            assert page.status_code == 503
+            assert "The inbox is unreachable" in page.text
+            assert "Since " in page.text
             publish(pulsar_broker.url, TOPIC, [callback("jduring-tdmq")])
             # Not acked: the broker delivers it again, and again, while the database is away.
             nacked = "cannot commit the message; it will be delivered again"
@@ -110,8 +151,132 @@ def test_an_outage_answers_503_nacks_is_unready_and_resumes_by_itself(
             stored = shared_inbox.query("SELECT id FROM events")
             assert sorted(row[0] for row in stored) == sorted(expected)
             assert set(handled(shared_inbox).values()) == {1}
+            # Said once as it went and once as it came back, though the dispatcher failed
+            # five times a second meanwhile, and no traceback.
+            wait_until(lambda: said(serve, REACHABLE), "the return logged")
+            assert len(said(serve, UNREACHABLE)) == len(said(serve, REACHABLE)) == 1
+            down = said(serve, UNREACHABLE)[0]
+            assert f"{down['host']}:{down['port']}/{down['database']}" == where(
+                shared_inbox, proxy.port
+            )
+            assert [line for line in log_lines(serve) if "exception" in line] == []
+            assert metric(serve, FAILED_ATTEMPTS) > 5
             assert serve.terminate() == 0
             assert consume.terminate() == 0
         finally:
             serve.stop()
             consume.stop()
+
+
+@pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["one-process", "workers"])
+def test_started_while_the_database_is_away_it_listens_and_waits_for_it(
+    tmp_path, shared_inbox, args
+):
+    processes = 2 if args else 1
+    with ThreadedProxy(shared_inbox.port) as proxy:
+        proxy.cut()  # the database is away before the receiver starts
+        serve = Receiver(write_config(tmp_path, shared_inbox, proxy.port), args=args)
+        try:
+            serve.start()  # it listens at once
+            wait_until(lambda: len(said(serve, UNREACHABLE)) == processes, "the outage logged")
+            # Alive (a liveness probe leaves it be), not ready, and callbacks to come again.
+            assert httpx.get(serve.url + "/healthz").status_code == 200
+            assert httpx.get(serve.admin_url + "/healthz").status_code == 200
+            ready = httpx.get(serve.url + "/readyz")
+            assert ready.status_code == 503
+            assert ready.headers["retry-after"]
+            inbox = httpx.get(serve.admin_url + "/readyz").json()["checks"]["inbox"]
+            assert inbox.startswith(f"PostgreSQL at {where(shared_inbox, proxy.port)} unreachable")
+            refused = serve.post(callback("jearly"))
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"]
+            assert refused.json()["error"] == "inbox_unavailable"
+            # Tried again and again meanwhile, said once by each process: where and why.
+            wait_until(lambda: metric(serve, FAILED_ATTEMPTS) >= 3, "attempts made")
+            assert len(said(serve, UNREACHABLE)) == processes
+            for line in said(serve, UNREACHABLE):
+                assert f"{line['host']}:{line['port']}/{line['database']}" == where(
+                    shared_inbox, proxy.port
+                )
+                assert "refused" in line["error"]
+            assert not said(serve, "all workers listening")  # a worker is ready only now
+
+            proxy.restore()
+            if args:
+                serve.wait_for_log("all workers listening")
+            wait_until(lambda: httpx.get(serve.url + "/readyz").status_code == 200, "ready")
+            assert serve.post(callback("jearly")).status_code == 200
+            wait_until(lambda: event_id("jearly") in handled(shared_inbox), "handled")
+            wait_until(lambda: len(said(serve, REACHABLE)) == processes, "the return logged")
+            assert [line for line in log_lines(serve) if "exception" in line] == []
+            assert serve.terminate() == 0
+        finally:
+            serve.stop()
+
+
+@pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["one-process", "workers"])
+def test_sigterm_while_waiting_for_the_database_stops_cleanly(tmp_path, shared_inbox, args):
+    with ThreadedProxy(shared_inbox.port) as proxy:
+        proxy.cut()
+        serve = Receiver(write_config(tmp_path, shared_inbox, proxy.port), args=args)
+        try:
+            serve.start()
+            wait_until(lambda: said(serve, UNREACHABLE), "waiting for the database")
+            assert serve.terminate() == 0
+        finally:
+            serve.stop()
+
+
+# Every command that reads or writes the inbox.
+COMMANDS = [
+    ("events", "list"),
+    ("events", "show", "job:j1:Success"),
+    ("events", "tail"),
+    ("events", "rejected"),
+    ("events", "rejected", "--body", "1"),
+    ("stats",),
+    ("replay", "--dead"),
+    ("replay", "--receipt", "1"),
+    ("prune",),
+    ("prune", "--dry-run"),
+]
+
+
+def test_the_commands_say_in_one_line_that_the_database_is_away(tmp_path, shared_inbox):
+    with ThreadedProxy(shared_inbox.port) as proxy:
+        proxy.cut()
+        write_config(tmp_path, shared_inbox, proxy.port)
+        away = f"Error: inbox: PostgreSQL at {where(shared_inbox, proxy.port)} unreachable: "
+        for command in COMMANDS:
+            result = cli(tmp_path, *command, ok=False)
+            lines = result.stderr.decode().splitlines()
+            assert (result.returncode, len(lines)) == (1, 1), (command, lines)
+            assert lines[0].startswith(away), command
+            assert result.stdout == b""
+
+
+def test_events_tail_ends_with_one_line_when_the_database_goes_away(tmp_path, shared_inbox):
+    with ThreadedProxy(shared_inbox.port) as proxy:
+        config = write_config(tmp_path, shared_inbox, proxy.port)
+        serve = Receiver(config).start()
+        tail = None
+        try:
+            assert serve.post(callback("jtail")).status_code == 200
+            tail = subprocess.Popen(
+                [sys.executable, "-m", "receiver.cli", "events", "tail", "--interval", "0.2"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={"PYTHONPATH": str(REPO), "CI_RECEIVER_CONFIG": str(config)},
+            )
+            assert tail.stdout is not None
+            assert event_id("jtail") in tail.stdout.readline().decode()  # following
+            proxy.cut()
+            _, error = tail.communicate(timeout=30)
+            lines = error.decode().splitlines()
+            assert (tail.returncode, len(lines)) == (1, 1), lines
+            away = f"Error: inbox: PostgreSQL at {where(shared_inbox, proxy.port)} unreachable"
+            assert lines[0].startswith(away)
+        finally:
+            serve.stop()
+            if tail is not None and tail.poll() is None:
+                tail.kill()

@@ -214,7 +214,7 @@ def test_ready_is_told_to_systemd_and_a_reload_asked_while_starting_is_applied(
         receiver = Receiver(tmp_path / "ci-receiver.toml")
         try:
             receiver.start(env=manager.env, wait_http=False)
-            receiver.wait_for_log("PostgreSQL not reachable yet")
+            receiver.wait_for_log("PostgreSQL inbox unreachable")
             write_config(
                 tmp_path,
                 {"first": "first.jsonl", "second": "second.jsonl"},

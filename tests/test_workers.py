@@ -249,7 +249,7 @@ def test_a_worker_that_cannot_start_ends_the_command(tmp_path):
         assert receiver.wait(30) == 1
     finally:
         receiver.stop()
-    assert "worker exited before it listened: stopping" in receiver.log()
+    assert "worker exited before it was ready: stopping" in receiver.log()
 
 
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")])

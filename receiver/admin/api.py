@@ -30,6 +30,7 @@ from receiver.admin.params import (
     text_param,
     validated,
 )
+from receiver.inbox import InboxUnavailable
 from receiver.inbox.as_json import detail_json, rejected_json, summary_json
 from receiver.sources.http import JsonResponse, error
 
@@ -46,11 +47,13 @@ REASONS = {
 }
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# Seconds to wait before asking again while the inbox is away, as /readyz says.
+RETRY_AFTER = "5"
 
 
 def json_answers(endpoint: Endpoint) -> Endpoint:
     """Refusals as JSON errors: a bad parameter (400, or its own status), nothing to
-    inspect in this process (404)."""
+    inspect in this process (404), the inbox away (503, with since when)."""
 
     @wraps(endpoint)
     async def answer(request: Request) -> Response:
@@ -60,6 +63,13 @@ def json_answers(endpoint: Endpoint) -> Endpoint:
             return error(exc.status, REASONS.get(exc.status, "bad_request"), exc.detail)
         except NotAvailable as exc:
             return error(404, "not_available", str(exc))
+        except InboxUnavailable as exc:
+            since = exc.since.isoformat() if exc.since else None
+            return JsonResponse(
+                {"error": "inbox_unavailable", "detail": str(exc), "since": since},
+                status_code=503,
+                headers={"retry-after": RETRY_AFTER},
+            )
         response.headers["cache-control"] = "no-store"
         response.headers["x-content-type-options"] = "nosniff"
         return response

@@ -20,7 +20,7 @@ from receiver.admin.inspection import Inspection, NotAvailable
 from receiver.admin.params import BadRequest
 from receiver.admin.pretty import pretty
 from receiver.config import Config
-from receiver.inbox import RUN_STATUSES
+from receiver.inbox import RUN_STATUSES, InboxUnavailable
 from receiver.timezones import parse_timezone
 
 PREFIX = "/inspector"
@@ -101,7 +101,8 @@ class Pages:
         return response
 
     def page(self, endpoint: Endpoint) -> Endpoint:
-        """Refusals as pages: a bad parameter, nothing to inspect in this process."""
+        """Refusals as pages: a bad parameter, nothing to inspect in this process, the
+        inbox away (503, since when)."""
 
         @wraps(endpoint)
         async def answer(request: Request) -> Response:
@@ -113,6 +114,9 @@ class Pages:
             except NotAvailable as exc:
                 return self.render(request, "message.html", 404, title="Nothing to inspect",
                                    message=str(exc))  # fmt: skip
+            except InboxUnavailable as exc:
+                return self.render(request, "unreachable.html", 503, message=str(exc),
+                                   since=exc.since)  # fmt: skip
 
         return answer
 

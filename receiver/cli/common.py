@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ import click
 
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError, load_config, parse_moment
-from receiver.inbox import EventFilter, SchemaError
+from receiver.inbox import EventFilter, InboxUnavailable, SchemaError
 from receiver.ownership import NotOurs
 
 T = TypeVar("T")
@@ -94,13 +95,25 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coroutine)
 
 
-def make_service(config: Config) -> Any:
+def make_service(config: Config, *, wait: bool) -> Any:
+    """The service of `config`; `wait` for a long-running command, whose start waits for
+    an inbox database that cannot be reached yet (a command fails at once instead)."""
     from receiver.service import Service
 
     try:
-        return Service(config)
+        return Service(config, wait=wait)
     except HandlerConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
+
+
+@contextlib.contextmanager
+def inbox_errors() -> Iterator[None]:
+    """An inbox that cannot be used (its database away, a schema of another version)
+    ends the command with one line saying why, and exit code 1."""
+    try:
+        yield
+    except (InboxUnavailable, SchemaError, NotOurs) as exc:
+        raise click.ClickException(f"inbox: {exc}") from None
 
 
 def with_inbox(
@@ -116,11 +129,12 @@ def with_inbox(
         inbox = open_inbox(config, read_only=read_only)
         try:
             await inbox.open()
-        except (FileNotFoundError, SchemaError, NotOurs) as exc:
+        except FileNotFoundError as exc:  # no SQLite file yet
             raise click.ClickException(str(exc)) from None
         try:
             return await query(inbox)
         finally:
             await inbox.close()
 
-    return asyncio.run(run())
+    with inbox_errors():
+        return asyncio.run(run())

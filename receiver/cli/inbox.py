@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from receiver.cli.common import config_option, load, run_async
+from receiver.cli.common import config_option, inbox_errors, load, run_async
 from receiver.masking import mask_url
 
 
@@ -36,9 +36,7 @@ def copy(
     so a copy cut short is run again, and a last copy after stopping the old receivers
     brings over what they did meanwhile. The tables are created when missing.
     """
-    from receiver.inbox import InboxUnavailable, SchemaError
     from receiver.inbox.copy import copy_inbox
-    from receiver.ownership import NotOurs
 
     config = load(config_path)
     url = target or config.inbox.url
@@ -55,11 +53,11 @@ def copy(
         bar.length = count
 
     try:
-        with bar:
+        with bar, inbox_errors():
             report = run_async(
                 copy_inbox(source, url, schema, batch=batch, on_total=total, on_batch=bar.update)
             )
-    except (FileNotFoundError, SchemaError, InboxUnavailable, NotOurs) as exc:
+    except FileNotFoundError as exc:  # no SQLite inbox to copy
         raise click.ClickException(str(exc)) from None
     for table, tally in report.tables.items():
         updated = f", {tally.updated} brought up to date" if table == "runs" else ""

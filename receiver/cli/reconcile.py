@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from receiver.cli.common import config_option, load, make_service, run_async
+from receiver.cli.common import config_option, inbox_errors, load, make_service, run_async
 from receiver.config import parse_duration
 
 if TYPE_CHECKING:  # imported when the command runs: the CLI starts without them
@@ -53,7 +53,7 @@ def reconcile(
         raise click.ClickException(f"{bucket} is not in [ci] buckets ({', '.join(names)})")
     look_back = _duration(since, "--since")
     settle_for = _duration(settle, "--settle")
-    service = make_service(config)
+    service = make_service(config, wait=False)
     todo = watches(config.ci, bucket)
 
     async def run() -> Any:
@@ -82,7 +82,8 @@ def reconcile(
             await service.inbox.close()
 
     try:
-        report = run_async(run())
+        with inbox_errors():
+            report = run_async(run())
     except CiApiError as exc:
         raise click.ClickException(f"[ci]: {exc}") from None
     for found in report.found:

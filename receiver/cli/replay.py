@@ -13,6 +13,7 @@ from receiver.cli.common import (
     config_option,
     event_filter,
     filter_options,
+    inbox_errors,
     load,
     make_service,
     with_inbox,
@@ -145,7 +146,7 @@ def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
 def _replay_receipt(config: Config, receipt_id: int) -> None:
     from receiver.payload import PayloadError
 
-    service = make_service(config)
+    service = make_service(config, wait=False)
 
     async def run() -> Any:
         await service.inbox.open()
@@ -169,7 +170,8 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
             await service.inbox.close()
 
     try:
-        stored = asyncio.run(run())
+        with inbox_errors():
+            stored = asyncio.run(run())
     except PayloadError as exc:
         raise click.ClickException(
             f"receipt {receipt_id} still cannot be decoded: {exc.reason}: {exc.message}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import structlog
 
 from receiver.cli.common import (
     config_option,
+    inbox_errors,
     listen_options,
     load,
     make_service,
@@ -21,10 +22,8 @@ from receiver.cli.common import (
     run_async,
 )
 from receiver.config import Config
-from receiver.inbox import SchemaError
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
-from receiver.ownership import NotOurs
 from receiver.routing import log_warnings
 from receiver.worker import SupervisorLink, WorkerSpec
 
@@ -49,7 +48,7 @@ def serve(
     worker_spec: str | None,
 ) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
-    from receiver.runner import hold_reloads_while_starting, run_service
+    from receiver.runner import hold_reloads_while_starting
 
     hold_reloads_while_starting()
     overrides = {"host": host, "port": port, "workers": workers}
@@ -58,16 +57,18 @@ def serve(
     if worker is None and config.http.workers > 1:
         sys.exit(_supervise(config, config_path))
     start_logging(config, worker)
+    link = None if worker is None else SupervisorLink(worker)
     if not config.relay.topic:
-        service = make_service(config)
-        components = [*_http_servers(service, worker), *_reconciler(config, service, worker)]
+        service = make_service(config, wait=True)
+        servers = _http_servers(service, worker, link)
         reload = _reloader(service, config_path, overrides, worker)
-        sys.exit(_run_serve(run_service, service, components, worker, reload))
+        components = _reconciler(config, service, worker)
+        sys.exit(_run_serve(service, servers, components, link, reload))
     from receiver.sources.tdmq import TdmqError
 
     relay = _relay_service(config)
     try:
-        sys.exit(_run_serve(run_service, relay, _http_servers(relay, worker), worker, None))
+        sys.exit(_run_serve(relay, _http_servers(relay, worker, link), [], link, None))
     except TdmqError as exc:  # the topic cannot be reached at start
         raise click.ClickException(str(exc)) from None
 
@@ -89,16 +90,35 @@ def _reloader(
 
 
 def _run_serve(
-    run_service: Any,
     service: Any,
+    servers: list[Any],
     components: list[Any],
-    worker: WorkerSpec | None,
+    link: SupervisorLink | None,
     reload: Callable[[], Awaitable[bool]] | None,
 ) -> int:
-    exit_code = _until_stopped(run_service(service, components, reload))
-    if worker is not None:  # what it did, for the log (the public server comes first)
-        logger.info("worker stopped", pid=os.getpid(), requests=components[0].requests_served)
+    exit_code = _run(service, servers, components, reload, link)
+    if link is not None:  # what it did, for the log (the public server comes first)
+        logger.info("worker stopped", pid=os.getpid(), requests=servers[0].requests_served)
     return exit_code
+
+
+def _run(
+    service: Any,
+    servers: list[Any],
+    components: list[Any],
+    reload: Callable[[], Awaitable[bool]] | None,
+    link: SupervisorLink | None = None,
+) -> int:
+    """Run until stopped (`receiver.runner.run_service`): the servers once the service
+    runs, or while it waits for its database, the other components once it runs; an
+    inbox that cannot be used (refused credentials, a newer schema) ends the command
+    with its reason."""
+    from receiver.runner import run_service
+
+    ready = None if link is None else link.ready
+    running = run_service(service, components, reload, serving=servers, on_ready=ready)
+    with inbox_errors():
+        return run_async(running)
 
 
 def _supervise(config: Config, config_path: Path | None) -> int:
@@ -136,18 +156,15 @@ def _supervise(config: Config, config_path: Path | None) -> int:
 def consume(config_path: Path | None) -> None:
     """Consume callbacks from CMQ queues ([cmq]) and/or TDMQ topics ([tdmq]), run the
     dispatcher."""
-    from receiver.runner import hold_reloads_while_starting, run_service
+    from receiver.runner import hold_reloads_while_starting
 
     hold_reloads_while_starting()
     config = load(config_path)
     start_logging(config)
-    service = make_service(config)
-    components = [
-        *_consumers(config, service),
-        *_reconciler(config, service),
-        *_admin_server(service),
-    ]
-    sys.exit(_until_stopped(run_service(service, components, _reloader(service, config_path))))
+    service = make_service(config, wait=True)
+    components = [*_consumers(config, service), *_reconciler(config, service)]
+    reload = _reloader(service, config_path)
+    sys.exit(_run(service, _admin_server(service), components, reload))
 
 
 @click.command("run")
@@ -155,7 +172,7 @@ def consume(config_path: Path | None) -> None:
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
-    from receiver.runner import hold_reloads_while_starting, run_service
+    from receiver.runner import hold_reloads_while_starting
 
     hold_reloads_while_starting()
     config = load(config_path, host=host, port=port)
@@ -164,28 +181,17 @@ def run_all(config_path: Path | None, host: str | None, port: int | None) -> Non
         click.echo("run stores HTTP callbacks itself: [relay] applies to serve only", err=True)
     if config.http.workers > 1:
         click.echo("run is one process: [http] workers applies to serve only", err=True)
-    service = make_service(config)
-    components = [
-        *_http_servers(service),
-        *_consumers(config, service),
-        *_reconciler(config, service),
-    ]
+    service = make_service(config, wait=True)
+    components = [*_consumers(config, service), *_reconciler(config, service)]
     reload = _reloader(service, config_path, {"host": host, "port": port})
-    sys.exit(_until_stopped(run_service(service, components, reload)))
+    sys.exit(_run(service, _http_servers(service), components, reload))
 
 
-def _until_stopped(running: Coroutine[Any, Any, int]) -> int:
-    """Run the service; an inbox it must not or cannot use ends it with the reason, not
-    a traceback."""
-    try:
-        return run_async(running)
-    except (SchemaError, NotOurs) as exc:
-        raise click.ClickException(f"inbox: {exc}") from None
-
-
-def _http_servers(service: Any, worker: WorkerSpec | None = None) -> list[Any]:
+def _http_servers(
+    service: Any, worker: WorkerSpec | None = None, link: SupervisorLink | None = None
+) -> list[Any]:
     """The public receiver and (unless [admin] enabled = false) the admin listener; for a
-    worker of `serve --workers`, on the supervisor's sockets, with its link to it."""
+    worker of `serve --workers`, on the supervisor's sockets, with its `link` to it."""
     from receiver.runner import HttpServer
     from receiver.sources.http_auth import open_to_anyone_warning
 
@@ -193,9 +199,8 @@ def _http_servers(service: Any, worker: WorkerSpec | None = None) -> list[Any]:
     if warning and (worker is None or worker.index == 0):
         click.echo(warning, err=True)
         logger.warning("no sender authentication", advice=warning)
-    if worker is None:
+    if worker is None or link is None:
         return [HttpServer.public(service, _announce(service.config)), *_admin_server(service)]
-    link = SupervisorLink(worker)
     public = HttpServer.public(service, link.listening, worker.public_socket())
     admin = _admin_server(service, worker.admin_socket()) if worker.admin_fd is not None else []
     return [public, *admin, link]

@@ -11,10 +11,9 @@ import click
 import orjson
 
 from handlers import HandlerConfigError, shown_options
-from receiver.cli.common import config_option, load
-from receiver.inbox import InboxUnavailable, SchemaError, probe
+from receiver.cli.common import config_option, inbox_errors, load
+from receiver.inbox import probe
 from receiver.masking import mask_credentials
-from receiver.ownership import NotOurs
 
 
 @click.command("check-config")
@@ -38,10 +37,8 @@ def check_config(config_path: Path | None) -> None:
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     for warning in warnings(config):
         click.echo(f"warning: {warning}", err=True)
-    try:
+    with inbox_errors():
         found = asyncio.run(probe(config))
-    except (InboxUnavailable, SchemaError, NotOurs) as exc:
-        raise click.ClickException(f"inbox: {exc}") from None
     click.echo(f"inbox: {found}", err=True)
     click.echo("config OK", err=True)
 

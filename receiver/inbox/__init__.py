@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from receiver.model import Event, Source
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from receiver.config import Config
 
 # held: waiting for the event to be verified (it runs once it is); forged: the
@@ -51,7 +53,12 @@ class SchemaError(RuntimeError):
 
 class InboxUnavailable(RuntimeError):
     """The inbox cannot be reached or cannot write now (a database restarting, a full
-    disk); the caller should answer 503 and expect it to come back by itself."""
+    disk); the caller should answer 503 and expect it to come back by itself. `since`:
+    when the outage began, when it is known."""
+
+    def __init__(self, message: str, *, since: datetime | None = None) -> None:
+        super().__init__(message)
+        self.since = since
 
 
 @dataclass(slots=True)
@@ -246,9 +253,10 @@ class Pruned:
 
 
 class Inbox(Protocol):
-    async def open(self) -> None:
+    async def open(self, waiting: Callable[[], None] | None = None) -> None:
         """Connect, create or migrate the schema; raise with a clear message when the
-        inbox cannot be used (a newer schema, wrong credentials)."""
+        inbox cannot be used (a newer schema, wrong credentials). An inbox opened to wait
+        for its database (`open_inbox(wait=True)`) calls `waiting` once if it has to."""
         ...
 
     async def close(self) -> None: ...
@@ -435,12 +443,19 @@ class Inbox(Protocol):
     async def delete_state(self, key: str) -> None: ...
 
 
-def open_inbox(config: Config, *, read_only: bool = False, wait: bool = False) -> Inbox:
+def open_inbox(
+    config: Config,
+    *,
+    read_only: bool = False,
+    wait: bool = False,
+    registry: CollectorRegistry | None = None,
+) -> Inbox:
     """The inbox the config names: PostgreSQL for a `postgresql://` URL, else the SQLite
     file. `read_only` opens it for the inspection commands: no schema changes, no
-    writer, nothing that could hold up a running receiver. With `wait`, opening waits
-    for a database server that cannot be reached yet (a service starting), instead of
-    failing at once (a command)."""
+    writer, nothing that could hold up a running receiver. With `wait` (a service),
+    opening waits for a database server that cannot be reached yet, instead of failing
+    at once (a command), and the server's outages are logged, once as it goes and once
+    as it comes back; `registry` takes the inbox's metrics."""
     inbox = config.inbox
     if inbox.url is not None:
         from receiver.inbox.postgres import PostgresInbox
@@ -452,6 +467,7 @@ def open_inbox(config: Config, *, read_only: bool = False, wait: bool = False) -
             rejected_body_bytes=inbox.rejected_body_bytes,
             read_only=read_only,
             wait=wait,
+            registry=registry,
         )
     from receiver.inbox.sqlite import SqliteInbox
 

@@ -11,8 +11,10 @@
 - **Wake-ups**: every replica LISTENs on its schema's channel (`ci_receiver_work.<schema>`);
   a store or a replay notifies it, so an idle replica starts new work within
   moments (polling stays as the fallback).
-- **Failures**: the database restarting or unreachable makes operations raise (callers
-  answer 503 or leave the message unacked); the pool reconnects by itself.
+- **Failures**: the database restarting or unreachable makes operations raise
+  `InboxUnavailable` saying where and since when (callers answer 503 or leave the
+  message unacked), logged once as it goes and once as it comes back (`reach.py`); the
+  pool reconnects by itself.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import orjson
 import structlog
+from prometheus_client import CollectorRegistry
 
 from receiver.ids import new_id
 from receiver.inbox import (
@@ -68,6 +71,7 @@ from receiver.inbox.query import (
     glob_to_like,
     tallies,
 )
+from receiver.inbox.reach import Location, Reach, describe, quiet_pool_floor
 from receiver.inbox.records import (
     EVENT_COLUMNS,
     EVENT_WIDTH,
@@ -99,6 +103,38 @@ class _PooledConnection(asyncpg.Connection):
         return ""
 
 
+class _Pool:
+    """The inbox's pool, as its statements use it: each use tells `Reach` whether the
+    server answered (a failure to reach it raised as `InboxUnavailable`)."""
+
+    __slots__ = ("_pool", "_reach")
+
+    def __init__(self, pool: asyncpg.Pool, reach: Reach) -> None:
+        self._pool = pool
+        self._reach = reach
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        with self._reach:
+            return await self._pool.fetch(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        with self._reach:
+            return await self._pool.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        with self._reach:
+            return await self._pool.fetchval(query, *args)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        with self._reach:
+            async with self._pool.acquire() as connection:
+                yield connection
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
 def channel(schema: str) -> str:
     """The channel that `CHANNEL` names on a connection whose search_path is `schema`."""
     return f"{CHANNEL_PREFIX}{schema}"[:63]
@@ -112,6 +148,9 @@ PING_FRESH_SECONDS = 5.0
 # network cut) is only noticed when used.
 LISTEN_CHECK_SECONDS = 15.0
 RETRY_MAX_SECONDS = 30.0
+# A service waiting for its database already listens, answering 503: once the database
+# is back, it takes callbacks again within this many seconds.
+OPEN_RETRY_MAX_SECONDS = 5.0
 # Errors that waiting will not mend: refused credentials, no such database.
 FATAL_CONNECT_ERRORS = (
     asyncpg.InvalidPasswordError,
@@ -242,6 +281,7 @@ class PostgresInbox:
         rejected_body_bytes: int,
         read_only: bool = False,
         wait: bool = False,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._url = url
         self._schema = schema
@@ -249,7 +289,10 @@ class PostgresInbox:
         self._rejected_body_bytes = rejected_body_bytes
         self._read_only = read_only
         self._wait = wait
-        self._pool: asyncpg.Pool | None = None
+        # A service's inbox (`wait`) logs its outages; a command says why it failed.
+        self._reach = Reach(Location.of(url), log=wait, registry=registry)
+        quiet_pool_floor()
+        self._pool: _Pool | None = None
         self._watchers: list[Callable[[], None]] = []
         self._listening: asyncio.Task[None] | None = None
         self._last_write = 0.0
@@ -260,27 +303,33 @@ class PostgresInbox:
 
     # --- connections ---------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, waiting: Callable[[], None] | None = None) -> None:
+        """With `wait`, a server that cannot be reached is waited for (its absence logged
+        once, `waiting` called once); otherwise, and for errors that waiting will not
+        mend, raise at once."""
         delay = 1.0
+        where = self._reach.location
         while True:
             try:
-                await self._open()
+                with self._reach:
+                    await self._open()
                 return
             except FATAL_CONNECT_ERRORS as exc:
-                raise InboxUnavailable(f"PostgreSQL refused: {exc}") from None
+                raise InboxUnavailable(f"PostgreSQL at {where} refused: {exc}") from None
             except asyncpg.InterfaceError as exc:  # a URL or setting asyncpg cannot use
                 raise InboxUnavailable(f"cannot use inbox.url: {exc}") from None
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
-                retryable = not isinstance(exc, asyncpg.PostgresError) or _transient(exc)
-                if not (self._wait and retryable):
-                    raise InboxUnavailable(
-                        f"cannot open the PostgreSQL inbox: {_describe(exc)}"
-                    ) from None
-                logger.warning(
-                    "PostgreSQL not reachable yet; trying again", error=str(exc), retry_in=delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
+            except asyncpg.PostgresError as exc:
+                raise InboxUnavailable(
+                    f"cannot open the PostgreSQL inbox at {where}: {describe(exc)}"
+                ) from None
+            except InboxUnavailable:  # not reached (reach.py)
+                if not self._wait:
+                    raise
+                if waiting is not None:
+                    waiting()
+                    waiting = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, OPEN_RETRY_MAX_SECONDS)
 
     async def _open(self) -> None:
         connection = await asyncpg.connect(
@@ -293,7 +342,7 @@ class PostgresInbox:
                 await setup(connection, self._schema)
         finally:
             await connection.close()
-        self._pool = await asyncpg.create_pool(
+        pool = await asyncpg.create_pool(
             self._url,
             connection_class=_PooledConnection,
             min_size=1,
@@ -301,6 +350,7 @@ class PostgresInbox:
             command_timeout=COMMAND_TIMEOUT,
             server_settings=self._settings(),
         )
+        self._pool = _Pool(pool, self._reach)
         if not self._read_only:
             self._listening = asyncio.create_task(self._listen(), name="inbox-listen")
 
@@ -321,9 +371,9 @@ class PostgresInbox:
             self._pool = None
 
     @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise InboxUnavailable("the inbox is closed")
+    def pool(self) -> _Pool:
+        if self._pool is None:  # not open yet (waiting for the server), or closed
+            raise self._reach.unavailable() or InboxUnavailable("the inbox is not open")
         return self._pool
 
     async def _write(self, query: str, *args: Any) -> Any:
@@ -553,36 +603,33 @@ class PostgresInbox:
     async def _listen(self) -> None:
         """Keep one connection LISTENing, reconnecting after any failure."""
         delay = 1.0
-
-        def connected() -> None:
-            nonlocal delay
-            delay = 1.0
-
         while True:
             try:
-                await self._listen_once(on_connected=connected)
-            except asyncio.CancelledError:
-                raise
+                with self._reach:
+                    connection = await asyncpg.connect(
+                        self._url, timeout=COMMAND_TIMEOUT, server_settings=self._settings()
+                    )
+                delay = 1.0
+                with self._reach:
+                    await self._listen_on(connection)
+            except InboxUnavailable:
+                pass  # the server away (or the connection cut): logged once, by `Reach`
             except Exception as exc:
                 logger.warning(
                     "inbox notifications lost; reconnecting (dispatch polls meanwhile)",
-                    error=_describe(exc),
+                    error=describe(exc),
                     retry_in=delay,
                 )
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 
-    async def _listen_once(self, on_connected: Callable[[], None]) -> None:
+    async def _listen_on(self, connection: asyncpg.Connection) -> None:
         """LISTEN until the connection is lost; each connect wakes the watchers, since
         notifications may have been missed meanwhile."""
-        connection = await asyncpg.connect(
-            self._url, timeout=COMMAND_TIMEOUT, server_settings=self._settings()
-        )
         try:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _: lost.set())
             await connection.add_listener(channel(self._schema), lambda *_: self._wake())
-            on_connected()
             self._wake()
             while not lost.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -605,8 +652,12 @@ class PostgresInbox:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 str(time.time()),
             )
+        except InboxUnavailable:  # away: where, why and since when
+            raise
         except Exception as exc:
-            raise InboxUnavailable(f"PostgreSQL: {_describe(exc)}") from exc
+            raise InboxUnavailable(
+                f"PostgreSQL at {self._reach.location}: {describe(exc)}"
+            ) from exc
 
     # --- replay --------------------------------------------------------------------
 
@@ -1014,7 +1065,9 @@ async def probe(url: str, schema: str) -> str:
     try:
         connection = await asyncpg.connect(url, timeout=COMMAND_TIMEOUT)
     except Exception as exc:
-        raise InboxUnavailable(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
+        raise InboxUnavailable(
+            f"cannot connect to PostgreSQL at {Location.of(url)}: {describe(exc)}"
+        ) from None
     try:
         where = f"PostgreSQL {connection.get_server_version().major}"
         try:
@@ -1053,18 +1106,3 @@ async def _runs(connection: asyncpg.Connection, event_ids: list[str]) -> dict[st
 def _count(status: str) -> int:
     """The row count of a command status such as `UPDATE 3` or `INSERT 0 3`."""
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _transient(error: asyncpg.PostgresError) -> bool:
-    """The database starting, stopping or overloaded: worth waiting for."""
-    return isinstance(
-        error,
-        asyncpg.CannotConnectNowError
-        | asyncpg.TooManyConnectionsError
-        | asyncpg.AdminShutdownError
-        | asyncpg.CrashShutdownError,
-    )
-
-
-def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__

@@ -113,7 +113,8 @@ class SqliteInbox:
             raise RuntimeError("this inbox was opened read-only")
         return self._writer
 
-    async def open(self) -> None:
+    async def open(self, waiting: Callable[[], None] | None = None) -> None:
+        """Opens at once, or fails: a file has no server to wait for (`waiting` unused)."""
         if self._writer is not None:
             await self._writer.start()
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pulsar
 import pulsar.asyncio
@@ -137,7 +138,8 @@ class RelayService:
         self.ingestor = Relay(config, self.metrics)
         self.draining = False
 
-    async def start(self) -> None:
+    async def start(self, waiting: Callable[[], None] | None = None) -> None:
+        """Connects at once, or fails: nothing to wait for (`waiting` unused)."""
         await self.ingestor.start()
 
     async def stop(self) -> None:
