@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -184,6 +185,8 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(prefix="bench-burst-tree-") as folder:
             tree = trees.export(args.against, Path(folder) / "tree")
+            # The senders, as this tree has them (older trees have none).
+            shutil.copy(trees.HERE / "tests" / "bursts.py", tree / "tests" / "bursts.py")
             arguments = [f"--senders={args.senders}", f"--bodies={args.bodies}",
                          f"--inboxes={args.inboxes}", "--json"]  # fmt: skip
             print_table(args.against, trees.measure(tree, "bench.burst", arguments))
