@@ -196,3 +196,45 @@ async def test_the_tables_live_in_their_own_schema(postgres_schema):
     finally:
         await connection.close()
     assert [t[0] for t in tables] == ["attempts", "events", "meta", "receipts", "runs", "state"]
+
+
+async def transactions_of_receipts(url: str, schema: str) -> int:
+    """How many transactions wrote the receipts (each row's xmin is the one that did)."""
+    connection = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        return await connection.fetchval("SELECT count(DISTINCT xmin::text) FROM receipts")
+    finally:
+        await connection.close()
+
+
+async def test_callbacks_stored_at_one_moment_are_committed_together(postgres_schema):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    try:
+        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(300)))
+        assert all(len(s.new) == 1 for s in stored)
+        alone = await inbox.store(*receipt_for("jalone"))  # a callback alone commits at once
+        assert len(alone.new) == 1
+    finally:
+        await inbox.close()
+    # A burst is a few large commits, not one per callback.
+    assert await transactions_of_receipts(url, schema) <= 10
+
+
+async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(postgres_schema):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    try:
+        broken, routed = receipt_for("jbroken")
+        broken.received_at = None  # receipts.received_at is NOT NULL: the server refuses it
+        stores = [inbox.store(*receipt_for(f"j{i}")) for i in range(20)]
+        stores.insert(10, inbox.store(broken, routed))
+        outcomes = await asyncio.gather(*stores, return_exceptions=True)
+        assert isinstance(outcomes[10], asyncpg.NotNullViolationError)
+        assert all(len(o.new) == 1 for i, o in enumerate(outcomes) if i != 10)
+        # Those of its batch were committed: the same callback again is a duplicate.
+        assert len((await inbox.store(*receipt_for("j3"))).duplicates) == 1
+    finally:
+        await inbox.close()

@@ -57,6 +57,7 @@ from receiver.inbox import (
     Traffic,
     new_runs,
 )
+from receiver.inbox.group_commit import GroupCommit
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
 from receiver.inbox.query import (
     BACKLOG,
@@ -297,6 +298,10 @@ class PostgresInbox:
         self._listening: asyncio.Task[None] | None = None
         self._last_write = 0.0
         self._last_failure = 0.0
+        # The callbacks being stored at one moment, committed together.
+        self._stores = GroupCommit(
+            self._store_rows, lambda arguments: self._write(STORE, *arguments)
+        )
         # Outcomes waiting for their batch's statement, and its future (see finish()).
         self._outcomes: list[tuple[Any, ...]] | None = None
         self._recorded: asyncio.Future[set[int]] | None = None
@@ -403,20 +408,21 @@ class PostgresInbox:
                 run_events.append(text(event.id))
                 run_handlers.append(handler)
                 run_statuses.append(status)
-        row = await self._write(
-            STORE,
-            receipt.received_at,
-            receipt.source,
-            text(receipt.request_id),
-            orjson.dumps(receipt.headers),
-            orjson.dumps(receipt.source_meta),
-            pack(receipt.body),
-            len(receipt.body),
-            orjson.dumps(ids),
-            *columns,
-            run_events,
-            run_handlers,
-            run_statuses,
+        row = await self._stores.run(
+            (
+                receipt.received_at,
+                receipt.source,
+                text(receipt.request_id),
+                orjson.dumps(receipt.headers),
+                orjson.dumps(receipt.source_meta),
+                pack(receipt.body),
+                len(receipt.body),
+                orjson.dumps(ids),
+                *columns,
+                run_events,
+                run_handlers,
+                run_statuses,
+            )
         )
         receipt_id, inserted, _, forged = row
         if forged:
@@ -435,8 +441,19 @@ class PostgresInbox:
                 duplicates.append(event_id)
         return Stored(receipt_id, ids, new, duplicates)
 
+    async def _store_rows(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        """STORE for each callback of `batch`, in one transaction and one round trip."""
+        try:
+            async with self.pool.acquire() as connection:
+                rows = await connection.fetchmany(STORE, batch)
+        except Exception:
+            self._last_failure = time.monotonic()
+            raise
+        self._last_write = time.monotonic()
+        return rows
+
     async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
-        # Each a statement of its own, at once over the pool's connections.
+        # Each a store of its own, committed together (`self._stores`).
         stores = (self.store(receipt, routed, verify=verify) for receipt, routed, verify in items)
         return await asyncio.gather(*stores, return_exceptions=True)
 
