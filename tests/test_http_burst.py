@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from receiver.sources.listen import LISTEN_BACKLOG
 from tests.bursts import burst
 from tests.callbacks import load
 from tests.processes import Receiver
+from tests.waiting import wait_until
 
 HEAD = b"POST /callbacks HTTP/1.1\r\nHost: test\r\nContent-Type: application/xml\r\n"
 MiB = 1024 * 1024
@@ -118,5 +121,28 @@ def test_every_connection_over_the_cap_reads_a_503_not_a_silent_close(tmp_path):
         for sock in held:
             sock.close()
         assert receiver.post(load("snapshot.xml")).status_code == 200
+    finally:
+        receiver.stop()
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on `port`, as the kernel reports it (ss's
+    Send-Q of a listening socket)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[2])
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+def test_the_listen_backlog_is_as_deep_as_the_kernel_allows(tmp_path, workers):
+    """Senders connecting at once wait in the backlog rather than being dropped."""
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    receiver = Receiver(config, args=workers).start()
+    try:
+        wait_until(lambda: receiver.post(load("snapshot.xml")).status_code == 200, what="serving")
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        assert listen_backlog(receiver.port) == min(LISTEN_BACKLOG, somaxconn)
     finally:
         receiver.stop()

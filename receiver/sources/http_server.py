@@ -38,6 +38,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from receiver.metrics import Metrics
+from receiver.sources.listen import LISTEN_BACKLOG
 
 logger = structlog.get_logger("ci_receiver.sources.http_server")
 
@@ -432,6 +433,8 @@ class BoundedConfig(uvicorn.Config):
             log_config=None,
             server_header=False,
             date_header=True,
+            # uvicorn listens on the socket it is given again, with this backlog.
+            backlog=LISTEN_BACKLOG,
             **kwargs,
         )
         self.guard = guard
