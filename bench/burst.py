@@ -10,8 +10,10 @@ default (no config; the PostgreSQL inbox is the one thing added for that row), t
 connections are opened at once, each posting one 2.3 KB Snapshot callback with a JobId
 of its own (XML, or its JSON form) and reading the answer. Printed per row: answers by
 status (`closed`: the connection ended with no answer), the time from the start of the
-burst to the last 200, p50/p99 of the answers, the server's peak RSS (VmHWM) and the
-events stored.
+burst to the last 200, p50/p99 of the answers, the server's peak RSS (VmHWM), the
+events stored and, on PostgreSQL, the server's WAL flushes during the burst (one per
+commit: how many commits stored the burst; the whole server's count, so run it on a
+quiet one). `--env NAME=VALUE` sets a key of the receiver's (CI_RECEIVER_...).
 
 `--against REV` runs the same rows on another revision (bench/trees.py) in the same run
 and prints both. PostgreSQL: CI_RECEIVER_TEST_POSTGRES_URL (default
@@ -33,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,21 @@ def stored(work: Path, postgres: str | None, schema: str) -> int:
     return asyncio.run(count())
 
 
+def wal_flushes(postgres: str | None) -> int:
+    """The server's WAL flushes so far (pg_stat_wal: the whole server's, so a quiet one)."""
+    if postgres is None:
+        return 0
+
+    async def read() -> int:
+        connection = await asyncpg.connect(postgres)
+        try:
+            return int(await connection.fetchval("SELECT wal_sync FROM pg_stat_wal"))
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
+
+
 def drop(postgres: str, schema: str) -> None:
     async def run() -> None:
         connection = await asyncpg.connect(postgres)
@@ -105,7 +123,7 @@ def wait_ready(port: int, process: subprocess.Popen, timeout: float = 60) -> Non
     raise TimeoutError("serve not ready")
 
 
-def row(inbox: str, body: str, senders: int, args_env: list[str] = ()) -> dict[str, Any]:
+def row(inbox: str, body: str, senders: int, args_env: Sequence[str] = ()) -> dict[str, Any]:
     """One fresh `serve` on its default config, one burst."""
     postgres = server_url("postgresql") if inbox == "postgres" else None
     schema = f"bench_{uuid.uuid4().hex[:10]}"
@@ -130,7 +148,9 @@ def row(inbox: str, body: str, senders: int, args_env: list[str] = ()) -> dict[s
             )  # fmt: skip
         try:
             wait_ready(port, process)
+            flushes = wal_flushes(postgres)
             figures = asyncio.run(measure(port, senders, body))
+            figures["wal_flushes"] = None if postgres is None else wal_flushes(postgres) - flushes
             figures["rss_mib"] = peak_rss_mib(process.pid)
             figures["stored"] = stored(work, postgres, schema)
         finally:
@@ -153,7 +173,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def print_table(name: str, results: list[dict[str, Any]]) -> None:
     print(f"\n{name}")
     print(f"{'inbox':<9}{'body':<5}{'N':>6}  {'answers':<34}{'last 200':>9}"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'RSS MiB':>9}{'stored':>8}")  # fmt: skip
+          f"{'p50 ms':>8}{'p99 ms':>8}{'RSS MiB':>9}{'stored':>8}{'WAL flushes':>12}")  # fmt: skip
     for result in results:
         answers = " ".join(f"{status}:{count}" for status, count in result["answers"].items())
         last = result["last_200_s"]
@@ -161,6 +181,7 @@ def print_table(name: str, results: list[dict[str, Any]]) -> None:
             f"{result['inbox']:<9}{result['body']:<5}{result['senders']:>6}  {answers:<34}"
             f"{'-' if last is None else f'{last:.2f} s':>9}{result['p50_ms']:>8}"
             f"{result['p99_ms']:>8}{result['rss_mib']:>9}{result['stored']:>8}"
+            f"{'-' if result['wal_flushes'] is None else result['wal_flushes']:>12}"
         )
 
 
@@ -188,7 +209,8 @@ def main() -> None:
             # The senders, as this tree has them (older trees have none).
             shutil.copy(trees.HERE / "tests" / "bursts.py", tree / "tests" / "bursts.py")
             arguments = [f"--senders={args.senders}", f"--bodies={args.bodies}",
-                         f"--inboxes={args.inboxes}", "--json"]  # fmt: skip
+                         f"--inboxes={args.inboxes}", "--json",
+                         *(f"--env={item}" for item in args.env)]  # fmt: skip
             print_table(args.against, trees.measure(tree, "bench.burst", arguments))
 
 
