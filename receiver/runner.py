@@ -22,7 +22,7 @@ from receiver.sources.http_server import (
     Guard,
     Server,
     ServerLimits,
-    connections_within,
+    connection_limits,
     raise_open_files_limit,
 )
 from receiver.sources.listen import listen
@@ -31,9 +31,6 @@ logger = structlog.get_logger("ci_receiver.runner")
 
 # The admin listener serves operators and monitoring: a few connections are plenty.
 ADMIN_CONNECTIONS = 32
-# Fewer connections than this (the open files limit leaves no more) is worth a warning:
-# a burst of callbacks could be refused.
-FEW_CONNECTIONS = 1000
 
 
 class Component(Protocol):
@@ -92,13 +89,11 @@ class HttpServer:
         """The port CI posts to: /callbacks, /healthz, a bare /readyz."""
         http = service.config.http
         open_files = raise_open_files_limit()
-        fitting, max_open = connections_within(open_files)
-        wanted = http.max_connections or FEW_CONNECTIONS
-        max_connections = min(http.max_connections or fitting, fitting)
-        if max_connections < wanted:
+        connections = connection_limits(open_files, http.max_connections)
+        if connections.lowered:
             logger.warning(
                 "http.max_connections lowered to fit the open files limit",
-                max_connections=max_connections,
+                max_connections=connections.serve,
                 configured=http.max_connections,
                 open_files_limit=open_files,
             )
@@ -108,9 +103,9 @@ class HttpServer:
             header_timeout=http.header_timeout,
             body_timeout=http.body_timeout,
             keepalive_timeout=http.keepalive_timeout,
-            max_connections=max_connections,
+            max_connections=connections.serve,
             max_requests=http.max_requests,
-            max_open=max_open,
+            max_open=connections.hold,
         )
         return cls(
             "public",

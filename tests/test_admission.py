@@ -43,8 +43,8 @@ async def test_past_the_budget_a_callback_waits_for_room_then_goes_in():
 
 
 async def test_waiters_go_in_in_the_order_they_came():
-    gate = admission(1)
-    holder = await gate.enter(0)
+    gate = admission(5)
+    holders = [await gate.enter(0) for _ in range(5)]
     order: list[int] = []
 
     async def wait(index: int) -> None:
@@ -57,7 +57,8 @@ async def test_waiters_go_in_in_the_order_they_came():
     for index in range(5):
         waiters.append(asyncio.create_task(wait(index)))
         await asyncio.sleep(0)
-    gate.leave(holder)
+    for ticket in holders:
+        gate.leave(ticket)
     await asyncio.gather(*waiters)
     assert order == [0, 1, 2, 3, 4]
 
@@ -149,3 +150,35 @@ async def test_a_waiter_cancelled_gives_back_what_it_was_given():
     assert gate.waiting == 0
     gate.leave(holder)
     assert gate.used == 0
+
+
+async def test_those_waiting_are_bounded_too_past_that_a_refusal_at_once():
+    gate = admission(2, wait=5)
+    holders = [await gate.enter(0), await gate.enter(0)]
+    waiting = [asyncio.create_task(gate.enter(0)) for _ in range(2)]  # a budget's worth
+    await asyncio.sleep(0.01)
+    assert gate.waiting == 2
+    began = time.monotonic()
+    assert await gate.enter(0) is None  # no room to wait either
+    assert time.monotonic() - began < 0.1
+    for ticket in holders:
+        gate.leave(ticket)
+    for ticket in await asyncio.gather(*waiting):
+        assert ticket is not None
+        gate.leave(ticket)
+    assert gate.used == 0
+    assert gate.waiting_bytes == 0
+
+
+async def test_a_waiter_cancelled_once_given_room_gives_it_back():
+    gate = admission(1)
+    holder = await gate.enter(0)
+    waiting = asyncio.create_task(gate.enter(0))
+    await asyncio.sleep(0.01)
+    gate.leave(holder)  # the room goes to the waiter, which has not run since
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert gate.used == 0
+    assert gate.waiting == 0
+    assert await gate.enter(0) is not None

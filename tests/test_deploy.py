@@ -21,7 +21,7 @@ from dockerfile_parse import DockerfileParser
 
 from receiver.cli import main as cli
 from receiver.config import Config, load_config
-from receiver.sources.http_server import MOST_CONNECTIONS, connections_within
+from receiver.sources.http_server import MOST_CONNECTIONS, connection_limits
 from tests.databases import require_server
 from tests.processes import REPO
 
@@ -146,7 +146,9 @@ def test_compose_runs_receivers_and_consumers_on_one_postgresql_inbox():
             assert source in compose["volumes"] or (DEPLOY / source).exists(), volume
         # Descriptors for every connection the receiver takes when max_connections is
         # unset (as many as fit, up to MOST_CONNECTIONS).
-        assert connections_within(service["ulimits"]["nofile"]["soft"])[0] == MOST_CONNECTIONS
+        connections = connection_limits(service["ulimits"]["nofile"]["soft"], None)
+        assert connections.serve == MOST_CONNECTIONS
+        assert not connections.lowered
         # The admin listener is not published: it stays on the container's loopback.
         assert all(str(Config().admin.port) not in port for port in service.get("ports", []))
     # consume has no public port: its health check asks the admin listener.

@@ -6,7 +6,9 @@ room waits for some (up to `http.admission_wait`) rather than being refused at o
 and what bounds the callbacks in progress is what they cost: the bytes of their bodies
 (declared by Content-Length, or read so far of a chunked one) plus `REQUEST_COST` each,
 for what decoding and storing one holds besides its body (its document, its events, its
-task). A waiting callback holds only its connection and what it has sent so far.
+task). A waiting callback holds only its connection and what it has sent so far, and
+those waiting are bounded too: their bodies and constants within another `budget`;
+past that, a callback is refused at once.
 """
 
 from __future__ import annotations
@@ -32,25 +34,34 @@ class Ticket:
 
 class Admission:
     """`budget` bytes for the callbacks in progress. One that does not fit waits, first
-    come first served, for at most `wait` seconds."""
+    come first served, for at most `wait` seconds, while those waiting hold less than
+    another `budget`."""
 
     def __init__(self, budget: int, wait: float) -> None:
         self.budget = budget
         self.wait = wait
         self.used = 0
         self.waiting = 0
+        self.waiting_bytes = 0  # of those waiting to enter
         # (bytes wanted, bytes already held, future) in arrival order; one leaves when
         # admitted, or once expired.
         self._waiters: deque[tuple[int, int, asyncio.Future[bool]]] = deque()
 
     async def enter(self, size: int) -> Ticket | None:
         """Room for a callback whose body is `size` bytes (so far); None when none came
-        within `wait` seconds."""
+        within `wait` seconds, or at once when those waiting already hold `budget`."""
         charge = size + REQUEST_COST
         if not self.waiting and self._fits(charge, 0):
             self.used += charge
             return Ticket(charge)
-        if await self._wait_for_room(charge, 0, self.wait):
+        if self.waiting_bytes and self.waiting_bytes + charge > self.budget:  # nor to wait
+            return None
+        self.waiting_bytes += charge
+        try:
+            admitted = await self._wait_for_room(charge, 0, self.wait)
+        finally:
+            self.waiting_bytes -= charge
+        if admitted:
             return Ticket(charge)
         return None
 

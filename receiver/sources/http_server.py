@@ -53,10 +53,16 @@ RESERVED_FDS = 256
 # memory (its buffers, parser and, once it has sent a request, its task), so what a
 # burst of senders can open at once stays within a small VM.
 MOST_CONNECTIONS = 10_000
-# Without a limit of descriptors (the admin listener): a tenth more connections than
-# max_connections are still answered 503 (then closed); past these, a new connection is
-# closed without a word.
+# Fewer connections than this for lack of descriptors is worth a warning: a burst of
+# callbacks could be refused.
+FEW_CONNECTIONS = 1000
+# Descriptors are shared out so that a tenth more connections than are served can be
+# refused; past the connections served, as many again (at least MIN_REFUSALS) are still
+# answered 503, each for at most LINGER_SECONDS, and only past those is a connection
+# closed without a word. Without a limit of descriptors (the admin listener): a tenth
+# more.
 REFUSING_FRACTION = 10
+MIN_REFUSALS = 1000
 # A refusal of one kind is logged at most this often (with the count since the last).
 LOG_EVERY_SECONDS = 10.0
 
@@ -487,11 +493,24 @@ def _log_limit(limit: int, before: int) -> None:
     logger.info("open files limit", limit=limit, raised_from=before)
 
 
-def connections_within(open_files: int) -> tuple[int, int]:
-    """What `open_files` descriptors allow next to the reserve: the connections to serve
-    by default (up to `MOST_CONNECTIONS`, and leaving room to refuse a tenth more), and
-    the connections to hold at all (served, or being answered 503)."""
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How many connections a server takes, as its descriptors allow."""
+
+    serve: int  # max_connections: served
+    hold: int  # max_open: served, or being answered 503 (then closed)
+    lowered: bool  # fewer served than configured (or than FEW_CONNECTIONS, unset)
+
+
+def connection_limits(open_files: int, configured: int | None) -> ConnectionLimits:
+    """The connections served: `configured`, or unset as many as fit (up to
+    `MOST_CONNECTIONS`), and never more than fit in `open_files` descriptors next to the
+    reserve and the refusals. Past those, as many again (at least `MIN_REFUSALS`) are
+    still answered 503, as far as the descriptors last."""
     reserve = min(RESERVED_FDS, open_files // 4)
-    available = open_files - reserve
-    served = available * REFUSING_FRACTION // (REFUSING_FRACTION + 1) - 16
-    return max(1, min(served, MOST_CONNECTIONS)), max(1, available)
+    available = max(1, open_files - reserve)
+    fitting = max(1, available * REFUSING_FRACTION // (REFUSING_FRACTION + 1) - 16)
+    wanted = MOST_CONNECTIONS if configured is None else configured
+    serve = min(wanted, fitting)
+    lowered = serve < (FEW_CONNECTIONS if configured is None else configured)
+    return ConnectionLimits(serve, min(available, serve + max(MIN_REFUSALS, serve)), lowered)
