@@ -347,8 +347,9 @@ SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_co
 
 
 def every_series(tmp_path: Path) -> set[str]:
-    """The series names a fully configured ci-receiver exposes: a service with [ci] and
-    verification, both consumers and the reconciler, built in-process on one registry."""
+    """The series names a fully configured ci-receiver exposes: a service on a PostgreSQL
+    inbox (not connected to) with [ci] and verification, both consumers and the
+    reconciler, built in-process on one registry."""
     from receiver.inbox import open_inbox
     from receiver.service import Service
     from receiver.sources.cmq import CmqConsumer
@@ -357,6 +358,7 @@ def every_series(tmp_path: Path) -> set[str]:
 
     config = Config(
         data_dir=tmp_path,
+        inbox={"url": "postgresql://ci@db.example:5432/ci"},
         http={"verify": "ci-api"},
         ci={
             "secret_id": "id",
@@ -405,8 +407,19 @@ def test_alert_rules_and_dashboard_name_only_metrics_that_exist(tmp_path):
         "ci_receiver_handler_up",
         'ci_receiver_callbacks_total{outcome="rejected"}',
         'ci_receiver_callbacks_total{outcome="unavailable"}',
+        'ci_receiver_callbacks_total{outcome="busy"}',
+        "ci_receiver_inbox_unreachable_total",
     ):
         assert metric in alerted, metric
+    # And the dashboard shows them, and the fields of callbacks it could not read.
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    shown = " ".join(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+    for metric in (
+        "ci_receiver_inbox_unreachable_total",
+        'ci_receiver_callbacks_total{outcome="busy"}',
+        "ci_receiver_field_warnings_total",
+    ):
+        assert metric in shown, metric
     for rule in rules:
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}
