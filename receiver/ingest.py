@@ -206,6 +206,8 @@ class Ingestor:
             results[index] = stored
             if isinstance(stored, BaseException):
                 self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
+                if isinstance(stored, InboxUnavailable):  # as `ingest` raises it
+                    results[index] = IntakeUnavailable(str(stored))
                 continue
             bind_contextvars(request_id=receipt.request_id)
             stored_new += self._kept(receipt, routed, verify, stored, began, warnings)
@@ -273,6 +275,8 @@ class Ingestor:
             await self._inbox.reject(
                 replace(receipt, body=kept), error.reason, error.message, size=full_size
             )
+        except InboxUnavailable as exc:  # the database away: the inbox logs it once
+            raise RejectionNotKept(str(exc)) from exc
         except Exception as exc:
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
             raise RejectionNotKept(str(exc)) from exc

@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from receiver.config import RetentionConfig
-from receiver.inbox import Inbox, Pruned
+from receiver.inbox import Inbox, InboxUnavailable, Pruned
 
 logger = structlog.get_logger("ci_receiver.retention")
 
@@ -48,6 +48,8 @@ class Pruner:
         while not self._stopping.is_set():
             try:
                 pruned = await self.prune()
+            except InboxUnavailable as exc:  # the inbox says so itself, once
+                logger.debug("retention pass failed: the inbox is unavailable", error=str(exc))
             except Exception:  # the inbox failed: the next pass tries again
                 logger.exception("retention pass failed")
             else:

@@ -137,6 +137,7 @@ class Service:
         self._upkeep_parts = (self.pruner, self.monitor, self.presence)
         self._upkeep: list[asyncio.Task[None]] = []
         self.draining = False
+        self._started = False
         self._checks: dict[str, Check] = {}
 
     async def reload(self, config: Config, slots: list[Slot]) -> list[str]:
@@ -156,7 +157,8 @@ class Service:
         return changes
 
     def add_check(self, name: str, check: Check) -> None:
-        """Let a source (the TDMQ consumer) take part in readiness."""
+        """Let a source (the TDMQ consumer) take part in readiness: asked once the service
+        has started, since sources start only then."""
         self._checks[name] = check
 
     async def start(self, waiting: Callable[[], None] | None = None) -> None:
@@ -165,6 +167,7 @@ class Service:
         self._upkeep = [
             asyncio.create_task(part.run(), name=part.name) for part in self._upkeep_parts
         ]
+        self._started = True
 
     async def stop(self) -> None:
         self.draining = True
@@ -189,6 +192,9 @@ class Service:
         checks["dispatcher"] = (running, "running" if running else "stopped")
         checks["draining"] = (not self.draining, "draining" if self.draining else "no")
         for name, check in self._checks.items():
+            if not self._started:  # its inbox waits for its database: `inbox` says why
+                checks[name] = (False, "not started: waiting for the inbox")
+                continue
             try:
                 checks[name] = await check()
             except Exception as exc:

@@ -319,16 +319,19 @@ def test_systemd_unit_runs_real_commands():
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read(DEPLOY / "ci-receiver.service")
     service = unit["Service"]
-    for key in ("ExecStartPre", "ExecStart"):
-        program, *argv = shlex.split(service[key])
-        assert program.endswith("/bin/ci-receiver")
-        assert_command(argv)
+    program, *argv = shlex.split(service["ExecStart"])
+    assert program.endswith("/bin/ci-receiver")
+    assert_command(argv)
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 20
     # `systemctl reload`: the signal the runner reloads handlers and routes on, sent
     # only once the process said it is ready (tests/test_reload.py checks it does).
     assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
     assert service["Type"] == "notify"
+    # READY=1 waits for the inbox's database: no start timeout kills it meanwhile, and
+    # no check-config before it fails the start while the database is away.
+    assert service["TimeoutStartSec"] == "infinity"
+    assert "ExecStartPre" not in service
 
 
 def test_the_env_key_check_catches_a_wrong_key_and_reads_as_load_config_does(monkeypatch):
@@ -349,8 +352,9 @@ SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_co
 
 
 def every_series(tmp_path: Path) -> set[str]:
-    """The series names a fully configured ci-receiver exposes: a service with [ci] and
-    verification, both consumers and the reconciler, built in-process on one registry."""
+    """The series names a fully configured ci-receiver exposes: a service on a PostgreSQL
+    inbox (not connected to) with [ci] and verification, both consumers and the
+    reconciler, built in-process on one registry."""
     from receiver.inbox import open_inbox
     from receiver.service import Service
     from receiver.sources.cmq import CmqConsumer
@@ -359,6 +363,7 @@ def every_series(tmp_path: Path) -> set[str]:
 
     config = Config(
         data_dir=tmp_path,
+        inbox={"url": "postgresql://ci@db.example:5432/ci"},
         http={"verify": "ci-api"},
         ci={
             "secret_id": "id",
@@ -407,8 +412,19 @@ def test_alert_rules_and_dashboard_name_only_metrics_that_exist(tmp_path):
         "ci_receiver_handler_up",
         'ci_receiver_callbacks_total{outcome="rejected"}',
         'ci_receiver_callbacks_total{outcome="unavailable"}',
+        'ci_receiver_callbacks_total{outcome="busy"}',
+        "ci_receiver_inbox_unreachable_total",
     ):
         assert metric in alerted, metric
+    # And the dashboard shows them, and the fields of callbacks it could not read.
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    shown = " ".join(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+    for metric in (
+        "ci_receiver_inbox_unreachable_total",
+        'ci_receiver_callbacks_total{outcome="busy"}',
+        "ci_receiver_field_warnings_total",
+    ):
+        assert metric in shown, metric
     for rule in rules:
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}

@@ -1,8 +1,9 @@
 """`serve` and `consume` on a PostgreSQL inbox that goes away and comes back, as real
-processes: nothing is answered 200 or acked that was not committed, `/readyz` says why,
-and service resumes by itself. A receiver started while the database is away listens at
-once and waits for it; the commands say in one line that it is away; the log says so once
-as it goes and once as it comes back.
+processes: nothing is answered 200, acked or deleted from its queue that was not
+committed, `/readyz` says why, and service resumes by itself. A receiver started while
+the database is away listens at once and waits for it; the commands say in one line that
+it is away; the log says so once as it goes and once as it comes back, each consumer
+once that its messages come back meanwhile, and never with a traceback.
 
 The outage is a loopback TCP proxy between the processes and the machine's server
 (tests/tcp_proxy.py), cut and restored by the test: the server keeps serving the other
@@ -19,6 +20,8 @@ import orjson
 import pytest
 from sqlalchemy import make_url
 
+from tests.ci_api_server import CiApiServer, job
+from tests.cmq_support import QUEUE, CmqStandIn, cmq_section
 from tests.processes import REPO, Receiver
 from tests.shared_inbox import SharedInbox
 from tests.tcp_proxy import ThreadedProxy
@@ -39,7 +42,14 @@ def event_id(job: str) -> str:
     return f"job:{job}:Success"
 
 
-def write_config(tmp_path, inbox: SharedInbox, proxy_port: int, broker_url: str | None = None):
+def write_config(
+    tmp_path,
+    inbox: SharedInbox,
+    proxy_port: int,
+    broker_url: str | None = None,
+    extra: str = "",
+):
+    """`extra`: more sections (with their headers)."""
     path = tmp_path / "ci-receiver.toml"
     tdmq = f"""
 [tdmq]
@@ -65,6 +75,7 @@ type = "tests.handlers_for_tests:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 timeout = 2
 {inbox.toml(proxy_port)}
+{extra}
 """
     )
     return path
@@ -86,9 +97,22 @@ def said(receiver: Receiver, event: str) -> list[dict]:
     return [line for line in log_lines(receiver) if line["event"].startswith(event)]
 
 
+def tracebacks(receiver: Receiver) -> list[str]:
+    """Whatever in `receiver`'s output carries a traceback: log lines with an exception,
+    or one printed outside the log."""
+    lines = [line["event"] for line in log_lines(receiver) if "exception" in line]
+    return lines + (["(printed)"] if "Traceback" in receiver.log() else [])
+
+
 UNREACHABLE = "PostgreSQL inbox unreachable"
 REACHABLE = "PostgreSQL inbox reachable again"
 FAILED_ATTEMPTS = "ci_receiver_inbox_unreachable_total"
+TDMQ_NACKED = 'ci_receiver_tdmq_messages_total{outcome="nacked"}'
+CMQ_FAILED = 'ci_receiver_cmq_messages_total{outcome="failed"}'
+TDMQ_AWAY = "inbox unavailable: messages are nacked and delivered again"
+TDMQ_BACK = "inbox available again: messages are committed and acked"
+CMQ_AWAY = "inbox unavailable: messages stay on their queue and come back"
+CMQ_BACK = "inbox available again: messages are committed and deleted"
 
 
 def test_an_outage_answers_503_nacks_is_unready_and_resumes_by_itself(
@@ -132,8 +156,7 @@ def test_an_outage_answers_503_nacks_is_unready_and_resumes_by_itself(
             assert "Since " in page.text
             publish(pulsar_broker.url, TOPIC, [callback("jduring-tdmq")])
             # Not acked: the broker delivers it again, and again, while the database is away.
-            nacked = "cannot commit the message; it will be delivered again"
-            wait_until(lambda: consume.log().count(nacked) >= 3, "the message nacked 3 times")
+            wait_until(lambda: metric(consume, TDMQ_NACKED) >= 3, "the message nacked 3 times")
             assert serve.post(callback("jduring0")).status_code == 503
 
             proxy.restore()
@@ -161,11 +184,117 @@ def test_an_outage_answers_503_nacks_is_unready_and_resumes_by_itself(
             )
             assert [line for line in log_lines(serve) if "exception" in line] == []
             assert metric(serve, FAILED_ATTEMPTS) > 5
+            # The consumer said once that its message comes back, once that it is taken.
+            wait_until(lambda: said(consume, TDMQ_BACK), "the consumer's return logged")
+            assert len(said(consume, TDMQ_AWAY)) == len(said(consume, TDMQ_BACK)) == 1
+            assert tracebacks(consume) == []
             assert serve.terminate() == 0
             assert consume.terminate() == 0
         finally:
             serve.stop()
             consume.stop()
+
+
+BUCKET, REGION = "media-1250000000", "ap-guangzhou"
+CI_SECRET_ID, CI_SECRET_KEY = "AKIDoutagetest", "the-secret-key"
+
+
+def consume_config(
+    tmp_path, inbox: SharedInbox, proxy_port: int, broker_url: str, cmq: CmqStandIn, ci: str
+):
+    """`consume` from TDMQ and CMQ, reconciling with CI and pruning refused callbacks,
+    all every half second."""
+    extra = (
+        cmq_section(cmq)
+        + f"""
+[retention]
+interval = "0.5s"
+refused = "1s"
+[ci]
+secret_id = "{CI_SECRET_ID}"
+secret_key = "{CI_SECRET_KEY}"
+endpoint = "{ci}"
+interval = "0.5s"
+settle = "0s"
+[[ci.buckets]]
+name = "{BUCKET}"
+region = "{REGION}"
+tags = ["Transcode"]
+"""
+    )
+    return write_config(tmp_path, inbox, proxy_port, broker_url, extra)
+
+
+def readiness(receiver: Receiver) -> httpx.Response | None:
+    """The admin listener's /readyz; None while nothing listens there yet."""
+    try:
+        return httpx.get(receiver.admin_url + "/readyz")
+    except httpx.TransportError:
+        return None
+
+
+def test_consume_says_in_one_line_what_the_database_away_does_and_takes_everything_back(
+    tmp_path, pulsar_broker, shared_inbox
+):
+    cmq = CmqStandIn(tmp_path / "cmq", visibility_timeout=1).start()
+    ci = CiApiServer({CI_SECRET_ID: CI_SECRET_KEY}).start()
+    debug = {"CI_RECEIVER_LOG__LEVEL": "debug"}  # the passes that failed show too
+    with ThreadedProxy(shared_inbox.port) as proxy:
+        proxy.cut()  # away at start
+        config = consume_config(tmp_path, shared_inbox, proxy.port, pulsar_broker.url, cmq, ci.url)
+        consume = Receiver(config, "consume")
+        try:
+            consume.start(env=debug, wait_http=False)
+            # Its consumers wait for the inbox, and readiness says so.
+            waiting = wait_until(lambda: readiness(consume), "the admin listener listening")
+            assert waiting.status_code == 503
+            checks = waiting.json()["checks"]
+            assert checks["inbox"].startswith(f"PostgreSQL at {where(shared_inbox, proxy.port)}")
+            assert checks["tdmq"] == checks["cmq"] == "not started: waiting for the inbox"
+            proxy.restore()
+            consume.wait_for_log("tdmq consumer connected")
+            wait_until(lambda: readiness(consume).status_code == 200, "ready")
+            publish(pulsar_broker.url, TOPIC, [callback("jtdmq0")])
+            cmq.send([callback("jcmq0")])
+            wait_until(lambda: len(handled(shared_inbox)) == 2, "both handled before the cut")
+
+            proxy.cut()
+            publish(pulsar_broker.url, TOPIC, [callback("jtdmq1")])
+            cmq.send([callback("jcmq1"), "not a callback"])
+            ci.add_jobs(BUCKET, job(1, BUCKET, REGION))  # its callback lost
+            # Each message tried again and again, each pass again and again; the log says
+            # once what becomes of the messages, and no traceback.
+            wait_until(lambda: metric(consume, TDMQ_NACKED) >= 3, "nacked 3 times")
+            wait_until(lambda: metric(consume, CMQ_FAILED) >= 4, "both not kept twice")
+            for passes in ("retention pass failed", "reconcile pass failed"):
+                wait_until(lambda p=passes: len(said(consume, p)) >= 2, f"{passes} twice")
+            assert len(said(consume, TDMQ_AWAY)) == len(said(consume, CMQ_AWAY)) == 1
+            assert tracebacks(consume) == []
+            assert cmq.stats()["queued"] == {QUEUE: 2}  # not deleted: they come back
+
+            proxy.restore()
+            lost = f"job:j{1:032x}:Success"
+            expected = {event_id(f"j{source}{n}") for source in ("tdmq", "cmq") for n in (0, 1)}
+            wait_until(lambda: set(handled(shared_inbox)) == {*expected, lost}, "all handled")
+            wait_until(lambda: cmq.stats()["queued"] == {QUEUE: 0}, "every CMQ message deleted")
+            # The refused body was kept once back, then pruned: retention works again.
+            wait_until(lambda: said(consume, "pruned the inbox"), "a retention pass pruned it")
+            # Stored once each, handled once each; the reconciler found the lost one.
+            stored = shared_inbox.query("SELECT id FROM events")
+            assert sorted(row[0] for row in stored) == sorted({*expected, lost})
+            assert set(handled(shared_inbox).values()) == {1}
+            assert len(said(consume, "recovered an event whose callback never came")) == 1
+            # Said once as it went and once as it came back, by the inbox (at start too)
+            # and by each consumer.
+            wait_until(lambda: said(consume, CMQ_BACK) and said(consume, TDMQ_BACK), "said")
+            assert len(said(consume, UNREACHABLE)) == len(said(consume, REACHABLE)) == 2
+            assert len(said(consume, TDMQ_BACK)) == len(said(consume, CMQ_BACK)) == 1
+            assert tracebacks(consume) == []
+            assert consume.terminate() == 0
+        finally:
+            consume.stop()
+            cmq.close()
+            ci.stop()
 
 
 @pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["one-process", "workers"])

@@ -14,9 +14,9 @@ be on its way, and what a pass recovers should be what never came.
 
 The window reaches back `window` before the watch's cursor: the end of its last
 completed pass, kept in the inbox. A receiver that was down for longer than the window
-catches up from where it stopped; a pass that fails (CI unreachable after the retries)
-leaves the cursor where it was; a pass that left jobs to settle moves it only so far
-that the next pass's window still reaches back to their creation.
+catches up from where it stopped; a pass that fails (CI unreachable after the retries,
+or the inbox) leaves the cursor where it was; a pass that left jobs to settle moves it
+only so far that the next pass's window still reaches back to their creation.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from receiver.ci_api import (
 from receiver.config import CiConfig, Config
 from receiver.fields import text
 from receiver.ids import new_id
-from receiver.inbox import Inbox, Receipt
-from receiver.ingest import Intake
+from receiver.inbox import Inbox, InboxUnavailable, Receipt
+from receiver.ingest import Intake, IntakeUnavailable
 from receiver.model import Event
 from receiver.payload import PayloadError
 
@@ -140,6 +140,8 @@ class Reconciler:
                 if self._stopping.is_set():
                     return
                 raise
+            except (InboxUnavailable, IntakeUnavailable) as exc:  # the inbox says so, once
+                logger.debug("reconcile pass failed: the inbox is unavailable", error=str(exc))
             except Exception:  # the inbox failed: try again next interval
                 logger.exception("reconcile pass failed")
             else:

@@ -6,7 +6,9 @@ unless it is deleted with the receipt handle of its latest receive. So:
 - a message is deleted only after `Intake.ingest` returned (committed, or a duplicate)
   or the refusal of its body was kept (`PayloadError`): it never loops;
 - when the inbox fails (recording a refusal included) it is not deleted: it comes back
-  after the visibility timeout, and the inbox recognizes it if it was committed after all;
+  after the visibility timeout, and the inbox recognizes it if it was committed after all.
+  While the inbox cannot take messages at all (its database away) that is said once,
+  and once more when they are committed again (receiver/outage.py);
 - a process killed anywhere before the delete leaves the message to come back the same
   way.
 
@@ -36,8 +38,9 @@ from prometheus_client import Counter, Histogram
 
 from receiver.config import CmqConfig
 from receiver.inbox import Receipt
-from receiver.ingest import Intake
+from receiver.ingest import Intake, IntakeUnavailable
 from receiver.metrics import Metrics
+from receiver.outage import Outage
 from receiver.payload import PayloadError
 from receiver.sources.cmq.api import STALE_HANDLE, CmqApi, CmqRefused, CmqUnavailable, Message
 
@@ -92,6 +95,11 @@ class CmqConsumer:
             "Duration of CMQ receive requests that brought messages.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=metrics.registry,
+        )
+        self._outage = Outage(
+            logger,
+            "inbox unavailable: messages stay on their queue and come back until it is back",
+            "inbox available again: messages are committed and deleted",
         )
         self._states = {queue: QueueState() for queue in config.queues}
         self._stopping = asyncio.Event()
@@ -256,6 +264,10 @@ class CmqConsumer:
         except PayloadError:  # kept as rejected by the ingestor
             self._outcomes["rejected"].inc()
             return True
+        except IntakeUnavailable as exc:  # said once for the whole outage
+            self._outage.failed(exc)
+            self._outcomes["failed"].inc()
+            return False
         except Exception:
             logger.exception(
                 "cannot commit the message; it will come back",
@@ -265,6 +277,7 @@ class CmqConsumer:
             )
             self._outcomes["failed"].inc()
             return False
+        self._outage.committed()
         self._outcomes["committed"].inc()
         return True
 

@@ -3,7 +3,9 @@
 Every message goes through the same ingest path as an HTTP callback (`messages.read`
 turns it into a receipt) and is acked only after the inbox commit is durable:
 - the inbox fails (recording a refusal included): negative ack, the message comes
-  back after `nack_delay`;
+  back after `nack_delay`. While the inbox cannot take messages at all (its database
+  away) that is said once, and once more when they are committed again
+  (receiver/outage.py);
 - the body cannot be decoded, or the message itself cannot be read (a garbled relay
   property): it is kept as rejected; it is also published to `dead_letter_topic` when
   one is set, then acked, so it never loops;
@@ -41,9 +43,10 @@ from structlog.contextvars import bind_contextvars
 
 from receiver.config import TdmqConfig
 from receiver.inbox import Receipt, Stored
-from receiver.ingest import Intake
+from receiver.ingest import Intake, IntakeUnavailable
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
+from receiver.outage import Outage
 from receiver.payload import PayloadError
 from receiver.sources.tdmq import messages
 from receiver.sources.tdmq.client import (
@@ -92,6 +95,11 @@ class TdmqConsumer:
         self._acked = outcomes.labels("acked")
         self._nacked = outcomes.labels("nacked")
         self._dead_lettered = outcomes.labels("dead_lettered")
+        self._outage = Outage(
+            logger,
+            "inbox unavailable: messages are nacked and delivered again until it is back",
+            "inbox available again: messages are committed and acked",
+        )
         # Taken by the receiving thread for each message it hands over, given back when
         # the message is acked or nacked: the bound on messages being ingested.
         self._slots = threading.Semaphore(config.concurrency)
@@ -241,8 +249,12 @@ class TdmqConsumer:
         for index, (message, delivery) in enumerate(zip(batch, deliveries, strict=True)):
             # For this message's lines, the ack's and the nack's included.
             bind_contextvars(request_id=delivery.receipt.request_id)
+            outcome = outcome_of.get(index, delivery.refused)
             try:
-                kept = await self._keep(message, delivery, outcome_of.get(index, delivery.refused))
+                kept = await self._keep(message, delivery, outcome)
+            except IntakeUnavailable as exc:  # said once for the whole outage
+                self._outage.failed(exc)
+                kept = False
             except Exception:
                 logger.exception(
                     "cannot commit the message; it will be delivered again",
@@ -253,6 +265,8 @@ class TdmqConsumer:
             if not kept:
                 self._nack(client_side, message)
                 continue
+            if isinstance(outcome, Stored):
+                self._outage.committed()
             try:
                 client_side.acknowledge_async(message, _ack_sent)
             except PULSAR_ERRORS as exc:
