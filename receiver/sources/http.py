@@ -258,15 +258,14 @@ class Callbacks:
         large = size is not None and size > LARGE_BODY_BYTES
         if large and not self._large_bodies.take():
             return self._busy("too many large callbacks in progress")
-        ticket = await self._admission.enter(size or 0)
-        if ticket is None:
-            if large:
-                self._large_bodies.give_back()
-            return self._busy(self._no_room)
-        # A chunked body (no Content-Length) is admitted as it is read, within the wait.
-        grow_until = time.monotonic() + self._admission.wait
+        ticket = None
         body: bytes | bytearray = b""
         try:
+            ticket = await self._admission.enter(size or 0)
+            if ticket is None:
+                return self._busy(self._no_room)
+            # A chunked body (no Content-Length) is admitted as it is read, within the wait.
+            grow_until = time.monotonic() + self._admission.wait
             more = True
             while more:  # as Starlette's Request.stream()
                 message = await receive()
@@ -300,8 +299,9 @@ class Callbacks:
         except ClientDisconnect:
             logger.info("client went away before sending the whole body", received=len(body))
             return Answer(400, b"", [])
-        finally:
-            self._admission.leave(ticket)
+        finally:  # also when the request is cancelled (the server stopping)
+            if ticket is not None:
+                self._admission.leave(ticket)
             if large:
                 self._large_bodies.give_back()
 
