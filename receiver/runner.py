@@ -25,7 +25,7 @@ from receiver.sources.http_server import (
     connection_limits,
     raise_open_files_limit,
 )
-from receiver.sources.listen import listen
+from receiver.sources.listen import bind
 
 logger = structlog.get_logger("ci_receiver.runner")
 
@@ -61,10 +61,11 @@ class HttpServer:
         sock: socket.socket | None = None,
     ) -> None:
         self.name = name
-        # A listening socket bound by the supervisor of `serve --workers` (then host and
-        # port are not bound again here).
-        self._sockets = None if sock is None else [sock]
-        self._address = (host, port)
+        # Bound now, before the service starts (migrations, handlers): a port that cannot
+        # be had ends the command at once (CannotListen says which server, the address,
+        # why and what to change); connections are taken once it runs. Under `serve
+        # --workers`, the supervisor's listening socket.
+        self._sockets = [sock if sock is not None else bind(name, host, port)]
         config = BoundedConfig(
             app,
             guard=Guard(name, limits, metrics),
@@ -155,9 +156,7 @@ class HttpServer:
         return self._server.server_state.total_requests
 
     async def run(self) -> None:
-        # CannotListen says which server, the address, why and what to change.
-        sockets = self._sockets or [listen(self.name, *self._address)]
-        await self._server.serve(sockets)
+        await self._server.serve(self._sockets)
 
     def stop(self) -> None:
         self._server.should_exit = True

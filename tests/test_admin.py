@@ -53,6 +53,9 @@ def test_a_second_serve_on_one_host_says_the_admin_port_is_taken_and_how_to_chan
         f"the admin HTTP server cannot listen on 127.0.0.1:{first.admin_port}: [Errno 98]"
         " Address already in use; set another [admin] port (CI_RECEIVER_ADMIN__PORT)"
     ) in second.log()
+    # Found before anything started: no inbox made, no CallBack URL announced.
+    assert not (second_dir / "data").exists()
+    assert "CallBack URL" not in second.log()
 
 
 def test_a_token_or_basic_credentials_guard_every_route(tmp_path):

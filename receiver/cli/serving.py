@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,14 @@ def _run(
 
 def _supervise(config: Config, config_path: Path | None) -> int:
     """`serve --workers N` (N > 1): bind the ports here, and keep N workers on them."""
-    from receiver.sources.listen import CannotListen, listen
+    from receiver.sources.listen import listen
     from receiver.supervisor import Supervisor, worker_command
 
     configure_logging(config.log.level, config.log.format, config.log.timezone)
     http, admin = config.http, config.admin
-    try:
+    with listen_errors():
         public = listen("public", http.host, http.port)
         admin_socket = listen("admin", admin.host, admin.port) if admin.enabled else None
-    except CannotListen as exc:
-        raise click.ClickException(str(exc)) from None
     host, port = public.getsockname()[:2]
     _announce(config)(host, port)
     click.echo(f"  ({http.workers} worker processes on this port)", err=True)
@@ -199,9 +198,11 @@ def _http_servers(
     if warning and (worker is None or worker.index == 0):
         click.echo(warning, err=True)
         logger.warning("no sender authentication", advice=warning)
-    if worker is None or link is None:
-        return [HttpServer.public(service, _announce(service.config)), *_admin_server(service)]
-    public = HttpServer.public(service, link.listening, worker.public_socket())
+    with listen_errors():
+        if worker is None or link is None:
+            public = HttpServer.public(service, _announce(service.config))
+            return [public, *_admin_server(service)]
+        public = HttpServer.public(service, link.listening, worker.public_socket())
     admin = _admin_server(service, worker.admin_socket()) if worker.admin_fd is not None else []
     return [public, *admin, link]
 
@@ -218,7 +219,19 @@ def _admin_server(service: Any, sock: Any = None) -> list[Any]:
             routes += ", /api, the inspector at /inspector"
         click.echo(f"admin listener on http://{host}:{port} ({routes})", err=True)
 
-    return [HttpServer.admin(service, announce, sock)]
+    with listen_errors():
+        return [HttpServer.admin(service, announce, sock)]
+
+
+@contextlib.contextmanager
+def listen_errors() -> Iterator[None]:
+    """A port that cannot be had ends the command with the reason and what to change."""
+    from receiver.sources.listen import CannotListen
+
+    try:
+        yield
+    except CannotListen as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def start_logging(config: Config, worker: WorkerSpec | None = None) -> None:

@@ -21,12 +21,19 @@ class CannotListen(Exception):
 def listen(server: str, host: str, port: int) -> socket.socket:
     """A listening TCP socket for the `public` or `admin` server, as uvicorn would bind
     it, or `CannotListen` naming the address, the OS error and the keys to change."""
+    sock = bind(server, host, port)
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def bind(server: str, host: str, port: int) -> socket.socket:
+    """`listen`, but bound only: the port is had (or `CannotListen`) and connections are
+    still refused until the server starts (uvicorn listens on the socket it is given)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         section = SECTIONS[server]
