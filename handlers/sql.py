@@ -158,9 +158,6 @@ class SqlHandler:
             if self.dialect == "sqlite" and database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             async with engine.begin() as connection:
-                if self._schema is not None and self.dialect == "postgresql":
-                    quoted = connection.dialect.identifier_preparer.quote_schema(self._schema)
-                    await connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
                 prepared = await connection.run_sync(prepare, self._wanted, self._schema, where)
             if self.dialect == "sqlite":
                 await self._journal(engine, prepared.sole)

@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
-from sqlalchemy import Column, Connection, Inspector, MetaData, String, Table, inspect, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Inspector,
+    MetaData,
+    String,
+    Table,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.schema import CreateTable
 
 from handlers.sql_tables import UtcDateTime, events_table, jobs_table
@@ -76,13 +86,16 @@ def registry_table(metadata: MetaData, schema: str | None) -> Table:
 def prepare(
     connection: Connection, wanted: list[Wanted], schema: str | None, where: str
 ) -> Prepared:
-    """Create the wanted tables that are missing, adopt an earlier version's, and add the
-    columns an older one lacks (nullable: existing rows have no value). Raises `NotOurs`
-    for a table of a wanted name that ci-receiver did not make, before anything is
-    written (SQLite and MySQL commit a CREATE TABLE at once, whatever follows)."""
+    """Create the wanted tables that are missing (and on PostgreSQL their schema), adopt an
+    earlier version's, and add the columns an older one lacks (nullable: existing rows have
+    no value). Raises `NotOurs` for a table of a wanted name that ci-receiver did not make,
+    before anything is written (SQLite and MySQL commit a CREATE TABLE at once, whatever
+    follows)."""
     if connection.dialect.name == "postgresql":
         # Replicas starting at once take turns (until commit) rather than fail.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock(hashtext('{REGISTRY}'))")
+        if schema is not None:
+            _create_schema(connection, schema)
     inspector = inspect(connection)
     metadata = MetaData()
     registry = registry_table(metadata, schema)
@@ -146,6 +159,18 @@ def prepare(
             ],
         )
     return prepared
+
+
+def _create_schema(connection: Connection, schema: str) -> None:
+    """Create the PostgreSQL schema when it is missing. Looked up first: CREATE SCHEMA IF
+    NOT EXISTS needs the right to create schemas even when it is there, which a role
+    owning its schema may well lack."""
+    found = connection.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema}
+    )
+    if found is None:
+        quoted = connection.dialect.identifier_preparer.quote_schema(schema)
+        connection.exec_driver_sql(f"CREATE SCHEMA {quoted}")
 
 
 def _qualified(name: str, schema: str | None) -> str:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import uuid
 from contextlib import closing
 from datetime import datetime, timezone
 
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     inspect,
+    make_url,
     select,
     text,
 )
@@ -526,6 +528,53 @@ async def test_only_a_sqlite_file_of_its_own_tables_is_put_in_wal_mode(tmp_path)
     await execute(f"sqlite:///{shared}", f"DROP TABLE {theirs.name}")
     await start_and_store(shared)
     assert journal_mode(shared) == "wal"
+
+
+@pytest.fixture
+async def schema_owner(postgres_schema):
+    """A login role of this test's own owning its schema, with no right to create schemas
+    (no CREATE on the database, which other tests share): (its URL, the schema). Both are
+    dropped after."""
+    url, schema = postgres_schema
+    role = f"test_{uuid.uuid4().hex[:12]}"
+    await execute(
+        url, f'CREATE ROLE "{role}" LOGIN', f'CREATE SCHEMA "{schema}" AUTHORIZATION "{role}"'
+    )
+    yield make_url(url).set(username=role).render_as_string(hide_password=False), schema
+    await execute(url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', f'DROP ROLE "{role}"')
+
+
+async def test_a_role_owning_its_schema_needs_no_right_to_create_schemas(schema_owner):
+    url, schema = schema_owner
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            may_create = await connection.scalar(
+                text("SELECT has_database_privilege(current_database(), 'CREATE')")
+            )
+    finally:
+        await engine.dispose()
+    assert may_create is False
+
+    handler = await started({"url": url, "schema": schema, "history": True})
+    try:
+        await handler(event("smartcover.xml"))
+    finally:
+        await handler.close()
+
+    [row] = await rows(handler, handler.jobs)
+    assert row["job_id"] == event("smartcover.xml").job_id
+    assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}
+
+
+async def test_a_missing_postgres_schema_is_created(postgres_schema):
+    url, schema = postgres_schema
+    handler = await started({"url": url, "schema": schema})
+    try:
+        await handler(event("smartcover.xml"))
+    finally:
+        await handler.close()
+    assert await registered(url, schema) == {"ci_jobs": "jobs"}
 
 
 def test_sqlite_has_no_schema():
