@@ -84,13 +84,13 @@ def registry_table(metadata: MetaData, schema: str | None) -> Table:
 
 
 def prepare(
-    connection: Connection, wanted: list[Wanted], schema: str | None, where: str
+    connection: Connection, wanted: list[Wanted], schema: str | None, place: str, where: str
 ) -> Prepared:
     """Create the wanted tables that are missing (and on PostgreSQL their schema), adopt an
     earlier version's, and add the columns an older one lacks (nullable: existing rows have
     no value). Raises `NotOurs` for a table of a wanted name that ci-receiver did not make,
     before anything is written (SQLite and MySQL commit a CREATE TABLE at once, whatever
-    follows)."""
+    follows). `place` is the option that puts the registry elsewhere."""
     if connection.dialect.name == "postgresql":
         # Replicas starting at once take turns (until commit) rather than fail.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock(hashtext('{REGISTRY}'))")
@@ -103,7 +103,7 @@ def prepare(
     # The registry's own name and shape are its mark.
     claim(
         f"table {_qualified(REGISTRY, schema)!r} in {where}",
-        "`schema`",
+        place,
         exists=has_registry,
         marked=False,
         shaped=has_registry and _shaped(inspector, registry),

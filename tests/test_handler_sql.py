@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -468,8 +469,8 @@ async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_p
     assert await snapshot(url, theirs) == before
 
 
-async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
-    url, schema = sql_place
+async def users_registry(url: str, schema: str | None) -> Table:
+    """A table of the user's under the registry's name."""
     theirs = Table(REGISTRY, MetaData(), Column("id", Integer, primary_key=True), schema=schema)
     engine = create_async_engine(async_url(url))
     try:
@@ -477,12 +478,37 @@ async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
             await connection.run_sync(theirs.metadata.create_all)
     finally:
         await engine.dispose()
+    return theirs
+
+
+async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
+    url, schema = sql_place
+    theirs = await users_registry(url, schema)
 
     handler = SqlHandler(place_options(url, schema))
-    with pytest.raises(NotOurs, match=f"{REGISTRY}' in .* was not created by ci-receiver"):
+    with pytest.raises(NotOurs) as refused:
         await handler.start()
     await handler.close()
+
+    # The option that points it elsewhere: a schema on a server, another file on SQLite
+    # (which has no schema to set).
+    elsewhere = "`schema`" if schema else "`url`"
+    assert re.fullmatch(
+        f"table '.*{REGISTRY}' in .* was not created by ci-receiver, so it is left as it"
+        f" is; set {elsewhere} to use another",
+        str(refused.value),
+    )
     assert (await snapshot(url, theirs))[0] == [("id", "INTEGER")]
+
+
+async def test_a_sqlite_handler_names_its_path_for_a_registry_it_did_not_create(tmp_path):
+    path = tmp_path / "app.db"
+    await users_registry(f"sqlite:///{path}", None)
+
+    handler = handlers.build("sqlite", {"path": str(path)})
+    with pytest.raises(NotOurs, match=r"so it is left as it is; set `path` to use another$"):
+        await handler.start()
+    await handler.close()
 
 
 def journal_mode(path) -> str:
