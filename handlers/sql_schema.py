@@ -135,7 +135,9 @@ def prepare(
             prepared.created.append(name)
         elif verdict == "adopted":
             prepared.adopted.append(name)
-    prepared.sole = present <= {REGISTRY, *(table.name for table in prepared.tables.values())}
+    # Another `sql` handler's tables beside these are ci-receiver's too.
+    others = present - {REGISTRY, *(table.name for table in prepared.tables.values())}
+    prepared.sole = all(_registered(inspector, name, registered, schema) for name in others)
 
     if not has_registry:
         # Another handler may be making it at this moment.
@@ -195,6 +197,14 @@ def _name(
 def _marked(inspector: Inspector, table: Table, holds: Holds, registered: dict[str, str]) -> bool:
     """Registered as holding `holds`, and still the table that was: our primary key."""
     return registered.get(table.name) == holds and _keyed(inspector, table)
+
+
+def _registered(
+    inspector: Inspector, name: str, registered: dict[str, str], schema: str | None
+) -> bool:
+    """Registered by any of ci-receiver's handlers, and still the table that was."""
+    holds = registered.get(name)
+    return holds in TABLES and _keyed(inspector, TABLES[holds](MetaData(), name, schema))
 
 
 def _keyed(inspector: Inspector, table: Table) -> bool:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.ext.asyncio import create_async_engine
+from structlog.testing import capture_logs
 
 import handlers
 from handlers.sql import SqlHandler, async_url
@@ -554,6 +555,29 @@ async def test_only_a_sqlite_file_of_its_own_tables_is_put_in_wal_mode(tmp_path)
     await execute(f"sqlite:///{shared}", f"DROP TABLE {theirs.name}")
     await start_and_store(shared)
     assert journal_mode(shared) == "wal"
+
+
+async def test_a_sqlite_file_of_two_handlers_tables_is_theirs(tmp_path):
+    # Two `sql` handlers share a file, beside a table of the user's (so it stays in its
+    # journal mode); once the user's table is gone, each finds only ci-receiver's tables.
+    path = tmp_path / "app.db"
+    theirs = await users_jobs_table(f"sqlite:///{path}", None)
+    mine = {"url": f"sqlite:///{path}", "history": True}
+    other = {"url": f"sqlite:///{path}", "table": "other_jobs"}
+
+    async def start_both() -> None:
+        for options in (mine, other):
+            handler = await started(options)
+            await handler.close()
+
+    await start_both()
+    assert journal_mode(path) == "delete"
+    await execute(f"sqlite:///{path}", f"DROP TABLE {theirs.name}")
+    with capture_logs() as logs:
+        await start_both()
+
+    assert not [log for log in logs if "did not create" in log["event"]]
+    assert journal_mode(path) == "wal"
 
 
 @pytest.fixture
