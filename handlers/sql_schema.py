@@ -41,10 +41,10 @@ TABLES: dict[Holds, Callable[[MetaData, str, str | None], Table]] = {
     "jobs": jobs_table,
     "events": events_table,
 }
-# The earlier default names, common enough to be a user's own: still used when they are
-# ci-receiver's and the new name is not there, so a config that kept the default keeps
-# its data.
-LEGACY_NAMES = {"ci_jobs": "jobs", "ci_events": "events"}
+# The earlier default name of the table holding each, common enough to be a user's own:
+# still used when it is ci-receiver's and the default name is not there, so a config that
+# kept the default keeps its data.
+EARLIER_DEFAULTS: dict[Holds, str] = {"jobs": "jobs", "events": "events"}
 
 
 @dataclass(frozen=True)
@@ -184,9 +184,9 @@ def _name(
 ) -> str:
     """The wanted name, or the older default in its place: when the name is the default,
     is not there yet, and the older one is ci-receiver's."""
-    legacy = LEGACY_NAMES.get(want.name)
-    if not want.default or legacy is None or inspector.has_table(want.name, schema=schema):
+    if not want.default or inspector.has_table(want.name, schema=schema):
         return want.name
+    legacy = EARLIER_DEFAULTS[want.holds]
     if not inspector.has_table(legacy, schema=schema):
         return want.name
     old = TABLES[want.holds](MetaData(), legacy, schema)

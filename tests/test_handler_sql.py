@@ -33,7 +33,7 @@ from structlog.testing import capture_logs
 import handlers
 from handlers.sql import SqlHandler, async_url
 from handlers.sql_schema import REGISTRY, registry_table
-from handlers.sql_tables import job_row, jobs_table
+from handlers.sql_tables import events_table, job_row, jobs_table
 from receiver.ownership import NotOurs
 from tests.callbacks import load
 from tests.databases import execute
@@ -412,29 +412,33 @@ async def test_by_default_its_tables_are_made_beside_a_users_jobs_table(sql_plac
     assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}
 
 
-async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql_place):
-    # `jobs` as an earlier version made it by default, before there was a registry.
+async def test_the_tables_of_an_earlier_default_are_adopted_with_their_data(sql_place):
+    # `jobs` and `events` as an earlier version made them by default, before there was a
+    # registry.
     url, schema = sql_place
-    old = jobs_table(MetaData(), "jobs", schema)
+    metadata = MetaData()
+    old = jobs_table(metadata, "jobs", schema)
+    events_table(metadata, "events", schema)
     engine = create_async_engine(async_url(url))
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(old.metadata.create_all)
+            await connection.run_sync(metadata.create_all)
             await connection.execute(old.insert(), job_row(event("transcode.xml")))
     finally:
         await engine.dispose()
 
     for _ in range(2):  # adopted, then found registered
-        handler = await started(place_options(url, schema))
+        handler = await started(place_options(url, schema, history=True))
         try:
             await handler(event("smartcover.xml"))
         finally:
             await handler.close()
-        assert handler.jobs.name == "jobs"
+        assert (handler.jobs.name, handler.events.name) == ("jobs", "events")
 
     found = {row["job_id"] for row in await rows(handler, handler.jobs)}
     assert found == {event("transcode.xml").job_id, event("smartcover.xml").job_id}
-    assert await registered(url, schema) == {"jobs": "jobs"}
+    assert len(await rows(handler, handler.events)) == 1
+    assert await registered(url, schema) == {"jobs": "jobs", "events": "events"}
     engine = create_async_engine(async_url(url))
     try:
         async with engine.connect() as connection:
@@ -443,7 +447,7 @@ async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql
             )
     finally:
         await engine.dispose()
-    assert "ci_jobs" not in tables
+    assert not {"ci_jobs", "ci_events"} & set(tables)
 
 
 async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_place):
