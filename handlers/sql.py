@@ -49,7 +49,7 @@ class TableOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Not `jobs`, a name a database may well hold already (an earlier default, still
-    # used where it is ci-receiver's: sql_schema.LEGACY_NAMES).
+    # used where it is ci-receiver's: sql_schema.EARLIER_DEFAULTS).
     table: str = "ci_jobs"
     # Also keep every event, once, in `events_table`.
     history: bool = False
@@ -110,6 +110,8 @@ def async_url(url: str) -> URL:
 
 class SqlHandler:
     options: TableOptions
+    # The option naming a SQLite file: another file is SQLite's only elsewhere.
+    file_option = "`url`"
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         sql_options = SqlOptions.model_validate(options)
@@ -126,8 +128,10 @@ class SqlHandler:
         self._url = url
         self._pool_size = pool_size
         self._schema = schema
-        # Which option puts a table elsewhere, for the error when its name is taken.
-        elsewhere = "" if self.dialect == "sqlite" else " (or `schema`)"
+        # Which option puts the tables elsewhere, for the error when a name is taken: a
+        # schema on a server, another file on SQLite (which has no schema).
+        self._place = self.file_option if self.dialect == "sqlite" else "`schema`"
+        elsewhere = "" if self.dialect == "sqlite" else f" (or {self._place})"
         given = options.model_fields_set
         self._wanted = [Wanted("jobs", options.table, f"`table`{elsewhere}", "table" not in given)]
         if options.history:
@@ -158,10 +162,9 @@ class SqlHandler:
             if self.dialect == "sqlite" and database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             async with engine.begin() as connection:
-                if self._schema is not None and self.dialect == "postgresql":
-                    quoted = connection.dialect.identifier_preparer.quote_schema(self._schema)
-                    await connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
-                prepared = await connection.run_sync(prepare, self._wanted, self._schema, where)
+                prepared = await connection.run_sync(
+                    prepare, self._wanted, self._schema, self._place, where
+                )
             if self.dialect == "sqlite":
                 await self._journal(engine, prepared.sole)
         except NotOurs:
@@ -273,6 +276,8 @@ def insert_event(events: Table, dialect: str) -> Insert:
 
 class SqliteHandler(SqlHandler):
     """`sql` on a SQLite file, named by `path` rather than by a URL."""
+
+    file_option = "`path`"
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         sqlite_options = SqliteOptions.model_validate(options)

@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
-from sqlalchemy import Column, Connection, Inspector, MetaData, String, Table, inspect, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Inspector,
+    MetaData,
+    String,
+    Table,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.schema import CreateTable
 
 from handlers.sql_tables import UtcDateTime, events_table, jobs_table
@@ -31,10 +41,10 @@ TABLES: dict[Holds, Callable[[MetaData, str, str | None], Table]] = {
     "jobs": jobs_table,
     "events": events_table,
 }
-# The earlier default names, common enough to be a user's own: still used when they are
-# ci-receiver's and the new name is not there, so a config that kept the default keeps
-# its data.
-LEGACY_NAMES = {"ci_jobs": "jobs", "ci_events": "events"}
+# The earlier default name of the table holding each, common enough to be a user's own:
+# still used when it is ci-receiver's and the default name is not there, so a config that
+# kept the default keeps its data.
+EARLIER_DEFAULTS: dict[Holds, str] = {"jobs": "jobs", "events": "events"}
 
 
 @dataclass(frozen=True)
@@ -74,15 +84,18 @@ def registry_table(metadata: MetaData, schema: str | None) -> Table:
 
 
 def prepare(
-    connection: Connection, wanted: list[Wanted], schema: str | None, where: str
+    connection: Connection, wanted: list[Wanted], schema: str | None, place: str, where: str
 ) -> Prepared:
-    """Create the wanted tables that are missing, adopt an earlier version's, and add the
-    columns an older one lacks (nullable: existing rows have no value). Raises `NotOurs`
-    for a table of a wanted name that ci-receiver did not make, before anything is
-    written (SQLite and MySQL commit a CREATE TABLE at once, whatever follows)."""
+    """Create the wanted tables that are missing (and on PostgreSQL their schema), adopt an
+    earlier version's, and add the columns an older one lacks (nullable: existing rows have
+    no value). Raises `NotOurs` for a table of a wanted name that ci-receiver did not make,
+    before anything is written (SQLite and MySQL commit a CREATE TABLE at once, whatever
+    follows). `place` is the option that puts the registry elsewhere."""
     if connection.dialect.name == "postgresql":
         # Replicas starting at once take turns (until commit) rather than fail.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock(hashtext('{REGISTRY}'))")
+        if schema is not None:
+            _create_schema(connection, schema)
     inspector = inspect(connection)
     metadata = MetaData()
     registry = registry_table(metadata, schema)
@@ -90,7 +103,7 @@ def prepare(
     # The registry's own name and shape are its mark.
     claim(
         f"table {_qualified(REGISTRY, schema)!r} in {where}",
-        "`schema`",
+        place,
         exists=has_registry,
         marked=False,
         shaped=has_registry and _shaped(inspector, registry),
@@ -122,7 +135,9 @@ def prepare(
             prepared.created.append(name)
         elif verdict == "adopted":
             prepared.adopted.append(name)
-    prepared.sole = present <= {REGISTRY, *(table.name for table in prepared.tables.values())}
+    # Another `sql` handler's tables beside these are ci-receiver's too.
+    others = present - {REGISTRY, *(table.name for table in prepared.tables.values())}
+    prepared.sole = all(_registered(inspector, name, registered, schema) for name in others)
 
     if not has_registry:
         # Another handler may be making it at this moment.
@@ -148,6 +163,18 @@ def prepare(
     return prepared
 
 
+def _create_schema(connection: Connection, schema: str) -> None:
+    """Create the PostgreSQL schema when it is missing. Looked up first: CREATE SCHEMA IF
+    NOT EXISTS needs the right to create schemas even when it is there, which a role
+    owning its schema may well lack."""
+    found = connection.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": schema}
+    )
+    if found is None:
+        quoted = connection.dialect.identifier_preparer.quote_schema(schema)
+        connection.exec_driver_sql(f"CREATE SCHEMA {quoted}")
+
+
 def _qualified(name: str, schema: str | None) -> str:
     return f"{schema}.{name}" if schema else name
 
@@ -157,9 +184,9 @@ def _name(
 ) -> str:
     """The wanted name, or the older default in its place: when the name is the default,
     is not there yet, and the older one is ci-receiver's."""
-    legacy = LEGACY_NAMES.get(want.name)
-    if not want.default or legacy is None or inspector.has_table(want.name, schema=schema):
+    if not want.default or inspector.has_table(want.name, schema=schema):
         return want.name
+    legacy = EARLIER_DEFAULTS[want.holds]
     if not inspector.has_table(legacy, schema=schema):
         return want.name
     old = TABLES[want.holds](MetaData(), legacy, schema)
@@ -170,6 +197,14 @@ def _name(
 def _marked(inspector: Inspector, table: Table, holds: Holds, registered: dict[str, str]) -> bool:
     """Registered as holding `holds`, and still the table that was: our primary key."""
     return registered.get(table.name) == holds and _keyed(inspector, table)
+
+
+def _registered(
+    inspector: Inspector, name: str, registered: dict[str, str], schema: str | None
+) -> bool:
+    """Registered by any of ci-receiver's handlers, and still the table that was."""
+    holds = registered.get(name)
+    return holds in TABLES and _keyed(inspector, TABLES[holds](MetaData(), name, schema))
 
 
 def _keyed(inspector: Inspector, table: Table) -> bool:

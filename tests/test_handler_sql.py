@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
+import uuid
 from contextlib import closing
 from datetime import datetime, timezone
 
@@ -21,15 +23,17 @@ from sqlalchemy import (
     String,
     Table,
     inspect,
+    make_url,
     select,
     text,
 )
 from sqlalchemy.ext.asyncio import create_async_engine
+from structlog.testing import capture_logs
 
 import handlers
 from handlers.sql import SqlHandler, async_url
 from handlers.sql_schema import REGISTRY, registry_table
-from handlers.sql_tables import job_row, jobs_table
+from handlers.sql_tables import events_table, job_row, jobs_table
 from receiver.ownership import NotOurs
 from tests.callbacks import load
 from tests.databases import execute
@@ -408,29 +412,33 @@ async def test_by_default_its_tables_are_made_beside_a_users_jobs_table(sql_plac
     assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}
 
 
-async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql_place):
-    # `jobs` as an earlier version made it by default, before there was a registry.
+async def test_the_tables_of_an_earlier_default_are_adopted_with_their_data(sql_place):
+    # `jobs` and `events` as an earlier version made them by default, before there was a
+    # registry.
     url, schema = sql_place
-    old = jobs_table(MetaData(), "jobs", schema)
+    metadata = MetaData()
+    old = jobs_table(metadata, "jobs", schema)
+    events_table(metadata, "events", schema)
     engine = create_async_engine(async_url(url))
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(old.metadata.create_all)
+            await connection.run_sync(metadata.create_all)
             await connection.execute(old.insert(), job_row(event("transcode.xml")))
     finally:
         await engine.dispose()
 
     for _ in range(2):  # adopted, then found registered
-        handler = await started(place_options(url, schema))
+        handler = await started(place_options(url, schema, history=True))
         try:
             await handler(event("smartcover.xml"))
         finally:
             await handler.close()
-        assert handler.jobs.name == "jobs"
+        assert (handler.jobs.name, handler.events.name) == ("jobs", "events")
 
     found = {row["job_id"] for row in await rows(handler, handler.jobs)}
     assert found == {event("transcode.xml").job_id, event("smartcover.xml").job_id}
-    assert await registered(url, schema) == {"jobs": "jobs"}
+    assert len(await rows(handler, handler.events)) == 1
+    assert await registered(url, schema) == {"jobs": "jobs", "events": "events"}
     engine = create_async_engine(async_url(url))
     try:
         async with engine.connect() as connection:
@@ -439,7 +447,7 @@ async def test_the_jobs_table_of_an_earlier_default_is_adopted_with_its_data(sql
             )
     finally:
         await engine.dispose()
-    assert "ci_jobs" not in tables
+    assert not {"ci_jobs", "ci_events"} & set(tables)
 
 
 async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_place):
@@ -466,8 +474,8 @@ async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_p
     assert await snapshot(url, theirs) == before
 
 
-async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
-    url, schema = sql_place
+async def users_registry(url: str, schema: str | None) -> Table:
+    """A table of the user's under the registry's name."""
     theirs = Table(REGISTRY, MetaData(), Column("id", Integer, primary_key=True), schema=schema)
     engine = create_async_engine(async_url(url))
     try:
@@ -475,12 +483,37 @@ async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
             await connection.run_sync(theirs.metadata.create_all)
     finally:
         await engine.dispose()
+    return theirs
+
+
+async def test_a_registry_it_did_not_create_is_left_as_it_is(sql_place):
+    url, schema = sql_place
+    theirs = await users_registry(url, schema)
 
     handler = SqlHandler(place_options(url, schema))
-    with pytest.raises(NotOurs, match=f"{REGISTRY}' in .* was not created by ci-receiver"):
+    with pytest.raises(NotOurs) as refused:
         await handler.start()
     await handler.close()
+
+    # The option that points it elsewhere: a schema on a server, another file on SQLite
+    # (which has no schema to set).
+    elsewhere = "`schema`" if schema else "`url`"
+    assert re.fullmatch(
+        f"table '.*{REGISTRY}' in .* was not created by ci-receiver, so it is left as it"
+        f" is; set {elsewhere} to use another",
+        str(refused.value),
+    )
     assert (await snapshot(url, theirs))[0] == [("id", "INTEGER")]
+
+
+async def test_a_sqlite_handler_names_its_path_for_a_registry_it_did_not_create(tmp_path):
+    path = tmp_path / "app.db"
+    await users_registry(f"sqlite:///{path}", None)
+
+    handler = handlers.build("sqlite", {"path": str(path)})
+    with pytest.raises(NotOurs, match=r"so it is left as it is; set `path` to use another$"):
+        await handler.start()
+    await handler.close()
 
 
 def journal_mode(path) -> str:
@@ -526,6 +559,76 @@ async def test_only_a_sqlite_file_of_its_own_tables_is_put_in_wal_mode(tmp_path)
     await execute(f"sqlite:///{shared}", f"DROP TABLE {theirs.name}")
     await start_and_store(shared)
     assert journal_mode(shared) == "wal"
+
+
+async def test_a_sqlite_file_of_two_handlers_tables_is_theirs(tmp_path):
+    # Two `sql` handlers share a file, beside a table of the user's (so it stays in its
+    # journal mode); once the user's table is gone, each finds only ci-receiver's tables.
+    path = tmp_path / "app.db"
+    theirs = await users_jobs_table(f"sqlite:///{path}", None)
+    mine = {"url": f"sqlite:///{path}", "history": True}
+    other = {"url": f"sqlite:///{path}", "table": "other_jobs"}
+
+    async def start_both() -> None:
+        for options in (mine, other):
+            handler = await started(options)
+            await handler.close()
+
+    await start_both()
+    assert journal_mode(path) == "delete"
+    await execute(f"sqlite:///{path}", f"DROP TABLE {theirs.name}")
+    with capture_logs() as logs:
+        await start_both()
+
+    assert not [log for log in logs if "did not create" in log["event"]]
+    assert journal_mode(path) == "wal"
+
+
+@pytest.fixture
+async def schema_owner(postgres_schema):
+    """A login role of this test's own owning its schema, with no right to create schemas
+    (no CREATE on the database, which other tests share): (its URL, the schema). Both are
+    dropped after."""
+    url, schema = postgres_schema
+    role = f"test_{uuid.uuid4().hex[:12]}"
+    await execute(
+        url, f'CREATE ROLE "{role}" LOGIN', f'CREATE SCHEMA "{schema}" AUTHORIZATION "{role}"'
+    )
+    yield make_url(url).set(username=role).render_as_string(hide_password=False), schema
+    await execute(url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', f'DROP ROLE "{role}"')
+
+
+async def test_a_role_owning_its_schema_needs_no_right_to_create_schemas(schema_owner):
+    url, schema = schema_owner
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as connection:
+            may_create = await connection.scalar(
+                text("SELECT has_database_privilege(current_database(), 'CREATE')")
+            )
+    finally:
+        await engine.dispose()
+    assert may_create is False
+
+    handler = await started({"url": url, "schema": schema, "history": True})
+    try:
+        await handler(event("smartcover.xml"))
+    finally:
+        await handler.close()
+
+    [row] = await rows(handler, handler.jobs)
+    assert row["job_id"] == event("smartcover.xml").job_id
+    assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}
+
+
+async def test_a_missing_postgres_schema_is_created(postgres_schema):
+    url, schema = postgres_schema
+    handler = await started({"url": url, "schema": schema})
+    try:
+        await handler(event("smartcover.xml"))
+    finally:
+        await handler.close()
+    assert await registered(url, schema) == {"ci_jobs": "jobs"}
 
 
 def test_sqlite_has_no_schema():

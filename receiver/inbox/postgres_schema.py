@@ -14,7 +14,7 @@ common case (done, accepted, not copied), and leaves room in the pages of `runs`
 a claim (which changes no indexed column) updates its row in place, without new index
 entries: together a fifth of a small callback's bytes.
 
-The inbox is marked as ci-receiver's by a row in `meta` (`MARK`), which needs no more
+The inbox is marked as ci-receiver's by a row in `meta` (mark.py), which needs no more
 rights than writing the schema version; tables of its names that it did not create,
 in a schema a user pointed it at, are not touched (receiver/ownership.py).
 """
@@ -25,17 +25,15 @@ import asyncpg
 import structlog
 
 from receiver.inbox import SchemaError
-from receiver.ownership import Claim, claim
+from receiver.inbox.mark import KEYS, MARK, claim_inbox
+from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
 SCHEMA_VERSION = 3
 
-# The row in `meta` that says the tables are a ci-receiver inbox.
-MARK = ("created_by", "ci-receiver")
 OUR_TABLES = ["meta", "state", "receipts", "events", "runs", "attempts"]
-# The tables of every version: unmarked, these and a schema version in `meta` are an
-# inbox an earlier version made.
+# The tables of every version (mark.py).
 EVERY_VERSION = set(OUR_TABLES)
 
 TABLES = [
@@ -173,17 +171,17 @@ async def owned(connection: asyncpg.Connection, schema: str) -> Claim:
         )
     }
     meta = await _meta(connection, schema) if "meta" in names else {}
-    return claim(
+    return claim_inbox(
         f"the PostgreSQL schema {schema!r} (holding {', '.join(sorted(names))})",
         "inbox.postgres_schema",
-        exists=bool(names),
-        marked=meta.get(MARK[0]) == MARK[1],
-        shaped=names >= EVERY_VERSION and meta.get("schema_version", "").isdigit(),
+        found=names,
+        meta=meta,
+        every_version=EVERY_VERSION,
     )
 
 
 async def _meta(connection: asyncpg.Connection, schema: str) -> dict[str, str]:
-    """The mark and the schema version, if `meta` is a table of keys and values."""
+    """The rows of `KEYS`, if `meta` is a table of keys and values."""
     columns = await connection.fetchval(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1"
         " AND table_name = 'meta' AND column_name IN ('key', 'value')",
@@ -192,9 +190,8 @@ async def _meta(connection: asyncpg.Connection, schema: str) -> dict[str, str]:
     if columns != 2:
         return {}
     rows = await connection.fetch(
-        f'SELECT key::text, value::text FROM "{schema}".meta'
-        " WHERE key::text IN ($1, 'schema_version')",
-        MARK[0],
+        f'SELECT key::text, value::text FROM "{schema}".meta WHERE key::text = ANY($1::text[])',
+        list(KEYS),
     )
     return {key: value for key, value in rows}
 

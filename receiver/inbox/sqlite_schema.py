@@ -10,7 +10,7 @@ indexes runs by status and receipts by outcome only where they are not the commo
 (done, accepted): those index entries were a tenth of a small callback's bytes and served
 no query.
 
-The inbox is marked as ci-receiver's by a row in `meta` (`MARK`); a file that holds
+The inbox is marked as ci-receiver's by a row in `meta` (mark.py); a file that holds
 anything else is not touched (receiver/ownership.py).
 """
 
@@ -23,17 +23,15 @@ import orjson
 import structlog
 
 from receiver.inbox import SchemaError
+from receiver.inbox.mark import KEYS, MARK, claim_inbox
 from receiver.inbox.records import lean
-from receiver.ownership import Claim, claim
+from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
 SCHEMA_VERSION = 4
 
-# The row in `meta` that says the file is a ci-receiver inbox.
-MARK = ("created_by", "ci-receiver")
-# The tables of every version: a file without the mark holding these, and a schema
-# version in `meta`, is an inbox an earlier version made.
+# The tables of every version (mark.py).
 EVERY_VERSION = {"meta", "receipts", "events", "runs", "attempts"}
 
 TABLES = """
@@ -132,22 +130,22 @@ def owned(connection: sqlite3.Connection) -> Claim:
     }
     meta = _meta(connection) if "meta" in names else {}
     path = connection.execute("PRAGMA database_list").fetchone()[2]
-    return claim(
+    return claim_inbox(
         f"the SQLite file {path} (holding {', '.join(sorted(names)[:5])})",
         "inbox.path",
-        exists=bool(names),
-        marked=meta.get(MARK[0]) == MARK[1],
-        shaped=names >= EVERY_VERSION and meta.get("schema_version", "").isdigit(),
+        found=names,
+        meta=meta,
+        every_version=EVERY_VERSION,
     )
 
 
 def _meta(connection: sqlite3.Connection) -> dict[str, str]:
-    """The mark and the schema version, if `meta` is a table of keys and values."""
+    """The rows of `KEYS`, if `meta` is a table of keys and values."""
     columns = {row[1] for row in connection.execute("PRAGMA table_info(meta)")}
     if not {"key", "value"} <= columns:
         return {}
     rows = connection.execute(
-        "SELECT key, value FROM meta WHERE key IN (?, 'schema_version')", (MARK[0],)
+        f"SELECT key, value FROM meta WHERE key IN ({', '.join('?' for _ in KEYS)})", KEYS
     )
     return {str(key): str(value) for key, value in rows}
 
