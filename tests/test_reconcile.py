@@ -290,3 +290,18 @@ async def test_a_workflow_execution_that_just_ended_waits_too(ci, inbox):
     assert report.recovered == []
     report = await setup.reconciler.reconcile(now=now + timedelta(minutes=3))
     assert [f.event.job_id for f in report.recovered] == [f"i{1:032x}"]
+
+
+async def test_a_job_ci_lists_that_cannot_be_read_holds_up_nothing(ci, inbox):
+    setup = Setup(ci, inbox)
+    unreadable = job(99, BUCKET, REGION)
+    unreadable["JobId"] = {"Nested": "j99"}  # an element where CI writes text: refused
+    ci.add_jobs(BUCKET, job(1, BUCKET, REGION), unreadable, job(2, BUCKET, REGION))
+
+    report = await setup.reconciler.reconcile()
+
+    assert {found.event.id for found in report.recovered} == {
+        f"job:j{n:032x}:Success" for n in (1, 2)
+    }
+    again = await setup.reconciler.reconcile()  # the cursor moved on; nothing new
+    assert again.found == []

@@ -225,7 +225,12 @@ class Reconciler:
             finished = [i for i in page.items if text(i.get("State")) in FINAL_STATES]
             report.checked += len(finished)
             self._checked.inc(len(finished))
-            candidates = [(item, events_of(document(item))) for item in finished]
+            candidates = []
+            for item in finished:
+                try:
+                    candidates.append((item, events_of(document(item))))
+                except PayloadError as error:
+                    _unreadable(watch, item, error)
             # A forged event holds the id of a job CI did finish: recover it over that.
             ids = [e.id for _, events in candidates for e in events]
             known = await self._inbox.known(ids, forged=False)
@@ -236,7 +241,12 @@ class Reconciler:
                 body = await self._document(watch, item)
                 if body is None:
                     continue
-                if _ended_after(body, settled):
+                try:
+                    settling = _ended_after(body, settled)
+                except PayloadError as error:  # the execution in full, as CI gives it
+                    _unreadable(watch, item, error)
+                    continue
+                if settling:
                     report.settling += [Found(watch, event, recovered=False) for event in missing]
                     # The next pass must list it again: its window has to reach back to the
                     # job's creation (within this pass's, or CI would not have listed it).
@@ -288,6 +298,16 @@ class Reconciler:
                     event_id=event.id, job_id=event.subject, tag=event.tag, state=event.state,
                     bucket=watch.bucket, key=event.input.key if event.input else None,
                 )  # fmt: skip
+
+
+def _unreadable(watch: Watch, item: dict[str, Any], error: PayloadError) -> None:
+    """A job or execution CI lists that cannot be read as a callback: said, and passed
+    over, so that it never holds up the others nor the watch's cursor."""
+    logger.warning(
+        "CI listed a job that cannot be read; passed over",
+        watch=str(watch), job_id=str(item.get("JobId") or item.get("RunId"))[:100],
+        error=str(error),
+    )  # fmt: skip
 
 
 def _ended_after(body: dict[str, Any], moment: datetime) -> bool:
