@@ -34,6 +34,7 @@ import asyncpg
 from receiver.inbox import InboxUnavailable
 from receiver.inbox.postgres import COMMAND_TIMEOUT, text
 from receiver.inbox.postgres_schema import setup
+from receiver.inbox.reach import Location, describe
 from receiver.inbox.reader import Reader
 from receiver.inbox.sqlite_schema import check_readable
 
@@ -149,7 +150,8 @@ async def _connect(url: str, schema: str) -> asyncpg.Connection:
             server_settings={"search_path": schema, "application_name": "ci-receiver copy"},
         )
     except Exception as exc:
-        raise InboxUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+        where = Location.of(url)
+        raise InboxUnavailable(f"PostgreSQL at {where} unreachable: {describe(exc)}") from None
     try:
         await setup(connection, schema)
     except BaseException:
