@@ -2,8 +2,9 @@
 
 One `TaskFinish` document gives one event per `JobsDetail` entry; a workflow
 callback gives one event carrying its tasks; a moderation callback gives one
-event per verdict. Beside its events, a callback gives the names of the fields it sent
-in a form they could not be read in (kept as sent in `raw`), for the caller to count.
+event per verdict. Beside each event, a callback gives the names of the fields its
+entry sent that only inform but could not be read (kept as sent in `raw`), for the
+caller to count (receiver/fields.py says which fields are which).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from receiver import moderation
 from receiver.dedup import dedup_id
 from receiver.fields import (
     entry_document,
-    identifier,
-    integer,
+    identifying,
+    informative,
     items,
+    job_level,
     mapping,
     mappings,
     object_ref,
     object_ref_from_url,
+    reference,
     text,
     timestamp,
     user_data,
@@ -32,14 +35,18 @@ from receiver.fields import (
 from receiver.model import Event, ObjectRef, Source, Task, WorkflowRef
 from receiver.payload import DEFAULT_LIMITS, Document, Limits, PayloadError, decode
 
+# An event, and the fields its entry sent that only inform but could not be read as CI
+# documents them (`EndTime`, `UserData`, ...: once per occurrence).
+Read = tuple[Event, list[str]]
+
 
 @dataclass(frozen=True, slots=True)
 class Normalized:
-    """A callback's events, and the fields it sent that only inform but could not be
-    read as CI documents them (`EndTime`, `UserData`, ...: once per occurrence)."""
+    """A callback's events and, for each event in the same order, its warnings: the
+    fields it sent that only inform but could not be read."""
 
     events: list[Event]
-    warnings: list[str]
+    warnings: list[list[str]]
 
 
 def parse_callback(
@@ -106,33 +113,27 @@ def normalize(
         "received_at": received_at or datetime.now(timezone.utc),
         "raw": data,
     }
-    event_name = identifier(data.get("EventName"), "EventName")
-    warnings: list[str] = []
+    event_name = identifying(data.get("EventName"), "EventName")
+    read: list[Read]
     if moderation.is_moderation(document):
-        events = moderation.events(document, common, warnings)
+        read = moderation.events(document, common)
     elif "WorkflowExecution" in data:
-        execution = mapping(data["WorkflowExecution"])
-        events = [_workflow_event(execution, event_name, common, warnings)]
+        read = [_workflow_event(mapping(data["WorkflowExecution"]), event_name, common)]
     elif "JobsDetail" in data:
         details = mappings(data["JobsDetail"])
         _check_count(details, max_events)
-        events = [
-            _job_event(
-                detail,
-                event_name,
-                {**common, "raw": entry_document(data, detail, details)},
-                warnings,
-            )
+        read = [
+            _job_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
             for detail in details
         ]
     else:
         raise PayloadError(
             "unknown_shape", "no JobsDetail, WorkflowExecution or moderation result found"
         )
-    if not events:
+    if not read:
         raise PayloadError("unknown_shape", "the callback holds no job, workflow or verdict")
-    _check_count(events, max_events)
-    return Normalized(events, warnings)
+    _check_count(read, max_events)
+    return Normalized([event for event, _ in read], [warnings for _, warnings in read])
 
 
 def _without_response_wrapper(document: Document) -> Document:
@@ -175,33 +176,32 @@ def _came_through_cmq(document: Document, meta: dict[str, Any]) -> bool:
 # --- jobs ------------------------------------------------------------------------------
 
 
-def _job_event(
-    detail: dict[str, Any], event_name: str | None, common: dict[str, Any], warnings: list[str]
-) -> Event:
+def _job_event(detail: dict[str, Any], event_name: str | None, common: dict[str, Any]) -> Read:
     operation = detail.get("Operation")
     op = mapping(operation)
     source_input = mapping(detail.get("Input"))
-    job_id = identifier(detail.get("JobId"), "JobId")
-    state = identifier(detail.get("State"), "State")
-    return Event(
+    job_id = identifying(detail.get("JobId"), "JobId")
+    state = identifying(detail.get("State"), "State")
+    warnings: list[str] = []
+    event = Event(
         id=dedup_id("job", job_id, state, entry=detail),
         kind="job",
         event_name=event_name or "TaskFinish",
         job_id=job_id,
-        tag=identifier(detail.get("Tag"), "Tag"),
+        tag=identifying(detail.get("Tag"), "Tag"),
         state=state,
-        code=text(detail.get("Code")),
-        message=text(detail.get("Message")),
-        queue_id=identifier(detail.get("QueueId"), "QueueId"),
+        code=informative(detail.get("Code"), "Code", warnings),
+        message=informative(detail.get("Message"), "Message", warnings),
+        queue_id=reference(detail.get("QueueId"), "QueueId", warnings),
         input=object_ref(
             source_input.get("BucketId"), source_input.get("Region"), source_input.get("Object")
         ),
         outputs=_job_outputs(op, succeeded=state == "Success"),
         user_data=user_data(op.get("UserData"), warnings),
-        job_level=integer(op.get("JobLevel")),
-        template_id=identifier(op.get("TemplateId"), "TemplateId"),
-        template_name=text(op.get("TemplateName")),
-        workflow=_workflow_ref(detail.get("Workflow")),
+        job_level=job_level(op.get("JobLevel"), warnings),
+        template_id=reference(op.get("TemplateId"), "TemplateId", warnings),
+        template_name=informative(op.get("TemplateName"), "TemplateName", warnings),
+        workflow=_workflow_ref(detail.get("Workflow"), warnings),
         tasks=[],
         moderation=None,
         created_at=timestamp(detail.get("CreationTime"), "CreationTime", warnings),
@@ -210,6 +210,7 @@ def _job_event(
         operation=operation if isinstance(operation, dict) else None,
         **common,
     )
+    return event, warnings
 
 
 def _job_outputs(operation: dict[str, Any], *, succeeded: bool) -> list[ObjectRef]:
@@ -257,15 +258,15 @@ def _output_file(output_file: dict[str, Any]) -> list[ObjectRef]:
     return refs
 
 
-def _workflow_ref(value: Any) -> WorkflowRef | None:
+def _workflow_ref(value: Any, warnings: list[str]) -> WorkflowRef | None:
     workflow = mapping(value)
     if not workflow:
         return None
     return WorkflowRef(
-        workflow_id=identifier(workflow.get("WorkflowId"), "WorkflowId"),
+        workflow_id=reference(workflow.get("WorkflowId"), "WorkflowId", warnings),
         workflow_name=text(workflow.get("WorkflowName")),
         name=text(workflow.get("Name")),
-        run_id=identifier(workflow.get("RunId"), "RunId"),
+        run_id=identifying(workflow.get("RunId"), "RunId"),
     )
 
 
@@ -273,19 +274,20 @@ def _workflow_ref(value: Any) -> WorkflowRef | None:
 
 
 def _workflow_event(
-    execution: dict[str, Any], event_name: str | None, common: dict[str, Any], warnings: list[str]
-) -> Event:
+    execution: dict[str, Any], event_name: str | None, common: dict[str, Any]
+) -> Read:
     event_name = event_name or "WorkflowFinish"
-    run_id = identifier(execution.get("RunId"), "RunId")
-    state = identifier(execution.get("State"), "State")
+    run_id = identifying(execution.get("RunId"), "RunId")
+    state = identifying(execution.get("State"), "State")
     bucket = execution.get("BucketId")
+    warnings: list[str] = []
     tasks = [_task(task, bucket, warnings) for task in mappings(execution.get("Tasks"))]
     outputs = [ref for task in tasks for ref in task.outputs]
     # WorkflowExecution names no region; the task outputs' URLs do.
     region = next((ref.region for ref in outputs if ref.region), None)
     finished = [task.finished_at for task in tasks if task.finished_at]
     ended = timestamp(execution.get("EndTime"), "EndTime", warnings)
-    return Event(
+    event = Event(
         id=dedup_id("workflow", run_id, event_name, state, entry=execution),
         kind="workflow",
         event_name=event_name,
@@ -303,7 +305,7 @@ def _workflow_event(
         template_id=None,
         template_name=None,
         workflow=WorkflowRef(
-            workflow_id=identifier(execution.get("WorkflowId"), "WorkflowId"),
+            workflow_id=reference(execution.get("WorkflowId"), "WorkflowId", warnings),
             workflow_name=text(execution.get("WorkflowName")),
             name=None,
             run_id=run_id,
@@ -316,6 +318,7 @@ def _workflow_event(
         operation=None,
         **common,
     )
+    return event, warnings
 
 
 def _task(task: dict[str, Any], bucket: Any, warnings: list[str]) -> Task:
@@ -331,10 +334,10 @@ def _task(task: dict[str, Any], bucket: Any, warnings: list[str]) -> Task:
     return Task(
         type=text(task.get("Type")),
         name=text(task.get("Name")),
-        job_id=identifier(task.get("JobId"), "JobId"),
-        state=identifier(task.get("State"), "State"),
-        template_id=identifier(task.get("TemplateId"), "TemplateId"),
-        template_name=text(task.get("TemplateName")),
+        job_id=identifying(task.get("JobId"), "JobId"),
+        state=identifying(task.get("State"), "State"),
+        template_id=reference(task.get("TemplateId"), "TemplateId", warnings),
+        template_name=informative(task.get("TemplateName"), "TemplateName", warnings),
         created_at=timestamp(task.get("CreateTime"), "CreateTime", warnings),
         started_at=timestamp(task.get("StartTime"), "StartTime", warnings),
         finished_at=timestamp(task.get("EndTime"), "EndTime", warnings),

@@ -3,15 +3,26 @@
 XML gives `None` for an empty element and a scalar for an element that appears once;
 JSON leaves empty elements out, writes numbers as strings (or, in moderation
 callbacks, as numbers) and makes a list only of what is repeated. These helpers
-flatten those differences. An id field of the wrong type is refused (`identifier`);
-any other field that does not make sense reads as missing, and the raw document keeps
-what was sent. Of the fields that only inform, a time that is no time and a UserData
-that is no string are named in a list of warnings (`timestamp`, `user_data`), which the
-caller counts: reading stays pure.
+flatten those differences. CI writes a field as a string or, in JSON, a number; one
+written as anything else (true/false, a list: an XML element repeated, an object: an
+element with attributes or children) is read by the kind of field it is:
+
+- an identifying field (`identifying`: JobId, State, Tag, EventName, RunId, and a
+  Simple verdict's trace_id and event, its JobId and EventName) is refused,
+  `PayloadError("bad_id")` naming it: a callback must not be stored without its id or
+  state;
+- a field that only informs (`reference`: TemplateId, QueueId, WorkflowId;
+  `informative`: Code, Message, TemplateName; `job_level`; `timestamp`; `user_data`)
+  reads as missing (a UserData as its JSON text) and its name goes into a list of
+  warnings, which the caller counts: reading stays pure, and the raw document keeps
+  what was sent.
+
+Any other field that does not make sense reads as missing, silently.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from datetime import datetime, timedelta, timezone
@@ -36,6 +47,16 @@ def text(value: Any) -> str | None:
     return None
 
 
+def _scalar(value: Any) -> bool:
+    """Whether a present value is written as CI writes a field: a string or a finite
+    number (JSON; `text` reads it as its decimal text)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (str, int))
+
+
 # An id field (JobId, RunId, trace_id, QueueId, Tag, State, EventName...): CI's are
 # printable ASCII words of up to ~40 characters (`j6842765cf84611ecb8546d80f2baf56f`,
 # `SmartCover`). These name events, rows, files and log lines, so anything else (a NUL,
@@ -45,22 +66,40 @@ _ID = re.compile(rf"[!-~]{{1,{MAX_ID_LENGTH}}}")  # printable ASCII, no blank
 _NOT_ID_CHARACTER = re.compile(r"[^!-~]")
 
 
-def identifier(value: Any, name: str) -> str | None:
-    """An id field: `None` when missing or empty, else a string of printable ASCII
-    without blanks, at most MAX_ID_LENGTH characters. Anything else is refused,
-    `PayloadError("bad_id")` naming the field: CI writes its ids as strings, and a
-    number, true/false, a list (an XML element repeated) or an object (an element with
-    attributes or children) must not be stored as a callback without id or state."""
-    if value is None or value == "":
+def identifying(value: Any, name: str) -> str | None:
+    """A field that identifies the callback's job, workflow run or verdict (JobId, State,
+    Tag, EventName, RunId; trace_id, event): an id (`_id`), `None` when missing or empty.
+    One of the wrong type (true/false, a list, an object, NaN) is refused,
+    `PayloadError("bad_id")` naming it, as one that is no id: stored, it would be a
+    callback without id or state."""
+    if value is None:
         return None
-    if not isinstance(value, str):
-        raise PayloadError("bad_id", f"{name} is not an id: it is {_kind(value)}, not a string")
-    if _ID.fullmatch(value):
-        return value
-    if len(value) > MAX_ID_LENGTH:
-        problem = f"{len(value)} characters long (at most {MAX_ID_LENGTH})"
+    if not _scalar(value):
+        raise PayloadError(
+            "bad_id", f"{name} is not an id: it is {_kind(value)}, not a string or a number"
+        )
+    return _id(text(value), name)
+
+
+def reference(value: Any, name: str, warnings: list[str]) -> str | None:
+    """An id that only informs (TemplateId, QueueId, WorkflowId): an id (`_id`), `None`
+    when missing or empty. One of the wrong type reads as missing and its name goes into
+    `warnings`: the callback is stored, and a callback refused would be lost."""
+    if value is not None and not _scalar(value):
+        warnings.append(name)
+        return None
+    return _id(text(value), name)
+
+
+def _id(found: str | None, name: str) -> str | None:
+    """`found` if it is an id: printable ASCII without blanks, at most MAX_ID_LENGTH
+    characters. Else `PayloadError("bad_id")` naming the field."""
+    if found is None or _ID.fullmatch(found):
+        return found
+    if len(found) > MAX_ID_LENGTH:
+        problem = f"{len(found)} characters long (at most {MAX_ID_LENGTH})"
     else:
-        bad = _NOT_ID_CHARACTER.search(value)
+        bad = _NOT_ID_CHARACTER.search(found)
         assert bad is not None
         problem = (
             f"it holds {bad.group()!r} at position {bad.start()} (only printable ASCII"
@@ -73,13 +112,31 @@ def _kind(value: Any) -> str:
     """What a decoded value is, in words that fit both XML and JSON."""
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r:.20})"
+    if isinstance(value, float):
+        return f"a number ({value!r})"
     if isinstance(value, list):
         return f"a list of {len(value)} (an element repeated)"
     if isinstance(value, dict):
         return "an object (an element with attributes or children)"
     return type(value).__name__
+
+
+def informative(value: Any, name: str, warnings: list[str]) -> str | None:
+    """A text field that only informs (Code, Message, TemplateName): as `text` reads it.
+    One of the wrong type reads as missing and its name goes into `warnings`."""
+    if value is not None and not _scalar(value):
+        warnings.append(name)
+        return None
+    return text(value)
+
+
+def job_level(value: Any, warnings: list[str]) -> int | None:
+    """`Operation.JobLevel` as an int (`integer`), `None` when missing or empty. One that
+    is no integer reads as missing and `JobLevel` goes into `warnings`."""
+    level = integer(value)
+    if level is None and value not in (None, ""):
+        warnings.append("JobLevel")
+    return level
 
 
 def integer(value: Any) -> int | None:

@@ -183,8 +183,8 @@ class Ingestor:
         began = time.perf_counter()
         # Each receipt's place is filled below: by its refusal, or by its store's outcome.
         results: list[Any] = [None] * len(receipts)
-        # Each parsed callback: its place, what to store, its warnings.
-        parsed: list[tuple[int, ToStore, list[str]]] = []
+        # Each parsed callback: its place, what to store, its events' warnings.
+        parsed: list[tuple[int, ToStore, list[list[str]]]] = []
         for index, receipt in enumerate(receipts):
             bind_contextvars(request_id=receipt.request_id)
             try:
@@ -222,12 +222,12 @@ class Ingestor:
         verify: bool,
         stored: Stored,
         began: float,
-        warnings: list[str],
+        warnings: list[list[str]],
     ) -> list[tuple[Event, list[str]]]:
-        """Count a committed callback; its new events, each with the runs to dispatch."""
+        """Count a committed callback; its new events, each with the runs to dispatch.
+        `warnings` are its events' (`Normalized.warnings`)."""
         self._count(receipt, routed, stored)
-        if stored.new and warnings:
-            self._warn(warnings)
+        self._warn(routed, stored, warnings)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
         if not stored.new:
@@ -237,9 +237,23 @@ class Ingestor:
             (event, [VERIFY_RUN] if verify else names) for event, names in routed if event.id in new
         ]
 
-    def _warn(self, fields: list[str]) -> None:
-        """Count the fields a new callback sent that could not be read (a duplicate's
-        were counted when it was new), and say which."""
+    def _warn(
+        self, routed: list[tuple[Event, list[str]]], stored: Stored, warnings: list[list[str]]
+    ) -> None:
+        """Count the fields that could not be read, and say which.
+
+        A warning belongs to the entry that sent the field, and is counted when that
+        entry's event is first stored: CI sending a callback again counts nothing, and a
+        callback that repeats stored entries beside new ones counts only the new ones'
+        (an entry repeated within the callback, as a duplicate, counts once)."""
+        first = set(stored.new)
+        fields: list[str] = []
+        for (event, _), names in zip(routed, warnings, strict=True):
+            if event.id in first:
+                first.discard(event.id)
+                fields += names
+        if not fields:
+            return
         metrics = self._metrics
         for name in fields:
             metrics.series(metrics.field_warnings, name).inc()

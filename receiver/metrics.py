@@ -101,9 +101,10 @@ class Metrics:
         )
         self.field_warnings = Counter(
             "ci_receiver_field_warnings",
-            "Fields of new callbacks that only inform but could not be read as CI documents"
-            " them (a time that is no time, a UserData that is no string), kept as sent in"
-            " the event's raw document, by field (EndTime, UserData, ...).",
+            "Fields of newly stored events that only inform but could not be read as CI"
+            " documents them (a time that is no time, a UserData, Code or TemplateId that is"
+            " a list or an object), kept as sent in the event's raw document, by field"
+            " (EndTime, UserData, ...).",
             ["field"],
             registry=self.registry,
         )

@@ -3,6 +3,11 @@
 `Simple` (`{"code", "message", "data": {"event", "trace_id", "result", ...}}`) and
 `Detail` (`{"EventName": "ReviewVideo", "JobsDetail": {...}}`, numbers as real ints),
 told apart by the `X-Ci-Content-Version` header or, without it, by their shape.
+
+What identifies a verdict's job is read as an identifying field (receiver/fields.py):
+Detail's `EventName`, `JobId` and `State`, and Simple's own names for the first two,
+`event` and `trace_id` (the JobId of the job that gave the verdict). Simple has no
+State: it follows `code`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import Any
 from receiver.dedup import dedup_id
 from receiver.fields import (
     entry_document,
-    identifier,
+    identifying,
+    informative,
     integer,
     mapping,
     mappings,
@@ -34,19 +40,16 @@ def is_moderation(document: Document) -> bool:
     return event_name.startswith("Review") or (version == "detail" and "JobsDetail" in data)
 
 
-def events(document: Document, common: dict[str, Any], warnings: list[str]) -> list[Event]:
+def events(document: Document, common: dict[str, Any]) -> list[tuple[Event, list[str]]]:
+    """Each verdict's event, with the fields it sent that only inform but could not be
+    read (`receiver.events.Read`)."""
     data = document.data
     if _is_simple(data):
         return [_simple_event(data, common)]
-    event_name = identifier(data.get("EventName"), "EventName")
+    event_name = identifying(data.get("EventName"), "EventName")
     details = mappings(data.get("JobsDetail"))
     return [
-        _detail_event(
-            detail,
-            event_name,
-            {**common, "raw": entry_document(data, detail, details)},
-            warnings,
-        )
+        _detail_event(detail, event_name, {**common, "raw": entry_document(data, detail, details)})
         for detail in details
     ]
 
@@ -55,11 +58,12 @@ def _is_simple(data: dict[str, Any]) -> bool:
     return "code" in data and isinstance(data.get("data"), dict)
 
 
-def _simple_event(data: dict[str, Any], common: dict[str, Any]) -> Event:
+def _simple_event(data: dict[str, Any], common: dict[str, Any]) -> tuple[Event, list[str]]:
     payload = data["data"]
-    code = integer(data.get("code"))
-    state = "Success" if code == 0 else "Failed"
-    job_id = identifier(payload.get("trace_id"), "trace_id")
+    warnings: list[str] = []
+    code = informative(data.get("code"), "code", warnings)
+    state = "Success" if integer(code) == 0 else "Failed"
+    job_id = identifying(payload.get("trace_id"), "trace_id")
     url = text(payload.get("url"))
     # Simple carries one block per scene (porn_info, ads_info, ...); the first scene that
     # hit gives the label and score.
@@ -78,23 +82,25 @@ def _simple_event(data: dict[str, Any], common: dict[str, Any]) -> Event:
         url=url,
         data_id=text(payload.get("data_id")),
     )
-    return _event(
+    event = _event(
         job_id=job_id,
         state=state,
-        event_name=identifier(payload.get("event"), "event"),
-        code=text(data.get("code")),
-        message=text(data.get("message")),
+        event_name=identifying(payload.get("event"), "event"),
+        code=code,
+        message=informative(data.get("message"), "message", warnings),
         input=object_ref_from_url(url),
         verdict=verdict,
         created_at=None,
         entry=data,
         common=common,
     )
+    return event, warnings
 
 
 def _detail_event(
-    detail: dict[str, Any], event_name: str | None, common: dict[str, Any], warnings: list[str]
-) -> Event:
+    detail: dict[str, Any], event_name: str | None, common: dict[str, Any]
+) -> tuple[Event, list[str]]:
+    warnings: list[str] = []
     result = detail.get("Result")
     url = text(detail.get("Url"))
     verdict = Moderation(
@@ -106,12 +112,12 @@ def _detail_event(
         url=url,
         data_id=text(detail.get("DataId")),
     )
-    return _event(
-        job_id=identifier(detail.get("JobId"), "JobId"),
-        state=identifier(detail.get("State"), "State"),
+    event = _event(
+        job_id=identifying(detail.get("JobId"), "JobId"),
+        state=identifying(detail.get("State"), "State"),
         event_name=event_name,
-        code=text(detail.get("Code")),
-        message=text(detail.get("Message")),
+        code=informative(detail.get("Code"), "Code", warnings),
+        message=informative(detail.get("Message"), "Message", warnings),
         input=object_ref(detail.get("BucketId"), detail.get("Region"), detail.get("Object"))
         or object_ref_from_url(url),
         verdict=verdict,
@@ -119,6 +125,7 @@ def _detail_event(
         entry=detail,
         common=common,
     )
+    return event, warnings
 
 
 def _event(

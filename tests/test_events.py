@@ -480,6 +480,11 @@ def test_a_time_without_offset_is_read_as_beijing_time():
 # --- fields of the wrong type ----------------------------------------------------------
 
 JOB = {"JobId": "j1", "State": "Success", "Tag": "Transcode"}
+SIMPLE = {"code": 0, "data": {"trace_id": "t1", "event": "ReviewImage", "result": 0}}
+
+
+def workflow_of(**fields) -> dict:
+    return {"WorkflowExecution": {"RunId": "i1", "State": "Success", **fields}}
 
 
 @pytest.mark.parametrize(
@@ -487,17 +492,21 @@ JOB = {"JobId": "j1", "State": "Success", "Tag": "Transcode"}
     [
         ({"JobsDetail": {**JOB, "State": True}}, "State", "true (a boolean)"),
         ({"JobsDetail": {**JOB, "State": ["Success"]}}, "State", "a list of 1"),
-        ({"JobsDetail": {**JOB, "State": 1}}, "State", "a number (1)"),
         ({"JobsDetail": {**JOB, "JobId": {}}}, "JobId", "an object"),
-        ({"JobsDetail": {**JOB, "JobId": 12345}}, "JobId", "a number (12345)"),
         ({"JobsDetail": {**JOB, "Tag": ["Transcode", "Snapshot"]}}, "Tag", "a list of 2"),
         ({"EventName": False, "JobsDetail": JOB}, "EventName", "false (a boolean)"),
-        ({"WorkflowExecution": {"RunId": 7, "State": "Success"}}, "RunId", "a number (7)"),
-        ({"EventName": "ReviewVideo", "JobsDetail": {"JobId": 1.5}}, "JobId", "a number"),
-        ({"code": 0, "data": {"trace_id": ["t1"], "event": "ReviewImage"}}, "trace_id", "a list"),
+        ({"WorkflowExecution": {"RunId": [7], "State": "Success"}}, "RunId", "a list of 1"),
+        (workflow_of(State={"a": 1}), "State", "an object"),
+        (workflow_of(Tasks={"JobId": True}), "JobId", "true (a boolean)"),
+        ({"JobsDetail": {**JOB, "Workflow": {"RunId": {}}}}, "RunId", "an object"),
+        ({"EventName": "ReviewVideo", "JobsDetail": {"JobId": [1]}}, "JobId", "a list of 1"),
+        ({"EventName": "ReviewVideo", "JobsDetail": {"State": False}}, "State", "false"),
+        # Simple's own names for JobId and EventName.
+        ({**SIMPLE, "data": {**SIMPLE["data"], "trace_id": ["t1"]}}, "trace_id", "a list"),
+        ({**SIMPLE, "data": {**SIMPLE["data"], "event": {}}}, "event", "an object"),
     ],
 )
-def test_a_json_id_field_of_the_wrong_type_is_refused_naming_it(document, field, kind):
+def test_an_identifying_field_of_the_wrong_type_is_refused_naming_it(document, field, kind):
     with pytest.raises(PayloadError) as refused:
         parse_callback(orjson.dumps(document))
     assert refused.value.reason == "bad_id"
@@ -526,6 +535,26 @@ def test_an_empty_id_element_is_still_a_missing_id():
     assert (event.job_id, event.state) == (None, None)
 
 
+def test_a_number_in_an_id_field_reads_as_its_text_as_it_always_did():
+    (job,) = parse_callback(orjson.dumps({"JobsDetail": {"JobId": 12345, "State": 1, "Tag": 2}}))
+    assert (job.id, job.job_id, job.state, job.tag) == ("job:12345:1", "12345", "1", "2")
+    (run,) = parse_callback(orjson.dumps(workflow_of(RunId=7, WorkflowId=8)))
+    assert (run.job_id, run.workflow.workflow_id) == ("7", "8")
+    (verdict,) = parse_callback(orjson.dumps({**SIMPLE, "data": {"trace_id": 1.5}}))
+    assert verdict.job_id == "1.5"
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf")])
+def test_a_number_that_is_no_number_is_refused_in_an_identifying_field(number):
+    # orjson decodes neither; a document built otherwise (an API answer) could hold one.
+    from receiver.events import normalize
+    from receiver.payload import Document
+
+    document = Document(data={"JobsDetail": {**JOB, "JobId": number}}, format="json")
+    with pytest.raises(PayloadError, match=r"JobId is not an id: it is a number \((nan|inf)\)"):
+        normalize(document)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_no_sample_is_refused_or_warned_about(name):
     """Every shipped sample, the published ones as published (moderation JSON with its
@@ -533,7 +562,7 @@ def test_no_sample_is_refused_or_warned_about(name):
     headers = {"X-Ci-Content-Version": "Detail"} if "detail" in name else None
     parsed = read_callback(load(name), headers)
     assert parsed.events
-    assert parsed.warnings == []
+    assert parsed.warnings == [[] for _ in parsed.events]
 
 
 def test_informative_fields_that_cannot_be_read_are_kept_as_sent_with_a_warning():
@@ -551,8 +580,75 @@ def test_informative_fields_that_cannot_be_read_are_kept_as_sent_with_a_warning(
     assert event.user_data == '{"video_id":1001,"tags":["a"]}'
     assert event.raw["JobsDetail"] == sent  # as sent
     assert event.operation == operation
-    assert parsed.warnings == ["UserData", "CreationTime", "StartTime", "EndTime"]
+    assert parsed.warnings == [["UserData", "CreationTime", "StartTime", "EndTime"]]
     assert Event.from_json(event.to_json()) == event
+
+
+def test_ids_that_only_inform_and_texts_of_the_wrong_type_read_as_missing_with_a_warning():
+    operation = {
+        "TemplateId": ["t1", "t2"],
+        "TemplateName": {"zh": "转码"},
+        "JobLevel": "high",
+        "UserData": "u",
+    }
+    sent = {
+        **JOB,
+        "Code": ["Success"],
+        "Message": {},
+        "QueueId": True,
+        "Operation": operation,
+        "Workflow": {"WorkflowId": {}, "RunId": "i1", "Name": "n"},
+    }
+    parsed = read_callback(orjson.dumps({"JobsDetail": sent}))
+    (event,) = parsed.events
+    assert (event.job_id, event.state, event.tag, event.user_data) == (
+        "j1",
+        "Success",
+        JOB["Tag"],
+        "u",
+    )
+    assert (event.code, event.message, event.queue_id, event.job_level) == (None, None, None, None)
+    assert (event.template_id, event.template_name) == (None, None)
+    assert (event.workflow.workflow_id, event.workflow.run_id) == (None, "i1")
+    assert sorted(parsed.warnings[0]) == sorted(
+        ["Code", "Message", "QueueId", "JobLevel", "TemplateId", "TemplateName", "WorkflowId"]
+    )
+    assert event.raw["JobsDetail"] == sent
+
+
+def test_a_job_level_of_true_and_numbers_as_ci_writes_them():
+    for level, expected, warned in [
+        (True, None, ["JobLevel"]),
+        ("0", 0, []),
+        (1, 1, []),
+        ("", None, []),
+    ]:
+        parsed = read_callback(
+            orjson.dumps({"JobsDetail": {**JOB, "Operation": {"JobLevel": level}}})
+        )
+        assert (parsed.events[0].job_level, parsed.warnings) == (expected, [warned])
+
+
+def test_workflow_and_moderation_fields_that_only_inform_warn_too():
+    tasks = [{"JobId": "j1", "State": "Success", "TemplateId": {}, "TemplateName": [1, 2]}]
+    parsed = read_callback(orjson.dumps(workflow_of(WorkflowId=False, Tasks=tasks)))
+    (run,) = parsed.events
+    assert (run.workflow.workflow_id, run.tasks[0].template_id, run.tasks[0].template_name) == (
+        None,
+        None,
+        None,
+    )
+    assert sorted(parsed.warnings[0]) == ["TemplateId", "TemplateName", "WorkflowId"]
+    verdict = {
+        "EventName": "ReviewImage",
+        "JobsDetail": {"JobId": "v1", "Code": {}, "Message": [1]},
+    }
+    assert read_callback(orjson.dumps(verdict)).warnings == [["Code", "Message"]]
+    simple = {"code": [0], "message": {"a": 1}, "data": {"trace_id": "t1"}}
+    parsed = read_callback(orjson.dumps(simple))
+    # Simple has no State: it follows code, which cannot be read here.
+    assert (parsed.events[0].code, parsed.events[0].state) == (None, "Failed")
+    assert parsed.warnings == [["code", "message"]]
 
 
 def test_warnings_name_each_occurrence_in_workflow_tasks_moderation_and_xml():
@@ -561,17 +657,25 @@ def test_warnings_name_each_occurrence_in_workflow_tasks_moderation_and_xml():
         b"<CreateTime>soon</CreateTime><Tasks><JobId>j1</JobId><EndTime>0</EndTime></Tasks>"
         b"<Tasks><JobId>j2</JobId><EndTime><a/></EndTime></Tasks></WorkflowExecution></Response>"
     )
-    assert read_callback(workflow).warnings == ["EndTime", "EndTime", "CreateTime"]
+    assert read_callback(workflow).warnings == [["EndTime", "EndTime", "CreateTime"]]
     verdict = {"EventName": "ReviewImage", "JobsDetail": {"JobId": "v1", "CreationTime": 5}}
-    assert read_callback(orjson.dumps(verdict)).warnings == ["CreationTime"]
+    assert read_callback(orjson.dumps(verdict)).warnings == [["CreationTime"]]
     user_data = b"<Response><JobsDetail><JobId>j1</JobId><Operation><UserData><a>1</a>"
     user_data += b"</UserData></Operation></JobsDetail></Response>"
     parsed = read_callback(user_data)
-    assert (parsed.events[0].user_data, parsed.warnings) == ('{"a":"1"}', ["UserData"])
+    assert (parsed.events[0].user_data, parsed.warnings) == ('{"a":"1"}', [["UserData"]])
+
+
+def test_each_event_has_the_warnings_of_its_own_entry():
+    details = [{**JOB, "JobId": "j1", "EndTime": "soon"}, {**JOB, "JobId": "j2"}]
+    details.append({**JOB, "JobId": "j3", "Code": [], "StartTime": 5})
+    parsed = read_callback(orjson.dumps({"JobsDetail": details}))
+    assert [event.job_id for event in parsed.events] == ["j1", "j2", "j3"]
+    assert parsed.warnings == [["EndTime"], [], ["Code", "StartTime"]]
 
 
 def test_dash_empty_and_missing_times_and_a_string_user_data_give_no_warning():
     sent = {**JOB, "CreationTime": "", "StartTime": "-", "Operation": {"UserData": ""}}
     parsed = read_callback(orjson.dumps({"JobsDetail": sent}))
-    assert parsed.warnings == []
+    assert parsed.warnings == [[]]
     assert parsed.events[0].user_data is None

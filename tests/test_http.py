@@ -166,6 +166,28 @@ def test_unreadable_times_and_user_data_are_kept_as_sent_and_counted(receiver, t
     assert "callback fields not understood" in receiver.log()
 
 
+def test_a_warning_is_counted_when_its_entry_is_first_stored(receiver, tmp_path):
+    known = {"JobId": "j-known", "State": "Success", "EndTime": "soon"}
+    assert receiver.post(orjson.dumps({"JobsDetail": known})).json()["accepted"] == 1
+    # An id that only informs, of the wrong type, is kept (not a 400) and counted.
+    fresh = {"JobId": "j-new", "State": "Success", "Code": [], "Operation": {"TemplateId": {}}}
+    both = orjson.dumps({"JobsDetail": [known, fresh]})
+    answer = receiver.post(both).json()
+    assert (answer["accepted"], answer["duplicates"]) == (1, 1)
+    assert receiver.post(both).json()["accepted"] == 0
+    metrics = httpx.get(receiver.admin_url + "/metrics").text
+    counted = [
+        line for line in metrics.splitlines() if line.startswith("ci_receiver_field_warnings_total")
+    ]
+    assert sorted(counted) == [
+        'ci_receiver_field_warnings_total{field="Code"} 1.0',
+        'ci_receiver_field_warnings_total{field="EndTime"} 1.0',
+        'ci_receiver_field_warnings_total{field="TemplateId"} 1.0',
+    ]
+    stored = inbox_rows(tmp_path, "SELECT id FROM events ORDER BY id")
+    assert stored == [("job:j-known:Success",), ("job:j-new:Success",)]
+
+
 def test_a_body_over_the_limit_is_refused_early(tmp_path):
     receiver = serve(tmp_path, "[limits]\nmax_bytes = 1000\n")
     try:

@@ -93,10 +93,10 @@ def test_an_id_field_that_is_no_id_is_refused_with_its_name(field, value):
 
 
 def test_ids_as_ci_writes_them_pass():
-    for job_id in ("j6842765cf84611ecb8546d80f2baf56f", "j96ca39faebe411eda9b5*********"):
+    for job_id in ("j6842765cf84611ecb8546d80f2baf56f", "j96ca39faebe411eda9b5*********", 12345):
         detail = {"JobId": job_id, "State": "Success", "Tag": "SmartCover"}
         (event,) = parse_callback(orjson.dumps({"JobsDetail": detail}))
-        assert event.job_id == job_id
+        assert event.job_id == str(job_id)
     (event,) = parse_callback(orjson.dumps({"JobsDetail": {"JobId": "j" * MAX_ID_LENGTH}}))
     assert len(event.job_id) == MAX_ID_LENGTH
 
