@@ -11,9 +11,9 @@ connections are opened at once, each posting one 2.3 KB Snapshot callback with a
 of its own (XML, or its JSON form) and reading the answer. Printed per row: answers by
 status (`closed`: the connection ended with no answer), the time from the start of the
 burst to the last 200, p50/p99 of the answers, the server's peak RSS (VmHWM), the
-events stored and, on PostgreSQL, the server's WAL flushes during the burst (one per
-commit: how many commits stored the burst; the whole server's count, so run it on a
-quiet one). `--env NAME=VALUE` sets a key of the receiver's (CI_RECEIVER_...).
+events stored and, on PostgreSQL, the transactions that stored them (the distinct xmin
+of the receipts: SQLite keeps no such trace). `--env NAME=VALUE` sets a key of the
+receiver's (CI_RECEIVER_...).
 
 `--against REV` runs the same rows on another revision (bench/trees.py) in the same run
 and prints both. PostgreSQL: CI_RECEIVER_TEST_POSTGRES_URL (default
@@ -65,6 +65,20 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
+def commits(postgres: str, schema: str) -> int:
+    """The transactions that stored the burst: each receipt row's xmin is the one that
+    wrote it."""
+
+    async def count() -> int:
+        connection = await asyncpg.connect(postgres, server_settings={"search_path": schema})
+        try:
+            return int(await connection.fetchval("SELECT count(DISTINCT xmin::text) FROM receipts"))
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
+
+
 def stored(work: Path, postgres: str | None, schema: str) -> int:
     query = "SELECT count(*) FROM events"
     if postgres is None:
@@ -81,21 +95,6 @@ def stored(work: Path, postgres: str | None, schema: str) -> int:
             await connection.close()
 
     return asyncio.run(count())
-
-
-def wal_flushes(postgres: str | None) -> int:
-    """The server's WAL flushes so far (pg_stat_wal: the whole server's, so a quiet one)."""
-    if postgres is None:
-        return 0
-
-    async def read() -> int:
-        connection = await asyncpg.connect(postgres)
-        try:
-            return int(await connection.fetchval("SELECT wal_sync FROM pg_stat_wal"))
-        finally:
-            await connection.close()
-
-    return asyncio.run(read())
 
 
 def drop(postgres: str, schema: str) -> None:
@@ -148,11 +147,10 @@ def row(inbox: str, body: str, senders: int, args_env: Sequence[str] = ()) -> di
             )  # fmt: skip
         try:
             wait_ready(port, process)
-            flushes = wal_flushes(postgres)
             figures = asyncio.run(measure(port, senders, body))
-            figures["wal_flushes"] = None if postgres is None else wal_flushes(postgres) - flushes
             figures["rss_mib"] = peak_rss_mib(process.pid)
             figures["stored"] = stored(work, postgres, schema)
+            figures["commits"] = None if postgres is None else commits(postgres, schema)
         finally:
             process.terminate()
             process.wait(60)
@@ -173,7 +171,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def print_table(name: str, results: list[dict[str, Any]]) -> None:
     print(f"\n{name}")
     print(f"{'inbox':<9}{'body':<5}{'N':>6}  {'answers':<34}{'last 200':>9}"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'RSS MiB':>9}{'stored':>8}{'WAL flushes':>12}")  # fmt: skip
+          f"{'p50 ms':>8}{'p99 ms':>8}{'RSS MiB':>9}{'stored':>8}{'commits':>9}")  # fmt: skip
     for result in results:
         answers = " ".join(f"{status}:{count}" for status, count in result["answers"].items())
         last = result["last_200_s"]
@@ -181,7 +179,7 @@ def print_table(name: str, results: list[dict[str, Any]]) -> None:
             f"{result['inbox']:<9}{result['body']:<5}{result['senders']:>6}  {answers:<34}"
             f"{'-' if last is None else f'{last:.2f} s':>9}{result['p50_ms']:>8}"
             f"{result['p99_ms']:>8}{result['rss_mib']:>9}{result['stored']:>8}"
-            f"{'-' if result['wal_flushes'] is None else result['wal_flushes']:>12}"
+            f"{'-' if result['commits'] is None else result['commits']:>9}"
         )
 
 
