@@ -72,6 +72,8 @@ def identifying(value: Any, name: str) -> str | None:
     One of the wrong type (true/false, a list, an object, NaN) is refused,
     `PayloadError("bad_id")` naming it, as one that is no id: stored, it would be a
     callback without id or state."""
+    if type(value) is str:  # as CI writes it, and first: this runs for every field read
+        return _id(value or None, name)
     if value is None:
         return None
     if not _scalar(value):
@@ -85,6 +87,8 @@ def reference(value: Any, name: str, warnings: list[str]) -> str | None:
     """An id that only informs (TemplateId, QueueId, WorkflowId): an id (`_id`), `None`
     when missing or empty. One of the wrong type reads as missing and its name goes into
     `warnings`: the callback is stored, and a callback refused would be lost."""
+    if type(value) is str:
+        return _id(value or None, name)
     if value is not None and not _scalar(value):
         warnings.append(name)
         return None
@@ -124,6 +128,8 @@ def _kind(value: Any) -> str:
 def informative(value: Any, name: str, warnings: list[str]) -> str | None:
     """A text field that only informs (Code, Message, TemplateName): as `text` reads it.
     One of the wrong type reads as missing and its name goes into `warnings`."""
+    if type(value) is str:
+        return value or None
     if value is not None and not _scalar(value):
         warnings.append(name)
         return None

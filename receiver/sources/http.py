@@ -265,7 +265,7 @@ class Callbacks:
             if ticket is None:
                 return self._busy(self._no_room)
             # A chunked body (no Content-Length) is admitted as it is read, within the wait.
-            grow_until = time.monotonic() + self._admission.wait
+            grow_until = 0.0 if size is not None else time.monotonic() + self._admission.wait
             more = True
             while more:  # as Starlette's Request.stream()
                 message = await receive()
