@@ -227,26 +227,28 @@ class Reconciler:
             self._checked.inc(len(finished))
             candidates = []
             for item in finished:
+                body = document(item)
                 try:
-                    candidates.append((item, events_of(document(item))))
+                    candidates.append((item, body, events_of(body)))
                 except PayloadError as error:
                     _unreadable(watch, item, error)
             # A forged event holds the id of a job CI did finish: recover it over that.
-            ids = [e.id for _, events in candidates for e in events]
+            ids = [e.id for _, _, events in candidates for e in events]
             known = await self._inbox.known(ids, forged=False)
-            for item, events in candidates:
+            for item, body, events in candidates:
                 missing = [event for event in events if event.id not in known]
                 if not missing:
                     continue
-                body = await self._document(watch, item)
-                if body is None:
-                    continue
-                try:
-                    settling = _ended_after(body, settled)
-                except PayloadError as error:  # the execution in full, as CI gives it
-                    _unreadable(watch, item, error)
-                    continue
-                if settling:
+                if watch.workflow_id:  # the list gives summaries: the execution in full
+                    full = await self._execution(watch, item)
+                    if full is None:
+                        continue
+                    try:
+                        body, events = full, events_of(full)
+                    except PayloadError as error:
+                        _unreadable(watch, item, error)
+                        continue
+                if _ended_after(events, settled):
                     report.settling += [Found(watch, event, recovered=False) for event in missing]
                     # The next pass must list it again: its window has to reach back to the
                     # job's creation (within this pass's, or CI would not have listed it).
@@ -259,11 +261,9 @@ class Reconciler:
         if since is None and not dry_run:
             await self._inbox.set_state(watch.cursor_key, done_until.isoformat())
 
-    async def _document(self, watch: Watch, item: dict[str, Any]) -> dict[str, Any] | None:
-        """The callback document a listed job or workflow execution stands for."""
-        if not watch.workflow_id:
-            return job_document(item)
-        # The list gives summaries; the callback carried the execution with its tasks.
+    async def _execution(self, watch: Watch, item: dict[str, Any]) -> dict[str, Any] | None:
+        """The callback document of a listed workflow execution: the execution with its
+        tasks, as the callback carried it."""
         run_id = text(item.get("RunId")) or ""
         execution = await self._api.get_workflow_execution(watch.bucket, run_id)
         if execution is None:
@@ -310,10 +310,10 @@ def _unreadable(watch: Watch, item: dict[str, Any], error: PayloadError) -> None
     )  # fmt: skip
 
 
-def _ended_after(body: dict[str, Any], moment: datetime) -> bool:
+def _ended_after(events: list[Event], moment: datetime) -> bool:
     """Whether the job (or execution) ended after `moment`; one whose end CI does not
     give counts as ended long ago."""
-    ended = [e.finished_at for e in events_of(body) if e.finished_at is not None]
+    ended = [e.finished_at for e in events if e.finished_at is not None]
     return bool(ended) and max(ended) > moment
 
 
