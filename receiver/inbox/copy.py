@@ -31,10 +31,9 @@ from typing import Any
 
 import asyncpg
 
-from receiver.inbox import InboxUnavailable
 from receiver.inbox.postgres import COMMAND_TIMEOUT, text
 from receiver.inbox.postgres_schema import setup
-from receiver.inbox.reach import Location, describe
+from receiver.inbox.reach import cannot_connect
 from receiver.inbox.reader import Reader
 from receiver.inbox.sqlite_schema import check_readable
 
@@ -150,8 +149,7 @@ async def _connect(url: str, schema: str) -> asyncpg.Connection:
             server_settings={"search_path": schema, "application_name": "ci-receiver copy"},
         )
     except Exception as exc:
-        where = Location.of(url)
-        raise InboxUnavailable(f"PostgreSQL at {where} unreachable: {describe(exc)}") from None
+        raise cannot_connect(url, exc) from None
     try:
         await setup(connection, schema)
     except BaseException:

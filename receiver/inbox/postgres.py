@@ -72,7 +72,7 @@ from receiver.inbox.query import (
     glob_to_like,
     tallies,
 )
-from receiver.inbox.reach import Location, Reach, describe, quiet_pool_floor
+from receiver.inbox.reach import Location, Reach, cannot_connect, describe, quiet_pool_floor
 from receiver.inbox.records import (
     EVENT_COLUMNS,
     EVENT_WIDTH,
@@ -1082,9 +1082,7 @@ async def probe(url: str, schema: str) -> str:
     try:
         connection = await asyncpg.connect(url, timeout=COMMAND_TIMEOUT)
     except Exception as exc:
-        raise InboxUnavailable(
-            f"cannot connect to PostgreSQL at {Location.of(url)}: {describe(exc)}"
-        ) from None
+        raise cannot_connect(url, exc) from None
     try:
         where = f"PostgreSQL {connection.get_server_version().major}"
         try:

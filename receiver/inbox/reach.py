@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
@@ -68,6 +67,13 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def cannot_connect(url: str, error: BaseException) -> InboxUnavailable:
+    """A command's one connection to the server failed (unreachable, or refused)."""
+    return InboxUnavailable(
+        f"cannot connect to PostgreSQL at {Location.of(url)}: {describe(error)}"
+    )
+
+
 class _QuietFloor(logging.Filter):
     """asyncpg's pool reconnects in the background to keep its floor of connections, and
     logs every failure with its traceback: while the server is away, `Reach` says so
@@ -98,7 +104,6 @@ class Reach:
         self.location = location
         self._log = log
         self._since: datetime | None = None  # when the outage under way began
-        self._began = 0.0
         self._failures = 0
         self._error = ""
         self._failed = Counter(
@@ -122,10 +127,6 @@ class Reach:
         elif isinstance(error, UNREACHABLE):
             raise self.failed(error) from error
 
-    @property
-    def since(self) -> datetime | None:
-        return self._since
-
     def failed(self, error: BaseException) -> InboxUnavailable:
         """Count a failure to reach the server; what to raise for it."""
         self._failed.inc()
@@ -133,13 +134,10 @@ class Reach:
         self._error = describe(error)
         if self._since is None:
             self._since = datetime.now(timezone.utc)
-            self._began = time.monotonic()
             if self._log:
                 logger.warning(
                     "PostgreSQL inbox unreachable; trying again until it answers",
-                    host=self.location.host,
-                    port=self.location.port,
-                    database=self.location.database,
+                    **asdict(self.location),
                     error=self._error,
                 )
             return self._unavailable(first=True)
@@ -150,12 +148,11 @@ class Reach:
         if self._since is None:
             return
         if self._log:
+            away = datetime.now(timezone.utc) - self._since
             logger.info(
                 "PostgreSQL inbox reachable again",
-                host=self.location.host,
-                port=self.location.port,
-                database=self.location.database,
-                unreachable_seconds=round(time.monotonic() - self._began, 1),
+                **asdict(self.location),
+                unreachable_seconds=round(away.total_seconds(), 1),
                 failed_attempts=self._failures,
             )
         self._since, self._failures = None, 0
