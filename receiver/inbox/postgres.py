@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -382,14 +382,19 @@ class PostgresInbox:
         return self._pool
 
     async def _write(self, query: str, *args: Any) -> Any:
-        """One statement that writes; remembers when writing last worked, for ping()."""
+        """One statement that writes."""
+        with self._writing():
+            return await self.pool.fetchrow(query, *args)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Remember when writing last worked, or failed, for ping()."""
         try:
-            result = await self.pool.fetchrow(query, *args)
+            yield
         except Exception:
             self._last_failure = time.monotonic()
             raise
         self._last_write = time.monotonic()
-        return result
 
     # --- ingest --------------------------------------------------------------------
 
@@ -443,14 +448,9 @@ class PostgresInbox:
 
     async def _store_rows(self, batch: list[tuple[Any, ...]]) -> list[Any]:
         """STORE for each callback of `batch`, in one transaction and one round trip."""
-        try:
+        with self._writing():
             async with self.pool.acquire() as connection:
-                rows = await connection.fetchmany(STORE, batch)
-        except Exception:
-            self._last_failure = time.monotonic()
-            raise
-        self._last_write = time.monotonic()
-        return rows
+                return await connection.fetchmany(STORE, batch)
 
     async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
         # Each a store of its own, committed together (`self._stores`).
