@@ -49,7 +49,7 @@ class TableOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Not `jobs`, a name a database may well hold already (an earlier default, still
-    # used where it is ci-receiver's: sql_schema.EARLIER_DEFAULTS).
+    # used where it is ci-receiver's: sql_schema._name).
     table: str = "ci_jobs"
     # Also keep every event, once, in `events_table`.
     history: bool = False

@@ -41,10 +41,6 @@ TABLES: dict[Holds, Callable[[MetaData, str, str | None], Table]] = {
     "jobs": jobs_table,
     "events": events_table,
 }
-# The earlier default name of the table holding each, common enough to be a user's own:
-# still used when it is ci-receiver's and the default name is not there, so a config that
-# kept the default keeps its data.
-EARLIER_DEFAULTS: dict[Holds, str] = {"jobs": "jobs", "events": "events"}
 
 
 @dataclass(frozen=True)
@@ -186,7 +182,10 @@ def _name(
     is not there yet, and the older one is ci-receiver's."""
     if not want.default or inspector.has_table(want.name, schema=schema):
         return want.name
-    legacy = EARLIER_DEFAULTS[want.holds]
+    # Earlier, each table was named for what it holds (`jobs`, `events`): common enough
+    # names to be a user's own, still used when ci-receiver's, so that a config that kept
+    # the default keeps its data.
+    legacy = want.holds
     if not inspector.has_table(legacy, schema=schema):
         return want.name
     old = TABLES[want.holds](MetaData(), legacy, schema)
