@@ -62,7 +62,7 @@ async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, 
     from receiver import parse_callback
     from receiver.config import Config
     from receiver.inbox import Receipt
-    from receiver.service import Service
+    from receiver.runtime.service import Service
     from tests.callbacks import job
 
     def bodies() -> list[bytes]:

@@ -45,7 +45,7 @@ def drain_through(
     import uvloop
 
     from receiver.logs import configure_logging
-    from receiver.service import Service
+    from receiver.runtime.service import Service
 
     configure_logging("warning", "json")
 

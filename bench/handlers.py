@@ -40,7 +40,7 @@ from handlers.sql import SqlHandler, async_url
 from handlers.sql_tables import event_row, events_table, job_row, jobs_table
 from handlers.webhook import WebhookHandler
 from receiver import parse_callback
-from receiver.model import Event
+from receiver.callback.event import Event
 from tests.callbacks import load
 from tests.databases import answers, drop_tables, server_url
 from tests.processes import free_port, wait_for_port

@@ -4,7 +4,7 @@
 
 First, for every XML fixture: xmltodict.parse against xmltodict_rs.parse, both bare, and
 the receiver's two roads to the same dict: the guarded xmltodict (the reference, and the
-road without the xmltodict-rs wheel) and receiver.xml_fast (xmltodict-rs behind its
+road without the xmltodict-rs wheel) and receiver.callback.xml_fast (xmltodict-rs behind its
 checks), with their ratios. Then, for every fixture and for the CI-style JSON rendering of
 every XML fixture, the best time of `receiver.parse_callback(body)` against a bare
 `xmltodict_rs.parse(body)` or `orjson.loads(body)`, and, for XML, parse_callback with
@@ -29,7 +29,7 @@ import xmltodict
 import xmltodict_rs
 
 from receiver import PayloadError, parse_callback, xml_fast
-from receiver.payload import DEFAULT_LIMITS, _xml_to_dict_guarded
+from receiver.callback.decode import DEFAULT_LIMITS, _xml_to_dict_guarded
 from tests import test_hostile_bodies as hostile
 from tests.callbacks import ALL, XML, ci_json_from_xml, load
 

@@ -13,8 +13,8 @@ For a JSON and an XML callback (each request a new job), CPU µs per callback
                      the baseline every ratio is against;
   http layer         the receiver's app with an intake that answers at once: routing,
                      auth, request id, headers kept, the answer, the access log line;
-  decode             bytes to a document (`receiver.payload.decode`);
-  normalize          document to Events (`receiver.events.normalize`);
+  decode             bytes to a document (`receiver.callback.decode.decode`);
+  normalize          document to Events (`receiver.callback.normalize.normalize`);
   route              the handlers of each event;
   inbox store        `SqliteInbox.store`, `concurrency` at a time (group commit,
                      synchronous=full);
@@ -58,16 +58,16 @@ import uvloop
 
 from bench.bare_app import app as bare_app
 from bench.trees import HERE, best_of, export
+from receiver.callback.decode import DEFAULT_LIMITS, decode
+from receiver.callback.normalize import normalize
 from receiver.config import Config
-from receiver.events import normalize
 from receiver.inbox import Receipt, Stored
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.ingest import _state_label
+from receiver.ingest.ingest import _state_label
+from receiver.ingest.routing import Router
 from receiver.logs import configure_logging
 from receiver.metrics import Metrics
-from receiver.payload import DEFAULT_LIMITS, decode
-from receiver.routing import Router
-from receiver.service import Service
+from receiver.runtime.service import Service
 from receiver.sources.http import create_app
 from tests.callbacks import load
 

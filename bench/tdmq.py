@@ -94,7 +94,7 @@ def ingest_alone(fmt: str, count: int, data_dir: Path) -> dict[str, float]:
     from receiver.config import Config, TdmqConfig
     from receiver.inbox import Receipt
     from receiver.logs import configure_logging
-    from receiver.service import Service
+    from receiver.runtime.service import Service
 
     configure_logging("warning", "json")
     config = Config(data_dir=data_dir, handlers={})

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from receiver.model import Event
+from receiver.callback.event import Event
 
 ENTRY_POINT_GROUP = "ci_receiver.handlers"
 

@@ -32,7 +32,7 @@ from handlers.markup import (
     Markup,
 )
 from handlers.message import DEFAULT_TEMPLATE, check_template, render
-from receiver.model import Event
+from receiver.callback.event import Event
 from receiver.timezones import check_timezone, parse_timezone
 
 # WeCom's documented content limits, in UTF-8 bytes.

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from handlers import Fail, Retry
 from handlers.markup import HTML, TEXT
 from handlers.message import DEFAULT_TEMPLATE, check_template, render
-from receiver.model import Event
+from receiver.callback.event import Event
 from receiver.timezones import check_timezone, parse_timezone
 
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}

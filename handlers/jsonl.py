@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from receiver.model import Event
+from receiver.callback.event import Event
 
 
 class JsonLinesOptions(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from receiver.model import Event
+from receiver.callback.event import Event
 
 
 class LogOptions(BaseModel):

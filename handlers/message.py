@@ -14,9 +14,9 @@ from datetime import timezone, tzinfo
 from string import Template
 
 from handlers.markup import Markup
-from receiver.model import Event, ObjectRef
+from receiver.callback.event import Event, ObjectRef
+from receiver.callback.vocabulary import VERDICTS
 from receiver.timezones import shown
-from receiver.vocabulary import VERDICTS
 
 # Every field a template may use, and what it holds (README: "Message templates").
 FIELDS: dict[str, str] = {

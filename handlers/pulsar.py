@@ -20,9 +20,9 @@ import pulsar.asyncio
 from pydantic import Field
 
 from handlers import Retry
+from receiver.callback.event import Event
 from receiver.config import PULSAR_SERVICE_URL, PulsarConnection
 from receiver.masking import mask_url
-from receiver.model import Event
 from receiver.sources.tdmq.client import close as close_client
 from receiver.sources.tdmq.client import describe, make_client
 

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from handlers import HandlerConfigError
 from handlers.sql_schema import Prepared, Wanted, prepare
 from handlers.sql_tables import event_row, job_row
-from receiver.model import Event
+from receiver.callback.event import Event
 from receiver.ownership import NotOurs
 
 logger = structlog.get_logger("ci_receiver.handlers.sql")

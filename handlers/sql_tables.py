@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeEngine
 
-from receiver.model import Event
+from receiver.callback.event import Event
 
 # How far along a job is; an update must not lower it.
 STATE_RANK = {"Submitted": 0, "Running": 1, "Pause": 1, "Success": 2, "Failed": 2, "Cancel": 2}

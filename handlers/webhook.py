@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field, SecretStr, field_validator
 
 from handlers.http import HttpHandler, HttpOptions, check_status
-from receiver.model import Event
+from receiver.callback.event import Event
 
 SECRET_PREFIX = "whsec_"
 

@@ -4,9 +4,9 @@
 >>> events = parse_callback(body, headers)   # list[Event], or PayloadError
 """
 
-from receiver.events import parse_callback
-from receiver.model import Event, Moderation, ObjectRef, Task, WorkflowRef
-from receiver.payload import Limits, PayloadError
+from receiver.callback.decode import Limits, PayloadError
+from receiver.callback.event import Event, Moderation, ObjectRef, Task, WorkflowRef
+from receiver.callback.normalize import parse_callback
 
 __all__ = [
     "Event",

@@ -30,10 +30,11 @@ from pydantic import (
     model_validator,
 )
 
-from receiver import envvars, vocabulary
+from receiver import envvars
+from receiver.callback import vocabulary
+from receiver.callback.decode import Limits
 from receiver.inbox import VERIFY_RUN, Cutoffs
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
-from receiver.payload import Limits
 from receiver.timezones import check_timezone
 
 if sys.version_info >= (3, 11):
@@ -58,7 +59,7 @@ class Section(BaseModel):
 
 
 # `verify` of a source: "ci-api" holds each of its events from handlers until CI's job
-# query API confirms it ([ci] credentials needed; see receiver/verify.py).
+# query API confirms it ([ci] credentials needed; see receiver/ci/verify.py).
 Verify = Literal["none", "ci-api"]
 
 

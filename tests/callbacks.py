@@ -21,7 +21,7 @@ def load(name: str) -> bytes:
 def ci_json_from_xml(body: bytes) -> bytes:
     """Render an XML callback as CI renders it in JSON (see ci-callbacks.md §1.2-1.3).
 
-    Written on ElementTree, independently of receiver.payload: every scalar is a string,
+    Written on ElementTree, independently of receiver.callback.decode: every scalar is a string,
     an element repeated becomes a list, an element present once stays a scalar or an
     object, empty elements are left out, and there is no `Response` wrapper.
     """

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from receiver.model import Event
+from receiver.callback.event import Event
 
 
 class Recorder:

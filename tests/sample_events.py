@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from receiver import parse_callback
-from receiver.model import Event
+from receiver.callback.event import Event
 from tests.callbacks import load
 
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from receiver import parse_callback
-from receiver.ci_api import (
+from receiver.ci.api import (
     MODERATION_FAMILIES,
     CiApi,
     CiApiError,

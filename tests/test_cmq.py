@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from receiver.model import Event
+from receiver.callback.event import Event
 from tests.callbacks import ALL, load
 from tests.cmq_support import QUEUE, SECRET_KEY, CmqSite, CmqStandIn
 from tests.processes import REPO, Receiver

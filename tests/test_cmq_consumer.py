@@ -11,13 +11,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from receiver import parse_callback
+from receiver.callback.decode import Limits, PayloadError
 from receiver.config import CmqConfig
 from receiver.inbox import Inbox, Receipt, Stored
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.ingest import Ingestor
+from receiver.ingest.ingest import Ingestor
+from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
-from receiver.payload import Limits, PayloadError
-from receiver.routing import Router
 from receiver.sources.cmq import CmqConsumer, CmqError
 from tests.callbacks import load
 from tests.cmq_support import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn

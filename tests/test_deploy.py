@@ -356,7 +356,7 @@ def every_series(tmp_path: Path) -> set[str]:
     inbox (not connected to) with [ci] and verification, both consumers and the
     reconciler, built in-process on one registry."""
     from receiver.inbox import open_inbox
-    from receiver.service import Service
+    from receiver.runtime.service import Service
     from receiver.sources.cmq import CmqConsumer
     from receiver.sources.reconcile import Reconciler
     from receiver.sources.tdmq import TdmqConsumer

@@ -11,11 +11,11 @@ from datetime import datetime, timezone
 import pytest
 
 from handlers import Fail, Retry
+from receiver.callback.event import Event
 from receiver.config import HandlerConfig
-from receiver.dispatch import Dispatcher, Slot, backoff
+from receiver.dispatch.loop import Dispatcher, Slot, backoff
 from receiver.inbox import EventFilter, Receipt
 from receiver.metrics import Metrics
-from receiver.model import Event
 from tests.callbacks import load
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "timeout": 5}
@@ -343,7 +343,7 @@ def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():
         assert max(delays) - min(delays) > ceiling / 10  # jittered
 
 
-# --- a config reload (receiver/reload.py) ----------------------------------------------
+# --- a config reload (receiver/runtime/reload.py) ----------------------------------------------
 
 
 class Closable(Recording):

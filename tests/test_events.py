@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from receiver import Event, ObjectRef, PayloadError, parse_callback
-from receiver.events import read_callback
+from receiver.callback.normalize import read_callback
 from tests.callbacks import ALL, XML, ci_json_from_xml, load
 
 CST = timezone(timedelta(hours=8))
@@ -129,7 +129,7 @@ def test_of_several_entries_each_event_keeps_only_its_own_as_raw():
 
 
 def decode_data(name: str) -> dict:
-    from receiver.payload import decode
+    from receiver.callback.decode import decode
 
     return decode(load(name)).data
 
@@ -425,8 +425,8 @@ def test_documents_that_are_no_callback_are_unknown_shape(body):
 
 
 def test_normalize_takes_a_decoded_document_and_defaults_its_event_limit():
-    from receiver.events import normalize
-    from receiver.payload import decode
+    from receiver.callback.decode import decode
+    from receiver.callback.normalize import normalize
 
     body = load("two_jobs.xml")
     assert [normalized(e) for e in normalize(decode(body)).events] == [
@@ -547,8 +547,8 @@ def test_a_number_in_an_id_field_reads_as_its_text_as_it_always_did():
 @pytest.mark.parametrize("number", [float("nan"), float("inf")])
 def test_a_number_that_is_no_number_is_refused_in_an_identifying_field(number):
     # orjson decodes neither; a document built otherwise (an API answer) could hold one.
-    from receiver.events import normalize
-    from receiver.payload import Document
+    from receiver.callback.decode import Document
+    from receiver.callback.normalize import normalize
 
     document = Document(data={"JobsDetail": {**JOB, "JobId": number}}, format="json")
     with pytest.raises(PayloadError, match=r"JobId is not an id: it is a number \((nan|inf)\)"):

@@ -17,7 +17,7 @@ from markdown_it import MarkdownIt
 
 import handlers
 from handlers import Fail, Retry
-from receiver.model import Event
+from receiver.callback.event import Event
 from tests.peers import (
     HttpPeer,
     Reply,

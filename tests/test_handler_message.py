@@ -9,7 +9,7 @@ import pytest
 from handlers.markup import FEISHU_MARKDOWN, HTML, TEXT, WECOM_MARKDOWN
 from handlers.message import FIELDS, check_template, render
 from receiver import parse_callback
-from receiver.model import ObjectRef
+from receiver.callback.event import ObjectRef
 from receiver.timezones import parse_timezone
 from tests.callbacks import ALL, load
 from tests.sample_events import event

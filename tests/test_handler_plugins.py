@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import handlers
-from receiver.model import Event
+from receiver.callback.event import Event
 from tests.callbacks import load
 from tests.processes import REPO, Receiver
 from tests.sample_events import event

@@ -9,7 +9,7 @@ import httpx
 import uvicorn
 
 from receiver.config import Config
-from receiver.service import Service
+from receiver.runtime.service import Service
 from receiver.sources.http import create_app
 from tests.callbacks import load
 from tests.processes import free_port

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver import Event, PayloadError, parse_callback
-from receiver.fields import MAX_ID_LENGTH
-from receiver.payload import Limits
+from receiver.callback.decode import Limits
+from receiver.callback.fields import MAX_ID_LENGTH
 from tests.processes import Receiver
 
 DEEPEST = Limits(max_depth=200, max_bytes=4 * 1024 * 1024)  # the documented maximum

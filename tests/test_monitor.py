@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from receiver import parse_callback
 from receiver.inbox import Receipt
-from receiver.monitor import BacklogMonitor
+from receiver.upkeep.backlog import BacklogMonitor
 from tests.callbacks import job, load
 from tests.processes import Receiver
 from tests.waiting import wait_until

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from receiver.payload import Limits, PayloadError, decode
+from receiver.callback.decode import Limits, PayloadError, decode
 from tests.callbacks import load
 
 

@@ -9,14 +9,14 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from receiver import parse_callback
-from receiver.ci_api import CiApi
+from receiver.callback.decode import Limits
+from receiver.ci.api import CiApi
 from receiver.config import CiConfig
 from receiver.inbox import Receipt
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.ingest import Ingestor
+from receiver.ingest.ingest import Ingestor
+from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
-from receiver.payload import Limits
-from receiver.routing import Router
 from receiver.sources.reconcile import Reconciler, Watch, watches
 from tests.ci_api_server import CiApiServer, Failure, callback_body, execution, job
 

@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 import handlers
-from receiver.dispatch import LEASE_GRACE_SECONDS
+from receiver.dispatch.loop import LEASE_GRACE_SECONDS
 from tests.callbacks import job
 from tests.databases import drop_tables, require_server
 from tests.peers import HttpPeer, Reply, Request

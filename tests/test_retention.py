@@ -18,7 +18,7 @@ from receiver import parse_callback
 from receiver.config import RetentionConfig
 from receiver.inbox import Receipt
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.retention import Pruner
+from receiver.upkeep.retention import Pruner
 from tests.callbacks import load
 from tests.processes import REPO, Receiver
 from tests.waiting import wait_until

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from receiver import parse_callback
 from receiver.config import Config, RouteConfig
-from receiver.routing import Router, warnings
+from receiver.ingest.routing import Router, warnings
 from tests.callbacks import load
 
 SMARTCOVER = parse_callback(load("smartcover.xml"))[0]

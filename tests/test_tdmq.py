@@ -17,7 +17,7 @@ import pulsar
 import pytest
 
 from receiver import parse_callback
-from receiver.model import Event
+from receiver.callback.event import Event
 from tests.callbacks import ALL, load
 from tests.processes import REPO, Receiver, free_port
 from tests.sample_events import comparable

@@ -11,13 +11,13 @@ import pulsar
 import pulsar.asyncio
 import pytest
 
+from receiver.callback.decode import Limits, PayloadError
 from receiver.config import ConfigError, TdmqConfig, load_config
 from receiver.inbox import Inbox, Receipt
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.ingest import Ingestor
+from receiver.ingest.ingest import Ingestor
+from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
-from receiver.payload import Limits, PayloadError
-from receiver.routing import Router
 from receiver.sources.tdmq import TdmqConsumer, TdmqError, messages
 from receiver.sources.tdmq.client import client_options, subscribe_options
 from tests.callbacks import load

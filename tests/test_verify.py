@@ -13,10 +13,10 @@ import orjson
 import pytest
 import xmltodict
 
-from receiver import verify
+from receiver.ci import verify
 from receiver.config import Config
 from receiver.inbox import VERIFY_RUN, EventFilter, Receipt
-from receiver.service import Service
+from receiver.runtime.service import Service
 from tests.ci_api_server import CiApiServer, Failure, callback_body, execution, job
 from tests.handlers_for_tests import recorded
 

@@ -17,8 +17,8 @@ import xmltodict_rs  # a dependency wherever a wheel exists: its absence is a fa
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from receiver import xml_fast
-from receiver.payload import DEFAULT_LIMITS, Limits, PayloadError, decode
+from receiver.callback import xml_fast
+from receiver.callback.decode import DEFAULT_LIMITS, Limits, PayloadError, decode
 from tests import test_hostile_bodies as hostile
 from tests.callbacks import XML, ci_json_from_xml, load
 

@@ -2,7 +2,7 @@
 inbox, tell its handlers' state, replay. Both front ends call this; neither talks to
 the inbox for anything but plain reads.
 
-Replay follows `ci-receiver replay` to the letter (`receiver.replay`): the same choice
+Replay follows `ci-receiver replay` to the letter (`receiver.dispatch.replay`): the same choice
 of events, the same routes, the same counts, and it wakes this process's dispatcher so
 that queued runs start at once.
 """
@@ -14,10 +14,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from receiver.admin.params import BadRequest, ReplayRequest
+from receiver.callback.decode import PayloadError
+from receiver.dispatch.replay import Replayed, chosen_ids, replay
 from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
-from receiver.payload import PayloadError
-from receiver.replay import Replayed, chosen_ids, replay
-from receiver.routing import Router
+from receiver.ingest.routing import Router
 
 # The overview's period.
 OVERVIEW_HOURS = 24

@@ -98,7 +98,7 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
 def make_service(config: Config, *, wait: bool) -> Any:
     """The service of `config`; `wait` for a long-running command, whose start waits for
     an inbox database that cannot be reached yet (a command fails at once instead)."""
-    from receiver.service import Service
+    from receiver.runtime.service import Service
 
     try:
         return Service(config, wait=wait)

@@ -18,7 +18,7 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
     """Remove what [retention] allows now: handled events older than `events`, bodies
     older than `bodies`, refused callbacks older than `refused`. Pending, held and
     dead-lettered work is never removed. Safe while receivers run."""
-    from receiver.retention import Pruner
+    from receiver.upkeep.retention import Pruner
 
     config = load(config_path)
 

@@ -42,7 +42,7 @@ def reconcile(
     none. A job that ended less than [ci] settle (or --settle) ago is shown as settling
     and left to a later pass: its callback may still be on its way.
     """
-    from receiver.ci_api import CiApiError
+    from receiver.ci.api import CiApiError
     from receiver.sources.reconcile import Reconciler, Watch, watches
 
     config = load(config_path)

@@ -87,9 +87,9 @@ def replay(
         chosen.status = "dead"
 
     async def run(inbox: Inbox) -> None:
-        from receiver.presence import running
-        from receiver.replay import chosen_ids, replay
-        from receiver.routing import Router
+        from receiver.dispatch.replay import chosen_ids, replay
+        from receiver.ingest.routing import Router
+        from receiver.upkeep.presence import running
 
         ids = await chosen_ids(inbox, list(event_ids), chosen)
         if not ids:
@@ -144,7 +144,7 @@ def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
 
 
 def _replay_receipt(config: Config, receipt_id: int) -> None:
-    from receiver.payload import PayloadError
+    from receiver.callback.decode import PayloadError
 
     service = make_service(config, wait=False)
 

@@ -23,10 +23,10 @@ from receiver.cli.common import (
     run_async,
 )
 from receiver.config import Config
+from receiver.ingest.routing import log_warnings
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
-from receiver.routing import log_warnings
-from receiver.worker import SupervisorLink, WorkerSpec
+from receiver.runtime.worker import SupervisorLink, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.cli")
 
@@ -49,7 +49,7 @@ def serve(
     worker_spec: str | None,
 ) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
-    from receiver.runner import hold_reloads_while_starting
+    from receiver.runtime.runner import hold_reloads_while_starting
 
     hold_reloads_while_starting()
     overrides = {"host": host, "port": port, "workers": workers}
@@ -82,7 +82,7 @@ def _reloader(
 ) -> Callable[[], Awaitable[bool]]:
     """What SIGHUP runs: the config read again as at start (file, environment and the
     command's options), its handlers and routes applied."""
-    from receiver.reload import Reloader
+    from receiver.runtime.reload import Reloader
 
     def read() -> Config:
         return read_config(config_path, **(overrides or {}))
@@ -110,11 +110,11 @@ def _run(
     reload: Callable[[], Awaitable[bool]] | None,
     link: SupervisorLink | None = None,
 ) -> int:
-    """Run until stopped (`receiver.runner.run_service`): the servers once the service
+    """Run until stopped (`receiver.runtime.runner.run_service`): the servers once the service
     runs, or while it waits for its database, the other components once it runs; an
     inbox that cannot be used (refused credentials, a newer schema) ends the command
     with its reason."""
-    from receiver.runner import run_service
+    from receiver.runtime.runner import run_service
 
     ready = None if link is None else link.ready
     running = run_service(service, components, reload, serving=servers, on_ready=ready)
@@ -124,8 +124,8 @@ def _run(
 
 def _supervise(config: Config, config_path: Path | None) -> int:
     """`serve --workers N` (N > 1): bind the ports here, and keep N workers on them."""
+    from receiver.runtime.supervisor import Supervisor, worker_command
     from receiver.sources.listen import listen
-    from receiver.supervisor import Supervisor, worker_command
 
     configure_logging(config.log.level, config.log.format, config.log.timezone)
     http, admin = config.http, config.admin
@@ -155,7 +155,7 @@ def _supervise(config: Config, config_path: Path | None) -> int:
 def consume(config_path: Path | None) -> None:
     """Consume callbacks from CMQ queues ([cmq]) and/or TDMQ topics ([tdmq]), run the
     dispatcher."""
-    from receiver.runner import hold_reloads_while_starting
+    from receiver.runtime.runner import hold_reloads_while_starting
 
     hold_reloads_while_starting()
     config = load(config_path)
@@ -171,7 +171,7 @@ def consume(config_path: Path | None) -> None:
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
-    from receiver.runner import hold_reloads_while_starting
+    from receiver.runtime.runner import hold_reloads_while_starting
 
     hold_reloads_while_starting()
     config = load(config_path, host=host, port=port)
@@ -191,7 +191,7 @@ def _http_servers(
 ) -> list[Any]:
     """The public receiver and (unless [admin] enabled = false) the admin listener; for a
     worker of `serve --workers`, on the supervisor's sockets, with its `link` to it."""
-    from receiver.runner import HttpServer
+    from receiver.runtime.runner import HttpServer
     from receiver.sources.http_auth import open_to_anyone_warning
 
     warning = open_to_anyone_warning(service.config.http)
@@ -208,7 +208,7 @@ def _http_servers(
 
 
 def _admin_server(service: Any, sock: Any = None) -> list[Any]:
-    from receiver.runner import HttpServer
+    from receiver.runtime.runner import HttpServer
 
     if not service.config.admin.enabled:
         return []
@@ -304,7 +304,7 @@ def _reconciler(config: Config, service: Any, worker: WorkerSpec | None = None) 
     CI refusing the credentials ends the command before it serves."""
     if not config.ci.enabled or (worker is not None and worker.index != 0):
         return []
-    from receiver.ci_api import CiApiError
+    from receiver.ci.api import CiApiError
     from receiver.sources.reconcile import reconciler_for
 
     try:

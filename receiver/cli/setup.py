@@ -20,8 +20,8 @@ from receiver.masking import mask_credentials
 @config_option
 def check_config(config_path: Path | None) -> None:
     """Validate the config and every handler's options; print the effective config."""
-    from receiver.routing import warnings
-    from receiver.service import build_slots
+    from receiver.ingest.routing import warnings
+    from receiver.runtime.service import build_slots
 
     config = load(config_path)
     try:

@@ -10,8 +10,8 @@ import unicodedata
 from datetime import tzinfo
 
 from handlers.message import verdict
+from receiver.callback.event import Event, ObjectRef
 from receiver.inbox import EventDetail, EventSummary
-from receiver.model import Event, ObjectRef
 from receiver.timezones import shown
 
 _LABEL_WIDTH = 10

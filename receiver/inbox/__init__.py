@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from receiver.model import Event, Source
+from receiver.callback.event import Event, Source
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -33,7 +33,7 @@ RUN_STATUSES: tuple[RunStatus, ...] = ("pending", "done", "dead", "held", "forge
 Outcome = Literal["done", "retry", "dead", "released", "forged"]
 ReceiptOutcome = Literal["accepted", "duplicate", "rejected"]
 
-# The run of the built-in verification step (see receiver/verify.py), stored beside the
+# The run of the built-in verification step (see receiver/ci/verify.py), stored beside the
 # held runs of an event from a source with `verify = "ci-api"`. Not a name a configured
 # handler can take.
 VERIFY_RUN = "(verify)"

@@ -32,6 +32,7 @@ import orjson
 import structlog
 from prometheus_client import CollectorRegistry
 
+from receiver.callback.event import Event
 from receiver.ids import new_id
 from receiver.inbox import (
     VERIFY_RUN,
@@ -82,7 +83,6 @@ from receiver.inbox.records import (
     pack,
     stored_body,
 )
-from receiver.model import Event
 
 logger = structlog.get_logger("ci_receiver.inbox")
 

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import orjson
 
-from receiver.events import parse_callback
-from receiver.model import Event, ObjectRef
-from receiver.payload import Limits, PayloadError
+from receiver.callback.decode import Limits, PayloadError
+from receiver.callback.event import Event, ObjectRef
+from receiver.callback.normalize import parse_callback
 
 # A stored body passed the limits in force when it arrived; decoding it again must not
 # refuse it for limits lowered since.

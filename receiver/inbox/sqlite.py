@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from receiver.callback.event import Event
 from receiver.ids import new_id
 from receiver.inbox import (
     VERIFY_RUN,
@@ -72,7 +73,6 @@ from receiver.inbox.records import (
 )
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, owned, setup, version
 from receiver.inbox.writer import Writer
-from receiver.model import Event
 
 PING_FRESH_SECONDS = 5.0
 # Pages (of 4 KiB) handed back to the file system per step of compact().

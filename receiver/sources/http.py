@@ -26,11 +26,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from receiver.callback.decode import PayloadError
 from receiver.ids import new_id
 from receiver.inbox import Receipt
-from receiver.ingest import THREAD_PARSE_BYTES, IntakeUnavailable, RejectionNotKept
-from receiver.payload import PayloadError
-from receiver.service import Backend
+from receiver.ingest.ingest import THREAD_PARSE_BYTES, IntakeUnavailable, RejectionNotKept
+from receiver.runtime.service import Backend
 from receiver.sources.admission import Admission
 from receiver.sources.http_auth import SenderAuth, client_address
 

@@ -32,7 +32,10 @@ import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from receiver.ci_api import (
+from receiver.callback.decode import PayloadError
+from receiver.callback.event import Event
+from receiver.callback.fields import text
+from receiver.ci.api import (
     FINAL_STATES,
     CiApi,
     CiApiError,
@@ -41,12 +44,9 @@ from receiver.ci_api import (
     workflow_document,
 )
 from receiver.config import CiConfig, Config
-from receiver.fields import text
 from receiver.ids import new_id
 from receiver.inbox import Inbox, InboxUnavailable, Receipt
-from receiver.ingest import Intake, IntakeUnavailable
-from receiver.model import Event
-from receiver.payload import PayloadError
+from receiver.ingest.ingest import Intake, IntakeUnavailable
 
 logger = structlog.get_logger("ci_receiver.sources.reconcile")
 

@@ -23,7 +23,7 @@ SOURCE = os.environ.get("CI_RECEIVER_TEST_STALL_SOURCE", "tdmq")
 SKIP_IDS = int(os.environ.get("CI_RECEIVER_TEST_SKIP_CONSUMER_IDS", "0"))
 
 if STAGE in ("before", "after", "hold"):
-    from receiver.ingest import Ingestor
+    from receiver.ingest.ingest import Ingestor
 
     commit = Ingestor.ingest
     mark = Path(os.environ["CI_RECEIVER_TEST_STALL_MARK"])

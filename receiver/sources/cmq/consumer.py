@@ -8,7 +8,7 @@ unless it is deleted with the receipt handle of its latest receive. So:
 - when the inbox fails (recording a refusal included) it is not deleted: it comes back
   after the visibility timeout, and the inbox recognizes it if it was committed after all.
   While the inbox cannot take messages at all (its database away) that is said once,
-  and once more when they are committed again (receiver/outage.py);
+  and once more when they are committed again (receiver/sources/outage.py);
 - a process killed anywhere before the delete leaves the message to come back the same
   way.
 
@@ -36,13 +36,13 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Histogram
 
+from receiver.callback.decode import PayloadError
 from receiver.config import CmqConfig
 from receiver.inbox import Receipt
-from receiver.ingest import Intake, IntakeUnavailable
+from receiver.ingest.ingest import Intake, IntakeUnavailable
 from receiver.metrics import Metrics
-from receiver.outage import Outage
-from receiver.payload import PayloadError
 from receiver.sources.cmq.api import STALE_HANDLE, CmqApi, CmqRefused, CmqUnavailable, Message
+from receiver.sources.outage import Outage
 
 logger = structlog.get_logger("ci_receiver.sources.cmq")
 

@@ -5,7 +5,7 @@ turns it into a receipt) and is acked only after the inbox commit is durable:
 - the inbox fails (recording a refusal included): negative ack, the message comes
   back after `nack_delay`. While the inbox cannot take messages at all (its database
   away) that is said once, and once more when they are committed again
-  (receiver/outage.py);
+  (receiver/sources/outage.py);
 - the body cannot be decoded, or the message itself cannot be read (a garbled relay
   property): it is kept as rejected; it is also published to `dead_letter_topic` when
   one is set, then acked, so it never loops;
@@ -41,13 +41,13 @@ import structlog
 from prometheus_client import Counter
 from structlog.contextvars import bind_contextvars
 
+from receiver.callback.decode import PayloadError
 from receiver.config import TdmqConfig
 from receiver.inbox import Receipt, Stored
-from receiver.ingest import Intake, IntakeUnavailable
+from receiver.ingest.ingest import Intake, IntakeUnavailable
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
-from receiver.outage import Outage
-from receiver.payload import PayloadError
+from receiver.sources.outage import Outage
 from receiver.sources.tdmq import messages
 from receiver.sources.tdmq.client import (
     BATCH_WAIT_MS,

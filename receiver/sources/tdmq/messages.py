@@ -24,8 +24,8 @@ from typing import Any
 
 import _pulsar
 
+from receiver.callback.decode import PayloadError
 from receiver.inbox import Receipt
-from receiver.payload import PayloadError
 from receiver.sources.http import HEADERS_OF_INTEREST
 
 PREFIX = "ci-receiver-"

@@ -21,13 +21,13 @@ import pulsar
 import pulsar.asyncio
 import structlog
 
+from receiver.callback.decode import PayloadError
+from receiver.callback.event import Event
 from receiver.config import Config
 from receiver.inbox import Receipt, Stored
-from receiver.ingest import IntakeUnavailable, RejectionNotKept, parse_or_refuse
+from receiver.ingest.ingest import IntakeUnavailable, RejectionNotKept, parse_or_refuse
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
-from receiver.model import Event
-from receiver.payload import PayloadError
 from receiver.sources.tdmq.client import TdmqError, close, describe, make_client
 from receiver.sources.tdmq.messages import relay_properties
 

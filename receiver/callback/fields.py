@@ -31,8 +31,8 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from receiver.model import ObjectRef
-from receiver.payload import PayloadError
+from receiver.callback.decode import PayloadError
+from receiver.callback.event import ObjectRef
 
 # CI writes its times in Beijing time; a time without an offset is read as that.
 CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")

@@ -4,7 +4,7 @@ One `TaskFinish` document gives one event per `JobsDetail` entry; a workflow
 callback gives one event carrying its tasks; a moderation callback gives one
 event per verdict. Beside each event, a callback gives the names of the fields its
 entry sent that only inform but could not be read (kept as sent in `raw`), for the
-caller to count (receiver/fields.py says which fields are which).
+caller to count (receiver/callback/fields.py says which fields are which).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from receiver import moderation
-from receiver.dedup import dedup_id
-from receiver.fields import (
+from receiver.callback import moderation
+from receiver.callback.decode import DEFAULT_LIMITS, Document, Limits, PayloadError, decode
+from receiver.callback.dedup import dedup_id
+from receiver.callback.event import Event, ObjectRef, Source, Task, WorkflowRef
+from receiver.callback.fields import (
     entry_document,
     identifying,
     informative,
@@ -32,8 +34,6 @@ from receiver.fields import (
     timestamp,
     user_data,
 )
-from receiver.model import Event, ObjectRef, Source, Task, WorkflowRef
-from receiver.payload import DEFAULT_LIMITS, Document, Limits, PayloadError, decode
 
 # An event, and the fields its entry sent that only inform but could not be read as CI
 # documents them (`EndTime`, `UserData`, ...: once per occurrence).
@@ -102,7 +102,7 @@ def normalize(
     document = _without_response_wrapper(document)
     data = document.data
     meta = dict(source_meta or {})
-    # An HTTP receipt that a CMQ topic pushed is kept as `cmq-push` (receiver/ingest.py):
+    # An HTTP receipt that a CMQ topic pushed is kept as `cmq-push` (receiver/ingest/ingest.py):
     # decoded again, it is found so again, and its metadata with it.
     if source in ("http", "cmq-push") and _came_through_cmq(document, meta):
         source = "cmq-push"

@@ -1,6 +1,6 @@
 """Run the service with its sources until SIGTERM or SIGINT, then shut down in order:
 sources stop taking work (in-flight requests finish), the dispatcher drains, the inbox
-closes. SIGHUP reloads the handlers and routes meanwhile (receiver/reload.py)."""
+closes. SIGHUP reloads the handlers and routes meanwhile (receiver/runtime/reload.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import structlog
 
 from receiver.metrics import Metrics
-from receiver.sdnotify import notify
-from receiver.service import Backend
+from receiver.runtime.sdnotify import notify
+from receiver.runtime.service import Backend
 from receiver.sources.http import create_app
 from receiver.sources.http_server import (
     BoundedConfig,

@@ -35,7 +35,9 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from handlers import Retry
-from receiver.ci_api import (
+from receiver.callback.decode import PayloadError
+from receiver.callback.event import Event, ObjectRef
+from receiver.ci.api import (
     FINAL_STATES,
     MODERATION_FAMILIES,
     CiApi,
@@ -45,10 +47,8 @@ from receiver.ci_api import (
     workflow_document,
 )
 from receiver.config import CiConfig, HandlerConfig
-from receiver.dispatch import Forged, Slot
+from receiver.dispatch.loop import Forged, Slot
 from receiver.inbox import VERIFY_RUN, Inbox
-from receiver.model import Event, ObjectRef
-from receiver.payload import PayloadError
 
 logger = structlog.get_logger("ci_receiver.verify")
 

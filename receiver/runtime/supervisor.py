@@ -18,7 +18,7 @@ What the supervisor does:
   inbox it cannot open), stop the others and end the command with 1: the service
   manager then restarts it, or an operator reads why.
 - SIGHUP: passes it to every worker, each of which reloads its handlers and routes
-  (receiver/reload.py); a worker still starting gets it once it is ready.
+  (receiver/runtime/reload.py); a worker still starting gets it once it is ready.
 - systemd (`Type=notify`): `READY=1` once every worker is ready (it listens from the
   start, and is ready once its inbox is open), `STOPPING=1` when it
   stops them; the workers themselves say nothing to the service manager.
@@ -43,9 +43,9 @@ from collections.abc import Callable
 import structlog
 
 from receiver.metrics import MULTIPROCESS_DIR
-from receiver.sdnotify import ENV as NOTIFY_ENV
-from receiver.sdnotify import notify
-from receiver.worker import READY, WorkerSpec
+from receiver.runtime.sdnotify import ENV as NOTIFY_ENV
+from receiver.runtime.sdnotify import notify
+from receiver.runtime.worker import READY, WorkerSpec
 
 logger = structlog.get_logger("ci_receiver.supervisor")
 

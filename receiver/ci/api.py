@@ -38,11 +38,11 @@ from prometheus_client import CollectorRegistry, Counter
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
+from receiver.callback.decode import Document, PayloadError, decode
+from receiver.callback.event import Event
+from receiver.callback.fields import text
+from receiver.callback.normalize import normalize
 from receiver.config import CiConfig
-from receiver.events import normalize
-from receiver.fields import text
-from receiver.model import Event
-from receiver.payload import Document, PayloadError, decode
 
 logger = structlog.get_logger("ci_receiver.ci_api")
 

@@ -1,4 +1,4 @@
-"""One worker process of `serve --workers N` (`receiver.supervisor` starts them): what it
+"""One worker process of `serve --workers N` (`receiver.runtime.supervisor` starts them): what it
 is given by the supervisor, and its link back to it.
 
 A worker is `serve` as one process runs it, except that its listening sockets come

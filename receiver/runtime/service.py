@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import handlers as handler_api
 from receiver.config import Config
-from receiver.dispatch import Dispatcher, Slot
+from receiver.dispatch.loop import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
-from receiver.ingest import Ingestor, Intake, RejectedBudget
+from receiver.ingest.ingest import Ingestor, Intake, RejectedBudget
+from receiver.ingest.routing import Router
 from receiver.masking import Masker, secrets_in
 from receiver.metrics import Metrics
-from receiver.monitor import BacklogMonitor
-from receiver.presence import Presence
-from receiver.retention import Pruner
-from receiver.routing import Router
+from receiver.upkeep.backlog import BacklogMonitor
+from receiver.upkeep.presence import Presence
+from receiver.upkeep.retention import Pruner
 
 if TYPE_CHECKING:
-    from receiver.ci_api import CiApi
+    from receiver.ci.api import CiApi
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
@@ -99,11 +99,11 @@ class Service:
         # the handlers keeps them.
         self._own_slots: list[Slot] = []
         if config.ci.enabled:
-            from receiver.ci_api import CiApi
+            from receiver.ci.api import CiApi
 
             self.ci_api = CiApi(config.ci, self.metrics.registry)
         if config.verified_sources():
-            from receiver.verify import verify_slot
+            from receiver.ci.verify import verify_slot
 
             assert self.ci_api is not None  # the config says so
             self._own_slots.append(

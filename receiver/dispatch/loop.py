@@ -24,11 +24,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 import handlers as handler_api
 from handlers import Fail, Handler, Retry
+from receiver.callback.event import Event
 from receiver.config import HandlerConfig
 from receiver.inbox import Claim, Inbox, InboxUnavailable, Outcome
 from receiver.inbox.writer import LOCK_TIMEOUT
 from receiver.metrics import Metrics
-from receiver.model import Event
 
 logger = structlog.get_logger("ci_receiver.dispatch")
 
@@ -94,7 +94,7 @@ class _SlotMetrics:
 
 
 class Forged(Exception):
-    """Raised by the verification step (receiver/verify.py): CI's API contradicts the
+    """Raised by the verification step (receiver/ci/verify.py): CI's API contradicts the
     event, whose runs were forged; its own run ends `forged`, with this reason."""
 
 

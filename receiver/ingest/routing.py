@@ -13,9 +13,9 @@ from fnmatch import fnmatchcase
 
 import structlog
 
-from receiver import vocabulary
+from receiver.callback import vocabulary
+from receiver.callback.event import Event
 from receiver.config import Config, RouteConfig, RouteMatch
-from receiver.model import Event
 
 Predicate = Callable[[Event], bool]
 

@@ -14,7 +14,7 @@ from xml.parsers import expat
 import orjson
 import xmltodict
 
-from receiver import xml_fast
+from receiver.callback import xml_fast
 
 Format = Literal["xml", "json"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from receiver.inbox import EventFilter, Inbox
-from receiver.routing import Router
+from receiver.ingest.routing import Router
 
 PAGE = 500
 

@@ -4,7 +4,7 @@
 `Detail` (`{"EventName": "ReviewVideo", "JobsDetail": {...}}`, numbers as real ints),
 told apart by the `X-Ci-Content-Version` header or, without it, by their shape.
 
-What identifies a verdict's job is read as an identifying field (receiver/fields.py):
+What identifies a verdict's job is read as an identifying field (receiver/callback/fields.py):
 Detail's `EventName`, `JobId` and `State`, and Simple's own names for the first two,
 `event` and `trace_id` (the JobId of the job that gave the verdict). Simple has no
 State: it follows `code`.
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from receiver.dedup import dedup_id
-from receiver.fields import (
+from receiver.callback.decode import Document
+from receiver.callback.dedup import dedup_id
+from receiver.callback.event import Event, Moderation
+from receiver.callback.fields import (
     entry_document,
     identifying,
     informative,
@@ -27,8 +29,6 @@ from receiver.fields import (
     text,
     timestamp,
 )
-from receiver.model import Event, Moderation
-from receiver.payload import Document
 
 
 def is_moderation(document: Document) -> bool:
@@ -42,7 +42,7 @@ def is_moderation(document: Document) -> bool:
 
 def events(document: Document, common: dict[str, Any]) -> list[tuple[Event, list[str]]]:
     """Each verdict's event, with the fields it sent that only inform but could not be
-    read (`receiver.events.Read`)."""
+    read (`receiver.callback.normalize.Read`)."""
     data = document.data
     if _is_simple(data):
         return [_simple_event(data, common)]

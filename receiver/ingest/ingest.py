@@ -13,13 +13,13 @@ from typing import Any, Protocol
 import structlog
 from structlog.contextvars import bind_contextvars
 
-from receiver import vocabulary
-from receiver.events import Normalized, read_callback
+from receiver.callback import vocabulary
+from receiver.callback.decode import Limits, PayloadError
+from receiver.callback.event import Event
+from receiver.callback.normalize import Normalized, read_callback
 from receiver.inbox import VERIFY_RUN, Inbox, InboxUnavailable, Receipt, Stored, ToStore
+from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
-from receiver.model import Event
-from receiver.payload import Limits, PayloadError
-from receiver.routing import Router
 
 logger = structlog.get_logger("ci_receiver.ingest")
 
@@ -142,14 +142,14 @@ class Ingestor:
         verified_sources: frozenset[str] = frozenset(),
     ) -> None:
         self._inbox = inbox
-        # Replaced whole by a config reload (receiver/reload.py): each callback is routed
+        # Replaced whole by a config reload (receiver/runtime/reload.py): each callback is routed
         # by the routes in force when it arrives.
         self.router = router
         self._metrics = metrics
         self._limits = limits
         self._on_stored = on_stored
         self._rejected = rejected or RejectedBudget(64 * 1024, 64 * 1024 * 1024)
-        # Events from these sources wait for verification (receiver/verify.py).
+        # Events from these sources wait for verification (receiver/ci/verify.py).
         self._verified_sources = verified_sources
 
     async def ingest(self, receipt: Receipt) -> Stored:

@@ -17,9 +17,9 @@ import structlog
 
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError
+from receiver.ingest.routing import log_warnings
 from receiver.metrics import Metrics
-from receiver.routing import log_warnings
-from receiver.service import Service, build_slots
+from receiver.runtime.service import Service, build_slots
 
 logger = structlog.get_logger("ci_receiver.reload")
 
