@@ -29,7 +29,8 @@ import asyncpg
 
 from receiver import parse_callback
 from receiver.config import Config
-from receiver.inbox import Inbox, Receipt, open_inbox
+from receiver.inbox import Inbox, Receipt
+from receiver.inbox.factory import open_inbox
 from tests.callbacks import ALL, load
 
 HEADERS = {"content-type": "application/xml", "user-agent": "CI callback"}

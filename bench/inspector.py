@@ -36,7 +36,8 @@ import orjson
 
 from receiver import parse_callback
 from receiver.config import Config
-from receiver.inbox import Inbox, Receipt, open_inbox
+from receiver.inbox import Inbox, Receipt
+from receiver.inbox.factory import open_inbox
 from tests.callbacks import load
 from tests.databases import server_url
 from tests.inboxes import drop_schema

@@ -33,7 +33,7 @@ from pydantic import (
 from receiver import envvars
 from receiver.callback import vocabulary
 from receiver.callback.decode import Limits
-from receiver.inbox import VERIFY_RUN, Cutoffs
+from receiver.inbox.types import VERIFY_RUN, Cutoffs
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
 from receiver.timezones import check_timezone
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import asyncpg
 
 from receiver.config import Config
-from receiver.inbox import Inbox, open_inbox
+from receiver.inbox import Inbox
+from receiver.inbox.factory import open_inbox
 from tests.databases import require_server
 
 BACKENDS = ["sqlite", "postgresql"]

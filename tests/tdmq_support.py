@@ -21,7 +21,7 @@ import orjson
 import pulsar
 
 from receiver.inbox.records import stored_body
-from receiver.inbox.sqlite import SqliteInbox
+from receiver.inbox.sqlite import SqliteReader
 from tests.handlers_for_tests import json_lines
 from tests.processes import free_port
 
@@ -142,7 +142,7 @@ def events(inbox: Path) -> dict[str, dict[str, Any]]:
     """Every stored event, whole (read through the inbox, which rebuilds the document)."""
 
     async def read() -> dict[str, dict[str, Any]]:
-        reader = SqliteInbox(inbox, rejected_body_bytes=0, read_only=True)
+        reader = SqliteReader(inbox)
         await reader.open()
         try:
             found = {}

@@ -355,7 +355,7 @@ def every_series(tmp_path: Path) -> set[str]:
     """The series names a fully configured ci-receiver exposes: a service on a PostgreSQL
     inbox (not connected to) with [ci] and verification, both consumers and the
     reconciler, built in-process on one registry."""
-    from receiver.inbox import open_inbox
+    from receiver.inbox.factory import open_inbox
     from receiver.runtime.service import Service
     from receiver.sources.cmq import CmqConsumer
     from receiver.sources.reconcile import Reconciler

@@ -12,7 +12,8 @@ from sqlalchemy import make_url
 
 from receiver import parse_callback
 from receiver.config import Config
-from receiver.inbox import EventDetail, Inbox, Receipt, open_inbox
+from receiver.inbox import EventDetail, Inbox, Receipt
+from receiver.inbox.factory import open_inbox
 from tests.handlers_for_tests import recorded
 from tests.processes import Receiver
 from tests.shared_inbox import SharedInbox

@@ -14,7 +14,7 @@ import pytest
 
 from receiver import parse_callback
 from receiver.inbox import EventFilter, Receipt
-from receiver.inbox.sqlite import SqliteInbox
+from receiver.inbox.sqlite import SqliteInbox, SqliteReader
 from tests.callbacks import load
 
 
@@ -54,7 +54,7 @@ async def test_one_failing_operation_does_not_sink_its_batch(inbox):
         def fail(connection: sqlite3.Connection) -> None:
             connection.execute("INSERT INTO runs (event_id) VALUES (NULL)")  # violates NOT NULL
 
-        await inbox._writer.submit(fail)
+        await inbox.connector.writer.submit(fail)
 
     before = inbox.commits
     results = await asyncio.gather(broken(), store(inbox, "transcode.xml"), return_exceptions=True)
@@ -67,7 +67,7 @@ async def test_only_a_batch_of_bookkeeping_alone_commits_without_its_own_fsync(i
     def level(connection: sqlite3.Connection) -> int:
         return connection.execute("PRAGMA synchronous").fetchone()[0]
 
-    writer = inbox._writer
+    writer = inbox.connector.writer
     normal, full = 1, 2
     assert await writer.submit(level, bookkeeping=True) == normal
     assert await writer.submit(level) == full
@@ -87,7 +87,7 @@ async def test_an_inbox_set_to_normal_stays_normal(tmp_path):
     inbox = SqliteInbox(tmp_path / "inbox.db", synchronous="normal", rejected_body_bytes=16)
     await inbox.open()
     try:
-        level = await inbox._writer.submit(
+        level = await inbox.connector.writer.submit(
             lambda connection: connection.execute("PRAGMA synchronous").fetchone()[0]
         )
         assert level == 1
@@ -100,7 +100,7 @@ async def test_readiness_pings_write_only_when_nothing_committed_lately(inbox):
     before = inbox.commits
     await inbox.ping()
     assert inbox.commits == before  # the store a moment ago showed the inbox takes writes
-    inbox._writer.last_commit -= 60
+    inbox.connector.writer.last_commit -= 60
     await inbox.ping()
     assert inbox.commits == before + 1
 
@@ -108,8 +108,8 @@ async def test_readiness_pings_write_only_when_nothing_committed_lately(inbox):
 async def test_a_writer_that_stops_fails_what_waits_instead_of_hanging(tmp_path):
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=16)
     await inbox.open()
-    waits = inbox._writer.submit(lambda connection: None)
-    inbox._writer._task.cancel()  # the writer task ends other than by stop()
+    waits = inbox.connector.writer.submit(lambda connection: None)
+    inbox.connector.writer._task.cancel()  # the writer task ends other than by stop()
     with pytest.raises(Exception, match="the inbox writer stopped"):
         await waits
     with pytest.raises(Exception, match="closed"):
@@ -131,7 +131,7 @@ async def test_a_long_read_holds_up_no_write(inbox):
         release.wait(10)  # a read transaction held open, as a long list would
         return count
 
-    read = asyncio.ensure_future(inbox._reader.run(slow_read))
+    read = asyncio.ensure_future(inbox.connector.reader.run(slow_read))
     await asyncio.to_thread(reading.wait, 10)
     began = time.monotonic()
     stored = await store(inbox, "transcode.xml")
@@ -147,14 +147,14 @@ async def test_reads_of_the_uncommon_runs_and_receipts_use_their_partial_indexes
     dead runs or refused receipts is planned with the index, not a scan of every row."""
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=16)
     statements: list[str] = []
-    connect = inbox._reader._connect
+    connect = inbox.connector.reader._connect
 
     def traced() -> sqlite3.Connection:
         connection = connect()
         connection.set_trace_callback(statements.append)  # with its parameters bound
         return connection
 
-    inbox._reader._connect = traced  # type: ignore[method-assign]
+    inbox.connector.reader._connect = traced  # type: ignore[method-assign]
     await inbox.open()
     try:
         await store(inbox, "transcode.xml")
@@ -183,7 +183,7 @@ async def test_reads_of_the_uncommon_runs_and_receipts_use_their_partial_indexes
 
 async def test_a_read_only_inbox_refuses_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no inbox"):
-        await SqliteInbox(tmp_path / "none.db", rejected_body_bytes=0, read_only=True).open()
+        await SqliteReader(tmp_path / "none.db").open()
 
 
 # --- migration from schema 1 -----------------------------------------------------------

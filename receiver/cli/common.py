@@ -121,7 +121,7 @@ def with_inbox(
 ) -> T:
     """Open the configured inbox, run `query` on it, close it. Read-only by default: the
     inspection commands take no lock a running receiver could wait for."""
-    from receiver.inbox import open_inbox
+    from receiver.inbox.factory import open_inbox
 
     config = load(config_path)
 

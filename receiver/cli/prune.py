@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
 from receiver.cli.common import config_option, load, with_inbox
-from receiver.inbox import Inbox, Pruned
+from receiver.inbox import Inbox, Pruned, Reading
 
 
 @click.command()
@@ -22,10 +23,13 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
 
     config = load(config_path)
 
+    async def plan(inbox: Reading) -> Pruned:
+        return await inbox.prunable(config.retention.cutoffs(datetime.now(timezone.utc)))
+
     async def run(inbox: Inbox) -> Pruned:
         pruner = Pruner(inbox, config.retention)
-        planned = await pruner.prune(dry_run=True)
-        if dry_run or not planned:
+        planned = await plan(inbox)
+        if not planned:
             return planned
         rows = planned.events + planned.receipts + planned.bodies
         with click.progressbar(length=rows, label="pruning", file=sys.stderr) as bar:
@@ -33,7 +37,10 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
                 progress=lambda batch: bar.update(batch.events + batch.receipts + batch.bodies)
             )
 
-    found = with_inbox(config_path, run, read_only=dry_run)
+    # A dry run only reads: the inbox is opened read-only.
+    found = (
+        with_inbox(config_path, plan) if dry_run else with_inbox(config_path, run, read_only=False)
+    )
     verb = "would remove" if dry_run else "removed"
     click.echo(
         f"{verb} {found.events} event(s), {found.receipts} receipt(s) and {found.bodies}"

@@ -12,7 +12,7 @@ import orjson
 
 from handlers import HandlerConfigError, shown_options
 from receiver.cli.common import config_option, inbox_errors, load
-from receiver.inbox import probe
+from receiver.inbox.factory import probe
 from receiver.masking import mask_credentials
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from receiver.inbox import Attempt, EventDetail, EventSummary, RejectedReceipt, RunState
+from receiver.inbox.types import Attempt, EventDetail, EventSummary, RejectedReceipt, RunState
 
 
 def summary_json(summary: EventSummary) -> dict[str, Any]:

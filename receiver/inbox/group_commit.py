@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from receiver.inbox import InboxUnavailable
+from receiver.inbox.types import InboxUnavailable
 
 # The most stores committed in one transaction: a larger batch holds its row locks and
 # its connection longer without saving anything that matters.

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from receiver.inbox import SchemaError
 from receiver.inbox.mark import KEYS, MARK, claim_inbox
+from receiver.inbox.types import SchemaError
 from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")

@@ -21,7 +21,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from receiver.inbox import InboxUnavailable
+from receiver.inbox.types import InboxUnavailable
 
 logger = structlog.get_logger("ci_receiver.inbox")
 

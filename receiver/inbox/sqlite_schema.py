@@ -22,9 +22,9 @@ from datetime import datetime
 import orjson
 import structlog
 
-from receiver.inbox import SchemaError
 from receiver.inbox.mark import KEYS, MARK, claim_inbox
 from receiver.inbox.records import lean
+from receiver.inbox.types import SchemaError
 from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch.loop import Dispatcher, Slot
-from receiver.inbox import Inbox, open_inbox
+from receiver.inbox import Inbox
+from receiver.inbox.factory import open_inbox
 from receiver.ingest.ingest import Ingestor, Intake, RejectedBudget
 from receiver.ingest.routing import Router
 from receiver.masking import Masker, secrets_in

@@ -1,6 +1,6 @@
 """Retention: prune what is finished and old from the inbox, in the background.
 
-Each pass removes, batch by batch, what `[retention]` allows (see `Inbox.prune`: pending,
+Each pass removes, batch by batch, what `[retention]` allows (see `Upkeep.prune`: pending,
 held and dead-lettered work is never touched), pausing between batches so that storing
 callbacks never waits long behind it, then gives the freed space back (`compact`).
 """
@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from receiver.config import RetentionConfig
-from receiver.inbox import Inbox, InboxUnavailable, Pruned
+from receiver.inbox import InboxUnavailable, Pruned, Upkeep
 
 logger = structlog.get_logger("ci_receiver.retention")
 
@@ -29,7 +29,7 @@ class Pruner:
     name = "retention"
 
     def __init__(
-        self, inbox: Inbox, config: RetentionConfig, registry: CollectorRegistry | None = None
+        self, inbox: Upkeep, config: RetentionConfig, registry: CollectorRegistry | None = None
     ) -> None:
         self._inbox = inbox
         self._config = config

@@ -1,0 +1,511 @@
+"""The inbox's rules, once for both backends, over a `Connector` that only runs SQL.
+
+What a stored callback becomes (its events new, duplicate or in place of a forged one,
+their runs pending or held), what a replay requeues, what retention selects and in which
+order, how runs, receipts, counts and traffic are read back: each is written here once,
+from the statements of `query.py`. `InboxReader` reads (what the inspection commands
+open); `InboxManager` is the whole inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from receiver.callback.event import Event
+from receiver.ids import new_id
+from receiver.inbox import query
+from receiver.inbox.connector import Connector
+from receiver.inbox.query import RUN_STATUS, Delivered, Delivery, Finished, Statement, Tx, Work
+from receiver.inbox.records import (
+    EVENT_WIDTH,
+    Documents,
+    as_datetime,
+    event_row,
+    materialize,
+    pack,
+    stored_body,
+)
+from receiver.inbox.types import (
+    VERIFY_RUN,
+    Attempt,
+    Backlog,
+    Claim,
+    Counts,
+    Cutoffs,
+    EventDetail,
+    EventFilter,
+    EventSummary,
+    InboxUnavailable,
+    Outcome,
+    Pruned,
+    Receipt,
+    ReceiptOutcome,
+    ReceiptSummary,
+    RejectedReceipt,
+    RunState,
+    RunStatus,
+    Stored,
+    ToStore,
+    Traffic,
+)
+
+
+def new_runs(handlers: list[str], verify: bool) -> list[tuple[str, RunStatus]]:
+    """(handler, status) of a new event's runs: pending, or held behind its verification."""
+    if not verify:
+        return [(name, "pending") for name in handlers]
+    return [(VERIFY_RUN, "pending"), *((name, "held") for name in handlers)]
+
+
+class InboxReader:
+    """The inbox as the inspection commands open it: reading only."""
+
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+
+    async def open(self, waiting: Callable[[], None] | None = None) -> None:
+        await self.connector.open(waiting)
+
+    async def close(self) -> None:
+        await self.connector.close()
+
+    async def events(
+        self, filter: EventFilter | None = None, *, limit: int = 50, before: int | None = None
+    ) -> list[EventSummary]:
+        def events(tx: Tx) -> Work[list[EventSummary]]:
+            rows = yield query.events(tx, filter, limit, before)
+            runs = yield from _runs(tx, [row[1] for row in rows])
+            return [
+                EventSummary(row[0], row[1], as_datetime(row[2]), *row[3:], runs.get(row[1], []))
+                for row in rows
+            ]
+
+        return await self.connector.read(events)
+
+    async def event_ids(
+        self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
+    ) -> list[tuple[int, str]]:
+        rows = await self.connector.read(_one(lambda tx: query.event_ids(tx, filter, limit, after)))
+        return [(row[0], row[1]) for row in rows]
+
+    async def event(self, event_id: str) -> EventDetail | None:
+        def event(tx: Tx) -> Work[tuple[Any, ...] | None]:
+            rows = yield query.events_with_request(tx, [event_id])
+            if not rows:
+                return None
+            attempts = [
+                Attempt(h, n, as_datetime(s), as_datetime(f), o, err)
+                for h, n, s, f, o, err in (yield query.attempts(tx, event_id))
+            ]
+            runs = yield from _runs(tx, [event_id])
+            return (*rows[0], runs.get(tx.dialect.text(event_id), []), attempts)
+
+        found = await self.connector.read(event)
+        if found is None:
+            return None
+        request_id, runs, attempts = found[EVENT_WIDTH:]
+        return EventDetail(Documents().event(found), found[2], request_id, runs, attempts)
+
+    async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:
+        def known(tx: Tx) -> Work[set[str]]:
+            found: set[str] = set()
+            for chunk in tx.chunks(event_ids):
+                found.update(row[0] for row in (yield query.known(tx, chunk, forged)))
+            as_stored = tx.dialect.text
+            return {event_id for event_id in event_ids if as_stored(event_id) in found}
+
+        return await self.connector.read(known) if event_ids else set()
+
+    async def receipts(
+        self, *, limit: int = 50, outcome: ReceiptOutcome | None = None, before: int | None = None
+    ) -> list[ReceiptSummary]:
+        rows = await self.connector.read(
+            _one(lambda tx: query.receipts(tx, limit, outcome, before))
+        )
+        return [
+            ReceiptSummary(row[0], as_datetime(row[1]), *row[2:7], orjson.loads(row[7]))
+            for row in rows
+        ]
+
+    async def receipt(self, receipt_id: int) -> Receipt | None:
+        row = await self.connector.read(_one(lambda tx: query.receipt(tx, receipt_id)))
+        if row is None:
+            return None
+        kept, source, received_at, request_id, headers, meta, size, outcome = row
+        body = stored_body(kept, outcome)
+        return Receipt(
+            body,
+            source,
+            as_datetime(received_at),
+            request_id or "",
+            orjson.loads(headers),
+            orjson.loads(meta),
+            cut_from=size if size > len(body) else None,
+        )
+
+    async def rejected(
+        self, *, limit: int = 50, before: int | None = None, preview: int = 512
+    ) -> list[RejectedReceipt]:
+        rows = await self.connector.read(
+            _one(lambda tx: query.rejected(tx, limit, before, preview))
+        )
+        return [
+            RejectedReceipt(
+                row[0], as_datetime(row[1]), *row[2:8], orjson.loads(row[8]),
+                orjson.loads(row[9]), bytes(row[10] or b""),
+            )
+            for row in rows
+        ]  # fmt: skip
+
+    async def backlog(self) -> dict[str, Backlog]:
+        return query.backlogs(await self.connector.read(_one(query.backlog)))
+
+    async def counts(self, since: datetime) -> Counts:
+        def counts(tx: Tx) -> Work[Counts]:
+            grouped: list[dict[str, int]] = []
+            for statement in (
+                query.receipts_by_outcome,
+                query.events_by_tag,
+                query.events_by_state,
+            ):
+                grouped.append({str(key): count for key, count in (yield statement(tx, since))})
+            runs: dict[str, dict[str, int]] = {}
+            for handler, status, count in (yield query.runs_by_status(tx, since)):
+                runs.setdefault(handler, {})[status] = count
+            return Counts(receipts=grouped[0], tags=grouped[1], states=grouped[2], runs=runs)
+
+        return await self.connector.read(counts)
+
+    async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
+        # Two passes over two tables: side by side (two reader threads, two connections).
+        steps, tallied = await asyncio.gather(
+            self.connector.read(_one(lambda tx: query.callbacks_per_step(tx, since, step))),
+            self.connector.read(_one(lambda tx: query.events_by_tag_and_state(tx, since))),
+        )
+        tags, states = query.tallies(tallied)
+        found = [(as_datetime(bucket * step), outcome, count) for bucket, outcome, count in steps]
+        return Traffic(step, found, tags, states)
+
+    async def load(self, event_ids: list[str]) -> list[Event]:
+        def load(tx: Tx) -> Work[list[Any]]:
+            rows: list[Any] = []
+            for chunk in tx.chunks(event_ids):
+                rows += yield query.load(tx, chunk)
+            return rows
+
+        rows = await self.connector.read(load) if event_ids else []
+        # Decoding bodies is work for the CPU: not on the event loop. One `Documents` for
+        # the read: each receipt's body is decoded once for its events.
+        documents = Documents()
+        return await asyncio.to_thread(lambda: [documents.event(row) for row in rows])
+
+    async def size(self) -> int:
+        return await self.connector.size()
+
+    async def prunable(self, cutoffs: Cutoffs) -> Pruned:
+        return await self.connector.read(lambda tx: _pruning(tx, cutoffs, None))
+
+
+class InboxManager(InboxReader):
+    """The whole inbox: `InboxReader`, and storing, the run queue, upkeep and state."""
+
+    def __init__(self, connector: Connector, *, rejected_body_bytes: int) -> None:
+        super().__init__(connector)
+        self._rejected_body_bytes = rejected_body_bytes
+
+    # --- storing -------------------------------------------------------------------
+
+    async def store(
+        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+    ) -> Stored:
+        (stored,) = await self.store_many([(receipt, routed, verify)])
+        if isinstance(stored, BaseException):
+            raise stored
+        return stored
+
+    async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
+        # The rows are made here, on the event loop, before the write.
+        deliveries = [
+            Delivery(
+                receipt,
+                pack(receipt.body),
+                [(event_row(event), new_runs(handlers, verify)) for event, handlers in routed],
+            )
+            for receipt, routed, verify in items
+        ]
+        results = await self.connector.store(deliveries, _storing)
+        as_stored = self.connector.dialect.text
+        return [
+            result if isinstance(result, BaseException) else _stored(delivery, result, as_stored)
+            for delivery, result in zip(deliveries, results, strict=True)
+        ]
+
+    async def reject(
+        self, receipt: Receipt, reason: str, detail: str, *, size: int | None = None
+    ) -> int:
+        kept = receipt.body[: self._rejected_body_bytes]
+        whole = len(receipt.body) if size is None else size
+        return int(
+            await self.connector.execute(
+                lambda tx: query.reject(tx, receipt, kept, whole, reason, detail)
+            )
+        )
+
+    async def settle(self, event_id: str, genuine: bool) -> int:
+        return int(await self.connector.execute(lambda tx: query.settle(tx, event_id, genuine)))
+
+    async def ping(self) -> None:
+        # A write that went through a moment ago, and no failure since, says as much as
+        # one of our own would: readiness probes then add no write to a busy inbox.
+        if self.connector.wrote_lately():
+            return
+        try:
+            await self.connector.execute(lambda tx: query.heartbeat(tx, str(time.time())))
+        except InboxUnavailable:  # away: where, why and since when
+            raise
+        except Exception as exc:
+            raise self.connector.unwritable(exc) from exc
+
+    # --- the run queue -------------------------------------------------------------
+
+    async def claim(
+        self,
+        handler: str,
+        limit: int,
+        lease_seconds: float,
+        known: Mapping[str, Event] | None = None,
+    ) -> list[Claim]:
+        token = new_id()
+        known = known or {}
+        leased = await self.connector.lease(handler, limit, lease_seconds, token)
+        # Events the caller holds are not read back: neither their row nor the body.
+        unknown = [event_id for event_id, _, _ in leased if event_id not in known]
+        rows = (
+            await self.connector.read(_one(lambda tx: query.load(tx, unknown))) if unknown else []
+        )
+        documents = Documents()
+        read = {row[0]: documents.event(row) for row in rows}
+        claims = []
+        for event_id, attempts, request_id in leased:
+            event = known.get(event_id) or read.get(event_id)
+            if event is not None:  # else removed since: nothing left to run
+                claims.append(Claim(event, handler, attempts, token, request_id))
+        return claims
+
+    async def finish(
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        *,
+        started_at: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
+        finished = Finished(
+            claim.event.id,
+            claim.handler,
+            claim.lease_token,
+            RUN_STATUS[outcome],
+            counted,
+            retry_at,
+            error,
+            claim.attempts + int(counted),
+            started_at,
+            outcome,
+        )
+        return await self.connector.finish(finished, _finishing)
+
+    async def next_due(self, handlers: list[str]) -> datetime | None:
+        if not handlers:
+            return None
+        # Leases may be on the database's clock, which this host's may differ from: how
+        # far away the next run is, not when.
+        seconds = await self.connector.read(_one(lambda tx: query.next_due(tx, handlers)))
+        if seconds is None:
+            return None
+        return datetime.now(timezone.utc) + timedelta(seconds=float(seconds))
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        self.connector.watch(wake)
+
+    async def requeue(
+        self,
+        event_ids: list[str] | None,
+        handlers: list[str] | None,
+        *,
+        dead_only: bool,
+        dry_run: bool = False,
+        release: bool | None = None,
+    ) -> int:
+        vouched = event_ids is not None if release is None else release
+
+        def requeue(tx: Tx) -> Work[int]:
+            yield _savepoint(tx, "SAVEPOINT requeue")
+            total = 0
+            for chunk in [None] if event_ids is None else tx.chunks(event_ids):
+                if handlers and not dead_only:
+                    # Named handlers: create the runs that do not exist yet, reset the others.
+                    for handler in handlers:
+                        total += yield query.requeue_runs(tx, chunk, handler, vouched)
+                else:
+                    total += yield query.requeue_existing(tx, chunk, handlers, dead_only, vouched)
+            if dry_run:
+                yield _savepoint(tx, "ROLLBACK TO SAVEPOINT requeue")
+            yield _savepoint(tx, "RELEASE SAVEPOINT requeue")
+            return total
+
+        return await self.connector.write(requeue)
+
+    # --- upkeep --------------------------------------------------------------------
+
+    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
+        if dry_run:
+            return await self.prunable(cutoffs)
+        data: list[tuple[bytes, str, int]] = []
+        if cutoffs.bodies is not None:
+            # The JSON of the events whose bodies go next: read and decoded before the
+            # write, then written in the same transaction as the bodies are dropped.
+            before = cutoffs.bodies
+            rows = await self.connector.read(
+                _one(lambda tx: query.losing_bodies(tx, before, limit))
+            )
+            data = await asyncio.to_thread(materialize, rows) if rows else []
+
+        def prune(tx: Tx) -> Work[Pruned]:
+            lock = tx.dialect.try_lock
+            # One process prunes at a time: two deleting the same rows in another order
+            # could deadlock. The others find nothing to do this time.
+            if lock is not None and not (yield Statement(lock, (), "value")):
+                return Pruned()
+            if data:
+                yield query.keep_data(tx, data)
+            return (yield from _pruning(tx, cutoffs, limit))
+
+        return await self.connector.write(prune)
+
+    async def compact(self) -> None:
+        await self.connector.compact()
+
+    # --- kept state ----------------------------------------------------------------
+
+    async def get_state(self, key: str) -> str | None:
+        value: str | None = await self.connector.read(_one(lambda tx: query.get_state(tx, key)))
+        return value
+
+    async def set_state(self, key: str, value: str) -> None:
+        await self.connector.execute(lambda tx: query.set_state(tx, key, value))
+
+    async def states(self, prefix: str) -> dict[str, str]:
+        rows = await self.connector.read(_one(lambda tx: query.states(tx, prefix)))
+        return {row[0]: row[1] for row in rows}
+
+    async def delete_state(self, key: str) -> None:
+        await self.connector.execute(lambda tx: query.delete_state(tx, key))
+
+
+def _one(statement: Callable[[Tx], Statement]) -> Callable[[Tx], Work[Any]]:
+    """A unit of work of one statement: its result."""
+
+    def work(tx: Tx) -> Work[Any]:
+        return (yield statement(tx))
+
+    return work
+
+
+def _savepoint(tx: Tx, text: str) -> Statement:
+    return Statement(text, (), "none")
+
+
+def _runs(tx: Tx, event_ids: Sequence[str]) -> Work[dict[str, list[RunState]]]:
+    found: dict[str, list[RunState]] = {}
+    for chunk in tx.chunks(event_ids):
+        for event_id, handler, status, attempts, due, error in (yield query.runs(tx, chunk)):
+            due_at = as_datetime(due) if status == "pending" else None
+            found.setdefault(event_id, []).append(
+                RunState(handler, status, attempts, due_at, error)
+            )
+    return found
+
+
+def _storing(tx: Tx, delivery: Delivery) -> Work[Delivered]:
+    """A callback stored statement by statement (see `Storing.store`)."""
+    receipt = delivery.receipt
+    ids = [columns[0] for columns, _ in delivery.events]
+    receipt_id = yield query.accept(tx, receipt, delivery.body, ids)
+    stored = []
+    for columns, runs in delivery.events:
+        event_id = columns[0]
+        if (yield query.insert_event(tx, columns, receipt_id, receipt.received_at)) is None:
+            # Stored already: a duplicate, unless verification found the stored one
+            # forged: this delivery takes its place, its runs afresh.
+            if not (yield query.replace_forged(tx, columns, receipt_id, receipt.received_at)):
+                continue
+            yield query.delete_runs(tx, event_id)
+        stored.append(event_id)
+        yield query.insert_runs(tx, event_id, runs)
+    if not stored:
+        yield query.mark_duplicate(tx, receipt_id)
+    return Delivered(receipt_id, stored)
+
+
+def _stored(delivery: Delivery, delivered: Delivered, as_stored: Callable[[str], str]) -> Stored:
+    ids = [columns[0] for columns, _ in delivery.events]
+    new_ids = set(delivered.stored)
+    new = [event_id for event_id in ids if as_stored(event_id) in new_ids]
+    duplicates = [event_id for event_id in ids if as_stored(event_id) not in new_ids]
+    # One callback naming an event twice stores it once: the second is a duplicate.
+    for event_id in set(new):
+        while new.count(event_id) > 1:
+            new.remove(event_id)
+            duplicates.append(event_id)
+    return Stored(delivered.receipt_id, ids, new, duplicates)
+
+
+def _finishing(tx: Tx, finished: Finished) -> Work[bool]:
+    """An outcome recorded: the run updated while its lease is held, and the attempt."""
+    if not (yield query.finish_run(tx, finished)):
+        return False
+    yield query.record_attempt(tx, finished)
+    return True
+
+
+def _pruning(tx: Tx, cutoffs: Cutoffs, limit: int | None) -> Work[Pruned]:
+    """One batch of retention (`limit` None: everything, counted and left in place)."""
+    counting = limit is None
+    found = Pruned()
+    if cutoffs.events is not None:
+        events = yield query.finished_events(tx, cutoffs.events, limit)
+        found.events = len(events)
+        found.bytes += sum(row[1] for row in events)
+        if not counting:
+            for chunk in tx.chunks([row[0] for row in events]):
+                for table in ("runs", "attempts", "events"):
+                    yield query.delete_of_events(tx, table, chunk)
+        # A receipt goes with the last of its events; a duplicate's has none of its own.
+        receipts = yield query.eventless_receipts(tx, cutoffs.events, limit, counting=counting)
+        found += yield from _remove_receipts(tx, receipts, counting)
+    if cutoffs.refused is not None:
+        refused = yield query.refused_receipts(tx, cutoffs.refused, limit)
+        found += yield from _remove_receipts(tx, refused, counting)
+    if cutoffs.bodies is not None:
+        bodies = yield query.droppable_bodies(tx, cutoffs.bodies, limit, counting=counting)
+        found.bodies = len(bodies)
+        found.bytes += sum(row[1] for row in bodies)
+        if not counting:
+            for chunk in tx.chunks([row[0] for row in bodies]):
+                yield query.drop_bodies(tx, chunk)
+    return found
+
+
+def _remove_receipts(tx: Tx, rows: Sequence[Any], counting: bool) -> Work[Pruned]:
+    if not counting:
+        for chunk in tx.chunks([row[0] for row in rows]):
+            yield query.delete_receipts(tx, chunk)
+    return Pruned(receipts=len(rows), bytes=sum(row[1] for row in rows))
