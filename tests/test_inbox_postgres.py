@@ -238,3 +238,32 @@ async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(post
         assert len((await inbox.store(*receipt_for("j3"))).duplicates) == 1
     finally:
         await inbox.close()
+
+
+async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_delivery(
+    postgres_schema,
+):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    connection = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        (forged,) = (await inbox.store(*receipt_for("jtaken"), verify=True)).new
+        await inbox.settle(forged, genuine=False)
+        # The replacement's runs cannot be written: the delivery must leave nothing
+        # behind, its receipt included, and the forged event as it was.
+        await connection.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        with pytest.raises(asyncpg.RaiseError, match="refused"):
+            await inbox.store(*receipt_for("jtaken"))
+        await connection.execute("DROP TRIGGER refuse ON runs; DROP FUNCTION refuse()")
+        assert await connection.fetchval("SELECT count(*) FROM receipts") == 1
+        assert await inbox.known([forged], forged=False) == set()
+        # Once it can, the same delivery replaces it.
+        assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
+    finally:
+        await connection.close()
+        await inbox.close()
