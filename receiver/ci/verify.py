@@ -48,7 +48,7 @@ from receiver.ci.api import (
 )
 from receiver.config import CiConfig, HandlerConfig
 from receiver.dispatch.loop import Forged, Slot
-from receiver.inbox import VERIFY_RUN, Inbox
+from receiver.inbox import VERIFY_RUN, Storing
 
 logger = structlog.get_logger("ci_receiver.verify")
 
@@ -79,7 +79,7 @@ class Verifier:
         self,
         config: CiConfig,
         api: CiApi,
-        inbox: Inbox,
+        inbox: Storing,
         registry: CollectorRegistry | None,
         wake: Callable[[], None],
     ) -> None:
@@ -250,7 +250,7 @@ def _describe(ref: ObjectRef | None) -> str:
 def verify_slot(
     config: CiConfig,
     api: CiApi,
-    inbox: Inbox,
+    inbox: Storing,
     registry: CollectorRegistry | None,
     wake: Callable[[], None],
 ) -> Slot:

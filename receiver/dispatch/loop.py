@@ -26,7 +26,7 @@ import handlers as handler_api
 from handlers import Fail, Handler, Retry
 from receiver.callback.event import Event
 from receiver.config import HandlerConfig
-from receiver.inbox import Claim, Inbox, InboxUnavailable, Outcome
+from receiver.inbox import Claim, InboxUnavailable, Outcome, RunQueue
 from receiver.inbox.writer import LOCK_TIMEOUT
 from receiver.metrics import Metrics
 
@@ -145,7 +145,7 @@ def backoff(config: HandlerConfig, attempt: int) -> float:
 class Dispatcher:
     def __init__(
         self,
-        inbox: Inbox,
+        inbox: RunQueue,
         slots: list[Slot],
         metrics: Metrics,
         *,

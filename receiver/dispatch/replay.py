@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from receiver.inbox import EventFilter, Inbox
+from receiver.inbox import EventFilter, Reading, RunQueue
 from receiver.ingest.routing import Router
 
 PAGE = 500
+
+
+class Replaying(Reading, RunQueue, Protocol):
+    """Replay reads the events it chooses and queues their runs again."""
 
 
 @dataclass(slots=True)
@@ -27,7 +32,7 @@ class Replayed:
 
 
 async def chosen_ids(
-    inbox: Inbox, event_ids: list[str] | None, filter: EventFilter | None
+    inbox: Reading, event_ids: list[str] | None, filter: EventFilter | None
 ) -> list[str]:
     """The ids of the events chosen: those named (that exist), or those matching."""
     if event_ids:
@@ -42,7 +47,7 @@ async def chosen_ids(
 
 
 async def replay(
-    inbox: Inbox,
+    inbox: Replaying,
     router: Router,
     event_ids: list[str],
     *,

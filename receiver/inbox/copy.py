@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 
 from receiver.inbox.postgres import COMMAND_TIMEOUT, text
 from receiver.inbox.postgres_schema import setup

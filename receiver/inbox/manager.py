@@ -81,10 +81,7 @@ class InboxReader:
         def events(tx: Tx) -> Work[list[EventSummary]]:
             rows = yield query.events(tx, filter, limit, before)
             runs = yield from _runs(tx, [row[1] for row in rows])
-            return [
-                EventSummary(row[0], row[1], as_datetime(row[2]), *row[3:], runs.get(row[1], []))
-                for row in rows
-            ]
+            return [_event_summary(row, runs.get(row[1], [])) for row in rows]
 
         return await self.connector.read(events)
 
@@ -128,10 +125,7 @@ class InboxReader:
         rows = await self.connector.read(
             _one(lambda tx: query.receipts(tx, limit, outcome, before))
         )
-        return [
-            ReceiptSummary(row[0], as_datetime(row[1]), *row[2:7], orjson.loads(row[7]))
-            for row in rows
-        ]
+        return [_receipt_summary(row) for row in rows]
 
     async def receipt(self, receipt_id: int) -> Receipt | None:
         row = await self.connector.read(_one(lambda tx: query.receipt(tx, receipt_id)))
@@ -155,13 +149,7 @@ class InboxReader:
         rows = await self.connector.read(
             _one(lambda tx: query.rejected(tx, limit, before, preview))
         )
-        return [
-            RejectedReceipt(
-                row[0], as_datetime(row[1]), *row[2:8], orjson.loads(row[8]),
-                orjson.loads(row[9]), bytes(row[10] or b""),
-            )
-            for row in rows
-        ]  # fmt: skip
+        return [_rejected(row) for row in rows]
 
     async def backlog(self) -> dict[str, Backlog]:
         return query.backlogs(await self.connector.read(_one(query.backlog)))
@@ -417,6 +405,31 @@ def _one(statement: Callable[[Tx], Statement]) -> Callable[[Tx], Work[Any]]:
         return (yield statement(tx))
 
     return work
+
+
+def _event_summary(row: Sequence[Any], runs: list[RunState]) -> EventSummary:
+    """An event from a row of `query.SUMMARY_COLUMNS`, and its runs."""
+    seq, event_id, received_at, kind, event_name, tag, state, job_id, bucket, key, source = row
+    return EventSummary(
+        seq, event_id, as_datetime(received_at), kind, event_name, tag, state, job_id, bucket,
+        key, source, runs,
+    )  # fmt: skip
+
+
+def _receipt_summary(row: Sequence[Any]) -> ReceiptSummary:
+    receipt_id, received_at, source, outcome, size, reason, detail, event_ids = row
+    return ReceiptSummary(
+        receipt_id, as_datetime(received_at), source, outcome, size, reason, detail,
+        orjson.loads(event_ids),
+    )  # fmt: skip
+
+
+def _rejected(row: Sequence[Any]) -> RejectedReceipt:
+    receipt_id, received_at, source, request_id, size, kept, reason, detail = row[:8]
+    return RejectedReceipt(
+        receipt_id, as_datetime(received_at), source, request_id, size, kept, reason, detail,
+        orjson.loads(row[8]), orjson.loads(row[9]), bytes(row[10] or b""),
+    )  # fmt: skip
 
 
 def _savepoint(tx: Tx, text: str) -> Statement:

@@ -28,9 +28,9 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import orjson
 import structlog
 from prometheus_client import CollectorRegistry
@@ -62,7 +62,7 @@ CHANNEL_PREFIX = "ci_receiver_work."
 CHANNEL = f"left('{CHANNEL_PREFIX}' || current_schema(), 63)"  # in SQL, on the inbox's path
 
 
-class _PooledConnection(asyncpg.Connection):
+class _PooledConnection(asyncpg.Connection):  # type: ignore[misc]
     """A connection of the inbox's pool, returned to it without asyncpg's reset query.
 
     Statements on pooled connections take no session state (no session advisory lock,
@@ -86,7 +86,8 @@ class _Pool:
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         with self._reach:
-            return await self._pool.fetch(query, *args)
+            rows: list[Any] = await self._pool.fetch(query, *args)
+            return rows
 
     async def fetchrow(self, query: str, *args: Any) -> Any:
         with self._reach:
@@ -415,7 +416,8 @@ class PostgresConnector:
         """STORE for each callback of `batch`, in one transaction and one round trip."""
         with self._writing():
             async with self.pool.acquire() as connection:
-                return await connection.fetchmany(STORE, batch)
+                rows: list[Any] = await connection.fetchmany(STORE, batch)
+                return rows
 
     async def _store_row(self, arguments: tuple[Any, ...]) -> Any:
         with self._writing():
@@ -656,6 +658,18 @@ async def probe(url: str, schema: str) -> str:
         return f"{where}: inbox in schema {schema!r}, schema version {SCHEMA_VERSION}"
     finally:
         await connection.close()
+
+
+@overload
+def text(value: str) -> str: ...
+
+
+@overload
+def text(value: None) -> None: ...
+
+
+@overload
+def text(value: str | None) -> str | None: ...
 
 
 def text(value: str | None) -> str | None:

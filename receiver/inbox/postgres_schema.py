@@ -21,7 +21,7 @@ in a schema a user pointed it at, are not touched (receiver/ownership.py).
 
 from __future__ import annotations
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import structlog
 
 from receiver.inbox.mark import KEYS, MARK, claim_inbox

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 

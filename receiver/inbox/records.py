@@ -108,7 +108,7 @@ class Documents:
                 return original
             # The body's first character says which it was (XML starts with markup).
             xml = (unpack(body) or b"").lstrip()[:1] == b"<"
-            kept = "xml" if xml else "json"
+            kept: Literal["xml", "json"] = "xml" if xml else "json"
             return _from_columns(event_id, columns, kept, source, meta, received_at)
         event = Event.from_json(data)
         if original is not None:  # an older inbox's event: its document from the body

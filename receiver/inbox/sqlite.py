@@ -149,7 +149,10 @@ class SqliteConnector:
     ) -> list[Delivered | BaseException]:
         # Submitted together: they go in one batch, each rolled back alone should it fail.
         futures = self._write.submit_many([_bound(work, delivery) for delivery in deliveries])
-        return await asyncio.gather(*futures, return_exceptions=True)
+        results: list[Delivered | BaseException] = await asyncio.gather(
+            *futures, return_exceptions=True
+        )
+        return results
 
     async def finish(self, finished: Finished, work: Callable[[Tx, Finished], Work[bool]]) -> bool:
         return await self.write(lambda tx: work(tx, finished), bookkeeping=True)

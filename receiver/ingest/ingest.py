@@ -17,7 +17,7 @@ from receiver.callback import vocabulary
 from receiver.callback.decode import Limits, PayloadError
 from receiver.callback.event import Event
 from receiver.callback.normalize import Normalized, read_callback
-from receiver.inbox import VERIFY_RUN, Inbox, InboxUnavailable, Receipt, Stored, ToStore
+from receiver.inbox import VERIFY_RUN, InboxUnavailable, Receipt, Stored, Storing, ToStore
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 
@@ -133,7 +133,7 @@ class RejectedBudget:
 class Ingestor:
     def __init__(
         self,
-        inbox: Inbox,
+        inbox: Storing,
         router: Router,
         metrics: Metrics,
         limits: Limits,

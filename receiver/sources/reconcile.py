@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -45,7 +45,7 @@ from receiver.ci.api import (
 )
 from receiver.config import CiConfig, Config
 from receiver.ids import new_id
-from receiver.inbox import Inbox, InboxUnavailable, Receipt
+from receiver.inbox import InboxUnavailable, KeptState, Reading, Receipt
 from receiver.ingest.ingest import Intake, IntakeUnavailable
 
 logger = structlog.get_logger("ci_receiver.sources.reconcile")
@@ -105,11 +105,15 @@ class Report:
         return [f for f in self.found if f.recovered]
 
 
+class Reconciled(Reading, KeptState, Protocol):
+    """The reconciler reads which events are stored, and keeps its cursor."""
+
+
 class Reconciler:
     name = "reconcile"
 
     def __init__(
-        self, config: CiConfig, api: CiApi, inbox: Inbox, intake: Intake,
+        self, config: CiConfig, api: CiApi, inbox: Reconciled, intake: Intake,
         registry: CollectorRegistry | None = None,
     ) -> None:  # fmt: skip
         self._config = config

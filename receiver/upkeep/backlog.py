@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
-from receiver.inbox import Inbox
+from receiver.inbox import Reading
 
 logger = structlog.get_logger("ci_receiver.monitor")
 
@@ -29,7 +29,7 @@ class BacklogMonitor:
 
     def __init__(
         self,
-        inbox: Inbox,
+        inbox: Reading,
         handlers: list[str],
         registry: CollectorRegistry | None = None,
         interval: float = INTERVAL_SECONDS,

@@ -18,7 +18,7 @@ import orjson
 import structlog
 
 from receiver.ids import new_id
-from receiver.inbox import Inbox
+from receiver.inbox import KeptState
 
 logger = structlog.get_logger("ci_receiver.presence")
 
@@ -41,7 +41,7 @@ class Process:
 class Presence:
     name = "presence"
 
-    def __init__(self, inbox: Inbox, handlers: list[str]) -> None:
+    def __init__(self, inbox: KeptState, handlers: list[str]) -> None:
         self._inbox = inbox
         self.handlers = list(handlers)
         self._key = f"{PREFIX}{socket.gethostname()}:{os.getpid()}:{new_id()}"
@@ -74,12 +74,12 @@ class Presence:
         await self._inbox.set_state(self._key, orjson.dumps(process).decode())
 
 
-async def running(inbox: Inbox) -> list[Process]:
+async def running(inbox: KeptState) -> list[Process]:
     """The processes heard of lately."""
     return [p for p in await _processes(inbox) if time.time() - p.seen < GONE_SECONDS]
 
 
-async def _processes(inbox: Inbox) -> list[Process]:
+async def _processes(inbox: KeptState) -> list[Process]:
     found = []
     for value in (await inbox.states(PREFIX)).values():
         try:
@@ -89,7 +89,7 @@ async def _processes(inbox: Inbox) -> list[Process]:
     return found
 
 
-async def _forget_gone(inbox: Inbox) -> None:
+async def _forget_gone(inbox: KeptState) -> None:
     for key, value in (await inbox.states(PREFIX)).items():
         with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError):
             if time.time() - orjson.loads(value)["seen"] > FORGET_SECONDS:
