@@ -13,7 +13,9 @@ import pytest
 from handlers import Fail, Retry
 from receiver.callback.event import Event
 from receiver.config import HandlerConfig
-from receiver.dispatch.loop import Dispatcher, Slot, backoff
+from receiver.dispatch.loop import Dispatcher
+from receiver.dispatch.outcomes import backoff
+from receiver.dispatch.slots import Slot
 from receiver.inbox import EventFilter, Receipt
 from receiver.metrics import Metrics
 from tests.callbacks import load
