@@ -4,6 +4,7 @@ with handlers written for the tests."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -343,6 +344,14 @@ def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():
         delays = [backoff(config, attempt) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert max(delays) - min(delays) > ceiling / 10  # jittered
+
+
+def test_backoff_stays_at_its_ceiling_however_many_attempts():
+    # The verification step retries without end: its 1025th attempt and later must not
+    # overflow the float the doubling is made in.
+    config = HandlerConfig(type="t", backoff_initial=1, backoff_max=60)
+    for attempt in (1025, 10_000, sys.maxsize):
+        assert 30 <= backoff(config, attempt) <= 60
 
 
 # --- a config reload (receiver/runtime/reload.py) ----------------------------------------------

@@ -32,6 +32,10 @@ logger = structlog.get_logger("ci_receiver.dispatch")
 LOST_OUTCOME = "cannot record the attempt; the run is retried when its lease ends"
 # The longest a handler may ask to wait before its next attempt (Retry(after=...)).
 MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0
+# Doublings of the back-off made at most: far past any cap, short of a float's overflow
+# (the verification step retries without end: its 1025th attempt overflowed, and the
+# attempt's task died holding its place).
+MAX_DOUBLINGS = 1000
 
 
 class Forged(Exception):
@@ -54,7 +58,8 @@ INTERRUPTED = Result("released", "interrupted by shutdown")
 
 def backoff(config: HandlerConfig, attempt: int) -> float:
     """Seconds before retry number `attempt` (1-based): doubling, capped, equal jitter."""
-    ceiling = min(config.backoff_max, config.backoff_initial * 2 ** (attempt - 1))
+    doubled = config.backoff_initial * 2.0 ** min(attempt - 1, MAX_DOUBLINGS)
+    ceiling = min(config.backoff_max, doubled)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
