@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -47,6 +47,9 @@ from receiver.config import CiConfig, Config
 from receiver.ids import new_id
 from receiver.inbox import Inbox, InboxUnavailable, Receipt
 from receiver.ingest.ingest import Intake, IntakeUnavailable
+
+if TYPE_CHECKING:
+    from receiver.runtime.service import Service
 
 logger = structlog.get_logger("ci_receiver.sources.reconcile")
 
@@ -317,7 +320,7 @@ def _ended_after(events: list[Event], moment: datetime) -> bool:
     return bool(ended) and max(ended) > moment
 
 
-def reconciler_for(config: Config, service: Any) -> Reconciler:
+def reconciler_for(config: Config, service: Service) -> Reconciler:
     """The reconciler of `serve`, `consume` and `run`, its credentials tried first (one
     cheap call per bucket): raises `CiApiError` when CI refuses them, a bucket or a tag.
     CI out of reach is no reason not to start: the passes keep trying."""
