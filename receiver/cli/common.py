@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -33,13 +33,21 @@ def listen_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--host", help="Address to listen on (default 0.0.0.0).")(command)
 
 
-class Moment(click.ParamType):
+if TYPE_CHECKING:  # generic to a type checker since click 8.4, a plain class before
+    TimeParamType = click.ParamType[datetime]
+else:
+    TimeParamType = click.ParamType
+
+
+class Moment(TimeParamType):
     """A time: ISO 8601 (`2026-11-30T08:00:00+08:00`; UTC when it names no zone), or a
     duration back from now (`90m`, `24h`, `7d`)."""
 
     name = "time"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: str | datetime, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
         if isinstance(value, datetime):
             return value
         try:

@@ -79,8 +79,9 @@ def watches(config: CiConfig, bucket: str | None = None) -> list[Watch]:
     for watched in config.buckets:
         if bucket is not None and watched.name != bucket:
             continue
+        queues: list[str | None] = [*watched.queue_ids] or [None]  # None: every queue
         for tag in watched.tags:
-            found += [Watch(watched.name, tag, queue) for queue in watched.queue_ids or [None]]
+            found += [Watch(watched.name, tag, queue) for queue in queues]
         found += [Watch(watched.name, workflow_id=w) for w in watched.workflows]
     return found
 
@@ -210,6 +211,8 @@ class Reconciler:
             cursor = await self._inbox.get_state(watch.cursor_key)
             last = datetime.fromisoformat(cursor) if cursor else until
             start = min(last, until) - timedelta(seconds=self._config.window)
+        # A listed item as the callback it stands for.
+        document: Callable[[dict[str, Any]], dict[str, Any]]
         if watch.workflow_id:
             pages = self._api.pages(
                 self._api.list_workflow_executions, watch.bucket, watch.workflow_id,
