@@ -13,8 +13,11 @@ import click
 
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError, load_config, parse_moment
-from receiver.inbox import EventFilter, InboxUnavailable, SchemaError
+from receiver.inbox import EventFilter, Inbox, InboxUnavailable, SchemaError
 from receiver.ownership import NotOurs
+
+if TYPE_CHECKING:  # imported by the commands that make one
+    from receiver.runtime.service import Service
 
 T = TypeVar("T")
 
@@ -103,7 +106,7 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coroutine)
 
 
-def make_service(config: Config, *, wait: bool) -> Any:
+def make_service(config: Config, *, wait: bool) -> Service:
     """The service of `config`; `wait` for a long-running command, whose start waits for
     an inbox database that cannot be reached yet (a command fails at once instead)."""
     from receiver.runtime.service import Service
@@ -125,7 +128,7 @@ def inbox_errors() -> Iterator[None]:
 
 
 def with_inbox(
-    config_path: Path | None, query: Callable[[Any], Awaitable[T]], *, read_only: bool = True
+    config_path: Path | None, query: Callable[[Inbox], Awaitable[T]], *, read_only: bool = True
 ) -> T:
     """Open the configured inbox, run `query` on it, close it. Read-only by default: the
     inspection commands take no lock a running receiver could wait for."""

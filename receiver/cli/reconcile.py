@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,7 +13,7 @@ from receiver.cli.common import config_option, inbox_errors, load, make_service,
 from receiver.config import parse_duration
 
 if TYPE_CHECKING:  # imported when the command runs: the CLI starts without them
-    from receiver.sources.reconcile import Found, Watch
+    from receiver.sources.reconcile import Found, Report, Watch
 
 
 @click.command()
@@ -56,7 +56,7 @@ def reconcile(
     service = make_service(config, wait=False)
     todo = watches(config.ci, bucket)
 
-    async def run() -> Any:
+    async def run() -> Report:
         api = service.ci_api
         assert api is not None  # [ci] names buckets: checked above
         await api.check()
@@ -68,7 +68,7 @@ def reconcile(
                 item_show_func=_shown,
             ) as bar:  # fmt: skip
 
-                def advance(watch: Watch, _: Any) -> None:
+                def advance(watch: Watch, _: Report) -> None:
                     bar.update(1, watch)
 
                 return await reconciler.reconcile(
