@@ -17,7 +17,8 @@ from receiver.callback.decode import PayloadError
 from receiver.dispatch.replay import Replayed, chosen_ids, replay
 from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
 from receiver.ingest.routing import Router
-from receiver.runtime.service import Backend, Service
+from receiver.runtime.service import Service
+from receiver.sources.backend import Backend
 
 # The overview's period.
 OVERVIEW_HOURS = 24

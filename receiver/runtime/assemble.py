@@ -26,8 +26,9 @@ from receiver.logs import configure_logging
 from receiver.masking import mask_url
 from receiver.runtime.reload import Reloader
 from receiver.runtime.runner import run_service
-from receiver.runtime.service import Backend, Service
+from receiver.runtime.service import Service
 from receiver.runtime.worker import SupervisorLink, WorkerSpec
+from receiver.sources.backend import Backend
 from receiver.sources.http_auth import open_to_anyone_warning
 from receiver.sources.http_source import HttpServer
 from receiver.sources.source import Source
@@ -265,8 +266,12 @@ def _reconciler(
     from receiver.ci.api import CiApiError
     from receiver.sources.reconcile import reconciler_for
 
+    api = service.ci_api
+    assert api is not None  # made by the service when [ci] names buckets
     try:
-        reconciler = reconciler_for(config, service)
+        reconciler = reconciler_for(
+            config.ci, api, service.inbox, service.ingestor, service.metrics.registry
+        )
     except CiApiError as exc:
         raise CannotAssemble(f"[ci]: {exc}") from None
     say(f"reconciling {len(config.ci.buckets)} bucket(s) with CI's job API")

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from receiver.runtime.sdnotify import notify
-from receiver.runtime.service import Backend
+from receiver.sources.backend import Backend
 from receiver.sources.http_server import raise_open_files_limit
 from receiver.sources.source import Source
 

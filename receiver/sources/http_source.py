@@ -11,7 +11,7 @@ import structlog
 from starlette.types import ASGIApp
 
 from receiver.metrics import Metrics
-from receiver.runtime.service import Backend
+from receiver.sources.backend import Backend
 from receiver.sources.http import create_app
 from receiver.sources.http_server import (
     BoundedConfig,

@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import structlog
@@ -43,13 +43,10 @@ from receiver.ci.api import (
     job_document,
     workflow_document,
 )
-from receiver.config import CiConfig, Config
+from receiver.config import CiConfig
 from receiver.ids import new_id
 from receiver.inbox import Inbox, InboxUnavailable, Receipt
 from receiver.ingest.ingest import Intake, IntakeUnavailable
-
-if TYPE_CHECKING:
-    from receiver.runtime.service import Service
 
 logger = structlog.get_logger("ci_receiver.sources.reconcile")
 
@@ -323,16 +320,16 @@ def _ended_after(events: list[Event], moment: datetime) -> bool:
     return bool(ended) and max(ended) > moment
 
 
-def reconciler_for(config: Config, service: Service) -> Reconciler:
+def reconciler_for(
+    config: CiConfig, api: CiApi, inbox: Inbox, intake: Intake, registry: CollectorRegistry
+) -> Reconciler:
     """The reconciler of `serve`, `consume` and `run`, its credentials tried first (one
     cheap call per bucket): raises `CiApiError` when CI refuses them, a bucket or a tag.
     CI out of reach is no reason not to start: the passes keep trying."""
-    api = service.ci_api
-    assert api is not None  # made by the service when [ci] names buckets
     try:
         asyncio.run(api.check())  # before the service's own event loop starts
     except CiApiError as error:
         if not error.retryable:
             raise
         logger.warning("CI's job API cannot be reached yet", error=str(error))
-    return Reconciler(config.ci, api, service.inbox, service.ingestor, service.metrics.registry)
+    return Reconciler(config, api, inbox, intake, registry)
