@@ -44,10 +44,11 @@ def serve(
     worker_spec: str | None,
 ) -> None:
     """Run the HTTP receiver and the dispatcher (or, with [relay] topic, only relay)."""
-    from receiver.runtime import assemble
     from receiver.runtime.runner import hold_reloads_while_starting
 
-    hold_reloads_while_starting()
+    hold_reloads_while_starting()  # before the rest of the runtime is imported
+    from receiver.runtime import assemble
+
     config = load(config_path, host=host, port=port, workers=workers)
     worker = None if worker_spec is None else WorkerSpec.parse(worker_spec)
     if worker is None and config.http.workers > 1:
@@ -68,10 +69,11 @@ def serve(
 def consume(config_path: Path | None) -> None:
     """Consume callbacks from CMQ queues ([cmq]) and/or TDMQ topics ([tdmq]), run the
     dispatcher."""
-    from receiver.runtime import assemble
     from receiver.runtime.runner import hold_reloads_while_starting
 
-    hold_reloads_while_starting()
+    hold_reloads_while_starting()  # before the rest of the runtime is imported
+    from receiver.runtime import assemble
+
     config = load(config_path)
     assemble.start_logging(config)
 
@@ -88,10 +90,11 @@ def consume(config_path: Path | None) -> None:
 @listen_options
 def run_all(config_path: Path | None, host: str | None, port: int | None) -> None:
     """HTTP receiver, CMQ and/or TDMQ consumers and dispatcher in one process."""
-    from receiver.runtime import assemble
     from receiver.runtime.runner import hold_reloads_while_starting
 
-    hold_reloads_while_starting()
+    hold_reloads_while_starting()  # before the rest of the runtime is imported
+    from receiver.runtime import assemble
+
     config = load(config_path, host=host, port=port)
     assemble.start_logging(config)
 
