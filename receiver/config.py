@@ -180,6 +180,11 @@ class DispatchConfig(Section):
     poll_interval: float = Field(1.0, gt=0)
     # Seconds running handler attempts get to finish on shutdown before being cancelled.
     drain_timeout: float = Field(10.0, ge=0)
+    # Seconds a run stays leased past its handler's `timeout`, on SQLite and PostgreSQL
+    # alike: room to record the attempt's outcome (behind another process's write lock on
+    # SQLite, which waits up to 10 s for it; through a slow pool or a failover on
+    # PostgreSQL) before another process may take the run and attempt it again.
+    lease_grace: float = Field(15.0, ge=0)
     # Whether a handler that has not started (or cannot) makes /readyz answer 503; a
     # handler's own `required` overrides this. Callbacks are kept either way.
     unready_on_handler_error: bool = False

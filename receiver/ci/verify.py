@@ -47,7 +47,8 @@ from receiver.ci.api import (
     workflow_document,
 )
 from receiver.config import CiConfig, HandlerConfig
-from receiver.dispatch.loop import Forged, Slot
+from receiver.dispatch.outcomes import Forged
+from receiver.dispatch.slots import Slot
 from receiver.inbox import VERIFY_RUN, Inbox
 
 logger = structlog.get_logger("ci_receiver.verify")
