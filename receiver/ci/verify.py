@@ -135,7 +135,9 @@ class Verifier:
 
     async def _fetch(self, event: Event) -> Event | None:
         """The event CI's API gives for the same job; None when it knows no such job."""
-        bucket, subject = event.input.bucket if event.input else "", event.subject
+        bucket = event.input.bucket if event.input else None
+        assert bucket  # `_uncovered` holds back the events that name none
+        subject = event.subject
         try:
             if event.kind == "job":
                 detail = await self._api.get_job(bucket, subject, attempts=1)

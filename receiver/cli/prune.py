@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from receiver.cli.common import config_option, load, with_inbox
+from receiver.cli.common import config_option, load, with_inbox, with_writable_inbox
 from receiver.inbox import Inbox, Pruned, Reading
 
 
@@ -38,9 +38,7 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
             )
 
     # A dry run only reads: the inbox is opened read-only.
-    found = (
-        with_inbox(config_path, plan) if dry_run else with_inbox(config_path, run, read_only=False)
-    )
+    found = with_inbox(config_path, plan) if dry_run else with_writable_inbox(config_path, run)
     verb = "would remove" if dry_run else "removed"
     click.echo(
         f"{verb} {found.events} event(s), {found.receipts} receipt(s) and {found.bodies}"
@@ -48,9 +46,9 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
     )
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024  # type: ignore[assignment]
+        count /= 1024
     raise AssertionError("unreachable")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,10 +16,13 @@ from receiver.cli.common import (
     inbox_errors,
     load,
     make_service,
-    with_inbox,
+    with_writable_inbox,
 )
 from receiver.config import Config
-from receiver.inbox import EventFilter, Inbox
+from receiver.inbox import EventFilter, Inbox, Stored
+
+if TYPE_CHECKING:  # imported when the command runs
+    from receiver.upkeep.presence import Process
 
 
 @click.command()
@@ -121,10 +124,10 @@ def replay(
         if done.runs and not dry_run:
             _warn_if_nobody_runs(await running(inbox), list(handler_names))
 
-    with_inbox(config_path, run, read_only=False)
+    with_writable_inbox(config_path, run)
 
 
-def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
+def _warn_if_nobody_runs(processes: list[Process], handlers: list[str]) -> None:
     """Runs only run where a receiver has their handler: say so when none has."""
     if not processes:
         click.echo(
@@ -148,7 +151,7 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
 
     service = make_service(config, wait=False)
 
-    async def run() -> Any:
+    async def run() -> Stored:
         await service.inbox.open()
         try:
             receipt = await service.inbox.receipt(receipt_id)
