@@ -30,7 +30,7 @@ import asyncpg
 from receiver import parse_callback
 from receiver.config import Config
 from receiver.inbox import Inbox, Receipt, open_inbox
-from tests.callbacks import ALL, load
+from tests.support.callbacks import ALL, load
 
 HEADERS = {"content-type": "application/xml", "user-agent": "CI callback"}
 

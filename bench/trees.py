@@ -1,7 +1,8 @@
 """Another revision of the code measured beside this tree, in one run.
 
 A benchmark's `--against REV` exports the revision (`git archive`) with this tree's
-`bench/` laid over it, so that both sides run the same measuring code, then runs one
+`bench/` and `tests/support/` (the senders and stand-ins the benchmarks use) laid over
+it, so that both sides run the same measuring code, then runs one
 process per tree in interleaved rounds, each with its own tree first on PYTHONPATH, and
 keeps each tree's best figure of every key (noise on a shared machine only ever adds
 time).
@@ -21,13 +22,16 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def export(revision: str, into: Path) -> Path:
-    """The tree of `revision` in the new folder `into`, with this tree's bench/ over it."""
+    """The tree of `revision` in the new folder `into`, with this tree's bench/ and
+    tests/support/ over it."""
     into.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(HERE), "archive", revision], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     shutil.copytree(HERE / "bench", into / "bench", dirs_exist_ok=True)
+    support = HERE / "tests" / "support"
+    shutil.copytree(support, into / "tests" / "support", dirs_exist_ok=True)
     return into
 
 

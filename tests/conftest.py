@@ -9,10 +9,10 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from tests.databases import drop_tables, execute, require_server, schema_keyword
-from tests.inboxes import BACKENDS, InboxPlace, drop_schema
-from tests.processes import PulsarLite, Receiver
-from tests.shared_inbox import SharedInbox
+from tests.support.databases import drop_tables, execute, require_server, schema_keyword
+from tests.support.inbox_places import BACKENDS, InboxPlace, drop_schema
+from tests.support.processes import PulsarLite, Receiver
+from tests.support.shared_inbox import SharedInbox
 
 # `HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py` for a long fuzzing run.
 settings.register_profile(

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from receiver.config import ConfigError, load_config
-from tests.processes import Receiver
+from tests.support.processes import Receiver
 
 
 def serve(tmp_path: Path, admin: str = "") -> Receiver:

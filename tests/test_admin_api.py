@@ -3,7 +3,7 @@ cursor paging, one event whole, a job's history, refused callbacks and their byt
 replay with its dry run, the checks of every parameter, and who may do what.
 
 The events are real callbacks posted to the public port; handler `db` fails its first
-attempt of every event and has one attempt only (`tests/inspector_site.py`), so each
+attempt of every event and has one attempt only (`tests/support/inspector_site.py`), so each
 event is dead-lettered for it at once and succeeds when replayed.
 """
 
@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from receiver import parse_callback
-from tests.callbacks import job, load
-from tests.handlers_for_tests import recorded
-from tests.inboxes import InboxPlace
-from tests.inspector_site import start
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import job, load
+from tests.support.handler_doubles import recorded
+from tests.support.inbox_places import InboxPlace
+from tests.support.inspector_site import start
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 
 def dead_for_db(receiver: Receiver, count: int) -> None:

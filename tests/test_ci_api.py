@@ -19,7 +19,7 @@ from receiver.ci.api import (
 )
 from receiver.config import CiConfig
 from receiver.metrics import Metrics
-from tests.ci_api_server import CiApiServer, Failure, callback_body, execution, job
+from tests.support.ci_api_server import CiApiServer, Failure, callback_body, execution, job
 
 BUCKET, REGION = "media-1250000000", "ap-guangzhou"
 SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"

@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from tests.callbacks import FIXTURES, load
-from tests.handlers_for_tests import recorded
-from tests.processes import REPO, Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import FIXTURES, load
+from tests.support.handler_doubles import recorded
+from tests.support.processes import REPO, Receiver
+from tests.support.waiting import wait_until
 
 
 def cli(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -38,10 +38,10 @@ data_dir = "{tmp_path / "data"}"
 [dispatch]
 poll_interval = 0.1
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 [handlers.later]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "later.jsonl"}"
 [[routes]]
 handlers = ["recorder"]
@@ -315,7 +315,7 @@ def test_replay_for_a_handler_no_running_receiver_has_warns(receiver, tmp_path):
     config.write_text(
         config.read_text().replace(
             "[[routes]]",
-            f'[handlers.added]\ntype = "tests.handlers_for_tests:Recorder"\n'
+            f'[handlers.added]\ntype = "tests.support.handler_doubles:Recorder"\n'
             f'path = "{tmp_path / "added.jsonl"}"\n[[routes]]',
         )
     )

@@ -1,5 +1,5 @@
 """`ci-receiver consume` and `run` on TDMQ for CMQ queues, as real processes, against the
-loopback CMQ stand-in (tests/cmq_server.py), which stands in for the cloud endpoint.
+loopback CMQ stand-in (tests/support/cmq_server.py), which stands in for the cloud endpoint.
 
 Messages are put on the queue with CMQ's own SendMessage actions, as CI would; what the
 consumer did is read from its inbox, a `jsonl` handler's file and the stand-in's counts.
@@ -15,13 +15,11 @@ import pytest
 
 from receiver import parse_callback
 from receiver.callback.event import Event
-from tests.callbacks import ALL, load
-from tests.cmq_support import QUEUE, SECRET_KEY, CmqSite, CmqStandIn
-from tests.processes import REPO, Receiver
-from tests.sample_events import comparable
-from tests.tdmq_support import ci_receiver, publish, query, variant, wait_until
-
-HOOKS = REPO / "tests" / "hooks"
+from tests.support.callbacks import ALL, load
+from tests.support.cmq_stand_in import QUEUE, SECRET_KEY, CmqSite, CmqStandIn
+from tests.support.installations import ci_receiver, publish, query, variant, wait_until
+from tests.support.processes import HOOKS, REPO, Receiver
+from tests.support.sample_events import comparable
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The CMQ data-API client against the loopback CMQ stand-in (tests/cmq_server.py), which
+"""The CMQ data-API client against the loopback CMQ stand-in (tests/support/cmq_server.py), which
 stands in for TDMQ for CMQ: signatures, receipt handles, visibility, error codes."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from receiver.config import CmqConfig, ConfigError, load_config
 from receiver.sources.cmq import api
 from receiver.sources.cmq.api import CmqApi, CmqRefused, CmqUnavailable
-from tests.cmq_server import sign
-from tests.cmq_support import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
-from tests.processes import free_port
+from tests.support.cmq_server import sign
+from tests.support.cmq_stand_in import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
+from tests.support.processes import free_port
 
 # The worked example of CMQ's signature page (签名方法): its request parameters, host and
 # key, and the signature the page prints for them.

@@ -1,5 +1,5 @@
 """The CMQ consumer in-process, with a real inbox (`inbox`: SQLite, then PostgreSQL),
-against the loopback CMQ stand-in (tests/cmq_server.py), which stands in for TDMQ for
+against the loopback CMQ stand-in (tests/support/cmq_server.py), which stands in for TDMQ for
 CMQ."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.sources.cmq import CmqConsumer, CmqError
-from tests.callbacks import load
-from tests.cmq_support import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
-from tests.tdmq_support import variant
-from tests.waiting import eventually
+from tests.support.callbacks import load
+from tests.support.cmq_stand_in import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
+from tests.support.installations import variant
+from tests.support.waiting import eventually
 
 # A key CMQ no longer knows (deleted while in use, say): a 41xx code of its own.
 KEY_GONE = {"code": 4104, "message": "the key does not exist"}

@@ -22,8 +22,8 @@ from dockerfile_parse import DockerfileParser
 from receiver.cli import main as cli
 from receiver.config import Config, load_config
 from receiver.sources.http_server import MOST_CONNECTIONS, connection_limits
-from tests.databases import require_server
-from tests.processes import REPO
+from tests.support.databases import require_server
+from tests.support.processes import REPO
 
 if sys.version_info >= (3, 11):
     import tomllib

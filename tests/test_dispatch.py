@@ -16,7 +16,7 @@ from receiver.config import HandlerConfig
 from receiver.dispatch.loop import Dispatcher, Slot, backoff
 from receiver.inbox import EventFilter, Receipt
 from receiver.metrics import Metrics
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "timeout": 5}
 

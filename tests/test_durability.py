@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.handlers_for_tests import recorded
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.handler_doubles import recorded
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 CALLBACKS = 600
 
@@ -34,7 +34,7 @@ type = "sqlite"
 path = "{tmp_path / "jobs.db"}"
 timeout = 2
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 {recorder}
 """

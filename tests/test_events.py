@@ -9,7 +9,7 @@ import pytest
 
 from receiver import Event, ObjectRef, PayloadError, parse_callback
 from receiver.callback.normalize import read_callback
-from tests.callbacks import ALL, XML, ci_json_from_xml, load
+from tests.support.callbacks import ALL, XML, ci_json_from_xml, load
 
 CST = timezone(timedelta(hours=8))
 BUCKET, REGION = "test-123456789", "ap-chongqing"

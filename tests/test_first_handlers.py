@@ -11,7 +11,7 @@ import pytest
 
 import handlers
 from receiver import parse_callback
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 
 async def started(type_name: str, **options):

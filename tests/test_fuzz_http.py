@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.callbacks import ALL, load
-from tests.processes import Receiver
+from tests.support.callbacks import ALL, load
+from tests.support.processes import Receiver
 
 TOKEN = "fuzz-token-1"
 DOCUMENTED = {200, 400, 401, 404, 405, 408, 413, 431}

@@ -1,6 +1,6 @@
 """The chat robot handlers against robots on loopback that answer in each vendor's
 documented shapes and check DingTalk's and Feishu's signatures themselves
-(tests/peers.py): a wrong signature gets the vendor's own error body with HTTP 200."""
+(tests/support/http_peers.py): a wrong signature gets the vendor's own error body with HTTP 200."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from markdown_it import MarkdownIt
 import handlers
 from handlers import Fail, Retry
 from receiver.callback.event import Event
-from tests.peers import (
+from tests.support.http_peers import (
     HttpPeer,
     Reply,
     dingtalk_robot,
@@ -26,8 +26,8 @@ from tests.peers import (
     slack_webhook,
     wecom_robot,
 )
-from tests.processes import free_port
-from tests.sample_events import event
+from tests.support.processes import free_port
+from tests.support.sample_events import event
 
 KEY = "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"
 TOKEN = "c0ffee-dingtalk-access-token"

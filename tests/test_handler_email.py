@@ -15,8 +15,8 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 import handlers
 from handlers import Fail, Retry
 from handlers.email import EmailHandler
-from tests.processes import free_port
-from tests.sample_events import event
+from tests.support.processes import free_port
+from tests.support.sample_events import event
 
 USER, PASSWORD = "ci-receiver", "correct horse"
 

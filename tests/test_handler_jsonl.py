@@ -8,7 +8,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import handlers
-from tests.sample_events import at_state, event
+from tests.support.sample_events import at_state, event
 
 
 def received(base, when: datetime):

@@ -11,8 +11,8 @@ from handlers.message import FIELDS, check_template, render
 from receiver import parse_callback
 from receiver.callback.event import ObjectRef
 from receiver.timezones import parse_timezone
-from tests.callbacks import ALL, load
-from tests.sample_events import event
+from tests.support.callbacks import ALL, load
+from tests.support.sample_events import event
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -15,10 +15,10 @@ import pytest
 
 import handlers
 from receiver.callback.event import Event
-from tests.callbacks import load
-from tests.processes import REPO, Receiver
-from tests.sample_events import event
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.processes import REPO, Receiver
+from tests.support.sample_events import event
+from tests.support.waiting import wait_until
 
 EXAMPLE = REPO / "examples" / "custom-handler"
 

@@ -13,8 +13,8 @@ import pytest
 import handlers
 from handlers import Retry
 from handlers.pulsar import PulsarHandler
-from tests.processes import free_port
-from tests.sample_events import event
+from tests.support.processes import free_port
+from tests.support.sample_events import event
 
 
 def subscribe(broker_url: str, topic: str):

@@ -35,11 +35,11 @@ from handlers.sql import SqlHandler, async_url
 from handlers.sql_schema import REGISTRY, registry_table
 from handlers.sql_tables import events_table, job_row, jobs_table
 from receiver.ownership import NotOurs
-from tests.callbacks import load
-from tests.databases import execute
-from tests.processes import REPO
-from tests.sample_events import at_state, event
-from tests.waiting import eventually
+from tests.support.callbacks import load
+from tests.support.databases import execute
+from tests.support.processes import REPO
+from tests.support.sample_events import at_state, event
+from tests.support.waiting import eventually
 
 
 async def started(options) -> SqlHandler:

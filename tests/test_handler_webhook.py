@@ -14,9 +14,9 @@ from standardwebhooks import Webhook
 import handlers
 from handlers import Fail, Retry
 from handlers.webhook import WebhookHandler
-from tests.peers import HttpPeer, Reply
-from tests.processes import free_port
-from tests.sample_events import event
+from tests.support.http_peers import HttpPeer, Reply
+from tests.support.processes import free_port
+from tests.support.sample_events import event
 
 SECRET = "whsec_" + base64.b64encode(b"a 32-byte secret for the tests!!").decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"the secret being rotated out....").decode()

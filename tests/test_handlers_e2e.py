@@ -17,12 +17,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks import Webhook
 
 from handlers.sql import async_url
-from tests.callbacks import load
-from tests.databases import drop_tables, require_server
-from tests.peers import HttpPeer, Reply, wecom_robot
-from tests.processes import Receiver
-from tests.sample_events import event
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.databases import drop_tables, require_server
+from tests.support.http_peers import HttpPeer, Reply, wecom_robot
+from tests.support.processes import Receiver
+from tests.support.sample_events import event
+from tests.support.waiting import wait_until
 
 ROBOT_KEY = "e2e-robot-key-5c1f"  # in the robot's URL: never to be logged
 SECRET = "whsec_" + base64.b64encode(b"end-to-end secret, 32 bytes long").decode()

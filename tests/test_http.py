@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from tests.callbacks import ALL, load
-from tests.handlers_for_tests import recorded
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import ALL, load
+from tests.support.handler_doubles import recorded
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 
 def serve(tmp_path: Path, extra: str = "", *, recorder: str = "") -> Receiver:
@@ -32,7 +32,7 @@ path = "{tmp_path / "jobs.db"}"
 [handlers.log]
 type = "log"
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 backoff_initial = 0.1
 backoff_max = 0.2
@@ -95,7 +95,7 @@ def test_a_duplicate_is_answered_200_and_not_handled_again(receiver, tmp_path):
 
 
 def ci_json_of(name: str) -> bytes:
-    from tests.callbacks import ci_json_from_xml
+    from tests.support.callbacks import ci_json_from_xml
 
     return ci_json_from_xml(load(name))
 
@@ -336,7 +336,7 @@ def receiver_cli(tmp_path: Path, *args: str):
     import subprocess
     import sys
 
-    from tests.processes import REPO
+    from tests.support.processes import REPO
 
     config = str(tmp_path / "ci-receiver.toml")
     result = subprocess.run(

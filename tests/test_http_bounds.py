@@ -17,9 +17,9 @@ import psutil
 import pytest
 
 from receiver.sources.http_server import LINGER_BYTES
-from tests.callbacks import load
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 HEAD = b"POST /callbacks HTTP/1.1\r\nHost: test\r\nContent-Type: application/xml\r\n"
 

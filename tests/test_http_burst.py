@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from receiver.sources.listen import LISTEN_BACKLOG
-from tests.bursts import burst
-from tests.callbacks import load
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.bursts import burst
+from tests.support.callbacks import load
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 HEAD = b"POST /callbacks HTTP/1.1\r\nHost: test\r\nContent-Type: application/xml\r\n"
 MiB = 1024 * 1024

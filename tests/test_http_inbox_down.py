@@ -11,8 +11,8 @@ import uvicorn
 from receiver.config import Config
 from receiver.runtime.service import Service
 from receiver.sources.http import create_app
-from tests.callbacks import load
-from tests.processes import free_port
+from tests.support.callbacks import load
+from tests.support.processes import free_port
 
 
 async def test_a_refusal_that_cannot_be_kept_is_a_503(tmp_path):

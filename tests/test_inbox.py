@@ -16,7 +16,7 @@ import pytest
 from receiver import parse_callback
 from receiver.inbox import VERIFY_RUN, Cutoffs, EventFilter, Pruned, Receipt, SchemaError
 from receiver.inbox.records import pack
-from tests.callbacks import ALL, job, load
+from tests.support.callbacks import ALL, job, load
 
 
 def receipt(body: bytes, request_id: str = "r", headers: dict | None = None) -> Receipt:

@@ -13,11 +13,11 @@ from sqlalchemy import make_url
 from receiver import parse_callback
 from receiver.config import Config
 from receiver.inbox import EventDetail, Inbox, Receipt, open_inbox
-from tests.handlers_for_tests import recorded
-from tests.processes import Receiver
-from tests.shared_inbox import SharedInbox
-from tests.tdmq_support import ci_receiver
-from tests.waiting import wait_until
+from tests.support.handler_doubles import recorded
+from tests.support.installations import ci_receiver
+from tests.support.processes import Receiver
+from tests.support.shared_inbox import SharedInbox
+from tests.support.waiting import wait_until
 
 CALLBACKS = 7
 
@@ -40,7 +40,7 @@ access_log = false
 [dispatch]
 poll_interval = 0.2
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{folder / "recorded.jsonl"}"
 timeout = 2
 [handlers.archive]

@@ -21,7 +21,7 @@ from receiver.inbox import Cutoffs, Receipt
 from receiver.inbox.postgres import PostgresInbox
 from receiver.inbox.records import PACKED, event_data
 from receiver.inbox.sqlite import SqliteInbox
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 NAMES = ["transcode.xml", "smartcover.json", "two_jobs.xml", "workflow_finish.xml"]
 HEADERS = {"content-type": "application/xml"}

@@ -11,7 +11,7 @@ import sys
 
 import asyncpg
 
-from tests.processes import REPO, Receiver
+from tests.support.processes import REPO, Receiver
 
 
 def serve_refused(config) -> str:

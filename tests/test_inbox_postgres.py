@@ -1,7 +1,7 @@
 """What only the PostgreSQL inbox does: wake other replicas, create its schema once when
 replicas start together, and ride out a database that goes away and comes back.
 
-The outage is a loopback TCP proxy in front of the machine's server (tests/tcp_proxy.py),
+The outage is a loopback TCP proxy in front of the machine's server (tests/support/tcp_proxy.py),
 cut and restored by the test: the server itself keeps serving the other tests.
 """
 
@@ -20,7 +20,7 @@ from sqlalchemy import make_url
 from receiver import parse_callback
 from receiver.inbox import InboxUnavailable, Receipt
 from receiver.inbox.postgres import PostgresInbox
-from tests.tcp_proxy import TcpProxy
+from tests.support.tcp_proxy import TcpProxy
 
 
 def inbox_at(url: str, schema: str, **options) -> PostgresInbox:

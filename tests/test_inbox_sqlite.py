@@ -15,7 +15,7 @@ import pytest
 from receiver import parse_callback
 from receiver.inbox import EventFilter, Receipt
 from receiver.inbox.sqlite import SqliteInbox
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 
 @pytest.fixture

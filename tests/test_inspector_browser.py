@@ -18,12 +18,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.callbacks import load
-from tests.databases import in_ci
-from tests.handlers_for_tests import recorded
-from tests.inspector_site import start
-from tests.processes import REPO
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.databases import in_ci
+from tests.support.handler_doubles import recorded
+from tests.support.inspector_site import start
+from tests.support.processes import REPO
+from tests.support.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 from receiver.admin.charts import bars, traffic_chart
 from receiver.admin.pretty import pretty
 from receiver.inbox import Traffic
-from tests.callbacks import load
-from tests.processes import REPO
+from tests.support.callbacks import load
+from tests.support.processes import REPO
 
 SINCE = datetime(2026, 11, 30, 0, 0, tzinfo=timezone.utc)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from receiver import Event, PayloadError, parse_callback
 from receiver.callback.decode import Limits
 from receiver.callback.fields import MAX_ID_LENGTH
-from tests.processes import Receiver
+from tests.support.processes import Receiver
 
 DEEPEST = Limits(max_depth=200, max_bytes=4 * 1024 * 1024)  # the documented maximum
 

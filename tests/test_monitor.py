@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry
 from receiver import parse_callback
 from receiver.inbox import Receipt
 from receiver.upkeep.backlog import BacklogMonitor
-from tests.callbacks import job, load
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import job, load
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 
 async def store(inbox, body: bytes, handlers: list[str]) -> None:
@@ -67,7 +67,7 @@ def test_a_running_receiver_serves_the_gauges(tmp_path):
     config.write_text(
         f'data_dir = "{tmp_path / "data"}"\n'
         "[handlers.broken]\n"
-        'type = "tests.handlers_for_tests:Recorder"\n'
+        'type = "tests.support.handler_doubles:Recorder"\n'
         f'path = "{tmp_path / "broken.jsonl"}"\n'
         "fail_first = 99\n"
         "max_attempts = 1\n"

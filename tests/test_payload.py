@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from receiver.callback.decode import Limits, PayloadError, decode
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 
 def reason(body: bytes, **kwargs) -> str:

@@ -6,7 +6,7 @@ it is away; the log says so once as it goes and once as it comes back, each cons
 once that its messages come back meanwhile, and never with a traceback.
 
 The outage is a loopback TCP proxy between the processes and the machine's server
-(tests/tcp_proxy.py), cut and restored by the test: the server keeps serving the other
+(tests/support/tcp_proxy.py), cut and restored by the test: the server keeps serving the other
 tests meanwhile.
 """
 
@@ -20,12 +20,12 @@ import orjson
 import pytest
 from sqlalchemy import make_url
 
-from tests.ci_api_server import CiApiServer, job
-from tests.cmq_support import QUEUE, CmqStandIn, cmq_section
-from tests.processes import REPO, Receiver
-from tests.shared_inbox import SharedInbox
-from tests.tcp_proxy import ThreadedProxy
-from tests.tdmq_support import TOKEN, publish, wait_until
+from tests.support.ci_api_server import CiApiServer, job
+from tests.support.cmq_stand_in import QUEUE, CmqStandIn, cmq_section
+from tests.support.installations import TOKEN, publish, wait_until
+from tests.support.processes import REPO, Receiver
+from tests.support.shared_inbox import SharedInbox
+from tests.support.tcp_proxy import ThreadedProxy
 from tests.test_cli import cli
 from tests.test_senders import metric
 from tests.test_workers import log_lines
@@ -71,7 +71,7 @@ inspector = true
 poll_interval = 0.2
 {tdmq if broker_url else ""}
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 timeout = 2
 {inbox.toml(proxy_port)}

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver import Event, PayloadError, parse_callback
-from tests.callbacks import ALL, load
+from tests.support.callbacks import ALL, load
 
 REAL = [load(name) for name in ALL]
 JSON_DOCS = [

@@ -9,9 +9,9 @@ import signal
 import httpx
 import pytest
 
-from tests.callbacks import load
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 TOKEN = "tok-9d2a41c7e3"  # the handler's secret option: never to be shown
 
@@ -21,7 +21,7 @@ def receiver_with(tmp_path, dispatch: str, handler: str) -> Receiver:
     config.write_text(
         f'data_dir = "{tmp_path / "data"}"\n[dispatch]\n{dispatch}\n'
         "[handlers.crm]\n"
-        'type = "tests.handlers_for_tests:CannotStart"\n'
+        'type = "tests.support.handler_doubles:CannotStart"\n'
         f'token = "{TOKEN}"\n'
         'url = "https://crm-user:crm-pass@crm.example.com/api?key=query-secret"\n'
         f"{handler}\n"

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.callbacks import load
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import orjson
 from receiver import parse_callback
 from receiver.inbox import Receipt
 from receiver.inbox.sqlite import SqliteInbox
-from tests.processes import REPO, Receiver
+from tests.support.processes import REPO, Receiver
 
 EVENTS = 100_000
 TAGS = ("Transcode", "Snapshot", "SmartCover")

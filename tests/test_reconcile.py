@@ -1,5 +1,5 @@
 """The reconciler in-process: a real SQLite inbox and ingest path, the official SDK, and
-the loopback stand-in for CI (tests/ci_api_server.py), which checks every signature."""
+the loopback stand-in for CI (tests/support/ci_api_server.py), which checks every signature."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.sources.reconcile import Reconciler, Watch, watches
-from tests.ci_api_server import CiApiServer, Failure, callback_body, execution, job
+from tests.support.ci_api_server import CiApiServer, Failure, callback_body, execution, job
 
 BUCKET, REGION = "media-1250000000", "ap-guangzhou"
 OTHER = "archive-1250000000"

@@ -1,5 +1,5 @@
 """The reconciler as a user runs it: `ci-receiver serve` and `ci-receiver reconcile` as
-child processes, against the loopback stand-in for CI (tests/ci_api_server.py)."""
+child processes, against the loopback stand-in for CI (tests/support/ci_api_server.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.ci_api_server import CiApiServer, callback_body, job
-from tests.handlers_for_tests import json_lines, recorded
-from tests.processes import REPO, Receiver
-from tests.waiting import wait_until
+from tests.support.ci_api_server import CiApiServer, callback_body, job
+from tests.support.handler_doubles import json_lines, recorded
+from tests.support.processes import REPO, Receiver
+from tests.support.waiting import wait_until
 
 BUCKET, REGION = "media-1250000000", "ap-guangzhou"
 SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
@@ -42,7 +42,7 @@ format = "json"
 [dispatch]
 poll_interval = 0.2
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 [ci]
 secret_id = "{SECRET_ID}"

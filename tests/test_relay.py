@@ -7,9 +7,9 @@ import httpx
 import pytest
 
 from receiver import parse_callback
-from tests.callbacks import ALL, load
-from tests.processes import Receiver, free_port
-from tests.tdmq_support import Site, ci_receiver, content_version, wait_until
+from tests.support.callbacks import ALL, load
+from tests.support.installations import Site, ci_receiver, content_version, wait_until
+from tests.support.processes import Receiver, free_port
 
 TOPIC = "persistent://public/default/ci-callbacks"
 

@@ -18,20 +18,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.callbacks import job
-from tests.handlers_for_tests import recorded
-from tests.processes import Receiver
-from tests.tcp_proxy import ThreadedProxy
+from tests.support.callbacks import job
+from tests.support.handler_doubles import recorded
+from tests.support.processes import Receiver
+from tests.support.tcp_proxy import ThreadedProxy
+from tests.support.waiting import wait_until
 from tests.test_cli import cli
 from tests.test_workers import log_lines, start_workers
-from tests.waiting import wait_until
 
 
 def write_config(tmp_path: Path, handlers: dict[str, str], routes: str, extra: str = "") -> Path:
     """`handlers`: name -> the JSON-lines file its Recorder writes."""
     path = tmp_path / "ci-receiver.toml"
     sections = "".join(
-        f'[handlers.{name}]\ntype = "tests.handlers_for_tests:Recorder"\n'
+        f'[handlers.{name}]\ntype = "tests.support.handler_doubles:Recorder"\n'
         f'path = "{tmp_path / file}"\n'
         for name, file in handlers.items()
     )

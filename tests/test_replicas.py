@@ -26,15 +26,14 @@ import pytest
 
 import handlers
 from receiver.dispatch.loop import LEASE_GRACE_SECONDS
-from tests.callbacks import job
-from tests.databases import drop_tables, require_server
-from tests.peers import HttpPeer, Reply, Request
-from tests.processes import REPO, Receiver
-from tests.shared_inbox import SharedInbox
-from tests.tdmq_support import TOKEN, publish, wait_until
+from tests.support.callbacks import job
+from tests.support.databases import drop_tables, require_server
+from tests.support.http_peers import HttpPeer, Reply, Request
+from tests.support.installations import TOKEN, publish, wait_until
+from tests.support.processes import HOOKS, REPO, Receiver
+from tests.support.shared_inbox import SharedInbox
 
 TOPIC = "persistent://public/default/ci-callbacks"
-HOOKS = REPO / "tests" / "hooks"
 # Short, so that a killed replica's runs are taken over within the test: the lease is the
 # handler's timeout plus the dispatcher's grace.
 HANDLER_TIMEOUT = 3

@@ -19,9 +19,9 @@ from receiver.config import RetentionConfig
 from receiver.inbox import Receipt
 from receiver.inbox.sqlite import SqliteInbox
 from receiver.upkeep.retention import Pruner
-from tests.callbacks import load
-from tests.processes import REPO, Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.processes import REPO, Receiver
+from tests.support.waiting import wait_until
 
 DAY = timedelta(days=1)
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from receiver import parse_callback
 from receiver.config import Config, RouteConfig
 from receiver.ingest.routing import Router, warnings
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 SMARTCOVER = parse_callback(load("smartcover.xml"))[0]
 FAILED = parse_callback(load("smartcover_failed.xml"))[0]

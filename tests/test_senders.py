@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.callbacks import load
-from tests.processes import Receiver
+from tests.support.callbacks import load
+from tests.support.processes import Receiver
 
 
 def serve(tmp_path: Path, sections: str) -> Receiver:

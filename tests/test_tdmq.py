@@ -18,10 +18,8 @@ import pytest
 
 from receiver import parse_callback
 from receiver.callback.event import Event
-from tests.callbacks import ALL, load
-from tests.processes import REPO, Receiver, free_port
-from tests.sample_events import comparable
-from tests.tdmq_support import (
+from tests.support.callbacks import ALL, load
+from tests.support.installations import (
     Site,
     ci_receiver,
     content_version,
@@ -30,9 +28,10 @@ from tests.tdmq_support import (
     variant,
     wait_until,
 )
+from tests.support.processes import HOOKS, REPO, Receiver, free_port
+from tests.support.sample_events import comparable
 
 TOPIC = "persistent://public/default/ci-callbacks"
-HOOKS = REPO / "tests" / "hooks"
 
 
 @pytest.fixture

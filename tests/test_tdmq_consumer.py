@@ -20,10 +20,10 @@ from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.sources.tdmq import TdmqConsumer, TdmqError, messages
 from receiver.sources.tdmq.client import client_options, subscribe_options
-from tests.callbacks import load
-from tests.processes import free_port
-from tests.tdmq_support import TOKEN, publish
-from tests.waiting import eventually
+from tests.support.callbacks import load
+from tests.support.installations import TOKEN, publish
+from tests.support.processes import free_port
+from tests.support.waiting import eventually
 
 TOPIC = "persistent://public/default/ci-callbacks"
 

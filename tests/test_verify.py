@@ -1,6 +1,6 @@
 """Verification in-process: the service as `serve` builds it (inbox on SQLite and
 PostgreSQL, dispatcher, the verification step, a recording handler), the official SDK,
-and the loopback stand-in for CI (tests/ci_api_server.py), which checks every signature
+and the loopback stand-in for CI (tests/support/ci_api_server.py), which checks every signature
 and stands in for CI's job API, which cannot be reached from here."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from receiver.ci import verify
 from receiver.config import Config
 from receiver.inbox import VERIFY_RUN, EventFilter, Receipt
 from receiver.runtime.service import Service
-from tests.ci_api_server import CiApiServer, Failure, callback_body, execution, job
-from tests.handlers_for_tests import recorded
+from tests.support.ci_api_server import CiApiServer, Failure, callback_body, execution, job
+from tests.support.handler_doubles import recorded
 
 BUCKET, REGION = "media-1250000000", "ap-guangzhou"
 SECRET_ID, SECRET_KEY = "AKIDverifytest", "the-secret-key"
@@ -52,7 +52,7 @@ class Receiver:
             dispatch={"poll_interval": 0.05},
             handlers={
                 "recorder": {
-                    "type": "tests.handlers_for_tests:Recorder",
+                    "type": "tests.support.handler_doubles:Recorder",
                     "path": str(self.handled_path),
                 }
             },

@@ -1,6 +1,6 @@
 """Verification as a user runs it: `ci-receiver serve` with `[http] verify = "ci-api"` as
 a child process, callbacks over HTTP, the commands to look and replay, against the
-loopback stand-in for CI's job API (tests/ci_api_server.py), which CI itself cannot be
+loopback stand-in for CI's job API (tests/support/ci_api_server.py), which CI itself cannot be
 reached from here."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from tests.ci_api_server import CiApiServer, Failure, callback_body, job
-from tests.handlers_for_tests import recorded
-from tests.processes import Receiver
+from tests.support.ci_api_server import CiApiServer, Failure, callback_body, job
+from tests.support.handler_doubles import recorded
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 from tests.test_reconcile_process import cli
-from tests.waiting import wait_until
 
 BUCKET, REGION = "media-1250000000", "ap-guangzhou"
 SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
@@ -40,7 +40,7 @@ format = "json"
 [dispatch]
 poll_interval = 0.2
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 [ci]
 secret_id = "{SECRET_ID}"

@@ -23,10 +23,10 @@ import httpx
 import orjson
 import pytest
 
-from tests.callbacks import job
-from tests.handlers_for_tests import json_lines, recorded
-from tests.processes import Receiver
-from tests.waiting import wait_until
+from tests.support.callbacks import job
+from tests.support.handler_doubles import json_lines, recorded
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
 
 CALLBACKS = 300
 SENDERS = 16  # threads posting at once, each request on a connection of its own
@@ -44,7 +44,7 @@ access_log = false
 [dispatch]
 poll_interval = 0.2
 [handlers.recorder]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{tmp_path / "recorded.jsonl"}"
 timeout = 2
 {extra}

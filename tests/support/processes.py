@@ -13,7 +13,10 @@ from typing import IO
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# The start-up hooks (sitecustomize.py) a ci-receiver child process imports when this
+# folder is on its PYTHONPATH: they stall or reshape it where a test asks.
+HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
 def free_port() -> int:

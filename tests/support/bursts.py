@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from tests.callbacks import ci_json_from_xml, load
+from tests.support.callbacks import ci_json_from_xml, load
 
 SNAPSHOT = load("snapshot.xml")
 SNAPSHOT_JOB = b"j4e431ba0f86711ecb8546d80f2baf56f"

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from tests.processes import free_port
+from tests.support.processes import free_port
 
 
 class TcpProxy:

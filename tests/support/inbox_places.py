@@ -10,7 +10,7 @@ import asyncpg
 
 from receiver.config import Config
 from receiver.inbox import Inbox, open_inbox
-from tests.databases import require_server
+from tests.support.databases import require_server
 
 BACKENDS = ["sqlite", "postgresql"]
 

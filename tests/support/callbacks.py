@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-FIXTURES = Path(__file__).parent / "fixtures" / "callbacks"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "callbacks"
 ALL = sorted(p.name for p in FIXTURES.iterdir() if p.suffix in (".xml", ".json"))
 XML = [name for name in ALL if name.endswith(".xml")]
 

@@ -28,7 +28,7 @@ refuses every signed request with a code of the test's choosing until told other
 as raw JSON text (a hostile answer), and reports counts (requests per action, messages
 queued and hidden, the most hidden at once).
 
-    python -m tests.cmq_server --port P --db F --key ID:KEY --queue NAME [...]
+    python -m tests.support.cmq_server --port P --db F --key ID:KEY --queue NAME [...]
 """
 
 from __future__ import annotations

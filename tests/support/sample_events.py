@@ -6,7 +6,7 @@ import dataclasses
 
 from receiver import parse_callback
 from receiver.callback.event import Event
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 
 def event(name: str = "smartcover.xml", index: int = 0) -> Event:

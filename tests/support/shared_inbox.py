@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import make_url
 
-from tests.inboxes import drop_schema
+from tests.support.inbox_places import drop_schema
 
 
 class SharedInbox:

@@ -22,8 +22,8 @@ import pulsar
 
 from receiver.inbox.records import stored_body
 from receiver.inbox.sqlite import SqliteInbox
-from tests.handlers_for_tests import json_lines
-from tests.processes import free_port
+from tests.support.handler_doubles import json_lines
+from tests.support.processes import free_port
 
 T = TypeVar("T")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 
-from tests.cmq_server import PATH, sign
-from tests.processes import REPO, free_port, wait_for_port
-from tests.tdmq_support import Installation
+from tests.support.cmq_server import PATH, sign
+from tests.support.installations import Installation
+from tests.support.processes import REPO, free_port, wait_for_port
 
 SECRET_ID = "AKIDstandin0123456789abcdefghijklmnop"
 SECRET_KEY = "stand-in-secret-key-0123456789ab"
@@ -24,7 +24,7 @@ QUEUE = "ci-callbacks"
 
 
 class CmqStandIn:
-    """`python -m tests.cmq_server` on a free port, over an SQLite file that outlives the
+    """`python -m tests.support.cmq_server` on a free port, over an SQLite file that outlives the
     process: `kill()` and `start()` again keep the queues."""
 
     def __init__(
@@ -43,7 +43,7 @@ class CmqStandIn:
         command = [
             sys.executable,
             "-m",
-            "tests.cmq_server",
+            "tests.support.cmq_server",
             "--port",
             str(self.port),
             "--db",

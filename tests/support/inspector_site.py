@@ -1,13 +1,13 @@
 """A `ci-receiver serve` for the inspector's tests: the admin API and pages on, and a
 handler `db` that fails the first attempt of every event with one attempt allowed (so
 each event is dead-lettered for it at once, and succeeds when replayed), beside `log`.
-What `db` did is in `<tmp_path>/db.jsonl` (see `handlers_for_tests.recorded`)."""
+What `db` did is in `<tmp_path>/db.jsonl` (see `handler_doubles.recorded`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.processes import Receiver
+from tests.support.processes import Receiver
 
 CONFIG = """
 data_dir = "{data}"
@@ -16,7 +16,7 @@ data_dir = "{data}"
 inspector = {inspector}
 {admin}
 [handlers.db]
-type = "tests.handlers_for_tests:Recorder"
+type = "tests.support.handler_doubles:Recorder"
 path = "{recorder}"
 fail_first = 1
 max_attempts = 1

@@ -1,4 +1,4 @@
-"""A handler for tests, configured by dotted path (`tests.handlers_for_tests:Recorder`)
+"""A handler for tests, configured by dotted path (`tests.support.handler_doubles:Recorder`)
 in a ci-receiver process: it appends what it sees to a JSON-lines file."""
 
 from __future__ import annotations
