@@ -1,6 +1,6 @@
 """Many senders at one moment, each posting one callback over a connection of its own
 and reading the answer, as CI's senders do when a batch of jobs ends together. Used by
-tests/test_http_burst.py and `python -m bench.burst`."""
+tests/sources/test_http_burst.py and `python -m bench.burst`."""
 
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
+import orjson
 
 REPO = Path(__file__).resolve().parents[2]
 # The start-up hooks (sitecustomize.py) a ci-receiver child process imports when this
@@ -180,6 +181,40 @@ class Receiver:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def metric(receiver: Receiver, line_start: str) -> float:
+    """The value of the sample whose line starts so on the admin listener's /metrics;
+    0 when it is not there yet."""
+    for line in httpx.get(receiver.admin_url + "/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def log_lines(receiver: Receiver) -> list[dict[str, Any]]:
+    """What the process logged as JSON lines, parsed."""
+    lines = []
+    for line in receiver.log().splitlines():
+        if line.startswith("{"):
+            lines.append(orjson.loads(line))
+    return lines
+
+
+def listening(receiver: Receiver) -> list[tuple[int, int]]:
+    """(worker, pid) of every worker that said it listens, in order."""
+    return [
+        (line["worker"], line["pid"])
+        for line in log_lines(receiver)
+        if line["event"] == "worker listening"
+    ]
+
+
+def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict[int, int]:
+    """`serve --workers N`: start, and wait until every worker listens: {worker: pid}."""
+    receiver.start(env=env, wait_http=False)
+    receiver.wait_for_log("all workers listening")
+    return dict(listening(receiver))
 
 
 def _limit_open_files(limit: int) -> None:

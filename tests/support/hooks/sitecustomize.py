@@ -1,5 +1,5 @@
-"""Test-only, for tests/test_tdmq.py and tests/test_cmq.py: imported at start-up by a
-ci-receiver process whose PYTHONPATH includes this folder.
+"""Test-only, for tests/sources/tdmq/test_consume.py and tests/sources/cmq/test_consume.py:
+imported at start-up by a ci-receiver process whose PYTHONPATH includes this folder.
 
 CI_RECEIVER_TEST_STALL=before (or after): every TDMQ message (CMQ with
 CI_RECEIVER_TEST_STALL_SOURCE=cmq), or batch of them, stops for good right before (or

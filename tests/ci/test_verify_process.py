@@ -9,23 +9,21 @@ from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
-from tests.support.ci_api_server import CiApiServer, Failure, callback_body, job
+from tests.support.ci_api_server import (
+    BUCKET,
+    REGION,
+    SECRET_ID,
+    SECRET_KEY,
+    CiApiServer,
+    Failure,
+    callback_body,
+    job,
+)
+from tests.support.cli import ci_cli as cli
 from tests.support.handler_doubles import recorded
 from tests.support.processes import Receiver
 from tests.support.waiting import wait_until
-from tests.test_reconcile_process import cli
-
-BUCKET, REGION = "media-1250000000", "ap-guangzhou"
-SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
-
-
-@pytest.fixture
-def ci():
-    server = CiApiServer({SECRET_ID: SECRET_KEY}).start()
-    yield server
-    server.stop()
 
 
 def config(tmp_path: Path, ci: CiApiServer) -> Path:

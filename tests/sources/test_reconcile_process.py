@@ -3,30 +3,26 @@ child processes, against the loopback stand-in for CI (tests/support/ci_api_serv
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
-import pytest
 
-from tests.support.ci_api_server import CiApiServer, callback_body, job
+from tests.support.ci_api_server import (
+    BUCKET,
+    REGION,
+    SECRET_ID,
+    SECRET_KEY,
+    CiApiServer,
+    callback_body,
+    job,
+)
+from tests.support.cli import ci_cli as cli
 from tests.support.handler_doubles import json_lines, recorded
-from tests.support.processes import REPO, Receiver
+from tests.support.processes import Receiver
 from tests.support.waiting import wait_until
-
-BUCKET, REGION = "media-1250000000", "ap-guangzhou"
-SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
-
-
-@pytest.fixture
-def ci():
-    server = CiApiServer({SECRET_ID: SECRET_KEY}).start()
-    yield server
-    server.stop()
 
 
 def config(
@@ -63,15 +59,6 @@ tags = ["Transcode"]
 
 def environment(tmp_path: Path) -> dict[str, str]:
     return {"CI_TEST_SECRET_KEY": (tmp_path / "secret_key").read_text()}
-
-
-def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "receiver.cli", *args]
-    return subprocess.run(
-        [*command, "--config", str(tmp_path / "ci-receiver.toml")],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        env={**environment(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env},
-    )  # fmt: skip
 
 
 def test_ten_jobs_end_three_callbacks_are_lost_and_the_running_receiver_recovers_them(tmp_path, ci):

@@ -3,7 +3,7 @@ well-formed HTTP response with a status the API documents (never a 500), or a cl
 connection; the process never logs an unhandled error, and keeps taking callbacks.
 
 Bounded for CI by the hypothesis profile (tests/conftest.py); `HYPOTHESIS_PROFILE=deep`
-runs it much longer. The decoding itself is fuzzed in tests/test_properties.py.
+runs it much longer. The decoding itself is fuzzed in tests/callback/test_properties.py.
 """
 
 from __future__ import annotations

@@ -17,19 +17,20 @@ from receiver.ci import verify
 from receiver.config import Config
 from receiver.inbox import VERIFY_RUN, EventFilter, Receipt
 from receiver.runtime.service import Service
-from tests.support.ci_api_server import CiApiServer, Failure, callback_body, execution, job
+from tests.support.ci_api_server import (
+    BUCKET,
+    REGION,
+    SECRET_ID,
+    SECRET_KEY,
+    CiApiServer,
+    Failure,
+    callback_body,
+    execution,
+    job,
+)
 from tests.support.handler_doubles import recorded
 
-BUCKET, REGION = "media-1250000000", "ap-guangzhou"
-SECRET_ID, SECRET_KEY = "AKIDverifytest", "the-secret-key"
 WORKFLOW = "w0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture
-def ci():
-    server = CiApiServer({SECRET_ID: SECRET_KEY}).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

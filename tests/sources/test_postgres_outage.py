@@ -21,14 +21,12 @@ import pytest
 from sqlalchemy import make_url
 
 from tests.support.ci_api_server import CiApiServer, job
+from tests.support.cli import cli
 from tests.support.cmq_stand_in import QUEUE, CmqStandIn, cmq_section
 from tests.support.installations import TOKEN, publish, wait_until
-from tests.support.processes import REPO, Receiver
+from tests.support.processes import REPO, Receiver, log_lines, metric
 from tests.support.shared_inbox import SharedInbox
 from tests.support.tcp_proxy import ThreadedProxy
-from tests.test_cli import cli
-from tests.test_senders import metric
-from tests.test_workers import log_lines
 
 TOPIC = "persistent://public/default/ci-callbacks"
 

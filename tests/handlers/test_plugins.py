@@ -24,7 +24,7 @@ EXAMPLE = REPO / "examples" / "custom-handler"
 
 
 class Recorder:
-    """A handler found by dotted path: `tests.test_handler_plugins:Recorder`."""
+    """A handler found by dotted path: `tests.handlers.test_plugins:Recorder`."""
 
     def __init__(self, options) -> None:
         self.seen: list[str] = []
@@ -44,7 +44,7 @@ def test_every_builtin_type_loads(name):
 
 
 async def test_a_handler_by_dotted_path():
-    handler = handlers.build("tests.test_handler_plugins:Recorder", {"prefix": "> "})
+    handler = handlers.build("tests.handlers.test_plugins:Recorder", {"prefix": "> "})
     await handlers.start(handler)  # no start() or close(): both are optional
     await handler(event())
     await handlers.close(handler)
@@ -52,9 +52,9 @@ async def test_a_handler_by_dotted_path():
 
 
 def test_a_plain_function_takes_no_options():
-    assert handlers.build("tests.test_handler_plugins:bare", {}) is bare
+    assert handlers.build("tests.handlers.test_plugins:bare", {}) is bare
     with pytest.raises(handlers.HandlerConfigError, match="takes no options"):
-        handlers.build("tests.test_handler_plugins:bare", {"x": 1})
+        handlers.build("tests.handlers.test_plugins:bare", {"x": 1})
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_a_plain_function_takes_no_options():
     [
         ("no-such-type", "unknown handler type 'no-such-type': not built in (dingtalk, email"),
         ("tests.nowhere:Handler", "cannot import handler 'tests.nowhere:Handler'"),
-        ("tests.test_handler_plugins:Nothing", "has no attribute 'Nothing'"),
+        ("tests.handlers.test_plugins:Nothing", "has no attribute 'Nothing'"),
     ],
 )
 def test_unknown_types_are_explained(type_name, says):

@@ -19,18 +19,17 @@ from receiver.ci.api import (
 )
 from receiver.config import CiConfig
 from receiver.metrics import Metrics
-from tests.support.ci_api_server import CiApiServer, Failure, callback_body, execution, job
-
-BUCKET, REGION = "media-1250000000", "ap-guangzhou"
-SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
-
-
-@pytest.fixture
-def ci():
-    server = CiApiServer({SECRET_ID: SECRET_KEY, "AKIDtemporary": "temporary-key"},
-                         tokens={"AKIDtemporary": "session-token"}).start()  # fmt: skip
-    yield server
-    server.stop()
+from tests.support.ci_api_server import (
+    BUCKET,
+    REGION,
+    SECRET_ID,
+    SECRET_KEY,
+    CiApiServer,
+    Failure,
+    callback_body,
+    execution,
+    job,
+)
 
 
 def ci_config(server: CiApiServer, **overrides) -> CiConfig:

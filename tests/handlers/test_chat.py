@@ -312,8 +312,8 @@ def golden_text(body: dict) -> str:
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("robot", ROBOTS)
 async def test_each_robot_gets_the_message_in_its_golden_file(robot, case, request):
-    """tests/golden/chat/ holds what each robot is sent: the readable sample of each
-    dialect. `UPDATE_GOLDEN=1 pytest tests/test_handler_chat.py` rewrites them."""
+    """tests/handlers/golden/chat/ holds what each robot is sent: the readable sample of each
+    dialect. `UPDATE_GOLDEN=1 pytest tests/handlers/test_chat.py` rewrites them."""
     body = golden_text(await sent_to(robot, case, request))
     path = GOLDEN / f"{robot}-{case}.json"
     if os.environ.get("UPDATE_GOLDEN"):

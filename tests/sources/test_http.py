@@ -14,6 +14,7 @@ import pytest
 
 from receiver import parse_callback
 from tests.support.callbacks import ALL, load
+from tests.support.cli import ci_receiver
 from tests.support.handler_doubles import recorded
 from tests.support.processes import Receiver
 from tests.support.waiting import wait_until
@@ -302,6 +303,7 @@ def test_a_failing_handler_is_retried_and_the_others_are_not_rerun(tmp_path):
 
 def test_dead_letters_then_replay(tmp_path):
     receiver = serve(tmp_path, recorder="fail_first = 5\nmax_attempts = 2")
+    config = tmp_path / "ci-receiver.toml"
     try:
         (event_id,) = receiver.post(load("transcode.xml")).json()["ids"]
         wait_until(
@@ -310,7 +312,7 @@ def test_dead_letters_then_replay(tmp_path):
                 == [("dead", 2)]
             )
         )
-        replay = receiver_cli(tmp_path, "replay", "--dead")
+        replay = ci_receiver(config, "replay", "--dead", env={"PATH": ""}, text=True, ok=True)
         assert replay.stdout.strip() == "1 run(s) queued again, of 1 event(s)"
         wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl", "failed")) == 4)
         wait_until(
@@ -321,7 +323,9 @@ def test_dead_letters_then_replay(tmp_path):
         )
     finally:
         receiver.terminate()
-    listed = receiver_cli(tmp_path, "events", "list", "--status", "dead", "--json")
+    listed = ci_receiver(
+        config, "events", "list", "--status", "dead", "--json", env={"PATH": ""}, text=True, ok=True
+    )
     (row,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
     assert row["id"] == event_id
     assert row["handlers"]["recorder"] == {
@@ -330,20 +334,3 @@ def test_dead_letters_then_replay(tmp_path):
         "error": "RuntimeError: planned failure 4 of 5",
     }
     assert row["handlers"]["jobs"]["status"] == "done"
-
-
-def receiver_cli(tmp_path: Path, *args: str):
-    import subprocess
-    import sys
-
-    from tests.support.processes import REPO
-
-    config = str(tmp_path / "ci-receiver.toml")
-    result = subprocess.run(
-        [sys.executable, "-m", "receiver.cli", *args, "--config", config],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": ""},
-    )
-    assert result.returncode == 0, result.stderr
-    return result

@@ -19,12 +19,11 @@ import httpx
 import pytest
 
 from tests.support.callbacks import job
+from tests.support.cli import cli
 from tests.support.handler_doubles import recorded
-from tests.support.processes import Receiver
+from tests.support.processes import Receiver, log_lines, start_workers
 from tests.support.tcp_proxy import ThreadedProxy
 from tests.support.waiting import wait_until
-from tests.test_cli import cli
-from tests.test_workers import log_lines, start_workers
 
 
 def write_config(tmp_path: Path, handlers: dict[str, str], routes: str, extra: str = "") -> Path:

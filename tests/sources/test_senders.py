@@ -8,11 +8,10 @@ import socket
 import sqlite3
 from pathlib import Path
 
-import httpx
 import orjson
 
 from tests.support.callbacks import load
-from tests.support.processes import Receiver
+from tests.support.processes import Receiver, metric
 
 
 def serve(tmp_path: Path, sections: str) -> Receiver:
@@ -29,13 +28,6 @@ def receipts(tmp_path: Path) -> list[tuple]:
         return inbox.execute(
             "SELECT outcome, error_reason, length(body), size, headers FROM receipts ORDER BY id"
         ).fetchall()
-
-
-def metric(receiver: Receiver, line_start: str) -> float:
-    for line in httpx.get(receiver.admin_url + "/metrics").text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_basic_credentials_and_path_tokens_both_let_in_and_nothing_else_does(tmp_path):

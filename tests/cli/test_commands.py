@@ -6,28 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import orjson
 import pytest
 
 from receiver import parse_callback
 from tests.support.callbacks import FIXTURES, load
+from tests.support.cli import cli
 from tests.support.handler_doubles import recorded
 from tests.support.processes import REPO, Receiver
 from tests.support.waiting import wait_until
-
-
-def cli(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "receiver.cli", *args],
-        capture_output=True,
-        env={"PYTHONPATH": str(REPO), "CI_RECEIVER_CONFIG": str(tmp_path / "ci-receiver.toml")},
-        cwd=tmp_path,
-    )
-    if ok:
-        assert result.returncode == 0, result.stderr.decode()
-    return result
 
 
 @pytest.fixture

@@ -325,7 +325,7 @@ def test_systemd_unit_runs_real_commands():
     assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > 20
     # `systemctl reload`: the signal the runner reloads handlers and routes on, sent
-    # only once the process said it is ready (tests/test_reload.py checks it does).
+    # only once the process said it is ready (tests/runtime/test_reload.py checks it does).
     assert shlex.split(service["ExecReload"]) == ["/bin/kill", "-HUP", "$MAINPID"]
     assert service["Type"] == "notify"
     # READY=1 waits for the inbox's database: no start timeout kills it meanwhile, and

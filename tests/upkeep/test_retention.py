@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import random
 import sqlite3
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
 import orjson
@@ -20,7 +18,8 @@ from receiver.inbox import Receipt
 from receiver.inbox.sqlite import SqliteInbox
 from receiver.upkeep.retention import Pruner
 from tests.support.callbacks import load
-from tests.support.processes import REPO, Receiver
+from tests.support.cli import ci_receiver as cli
+from tests.support.processes import Receiver
 from tests.support.waiting import wait_until
 
 DAY = timedelta(days=1)
@@ -125,16 +124,6 @@ interval = "1s"
 """
     )
     return config
-
-
-def cli(config, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", *args, "--config", str(config)],
-        capture_output=True,
-        env={"PYTHONPATH": str(REPO)},
-        cwd=config.parent,
-        timeout=60,
-    )
 
 
 def listed(config) -> list[str]:

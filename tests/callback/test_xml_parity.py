@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from receiver.callback import xml_fast
 from receiver.callback.decode import DEFAULT_LIMITS, Limits, PayloadError, decode
-from tests import test_hostile_bodies as hostile
+from tests.support import hostile_bodies as hostile
 from tests.support.callbacks import XML, ci_json_from_xml, load
 
 NAMED = ("amp", "lt", "gt", "quot", "apos")

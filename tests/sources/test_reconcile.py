@@ -18,18 +18,19 @@ from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.sources.reconcile import Reconciler, Watch, watches
-from tests.support.ci_api_server import CiApiServer, Failure, callback_body, execution, job
+from tests.support.ci_api_server import (
+    BUCKET,
+    REGION,
+    SECRET_ID,
+    SECRET_KEY,
+    CiApiServer,
+    Failure,
+    callback_body,
+    execution,
+    job,
+)
 
-BUCKET, REGION = "media-1250000000", "ap-guangzhou"
 OTHER = "archive-1250000000"
-SECRET_ID, SECRET_KEY = "AKIDreconciletest", "the-secret-key"
-
-
-@pytest.fixture
-def ci():
-    server = CiApiServer({SECRET_ID: SECRET_KEY}).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ async def test_a_job_whose_id_a_forgery_took_is_recovered_over_it(ci, inbox):
     receipt = Receipt(body, "http", datetime.now(timezone.utc), "r")
     events = parse_callback(body)
     (event_id,) = (await inbox.store(receipt, [(e, ["h"]) for e in events], verify=True)).new
-    # Verification found it forged (see tests/test_verify.py for the step itself).
+    # Verification found it forged (see tests/ci/test_verify.py for the step itself).
     await inbox.settle(event_id, genuine=False)
 
     report = await setup.reconciler.reconcile()

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from tests.support.callbacks import job
 from tests.support.handler_doubles import json_lines, recorded
-from tests.support.processes import Receiver
+from tests.support.processes import Receiver, listening, log_lines, start_workers
 from tests.support.waiting import wait_until
 
 CALLBACKS = 300
@@ -71,30 +70,6 @@ def post(receiver: Receiver, body: bytes) -> httpx.Response:
         except httpx.HTTPError:
             pass
     return httpx.post(receiver.url + "/callbacks", content=body, timeout=10)
-
-
-def log_lines(receiver: Receiver) -> list[dict[str, Any]]:
-    lines = []
-    for line in receiver.log().splitlines():
-        if line.startswith("{"):
-            lines.append(orjson.loads(line))
-    return lines
-
-
-def listening(receiver: Receiver) -> list[tuple[int, int]]:
-    """(worker, pid) of every worker that said it listens, in order."""
-    return [
-        (line["worker"], line["pid"])
-        for line in log_lines(receiver)
-        if line["event"] == "worker listening"
-    ]
-
-
-def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict[int, int]:
-    """Start, and wait until every worker listens: {worker: pid}."""
-    receiver.start(env=env, wait_http=False)
-    receiver.wait_for_log("all workers listening")
-    return dict(listening(receiver))
 
 
 def alive(pid: int) -> bool:
