@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 import handlers
 from handlers import Fail, Retry
 from receiver.callback.event import Event
+from tests.support.handler_runs import run_handler
 from tests.support.http_peers import (
     HttpPeer,
     Reply,
@@ -36,16 +37,6 @@ FEISHU_HOOK = "0a1b2c3d-feishu-hook"
 SLACK_HOOK = "T000/B000/slack-hook-secret"
 
 
-async def send(type_name: str, options: dict, *events) -> None:
-    handler = handlers.build(type_name, options)
-    await handlers.start(handler)
-    try:
-        for one in events:
-            await handler(one)
-    finally:
-        await handlers.close(handler)
-
-
 # --- WeCom ------------------------------------------------------------------------------
 
 
@@ -58,7 +49,7 @@ def wecom():
 
 async def test_wecom_gets_a_markdown_message(wecom):
     smartcover = event("smartcover.xml")
-    await send("wecom", {"url": wecom.hook}, smartcover)
+    await run_handler("wecom", {"url": wecom.hook}, smartcover)
 
     [request] = wecom.requests
     body = request.json()
@@ -74,7 +65,7 @@ async def test_wecom_gets_a_markdown_message(wecom):
 
 async def test_wecom_text_tells_what_failed(wecom):
     failed = event("smartcover_failed.xml")
-    await send("wecom", {"url": wecom.hook, "msgtype": "text"}, failed)
+    await run_handler("wecom", {"url": wecom.hook, "msgtype": "text"}, failed)
 
     body = wecom.requests[0].json()
     content = body["text"]["content"]
@@ -85,7 +76,7 @@ async def test_wecom_text_tells_what_failed(wecom):
 
 async def test_wecom_content_is_cut_to_the_documented_size(wecom):
     huge = dataclasses.replace(event("smartcover_failed.xml"), message="下载失败" * 2000)
-    await send("wecom", {"url": wecom.hook, "msgtype": "text"}, huge)
+    await run_handler("wecom", {"url": wecom.hook, "msgtype": "text"}, huge)
 
     content = wecom.requests[0].json()["text"]["content"]
     assert len(content.encode()) <= 2048
@@ -94,13 +85,13 @@ async def test_wecom_content_is_cut_to_the_documented_size(wecom):
 
 async def test_wecom_errcode_with_http_200_fails_on_a_bad_key(wecom):
     with pytest.raises(Fail, match=r"errcode.*93000.*invalid webhook url"):
-        await send("wecom", {"url": wecom.hook.replace(KEY, "not-the-key")}, event())
+        await run_handler("wecom", {"url": wecom.hook.replace(KEY, "not-the-key")}, event())
 
 
 async def test_wecom_rate_limit_is_retried(wecom):
     wecom.replies = [Reply(body={"errcode": 45009, "errmsg": "api freq out of limit"})]
     with pytest.raises(Retry, match="45009"):
-        await send("wecom", {"url": wecom.hook}, event())
+        await run_handler("wecom", {"url": wecom.hook}, event())
 
 
 # --- DingTalk ---------------------------------------------------------------------------
@@ -115,7 +106,7 @@ def dingtalk():
 
 async def test_dingtalk_gets_a_signed_markdown_message(dingtalk):
     verdict = event("moderation_video_detail.json")
-    await send("dingtalk", {"url": dingtalk.hook, "secret": SECRET}, verdict)
+    await run_handler("dingtalk", {"url": dingtalk.hook, "secret": SECRET}, verdict)
 
     [request] = dingtalk.requests
     assert request.query["access_token"] == TOKEN
@@ -135,7 +126,7 @@ async def test_dingtalk_text_and_a_custom_template(dingtalk):
         "msgtype": "text",
         "template": "[CI] ${tag} ${state}: $job_id -> $outputs",
     }
-    await send("dingtalk", options, transcode)
+    await run_handler("dingtalk", options, transcode)
 
     content = dingtalk.requests[0].json()["text"]["content"]
     assert content == f"[CI] Transcode Success: {transcode.job_id} -> {transcode.outputs[0].key}"
@@ -143,7 +134,7 @@ async def test_dingtalk_text_and_a_custom_template(dingtalk):
 
 async def test_dingtalk_wrong_secret_is_refused_and_fails(dingtalk):
     with pytest.raises(Fail, match=r"310000.*sign not match"):
-        await send("dingtalk", {"url": dingtalk.hook, "secret": "SECwrong"}, event())
+        await run_handler("dingtalk", {"url": dingtalk.hook, "secret": "SECwrong"}, event())
 
 
 async def test_dingtalk_sending_too_fast_is_retried(dingtalk):
@@ -151,7 +142,7 @@ async def test_dingtalk_sending_too_fast_is_retried(dingtalk):
         Reply(body={"errcode": 130101, "errmsg": "send too fast, exceed 20 times per minute"})
     ]
     with pytest.raises(Retry, match="130101"):
-        await send("dingtalk", {"url": dingtalk.hook, "secret": SECRET}, event())
+        await run_handler("dingtalk", {"url": dingtalk.hook, "secret": SECRET}, event())
 
 
 # --- Feishu -----------------------------------------------------------------------------
@@ -166,7 +157,7 @@ def feishu():
 
 async def test_feishu_gets_a_signed_card(feishu):
     failed = event("transcode_failed.json")
-    await send("feishu", {"url": feishu.hook, "secret": SECRET}, failed)
+    await run_handler("feishu", {"url": feishu.hook, "secret": SECRET}, failed)
 
     body = feishu.requests[0].json()
     assert body["msg_type"] == "interactive"
@@ -180,7 +171,7 @@ async def test_feishu_gets_a_signed_card(feishu):
 
 async def test_feishu_text(feishu):
     workflow = event("workflow_finish.xml")
-    await send("feishu", {"url": feishu.hook, "secret": SECRET, "msgtype": "text"}, workflow)
+    await run_handler("feishu", {"url": feishu.hook, "secret": SECRET, "msgtype": "text"}, workflow)
 
     text = feishu.requests[0].json()["content"]["text"]
     assert text.startswith("WorkflowFinish Success\n")
@@ -189,13 +180,13 @@ async def test_feishu_text(feishu):
 
 async def test_feishu_wrong_secret_is_refused_and_fails(feishu):
     with pytest.raises(Fail, match="19021"):
-        await send("feishu", {"url": feishu.hook, "secret": "wrong"}, event())
+        await run_handler("feishu", {"url": feishu.hook, "secret": "wrong"}, event())
 
 
 async def test_feishu_frequency_limit_is_retried(feishu):
     feishu.replies = [Reply(body={"code": 11232, "msg": "frequency limited", "data": {}})]
     with pytest.raises(Retry, match="11232"):
-        await send("feishu", {"url": feishu.hook, "secret": SECRET}, event())
+        await run_handler("feishu", {"url": feishu.hook, "secret": SECRET}, event())
 
 
 # --- Slack ------------------------------------------------------------------------------
@@ -210,7 +201,7 @@ def slack():
 
 async def test_slack_gets_mrkdwn_with_its_characters_escaped(slack):
     tricky = dataclasses.replace(event("smartcover.xml"), user_data="<b>&co</b>")
-    await send("slack", {"url": slack.hook}, tricky)
+    await run_handler("slack", {"url": slack.hook}, tricky)
 
     text = slack.requests[0].json()["text"]
     assert text.startswith("SmartCover Success\n")
@@ -231,7 +222,7 @@ async def test_slack_gets_mrkdwn_with_its_characters_escaped(slack):
 async def test_slack_refusals(slack, reply, outcome):
     slack.replies = [reply]
     with pytest.raises(outcome, match=reply.body) as raised:
-        await send("slack", {"url": slack.hook}, event())
+        await run_handler("slack", {"url": slack.hook}, event())
     if reply.status == 429:
         assert raised.value.after == 30
 
@@ -294,7 +285,7 @@ CASES = {"smartcover": lambda: event("smartcover.xml"), "forged": forged}
 async def sent_to(robot: str, case: str, request) -> dict:
     vendor, options, _ = ROBOTS[robot]
     peer = request.getfixturevalue(vendor)
-    await send(vendor, {"url": peer.hook, **options}, CASES[case]())
+    await run_handler(vendor, {"url": peer.hook, **options}, CASES[case]())
     [sent] = peer.requests
     body = sent.json()
     for signed in ("timestamp", "sign"):  # Feishu's signature: new on every request
@@ -387,7 +378,9 @@ def labelled(content: str, label: str) -> str:
 
 
 async def test_a_robots_times_in_its_time_zone(wecom):
-    await send("wecom", {"url": wecom.hook, "timezone": "Asia/Shanghai"}, event("smartcover.xml"))
+    await run_handler(
+        "wecom", {"url": wecom.hook, "timezone": "Asia/Shanghai"}, event("smartcover.xml")
+    )
     content = wecom.requests[0].json()["markdown"]["content"]
     assert "**Finished**: 2022-06-30 15:29:48 CST" in content
 
@@ -403,18 +396,18 @@ def test_an_unknown_time_zone_is_refused():
 async def test_a_robot_that_is_down_is_retried():
     url = f"http://127.0.0.1:{free_port()}/robot/send?access_token={TOKEN}"
     with pytest.raises(Retry, match=r"cannot reach http://127.0.0.1"):
-        await send("dingtalk", {"url": url}, event())
+        await run_handler("dingtalk", {"url": url}, event())
 
 
 async def test_a_5xx_from_a_robot_is_retried(wecom):
     wecom.replies = [Reply(status=502, body="<html>bad gateway</html>")]
     with pytest.raises(Retry, match="502"):
-        await send("wecom", {"url": wecom.hook}, event())
+        await run_handler("wecom", {"url": wecom.hook}, event())
 
 
 async def test_errors_do_not_leak_the_robot_token(wecom):
     with pytest.raises(Fail) as raised:
-        await send("wecom", {"url": wecom.hook.replace(KEY, "secret-key-123")}, event())
+        await run_handler("wecom", {"url": wecom.hook.replace(KEY, "secret-key-123")}, event())
     assert "secret-key-123" not in str(raised.value)
 
 
@@ -425,7 +418,7 @@ async def test_the_robot_url_never_reaches_the_logs(vendor, request, capsys, res
     peer = request.getfixturevalue(vendor)
     configure_logging("debug", "json")  # the most a user can turn on
     options = {"url": peer.hook, **({"secret": SECRET} if vendor in ("dingtalk", "feishu") else {})}
-    await send(vendor, options, event())
+    await run_handler(vendor, options, event())
     logging.getLogger("tests").info("sent")  # shows that the output is captured
     out = capsys.readouterr().out
 

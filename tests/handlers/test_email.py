@@ -15,6 +15,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 import handlers
 from handlers import Fail, Retry
 from handlers.email import EmailHandler
+from tests.support.handler_runs import run_handler
 from tests.support.processes import free_port
 from tests.support.sample_events import event
 
@@ -101,20 +102,10 @@ def options(port, ca_file=None, **overrides) -> dict:
     }
 
 
-async def deliver(handler_options, *events) -> None:
-    handler = handlers.build("email", handler_options)
-    await handlers.start(handler)
-    try:
-        for one in events:
-            await handler(one)
-    finally:
-        await handlers.close(handler)
-
-
 async def test_a_failed_job_is_mailed_over_starttls_with_auth(starttls_relay):
     mailbox, port, ca_file = starttls_relay
     failed = event("smartcover_failed.xml")
-    await deliver(options(port, ca_file, subject="[CI] $tag $state: $job_id"), failed)
+    await run_handler("email", options(port, ca_file, subject="[CI] $tag $state: $job_id"), failed)
 
     [envelope] = mailbox.envelopes
     assert envelope.mail_from == "ci@example.com"
@@ -135,7 +126,7 @@ async def test_a_failed_job_is_mailed_over_starttls_with_auth(starttls_relay):
 async def test_a_repeat_has_the_same_message_id(starttls_relay):
     mailbox, port, ca_file = starttls_relay
     one = event("transcode.xml")
-    await deliver(options(port, ca_file, html=False), one, one, event("snapshot.xml"))
+    await run_handler("email", options(port, ca_file, html=False), one, one, event("snapshot.xml"))
 
     first, again, other = mailbox.messages()
     assert first["Message-ID"] == again["Message-ID"] != other["Message-ID"]
@@ -148,7 +139,7 @@ async def test_smtps_from_the_first_byte(certificates):
     # aiosmtpd does not count a TLS-from-the-start connection as TLS for AUTH.
     controller = relay(mailbox, ssl_context=server_context, auth_require_tls=False)
     try:
-        await deliver(options(controller.port, ca_file, security="ssl"), event())
+        await run_handler("email", options(controller.port, ca_file, security="ssl"), event())
     finally:
         controller.stop()
     assert len(mailbox.envelopes) == 1
@@ -159,7 +150,9 @@ async def test_a_plain_local_relay_without_auth():
     controller = relay(mailbox, auth_require_tls=False)
     try:
         plain = {"host": "127.0.0.1", "port": controller.port, "security": "none"}
-        await deliver({**plain, "from": "ci@example.com", "to": ["ops@example.com"]}, event())
+        await run_handler(
+            "email", {**plain, "from": "ci@example.com", "to": ["ops@example.com"]}, event()
+        )
     finally:
         controller.stop()
     assert mailbox.logins == []
@@ -197,7 +190,7 @@ async def test_a_relay_that_went_down_is_retried(certificates):
 async def test_refused_recipients(starttls_relay, recipient, outcome):
     _, port, ca_file = starttls_relay
     with pytest.raises(outcome, match=recipient):
-        await deliver(options(port, ca_file, to=[recipient]), event())
+        await run_handler("email", options(port, ca_file, to=[recipient]), event())
 
 
 def test_username_without_password_is_refused():

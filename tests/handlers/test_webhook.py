@@ -14,6 +14,7 @@ from standardwebhooks import Webhook
 import handlers
 from handlers import Fail, Retry
 from handlers.webhook import WebhookHandler
+from tests.support.handler_runs import run_handler
 from tests.support.http_peers import HttpPeer, Reply
 from tests.support.processes import free_port
 from tests.support.sample_events import event
@@ -28,19 +29,10 @@ def peer():
         yield server
 
 
-async def send(options, *events) -> None:
-    handler = handlers.build("webhook", options)
-    await handlers.start(handler)
-    try:
-        for one in events:
-            await handler(one)
-    finally:
-        await handlers.close(handler)
-
-
 async def test_the_event_is_posted_signed_per_standard_webhooks(peer):
     smartcover = event("smartcover.xml")
-    await send(
+    await run_handler(
+        "webhook",
         {"url": peer.url + "/hooks/ci", "secret": SECRET, "headers": {"X-Team": "media"}},
         smartcover,
     )
@@ -56,7 +48,9 @@ async def test_the_event_is_posted_signed_per_standard_webhooks(peer):
 
 
 async def test_a_signature_per_secret_while_rotating(peer):
-    await send({"url": peer.url, "secret": [SECRET, OLD_SECRET]}, event("transcode.xml"))
+    await run_handler(
+        "webhook", {"url": peer.url, "secret": [SECRET, OLD_SECRET]}, event("transcode.xml")
+    )
 
     [request] = peer.requests
     signatures = request.headers["webhook-signature"].split(" ")
@@ -71,7 +65,9 @@ async def test_a_signature_per_secret_while_rotating(peer):
 
 async def test_a_repeat_keeps_its_webhook_id_and_raw_can_be_left_out(peer):
     failed = event("smartcover_failed.xml")
-    await send({"url": peer.url, "secret": SECRET, "include_raw": False}, failed, failed)
+    await run_handler(
+        "webhook", {"url": peer.url, "secret": SECRET, "include_raw": False}, failed, failed
+    )
 
     first, second = peer.requests
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == failed.id
@@ -84,7 +80,7 @@ async def test_a_repeat_keeps_its_webhook_id_and_raw_can_be_left_out(peer):
 async def test_server_errors_and_rate_limits_are_retried(peer, status):
     peer.replies = [Reply(status=status, body="busy")]
     with pytest.raises(Retry, match=f"answered {status}: busy") as raised:
-        await send({"url": peer.url, "secret": SECRET}, event())
+        await run_handler("webhook", {"url": peer.url, "secret": SECRET}, event())
     assert raised.value.after is None
 
 
@@ -94,9 +90,9 @@ async def test_retry_after_is_honoured_in_seconds_and_as_a_date(peer):
         Reply(status=503, headers={"Retry-After": formatdate(time() + 120, usegmt=True)}),
     ]
     with pytest.raises(Retry) as seconds:
-        await send({"url": peer.url}, event())
+        await run_handler("webhook", {"url": peer.url}, event())
     with pytest.raises(Retry) as date:
-        await send({"url": peer.url}, event())
+        await run_handler("webhook", {"url": peer.url}, event())
     assert seconds.value.after == 7
     assert 100 < date.value.after <= 120
 
@@ -105,7 +101,7 @@ async def test_retry_after_is_honoured_in_seconds_and_as_a_date(peer):
 async def test_other_answers_fail_at_once(peer, status):
     peer.replies = [Reply(status=status, body="no such hook", headers={"Location": "/x"})]
     with pytest.raises(Fail, match=f"answered {status}"):
-        await send({"url": peer.url}, event())
+        await run_handler("webhook", {"url": peer.url}, event())
 
 
 async def test_500_then_200_is_delivered_on_the_second_attempt(peer):
@@ -126,13 +122,13 @@ async def test_500_then_200_is_delivered_on_the_second_attempt(peer):
 async def test_a_peer_that_is_down_is_retried():
     url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     with pytest.raises(Retry, match=r"cannot reach http://127.0.0.1"):
-        await send({"url": url}, event())
+        await run_handler("webhook", {"url": url}, event())
 
 
 async def test_a_slow_peer_times_out_and_is_retried(peer):
     peer.replies = [Reply(delay=3)]
     with pytest.raises(Retry, match="timed out"):
-        await send({"url": peer.url, "request_timeout": 0.3}, event())
+        await run_handler("webhook", {"url": peer.url, "request_timeout": 0.3}, event())
 
 
 @pytest.mark.parametrize(
