@@ -5,7 +5,7 @@ id, kind, state, tag, event name and job id as properties (filter or dedupe with
 parsing), and the job id as its partition key, so one job's events stay in order on a
 partitioned topic. Delivery is at-least-once: dedupe on the `event_id` property.
 
-The client is made and shut down as the TDMQ consumer's is (`receiver.sources.tdmq.client`),
+The client is made and shut down as the TDMQ consumer's is (`receiver.pulsar_client.connect`),
 with the same connection options and the same workarounds for the client library.
 """
 
@@ -23,8 +23,8 @@ from handlers import Retry
 from receiver.callback.event import Event
 from receiver.config import PULSAR_SERVICE_URL, PulsarConnection
 from receiver.masking import mask_url
-from receiver.sources.tdmq.client import close as close_client
-from receiver.sources.tdmq.client import describe, make_client
+from receiver.pulsar_client.connect import close as close_client
+from receiver.pulsar_client.connect import describe, make_client
 
 COMPRESSION = {
     "none": pulsar.CompressionType.NONE,

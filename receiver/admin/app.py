@@ -17,7 +17,7 @@ from receiver.admin.auth import AdminAuth
 from receiver.admin.inspection import Inspection
 from receiver.admin.inspector import inspector_routes
 from receiver.metrics import exposition
-from receiver.runtime.service import Backend
+from receiver.sources.backend import Backend
 from receiver.sources.http import JsonResponse, RequestContext, error, json_http_error
 
 

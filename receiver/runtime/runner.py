@@ -15,7 +15,7 @@ import structlog
 
 from receiver.metrics import Metrics
 from receiver.runtime.sdnotify import notify
-from receiver.runtime.service import Backend
+from receiver.sources.backend import Backend
 from receiver.sources.http import create_app
 from receiver.sources.http_server import (
     BoundedConfig,

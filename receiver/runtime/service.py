@@ -8,13 +8,13 @@ import contextlib
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import handlers as handler_api
 from receiver.config import Config
 from receiver.dispatch.loop import Dispatcher, Slot
 from receiver.inbox import Inbox, open_inbox
-from receiver.ingest.ingest import Ingestor, Intake, RejectedBudget
+from receiver.ingest.ingest import Ingestor, RejectedBudget
 from receiver.ingest.routing import Router
 from receiver.masking import Masker, secrets_in
 from receiver.metrics import Metrics
@@ -63,26 +63,6 @@ def free_space(folder: Path, minimum: int) -> tuple[bool, str]:
     if free < minimum:
         return False, f"{detail}, below inbox.min_free_bytes ({minimum // 2**20} MiB)"
     return True, detail
-
-
-class Backend(Protocol):
-    """What the HTTP app and the runner need behind them: a `Service`, or a relay that
-    publishes callbacks to TDMQ instead of keeping them."""
-
-    draining: bool
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def metrics(self) -> Metrics: ...
-    @property
-    def ingestor(self) -> Intake: ...
-    async def start(self, waiting: Callable[[], None] | None = None) -> None:
-        """Start; call `waiting` if it first has to wait (for its inbox's database)."""
-        ...
-
-    async def stop(self) -> None: ...
-    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
 
 
 class Service:

@@ -30,8 +30,8 @@ from receiver.callback.decode import PayloadError
 from receiver.ids import new_id
 from receiver.inbox import Receipt
 from receiver.ingest.ingest import THREAD_PARSE_BYTES, IntakeUnavailable, RejectionNotKept
-from receiver.runtime.service import Backend
 from receiver.sources.admission import Admission
+from receiver.sources.backend import Backend
 from receiver.sources.http_auth import SenderAuth, client_address
 
 logger = structlog.get_logger("ci_receiver.sources.http")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from receiver.callback.event import Event
+from receiver import Event
 
 
 def file_name(job_id: str) -> str:

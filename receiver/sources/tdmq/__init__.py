@@ -2,11 +2,12 @@
 
 - `consumer`: CI callbacks from Pulsar topics into the inbox, acked once committed;
 - `relay`: `serve` publishing each callback to a topic instead of keeping it;
-- `messages`: a callback as a Pulsar message and back (properties carry the headers);
-- `client`: the Pulsar client and subscription made from `[tdmq]`.
+- `messages`: a callback as a Pulsar message and back (properties carry the headers).
+
+The Pulsar client itself, shared with the `pulsar` handler, is `receiver.pulsar_client`.
 """
 
-from receiver.sources.tdmq.client import TdmqError
+from receiver.pulsar_client.connect import TdmqError
 from receiver.sources.tdmq.consumer import TdmqConsumer
 from receiver.sources.tdmq.relay import Relay, RelayService
 

@@ -47,9 +47,7 @@ from receiver.inbox import Receipt, Stored
 from receiver.ingest.ingest import Intake, IntakeUnavailable
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
-from receiver.sources.outage import Outage
-from receiver.sources.tdmq import messages
-from receiver.sources.tdmq.client import (
+from receiver.pulsar_client.connect import (
     BATCH_WAIT_MS,
     PULSAR_ERRORS,
     TdmqError,
@@ -59,6 +57,8 @@ from receiver.sources.tdmq.client import (
     make_client,
     subscribe_options,
 )
+from receiver.sources.outage import Outage
+from receiver.sources.tdmq import messages
 
 logger = structlog.get_logger("ci_receiver.sources.tdmq")
 

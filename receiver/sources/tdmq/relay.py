@@ -28,7 +28,7 @@ from receiver.inbox import Receipt, Stored
 from receiver.ingest.ingest import IntakeUnavailable, RejectionNotKept, parse_or_refuse
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
-from receiver.sources.tdmq.client import TdmqError, close, describe, make_client
+from receiver.pulsar_client.connect import TdmqError, close, describe, make_client
 from receiver.sources.tdmq.messages import relay_properties
 
 logger = structlog.get_logger("ci_receiver.relay")

@@ -18,8 +18,8 @@ from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
+from receiver.pulsar_client.connect import client_options, subscribe_options
 from receiver.sources.tdmq import TdmqConsumer, TdmqError, messages
-from receiver.sources.tdmq.client import client_options, subscribe_options
 from tests.support.callbacks import load
 from tests.support.installations import TOKEN, publish
 from tests.support.processes import free_port

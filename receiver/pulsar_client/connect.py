@@ -12,7 +12,7 @@ import pulsar.exceptions
 import structlog
 
 from receiver.config import PulsarConnection, TdmqConfig
-from receiver.sources.tdmq.client_log import client_logger
+from receiver.pulsar_client.library_log import client_logger
 
 logger = structlog.get_logger("ci_receiver.sources.tdmq")
 
