@@ -1,4 +1,5 @@
-"""For the TDMQ tests: configs, publishing with the official client, reading the results.
+"""ci-receiver installations in a folder, for the TDMQ and CMQ tests: configs, publishing
+with the official Pulsar client, reading the results.
 
 Results are read straight from the files a ci-receiver process writes (its SQLite inbox
 and a `jsonl` handler's file), so the tests see what a user would find there.
