@@ -22,7 +22,7 @@ import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
@@ -132,10 +132,10 @@ def entry_point_names() -> list[str]:
     return [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
 
 
-def _import(path: str) -> Any:
+def _import(path: str) -> object:
     module_name, _, attribute = path.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
+        target: object = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
@@ -143,7 +143,9 @@ def _import(path: str) -> Any:
     return target
 
 
-def _as_factory(type_name: str, target: Any) -> HandlerFactory:
+def _as_factory(type_name: str, target: object) -> HandlerFactory:
+    """What the config names, as a factory: taken on trust as far as Python can tell (a
+    coroutine function is a handler, a callable a factory); `build` checks what it makes."""
     # A bare `async def handle(event)` is a handler that takes no options.
     if inspect.iscoroutinefunction(target):
 
@@ -153,12 +155,12 @@ def _as_factory(type_name: str, target: Any) -> HandlerFactory:
                     f"handler {type_name!r} is a plain function and takes no options,"
                     f" got {sorted(options)}"
                 )
-            return target
+            return cast(Handler, target)
 
         return factory
     if not callable(target):
         raise HandlerConfigError(f"handler type {type_name!r} is not a class or function")
-    return target
+    return cast(HandlerFactory, target)
 
 
 async def start(handler: Handler) -> None:

@@ -242,17 +242,17 @@ def upsert_job(jobs: Table, dialect: str) -> Insert:
     and executed with each row as parameters, so SQLAlchemy compiles it once."""
     updated = [column.name for column in jobs.columns if column.name != "job_id"]
     if dialect in ("mysql", "mariadb"):
-        statement = mysql.insert(jobs)
-        newer = jobs.c.state_rank <= statement.inserted.state_rank
+        upsert = mysql.insert(jobs)
+        newer = jobs.c.state_rank <= upsert.inserted.state_rank
         # MySQL has no WHERE on ON DUPLICATE KEY UPDATE, so each column keeps its value
         # unless the event is at least as far along. MySQL runs assignments left to
         # right, later ones seeing the new values of earlier ones: the condition reads
         # state_rank, so it is assigned last and every column is judged against the row
         # as it was.
         updated.remove("state_rank")
-        return statement.on_duplicate_key_update(
+        return upsert.on_duplicate_key_update(
             [
-                (name, case((newer, statement.inserted[name]), else_=jobs.c[name]))
+                (name, case((newer, upsert.inserted[name]), else_=jobs.c[name]))
                 for name in [*updated, "state_rank"]
             ]
         )

@@ -74,6 +74,8 @@ def message_id(event: Event) -> str:
 
 
 class WebhookHandler(HttpHandler):
+    options: WebhookOptions
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__()
         self.options = WebhookOptions.model_validate(options)

@@ -32,7 +32,7 @@ from pydantic import (
 
 from receiver import envvars
 from receiver.callback import vocabulary
-from receiver.callback.decode import Limits
+from receiver.callback.decode import DEFAULT_LIMITS, Limits
 from receiver.inbox import VERIFY_RUN, Cutoffs
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
 from receiver.timezones import check_timezone
@@ -139,12 +139,12 @@ class HttpConfig(Section):
 
 
 class LimitsConfig(Section):
-    max_bytes: int = Field(Limits.__dataclass_fields__["max_bytes"].default, gt=0)
+    max_bytes: int = Field(DEFAULT_LIMITS.max_bytes, gt=0)
     # At most 200: a deeper document could not be written out as JSON again (orjson stops
     # at 254 levels, and the Event nests the document two levels down).
-    max_depth: int = Field(Limits.__dataclass_fields__["max_depth"].default, gt=0, le=200)
-    max_elements: int = Field(Limits.__dataclass_fields__["max_elements"].default, gt=0)
-    max_events: int = Field(Limits.__dataclass_fields__["max_events"].default, gt=0)
+    max_depth: int = Field(DEFAULT_LIMITS.max_depth, gt=0, le=200)
+    max_elements: int = Field(DEFAULT_LIMITS.max_elements, gt=0)
+    max_events: int = Field(DEFAULT_LIMITS.max_events, gt=0)
 
     def to_limits(self) -> Limits:
         return Limits(**self.model_dump())
@@ -180,6 +180,11 @@ class DispatchConfig(Section):
     poll_interval: float = Field(1.0, gt=0)
     # Seconds running handler attempts get to finish on shutdown before being cancelled.
     drain_timeout: float = Field(10.0, ge=0)
+    # Seconds a run stays leased past its handler's `timeout`, on SQLite and PostgreSQL
+    # alike: room to record the attempt's outcome (behind another process's write lock on
+    # SQLite, which waits up to 10 s for it; through a slow pool or a failover on
+    # PostgreSQL) before another process may take the run and attempt it again.
+    lease_grace: float = Field(15.0, ge=0)
     # Whether a handler that has not started (or cannot) makes /readyz answer 503; a
     # handler's own `required` overrides this. Callbacks are kept either way.
     unready_on_handler_error: bool = False
@@ -592,14 +597,15 @@ class RouteMatch(Section):
             "verdict": tuple(vocabulary.VERDICTS.values()),
         }[info.field_name or ""]
         values = [value] if isinstance(value, str) else value
-        spelled = [vocabulary.canonical(v, known) for v in values]
-        unknown = [v for v, s in zip(values, spelled, strict=True) if s is None]
+        canonical = [vocabulary.canonical(v, known) for v in values]
+        unknown = [v for v, s in zip(values, canonical, strict=True) if s is None]
         if unknown:
             raise ValueError(
                 f"{', '.join(map(repr, unknown))} can never match: CI sends"
                 f" {', '.join(known)} (in any case)"
             )
-        return spelled[0] if isinstance(value, str) else spelled  # type: ignore[return-value]
+        spelled = [s for s in canonical if s is not None]  # every one: none is unknown
+        return spelled[0] if isinstance(value, str) else spelled
 
 
 class RouteConfig(Section):

@@ -9,11 +9,13 @@ histograms are summed, each gauge as its `multiprocess_mode` says (ignored other
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+Metric = TypeVar("Metric", bound=MetricWrapperBase)
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
@@ -30,7 +32,7 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 class Metrics:
     def __init__(self) -> None:
-        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._series: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self.registry = CollectorRegistry()
         self.callbacks = Counter(
             "ci_receiver_callbacks",
@@ -115,10 +117,11 @@ class Metrics:
             registry=self.registry,
         )
 
-    def series(self, metric: Any, *labels: str) -> Any:
+    def series(self, metric: Metric, *labels: str) -> Metric:
         """`metric.labels(*labels)`, looked up once: labels() takes a lock every call."""
         key = (id(metric), labels)
         found = self._series.get(key)
         if found is None:
             found = self._series[key] = metric.labels(*labels)
-        return found
+        # What `metric.labels` made, kept under the metric's id: of the metric's type.
+        return cast(Metric, found)

@@ -81,8 +81,8 @@ def traffic_chart(
     # Each level of the stack drawn once: the top of one layer is the bottom of the next.
     level = [0] * steps
     lines = [_points(_step_line(level, x, y))]
-    for outcome, _ in OUTCOMES:
-        level = [low + count for low, count in zip(level, counts[outcome], strict=True)]
+    for name, _ in OUTCOMES:
+        level = [low + count for low, count in zip(level, counts[name], strict=True)]
         lines.append(_points(_step_line(level, x, y)))
     layers = [
         Layer(outcome, label, f"M{lines[n + 1]} {' '.join(reversed(lines[n].split(' ')))}Z",

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from receiver.admin.params import BadRequest, ReplayRequest
 from receiver.callback.decode import PayloadError
 from receiver.dispatch.replay import Replayed, chosen_ids, replay
 from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
 from receiver.ingest.routing import Router
+from receiver.runtime.service import Service
+from receiver.sources.backend import Backend
 
 # The overview's period.
 OVERVIEW_HOURS = 24
@@ -45,22 +46,26 @@ class Overview:
 
 
 class Inspection:
-    def __init__(self, service: Any) -> None:
-        self._service = service
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
 
     @property
-    def inbox(self) -> Inbox:
-        inbox: Inbox | None = getattr(self._service, "inbox", None)
-        if inbox is None:
+    def _service(self) -> Service:
+        """The service behind the admin listener: a relay keeps no inbox to inspect."""
+        if not isinstance(self._backend, Service):
             raise NotAvailable(
                 "this process relays callbacks to TDMQ and keeps no inbox: inspect the"
                 " consumers' inbox instead"
             )
-        return inbox
+        return self._backend
+
+    @property
+    def inbox(self) -> Inbox:
+        return self._service.inbox
 
     @property
     def handler_names(self) -> list[str]:
-        return list(self._service.config.handlers)
+        return list(self._backend.config.handlers)
 
     async def handlers(self) -> list[HandlerState]:
         """Every configured handler (and any other with work left in the inbox, such as

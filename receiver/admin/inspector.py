@@ -33,7 +33,7 @@ from receiver.admin.params import (
 )
 from receiver.admin.rendering import HEADERS, PREFIX, ZONE_COOKIE, Pages
 from receiver.config import Config
-from receiver.inbox import EventFilter
+from receiver.inbox import EventFilter, Inbox
 
 PREVIEW_BYTES = 512
 MAX_FORM_BYTES = 16384
@@ -55,7 +55,9 @@ class ZoneChoice(Strict):
 
 def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
     pages = Pages(inspection, config)
-    inbox = lambda: inspection.inbox  # noqa: E731 (raises NotAvailable in relay mode)
+
+    def inbox() -> Inbox:
+        return inspection.inbox  # raises NotAvailable in relay mode
 
     async def overview(request: Request) -> Response:
         from_query(Strict, request.query_params)

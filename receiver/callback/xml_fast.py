@@ -26,9 +26,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 from xml.parsers import expat
 
+# The module, or None where it has no wheel (and while `reference_only` holds).
+xmltodict_rs: ModuleType | None
 try:
     import xmltodict_rs
 except ImportError:  # no wheel for this platform: xmltodict alone, as before

@@ -373,7 +373,8 @@ def _error_body(exc: CosServiceError) -> tuple[str | None, str | None]:
         data = decode(origin.encode()).data
     except PayloadError:
         return None, origin[:200]
-    body = data.get("Error") if isinstance(data.get("Error"), dict) else data
+    error = data.get("Error")
+    body = error if isinstance(error, dict) else data
     return text(body.get("Code")), text(body.get("Message"))
 
 

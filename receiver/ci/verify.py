@@ -47,7 +47,8 @@ from receiver.ci.api import (
     workflow_document,
 )
 from receiver.config import CiConfig, HandlerConfig
-from receiver.dispatch.loop import Forged, Slot
+from receiver.dispatch.outcomes import Forged
+from receiver.dispatch.slots import Slot
 from receiver.inbox import VERIFY_RUN, Inbox
 
 logger = structlog.get_logger("ci_receiver.verify")
@@ -134,7 +135,9 @@ class Verifier:
 
     async def _fetch(self, event: Event) -> Event | None:
         """The event CI's API gives for the same job; None when it knows no such job."""
-        bucket, subject = event.input.bucket if event.input else "", event.subject
+        bucket = event.input.bucket if event.input else None
+        assert bucket  # `_uncovered` holds back the events that name none
+        subject = event.subject
         try:
             if event.kind == "job":
                 detail = await self._api.get_job(bucket, subject, attempts=1)

@@ -7,14 +7,17 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError, load_config, parse_moment
-from receiver.inbox import EventFilter, InboxUnavailable, SchemaError
+from receiver.inbox import EventFilter, Inbox, InboxUnavailable, SchemaError
 from receiver.ownership import NotOurs
+
+if TYPE_CHECKING:  # imported by the commands that make one
+    from receiver.runtime.service import Service
 
 T = TypeVar("T")
 
@@ -33,13 +36,21 @@ def listen_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--host", help="Address to listen on (default 0.0.0.0).")(command)
 
 
-class Moment(click.ParamType):
+if TYPE_CHECKING:  # generic to a type checker since click 8.4, a plain class before
+    TimeParamType = click.ParamType[datetime]
+else:
+    TimeParamType = click.ParamType
+
+
+class Moment(TimeParamType):
     """A time: ISO 8601 (`2026-11-30T08:00:00+08:00`; UTC when it names no zone), or a
     duration back from now (`90m`, `24h`, `7d`)."""
 
     name = "time"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: str | datetime, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
         if isinstance(value, datetime):
             return value
         try:
@@ -95,7 +106,7 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coroutine)
 
 
-def make_service(config: Config, *, wait: bool) -> Any:
+def make_service(config: Config, *, wait: bool) -> Service:
     """The service of `config`; `wait` for a long-running command, whose start waits for
     an inbox database that cannot be reached yet (a command fails at once instead)."""
     from receiver.runtime.service import Service
@@ -117,7 +128,7 @@ def inbox_errors() -> Iterator[None]:
 
 
 def with_inbox(
-    config_path: Path | None, query: Callable[[Any], Awaitable[T]], *, read_only: bool = True
+    config_path: Path | None, query: Callable[[Inbox], Awaitable[T]], *, read_only: bool = True
 ) -> T:
     """Open the configured inbox, run `query` on it, close it. Read-only by default: the
     inspection commands take no lock a running receiver could wait for."""

@@ -15,7 +15,7 @@ import orjson
 
 from receiver.cli.common import config_option, event_filter, filter_options, load, with_inbox
 from receiver.cli.views import event_lines, printable, summary_row
-from receiver.inbox import RUN_STATUSES, EventSummary
+from receiver.inbox import RUN_STATUSES, EventSummary, Inbox
 from receiver.inbox.as_json import detail_json, summary_json
 from receiver.timezones import parse_timezone
 
@@ -129,7 +129,7 @@ def tail(
         else:
             click.echo("  ".join(summary_row(summary, zone)))
 
-    async def follow(inbox: Any) -> None:
+    async def follow(inbox: Inbox) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,7 +13,7 @@ from receiver.cli.common import config_option, inbox_errors, load, make_service,
 from receiver.config import parse_duration
 
 if TYPE_CHECKING:  # imported when the command runs: the CLI starts without them
-    from receiver.sources.reconcile import Found
+    from receiver.sources.reconcile import Found, Report, Watch
 
 
 @click.command()
@@ -43,7 +43,7 @@ def reconcile(
     and left to a later pass: its callback may still be on its way.
     """
     from receiver.ci.api import CiApiError
-    from receiver.sources.reconcile import Reconciler, Watch, watches
+    from receiver.sources.reconcile import Reconciler, watches
 
     config = load(config_path)
     if not config.ci.enabled:
@@ -56,7 +56,7 @@ def reconcile(
     service = make_service(config, wait=False)
     todo = watches(config.ci, bucket)
 
-    async def run() -> Any:
+    async def run() -> Report:
         api = service.ci_api
         assert api is not None  # [ci] names buckets: checked above
         await api.check()
@@ -65,10 +65,10 @@ def reconcile(
             reconciler = Reconciler(config.ci, api, service.inbox, service.ingestor)
             with click.progressbar(
                 length=len(todo), label="reconciling", file=sys.stderr,
-                item_show_func=lambda watch: str(watch) if watch else None,
+                item_show_func=_shown,
             ) as bar:  # fmt: skip
 
-                def advance(watch: Watch, _: Any) -> None:
+                def advance(watch: Watch, _: Report) -> None:
                     bar.update(1, watch)
 
                 return await reconciler.reconcile(
@@ -100,6 +100,11 @@ def reconcile(
     click.echo(summary)
     if report.failed:
         sys.exit(1)
+
+
+def _shown(watch: Watch | None) -> str | None:
+    """The watch being listed, beside the progress bar."""
+    return str(watch) if watch else None
 
 
 def _duration(value: str | None, option: str) -> timedelta | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,7 +19,10 @@ from receiver.cli.common import (
     with_inbox,
 )
 from receiver.config import Config
-from receiver.inbox import EventFilter, Inbox
+from receiver.inbox import EventFilter, Inbox, Stored
+
+if TYPE_CHECKING:  # imported when the command runs
+    from receiver.upkeep.presence import Process
 
 
 @click.command()
@@ -124,7 +127,7 @@ def replay(
     with_inbox(config_path, run, read_only=False)
 
 
-def _warn_if_nobody_runs(processes: list[Any], handlers: list[str]) -> None:
+def _warn_if_nobody_runs(processes: list[Process], handlers: list[str]) -> None:
     """Runs only run where a receiver has their handler: say so when none has."""
     if not processes:
         click.echo(
@@ -148,7 +151,7 @@ def _replay_receipt(config: Config, receipt_id: int) -> None:
 
     service = make_service(config, wait=False)
 
-    async def run() -> Any:
+    async def run() -> Stored:
         await service.inbox.open()
         try:
             receipt = await service.inbox.receipt(receipt_id)

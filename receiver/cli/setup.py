@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import click
 import orjson
@@ -47,7 +47,7 @@ def check_config(config_path: Path | None) -> None:
 @click.argument("file", type=click.File("rb"))
 @click.option("--url", default="http://127.0.0.1:8080/callbacks", show_default=True)
 @click.option("--header", "-H", "headers", multiple=True, help="Extra header, 'Name: value'.")
-def send(file: Any, url: str, headers: tuple[str, ...]) -> None:
+def send(file: BinaryIO, url: str, headers: tuple[str, ...]) -> None:
     """POST a callback file to a receiver, as CI would (for testing a setup)."""
     import httpx
 

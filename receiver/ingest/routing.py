@@ -72,27 +72,29 @@ def _always(event: Event) -> bool:
 
 
 def _predicate(match: RouteMatch) -> Predicate:
+    """Whether an event matches: every key the route gives must."""
     checks: list[Predicate] = []
-    for field in ("kind", "state"):
-        if (wanted := _values(getattr(match, field))) is not None:
-            checks.append(lambda e, f=field, w=wanted: getattr(e, f) in w)
-    for field in ("event_name", "tag"):
-        if (wanted := _folded(getattr(match, field))) is not None:
-            checks.append(lambda e, f=field, w=wanted: _fold(getattr(e, f)) in w)
-    if (verdicts := _values(match.verdict)) is not None:
-        checks.append(lambda e, w=verdicts: _verdict(e) in w)
-    if (labels := _folded(match.label)) is not None:
-        checks.append(
-            lambda e, w=labels: e.moderation is not None and _fold(e.moderation.label) in w
-        )
-    if (buckets := _values(match.bucket)) is not None:
-        checks.append(lambda e, w=buckets: e.input is not None and e.input.bucket in w)
-    if (regions := _values(match.region)) is not None:
-        checks.append(lambda e, w=regions: e.input is not None and e.input.region in w)
-    if (keys := _values(match.key)) is not None:
-        checks.append(lambda e, w=keys: e.input is not None and _glob(e.input.key, w))
-    if (user_data := _values(match.user_data)) is not None:
-        checks.append(lambda e, w=user_data: e.user_data is not None and _glob(e.user_data, w))
+
+    def among(wanted: frozenset[str] | None, value: Callable[[Event], str | None]) -> None:
+        if wanted is not None:
+            checks.append(lambda e: value(e) in wanted)
+
+    def globbed(patterns: frozenset[str] | None, value: Callable[[Event], str | None]) -> None:
+        if patterns is not None:
+            checks.append(lambda e: (text := value(e)) is not None and _glob(text, patterns))
+
+    among(_values(match.kind), lambda e: e.kind)
+    among(_values(match.state), lambda e: e.state)
+    among(_folded(match.event_name), lambda e: _fold(e.event_name))
+    among(_folded(match.tag), lambda e: _fold(e.tag))
+    among(_values(match.verdict), _verdict)
+    among(
+        _folded(match.label), lambda e: None if e.moderation is None else _fold(e.moderation.label)
+    )
+    among(_values(match.bucket), lambda e: None if e.input is None else e.input.bucket)
+    among(_values(match.region), lambda e: None if e.input is None else e.input.region)
+    globbed(_values(match.key), lambda e: None if e.input is None else e.input.key)
+    globbed(_values(match.user_data), lambda e: e.user_data)
     return lambda event: all(check(event) for check in checks)
 
 

@@ -1,2 +1,3 @@
-"""The process: the service assembled from the config, run until SIGTERM with its sources,
-SIGHUP reloads, `serve --workers N`'s supervisor and workers, systemd's notify protocol."""
+"""The process: the service and its sources assembled from the config (`assemble`), run
+until SIGTERM (`runner`), SIGHUP reloads (`reload`), `serve --workers N`'s supervisor and
+workers, systemd's notify protocol."""

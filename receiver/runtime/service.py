@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import handlers as handler_api
 from receiver.config import Config
-from receiver.dispatch.loop import Dispatcher, Slot
+from receiver.dispatch.loop import Dispatcher
+from receiver.dispatch.slots import Slot
 from receiver.inbox import Inbox, open_inbox
 from receiver.ingest.ingest import Ingestor, RejectedBudget
 from receiver.ingest.routing import Router
@@ -97,6 +98,7 @@ class Service:
             self.metrics,
             poll_interval=config.dispatch.poll_interval,
             drain_timeout=config.dispatch.drain_timeout,
+            lease_grace=config.dispatch.lease_grace,
             mask=handler_secrets_masker(config, slots),
         )
         self.ingestor = Ingestor(

@@ -184,12 +184,10 @@ class Supervisor:
         if admin is not None:
             inherited.append(admin.fileno())
         try:
-            process = await asyncio.create_subprocess_exec(
-                *self._command(spec),
-                pass_fds=inherited,
-                env={**_worker_environment(), MULTIPROCESS_DIR: self._metrics_dir},
-                # Signals from the terminal reach the supervisor only; it passes them on.
-                process_group=0,
+            process = await _spawn(
+                self._command(spec),
+                inherited,
+                {**_worker_environment(), MULTIPROCESS_DIR: self._metrics_dir},
             )
         except BaseException:
             ours.close()
@@ -231,6 +229,22 @@ class Supervisor:
 
         with contextlib.suppress(OSError):
             multiprocess.mark_process_dead(pid, self._metrics_dir)
+
+
+async def _spawn(
+    command: list[str], inherited: list[int], env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    """A worker, in a process group of its own: signals from the terminal reach the
+    supervisor only, which passes them on."""
+    if sys.version_info >= (3, 11):
+        return await asyncio.create_subprocess_exec(
+            *command, pass_fds=inherited, env=env, process_group=0
+        )
+    # Python 3.10 has no `process_group`: a session of its own is a group of its own
+    # too, and a worker has no use for the terminal.
+    return await asyncio.create_subprocess_exec(
+        *command, pass_fds=inherited, env=env, start_new_session=True
+    )
 
 
 def _worker_environment() -> dict[str, str]:

@@ -52,7 +52,7 @@ class WorkerSpec:
 
 
 class SupervisorLink:
-    """The worker's end of its socket pair, as a component of the runner: it ends (and
+    """The worker's end of its socket pair, run beside the sources as one is: it ends (and
     with it the worker, drained) when the supervisor's end closes."""
 
     name = "supervisor-link"

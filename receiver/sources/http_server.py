@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,12 @@ import httptools
 import orjson
 import structlog
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from receiver.metrics import Metrics
 from receiver.sources.listen import LISTEN_BACKLOG
@@ -142,10 +148,10 @@ class _ResponseWriter:
         # head from a `100 Continue`. A request pipelined behind it takes its place, and
         # the one before then writes straight through (the order of bytes never changes:
         # whatever is held goes out before any later write).
-        self._cycle: Any = None
+        self._cycle: RequestResponseCycle | None = None
         self._held: bytes | None = None
 
-    def expect_head(self, cycle: Any) -> None:
+    def expect_head(self, cycle: RequestResponseCycle) -> None:
         self._cycle = cycle
 
     def write(self, data: bytes) -> None:
@@ -190,7 +196,7 @@ def error_response(
     return b"".join([*head, b"\r\n", body])
 
 
-async def _busy(scope: Any, receive: Any, send: Any) -> None:
+async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
     """The app for a request over `max_requests`: it leaves the body unread."""
     body = orjson.dumps({"error": "busy", "detail": "too many requests in progress; send again"})
     await send(
@@ -227,6 +233,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     # --- connection ------------------------------------------------------------------
 
+    # Ignored, override: asyncio.Protocol's takes any BaseTransport; a TCP server's is a
+    # Transport, as uvicorn's own override (which carries the same ignore) says.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._writer = _ResponseWriter(transport, self._close_after_response, self.loop)
@@ -305,6 +313,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         assert self._writer is not None
         self._writer.expect_head(self.cycle)
+        # Ignored, assignment: the writer stands in for the transport with what the
+        # request cycle calls on it (write, close, is_closing), not a whole Transport.
         self.cycle.transport = self._writer  # type: ignore[assignment]
         if self._phase is _HEAD:
             self._set_deadline(_BODY, self.loop.time() + limits.body_timeout)
@@ -429,7 +439,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 class BoundedConfig(uvicorn.Config):
     """uvicorn's Config, carrying the Guard its connections share."""
 
-    def __init__(self, app: Any, *, guard: Guard, **kwargs: Any) -> None:
+    def __init__(self, app: ASGIApp, *, guard: Guard, **kwargs: Any) -> None:
         super().__init__(
             app,
             http=BoundedHttpProtocol,
@@ -456,7 +466,7 @@ class Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
-    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self.on_started(self)

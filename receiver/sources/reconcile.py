@@ -43,7 +43,7 @@ from receiver.ci.api import (
     job_document,
     workflow_document,
 )
-from receiver.config import CiConfig, Config
+from receiver.config import CiConfig
 from receiver.ids import new_id
 from receiver.inbox import Inbox, InboxUnavailable, Receipt
 from receiver.ingest.ingest import Intake, IntakeUnavailable
@@ -76,8 +76,9 @@ def watches(config: CiConfig, bucket: str | None = None) -> list[Watch]:
     for watched in config.buckets:
         if bucket is not None and watched.name != bucket:
             continue
+        queues: list[str | None] = [*watched.queue_ids] or [None]  # None: every queue
         for tag in watched.tags:
-            found += [Watch(watched.name, tag, queue) for queue in watched.queue_ids or [None]]
+            found += [Watch(watched.name, tag, queue) for queue in queues]
         found += [Watch(watched.name, workflow_id=w) for w in watched.workflows]
     return found
 
@@ -207,6 +208,8 @@ class Reconciler:
             cursor = await self._inbox.get_state(watch.cursor_key)
             last = datetime.fromisoformat(cursor) if cursor else until
             start = min(last, until) - timedelta(seconds=self._config.window)
+        # A listed item as the callback it stands for.
+        document: Callable[[dict[str, Any]], dict[str, Any]]
         if watch.workflow_id:
             pages = self._api.pages(
                 self._api.list_workflow_executions, watch.bucket, watch.workflow_id,
@@ -317,16 +320,16 @@ def _ended_after(events: list[Event], moment: datetime) -> bool:
     return bool(ended) and max(ended) > moment
 
 
-def reconciler_for(config: Config, service: Any) -> Reconciler:
+def reconciler_for(
+    config: CiConfig, api: CiApi, inbox: Inbox, intake: Intake, registry: CollectorRegistry
+) -> Reconciler:
     """The reconciler of `serve`, `consume` and `run`, its credentials tried first (one
     cheap call per bucket): raises `CiApiError` when CI refuses them, a bucket or a tag.
     CI out of reach is no reason not to start: the passes keep trying."""
-    api = service.ci_api
-    assert api is not None  # made by the service when [ci] names buckets
     try:
         asyncio.run(api.check())  # before the service's own event loop starts
     except CiApiError as error:
         if not error.retryable:
             raise
         logger.warning("CI's job API cannot be reached yet", error=str(error))
-    return Reconciler(config.ci, api, service.inbox, service.ingestor, service.metrics.registry)
+    return Reconciler(config, api, inbox, intake, registry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import datetime, timezone
+from typing import Final
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
@@ -21,7 +22,7 @@ logger = structlog.get_logger("ci_receiver.monitor")
 INTERVAL_SECONDS = 15.0
 # Under `serve --workers`, every worker measures the same shared inbox: its latest
 # figure is the one shown.
-SHARED = "livemostrecent"
+SHARED: Final = "livemostrecent"
 
 
 class BacklogMonitor:

@@ -4,18 +4,22 @@ with handlers written for the tests."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from handlers import Fail, Retry
 from receiver.callback.event import Event
-from receiver.config import HandlerConfig
-from receiver.dispatch.loop import Dispatcher, Slot, backoff
+from receiver.config import DispatchConfig, HandlerConfig
+from receiver.dispatch.loop import Dispatcher
+from receiver.dispatch.outcomes import backoff
+from receiver.dispatch.slots import Slot
 from receiver.inbox import EventFilter, Receipt
 from receiver.metrics import Metrics
+from receiver.runtime.service import Service
 from tests.support.callbacks import load
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "timeout": 5}
@@ -341,6 +345,47 @@ def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():
         delays = [backoff(config, attempt) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert max(delays) - min(delays) > ceiling / 10  # jittered
+
+
+def test_backoff_stays_at_its_ceiling_however_many_attempts():
+    # The verification step retries without end: its 1025th attempt and later must not
+    # overflow the float the doubling is made in.
+    config = HandlerConfig(type="t", backoff_initial=1, backoff_max=60)
+    for attempt in (1025, 10_000, sys.maxsize):
+        assert 30 <= backoff(config, attempt) <= 60
+
+
+async def test_a_run_is_leased_for_its_timeout_plus_the_configured_grace(inbox_place, tmp_path):
+    # [dispatch] lease_grace, meaning the same on either inbox: on PostgreSQL too, not
+    # derived from how long SQLite waits for another process's write lock.
+    slow = HandlerConfig(
+        type="tests.support.handler_doubles:Recorder",
+        path=str(tmp_path / "seen"),
+        delay=2,
+        timeout=5,
+    )
+    config = inbox_place.config.model_copy(
+        update={
+            "dispatch": DispatchConfig(poll_interval=0.05, lease_grace=42),
+            "handlers": {"slow": slow},
+        }
+    )
+    service = Service(config)
+    await service.start()
+    try:
+        await store(service.inbox, "transcode.xml", ["slow"])
+        service.dispatcher.wake()
+
+        async def leased() -> bool:
+            due = await service.inbox.next_due(["slow"])
+            return due is not None and due > datetime.now(timezone.utc) + timedelta(seconds=10)
+
+        await until(leased)
+        due = await service.inbox.next_due(["slow"])
+        assert due is not None
+        assert 5 + 42 - 3 < (due - datetime.now(timezone.utc)).total_seconds() <= 5 + 42 + 1
+    finally:
+        await service.stop()
 
 
 # --- a config reload (receiver/runtime/reload.py) ----------------------------------------------

@@ -218,10 +218,11 @@ class CmqApi:
         try:
             # Not orjson: a message body may hold a lone surrogate escape, which orjson
             # refuses for the whole answer; it is refused later, for that message only.
-            answer = json.loads(response.content)
+            parsed = json.loads(response.content)
         except ValueError:
             raise CmqUnavailable(f"{action}: {status}, not a CMQ answer (no JSON)") from None
-        code = answer.get("code") if isinstance(answer, dict) else None
+        answer: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        code = answer.get("code")
         if not isinstance(code, int) or isinstance(code, bool):
             raise CmqUnavailable(f"{action}: {status}, not a CMQ answer (no code)")
         if code == 0 and response.status_code != 200:

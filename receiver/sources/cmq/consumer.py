@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -171,9 +172,9 @@ class CmqConsumer:
                     return
                 raise
             except CmqRefused as refused:
-                wait = self._refused(queue, refused, delay)
+                pause = self._refused(queue, refused, delay)
             except CmqUnavailable as exc:
-                wait = self._unavailable(queue, str(exc), delay)
+                pause = self._unavailable(queue, str(exc), delay)
             else:
                 self._answered(queue)
                 delay = BACKOFF_FIRST
@@ -182,7 +183,7 @@ class CmqConsumer:
                     await self._take(queue, messages)
                 continue
             delay = min(delay * 2, BACKOFF_MAX)
-            await self._sleep(wait)
+            await self._sleep(pause)
 
     async def _receive(self, queue: str, count: int, wait: int) -> list[Message]:
         assert self._api is not None
@@ -290,6 +291,7 @@ class CmqConsumer:
         times = [m.next_visible_time for m in messages if m.next_visible_time]
         deadline = min([*times, time.time() + DELETE_RETRY_SECONDS])
         delay = BACKOFF_FIRST
+        refused: Mapping[str, Exception]
         while True:
             try:
                 refused = await self._api.delete(queue, handles)
@@ -305,7 +307,7 @@ class CmqConsumer:
         self._outcomes["deleted"].inc(len(handles) - len(refused))
         self._outcomes["delete_failed"].inc(len(refused))
 
-    def _delete_refused(self, queue: str, refused: dict[str, Exception]) -> None:
+    def _delete_refused(self, queue: str, refused: Mapping[str, Exception]) -> None:
         """Log why messages stay; a refusal waiting will not mend (a missing delete
         permission) as an error, once per change."""
         state = self._states[queue]

@@ -44,6 +44,8 @@ class Relay:
         if not (config.relay.topic and config.tdmq.service_url):
             raise ValueError("relay mode needs relay.topic and tdmq.service_url")
         self.topic = config.relay.topic
+        # The broker as the log and errors name it.
+        self._broker = mask_url(config.tdmq.service_url)
         self._config = config
         self._metrics = metrics
         self._limits = config.limits.to_limits()
@@ -67,8 +69,7 @@ class Relay:
         except pulsar.asyncio.PulsarException as exc:
             await close(self._client)
             raise TdmqError(
-                f"cannot publish to {self.topic} at {mask_url(self._config.tdmq.service_url)}: "
-                f"{describe(exc)}"
+                f"cannot publish to {self.topic} at {self._broker}: {describe(exc)}"
             ) from None
 
     async def close(self) -> None:
@@ -112,7 +113,7 @@ class Relay:
 
     def _where(self) -> dict[str, str]:
         """The broker and topic a failure is about, for the log."""
-        return {"broker": mask_url(self._config.tdmq.service_url or ""), "topic": self.topic}
+        return {"broker": self._broker, "topic": self.topic}
 
     async def _publish(self, body: bytes, properties: dict[str, str], key: str | None) -> None:
         if self._producer is None:

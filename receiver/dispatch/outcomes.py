@@ -1,0 +1,146 @@
+"""What an attempt's result becomes: done; retried after a back-off (exponential, with
+jitter, or the delay the handler asked for); dead-lettered after the last attempt or on
+`Fail`; forged, when verification found the event contradicted. Each outcome is counted
+and logged, and recorded in the inbox under the run's lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import structlog
+
+from handlers import Fail, Retry
+from receiver.config import HandlerConfig
+from receiver.dispatch.slots import Slot, SlotMetrics
+from receiver.inbox import Claim, Inbox, InboxUnavailable, Outcome
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # pragma: no cover
+    from async_timeout import timeout
+
+logger = structlog.get_logger("ci_receiver.dispatch")
+
+# Said when an attempt's outcome cannot be recorded (the inbox failing).
+LOST_OUTCOME = "cannot record the attempt; the run is retried when its lease ends"
+# The longest a handler may ask to wait before its next attempt (Retry(after=...)).
+MAX_RETRY_AFTER_SECONDS = 7 * 24 * 3600.0
+# Doublings of the back-off made at most: far past any cap, short of a float's overflow
+# (the verification step retries without end: its 1025th attempt overflowed, and the
+# attempt's task died holding its place).
+MAX_DOUBLINGS = 1000
+
+
+class Forged(Exception):
+    """Raised by the verification step (receiver/ci/verify.py): CI's API contradicts the
+    event, whose runs were forged; its own run ends `forged`, with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """How an attempt ended, as the inbox records it."""
+
+    outcome: Outcome
+    error: str | None = None
+    retry_at: datetime | None = None  # with `retry`: when the run is due again
+
+
+# A run handed back by a shutdown that ran out of time: not counted as an attempt.
+INTERRUPTED = Result("released", "interrupted by shutdown")
+
+
+def backoff(config: HandlerConfig, attempt: int) -> float:
+    """Seconds before retry number `attempt` (1-based): doubling, capped, equal jitter."""
+    doubled = config.backoff_initial * 2.0 ** min(attempt - 1, MAX_DOUBLINGS)
+    ceiling = min(config.backoff_max, doubled)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def _sane_delay(after: float | None) -> float | None:
+    """A handler's own delay, if it is a usable number of seconds; else the backoff's."""
+    if after is None or not isinstance(after, (int, float)) or not math.isfinite(after):
+        return None
+    return min(max(after, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _retry(config: HandlerConfig, attempt: int, error: str, delay: float | None) -> Result:
+    """A failed attempt: retried after `delay` (the back-off's when None), or dead-lettered
+    when it was the last."""
+    if attempt >= config.max_attempts:
+        return Result("dead", error)
+    delay = backoff(config, attempt) if delay is None else delay
+    return Result("retry", error, datetime.now(timezone.utc) + timedelta(seconds=delay))
+
+
+async def attempt(slot: Slot, claim: Claim, metrics: SlotMetrics) -> Result:
+    """Run the slot's handler on the claimed event, within its timeout."""
+    config = slot.config
+    delay: float | None = None
+    began = time.perf_counter()
+    try:
+        async with timeout(config.timeout):
+            await slot.handler(claim.event)
+    except Fail as exc:
+        return Result("dead", f"Fail: {exc}")
+    except Forged as exc:
+        return Result("forged", f"forged: {exc}")
+    except Retry as exc:
+        error, delay = f"Retry: {exc}", _sane_delay(exc.after)
+    except asyncio.TimeoutError:
+        error = f"timed out after {config.timeout:g}s"
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        return Result("done")
+    finally:
+        metrics.seconds.observe(time.perf_counter() - began)
+    return _retry(config, claim.attempts + 1, error, delay)
+
+
+def internal_error(config: HandlerConfig, claim: Claim, exc: Exception) -> Result:
+    """A bug of ours around the handler: still counted, and tried again later."""
+    delay = backoff(config, claim.attempts + 1)
+    retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+    return Result("retry", f"internal error: {type(exc).__name__}: {exc}", retry_at)
+
+
+async def record(
+    inbox: Inbox, claim: Claim, result: Result, started_at: datetime, metrics: SlotMetrics
+) -> None:
+    """Count and log the outcome, and record it in the inbox if the lease still holds."""
+    metrics.outcomes[result.outcome].inc()
+    number = claim.attempts + 1
+    if result.outcome == "done":
+        logger.debug("handled", attempt=number)
+    elif result.outcome == "retry":
+        logger.warning(
+            "handler failed; will retry",
+            attempt=number,
+            error=result.error,
+            retry_at=result.retry_at,
+        )
+    elif result.outcome == "dead":
+        logger.error("handler gave up; dead-lettered", attempt=number, error=result.error)
+    try:
+        recorded = await inbox.finish(
+            claim,
+            result.outcome,
+            started_at=started_at,
+            error=result.error,
+            retry_at=result.retry_at,
+        )
+    except InboxUnavailable as exc:  # the database away: no traceback to read
+        logger.warning(LOST_OUTCOME, error=str(exc))
+        return
+    except Exception:
+        logger.exception(LOST_OUTCOME)
+        return
+    if not recorded:
+        logger.warning("the run's lease was lost to another process; its outcome is dropped")
