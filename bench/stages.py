@@ -384,8 +384,10 @@ def against(revision: str, args: argparse.Namespace) -> None:
     this = "this tree" if args.this is None else args.this
     try:
         trees = {
-            revision: export(revision, work / "before"),
-            this: HERE if args.this is None else export(args.this, work / "after"),
+            revision: export(revision, work / "before", own_bench=args.its_bench),
+            this: HERE
+            if args.this is None
+            else export(args.this, work / "after", own_bench=args.its_bench),
         }
         arguments = ["--json", "--rounds", "1", "--callbacks", str(args.callbacks),
                      "--concurrency", str(args.concurrency)]  # fmt: skip
@@ -412,6 +414,12 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="compare with this git revision")
     parser.add_argument(
         "--this", metavar="REV", help="with --against: measure this revision, not the tree"
+    )
+    parser.add_argument(
+        "--its-bench",
+        action="store_true",
+        help="with --against: measure each revision with its own bench/ (across the layout"
+        " by stage, which this tree's measuring code cannot import from)",
     )
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

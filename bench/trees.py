@@ -21,17 +21,20 @@ from typing import Any
 HERE = Path(__file__).resolve().parents[1]
 
 
-def export(revision: str, into: Path) -> Path:
+def export(revision: str, into: Path, *, own_bench: bool = False) -> Path:
     """The tree of `revision` in the new folder `into`, with this tree's bench/ and
-    tests/support/ over it."""
+    tests/support/ (the helpers it imports) over it; with `own_bench`, the revision's
+    own (a revision whose modules lie elsewhere, before the layout by stage, cannot run
+    this tree's measuring code)."""
     into.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(HERE), "archive", revision], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    shutil.copytree(HERE / "bench", into / "bench", dirs_exist_ok=True)
-    support = HERE / "tests" / "support"
-    shutil.copytree(support, into / "tests" / "support", dirs_exist_ok=True)
+    if not own_bench:
+        shutil.copytree(HERE / "bench", into / "bench", dirs_exist_ok=True)
+        support = HERE / "tests" / "support"
+        shutil.copytree(support, into / "tests" / "support", dirs_exist_ok=True)
     return into
 
 
