@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import resource
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -41,9 +40,9 @@ from typing import Any
 
 import asyncpg
 
-from tests.bursts import burst
-from tests.databases import server_url
-from tests.processes import free_port
+from tests.support.bursts import burst
+from tests.support.databases import server_url
+from tests.support.processes import free_port
 
 
 async def measure(port: int, senders: int, body: str) -> dict[str, Any]:
@@ -204,8 +203,6 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(prefix="bench-burst-tree-") as folder:
             tree = trees.export(args.against, Path(folder) / "tree")
-            # The senders, as this tree has them (older trees have none).
-            shutil.copy(trees.HERE / "tests" / "bursts.py", tree / "tests" / "bursts.py")
             arguments = [f"--senders={args.senders}", f"--bodies={args.bodies}",
                          f"--inboxes={args.inboxes}", "--json",
                          *(f"--env={item}" for item in args.env)]  # fmt: skip

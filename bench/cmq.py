@@ -3,7 +3,7 @@
     python -m bench.cmq [--backlogs 10000] [--formats json xml]
 
 For each format and backlog size, puts that many distinct SmartCover callbacks on a
-queue of the loopback CMQ stand-in (tests/cmq_server.py, standing in for TDMQ for CMQ),
+queue of the loopback CMQ stand-in (tests/support/cmq_server.py, standing in for TDMQ for CMQ),
 then drains the same backlog twice, each time from a fresh stand-in over a copy of the
 filled queue, each in a process of its own so that its peak RSS is its own:
 - bare: the same data-API client with the same pollers (default `[cmq]` batch and
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.draining import PeakRss, drain_through
 from bench.tdmq import backlog_body, distinct
-from tests.cmq_support import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
+from tests.support.cmq_stand_in import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
 
 
 def cmq_config(url: str):

@@ -63,7 +63,7 @@ async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, 
     from receiver.config import Config
     from receiver.inbox import Receipt
     from receiver.runtime.service import Service
-    from tests.callbacks import job
+    from tests.support.callbacks import job
 
     def bodies() -> list[bytes]:
         return [job(f"j{uuid.uuid4().hex}") for _ in range(count)]
@@ -173,7 +173,7 @@ def main() -> None:
         return
     postgres = None
     if args.postgres:
-        from tests.databases import server_url
+        from tests.support.databases import server_url
 
         postgres = server_url("postgresql")
     arguments = ["--child", "--callbacks", str(args.callbacks)]

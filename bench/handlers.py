@@ -14,7 +14,7 @@ with the handler's rounds:
   concurrency: what serializing and signing add.
 
 SQLite runs in a temp folder; PostgreSQL and MySQL run when the machine's servers answer
-(see tests/databases.py); the webhook goes to a uvicorn server in its own process on
+(see tests/support/databases.py); the webhook goes to a uvicorn server in its own process on
 loopback.
 """
 
@@ -41,9 +41,9 @@ from handlers.sql_tables import event_row, events_table, job_row, jobs_table
 from handlers.webhook import WebhookHandler
 from receiver import parse_callback
 from receiver.callback.event import Event
-from tests.callbacks import load
-from tests.databases import answers, drop_tables, server_url
-from tests.processes import free_port, wait_for_port
+from tests.support.callbacks import load
+from tests.support.databases import answers, drop_tables, server_url
+from tests.support.processes import free_port, wait_for_port
 
 SECRET = "whsec_" + base64.b64encode(b"benchmark secret, thirty-two by!").decode()
 

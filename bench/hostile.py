@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.callbacks import load
-from tests.processes import REPO, free_port, wait_for_port
+from tests.support.callbacks import load
+from tests.support.processes import REPO, free_port, wait_for_port
 
 MiB = 1024 * 1024
 HONEST = load("smartcover.json")

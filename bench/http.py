@@ -37,8 +37,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.callbacks import load
-from tests.processes import REPO, free_port, wait_for_port
+from tests.support.callbacks import load
+from tests.support.processes import REPO, free_port, wait_for_port
 
 LUA = Path(__file__).with_name("unique_ids.lua")
 BODIES = {

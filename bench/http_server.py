@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 from bench.http import cpu_seconds
-from tests.processes import free_port, wait_for_port
+from tests.support.processes import free_port, wait_for_port
 
 BODY = b"<Response>" + b"x" * 1000 + b"</Response>"
 REQUEST = (

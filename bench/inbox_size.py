@@ -31,7 +31,7 @@ from receiver import parse_callback
 from receiver.config import Config
 from receiver.inbox import Inbox, Receipt
 from receiver.inbox.factory import open_inbox
-from tests.callbacks import ALL, load
+from tests.support.callbacks import ALL, load
 
 HEADERS = {"content-type": "application/xml", "user-agent": "CI callback"}
 

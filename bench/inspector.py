@@ -38,10 +38,10 @@ from receiver import parse_callback
 from receiver.config import Config
 from receiver.inbox import Inbox, Receipt
 from receiver.inbox.factory import open_inbox
-from tests.callbacks import load
-from tests.databases import server_url
-from tests.inboxes import drop_schema
-from tests.processes import Receiver
+from tests.support.callbacks import load
+from tests.support.databases import server_url
+from tests.support.inbox_places import drop_schema
+from tests.support.processes import Receiver
 
 TAGS = ("Transcode", "Snapshot", "SmartCover", "Animation", "Concat")
 BATCH = 1000
@@ -192,8 +192,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
         f'data_dir = "{work / "data"}"\n{inbox_config}[admin]\ninspector = true\n'
         '[http]\naccess_log = false\n[log]\nlevel = "warning"\n'
         # Handlers that never start: the inbox stays as filled while it is measured.
-        '[handlers.db]\ntype = "tests.handlers_for_tests:CannotStart"\ntoken = "t"\nurl = "u"\n'
-        '[handlers.log]\ntype = "tests.handlers_for_tests:CannotStart"\ntoken = "t"\nurl = "u"\n'
+        '[handlers.db]\ntype = "tests.support.handler_doubles:CannotStart"\n'
+        'token = "t"\nurl = "u"\n'
+        '[handlers.log]\ntype = "tests.support.handler_doubles:CannotStart"\n'
+        'token = "t"\nurl = "u"\n'
     )
     from receiver.config import load_config
 

@@ -28,10 +28,11 @@ import orjson
 import xmltodict
 import xmltodict_rs
 
-from receiver import PayloadError, parse_callback, xml_fast
+from receiver import PayloadError, parse_callback
+from receiver.callback import xml_fast
 from receiver.callback.decode import DEFAULT_LIMITS, _xml_to_dict_guarded
-from tests import test_hostile_bodies as hostile
-from tests.callbacks import ALL, XML, ci_json_from_xml, load
+from tests.support import hostile_bodies as hostile
+from tests.support.callbacks import ALL, XML, ci_json_from_xml, load
 
 
 def best_us(*calls: Callable[[], object], rounds: int) -> list[float]:

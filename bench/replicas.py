@@ -36,10 +36,10 @@ from pathlib import Path
 import asyncpg
 
 from bench.http import BODIES, start, stop, wrk
-from tests.callbacks import load
-from tests.databases import answers, server_url
-from tests.inboxes import drop_schema
-from tests.processes import free_port
+from tests.support.callbacks import load
+from tests.support.databases import answers, server_url
+from tests.support.inbox_places import drop_schema
+from tests.support.processes import free_port
 
 DRAIN_TIMEOUT = 300.0
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.callbacks import load
-from tests.processes import REPO, free_port, wait_for_port
+from tests.support.callbacks import load
+from tests.support.processes import REPO, free_port, wait_for_port
 
 XML = load("transcode.xml")
 XML_JOB = b"j68427030f84611ecb8546d80f2baf56f"

@@ -69,7 +69,7 @@ from receiver.logs import configure_logging
 from receiver.metrics import Metrics
 from receiver.runtime.service import Service
 from receiver.sources.http import create_app
-from tests.callbacks import load
+from tests.support.callbacks import load
 
 SAMPLES = {
     "json": ("smartcover.json", b"j6842765cf84611ecb8546d80f2baf56f", b"application/json"),

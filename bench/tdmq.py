@@ -32,8 +32,8 @@ from pathlib import Path
 import pulsar
 
 from bench.draining import PeakRss, drain_through
-from tests.callbacks import ci_json_from_xml, load
-from tests.processes import PulsarLite
+from tests.support.callbacks import ci_json_from_xml, load
+from tests.support.processes import PulsarLite
 
 TOPIC = "persistent://public/default/bench-callbacks"
 

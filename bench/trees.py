@@ -1,7 +1,8 @@
 """Another revision of the code measured beside this tree, in one run.
 
 A benchmark's `--against REV` exports the revision (`git archive`) with this tree's
-`bench/` laid over it, so that both sides run the same measuring code, then runs one
+`bench/` and `tests/support/` (the senders and stand-ins the benchmarks use) laid over
+it, so that both sides run the same measuring code, then runs one
 process per tree in interleaved rounds, each with its own tree first on PYTHONPATH, and
 keeps each tree's best figure of every key (noise on a shared machine only ever adds
 time).
@@ -21,9 +22,10 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def export(revision: str, into: Path, *, own_bench: bool = False) -> Path:
-    """The tree of `revision` in the new folder `into`, with this tree's bench/ over it;
-    with `own_bench`, the revision's own bench/ (a revision whose modules lie elsewhere,
-    before the layout by stage, cannot run this tree's measuring code)."""
+    """The tree of `revision` in the new folder `into`, with this tree's bench/ and
+    tests/support/ (the helpers it imports) over it; with `own_bench`, the revision's
+    own (a revision whose modules lie elsewhere, before the layout by stage, cannot run
+    this tree's measuring code)."""
     into.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(HERE), "archive", revision], capture_output=True, check=True
@@ -31,6 +33,8 @@ def export(revision: str, into: Path, *, own_bench: bool = False) -> Path:
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     if not own_bench:
         shutil.copytree(HERE / "bench", into / "bench", dirs_exist_ok=True)
+        support = HERE / "tests" / "support"
+        shutil.copytree(support, into / "tests" / "support", dirs_exist_ok=True)
     return into
 
 

@@ -9,12 +9,13 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
-from tests.databases import drop_tables, execute, require_server, schema_keyword
-from tests.inboxes import BACKENDS, InboxPlace, drop_schema
-from tests.processes import PulsarLite, Receiver
-from tests.shared_inbox import SharedInbox
+from tests.support.ci_api_server import SECRET_ID, SECRET_KEY, CiApiServer
+from tests.support.databases import drop_tables, execute, require_server, schema_keyword
+from tests.support.inbox_places import BACKENDS, InboxPlace, drop_schema
+from tests.support.processes import PulsarLite, Receiver
+from tests.support.shared_inbox import SharedInbox
 
-# `HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py` for a long fuzzing run.
+# `HYPOTHESIS_PROFILE=deep pytest tests/callback/test_properties.py` for a long fuzzing run.
 settings.register_profile(
     "default", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -31,6 +32,16 @@ def pulsar_broker(tmp_path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def ci():
+    """The loopback stand-in for CI's job API (tests/support/ci_api_server.py): it takes
+    the tests' key pair, and a temporary key that must bring its session token."""
+    server = CiApiServer({SECRET_ID: SECRET_KEY, "AKIDtemporary": "temporary-key"},
+                         tokens={"AKIDtemporary": "session-token"}).start()  # fmt: skip
+    yield server
+    server.stop()
 
 
 @pytest.fixture

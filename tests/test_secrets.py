@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from receiver.config import mask_credentials, mask_url
-from tests.callbacks import load
-from tests.peers import HttpPeer, wecom_robot
-from tests.processes import REPO, Receiver, free_port
-from tests.waiting import wait_until
+from tests.support.callbacks import load
+from tests.support.http_peers import HttpPeer, wecom_robot
+from tests.support.processes import REPO, Receiver, free_port
+from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize(

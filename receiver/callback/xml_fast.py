@@ -18,7 +18,7 @@ show it is xmltodict's:
   whitespace at either end, or text beside child elements send the body the slow road.
 
 `None` means "ask xmltodict": the caller's guarded xmltodict parse then gives the answer
-(and the refusal, if any) it always gave. tests/test_xml_parity.py holds the two to it.
+(and the refusal, if any) it always gave. tests/callback/test_xml_parity.py holds the two to it.
 """
 
 from __future__ import annotations

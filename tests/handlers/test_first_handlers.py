@@ -1,0 +1,117 @@
+"""The built-in log, jsonl and sqlite handlers, driven directly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+
+import orjson
+import pytest
+
+import handlers
+from receiver import parse_callback
+from tests.support.callbacks import load
+
+
+async def started(type_name: str, **options):
+    handler = handlers.build(type_name, options)
+    await handlers.start(handler)
+    return handler
+
+
+async def test_jsonl_writes_one_fsynced_line_per_event_and_shares_fsyncs(tmp_path, monkeypatch):
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    path = tmp_path / "deep" / "events.jsonl"
+    handler = await started("jsonl", path=str(path))
+    events = [
+        event
+        for name in ("transcode.xml", "two_jobs.xml", "smartcover.json", "workflow_finish.xml")
+        for event in parse_callback(load(name))
+    ]
+    await asyncio.gather(*(handler(event) for event in events))
+    await handlers.close(handler)
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(event.id for event in events)
+    assert lines[0] == orjson.loads(events[0].to_json())
+    assert 1 <= len(fsyncs) < len(events)  # concurrent events shared an fsync
+
+
+async def test_jsonl_can_leave_out_the_raw_document(tmp_path):
+    handler = await started("jsonl", path=str(tmp_path / "e.jsonl"), include_raw=False)
+    await handler(parse_callback(load("transcode.xml"))[0])
+    await handlers.close(handler)
+    (line,) = (tmp_path / "e.jsonl").read_bytes().splitlines()
+    assert "raw" not in orjson.loads(line)
+    assert orjson.loads(line)["operation"]["TemplateName"] == "trans_993874"
+
+
+def job_rows(path):
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT job_id, state, event_id, outputs FROM ci_jobs").fetchall()
+
+
+async def test_sqlite_jobs_table_is_upserted_and_never_moves_backwards(tmp_path):
+    path = tmp_path / "jobs.db"
+    handler = await started("sqlite", path=str(path))
+    body = load("transcode.xml")
+    running = parse_callback(body.replace(b"<State>Success", b"<State>Running"))[0]
+    success = parse_callback(body)[0]
+    await handler(running)
+    assert [row[1] for row in job_rows(path)] == ["Running"]
+    await handler(success)
+    await handler(running)  # late, after Success
+    await handler(success)  # replayed
+    await handlers.close(handler)
+    ((job_id, state, event_id, outputs),) = job_rows(path)
+    assert (job_id, state, event_id) == (success.job_id, "Success", success.id)
+    assert orjson.loads(outputs) == [o.to_dict() for o in success.outputs]
+
+
+async def test_sqlite_takes_the_history_options_of_sql(tmp_path):
+    path = tmp_path / "jobs.db"
+    handler = await started(
+        "sqlite", path=str(path), table="ci_jobs", history=True, events_table="ci_events"
+    )
+    events = parse_callback(load("two_jobs.xml"))
+    for event in events:
+        await handler(event)
+    await handlers.close(handler)
+    with sqlite3.connect(path) as connection:
+        jobs = connection.execute("SELECT job_id FROM ci_jobs").fetchall()
+        history = connection.execute("SELECT event_id FROM ci_events").fetchall()
+    assert sorted(jobs) == sorted((event.job_id,) for event in events)
+    assert sorted(history) == sorted((event.id,) for event in events)
+
+
+async def test_log_handler_logs_a_failed_job_with_its_code(capsys, restore_logging):
+    from receiver.logs import configure_logging
+
+    configure_logging("info", "json")  # here: capsys captures only while the test runs
+    handler = await started("log")
+    await handler(parse_callback(load("smartcover_failed.xml"))[0])
+    out = capsys.readouterr().out.splitlines()
+    (line,) = [orjson.loads(text) for text in out if '"event":"event"' in text]
+    assert (line["tag"], line["state"], line["code"]) == (
+        "SmartCover",
+        "Failed",
+        "ResourceDownloadFailed",
+    )
+
+
+def test_a_plain_async_function_is_a_handler_without_options():
+    async def handle(event):
+        return None
+
+    import types
+
+    module = types.ModuleType("plain_handlers")
+    module.handle = handle
+    import sys
+
+    sys.modules["plain_handlers"] = module
+    assert handlers.build("plain_handlers:handle", {}) is handle
+    with pytest.raises(handlers.HandlerConfigError, match="takes no options"):
+        handlers.build("plain_handlers:handle", {"x": 1})

@@ -1,0 +1,269 @@
+"""What only the PostgreSQL inbox does: wake other replicas, create its schema once when
+replicas start together, and ride out a database that goes away and comes back.
+
+The outage is a loopback TCP proxy in front of the machine's server (tests/support/tcp_proxy.py),
+cut and restored by the test: the server itself keeps serving the other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from datetime import datetime, timezone
+
+import asyncpg
+import orjson
+import pytest
+from sqlalchemy import make_url
+
+from receiver import parse_callback
+from receiver.inbox import InboxUnavailable, Receipt
+from receiver.inbox.postgres import PostgresInbox
+from tests.support.tcp_proxy import TcpProxy
+
+
+def inbox_at(url: str, schema: str, **options) -> PostgresInbox:
+    return PostgresInbox(url, schema=schema, pool_size=4, rejected_body_bytes=1024, **options)
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    return make_url(url).set(port=proxy.port).render_as_string(hide_password=False)
+
+
+def receipt_for(job_id: str) -> tuple[Receipt, list]:
+    body = orjson.dumps({"JobsDetail": {"JobId": job_id, "State": "Success"}})
+    routed = [(event, ["a"]) for event in parse_callback(body)]
+    return Receipt(body, "http", datetime.now(timezone.utc), "r"), routed
+
+
+async def eventually(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_store_wakes_the_other_replicas(postgres_schema):
+    url, schema = postgres_schema
+    storing, idle = inbox_at(url, schema), inbox_at(url, schema)
+    await storing.open()
+    await idle.open()
+    wakes = []
+    idle.watch(lambda: wakes.append(1))
+    try:
+        await eventually(lambda: wakes)  # connecting wakes once: something may be due
+        before = len(wakes)
+        await storing.store(*receipt_for("jwake"))
+        await eventually(lambda: len(wakes) > before, timeout=2)
+        before = len(wakes)
+        await storing.requeue(None, ["b"], dead_only=False)  # a replay wakes them too
+        await eventually(lambda: len(wakes) > before, timeout=2)
+        before = len(wakes)
+        await storing.store(*receipt_for("jwake"))  # a duplicate makes nothing due
+        await asyncio.sleep(0.3)
+        assert len(wakes) == before
+    finally:
+        await storing.close()
+        await idle.close()
+
+
+async def test_a_verified_event_wakes_the_other_replicas_when_released(postgres_schema):
+    url, schema = postgres_schema
+    verifying, idle = inbox_at(url, schema), inbox_at(url, schema)
+    await verifying.open()
+    await idle.open()
+    wakes = []
+    idle.watch(lambda: wakes.append(1))
+    try:
+        await eventually(lambda: wakes)
+        receipt, routed = receipt_for("jgenuine")
+        (genuine,) = (await verifying.store(receipt, routed, verify=True)).new
+        receipt, routed = receipt_for("jforged")
+        (forged,) = (await verifying.store(receipt, routed, verify=True)).new
+        await asyncio.sleep(0.3)
+        before = len(wakes)
+        await verifying.settle(forged, genuine=False)  # nothing became due
+        await asyncio.sleep(0.3)
+        assert len(wakes) == before
+        await verifying.settle(genuine, genuine=True)
+        await eventually(lambda: len(wakes) > before, timeout=2)
+    finally:
+        await verifying.close()
+        await idle.close()
+
+
+async def test_replicas_starting_together_create_the_schema_once(postgres_schema):
+    url, schema = postgres_schema
+    replicas = [inbox_at(url, schema) for _ in range(6)]
+    await asyncio.gather(*(replica.open() for replica in replicas))
+    try:
+        results = await asyncio.gather(*(r.store(*receipt_for("jsame")) for r in replicas))
+        assert sorted(len(result.new) for result in results) == [0, 0, 0, 0, 0, 1]
+    finally:
+        await asyncio.gather(*(replica.close() for replica in replicas))
+
+
+async def test_an_outage_fails_operations_and_service_resumes_by_itself(postgres_schema):
+    url, schema = postgres_schema
+    async with TcpProxy(make_url(url).port) as proxy:
+        inbox = inbox_at(through(proxy, url), schema)
+        await inbox.open()
+        wakes = []
+        inbox.watch(lambda: wakes.append(1))
+        try:
+            await inbox.store(*receipt_for("jbefore"))
+            await inbox.ping()
+            await eventually(lambda: wakes)
+
+            await proxy.cut()
+            where = re.escape(f"PostgreSQL at 127.0.0.1:{proxy.port}/{make_url(url).database}")
+            with pytest.raises(InboxUnavailable, match=f"^{where} unreachable") as first:
+                await inbox.store(*receipt_for("jduring"))
+            inbox.connector.last_write = 0  # no fresh write to vouch for it: ping asks the server
+            with pytest.raises(InboxUnavailable, match=f"^{where} unreachable since ") as later:
+                await inbox.ping()
+            assert later.value.since == first.value.since is not None
+
+            await proxy.restore()
+            woken = len(wakes)
+            stored = await retrying(lambda: inbox.store(*receipt_for("jafter")))
+            assert stored.new == ["job:jafter:Success"]
+            await inbox.ping()
+            # The listening connection comes back too, and wakes: work may have come
+            # meanwhile.
+            await eventually(lambda: len(wakes) > woken, timeout=40)
+            assert await inbox.known(["job:jbefore:Success", "job:jduring:Success"]) == {
+                "job:jbefore:Success"
+            }
+        finally:
+            await inbox.close()
+
+
+async def retrying(operation, timeout: float = 10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await operation()
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_a_service_waits_for_the_database_at_start(postgres_schema):
+    url, schema = postgres_schema
+    proxy = TcpProxy(make_url(url).port)  # not listening yet: the database is away
+    waiting = inbox_at(through(proxy, url), schema, wait=True)
+    opening = asyncio.create_task(waiting.open())
+    await asyncio.sleep(1.5)
+    assert not opening.done()
+    await proxy.restore()
+    try:
+        await asyncio.wait_for(opening, 30)
+        assert (await waiting.store(*receipt_for("jlate"))).new
+    finally:
+        await waiting.close()
+        await proxy.cut()
+
+
+async def test_a_command_does_not_wait_for_an_absent_database(postgres_schema):
+    url, schema = postgres_schema
+    proxy = TcpProxy(make_url(url).port)
+    where = re.escape(f"PostgreSQL at 127.0.0.1:{proxy.port}/{make_url(url).database}")
+    with pytest.raises(InboxUnavailable, match=f"^{where} unreachable: "):
+        await asyncio.wait_for(inbox_at(through(proxy, url), schema).open(), 10)
+
+
+async def test_a_database_that_does_not_exist_is_an_error_at_once(postgres_schema):
+    url, schema = postgres_schema
+    missing = make_url(url).set(database=f"nope_{uuid.uuid4().hex[:8]}")
+    inbox = inbox_at(missing.render_as_string(hide_password=False), schema, wait=True)
+    with pytest.raises(InboxUnavailable, match="refused"):
+        await asyncio.wait_for(inbox.open(), 10)
+
+
+async def test_the_tables_live_in_their_own_schema(postgres_schema):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    await inbox.close()
+    connection = await asyncpg.connect(url)
+    try:
+        tables = await connection.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema
+        )
+    finally:
+        await connection.close()
+    assert [t[0] for t in tables] == ["attempts", "events", "meta", "receipts", "runs", "state"]
+
+
+async def transactions_of_receipts(url: str, schema: str) -> int:
+    """How many transactions wrote the receipts (each row's xmin is the one that did)."""
+    connection = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        return await connection.fetchval("SELECT count(DISTINCT xmin::text) FROM receipts")
+    finally:
+        await connection.close()
+
+
+async def test_callbacks_stored_at_one_moment_are_committed_together(postgres_schema):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    try:
+        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(300)))
+        assert all(len(s.new) == 1 for s in stored)
+        alone = await inbox.store(*receipt_for("jalone"))  # a callback alone commits at once
+        assert len(alone.new) == 1
+    finally:
+        await inbox.close()
+    # A burst is a few large commits, not one per callback.
+    assert await transactions_of_receipts(url, schema) <= 10
+
+
+async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(postgres_schema):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    try:
+        broken, routed = receipt_for("jbroken")
+        broken.received_at = None  # receipts.received_at is NOT NULL: the server refuses it
+        stores = [inbox.store(*receipt_for(f"j{i}")) for i in range(20)]
+        stores.insert(10, inbox.store(broken, routed))
+        outcomes = await asyncio.gather(*stores, return_exceptions=True)
+        assert isinstance(outcomes[10], asyncpg.NotNullViolationError)
+        assert all(len(o.new) == 1 for i, o in enumerate(outcomes) if i != 10)
+        # Those of its batch were committed: the same callback again is a duplicate.
+        assert len((await inbox.store(*receipt_for("j3"))).duplicates) == 1
+    finally:
+        await inbox.close()
+
+
+async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_delivery(
+    postgres_schema,
+):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    connection = await asyncpg.connect(url, server_settings={"search_path": schema})
+    try:
+        (forged,) = (await inbox.store(*receipt_for("jtaken"), verify=True)).new
+        await inbox.settle(forged, genuine=False)
+        # The replacement's runs cannot be written: the delivery must leave nothing
+        # behind, its receipt included, and the forged event as it was.
+        await connection.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        with pytest.raises(asyncpg.RaiseError, match="refused"):
+            await inbox.store(*receipt_for("jtaken"))
+        await connection.execute("DROP TRIGGER refuse ON runs; DROP FUNCTION refuse()")
+        assert await connection.fetchval("SELECT count(*) FROM receipts") == 1
+        assert await inbox.known([forged], forged=False) == set()
+        # Once it can, the same delivery replaces it.
+        assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
+    finally:
+        await connection.close()
+        await inbox.close()

@@ -1,0 +1,96 @@
+"""/readyz of a `ci-receiver serve` process whose handler cannot start: the handler's
+error shows with its secrets masked, and whether that makes the receiver unready is
+the config's choice."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+
+from tests.support.callbacks import load
+from tests.support.processes import Receiver
+from tests.support.waiting import wait_until
+
+TOKEN = "tok-9d2a41c7e3"  # the handler's secret option: never to be shown
+
+
+def receiver_with(tmp_path, dispatch: str, handler: str) -> Receiver:
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[dispatch]\n{dispatch}\n'
+        "[handlers.crm]\n"
+        'type = "tests.support.handler_doubles:CannotStart"\n'
+        f'token = "{TOKEN}"\n'
+        'url = "https://crm-user:crm-pass@crm.example.com/api?key=query-secret"\n'
+        f"{handler}\n"
+        '[handlers.log]\ntype = "log"\n'
+    )
+    return Receiver(config)
+
+
+def readiness(receiver: Receiver) -> httpx.Response:
+    return wait_until(
+        lambda: (
+            (r := httpx.get(receiver.admin_url + "/readyz", timeout=10)).json()["checks"][
+                "handler:crm"
+            ]
+            != "starting"
+            and r
+        ),
+        what="the handler's first start to fail",
+    )
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "handler", "status"),
+    [
+        ("", "", 200),  # by default a handler that cannot start leaves the receiver ready
+        ("unready_on_handler_error = true", "", 503),
+        ("", "required = true", 503),
+        ("unready_on_handler_error = true", "required = false", 200),
+    ],
+)
+def test_a_handler_that_cannot_start_shows_its_error_masked(tmp_path, dispatch, handler, status):
+    receiver = receiver_with(tmp_path, dispatch, handler).start()
+    try:
+        ready = readiness(receiver)
+        # callbacks are kept either way: the handler's runs wait for it
+        assert receiver.post(load("smartcover.xml")).status_code == 200
+    finally:
+        receiver.stop()
+    assert ready.status_code == status
+    assert ready.json()["ready"] is (status == 200)
+    assert ready.json()["checks"]["handler:crm"] == (
+        "not started: PermissionError: https://crm-user:***@crm.example.com/api?key=*** refused"
+        " the login"
+        " with token ***"
+    )
+    assert ready.json()["checks"]["handler:log"] == "started"
+    log = receiver.log()
+    assert "handler cannot start" in log
+    for secret in (TOKEN, "crm-pass", "query-secret"):
+        assert secret not in log
+
+
+def test_a_reload_that_removes_a_required_handler_that_cannot_start_makes_it_ready(tmp_path):
+    receiver = receiver_with(tmp_path, "", "required = true").start()
+    try:
+        assert readiness(receiver).status_code == 503
+        config = tmp_path / "ci-receiver.toml"
+        without_crm = config.read_text().split("[handlers.crm]")[0]
+        config.write_text(without_crm + '[handlers.log]\ntype = "log"\n')
+        assert receiver.process is not None
+        receiver.process.send_signal(signal.SIGHUP)
+        ready = wait_until(
+            lambda: (
+                (r := httpx.get(receiver.admin_url + "/readyz", timeout=10)).status_code == 200
+                and r
+            ),
+            what="ready without the handler",
+        )
+        assert "handler:crm" not in ready.json()["checks"]
+        assert ready.json()["checks"]["handler:log"] == "started"
+    finally:
+        receiver.stop()
