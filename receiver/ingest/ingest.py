@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 from structlog.contextvars import bind_contextvars
@@ -181,8 +181,8 @@ class Ingestor:
         Each callback's log lines carry its request id (bound in the caller's context,
         which is left with the last one's)."""
         began = time.perf_counter()
-        # Each receipt's place is filled below: by its refusal, or by its store's outcome.
-        results: list[Any] = [None] * len(receipts)
+        # Each receipt's outcome by its place: its refusal, or its store's outcome.
+        results: dict[int, Stored | BaseException] = {}
         # Each parsed callback: its place, what to store, its events' warnings.
         parsed: list[tuple[int, ToStore, list[list[str]]]] = []
         for index, receipt in enumerate(receipts):
@@ -213,7 +213,7 @@ class Ingestor:
             stored_new += self._kept(receipt, routed, verify, stored, began, warnings)
         if stored_new:
             self._on_stored(stored_new)
-        return results
+        return [results[index] for index in range(len(receipts))]
 
     def _kept(
         self,

@@ -388,7 +388,7 @@ async def test_a_run_is_leased_for_its_timeout_plus_the_configured_grace(inbox_p
         await service.stop()
 
 
-# --- a config reload (receiver/runtime/reload.py) ----------------------------------------------
+# --- a config reload (receiver/dispatch/slots.py: replace_handlers) ---------------------------
 
 
 class Closable(Recording):

@@ -158,3 +158,17 @@ def test_without_the_package_the_type_is_unknown(tmp_path):
     )  # fmt: skip
     assert checked.returncode == 1
     assert "handlers.failures: unknown handler type 'failed-jobs'" in checked.stderr
+
+
+def test_a_handler_written_against_the_former_module_name_still_loads(tmp_path, monkeypatch):
+    """Plugins written before the layout by stage import `receiver.model` (the README's
+    example did): they load, warned, and get the one Event class."""
+    (tmp_path / "old_plugin.py").write_text(
+        "from receiver.model import Event\n\nasync def handle(event: Event) -> None:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "receiver.model", raising=False)
+    with pytest.warns(DeprecationWarning, match="import Event from receiver"):
+        handler = handlers.build("old_plugin:handle", {})
+    assert handler.__globals__["Event"] is Event
+    del sys.modules["old_plugin"]
