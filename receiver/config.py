@@ -33,7 +33,6 @@ from pydantic import (
 from receiver import envvars
 from receiver.callback import vocabulary
 from receiver.callback.decode import DEFAULT_LIMITS, Limits
-from receiver.inbox.types import VERIFY_RUN, Cutoffs
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
 from receiver.timezones import check_timezone
 
@@ -57,6 +56,11 @@ class ConfigError(Exception):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+# The run of the built-in verification step (receiver/ci/verify.py), which the inbox stores
+# beside the held runs of an event from a source with `verify = "ci-api"`: a name no
+# configured handler may take.
+VERIFY_RUN = "(verify)"
 
 # `verify` of a source: "ci-api" holds each of its events from handlers until CI's job
 # query API confirms it ([ci] credentials needed; see receiver/ci/verify.py).
@@ -523,12 +527,6 @@ class RetentionConfig(Section):
     refused: Duration = Field(3 * 86400.0, ge=0)
     # How often the background pruning runs.
     interval: Duration = Field(3600.0, gt=0)
-
-    def cutoffs(self, now: datetime) -> Cutoffs:
-        def before(seconds: float) -> datetime | None:
-            return now - timedelta(seconds=seconds) if seconds else None
-
-        return Cutoffs(before(self.events), before(self.bodies), before(self.refused))
 
 
 # A `log` handler writes a line and holds nothing outside: its attempts at once need no

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Protocol, runtime_checkable
 
 from receiver.admin.params import BadRequest, ReplayRequest
 from receiver.callback.decode import PayloadError
+from receiver.dispatch.loop import Dispatcher
 from receiver.dispatch.replay import Replayed, chosen_ids, replay
 from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
 from receiver.ingest.routing import Router
-from receiver.runtime.service import Service
 from receiver.sources.backend import Backend
 
 # The overview's period.
 OVERVIEW_HOURS = 24
+
+
+@runtime_checkable
+class KeepsInbox(Backend, Protocol):
+    """A backend with an inbox and a dispatcher to inspect: the `Service` (a relay,
+    which hands callbacks to TDMQ, keeps none)."""
+
+    inbox: Inbox
+    dispatcher: Dispatcher
 
 
 class NotAvailable(Exception):
@@ -50,9 +60,9 @@ class Inspection:
         self._backend = backend
 
     @property
-    def _service(self) -> Service:
+    def _service(self) -> KeepsInbox:
         """The service behind the admin listener: a relay keeps no inbox to inspect."""
-        if not isinstance(self._backend, Service):
+        if not isinstance(self._backend, KeepsInbox):
             raise NotAvailable(
                 "this process relays callbacks to TDMQ and keeps no inbox: inspect the"
                 " consumers' inbox instead"

@@ -19,12 +19,12 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
     """Remove what [retention] allows now: handled events older than `events`, bodies
     older than `bodies`, refused callbacks older than `refused`. Pending, held and
     dead-lettered work is never removed. Safe while receivers run."""
-    from receiver.upkeep.retention import Pruner
+    from receiver.upkeep.retention import Pruner, retention_cutoffs
 
     config = load(config_path)
 
     async def plan(inbox: Reading) -> Pruned:
-        return await inbox.prunable(config.retention.cutoffs(datetime.now(timezone.utc)))
+        return await inbox.prunable(retention_cutoffs(config.retention, datetime.now(timezone.utc)))
 
     async def run(inbox: Inbox) -> Pruned:
         pruner = Pruner(inbox, config.retention)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from receiver import config
 from receiver.callback.event import Event, Source
 
 # held: waiting for the event to be verified (it runs once it is); forged: the
@@ -18,10 +19,8 @@ RUN_STATUSES: tuple[RunStatus, ...] = ("pending", "done", "dead", "held", "forge
 Outcome = Literal["done", "retry", "dead", "released", "forged"]
 ReceiptOutcome = Literal["accepted", "duplicate", "rejected"]
 
-# The run of the built-in verification step (see receiver/ci/verify.py), stored beside the
-# held runs of an event from a source with `verify = "ci-api"`. Not a name a configured
-# handler can take.
-VERIFY_RUN = "(verify)"
+# The verification step's run (a name the config reserves).
+VERIFY_RUN = config.VERIFY_RUN
 
 
 class SchemaError(RuntimeError):

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from handlers import HandlerConfigError
+from receiver.admin.listener import admin_listener
 from receiver.config import Config
 from receiver.ingest.routing import log_warnings
 from receiver.logs import configure_logging
@@ -197,7 +198,7 @@ def _admin_server(backend: Backend, say: Say, sock: socket.socket | None = None)
             routes += ", /api, the inspector at /inspector"
         say(f"admin listener on http://{host}:{port} ({routes})")
 
-    return [HttpServer.admin(backend, announce, sock)]
+    return [admin_listener(backend, announce, sock)]
 
 
 def _announce(config: Config, say: Say) -> Callable[[str, int], None]:

@@ -1,5 +1,6 @@
-"""The public receiver and the admin listener as sources: a uvicorn server, bounded
-(`receiver.sources.http_server`), on a socket bound before the service starts."""
+"""An HTTP server as a source: a uvicorn server, bounded (`receiver.sources.http_server`),
+on a socket bound before the service starts. The public receiver is made here; the admin
+listener is the same kind of server (`receiver.admin.listener`)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ from receiver.sources.listen import bind
 
 # The runner's logger, as before this class left it: the log lines are the same.
 logger = structlog.get_logger("ci_receiver.runner")
-
-# The admin listener serves operators and monitoring: a few connections are plenty.
-ADMIN_CONNECTIONS = 32
 
 
 class HttpServer:
@@ -106,36 +104,6 @@ class HttpServer:
             graceful_timeout=http.graceful_timeout,
             on_listening=on_listening,
             trusted_proxies=http.trusted_proxies,
-            sock=sock,
-        )
-
-    @classmethod
-    def admin(
-        cls,
-        service: Backend,
-        on_listening: Callable[[str, int], None],
-        sock: socket.socket | None = None,
-    ) -> HttpServer:
-        """The admin listener: /metrics, the detailed /readyz (`receiver.admin`)."""
-        from receiver.admin.app import create_admin_app
-
-        http, admin = service.config.http, service.config.admin
-        limits = ServerLimits(
-            header_timeout=http.header_timeout,
-            body_timeout=http.body_timeout,
-            keepalive_timeout=http.keepalive_timeout,
-            max_connections=ADMIN_CONNECTIONS,
-            max_requests=ADMIN_CONNECTIONS,
-        )
-        return cls(
-            "admin",
-            create_admin_app(service),
-            host=admin.host,
-            port=admin.port,
-            limits=limits,
-            metrics=service.metrics,
-            graceful_timeout=http.graceful_timeout,
-            on_listening=on_listening,
             sock=sock,
         )
 

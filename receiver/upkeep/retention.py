@@ -10,19 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from receiver.config import RetentionConfig
-from receiver.inbox import InboxUnavailable, Pruned, Upkeep
+from receiver.inbox import Cutoffs, InboxUnavailable, Pruned, Upkeep
 
 logger = structlog.get_logger("ci_receiver.retention")
 
 BATCH = 500
 # Between batches: what a callback waits at most behind pruning is one batch.
 PAUSE_SECONDS = 0.05
+
+
+def retention_cutoffs(retention: RetentionConfig, now: datetime) -> Cutoffs:
+    """What `[retention]` lets go at `now`: each kind received before its moment (a
+    duration of 0 keeps that kind for ever)."""
+
+    def before(seconds: float) -> datetime | None:
+        return now - timedelta(seconds=seconds) if seconds else None
+
+    return Cutoffs(before(retention.events), before(retention.bodies), before(retention.refused))
 
 
 class Pruner:
@@ -75,7 +85,7 @@ class Pruner:
         progress: Callable[[Pruned], None] | None = None,
     ) -> Pruned:
         """One whole pass; `dry_run` only counts. Stops between batches when stopped."""
-        cutoffs = self._config.cutoffs(now or datetime.now(timezone.utc))
+        cutoffs = retention_cutoffs(self._config, now or datetime.now(timezone.utc))
         if dry_run:
             return await self._inbox.prune(cutoffs, dry_run=True)
         total = Pruned()
