@@ -11,7 +11,7 @@ ROOTS = ("receiver", "handlers")
 
 @pytest.fixture(scope="module")
 def graph() -> grimp.ImportGraph:
-    return grimp.build_graph(*ROOTS)
+    return grimp.build_graph(*ROOTS, cache_dir=None)
 
 
 def cycles(graph: grimp.ImportGraph) -> list[str]:
