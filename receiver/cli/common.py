@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError, load_config, parse_moment
 from receiver.inbox import EventFilter, Inbox, InboxUnavailable, ReadOnlyInbox, SchemaError
 from receiver.inbox.roles import Lifecycle
@@ -108,15 +107,15 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coroutine)
 
 
-def make_service(config: Config, *, wait: bool) -> Service:
-    """The service of `config`; `wait` for a long-running command, whose start waits for
-    an inbox database that cannot be reached yet (a command fails at once instead)."""
-    from receiver.runtime.service import Service
+def make_service(config: Config) -> Service:
+    """The service of a one-off command (replay, reconcile): it fails at once, rather than
+    wait, when the inbox's database cannot be reached."""
+    from receiver.runtime.assemble import CannotAssemble, service_for
 
     try:
-        return Service(config, wait=wait)
-    except HandlerConfigError as exc:
-        raise click.ClickException(f"config: {exc}") from None
+        return service_for(config, wait=False)
+    except CannotAssemble as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ def reconcile(
         raise click.ClickException(f"{bucket} is not in [ci] buckets ({', '.join(names)})")
     look_back = _duration(since, "--since")
     settle_for = _duration(settle, "--settle")
-    service = make_service(config, wait=False)
+    service = make_service(config)
     todo = watches(config.ci, bucket)
 
     async def run() -> Report:

@@ -149,7 +149,7 @@ def _warn_if_nobody_runs(processes: list[Process], handlers: list[str]) -> None:
 def _replay_receipt(config: Config, receipt_id: int) -> None:
     from receiver.callback.decode import PayloadError
 
-    service = make_service(config, wait=False)
+    service = make_service(config)
 
     async def run() -> Stored:
         await service.inbox.open()

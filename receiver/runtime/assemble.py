@@ -91,7 +91,7 @@ def for_serve(
     `read` reads the config again as at start, for SIGHUP."""
     link = None if worker is None else SupervisorLink(worker)
     if not config.relay.topic:
-        service = _service(config)
+        service = service_for(config)
         public, servers = _http_servers(service, say, worker, link)
         reload = _reloader(service, read, worker)
         reconciler = _reconciler(config, service, say, worker)
@@ -104,7 +104,7 @@ def for_serve(
 def for_consume(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
     """`consume`: the CMQ and/or TDMQ consumers and the dispatcher (the reconciler, the
     admin listener)."""
-    service = _service(config)
+    service = service_for(config)
     sources = [*_consumers(config, service, say), *_reconciler(config, service, say)]
     reload = _reloader(service, read)
     return Assembly(service, _admin_server(service, say), sources, reload)
@@ -116,7 +116,7 @@ def for_run(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
         say("run stores HTTP callbacks itself: [relay] applies to serve only")
     if config.http.workers > 1:
         say("run is one process: [http] workers applies to serve only")
-    service = _service(config)
+    service = service_for(config)
     sources = [*_consumers(config, service, say), *_reconciler(config, service, say)]
     reload = _reloader(service, read)
     public, servers = _http_servers(service, say)
@@ -151,11 +151,11 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
             admin_socket.close()
 
 
-def _service(config: Config) -> Service:
-    """The service of a long-running command: its start waits for an inbox database
-    that cannot be reached yet."""
+def service_for(config: Config, *, wait: bool = True) -> Service:
+    """The service of `config`. `wait`: a long-running command's, whose start waits for an
+    inbox database that cannot be reached yet (a one-off command fails at once instead)."""
     try:
-        return Service(config, wait=True)
+        return Service(config, wait=wait)
     except HandlerConfigError as exc:
         raise CannotAssemble(f"config: {exc}") from None
 
