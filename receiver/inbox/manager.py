@@ -272,8 +272,10 @@ class InboxManager(InboxReader):
         token = new_id()
         known = known or {}
         leased = await self.connector.lease(handler, limit, lease_seconds, token)
-        # Events the caller holds are not read back: neither their row nor the body.
-        unknown = [event_id for event_id, _, _ in leased if event_id not in known]
+        # Events the caller holds are not read back: neither their row nor the body. Taken
+        # from `known` now: the caller may let go of some while the others are read.
+        held = {event_id: known.get(event_id) for event_id, _, _ in leased}
+        unknown = [event_id for event_id, event in held.items() if event is None]
         rows = (
             await self.connector.read(_one(lambda tx: query.load(tx, unknown))) if unknown else []
         )
@@ -281,7 +283,7 @@ class InboxManager(InboxReader):
         read = {row[0]: documents.event(row) for row in rows}
         claims = []
         for event_id, attempts, request_id in leased:
-            event = known.get(event_id) or read.get(event_id)
+            event = held[event_id] or read.get(event_id)
             if event is not None:  # else removed since: nothing left to run
                 claims.append(Claim(event, handler, attempts, token, request_id))
         return claims
