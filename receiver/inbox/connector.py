@@ -2,18 +2,53 @@
 work (`query.Work`) and gives back their rows. SQLite's runs writes on its single
 writer, batched into group commits, and reads on helper threads; PostgreSQL's runs them
 on its pool, group-committing stores, batching outcomes, and saying when the server
-cannot be reached. Neither decides anything about events or runs.
+cannot be reached. Neither decides anything about events or runs, but for the hot path
+each takes its own way: a callback stored and an outcome recorded (see `store`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol, TypeVar
 
-from receiver.inbox.query import Delivered, Delivery, Dialect, Finished, Statement, Tx, Work
-from receiver.inbox.types import InboxUnavailable
+from receiver.inbox.query import Dialect, Statement, Tx, Work
+from receiver.inbox.types import InboxUnavailable, Receipt, RunStatus
 
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A callback to store, as rows: its receipt, its body packed, and each of its
+    events (`records.event_row`) with its new runs (handler, status)."""
+
+    receipt: Receipt
+    body: bytes
+    events: list[tuple[tuple[Any, ...], list[tuple[str, RunStatus]]]]
+
+
+@dataclass(slots=True)
+class Delivered:
+    receipt_id: int
+    stored: list[str]  # the ids of the events stored as new (or in place of forged ones)
+
+
+class Finished(NamedTuple):
+    """An attempt's outcome to record on its run, while its lease is still held (in the
+    order of PostgreSQL's `FINISH` columns)."""
+
+    event_id: str
+    handler: str
+    lease_token: str
+    status: str  # the run's status from now
+    counted: int  # 1 for an attempt, 0 for a run released at shutdown
+    retry_at: datetime | None
+    error: str | None
+    number: int  # the attempt's number
+    started_at: datetime
+    outcome: str
 
 
 class Connector(Protocol):
@@ -24,30 +59,36 @@ class Connector(Protocol):
     async def close(self) -> None: ...
 
     async def read(self, work: Callable[[Tx], Work[T]]) -> T:
-        """Run `work` on one snapshot, holding up no writer."""
+        """Run `work` on one snapshot (a read-only transaction), holding up no writer."""
         ...
 
-    async def write(self, work: Callable[[Tx], Work[T]], *, bookkeeping: bool = False) -> T:
-        """Run `work` in one transaction. `bookkeeping`: it only records dispatch progress
-        (see writer.py)."""
+    async def read_one(self, statement: Callable[[Tx], Statement]) -> Any:
+        """One statement that reads (one snapshot by itself: no transaction around it)."""
         ...
 
-    async def execute(
-        self, statement: Callable[[Tx], Statement], *, bookkeeping: bool = False
-    ) -> Any:
+    async def write(self, work: Callable[[Tx], Work[T]]) -> T:
+        """Run `work` in one transaction."""
+        ...
+
+    async def execute(self, statement: Callable[[Tx], Statement]) -> Any:
         """One statement that writes, committed alone."""
         ...
 
-    async def store(
-        self, deliveries: list[Delivery], work: Callable[[Tx, Delivery], Work[Delivered]]
-    ) -> list[Delivered | BaseException]:
-        """Store each delivery as `work` does, each failing alone, committed together
-        where the backend can (PostgreSQL: in one statement of its own doing the same)."""
+    async def store(self, delivery: Delivery) -> Delivered:
+        """Store a callback: its receipt, each new event (or in place of a stored one
+        that verification found forged, its runs afresh) and its runs; a receipt none of
+        whose events is new is a duplicate's. Each backend its own way, the hot path:
+        SQLite statement by statement on its writer, PostgreSQL in one statement."""
         ...
 
-    async def finish(self, finished: Finished, work: Callable[[Tx, Finished], Work[bool]]) -> bool:
-        """Record an outcome as `work` does (PostgreSQL: batched with others, in one
-        statement of its own doing the same)."""
+    async def store_many(self, deliveries: list[Delivery]) -> list[Delivered | BaseException]:
+        """`store` for each, each failing alone, committed together."""
+        ...
+
+    async def finish(self, finished: Finished) -> bool:
+        """Record an outcome if the run's lease is still held (the run updated, and the
+        attempt): True if it was. SQLite statement by statement on its writer,
+        PostgreSQL batched with the outcomes of the same moment in one statement."""
         ...
 
     async def lease(

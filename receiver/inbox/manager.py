@@ -20,8 +20,8 @@ import orjson
 from receiver.callback.event import Event
 from receiver.ids import new_id
 from receiver.inbox import query
-from receiver.inbox.connector import Connector
-from receiver.inbox.query import RUN_STATUS, Delivered, Delivery, Finished, Statement, Tx, Work
+from receiver.inbox.connector import Connector, Delivered, Delivery, Finished
+from receiver.inbox.query import RUN_STATUS, Offload, Statement, Tx, Work
 from receiver.inbox.records import (
     EVENT_WIDTH,
     Documents,
@@ -88,17 +88,17 @@ class InboxReader:
     async def event_ids(
         self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
     ) -> list[tuple[int, str]]:
-        rows = await self.connector.read(_one(lambda tx: query.event_ids(tx, filter, limit, after)))
+        rows = await self.connector.read_one(lambda tx: query.event_ids(tx, filter, limit, after))
         return [(row[0], row[1]) for row in rows]
 
     async def event(self, event_id: str) -> EventDetail | None:
         def event(tx: Tx) -> Work[tuple[Any, ...] | None]:
-            rows = yield query.events_with_request(tx, [event_id])
+            rows = yield query.load(tx, [event_id])
             if not rows:
                 return None
             attempts = [
                 Attempt(h, n, as_datetime(s), as_datetime(f), o, err)
-                for h, n, s, f, o, err in (yield query.attempts(tx, event_id))
+                for h, n, s, f, o, err in (yield query.ATTEMPTS(tx, event_id))
             ]
             runs = yield from _runs(tx, [event_id])
             return (*rows[0], runs.get(tx.dialect.text(event_id), []), attempts)
@@ -122,13 +122,11 @@ class InboxReader:
     async def receipts(
         self, *, limit: int = 50, outcome: ReceiptOutcome | None = None, before: int | None = None
     ) -> list[ReceiptSummary]:
-        rows = await self.connector.read(
-            _one(lambda tx: query.receipts(tx, limit, outcome, before))
-        )
+        rows = await self.connector.read_one(lambda tx: query.receipts(tx, limit, outcome, before))
         return [_receipt_summary(row) for row in rows]
 
     async def receipt(self, receipt_id: int) -> Receipt | None:
-        row = await self.connector.read(_one(lambda tx: query.receipt(tx, receipt_id)))
+        row = await self.connector.read_one(lambda tx: query.RECEIPT(tx, receipt_id))
         if row is None:
             return None
         kept, source, received_at, request_id, headers, meta, size, outcome = row
@@ -146,25 +144,20 @@ class InboxReader:
     async def rejected(
         self, *, limit: int = 50, before: int | None = None, preview: int = 512
     ) -> list[RejectedReceipt]:
-        rows = await self.connector.read(
-            _one(lambda tx: query.rejected(tx, limit, before, preview))
-        )
+        rows = await self.connector.read_one(lambda tx: query.rejected(tx, limit, before, preview))
         return [_rejected(row) for row in rows]
 
     async def backlog(self) -> dict[str, Backlog]:
-        return query.backlogs(await self.connector.read(_one(query.backlog)))
+        return query.backlogs(await self.connector.read_one(query.BACKLOG))
 
     async def counts(self, since: datetime) -> Counts:
         def counts(tx: Tx) -> Work[Counts]:
             grouped: list[dict[str, int]] = []
-            for statement in (
-                query.receipts_by_outcome,
-                query.events_by_tag,
-                query.events_by_state,
-            ):
-                grouped.append({str(key): count for key, count in (yield statement(tx, since))})
+            for statement in query.COUNTS:
+                rows = yield statement(tx, tx.time(since))
+                grouped.append({str(key): count for key, count in rows})
             runs: dict[str, dict[str, int]] = {}
-            for handler, status, count in (yield query.runs_by_status(tx, since)):
+            for handler, status, count in (yield query.RUNS_BY_STATUS(tx, tx.time(since))):
                 runs.setdefault(handler, {})[status] = count
             return Counts(receipts=grouped[0], tags=grouped[1], states=grouped[2], runs=runs)
 
@@ -173,21 +166,24 @@ class InboxReader:
     async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
         # Two passes over two tables: side by side (two reader threads, two connections).
         steps, tallied = await asyncio.gather(
-            self.connector.read(_one(lambda tx: query.callbacks_per_step(tx, since, step))),
-            self.connector.read(_one(lambda tx: query.events_by_tag_and_state(tx, since))),
+            self.connector.read_one(lambda tx: query.CALLBACKS_PER_STEP(tx, step, tx.time(since))),
+            self.connector.read_one(lambda tx: query.EVENTS_BY_TAG_AND_STATE(tx, tx.time(since))),
         )
         tags, states = query.tallies(tallied)
         found = [(as_datetime(bucket * step), outcome, count) for bucket, outcome, count in steps]
         return Traffic(step, found, tags, states)
 
     async def load(self, event_ids: list[str]) -> list[Event]:
+        if not event_ids:
+            return []
+
         def load(tx: Tx) -> Work[list[Any]]:
             rows: list[Any] = []
             for chunk in tx.chunks(event_ids):
                 rows += yield query.load(tx, chunk)
             return rows
 
-        rows = await self.connector.read(load) if event_ids else []
+        rows = await self.connector.read(load)
         # Decoding bodies is work for the CPU: not on the event loop. One `Documents` for
         # the read: each receipt's body is decoded once for its events.
         documents = Documents()
@@ -212,22 +208,15 @@ class InboxManager(InboxReader):
     async def store(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
     ) -> Stored:
-        (stored,) = await self.store_many([(receipt, routed, verify)])
-        if isinstance(stored, BaseException):
-            raise stored
-        return stored
+        # Awaited alone (no gather): its caller goes on as soon as it is committed, before
+        # the writer's next batch runs (writer.py).
+        delivery = _delivery(receipt, routed, verify)
+        delivered = await self.connector.store(delivery)
+        return _stored(delivery, delivered, self.connector.dialect.text)
 
     async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:
-        # The rows are made here, on the event loop, before the write.
-        deliveries = [
-            Delivery(
-                receipt,
-                pack(receipt.body),
-                [(event_row(event), new_runs(handlers, verify)) for event, handlers in routed],
-            )
-            for receipt, routed, verify in items
-        ]
-        results = await self.connector.store(deliveries, _storing)
+        deliveries = [_delivery(*item) for item in items]
+        results = await self.connector.store_many(deliveries)
         as_stored = self.connector.dialect.text
         return [
             result if isinstance(result, BaseException) else _stored(delivery, result, as_stored)
@@ -239,14 +228,20 @@ class InboxManager(InboxReader):
     ) -> int:
         kept = receipt.body[: self._rejected_body_bytes]
         whole = len(receipt.body) if size is None else size
-        return int(
-            await self.connector.execute(
-                lambda tx: query.reject(tx, receipt, kept, whole, reason, detail)
-            )
-        )
+        headers, meta = orjson.dumps(receipt.headers), orjson.dumps(receipt.source_meta)
+
+        def reject(tx: Tx) -> Statement:
+            received_at = tx.time(receipt.received_at)
+            return query.REJECT(
+                tx, received_at, receipt.source, receipt.request_id, headers, meta, kept, whole,
+                reason, detail,
+            )  # fmt: skip
+
+        return int(await self.connector.execute(reject))
 
     async def settle(self, event_id: str, genuine: bool) -> int:
-        return int(await self.connector.execute(lambda tx: query.settle(tx, event_id, genuine)))
+        settle = query.SETTLE_GENUINE if genuine else query.SETTLE_FORGED
+        return int(await self.connector.execute(lambda tx: settle(tx, event_id)))
 
     async def ping(self) -> None:
         # A write that went through a moment ago, and no failure since, says as much as
@@ -254,7 +249,7 @@ class InboxManager(InboxReader):
         if self.connector.wrote_lately():
             return
         try:
-            await self.connector.execute(lambda tx: query.heartbeat(tx, str(time.time())))
+            await self.connector.execute(lambda tx: query.HEARTBEAT(tx, str(time.time())))
         except InboxUnavailable:  # away: where, why and since when
             raise
         except Exception as exc:
@@ -272,16 +267,16 @@ class InboxManager(InboxReader):
         token = new_id()
         known = known or {}
         leased = await self.connector.lease(handler, limit, lease_seconds, token)
-        # Events the caller holds are not read back: neither their row nor the body.
-        unknown = [event_id for event_id, _, _ in leased if event_id not in known]
-        rows = (
-            await self.connector.read(_one(lambda tx: query.load(tx, unknown))) if unknown else []
-        )
+        # Events the caller holds are not read back: neither their row nor the body. Taken
+        # from `known` now: the caller may let go of some while the others are read.
+        held = {event_id: known.get(event_id) for event_id, _, _ in leased}
+        unknown = [event_id for event_id, event in held.items() if event is None]
+        rows = await self.connector.read_one(lambda tx: query.load(tx, unknown)) if unknown else []
         documents = Documents()
         read = {row[0]: documents.event(row) for row in rows}
         claims = []
         for event_id, attempts, request_id in leased:
-            event = known.get(event_id) or read.get(event_id)
+            event = held[event_id] or read.get(event_id)
             if event is not None:  # else removed since: nothing left to run
                 claims.append(Claim(event, handler, attempts, token, request_id))
         return claims
@@ -295,7 +290,7 @@ class InboxManager(InboxReader):
         error: str | None = None,
         retry_at: datetime | None = None,
     ) -> bool:
-        counted = outcome != "released"  # a run interrupted by shutdown is not an attempt
+        counted = int(outcome != "released")  # a run interrupted by shutdown is no attempt
         finished = Finished(
             claim.event.id,
             claim.handler,
@@ -304,18 +299,18 @@ class InboxManager(InboxReader):
             counted,
             retry_at,
             error,
-            claim.attempts + int(counted),
+            claim.attempts + counted,
             started_at,
             outcome,
         )
-        return await self.connector.finish(finished, _finishing)
+        return await self.connector.finish(finished)
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:
             return None
         # Leases may be on the database's clock, which this host's may differ from: how
         # far away the next run is, not when.
-        seconds = await self.connector.read(_one(lambda tx: query.next_due(tx, handlers)))
+        seconds = await self.connector.read_one(lambda tx: query.next_due(tx, handlers))
         if seconds is None:
             return None
         return datetime.now(timezone.utc) + timedelta(seconds=float(seconds))
@@ -335,7 +330,7 @@ class InboxManager(InboxReader):
         vouched = event_ids is not None if release is None else release
 
         def requeue(tx: Tx) -> Work[int]:
-            yield _savepoint(tx, "SAVEPOINT requeue")
+            yield _savepoint("SAVEPOINT requeue")
             total = 0
             for chunk in [None] if event_ids is None else tx.chunks(event_ids):
                 if handlers and not dead_only:
@@ -345,8 +340,8 @@ class InboxManager(InboxReader):
                 else:
                     total += yield query.requeue_existing(tx, chunk, handlers, dead_only, vouched)
             if dry_run:
-                yield _savepoint(tx, "ROLLBACK TO SAVEPOINT requeue")
-            yield _savepoint(tx, "RELEASE SAVEPOINT requeue")
+                yield _savepoint("ROLLBACK TO SAVEPOINT requeue")
+            yield _savepoint("RELEASE SAVEPOINT requeue")
             return total
 
         return await self.connector.write(requeue)
@@ -356,24 +351,30 @@ class InboxManager(InboxReader):
     async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
         if dry_run:
             return await self.prunable(cutoffs)
+        # The JSON of the events whose bodies go next is decoded off the event loop, and
+        # written in the same transaction as the bodies are dropped.
+        lock = self.connector.dialect.try_lock
+        before = cutoffs.bodies
         data: list[tuple[bytes, str, int]] = []
-        if cutoffs.bodies is not None:
-            # The JSON of the events whose bodies go next: read and decoded before the
-            # write, then written in the same transaction as the bodies are dropped.
-            before = cutoffs.bodies
-            rows = await self.connector.read(
-                _one(lambda tx: query.losing_bodies(tx, before, limit))
+        if before is not None and lock is None:
+            # SQLite: its writer's batch cannot wait for a thread: read and decoded first.
+            rows = await self.connector.read_one(
+                lambda tx: query.LOSING_BODIES(tx, tx.time(before), limit)
             )
             data = await asyncio.to_thread(materialize, rows) if rows else []
 
         def prune(tx: Tx) -> Work[Pruned]:
-            lock = tx.dialect.try_lock
-            # One process prunes at a time: two deleting the same rows in another order
-            # could deadlock. The others find nothing to do this time.
-            if lock is not None and not (yield Statement(lock, (), "value")):
-                return Pruned()
-            if data:
-                yield query.keep_data(tx, data)
+            kept = data
+            if lock is not None:
+                # One process prunes at a time: two deleting the same rows in another
+                # order could deadlock. The others do nothing this time, not even read.
+                if not (yield Statement(lock, (), "value")):
+                    return Pruned()
+                if before is not None:
+                    rows = yield query.LOSING_BODIES(tx, tx.time(before), limit)
+                    kept = (yield Offload(materialize, rows)) if rows else []
+            if kept:
+                yield query.KEEP_DATA(tx, *kept)
             return (yield from _pruning(tx, cutoffs, limit))
 
         return await self.connector.write(prune)
@@ -384,27 +385,24 @@ class InboxManager(InboxReader):
     # --- kept state ----------------------------------------------------------------
 
     async def get_state(self, key: str) -> str | None:
-        value: str | None = await self.connector.read(_one(lambda tx: query.get_state(tx, key)))
+        value: str | None = await self.connector.read_one(lambda tx: query.GET_STATE(tx, key))
         return value
 
     async def set_state(self, key: str, value: str) -> None:
-        await self.connector.execute(lambda tx: query.set_state(tx, key, value))
+        await self.connector.execute(lambda tx: query.SET_STATE(tx, key, value))
 
     async def states(self, prefix: str) -> dict[str, str]:
-        rows = await self.connector.read(_one(lambda tx: query.states(tx, prefix)))
+        rows = await self.connector.read_one(lambda tx: query.STATES(tx, len(prefix), prefix))
         return {row[0]: row[1] for row in rows}
 
     async def delete_state(self, key: str) -> None:
-        await self.connector.execute(lambda tx: query.delete_state(tx, key))
+        await self.connector.execute(lambda tx: query.DELETE_STATE(tx, key))
 
 
-def _one(statement: Callable[[Tx], Statement]) -> Callable[[Tx], Work[Any]]:
-    """A unit of work of one statement: its result."""
-
-    def work(tx: Tx) -> Work[Any]:
-        return (yield statement(tx))
-
-    return work
+def _delivery(receipt: Receipt, routed: list[tuple[Event, list[str]]], verify: bool) -> Delivery:
+    """A callback's rows, made on the event loop before the write."""
+    events = [(event_row(event), new_runs(handlers, verify)) for event, handlers in routed]
+    return Delivery(receipt, pack(receipt.body), events)
 
 
 def _event_summary(row: Sequence[Any], runs: list[RunState]) -> EventSummary:
@@ -432,7 +430,7 @@ def _rejected(row: Sequence[Any]) -> RejectedReceipt:
     )  # fmt: skip
 
 
-def _savepoint(tx: Tx, text: str) -> Statement:
+def _savepoint(text: str) -> Statement:
     return Statement(text, (), "none")
 
 
@@ -445,27 +443,6 @@ def _runs(tx: Tx, event_ids: Sequence[str]) -> Work[dict[str, list[RunState]]]:
                 RunState(handler, status, attempts, due_at, error)
             )
     return found
-
-
-def _storing(tx: Tx, delivery: Delivery) -> Work[Delivered]:
-    """A callback stored statement by statement (see `Storing.store`)."""
-    receipt = delivery.receipt
-    ids = [columns[0] for columns, _ in delivery.events]
-    receipt_id = yield query.accept(tx, receipt, delivery.body, ids)
-    stored = []
-    for columns, runs in delivery.events:
-        event_id = columns[0]
-        if (yield query.insert_event(tx, columns, receipt_id, receipt.received_at)) is None:
-            # Stored already: a duplicate, unless verification found the stored one
-            # forged: this delivery takes its place, its runs afresh.
-            if not (yield query.replace_forged(tx, columns, receipt_id, receipt.received_at)):
-                continue
-            yield query.delete_runs(tx, event_id)
-        stored.append(event_id)
-        yield query.insert_runs(tx, event_id, runs)
-    if not stored:
-        yield query.mark_duplicate(tx, receipt_id)
-    return Delivered(receipt_id, stored)
 
 
 def _stored(delivery: Delivery, delivered: Delivered, as_stored: Callable[[str], str]) -> Stored:
@@ -481,20 +458,12 @@ def _stored(delivery: Delivery, delivered: Delivered, as_stored: Callable[[str],
     return Stored(delivered.receipt_id, ids, new, duplicates)
 
 
-def _finishing(tx: Tx, finished: Finished) -> Work[bool]:
-    """An outcome recorded: the run updated while its lease is held, and the attempt."""
-    if not (yield query.finish_run(tx, finished)):
-        return False
-    yield query.record_attempt(tx, finished)
-    return True
-
-
 def _pruning(tx: Tx, cutoffs: Cutoffs, limit: int | None) -> Work[Pruned]:
     """One batch of retention (`limit` None: everything, counted and left in place)."""
     counting = limit is None
     found = Pruned()
     if cutoffs.events is not None:
-        events = yield query.finished_events(tx, cutoffs.events, limit)
+        events = yield query.FINISHED_EVENTS(tx, tx.time(cutoffs.events), tx.limit(limit))
         found.events = len(events)
         found.bytes += sum(row[1] for row in events)
         if not counting:
@@ -502,13 +471,15 @@ def _pruning(tx: Tx, cutoffs: Cutoffs, limit: int | None) -> Work[Pruned]:
                 for table in ("runs", "attempts", "events"):
                     yield query.delete_of_events(tx, table, chunk)
         # A receipt goes with the last of its events; a duplicate's has none of its own.
-        receipts = yield query.eventless_receipts(tx, cutoffs.events, limit, counting=counting)
+        eventless = query.EVENTLESS_RECEIPTS[counting]
+        receipts = yield eventless(tx, tx.time(cutoffs.events), tx.limit(limit))
         found += yield from _remove_receipts(tx, receipts, counting)
     if cutoffs.refused is not None:
-        refused = yield query.refused_receipts(tx, cutoffs.refused, limit)
+        refused = yield query.REFUSED_RECEIPTS(tx, tx.time(cutoffs.refused), tx.limit(limit))
         found += yield from _remove_receipts(tx, refused, counting)
     if cutoffs.bodies is not None:
-        bodies = yield query.droppable_bodies(tx, cutoffs.bodies, limit, counting=counting)
+        droppable = query.DROPPABLE_BODIES[counting]
+        bodies = yield droppable(tx, tx.time(cutoffs.bodies), tx.limit(limit))
         found.bodies = len(bodies)
         found.bytes += sum(row[1] for row in bodies)
         if not counting:

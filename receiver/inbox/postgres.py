@@ -16,9 +16,10 @@
   message unacked), logged once as it goes and once as it comes back (`reach.py`); the
   pool reconnects by itself.
 
-The connector only runs the inbox's statements (`query.py`) for its rules
-(`manager.py`), but for what PostgreSQL does its own way: a callback stored in one
-statement, group-committed (`STORE`), and outcomes recorded in batches (`FINISH`).
+The connector runs the inbox's statements (`query.py`) for its rules (`manager.py`),
+but for the hot path, which PostgreSQL takes its own way, one round trip each: a
+callback stored in one statement, group-committed (`STORE`), outcomes recorded in
+batches (`FINISH`), runs leased in one (`LEASE`).
 """
 
 from __future__ import annotations
@@ -28,31 +29,23 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
 import structlog
 from prometheus_client import CollectorRegistry
 
+from receiver.inbox.connector import Delivered, Delivery, Finished
 from receiver.inbox.group_commit import GroupCommit
 from receiver.inbox.manager import InboxManager, InboxReader
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
-from receiver.inbox.query import (
-    FORGED_EVENT,
-    Delivered,
-    Delivery,
-    Dialect,
-    Finished,
-    Statement,
-    Tx,
-    Work,
-    glob_to_like,
-)
+from receiver.inbox.query import FORGED_EVENT, Dialect, Offload, Statement, Tx, Work, glob_to_like
 from receiver.inbox.reach import Location, Reach, cannot_connect, describe, quiet_pool_floor
 from receiver.inbox.types import InboxUnavailable, SchemaError
 
 T = TypeVar("T")
+S = TypeVar("S", str, str | None)
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
@@ -137,7 +130,6 @@ DIALECT = Dialect(
     glob_pattern=glob_to_like,
     time=lambda moment: moment,
     clock=None,
-    arrays=True,
     no_limit=None,
     length="octet_length",
     greatest="greatest",
@@ -179,7 +171,7 @@ replaced AS (
     UPDATE events SET kind = d.kind, event_name = d.event_name, job_id = d.job_id,
         tag = d.tag, state = d.state, bucket = d.bucket, key = d.key, data = NULL,
         receipt_id = receipt.id, received_at = $1
-    FROM receipt, (SELECT DISTINCT ON (id) * FROM delivered ORDER BY id, n DESC) d
+    FROM receipt, (SELECT DISTINCT ON (id) * FROM delivered ORDER BY id, n) d
     WHERE events.id = d.id AND {FORGED_EVENT.replace("e.id", "events.id")}
     RETURNING events.id
 ),
@@ -293,7 +285,7 @@ class PostgresConnector:
         # The callbacks being stored at one moment, committed together.
         self._stores = GroupCommit(self._store_rows, self._store_row)
         # Outcomes waiting for their batch's statement, and its future (see finish()).
-        self._outcomes: list[tuple[Any, ...]] | None = None
+        self._outcomes: list[Finished] | None = None
         self._recorded: asyncio.Future[set[int]] | None = None
 
     # --- connections ---------------------------------------------------------------
@@ -372,17 +364,24 @@ class PostgresConnector:
         return self._pool
 
     async def read(self, work: Callable[[Tx], Work[T]]) -> T:
-        async with self.pool.acquire() as connection:
+        # Its statements see one snapshot (BEGIN and COMMIT: two round trips more than
+        # `read_one`).
+        async with (
+            self.pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
             return await run(connection, work)
 
-    async def write(self, work: Callable[[Tx], Work[T]], *, bookkeeping: bool = False) -> T:
+    async def read_one(self, statement: Callable[[Tx], Statement]) -> Any:
+        async with self.pool.acquire() as connection:
+            return await execute(connection, statement(Tx(DIALECT)))
+
+    async def write(self, work: Callable[[Tx], Work[T]]) -> T:
         with self._writing():
             async with self.pool.acquire() as connection, connection.transaction():
                 return await run(connection, work)
 
-    async def execute(
-        self, statement: Callable[[Tx], Statement], *, bookkeeping: bool = False
-    ) -> Any:
+    async def execute(self, statement: Callable[[Tx], Statement]) -> Any:
         with self._writing():
             async with self.pool.acquire() as connection:
                 return await execute(connection, statement(Tx(DIALECT)))
@@ -399,18 +398,16 @@ class PostgresConnector:
 
     # --- storing -------------------------------------------------------------------
 
-    async def store(
-        self, deliveries: list[Delivery], work: Callable[[Tx, Delivery], Work[Delivered]]
-    ) -> list[Delivered | BaseException]:
-        """Each delivery in one statement (`STORE`, which does what `work` does), those
-        of one moment committed together (`self._stores`)."""
-        rows = await asyncio.gather(
-            *(self._stores.run(_store_arguments(d)) for d in deliveries), return_exceptions=True
+    async def store(self, delivery: Delivery) -> Delivered:
+        """In one statement (`STORE`), with the others of the moment (`self._stores`)."""
+        row = await self._stores.run(_store_arguments(delivery))
+        return Delivered(row[0], list(row[1]))
+
+    async def store_many(self, deliveries: list[Delivery]) -> list[Delivered | BaseException]:
+        stored: list[Delivered | BaseException] = await asyncio.gather(
+            *(self.store(delivery) for delivery in deliveries), return_exceptions=True
         )
-        return [
-            row if isinstance(row, BaseException) else Delivered(row[0], list(row[1]))
-            for row in rows
-        ]
+        return stored
 
     async def _store_rows(self, batch: list[tuple[Any, ...]]) -> list[Any]:
         """STORE for each callback of `batch`, in one transaction and one round trip."""
@@ -435,9 +432,9 @@ class PostgresConnector:
             raise
         return [(row[0], row[1], row[2]) for row in rows]
 
-    async def finish(self, finished: Finished, work: Callable[[Tx, Finished], Work[bool]]) -> bool:
+    async def finish(self, finished: Finished) -> bool:
         """Batched with the outcomes reported at the same moment, in one statement
-        (`FINISH`, which does what `work` does for each)."""
+        (`FINISH`)."""
         outcomes = self._outcomes
         if outcomes is None:
             # The first outcome since the last batch left opens the next; the outcomes
@@ -447,29 +444,18 @@ class PostgresConnector:
         recorded = self._recorded
         assert recorded is not None
         index = len(outcomes)
-        outcomes.append(
-            (
-                text(finished.event_id),
-                finished.handler,
-                finished.lease_token,
-                finished.status,
-                int(finished.counted),
-                finished.retry_at,
-                text(finished.error),
-                finished.number,
-                finished.started_at,
-                finished.outcome,
-            )
-        )
+        outcomes.append(finished)
         # Shared by the batch's callers: one of them cancelled must not cancel the rest.
         return index + 1 in await asyncio.shield(recorded)
 
-    async def _record_outcomes(self, outcomes: list[tuple[Any, ...]]) -> set[int]:
+    async def _record_outcomes(self, outcomes: list[Finished]) -> set[int]:
         """The positions (1-based) of the outcomes recorded, their leases still held."""
         await asyncio.sleep(0)  # the attempts finishing in this turn of the loop join
         if self._outcomes is outcomes:
             self._outcomes = self._recorded = None
-        columns = [list(column) for column in zip(*outcomes, strict=True)]
+        columns: list[list[Any]] = [list(column) for column in zip(*outcomes, strict=True)]
+        for texts in (columns[0], columns[6]):  # event ids, errors
+            texts[:] = [text(value) for value in texts]
         with self._writing():
             row = await self.pool.fetchrow(FINISH, *columns)
         return set(row[0] or ())
@@ -603,10 +589,13 @@ async def run(connection: asyncpg.Connection, work: Callable[[Tx], Work[T]]) -> 
     result: Any = None
     while True:
         try:
-            statement = steps.send(result)
+            step = steps.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        result = await execute(connection, statement)
+        if isinstance(step, Offload):
+            result = await asyncio.to_thread(step.function, step.argument)
+        else:
+            result = await execute(connection, step)
 
 
 async def execute(connection: asyncpg.Connection, statement: Statement) -> Any:
@@ -660,19 +649,7 @@ async def probe(url: str, schema: str) -> str:
         await connection.close()
 
 
-@overload
-def text(value: str) -> str: ...
-
-
-@overload
-def text(value: None) -> None: ...
-
-
-@overload
-def text(value: str | None) -> str | None: ...
-
-
-def text(value: str | None) -> str | None:
+def text(value: S) -> S:
     """A value for a text column: PostgreSQL refuses NUL in text, whatever a callback
     carries."""
     if value is not None and "\x00" in value:

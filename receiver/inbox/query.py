@@ -1,16 +1,20 @@
 """The inbox's SQL, written once for both backends.
 
-Each function here writes one statement (its text and its arguments) on a `Sql`, which
-marks parameters as the backend's `Dialect` does: `?` for SQLite, `$n` for PostgreSQL.
-Where the two truly differ, the dialect says it in one named place: how a list of values
-is matched, what "now" is (this host's clock for SQLite, whose times are seconds since
-the epoch; the database's for PostgreSQL, whose are timestamptz), how a glob matches, a
-body's length, a whole number of steps since the epoch, and how a write wakes the other
-processes. What a backend does alone (PostgreSQL's one-statement store and batched
-outcomes, SQLite's claim by rowid) is in its connector.
+A statement of fixed shape is a constant (`Fixed`), written once with `?` for each
+argument and `now()` for the moment of its unit of work, and made into each backend's
+text once: `?n` for SQLite, whose `now()` is one more argument (this host's clock; its
+times are seconds since the epoch), `$n` for PostgreSQL, whose `now()` is the
+database's (its times are timestamptz). The statements whose shape depends on what is
+asked (filters, replays, lists of ids) are written per call on a `Sql`, the same way.
+Where the two truly differ, the `Dialect` says it in one named place: how a list of
+values is matched, how a glob matches, a body's length, a whole number of steps since
+the epoch.
 
-The rules that put these statements together (what a requeue selects, what retention
-removes and in which order, ...) are in `manager.py`.
+What a backend does alone is in its connector: the hot path is per backend on purpose.
+PostgreSQL stores a callback in one statement and records outcomes in batches; SQLite
+stores and records statement by statement on its writer, and claims by rowid. The rules
+that put these statements together (what a requeue selects, what retention removes and
+in which order, ...) are in `manager.py`.
 """
 
 from __future__ import annotations
@@ -18,19 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar
-
-import orjson
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from receiver.inbox.records import EVENT_COLUMNS, as_datetime
-from receiver.inbox.types import (
-    VERIFY_RUN,
-    Backlog,
-    EventFilter,
-    Receipt,
-    ReceiptOutcome,
-    RunStatus,
-)
+from receiver.inbox.types import VERIFY_RUN, Backlog, EventFilter, ReceiptOutcome
 
 T = TypeVar("T")
 
@@ -63,8 +58,7 @@ SUMMARY_COLUMNS = (
 Fetch = Literal["rows", "row", "value", "count", "many", "none"]
 
 
-@dataclass(frozen=True, slots=True)
-class Statement:
+class Statement(NamedTuple):
     """One statement to run, and what to give back: every row, the first row (or None),
     its first value, how many rows it changed, or nothing (`none`; `many`: run once per
     arguments in `args`)."""
@@ -77,30 +71,38 @@ class Statement:
     wakes: bool = False
 
 
+class Offload(NamedTuple):
+    """Work for the CPU that a unit of work hands over, its result sent back: PostgreSQL
+    runs it on a helper thread, its transaction open meanwhile; SQLite where the unit
+    runs (its writer's batch cannot wait for a thread: the rules do not offload there)."""
+
+    function: Callable[[Any], Any]
+    argument: Any
+
+
 # A unit of work: statements yielded one after the other, each answered with its
 # result, the last returning what the work gives back. A connector runs it in one
 # transaction (a write) or on one snapshot (a read): SQLite on its writer or a reader
 # thread, PostgreSQL on one connection of its pool.
-Work = Generator[Statement, Any, T]
+Work = Generator[Statement | Offload, Any, T]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # eq=False: hashed by identity (`Fixed`)
 class Dialect:
-    placeholder: Callable[[int], str]  # the n-th parameter (1-based): "?" or "$n"
+    placeholder: Callable[[int], str]  # the n-th parameter (1-based): "?n" or "$n"
     glob: Callable[[str, str], str]  # (column, placeholder) -> condition
     glob_pattern: Callable[[str], str]  # the user's glob as the parameter value
     time: Callable[[datetime], Any]  # a datetime as the time columns store it
-    # The moment of a unit of work, as a parameter (this host's clock), or None where
-    # the database's own `now()` is used.
+    # The moment of a unit of work, as an argument (this host's clock), or None where
+    # `now()` is the database's own.
     clock: Callable[[], float] | None
-    # A parameter holding a list: matched as `= ANY($n::type[])`; else `IN (?, ...)`.
-    arrays: bool
     no_limit: int | None  # LIMIT's value for "no limit"
     length: str  # the function giving a blob's size in bytes
     greatest: str  # the larger of two values (not an aggregate)
     seconds: Callable[[str], str]  # (a difference of two times) -> seconds, as a number
     steps: Callable[[str, str], str]  # (time column, step param) -> whole steps since 1970
-    # How many values one `IN (...)` list may hold; None: one array parameter holds any.
+    # How many values one `IN (...)` list may hold; None: one array parameter holds any
+    # (`= ANY($n::type[])`).
     chunk: int | None
     # Taken at the start of a retention batch: only one process prunes at a time (None:
     # the backend's writer is one at a time already).
@@ -109,63 +111,33 @@ class Dialect:
     text: Callable[[str], str]
 
 
-@dataclass(slots=True)
-class Sql:
-    """One statement being written: the values of its parameters, in order. Build the
-    text in the order it reads (parameters are numbered, or positional, as written)."""
-
-    dialect: Dialect
-    now_value: float | None = None
-    args: list[Any] = field(default_factory=list)
-
-    def __call__(self, value: Any) -> str:
-        """A parameter holding `value`."""
-        self.args.append(value)
-        return self.dialect.placeholder(len(self.args))
-
-    def time(self, moment: datetime) -> str:
-        return self(self.dialect.time(moment))
-
-    @property
-    def now(self) -> str:
-        """The moment of the unit of work."""
-        if self.dialect.clock is None:
-            return "now()"
-        return self(self.now_value)
-
-    def any(self, values: Sequence[Any], kind: str = "text") -> str:
-        """`= ANY(...)` of these values (`IN (...)` where lists are not parameters)."""
-        if self.dialect.arrays:
-            return f"= ANY({self(list(values))}::{kind}[])"
-        return f"IN ({', '.join(self(value) for value in values)})"
-
-    def limit(self, count: int | None) -> str:
-        return self(self.dialect.no_limit if count is None else count)
-
-    def rows(self, text: str) -> Statement:
-        return Statement(text, self.args, "rows")
-
-    def row(self, text: str) -> Statement:
-        return Statement(text, self.args, "row")
-
-    def value(self, text: str) -> Statement:
-        return Statement(text, self.args, "value")
-
-    def count(self, text: str, *, wakes: bool = False) -> Statement:
-        return Statement(text, self.args, "count", wakes)
+def dialect_text(dialect: Dialect, text: str) -> tuple[str, bool]:
+    """`text`, written with `?` and `now()`, as `dialect` runs it; True where its `now()`
+    became an argument, after the others (SQLite's clock)."""
+    parts = text.split("?")
+    numbered = parts[0] + "".join(
+        dialect.placeholder(n) + part for n, part in enumerate(parts[1:], 1)
+    )
+    if dialect.clock is None or "now()" not in numbered:
+        return numbered, False
+    return numbered.replace("now()", dialect.placeholder(len(parts))), True
 
 
 class Tx:
     """The statements of one unit of work, at one moment (taken when the work starts)."""
 
-    __slots__ = ("_now", "dialect")
+    __slots__ = ("dialect", "now")
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
-        self._now = dialect.clock() if dialect.clock is not None else None
+        # `now()`'s argument, where the moment is this host's.
+        self.now: tuple[float, ...] = () if dialect.clock is None else (dialect.clock(),)
 
-    def sql(self) -> Sql:
-        return Sql(self.dialect, self._now)
+    def time(self, moment: datetime) -> Any:
+        return self.dialect.time(moment)
+
+    def limit(self, count: int | None) -> int | None:
+        return self.dialect.no_limit if count is None else count
 
     def chunks(self, values: Sequence[T]) -> list[Sequence[T]]:
         """`values` in lists of a size one statement takes."""
@@ -175,187 +147,105 @@ class Tx:
         return [values[i : i + size] for i in range(0, len(values), size)]
 
 
+class Fixed:
+    """A statement of fixed shape: its text (or its text in a dialect, for the parts
+    that differ) written once with `?` and `now()`, made into each dialect's at its
+    first use. Called with its arguments in order (`many`: each one the arguments of
+    one execution, and no `now()`)."""
+
+    __slots__ = ("_made", "_text", "fetch", "wakes")
+
+    def __init__(
+        self, text: str | Callable[[Dialect], str], fetch: Fetch, *, wakes: bool = False
+    ) -> None:
+        self._text = text
+        self.fetch: Fetch = fetch
+        self.wakes = wakes
+        self._made: dict[Dialect, tuple[str, bool]] = {}
+
+    def __call__(self, tx: Tx, *args: Any) -> Statement:
+        made = self._made.get(tx.dialect)
+        if made is None:
+            text = self._text if isinstance(self._text, str) else self._text(tx.dialect)
+            made = self._made[tx.dialect] = dialect_text(tx.dialect, text)
+        text, timed = made
+        return Statement(text, args + tx.now if timed else args, self.fetch, self.wakes)
+
+
 @dataclass(slots=True)
-class Delivery:
-    """A callback to store, as rows: its receipt, its body packed, and each of its
-    events (`records.event_row`) with its new runs (handler, status)."""
+class Sql:
+    """A statement whose shape depends on what is asked, being written: the values of
+    its `?`, in the order the text reads."""
 
-    receipt: Receipt
-    body: bytes
-    events: list[tuple[tuple[Any, ...], list[tuple[str, RunStatus]]]]
+    tx: Tx
+    args: list[Any] = field(default_factory=list)
 
+    def __call__(self, value: Any) -> str:
+        """A parameter holding `value`."""
+        self.args.append(value)
+        return "?"
 
-@dataclass(slots=True)
-class Delivered:
-    receipt_id: int
-    stored: list[str]  # the ids of the events stored as new (or in place of forged ones)
+    def time(self, moment: datetime) -> str:
+        return self(self.tx.time(moment))
 
+    def any(self, values: Sequence[Any], kind: str = "text") -> str:
+        """`= ANY(...)` of these values (`IN (...)` where lists are not parameters)."""
+        if self.tx.dialect.chunk is None:
+            return f"= ANY({self(list(values))}::{kind}[])"
+        return f"IN ({', '.join(self(value) for value in values)})"
 
-@dataclass(slots=True)
-class Finished:
-    """An attempt's outcome to record on its run, while its lease is still held."""
+    def rows(self, text: str) -> Statement:
+        return self._statement(text, "rows")
 
-    event_id: str
-    handler: str
-    lease_token: str
-    status: str  # the run's status from now
-    counted: bool  # an attempt (not a run released at shutdown)
-    retry_at: datetime | None
-    error: str | None
-    number: int  # the attempt's number
-    started_at: datetime
-    outcome: str
+    def value(self, text: str) -> Statement:
+        return self._statement(text, "value")
+
+    def count(self, text: str, *, wakes: bool = False) -> Statement:
+        return self._statement(text, "count", wakes)
+
+    def _statement(self, text: str, fetch: Fetch, wakes: bool = False) -> Statement:
+        made, timed = dialect_text(self.tx.dialect, text)
+        return Statement(made, [*self.args, *self.tx.now] if timed else self.args, fetch, wakes)
 
 
 def where(parts: Sequence[str]) -> str:
     return f"WHERE {' AND '.join(parts)}" if parts else ""
 
 
-# --- storing ---------------------------------------------------------------------
+# --- storing (what both backends share: each stores a callback its own way) ---------
 
+REJECT = Fixed(
+    "INSERT INTO receipts (received_at, source, request_id, headers, source_meta, body, size,"
+    " outcome, event_ids, error_reason, error_detail)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, 'rejected', '[]', ?, ?) RETURNING id",
+    "value",
+)
 
-def accept(tx: Tx, receipt: Receipt, body: bytes, event_ids: Sequence[str]) -> Statement:
-    """An accepted callback's receipt (`body` packed); its id back."""
-    s = tx.sql()
-    return s.value(
-        "INSERT INTO receipts (received_at, source, request_id, headers, source_meta, body,"
-        f" size, outcome, event_ids) VALUES ({s.time(receipt.received_at)}, {s(receipt.source)},"
-        f" {s(receipt.request_id)}, {s(orjson.dumps(receipt.headers))},"
-        f" {s(orjson.dumps(receipt.source_meta))}, {s(body)}, {s(len(receipt.body))},"
-        f" 'accepted', {s(orjson.dumps(list(event_ids)))}) RETURNING id"
-    )
+# An event's held runs made pending (they wake the others) or forged.
+_SETTLE = (
+    "UPDATE runs SET status = '{}', due_at = now(), updated_at = now()"
+    " WHERE event_id = ? AND status = 'held'"
+)
+SETTLE_GENUINE = Fixed(_SETTLE.format("pending"), "count", wakes=True)
+SETTLE_FORGED = Fixed(_SETTLE.format("forged"), "count")
 
-
-# An event's columns as `records.event_row` gives them.
-EVENT_ROW = ("id", "kind", "event_name", "job_id", "tag", "state", "bucket", "key")
-
-
-def insert_event(
-    tx: Tx, columns: Sequence[Any], receipt_id: int, received_at: datetime
-) -> Statement:
-    """A new event (no JSON: it is rebuilt from the receipt's body); its id back, none
-    when an event of its id is stored already."""
-    s = tx.sql()
-    values = ", ".join(s(value) for value in columns)
-    return s.row(
-        f"INSERT INTO events ({', '.join(EVENT_ROW)}, receipt_id, received_at) VALUES"
-        f" ({values}, {s(receipt_id)}, {s.time(received_at)})"
-        " ON CONFLICT (id) DO NOTHING RETURNING id"
-    )
-
-
-def replace_forged(
-    tx: Tx, columns: Sequence[Any], receipt_id: int, received_at: datetime
-) -> Statement:
-    """This delivery in place of the stored event of its id, if verification found that
-    one forged: 1 if it was."""
-    s = tx.sql()
-    event_id, *fields = columns
-    assigned = ", ".join(
-        f"{name} = {s(value)}" for name, value in zip(EVENT_ROW[1:], fields, strict=True)
-    )
-    return s.count(
-        f"UPDATE events SET {assigned}, data = NULL, receipt_id = {s(receipt_id)},"
-        f" received_at = {s.time(received_at)} WHERE id = {s(event_id)}"
-        f" AND {FORGED_EVENT.replace('e.id', 'events.id')}"
-    )
-
-
-def delete_runs(tx: Tx, event_id: str) -> Statement:
-    s = tx.sql()
-    return s.count(f"DELETE FROM runs WHERE event_id = {s(event_id)}")
-
-
-def insert_runs(tx: Tx, event_id: str, runs: Sequence[tuple[str, str]]) -> Statement:
-    """The new runs (handler, status) of an event, due now."""
-    s = tx.sql()
-    text = (
-        "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-        f" VALUES ({s(event_id)}, {s(None)}, {s(None)}, {s.now}, {s.now})"
-    )
-    return Statement(text, [(event_id, *run, *s.args[3:]) for run in runs], "many")
-
-
-def mark_duplicate(tx: Tx, receipt_id: int) -> Statement:
-    s = tx.sql()
-    return s.count(f"UPDATE receipts SET outcome = 'duplicate' WHERE id = {s(receipt_id)}")
-
-
-def reject(tx: Tx, receipt: Receipt, kept: bytes, size: int, reason: str, detail: str) -> Statement:
-    """A refused callback's receipt, the first bytes of its body kept; its id back."""
-    s = tx.sql()
-    return s.value(
-        "INSERT INTO receipts (received_at, source, request_id, headers, source_meta, body,"
-        f" size, outcome, event_ids, error_reason, error_detail) VALUES"
-        f" ({s.time(receipt.received_at)}, {s(receipt.source)}, {s(receipt.request_id)},"
-        f" {s(orjson.dumps(receipt.headers))}, {s(orjson.dumps(receipt.source_meta))},"
-        f" {s(kept)}, {s(size)}, 'rejected', '[]', {s(reason)}, {s(detail)}) RETURNING id"
-    )
-
-
-def settle(tx: Tx, event_id: str, genuine: bool) -> Statement:
-    """An event's held runs made pending (genuine: they wake the others) or forged."""
-    s = tx.sql()
-    status = "pending" if genuine else "forged"
-    return s.count(
-        f"UPDATE runs SET status = {s(status)}, due_at = {s.now}, updated_at = {s.now}"
-        f" WHERE event_id = {s(event_id)} AND status = 'held'",
-        wakes=genuine,
-    )
-
-
-def heartbeat(tx: Tx, value: str) -> Statement:
-    s = tx.sql()
-    return s.count(
-        f"INSERT INTO meta VALUES ('heartbeat', {s(value)})"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-    )
+HEARTBEAT = Fixed(
+    "INSERT INTO meta VALUES ('heartbeat', ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "count",
+)
 
 
 # --- the run queue ---------------------------------------------------------------
 
 
-def finish_run(tx: Tx, finished: Finished) -> Statement:
-    """The run of an attempt's outcome, if its lease is still held: 1 if it was."""
-    s = tx.sql()
-    head = (
-        f"UPDATE runs SET status = {s(finished.status)},"
-        f" attempts = attempts + {s(int(finished.counted))},"
-        f" due_at = {s.time(finished.retry_at) if finished.retry_at else s.now},"
-        f" lease_until = NULL, lease_token = NULL, last_error = {s(finished.error)},"
-        f" updated_at = {s.now}"
-    )
-    return s.count(
-        f"{head} WHERE event_id = {s(finished.event_id)} AND handler = {s(finished.handler)}"
-        f" AND lease_token = {s(finished.lease_token)}"
-    )
-
-
-def record_attempt(tx: Tx, finished: Finished) -> Statement:
-    s = tx.sql()
-    return s.count(
-        "INSERT INTO attempts (event_id, handler, number, started_at, finished_at, outcome,"
-        f" error) VALUES ({s(finished.event_id)}, {s(finished.handler)}, {s(finished.number)},"
-        f" {s.time(finished.started_at)}, {s.now}, {s(finished.outcome)}, {s(finished.error)})"
-    )
-
-
-def events_with_request(tx: Tx, event_ids: Sequence[str]) -> Statement:
-    """Rows of `EVENT_COLUMNS` and the receipt's request id, of these events."""
-    s = tx.sql()
-    return s.rows(
-        f"SELECT {EVENT_COLUMNS}, r.request_id FROM events e JOIN receipts r"
-        f" ON r.id = e.receipt_id WHERE e.id {s.any(event_ids)}"
-    )
-
-
 def next_due(tx: Tx, handlers: Sequence[str]) -> Statement:
     """Seconds from now until the earliest pending run of these handlers is free."""
-    s = tx.sql()
+    s = Sql(tx)
     d = tx.dialect
     free = f"{d.greatest}(due_at, COALESCE(lease_until, due_at))"
     return s.value(
-        f"SELECT {d.seconds(f'min({free}) - {s.now}')} FROM runs"
+        f"SELECT {d.seconds(f'min({free}) - now()')} FROM runs"
         f" WHERE status = 'pending' AND handler {s.any(handlers)}"
     )
 
@@ -364,7 +254,7 @@ def requeue_runs(tx: Tx, event_ids: Sequence[str] | None, handler: str, release:
     """Create or reset the run of `handler` of these events (None: every event), but
     those leased right now. Released events run whatever verification said; otherwise a
     forged event is left alone, and a held event's new run waits with its others."""
-    s = tx.sql()
+    s = Sql(tx)
     status = "'pending'"
     if not release:
         status = (
@@ -373,7 +263,7 @@ def requeue_runs(tx: Tx, event_ids: Sequence[str] | None, handler: str, release:
         )
     head = (
         "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-        f" SELECT e.id, {s(handler)}, {status}, {s.now}, {s.now} FROM events e"
+        f" SELECT e.id, {s(handler)}, {status}, now(), now() FROM events e"
     )
     chosen = []
     if event_ids is not None:
@@ -401,13 +291,8 @@ def requeue_existing(
     """Reset the runs these events already have (of `handlers`; None: every handler but
     the verification step), but those leased right now; `dead_only`: dead ones only;
     without `release`, held and forged runs stay as verification left them."""
-    s = tx.sql()
-    head = (
-        "UPDATE runs SET status = 'pending', attempts = 0,"
-        f" due_at = {s.now}, last_error = NULL, lease_until = NULL, lease_token = NULL,"
-        f" updated_at = {s.now}"
-    )
-    conditions = [f"(lease_until IS NULL OR lease_until <= {s.now})"]
+    s = Sql(tx)
+    conditions = ["(lease_until IS NULL OR lease_until <= now())"]
     if dead_only:
         conditions.append("status = 'dead'")
     if event_ids is not None:
@@ -418,7 +303,11 @@ def requeue_existing(
         conditions.append(f"handler {s.any(handlers)}")
     else:
         conditions.append(f"handler <> {s(VERIFY_RUN)}")
-    return s.count(f"{head} {where(conditions)}", wakes=True)
+    return s.count(
+        "UPDATE runs SET status = 'pending', attempts = 0, due_at = now(), last_error = NULL,"
+        f" lease_until = NULL, lease_token = NULL, updated_at = now() {where(conditions)}",
+        wakes=True,
+    )
 
 
 # --- reading ---------------------------------------------------------------------
@@ -429,7 +318,7 @@ def event_conditions(s: Sql, filter: EventFilter | None) -> list[str]:
     found: list[str] = []
     if filter is None:
         return found
-    dialect = s.dialect
+    dialect = s.tx.dialect
     for column in ("kind", "tag", "state", "job_id", "bucket"):
         value = getattr(filter, column)
         if value is not None:
@@ -462,7 +351,7 @@ def event_conditions(s: Sql, filter: EventFilter | None) -> list[str]:
 
 
 def events(tx: Tx, filter: EventFilter | None, limit: int, before: int | None) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     conditions = event_conditions(s, filter)
     if before is not None:
         conditions.append(f"e.seq < {s(before)}")
@@ -473,7 +362,7 @@ def events(tx: Tx, filter: EventFilter | None, limit: int, before: int | None) -
 
 
 def event_ids(tx: Tx, filter: EventFilter | None, limit: int, after: int) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     conditions = [*event_conditions(s, filter), f"e.seq > {s(after)}"]
     return s.rows(
         f"SELECT e.seq, e.id FROM events e {where(conditions)} ORDER BY e.seq LIMIT {s(limit)}"
@@ -481,37 +370,37 @@ def event_ids(tx: Tx, filter: EventFilter | None, limit: int, after: int) -> Sta
 
 
 def runs(tx: Tx, event_ids: Sequence[str]) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     return s.rows(
         "SELECT event_id, handler, status, attempts, due_at, last_error FROM runs"
         f" WHERE event_id {s.any(event_ids)} ORDER BY handler"
     )
 
 
-def attempts(tx: Tx, event_id: str) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        "SELECT handler, number, started_at, finished_at, outcome, error"
-        f" FROM attempts WHERE event_id = {s(event_id)} ORDER BY id"
-    )
+ATTEMPTS = Fixed(
+    "SELECT handler, number, started_at, finished_at, outcome, error"
+    " FROM attempts WHERE event_id = ? ORDER BY id",
+    "rows",
+)
 
 
 def known(tx: Tx, event_ids: Sequence[str], forged: bool) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     unforged = "" if forged else f" AND NOT {FORGED_EVENT}"
     return s.rows(f"SELECT id FROM events e WHERE id {s.any(event_ids)}{unforged}")
 
 
 def load(tx: Tx, event_ids: Sequence[str]) -> Statement:
-    s = tx.sql()
+    """Rows of `EVENT_COLUMNS` and the receipt's request id, of these events."""
+    s = Sql(tx)
     return s.rows(
-        f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
-        f" WHERE e.id {s.any(event_ids)}"
+        f"SELECT {EVENT_COLUMNS}, r.request_id FROM events e JOIN receipts r"
+        f" ON r.id = e.receipt_id WHERE e.id {s.any(event_ids)}"
     )
 
 
 def receipts(tx: Tx, limit: int, outcome: ReceiptOutcome | None, before: int | None) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     conditions = []
     if outcome is not None:
         # receipts_unaccepted serves the other outcomes, when told so
@@ -525,20 +414,19 @@ def receipts(tx: Tx, limit: int, outcome: ReceiptOutcome | None, before: int | N
     )
 
 
-def receipt(tx: Tx, receipt_id: int) -> Statement:
-    s = tx.sql()
-    return s.row(
-        "SELECT body, source, received_at, request_id, headers, source_meta, size, outcome"
-        f" FROM receipts WHERE id = {s(receipt_id)}"
-    )
+RECEIPT = Fixed(
+    "SELECT body, source, received_at, request_id, headers, source_meta, size, outcome"
+    " FROM receipts WHERE id = ?",
+    "row",
+)
 
 
 def rejected(tx: Tx, limit: int, before: int | None, preview: int) -> Statement:
-    s = tx.sql()
-    length = tx.dialect.length
+    s = Sql(tx)
     head = (
-        f"SELECT id, received_at, source, request_id, size, COALESCE({length}(body), 0),"
-        f" error_reason, error_detail, headers, source_meta, substr(body, 1, {s(preview)})"
+        f"SELECT id, received_at, source, request_id, size,"
+        f" COALESCE({tx.dialect.length}(body), 0), error_reason, error_detail, headers,"
+        f" source_meta, substr(body, 1, {s(preview)})"
         " FROM receipts WHERE outcome <> 'accepted' AND outcome = 'rejected'"
     )
     older = f" AND id < {s(before)}" if before is not None else ""
@@ -547,15 +435,15 @@ def rejected(tx: Tx, limit: int, before: int | None, preview: int) -> Statement:
 
 # Pending and dead runs per handler, for the gauges (`backlogs`). `status <> 'done'` lets
 # SQLite read them from runs_open, which holds no done run.
-def backlog(tx: Tx) -> Statement:
-    return tx.sql().rows(
-        "SELECT handler, status, count(*), min(due_at) FROM runs"
-        " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler"
-    )
+BACKLOG = Fixed(
+    "SELECT handler, status, count(*), min(due_at) FROM runs"
+    " WHERE status <> 'done' AND status IN ('pending', 'dead') GROUP BY status, handler",
+    "rows",
+)
 
 
 def backlogs(rows: Iterable[Sequence[Any]]) -> dict[str, Backlog]:
-    """Each handler's backlog, from rows of `backlog`."""
+    """Each handler's backlog, from rows of `BACKLOG`."""
     found: dict[str, Backlog] = {}
     for handler, status, count, oldest in rows:
         entry = found.setdefault(handler, Backlog(0, 0, None))
@@ -566,52 +454,37 @@ def backlogs(rows: Iterable[Sequence[Any]]) -> dict[str, Backlog]:
     return found
 
 
-def receipts_by_outcome(tx: Tx, since: datetime) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        f"SELECT outcome, count(*) FROM receipts WHERE received_at >= {s.time(since)} GROUP BY 1"
+# What was received since a moment (the argument), counted: receipts by outcome, events
+# by tag, events by state (`Counts`).
+COUNTS = tuple(
+    Fixed(f"SELECT {key}, count(*) FROM {table} WHERE received_at >= ? GROUP BY 1", "rows")
+    for table, key in (
+        ("receipts", "outcome"),
+        ("events", "coalesce(tag, event_name, kind)"),
+        ("events", "coalesce(state, '-')"),
     )
+)
 
+RUNS_BY_STATUS = Fixed(
+    "SELECT r.handler, r.status, count(*) FROM events e JOIN runs r ON r.event_id = e.id"
+    " WHERE e.received_at >= ? GROUP BY 1, 2",
+    "rows",
+)
 
-def events_by_tag(tx: Tx, since: datetime) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        "SELECT coalesce(tag, event_name, kind), count(*) FROM events"
-        f" WHERE received_at >= {s.time(since)} GROUP BY 1"
-    )
+# (step, since)
+CALLBACKS_PER_STEP = Fixed(
+    lambda d: (
+        f"SELECT {d.steps('received_at', '?')}, outcome, count(*) FROM receipts"
+        " WHERE received_at >= ? GROUP BY 1, 2 ORDER BY 1, 2"
+    ),
+    "rows",
+)
 
-
-def events_by_state(tx: Tx, since: datetime) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        "SELECT coalesce(state, '-'), count(*) FROM events"
-        f" WHERE received_at >= {s.time(since)} GROUP BY 1"
-    )
-
-
-def runs_by_status(tx: Tx, since: datetime) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        "SELECT r.handler, r.status, count(*) FROM events e JOIN runs r"
-        f" ON r.event_id = e.id WHERE e.received_at >= {s.time(since)} GROUP BY 1, 2"
-    )
-
-
-def callbacks_per_step(tx: Tx, since: datetime, step: int) -> Statement:
-    s = tx.sql()
-    steps = tx.dialect.steps("received_at", s(step))
-    return s.rows(
-        f"SELECT {steps}, outcome, count(*) FROM receipts"
-        f" WHERE received_at >= {s.time(since)} GROUP BY 1, 2 ORDER BY 1, 2"
-    )
-
-
-def events_by_tag_and_state(tx: Tx, since: datetime) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        "SELECT coalesce(tag, event_name, kind), coalesce(state, '-'), count(*)"
-        f" FROM events WHERE received_at >= {s.time(since)} GROUP BY 1, 2"
-    )
+EVENTS_BY_TAG_AND_STATE = Fixed(
+    "SELECT coalesce(tag, event_name, kind), coalesce(state, '-'), count(*)"
+    " FROM events WHERE received_at >= ? GROUP BY 1, 2",
+    "rows",
+)
 
 
 def tallies(rows: Iterable[Sequence[Any]]) -> tuple[dict[str, int], dict[str, int]]:
@@ -624,126 +497,111 @@ def tallies(rows: Iterable[Sequence[Any]]) -> tuple[dict[str, int], dict[str, in
     return tags, states
 
 
-# --- retention -------------------------------------------------------------------
+# --- retention (each: before, limit) --------------------------------------------------
 
-
-def finished_events(tx: Tx, before: datetime, limit: int | None) -> Statement:
-    """(id, bytes of its row's JSON) of events received before `before` with no run
-    left to do, oldest first."""
-    s = tx.sql()
-    return s.rows(
-        f"SELECT e.id, COALESCE({tx.dialect.length}(e.data), 0) FROM events e"
-        f" WHERE e.received_at < {s.time(before)} AND NOT {UNFINISHED_RUN}"
-        f" ORDER BY e.received_at LIMIT {s.limit(limit)}"
-    )
+# (id, bytes of its row's JSON) of events received before `before` with no run left to
+# do, oldest first.
+FINISHED_EVENTS = Fixed(
+    lambda d: (
+        f"SELECT e.id, COALESCE({d.length}(e.data), 0) FROM events e"
+        f" WHERE e.received_at < ? AND NOT {UNFINISHED_RUN} ORDER BY e.received_at LIMIT ?"
+    ),
+    "rows",
+)
 
 
 def delete_of_events(tx: Tx, table: str, event_ids: Sequence[str]) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     column = "id" if table == "events" else "event_id"
     return s.count(f"DELETE FROM {table} WHERE {column} {s.any(event_ids)}")
 
 
-def eventless_receipts(tx: Tx, before: datetime, limit: int | None, *, counting: bool) -> Statement:
-    """(id, bytes) of accepted and duplicate receipts received before `before` that no
-    event refers to any more (`counting`: that none would once the finished events go)."""
-    s = tx.sql()
+def _eventless_receipts(counting: bool) -> Fixed:
     still = f" AND {UNFINISHED_RUN}" if counting else ""
-    return s.rows(
-        f"SELECT id, COALESCE({tx.dialect.length}(body), 0) FROM receipts"
-        f" WHERE received_at < {s.time(before)} AND outcome != 'rejected' AND NOT EXISTS"
-        f" (SELECT 1 FROM events e WHERE e.receipt_id = receipts.id{still})"
-        f" ORDER BY received_at LIMIT {s.limit(limit)}"
+    return Fixed(
+        lambda d: (
+            f"SELECT id, COALESCE({d.length}(body), 0) FROM receipts"
+            " WHERE received_at < ? AND outcome != 'rejected' AND NOT EXISTS"
+            f" (SELECT 1 FROM events e WHERE e.receipt_id = receipts.id{still})"
+            " ORDER BY received_at LIMIT ?"
+        ),
+        "rows",
     )
 
 
-def refused_receipts(tx: Tx, before: datetime, limit: int | None) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        f"SELECT id, COALESCE({tx.dialect.length}(body), 0) FROM receipts"
-        f" WHERE received_at < {s.time(before)} AND outcome = 'rejected'"
-        f" ORDER BY received_at LIMIT {s.limit(limit)}"
-    )
+# By `counting`: (id, bytes) of the accepted and duplicate receipts received before
+# `before` that no event refers to any more (counting: that none would once the finished
+# events go).
+EVENTLESS_RECEIPTS = {counting: _eventless_receipts(counting) for counting in (False, True)}
+
+REFUSED_RECEIPTS = Fixed(
+    lambda d: (
+        f"SELECT id, COALESCE({d.length}(body), 0) FROM receipts"
+        " WHERE received_at < ? AND outcome = 'rejected' ORDER BY received_at LIMIT ?"
+    ),
+    "rows",
+)
 
 
 def delete_receipts(tx: Tx, receipt_ids: Sequence[int]) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     return s.count(f"DELETE FROM receipts WHERE id {s.any(receipt_ids, 'bigint')}")
 
 
-def _bodies_to_drop(s: Sql, before: datetime) -> str:
-    """Receipts whose bodies retention may drop: kept (not refused) ones received before
-    `before`; the caller keeps those an event still has work to do for."""
-    return f"received_at < {s.time(before)} AND body IS NOT NULL AND outcome != 'rejected'"
+# Receipts whose bodies retention may drop: kept (not refused) ones received before the
+# argument; the statements keep those an event still has work to do for.
+_BODIES_TO_DROP = "received_at < ? AND body IS NOT NULL AND outcome != 'rejected'"
 
 
-def droppable_bodies(tx: Tx, before: datetime, limit: int | None, *, counting: bool) -> Statement:
-    """(id, bytes) of the bodies retention drops next: not a body an event is still
-    rebuilt from (`losing_bodies` first gives those events their JSON), unless
-    `counting`, where they are about to have it."""
-    s = tx.sql()
+def _droppable_bodies(counting: bool) -> Fixed:
     lean = "" if counting else " OR e.data IS NULL"
-    return s.rows(
-        f"SELECT id, {tx.dialect.length}(body) FROM receipts WHERE {_bodies_to_drop(s, before)}"
-        " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.receipt_id = receipts.id"
-        f" AND ({UNFINISHED_RUN}{lean})) ORDER BY received_at LIMIT {s.limit(limit)}"
+    return Fixed(
+        lambda d: (
+            f"SELECT id, {d.length}(body) FROM receipts WHERE {_BODIES_TO_DROP}"
+            " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.receipt_id = receipts.id"
+            f" AND ({UNFINISHED_RUN}{lean})) ORDER BY received_at LIMIT ?"
+        ),
+        "rows",
     )
+
+
+# By `counting`: (id, bytes) of the bodies retention drops next: not a body an event is
+# still rebuilt from (`LOSING_BODIES` first gives those events their JSON), unless
+# counting, where they are about to have it.
+DROPPABLE_BODIES = {counting: _droppable_bodies(counting) for counting in (False, True)}
 
 
 def drop_bodies(tx: Tx, receipt_ids: Sequence[int]) -> Statement:
-    s = tx.sql()
+    s = Sql(tx)
     return s.count(f"UPDATE receipts SET body = NULL WHERE id {s.any(receipt_ids, 'bigint')}")
 
 
-def losing_bodies(tx: Tx, before: datetime, limit: int) -> Statement:
-    """Rows of `EVENT_COLUMNS` of the events without JSON of the receipts whose bodies
-    retention drops next (see `droppable_bodies`)."""
-    s = tx.sql()
-    return s.rows(
-        f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
-        " WHERE e.data IS NULL AND e.receipt_id IN (SELECT id FROM receipts"
-        f" WHERE {_bodies_to_drop(s, before)} AND NOT EXISTS (SELECT 1 FROM events e"
-        f" WHERE e.receipt_id = receipts.id AND {UNFINISHED_RUN})"
-        f" ORDER BY received_at LIMIT {s(limit)})"
-    )
+# Rows of `EVENT_COLUMNS` of the events without JSON of the receipts whose bodies
+# retention drops next (see `DROPPABLE_BODIES`).
+LOSING_BODIES = Fixed(
+    f"SELECT {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
+    " WHERE e.data IS NULL AND e.receipt_id IN (SELECT id FROM receipts"
+    f" WHERE {_BODIES_TO_DROP} AND NOT EXISTS (SELECT 1 FROM events e"
+    f" WHERE e.receipt_id = receipts.id AND {UNFINISHED_RUN}) ORDER BY received_at LIMIT ?)",
+    "rows",
+)
 
-
-def keep_data(tx: Tx, rows: Sequence[tuple[bytes, str, int]]) -> Statement:
-    """Each (data, id, receipt id): the JSON an event keeps once its body is gone."""
-    s = tx.sql()
-    text = (
-        f"UPDATE events SET data = {s(None)} WHERE id = {s(None)}"
-        f" AND receipt_id = {s(None)} AND data IS NULL"
-    )
-    return Statement(text, list(rows), "many")
+# Each (data, id, receipt id): the JSON an event keeps once its body is gone.
+KEEP_DATA = Fixed(
+    "UPDATE events SET data = ? WHERE id = ? AND receipt_id = ? AND data IS NULL", "many"
+)
 
 
 # --- kept state ------------------------------------------------------------------
 
-
-def get_state(tx: Tx, key: str) -> Statement:
-    s = tx.sql()
-    return s.value(f"SELECT value FROM state WHERE key = {s(key)}")
-
-
-def set_state(tx: Tx, key: str, value: str) -> Statement:
-    s = tx.sql()
-    return s.count(
-        f"INSERT INTO state VALUES ({s(key)}, {s(value)})"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-    )
-
-
-def states(tx: Tx, prefix: str) -> Statement:
-    s = tx.sql()
-    return s.rows(
-        f"SELECT key, value FROM state WHERE substr(key, 1, {s(len(prefix))}) = {s(prefix)}"
-    )
-
-
-def delete_state(tx: Tx, key: str) -> Statement:
-    s = tx.sql()
-    return s.count(f"DELETE FROM state WHERE key = {s(key)}")
+GET_STATE = Fixed("SELECT value FROM state WHERE key = ?", "value")
+SET_STATE = Fixed(
+    "INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "count",
+)
+# (length of the prefix, prefix)
+STATES = Fixed("SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", "rows")
+DELETE_STATE = Fixed("DELETE FROM state WHERE key = ?", "count")
 
 
 # --- globs -----------------------------------------------------------------------

@@ -7,8 +7,10 @@ callback survives a power cut; `normal` survives a crash of the process but may 
 the last commits on power loss, for fewer fsyncs. Several processes on one host may
 share the file; SQLite serializes their writes.
 
-The connector only runs the inbox's statements (`query.py`) for its rules
-(`manager.py`); times are seconds since the epoch, on this host's clock.
+The connector runs the inbox's statements (`query.py`) for its rules (`manager.py`),
+but for the hot path, which it writes here: a callback stored and an outcome recorded
+statement by statement on its writer (PostgreSQL does each in one statement), and runs
+claimed by rowid. Times are seconds since the epoch, on this host's clock.
 """
 
 from __future__ import annotations
@@ -21,17 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
+from receiver.inbox.connector import Delivered, Delivery, Finished
 from receiver.inbox.manager import InboxManager, InboxReader
-from receiver.inbox.query import (
-    Delivered,
-    Delivery,
-    Dialect,
-    Finished,
-    Statement,
-    Tx,
-    Work,
-    glob_to_sqlite,
-)
+from receiver.inbox.query import FORGED_EVENT, Dialect, Offload, Statement, Tx, Work, glob_to_sqlite
 from receiver.inbox.reader import Reader
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, owned, setup, version
 from receiver.inbox.types import InboxUnavailable, SchemaError
@@ -44,12 +40,11 @@ PING_FRESH_SECONDS = 5.0
 COMPACT_PAGES = 2048
 
 DIALECT = Dialect(
-    placeholder=lambda n: "?",
+    placeholder=lambda n: f"?{n}",
     glob=lambda column, param: f"{column} GLOB {param}",
     glob_pattern=glob_to_sqlite,
     time=lambda moment: moment.timestamp(),
     clock=time.time,
-    arrays=False,
     no_limit=-1,
     length="LENGTH",
     greatest="MAX",
@@ -70,6 +65,40 @@ LEASE = (
     " FROM events e JOIN receipts r ON r.id = e.receipt_id WHERE e.id = runs.event_id)"
 )
 
+# A callback stored (`store_delivery`): its receipt, then each event new (or in place of a stored
+# one that verification found forged, its runs afresh) with its runs; a receipt none of
+# whose events is new is a duplicate's. PostgreSQL does the same in one statement.
+ACCEPT = (
+    "INSERT INTO receipts (received_at, source, request_id, headers, source_meta, body, size,"
+    " outcome, event_ids) VALUES (?, ?, ?, ?, ?, ?, ?, 'accepted', ?) RETURNING id"
+)
+# No JSON (`data`): the event is rebuilt from the receipt's body (records.py).
+INSERT_EVENT = (
+    "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key, receipt_id,"
+    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+REPLACE_FORGED = (
+    "UPDATE events SET kind = ?, event_name = ?, job_id = ?, tag = ?, state = ?, bucket = ?,"
+    " key = ?, data = NULL, receipt_id = ?, received_at = ?"
+    f" WHERE id = ? AND {FORGED_EVENT.replace('e.id', 'events.id')}"
+)
+DELETE_RUNS = "DELETE FROM runs WHERE event_id = ?"
+INSERT_RUN = (
+    "INSERT INTO runs (event_id, handler, status, due_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+)
+MARK_DUPLICATE = "UPDATE receipts SET outcome = 'duplicate' WHERE id = ?"
+
+# An outcome recorded (`record_outcome`): the run, while its lease is held, then the attempt.
+FINISH_RUN = (
+    "UPDATE runs SET status = ?, attempts = attempts + ?, due_at = ?, lease_until = NULL,"
+    " lease_token = NULL, last_error = ?, updated_at = ?"
+    " WHERE event_id = ? AND handler = ? AND lease_token = ?"
+)
+RECORD_ATTEMPT = (
+    "INSERT INTO attempts (event_id, handler, number, started_at, finished_at, outcome, error)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
 
 def run(connection: sqlite3.Connection, work: Callable[[Tx], Work[T]]) -> T:
     """Run a unit of work's statements one after the other on `connection`."""
@@ -77,10 +106,13 @@ def run(connection: sqlite3.Connection, work: Callable[[Tx], Work[T]]) -> T:
     result: Any = None
     while True:
         try:
-            statement = steps.send(result)
+            step = steps.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        result = execute(connection, statement)
+        if isinstance(step, Offload):
+            result = step.function(step.argument)
+        else:
+            result = execute(connection, step)
 
 
 def execute(connection: sqlite3.Connection, statement: Statement) -> Any:
@@ -98,6 +130,44 @@ def execute(connection: sqlite3.Connection, statement: Statement) -> Any:
     if statement.fetch == "count":
         return cursor.rowcount
     return None
+
+
+def store_delivery(connection: sqlite3.Connection, delivery: Delivery) -> Delivered:
+    receipt = delivery.receipt
+    now, received_at = time.time(), receipt.received_at.timestamp()
+    headers, meta = orjson.dumps(receipt.headers), orjson.dumps(receipt.source_meta)
+    ids = orjson.dumps([row[0] for row, _ in delivery.events])
+    arguments = (received_at, receipt.source, receipt.request_id, headers, meta, delivery.body)
+    (receipt_id,) = connection.execute(ACCEPT, (*arguments, len(receipt.body), ids)).fetchone()
+    stored = []
+    for row, runs in delivery.events:
+        event_id = row[0]
+        if connection.execute(INSERT_EVENT, (*row, receipt_id, received_at)).fetchone() is None:
+            # Stored already: a duplicate, unless verification found the stored one
+            # forged: this delivery takes its place, its runs afresh.
+            replacing = (*row[1:], receipt_id, received_at, event_id)
+            if not connection.execute(REPLACE_FORGED, replacing).rowcount:
+                continue
+            connection.execute(DELETE_RUNS, (event_id,))
+        stored.append(event_id)
+        connection.executemany(INSERT_RUN, [(event_id, *run, now, now) for run in runs])
+    if not stored:
+        connection.execute(MARK_DUPLICATE, (receipt_id,))
+    return Delivered(receipt_id, stored)
+
+
+def record_outcome(connection: sqlite3.Connection, finished: Finished) -> bool:
+    event_id, handler, token, status, counted, retry_at, error, number, started_at, outcome = (
+        finished
+    )
+    now = time.time()
+    due = retry_at.timestamp() if retry_at is not None else now
+    updating = (status, counted, due, error, now, event_id, handler, token)
+    if not connection.execute(FINISH_RUN, updating).rowcount:
+        return False
+    recording = (event_id, handler, number, started_at.timestamp(), now, outcome, error)
+    connection.execute(RECORD_ATTEMPT, recording)
+    return True
 
 
 class SqliteConnector:
@@ -131,31 +201,32 @@ class SqliteConnector:
     async def read(self, work: Callable[[Tx], Work[T]]) -> T:
         return await self.reader.run(lambda connection: run(connection, work))
 
-    async def write(self, work: Callable[[Tx], Work[T]], *, bookkeeping: bool = False) -> T:
+    async def read_one(self, statement: Callable[[Tx], Statement]) -> Any:
+        return await self.reader.run(lambda connection: execute(connection, statement(Tx(DIALECT))))
+
+    async def write(self, work: Callable[[Tx], Work[T]]) -> T:
+        return await self._write.submit(lambda connection: run(connection, work))
+
+    async def execute(self, statement: Callable[[Tx], Statement]) -> Any:
         return await self._write.submit(
-            lambda connection: run(connection, work), bookkeeping=bookkeeping
+            lambda connection: execute(connection, statement(Tx(DIALECT)))
         )
 
-    async def execute(
-        self, statement: Callable[[Tx], Statement], *, bookkeeping: bool = False
-    ) -> Any:
-        return await self._write.submit(
-            lambda connection: execute(connection, statement(Tx(DIALECT))),
-            bookkeeping=bookkeeping,
-        )
+    async def store(self, delivery: Delivery) -> Delivered:
+        return await self._write.submit(_storing(delivery))
 
-    async def store(
-        self, deliveries: list[Delivery], work: Callable[[Tx, Delivery], Work[Delivered]]
-    ) -> list[Delivered | BaseException]:
+    async def store_many(self, deliveries: list[Delivery]) -> list[Delivered | BaseException]:
         # Submitted together: they go in one batch, each rolled back alone should it fail.
-        futures = self._write.submit_many([_bound(work, delivery) for delivery in deliveries])
+        futures = self._write.submit_many([_storing(delivery) for delivery in deliveries])
         results: list[Delivered | BaseException] = await asyncio.gather(
             *futures, return_exceptions=True
         )
         return results
 
-    async def finish(self, finished: Finished, work: Callable[[Tx, Finished], Work[bool]]) -> bool:
-        return await self.write(lambda tx: work(tx, finished), bookkeeping=True)
+    async def finish(self, finished: Finished) -> bool:
+        return await self._write.submit(
+            lambda connection: record_outcome(connection, finished), bookkeeping=True
+        )
 
     async def lease(
         self, handler: str, limit: int, lease_seconds: float, token: str
@@ -195,10 +266,8 @@ class SqliteConnector:
             pass
 
 
-def _bound(
-    work: Callable[[Tx, Delivery], Work[Delivered]], delivery: Delivery
-) -> Callable[[sqlite3.Connection], Delivered]:
-    return lambda connection: run(connection, lambda tx: work(tx, delivery))
+def _storing(delivery: Delivery) -> Callable[[sqlite3.Connection], Delivered]:
+    return lambda connection: store_delivery(connection, delivery)
 
 
 class SqliteInbox(InboxManager):
@@ -211,7 +280,6 @@ class SqliteInbox(InboxManager):
             SqliteConnector(path, synchronous=synchronous),
             rejected_body_bytes=rejected_body_bytes,
         )
-        self.path = path
 
     @property
     def commits(self) -> int:
@@ -225,7 +293,6 @@ class SqliteReader(InboxReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(SqliteConnector(path, read_only=True))
-        self.path = path
 
 
 async def probe(path: Path) -> str:

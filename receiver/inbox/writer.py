@@ -135,9 +135,11 @@ class Writer:
                 await self._commit(self._batch)
                 self._batch = []
                 # The callers of the batch just committed go on before the next batch
-                # runs: an ingest tells the dispatcher of its events, so that a claim in
-                # the next batch finds them in memory rather than reading them back and
-                # decoding them again (bench.stages `with log`).
+                # runs, those that await their own future (`store`; those of a gather, as
+                # `store_many`'s, are woken a step later, after it): an ingest tells the
+                # dispatcher of its events, so that a claim in the next batch finds them
+                # in memory rather than reading them back and decoding them again
+                # (bench.stages `with log`).
                 await asyncio.sleep(0)
 
     def _ended(self, task: asyncio.Task[None]) -> None:

@@ -331,6 +331,27 @@ async def test_known_claims_are_not_read_back(inbox):
     assert claim.event is event
 
 
+async def test_a_known_event_pushed_out_while_the_others_are_read_is_still_claimed(
+    inbox, monkeypatch
+):
+    # `known` is the dispatcher's `FreshEvents`: new callbacks may push events out of it
+    # while the claim reads back those it does not hold.
+    held_body = job("jheld")
+    (held,) = parse_callback(held_body)
+    await inbox.store(receipt(held_body), [(held, ["a"])])
+    (read_id,) = (await store_body(inbox, job("jread"))).new
+    known = {held.id: held}
+    read = inbox.connector.read
+
+    async def pushing_out(work):
+        known.clear()
+        return await read(work)
+
+    monkeypatch.setattr(inbox.connector, "read", pushing_out)
+    claims = await inbox.claim("a", 2, 30, known=known)
+    assert sorted(claim.event.id for claim in claims) == sorted([held.id, read_id])
+
+
 # --- replay ---------------------------------------------------------------------------
 
 

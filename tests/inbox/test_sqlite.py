@@ -49,6 +49,23 @@ async def test_concurrent_stores_share_commits(inbox):
     assert len(await inbox.events(limit=1000)) == 200
 
 
+async def test_a_stored_callbacks_caller_goes_on_before_the_next_batch_runs(inbox):
+    # An ingest hands its new events to the dispatcher then: a claim in the next batch
+    # finds them in memory rather than reading them back (writer.py).
+    order = []
+
+    async def storing():
+        await store(inbox, "transcode.xml")
+        order.append("stored")
+
+    async def next_batch():
+        await asyncio.sleep(0)  # queued while the store's batch commits
+        await inbox.connector.writer.submit(lambda connection: order.append("next batch"))
+
+    await asyncio.gather(storing(), next_batch())
+    assert order == ["stored", "next batch"]
+
+
 async def test_one_failing_operation_does_not_sink_its_batch(inbox):
     async def broken() -> None:
         def fail(connection: sqlite3.Connection) -> None:
