@@ -161,6 +161,12 @@ def child(count: int, postgres: str | None, freeze: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", metavar="REV", help="the git revision to compare with")
+    parser.add_argument(
+        "--its-bench",
+        action="store_true",
+        help="with --against: the revision measured with its own bench/ (before the layout"
+        " by stage, this tree's cannot import its modules)",
+    )
     parser.add_argument("--callbacks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--postgres", action="store_true", help="the PostgreSQL inbox")
@@ -181,7 +187,10 @@ def main() -> None:
     arguments += ["--postgres-url", postgres] if postgres else []
     work = Path(tempfile.mkdtemp(prefix="bench-dispatch-rev-"))
     try:
-        trees = {"baseline": export(args.against, work / "baseline")} if args.against else {}
+        trees = {}
+        if args.against:
+            baseline = export(args.against, work / "baseline", own_bench=args.its_bench)
+            trees["baseline"] = baseline
         best = best_of(args.rounds, {**trees, "this": HERE}, "bench.dispatch_cost", arguments)
     finally:
         shutil.rmtree(work, ignore_errors=True)
