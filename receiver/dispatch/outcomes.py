@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -18,13 +17,9 @@ import structlog
 
 from handlers import Fail, Retry
 from receiver.config import HandlerConfig
+from receiver.dispatch.deadline import timeout
 from receiver.dispatch.slots import Slot, SlotMetrics
 from receiver.inbox import Claim, InboxUnavailable, Outcome, RunQueue
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout
-else:  # pragma: no cover
-    from async_timeout import timeout
 
 logger = structlog.get_logger("ci_receiver.dispatch")
 

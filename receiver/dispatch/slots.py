@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,12 +25,8 @@ from prometheus_client import Counter, Gauge, Histogram
 import handlers as handler_api
 from handlers import Handler
 from receiver.config import HandlerConfig
+from receiver.dispatch.deadline import timeout
 from receiver.metrics import Metrics
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout
-else:  # pragma: no cover
-    from async_timeout import timeout
 
 logger = structlog.get_logger("ci_receiver.dispatch")
 

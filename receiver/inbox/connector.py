@@ -100,8 +100,14 @@ class Connector(Protocol):
 
     def watch(self, wake: Callable[[], None]) -> None: ...
 
-    def wrote_lately(self) -> bool:
-        """A write went through a moment ago, and none failed since."""
+    @property
+    def last_write(self) -> float:
+        """When (time.monotonic()) a write last went through; 0: never."""
+        ...
+
+    @property
+    def last_failure(self) -> float:
+        """When (time.monotonic()) a write last failed; 0: never."""
         ...
 
     def unwritable(self, error: Exception) -> InboxUnavailable:

@@ -43,7 +43,6 @@ class GroupCommit:
         self._run_one = run_one
         self._waiting: list[tuple[Arguments, asyncio.Future[Any]]] = []
         self._committing: asyncio.Task[None] | None = None
-        self.batches = 0  # committed, for tests
 
     async def run(self, arguments: Arguments) -> Any:
         """The statement's row for `arguments`, once committed."""
@@ -77,7 +76,6 @@ class GroupCommit:
             for arguments, future in batch:
                 await self._commit_alone(arguments, future)
             return
-        self.batches += 1
         for (_, future), row in zip(batch, rows, strict=True):
             _settle(future, result=row)
 
@@ -87,7 +85,6 @@ class GroupCommit:
         except Exception as exc:
             _settle(future, exception=exc)
             return
-        self.batches += 1
         _settle(future, result=row)
 
 

@@ -63,6 +63,11 @@ def new_runs(handlers: list[str], verify: bool) -> list[tuple[str, RunStatus]]:
     return [(VERIFY_RUN, "pending"), *((name, "held") for name in handlers)]
 
 
+# How long a write that went through vouches for the inbox in ping(): readiness probes
+# add no write of their own to a busy inbox.
+PING_FRESH_SECONDS = 5.0
+
+
 class InboxReader:
     """The inbox as the inspection commands open it: reading only."""
 
@@ -246,7 +251,11 @@ class InboxManager(InboxReader):
     async def ping(self) -> None:
         # A write that went through a moment ago, and no failure since, says as much as
         # one of our own would: readiness probes then add no write to a busy inbox.
-        if self.connector.wrote_lately():
+        connector = self.connector
+        if (
+            time.monotonic() - connector.last_write < PING_FRESH_SECONDS
+            and connector.last_write > connector.last_failure
+        ):
             return
         try:
             await self.connector.execute(lambda tx: query.HEARTBEAT(tx, str(time.time())))
@@ -348,9 +357,7 @@ class InboxManager(InboxReader):
 
     # --- upkeep --------------------------------------------------------------------
 
-    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
-        if dry_run:
-            return await self.prunable(cutoffs)
+    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500) -> Pruned:
         # The JSON of the events whose bodies go next is decoded off the event loop, and
         # written in the same transaction as the bodies are dropped.
         lock = self.connector.dialect.try_lock

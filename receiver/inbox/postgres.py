@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -108,7 +109,6 @@ def channel(schema: str) -> str:
 # Seconds any one statement may take before it counts as a failure (a database that
 # stopped answering must not hold a callback's answer for ever).
 COMMAND_TIMEOUT = 10.0
-PING_FRESH_SECONDS = 5.0
 # How often the listening connection is checked: a connection that died quietly (a
 # network cut) is only noticed when used.
 LISTEN_CHECK_SECONDS = 15.0
@@ -509,9 +509,9 @@ class PostgresConnector:
 
     # --- upkeep --------------------------------------------------------------------
 
-    def wrote_lately(self) -> bool:
-        now = time.monotonic()
-        return now - self.last_write < PING_FRESH_SECONDS and self.last_write > self._last_failure
+    @property
+    def last_failure(self) -> float:
+        return self._last_failure
 
     def unwritable(self, error: Exception) -> InboxUnavailable:
         return InboxUnavailable(f"PostgreSQL at {self._reach.location}: {describe(error)}")
@@ -599,18 +599,13 @@ async def run(connection: asyncpg.Connection, work: Callable[[Tx], Work[T]]) -> 
 
 
 async def execute(connection: asyncpg.Connection, statement: Statement) -> Any:
-    args = [_argument(value) for value in statement.args]
     if statement.fetch == "many":
-        await connection.executemany(statement.text, [[_argument(v) for v in row] for row in args])
+        rows = [[_argument(value) for value in row] for row in statement.args]
+        await connection.executemany(statement.text, rows)
         return None
+    args = [_argument(value) for value in statement.args]
     if statement.wakes:
-        # Runs it made due wake the other replicas (`_listen`), once it commits.
-        woken = (
-            f"WITH changed AS ({statement.text} RETURNING 1),"
-            f" woken AS (SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM changed))"
-            " SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM woken)"
-        )
-        return (await connection.fetchrow(woken, *args))[0]
+        return (await connection.fetchrow(_waking(statement.text), *args))[0]
     if statement.fetch == "rows":
         return await connection.fetch(statement.text, *args)
     if statement.fetch == "row":
@@ -619,6 +614,17 @@ async def execute(connection: asyncpg.Connection, statement: Statement) -> Any:
         return await connection.fetchval(statement.text, *args)
     status = await connection.execute(statement.text, *args)
     return _count(status) if statement.fetch == "count" else None
+
+
+@functools.lru_cache(maxsize=64)
+def _waking(statement: str) -> str:
+    """`statement`, which may make runs due, waking the other replicas (`_listen`) once
+    it commits when it changed any row; it returns how many it changed."""
+    return (
+        f"WITH changed AS ({statement} RETURNING 1),"
+        f" woken AS (SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM changed))"
+        " SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM woken)"
+    )
 
 
 def _argument(value: Any) -> Any:

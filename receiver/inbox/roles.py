@@ -215,11 +215,11 @@ class Reading(Protocol):
 class Upkeep(Protocol):
     """Retention: what is finished and old leaves the inbox."""
 
-    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500, dry_run: bool = False) -> Pruned:
+    async def prune(self, cutoffs: Cutoffs, *, limit: int = 500) -> Pruned:
         """Remove one batch (at most `limit` of each kind) of what the cutoffs allow;
         call again until it returns nothing. Never touches an event with a run pending,
-        held or dead-lettered, nor the body those need. `dry_run` counts everything
-        that would go, changing nothing (`Reading.prunable`)."""
+        held or dead-lettered, nor the body those need. What would go, counted without
+        changing anything: `Reading.prunable`."""
         ...
 
     async def compact(self) -> None:

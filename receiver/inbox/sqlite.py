@@ -35,7 +35,6 @@ from receiver.inbox.writer import Writer
 
 T = TypeVar("T")
 
-PING_FRESH_SECONDS = 5.0
 # Pages (of 4 KiB) handed back to the file system per step of compact().
 COMPACT_PAGES = 2048
 
@@ -241,10 +240,13 @@ class SqliteConnector:
     def watch(self, wake: Callable[[], None]) -> None:
         """Other processes on the file cannot tell this one: dispatch polls."""
 
-    def wrote_lately(self) -> bool:
-        writer = self._write
-        recent = time.monotonic() - writer.last_commit < PING_FRESH_SECONDS
-        return recent and writer.last_commit > writer.last_failure_at
+    @property
+    def last_write(self) -> float:
+        return self._write.last_commit
+
+    @property
+    def last_failure(self) -> float:
+        return self._write.last_failure_at
 
     def unwritable(self, error: Exception) -> InboxUnavailable:
         return InboxUnavailable(f"not writable: {error}")

@@ -81,13 +81,11 @@ class Pruner:
         self,
         *,
         now: datetime | None = None,
-        dry_run: bool = False,
         progress: Callable[[Pruned], None] | None = None,
     ) -> Pruned:
-        """One whole pass; `dry_run` only counts. Stops between batches when stopped."""
+        """One whole pass (what it would remove: `Reading.prunable`). Stops between
+        batches when stopped."""
         cutoffs = retention_cutoffs(self._config, now or datetime.now(timezone.utc))
-        if dry_run:
-            return await self._inbox.prune(cutoffs, dry_run=True)
         total = Pruned()
         while not self._stopping.is_set():
             batch = await self._inbox.prune(cutoffs, limit=BATCH)

@@ -844,7 +844,7 @@ async def test_retention_removes_only_what_is_handled_and_old(inbox):
     await inbox.reject(receipt(b"fresh garbage"), "not_xml_or_json", "g")
 
     cutoffs = Cutoffs(events=now() - 30 * DAY, bodies=now() - 7 * DAY, refused=now() - 3 * DAY)
-    planned = await inbox.prune(cutoffs, dry_run=True)
+    planned = await inbox.prunable(cutoffs)
     # jdone, jdup and jnoroute with their receipts, the duplicate of jdup, one refused
     assert (planned.events, planned.receipts) == (3, 5)
     assert planned.bytes > 0
@@ -862,7 +862,7 @@ async def test_retention_removes_only_what_is_handled_and_old(inbox):
     assert await run_states(inbox, pending_old.new[0]) == {"p": ("pending", 0)}
     assert [r.error_reason for r in await inbox.receipts(outcome="rejected")] == ["not_xml_or_json"]
     assert len(await inbox.receipts(outcome="rejected")) == 1
-    assert await inbox.prune(cutoffs, dry_run=True) == Pruned()
+    assert await inbox.prunable(cutoffs) == Pruned()
 
 
 async def test_retention_drops_bodies_of_handled_callbacks_before_their_events(inbox):
