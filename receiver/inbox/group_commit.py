@@ -1,55 +1,51 @@
-"""Group commit for the PostgreSQL inbox: the callbacks being stored at the same moment
-are committed together, as SQLite's writer does (receiver/inbox/writer.py).
+"""Group commit for the PostgreSQL inbox: the writes of the same moment (callbacks to
+store, outcomes to record) are committed together, as SQLite's writer does
+(receiver/inbox/writer.py).
 
-Each callback's store is one statement returning one row. While a batch is being
-committed, the stores that arrive queue; the next batch takes them all (up to
-`MOST_PER_BATCH`) and runs their statements in one transaction, pipelined on one
-connection (asyncpg's `fetchmany`: one round trip, one commit, one WAL flush). A burst of
-callbacks is then a few large commits instead of one per callback; a callback alone
-commits at once. Each caller still returns only once its own row is committed.
+While a batch is being committed, the items that arrive queue; the next batch takes them
+all (up to `MOST_PER_BATCH`) and writes them with one statement (one round trip, one
+commit, one WAL flush). A burst of callbacks is then a few large commits instead of one
+per callback; an item alone commits at once. Each caller still returns only once its own
+item is committed.
 
-A batch that fails as a whole because the server cannot be reached fails every store of
+A batch that fails as a whole because the server cannot be reached fails every item of
 it (each sender is asked to send again). One that fails for any other reason (a
-deadlock with another replica's batch, one row the server refuses) is run again one
-store at a time, so that one callback's failure is never the others'.
+deadlock with another replica's batch, one row the server refuses) is written again one
+item at a time, so that one item's failure is never the others'.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from receiver.inbox.types import InboxUnavailable
 
-# The most stores committed in one transaction: a larger batch holds its row locks and
+# The most items committed in one transaction: a larger batch holds its row locks and
 # its connection longer without saving anything that matters.
 MOST_PER_BATCH = 256
 
-Arguments = tuple[Any, ...]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
-class GroupCommit:
-    """One statement's executions, committed in batches. `run_many` executes the
-    statement once per arguments in one transaction, returning a row for each in order;
-    `run_one` executes it alone."""
+class GroupCommit(Generic[Item, Result]):
+    """Items written in batches by `write`, which commits a list of them in one
+    transaction and returns a result for each, in order."""
 
-    def __init__(
-        self,
-        run_many: Callable[[list[Arguments]], Awaitable[list[Any]]],
-        run_one: Callable[[Arguments], Awaitable[Any]],
-    ) -> None:
-        self._run_many = run_many
-        self._run_one = run_one
-        self._waiting: list[tuple[Arguments, asyncio.Future[Any]]] = []
+    def __init__(self, write: Callable[[list[Item]], Awaitable[list[Result]]], name: str) -> None:
+        self._write = write
+        self._name = name
+        self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._committing: asyncio.Task[None] | None = None
 
-    async def run(self, arguments: Arguments) -> Any:
-        """The statement's row for `arguments`, once committed."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append((arguments, future))
+    async def run(self, item: Item) -> Result:
+        """`item`'s result, once committed."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
         if self._committing is None:
-            self._committing = asyncio.create_task(self._commit_all(), name="inbox-store")
+            self._committing = asyncio.create_task(self._commit_all(), name=self._name)
         # A caller cancelled cancels only its own future: the batch goes on for the others.
         return await future
 
@@ -62,30 +58,23 @@ class GroupCommit:
         finally:
             self._committing = None
 
-    async def _commit(self, batch: list[tuple[Arguments, asyncio.Future[Any]]]) -> None:
-        if len(batch) == 1:
-            await self._commit_alone(*batch[0])
-            return
+    async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
-            rows = await self._run_many([arguments for arguments, _ in batch])
+            results = await self._write([item for item, _ in batch])
         except InboxUnavailable as exc:  # the server away: none of them is kept
             for _, future in batch:
                 _settle(future, exception=exc)
             return
-        except Exception:  # one store's failure must not be the others': each alone
-            for arguments, future in batch:
-                await self._commit_alone(arguments, future)
-            return
-        for (_, future), row in zip(batch, rows, strict=True):
-            _settle(future, result=row)
-
-    async def _commit_alone(self, arguments: Arguments, future: asyncio.Future[Any]) -> None:
-        try:
-            row = await self._run_one(arguments)
         except Exception as exc:
-            _settle(future, exception=exc)
+            if len(batch) == 1:
+                _settle(batch[0][1], exception=exc)
+                return
+            # One item's failure must not be the others': each alone.
+            for item, future in batch:
+                await self._commit([(item, future)])
             return
-        _settle(future, result=row)
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result=result)
 
 
 def _settle(

@@ -140,49 +140,61 @@ DIALECT = Dialect(
     text=lambda value: text(value),
 )
 
-# A callback in one statement: its receipt, its new events and their runs, and the
-# replacement of stored events of its ids that verification found forged (their rows
-# take this delivery's, their runs made afresh), all in one transaction; it wakes the
-# other replicas when runs were made. The runs of a replaced event that it has again are
-# reset in place, the others deleted: no row is touched twice by the statement.
+# The callbacks of a batch in one statement: their receipts, their new events and the
+# events' runs, and the replacement of stored events of their ids that verification found
+# forged (their rows take the delivery's, their runs made afresh), all in one
+# transaction. Within the batch, as if stored one after the other: an event named by
+# several callbacks is stored (or replaced) by the first, a duplicate for the others. The
+# runs of a replaced event that it has again are reset in place, the others deleted: no
+# row is touched twice. It wakes the other replicas once, when runs were made. One row
+# per callback, in order: its receipt's id and the ids of the events it stored.
 STORE = f"""
-WITH receipt AS (SELECT nextval('receipts_id_seq') AS id),
+WITH receipt AS (
+    SELECT nextval('receipts_id_seq') AS id, r.*
+    FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bytea[], $5::bytea[],
+        $6::bytea[], $7::int[], $8::bytea[]) WITH ORDINALITY
+        AS r(received_at, source, request_id, headers, source_meta, body, size, event_ids, n)
+),
 delivered AS (
-    SELECT * FROM unnest($9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-        $14::text[], $15::text[], $16::text[]) WITH ORDINALITY
-        AS e(id, kind, event_name, job_id, tag, state, bucket, key, n)
+    SELECT e.*, r.id AS receipt_id, r.received_at
+    FROM unnest($9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[],
+        $14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY
+        AS e(receipt_n, id, kind, event_name, job_id, tag, state, bucket, key, n)
+    JOIN receipt r ON r.n = e.receipt_n
 ),
 runs_of AS (
-    SELECT DISTINCT * FROM unnest($17::text[], $18::text[], $19::text[])
-        AS r(event_id, handler, status)
+    SELECT DISTINCT r.id AS receipt_id, u.event_id, u.handler, u.status
+    FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[])
+        AS u(receipt_n, event_id, handler, status)
+    JOIN receipt r ON r.n = u.receipt_n
 ),
 inserted AS (
     -- No JSON (`data`): the event is rebuilt from the receipt's body (records.py).
     INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id, tag, state,
         bucket, key)
-    SELECT e.id, receipt.id, $1, e.kind, e.event_name, e.job_id, e.tag, e.state, e.bucket,
-        e.key
-    FROM receipt, delivered e
-    ORDER BY e.n
+    SELECT id, receipt_id, received_at, kind, event_name, job_id, tag, state, bucket, key
+    FROM delivered ORDER BY n
     ON CONFLICT (id) DO NOTHING
-    RETURNING id
+    RETURNING id, receipt_id
 ),
 replaced AS (
     UPDATE events SET kind = d.kind, event_name = d.event_name, job_id = d.job_id,
         tag = d.tag, state = d.state, bucket = d.bucket, key = d.key, data = NULL,
-        receipt_id = receipt.id, received_at = $1
-    FROM receipt, (SELECT DISTINCT ON (id) * FROM delivered ORDER BY id, n) d
+        receipt_id = d.receipt_id, received_at = d.received_at
+    FROM (SELECT DISTINCT ON (id) * FROM delivered ORDER BY id, n) d
     WHERE events.id = d.id AND {FORGED_EVENT.replace("e.id", "events.id")}
-    RETURNING events.id
+    RETURNING events.id, events.receipt_id
 ),
+stored AS (SELECT * FROM inserted UNION ALL SELECT * FROM replaced),
 cleared AS (
     DELETE FROM runs WHERE event_id IN (SELECT id FROM replaced)
-        AND (event_id, handler) NOT IN (SELECT event_id, handler FROM runs_of)
+        AND (event_id, handler) NOT IN (SELECT o.event_id, o.handler FROM runs_of o
+            JOIN replaced p ON p.id = o.event_id AND p.receipt_id = o.receipt_id)
 ),
 new_runs AS (
     INSERT INTO runs (event_id, handler, status, due_at, updated_at)
-    SELECT r.event_id, r.handler, r.status, now(), now() FROM runs_of r
-    WHERE r.event_id IN (SELECT id FROM inserted UNION ALL SELECT id FROM replaced)
+    SELECT o.event_id, o.handler, o.status, now(), now()
+    FROM runs_of o JOIN stored s ON s.id = o.event_id AND s.receipt_id = o.receipt_id
     ON CONFLICT (event_id, handler) DO UPDATE SET status = excluded.status, attempts = 0,
         due_at = excluded.due_at, lease_until = NULL, lease_token = NULL, last_error = NULL,
         updated_at = excluded.updated_at
@@ -191,16 +203,15 @@ new_runs AS (
 kept AS (
     INSERT INTO receipts (id, received_at, source, request_id, headers, source_meta, body,
         size, outcome, event_ids)
-    SELECT receipt.id, $1, $2, $3, $4, $5, $6, $7,
-        CASE WHEN EXISTS (SELECT 1 FROM inserted) OR EXISTS (SELECT 1 FROM replaced)
-        THEN 'accepted' ELSE 'duplicate' END, $8
+    SELECT id, received_at, source, request_id, headers, source_meta, body, size,
+        CASE WHEN id IN (SELECT receipt_id FROM stored) THEN 'accepted' ELSE 'duplicate' END,
+        event_ids
     FROM receipt
-    RETURNING id
 ),
 notified AS (SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM new_runs))
-SELECT (SELECT id FROM kept),
-    ARRAY(SELECT id FROM inserted UNION ALL SELECT id FROM replaced),
-    (SELECT count(*) FROM notified)
+SELECT r.id, array_remove(array_agg(s.id), NULL), (SELECT count(*) FROM notified)
+FROM receipt r LEFT JOIN stored s ON s.receipt_id = r.id
+GROUP BY r.id, r.n ORDER BY r.n
 """
 
 # Due pending runs leased on the database's clock, skipping those another replica is
@@ -282,11 +293,10 @@ class PostgresConnector:
         self._listening: asyncio.Task[None] | None = None
         self.last_write = 0.0
         self._last_failure = 0.0
-        # The callbacks being stored at one moment, committed together.
-        self._stores = GroupCommit(self._store_rows, self._store_row)
-        # Outcomes waiting for their batch's statement, and its future (see finish()).
-        self._outcomes: list[Finished] | None = None
-        self._recorded: asyncio.Future[set[int]] | None = None
+        # The callbacks being stored at one moment, and the outcomes being recorded,
+        # each committed together.
+        self._stores = GroupCommit(self._store_batch, "inbox-store")
+        self._outcomes = GroupCommit(self._finish_batch, "inbox-finish")
 
     # --- connections ---------------------------------------------------------------
 
@@ -399,9 +409,8 @@ class PostgresConnector:
     # --- storing -------------------------------------------------------------------
 
     async def store(self, delivery: Delivery) -> Delivered:
-        """In one statement (`STORE`), with the others of the moment (`self._stores`)."""
-        row = await self._stores.run(_store_arguments(delivery))
-        return Delivered(row[0], list(row[1]))
+        """With the others of the moment (`self._stores`), in one statement (`STORE`)."""
+        return await self._stores.run(delivery)
 
     async def store_many(self, deliveries: list[Delivery]) -> list[Delivered | BaseException]:
         stored: list[Delivered | BaseException] = await asyncio.gather(
@@ -409,16 +418,10 @@ class PostgresConnector:
         )
         return stored
 
-    async def _store_rows(self, batch: list[tuple[Any, ...]]) -> list[Any]:
-        """STORE for each callback of `batch`, in one transaction and one round trip."""
+    async def _store_batch(self, deliveries: list[Delivery]) -> list[Delivered]:
         with self._writing():
-            async with self.pool.acquire() as connection:
-                rows: list[Any] = await connection.fetchmany(STORE, batch)
-                return rows
-
-    async def _store_row(self, arguments: tuple[Any, ...]) -> Any:
-        with self._writing():
-            return await self.pool.fetchrow(STORE, *arguments)
+            rows = await self.pool.fetch(STORE, *_store_columns(deliveries))
+        return [Delivered(row[0], row[1]) for row in rows]
 
     # --- the run queue -------------------------------------------------------------
 
@@ -433,32 +436,17 @@ class PostgresConnector:
         return [(row[0], row[1], row[2]) for row in rows]
 
     async def finish(self, finished: Finished) -> bool:
-        """Batched with the outcomes reported at the same moment, in one statement
-        (`FINISH`)."""
-        outcomes = self._outcomes
-        if outcomes is None:
-            # The first outcome since the last batch left opens the next; the outcomes
-            # reported until its statement starts go with it, in one round trip.
-            outcomes = self._outcomes = []
-            self._recorded = asyncio.ensure_future(self._record_outcomes(outcomes))
-        recorded = self._recorded
-        assert recorded is not None
-        index = len(outcomes)
-        outcomes.append(finished)
-        # Shared by the batch's callers: one of them cancelled must not cancel the rest.
-        return index + 1 in await asyncio.shield(recorded)
+        """With the others of the moment (`self._outcomes`), in one statement (`FINISH`)."""
+        return await self._outcomes.run(finished)
 
-    async def _record_outcomes(self, outcomes: list[Finished]) -> set[int]:
-        """The positions (1-based) of the outcomes recorded, their leases still held."""
-        await asyncio.sleep(0)  # the attempts finishing in this turn of the loop join
-        if self._outcomes is outcomes:
-            self._outcomes = self._recorded = None
+    async def _finish_batch(self, outcomes: list[Finished]) -> list[bool]:
+        """Whether each outcome was recorded (its lease still held)."""
         columns: list[list[Any]] = [list(column) for column in zip(*outcomes, strict=True)]
         for texts in (columns[0], columns[6]):  # event ids, errors
             texts[:] = [text(value) for value in texts]
         with self._writing():
-            row = await self.pool.fetchrow(FINISH, *columns)
-        return set(row[0] or ())
+            recorded = set(await self.pool.fetchval(FINISH, *columns) or ())
+        return [position in recorded for position in range(1, len(outcomes) + 1)]
 
     def watch(self, wake: Callable[[], None]) -> None:
         self._watchers.append(wake)
@@ -558,29 +546,36 @@ class PostgresReader(InboxReader):
         super().__init__(PostgresConnector(url, schema=schema, pool_size=pool_size, read_only=True))
 
 
-def _store_arguments(delivery: Delivery) -> tuple[Any, ...]:
-    """STORE's arguments for a delivery."""
-    receipt = delivery.receipt
-    columns: list[list[Any]] = [[] for _ in range(8)]
-    runs: list[list[Any]] = [[], [], []]
-    for row, handlers in delivery.events:
-        for column, value in zip(columns, row, strict=True):
-            column.append(text(value))
-        for handler, status in handlers:
-            for column, value in zip(runs, (text(row[0]), handler, status), strict=True):
-                column.append(value)
-    return (
-        receipt.received_at,
-        receipt.source,
-        text(receipt.request_id),
-        orjson.dumps(receipt.headers),
-        orjson.dumps(receipt.source_meta),
-        delivery.body,
-        len(receipt.body),
-        orjson.dumps([row[0] for row, _ in delivery.events]),
-        *columns,
-        *runs,
-    )
+def _store_columns(deliveries: list[Delivery]) -> list[list[Any]]:
+    """STORE's arguments for a batch: the receipts' columns, then their events', each
+    with the position of its receipt (1-based), then their runs'."""
+    receipts: list[list[Any]] = [[] for _ in range(8)]
+    events: list[list[Any]] = [[] for _ in range(9)]
+    runs: list[list[Any]] = [[] for _ in range(4)]
+    for position, delivery in enumerate(deliveries, 1):
+        receipt = delivery.receipt
+        row = (
+            receipt.received_at,
+            receipt.source,
+            text(receipt.request_id),
+            orjson.dumps(receipt.headers),
+            orjson.dumps(receipt.source_meta),
+            delivery.body,
+            len(receipt.body),
+            orjson.dumps([event[0] for event, _ in delivery.events]),
+        )
+        for column, value in zip(receipts, row, strict=True):
+            column.append(value)
+        for event, handlers in delivery.events:
+            events[0].append(position)
+            for column, value in zip(events[1:], event, strict=True):
+                column.append(text(value))
+            for handler, status in handlers:
+                for column, value in zip(
+                    runs, (position, text(event[0]), handler, status), strict=True
+                ):
+                    column.append(value)
+    return [*receipts, *events, *runs]
 
 
 async def run(connection: asyncpg.Connection, work: Callable[[Tx], Work[T]]) -> T:

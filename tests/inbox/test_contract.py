@@ -490,6 +490,33 @@ async def test_a_forged_event_is_replaced_by_the_next_delivery_of_its_id(inbox):
     assert (await store_body(inbox, body)).duplicates == [forged]
 
 
+async def test_deliveries_of_one_event_at_one_moment_store_it_once(inbox):
+    # Stored at one moment, as a burst's are (on PostgreSQL, in one statement): as if
+    # one after the other, the first stores the event and the others find a duplicate.
+    bodies = [job("jsame") if i % 2 else job(f"jother{i}") for i in range(12)]
+    stored = await asyncio.gather(*(store_body(inbox, body) for body in bodies))
+    same = [s for body, s in zip(bodies, stored) if b"jsame" in body]
+    assert [len(s.new) for s in same] == [1, 0, 0, 0, 0, 0]
+    assert all(s.duplicates == same[0].new for s in same[1:])
+    assert all(len(s.new) == 1 for body, s in zip(bodies, stored) if b"jsame" not in body)
+    assert await run_states(inbox, same[0].new[0]) == {"a": ("pending", 0)}
+    outcomes = {r.id: r.outcome for r in await inbox.receipts()}
+    assert [outcomes[s.receipt_id] for s in same] == ["accepted"] + ["duplicate"] * 5
+
+
+async def test_a_forged_event_delivered_again_several_times_at_once_is_replaced_once(inbox):
+    forged = await store_verified(inbox, "jtaken", handlers=["a"])
+    (check,) = await inbox.claim(VERIFY_RUN, 5, 30)
+    await inbox.settle(forged, genuine=False)
+    await inbox.finish(check, "forged", started_at=now())
+    bodies = [job("jtaken", key=f"the/input{i}.mp4") for i in range(4)]
+    stored = await asyncio.gather(*(store_body(inbox, body) for body in bodies))
+    assert [(s.new, s.duplicates) for s in stored] == [([forged], [])] + [([], [forged])] * 3
+    assert await run_states(inbox, forged) == {"a": ("pending", 0)}
+    detail = await inbox.event(forged)
+    assert (detail.event.input.key, detail.receipt_id) == ("the/input0.mp4", stored[0].receipt_id)
+
+
 async def test_replay_releases_a_held_or_forged_event_only_when_named(inbox):
     plain = (await store_body(inbox, job("jplain"))).new[0]
     held = await store_verified(inbox, "jwaiting", handlers=["a"])
