@@ -47,12 +47,17 @@ BODIES = {
 }
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(
+    command: list[str], port: int, log: Path, tree: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`command` on the code of `tree` (first on PYTHONPATH, and the working directory,
+    which `python -m` puts before it), with `env` added to the environment."""
     process = subprocess.Popen(
         command,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), **(env or {})},
     )
     wait_for_port(port, process)
     return process
