@@ -124,6 +124,17 @@ FATAL_CONNECT_ERRORS = (
     asyncpg.InsufficientPrivilegeError,
 )
 
+# Plans that find rows through an index, on the connections that write. Every statement
+# of the hot path (STORE, LEASE, FINISH, next_due) looks rows up by key or by an indexed
+# range; but each is prepared once per connection, and PostgreSQL keeps the generic plan
+# it makes after the first executions. One made while the tables were still small (a
+# new inbox, or one just emptied by retention) reads a table whole to join it, cheapest
+# then, and goes on doing so for as long as the connection lives, every claim or
+# outcome reading all of `runs` (README, "PostgreSQL next to a hand-written receiver").
+# A full read is still made where no index serves (a user's replay of everything);
+# the read-only commands keep the planner's own choice.
+KEYED_PLANS = {"enable_seqscan": "off"}
+
 DIALECT = Dialect(
     placeholder=lambda n: f"${n}",
     glob=lambda column, param: f"{column} LIKE {param}",
@@ -355,6 +366,8 @@ class PostgresConnector:
         settings = {"search_path": self._schema, "application_name": "ci-receiver"}
         if self._read_only:
             settings["default_transaction_read_only"] = "on"
+        else:
+            settings.update(KEYED_PLANS)
         return settings
 
     async def close(self) -> None:

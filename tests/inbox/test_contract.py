@@ -495,10 +495,11 @@ async def test_deliveries_of_one_event_at_one_moment_store_it_once(inbox):
     # one after the other, the first stores the event and the others find a duplicate.
     bodies = [job("jsame") if i % 2 else job(f"jother{i}") for i in range(12)]
     stored = await asyncio.gather(*(store_body(inbox, body) for body in bodies))
-    same = [s for body, s in zip(bodies, stored) if b"jsame" in body]
+    by_body = list(zip(bodies, stored, strict=True))
+    same = [s for body, s in by_body if b"jsame" in body]
     assert [len(s.new) for s in same] == [1, 0, 0, 0, 0, 0]
     assert all(s.duplicates == same[0].new for s in same[1:])
-    assert all(len(s.new) == 1 for body, s in zip(bodies, stored) if b"jsame" not in body)
+    assert all(len(s.new) == 1 for body, s in by_body if b"jsame" not in body)
     assert await run_states(inbox, same[0].new[0]) == {"a": ("pending", 0)}
     outcomes = {r.id: r.outcome for r in await inbox.receipts()}
     assert [outcomes[s.receipt_id] for s in same] == ["accepted"] + ["duplicate"] * 5

@@ -267,3 +267,52 @@ async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_del
     finally:
         await connection.close()
         await inbox.close()
+
+
+async def rows_read_whole(url: str, schema: str) -> int:
+    """Rows of `runs` read by sequential scans, once the inbox's connections have ended
+    (each writes its statistics as it exits)."""
+    connection = await asyncpg.connect(url)
+    try:
+        for _ in range(100):
+            if not await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ci-receiver'"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        return await connection.fetchval(
+            "SELECT seq_tup_read FROM pg_stat_user_tables WHERE schemaname = $1"
+            " AND relname = 'runs'",
+            schema,
+        )
+    finally:
+        await connection.close()
+
+
+async def test_plans_made_while_the_inbox_was_new_never_read_runs_whole(postgres_schema):
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+
+    async def store_claim_finish(prefix: str) -> None:
+        for i in range(10):
+            await inbox.store(*receipt_for(f"{prefix}{i}"))
+            for claim in await inbox.claim("a", 5, 30):
+                assert await inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
+
+    try:
+        # Each statement prepared, and its generic plan made (after 5 executions), while
+        # `runs` is all but empty ...
+        await store_claim_finish("jnew")
+        # ... then the table grows, as it does under load, and the same connections go on.
+        connection = await asyncpg.connect(url, server_settings={"search_path": schema})
+        await connection.execute(
+            "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+            " SELECT 'grown' || g, 'a', 'done', now(), now() FROM generate_series(1, 20000) g"
+        )
+        await connection.close()
+        await store_claim_finish("jgrown")
+    finally:
+        await inbox.close()
+    # No statement read the 20,000 rows to find the few it wanted.
+    assert await rows_read_whole(url, schema) < 20_000
