@@ -110,6 +110,10 @@ def _run(sources: Sequence[Source]) -> dict[asyncio.Task[None], Source]:
     return {asyncio.create_task(s.run(), name=s.name): s for s in sources}
 
 
+# Containers allocated (net of those freed) between two young collections.
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
 def _started(reloads: _Reloads) -> None:
     """The service runs: reloads are taken from now on (one asked meanwhile applied), and
     the service manager is told."""
@@ -118,6 +122,11 @@ def _started(reloads: _Reloads) -> None:
     # bench.dispatch_cost --freeze`: the collector's time per callback more than halves).
     gc.collect()
     gc.freeze()
+    # Callbacks in flight hold many small containers at once, nearly all freed by their
+    # reference counts as each callback ends; at the default threshold (a young collection
+    # every 700 containers more than freed) a burst ran the collector a hundred times a
+    # second, to find almost nothing (`python -m bench.peer`, README).
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloads.request)
     if _reload_asked_while_starting:
         reloads.request()
