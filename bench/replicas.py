@@ -2,6 +2,11 @@
 inbox, next to one process on its SQLite inbox, in one run.
 
     python -m bench.replicas [--duration 10] [--connections 32] [--body json|xml] [--short]
+                             [--db-rtt MS]
+
+With `--db-rtt MS`, the replicas reach PostgreSQL through bench/delay_proxy.py, holding
+every chunk MS/2 in each direction (a database across a network), and the database
+round trips per callback stored and handled are counted there (`trips/cb`).
 
 Needs wrk (Debian: apt-get install wrk) and a PostgreSQL server
 (CI_RECEIVER_TEST_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test; each
@@ -34,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+from sqlalchemy import make_url
 
+from bench.delay_proxy import DelayProxy
 from bench.http import BODIES, start, stop, wrk
 from tests.support.callbacks import load
 from tests.support.databases import answers, server_url
@@ -104,7 +111,32 @@ def progress_reader(
 
 def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body: Path) -> dict:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
-    configs = write_configs(work, setup, url, schema)
+    with contextlib.ExitStack() as stack:
+        proxy = None
+        reached = url
+        if setup.postgres and args.db_rtt is not None:
+            parsed = make_url(url)
+            upstream = (parsed.host or "127.0.0.1", parsed.port or 5432)
+            proxy = stack.enter_context(DelayProxy(upstream, args.db_rtt))
+            reached = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
+                hide_password=False
+            )
+        return _run_replicas(setup, args, work, reached, url, schema, body, proxy)
+
+
+def _run_replicas(
+    setup: Setup,
+    args: argparse.Namespace,
+    work: Path,
+    reached: str,
+    url: str,
+    schema: str,
+    body: Path,
+    proxy: DelayProxy | None,
+) -> dict:
+    """The setup's replicas on the inbox at `reached` (the server at `url`, or the proxy
+    in front of it); progress is read directly from `url`, outside the proxy's count."""
+    configs = write_configs(work, setup, reached, schema)
     ports = [free_port() for _ in configs]
     processes = []
     try:
@@ -114,6 +146,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body
             processes.append(start(command, port, work / f"{config.stem}.log"))
         share = max(2, args.connections // setup.replicas)
         _, content_type = BODIES[args.body][1:]
+        trips_before = proxy.round_trips if proxy else 0
         began = time.monotonic()
         with ThreadPoolExecutor(setup.replicas) as pool:
             results = list(
@@ -132,6 +165,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body
             time.sleep(0.2)
             stored, handled = progress()
         elapsed = time.monotonic() - began
+        trips = proxy.round_trips - trips_before if proxy else None
     finally:
         for process in processes:
             stop(process)
@@ -144,6 +178,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body
         "stored": stored,
         "handled/s": handled / elapsed,
         "backlog": stored - handled,
+        "trips/cb": trips / stored if trips is not None and stored else None,
     }
 
 
@@ -153,6 +188,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="over all replicas")
     parser.add_argument("--body", choices=sorted(BODIES), default="json")
     parser.add_argument("--short", action="store_true", help="2 s per setup: a smoke run")
+    parser.add_argument(
+        "--db-rtt", type=float, metavar="MS", help="PostgreSQL behind the delay proxy at this RTT"
+    )
     args = parser.parse_args()
     if args.short:
         args.duration = 2
@@ -169,10 +207,11 @@ def main() -> None:
     print(
         f"{args.connections} connections over the replicas, {args.duration} s a run, "
         f"one wrk -t2 per replica, {args.body} body, {os.cpu_count()} cores"
+        + (f"; PostgreSQL {args.db_rtt:g} ms away" if args.db_rtt is not None else "")
     )
     header = ("inbox", "replicas", "callbacks/s", "p99 ms", "non-2xx", "ratio", "handled/s",
-              "ratio", "backlog")  # fmt: skip
-    line = "{:<11} {:>8} {:>12} {:>8} {:>8} {:>6} {:>10} {:>6} {:>8}"
+              "ratio", "backlog", "trips/cb")  # fmt: skip
+    line = "{:<11} {:>8} {:>12} {:>8} {:>8} {:>6} {:>10} {:>6} {:>8} {:>8}"
     print("\n" + line.format(*header))
     baseline: dict | None = None
     try:
@@ -184,7 +223,8 @@ def main() -> None:
             ratios = [result[key] / baseline[key] for key in ("rps", "handled/s")]
             row = (setup.name, setup.replicas, f"{result['rps']:.0f}", f"{result['p99']:.1f}",
                    result["errors"], f"{ratios[0]:.2f}x", f"{result['handled/s']:.0f}",
-                   f"{ratios[1]:.2f}x", result["backlog"])  # fmt: skip
+                   f"{ratios[1]:.2f}x", result["backlog"],
+                   "-" if result["trips/cb"] is None else f"{result['trips/cb']:.2f}")  # fmt: skip
             print(line.format(*row), flush=True)
     finally:
         shutil.rmtree(root)
