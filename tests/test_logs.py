@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import sys
 from datetime import datetime, timedelta
 
 import orjson
@@ -38,3 +41,36 @@ def test_an_unknown_zone_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CI_RECEIVER_LOG__TIMEZONE", "Mars/Olympus")
     with pytest.raises(ConfigError, match=r"log\.timezone: unknown time zone 'Mars/Olympus'"):
         load_config(None)
+
+
+def test_lines_of_one_turn_of_the_loop_reach_the_stream_together(monkeypatch, restore_logging):
+    reading, writing = os.pipe()
+    os.set_blocking(reading, False)
+    stream = open(writing, "w", buffering=1 << 16)  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stdout", stream)
+
+    def arrived() -> bytes:
+        try:
+            return os.read(reading, 1 << 16)
+        except BlockingIOError:
+            return b""
+
+    try:
+        configure_logging("info", "json")
+        log = structlog.get_logger("test")
+
+        async def a_turn() -> tuple[bytes, bytes]:
+            log.info("request")
+            log.info("event")
+            during = arrived()  # the turn is not over: nothing written yet
+            await asyncio.sleep(0)
+            return during, arrived()
+
+        during, after = asyncio.run(a_turn())
+        assert during == b""
+        assert [orjson.loads(line)["event"] for line in after.splitlines()] == ["request", "event"]
+        log.info("outside a loop")  # no turn to wait for: written at once
+        assert orjson.loads(arrived())["event"] == "outside a loop"
+    finally:
+        stream.close()
+        os.close(reading)
