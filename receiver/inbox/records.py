@@ -83,11 +83,11 @@ def unpack(stored: bytes | None) -> bytes | None:
 
 
 class _Codec(threading.local):
-    """A zstd compressor and decompressor per thread (~0.1 MB each): neither may be used
-    by two threads at once (they let go of the GIL while they work), and bodies are
-    unpacked on the event loop, in `asyncio.to_thread` helpers and on the SQLite inbox's
-    writer and reader threads. Made once: a new context per call (what `zstandard.compress`
-    and `decompress` do) costs ~8 µs, more than the work itself."""
+    """A zstd compressor and decompressor per thread (~0.1 MB each): python-zstandard's
+    objects may not be used by two threads at once, and bodies are unpacked on the event
+    loop, in `asyncio.to_thread` helpers and on the SQLite inbox's writer and reader
+    threads. Made once: a new context per call (what `zstandard.compress` and
+    `decompress` do) costs ~8 µs, more than the work itself."""
 
     def __init__(self) -> None:
         self.compressor = zstandard.ZstdCompressor(level=1)
