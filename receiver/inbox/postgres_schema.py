@@ -12,7 +12,10 @@ drops two indexes that the wider ones starting with the same column serve. Versi
 indexes runs by status, receipts by outcome and by origin only where they are not the
 common case (done, accepted, not copied), and leaves room in the pages of `runs` so that
 a claim (which changes no indexed column) updates its row in place, without new index
-entries: together a fifth of a small callback's bytes.
+entries: together a fifth of a small callback's bytes. Version 4 compresses bodies with
+zstd where 3 used zlib (records.py `pack`): its tables are 3's, and bodies written before
+stay zlib, which `unpack` still reads; the version says that an older ci-receiver, which
+reads zlib alone, must not use the schema.
 
 The inbox is marked as ci-receiver's by a row in `meta` (mark.py), which needs no more
 rights than writing the schema version; tables of its names that it did not create,
@@ -30,7 +33,7 @@ from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 OUR_TABLES = ["meta", "state", "receipts", "events", "runs", "attempts"]
 # The tables of every version (mark.py).
@@ -140,6 +143,7 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
                 await _migrate_from_1(connection, schema)
             if found in (1, 2):
                 await _migrate_from_2(connection, schema)
+            # From 3 to 4 nothing changes but the version written below.
             for statement in TABLES:
                 await connection.execute(statement)
             await connection.execute(

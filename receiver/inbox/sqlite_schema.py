@@ -8,7 +8,9 @@ row while its receipt keeps the body (`data` NULL: the event is rebuilt from the
 and drops two indexes that the wider ones starting with the same column serve. Version 4
 indexes runs by status and receipts by outcome only where they are not the common case
 (done, accepted): those index entries were a tenth of a small callback's bytes and served
-no query.
+no query. Version 5 compresses bodies with zstd where 4 used zlib (records.py `pack`):
+its tables are 4's, and bodies written before stay zlib, which `unpack` still reads; the
+version says that an older ci-receiver, which reads zlib alone, must not open the file.
 
 The inbox is marked as ci-receiver's by a row in `meta` (mark.py); a file that holds
 anything else is not touched (receiver/ownership.py).
@@ -29,7 +31,7 @@ from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The tables of every version (mark.py).
 EVERY_VERSION = {"meta", "receipts", "events", "runs", "attempts"}
@@ -178,6 +180,7 @@ def setup(connection: sqlite3.Connection) -> None:
                 connection,
                 "DROP INDEX IF EXISTS runs_status; DROP INDEX IF EXISTS receipts_outcome",
             )
+        # From 4 to 5 nothing changes but the version written below.
         _script(connection, TABLES)
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)

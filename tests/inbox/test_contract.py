@@ -12,10 +12,11 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 import pytest
+import zstandard
 
 from receiver import parse_callback
 from receiver.inbox import VERIFY_RUN, Cutoffs, EventFilter, Pruned, Receipt, SchemaError
-from receiver.inbox.records import pack
+from receiver.inbox.records import PACKED, pack
 from tests.support.callbacks import ALL, job, load
 
 
@@ -211,6 +212,24 @@ async def test_a_receipt_reads_back_as_it_arrived(inbox):
     assert (kept.source, kept.request_id, kept.cut_from) == ("http", "r", None)
     assert kept.source_meta == {"request_id": "r"}
     assert await inbox.receipt(stored.receipt_id + 1000) is None
+
+
+async def test_bodies_are_kept_zstd_packed_and_read_back_byte_for_byte(inbox_place):
+    inbox = await inbox_place.open()
+    bodies = {}
+    for name in ALL:
+        stored = await store_body(inbox, load(name), request_id=name)
+        if stored.new:  # a callback of the same job as one before is a duplicate
+            bodies[stored.receipt_id] = load(name)
+    # A refused body that begins as a packed one is still kept as it came.
+    looks_packed = PACKED + b"not zstd"
+    bodies[await inbox.reject(receipt(looks_packed), "not_xml_or_json", "")] = looks_packed
+    kept = dict(await inbox_place.sql("SELECT id, body FROM receipts"))
+    for receipt_id, body in bodies.items():
+        assert kept[receipt_id].startswith(PACKED)
+        if body != looks_packed:
+            assert zstandard.decompress(kept[receipt_id][len(PACKED) :]) == body
+        assert (await inbox.receipt(receipt_id)).body == body
 
 
 # --- dispatch -------------------------------------------------------------------------
@@ -710,24 +729,7 @@ async def test_a_newer_schema_is_a_clear_error(inbox_place):
 
 
 async def set_schema_version(place, version: int) -> None:
-    if place.backend == "sqlite":
-        import sqlite3
-
-        connection = sqlite3.connect(place.config.inbox_path)
-        with connection:
-            connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
-        connection.close()
-        return
-    import asyncpg
-
-    connection = await asyncpg.connect(place.url)
-    try:
-        await connection.execute(
-            f"UPDATE \"{place.schema}\".meta SET value = $1 WHERE key = 'schema_version'",
-            str(version),
-        )
-    finally:
-        await connection.close()
+    await place.sql("UPDATE meta SET value = ? WHERE key = 'schema_version'", str(version))
 
 
 # --- counts, loading, size ------------------------------------------------------------

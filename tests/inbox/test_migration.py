@@ -1,7 +1,7 @@
 """An inbox an earlier schema wrote (SQLite 2, PostgreSQL 1: bodies uncompressed, each
-event's JSON in its row; SQLite 3: full indexes where 4 has partial ones), migrated when
-a receiver starts on it: everything it held is found again, and it goes on taking
-callbacks the new way.
+event's JSON in its row; SQLite 3: full indexes where 4 has partial ones; SQLite 4,
+PostgreSQL 3: bodies zlib-packed), migrated when a receiver starts on it: everything it
+held is found again, and it goes on taking callbacks the new way.
 
 The old tables are made here from the old DDL, as the previous version wrote them, with
 rows as its `store` wrote them.
@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import zlib
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import orjson
+import pytest
 
 from receiver import parse_callback
-from receiver.inbox import Cutoffs, Receipt
+from receiver.inbox import Cutoffs, Receipt, SchemaError, postgres_schema, sqlite_schema
 from receiver.inbox.postgres import PostgresInbox
-from receiver.inbox.records import PACKED, event_data
+from receiver.inbox.records import PACKED, PACKED_ZLIB, event_data
 from receiver.inbox.sqlite import SqliteInbox
 from tests.support.callbacks import load
 
@@ -197,7 +199,7 @@ async def check_migrated(inbox, events) -> None:
     """Everything the old inbox held is there, whole; new callbacks are stored lean."""
     for receipt_id, event, status in events:
         detail = await inbox.event(event.id)
-        assert detail.event == event  # `raw` rebuilt from the uncompressed body
+        assert detail.event == event  # `raw` rebuilt from the body as the old inbox kept it
         assert detail.receipt_id == receipt_id
         assert [(r.handler, r.status) for r in detail.runs] == [("a", status)]
         assert (await inbox.receipt(receipt_id)).body == load(NAMES[receipt_id - 1])
@@ -278,7 +280,7 @@ async def test_an_inbox_of_sqlite_schema_2_is_migrated_on_start(tmp_path):
     try:
         assert connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone() == ("4",)
+        ).fetchone() == ("5",)
         # An earlier version's inbox, unmarked, recognised and marked as ci-receiver's.
         assert connection.execute("SELECT value FROM meta WHERE key = 'created_by'").fetchone() == (
             "ci-receiver",
@@ -355,7 +357,7 @@ async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(postgres_schem
     connection = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
         assert (
-            await connection.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "3"
+            await connection.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "4"
         )
         # An earlier version's inbox, unmarked, recognised and marked as ci-receiver's.
         assert (
@@ -423,6 +425,71 @@ async def test_an_inbox_of_sqlite_schema_3_gets_its_partial_indexes(tmp_path):
         assert not {"runs_status", "receipts_outcome"} & indexes
         assert connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone() == ("4",)
+        ).fetchone() == ("5",)
     finally:
         connection.close()
+
+
+# --- SQLite 4 -> 5, PostgreSQL 3 -> 4: zlib bodies -------------------------------------
+
+# The last versions that packed bodies with zlib; their tables are this version's.
+ZLIB_VERSION = {"sqlite": 4, "postgresql": 3}
+
+
+async def write_zlib_inbox(place) -> list:
+    """The rows of `old_rows` as the last zlib version's `store` wrote them: bodies
+    `PACKED_ZLIB` + zlib level 1, events without JSON. Its tables are this version's:
+    made by opening the inbox, then the version put back."""
+    await (await place.open()).close()
+    sqlite = place.backend == "sqlite"
+
+    def at(moment: datetime) -> float | datetime:
+        return moment.timestamp() if sqlite else moment
+
+    receipts, events = old_rows()
+    for number, received, body, size, outcome, ids in receipts:
+        kept = body if outcome == "rejected" else PACKED_ZLIB + zlib.compress(body, 1)
+        await place.sql(
+            "INSERT INTO receipts (id, received_at, source, request_id, headers, source_meta,"
+            " body, size, outcome, error_reason, event_ids) VALUES (?, ?, 'http', 'r', ?, ?,"
+            " ?, ?, ?, ?, ?)",
+            number, at(received), orjson.dumps(HEADERS), orjson.dumps({"request_id": "r"}),
+            kept, size, outcome, "not_xml_or_json" if outcome == "rejected" else None,
+            orjson.dumps(ids),
+        )  # fmt: skip
+    if not sqlite:
+        await place.sql("SELECT setval('receipts_id_seq', 99)")
+    for number, event, status in events:
+        await place.sql(
+            "INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id, tag,"
+            " state, bucket, key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            event.id, number, at(event.received_at), *event_row(event)[:-1],
+        )  # fmt: skip
+        await place.sql(
+            "INSERT INTO runs (event_id, handler, status, attempts, due_at, updated_at)"
+            " VALUES (?, 'a', ?, ?, ?, ?)",
+            event.id, status, int(status == "done"), at(event.received_at), at(event.received_at),
+        )  # fmt: skip
+    version = str(ZLIB_VERSION[place.backend])
+    await place.sql("UPDATE meta SET value = ? WHERE key = 'schema_version'", version)
+    return events
+
+
+async def test_an_inbox_of_zlib_bodies_is_migrated_and_keeps_them(inbox_place, monkeypatch):
+    events = await write_zlib_inbox(inbox_place)
+    inbox = await inbox_place.open()
+    schema = sqlite_schema if inbox_place.backend == "sqlite" else postgres_schema
+    version = "SELECT value FROM meta WHERE key = 'schema_version'"
+    assert await inbox_place.sql(version) == [(str(schema.SCHEMA_VERSION),)]
+    # Nothing rewritten: the old bodies stay zlib, and read back as they arrived.
+    old = await inbox_place.sql("SELECT body FROM receipts WHERE outcome = 'accepted'")
+    assert len(old) == len(NAMES)
+    assert all(body.startswith(PACKED_ZLIB) for (body,) in old)
+    await check_migrated(inbox, events)
+    (newest,) = await inbox_place.sql("SELECT body FROM receipts ORDER BY id DESC LIMIT 1")
+    assert newest[0].startswith(PACKED)
+    # The ci-receiver of the zlib version refuses the inbox now: it would not read the
+    # new bodies.
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", ZLIB_VERSION[inbox_place.backend])
+    with pytest.raises(SchemaError, match="newer ci-receiver"):
+        await inbox_place.open()

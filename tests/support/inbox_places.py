@@ -3,8 +3,11 @@ its own on the machine's server, dropped afterwards)."""
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -48,6 +51,24 @@ class InboxPlace:
         await inbox.open()
         self._opened.append(inbox)
         return inbox
+
+    async def sql(self, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Run one statement on the inbox's tables, behind its back (`?` placeholders on
+        both backends); its rows."""
+        if self.url is None:
+            connection = sqlite3.connect(self.config.inbox_path)
+            try:
+                with connection:
+                    return connection.execute(statement, args).fetchall()
+            finally:
+                connection.close()
+        numbered = iter(range(1, len(args) + 1))
+        statement = re.sub(r"\?", lambda _: f"${next(numbered)}", statement)
+        connection = await asyncpg.connect(self.url, server_settings={"search_path": self.schema})
+        try:
+            return [tuple(row) for row in await connection.fetch(statement, *args)]
+        finally:
+            await connection.close()
 
     async def close(self) -> None:
         for inbox in self._opened:
