@@ -17,6 +17,7 @@ item at a time, so that one item's failure is never the others'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -54,24 +55,34 @@ class GroupCommit(Generic[Item, Result]):
             while self._waiting:
                 batch = self._waiting[:MOST_PER_BATCH]
                 del self._waiting[:MOST_PER_BATCH]
-                await self._commit(batch)
+                with contextlib.suppress(InboxUnavailable):  # each of the batch told
+                    await self._commit(batch)
         finally:
             self._committing = None
 
     async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Raises InboxUnavailable, once it has failed the whole batch with it."""
         try:
             results = await self._write([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results written for {len(batch)} items")
         except InboxUnavailable as exc:  # the server away: none of them is kept
             for _, future in batch:
                 _settle(future, exception=exc)
-            return
+            raise
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], exception=exc)
                 return
-            # One item's failure must not be the others': each alone.
-            for item, future in batch:
-                await self._commit([(item, future)])
+            # One item's failure must not be the others': each alone, until the server
+            # is found away (the rest then fail at once rather than wait each in turn).
+            for position, (item, future) in enumerate(batch):
+                try:
+                    await self._commit([(item, future)])
+                except InboxUnavailable as away:
+                    for _, waiting in batch[position + 1 :]:
+                        _settle(waiting, exception=away)
+                    return
             return
         for (_, future), result in zip(batch, results, strict=True):
             _settle(future, result=result)

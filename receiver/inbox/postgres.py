@@ -125,15 +125,16 @@ FATAL_CONNECT_ERRORS = (
 )
 
 # Plans that find rows through an index, on the connections that write. Every statement
-# of the hot path (STORE, LEASE, FINISH, next_due) looks rows up by key or by an indexed
-# range; but each is prepared once per connection, and PostgreSQL keeps the generic plan
-# it makes after the first executions. One made while the tables were still small (a
-# new inbox, or one just emptied by retention) reads a table whole to join it, cheapest
-# then, and goes on doing so for as long as the connection lives, every claim or
-# outcome reading all of `runs` (README, "PostgreSQL next to a hand-written receiver").
-# A full read is still made where no index serves (a user's replay of everything);
-# the read-only commands keep the planner's own choice.
-KEYED_PLANS = {"enable_seqscan": "off"}
+# of the hot path (STORE, LEASE, FINISH, next_due, load) looks rows up by key or by an
+# indexed range; but each is prepared once per connection, and PostgreSQL keeps the
+# generic plan it makes after the first executions until the table is next analyzed
+# (autovacuum: a minute or more). One made while the tables were still small (a new
+# inbox, one just emptied by retention) reads a table whole to join it, cheapest then,
+# and a burst meanwhile has every claim and outcome read all of `runs` (README,
+# "PostgreSQL next to a hand-written receiver"). Where no index serves, a table is still
+# read whole; JIT is off, since such a scan now costs more than any threshold of it. The
+# read-only commands keep the planner's own choice.
+KEYED_PLANS = {"enable_seqscan": "off", "jit": "off"}
 
 DIALECT = Dialect(
     placeholder=lambda n: f"${n}",
