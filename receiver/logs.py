@@ -58,20 +58,27 @@ def _shared_processors(timezone_name: str, fields: dict[str, Any] | None = None)
     ]
 
 
-class _TurnFlush:
-    """The stream flushed once at the end of the event loop's turn that wrote to it,
-    rather than once a line: a callback logs two lines (its request, its event), each a
-    system call of its own when flushed alone. A line written outside a running loop (a
-    thread of its own, a command before or after its loop) is flushed at once."""
+class _TurnWriter:
+    """Lines held until the end of the event loop's turn that logged them, then written
+    to the stream together, in one system call: a callback logs two lines (its request,
+    its event), each a write of its own otherwise (stdout unbuffered, as containers run
+    Python, writes every line at once). A line logged outside a running loop (a thread
+    of its own, a command before or after its loop) is written at once, after those
+    held, as the standard library's lines are (`_OrderedHandler`): the order of lines
+    is the order they were logged. Lines held when the process is killed are lost: at
+    most one turn's."""
 
-    __slots__ = ("_lock", "_pending", "_stream")
+    __slots__ = ("_held", "_lock", "_pending", "_stream")
 
     def __init__(self, stream: IO[str], lock: Any) -> None:
         self._stream = stream
-        self._lock = lock
-        self._pending: asyncio.AbstractEventLoop | None = None  # the loop to flush on
+        self._lock = lock  # the standard library's handler's, so lines never interleave
+        self._held: list[str] = []
+        self._pending: asyncio.AbstractEventLoop | None = None  # the loop to write on
 
-    def written(self) -> None:
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._held.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -83,33 +90,56 @@ class _TurnFlush:
 
     def flush(self) -> None:
         self._pending = None
+        with self._lock:
+            self.write_held()
+
+    def write_held(self) -> None:
+        """Write the lines held; under the lock."""
+        if not self._held:
+            return
+        text = "\n".join(self._held) + "\n"
+        self._held.clear()
         # stdout gone: the caller must not fail for it
-        with self._lock, contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
             self._stream.flush()
 
 
+class _OrderedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The standard library's lines, written after structlog's held ones."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self.turn = _TurnWriter(stream, self.lock)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.turn.write_held()  # under self.lock, taken by handle()
+        super().emit(record)
+
+    def flush(self) -> None:
+        """Also the lines held (the standard library flushes every handler at exit)."""
+        self.acquire()
+        try:
+            self.turn.write_held()
+        finally:
+            self.release()
+        super().flush()
+
+
 class _LineWriter:
-    """The end of structlog's chain: the rendered line written to the stream under the
-    standard library's handler's lock, so that the lines of the two never interleave,
-    and flushed with the others of the loop's turn (`_TurnFlush`). No LogRecord, no
-    handler dispatch, no second formatting pass: the access log line of every callback
-    costs a fraction of what it did through `logging` (bench/stages.py)."""
+    """The end of structlog's chain: the rendered line, written with the others of the
+    loop's turn (`_TurnWriter`). No LogRecord, no handler dispatch, no second formatting
+    pass: the access log line of every callback costs a fraction of what it did through
+    `logging` (bench/stages.py)."""
 
-    __slots__ = ("_flush", "_lock", "_stream", "name")
+    __slots__ = ("_turn", "name")
 
-    def __init__(self, name: str, stream: IO[str], lock: Any, flush: _TurnFlush) -> None:
+    def __init__(self, name: str, turn: _TurnWriter) -> None:
         self.name = name  # for structlog.stdlib.add_logger_name
-        self._stream = stream
-        self._lock = lock
-        self._flush = flush
+        self._turn = turn
 
     def msg(self, line: str) -> None:
-        with self._lock:
-            try:
-                self._stream.write(line + "\n")
-            except (OSError, ValueError):  # stdout gone: the caller must not fail for it
-                return
-        self._flush.written()
+        self._turn.write(line)
 
     debug = info = warning = warn = error = critical = exception = fatal = failure = msg
 
@@ -135,7 +165,7 @@ def configure_logging(
     stream = sys.stdout
     # The standard library's loggers (uvicorn, SQLAlchemy, ...) through a handler whose
     # formatter runs the same processors; structlog's own loggers straight to the stream.
-    handler = logging.StreamHandler(stream)
+    handler = _OrderedHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
@@ -150,10 +180,8 @@ def configure_logging(
     # is passed); of the `logging.Logger` it makes, only the name is used.
     names = structlog.stdlib.LoggerFactory(ignore_frame_names=[__name__])
 
-    flush = _TurnFlush(stream, handler.lock)
-
     def line_writer(*args: Any) -> _LineWriter:
-        return _LineWriter(names(*args).name, stream, handler.lock, flush)
+        return _LineWriter(names(*args).name, handler.turn)
 
     structlog.configure(
         processors=[
@@ -167,6 +195,8 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
+    for replaced in root.handlers:
+        replaced.flush()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     for noisy in ("uvicorn.access",):

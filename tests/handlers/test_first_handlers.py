@@ -92,6 +92,7 @@ async def test_log_handler_logs_a_failed_job_with_its_code(capsys, restore_loggi
     configure_logging("info", "json")  # here: capsys captures only while the test runs
     handler = await started("log")
     await handler(parse_callback(load("smartcover_failed.xml"))[0])
+    await asyncio.sleep(0)  # the turn's lines are written as it ends
     out = capsys.readouterr().out.splitlines()
     (line,) = [orjson.loads(text) for text in out if '"event":"event"' in text]
     assert (line["tag"], line["state"], line["code"]) == (
