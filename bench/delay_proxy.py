@@ -33,7 +33,9 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from sqlalchemy import make_url
 
 _PR_SET_TIMERSLACK = 29
 
@@ -208,6 +210,19 @@ def _echo(listener: socket.socket) -> None:
     with connection:
         while data := connection.recv(65536):
             connection.sendall(data)
+
+
+@contextlib.contextmanager
+def database_behind(url: str, rtt_ms: float | None) -> Iterator[tuple[str, DelayProxy | None]]:
+    """The database at `url` as a client reaches it: directly (`rtt_ms` None), or through
+    a DelayProxy at that RTT (its URL then names the proxy)."""
+    if rtt_ms is None:
+        yield url, None
+        return
+    parsed = make_url(url)
+    with DelayProxy((parsed.host or "127.0.0.1", parsed.port or 5432), rtt_ms) as proxy:
+        through = parsed.set(host="127.0.0.1", port=proxy.port)
+        yield through.render_as_string(hide_password=False), proxy
 
 
 def main() -> None:

@@ -54,11 +54,11 @@ import asyncpg
 import psutil
 from sqlalchemy import make_url
 
-from bench.delay_proxy import DelayProxy
+from bench import needs
+from bench.delay_proxy import DelayProxy, database_behind
 from bench.http import BODIES, cpu_seconds, start, stop, wrk
 from bench.trees import HERE, export
 from tests.support.callbacks import load
-from tests.support.databases import answers, server_url
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
 
@@ -214,16 +214,7 @@ def run_one(
     work.mkdir()
     schema = f"peer_{uuid.uuid4().hex[:10]}"
     port = free_port()
-    with contextlib.ExitStack() as stack:
-        proxy = None
-        database = url
-        if setup.rtt is not None:
-            parsed = make_url(url)
-            upstream = (parsed.host or "127.0.0.1", parsed.port or 5432)
-            proxy = stack.enter_context(DelayProxy(upstream, setup.rtt))
-            database = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
-                hide_password=False
-            )
+    with database_behind(url, setup.rtt) as (database, proxy):
         command, env = launch(work, setup, receiver, database, schema, port)
         process = start(command, port, work / "receiver.log", receiver.tree, env)
         try:
@@ -249,11 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.short:
         args.duration = 2
-    if shutil.which("wrk") is None:
-        sys.exit("bench/peer.py needs wrk: apt-get install wrk")
-    url = server_url("postgresql")
-    if not answers(url):
-        sys.exit(f"bench/peer.py needs PostgreSQL: nothing answers at {url}")
+    needs.wrk("bench/peer.py")
+    url = needs.postgres("bench/peer.py")
 
     root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     try:

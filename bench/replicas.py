@@ -39,12 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-from sqlalchemy import make_url
 
-from bench.delay_proxy import DelayProxy
+from bench import needs
+from bench.delay_proxy import DelayProxy, database_behind
 from bench.http import BODIES, start, stop, wrk
 from tests.support.callbacks import load
-from tests.support.databases import answers, server_url
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
 
@@ -111,16 +110,8 @@ def progress_reader(
 
 def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body: Path) -> dict:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
-    with contextlib.ExitStack() as stack:
-        proxy = None
-        reached = url
-        if setup.postgres and args.db_rtt is not None:
-            parsed = make_url(url)
-            upstream = (parsed.host or "127.0.0.1", parsed.port or 5432)
-            proxy = stack.enter_context(DelayProxy(upstream, args.db_rtt))
-            reached = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(
-                hide_password=False
-            )
+    rtt = args.db_rtt if setup.postgres else None
+    with database_behind(url, rtt) as (reached, proxy):
         return _run_replicas(setup, args, work, reached, url, schema, body, proxy)
 
 
@@ -194,11 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.short:
         args.duration = 2
-    if shutil.which("wrk") is None:
-        sys.exit("bench/replicas.py needs wrk: apt-get install wrk")
-    url = server_url("postgresql")
-    if not answers(url):
-        sys.exit(f"bench/replicas.py needs PostgreSQL: nothing answers at {url}")
+    needs.wrk("bench/replicas.py")
+    url = needs.postgres("bench/replicas.py")
 
     root = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     name, job_id, _ = BODIES[args.body]
