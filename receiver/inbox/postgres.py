@@ -3,8 +3,9 @@
 - **Dedup across replicas**: events are inserted `ON CONFLICT (id) DO NOTHING`; two
   replicas storing the same id at once: the second waits for the first to commit and
   finds a duplicate, never an error.
-- **One round trip per callback**: the receipt, its new events and their runs go in
-  one statement (`STORE`), which also notifies the other replicas.
+- **Few round trips**: the callbacks arriving at one moment go in one statement
+  (`STORE`: their receipts, new events and runs), which also notifies the other
+  replicas; the outcomes of attempts ending together likewise (`FINISH`).
 - **Claims** take due runs `FOR UPDATE SKIP LOCKED` under a lease measured on the
   database's clock, so replicas never wait for each other's claims, and a replica that
   dies mid-attempt leaves its runs to the others when the lease ends.
@@ -17,9 +18,10 @@
   pool reconnects by itself.
 
 The connector runs the inbox's statements (`query.py`) for its rules (`manager.py`),
-but for the hot path, which PostgreSQL takes its own way, one round trip each: a
-callback stored in one statement, group-committed (`STORE`), outcomes recorded in
-batches (`FINISH`), runs leased in one (`LEASE`).
+but for the hot path, which PostgreSQL takes its own way, one round trip each: the
+callbacks of a moment stored by one statement (`STORE`) and the outcomes of a moment
+recorded by another (`FINISH`), each group-committed (`group_commit.py`), runs leased
+many at a time (`LEASE`).
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ FATAL_CONNECT_ERRORS = (
 # generic plan it makes after the first executions until the table is next analyzed
 # (autovacuum: a minute or more). One made while the tables were still small (a new
 # inbox, one just emptied by retention) reads a table whole to join it, cheapest then,
-# and a burst meanwhile has every claim and outcome read all of `runs` (README,
-# "PostgreSQL next to a hand-written receiver"). Where no index serves, a table is still
+# and a burst meanwhile has every claim and outcome read all of `runs` (README, "Next to
+# a hand-written receiver"). Where no index serves, a table is still
 # read whole; JIT is off, since such a scan now costs more than any threshold of it. The
 # read-only commands keep the planner's own choice.
 KEYED_PLANS = {"enable_seqscan": "off", "jit": "off"}

@@ -19,6 +19,9 @@ from receiver.sources.source import Source
 
 logger = structlog.get_logger("ci_receiver.runner")
 
+# Containers allocated (net of those freed) between two young collections, once started.
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
 
 async def run_service(
     service: Backend,
@@ -108,10 +111,6 @@ async def _first(*tasks: asyncio.Task[Any]) -> asyncio.Task[Any]:
 
 def _run(sources: Sequence[Source]) -> dict[asyncio.Task[None], Source]:
     return {asyncio.create_task(s.run(), name=s.name): s for s in sources}
-
-
-# Containers allocated (net of those freed) between two young collections.
-YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
 def _started(reloads: _Reloads) -> None:
