@@ -134,9 +134,10 @@ FATAL_CONNECT_ERRORS = (
 # inbox, one just emptied by retention) reads a table whole to join it, cheapest then,
 # and a burst meanwhile has every claim and outcome read all of `runs` (README, "Next to
 # a hand-written receiver"). Where no index serves, a table is still
-# read whole; JIT is off, since such a scan now costs more than any threshold of it. The
-# read-only commands keep the planner's own choice.
-KEYED_PLANS = {"enable_seqscan": "off", "jit": "off"}
+# read whole; JIT is off, since such a scan now costs more than any threshold of it. Set
+# once a connection is open, not sent as startup parameters, which PgBouncer refuses
+# unless told of them. The read-only commands keep the planner's own choice.
+KEYED_PLANS = "SET enable_seqscan = off; SET jit = off"
 
 DIALECT = Dialect(
     placeholder=lambda n: f"${n}",
@@ -360,6 +361,7 @@ class PostgresConnector:
             max_size=self._pool_size,
             command_timeout=COMMAND_TIMEOUT,
             server_settings=self._settings(),
+            init=None if self._read_only else _plan_by_keys,
         )
         self._pool = _Pool(pool, self._reach)
         if not self._read_only:
@@ -369,8 +371,6 @@ class PostgresConnector:
         settings = {"search_path": self._schema, "application_name": "ci-receiver"}
         if self._read_only:
             settings["default_transaction_read_only"] = "on"
-        else:
-            settings.update(KEYED_PLANS)
         return settings
 
     async def close(self) -> None:
@@ -560,6 +560,10 @@ class PostgresReader(InboxReader):
 
     def __init__(self, url: str, *, schema: str, pool_size: int) -> None:
         super().__init__(PostgresConnector(url, schema=schema, pool_size=pool_size, read_only=True))
+
+
+async def _plan_by_keys(connection: asyncpg.Connection) -> None:
+    await connection.execute(KEYED_PLANS)
 
 
 def _store_columns(deliveries: list[Delivery]) -> list[list[Any]]:
