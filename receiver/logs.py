@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone, tzinfo
 from typing import IO, Any
 
@@ -58,15 +60,21 @@ def _shared_processors(timezone_name: str, fields: dict[str, Any] | None = None)
     ]
 
 
+# A write of at most PIPE_BUF bytes to a pipe is never cut by another process's; a longer
+# one may be, when the pipe is full (the log collector behind): the workers of `serve
+# --workers` share stdout, and their lines would interleave mid-line.
+ATOMIC_WRITE_BYTES = getattr(select, "PIPE_BUF", 512)
+
+
 class _TurnWriter:
     """Lines held until the end of the event loop's turn that logged them, then written
-    to the stream together, in one system call: a callback logs two lines (its request,
-    its event), each a write of its own otherwise (stdout unbuffered, as containers run
-    Python, writes every line at once). A line logged outside a running loop (a thread
-    of its own, a command before or after its loop) is written at once, after those
-    held, as the standard library's lines are (`_OrderedHandler`): the order of lines
-    is the order they were logged. Lines held when the process is killed are lost: at
-    most one turn's."""
+    to the stream together, in one system call (one per `ATOMIC_WRITE_BYTES` of them in a
+    burst): a callback logs two lines (its request, its event), each a write of its own
+    otherwise (stdout unbuffered, as containers run Python, writes every line at once). A
+    line logged outside a running loop (a thread of its own, a command before or after
+    its loop) is written at once, after those held, as the standard library's lines are
+    (`_OrderedHandler`): the order of lines is the order they were logged. Lines held
+    when the process is killed are lost: at most one turn's."""
 
     __slots__ = ("_held", "_lock", "_pending", "_stream")
 
@@ -97,12 +105,28 @@ class _TurnWriter:
         """Write the lines held; under the lock."""
         if not self._held:
             return
-        text = "\n".join(self._held) + "\n"
-        self._held.clear()
+        held, self._held = self._held, []
         # stdout gone: the caller must not fail for it
         with contextlib.suppress(OSError, ValueError):
-            self._stream.write(text)
-            self._stream.flush()
+            for text in _writes(held):
+                self._stream.write(text)
+                self._stream.flush()
+
+
+def _writes(lines: list[str]) -> Iterator[str]:
+    """`lines` as the fewest writes of whole lines each at most `ATOMIC_WRITE_BYTES` (a
+    longer line alone in its own)."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = (len(line) if line.isascii() else len(line.encode())) + 1
+        if chunk and size + length > ATOMIC_WRITE_BYTES:
+            yield "\n".join(chunk) + "\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "\n".join(chunk) + "\n"
 
 
 class _OrderedHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -196,7 +220,8 @@ def configure_logging(
     )
     root = logging.getLogger()
     for replaced in root.handlers:
-        replaced.flush()
+        with contextlib.suppress(OSError, ValueError):  # its stream closed meanwhile
+            replaced.flush()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     for noisy in ("uvicorn.access",):

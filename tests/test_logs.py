@@ -83,3 +83,14 @@ def test_lines_of_one_turn_of_the_loop_reach_the_stream_together(monkeypatch, re
     finally:
         stream.close()
         os.close(reading)
+
+
+def test_a_turn_of_many_lines_is_written_in_whole_lines_no_write_past_pipe_buf():
+    from receiver.logs import ATOMIC_WRITE_BYTES, _writes
+
+    lines = ["x" * 1000, "é" * 600, "y" * 5000, "z" * 10, "w" * 3000]
+    writes = list(_writes(lines))
+    assert "".join(writes) == "".join(line + "\n" for line in lines)
+    assert all(text.endswith("\n") for text in writes)
+    # Only a line longer than PIPE_BUF on its own makes a longer write.
+    assert [len(text.encode()) <= ATOMIC_WRITE_BYTES for text in writes] == [True, False, True]
