@@ -25,6 +25,7 @@ bare endpoint, `serve --workers N` for the receiver (that option must exist in t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
@@ -35,6 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import asyncpg
 import psutil
 
 from tests.support.callbacks import load
@@ -193,18 +195,25 @@ def main() -> None:
             stop(process)
     print()
     for name, folder in (("default (log)", "data-log"), ("jsonl", "data")):
-        inbox = work / folder / "inbox.db"
-        print(
-            f"{name}: {_count(inbox, 'SELECT count(*) FROM events')} events stored, "
-            f"{_count(inbox, 'SELECT count(*) FROM runs WHERE status = ' + repr('done'))}"
-            " handled before the process was stopped"
-        )
+        stored, handled = asyncio.run(counts(work / folder / "inbox.db", None, PROGRESS))
+        print(f"{name}: {stored} events stored, {handled} handled before the process was stopped")
     shutil.rmtree(work)
 
 
-def _count(inbox: Path, sql: str) -> int:
-    with sqlite3.connect(inbox) as connection:
-        return connection.execute(sql).fetchone()[0]
+# A ci-receiver inbox's progress: the events it stored, and those whose runs are done
+# (every event here has one run: the one handler).
+PROGRESS = ["SELECT count(*) FROM events", "SELECT count(*) FROM runs WHERE status = 'done'"]
+
+
+async def counts(
+    sqlite_file: Path, postgres: asyncpg.Connection | None, queries: list[str]
+) -> list[int]:
+    """The counts `queries` read: on `postgres` (its search_path the inbox's schema), or
+    else in the SQLite file."""
+    if postgres is not None:
+        return [await postgres.fetchval(query) for query in queries]
+    with contextlib.closing(sqlite3.connect(sqlite_file)) as connection:
+        return [connection.execute(query).fetchone()[0] for query in queries]
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ from sqlalchemy import make_url
 
 from bench import needs
 from bench.delay_proxy import DelayProxy, database_behind
-from bench.http import BODIES, cpu_seconds, start, stop, wrk
+from bench.http import BODIES, PROGRESS, counts, cpu_seconds, start, stop, wrk
 from bench.trees import HERE, export
 from tests.support.callbacks import load
 from tests.support.inbox_places import drop_schema
@@ -120,20 +119,10 @@ async def progress(run: Run, observer: asyncpg.Connection | None) -> tuple[int, 
     """(callbacks stored, callbacks whose handling is done)."""
     if run.receiver.name == HAND_WRITTEN:  # done once stored
         query = "SELECT count(*) FROM callbacks"
-        (stored,) = await _counts(run.work / "hand_written.db", observer, [query])
+        (stored,) = await counts(run.work / "hand_written.db", observer, [query])
         return stored, stored
-    queries = ["SELECT count(*) FROM events", "SELECT count(*) FROM runs WHERE status = 'done'"]
-    stored, done = await _counts(run.work / "data" / "inbox.db", observer, queries)
+    stored, done = await counts(run.work / "data" / "inbox.db", observer, PROGRESS)
     return stored, done
-
-
-async def _counts(
-    sqlite_file: Path, observer: asyncpg.Connection | None, queries: list[str]
-) -> list[int]:
-    if observer is not None:
-        return [await observer.fetchval(query) for query in queries]
-    with contextlib.closing(sqlite3.connect(sqlite_file)) as connection:
-        return [connection.execute(query).fetchone()[0] for query in queries]
 
 
 def postgres_server(port: int) -> psutil.Process | None:

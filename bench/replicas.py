@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ import asyncpg
 
 from bench import needs
 from bench.delay_proxy import DelayProxy, database_behind
-from bench.http import BODIES, start, stop, wrk
+from bench.http import BODIES, PROGRESS, counts, start, stop, wrk
 from tests.support.callbacks import load
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
@@ -87,25 +85,19 @@ def progress_reader(
     setup: Setup, work: Path, url: str, schema: str
 ) -> Callable[[], tuple[int, int]]:
     """(events stored, events handled) of the setup's inbox."""
-    events = "SELECT count(*) FROM events"
-    done = "SELECT count(*) FROM runs WHERE status = 'done'"
-    if not setup.postgres:
 
-        def read_sqlite() -> tuple[int, int]:
-            with contextlib.closing(sqlite3.connect(work / "data0" / "inbox.db")) as connection:
-                stored = connection.execute(events).fetchone()[0]
-                return stored, connection.execute(done).fetchone()[0]
-
-        return read_sqlite
-
-    async def read_postgres() -> tuple[int, int]:
+    async def read() -> tuple[int, int]:
+        if not setup.postgres:
+            stored, done = await counts(work / "data0" / "inbox.db", None, PROGRESS)
+            return stored, done
         connection = await asyncpg.connect(url, server_settings={"search_path": schema})
         try:
-            return await connection.fetchval(events), await connection.fetchval(done)
+            stored, done = await counts(Path(), connection, PROGRESS)
+            return stored, done
         finally:
             await connection.close()
 
-    return lambda: asyncio.run(read_postgres())
+    return lambda: asyncio.run(read())
 
 
 def run_setup(setup: Setup, args: argparse.Namespace, work: Path, url: str, body: Path) -> dict:

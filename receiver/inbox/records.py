@@ -63,11 +63,10 @@ def pack(body: bytes) -> bytes:
     """An accepted callback's body as the inbox keeps it. Callbacks are verbose XML or
     JSON: a third of their size compressed, and a receipt row then fits an SQLite page
     several times over where an uncompressed one of 2 KB took a page of its own. zstd
-    level 1 on a context kept per thread: ~4 µs for a 1.6 KB JSON callback and ~7 µs for
-    a 4.3 KB XML one, for about as many bytes as zlib's level 1, which took 7-16 and
-    12-22 µs (it allocates ~260 KB of state per call, cheap or not as glibc's malloc
-    happens to be set). It runs on the event loop, for every callback. The frame says
-    the body's size, which `unpack` needs."""
+    level 1 on a context kept per thread: about as many bytes as zlib's level 1 in a
+    fraction of its time, which allocated its state anew on every call (README,
+    "Retention"). It runs on the event loop, for every callback. The frame says the
+    body's size, which `unpack` needs."""
     return PACKED + _CODECS.compressor.compress(body)
 
 
@@ -83,11 +82,11 @@ def unpack(stored: bytes | None) -> bytes | None:
 
 
 class _Codec(threading.local):
-    """A zstd compressor and decompressor per thread (~0.1 MB each): python-zstandard's
-    objects may not be used by two threads at once, and bodies are unpacked on the event
-    loop, in `asyncio.to_thread` helpers and on the SQLite inbox's writer and reader
-    threads. Made once: a new context per call (what `zstandard.compress` and
-    `decompress` do) costs ~8 µs, more than the work itself."""
+    """A zstd compressor and decompressor per thread: python-zstandard's objects may not
+    be used by two threads at once, and bodies are unpacked on the event loop, in
+    `asyncio.to_thread` helpers and on the SQLite inbox's writer and reader threads.
+    Made once: a new context per call (what `zstandard.compress` and `decompress` do)
+    costs more than the work itself."""
 
     def __init__(self) -> None:
         self.compressor = zstandard.ZstdCompressor(level=1)

@@ -3,7 +3,6 @@ its own on the machine's server, dropped afterwards)."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import uuid
 from pathlib import Path
@@ -14,6 +13,8 @@ import asyncpg
 from receiver.config import Config
 from receiver.inbox import Inbox
 from receiver.inbox.factory import open_inbox
+from receiver.inbox.postgres import DIALECT
+from receiver.inbox.query import dialect_text
 from tests.support.databases import require_server
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -62,8 +63,7 @@ class InboxPlace:
                     return connection.execute(statement, args).fetchall()
             finally:
                 connection.close()
-        numbered = iter(range(1, len(args) + 1))
-        statement = re.sub(r"\?", lambda _: f"${next(numbered)}", statement)
+        statement, _ = dialect_text(DIALECT, statement)
         connection = await asyncpg.connect(self.url, server_settings={"search_path": self.schema})
         try:
             return [tuple(row) for row in await connection.fetch(statement, *args)]
