@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -36,6 +38,11 @@ LEASE_GRACE_SECONDS: float = DispatchConfig.model_fields["lease_grace"].default
 # within this many seconds make one claim, not one each; the process that stored an
 # event claims it at once meanwhile, from memory.
 REMOTE_WAKE_SECONDS = 0.05
+# The inbox is asked when its next run comes due at most this often: under load the loop
+# sleeps between every batch of claims, and each asking costs a statement that reads every
+# pending run of the handlers (those leased included). In between, its last answer stands,
+# and the retries this process records itself bring it forward.
+DUE_CHECK_SECONDS = 0.1
 
 
 class Dispatcher:
@@ -63,6 +70,10 @@ class Dispatcher:
         self._poll_interval = poll_interval
         self._lease_grace = lease_grace
         self._remote_wake: asyncio.TimerHandle | None = None
+        # When the next run comes due (monotonic; None: none known), and when the inbox
+        # was last asked (`DUE_CHECK_SECONDS`).
+        self._due: float | None = None
+        self._due_checked_at = -math.inf
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -192,13 +203,29 @@ class Dispatcher:
                 task.add_done_callback(slot.tasks.discard)
 
     async def _seconds_to_next_due(self) -> float:
-        ready = [slot.name for slot in self._handlers if slot.free > 0]
-        due = await self._inbox.next_due(ready)
-        waits = [self._poll_interval]
-        if due is not None:
-            waits.append((due - datetime.now(timezone.utc)).total_seconds())
-        waits += self._handlers.seconds_to_next_start()
+        now = time.monotonic()
+        # A due time passed has been claimed since (or is held by another process): what
+        # comes after it only the inbox knows.
+        passed = self._due is not None and self._due <= now
+        if passed or now - self._due_checked_at >= DUE_CHECK_SECONDS:
+            self._due_checked_at = now
+            ready = [slot.name for slot in self._handlers if slot.free > 0]
+            due = await self._inbox.next_due(ready)
+            self._due = None
+            if due is not None:
+                self._due = now + (due - datetime.now(timezone.utc)).total_seconds()
+        waits = [self._poll_interval, *self._handlers.seconds_to_next_start()]
+        if self._due is not None:
+            waits.append(self._due - now)
         return max(0.0, min(waits))
+
+    def _due_by(self, retry_at: datetime) -> None:
+        """A run of this process is due again at `retry_at`: wake for it then at the
+        latest, whenever the inbox was last asked."""
+        due = time.monotonic() + (retry_at - datetime.now(timezone.utc)).total_seconds()
+        if self._due is None or due < self._due:
+            self._due = due
+            self._wake.set()  # the loop may be asleep until later
 
     # --- one attempt -------------------------------------------------------------------
 
@@ -228,6 +255,8 @@ class Dispatcher:
         # rather than the one after (the run stays leased until its outcome is in).
         self._free(slot)
         await outcomes.record(self._inbox, claim, result, started_at, metrics)
+        if result.retry_at is not None:
+            self._due_by(result.retry_at)
 
     def _free(self, slot: Slot) -> None:
         slot.running -= 1

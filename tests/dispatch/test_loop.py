@@ -320,6 +320,20 @@ async def test_pending_work_resumes_after_a_restart(inbox):
     ) == {ids[0]: 1, ids[1]: 2}
 
 
+async def test_a_retry_runs_when_due_not_at_the_next_poll(inbox):
+    # Polling every 30 s, the run asked to wait 0.3 s is tried again when due: the loop,
+    # asleep until the poll, learns of the retry from the outcome it records.
+    (event_id,) = await store(inbox, "transcode.xml", ["h"])
+    handler = Recording([Retry("later", after=0.3)])
+    d = dispatcher(inbox, poll=30.0, h=(handler, {}))
+    await d.start()
+    began = time.monotonic()
+    await until(lambda: settled(inbox, event_id), timeout=10.0)
+    await d.stop()
+    assert handler.calls == [event_id, event_id]
+    assert time.monotonic() - began < 5.0
+
+
 async def _calls(handler: Recording, n: int) -> bool:
     return len(handler.calls) >= n
 
