@@ -5,16 +5,20 @@ with exponential backoff and jitter, and dead-lettered after its last attempt, w
 the other handlers of the event are not run again. Runs are leased, so a process that
 dies mid-attempt leaves them to be picked up again once the lease expires.
 
-The loop claims for each handler as many runs as it has free places, then sleeps until
-woken: by an event just stored here (`notify`), by a wake-up from another process
-(`wake_soon`), by an attempt ending or a handler starting, or at the latest when the
-next retry comes due or `poll_interval` passes.
+A run stored by this process is started at once if its handler has a free place: the
+place is held while the callback is stored (`reserve`), the run is stored leased to this
+process, and once committed its attempt starts (`stored`), with no claim. For the other
+runs the loop claims for each handler as many as it has free places, then sleeps until
+woken: by an event just stored here, by a wake-up from another process (`wake_soon`), by
+an attempt ending or a handler starting, or at the latest when the next retry comes due
+or `poll_interval` passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +31,8 @@ from receiver.config import DispatchConfig
 from receiver.dispatch import outcomes
 from receiver.dispatch.fresh import FreshEvents
 from receiver.dispatch.slots import HandlerSlots, Slot, unmasked
-from receiver.inbox import Claim, InboxUnavailable, RunQueue
+from receiver.ids import new_id
+from receiver.inbox import Claim, InboxUnavailable, Lease, Leases, RunQueue
 from receiver.metrics import Metrics
 
 logger = structlog.get_logger("ci_receiver.dispatch")
@@ -67,6 +72,7 @@ class Dispatcher:
             mask=mask,
         )
         self._fresh = FreshEvents()
+        self._drain_timeout = drain_timeout
         self._poll_interval = poll_interval
         self._lease_grace = lease_grace
         self._remote_wake: asyncio.TimerHandle | None = None
@@ -76,6 +82,14 @@ class Dispatcher:
         self._due_checked_at = -math.inf
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
+        # Places held for runs being stored (`reserve`), by lease token: the slot of each
+        # (event id, handler). `stop` waits for them to be taken or given back.
+        self._reserved: dict[str, dict[tuple[str, str], Slot]] = {}
+        self._none_reserved = asyncio.Event()
+        self._none_reserved.set()
+        # What attempts run in (set by `start`): the dispatcher's own context, not that
+        # of the request whose callback was stored (`stored`), whatever it had bound.
+        self._context = contextvars.Context()
 
     @property
     def running(self) -> bool:
@@ -108,6 +122,58 @@ class Dispatcher:
         self._remote_wake = None
         self.wake()
 
+    # --- runs stored here ---------------------------------------------------------------
+
+    def reserve(self, request_id: str, runs: list[tuple[Event, list[str]]]) -> Leases:
+        """Leases for the runs of a callback about to be stored that a free place can start
+        at once, the place held meanwhile; `stored` takes or gives back every one."""
+        if self._stopping:
+            return {}
+        token = new_id()
+        places: dict[tuple[str, str], Slot] = {}
+        leases: dict[tuple[str, str], Lease] = {}
+        for event, names in runs:
+            for name in names:
+                slot = self._handlers.get(name)
+                key = (event.id, name)
+                if slot is None or slot.free <= 0 or key in places:
+                    continue
+                slot.running += 1
+                places[key] = slot
+                leases[key] = Lease(token, slot.config.timeout + self._lease_grace)
+        if places:
+            self._reserved[token] = places
+            self._none_reserved.clear()
+        return leases
+
+    def stored(self, request_id: str, runs: list[tuple[Event, list[str]]], leases: Leases) -> None:
+        """A callback was stored, with these new events' pending runs (none: it was not):
+        the runs leased to this process start now, their places taken; the others are
+        claimed as usual; the places of runs not stored are given back."""
+        places = self._reserved.pop(next(iter(leases.values())).token, {}) if leases else {}
+        unleased: list[tuple[Event, list[str]]] = []
+        for event, names in runs:
+            rest = []
+            for name in names:
+                slot = places.pop((event.id, name), None)
+                if slot is None:
+                    rest.append(name)
+                elif self._handlers.get(name) is slot:
+                    claim = Claim(event, name, 0, leases[(event.id, name)].token, request_id)
+                    self._spawn(slot, claim)
+                else:
+                    # A reload replaced its handler meanwhile: its run is claimed once
+                    # the lease ends, as if this process had stopped.
+                    places[(event.id, name)] = slot
+            if rest:
+                unleased.append((event, rest))
+        for slot in places.values():
+            self._give_back(slot)
+        if not self._reserved:
+            self._none_reserved.set()
+        if unleased:
+            self.notify(unleased)
+
     def notify(self, stored: list[tuple[Event, list[str]]]) -> None:
         """These events were just stored with pending runs of these handlers."""
         due = False
@@ -129,6 +195,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Start the dispatch loop; each handler starts in the background."""
+        self._context = contextvars.copy_context()
         self._handlers.start_waiting()
         # Runs that other processes make due (their callbacks, a replay) wake this one too.
         self._inbox.watch(self.wake_soon)
@@ -142,6 +209,10 @@ class Dispatcher:
         self.wake()
         if self._loop_task is not None:
             await self._loop_task
+        # Callbacks being stored with runs leased here: their attempts start (and drain
+        # below) once the store ends, either way.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._none_reserved.wait(), self._drain_timeout)
         await self._handlers.stop()
 
     def replace_handlers(self, slots: list[Slot], mask: Callable[[str], str]) -> list[str]:
@@ -197,10 +268,15 @@ class Dispatcher:
             for claim in claims:
                 self._fresh.claimed(claim.event.id, slot.name)
                 slot.running += 1
-                self._handlers.metrics[slot.name].running.inc()
-                task = asyncio.create_task(self._attempt(slot, claim))
-                slot.tasks.add(task)
-                task.add_done_callback(slot.tasks.discard)
+                self._spawn(slot, claim)
+
+    def _spawn(self, slot: Slot, claim: Claim) -> None:
+        """Start the attempt of a run claimed or leased, its place already taken."""
+        self._handlers.metrics[slot.name].running.inc()
+        # A task runs in a copy of the context it is made in.
+        task = self._context.run(asyncio.create_task, self._attempt(slot, claim))
+        slot.tasks.add(task)
+        task.add_done_callback(slot.tasks.discard)
 
     async def _seconds_to_next_due(self) -> float:
         now = time.monotonic()
@@ -259,8 +335,11 @@ class Dispatcher:
             self._due_by(result.retry_at)
 
     def _free(self, slot: Slot) -> None:
-        slot.running -= 1
         self._handlers.metrics[slot.name].running.dec()
+        self._give_back(slot)
+
+    def _give_back(self, slot: Slot) -> None:
+        slot.running -= 1
         # Its last claim was full (more may be waiting for a place), or it is a handler a
         # reload replaced (its successor may be waiting for the place).
         if slot.maybe_due or self._handlers.get(slot.name) is not slot:

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from receiver.inbox.query import Dialect, Statement, Tx, Work
-from receiver.inbox.types import InboxUnavailable, Receipt, RunStatus
+from receiver.inbox.types import InboxUnavailable, Lease, Receipt, RunStatus
 
 T = TypeVar("T")
 
@@ -22,11 +22,12 @@ T = TypeVar("T")
 @dataclass(slots=True)
 class Delivery:
     """A callback to store, as rows: its receipt, its body packed, and each of its
-    events (`records.event_row`) with its new runs (handler, status)."""
+    events (`records.event_row`) with its new runs (handler, status, and the lease it
+    is stored with, if any)."""
 
     receipt: Receipt
     body: bytes
-    events: list[tuple[tuple[Any, ...], list[tuple[str, RunStatus]]]]
+    events: list[tuple[tuple[Any, ...], list[tuple[str, RunStatus, Lease | None]]]]
 
 
 @dataclass(slots=True)

@@ -42,6 +42,7 @@ from receiver.inbox.types import (
     EventFilter,
     EventSummary,
     InboxUnavailable,
+    Leases,
     Outcome,
     Pruned,
     Receipt,
@@ -61,6 +62,9 @@ def new_runs(handlers: list[str], verify: bool) -> list[tuple[str, RunStatus]]:
     if not verify:
         return [(name, "pending") for name in handlers]
     return [(VERIFY_RUN, "pending"), *((name, "held") for name in handlers)]
+
+
+NO_LEASES: Leases = {}
 
 
 # How long a write that went through vouches for the inbox in ping(): readiness probes
@@ -211,11 +215,16 @@ class InboxManager(InboxReader):
     # --- storing -------------------------------------------------------------------
 
     async def store(
-        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+        self,
+        receipt: Receipt,
+        routed: list[tuple[Event, list[str]]],
+        *,
+        verify: bool = False,
+        leases: Leases = NO_LEASES,
     ) -> Stored:
         # Awaited alone (no gather): its caller goes on as soon as it is committed, before
         # the writer's next batch runs (writer.py).
-        delivery = _delivery(receipt, routed, verify)
+        delivery = _delivery(receipt, routed, verify, leases)
         delivered = await self.connector.store(delivery)
         return _stored(delivery, delivered, self.connector.dialect.text)
 
@@ -406,9 +415,18 @@ class InboxManager(InboxReader):
         await self.connector.execute(lambda tx: query.DELETE_STATE(tx, key))
 
 
-def _delivery(receipt: Receipt, routed: list[tuple[Event, list[str]]], verify: bool) -> Delivery:
-    """A callback's rows, made on the event loop before the write."""
-    events = [(event_row(event), new_runs(handlers, verify)) for event, handlers in routed]
+def _delivery(
+    receipt: Receipt, routed: list[tuple[Event, list[str]]], verify: bool, leases: Leases
+) -> Delivery:
+    """A callback's rows, made on the event loop before the write: a pending run with a
+    lease is stored leased."""
+    events = []
+    for event, handlers in routed:
+        runs = [
+            (name, status, leases.get((event.id, name)) if leases and status == "pending" else None)
+            for name, status in new_runs(handlers, verify)
+        ]
+        events.append((event_row(event), runs))
     return Delivery(receipt, pack(receipt.body), events)
 
 

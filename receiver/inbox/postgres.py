@@ -161,8 +161,9 @@ DIALECT = Dialect(
 # transaction. Within the batch, as if stored one after the other: an event named by
 # several callbacks is stored (or replaced) by the first, a duplicate for the others. The
 # runs of a replaced event that it has again are reset in place, the others deleted: no
-# row is touched twice. It wakes the other replicas once, when runs were made. One row
-# per callback, in order: its receipt's id and the ids of the events it stored.
+# row is touched twice. A run with a lease is stored leased (the storer starts it). It
+# wakes the other replicas once, when runs were made that they may claim. One row per
+# callback, in order: its receipt's id and the ids of the events it stored.
 STORE = f"""
 WITH receipt AS (
     SELECT nextval('receipts_id_seq') AS id, r.*
@@ -178,9 +179,11 @@ delivered AS (
     JOIN receipt r ON r.n = e.receipt_n
 ),
 runs_of AS (
-    SELECT DISTINCT r.id AS receipt_id, u.event_id, u.handler, u.status
-    FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[])
-        AS u(receipt_n, event_id, handler, status)
+    SELECT DISTINCT ON (r.id, u.event_id, u.handler) r.id AS receipt_id, u.event_id,
+        u.handler, u.status, u.lease_token,
+        now() + make_interval(secs => u.lease_seconds) AS lease_until
+    FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[], $22::text[],
+        $23::float8[]) AS u(receipt_n, event_id, handler, status, lease_token, lease_seconds)
     JOIN receipt r ON r.n = u.receipt_n
 ),
 inserted AS (
@@ -207,13 +210,14 @@ cleared AS (
             JOIN replaced p ON p.id = o.event_id AND p.receipt_id = o.receipt_id)
 ),
 new_runs AS (
-    INSERT INTO runs (event_id, handler, status, due_at, updated_at)
-    SELECT o.event_id, o.handler, o.status, now(), now()
+    INSERT INTO runs (event_id, handler, status, due_at, updated_at, lease_until, lease_token)
+    SELECT o.event_id, o.handler, o.status, now(), now(), o.lease_until, o.lease_token
     FROM runs_of o JOIN stored s ON s.id = o.event_id AND s.receipt_id = o.receipt_id
     ON CONFLICT (event_id, handler) DO UPDATE SET status = excluded.status, attempts = 0,
-        due_at = excluded.due_at, lease_until = NULL, lease_token = NULL, last_error = NULL,
+        due_at = excluded.due_at, lease_until = excluded.lease_until,
+        lease_token = excluded.lease_token, last_error = NULL,
         updated_at = excluded.updated_at
-    RETURNING 1
+    RETURNING lease_token
 ),
 kept AS (
     INSERT INTO receipts (id, received_at, source, request_id, headers, source_meta, body,
@@ -223,7 +227,9 @@ kept AS (
         event_ids
     FROM receipt
 ),
-notified AS (SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM new_runs))
+notified AS (
+    SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM new_runs WHERE lease_token IS NULL)
+)
 SELECT r.id, array_remove(array_agg(s.id), NULL), (SELECT count(*) FROM notified)
 FROM receipt r LEFT JOIN stored s ON s.receipt_id = r.id
 GROUP BY r.id, r.n ORDER BY r.n
@@ -571,7 +577,7 @@ def _store_columns(deliveries: list[Delivery]) -> list[list[Any]]:
     with the position of its receipt (1-based), then their runs'."""
     receipts: list[list[Any]] = [[] for _ in range(8)]
     events: list[list[Any]] = [[] for _ in range(9)]
-    runs: list[list[Any]] = [[] for _ in range(4)]
+    runs: list[list[Any]] = [[] for _ in range(6)]
     for position, delivery in enumerate(deliveries, 1):
         receipt = delivery.receipt
         row = (
@@ -590,10 +596,10 @@ def _store_columns(deliveries: list[Delivery]) -> list[list[Any]]:
             events[0].append(position)
             for column, value in zip(events[1:], event, strict=True):
                 column.append(text(value))
-            for handler, status in handlers:
-                for column, value in zip(
-                    runs, (position, text(event[0]), handler, status), strict=True
-                ):
+            for handler, status, lease in handlers:
+                token, seconds = (None, None) if lease is None else (lease.token, lease.seconds)
+                run = (position, text(event[0]), handler, status, token, seconds)
+                for column, value in zip(runs, run, strict=True):
                     column.append(value)
     return [*receipts, *events, *runs]
 

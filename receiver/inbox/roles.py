@@ -23,6 +23,7 @@ from receiver.inbox.types import (
     EventDetail,
     EventFilter,
     EventSummary,
+    Leases,
     Outcome,
     Pruned,
     Receipt,
@@ -49,7 +50,12 @@ class Storing(Protocol):
     """What ingest and the verification step write."""
 
     async def store(
-        self, receipt: Receipt, routed: list[tuple[Event, list[str]]], *, verify: bool = False
+        self,
+        receipt: Receipt,
+        routed: list[tuple[Event, list[str]]],
+        *,
+        verify: bool = False,
+        leases: Leases = ...,
     ) -> Stored:
         """Commit the receipt, each new event and a pending run per routed handler; an
         event whose id is already stored is a duplicate and gets no runs, unless the
@@ -57,7 +63,8 @@ class Storing(Protocol):
         the same transaction. Two processes storing the same id at the same moment: one
         new, one duplicate, never an error. With `verify`, each new event's runs are
         stored `held`, beside a pending run of the verification step (`VERIFY_RUN`),
-        which settles them."""
+        which settles them. A pending run named in `leases` is stored leased with it:
+        no claim takes it until the lease ends or its outcome is recorded."""
         ...
 
     async def store_many(self, items: list[ToStore]) -> list[Stored | BaseException]:

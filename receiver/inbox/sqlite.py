@@ -30,7 +30,7 @@ from receiver.inbox.manager import InboxManager, InboxReader
 from receiver.inbox.query import FORGED_EVENT, Dialect, Offload, Statement, Tx, Work, glob_to_sqlite
 from receiver.inbox.reader import Reader
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, owned, setup, version
-from receiver.inbox.types import InboxUnavailable, SchemaError
+from receiver.inbox.types import InboxUnavailable, Lease, SchemaError
 from receiver.inbox.writer import Writer
 
 T = TypeVar("T")
@@ -83,7 +83,8 @@ REPLACE_FORGED = (
 )
 DELETE_RUNS = "DELETE FROM runs WHERE event_id = ?"
 INSERT_RUN = (
-    "INSERT INTO runs (event_id, handler, status, due_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO runs (event_id, handler, status, due_at, updated_at, lease_until, lease_token)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 MARK_DUPLICATE = "UPDATE receipts SET outcome = 'duplicate' WHERE id = ?"
 
@@ -149,10 +150,21 @@ def store_delivery(connection: sqlite3.Connection, delivery: Delivery) -> Delive
                 continue
             connection.execute(DELETE_RUNS, (event_id,))
         stored.append(event_id)
-        connection.executemany(INSERT_RUN, [(event_id, *run, now, now) for run in runs])
+        connection.executemany(
+            INSERT_RUN,
+            [
+                (event_id, handler, status, now, now, *_leased(lease, now))
+                for handler, status, lease in runs
+            ],
+        )
     if not stored:
         connection.execute(MARK_DUPLICATE, (receipt_id,))
     return Delivered(receipt_id, stored)
+
+
+def _leased(lease: Lease | None, now: float) -> tuple[float | None, str | None]:
+    """A new run's `lease_until` and `lease_token`."""
+    return (None, None) if lease is None else (now + lease.seconds, lease.token)
 
 
 def record_outcome(connection: sqlite3.Connection, finished: Finished) -> bool:

@@ -4,6 +4,7 @@ that anything (the config among them) can use these without the inbox's machiner
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -60,8 +61,21 @@ class Stored:
     duplicates: list[str]
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A new run leased as it is stored, to the process storing it, which starts it at
+    once instead of claiming it (`token` and the lease's length, as a claim has them)."""
+
+    token: str
+    seconds: float
+
+
+# The leases of a callback's new runs, by (event id, handler); a run without one waits
+# to be claimed.
+Leases = Mapping[tuple[str, str], Lease]
+
 # What `Inbox.store_many` takes for each callback: `store`'s arguments.
-ToStore = tuple[Receipt, list[tuple[Event, list[str]]], bool]
+ToStore = tuple[Receipt, list[tuple[Event, list[str]]], bool, Leases]
 
 
 @dataclass(slots=True)

@@ -1,11 +1,10 @@
-"""The one way a callback gets in, whatever its channel: decode, route, commit."""
+"""The one way a callback gets in, whatever its channel: decode, route, commit, hand off."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Protocol
@@ -17,7 +16,15 @@ from receiver.callback import vocabulary
 from receiver.callback.decode import Limits, PayloadError
 from receiver.callback.event import Event
 from receiver.callback.normalize import Normalized, read_callback
-from receiver.inbox import VERIFY_RUN, InboxUnavailable, Receipt, Stored, Storing, ToStore
+from receiver.inbox import (
+    VERIFY_RUN,
+    InboxUnavailable,
+    Leases,
+    Receipt,
+    Stored,
+    Storing,
+    ToStore,
+)
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 
@@ -57,6 +64,12 @@ async def _parse(receipt: Receipt, limits: Limits) -> Normalized:
     if len(receipt.body) > THREAD_PARSE_BYTES:
         return await asyncio.get_running_loop().run_in_executor(_PARSER, work)
     return work()
+
+
+def _pending(routed: list[tuple[Event, list[str]]], verify: bool) -> list[tuple[Event, list[str]]]:
+    """Each event with the handlers whose runs it is stored pending: the verification
+    step's alone while the event waits to be verified (the others are held)."""
+    return [(event, [VERIFY_RUN] if verify else names) for event, names in routed]
 
 
 def _by_its_events_source(receipt: Receipt, events: list[Event]) -> Receipt:
@@ -105,6 +118,30 @@ class Intake(Protocol):
         ...
 
 
+class Handoff(Protocol):
+    """Who runs the handlers of what is stored: the dispatcher of this process."""
+
+    def reserve(self, request_id: str, runs: list[tuple[Event, list[str]]]) -> Leases:
+        """Before a callback is stored, with its events' pending runs: leases for those
+        it will start as soon as they are stored, stored with them."""
+        ...
+
+    def stored(self, request_id: str, runs: list[tuple[Event, list[str]]], leases: Leases) -> None:
+        """The callback was stored, with these new events' pending runs (none: it was not,
+        or it was a duplicate); `leases` are what `reserve` gave for it."""
+        ...
+
+
+class NoHandoff:
+    """Nobody runs handlers here (tests of the sources): what is stored waits in the inbox."""
+
+    def reserve(self, request_id: str, runs: list[tuple[Event, list[str]]]) -> Leases:
+        return {}
+
+    def stored(self, request_id: str, runs: list[tuple[Event, list[str]]], leases: Leases) -> None:
+        pass
+
+
 class RejectedBudget:
     """How much of refused callbacks may be kept: the first `body_bytes` of each, and
     `bytes_per_hour` in all (a bucket that refills evenly over the hour), so that a flood
@@ -137,7 +174,7 @@ class Ingestor:
         router: Router,
         metrics: Metrics,
         limits: Limits,
-        on_stored: Callable[[list[tuple[Event, list[str]]]], None],
+        handoff: Handoff | None = None,
         rejected: RejectedBudget | None = None,
         verified_sources: frozenset[str] = frozenset(),
     ) -> None:
@@ -147,7 +184,7 @@ class Ingestor:
         self.router = router
         self._metrics = metrics
         self._limits = limits
-        self._on_stored = on_stored
+        self._handoff = handoff or NoHandoff()
         self._rejected = rejected or RejectedBudget(64 * 1024, 64 * 1024 * 1024)
         # Events from these sources wait for verification (receiver/ci/verify.py).
         self._verified_sources = verified_sources
@@ -160,17 +197,19 @@ class Ingestor:
         receipt = _by_its_events_source(receipt, parsed.events)
         routed = [(event, self.router.handlers_for(event)) for event in parsed.events]
         verify = self._verifies(receipt)
+        leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
         try:
-            stored = await self._inbox.store(receipt, routed, verify=verify)
-        except Exception as exc:
+            stored = await self._inbox.store(receipt, routed, verify=verify, leases=leases)
+        except BaseException as exc:
+            self._handoff.stored(receipt.request_id, [], leases)
+            if not isinstance(exc, Exception):  # cancelled
+                raise
             # Not kept: the sender is asked to send it again (503, nack, left undeleted).
             self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
             if isinstance(exc, InboxUnavailable):  # the database away: the inbox logs it once
                 raise IntakeUnavailable(str(exc)) from exc
             raise
-        stored_new = self._kept(receipt, routed, verify, stored, began, parsed.warnings)
-        if stored_new:
-            self._on_stored(stored_new)
+        self._hand_off(receipt, routed, verify, leases, stored, began, parsed.warnings)
         return stored
 
     async def ingest_many(self, receipts: list[Receipt]) -> list[Stored | BaseException]:
@@ -194,26 +233,47 @@ class Ingestor:
                 continue
             receipt = _by_its_events_source(receipt, normalized.events)
             routed = [(event, self.router.handlers_for(event)) for event in normalized.events]
-            to_store = (receipt, routed, self._verifies(receipt))
-            parsed.append((index, to_store, normalized.warnings))
+            verify = self._verifies(receipt)
+            leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
+            parsed.append((index, (receipt, routed, verify, leases), normalized.warnings))
         try:
             outcomes = await self._inbox.store_many([item for _, item, _ in parsed])
-        except Exception as exc:  # the inbox is closed: none of them is kept
+        except BaseException as exc:  # the inbox is closed: none of them is kept
+            if not isinstance(exc, Exception):  # cancelled
+                for _, (receipt, _, _, leases), _ in parsed:
+                    self._handoff.stored(receipt.request_id, [], leases)
+                raise
             outcomes = [exc] * len(parsed)
-        stored_new: list[tuple[Event, list[str]]] = []
         for (index, to_store, warnings), stored in zip(parsed, outcomes, strict=True):
-            receipt, routed, verify = to_store
+            receipt, routed, verify, leases = to_store
             results[index] = stored
             if isinstance(stored, BaseException):
+                self._handoff.stored(receipt.request_id, [], leases)
                 self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
                 if isinstance(stored, InboxUnavailable):  # as `ingest` raises it
                     results[index] = IntakeUnavailable(str(stored))
                 continue
             bind_contextvars(request_id=receipt.request_id)
-            stored_new += self._kept(receipt, routed, verify, stored, began, warnings)
-        if stored_new:
-            self._on_stored(stored_new)
+            self._hand_off(receipt, routed, verify, leases, stored, began, warnings)
         return [results[index] for index in range(len(receipts))]
+
+    def _hand_off(
+        self,
+        receipt: Receipt,
+        routed: list[tuple[Event, list[str]]],
+        verify: bool,
+        leases: Leases,
+        stored: Stored,
+        began: float,
+        warnings: list[list[str]],
+    ) -> None:
+        """Count a committed callback and hand its new events' runs to the dispatcher,
+        which starts those leased to it now and gives back every other place held."""
+        new: list[tuple[Event, list[str]]] = []
+        try:
+            new = self._kept(receipt, routed, verify, stored, began, warnings)
+        finally:
+            self._handoff.stored(receipt.request_id, new, leases)
 
     def _kept(
         self,
@@ -233,9 +293,7 @@ class Ingestor:
         if not stored.new:
             return []
         new = set(stored.new)
-        return [
-            (event, [VERIFY_RUN] if verify else names) for event, names in routed if event.id in new
-        ]
+        return [item for item in _pending(routed, verify) if item[0].id in new]
 
     def _warn(
         self, routed: list[tuple[Event, list[str]]], stored: Stored, warnings: list[list[str]]

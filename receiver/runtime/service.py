@@ -107,7 +107,7 @@ class Service:
             Router(config.routes, list(config.handlers)),
             self.metrics,
             config.limits.to_limits(),
-            on_stored=self.dispatcher.notify,
+            handoff=self.dispatcher,
             rejected=RejectedBudget(
                 config.inbox.rejected_body_bytes, config.inbox.rejected_bytes_per_hour
             ),

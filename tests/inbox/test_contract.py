@@ -15,7 +15,16 @@ import pytest
 import zstandard
 
 from receiver import parse_callback
-from receiver.inbox import VERIFY_RUN, Cutoffs, EventFilter, Pruned, Receipt, SchemaError
+from receiver.inbox import (
+    VERIFY_RUN,
+    Claim,
+    Cutoffs,
+    EventFilter,
+    Lease,
+    Pruned,
+    Receipt,
+    SchemaError,
+)
 from receiver.inbox.records import PACKED, pack
 from tests.support.callbacks import ALL, job, load
 
@@ -116,10 +125,10 @@ async def test_a_batch_is_stored_as_each_callback_alone_would_be(inbox):
     transcode, snapshot = load("transcode.xml"), load("snapshot.xml")
     unstorable = [(e, [{"not": "a handler name"}]) for e in parse_callback(load("smartcover.xml"))]
     items = [
-        (receipt(transcode, "1"), [(e, ["a"]) for e in parse_callback(transcode)], False),
-        (receipt(transcode, "2"), [(e, ["a"]) for e in parse_callback(transcode)], False),
-        (receipt(load("smartcover.xml"), "3"), unstorable, False),
-        (receipt(snapshot, "4"), [(e, ["a", "b"]) for e in parse_callback(snapshot)], False),
+        (receipt(transcode, "1"), [(e, ["a"]) for e in parse_callback(transcode)], False, {}),
+        (receipt(transcode, "2"), [(e, ["a"]) for e in parse_callback(transcode)], False, {}),
+        (receipt(load("smartcover.xml"), "3"), unstorable, False, {}),
+        (receipt(snapshot, "4"), [(e, ["a", "b"]) for e in parse_callback(snapshot)], False, {}),
     ]
     first, again, failed, other = await inbox.store_many(items)
     transcode_id = "job:j68427030f84611ecb8546d80f2baf56f:Success"
@@ -266,6 +275,76 @@ async def test_a_lease_that_ended_is_taken_over_and_the_late_report_refused(inbo
     assert not await dead.finish(lost, "done", started_at=now())
     assert await alive.finish(taken, "done", started_at=now())
     assert await run_states(alive, event_id) == {"a": ("done", 1)}
+
+
+async def store_leased(inbox, body: bytes, leases: dict, handlers=("a", "b")):
+    """`body` stored with its runs named in `leases` ({(job id, handler): Lease}) leased."""
+    events = parse_callback(body)
+    by_event = {(e.id, h): lease for e in events for (j, h), lease in leases.items() if j in e.id}
+    arrived = receipt(body, "rl")
+    return events, await inbox.store(
+        arrived, [(e, list(handlers)) for e in events], leases=by_event
+    )
+
+
+async def test_a_run_stored_leased_is_the_storers_until_its_outcome(inbox_place):
+    storer, other = await inbox_place.open(), await inbox_place.open()
+    (event,), stored = await store_leased(
+        storer, job("jleased"), {("jleased", "a"): Lease("t1", 30)}
+    )
+    assert stored.new == [event.id]
+    # Not claimable by anyone while leased; the run stored without a lease is.
+    assert await other.claim("a", 5, 30) == []
+    assert [c.event.id for c in await other.claim("b", 5, 30)] == [event.id]
+    # The storer records its outcome with the lease's token, as after a claim.
+    assert not await storer.finish(Claim(event, "a", 0, "wrong", "rl"), "done", started_at=now())
+    assert await storer.finish(Claim(event, "a", 0, "t1", "rl"), "done", started_at=now())
+    assert (await run_states(other, event.id))["a"] == ("done", 1)
+
+
+async def test_a_lease_taken_at_store_ends_like_a_claims(inbox_place):
+    dead, alive = await inbox_place.open(), await inbox_place.open()
+    (event,), _ = await store_leased(dead, job("jshort"), {("jshort", "a"): Lease("t", 0.2)})
+    assert await alive.claim("a", 1, 30) == []
+    await asyncio.sleep(0.4)
+    (taken,) = await alive.claim("a", 1, 30)
+    assert (taken.event.id, taken.attempts, taken.request_id) == (event.id, 0, "rl")
+    assert not await dead.finish(Claim(event, "a", 0, "t", "rl"), "done", started_at=now())
+
+
+async def test_a_duplicate_stored_with_a_lease_leaves_the_stored_run_alone(inbox):
+    (event,), _ = await store_leased(inbox, job("jdup"), {}, handlers=["a"])
+    _, again = await store_leased(inbox, job("jdup"), {("jdup", "a"): Lease("late", 30)}, ["a"])
+    assert (again.new, again.duplicates) == ([], [event.id])
+    (claim,) = await inbox.claim("a", 1, 30)  # not leased by the duplicate
+    assert claim.event.id == event.id
+    assert not await inbox.finish(Claim(event, "a", 0, "late", "rl"), "done", started_at=now())
+
+
+async def test_leased_runs_of_a_batch_are_each_the_leases_of_their_callback(inbox):
+    bodies = [job(f"jbatch{i}") for i in range(3)]
+    items = []
+    for i, body in enumerate(bodies):
+        events = parse_callback(body)
+        leases = {(events[0].id, "a"): Lease(f"t{i}", 30)} if i != 1 else {}
+        items.append((receipt(body, f"r{i}"), [(e, ["a"]) for e in events], False, leases))
+    stored = await inbox.store_many(items)
+    (claim,) = await inbox.claim("a", 5, 30)  # only the one stored without a lease
+    assert claim.event.id == stored[1].new[0]
+    for i in (0, 2):
+        (event,) = parse_callback(bodies[i])
+        assert await inbox.finish(Claim(event, "a", 0, f"t{i}", f"r{i}"), "done", started_at=now())
+
+
+async def test_a_verified_events_held_runs_are_never_stored_leased(inbox):
+    body = job("jverify")
+    (event,) = parse_callback(body)
+    leases = {(event.id, VERIFY_RUN): Lease("v", 30), (event.id, "a"): Lease("h", 30)}
+    await inbox.store(receipt(body), [(event, ["a"])], verify=True, leases=leases)
+    assert await inbox.claim(VERIFY_RUN, 5, 30) == []  # leased to the storer
+    assert await inbox.settle(event.id, genuine=True)
+    # The held run became pending unleased: anyone may claim it.
+    assert [c.event.id for c in await inbox.claim("a", 5, 30)] == [event.id]
 
 
 async def test_outcomes_reported_together_are_each_refused_or_recorded(inbox_place):

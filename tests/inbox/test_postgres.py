@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import make_url
 
 from receiver import parse_callback
-from receiver.inbox import InboxUnavailable, Receipt
+from receiver.inbox import InboxUnavailable, Lease, Receipt
 from receiver.inbox.postgres import PostgresInbox
 from tests.support.tcp_proxy import TcpProxy
 
@@ -62,6 +62,10 @@ async def test_a_store_wakes_the_other_replicas(postgres_schema):
         await eventually(lambda: len(wakes) > before, timeout=2)
         before = len(wakes)
         await storing.store(*receipt_for("jwake"))  # a duplicate makes nothing due
+        # Nor do runs the storer leased to start them itself.
+        leased_receipt, routed = receipt_for("jleased")
+        leases = {(routed[0][0].id, "a"): Lease("t", 30)}
+        assert (await storing.store(leased_receipt, routed, leases=leases)).new
         await asyncio.sleep(0.3)
         assert len(wakes) == before
     finally:

@@ -49,7 +49,7 @@ def cmq_config(stand_in: CmqStandIn, **keys) -> CmqConfig:
 
 
 def ingestor(inbox: Inbox, metrics: Metrics) -> Ingestor:
-    return Ingestor(inbox, Router(None, []), metrics, Limits(), on_stored=lambda stored: None)
+    return Ingestor(inbox, Router(None, []), metrics, Limits())
 
 
 class Consuming:

@@ -45,7 +45,7 @@ def counter(metrics: Metrics):
 
 
 def ingestor(inbox: Inbox, metrics: Metrics) -> Ingestor:
-    return Ingestor(inbox, Router(None, []), metrics, Limits(), on_stored=lambda stored: None)
+    return Ingestor(inbox, Router(None, []), metrics, Limits())
 
 
 async def test_an_inbox_failure_is_nacked_and_the_message_comes_back(tmp_path, pulsar_broker):
