@@ -43,6 +43,9 @@ LEASE_GRACE_SECONDS: float = DispatchConfig.model_fields["lease_grace"].default
 # within this many seconds make one claim, not one each; the process that stored an
 # event claims it at once meanwhile, from memory.
 REMOTE_WAKE_SECONDS = 0.05
+# How long a store given up on by its caller may still take to commit (a group commit
+# under way): the runs it may have stored leased here are handed back after that.
+STORE_END_SECONDS = 1.0
 # The inbox is asked when its next run comes due at most this often: under load the loop
 # sleeps between every batch of claims, and each asking costs a statement that reads every
 # pending run of the handlers (those leased included). In between, its last answer stands,
@@ -76,10 +79,13 @@ class Dispatcher:
         self._poll_interval = poll_interval
         self._lease_grace = lease_grace
         self._remote_wake: asyncio.TimerHandle | None = None
-        # When the next run comes due (monotonic; None: none known), and when the inbox
-        # was last asked (`DUE_CHECK_SECONDS`).
+        # When the next run comes due (monotonic; None: none known); when the inbox was
+        # last asked (`DUE_CHECK_SECONDS`) and about which handlers; the earliest retry
+        # this process recorded since.
         self._due: float | None = None
         self._due_checked_at = -math.inf
+        self._asked: set[str] = set()
+        self._own_due: float | None = None
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         # Places held for runs being stored (`reserve`), by lease token: the slot of each
@@ -87,6 +93,10 @@ class Dispatcher:
         self._reserved: dict[str, dict[tuple[str, str], Slot]] = {}
         self._none_reserved = asyncio.Event()
         self._none_reserved.set()
+        # Hand-backs of runs leased here that will not be started here (`_release`).
+        self._releasing: set[asyncio.Task[None]] = set()
+        # Set once the handlers are closed: nothing may start any more.
+        self._closed = False
         # What attempts run in (set by `start`): the dispatcher's own context, not that
         # of the request whose callback was stored (`stored`), whatever it had bound.
         self._context = contextvars.Context()
@@ -150,29 +160,63 @@ class Dispatcher:
         """A callback was stored, with these new events' pending runs (none: it was not):
         the runs leased to this process start now, their places taken; the others are
         claimed as usual; the places of runs not stored are given back."""
-        places = self._reserved.pop(next(iter(leases.values())).token, {}) if leases else {}
+        if not leases:
+            self.notify(runs)
+            return
+        token = next(iter(leases.values())).token
+        places = self._reserved.pop(token, {})
         unleased: list[tuple[Event, list[str]]] = []
+        # Stored leased here, but not to be started by this process: handed back.
+        unstarted: dict[tuple[str, str], Slot] = {}
         for event, names in runs:
             rest = []
             for name in names:
                 slot = places.pop((event.id, name), None)
                 if slot is None:
                     rest.append(name)
-                elif self._handlers.get(name) is slot:
-                    claim = Claim(event, name, 0, leases[(event.id, name)].token, request_id)
-                    self._spawn(slot, claim)
-                else:
-                    # A reload replaced its handler meanwhile: its run is claimed once
-                    # the lease ends, as if this process had stopped.
-                    places[(event.id, name)] = slot
+                elif self._handlers.get(name) is slot and not self._closed:
+                    self._spawn(slot, Claim(event, name, 0, token, request_id))
+                else:  # a reload replaced its handler meanwhile (or the handlers closed)
+                    unstarted[(event.id, name)] = slot
             if rest:
                 unleased.append((event, rest))
-        for slot in places.values():
+        for slot in places.values():  # runs not stored
             self._give_back(slot)
-        if not self._reserved:
+        if unstarted:
+            self._reserved[token] = unstarted
+            self._hand_back(token, after=0.0)
+        elif not self._reserved:
             self._none_reserved.set()
         if unleased:
             self.notify(unleased)
+
+    def abandoned(self, leases: Leases) -> None:
+        """A callback's store was given up on (its caller cancelled), whether or not it
+        commits: the runs it may store leased here are handed back once it must have
+        ended, their places meanwhile held."""
+        if leases:
+            self._hand_back(next(iter(leases.values())).token, after=STORE_END_SECONDS)
+
+    def _hand_back(self, token: str, after: float) -> None:
+        task = self._context.run(asyncio.create_task, self._release(token, after))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, token: str, after: float) -> None:
+        """Hand back the runs leased under `token` that this process will not start, in
+        `after` seconds: claimable at once (here or elsewhere), rather than once their
+        lease ends. Their places are held until then (`stop` waits for them)."""
+        try:
+            await asyncio.sleep(after)
+            if await self._inbox.release(token):
+                self.wake()
+        except Exception as exc:  # the database away: they wait for their lease to end
+            logger.warning("cannot hand back runs leased here", error=str(exc))
+        finally:
+            for slot in self._reserved.pop(token, {}).values():
+                self._give_back(slot)
+            if not self._reserved:
+                self._none_reserved.set()
 
     def notify(self, stored: list[tuple[Event, list[str]]]) -> None:
         """These events were just stored with pending runs of these handlers."""
@@ -214,6 +258,7 @@ class Dispatcher:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._none_reserved.wait(), self._drain_timeout)
         await self._handlers.stop()
+        self._closed = True
 
     def replace_handlers(self, slots: list[Slot], mask: Callable[[str], str]) -> list[str]:
         """Run these handlers from now on (a config reload). A handler whose config did
@@ -262,12 +307,18 @@ class Dispatcher:
             # The same on SQLite and PostgreSQL: the handler's own time, then room to
             # record the outcome before another process may take the run.
             lease = slot.config.timeout + self._lease_grace
-            claims = await self._inbox.claim(slot.name, free, lease, known=self._fresh.events)
+            # The places are taken while the claim is made: callbacks stored meanwhile
+            # (`reserve`) must not take them too.
+            slot.running += free
+            claims: list[Claim] = []
+            try:
+                claims = await self._inbox.claim(slot.name, free, lease, known=self._fresh.events)
+            finally:
+                slot.running -= free - len(claims)  # the loop itself: no wake-up needed
             # A full claim may have left more behind; a short one emptied what was due.
             slot.maybe_due = len(claims) == free
             for claim in claims:
                 self._fresh.claimed(claim.event.id, slot.name)
-                slot.running += 1
                 self._spawn(slot, claim)
 
     def _spawn(self, slot: Slot, claim: Claim) -> None:
@@ -283,13 +334,16 @@ class Dispatcher:
         # A due time passed has been claimed since (or is held by another process): what
         # comes after it only the inbox knows.
         passed = self._due is not None and self._due <= now
-        if passed or now - self._due_checked_at >= DUE_CHECK_SECONDS:
-            self._due_checked_at = now
-            ready = [slot.name for slot in self._handlers if slot.free > 0]
-            due = await self._inbox.next_due(ready)
-            self._due = None
+        ready = {slot.name for slot in self._handlers if slot.free > 0}
+        # A handler with a free place since the inbox was asked: its runs were left out.
+        if passed or now - self._due_checked_at >= DUE_CHECK_SECONDS or ready - self._asked:
+            self._due_checked_at, self._asked = now, ready
+            self._own_due = None
+            due = await self._inbox.next_due(sorted(ready))
+            self._due = self._own_due  # retries recorded while the inbox was asked
             if due is not None:
-                self._due = now + (due - datetime.now(timezone.utc)).total_seconds()
+                answer = now + (due - datetime.now(timezone.utc)).total_seconds()
+                self._due = answer if self._due is None else min(answer, self._due)
         waits = [self._poll_interval, *self._handlers.seconds_to_next_start()]
         if self._due is not None:
             waits.append(self._due - now)
@@ -299,6 +353,8 @@ class Dispatcher:
         """A run of this process is due again at `retry_at`: wake for it then at the
         latest, whenever the inbox was last asked."""
         due = time.monotonic() + (retry_at - datetime.now(timezone.utc)).total_seconds()
+        if self._own_due is None or due < self._own_due:
+            self._own_due = due
         if self._due is None or due < self._due:
             self._due = due
             self._wake.set()  # the loop may be asleep until later

@@ -323,6 +323,9 @@ class InboxManager(InboxReader):
         )
         return await self.connector.finish(finished)
 
+    async def release(self, lease_token: str) -> int:
+        return int(await self.connector.execute(lambda tx: query.RELEASE(tx, lease_token)))
+
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:
             return None

@@ -217,7 +217,7 @@ new_runs AS (
         due_at = excluded.due_at, lease_until = excluded.lease_until,
         lease_token = excluded.lease_token, last_error = NULL,
         updated_at = excluded.updated_at
-    RETURNING lease_token
+    RETURNING status, lease_token
 ),
 kept AS (
     INSERT INTO receipts (id, received_at, source, request_id, headers, source_meta, body,
@@ -228,7 +228,8 @@ kept AS (
     FROM receipt
 ),
 notified AS (
-    SELECT pg_notify({CHANNEL}, '') WHERE EXISTS (SELECT 1 FROM new_runs WHERE lease_token IS NULL)
+    SELECT pg_notify({CHANNEL}, '')
+    WHERE EXISTS (SELECT 1 FROM new_runs WHERE status = 'pending' AND lease_token IS NULL)
 )
 SELECT r.id, array_remove(array_agg(s.id), NULL), (SELECT count(*) FROM notified)
 FROM receipt r LEFT JOIN stored s ON s.receipt_id = r.id

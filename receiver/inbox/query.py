@@ -238,6 +238,15 @@ HEARTBEAT = Fixed(
 
 # --- the run queue ---------------------------------------------------------------
 
+# Runs leased under a token and not yet ended, handed back unattempted: claimable at once
+# (they wake the others).
+RELEASE = Fixed(
+    "UPDATE runs SET lease_until = NULL, lease_token = NULL, updated_at = now()"
+    " WHERE lease_token = ? AND status = 'pending'",
+    "count",
+    wakes=True,
+)
+
 
 def next_due(tx: Tx, handlers: Sequence[str]) -> Statement:
     """Seconds from now until the earliest pending run of these handlers is free."""

@@ -119,6 +119,12 @@ class RunQueue(Protocol):
         process, or the run was replayed since)."""
         ...
 
+    async def release(self, lease_token: str) -> int:
+        """Hand back, unattempted, the runs leased under `lease_token` that have not
+        ended (runs stored leased that will not be started): claimable at once, by any
+        process. Returns how many."""
+        ...
+
     async def next_due(self, handlers: list[str]) -> datetime | None:
         """When the earliest pending run of these handlers can be claimed."""
         ...

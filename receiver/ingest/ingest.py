@@ -68,8 +68,12 @@ async def _parse(receipt: Receipt, limits: Limits) -> Normalized:
 
 def _pending(routed: list[tuple[Event, list[str]]], verify: bool) -> list[tuple[Event, list[str]]]:
     """Each event with the handlers whose runs it is stored pending: the verification
-    step's alone while the event waits to be verified (the others are held)."""
-    return [(event, [VERIFY_RUN] if verify else names) for event, names in routed]
+    step's alone while the event waits to be verified (the others are held). An event
+    the callback names twice is stored with its first entry's runs."""
+    pending: dict[str, tuple[Event, list[str]]] = {}
+    for event, names in routed:
+        pending.setdefault(event.id, (event, [VERIFY_RUN] if verify else names))
+    return list(pending.values())
 
 
 def _by_its_events_source(receipt: Receipt, events: list[Event]) -> Receipt:
@@ -131,6 +135,10 @@ class Handoff(Protocol):
         or it was a duplicate); `leases` are what `reserve` gave for it."""
         ...
 
+    def abandoned(self, leases: Leases) -> None:
+        """The callback's store was given up on (cancelled) and may yet commit."""
+        ...
+
 
 class NoHandoff:
     """Nobody runs handlers here (tests of the sources): what is stored waits in the inbox."""
@@ -139,6 +147,9 @@ class NoHandoff:
         return {}
 
     def stored(self, request_id: str, runs: list[tuple[Event, list[str]]], leases: Leases) -> None:
+        pass
+
+    def abandoned(self, leases: Leases) -> None:
         pass
 
 
@@ -200,10 +211,11 @@ class Ingestor:
         leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
         try:
             stored = await self._inbox.store(receipt, routed, verify=verify, leases=leases)
-        except BaseException as exc:
+        except asyncio.CancelledError:  # the store goes on, and may yet commit
+            self._handoff.abandoned(leases)
+            raise
+        except Exception as exc:
             self._handoff.stored(receipt.request_id, [], leases)
-            if not isinstance(exc, Exception):  # cancelled
-                raise
             # Not kept: the sender is asked to send it again (503, nack, left undeleted).
             self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
             if isinstance(exc, InboxUnavailable):  # the database away: the inbox logs it once
@@ -224,25 +236,30 @@ class Ingestor:
         results: dict[int, Stored | BaseException] = {}
         # Each parsed callback: its place, what to store, its events' warnings.
         parsed: list[tuple[int, ToStore, list[list[str]]]] = []
-        for index, receipt in enumerate(receipts):
-            bind_contextvars(request_id=receipt.request_id)
-            try:
-                normalized = await parse_or_refuse(receipt, self._limits, self)
-            except Exception as exc:  # PayloadError, the body kept as rejected, or not
-                results[index] = exc
-                continue
-            receipt = _by_its_events_source(receipt, normalized.events)
-            routed = [(event, self.router.handlers_for(event)) for event in normalized.events]
-            verify = self._verifies(receipt)
-            leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
-            parsed.append((index, (receipt, routed, verify, leases), normalized.warnings))
+        try:
+            for index, receipt in enumerate(receipts):
+                bind_contextvars(request_id=receipt.request_id)
+                try:
+                    normalized = await parse_or_refuse(receipt, self._limits, self)
+                except Exception as exc:  # PayloadError, the body kept as rejected, or not
+                    results[index] = exc
+                    continue
+                receipt = _by_its_events_source(receipt, normalized.events)
+                routed = [(event, self.router.handlers_for(event)) for event in normalized.events]
+                verify = self._verifies(receipt)
+                leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
+                parsed.append((index, (receipt, routed, verify, leases), normalized.warnings))
+        except BaseException:  # cancelled while parsing: nothing stored yet
+            for _, (receipt, _, _, leases), _ in parsed:
+                self._handoff.stored(receipt.request_id, [], leases)
+            raise
         try:
             outcomes = await self._inbox.store_many([item for _, item, _ in parsed])
-        except BaseException as exc:  # the inbox is closed: none of them is kept
-            if not isinstance(exc, Exception):  # cancelled
-                for _, (receipt, _, _, leases), _ in parsed:
-                    self._handoff.stored(receipt.request_id, [], leases)
-                raise
+        except asyncio.CancelledError:  # the stores go on, and may yet commit
+            for _, (_, _, _, leases), _ in parsed:
+                self._handoff.abandoned(leases)
+            raise
+        except Exception as exc:  # the inbox is closed: none of them is kept
             outcomes = [exc] * len(parsed)
         for (index, to_store, warnings), stored in zip(parsed, outcomes, strict=True):
             receipt, routed, verify, leases = to_store

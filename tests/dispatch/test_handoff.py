@@ -5,14 +5,19 @@ the `inbox` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime, timezone
 
+import orjson
 import structlog
 
 from receiver import parse_callback
 from receiver.callback.decode import Limits
 from receiver.callback.event import Event
+from receiver.config import HandlerConfig
+from receiver.dispatch.slots import Slot, unmasked
 from receiver.inbox import InboxUnavailable, Receipt
+from receiver.ingest import ingest as ingest_module
 from receiver.ingest.ingest import Ingestor, IntakeUnavailable
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
@@ -48,10 +53,28 @@ def receipt(body: bytes, request_id: str = "req") -> Receipt:
     return Receipt(body, "http", datetime.now(timezone.utc), request_id)
 
 
-async def service(inbox, **handlers):
+class SlowClaims(Watched):
+    """Claims that take 0.1 s (their round trip, stretched)."""
+
+    async def claim(self, *args, **kwargs):
+        await asyncio.sleep(0.1)
+        return await super().claim(*args, **kwargs)
+
+
+class CommitsWhenGivenUp(Watched):
+    """Stores that go on and commit when their caller is cancelled, as the SQLite
+    writer's and the PostgreSQL group commit's do, and take 0.05 s to."""
+
+    async def store(self, *args, **kwargs):
+        self.under_way = asyncio.ensure_future(self.inbox.store(*args, **kwargs))
+        await asyncio.sleep(0.05)
+        return await self.under_way
+
+
+async def service(inbox, watched_as=Watched, poll=0.05, **handlers):
     """A started dispatcher of these handlers, and an ingestor handing off to it."""
-    watched = Watched(inbox)
-    d = dispatcher(watched, **handlers)
+    watched = watched_as(inbox)
+    d = dispatcher(watched, poll=poll, **handlers)
     await d.start()
     await until(lambda: _started(d))
     ingestor = Ingestor(watched, Router(None, list(handlers)), Metrics(), Limits(), handoff=d)
@@ -152,3 +175,88 @@ async def test_an_attempt_carries_its_own_context_not_the_requests(inbox):
     await until(lambda: settled(inbox, event_id))
     await d.stop()
     assert seen == [{"request_id": "req-9", "event_id": event_id, "handler": "h"}]
+
+
+async def test_a_callback_stored_during_a_claim_waits_for_a_place(inbox):
+    one = Recording(delay=0.3)
+    _watched, d, ingestor = await service(inbox, SlowClaims, h=(one, {"concurrency": 1}))
+    (waiting,) = (await inbox.store(receipt(job("jelsewhere")), [(e, ["h"]) for e in
+                  parse_callback(job("jelsewhere"))])).new  # fmt: skip
+    d.wake()
+    await asyncio.sleep(0.05)  # the loop's claim is under way, its place taken
+    (mine,) = (await ingestor.ingest(receipt(job("jmine")))).new
+    await until(lambda: settled(inbox, waiting))
+    await until(lambda: settled(inbox, mine))
+    await d.stop()
+    assert one.most_running == 1
+    assert sorted(one.calls) == sorted([waiting, mine])
+
+
+async def test_a_store_given_up_on_hands_its_leased_runs_back(inbox):
+    handler = Recording()
+    watched, d, ingestor = await service(inbox, CommitsWhenGivenUp, h=(handler, {}))
+    ingesting = asyncio.create_task(ingestor.ingest(receipt(job("jgivenup"))))
+    await asyncio.sleep(0.01)
+    ingesting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ingesting
+    (event_id,) = (await watched.under_way).new  # it committed, leased to this process
+    # Handed back once the store must have ended, and claimed: not left to its lease.
+    await until(lambda: settled(inbox, event_id), timeout=5.0)
+    await d.stop()
+    assert handler.calls == [event_id]
+    assert watched.claimed == 1
+
+
+async def test_a_run_whose_handler_a_reload_replaced_meanwhile_is_handed_back(inbox):
+    old, new = Recording(), Recording()
+    _, d, _ = await service(inbox, h=(old, {}))
+    body = job("jreloaded")
+    (event,) = parse_callback(body)
+    leases = d.reserve("req", [(event, ["h"])])
+    d.replace_handlers([Slot("h", new, HandlerConfig(type="test", timeout=7))], unmasked)
+    await asyncio.sleep(0.2)  # the loop swaps the handlers
+    await inbox.store(receipt(body), [(event, ["h"])], leases=leases)
+    d.stored("req", [(event, ["h"])], leases)
+    await until(lambda: settled(inbox, event.id), timeout=5.0)
+    await d.stop()
+    assert (old.calls, new.calls) == ([], [event.id])
+
+
+async def test_an_event_named_twice_in_a_callback_runs_once_and_is_not_kept(inbox):
+    handler = Recording()
+    watched, d, ingestor = await service(inbox, h=(handler, {}))
+    detail = orjson.loads(job("jnamedtwice"))["JobsDetail"]
+    body = orjson.dumps({"EventName": "TaskFinish", "JobsDetail": [detail, detail]})
+    (event_id,) = (await ingestor.ingest(receipt(body))).new
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert handler.calls == [event_id]
+    assert watched.claimed == 0
+    # Nothing waits in memory for a claim that never comes.
+    assert event_id not in d._fresh.events
+
+
+async def test_a_batch_cancelled_while_parsing_holds_no_place(inbox, monkeypatch):
+    handler = Recording()
+    _, d, ingestor = await service(inbox, h=(handler, {"concurrency": 2}))
+    parse = ingest_module.parse_or_refuse
+    parsed = 0
+
+    async def second_never_ends(*args):
+        nonlocal parsed
+        parsed += 1
+        if parsed == 2:
+            await asyncio.sleep(60)
+        return await parse(*args)
+
+    monkeypatch.setattr(ingest_module, "parse_or_refuse", second_never_ends)
+    batch = [receipt(job("jbatch1"), "r1"), receipt(job("jbatch2"), "r2")]
+    ingesting = asyncio.create_task(ingestor.ingest_many(batch))
+    await asyncio.sleep(0.1)
+    ingesting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ingesting
+    began = asyncio.get_running_loop().time()
+    await d.stop()  # waits for no place: none is held
+    assert asyncio.get_running_loop().time() - began < 2.0

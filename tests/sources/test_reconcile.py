@@ -70,6 +70,9 @@ class Setup:
     def stored(self, request_id: str, runs: list, leases: dict) -> None:
         self.stored_ids.extend(event.id for event, _ in runs)
 
+    def abandoned(self, leases: dict) -> None:
+        pass
+
     async def callback(self, detail: dict) -> None:
         receipt = Receipt(callback_body(detail), "http", datetime.now(timezone.utc), "r")
         await self.ingestor.ingest(receipt)
