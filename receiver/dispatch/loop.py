@@ -80,8 +80,8 @@ class Dispatcher:
         self._lease_grace = lease_grace
         self._remote_wake: asyncio.TimerHandle | None = None
         # When the next run comes due (monotonic; None: none known); when the inbox was
-        # last asked (`DUE_CHECK_SECONDS`) and about which handlers; the earliest retry
-        # this process recorded since.
+        # last asked (`DUE_CHECK_SECONDS`) and which handlers had started then; the
+        # earliest retry this process recorded since.
         self._due: float | None = None
         self._due_checked_at = -math.inf
         self._asked: set[str] = set()
@@ -334,12 +334,14 @@ class Dispatcher:
         # A due time passed has been claimed since (or is held by another process): what
         # comes after it only the inbox knows.
         passed = self._due is not None and self._due <= now
-        ready = {slot.name for slot in self._handlers if slot.free > 0}
-        # A handler with a free place since the inbox was asked: its runs were left out.
-        if passed or now - self._due_checked_at >= DUE_CHECK_SECONDS or ready - self._asked:
-            self._due_checked_at, self._asked = now, ready
+        started = {slot.name for slot in self._handlers if slot.started}
+        # A handler started since the inbox was asked: its runs were left out. (One that
+        # was full then is left out too, its own retries aside, until the next asking.)
+        if passed or now - self._due_checked_at >= DUE_CHECK_SECONDS or started - self._asked:
+            self._due_checked_at, self._asked = now, started
             self._own_due = None
-            due = await self._inbox.next_due(sorted(ready))
+            ready = [slot.name for slot in self._handlers if slot.free > 0]
+            due = await self._inbox.next_due(ready)
             self._due = self._own_due  # retries recorded while the inbox was asked
             if due is not None:
                 answer = now + (due - datetime.now(timezone.utc)).total_seconds()
