@@ -11,7 +11,8 @@ lines written to /dev/null) and measures CPU time (`time.process_time`: every th
 user and system) for:
 
 - store: N distinct small JSON callbacks through the ingest path, 32 at a time (as 32
-  connections would send them), the dispatcher not yet running;
+  connections would send them), the dispatcher not yet running (their runs stored
+  pending, none leased to the process as `serve` leases those it can start);
 - dispatch: the dispatcher then claiming, running and recording all N runs;
 - both at once: N more callbacks stored while the dispatcher runs, until all are done
   (how `serve` runs them), with the inbox commits per callback;
@@ -36,6 +37,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from bench.trees import HERE, best_of, export
 
@@ -55,6 +57,22 @@ class _Collections:
             self._began = time.thread_time()
         else:
             self.seconds += time.thread_time() - self._began
+
+
+class _Pending:
+    """A handoff that leases nothing: runs are stored pending, for the loop to claim."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self._dispatcher = dispatcher
+
+    def reserve(self, request_id: str, runs: list) -> dict:
+        return {}
+
+    def stored(self, request_id: str, runs: list, leases: dict) -> None:
+        self._dispatcher.notify(runs)
+
+    def abandoned(self, leases: dict) -> None:
+        pass
 
 
 async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, float]:
@@ -95,10 +113,14 @@ async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, 
         service = Service(Config(**settings))
         await service.inbox.open()
         dispatcher = service.dispatcher
-        # The handler started, the dispatch loop not yet: stores leave the runs pending.
+        # The handler started, the dispatch loop not yet: stores leave the runs pending,
+        # not leased to this process as they are stored (which would start them at once).
         for slot in dispatcher._handlers:
             await handler_api.start(slot.handler)
             slot.started = True
+        handoff = getattr(service.ingestor, "_handoff", None)
+        if handoff is not None:
+            service.ingestor._handoff = _Pending(dispatcher)
         await store_all(service, bodies()[:50])  # warm up the code paths and the file
         if freeze:
             gc.collect()
@@ -108,6 +130,8 @@ async def _measure(count: int, postgres: str | None, freeze: bool) -> dict[str, 
         began = time.process_time()
         await store_all(service, bodies())
         stored = time.process_time() - began
+        if handoff is not None:
+            service.ingestor._handoff = handoff
         began = time.process_time()
         await dispatcher.start()
         await handled(service, count + 50)
