@@ -65,7 +65,7 @@ class _Pending:
     def __init__(self, dispatcher: Any) -> None:
         self._dispatcher = dispatcher
 
-    def reserve(self, request_id: str, runs: list) -> dict:
+    def reserve(self, runs: list) -> dict:
         return {}
 
     def stored(self, request_id: str, runs: list, leases: dict) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
+from bench import needs
 from tests.support.callbacks import load
 from tests.support.processes import REPO, free_port, wait_for_port
 
@@ -47,6 +48,15 @@ BODIES = {
     "xml": ("transcode.xml", b"j68427030f84611ecb8546d80f2baf56f", "application/xml"),
     "json": ("smartcover.json", b"j6842765cf84611ecb8546d80f2baf56f", "application/json"),
 }
+
+
+def body_template(folder: Path, fmt: str) -> Path:
+    """The sample callback of `fmt` (a key of BODIES) written to `folder`, its JobId the
+    placeholder unique_ids.lua replaces with a new job id in every request."""
+    name, job_id, _ = BODIES[fmt]
+    path = folder / f"{fmt}.body"
+    path.write_bytes(load(name).replace(job_id, b"j@@ID@@"))
+    return path
 
 
 def start(
@@ -121,15 +131,12 @@ def main() -> None:
         "--workers", type=int, help="worker processes per target (needs `serve --workers`)"
     )
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("bench/http.py needs wrk: apt-get install wrk")
+    needs.wrk("bench/http.py")
 
     work = Path(tempfile.mkdtemp(prefix="bench-http-"))
     bodies = {}
-    for fmt, (name, job_id, content_type) in BODIES.items():
-        template = work / f"{fmt}.body"
-        template.write_bytes(load(name).replace(job_id, b"j@@ID@@"))
-        bodies[fmt] = (template, content_type)
+    for fmt, (_, _, content_type) in BODIES.items():
+        bodies[fmt] = (body_template(work, fmt), content_type)
 
     # The logging and access log are the defaults (JSON lines at info, one line per
     # request, and one per event for `log`), to the process's log file.

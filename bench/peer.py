@@ -58,9 +58,8 @@ from sqlalchemy import make_url
 
 from bench import needs
 from bench.delay_proxy import DelayProxy, database_behind
-from bench.http import BODIES, PROGRESS, counts, cpu_seconds, start, stop, wrk
+from bench.http import BODIES, PROGRESS, body_template, counts, cpu_seconds, start, stop, wrk
 from bench.trees import HERE, export
-from tests.support.callbacks import load
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
 
@@ -247,11 +246,7 @@ def main() -> None:
             receivers.append(Receiver(f"ci-receiver {args.against}", tree))
         setups = [Setup("SQLite", postgres=False), Setup("PostgreSQL")]
         setups += [Setup(f"PostgreSQL {rtt:g} ms", rtt=rtt) for rtt in args.db_rtt]
-        bodies = {}
-        for fmt in args.body:
-            name, job_id, _ = BODIES[fmt]
-            bodies[fmt] = root / f"{fmt}.body"
-            bodies[fmt].write_bytes(load(name).replace(job_id, b"j@@ID@@"))
+        bodies = {fmt: body_template(root, fmt) for fmt in args.body}
         report(setups, receivers, bodies, args, root, url)
     finally:
         shutil.rmtree(root)

@@ -40,8 +40,7 @@ import asyncpg
 
 from bench import needs
 from bench.delay_proxy import DelayProxy, database_behind
-from bench.http import BODIES, PROGRESS, counts, start, stop, wrk
-from tests.support.callbacks import load
+from bench.http import BODIES, PROGRESS, body_template, counts, start, stop, wrk
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
 
@@ -181,9 +180,7 @@ def main() -> None:
     url = needs.postgres("bench/replicas.py")
 
     root = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
-    name, job_id, _ = BODIES[args.body]
-    body = root / "body"
-    body.write_bytes(load(name).replace(job_id, b"j@@ID@@"))
+    body = body_template(root, args.body)
     print(
         f"{args.connections} connections over the replicas, {args.duration} s a run, "
         f"one wrk -t2 per replica, {args.body} body, {os.cpu_count()} cores"

@@ -134,7 +134,7 @@ class Dispatcher:
 
     # --- runs stored here ---------------------------------------------------------------
 
-    def reserve(self, request_id: str, runs: list[tuple[Event, list[str]]]) -> Leases:
+    def reserve(self, runs: list[tuple[Event, list[str]]]) -> Leases:
         """Leases for the runs of a callback about to be stored that a free place can start
         at once, the place held meanwhile; `stored` takes or gives back every one."""
         if self._stopping:

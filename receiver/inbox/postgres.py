@@ -4,14 +4,15 @@
   replicas storing the same id at once: the second waits for the first to commit and
   finds a duplicate, never an error.
 - **Few round trips**: the callbacks arriving at one moment go in one statement
-  (`STORE`: their receipts, new events and runs), which also notifies the other
-  replicas; the outcomes of attempts ending together likewise (`FINISH`).
+  (`STORE`: their receipts, new events and runs, those the storing process will start
+  leased to it), which also notifies the other replicas of runs left to claim; the
+  outcomes of attempts ending together likewise (`FINISH`).
 - **Claims** take due runs `FOR UPDATE SKIP LOCKED` under a lease measured on the
   database's clock, so replicas never wait for each other's claims, and a replica that
   dies mid-attempt leaves its runs to the others when the lease ends.
 - **Wake-ups**: every replica LISTENs on its schema's channel (`ci_receiver_work.<schema>`);
-  a store or a replay notifies it, so an idle replica starts new work within
-  moments (polling stays as the fallback).
+  a store that leaves runs to claim, or a replay, notifies it, so an idle replica starts
+  new work within moments (polling stays as the fallback).
 - **Failures**: the database restarting or unreachable makes operations raise
   `InboxUnavailable` saying where and since when (callers answer 503 or leave the
   message unacked), logged once as it goes and once as it comes back (`reach.py`); the

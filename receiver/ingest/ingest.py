@@ -125,7 +125,7 @@ class Intake(Protocol):
 class Handoff(Protocol):
     """Who runs the handlers of what is stored: the dispatcher of this process."""
 
-    def reserve(self, request_id: str, runs: list[tuple[Event, list[str]]]) -> Leases:
+    def reserve(self, runs: list[tuple[Event, list[str]]]) -> Leases:
         """Before a callback is stored, with its events' pending runs: leases for those
         it will start as soon as they are stored, stored with them."""
         ...
@@ -143,7 +143,7 @@ class Handoff(Protocol):
 class NoHandoff:
     """Nobody runs handlers here (tests of the sources): what is stored waits in the inbox."""
 
-    def reserve(self, request_id: str, runs: list[tuple[Event, list[str]]]) -> Leases:
+    def reserve(self, runs: list[tuple[Event, list[str]]]) -> Leases:
         return {}
 
     def stored(self, request_id: str, runs: list[tuple[Event, list[str]]], leases: Leases) -> None:
@@ -208,20 +208,19 @@ class Ingestor:
         receipt = _by_its_events_source(receipt, parsed.events)
         routed = [(event, self.router.handlers_for(event)) for event in parsed.events]
         verify = self._verifies(receipt)
-        leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
+        pending = _pending(routed, verify)
+        leases = self._handoff.reserve(pending)
         try:
             stored = await self._inbox.store(receipt, routed, verify=verify, leases=leases)
         except asyncio.CancelledError:  # the store goes on, and may yet commit
             self._handoff.abandoned(leases)
             raise
         except Exception as exc:
-            self._handoff.stored(receipt.request_id, [], leases)
-            # Not kept: the sender is asked to send it again (503, nack, left undeleted).
-            self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
-            if isinstance(exc, InboxUnavailable):  # the database away: the inbox logs it once
-                raise IntakeUnavailable(str(exc)) from exc
-            raise
-        self._hand_off(receipt, routed, verify, leases, stored, began, parsed.warnings)
+            error = self._not_kept(receipt, leases, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        self._hand_off(receipt, routed, pending, leases, stored, began, parsed.warnings)
         return stored
 
     async def ingest_many(self, receipts: list[Receipt]) -> list[Stored | BaseException]:
@@ -234,8 +233,9 @@ class Ingestor:
         began = time.perf_counter()
         # Each receipt's outcome by its place: its refusal, or its store's outcome.
         results: dict[int, Stored | BaseException] = {}
-        # Each parsed callback: its place, what to store, its events' warnings.
-        parsed: list[tuple[int, ToStore, list[list[str]]]] = []
+        # Each parsed callback: its place, what to store, its pending runs, its events'
+        # warnings.
+        parsed: list[tuple[int, ToStore, list[tuple[Event, list[str]]], list[list[str]]]] = []
         try:
             for index, receipt in enumerate(receipts):
                 bind_contextvars(request_id=receipt.request_id)
@@ -247,48 +247,62 @@ class Ingestor:
                 receipt = _by_its_events_source(receipt, normalized.events)
                 routed = [(event, self.router.handlers_for(event)) for event in normalized.events]
                 verify = self._verifies(receipt)
-                leases = self._handoff.reserve(receipt.request_id, _pending(routed, verify))
-                parsed.append((index, (receipt, routed, verify, leases), normalized.warnings))
+                pending = _pending(routed, verify)
+                leases = self._handoff.reserve(pending)
+                to_store = (receipt, routed, verify, leases)
+                parsed.append((index, to_store, pending, normalized.warnings))
         except BaseException:  # cancelled while parsing: nothing stored yet
-            for _, (receipt, _, _, leases), _ in parsed:
+            for _, (receipt, _, _, leases), _, _ in parsed:
                 self._handoff.stored(receipt.request_id, [], leases)
             raise
         try:
-            outcomes = await self._inbox.store_many([item for _, item, _ in parsed])
+            outcomes = await self._inbox.store_many([item for _, item, _, _ in parsed])
         except asyncio.CancelledError:  # the stores go on, and may yet commit
-            for _, (_, _, _, leases), _ in parsed:
+            for _, (_, _, _, leases), _, _ in parsed:
                 self._handoff.abandoned(leases)
             raise
         except Exception as exc:  # the inbox is closed: none of them is kept
             outcomes = [exc] * len(parsed)
-        for (index, to_store, warnings), stored in zip(parsed, outcomes, strict=True):
-            receipt, routed, verify, leases = to_store
-            results[index] = stored
+        for (index, to_store, pending, warnings), stored in zip(parsed, outcomes, strict=True):
+            receipt, routed, _, leases = to_store
             if isinstance(stored, BaseException):
-                self._handoff.stored(receipt.request_id, [], leases)
-                self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
-                if isinstance(stored, InboxUnavailable):  # as `ingest` raises it
-                    results[index] = IntakeUnavailable(str(stored))
+                results[index] = self._not_kept(receipt, leases, stored)
                 continue
+            results[index] = stored
             bind_contextvars(request_id=receipt.request_id)
-            self._hand_off(receipt, routed, verify, leases, stored, began, warnings)
+            self._hand_off(receipt, routed, pending, leases, stored, began, warnings)
         return [results[index] for index in range(len(receipts))]
+
+    def _not_kept(self, receipt: Receipt, leases: Leases, error: BaseException) -> BaseException:
+        """A store that failed: the places held for its runs given back, and counted.
+        Returns what the caller raises: `IntakeUnavailable` for the database away (the
+        inbox logs that once), the error itself otherwise. The sender is asked to send it
+        again (503, nack, left undeleted)."""
+        self._handoff.stored(receipt.request_id, [], leases)
+        self._metrics.series(self._metrics.callbacks, receipt.source, "unavailable").inc()
+        if isinstance(error, InboxUnavailable):
+            return IntakeUnavailable(str(error))
+        return error
 
     def _hand_off(
         self,
         receipt: Receipt,
         routed: list[tuple[Event, list[str]]],
-        verify: bool,
+        pending: list[tuple[Event, list[str]]],
         leases: Leases,
         stored: Stored,
         began: float,
         warnings: list[list[str]],
     ) -> None:
-        """Count a committed callback and hand its new events' runs to the dispatcher,
-        which starts those leased to it now and gives back every other place held."""
+        """Count a committed callback and hand its new events' pending runs to the
+        dispatcher, which starts those leased to it now and gives back every other place
+        held."""
         new: list[tuple[Event, list[str]]] = []
         try:
-            new = self._kept(receipt, routed, verify, stored, began, warnings)
+            self._kept(receipt, routed, stored, began, warnings)
+            if stored.new:
+                ids = set(stored.new)
+                new = [item for item in pending if item[0].id in ids]
         finally:
             self._handoff.stored(receipt.request_id, new, leases)
 
@@ -296,21 +310,15 @@ class Ingestor:
         self,
         receipt: Receipt,
         routed: list[tuple[Event, list[str]]],
-        verify: bool,
         stored: Stored,
         began: float,
         warnings: list[list[str]],
-    ) -> list[tuple[Event, list[str]]]:
-        """Count a committed callback; its new events, each with the runs to dispatch.
-        `warnings` are its events' (`Normalized.warnings`)."""
+    ) -> None:
+        """Count a committed callback. `warnings` are its events' (`Normalized.warnings`)."""
         self._count(receipt, routed, stored)
         self._warn(routed, stored, warnings)
         elapsed = time.perf_counter() - began
         self._metrics.series(self._metrics.ingest_seconds, receipt.source).observe(elapsed)
-        if not stored.new:
-            return []
-        new = set(stored.new)
-        return [item for item in _pending(routed, verify) if item[0].id in new]
 
     def _warn(
         self, routed: list[tuple[Event, list[str]]], stored: Stored, warnings: list[list[str]]

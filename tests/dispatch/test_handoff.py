@@ -146,12 +146,12 @@ async def test_stop_waits_for_a_callback_being_stored_and_runs_it(inbox):
     _, d, _ = await service(inbox, h=(handler, {}))
     body = job("jstopping")
     (event,) = parse_callback(body)
-    leases = d.reserve("req", [(event, ["h"])])
+    leases = d.reserve([(event, ["h"])])
     assert list(leases) == [(event.id, "h")]
     stopping = asyncio.create_task(d.stop())
     await asyncio.sleep(0.2)
     assert not stopping.done()  # waiting for the store
-    assert d.reserve("req2", [(event, ["h"])]) == {}  # no new places once stopping
+    assert d.reserve([(event, ["h"])]) == {}  # no new places once stopping
     stored = await inbox.store(receipt(body), [(event, ["h"])], leases=leases)
     d.stored("req", [(event, ["h"])], leases)
     await stopping
@@ -213,7 +213,7 @@ async def test_a_run_whose_handler_a_reload_replaced_meanwhile_is_handed_back(in
     _, d, _ = await service(inbox, h=(old, {}))
     body = job("jreloaded")
     (event,) = parse_callback(body)
-    leases = d.reserve("req", [(event, ["h"])])
+    leases = d.reserve([(event, ["h"])])
     d.replace_handlers([Slot("h", new, HandlerConfig(type="test", timeout=7))], unmasked)
     await asyncio.sleep(0.2)  # the loop swaps the handlers
     await inbox.store(receipt(body), [(event, ["h"])], leases=leases)

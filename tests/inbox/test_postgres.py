@@ -8,6 +8,7 @@ cut and restored by the test: the server itself keeps serving the other tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from datetime import datetime, timezone
@@ -26,6 +27,17 @@ from tests.support.tcp_proxy import TcpProxy
 
 def inbox_at(url: str, schema: str, **options) -> PostgresInbox:
     return PostgresInbox(url, schema=schema, pool_size=4, rejected_body_bytes=1024, **options)
+
+
+@contextlib.asynccontextmanager
+async def direct(url: str, schema: str | None = None):
+    """A connection of the test's own beside the inbox's, in `schema` when given."""
+    settings = {"search_path": schema} if schema else None
+    connection = await asyncpg.connect(url, server_settings=settings)
+    try:
+        yield connection
+    finally:
+        await connection.close()
 
 
 def through(proxy: TcpProxy, url: str) -> str:
@@ -193,23 +205,17 @@ async def test_the_tables_live_in_their_own_schema(postgres_schema):
     inbox = inbox_at(url, schema)
     await inbox.open()
     await inbox.close()
-    connection = await asyncpg.connect(url)
-    try:
+    async with direct(url) as connection:
         tables = await connection.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema
         )
-    finally:
-        await connection.close()
     assert [t[0] for t in tables] == ["attempts", "events", "meta", "receipts", "runs", "state"]
 
 
 async def transactions_of_receipts(url: str, schema: str) -> int:
     """How many transactions wrote the receipts (each row's xmin is the one that did)."""
-    connection = await asyncpg.connect(url, server_settings={"search_path": schema})
-    try:
+    async with direct(url, schema) as connection:
         return await connection.fetchval("SELECT count(DISTINCT xmin::text) FROM receipts")
-    finally:
-        await connection.close()
 
 
 async def test_callbacks_stored_at_one_moment_are_committed_together(postgres_schema):
@@ -251,26 +257,26 @@ async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_del
     url, schema = postgres_schema
     inbox = inbox_at(url, schema)
     await inbox.open()
-    connection = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
-        (forged,) = (await inbox.store(*receipt_for("jtaken"), verify=True)).new
-        await inbox.settle(forged, genuine=False)
-        # The replacement's runs cannot be written: the delivery must leave nothing
-        # behind, its receipt included, and the forged event as it was.
-        await connection.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
-            " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
-            " CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW EXECUTE FUNCTION refuse()"
-        )
-        with pytest.raises(asyncpg.RaiseError, match="refused"):
-            await inbox.store(*receipt_for("jtaken"))
-        await connection.execute("DROP TRIGGER refuse ON runs; DROP FUNCTION refuse()")
-        assert await connection.fetchval("SELECT count(*) FROM receipts") == 1
-        assert await inbox.known([forged], forged=False) == set()
-        # Once it can, the same delivery replaces it.
-        assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
+        async with direct(url, schema) as connection:
+            (forged,) = (await inbox.store(*receipt_for("jtaken"), verify=True)).new
+            await inbox.settle(forged, genuine=False)
+            # The replacement's runs cannot be written: the delivery must leave nothing
+            # behind, its receipt included, and the forged event as it was.
+            await connection.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+                " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
+                " CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW"
+                " EXECUTE FUNCTION refuse()"
+            )
+            with pytest.raises(asyncpg.RaiseError, match="refused"):
+                await inbox.store(*receipt_for("jtaken"))
+            await connection.execute("DROP TRIGGER refuse ON runs; DROP FUNCTION refuse()")
+            assert await connection.fetchval("SELECT count(*) FROM receipts") == 1
+            assert await inbox.known([forged], forged=False) == set()
+            # Once it can, the same delivery replaces it.
+            assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
     finally:
-        await connection.close()
         await inbox.close()
 
 
@@ -285,8 +291,7 @@ async def rows_of_runs_read(url: str, schema: str, ports: list[int]) -> int:
     """Rows of `runs` read whole or fetched through an index, once the connections from
     `ports` (the inbox's) have ended (each writes its statistics as it exits); other
     processes' connections to the same database are not waited for."""
-    connection = await asyncpg.connect(url)
-    try:
+    async with direct(url) as connection:
         for _ in range(100):
             if not await connection.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY($1::int[])",
@@ -301,8 +306,6 @@ async def rows_of_runs_read(url: str, schema: str, ports: list[int]) -> int:
             " WHERE schemaname = $1 AND relname = 'runs'",
             schema,
         )
-    finally:
-        await connection.close()
 
 
 async def test_plans_made_while_the_inbox_was_new_never_read_runs_whole(postgres_schema):
@@ -321,12 +324,11 @@ async def test_plans_made_while_the_inbox_was_new_never_read_runs_whole(postgres
         # `runs` is all but empty ...
         await store_claim_finish("jnew")
         # ... then the table grows, as it does under load, and the same connections go on.
-        connection = await asyncpg.connect(url, server_settings={"search_path": schema})
-        await connection.execute(
-            "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
-            " SELECT 'grown' || g, 'a', 'done', now(), now() FROM generate_series(1, 20000) g"
-        )
-        await connection.close()
+        async with direct(url, schema) as connection:
+            await connection.execute(
+                "INSERT INTO runs (event_id, handler, status, due_at, updated_at)"
+                " SELECT 'grown' || g, 'a', 'done', now(), now() FROM generate_series(1, 20000) g"
+            )
         await store_claim_finish("jgrown")
         ports = ports_toward(url)
     finally:

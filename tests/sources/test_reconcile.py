@@ -64,7 +64,7 @@ class Setup:
         self.reconciler = Reconciler(self.config, api, inbox, self.ingestor, self.metrics.registry)
 
     # The ingestor's handoff: what it stored, no runs started.
-    def reserve(self, request_id: str, runs: list) -> dict:
+    def reserve(self, runs: list) -> dict:
         return {}
 
     def stored(self, request_id: str, runs: list, leases: dict) -> None:
