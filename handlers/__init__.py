@@ -1,14 +1,17 @@
 """The handler contract, and how a handler type is found by name.
 
-A handler is an async callable on an `Event`:
+A handler is an async callable on an `Event`, given the attempt's `Context` when it
+takes a second argument:
 
-    async def handle(event: Event) -> None
+    async def handle(event: Event, ctx: Context) -> None
+    async def handle(event: Event) -> None          # the first contract, still kept
 
 made by a factory that takes the handler's config table (a class whose `__init__` takes
 the table is such a factory). It may define `async def start()` (open connections,
-check credentials) and `async def close()`. Returning is success; raising `Retry`
-asks for another attempt, `Fail` gives up at once (dead letter); any other exception
-counts as a retry.
+check credentials) and `async def close()` (`Handler` types them; a class that
+subclasses it gets both as no-ops). Returning is success; raising `Retry` asks for
+another attempt, `Fail` gives up at once (dead letter); any other exception counts as a
+retry. The event is the handler's own: no other handler sees a change made to it.
 
 A `type` in the config names a built-in (`log`, `jsonl`, `sql`, `webhook`, ...), an
 entry point of the group `ci_receiver.handlers`, or a dotted path
@@ -20,10 +23,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from importlib.metadata import entry_points
 from typing import Any, Protocol, cast, runtime_checkable
 
+import structlog
 from pydantic import BaseModel, ValidationError
 
 from receiver.callback.event import Event
@@ -58,12 +65,58 @@ class Fail(Exception):
     """Give up on this event for this handler: dead-letter it without more attempts."""
 
 
-@runtime_checkable
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a handler may know of the attempt it is running: asked for by taking a second
+    argument, `async def __call__(self, event, ctx)`."""
+
+    handler: str  # the handler's name in the config (`[handlers.<name>]`)
+    attempt: int  # this attempt's number, from 1
+    max_attempts: int  # the handler's `max_attempts`: after that one, a dead letter
+    deadline: float  # `time.monotonic()` by which the attempt must end (its `timeout`)
+    log: structlog.stdlib.BoundLogger  # bound to the event, the handler and the attempt
+
+    @property
+    def last(self) -> bool:
+        """Whether a failure of this attempt dead-letters the event rather than retry."""
+        return self.attempt >= self.max_attempts
+
+    def seconds_left(self) -> float:
+        """Seconds until the attempt times out (never below 0)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def deadline_at(self) -> datetime:
+        """The deadline as a UTC time, for a peer that takes one."""
+        return datetime.now(timezone.utc) + timedelta(seconds=self.seconds_left())
+
+
 class Handler(Protocol):
-    async def __call__(self, event: Event) -> None: ...
+    """A handler: called once per attempt. A class may subclass this to be checked
+    against it by mypy and to get `start` and `close` as no-ops."""
+
+    async def __call__(self, event: Event, ctx: Context, /) -> None: ...
+
+    async def start(self) -> None:
+        """Open connections, check credentials: called once before the first attempt,
+        again later while it fails (its events wait in the inbox meanwhile)."""
+
+    async def close(self) -> None:
+        """Let go of what `start` opened: called once, at shutdown or when a config
+        reload removes or changes the handler."""
 
 
-HandlerFactory = Callable[[Mapping[str, Any]], Handler]
+@runtime_checkable
+class EventHandler(Protocol):
+    """The first contract, kept: a handler that takes the event alone."""
+
+    async def __call__(self, event: Event, /) -> None: ...
+
+
+# What a factory may make: either contract, with or without `start` and `close`.
+AnyHandler = Handler | EventHandler
+HandlerFactory = Callable[[Mapping[str, Any]], AnyHandler]
+# How the dispatcher calls a handler, whichever contract it follows (`calling`).
+Call = Callable[[Event, Context | None], Awaitable[None]]
 
 
 class HandlerConfigError(Exception):
@@ -91,7 +144,7 @@ def load_factory(type_name: str) -> HandlerFactory:
     return _as_factory(type_name, target)
 
 
-def build(type_name: str, options: Mapping[str, Any]) -> Handler:
+def build(type_name: str, options: Mapping[str, Any]) -> AnyHandler:
     """Find the factory and make the handler; option errors become `HandlerConfigError`."""
     factory = load_factory(type_name)
     try:
@@ -119,7 +172,7 @@ def build(type_name: str, options: Mapping[str, Any]) -> Handler:
     return handler
 
 
-def shown_options(handler: Handler) -> dict[str, Any] | None:
+def shown_options(handler: object) -> dict[str, Any] | None:
     """The handler's validated options (defaults filled in, secrets masked), if it keeps
     them as a pydantic model in `options`."""
     options = getattr(handler, "options", None)
@@ -149,13 +202,13 @@ def _as_factory(type_name: str, target: object) -> HandlerFactory:
     # A bare `async def handle(event)` is a handler that takes no options.
     if inspect.iscoroutinefunction(target):
 
-        def factory(options: Mapping[str, Any]) -> Handler:
+        def factory(options: Mapping[str, Any]) -> AnyHandler:
             if options:
                 raise HandlerConfigError(
                     f"handler {type_name!r} is a plain function and takes no options,"
                     f" got {sorted(options)}"
                 )
-            return cast(Handler, target)
+            return cast(AnyHandler, target)
 
         return factory
     if not callable(target):
@@ -163,11 +216,45 @@ def _as_factory(type_name: str, target: object) -> HandlerFactory:
     return cast(HandlerFactory, target)
 
 
-async def start(handler: Handler) -> None:
+def takes_context(handler: object) -> bool:
+    """Whether the handler takes the `Context` as a second positional argument."""
+    try:
+        parameters = inspect.signature(cast(Callable[..., Any], handler)).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): the first contract
+        return False
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+
+
+def calling(handler: AnyHandler) -> Call:
+    """How to call the handler: with the context when it takes one (`takes_context`),
+    else with the event alone. No coroutine of its own: the handler's is awaited."""
+    if takes_context(handler):
+        with_context = cast(Handler, handler)
+
+        def call_with_context(event: Event, ctx: Context | None) -> Awaitable[None]:
+            if ctx is None:
+                raise TypeError("this handler takes a Context")
+            return with_context(event, ctx)
+
+        return call_with_context
+    alone = cast(EventHandler, handler)
+
+    def call_alone(event: Event, ctx: Context | None) -> Awaitable[None]:
+        return alone(event)
+
+    return call_alone
+
+
+async def start(handler: object) -> None:
     await _maybe(getattr(handler, "start", None))
 
 
-async def close(handler: Handler) -> None:
+async def close(handler: object) -> None:
     await _maybe(getattr(handler, "close", None))
 
 

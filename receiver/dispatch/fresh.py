@@ -5,11 +5,14 @@ Bounded: once dispatch falls behind, what is held lives long, and the collector'
 passes walk all of it (10,000 events: 60-120 ms pauses of the loop, the p99 of every
 callback; see the README's HTTP benchmark). An event pushed out is simply read back by
 its claims, as one stored by another process is.
+
+Each handler's attempt gets an event of its own, so that none sees what another changed:
+the held event itself goes to the last handler to claim it, a copy to each other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 from receiver.callback.event import Event
 
@@ -35,6 +38,18 @@ class FreshEvents:
         while len(self.events) > self._capacity:
             self._drop(next(iter(self.events)))
 
+    def for_handler(self, handler: str) -> Mapping[str, Event]:
+        """What a claim of this handler may take instead of reading it back."""
+        return _Handout(self, handler)
+
+    def take(self, event_id: str, handler: str) -> Event | None:
+        """The event for this handler's run: the one held if no other handler will claim
+        it, else a copy."""
+        event = self.events.get(event_id)
+        if event is None or self._unclaimed[event_id] <= {handler}:
+            return event
+        return event.copy()
+
     def claimed(self, event_id: str, handler: str) -> None:
         """`handler` claimed its run of the event: once every handler has, it goes."""
         waiting = self._unclaimed.get(event_id)
@@ -53,3 +68,23 @@ class FreshEvents:
 
     def _drop(self, event_id: str) -> None:
         del self.events[event_id], self._unclaimed[event_id]
+
+
+class _Handout(Mapping[str, Event]):
+    """The held events as one handler's claim reads them (`FreshEvents.take`)."""
+
+    def __init__(self, fresh: FreshEvents, handler: str) -> None:
+        self._fresh = fresh
+        self._handler = handler
+
+    def __getitem__(self, event_id: str) -> Event:
+        event = self._fresh.take(event_id, self._handler)
+        if event is None:
+            raise KeyError(event_id)
+        return event
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fresh.events)
+
+    def __len__(self) -> int:
+        return len(self._fresh.events)

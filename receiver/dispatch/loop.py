@@ -169,15 +169,20 @@ class Dispatcher:
         # Stored leased here, but not to be started by this process: handed back.
         unstarted: dict[tuple[str, str], Slot] = {}
         for event, names in runs:
-            rest = []
+            rest, starting = [], []
             for name in names:
                 slot = places.pop((event.id, name), None)
                 if slot is None:
                     rest.append(name)
                 elif self._handlers.get(name) is slot and not self._closed:
-                    self._spawn(slot, Claim(event, name, 0, token, request_id))
+                    starting.append(slot)
                 else:  # a reload replaced its handler meanwhile (or the handlers closed)
                     unstarted[(event.id, name)] = slot
+            # Each attempt has an event of its own: the event itself goes to the last one,
+            # unless other handlers' claims will read it (`FreshEvents.take`).
+            for i, slot in enumerate(starting):
+                own = event if i == len(starting) - 1 and not rest else event.copy()
+                self._spawn(slot, Claim(own, slot.name, 0, token, request_id))
             if rest:
                 unleased.append((event, rest))
         for slot in places.values():  # runs not stored
@@ -312,7 +317,8 @@ class Dispatcher:
             slot.running += free
             claims: list[Claim] = []
             try:
-                claims = await self._inbox.claim(slot.name, free, lease, known=self._fresh.events)
+                known = self._fresh.for_handler(slot.name)
+                claims = await self._inbox.claim(slot.name, free, lease, known=known)
             finally:
                 slot.running -= free - len(claims)  # the loop itself: no wake-up needed
             # A full claim may have left more behind; a short one emptied what was due.

@@ -15,13 +15,15 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 
-from handlers import Fail, Retry
+from handlers import Context, Fail, Retry
 from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
 from receiver.dispatch.slots import Slot, SlotMetrics
 from receiver.inbox import Claim, InboxUnavailable, Outcome, RunQueue
 
 logger = structlog.get_logger("ci_receiver.dispatch")
+# What a handler logs through its context (`ctx.log`).
+handler_logger: structlog.stdlib.BoundLogger = structlog.get_logger("ci_receiver.handler")
 
 # Said when an attempt's outcome cannot be recorded (the inbox failing).
 LOST_OUTCOME = "cannot record the attempt; the run is retried when its lease ends"
@@ -74,6 +76,18 @@ def _retry(config: HandlerConfig, attempt: int, error: str, delay: float | None)
     return Result("retry", error, datetime.now(timezone.utc) + timedelta(seconds=delay))
 
 
+def context(slot: Slot, claim: Claim, deadline: float) -> Context:
+    """The attempt as its handler may see it."""
+    number = claim.attempts + 1
+    return Context(
+        handler=slot.name,
+        attempt=number,
+        max_attempts=slot.config.max_attempts,
+        deadline=deadline,
+        log=handler_logger.bind(handler=slot.name, event_id=claim.event.id, attempt=number),
+    )
+
+
 async def attempt(slot: Slot, claim: Claim, metrics: SlotMetrics) -> Result:
     """Run the slot's handler on the claimed event, within its timeout."""
     config = slot.config
@@ -81,7 +95,13 @@ async def attempt(slot: Slot, claim: Claim, metrics: SlotMetrics) -> Result:
     began = time.perf_counter()
     try:
         async with timeout(config.timeout):
-            await slot.handler(claim.event)
+            # Made only for a handler that takes it.
+            ctx = (
+                context(slot, claim, time.monotonic() + config.timeout)
+                if slot.takes_context
+                else None
+            )
+            await slot.call(claim.event, ctx)
     except Fail as exc:
         return Result("dead", f"Fail: {exc}")
     except Forged as exc:

@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 import handlers as handler_api
-from handlers import Handler
+from handlers import AnyHandler, Call
 from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
 from receiver.metrics import Metrics
@@ -39,8 +39,11 @@ class Slot:
     """A configured handler and what the dispatcher knows of it."""
 
     name: str
-    handler: Handler
+    handler: AnyHandler
     config: HandlerConfig
+    # How the dispatcher calls it, and whether it takes a `Context` (read once, here).
+    call: Call = field(init=False)
+    takes_context: bool = field(init=False)
     running: int = 0
     started: bool = False
     start_error: str | None = None
@@ -53,6 +56,10 @@ class Slot:
     # The slot of the same name a reload replaced, while its attempts finish: they count
     # toward this one's concurrency, which a handler may rely on (one at a time).
     predecessor: Slot | None = None
+
+    def __post_init__(self) -> None:
+        self.call = handler_api.calling(self.handler)
+        self.takes_context = handler_api.takes_context(self.handler)
 
     @property
     def free(self) -> int:
