@@ -13,6 +13,11 @@ subclasses it gets both as no-ops). Returning is success; raising `Retry` asks f
 another attempt, `Fail` gives up at once (dead letter); any other exception counts as a
 retry. The event is the handler's own: no other handler sees a change made to it.
 
+A handler that defines `handle_batch` (`BatchHandler`) is given many events at once
+instead: up to its `batch_size` due runs, gathered for at most `batch_wait` seconds.
+It returns the events that did not succeed, by id, each with what it would have raised
+alone (`Retry`, `Fail`, another exception); the others succeeded. Raising fails them all.
+
 A `type` in the config names a built-in (`log`, `jsonl`, `sql`, `webhook`, ...), an
 entry point of the group `ci_receiver.handlers`, or a dotted path
 `package.module:attribute`. A handler that keeps its validated options as a pydantic
@@ -24,7 +29,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from importlib.metadata import entry_points
@@ -90,6 +95,28 @@ class Context:
         return datetime.now(timezone.utc) + timedelta(seconds=self.seconds_left())
 
 
+@dataclass(frozen=True, slots=True)
+class BatchContext:
+    """What a batch handler may know of the attempt: the batch's own deadline and logger,
+    and each event's `Context` (`of`): a batch can hold first attempts and retries."""
+
+    handler: str
+    deadline: float  # `time.monotonic()` by which the whole batch must end
+    log: structlog.stdlib.BoundLogger  # bound to the handler and the batch's size
+    runs: Mapping[str, Context]  # each event's context, by event id
+
+    def of(self, event: Event) -> Context:
+        return self.runs[event.id]
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+# What `handle_batch` returns: the events that did not succeed, by event id, each with
+# what it would have raised alone; None (or an empty mapping): all succeeded.
+BatchResult = Mapping[str, BaseException] | None
+
+
 class Handler(Protocol):
     """A handler: called once per attempt. A class may subclass this to be checked
     against it by mypy and to get `start` and `close` as no-ops."""
@@ -105,6 +132,20 @@ class Handler(Protocol):
         reload removes or changes the handler."""
 
 
+class BatchHandler(Protocol):
+    """A handler given many events at once (see the module's doc). A class may subclass
+    this to be checked against it by mypy and to get `start` and `close` as no-ops."""
+
+    async def handle_batch(self, events: Sequence[Event], ctx: BatchContext, /) -> BatchResult:
+        """Handle the events; return those that did not succeed (`BatchResult`)."""
+
+    async def start(self) -> None:
+        """As `Handler.start`."""
+
+    async def close(self) -> None:
+        """As `Handler.close`."""
+
+
 @runtime_checkable
 class EventHandler(Protocol):
     """The first contract, kept: a handler that takes the event alone."""
@@ -112,11 +153,12 @@ class EventHandler(Protocol):
     async def __call__(self, event: Event, /) -> None: ...
 
 
-# What a factory may make: either contract, with or without `start` and `close`.
-AnyHandler = Handler | EventHandler
+# What a factory may make: any of the three, with or without `start` and `close`.
+AnyHandler = Handler | EventHandler | BatchHandler
 HandlerFactory = Callable[[Mapping[str, Any]], AnyHandler]
 # How the dispatcher calls a handler, whichever contract it follows (`calling`).
 Call = Callable[[Event, Context | None], Awaitable[None]]
+BatchCall = Callable[[Sequence[Event], BatchContext], Awaitable[BatchResult]]
 
 
 class HandlerConfigError(Exception):
@@ -167,8 +209,11 @@ def build(type_name: str, options: Mapping[str, Any]) -> AnyHandler:
         ) from None
     except Exception as exc:  # TypeError, ValueError, ...
         raise HandlerConfigError(f"bad options for handler type {type_name!r}: {exc}") from exc
-    if not callable(handler):
-        raise HandlerConfigError(f"handler type {type_name!r} made {handler!r}, not a callable")
+    if not callable(handler) and batch_call(handler) is None:
+        raise HandlerConfigError(
+            f"handler type {type_name!r} made {handler!r}: neither a callable nor a batch"
+            " handler (handle_batch)"
+        )
     return handler
 
 
@@ -230,6 +275,12 @@ def takes_context(handler: object) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
 
 
+def batch_call(handler: object) -> BatchCall | None:
+    """The handler's `handle_batch`, if it takes batches."""
+    method = getattr(handler, "handle_batch", None)
+    return cast(BatchCall, method) if callable(method) else None
+
+
 def calling(handler: AnyHandler) -> Call:
     """How to call the handler: with the context when it takes one (`takes_context`),
     else with the event alone. No coroutine of its own: the handler's is awaited."""
@@ -245,6 +296,8 @@ def calling(handler: AnyHandler) -> Call:
     alone = cast(EventHandler, handler)
 
     def call_alone(event: Event, ctx: Context | None) -> Awaitable[None]:
+        if not callable(alone):  # a batch handler alone: its events come in batches
+            raise TypeError("this handler takes batches only (handle_batch)")
         return alone(event)
 
     return call_alone

@@ -546,6 +546,11 @@ class HandlerConfig(BaseModel):
     backoff_initial: float = Field(1.0, ge=0)
     backoff_max: float = Field(600.0, ge=0)
     concurrency: int = Field(8, ge=1)
+    # A handler that takes batches (handle_batch): at most this many events in one, and
+    # how long to wait for more once the first is due (the batch is leased meanwhile).
+    # `concurrency` counts batches. Ignored by a handler that takes events one by one.
+    batch_size: int = Field(100, ge=1)
+    batch_wait: float = Field(0.2, ge=0)
     # Whether this handler not running makes /readyz answer 503; None: as
     # [dispatch] unready_on_handler_error says.
     required: bool | None = None

@@ -30,7 +30,7 @@ from receiver.callback.event import Event
 from receiver.config import DispatchConfig
 from receiver.dispatch import outcomes
 from receiver.dispatch.fresh import FreshEvents
-from receiver.dispatch.slots import HandlerSlots, Slot, unmasked
+from receiver.dispatch.slots import HandlerSlots, Slot, SlotMetrics, unmasked
 from receiver.ids import new_id
 from receiver.inbox import Claim, InboxUnavailable, Lease, Leases, RunQueue
 from receiver.metrics import Metrics
@@ -146,7 +146,8 @@ class Dispatcher:
             for name in names:
                 slot = self._handlers.get(name)
                 key = (event.id, name)
-                if slot is None or slot.free <= 0 or key in places:
+                # A batch handler's runs are claimed, to be gathered into batches.
+                if slot is None or slot.free <= 0 or slot.batch is not None or key in places:
                     continue
                 slot.running += 1
                 places[key] = slot
@@ -258,6 +259,8 @@ class Dispatcher:
         self.wake()
         if self._loop_task is not None:
             await self._loop_task
+        # Batches being gathered are not waited for: they start now, and drain below.
+        self._start_batches(waited=False)
         # Callbacks being stored with runs leased here: their attempts start (and drain
         # below) once the store ends, either way.
         with contextlib.suppress(asyncio.TimeoutError):
@@ -282,11 +285,14 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
+                if self._handlers.replacing:  # a handler replaced: its batch starts first
+                    self._start_batches(waited=False)
                 if gone := self._handlers.apply_replacement():
                     self._fresh.forget_handlers(gone)
                 self._handlers.start_waiting()
                 await self._claim_and_spawn()
-                if any(slot.maybe_due and slot.free > 0 for slot in self._handlers):
+                self._start_batches(waited=True)
+                if any(slot.maybe_due and slot.can_claim for slot in self._handlers):
                     continue
                 delay = await self._seconds_to_next_due()
             except InboxUnavailable:
@@ -306,7 +312,10 @@ class Dispatcher:
 
     async def _claim_and_spawn(self) -> None:
         for slot in self._handlers:
-            if self._stopping or not slot.maybe_due or slot.free <= 0:
+            if self._stopping or not slot.maybe_due or not slot.can_claim:
+                continue
+            if slot.batch is not None:
+                await self._claim_batch(slot)
                 continue
             free = slot.free
             # The same on SQLite and PostgreSQL: the handler's own time, then room to
@@ -327,6 +336,52 @@ class Dispatcher:
                 self._fresh.claimed(claim.event.id, slot.name)
                 self._spawn(slot, claim)
 
+    async def _claim_batch(self, slot: Slot) -> None:
+        """Gather due runs into the slot's batch, which holds one of its places from its
+        first claim; a full one starts at once, and another is gathered while places are
+        free and runs due."""
+        config = slot.config
+        # The batch's gathering, then the handler's own time, then room to record.
+        lease = config.batch_wait + config.timeout + self._lease_grace
+        while slot.maybe_due and not self._stopping:
+            if slot.filling_since is None:
+                if slot.free <= 0:
+                    return
+                slot.running += 1  # the place of the batch about to be gathered
+                slot.filling_since = time.monotonic()
+            want = config.batch_size - len(slot.filling)
+            claims: list[Claim] = []
+            try:
+                known = self._fresh.for_handler(slot.name)
+                claims = await self._inbox.claim(slot.name, want, lease, known=known)
+            finally:
+                slot.maybe_due = len(claims) == want
+                for claim in claims:
+                    self._fresh.claimed(claim.event.id, slot.name)
+                slot.filling += claims
+                if not slot.filling:  # nothing due after all: no batch
+                    slot.filling_since = None
+                    slot.running -= 1
+            if len(slot.filling) < config.batch_size:
+                return
+            self._start_batch(slot)
+
+    def _start_batches(self, *, waited: bool) -> None:
+        """Start the batches being gathered: those that have waited their `batch_wait`, or
+        (`waited=False`: shutdown, a reload) all."""
+        now = time.monotonic()
+        for slot in self._handlers:
+            since = slot.filling_since
+            if since is not None and (not waited or now - since >= slot.config.batch_wait):
+                self._start_batch(slot)
+
+    def _start_batch(self, slot: Slot) -> None:
+        claims, slot.filling, slot.filling_since = slot.filling, [], None
+        self._handlers.metrics[slot.name].running.inc(len(claims))
+        task = self._context.run(asyncio.create_task, self._attempt_batch(slot, claims))
+        slot.tasks.add(task)
+        task.add_done_callback(slot.tasks.discard)
+
     def _spawn(self, slot: Slot, claim: Claim) -> None:
         """Start the attempt of a run claimed or leased, its place already taken."""
         self._handlers.metrics[slot.name].running.inc()
@@ -346,13 +401,18 @@ class Dispatcher:
         if passed or now - self._due_checked_at >= DUE_CHECK_SECONDS or started - self._asked:
             self._due_checked_at, self._asked = now, started
             self._own_due = None
-            ready = [slot.name for slot in self._handlers if slot.free > 0]
+            ready = [slot.name for slot in self._handlers if slot.can_claim]
             due = await self._inbox.next_due(ready)
             self._due = self._own_due  # retries recorded while the inbox was asked
             if due is not None:
                 answer = now + (due - datetime.now(timezone.utc)).total_seconds()
                 self._due = answer if self._due is None else min(answer, self._due)
         waits = [self._poll_interval, *self._handlers.seconds_to_next_start()]
+        waits += [
+            slot.filling_since + slot.config.batch_wait - now
+            for slot in self._handlers
+            if slot.filling_since is not None
+        ]
         if self._due is not None:
             waits.append(self._due - now)
         return max(0.0, min(waits))
@@ -394,12 +454,49 @@ class Dispatcher:
         # is committed, so that the next claim goes in the same commit as this outcome
         # rather than the one after (the run stays leased until its outcome is in).
         self._free(slot)
-        await outcomes.record(self._inbox, claim, result, started_at, metrics)
+        await self._record(claim, result, started_at, metrics)
+
+    async def _attempt_batch(self, slot: Slot, claims: list[Claim]) -> None:
+        started_at = datetime.now(timezone.utc)
+        metrics = self._handlers.metrics[slot.name]
+        structlog.contextvars.bind_contextvars(handler=slot.name, batch=len(claims))
+        try:
+            results = await outcomes.attempt_batch(slot, claims, metrics)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time: hand the runs back without counting them.
+            self._free(slot, len(claims))
+            interrupted = asyncio.gather(
+                *(
+                    outcomes.record(self._inbox, claim, outcomes.INTERRUPTED, started_at, metrics)
+                    for claim in claims
+                )
+            )
+            await asyncio.shield(interrupted)
+            raise
+        except Exception as exc:  # a bug of ours: still count it and try later
+            logger.exception("batch attempt failed outside the handler")
+            results = [outcomes.internal_error(slot.config, claim, exc) for claim in claims]
+        self._free(slot, len(claims))
+        # Recorded together: on PostgreSQL one group-committed statement.
+        await asyncio.gather(
+            *(
+                self._record(claim, result, started_at, metrics)
+                for claim, result in zip(claims, results, strict=True)
+            )
+        )
+
+    async def _record(
+        self, claim: Claim, result: outcomes.Result, started_at: datetime, metrics: SlotMetrics
+    ) -> None:
+        with structlog.contextvars.bound_contextvars(
+            request_id=claim.request_id, event_id=claim.event.id
+        ):
+            await outcomes.record(self._inbox, claim, result, started_at, metrics)
         if result.retry_at is not None:
             self._due_by(result.retry_at)
 
-    def _free(self, slot: Slot) -> None:
-        self._handlers.metrics[slot.name].running.dec()
+    def _free(self, slot: Slot, runs: int = 1) -> None:
+        self._handlers.metrics[slot.name].running.dec(runs)
         self._give_back(slot)
 
     def _give_back(self, slot: Slot) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 import structlog
 
-from handlers import Context, Fail, Retry
+from handlers import BatchContext, Context, Fail, Retry
 from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
 from receiver.dispatch.slots import Slot, SlotMetrics
@@ -49,6 +49,7 @@ class Result:
     retry_at: datetime | None = None  # with `retry`: when the run is due again
 
 
+DONE = Result("done")
 # A run handed back by a shutdown that ran out of time: not counted as an attempt.
 INTERRUPTED = Result("released", "interrupted by shutdown")
 
@@ -91,31 +92,66 @@ def context(slot: Slot, claim: Claim, deadline: float) -> Context:
 async def attempt(slot: Slot, claim: Claim, metrics: SlotMetrics) -> Result:
     """Run the slot's handler on the claimed event, within its timeout."""
     config = slot.config
-    delay: float | None = None
     began = time.perf_counter()
     try:
         async with timeout(config.timeout):
             # Made only for a handler that takes it.
-            ctx = (
-                context(slot, claim, time.monotonic() + config.timeout)
-                if slot.takes_context
-                else None
-            )
+            deadline = time.monotonic() + config.timeout
+            ctx = context(slot, claim, deadline) if slot.takes_context else None
             await slot.call(claim.event, ctx)
-    except Fail as exc:
-        return Result("dead", f"Fail: {exc}")
-    except Forged as exc:
-        return Result("forged", f"forged: {exc}")
-    except Retry as exc:
-        error, delay = f"Retry: {exc}", _sane_delay(exc.after)
-    except asyncio.TimeoutError:
-        error = f"timed out after {config.timeout:g}s"
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    else:
-        return Result("done")
+        return failed(config, claim, exc)
     finally:
         metrics.seconds.observe(time.perf_counter() - began)
+    return DONE
+
+
+async def attempt_batch(slot: Slot, claims: list[Claim], metrics: SlotMetrics) -> list[Result]:
+    """Run the slot's batch handler on the claimed events, within its timeout: each run's
+    result, in the order of `claims`."""
+    assert slot.batch is not None
+    config = slot.config
+    began = time.perf_counter()
+    try:
+        async with timeout(config.timeout):
+            deadline = time.monotonic() + config.timeout
+            ctx = BatchContext(
+                handler=slot.name,
+                deadline=deadline,
+                log=handler_logger.bind(handler=slot.name, batch=len(claims)),
+                runs={claim.event.id: context(slot, claim, deadline) for claim in claims},
+            )
+            not_done = await slot.batch([claim.event for claim in claims], ctx) or {}
+    except Exception as exc:
+        # The whole batch failed: each run as it would alone, but all due again at the
+        # same time, to be retried as one batch again.
+        number = max(claim.attempts for claim in claims) + 1
+        together = _sane_delay(exc.after) if isinstance(exc, Retry) else None
+        together = backoff(config, number) if together is None else together
+        return [failed(config, claim, exc, together) for claim in claims]
+    finally:
+        metrics.seconds.observe(time.perf_counter() - began)
+    return [
+        DONE if (why := not_done.get(claim.event.id)) is None else failed(config, claim, why)
+        for claim in claims
+    ]
+
+
+def failed(
+    config: HandlerConfig, claim: Claim, exc: BaseException, delay: float | None = None
+) -> Result:
+    """What a handler's exception makes of the run's attempt; retried after `delay`
+    seconds if given, else as `Retry(after=)` asks, else after the back-off's."""
+    if isinstance(exc, Fail):
+        return Result("dead", f"Fail: {exc}")
+    if isinstance(exc, Forged):
+        return Result("forged", f"forged: {exc}")
+    if isinstance(exc, Retry):
+        error, delay = f"Retry: {exc}", _sane_delay(exc.after) if delay is None else delay
+    elif isinstance(exc, asyncio.TimeoutError):
+        error = f"timed out after {config.timeout:g}s"
+    else:
+        error = f"{type(exc).__name__}: {exc}"
     return _retry(config, claim.attempts + 1, error, delay)
 
 

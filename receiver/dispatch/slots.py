@@ -23,9 +23,10 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 import handlers as handler_api
-from handlers import AnyHandler, Call
+from handlers import AnyHandler, BatchCall, Call
 from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
+from receiver.inbox import Claim
 from receiver.metrics import Metrics
 
 logger = structlog.get_logger("ci_receiver.dispatch")
@@ -41,9 +42,15 @@ class Slot:
     name: str
     handler: AnyHandler
     config: HandlerConfig
-    # How the dispatcher calls it, and whether it takes a `Context` (read once, here).
+    # How the dispatcher calls it, and whether it takes a `Context` (read once, here);
+    # a batch handler's `handle_batch`.
     call: Call = field(init=False)
     takes_context: bool = field(init=False)
+    batch: BatchCall | None = field(init=False)
+    # A batch handler's batch being gathered (it holds one of the places), and since when
+    # (monotonic).
+    filling: list[Claim] = field(default_factory=list)
+    filling_since: float | None = None
     running: int = 0
     started: bool = False
     start_error: str | None = None
@@ -60,6 +67,7 @@ class Slot:
     def __post_init__(self) -> None:
         self.call = handler_api.calling(self.handler)
         self.takes_context = handler_api.takes_context(self.handler)
+        self.batch = handler_api.batch_call(self.handler)
 
     @property
     def free(self) -> int:
@@ -67,6 +75,12 @@ class Slot:
             return 0
         before = self.predecessor.running if self.predecessor is not None else 0
         return self.config.concurrency - self.running - before
+
+    @property
+    def can_claim(self) -> bool:
+        """Whether a claim could start a run now: a free place, or room in the batch
+        being gathered."""
+        return self.free > 0 or self.filling_since is not None
 
     @property
     def status(self) -> str:
@@ -208,6 +222,11 @@ class HandlerSlots:
         changes += [f"~{s.name}" for s in slots if s.name in self.by_name and s.name not in kept]
         wanted = {slot.name for slot in slots}
         return changes + [f"-{name}" for name in self.by_name if name not in wanted]
+
+    @property
+    def replacing(self) -> bool:
+        """Whether a reload's handlers wait to be applied (`apply_replacement`)."""
+        return self._replacement is not None
 
     def apply_replacement(self) -> set[str]:
         """Make the change `replace` asked for, if any: the handlers new or changed take
