@@ -1,8 +1,8 @@
 """`jsonl`: append one JSON line per event to a file, fsync'd before the attempt counts.
 
-Concurrent events share one write and one fsync. Delivery to the file is at-least-once:
-after a crash between the fsync and the inbox recording it, a line can appear twice;
-each line carries the event `id` to tell.
+Events come in batches (`handle_batch`): a batch is one write and one fsync. Delivery
+to the file is at-least-once: after a crash between the fsync and the inbox recording
+it, a line can appear twice; each line carries the event `id` to tell.
 
 With `rotate = "daily"` there is one file per UTC day, the date put before the suffix
 (`events.jsonl` -> `events-2026-11-22.jsonl`). An event goes to the file of the day it
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from handlers import BatchContext, BatchResult
 from receiver.callback.event import Event
 
 
@@ -39,8 +41,9 @@ class JsonLinesHandler:
         self._file: BinaryIO | None = None
         self._file_path: Path | None = None
         self._started = False
-        self._pending: list[tuple[Path, bytes, asyncio.Future[None]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        # Writes run in one thread, one after the other, in the order asked: a batch
+        # that timed out cannot interleave its lines with the next one's.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jsonl")
 
     async def start(self) -> None:
         self.options.path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,45 +59,31 @@ class JsonLinesHandler:
         return path.with_name(f"{path.stem}-{day}{path.suffix}")
 
     async def __call__(self, event: Event) -> None:
-        line = event.to_json(include_raw=self.options.include_raw)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((self.path_for(event), line + b"\n", done))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
-        await done
+        await self._append([event])
+
+    async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
+        await self._append(events)
+        return None
 
     async def close(self) -> None:
-        if self._flushing is not None:
-            await self._flushing
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._close)
+
+    def _close(self) -> None:
         if self._file is not None:
             self._file.close()
         self._file, self._file_path, self._started = None, None, False
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                by_path: dict[Path, list[tuple[bytes, asyncio.Future[None]]]] = {}
-                for path, line, done in batch:
-                    by_path.setdefault(path, []).append((line, done))
-                for path, lines in by_path.items():
-                    await self._write_lines(path, lines)
-        finally:
-            self._flushing = None
-
-    async def _write_lines(
-        self, path: Path, lines: list[tuple[bytes, asyncio.Future[None]]]
-    ) -> None:
-        try:
-            await asyncio.to_thread(self._write, path, b"".join(line for line, _ in lines))
-        except Exception as exc:
-            for _, done in lines:
-                if not done.done():  # a waiter that timed out cancelled its future
-                    done.set_exception(exc)
-        else:
-            for _, done in lines:
-                if not done.done():
-                    done.set_result(None)
+    async def _append(self, events: Sequence[Event]) -> None:
+        """The events' lines, each file's in one write and one fsync."""
+        include_raw = self.options.include_raw
+        by_path: dict[Path, list[bytes]] = {}
+        for event in events:
+            by_path.setdefault(self.path_for(event), []).append(
+                event.to_json(include_raw=include_raw) + b"\n"
+            )
+        loop = asyncio.get_running_loop()
+        for path, lines in by_path.items():
+            await loop.run_in_executor(self._writer, self._write, path, b"".join(lines))
 
     def _write(self, path: Path, data: bytes) -> None:
         if not self._started:

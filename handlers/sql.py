@@ -6,11 +6,15 @@ async drivers (aiosqlite, asyncpg, aiomysql). An upsert never moves a job backwa
 late `Running` after `Success` leaves the row alone, and replaying an event is
 harmless. Tables are created, or given the columns they lack, on start: only its own
 (sql_schema.py).
+
+Events come in batches (`handle_batch`): one transaction and one prepared statement run
+over all the batch's rows. A batch the database refuses for its data (a value a column
+cannot hold) is written again event by event, so that only the events at fault fail.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from sqlalchemy import URL, Insert, Table, case, make_url
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from handlers import HandlerConfigError
+from handlers import BatchContext, BatchResult, HandlerConfigError
 from handlers.sql_schema import Prepared, Wanted, prepare
 from handlers.sql_tables import event_row, job_row
 from receiver.callback.event import Event
@@ -210,14 +220,40 @@ class SqlHandler:
             self._engine = None
 
     async def __call__(self, event: Event) -> None:
+        await self._write([event])
+
+    async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
+        try:
+            await self._write(events)
+        except DBAPIError as exc:
+            if len(events) == 1 or not refused_for_its_data(exc):
+                raise
+            ctx.log.warning(
+                "the database refused the batch; writing its events one by one",
+                error=f"{type(exc).__name__}: {exc.orig}",
+            )
+        else:
+            return None
+        refused: dict[str, BaseException] = {}
+        for event in events:
+            try:
+                await self._write([event])
+            except DBAPIError as exc:
+                if not refused_for_its_data(exc):
+                    raise
+                refused[event.id] = exc
+        return refused
+
+    async def _write(self, events: Sequence[Event]) -> None:
+        """The events' rows in one transaction, each statement run over all its rows."""
         if self._engine is None or self._upsert is None:
             raise RuntimeError("the sql handler is not started")
         async with self._engine.begin() as connection:
-            await connection.execute(self._upsert, job_row(event))
+            await connection.execute(self._upsert, latest_rows(events))
             if self._insert_event is not None:
-                await connection.execute(
-                    self._insert_event, event_row(event, self.options.include_raw)
-                )
+                include_raw = self.options.include_raw
+                rows = [event_row(event, include_raw) for event in events]
+                await connection.execute(self._insert_event, rows)
 
     def _create_engine(self) -> AsyncEngine:
         if self.dialect != "sqlite":
@@ -235,6 +271,28 @@ class SqlHandler:
             cursor.close()
 
         return engine
+
+
+def refused_for_its_data(exc: DBAPIError) -> bool:
+    """Whether the database refused the rows themselves (a value a column cannot hold, a
+    constraint), not the connection or the statement: SQL's classes 22 and 23, which the
+    asyncpg dialect does not turn into DataError and IntegrityError."""
+    if isinstance(exc, (DataError, IntegrityError)):
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
+
+
+def latest_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """One job row per job of the batch: the one that upserting them one after another
+    would leave (the furthest along; of those as far, the last)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for event in events:
+        row = job_row(event)
+        kept = rows.get(row["job_id"])
+        if kept is None or kept["state_rank"] <= row["state_rank"]:
+            rows[row["job_id"]] = row
+    return list(rows.values())
 
 
 def upsert_job(jobs: Table, dialect: str) -> Insert:

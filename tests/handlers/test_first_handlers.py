@@ -10,7 +10,9 @@ import orjson
 import pytest
 
 import handlers
+from handlers import BatchContext
 from receiver import parse_callback
+from receiver.dispatch.outcomes import handler_logger
 from tests.support.callbacks import load
 
 
@@ -20,7 +22,7 @@ async def started(type_name: str, **options):
     return handler
 
 
-async def test_jsonl_writes_one_fsynced_line_per_event_and_shares_fsyncs(tmp_path, monkeypatch):
+async def test_jsonl_writes_a_batch_as_one_fsynced_write(tmp_path, monkeypatch):
     fsyncs = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
@@ -31,12 +33,14 @@ async def test_jsonl_writes_one_fsynced_line_per_event_and_shares_fsyncs(tmp_pat
         for name in ("transcode.xml", "two_jobs.xml", "smartcover.json", "workflow_finish.xml")
         for event in parse_callback(load(name))
     ]
-    await asyncio.gather(*(handler(event) for event in events))
+    ctx = BatchContext(handler="jsonl", deadline=0.0, log=handler_logger, runs={})
+    assert await handler.handle_batch(events[:-1], ctx) is None
+    await handler(events[-1])  # called alone, as the first contract
     await handlers.close(handler)
     lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
-    assert sorted(line["id"] for line in lines) == sorted(event.id for event in events)
+    assert [line["id"] for line in lines] == [event.id for event in events]
     assert lines[0] == orjson.loads(events[0].to_json())
-    assert 1 <= len(fsyncs) < len(events)  # concurrent events shared an fsync
+    assert len(fsyncs) == 2
 
 
 async def test_jsonl_can_leave_out_the_raw_document(tmp_path):

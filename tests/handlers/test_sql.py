@@ -4,6 +4,7 @@ machine's PostgreSQL and its MariaDB (see the `database_url` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import sqlite3
@@ -667,3 +668,52 @@ async def test_a_receiver_leaves_a_users_jobs_table_alone_and_fills_its_own(
     assert receiver.terminate() == 0
     assert await snapshot(url, theirs) == before
     assert await registered(url, schema) == {"ci_jobs": "jobs", "ci_events": "events"}
+
+
+async def _batch(handler, events):
+    from handlers import BatchContext
+    from receiver.dispatch.outcomes import handler_logger
+
+    ctx = BatchContext(handler="sql", deadline=0.0, log=handler_logger, runs={})
+    return await handler.handle_batch(events, ctx)
+
+
+async def test_a_batch_is_written_as_its_events_one_by_one_would_be(sql_options):
+    handler = await started(sql_options)
+    success = event("snapshot.xml")
+    other = event("smartcover.xml")
+    states = ["Submitted", "Running", "Success", "Running", "Submitted"]
+    try:
+        answer = await _batch(handler, [at_state(success, s) for s in states] + [other])
+    finally:
+        await handler.close()
+    assert answer is None
+    jobs = {row["job_id"]: row for row in await rows(handler, handler.jobs)}
+    assert jobs[success.job_id]["state"] == "Success"
+    assert jobs[other.job_id]["event_id"] == other.id
+    history = await rows(handler, handler.events)
+    assert len(history) == len(set(states)) + 1
+
+
+async def test_a_batch_the_database_refuses_fails_only_the_events_at_fault(sql_options):
+    handler = await started(sql_options)
+    good = [event("snapshot.xml"), event("smartcover.xml")]
+    # A tag longer than its column (64): refused by PostgreSQL and MariaDB (strict), kept
+    # whole by SQLite, which does not enforce lengths.
+    bad = dataclasses.replace(event("transcode.xml"), tag="T" * 500)
+    try:
+        with capture_logs() as logs:
+            answer = await _batch(handler, [good[0], bad, good[1]])
+    finally:
+        await handler.close()
+    written = {row["job_id"] for row in await rows(handler, handler.jobs)}
+    if sql_options["url"].startswith("sqlite"):
+        assert answer is None
+        assert written == {e.job_id for e in [*good, bad]}
+        return
+    assert list(answer) == [bad.id]
+    assert "too long" in str(answer[bad.id]).lower()
+    assert written == {e.job_id for e in good}
+    assert [line["event"] for line in logs] == [
+        "the database refused the batch; writing its events one by one"
+    ]
