@@ -1,21 +1,25 @@
 """Events per second through the `sql` and `webhook` handlers, next to a bare baseline.
 
     python -m bench.handlers [--events N] [--concurrency C] [--rounds R]
+                             [--batch-size B] [--db-rtt MS [MS ...]]
 
 Each handler is called directly, C calls in flight at a time (what the dispatcher
 does with `concurrency = C`), on N distinct jobs per round; the inbox and the
-dispatcher are not part of it. Baselines, measured in the same run and interleaved
-with the handler's rounds:
+dispatcher are not part of it. `sql` is called both ways in the same run: event by
+event (`__call__`, how every event reached it before batches) and in batches of B
+(`handle_batch`, how the dispatcher calls it now, C batches in flight). Baselines,
+measured in the same run and interleaved with the handler's rounds:
 
 - sql: a plain INSERT of the same row into a copy of the jobs table (and of the event
   row into a copy of the events table, with history), one transaction per event, same
-  driver and concurrency: what the conditional upsert costs over writing the rows.
+  driver and concurrency: what a team writes first, and what the conditional upsert
+  costs over writing the rows.
 - webhook: a bare httpx POST of the same JSON body to the same server, same pool and
   concurrency: what serializing and signing add.
 
 SQLite runs in a temp folder; PostgreSQL and MySQL run when the machine's servers answer
-(see tests/support/databases.py); the webhook goes to a uvicorn server in its own process on
-loopback.
+(see tests/support/databases.py), PostgreSQL also behind bench/delay_proxy.py at each
+`--db-rtt`; the webhook goes to a uvicorn server in its own process on loopback.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ import httpx
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.delay_proxy import database_behind
+from handlers import BatchContext
 from handlers.sql import SqlHandler, async_url
 from handlers.sql_tables import event_row, events_table, job_row, jobs_table
 from handlers.webhook import WebhookHandler
 from receiver import parse_callback
 from receiver.callback.event import Event
+from receiver.dispatch.outcomes import handler_logger
 from tests.support.callbacks import load
 from tests.support.databases import answers, drop_tables, server_url
 from tests.support.processes import free_port, wait_for_port
@@ -67,19 +74,55 @@ async def rate(call: Callable[[Event], Awaitable[None]], events: list[Event], li
     return len(events) / (time.perf_counter() - began)
 
 
+def batched(
+    handle_batch: Callable[[list[Event], BatchContext], Awaitable[object]], size: int
+) -> Callable[[list[Event], int], Awaitable[float]]:
+    """A runner giving the events to `handle_batch` in batches of `size`."""
+    ctx = BatchContext(handler="bench", deadline=0.0, log=handler_logger, runs={})
+
+    async def run(events: list[Event], limit: int) -> float:
+        batches = [events[i : i + size] for i in range(0, len(events), size)]
+
+        gate = asyncio.Semaphore(limit)
+
+        async def one(batch: list[Event]) -> None:
+            async with gate:
+                if await handle_batch(batch, ctx):
+                    raise RuntimeError("the batch handler refused events")
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(batch) for batch in batches))
+        return len(events) / (time.perf_counter() - began)
+
+    return run
+
+
+def one_by_one(
+    call: Callable[[Event], Awaitable[None]],
+) -> Callable[[list[Event], int], Awaitable[float]]:
+    async def run(events: list[Event], limit: int) -> float:
+        return await rate(call, events, limit)
+
+    return run
+
+
 async def best_of(
-    rounds: int, count: int, limit: int, *calls: Callable[[Event], Awaitable[None]]
+    rounds: int, count: int, limit: int, *runners: Callable[[list[Event], int], Awaitable[float]]
 ) -> list[float]:
-    """Best events/s of each call, rounds interleaved; fresh jobs every round."""
-    best = [0.0] * len(calls)
-    await asyncio.gather(*(call(event) for call in calls for event in make_events(20)))  # warm
+    """Best events/s of each runner, rounds interleaved; fresh jobs every round."""
+    best = [0.0] * len(runners)
+    for runner in runners:  # warm
+        await runner(make_events(20), limit)
     for _ in range(rounds):
-        for i, call in enumerate(calls):
-            best[i] = max(best[i], await rate(call, make_events(count), limit))
+        for i, runner in enumerate(runners):
+            best[i] = max(best[i], await runner(make_events(count), limit))
     return best
 
 
-async def bench_sql(url: str, history: bool, args: argparse.Namespace) -> tuple[float, float]:
+async def bench_sql(
+    url: str, history: bool, args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """Events/s: the handler event by event, in batches, and the plain INSERT."""
     suffix = uuid.uuid4().hex[:8]
     options = {
         "url": url,
@@ -105,8 +148,13 @@ async def bench_sql(url: str, history: bool, args: argparse.Namespace) -> tuple[
                 await connection.execute(insert_event, event_row(event, include_raw=False))
 
     try:
-        handled, bare = await best_of(
-            args.rounds, args.events, args.concurrency, handler, bare_insert
+        single, batches, bare = await best_of(
+            args.rounds,
+            args.events,
+            args.concurrency,
+            one_by_one(handler),
+            batched(handler.handle_batch, args.batch_size),
+            one_by_one(bare_insert),
         )
     finally:
         await handler.close()
@@ -115,7 +163,7 @@ async def bench_sql(url: str, history: bool, args: argparse.Namespace) -> tuple[
             url,
             [options["table"], options["events_table"], bare_jobs.name, bare_events.name],
         )
-    return handled, bare
+    return single, batches, bare
 
 
 async def bench_webhook(url: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -134,7 +182,7 @@ async def bench_webhook(url: str, args: argparse.Namespace) -> tuple[float, floa
 
     try:
         handled, bare = await best_of(
-            args.rounds, args.events, args.concurrency, handler, bare_post
+            args.rounds, args.events, args.concurrency, one_by_one(handler), one_by_one(bare_post)
         )
     finally:
         await handler.close()
@@ -156,23 +204,34 @@ def start_sink() -> tuple[subprocess.Popen, str]:
 async def main(args: argparse.Namespace) -> None:
     print(
         f"python {sys.version.split()[0]}, {args.events} events per round, best of "
-        f"{args.rounds}, handler concurrency {args.concurrency}\n"
+        f"{args.rounds}, handler concurrency {args.concurrency}, batches of "
+        f"{args.batch_size}\n"
     )
-    print(f"{'handler':<32}{'events/s':>10}{'baseline':>10}  baseline is")
+    print(
+        f"{'handler':<34}{'events/s':>10}{'batches':>10}{'ratio':>7}{'baseline':>10}  baseline is"
+    )
 
     with tempfile.TemporaryDirectory() as folder:
-        databases = [("SQLite", f"sqlite:///{folder}/bench.db")]
+        databases: list[tuple[str, str, float | None]] = [
+            ("SQLite", f"sqlite:///{folder}/bench.db", None)
+        ]
         for name, backend in (("PostgreSQL", "postgresql"), ("MySQL", "mysql")):
             url = server_url(backend)
-            if answers(url):
-                databases.append((name, url))
-            else:
+            if not answers(url):
                 print(f"({name} does not answer: left out)")
-        for name, url in databases:
-            for history in (False, True):
-                label = f"sql on {name}" + (" + history" if history else "")
-                handled, bare = await bench_sql(url, history, args)
-                print(f"{label:<32}{handled:>10.0f}{bare:>10.0f}  plain INSERT of the same rows")
+                continue
+            databases.append((name, url, None))
+            if backend == "postgresql":
+                databases += [(f"{name} {rtt:g} ms", url, rtt) for rtt in args.db_rtt]
+        for name, url, rtt in databases:
+            with database_behind(url, rtt) as (reached, _):
+                for history in (False, True):
+                    label = f"sql on {name}" + (" + history" if history else "")
+                    single, batches, bare = await bench_sql(reached, history, args)
+                    print(
+                        f"{label:<34}{single:>10.0f}{batches:>10.0f}{batches / single:>6.1f}x"
+                        f"{bare:>10.0f}  plain INSERT, one transaction per event"
+                    )
 
     sink, url = start_sink()
     try:
@@ -181,7 +240,9 @@ async def main(args: argparse.Namespace) -> None:
         sink.terminate()
         sink.wait(10)
     label = "webhook to loopback"
-    print(f"{label:<32}{handled:>10.0f}{bare:>10.0f}  bare httpx POST of the same body")
+    print(
+        f"{label:<34}{handled:>10.0f}{'':>10}{'':>7}{bare:>10.0f}  bare httpx POST of the same body"
+    )
 
 
 if __name__ == "__main__":
@@ -189,4 +250,9 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1000, help="events per round")
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=100, help="events per sql batch")
+    parser.add_argument(
+        "--db-rtt", type=float, nargs="+", default=[], metavar="MS",
+        help="also run PostgreSQL behind the delay proxy at these RTTs",
+    )  # fmt: skip
     asyncio.run(main(parser.parse_args()))
