@@ -64,6 +64,8 @@ class ChatOptions(HttpOptions):
 class ChatHandler(HttpHandler):
     options: ChatOptions
     vendor = "chat robot"
+    # The vendor's documented limit, the `rate` unless the config says otherwise.
+    default_rate: tuple[str, ...] = ()
 
     def __init__(self, options: ChatOptions) -> None:
         super().__init__()
@@ -115,6 +117,8 @@ class WeComHandler(ChatHandler):
     """企业微信 group robot: `https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...`."""
 
     vendor = "wecom robot"
+    # 20 messages a minute per robot, else errcode 45009.
+    default_rate = ("20/min",)
     options: WeComOptions
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -152,6 +156,8 @@ class DingTalkHandler(ChatHandler):
     """钉钉 custom robot: `https://oapi.dingtalk.com/robot/send?access_token=...`."""
 
     vendor = "dingtalk robot"
+    # 20 messages a minute per robot; past it the robot is throttled for 10 minutes.
+    default_rate = ("20/min",)
     options: DingTalkOptions
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -207,6 +213,8 @@ class FeishuHandler(ChatHandler):
     """飞书 custom bot: `https://open.feishu.cn/open-apis/bot/v2/hook/...`."""
 
     vendor = "feishu bot"
+    # 100 a minute and 5 a second per bot, else code 11232.
+    default_rate = ("100/min", "5/s")
     options: FeishuOptions
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -250,6 +258,8 @@ class SlackHandler(ChatHandler):
     """Slack incoming webhook: `https://hooks.slack.com/services/...`, text in mrkdwn."""
 
     vendor = "slack webhook"
+    # One message a second per incoming webhook (short bursts tolerated).
+    default_rate = ("1/s",)
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(ChatOptions.model_validate(options))

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from receiver import envvars
+from receiver import envvars, rates
 from receiver.callback import vocabulary
 from receiver.callback.decode import DEFAULT_LIMITS, Limits
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
@@ -551,6 +551,10 @@ class HandlerConfig(BaseModel):
     # `concurrency` counts batches. Ignored by a handler that takes events one by one.
     batch_size: int = Field(100, ge=1)
     batch_wait: float = Field(0.2, ge=0)
+    # At most this many attempts started in any such window, by all processes together:
+    # "20/min", or a list ["100/min", "5/s"]; "off": none, not even the type's default
+    # (the robots ship their vendor's documented limit). receiver/rates.py.
+    rate: str | list[str] | None = None
     # Whether this handler not running makes /readyz answer 503; None: as
     # [dispatch] unready_on_handler_error says.
     required: bool | None = None
@@ -561,6 +565,12 @@ class HandlerConfig(BaseModel):
         if isinstance(data, dict) and data.get("type") == "log" and "concurrency" not in data:
             return {**data, "concurrency": DEFAULT_LOG_CONCURRENCY}
         return data
+
+    @field_validator("rate")
+    @classmethod
+    def _rate_reads(cls, rate: str | list[str] | None) -> str | list[str] | None:
+        rates.limits(rate, [])  # raises ValueError naming what is wrong
+        return rate
 
     @property
     def options(self) -> dict[str, Any]:

@@ -247,6 +247,9 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         "backoff_initial": 1.0,
         "backoff_max": 600.0,
         "concurrency": 8,
+        "batch_size": 100,
+        "batch_wait": 0.2,
+        "rate": None,
         "required": False,
         # check-config shows every option as the handler will use it, defaults included,
         # and only options the handler takes
@@ -305,3 +308,24 @@ def test_check_config_warns_of_routes_that_miss(tmp_path):
     result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 1
     assert "routes[0].match.state: 'done' can never match: CI sends Submitted" in result.stderr
+
+
+def test_check_config_shows_each_handlers_rate_and_batches_where_it_takes_them(tmp_path):
+    path = write(
+        tmp_path,
+        '[handlers.robot]\ntype = "wecom"\nurl = "https://example.invalid/hook"\n'
+        '[handlers.slower]\ntype = "feishu"\nurl = "https://example.invalid/h"\nrate = "1/s"\n'
+        '[handlers.events]\ntype = "jsonl"\npath = "e.jsonl"\nbatch_size = 500\n',
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    shown = orjson.loads(result.stdout)["handlers"]
+    assert shown["robot"]["rate"] == ["20/min"]  # the vendor's documented limit
+    assert shown["slower"]["rate"] == ["1/s"]
+    assert "batch_size" not in shown["robot"]
+    assert (shown["events"]["batch_size"], shown["events"]["rate"]) == (500, None)
+
+
+def test_a_rate_that_cannot_be_read_is_a_config_error(tmp_path):
+    path = write(tmp_path, '[handlers.robot]\ntype = "log"\nrate = "20 a minute"\n')
+    assert "rate '20 a minute': write it as COUNT/UNIT" in error(path)

@@ -32,8 +32,14 @@ def check_config(config_path: Path | None) -> None:
     for slot in slots:
         # The handler's own view of its options: defaults filled in, SecretStr masked.
         shown = shown_options(slot.handler)
+        entry = effective["handlers"][slot.name]
         if shown is not None:
-            effective["handlers"][slot.name].update(mask_credentials(shown))
+            entry.update(mask_credentials(shown))
+        # What dispatch will use: its limits (the type's default unless configured), the
+        # batch keys only where the handler takes batches.
+        entry["rate"] = [str(limit) for limit in slot.limits] or None
+        if slot.batch is None:
+            del entry["batch_size"], entry["batch_wait"]
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     for warning in warnings(config):
         click.echo(f"warning: {warning}", err=True)

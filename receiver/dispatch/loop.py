@@ -23,16 +23,18 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Protocol
 
 import structlog
 
+from receiver import rates
 from receiver.callback.event import Event
 from receiver.config import DispatchConfig
 from receiver.dispatch import outcomes
 from receiver.dispatch.fresh import FreshEvents
 from receiver.dispatch.slots import HandlerSlots, Slot, SlotMetrics, unmasked
 from receiver.ids import new_id
-from receiver.inbox import Claim, InboxUnavailable, Lease, Leases, RunQueue
+from receiver.inbox import Claim, InboxUnavailable, KeptState, Lease, Leases, RunQueue
 from receiver.metrics import Metrics
 
 logger = structlog.get_logger("ci_receiver.dispatch")
@@ -51,12 +53,18 @@ STORE_END_SECONDS = 1.0
 # pending run of the handlers (those leased included). In between, its last answer stands,
 # and the retries this process records itself bring it forward.
 DUE_CHECK_SECONDS = 0.1
+# The kept state holding a rate limited handler's recent starts (receiver/rates.py).
+RATE_KEY = "rate:"
+
+
+class DispatchInbox(RunQueue, KeptState, Protocol):
+    """What the dispatcher needs of the inbox: its runs, and a kept value (rate limits)."""
 
 
 class Dispatcher:
     def __init__(
         self,
-        inbox: RunQueue,
+        inbox: DispatchInbox,
         slots: list[Slot],
         metrics: Metrics,
         *,
@@ -93,7 +101,8 @@ class Dispatcher:
         self._reserved: dict[str, dict[tuple[str, str], Slot]] = {}
         self._none_reserved = asyncio.Event()
         self._none_reserved.set()
-        # Hand-backs of runs leased here that will not be started here (`_release`).
+        # Hand-backs under way: of runs leased here that will not start here (`_release`),
+        # of turns a batch found no run for (`_giving_back`).
         self._releasing: set[asyncio.Task[None]] = set()
         # Set once the handlers are closed: nothing may start any more.
         self._closed = False
@@ -146,8 +155,9 @@ class Dispatcher:
             for name in names:
                 slot = self._handlers.get(name)
                 key = (event.id, name)
-                # A batch handler's runs are claimed, to be gathered into batches.
-                if slot is None or slot.free <= 0 or slot.batch is not None or key in places:
+                # A batch handler's runs are claimed, to be gathered into batches; a rate
+                # limited one's too, each claim taking its turns first.
+                if slot is None or slot.free <= 0 or slot.batch or slot.limits or key in places:
                     continue
                 slot.running += 1
                 places[key] = slot
@@ -317,7 +327,11 @@ class Dispatcher:
             if slot.batch is not None:
                 await self._claim_batch(slot)
                 continue
-            free = slot.free
+            turns = await self._take_turns(slot, slot.free) if slot.limits else None
+            free = slot.free if turns is None else min(slot.free, turns.granted)
+            if free <= 0:
+                await self._give_back_turns(slot, turns, 0)
+                continue
             # The same on SQLite and PostgreSQL: the handler's own time, then room to
             # record the outcome before another process may take the run.
             lease = slot.config.timeout + self._lease_grace
@@ -335,6 +349,7 @@ class Dispatcher:
             for claim in claims:
                 self._fresh.claimed(claim.event.id, slot.name)
                 self._spawn(slot, claim)
+            await self._give_back_turns(slot, turns, len(claims))
 
     async def _claim_batch(self, slot: Slot) -> None:
         """Gather due runs into the slot's batch, which holds one of its places from its
@@ -347,8 +362,17 @@ class Dispatcher:
             if slot.filling_since is None:
                 if slot.free <= 0:
                     return
+                # A batch is one attempt: one turn of a rate limited handler.
+                turns = await self._take_turns(slot, 1) if slot.limits else None
+                if turns is not None and turns.granted == 0:
+                    return
+                if slot.free <= 0:  # taken meanwhile
+                    await self._give_back_turns(slot, turns, 0)
+                    return
                 slot.running += 1  # the place of the batch about to be gathered
                 slot.filling_since = time.monotonic()
+                if turns is not None:
+                    slot.filling_turns = turns
             want = config.batch_size - len(slot.filling)
             claims: list[Claim] = []
             try:
@@ -362,6 +386,9 @@ class Dispatcher:
                 if not slot.filling:  # nothing due after all: no batch
                     slot.filling_since = None
                     slot.running -= 1
+                    unused, slot.filling_turns = slot.filling_turns, None
+                    if unused is not None:
+                        self._giving_back(slot, unused)
             if len(slot.filling) < config.batch_size:
                 return
             self._start_batch(slot)
@@ -377,10 +404,47 @@ class Dispatcher:
 
     def _start_batch(self, slot: Slot) -> None:
         claims, slot.filling, slot.filling_since = slot.filling, [], None
+        slot.filling_turns = None
         self._handlers.metrics[slot.name].running.inc(len(claims))
         task = self._context.run(asyncio.create_task, self._attempt_batch(slot, claims))
         slot.tasks.add(task)
         task.add_done_callback(slot.tasks.discard)
+
+    async def _take_turns(self, slot: Slot, want: int) -> rates.Turns:
+        """Up to `want` turns of a rate limited handler; out of them, it waits (no claim)
+        until the next frees."""
+        limits = slot.limits
+        turns = await self._inbox.update_state(
+            RATE_KEY + slot.name, lambda log, now: rates.take(log, now, want, limits)
+        )
+        if turns.granted < want:
+            slot.held_until = time.monotonic() + turns.wait
+            if not slot.holding:
+                logger.info(
+                    "handler at its rate limit; its runs wait in the inbox",
+                    handler=slot.name,
+                    rate=", ".join(map(str, limits)),
+                    next_turn_in=round(turns.wait, 3),
+                )
+            slot.holding = True
+        else:
+            slot.holding = False
+        return turns
+
+    async def _give_back_turns(self, slot: Slot, turns: rates.Turns | None, used: int) -> None:
+        """The turns no run was found for, back to the log (others may use them)."""
+        if turns is not None and turns.granted > used:
+            limits, unused = slot.limits, turns.granted - used
+            await self._inbox.update_state(
+                RATE_KEY + slot.name,
+                lambda log, now: (rates.give_back(log, turns, unused, limits), None),
+            )
+
+    def _giving_back(self, slot: Slot, turns: rates.Turns) -> None:
+        """`_give_back_turns` of a batch's turn, from where no await may be (a finally)."""
+        task = self._context.run(asyncio.create_task, self._give_back_turns(slot, turns, 0))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def _spawn(self, slot: Slot, claim: Claim) -> None:
         """Start the attempt of a run claimed or leased, its place already taken."""
@@ -412,6 +476,11 @@ class Dispatcher:
             slot.filling_since + slot.config.batch_wait - now
             for slot in self._handlers
             if slot.filling_since is not None
+        ]
+        waits += [
+            slot.held_until - now
+            for slot in self._handlers
+            if slot.maybe_due and slot.held_until > now and slot.limits
         ]
         if self._due is not None:
             waits.append(self._due - now)

@@ -24,10 +24,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 import handlers as handler_api
 from handlers import AnyHandler, BatchCall, Call
+from receiver import rates
 from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
 from receiver.inbox import Claim
 from receiver.metrics import Metrics
+from receiver.rates import RateLimit, Turns
 
 logger = structlog.get_logger("ci_receiver.dispatch")
 
@@ -51,6 +53,12 @@ class Slot:
     # (monotonic).
     filling: list[Claim] = field(default_factory=list)
     filling_since: float | None = None
+    # Its rate limits (`rate`, else its type's `default_rate`), and until when (monotonic)
+    # it is out of turns.
+    limits: list[RateLimit] = field(init=False)
+    held_until: float = 0.0
+    holding: bool = False  # out of turns at the last asking (logged once)
+    filling_turns: Turns | None = None  # the turn its batch being gathered took
     running: int = 0
     started: bool = False
     start_error: str | None = None
@@ -68,6 +76,7 @@ class Slot:
         self.call = handler_api.calling(self.handler)
         self.takes_context = handler_api.takes_context(self.handler)
         self.batch = handler_api.batch_call(self.handler)
+        self.limits = rates.limits(self.config.rate, getattr(self.handler, "default_rate", ()))
 
     @property
     def free(self) -> int:
@@ -80,7 +89,9 @@ class Slot:
     def can_claim(self) -> bool:
         """Whether a claim could start a run now: a free place, or room in the batch
         being gathered."""
-        return self.free > 0 or self.filling_since is not None
+        if self.filling_since is not None:
+            return True
+        return self.free > 0 and (not self.limits or time.monotonic() >= self.held_until)
 
     @property
     def status(self) -> str:

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -31,6 +31,7 @@ from receiver.inbox.records import (
     pack,
     stored_body,
 )
+from receiver.inbox.roles import StateChange
 from receiver.inbox.types import (
     VERIFY_RUN,
     Attempt,
@@ -70,6 +71,9 @@ NO_LEASES: Leases = {}
 # How long a write that went through vouches for the inbox in ping(): readiness probes
 # add no write of their own to a busy inbox.
 PING_FRESH_SECONDS = 5.0
+
+
+T = TypeVar("T")
 
 
 class InboxReader:
@@ -416,6 +420,17 @@ class InboxManager(InboxReader):
 
     async def delete_state(self, key: str) -> None:
         await self.connector.execute(lambda tx: query.DELETE_STATE(tx, key))
+
+    async def update_state(self, key: str, change: StateChange[T]) -> T:
+        def update(tx: Tx) -> Work[T]:
+            # The row made if missing, and locked (PostgreSQL) until the commit.
+            value, now = yield query.LOCK_STATE(tx, key)
+            new, result = change(value or None, as_datetime(now).timestamp())
+            if new != value:
+                yield query.SET_STATE(tx, key, new)
+            return result
+
+        return await self.connector.write(update)
 
 
 def _delivery(

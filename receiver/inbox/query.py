@@ -608,6 +608,13 @@ SET_STATE = Fixed(
     "INSERT INTO state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     "count",
 )
+# The value of a key ('' if the row is new), and the moment: the row made if missing, and
+# locked (PostgreSQL) until the transaction ends.
+LOCK_STATE = Fixed(
+    "INSERT INTO state VALUES (?, '') ON CONFLICT (key) DO UPDATE SET value = state.value"
+    " RETURNING value, now()",
+    "row",
+)
 # (length of the prefix, prefix)
 STATES = Fixed("SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", "rows")
 DELETE_STATE = Fixed("DELETE FROM state WHERE key = ?", "count")

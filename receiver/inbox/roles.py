@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from receiver.callback.event import Event
 from receiver.inbox.types import (
@@ -34,6 +34,11 @@ from receiver.inbox.types import (
     ToStore,
     Traffic,
 )
+
+T = TypeVar("T")
+# A change of a kept value: (the value, or None; the database's now in seconds since the
+# epoch) -> (the new value, what to give back).
+StateChange = Callable[[str | None, float], tuple[str, T]]
 
 
 class Lifecycle(Protocol):
@@ -253,6 +258,12 @@ class KeptState(Protocol):
         ...
 
     async def delete_state(self, key: str) -> None: ...
+
+    async def update_state(self, key: str, change: StateChange[T]) -> T:
+        """Change a value in one transaction, no other process changing it meanwhile:
+        `change(value or None, now)` (now: the database's clock, in seconds since the
+        epoch) gives the new value and what to return."""
+        ...
 
 
 class ReadOnlyInbox(Lifecycle, Reading, Protocol):

@@ -1,0 +1,93 @@
+"""Rate limits as the dispatcher keeps them (on SQLite and PostgreSQL, the `inbox_place`
+fixture): never more starts in a window than the rate, by every process on the inbox
+together; waiting for a turn is no attempt."""
+
+from __future__ import annotations
+
+import time
+
+from tests.dispatch.test_batches import Batches, all_settled, store_jobs
+from tests.dispatch.test_loop import Recording, dispatcher, statuses, until
+
+
+class Timed(Recording):
+    """Records when each attempt started."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.started: list[float] = []
+
+    async def __call__(self, event) -> None:
+        self.started.append(time.monotonic())
+        await super().__call__(event)
+
+
+def most_in_a_window(starts: list[float], seconds: float) -> int:
+    starts = sorted(starts)
+    return max(sum(1 for other in starts if start <= other < start + seconds) for start in starts)
+
+
+async def test_attempts_start_no_faster_than_the_rate(inbox_place):
+    inbox = await inbox_place.open()
+    timed = Timed()
+    ids = await store_jobs(inbox, 7, handler="robot")
+    d = dispatcher(inbox, robot=(timed, {"rate": "3/1s", "max_attempts": 1}))
+    began = time.monotonic()
+    await d.start()
+    await until(lambda: all_settled(inbox, ids))
+    await d.stop()
+    assert len(timed.started) == 7
+    # The window is the database's clock, this the test's: a little slack at its edges.
+    assert most_in_a_window(timed.started, 0.9) <= 3
+    assert timed.started[-1] - began >= 1.9  # 3 now, 3 a second later, 1 after two
+    # Waiting for a turn was no attempt: one each, none dead-lettered.
+    for event_id in ids:
+        assert await statuses(inbox, event_id) == {"robot": ("done", 1)}
+
+
+async def test_every_process_on_the_inbox_shares_the_rate(inbox_place):
+    inbox, other_replica = await inbox_place.open(), await inbox_place.open()
+    first, second = Timed(delay=0.05), Timed(delay=0.05)
+    ids = await store_jobs(inbox, 8, handler="robot")
+    config = {"rate": "4/1s", "concurrency": 2}
+    one = dispatcher(inbox, robot=(first, config))
+    two = dispatcher(other_replica, robot=(second, config))
+    await one.start()
+    await two.start()
+    await until(lambda: all_settled(inbox, ids))
+    await one.stop()
+    await two.stop()
+    assert len(first.started) + len(second.started) == 8
+    assert first.started  # both took part
+    assert second.started
+    assert most_in_a_window(first.started + second.started, 0.9) <= 4
+
+
+async def test_a_batch_takes_one_turn(inbox_place):
+    inbox = await inbox_place.open()
+    batches = Batches()
+    ids = await store_jobs(inbox, 30, handler="digest")
+    config = {"rate": "2/1s", "batch_size": 10, "batch_wait": 0, "concurrency": 3}
+    d = dispatcher(inbox, digest=(batches, config))
+    began = time.monotonic()
+    await d.start()
+    await until(lambda: all_settled(inbox, ids))
+    took = time.monotonic() - began
+    await d.stop()
+    assert [len(b) for b in batches.batches] == [10, 10, 10]
+    assert took >= 0.9  # two batches at once, the third a second later
+
+
+async def test_the_robots_ship_their_vendors_limits():
+    from handlers import build
+    from receiver.config import HandlerConfig
+    from receiver.dispatch.slots import Slot
+
+    def slot(type_name: str, **config) -> Slot:
+        handler = build(type_name, {"url": "https://example.invalid/hook"})
+        return Slot(type_name, handler, HandlerConfig(type=type_name, **config))
+
+    assert [str(r) for r in slot("wecom").limits] == ["20/min"]
+    assert [str(r) for r in slot("feishu").limits] == ["100/min", "5/s"]
+    assert slot("wecom", rate="off").limits == []
+    assert [str(r) for r in slot("wecom", rate="30/10s").limits] == ["30/10s"]
