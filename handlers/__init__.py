@@ -17,6 +17,9 @@ A handler that defines `handle_batch` (`BatchHandler`) is given many events at o
 instead: up to its `batch_size` due runs, gathered for at most `batch_wait` seconds.
 It returns the events that did not succeed, by id, each with what it would have raised
 alone (`Retry`, `Fail`, another exception); the others succeeded. Raising fails them all.
+Its `batching` attribute, if it has one, gives its own `batch_size` / `batch_wait`
+defaults (`Batching`), or None to take events one by one after all (a robot without a
+digest).
 
 A `type` in the config names a built-in (`log`, `jsonl`, `sql`, `webhook`, ...), an
 entry point of the group `ci_receiver.handlers`, or a dotted path
@@ -80,6 +83,9 @@ class Context:
     max_attempts: int  # the handler's `max_attempts`: after that one, a dead letter
     deadline: float  # `time.monotonic()` by which the attempt must end (its `timeout`)
     log: structlog.stdlib.BoundLogger  # bound to the event, the handler and the attempt
+    # The inspector's public base URL (`[admin] public_url`), for a link a person can
+    # follow to the event; None when not configured.
+    inspector_url: str | None = None
 
     @property
     def last(self) -> bool:
@@ -104,12 +110,22 @@ class BatchContext:
     deadline: float  # `time.monotonic()` by which the whole batch must end
     log: structlog.stdlib.BoundLogger  # bound to the handler and the batch's size
     runs: Mapping[str, Context]  # each event's context, by event id
+    inspector_url: str | None = None  # as `Context.inspector_url`
 
     def of(self, event: Event) -> Context:
         return self.runs[event.id]
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """A batch handler's own defaults for `batch_size` and `batch_wait` (the config's
+    keys, when given, win); None leaves the config's default."""
+
+    size: int | None = None
+    wait: float | None = None
 
 
 # What `handle_batch` returns: the events that did not succeed, by event id, each with
@@ -276,9 +292,16 @@ def takes_context(handler: object) -> bool:
 
 
 def batch_call(handler: object) -> BatchCall | None:
-    """The handler's `handle_batch`, if it takes batches."""
+    """The handler's `handle_batch`, if it takes batches (its `batching` is not None)."""
     method = getattr(handler, "handle_batch", None)
-    return cast(BatchCall, method) if callable(method) else None
+    if not callable(method) or getattr(handler, "batching", Batching()) is None:
+        return None
+    return cast(BatchCall, method)
+
+
+def batching(handler: object) -> Batching:
+    """The handler's own batch defaults (none: the config's)."""
+    return getattr(handler, "batching", None) or Batching()
 
 
 def calling(handler: AnyHandler) -> Call:

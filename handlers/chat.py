@@ -1,10 +1,12 @@
 """Chat robots: `wecom` (企业微信), `dingtalk` (钉钉), `feishu` (飞书) and `slack`.
 
 Each posts one readable message per event (see `handlers.message`) to the robot's
-webhook URL. WeCom, DingTalk and Feishu answer HTTP 200 even when they refuse a
-message, with an error code in the body: a rate limit or a busy server is retried,
-anything else (bad token, missing keyword, bad signature) fails at once, since
-retrying cannot fix it. Slack answers `ok`, or an error status with a reason.
+webhook URL, or with `digest = "1m"` one message per minute's events (`handlers.digest`),
+no faster than the vendor's documented rate (`default_rate`). WeCom, DingTalk and
+Feishu answer HTTP 200 even when they refuse a message, with an error code in the body:
+a rate limit or a busy server is retried, anything else (bad token, missing keyword, bad
+signature) fails at once, since retrying cannot fix it. Slack answers `ok`, or an error
+status with a reason.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 from pydantic import SecretStr, field_validator
 
-from handlers import Fail, Retry
+from handlers import BatchContext, BatchResult, Fail, Retry, digest
+from handlers.digest import DigestOptions
 from handlers.http import HttpHandler, HttpOptions, check_status, excerpt, retry_after
 from handlers.markup import (
     CHAT_TEXT,
@@ -43,7 +47,7 @@ DINGTALK_RETRYABLE = {-1, 130101, 410100, 90030}  # sending too fast / over the 
 FEISHU_RETRYABLE = {-1, 11232}  # 11232: frequency limited
 
 
-class ChatOptions(HttpOptions):
+class ChatOptions(HttpOptions, DigestOptions):
     # The robot's webhook URL: a secret, since it carries the robot's token or key.
     url: SecretStr
     template: str = DEFAULT_TEMPLATE
@@ -61,6 +65,16 @@ class ChatOptions(HttpOptions):
         return value
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What a robot sends, in whichever markup it writes: a short title (a notification's
+    preview, a card's header), the text, and whether it reports a failure."""
+
+    title: Callable[[Markup], str]
+    text: Callable[[Markup], str]
+    failed: bool
+
+
 class ChatHandler(HttpHandler):
     options: ChatOptions
     vendor = "chat robot"
@@ -71,6 +85,39 @@ class ChatHandler(HttpHandler):
         super().__init__()
         self.options = options
         self._zone = parse_timezone(options.timezone)
+        # With a digest, events come in batches: the window's.
+        self.batching = options.batching()
+
+    async def __call__(self, event: Event) -> None:
+        title = getattr(self.options, "title", "$title")
+        await self.send(
+            Message(
+                title=lambda markup: self.message(event, markup, title),
+                text=lambda markup: self.message(event, markup),
+                failed=event.state not in (None, "Success"),
+            )
+        )
+
+    async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
+        """A digest of the events; one event alone, its usual message."""
+        if len(events) == 1:
+            await self(events[0])
+            return None
+        link = digest.events_link(ctx.inspector_url, ctx.handler, events)
+        lines = self.options.digest_lines
+        await self.send(
+            Message(
+                title=lambda markup: markup.escape(digest.title(events)),
+                text=lambda markup: digest.body(
+                    events, markup, lambda event: self.message(event, markup), lines, link
+                ),
+                failed=digest.failed(events),
+            )
+        )
+        return None
+
+    async def send(self, message: Message) -> None:
+        raise NotImplementedError
 
     def message(self, event: Event, markup: Markup, template: str | None = None) -> str:
         return render(template or self.options.template, event, markup, self._zone)
@@ -124,9 +171,9 @@ class WeComHandler(ChatHandler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(WeComOptions.model_validate(options))
 
-    async def __call__(self, event: Event) -> None:
+    async def send(self, message: Message) -> None:
         kind = self.options.msgtype
-        content = self.message(event, WECOM_MARKDOWN if kind == "markdown" else CHAT_TEXT)
+        content = message.text(WECOM_MARKDOWN if kind == "markdown" else CHAT_TEXT)
         content = truncate_utf8(content, WECOM_MAX_BYTES[kind])
         payload = {"msgtype": kind, kind: {"content": content}}
         response = await self.post(self.options.url.get_secret_value(), json=payload)
@@ -163,18 +210,18 @@ class DingTalkHandler(ChatHandler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(DingTalkOptions.model_validate(options))
 
-    async def __call__(self, event: Event) -> None:
+    async def send(self, message: Message) -> None:
         options = self.options
         if options.msgtype == "markdown":
             payload: dict[str, Any] = {
                 "msgtype": "markdown",
                 "markdown": {
-                    "title": self.message(event, TEXT, options.title),
-                    "text": self.message(event, DINGTALK_MARKDOWN),
+                    "title": message.title(TEXT),
+                    "text": message.text(DINGTALK_MARKDOWN),
                 },
             }
         else:
-            payload = {"msgtype": "text", "text": {"content": self.message(event, CHAT_TEXT)}}
+            payload = {"msgtype": "text", "text": {"content": message.text(CHAT_TEXT)}}
         url = httpx.URL(options.url.get_secret_value())
         if options.secret is not None:
             timestamp = int(time.time() * 1000)
@@ -220,28 +267,25 @@ class FeishuHandler(ChatHandler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(FeishuOptions.model_validate(options))
 
-    async def __call__(self, event: Event) -> None:
+    async def send(self, message: Message) -> None:
         options = self.options
         payload: dict[str, Any]
         if options.msgtype == "markdown":
-            failed = event.state not in (None, "Success")
             payload = {
                 "msg_type": "interactive",
                 "card": {
                     "header": {
                         "title": {
                             "tag": "plain_text",
-                            "content": self.message(event, TEXT, options.title),
+                            "content": message.title(TEXT),
                         },
-                        "template": "red" if failed else "green",
+                        "template": "red" if message.failed else "green",
                     },
-                    "elements": [
-                        {"tag": "markdown", "content": self.message(event, FEISHU_MARKDOWN)}
-                    ],
+                    "elements": [{"tag": "markdown", "content": message.text(FEISHU_MARKDOWN)}],
                 },
             }
         else:
-            payload = {"msg_type": "text", "content": {"text": self.message(event, FEISHU_TEXT)}}
+            payload = {"msg_type": "text", "content": {"text": message.text(FEISHU_TEXT)}}
         if options.secret is not None:
             timestamp = int(time.time())
             payload["timestamp"] = str(timestamp)
@@ -264,8 +308,8 @@ class SlackHandler(ChatHandler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(ChatOptions.model_validate(options))
 
-    async def __call__(self, event: Event) -> None:
-        payload = {"text": self.message(event, SLACK)}
+    async def send(self, message: Message) -> None:
+        payload = {"text": message.text(SLACK)}
         response = await self.post(self.options.url.get_secret_value(), json=payload)
         check_status(response)
         # Slack answers a bare `ok`; anything else is a refusal it explains in the body.

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Literal
 
 import aiosmtplib
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from handlers import Fail, Retry
-from handlers.markup import HTML, TEXT
+from handlers import BatchContext, BatchResult, Fail, Retry, digest
+from handlers.digest import DigestOptions
+from handlers.markup import HTML, TEXT, Markup
 from handlers.message import DEFAULT_TEMPLATE, check_template, render
 from receiver.callback.event import Event
 from receiver.timezones import check_timezone, parse_timezone
@@ -29,7 +30,7 @@ from receiver.timezones import check_timezone, parse_timezone
 DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 
 
-class EmailOptions(BaseModel):
+class EmailOptions(DigestOptions):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     host: str
@@ -69,6 +70,8 @@ class EmailHandler:
         self.options = EmailOptions.model_validate(options)
         self._tls: ssl.SSLContext | None = None
         self._zone = parse_timezone(self.options.timezone)
+        # With a digest, events come in batches: the window's.
+        self.batching = self.options.batching()
 
     async def start(self) -> None:
         where = f"smtp://{self.options.host}:{self.options.port}"
@@ -87,7 +90,18 @@ class EmailHandler:
             raise RuntimeError(f"cannot connect to {where}: {exc}") from None
 
     async def __call__(self, event: Event) -> None:
-        message = self.message(event)
+        await self.send(self.message(event))
+
+    async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
+        """One mail for the digest's events; one event alone, its usual mail."""
+        if len(events) == 1:
+            await self(events[0])
+        else:
+            link = digest.events_link(ctx.inspector_url, ctx.handler, events)
+            await self.send(self.digest_message(events, link))
+        return None
+
+    async def send(self, message: EmailMessage) -> None:
         try:
             smtp = self._client()
             async with smtp:
@@ -108,20 +122,46 @@ class EmailHandler:
 
     def message(self, event: Event) -> EmailMessage:
         options = self.options
+        return self._mail(
+            render(options.subject, event, TEXT, self._zone),
+            [event],
+            lambda markup: render(options.template, event, markup, self._zone),
+        )
+
+    def digest_message(self, events: Sequence[Event], link: str | None) -> EmailMessage:
+        """The digest: its subject the subject template with the digest's title as
+        `$title` (other fields: the first event's)."""
+        options = self.options
+        subject = render(
+            options.subject, events[0], TEXT, self._zone, title_text=digest.title(events)
+        )
+
+        def one(markup: Markup) -> Callable[[Event], str]:
+            return lambda event: render(options.template, event, markup, self._zone)
+
+        return self._mail(
+            subject,
+            events,
+            lambda markup: digest.body(events, markup, one(markup), options.digest_lines, link),
+        )
+
+    def _mail(
+        self, subject: str, events: Sequence[Event], text: Callable[[Markup], str]
+    ) -> EmailMessage:
+        options = self.options
         message = EmailMessage()
-        message["Subject"] = " ".join(render(options.subject, event, TEXT, self._zone).split())
+        message["Subject"] = " ".join(subject.split())
         message["From"] = options.sender
         message["To"] = ", ".join(options.to)
         message["Date"] = formatdate(usegmt=True)
-        # The same event always gets the same Message-ID, so a repeat after a crash can
+        # The same events always get the same Message-ID, so a repeat after a crash can
         # be recognized by mail clients and filters.
-        digest = hashlib.sha256(event.id.encode()).hexdigest()[:32]
-        message["Message-ID"] = f"<{digest}@ci-receiver>"
-        message.set_content(render(options.template, event, TEXT, self._zone))
+        ids = "\n".join(event.id for event in events)
+        message["Message-ID"] = f"<{hashlib.sha256(ids.encode()).hexdigest()[:32]}@ci-receiver>"
+        message.set_content(text(TEXT))
         if options.html:
-            body = render(options.template, event, HTML, self._zone)
             message.add_alternative(
-                f'<html><body style="font-family: sans-serif">{body}</body></html>',
+                f'<html><body style="font-family: sans-serif">{text(HTML)}</body></html>',
                 subtype="html",
             )
         return message

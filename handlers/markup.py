@@ -36,13 +36,19 @@ from dataclasses import dataclass
 ZERO_WIDTH_SPACE = "\u200b"
 
 
+def _plain_link(text: str, url: str) -> str:
+    return f"{text}: {url}"
+
+
 @dataclass(frozen=True, slots=True)
 class Markup:
-    """How a target writes a bold label and a line break, and a value as itself."""
+    """How a target writes a bold label, a line break, a link of ours (text and URL from
+    the config, never from a callback), and a value as itself."""
 
     bold: Callable[[str], str]
     escape: Callable[[str], str]
     newline: str = "\n"
+    link: Callable[[str, str], str] = _plain_link
 
 
 def one_line(text: str) -> str:
@@ -105,17 +111,35 @@ def _markdown_bold(label: str) -> str:
     return f"**{label}**"
 
 
+def _markdown_link(text: str, url: str) -> str:
+    # A parenthesis or a space would end the link's URL early.
+    url = url.replace("(", "%28").replace(")", "%29").replace(" ", "%20")
+    return f"[{text}]({url})"
+
+
+def _slack_link(text: str, url: str) -> str:
+    url = url.replace("|", "%7C").replace("<", "%3C").replace(">", "%3E")
+    return f"<{url}|{text}>"
+
+
+def _html_link(text: str, url: str) -> str:
+    return f'<a href="{html.escape(url)}">{html.escape(text)}</a>'
+
+
 # Plain text as it is (e-mail); in a chat message, on one line.
 TEXT = Markup(bold=lambda label: label, escape=lambda text: text)
 CHAT_TEXT = Markup(bold=lambda label: label, escape=one_line)
 FEISHU_TEXT = Markup(bold=lambda label: label, escape=_feishu_text_escape)
-WECOM_MARKDOWN = Markup(bold=_markdown_bold, escape=_break_markdown)
+WECOM_MARKDOWN = Markup(bold=_markdown_bold, escape=_break_markdown, link=_markdown_link)
 # DingTalk's markdown joins single newlines into one paragraph.
-DINGTALK_MARKDOWN = Markup(bold=_markdown_bold, escape=_break_markdown, newline="\n\n")
-FEISHU_MARKDOWN = Markup(bold=_markdown_bold, escape=_feishu_escape)
-SLACK = Markup(bold=lambda label: f"*{label}*", escape=_slack_escape)
+DINGTALK_MARKDOWN = Markup(
+    bold=_markdown_bold, escape=_break_markdown, newline="\n\n", link=_markdown_link
+)
+FEISHU_MARKDOWN = Markup(bold=_markdown_bold, escape=_feishu_escape, link=_markdown_link)
+SLACK = Markup(bold=lambda label: f"*{label}*", escape=_slack_escape, link=_slack_link)
 HTML = Markup(
     bold=lambda label: f"<b>{label}</b>",
     escape=lambda text: html.escape(text, quote=False),
     newline="<br>\n",
+    link=_html_link,
 )

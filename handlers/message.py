@@ -60,11 +60,19 @@ def check_template(template: str) -> str:
     return template
 
 
-def render(template: str, event: Event, markup: Markup, zone: tzinfo = timezone.utc) -> str:
-    """The message, its values escaped for `markup`, its times in `zone`."""
+def render(
+    template: str,
+    event: Event,
+    markup: Markup,
+    zone: tzinfo = timezone.utc,
+    *,
+    title_text: str | None = None,
+) -> str:
+    """The message, its values escaped for `markup`, its times in `zone`; `title_text`
+    in place of the event's `$title` (a digest's)."""
     fields = plain_fields(event, zone)
     values = {name: markup.escape(value) for name, value in fields.items()}
-    values["title"] = markup.escape(title(event))
+    values["title"] = markup.escape(title(event) if title_text is None else title_text)
     values["details"] = details(fields, event, markup)
     # The newlines the user wrote are the target's line breaks too.
     return Template(template.replace("\n", markup.newline)).substitute(values)

@@ -211,6 +211,21 @@ class AdminConfig(Section):
     # Credentials that may only look (every GET), never replay.
     read_token: SecretStr | None = None
     read_basic_auth: dict[str, SecretStr] = {}
+    # This listener's base URL as people reach it (https://ci.example.com, behind a
+    # proxy): with `inspector`, handlers link to its pages (a digest to its events).
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_http(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+            raise ValueError("must be an http:// or https:// URL without a query")
+        return url.rstrip("/") if url else url
+
+    @property
+    def inspector_url(self) -> str | None:
+        """The inspector's public base URL, when there is one to link to."""
+        return f"{self.public_url}/inspector" if self.inspector and self.public_url else None
 
     @field_validator("basic_auth", "read_basic_auth")
     @classmethod

@@ -40,6 +40,8 @@ def check_config(config_path: Path | None) -> None:
         entry["rate"] = [str(limit) for limit in slot.limits] or None
         if slot.batch is None:
             del entry["batch_size"], entry["batch_wait"]
+        else:
+            entry["batch_size"], entry["batch_wait"] = slot.batch_size, slot.batch_wait
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     for warning in warnings(config):
         click.echo(f"warning: {warning}", err=True)

@@ -357,7 +357,7 @@ class Dispatcher:
         free and runs due."""
         config = slot.config
         # The batch's gathering, then the handler's own time, then room to record.
-        lease = config.batch_wait + config.timeout + self._lease_grace
+        lease = slot.batch_wait + config.timeout + self._lease_grace
         while slot.maybe_due and not self._stopping:
             if slot.filling_since is None:
                 if slot.free <= 0:
@@ -373,7 +373,7 @@ class Dispatcher:
                 slot.filling_since = time.monotonic()
                 if turns is not None:
                     slot.filling_turns = turns
-            want = config.batch_size - len(slot.filling)
+            want = slot.batch_size - len(slot.filling)
             claims: list[Claim] = []
             try:
                 known = self._fresh.for_handler(slot.name)
@@ -389,7 +389,7 @@ class Dispatcher:
                     unused, slot.filling_turns = slot.filling_turns, None
                     if unused is not None:
                         self._giving_back(slot, unused)
-            if len(slot.filling) < config.batch_size:
+            if len(slot.filling) < slot.batch_size:
                 return
             self._start_batch(slot)
 
@@ -399,7 +399,7 @@ class Dispatcher:
         now = time.monotonic()
         for slot in self._handlers:
             since = slot.filling_since
-            if since is not None and (not waited or now - since >= slot.config.batch_wait):
+            if since is not None and (not waited or now - since >= slot.batch_wait):
                 self._start_batch(slot)
 
     def _start_batch(self, slot: Slot) -> None:
@@ -473,7 +473,7 @@ class Dispatcher:
                 self._due = answer if self._due is None else min(answer, self._due)
         waits = [self._poll_interval, *self._handlers.seconds_to_next_start()]
         waits += [
-            slot.filling_since + slot.config.batch_wait - now
+            slot.filling_since + slot.batch_wait - now
             for slot in self._handlers
             if slot.filling_since is not None
         ]

@@ -86,6 +86,7 @@ def context(slot: Slot, claim: Claim, deadline: float) -> Context:
         max_attempts=slot.config.max_attempts,
         deadline=deadline,
         log=handler_logger.bind(handler=slot.name, event_id=claim.event.id, attempt=number),
+        inspector_url=slot.inspector_url,
     )
 
 
@@ -120,6 +121,7 @@ async def attempt_batch(slot: Slot, claims: list[Claim], metrics: SlotMetrics) -
                 deadline=deadline,
                 log=handler_logger.bind(handler=slot.name, batch=len(claims)),
                 runs={claim.event.id: context(slot, claim, deadline) for claim in claims},
+                inspector_url=slot.inspector_url,
             )
             not_done = await slot.batch([claim.event for claim in claims], ctx) or {}
     except Exception as exc:

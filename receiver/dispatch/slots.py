@@ -49,6 +49,8 @@ class Slot:
     call: Call = field(init=False)
     takes_context: bool = field(init=False)
     batch: BatchCall | None = field(init=False)
+    batch_size: int = field(init=False)
+    batch_wait: float = field(init=False)
     # A batch handler's batch being gathered (it holds one of the places), and since when
     # (monotonic).
     filling: list[Claim] = field(default_factory=list)
@@ -57,6 +59,8 @@ class Slot:
     # it is out of turns.
     limits: list[RateLimit] = field(init=False)
     held_until: float = 0.0
+    # Where its context points people to (`Context.inspector_url`).
+    inspector_url: str | None = None
     holding: bool = False  # out of turns at the last asking (logged once)
     filling_turns: Turns | None = None  # the turn its batch being gathered took
     running: int = 0
@@ -76,6 +80,16 @@ class Slot:
         self.call = handler_api.calling(self.handler)
         self.takes_context = handler_api.takes_context(self.handler)
         self.batch = handler_api.batch_call(self.handler)
+        # The config's keys where given, else the handler's own defaults, else the config's.
+        own, given = handler_api.batching(self.handler), self.config.model_fields_set
+        self.batch_size = (
+            own.size if own.size and "batch_size" not in given else self.config.batch_size
+        )
+        self.batch_wait = (
+            own.wait
+            if own.wait is not None and "batch_wait" not in given
+            else self.config.batch_wait
+        )
         self.limits = rates.limits(self.config.rate, getattr(self.handler, "default_rate", ()))
 
     @property

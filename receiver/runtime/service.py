@@ -49,7 +49,9 @@ def build_slots(config: Config) -> list[Slot]:
             handler = handler_api.build(handler_config.type, handler_config.options)
         except handler_api.HandlerConfigError as exc:
             raise handler_api.HandlerConfigError(f"handlers.{name}: {exc}") from exc
-        slots.append(Slot(name, handler, handler_config))
+        slot = Slot(name, handler, handler_config)
+        slot.inspector_url = config.admin.inspector_url
+        slots.append(slot)
     return slots
 
 

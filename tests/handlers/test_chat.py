@@ -9,6 +9,7 @@ import html
 import json
 import logging
 import os
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,8 +17,9 @@ import pytest
 from markdown_it import MarkdownIt
 
 import handlers
-from handlers import Fail, Retry
+from handlers import BatchContext, Fail, Retry
 from receiver.callback.event import Event
+from receiver.dispatch.outcomes import handler_logger
 from tests.support.handler_runs import run_handler
 from tests.support.http_peers import (
     HttpPeer,
@@ -435,3 +437,135 @@ async def test_the_robot_url_never_reaches_the_logs(vendor, request, capsys, res
 def test_a_template_naming_an_unknown_field_is_refused(type_name):
     with pytest.raises(handlers.HandlerConfigError, match=r"template: unknown field \$jobid"):
         handlers.build(type_name, {"url": "https://example.com/hook", "template": "$jobid"})
+
+
+# --- digests ----------------------------------------------------------------------------
+
+INSPECTOR = "https://ci.example.com/inspector"
+WINDOW_START = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+
+
+def digest_events() -> list[Event]:
+    """A minute's worth: a forged failure first, eight failed transcodes, three snapshots."""
+    transcode = event("transcode_failed.json")
+    snapshot = event("snapshot.xml")
+    made = [forged()]
+    made += [
+        dataclasses.replace(transcode, id=f"job:jt{i}:Failed", job_id=f"jt{i}") for i in range(8)
+    ]
+    made += [
+        dataclasses.replace(snapshot, id=f"job:js{i}:Success", job_id=f"js{i}") for i in range(3)
+    ]
+    return [
+        dataclasses.replace(one, received_at=WINDOW_START + timedelta(seconds=i))
+        for i, one in enumerate(made)
+    ]
+
+
+async def digest_sent_to(robot: str, request, inspector: str | None = INSPECTOR) -> dict:
+    vendor, options, _ = ROBOTS[robot]
+    peer = request.getfixturevalue(vendor)
+    handler = handlers.build(vendor, {"url": peer.hook, "digest": "1m", **options})
+    ctx = BatchContext(
+        handler="robot", deadline=0.0, log=handler_logger, runs={}, inspector_url=inspector
+    )
+    await handlers.start(handler)
+    try:
+        assert await handler.handle_batch(digest_events(), ctx) is None
+    finally:
+        await handlers.close(handler)
+    [sent] = peer.requests
+    body = sent.json()
+    for signed in ("timestamp", "sign"):
+        body.pop(signed, None)
+    return body
+
+
+@pytest.mark.parametrize("robot", ROBOTS)
+async def test_each_robot_gets_the_digest_in_its_golden_file(robot, request):
+    body = golden_text(await digest_sent_to(robot, request))
+    path = GOLDEN / f"{robot}-digest.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(body)
+    assert body == path.read_text()
+
+
+@pytest.mark.parametrize("robot", ["wecom-markdown", "dingtalk-markdown", "feishu-markdown"])
+async def test_a_digest_links_only_to_the_inspector(robot, request):
+    content = ROBOTS[robot][2](await digest_sent_to(robot, request))
+    tokens = commonmark(content)
+    links = [
+        child.attrs["href"]
+        for token in tokens
+        for child in token.children or ()
+        if child.type == "link_open"
+    ]
+    expected = (
+        f"{INSPECTOR}/events?handler=robot&since=2026-12-01T10%3A00%3A00%2B00%3A00"
+        "&until=2026-12-01T10%3A00%3A11.000001%2B00%3A00"
+    )
+    assert links == [expected]
+    assert not kinds(tokens) & {"image", "html_inline", "html_block", "autolink", "heading_open"}
+    assert content.count("**State**: Failed") == 5  # the first five listed
+    assert content.rstrip().endswith("and 7 more")
+
+
+async def test_a_digest_counts_by_state_and_tag_and_needs_no_inspector(request):
+    body = await digest_sent_to("dingtalk-markdown", request, inspector=None)
+    title = body["markdown"]["title"]
+    assert title.startswith("9 failed: Transcode 8, ")
+    assert title.endswith("; 3 success: Snapshot 3")
+    assert "inspector" not in body["markdown"]["text"]
+
+
+async def test_a_digest_of_one_event_is_its_usual_message(wecom):
+    handler = handlers.build("wecom", {"url": wecom.hook, "digest": "1m"})
+    ctx = BatchContext(handler="robot", deadline=0.0, log=handler_logger, runs={})
+    await handlers.start(handler)
+    try:
+        await handler.handle_batch([event("smartcover.xml")], ctx)
+    finally:
+        await handlers.close(handler)
+    await run_handler("wecom", {"url": wecom.hook}, event("smartcover.xml"))
+    first, second = wecom.requests
+    assert first.json() == second.json()
+
+
+def test_a_digest_window_that_cannot_be_read_is_refused():
+    with pytest.raises(handlers.HandlerConfigError, match=r"digest: .*a window like '30s'"):
+        handlers.build("wecom", {"url": "https://example.com/hook", "digest": "soon"})
+
+
+def test_only_a_robot_with_a_digest_takes_batches():
+    plain = handlers.build("wecom", {"url": "https://example.com/hook"})
+    digesting = handlers.build("wecom", {"url": "https://example.com/hook", "digest": "2m"})
+    assert handlers.batch_call(plain) is None
+    assert handlers.batch_call(digesting) is not None
+    assert digesting.batching == handlers.Batching(size=1000, wait=120.0)
+
+
+async def test_a_digest_through_the_dispatcher_is_one_message_and_retried_as_one(wecom, inbox):
+    """12 events routed to a robot with `digest = "1s"`, stored at once: one message for
+    all; refused once for the rate (45009), the digest is sent again whole, and each
+    event is recorded done with two attempts."""
+    from receiver.config import HandlerConfig
+    from receiver.dispatch.loop import Dispatcher
+    from receiver.dispatch.slots import Slot
+    from receiver.metrics import Metrics
+    from tests.dispatch.test_batches import all_settled, store_jobs
+    from tests.dispatch.test_loop import statuses, until
+
+    wecom.replies = [Reply(body={"errcode": 45009, "errmsg": "api freq out of limit"})]
+    robot = handlers.build("wecom", {"url": wecom.hook, "digest": "1s"})
+    config = HandlerConfig(type="wecom", backoff_initial=0.2, backoff_max=0.2)
+    d = Dispatcher(inbox, [Slot("robot", robot, config)], Metrics(), poll_interval=0.05)
+    ids = await store_jobs(inbox, 12, handler="robot")
+    await d.start()
+    await until(lambda: all_settled(inbox, ids))
+    await d.stop()
+    refused, sent = (request.json()["markdown"]["content"] for request in wecom.requests)
+    assert refused == sent
+    assert sent.startswith("**12 success: Transcode 12**")
+    assert sent.rstrip().endswith("and 7 more")
+    for event_id in ids:
+        assert await statuses(inbox, event_id) == {"robot": ("done", 2)}

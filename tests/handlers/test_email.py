@@ -198,3 +198,33 @@ def test_username_without_password_is_refused():
         handlers.build(
             "email", {"host": "smtp.example.com", "username": "u", "from": "a@b", "to": ["c@d"]}
         )
+
+
+async def test_a_digest_is_one_mail_counting_the_events_with_a_link(starttls_relay):
+    from handlers import BatchContext
+    from receiver.dispatch.outcomes import handler_logger
+    from tests.handlers.test_chat import digest_events
+
+    mailbox, port, ca_file = starttls_relay
+    handler = handlers.build("email", options(port, ca_file, digest="5m", digest_lines=2))
+    ctx = BatchContext(
+        handler="mail",
+        deadline=0.0,
+        log=handler_logger,
+        runs={},
+        inspector_url="https://ci.example.com/inspector",
+    )
+    await handlers.start(handler)
+    try:
+        assert await handler.handle_batch(digest_events(), ctx) is None
+    finally:
+        await handlers.close(handler)
+    [mail] = mailbox.messages()
+    assert mail["Subject"].startswith("[ci-receiver] 9 failed: Transcode 8, ")
+    text = mail.get_body(("plain",)).get_content()
+    assert "All 12 in the inspector: https://ci.example.com/inspector/events?handler=mail&" in text
+    assert text.rstrip().endswith("and 10 more")
+    assert text.count("State: Failed") == 2
+    html_part = mail.get_body(("html",)).get_content()
+    assert '<a href="https://ci.example.com/inspector/events?handler=mail&amp;since=' in html_part
+    assert "<at id=all>" not in html_part  # the forged event's values, escaped as ever
