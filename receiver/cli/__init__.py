@@ -10,7 +10,7 @@ from receiver.cli.prune import prune
 from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
 from receiver.cli.serving import consume, run_all, serve
-from receiver.cli.setup import check_config, send
+from receiver.cli.setup import check_config, new_handler, send
 from receiver.cli.stats import stats
 
 
@@ -26,6 +26,7 @@ for command in (
     run_all,
     check_config,
     send,
+    new_handler,
     events,
     stats,
     replay,

@@ -79,3 +79,32 @@ def _header(text: str) -> tuple[str, str]:
     if not separator:
         raise click.BadParameter(f"{text!r} is not 'Name: value'", param_hint="--header")
     return name.strip(), value.strip()
+
+
+@click.command("new-handler")
+@click.argument("name")
+@click.option(
+    "--into",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="The folder to write the package's folder in.",
+)
+def new_handler(name: str, into: Path) -> None:
+    """Write a package of a handler of your own, NAME (`type = "NAME"` once installed):
+    the handler with typed options, and tests on sample callbacks that pass as written."""
+    from receiver.scaffold import Names, ScaffoldError, write
+
+    try:
+        root = write(name, into)
+    except ScaffoldError as exc:
+        raise click.ClickException(str(exc)) from None
+    names = Names.of(name)
+    click.echo(f"wrote {root}")
+    click.echo(
+        "\nnext:\n"
+        f"  pip install -e '{root}[test]'   # where ci-receiver runs\n"
+        f"  pytest {root}\n"
+        f"  edit {root / names.module / '__init__.py'}\n"
+        f'  and in the config: [handlers.{names.name}] type = "{names.name}"'
+    )

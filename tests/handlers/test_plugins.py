@@ -172,3 +172,17 @@ def test_a_handler_written_against_the_former_module_name_still_loads(tmp_path, 
         handler = handlers.build("old_plugin:handle", {})
     assert handler.__globals__["Event"] is Event
     del sys.modules["old_plugin"]
+
+
+def test_the_examples_own_tests_pass_on_the_test_kit(tmp_path):
+    """examples/custom-handler/tests, run as its author runs them: in its folder, with
+    its pytest settings, the kit's fixtures from the installed ci-receiver."""
+    source = tmp_path / "source"
+    shutil.copytree(EXAMPLE, source)
+    ran = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, cwd=source, timeout=300,
+        env={**os.environ, "PYTHONPATH": f"{source}{os.pathsep}{REPO}"},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "4 passed" in ran.stdout

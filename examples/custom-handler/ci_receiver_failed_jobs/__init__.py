@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from handlers import Context, Handler
 from receiver import Event
 
 
@@ -19,7 +20,7 @@ def file_name(job_id: str) -> str:
     return hashlib.sha256(job_id.encode()).hexdigest()
 
 
-class FailedJobs:
+class FailedJobs(Handler):
     def __init__(self, options: Mapping[str, Any]) -> None:
         # Options come from the handler's table in the config, generic keys removed.
         self.folder = Path(options["folder"])
@@ -27,7 +28,7 @@ class FailedJobs:
     async def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    async def __call__(self, event: Event) -> None:
+    async def __call__(self, event: Event, ctx: Context) -> None:
         if event.state in ("Failed", "Cancel"):
             note = f"{event.tag} {event.state}: {event.code} {event.message}\n"
             name = file_name(event.subject)  # the JobId (a workflow's: its RunId)
@@ -35,3 +36,4 @@ class FailedJobs:
             partial = self.folder / f".{name}.txt.partial"
             partial.write_text(note)
             partial.replace(self.folder / f"{name}.txt")
+            ctx.log.info("noted a failed job", file=f"{name}.txt")
