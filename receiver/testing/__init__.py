@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import handlers as handler_api
 from handlers import AnyHandler
@@ -182,27 +182,9 @@ async def run_handler(
     return [runs[id(event)] for event in events]
 
 
-def run_handler_sync(
-    handler: AnyHandler,
-    *events: Event,
-    attempts: int = 3,
-    timeout: float = 30.0,
-    batch_size: int | None = None,
-    name: str = "handler",
-    inspector_url: str | None = None,
-) -> list[Run]:
-    """`run_handler`, for a test that is not async."""
-    return asyncio.run(
-        run_handler(
-            handler,
-            *events,
-            attempts=attempts,
-            timeout=timeout,
-            batch_size=batch_size,
-            name=name,
-            inspector_url=inspector_url,
-        )
-    )
+def run_handler_sync(handler: AnyHandler, *events: Event, **options: Any) -> list[Run]:
+    """`run_handler` (the same options), for a test that is not async."""
+    return asyncio.run(run_handler(handler, *events, **options))
 
 
 async def _attempts(
