@@ -138,3 +138,13 @@ def test_which_handlers_take_a_context():
     ]
     with pytest.raises(TypeError, match="takes a Context"):
         calling(both)(None, None)  # type: ignore[arg-type]
+
+
+def test_a_copy_of_an_event_is_equal_and_shares_nothing():
+    from receiver.testing import samples
+
+    for name, original in samples().items():
+        copy = original.copy()
+        assert copy == original, name
+        assert copy.raw is not original.raw
+        assert copy.outputs is not original.outputs
