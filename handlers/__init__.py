@@ -133,6 +133,7 @@ class Batching:
 BatchResult = Mapping[str, BaseException] | None
 
 
+@runtime_checkable
 class Handler(Protocol):
     """A handler: called once per attempt. A class may subclass this to be checked
     against it by mypy and to get `start` and `close` as no-ops."""
@@ -148,6 +149,7 @@ class Handler(Protocol):
         reload removes or changes the handler."""
 
 
+@runtime_checkable
 class BatchHandler(Protocol):
     """A handler given many events at once (see the module's doc). A class may subclass
     this to be checked against it by mypy and to get `start` and `close` as no-ops."""
@@ -278,17 +280,18 @@ def _as_factory(type_name: str, target: object) -> HandlerFactory:
 
 
 def takes_context(handler: object) -> bool:
-    """Whether the handler takes the `Context` as a second positional argument."""
+    """Whether the handler takes the `Context`: a second positional parameter that is
+    required, or named `ctx` or `context`. (One with a default, or `*args`, may be a
+    handler of the first contract with an argument of its own: it is not given one.)"""
     try:
         parameters = inspect.signature(cast(Callable[..., Any], handler)).parameters.values()
     except (TypeError, ValueError):  # no signature to read (a builtin): the first contract
         return False
-    positional = [
-        p
-        for p in parameters
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-    ]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2:
+        return False
+    second = positional[1]
+    return second.default is second.empty or second.name in ("ctx", "context")
 
 
 def batch_call(handler: object) -> BatchCall | None:

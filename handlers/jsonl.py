@@ -1,6 +1,7 @@
 """`jsonl`: append one JSON line per event to a file, fsync'd before the attempt counts.
 
-Events come in batches (`handle_batch`): a batch is one write and one fsync. Delivery
+Events come in batches (`handle_batch`): a batch is one write and one fsync (per file,
+when rotating: the days it holds). Delivery
 to the file is at-least-once: after a crash between the fsync and the inbox recording
 it, a line can appear twice; each line carries the event `id` to tell.
 
@@ -72,6 +73,7 @@ class JsonLinesHandler:
         if self._file is not None:
             self._file.close()
         self._file, self._file_path, self._started = None, None, False
+        self._writer.shutdown(wait=False)  # this is its last task
 
     async def _append(self, events: Sequence[Event]) -> None:
         """The events' lines, each file's in one write and one fsync."""

@@ -253,6 +253,7 @@ class SqlHandler:
             if self._insert_event is not None:
                 include_raw = self.options.include_raw
                 rows = [event_row(event, include_raw) for event in events]
+                rows.sort(key=lambda row: str(row["event_id"]))
                 await connection.execute(self._insert_event, rows)
 
     def _create_engine(self) -> AsyncEngine:
@@ -285,14 +286,16 @@ def refused_for_its_data(exc: DBAPIError) -> bool:
 
 def latest_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
     """One job row per job of the batch: the one that upserting them one after another
-    would leave (the furthest along; of those as far, the last)."""
+    would leave (the furthest along; of those as far, the last). In job order: batches
+    running at once lock the rows they share in the same order, so they cannot deadlock
+    (PostgreSQL and MySQL would fail one of them)."""
     rows: dict[str, dict[str, Any]] = {}
     for event in events:
         row = job_row(event)
         kept = rows.get(row["job_id"])
         if kept is None or kept["state_rank"] <= row["state_rank"]:
             rows[row["job_id"]] = row
-    return list(rows.values())
+    return [rows[job_id] for job_id in sorted(rows)]
 
 
 def upsert_job(jobs: Table, dialect: str) -> Insert:

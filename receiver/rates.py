@@ -3,10 +3,10 @@ that many attempts started in any window of that length, by all the processes on
 inbox together, so that a vendor is never sent more than it takes.
 
 Each handler's recent starts are a log kept in the inbox (`Inbox.update_state`, one
-row, changed under its lock on the database's clock): a claim first takes turns from it,
-as many as it may start now, and gives back those it found no run for. A handler out of
-turns waits, its runs pending in the inbox: waiting is no attempt and never
-dead-letters. A batch is one attempt: it takes one turn.
+row, changed under its lock on the database's clock): the runs a claim got take their
+turns from it, and those it has no turn for are handed back unattempted. A handler out
+of turns waits, its runs pending in the inbox: waiting is no attempt and never
+dead-letters. A batch is one attempt: it takes one turn, logged at the latest it starts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import orjson
 
 UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
 UNIT_SECONDS |= {"h": 3600, "hour": 3600, "d": 86400, "day": 86400}
-_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+?)s?\s*", re.IGNORECASE)
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*", re.IGNORECASE)
 # `rate = "off"`: no limit, not even the handler type's default.
 OFF = "off"
 
@@ -42,7 +42,7 @@ class RateLimit:
 def parse_rate(text: str) -> RateLimit:
     """`"20/min"`, `"5/s"`, `"1000/h"`, `"30/10s"`: how many starts in how long."""
     match = _RATE.fullmatch(text)
-    unit = match and UNIT_SECONDS.get(match.group(3).lower())
+    unit = match and _unit_seconds(match.group(3).lower())
     if not match or not unit:
         raise ValueError(
             f"rate {text!r}: write it as COUNT/UNIT, e.g. '20/min', '5/s', '1000/h', '30/10s'"
@@ -51,6 +51,13 @@ def parse_rate(text: str) -> RateLimit:
     if count < 1 or times < 1:
         raise ValueError(f"rate {text!r}: the count and the length must be at least 1")
     return RateLimit(count, float(unit * times))
+
+
+def _unit_seconds(unit: str) -> int | None:
+    """A unit's length: `s`, `min`, `h`, `d` and their words, the words also plural."""
+    if unit not in UNIT_SECONDS and len(unit) > 3 and unit.endswith("s"):
+        unit = unit[:-1]  # seconds, minutes, hours, days, mins, secs
+    return UNIT_SECONDS.get(unit)
 
 
 def limits(configured: str | Sequence[str] | None, default: Sequence[str]) -> list[RateLimit]:
@@ -67,19 +74,21 @@ class Turns:
     granted: int
     # Seconds until the next turn frees, when fewer were granted than asked; else 0.
     wait: float
-    # When the turns were taken (the log's clock): what `give_back` removes.
-    at: float
 
 
-def take(log: str | None, now: float, want: int, rules: Sequence[RateLimit]) -> tuple[str, Turns]:
-    """Take up to `want` turns at `now` from the log of recent starts (its JSON text):
-    the log as it becomes, and what was granted."""
+def take(
+    log: str | None, now: float, want: int, rules: Sequence[RateLimit], after: float = 0.0
+) -> tuple[str, Turns]:
+    """Take up to `want` turns from the log of recent starts (its JSON text) for starts
+    `after` seconds from `now` at the latest (a batch's gathering): the log as it
+    becomes, and what was granted. A start is logged at the latest it may happen, and
+    counted in every window from `now` on, so no window can hold more than the rate."""
     starts = _starts(log, now, rules)
     granted = want
     for rule in rules:
         recent = [t for t in starts if t > now - rule.seconds]
         granted = min(granted, max(0, rule.count - len(recent)))
-    starts += [now] * granted
+    starts = sorted(starts + [now + after] * granted)
     wait = 0.0
     if granted < want:
         # The next turn frees when, for every rule, the oldest start in the way leaves
@@ -89,17 +98,7 @@ def take(log: str | None, now: float, want: int, rules: Sequence[RateLimit]) -> 
             over = len(recent) - rule.count + 1
             if over > 0:
                 wait = max(wait, recent[over - 1] + rule.seconds - now)
-    return _dump(starts), Turns(granted, wait, now)
-
-
-def give_back(log: str | None, turns: Turns, unused: int, rules: Sequence[RateLimit]) -> str:
-    """The log without `unused` of the turns taken at `turns.at` (no run was found for
-    them)."""
-    starts = _starts(log, turns.at, rules)
-    for _ in range(unused):
-        if turns.at in starts:
-            starts.remove(turns.at)
-    return _dump(starts)
+    return _dump(starts), Turns(granted, wait)
 
 
 def _starts(log: str | None, now: float, rules: Sequence[RateLimit]) -> list[float]:
@@ -115,7 +114,7 @@ def _starts(log: str | None, now: float, rules: Sequence[RateLimit]) -> list[flo
     kept = [
         float(t)
         for t in starts
-        if isinstance(t, (int, float)) and math.isfinite(t) and now - longest < t <= now + longest
+        if isinstance(t, (int, float)) and math.isfinite(t) and t > now - longest
     ]
     return sorted(kept)
 

@@ -249,7 +249,7 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         "concurrency": 8,
         "batch_size": 100,
         "batch_wait": 0.2,
-        "rate": None,
+        "rate": "off",
         "required": False,
         # check-config shows every option as the handler will use it, defaults included,
         # and only options the handler takes
@@ -323,7 +323,7 @@ def test_check_config_shows_each_handlers_rate_and_batches_where_it_takes_them(t
     assert shown["robot"]["rate"] == ["20/min"]  # the vendor's documented limit
     assert shown["slower"]["rate"] == ["1/s"]
     assert "batch_size" not in shown["robot"]
-    assert (shown["events"]["batch_size"], shown["events"]["rate"]) == (500, None)
+    assert (shown["events"]["batch_size"], shown["events"]["rate"]) == (500, "off")
 
 
 def test_a_rate_that_cannot_be_read_is_a_config_error(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from receiver.rates import RateLimit, give_back, limits, parse_rate, take
+from receiver.rates import RateLimit, limits, parse_rate, take
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,8 @@ from receiver.rates import RateLimit, give_back, limits, parse_rate, take
         ("1000/h", 1000, 3600),
         ("30/10s", 30, 10),
         ("2/2mins", 2, 120),
+        ("3/hours", 3, 3600),
+        ("4/secs", 4, 1),
         ("7/DAY", 7, 86400),
     ],
 )
@@ -26,7 +28,9 @@ def test_rates_are_read(text, count, seconds):
     assert parse_rate(text) == RateLimit(count, seconds)
 
 
-@pytest.mark.parametrize("text", ["20", "20 per min", "0/min", "5/0s", "5/fortnight", "-1/s"])
+@pytest.mark.parametrize(
+    "text", ["20", "20 per min", "0/min", "5/0s", "5/fortnight", "-1/s", "1/ms", "1/hs", "1/ds"]
+)
 def test_a_rate_that_cannot_be_read_is_named(text):
     with pytest.raises(ValueError, match="rate"):
         parse_rate(text)
@@ -63,13 +67,16 @@ def test_every_rule_holds():
     assert turns.wait == pytest.approx(40.0)  # when the five of second 0 leave it
 
 
-def test_turns_given_back_are_taken_again():
-    rules = [RateLimit(2, 60)]
-    log, turns = take(None, 10.0, 2, rules)
-    log = give_back(log, turns, 1, rules)
-    log, again = take(log, 11.0, 2, rules)
-    assert again.granted == 1
-    assert orjson.loads(log) == [10.0, 11.0]
+def test_a_batchs_turn_is_logged_at_the_latest_it_starts():
+    rules = [RateLimit(1, 10)]
+    log, turns = take(None, 100.0, 1, rules, after=5.0)  # sent by 105 at the latest
+    assert turns.granted == 1
+    assert orjson.loads(log) == [105.0]
+    log, turns = take(log, 101.0, 1, rules)
+    # Counted from now on; the next turn frees once 105 has left the window.
+    assert (turns.granted, turns.wait) == (0, 14.0)
+    _, turns = take(log, 115.5, 1, rules)
+    assert turns.granted == 1
 
 
 @pytest.mark.parametrize("log", ["not json", '{"a": 1}', '["x", null, 1e999]', ""])

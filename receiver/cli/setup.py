@@ -11,6 +11,7 @@ import click
 import orjson
 
 from handlers import HandlerConfigError, shown_options
+from receiver import rates
 from receiver.cli.common import config_option, inbox_errors, load
 from receiver.inbox.factory import probe
 from receiver.masking import mask_credentials
@@ -37,7 +38,7 @@ def check_config(config_path: Path | None) -> None:
             entry.update(mask_credentials(shown))
         # What dispatch will use: its limits (the type's default unless configured), the
         # batch keys only where the handler takes batches.
-        entry["rate"] = [str(limit) for limit in slot.limits] or None
+        entry["rate"] = [str(limit) for limit in slot.limits] or rates.OFF
         if slot.batch is None:
             del entry["batch_size"], entry["batch_wait"]
         else:

@@ -5,13 +5,15 @@ with exponential backoff and jitter, and dead-lettered after its last attempt, w
 the other handlers of the event are not run again. Runs are leased, so a process that
 dies mid-attempt leaves them to be picked up again once the lease expires.
 
-A run stored by this process is started at once if its handler has a free place: the
-place is held while the callback is stored (`reserve`), the run is stored leased to this
-process, and once committed its attempt starts (`stored`), with no claim. For the other
-runs the loop claims for each handler as many as it has free places, then sleeps until
-woken: by an event just stored here, by a wake-up from another process (`wake_soon`), by
-an attempt ending or a handler starting, or at the latest when the next retry comes due
-or `poll_interval` passes.
+A run stored by this process is started at once if its handler has a free place (and
+neither takes batches nor has a rate limit): the place is held while the callback is
+stored (`reserve`), the run is stored leased to this process, and once committed its
+attempt starts (`stored`), with no claim. For the other runs the loop claims for each
+handler as many as it has free places (a batch handler: a batch's worth, gathered for
+its `batch_wait`; a rate limited one keeps those it has turns for, receiver/rates.py),
+then sleeps until woken: by an event just stored here, by a wake-up from another process
+(`wake_soon`), by an attempt ending or a handler starting, or at the latest when the
+next retry comes due, a batch has gathered long enough or `poll_interval` passes.
 """
 
 from __future__ import annotations
@@ -72,8 +74,14 @@ class Dispatcher:
         drain_timeout: float = 10.0,
         lease_grace: float = LEASE_GRACE_SECONDS,
         mask: Callable[[str], str] = unmasked,
+        inspector_url: str | None = None,
     ) -> None:
         self._inbox = inbox
+        # Where handlers' contexts point people (`Context.inspector_url`): the [admin]
+        # section is read at start only.
+        self._inspector_url = inspector_url
+        for slot in slots:
+            slot.inspector_url = inspector_url
         self._wake = asyncio.Event()
         self._handlers = HandlerSlots(
             slots,
@@ -101,8 +109,7 @@ class Dispatcher:
         self._reserved: dict[str, dict[tuple[str, str], Slot]] = {}
         self._none_reserved = asyncio.Event()
         self._none_reserved.set()
-        # Hand-backs under way: of runs leased here that will not start here (`_release`),
-        # of turns a batch found no run for (`_giving_back`).
+        # Hand-backs of runs leased here that will not be started here (`_release`).
         self._releasing: set[asyncio.Task[None]] = set()
         # Set once the handlers are closed: nothing may start any more.
         self._closed = False
@@ -190,9 +197,10 @@ class Dispatcher:
                 else:  # a reload replaced its handler meanwhile (or the handlers closed)
                     unstarted[(event.id, name)] = slot
             # Each attempt has an event of its own: the event itself goes to the last one,
-            # unless other handlers' claims will read it (`FreshEvents.take`).
+            # unless other handlers' claims here will read it (`FreshEvents.take`).
+            kept = any((s := self._handlers.get(name)) and s.started for name in rest)
             for i, slot in enumerate(starting):
-                own = event if i == len(starting) - 1 and not rest else event.copy()
+                own = event if i == len(starting) - 1 and not kept else event.copy()
                 self._spawn(slot, Claim(own, slot.name, 0, token, request_id))
             if rest:
                 unleased.append((event, rest))
@@ -285,6 +293,8 @@ class Dispatcher:
         a new or changed one starts as at start-up. The loop makes the change between two
         cycles, never while it claims. Returns what changes, for the log: `+name` added,
         `~name` changed, `-name` removed."""
+        for slot in slots:
+            slot.inspector_url = self._inspector_url
         changes = self._handlers.replace(slots, mask)
         self._wake.set()
         return changes
@@ -294,9 +304,11 @@ class Dispatcher:
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            # Batches that have gathered long enough start, whatever the claims below do.
+            self._start_batches(waited=True)
             try:
-                if self._handlers.replacing:  # a handler replaced: its batch starts first
-                    self._start_batches(waited=False)
+                # A handler a reload takes out or changes: its batch starts first.
+                self._start_batches(waited=False, only=self._handlers.retiring())
                 if gone := self._handlers.apply_replacement():
                     self._fresh.forget_handlers(gone)
                 self._handlers.start_waiting()
@@ -312,6 +324,8 @@ class Dispatcher:
             except Exception:
                 logger.exception("dispatch cycle failed; trying again shortly")
                 delay = self._poll_interval
+            # Or until a batch being gathered has waited its `batch_wait`.
+            delay = min([delay, *self._seconds_to_batches()])
             if delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -327,11 +341,7 @@ class Dispatcher:
             if slot.batch is not None:
                 await self._claim_batch(slot)
                 continue
-            turns = await self._take_turns(slot, slot.free) if slot.limits else None
-            free = slot.free if turns is None else min(slot.free, turns.granted)
-            if free <= 0:
-                await self._give_back_turns(slot, turns, 0)
-                continue
+            free = slot.free
             # The same on SQLite and PostgreSQL: the handler's own time, then room to
             # record the outcome before another process may take the run.
             lease = slot.config.timeout + self._lease_grace
@@ -346,76 +356,79 @@ class Dispatcher:
                 slot.running -= free - len(claims)  # the loop itself: no wake-up needed
             # A full claim may have left more behind; a short one emptied what was due.
             slot.maybe_due = len(claims) == free
+            if slot.limits and claims:
+                claims = await self._within_rate(slot, claims, batch=False)
             for claim in claims:
                 self._fresh.claimed(claim.event.id, slot.name)
                 self._spawn(slot, claim)
-            await self._give_back_turns(slot, turns, len(claims))
 
     async def _claim_batch(self, slot: Slot) -> None:
         """Gather due runs into the slot's batch, which holds one of its places from its
         first claim; a full one starts at once, and another is gathered while places are
         free and runs due."""
-        config = slot.config
         # The batch's gathering, then the handler's own time, then room to record.
-        lease = slot.batch_wait + config.timeout + self._lease_grace
+        lease = slot.batch_wait + slot.config.timeout + self._lease_grace
         while slot.maybe_due and not self._stopping:
-            if slot.filling_since is None:
+            first = slot.filling_since is None
+            if first:
                 if slot.free <= 0:
-                    return
-                # A batch is one attempt: one turn of a rate limited handler.
-                turns = await self._take_turns(slot, 1) if slot.limits else None
-                if turns is not None and turns.granted == 0:
-                    return
-                if slot.free <= 0:  # taken meanwhile
-                    await self._give_back_turns(slot, turns, 0)
                     return
                 slot.running += 1  # the place of the batch about to be gathered
                 slot.filling_since = time.monotonic()
-                if turns is not None:
-                    slot.filling_turns = turns
             want = slot.batch_size - len(slot.filling)
             claims: list[Claim] = []
             try:
                 known = self._fresh.for_handler(slot.name)
                 claims = await self._inbox.claim(slot.name, want, lease, known=known)
-            finally:
                 slot.maybe_due = len(claims) == want
-                for claim in claims:
-                    self._fresh.claimed(claim.event.id, slot.name)
-                slot.filling += claims
-                if not slot.filling:  # nothing due after all: no batch
-                    slot.filling_since = None
-                    slot.running -= 1
-                    unused, slot.filling_turns = slot.filling_turns, None
-                    if unused is not None:
-                        self._giving_back(slot, unused)
+                if first and claims and slot.limits:
+                    claims = await self._within_rate(slot, claims, batch=True)
+            finally:
+                self._gather(slot, claims)
             if len(slot.filling) < slot.batch_size:
                 return
             self._start_batch(slot)
 
-    def _start_batches(self, *, waited: bool) -> None:
-        """Start the batches being gathered: those that have waited their `batch_wait`, or
-        (`waited=False`: shutdown, a reload) all."""
-        now = time.monotonic()
-        for slot in self._handlers:
-            since = slot.filling_since
-            if since is not None and (not waited or now - since >= slot.batch_wait):
-                self._start_batch(slot)
+    def _gather(self, slot: Slot, claims: list[Claim]) -> None:
+        """Add runs to the batch being gathered; no batch, its place given back, if it
+        holds none."""
+        for claim in claims:
+            self._fresh.claimed(claim.event.id, slot.name)
+        # A run whose lease ended while it was gathered (a long outage) may be claimed
+        # again, here: the newer claim holds it.
+        held = {claim.event.id: claim for claim in slot.filling}
+        held.update((claim.event.id, claim) for claim in claims)
+        slot.filling = list(held.values())
+        if not slot.filling:
+            slot.filling_since = None
+            slot.running -= 1
 
-    def _start_batch(self, slot: Slot) -> None:
-        claims, slot.filling, slot.filling_since = slot.filling, [], None
-        slot.filling_turns = None
-        self._handlers.metrics[slot.name].running.inc(len(claims))
-        task = self._context.run(asyncio.create_task, self._attempt_batch(slot, claims))
-        slot.tasks.add(task)
-        task.add_done_callback(slot.tasks.discard)
+    async def _within_rate(self, slot: Slot, claims: list[Claim], *, batch: bool) -> list[Claim]:
+        """Those of the claims the handler's rate lets start now; the others are handed
+        back unattempted (their places freed) and the handler waits for its next turn.
+        Turns are taken for runs claimed, never for runs that may be due: a process
+        polling an idle handler holds no turn from the others. A batch is one attempt:
+        one turn, counted from when it starts at the latest (`batch_wait` from now)."""
+        want, after = (1, slot.batch_wait) if batch else (len(claims), 0.0)
+        granted = 0
+        try:
+            granted = (await self._take_turns(slot, want, after)).granted
+        finally:
+            kept = claims if batch and granted else claims[:granted]
+            surplus = claims[len(kept) :]
+            if surplus:
+                if not batch:
+                    slot.running -= len(surplus)
+                slot.maybe_due = True
+                await self._hand_back_claims(surplus)
+        return kept
 
-    async def _take_turns(self, slot: Slot, want: int) -> rates.Turns:
+    async def _take_turns(self, slot: Slot, want: int, after: float) -> rates.Turns:
         """Up to `want` turns of a rate limited handler; out of them, it waits (no claim)
         until the next frees."""
         limits = slot.limits
         turns = await self._inbox.update_state(
-            RATE_KEY + slot.name, lambda log, now: rates.take(log, now, want, limits)
+            RATE_KEY + slot.name, lambda log, now: rates.take(log, now, want, limits, after)
         )
         if turns.granted < want:
             slot.held_until = time.monotonic() + turns.wait
@@ -431,20 +444,38 @@ class Dispatcher:
             slot.holding = False
         return turns
 
-    async def _give_back_turns(self, slot: Slot, turns: rates.Turns | None, used: int) -> None:
-        """The turns no run was found for, back to the log (others may use them)."""
-        if turns is not None and turns.granted > used:
-            limits, unused = slot.limits, turns.granted - used
-            await self._inbox.update_state(
-                RATE_KEY + slot.name,
-                lambda log, now: (rates.give_back(log, turns, unused, limits), None),
-            )
+    async def _hand_back_claims(self, claims: list[Claim]) -> None:
+        try:
+            await self._inbox.release_claims(claims)
+        except Exception as exc:  # the database away: they wait for their lease to end
+            logger.warning("cannot hand back runs held for a rate limit", error=str(exc))
 
-    def _giving_back(self, slot: Slot, turns: rates.Turns) -> None:
-        """`_give_back_turns` of a batch's turn, from where no await may be (a finally)."""
-        task = self._context.run(asyncio.create_task, self._give_back_turns(slot, turns, 0))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+    def _seconds_to_batches(self) -> list[float]:
+        """For each batch being gathered: how long until it has waited `batch_wait`."""
+        now = time.monotonic()
+        return [
+            max(0.0, slot.filling_since + slot.batch_wait - now)
+            for slot in self._handlers
+            if slot.filling_since is not None
+        ]
+
+    def _start_batches(self, *, waited: bool, only: set[str] | None = None) -> None:
+        """Start the batches being gathered that have waited their `batch_wait`, or
+        (`waited=False`: shutdown, a reload) all (of the handlers named `only`)."""
+        now = time.monotonic()
+        for slot in self._handlers:
+            since = slot.filling_since
+            if since is None or (only is not None and slot.name not in only):
+                continue
+            if not waited or now - since >= slot.batch_wait:
+                self._start_batch(slot)
+
+    def _start_batch(self, slot: Slot) -> None:
+        claims, slot.filling, slot.filling_since = slot.filling, [], None
+        self._handlers.metrics[slot.name].running.inc(len(claims))
+        task = self._context.run(asyncio.create_task, self._attempt_batch(slot, claims))
+        slot.tasks.add(task)
+        task.add_done_callback(slot.tasks.discard)
 
     def _spawn(self, slot: Slot, claim: Claim) -> None:
         """Start the attempt of a run claimed or leased, its place already taken."""
@@ -472,11 +503,6 @@ class Dispatcher:
                 answer = now + (due - datetime.now(timezone.utc)).total_seconds()
                 self._due = answer if self._due is None else min(answer, self._due)
         waits = [self._poll_interval, *self._handlers.seconds_to_next_start()]
-        waits += [
-            slot.filling_since + slot.batch_wait - now
-            for slot in self._handlers
-            if slot.filling_since is not None
-        ]
         waits += [
             slot.held_until - now
             for slot in self._handlers

@@ -29,7 +29,7 @@ from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
 from receiver.inbox import Claim
 from receiver.metrics import Metrics
-from receiver.rates import RateLimit, Turns
+from receiver.rates import RateLimit
 
 logger = structlog.get_logger("ci_receiver.dispatch")
 
@@ -62,7 +62,6 @@ class Slot:
     # Where its context points people to (`Context.inspector_url`).
     inspector_url: str | None = None
     holding: bool = False  # out of turns at the last asking (logged once)
-    filling_turns: Turns | None = None  # the turn its batch being gathered took
     running: int = 0
     started: bool = False
     start_error: str | None = None
@@ -248,10 +247,12 @@ class HandlerSlots:
         wanted = {slot.name for slot in slots}
         return changes + [f"-{name}" for name in self.by_name if name not in wanted]
 
-    @property
-    def replacing(self) -> bool:
-        """Whether a reload's handlers wait to be applied (`apply_replacement`)."""
-        return self._replacement is not None
+    def retiring(self) -> set[str]:
+        """The names of the running handlers a reload waiting to be applied takes out or
+        changes (none when no reload waits)."""
+        if self._replacement is None:
+            return set()
+        return set(self.by_name) - _unchanged(self.by_name, self._replacement[0])
 
     def apply_replacement(self) -> set[str]:
         """Make the change `replace` asked for, if any: the handlers new or changed take

@@ -330,6 +330,17 @@ class InboxManager(InboxReader):
     async def release(self, lease_token: str) -> int:
         return int(await self.connector.execute(lambda tx: query.RELEASE(tx, lease_token)))
 
+    async def release_claims(self, claims: Sequence[Claim]) -> int:
+        if not claims:
+            return 0
+        first = claims[0]
+        ids = [claim.event.id for claim in claims]
+
+        def release(tx: Tx) -> Statement:
+            return query.release_runs(tx, first.lease_token, first.handler, ids)
+
+        return int(await self.connector.execute(release))
+
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:
             return None

@@ -248,6 +248,17 @@ RELEASE = Fixed(
 )
 
 
+def release_runs(tx: Tx, lease_token: str, handler: str, event_ids: Sequence[str]) -> Statement:
+    """`RELEASE` of some of a lease's runs: those of these events."""
+    s = Sql(tx)
+    return s.count(
+        "UPDATE runs SET lease_until = NULL, lease_token = NULL, updated_at = now()"
+        f" WHERE lease_token = {s(lease_token)} AND handler = {s(handler)}"
+        f" AND status = 'pending' AND event_id {s.any(event_ids)}",
+        wakes=True,
+    )
+
+
 def next_due(tx: Tx, handlers: Sequence[str]) -> Statement:
     """Seconds from now until the earliest pending run of these handlers is free."""
     s = Sql(tx)
@@ -611,8 +622,11 @@ SET_STATE = Fixed(
 # The value of a key ('' if the row is new), and the moment: the row made if missing, and
 # locked (PostgreSQL) until the transaction ends.
 LOCK_STATE = Fixed(
-    "INSERT INTO state VALUES (?, '') ON CONFLICT (key) DO UPDATE SET value = state.value"
-    " RETURNING value, now()",
+    # PostgreSQL's now() is when the transaction began, before the lock was waited for.
+    lambda d: (
+        "INSERT INTO state VALUES (?, '') ON CONFLICT (key) DO UPDATE"
+        f" SET value = state.value RETURNING value, {'now()' if d.clock else 'clock_timestamp()'}"
+    ),
     "row",
 )
 # (length of the prefix, prefix)

@@ -10,7 +10,7 @@ error rather than a failure at run time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol, TypeVar
 
@@ -128,6 +128,10 @@ class RunQueue(Protocol):
         """Hand back, unattempted, the runs leased under `lease_token` that have not
         ended (runs stored leased that will not be started): claimable at once, by any
         process. Returns how many."""
+        ...
+
+    async def release_claims(self, claims: Sequence[Claim]) -> int:
+        """`release`, of these claims of one `claim` only (a rate limit's surplus)."""
         ...
 
     async def next_due(self, handlers: list[str]) -> datetime | None:

@@ -49,9 +49,7 @@ def build_slots(config: Config) -> list[Slot]:
             handler = handler_api.build(handler_config.type, handler_config.options)
         except handler_api.HandlerConfigError as exc:
             raise handler_api.HandlerConfigError(f"handlers.{name}: {exc}") from exc
-        slot = Slot(name, handler, handler_config)
-        slot.inspector_url = config.admin.inspector_url
-        slots.append(slot)
+        slots.append(Slot(name, handler, handler_config))
     return slots
 
 
@@ -103,6 +101,7 @@ class Service:
             drain_timeout=config.dispatch.drain_timeout,
             lease_grace=config.dispatch.lease_grace,
             mask=handler_secrets_masker(config, slots),
+            inspector_url=config.admin.inspector_url,
         )
         self.ingestor = Ingestor(
             self.inbox,

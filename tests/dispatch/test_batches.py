@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from handlers import BatchContext, BatchHandler, BatchResult, Fail, Retry
 from receiver import parse_callback
 from receiver.callback.event import Event
-from receiver.inbox import Receipt
+from receiver.inbox import InboxUnavailable, Receipt
 from tests.dispatch.test_handoff import receipt, service
 from tests.dispatch.test_loop import dispatcher, settled, statuses, until
 from tests.support.callbacks import job
@@ -175,3 +175,47 @@ async def test_stop_starts_a_batch_being_gathered(inbox):
 
 async def _gathering(d) -> bool:
     return any(slot.filling for slot in d._handlers)
+
+
+class AwayAfterFirstClaim:
+    """The inbox, away (every claim and question failing) from the second claim on, for
+    `seconds`."""
+
+    def __init__(self, inbox, seconds: float) -> None:
+        self.inbox = inbox
+        self.seconds = seconds
+        self.away_since: float | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.inbox, name)
+
+    def _away(self) -> bool:
+        return self.away_since is not None and time.monotonic() - self.away_since < self.seconds
+
+    async def claim(self, *args, **kwargs):
+        if self._away():
+            raise InboxUnavailable("the database is away")
+        claims = await self.inbox.claim(*args, **kwargs)
+        if claims and self.away_since is None:
+            self.away_since = time.monotonic()
+        return claims
+
+    async def next_due(self, *args, **kwargs):
+        if self._away():
+            raise InboxUnavailable("the database is away")
+        return await self.inbox.next_due(*args, **kwargs)
+
+
+async def test_a_gathered_batch_starts_on_time_while_the_inbox_is_away(inbox):
+    batches = Batches()
+    starts: list[float] = []
+    answer = batches.answer
+    batches.answer = lambda events: (starts.append(time.monotonic()), answer(events))[1]
+    (event_id,) = await store_jobs(inbox, 1)
+    away = AwayAfterFirstClaim(inbox, seconds=3)
+    d = dispatcher(away, poll=1.0, batch=(batches, {"batch_wait": 0.3}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert batches.batches == [[(event_id, 1)]]
+    assert starts[0] - away.away_since < 1.0  # its batch_wait, not the outage's end

@@ -126,16 +126,16 @@ def test_which_handlers_take_a_context():
     async def alone(event): ...
     async def both(event, ctx): ...
     async def anything(*args): ...
+    async def own_extra(event, extra=None): ...
 
     class Method:
         async def __call__(self, event, ctx=None): ...
 
-    assert [takes_context(h) for h in (alone, both, anything, Method())] == [
-        False,
-        True,
-        True,
-        True,
-    ]
+    class Named:
+        async def __call__(self, event, context: Context | None = None): ...
+
+    handlers = (alone, both, anything, own_extra, Method(), Named())
+    assert [takes_context(h) for h in handlers] == [False, True, False, False, True, True]
     with pytest.raises(TypeError, match="takes a Context"):
         calling(both)(None, None)  # type: ignore[arg-type]
 

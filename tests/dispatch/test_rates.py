@@ -4,8 +4,10 @@ together; waiting for a turn is no attempt."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+from receiver.inbox import InboxUnavailable
 from tests.dispatch.test_batches import Batches, all_settled, store_jobs
 from tests.dispatch.test_loop import Recording, dispatcher, statuses, until
 
@@ -91,3 +93,85 @@ async def test_the_robots_ship_their_vendors_limits():
     assert [str(r) for r in slot("feishu").limits] == ["100/min", "5/s"]
     assert slot("wecom", rate="off").limits == []
     assert [str(r) for r in slot("wecom", rate="30/10s").limits] == ["30/10s"]
+
+
+async def test_turns_left_are_used_at_once(inbox_place):
+    """Four places, five turns in ten seconds: four runs, then a fifth alone starts
+    without waiting for the window."""
+    inbox = await inbox_place.open()
+    timed = Timed()
+    d = dispatcher(inbox, robot=(timed, {"rate": "5/10s", "concurrency": 4}))
+    await d.start()
+    first = await store_jobs(inbox, 4, handler="robot", prefix="jfirst")
+    await until(lambda: all_settled(inbox, first))
+    stored = time.monotonic()
+    fifth = await store_jobs(inbox, 1, handler="robot", prefix="jfifth")
+    await until(lambda: all_settled(inbox, fifth))
+    await d.stop()
+    assert timed.started[-1] - stored < 2
+
+
+async def test_an_idle_process_holds_no_turns_from_the_others(inbox_place):
+    inbox, other_replica = await inbox_place.open(), await inbox_place.open()
+    first, second = Timed(), Timed()
+    config = {"rate": "4/10s"}
+    one = dispatcher(inbox, poll=0.02, robot=(first, config))
+    two = dispatcher(other_replica, poll=0.02, robot=(second, config))
+    await one.start()
+    await two.start()
+    await asyncio.sleep(0.5)  # both polling an idle handler
+    stored = time.monotonic()
+    ids = await store_jobs(inbox, 4, handler="robot")
+    await until(lambda: all_settled(inbox, ids))
+    await one.stop()
+    await two.stop()
+    assert len(first.started) + len(second.started) == 4
+    assert max(first.started + second.started) - stored < 2
+    assert await inbox.get_state("rate:robot") is not None
+
+
+class FailingOnce:
+    """The inbox, its first claim failing as a database going away would."""
+
+    def __init__(self, inbox) -> None:
+        self.inbox = inbox
+        self.failed = False
+
+    def __getattr__(self, name: str):
+        return getattr(self.inbox, name)
+
+    async def claim(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise InboxUnavailable("the database is away")
+        return await self.inbox.claim(*args, **kwargs)
+
+
+async def test_a_claim_that_fails_takes_no_turn(inbox_place):
+    inbox = await inbox_place.open()
+    timed = Timed()
+    ids = await store_jobs(inbox, 1, handler="robot")
+    d = dispatcher(FailingOnce(inbox), robot=(timed, {"rate": "1/10s"}))
+    began = time.monotonic()
+    await d.start()
+    await until(lambda: all_settled(inbox, ids))
+    await d.stop()
+    assert timed.started[0] - began < 3  # the poll after the failure, not the window
+
+
+async def test_a_batchs_turn_counts_from_when_it_may_start(inbox_place):
+    """1 a second, batches gathered for up to a second: the second batch, full at once
+    too, still waits a second past the latest the first could have started."""
+    inbox = await inbox_place.open()
+    batches = Batches()
+    starts: list[float] = []
+    answer = batches.answer
+    batches.answer = lambda events: (starts.append(time.monotonic()), answer(events))[1]
+    config = {"rate": "1/1s", "batch_size": 5, "batch_wait": 1.0, "concurrency": 2}
+    d = dispatcher(inbox, digest=(batches, config))
+    ids = await store_jobs(inbox, 10, handler="digest")
+    await d.start()
+    await until(lambda: all_settled(inbox, ids), timeout=15)
+    await d.stop()
+    assert [len(b) for b in batches.batches] == [5, 5]
+    assert starts[1] - starts[0] >= 1.5  # not 1 s after the first's send: after its latest

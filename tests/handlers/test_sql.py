@@ -717,3 +717,22 @@ async def test_a_batch_the_database_refuses_fails_only_the_events_at_fault(sql_o
     assert [line["event"] for line in logs] == [
         "the database refused the batch; writing its events one by one"
     ]
+
+
+async def test_batches_sharing_jobs_at_once_do_not_deadlock(sql_options):
+    """Two batches of the same 300 jobs, in opposite orders, written at once: rows are
+    locked in job order whatever the batch's, so neither waits on the other in a cycle."""
+    handler = await started(sql_options)
+    base = event("snapshot.xml")
+    jobs = [
+        dataclasses.replace(base, job_id=f"jlock{i:03d}", id=f"job:jlock{i:03d}:Success")
+        for i in range(300)
+    ]
+    try:
+        answers = await asyncio.gather(
+            *(_batch(handler, order) for order in (jobs, jobs[::-1]) for _ in range(3))
+        )
+    finally:
+        await handler.close()
+    assert answers == [None] * 6
+    assert len(await rows(handler, handler.jobs)) == 300
