@@ -549,7 +549,9 @@ class Dispatcher:
         # is committed, so that the next claim goes in the same commit as this outcome
         # rather than the one after (the run stays leased until its outcome is in).
         self._free(slot)
-        await self._record(claim, result, started_at, metrics)
+        await outcomes.record(self._inbox, claim, result, started_at, metrics)
+        if result.retry_at is not None:
+            self._due_by(result.retry_at)
 
     async def _attempt_batch(self, slot: Slot, claims: list[Claim]) -> None:
         started_at = datetime.now(timezone.utc)
@@ -575,14 +577,15 @@ class Dispatcher:
         # Recorded together: on PostgreSQL one group-committed statement.
         await asyncio.gather(
             *(
-                self._record(claim, result, started_at, metrics)
+                self._record_in_batch(claim, result, started_at, metrics)
                 for claim, result in zip(claims, results, strict=True)
             )
         )
 
-    async def _record(
+    async def _record_in_batch(
         self, claim: Claim, result: outcomes.Result, started_at: datetime, metrics: SlotMetrics
     ) -> None:
+        """An outcome of a batch's run, logged with its own event and request."""
         with structlog.contextvars.bound_contextvars(
             request_id=claim.request_id, event_id=claim.event.id
         ):
