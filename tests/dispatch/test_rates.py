@@ -36,6 +36,9 @@ async def test_attempts_start_no_faster_than_the_rate(inbox_place):
     d = dispatcher(inbox, robot=(timed, {"rate": "3/1s", "max_attempts": 1}))
     began = time.monotonic()
     await d.start()
+    await until(lambda: _started(timed, 3))
+    # Held for the rate: pending in the inbox, as the backlog gauge reads it.
+    assert (await inbox.backlog())["robot"].pending >= 4
     await until(lambda: all_settled(inbox, ids))
     await d.stop()
     assert len(timed.started) == 7
@@ -175,3 +178,7 @@ async def test_a_batchs_turn_counts_from_when_it_may_start(inbox_place):
     await d.stop()
     assert [len(b) for b in batches.batches] == [5, 5]
     assert starts[1] - starts[0] >= 1.5  # not 1 s after the first's send: after its latest
+
+
+async def _started(timed: Timed, count: int) -> bool:
+    return len(timed.started) >= count
