@@ -6,7 +6,8 @@ Each handler's recent starts are a log kept in the inbox (`Inbox.update_state`, 
 row, changed under its lock on the database's clock): the runs a claim got take their
 turns from it, and those it has no turn for are handed back unattempted. A handler out
 of turns waits, its runs pending in the inbox: waiting is no attempt and never
-dead-letters. A batch is one attempt: it takes one turn, logged at the latest it starts.
+dead-letters. A batch is one attempt: it takes one turn as it starts, and is handed back
+whole when it has none.
 """
 
 from __future__ import annotations
@@ -76,19 +77,15 @@ class Turns:
     wait: float
 
 
-def take(
-    log: str | None, now: float, want: int, rules: Sequence[RateLimit], after: float = 0.0
-) -> tuple[str, Turns]:
-    """Take up to `want` turns from the log of recent starts (its JSON text) for starts
-    `after` seconds from `now` at the latest (a batch's gathering): the log as it
-    becomes, and what was granted. A start is logged at the latest it may happen, and
-    counted in every window from `now` on, so no window can hold more than the rate."""
+def take(log: str | None, now: float, want: int, rules: Sequence[RateLimit]) -> tuple[str, Turns]:
+    """Take up to `want` turns at `now` from the log of recent starts (its JSON text):
+    the log as it becomes, and what was granted."""
     starts = _starts(log, now, rules)
     granted = want
     for rule in rules:
         recent = [t for t in starts if t > now - rule.seconds]
         granted = min(granted, max(0, rule.count - len(recent)))
-    starts = sorted(starts + [now + after] * granted)
+    starts += [now] * granted
     wait = 0.0
     if granted < want:
         # The next turn frees when, for every rule, the oldest start in the way leaves
@@ -111,10 +108,12 @@ def _starts(log: str | None, now: float, rules: Sequence[RateLimit]) -> list[flo
     if not isinstance(starts, list):
         starts = []
     longest = max((rule.seconds for rule in rules), default=0.0)
+    # Starts "in the future" are of a clock set back since: dropped, or they would hold
+    # the handler until the clock caught up.
     kept = [
         float(t)
         for t in starts
-        if isinstance(t, (int, float)) and math.isfinite(t) and t > now - longest
+        if isinstance(t, (int, float)) and math.isfinite(t) and now - longest < t <= now
     ]
     return sorted(kept)
 

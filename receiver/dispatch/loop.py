@@ -357,7 +357,7 @@ class Dispatcher:
             # A full claim may have left more behind; a short one emptied what was due.
             slot.maybe_due = len(claims) == free
             if slot.limits and claims:
-                claims = await self._within_rate(slot, claims, batch=False)
+                claims = await self._within_rate(slot, claims)
             for claim in claims:
                 self._fresh.claimed(claim.event.id, slot.name)
                 self._spawn(slot, claim)
@@ -381,8 +381,6 @@ class Dispatcher:
                 known = self._fresh.for_handler(slot.name)
                 claims = await self._inbox.claim(slot.name, want, lease, known=known)
                 slot.maybe_due = len(claims) == want
-                if first and claims and slot.limits:
-                    claims = await self._within_rate(slot, claims, batch=True)
             finally:
                 self._gather(slot, claims)
             if len(slot.filling) < slot.batch_size:
@@ -403,32 +401,42 @@ class Dispatcher:
             slot.filling_since = None
             slot.running -= 1
 
-    async def _within_rate(self, slot: Slot, claims: list[Claim], *, batch: bool) -> list[Claim]:
+    async def _within_rate(self, slot: Slot, claims: list[Claim]) -> list[Claim]:
         """Those of the claims the handler's rate lets start now; the others are handed
         back unattempted (their places freed) and the handler waits for its next turn.
         Turns are taken for runs claimed, never for runs that may be due: a process
-        polling an idle handler holds no turn from the others. A batch is one attempt:
-        one turn, counted from when it starts at the latest (`batch_wait` from now)."""
-        want, after = (1, slot.batch_wait) if batch else (len(claims), 0.0)
+        polling an idle handler holds no turn from the others."""
         granted = 0
         try:
-            granted = (await self._take_turns(slot, want, after)).granted
+            granted = (await self._take_turns(slot, len(claims))).granted
         finally:
-            kept = claims if batch and granted else claims[:granted]
-            surplus = claims[len(kept) :]
-            if surplus:
-                if not batch:
-                    slot.running -= len(surplus)
+            if surplus := claims[granted:]:
+                slot.running -= len(surplus)
                 slot.maybe_due = True
                 await self._hand_back_claims(surplus)
-        return kept
+        return claims[:granted]
 
-    async def _take_turns(self, slot: Slot, want: int, after: float) -> rates.Turns:
+    async def _batch_turn(self, slot: Slot, claims: list[Claim]) -> bool:
+        """A rate limited batch's turn, taken as it starts (a batch is one attempt); with
+        none, its runs are handed back unattempted and its place freed."""
+        granted = 0
+        try:
+            granted = (await self._take_turns(slot, 1)).granted
+        except Exception as exc:  # the database away: tried again after a poll
+            logger.warning("cannot take a rate limit's turn", handler=slot.name, error=str(exc))
+            slot.held_until = time.monotonic() + self._poll_interval
+        if not granted:
+            self._free(slot, len(claims))
+            slot.maybe_due = True
+            await self._hand_back_claims(claims)
+        return bool(granted)
+
+    async def _take_turns(self, slot: Slot, want: int) -> rates.Turns:
         """Up to `want` turns of a rate limited handler; out of them, it waits (no claim)
         until the next frees."""
         limits = slot.limits
         turns = await self._inbox.update_state(
-            RATE_KEY + slot.name, lambda log, now: rates.take(log, now, want, limits, after)
+            RATE_KEY + slot.name, lambda log, now: rates.take(log, now, want, limits)
         )
         if turns.granted < want:
             slot.held_until = time.monotonic() + turns.wait
@@ -554,6 +562,8 @@ class Dispatcher:
             self._due_by(result.retry_at)
 
     async def _attempt_batch(self, slot: Slot, claims: list[Claim]) -> None:
+        if slot.limits and not await self._batch_turn(slot, claims):
+            return
         started_at = datetime.now(timezone.utc)
         metrics = self._handlers.metrics[slot.name]
         structlog.contextvars.bind_contextvars(handler=slot.name, batch=len(claims))

@@ -331,15 +331,18 @@ class InboxManager(InboxReader):
         return int(await self.connector.execute(lambda tx: query.RELEASE(tx, lease_token)))
 
     async def release_claims(self, claims: Sequence[Claim]) -> int:
-        if not claims:
-            return 0
-        first = claims[0]
-        ids = [claim.event.id for claim in claims]
+        # A batch gathers the runs of several claims: each lease its own statement.
+        by_lease: dict[tuple[str, str], list[str]] = {}
+        for claim in claims:
+            by_lease.setdefault((claim.lease_token, claim.handler), []).append(claim.event.id)
 
-        def release(tx: Tx) -> Statement:
-            return query.release_runs(tx, first.lease_token, first.handler, ids)
+        def release(tx: Tx) -> Work[int]:
+            released = 0
+            for (token, handler), ids in by_lease.items():
+                released += yield query.release_runs(tx, token, handler, ids)
+            return released
 
-        return int(await self.connector.execute(release))
+        return await self.connector.write(release) if by_lease else 0
 
     async def next_due(self, handlers: list[str]) -> datetime | None:
         if not handlers:

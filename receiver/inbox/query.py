@@ -249,13 +249,13 @@ RELEASE = Fixed(
 
 
 def release_runs(tx: Tx, lease_token: str, handler: str, event_ids: Sequence[str]) -> Statement:
-    """`RELEASE` of some of a lease's runs: those of these events."""
+    """`RELEASE` of some of a lease's runs: those of these events. It wakes no one: they
+    are handed back for a rate limit, which holds every process alike."""
     s = Sql(tx)
     return s.count(
         "UPDATE runs SET lease_until = NULL, lease_token = NULL, updated_at = now()"
         f" WHERE lease_token = {s(lease_token)} AND handler = {s(handler)}"
-        f" AND status = 'pending' AND event_id {s.any(event_ids)}",
-        wakes=True,
+        f" AND status = 'pending' AND event_id {s.any(event_ids)}"
     )
 
 
