@@ -1,7 +1,7 @@
 """The handler contract, and how a handler type is found by name.
 
 A handler is an async callable on an `Event`, given the attempt's `Context` when it
-takes a second argument:
+takes a second parameter (required, or named `ctx` or `context`):
 
     async def handle(event: Event, ctx: Context) -> None
     async def handle(event: Event) -> None          # the first contract, still kept
@@ -34,7 +34,6 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from importlib.metadata import entry_points
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -95,10 +94,6 @@ class Context:
     def seconds_left(self) -> float:
         """Seconds until the attempt times out (never below 0)."""
         return max(0.0, self.deadline - time.monotonic())
-
-    def deadline_at(self) -> datetime:
-        """The deadline as a UTC time, for a peer that takes one."""
-        return datetime.now(timezone.utc) + timedelta(seconds=self.seconds_left())
 
 
 @dataclass(frozen=True, slots=True)
