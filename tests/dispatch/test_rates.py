@@ -135,28 +135,31 @@ async def test_an_idle_process_holds_no_turns_from_the_others(inbox_place):
     assert await inbox.get_state("rate:robot") is not None
 
 
-class FailingOnce:
-    """The inbox, its first claim failing as a database going away would."""
+class FailsOnce:
+    """The inbox, its first call of `method` failing as a database going away would."""
 
-    def __init__(self, inbox) -> None:
+    def __init__(self, inbox, method: str) -> None:
         self.inbox = inbox
+        self.method = method
         self.failed = False
 
     def __getattr__(self, name: str):
-        return getattr(self.inbox, name)
+        found = getattr(self.inbox, name)
+        if name != self.method or self.failed:
+            return found
 
-    async def claim(self, *args, **kwargs):
-        if not self.failed:
+        async def failing(*args, **kwargs):
             self.failed = True
             raise InboxUnavailable("the database is away")
-        return await self.inbox.claim(*args, **kwargs)
+
+        return failing
 
 
 async def test_a_claim_that_fails_takes_no_turn(inbox_place):
     inbox = await inbox_place.open()
     timed = Timed()
     ids = await store_jobs(inbox, 1, handler="robot")
-    d = dispatcher(FailingOnce(inbox), robot=(timed, {"rate": "1/10s"}))
+    d = dispatcher(FailsOnce(inbox, "claim"), robot=(timed, {"rate": "1/10s"}))
     began = time.monotonic()
     await d.start()
     await until(lambda: all_settled(inbox, ids))
@@ -187,29 +190,12 @@ async def _started(timed: Timed, count: int) -> bool:
     return len(timed.started) >= count
 
 
-class TurnsFailOnce:
-    """The inbox, its first change of a kept value failing (the database going away)."""
-
-    def __init__(self, inbox) -> None:
-        self.inbox = inbox
-        self.failed = False
-
-    def __getattr__(self, name: str):
-        return getattr(self.inbox, name)
-
-    async def update_state(self, *args, **kwargs):
-        if not self.failed:
-            self.failed = True
-            raise InboxUnavailable("the database is away")
-        return await self.inbox.update_state(*args, **kwargs)
-
-
 async def test_a_batch_without_a_turn_is_handed_back_and_runs_once_with_one(inbox_place):
     inbox = await inbox_place.open()
     batches = Batches()
     ids = await store_jobs(inbox, 3, handler="digest")
     config = {"rate": "1/10s", "batch_wait": 0.1}
-    d = dispatcher(TurnsFailOnce(inbox), poll=0.2, digest=(batches, config))
+    d = dispatcher(FailsOnce(inbox, "update_state"), poll=0.2, digest=(batches, config))
     await d.start()
     await until(lambda: all_settled(inbox, ids))
     await d.stop()
