@@ -228,6 +228,13 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def checked(path) -> tuple[dict, subprocess.CompletedProcess]:
+    """check-config of the file, which must pass: the effective config it printed."""
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    return orjson.loads(result.stdout), result
+
+
 def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
     path = write(
         tmp_path,
@@ -235,9 +242,7 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         '[handlers.jobs]\ntype = "sqlite"\npath = "jobs.db"\n'
         '[handlers.events]\ntype = "jsonl"\npath = "e.jsonl"\n',
     )
-    result = run_cli("check-config", "--config", str(path))
-    assert result.returncode == 0, result.stderr
-    printed = orjson.loads(result.stdout)
+    printed, result = checked(path)
     assert printed["http"]["tokens"] == ["**********"]
     assert "hunter2" not in result.stdout
     assert printed["handlers"]["jobs"] == {
@@ -299,9 +304,8 @@ def test_check_config_warns_of_routes_that_miss(tmp_path):
         '[handlers.db]\ntype = "log"\n[handlers.chat]\ntype = "log"\n'
         '[[routes]]\nmatch = { state = "failed", tag = "Smartcover" }\nhandlers = ["chat"]\n',
     )
-    result = run_cli("check-config", "--config", str(path))
-    assert result.returncode == 0, result.stderr
-    assert orjson.loads(result.stdout)["routes"][0]["match"]["state"] == "Failed"
+    printed, result = checked(path)
+    assert printed["routes"][0]["match"]["state"] == "Failed"
     assert "warning: handlers.db: no route sends it anything" in result.stderr
     assert "warning: routes[0].match.tag" not in result.stderr  # a known tag in another case
     path.write_text(path.read_text().replace('"failed"', '"done"'))
@@ -317,9 +321,7 @@ def test_check_config_shows_each_handlers_rate_and_batches_where_it_takes_them(t
         '[handlers.slower]\ntype = "feishu"\nurl = "https://example.invalid/h"\nrate = "1/s"\n'
         '[handlers.events]\ntype = "jsonl"\npath = "e.jsonl"\nbatch_size = 500\n',
     )
-    result = run_cli("check-config", "--config", str(path))
-    assert result.returncode == 0, result.stderr
-    shown = orjson.loads(result.stdout)["handlers"]
+    shown = checked(path)[0]["handlers"]
     assert shown["robot"]["rate"] == ["20/min"]  # the vendor's documented limit
     assert shown["slower"]["rate"] == ["1/s"]
     assert "batch_size" not in shown["robot"]

@@ -80,8 +80,6 @@ class Dispatcher:
         # Where handlers' contexts point people (`Context.inspector_url`): the [admin]
         # section is read at start only.
         self._inspector_url = inspector_url
-        for slot in slots:
-            slot.inspector_url = inspector_url
         self._wake = asyncio.Event()
         self._handlers = HandlerSlots(
             slots,
@@ -293,8 +291,6 @@ class Dispatcher:
         a new or changed one starts as at start-up. The loop makes the change between two
         cycles, never while it claims. Returns what changes, for the log: `+name` added,
         `~name` changed, `-name` removed."""
-        for slot in slots:
-            slot.inspector_url = self._inspector_url
         changes = self._handlers.replace(slots, mask)
         self._wake.set()
         return changes
@@ -308,7 +304,8 @@ class Dispatcher:
             self._start_batches(waited=True)
             try:
                 # A handler a reload takes out or changes: its batch starts first.
-                self._start_batches(waited=False, only=self._handlers.retiring())
+                if retiring := self._handlers.retiring():
+                    self._start_batches(waited=False, only=retiring)
                 if gone := self._handlers.apply_replacement():
                     self._fresh.forget_handlers(gone)
                 self._handlers.start_waiting()
@@ -541,7 +538,7 @@ class Dispatcher:
             request_id=claim.request_id, event_id=claim.event.id, handler=slot.name
         )
         try:
-            result = await outcomes.attempt(slot, claim, metrics)
+            result = await outcomes.attempt(slot, claim, metrics, self._inspector_url)
         except asyncio.CancelledError:
             # Shutdown ran out of time: hand the run back without counting it.
             self._free(slot)
@@ -568,7 +565,7 @@ class Dispatcher:
         metrics = self._handlers.metrics[slot.name]
         structlog.contextvars.bind_contextvars(handler=slot.name, batch=len(claims))
         try:
-            results = await outcomes.attempt_batch(slot, claims, metrics)
+            results = await outcomes.attempt_batch(slot, claims, metrics, self._inspector_url)
         except asyncio.CancelledError:
             # Shutdown ran out of time: hand the runs back without counting them.
             self._free(slot, len(claims))

@@ -77,7 +77,7 @@ def _retry(config: HandlerConfig, attempt: int, error: str, delay: float | None)
     return Result("retry", error, datetime.now(timezone.utc) + timedelta(seconds=delay))
 
 
-def context(slot: Slot, claim: Claim, deadline: float) -> Context:
+def context(slot: Slot, claim: Claim, deadline: float, inspector_url: str | None) -> Context:
     """The attempt as its handler may see it."""
     number = claim.attempts + 1
     return Context(
@@ -86,19 +86,22 @@ def context(slot: Slot, claim: Claim, deadline: float) -> Context:
         max_attempts=slot.config.max_attempts,
         deadline=deadline,
         log=handler_logger.bind(handler=slot.name, event_id=claim.event.id, attempt=number),
-        inspector_url=slot.inspector_url,
+        inspector_url=inspector_url,
     )
 
 
-async def attempt(slot: Slot, claim: Claim, metrics: SlotMetrics) -> Result:
-    """Run the slot's handler on the claimed event, within its timeout."""
+async def attempt(
+    slot: Slot, claim: Claim, metrics: SlotMetrics, inspector_url: str | None = None
+) -> Result:
+    """Run the slot's handler on the claimed event, within its timeout (`inspector_url`:
+    what its context links to)."""
     config = slot.config
     began = time.perf_counter()
     try:
         async with timeout(config.timeout):
             # Made only for a handler that takes it.
             deadline = time.monotonic() + config.timeout
-            ctx = context(slot, claim, deadline) if slot.takes_context else None
+            ctx = context(slot, claim, deadline, inspector_url) if slot.takes_context else None
             await slot.call(claim.event, ctx)
     except Exception as exc:
         return failed(config, claim, exc)
@@ -107,7 +110,9 @@ async def attempt(slot: Slot, claim: Claim, metrics: SlotMetrics) -> Result:
     return DONE
 
 
-async def attempt_batch(slot: Slot, claims: list[Claim], metrics: SlotMetrics) -> list[Result]:
+async def attempt_batch(
+    slot: Slot, claims: list[Claim], metrics: SlotMetrics, inspector_url: str | None = None
+) -> list[Result]:
     """Run the slot's batch handler on the claimed events, within its timeout: each run's
     result, in the order of `claims`."""
     assert slot.batch is not None
@@ -120,8 +125,11 @@ async def attempt_batch(slot: Slot, claims: list[Claim], metrics: SlotMetrics) -
                 handler=slot.name,
                 deadline=deadline,
                 log=handler_logger.bind(handler=slot.name, batch=len(claims)),
-                runs={claim.event.id: context(slot, claim, deadline) for claim in claims},
-                inspector_url=slot.inspector_url,
+                runs={
+                    claim.event.id: context(slot, claim, deadline, inspector_url)
+                    for claim in claims
+                },
+                inspector_url=inspector_url,
             )
             not_done = await slot.batch([claim.event for claim in claims], ctx) or {}
     except Exception as exc:

@@ -59,8 +59,6 @@ class Slot:
     # it is out of turns.
     limits: list[RateLimit] = field(init=False)
     held_until: float = 0.0
-    # Where its context points people to (`Context.inspector_url`).
-    inspector_url: str | None = None
     holding: bool = False  # out of turns at the last asking (logged once)
     running: int = 0
     started: bool = False

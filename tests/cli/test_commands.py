@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from tests.support.callbacks import FIXTURES, load
+from tests.support.callbacks import load, path
 from tests.support.cli import cli
 from tests.support.handler_doubles import recorded
 from tests.support.processes import REPO, Receiver
@@ -42,7 +42,7 @@ handlers = ["recorder"]
 
 def test_send_posts_a_file_and_prints_the_answer(receiver, tmp_path):
     result = cli(
-        tmp_path, "send", str(FIXTURES / "smartcover.json"), "--url", receiver.url + "/callbacks"
+        tmp_path, "send", str(path("smartcover.json")), "--url", receiver.url + "/callbacks"
     )
     assert result.stderr.decode().strip() == "200 OK"
     assert orjson.loads(result.stdout)["ids"] == ["job:j6842765cf84611ecb8546d80f2baf56f:Success"]
@@ -58,7 +58,7 @@ def test_send_reports_an_unreachable_receiver(tmp_path):
     result = cli(
         tmp_path,
         "send",
-        str(FIXTURES / "smartcover.json"),
+        str(path("smartcover.json")),
         "--url",
         "http://127.0.0.1:9/callbacks",
         ok=False,

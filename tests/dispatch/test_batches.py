@@ -54,6 +54,13 @@ async def store_jobs(inbox, count: int, handler: str = "batch", prefix: str = "j
     return stored.new
 
 
+async def run_until_settled(d, inbox, ids: list[str], timeout: float = 10.0) -> None:
+    """Start the dispatcher, wait until every one of the events has no run pending, stop."""
+    await d.start()
+    await until(lambda: all_settled(inbox, ids), timeout=timeout)
+    await d.stop()
+
+
 async def all_settled(inbox, ids: list[str]) -> bool:
     for event_id in ids:
         if not await settled(inbox, event_id):
@@ -65,9 +72,7 @@ async def test_due_runs_come_in_batches_of_batch_size(inbox):
     batches = Batches()
     ids = await store_jobs(inbox, 250)
     d = dispatcher(inbox, batch=(batches, {"batch_size": 100, "concurrency": 1}))
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     assert sorted(len(b) for b in batches.batches) == [50, 100, 100]
     handled = [event_id for batch in batches.batches for event_id, _ in batch]
     assert sorted(handled) == sorted(ids)
@@ -106,9 +111,7 @@ async def test_each_event_of_a_batch_ends_as_the_handler_says(inbox):
 
     batches = Batches(answer)
     d = dispatcher(inbox, batch=(batches, {"batch_wait": 0, "max_attempts": 3}))
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     assert await statuses(inbox, retried) == {"batch": ("done", 2)}
     assert await statuses(inbox, dead) == {"batch": ("dead", 1)}
     assert await statuses(inbox, broken) == {"batch": ("done", 2)}
@@ -129,9 +132,7 @@ async def test_a_batch_that_raises_fails_every_event_in_it(inbox):
 
     ids = await store_jobs(inbox, 3)
     d = dispatcher(inbox, batch=(Batches(refuse), {"batch_wait": 0}))
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     for event_id in ids:
         assert await statuses(inbox, event_id) == {"batch": ("dead", 1)}
 
@@ -140,9 +141,7 @@ async def test_a_batch_that_times_out_is_retried_whole(inbox):
     slow = Batches(delay=5)
     ids = await store_jobs(inbox, 3)
     d = dispatcher(inbox, batch=(slow, {"batch_wait": 0, "timeout": 0.2, "max_attempts": 2}))
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     for event_id in ids:
         assert await statuses(inbox, event_id) == {"batch": ("dead", 2)}
         errors = {a.error for a in (await inbox.event(event_id)).attempts}
@@ -154,9 +153,7 @@ async def test_concurrency_counts_batches(inbox):
     batches = Batches(delay=0.2)
     ids = await store_jobs(inbox, 60)
     d = dispatcher(inbox, batch=(batches, {"batch_size": 10, "batch_wait": 0, "concurrency": 2}))
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     assert batches.most_running == 2
     assert [len(b) for b in batches.batches] == [10] * 6
 

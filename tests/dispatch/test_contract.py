@@ -148,3 +148,22 @@ def test_a_copy_of_an_event_is_equal_and_shares_nothing():
         assert copy == original, name
         assert copy.raw is not original.raw
         assert copy.outputs is not original.outputs
+
+
+async def test_the_context_links_to_the_inspector_the_service_was_given(inbox):
+    from receiver.config import HandlerConfig
+    from receiver.dispatch.loop import Dispatcher
+    from receiver.dispatch.slots import Slot
+    from receiver.metrics import Metrics
+
+    seeing = Seeing()
+    (event_id,) = await store(inbox, "transcode.xml", ["hook"])
+    slot = Slot("hook", seeing, HandlerConfig(type="test"))
+    d = Dispatcher(
+        inbox, [slot], Metrics(), poll_interval=0.05, inspector_url="https://ci.example.com/i"
+    )
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    [(ctx, _)] = seeing.seen
+    assert ctx.inspector_url == "https://ci.example.com/i"

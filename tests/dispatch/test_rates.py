@@ -10,7 +10,7 @@ import time
 import orjson
 
 from receiver.inbox import InboxUnavailable
-from tests.dispatch.test_batches import Batches, all_settled, store_jobs
+from tests.dispatch.test_batches import Batches, all_settled, run_until_settled, store_jobs
 from tests.dispatch.test_loop import Recording, dispatcher, statuses, until
 
 
@@ -161,9 +161,7 @@ async def test_a_claim_that_fails_takes_no_turn(inbox_place):
     ids = await store_jobs(inbox, 1, handler="robot")
     d = dispatcher(FailsOnce(inbox, "claim"), robot=(timed, {"rate": "1/10s"}))
     began = time.monotonic()
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     assert timed.started[0] - began < 3  # the poll after the failure, not the window
 
 
@@ -179,9 +177,7 @@ async def test_a_batch_takes_its_turn_as_it_starts(inbox_place):
     config = {"rate": "1/1s", "batch_size": 5, "batch_wait": 1.0, "concurrency": 2}
     d = dispatcher(inbox, digest=(batches, config))
     ids = await store_jobs(inbox, 10, handler="digest")
-    await d.start()
-    await until(lambda: all_settled(inbox, ids), timeout=15)
-    await d.stop()
+    await run_until_settled(d, inbox, ids, timeout=15)
     assert [len(b) for b in batches.batches] == [5, 5]
     assert starts[1] - starts[0] >= 0.95
 
@@ -196,9 +192,7 @@ async def test_a_batch_without_a_turn_is_handed_back_and_runs_once_with_one(inbo
     ids = await store_jobs(inbox, 3, handler="digest")
     config = {"rate": "1/10s", "batch_wait": 0.1}
     d = dispatcher(FailsOnce(inbox, "update_state"), poll=0.2, digest=(batches, config))
-    await d.start()
-    await until(lambda: all_settled(inbox, ids))
-    await d.stop()
+    await run_until_settled(d, inbox, ids)
     assert [sorted(i for i, _ in batch) for batch in batches.batches] == [sorted(ids)]
     for event_id in ids:
         assert await statuses(inbox, event_id) == {"digest": ("done", 1)}

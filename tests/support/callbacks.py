@@ -1,4 +1,6 @@
-"""The callback fixtures under tests/fixtures/callbacks, and CI's XML -> JSON mapping."""
+"""The callback fixtures, and CI's XML -> JSON mapping. They are under
+tests/fixtures/callbacks, and under receiver/testing/samples those that the handler test
+kit ships (one copy of each, read from where it is)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,22 @@ from typing import Any
 import orjson
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "callbacks"
-ALL = sorted(p.name for p in FIXTURES.iterdir() if p.suffix in (".xml", ".json"))
+SAMPLES = Path(__file__).parents[2] / "receiver" / "testing" / "samples"
+FOLDERS = (FIXTURES, SAMPLES)
+ALL = sorted(p.name for f in FOLDERS for p in f.iterdir() if p.suffix in (".xml", ".json"))
 XML = [name for name in ALL if name.endswith(".xml")]
 
 
+def path(name: str) -> Path:
+    """Where the fixture `name` is."""
+    found = [folder / name for folder in FOLDERS if (folder / name).exists()]
+    if not found:
+        raise FileNotFoundError(f"no callback fixture {name!r}")
+    return found[0]
+
+
 def load(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
+    return path(name).read_bytes()
 
 
 def ci_json_from_xml(body: bytes) -> bytes:
