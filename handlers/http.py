@@ -13,6 +13,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from handlers import Fail, Retry
+from receiver import tracing
 
 # A peer asking for a longer pause than this is waited on for this long: a typo in a
 # Retry-After header should not park an event for days.
@@ -55,9 +56,15 @@ class HttpHandler:
             self._client = None
 
     async def post(self, url: str | httpx.URL, **kwargs: Any) -> httpx.Response:
-        """POST; a timeout or a transport error (peer down, reset) is a `Retry`."""
+        """POST, with the trace's `traceparent` when tracing is on; a timeout or a transport
+        error (peer down, reset) is a `Retry`."""
         if self._client is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
+        # The attempt's trace goes on with the delivery (W3C `traceparent`), when tracing
+        # is on: a peer that traces continues it.
+        trace = tracing.carrier()
+        if trace:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), **trace}
         try:
             return await self._client.post(url, **kwargs)
         except httpx.TimeoutException as exc:

@@ -20,6 +20,7 @@ import pulsar.asyncio
 from pydantic import Field
 
 from handlers import Retry
+from receiver import tracing
 from receiver.callback.event import Event
 from receiver.config import PULSAR_SERVICE_URL, PulsarConnection
 from receiver.masking import mask_url
@@ -99,6 +100,9 @@ class PulsarHandler:
                 )
                 if value is not None
             },
+            # The attempt's trace (W3C fields, when tracing is on), for a consumer to
+            # continue.
+            **tracing.carrier(),
         }
         try:
             await self._producer.send(

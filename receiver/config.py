@@ -282,6 +282,35 @@ class LogConfig(Section):
     _check_timezone = field_validator("timezone")(check_timezone)
 
 
+class OtelConfig(Section):
+    """`[otel]`: OpenTelemetry traces of each callback, from its receipt to every handler
+    attempt (needs the `otel` extra). Where they go, the service's name, the sampler and
+    the resource's attributes are the standard `OTEL_*` variables'
+    (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME,
+    OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, ...)."""
+
+    enabled: bool = False
+    # Whether a `traceparent` that a callback arrives with (CI, or a proxy in front) is
+    # its trace's parent. Off, it is linked instead: the public port lets anyone send one.
+    trust_traceparent: bool = False
+    # A trace viewer's page of one trace, `{trace_id}` standing for its id
+    # (https://grafana.example.com/explore?...{trace_id}): the inspector links each event's.
+    trace_url: str | None = None
+
+    @field_validator("trace_url")
+    @classmethod
+    def _trace_url_names_the_trace(cls, url: str | None) -> str | None:
+        if url is not None and (
+            not re.match(r"https?://[^\s/?#]+", url) or "{trace_id}" not in url
+        ):
+            raise ValueError("must be an http:// or https:// URL with {trace_id} in it")
+        return url
+
+    def link(self, trace_id: str) -> str | None:
+        """The trace viewer's page of this trace, when one is configured."""
+        return self.trace_url.replace("{trace_id}", trace_id) if self.trace_url else None
+
+
 class PulsarConnection(Section):
     """How to reach a TDMQ for Pulsar (or Apache Pulsar) cluster: `[tdmq]`, and the
     `pulsar` handler's options."""
@@ -655,6 +684,7 @@ class Config(BaseModel):
     inbox: InboxConfig = InboxConfig()
     dispatch: DispatchConfig = DispatchConfig()
     log: LogConfig = LogConfig()
+    otel: OtelConfig = OtelConfig()
     tdmq: TdmqConfig = TdmqConfig()
     cmq: CmqConfig = CmqConfig()
     relay: RelayConfig = RelayConfig()

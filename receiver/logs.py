@@ -19,6 +19,7 @@ from typing import IO, Any
 import orjson
 import structlog
 
+from receiver import tracing
 from receiver.timezones import parse_timezone
 
 
@@ -44,7 +45,9 @@ class StaticFields:
         return event
 
 
-def _shared_processors(timezone_name: str, fields: dict[str, Any] | None = None) -> list[Any]:
+def _shared_processors(
+    timezone_name: str, fields: dict[str, Any] | None = None, trace_ids: bool = False
+) -> list[Any]:
     zone = parse_timezone(timezone_name)
     stamper = (
         structlog.processors.TimeStamper(fmt="iso", utc=True)
@@ -54,6 +57,7 @@ def _shared_processors(timezone_name: str, fields: dict[str, Any] | None = None)
     return [
         structlog.contextvars.merge_contextvars,
         *([StaticFields(fields)] if fields else []),
+        *([tracing.add_trace_ids] if trace_ids else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         stamper,
@@ -173,10 +177,12 @@ def configure_logging(
     fmt: str = "auto",
     timezone_name: str = "UTC",
     fields: dict[str, Any] | None = None,
+    trace_ids: bool = False,
 ) -> None:
     """Timestamps in `timezone_name` (UTC by default, written with a `Z`); `fields` in
-    every line."""
-    shared = _shared_processors(timezone_name, fields)
+    every line; `trace_ids` (tracing on): the trace and span ids of a line written in a
+    span."""
+    shared = _shared_processors(timezone_name, fields, trace_ids)
     console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer()

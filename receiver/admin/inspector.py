@@ -17,6 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from receiver import tracing
 from receiver.admin import charts
 from receiver.admin.guard import CSRF_FIELD, csrf_valid, replay_refusal
 from receiver.admin.inspection import Inspection
@@ -106,10 +107,13 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
         if detail is None:
             raise BadRequest(f"No event {event_id!r} is stored.", status=404)
         receipt = await inbox().receipt(detail.receipt_id)
+        # The trace it was received in (stored with it when tracing was on).
+        trace_id = tracing.trace_id_of(detail.event.source_meta)
         return pages.render(
             request, "event.html", section="events", detail=detail, event=detail.event,
             receipt=receipt, replayed=flash.replayed,
             waiting=any(run.status == "pending" for run in detail.runs),
+            trace_id=trace_id, trace_link=trace_id and config.otel.link(trace_id),
         )  # fmt: skip
 
     async def job(request: Request) -> Response:

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 from qcloud_cos import CosConfig, CosS3Client
 from qcloud_cos.cos_exception import CosClientError, CosServiceError
 
+from receiver import tracing
 from receiver.callback.decode import Document, PayloadError, decode
 from receiver.callback.event import Event
 from receiver.callback.fields import text
@@ -314,13 +315,19 @@ class CiApi:
         """Run an SDK call in a thread; retry what may pass later, with backoff + jitter."""
         attempts = attempts or self._config.max_attempts
         delay = self._backoff_initial
+        # For a trace: the SDK method (`ci_get_media_jobs`) and the bucket each call site's
+        # partial names.
+        operation = getattr(getattr(call, "func", call), "__name__", "call")
+        bucket = str(getattr(call, "keywords", {}).get("Bucket", ""))
         for attempt in range(1, attempts + 1):
-            try:
-                return await asyncio.to_thread(call)
-            except (CosServiceError, CosClientError) as exc:
-                error = _error(exc, what)
-            except Exception as exc:  # the SDK could not read the answer (a proxy's page?)
-                error = CiApiError(f"{what}: unreadable answer ({exc!r})", retryable=True)
+            with tracing.calling_ci(operation, bucket) as span:
+                try:
+                    return await asyncio.to_thread(call)
+                except (CosServiceError, CosClientError) as exc:
+                    error = _error(exc, what)
+                except Exception as exc:  # the SDK could not read the answer (a proxy's page?)
+                    error = CiApiError(f"{what}: unreadable answer ({exc!r})", retryable=True)
+                span.fail(_reason(error), str(error))
             self.errors.labels(_reason(error)).inc()
             if not error.retryable or attempt == attempts:
                 raise error

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import structlog
 
-from receiver import rates
+from receiver import rates, tracing
 from receiver.callback.event import Event
 from receiver.config import DispatchConfig
 from receiver.dispatch import outcomes
@@ -537,11 +537,14 @@ class Dispatcher:
         structlog.contextvars.bind_contextvars(
             request_id=claim.request_id, event_id=claim.event.id, handler=slot.name
         )
+        span = tracing.attempting(slot.name, claim.event, claim.attempts + 1)
         try:
             result = await outcomes.attempt(slot, claim, metrics, self._inspector_url)
         except asyncio.CancelledError:
             # Shutdown ran out of time: hand the run back without counting it.
             self._free(slot)
+            span.outcome("released", "interrupted", outcomes.INTERRUPTED.error)
+            span.end()
             interrupted = outcomes.record(
                 self._inbox, claim, outcomes.INTERRUPTED, started_at, metrics
             )
@@ -554,7 +557,11 @@ class Dispatcher:
         # is committed, so that the next claim goes in the same commit as this outcome
         # rather than the one after (the run stays leased until its outcome is in).
         self._free(slot)
-        await outcomes.record(self._inbox, claim, result, started_at, metrics)
+        span.outcome(result.outcome, result.error_type, result.error)
+        try:  # the outcome's line and its record in the inbox are the attempt's too
+            await outcomes.record(self._inbox, claim, result, started_at, metrics)
+        finally:
+            span.end()
         if result.retry_at is not None:
             self._due_by(result.retry_at)
 
@@ -564,11 +571,14 @@ class Dispatcher:
         started_at = datetime.now(timezone.utc)
         metrics = self._handlers.metrics[slot.name]
         structlog.contextvars.bind_contextvars(handler=slot.name, batch=len(claims))
+        span = tracing.attempting_batch(slot.name, [claim.event for claim in claims])
         try:
             results = await outcomes.attempt_batch(slot, claims, metrics, self._inspector_url)
         except asyncio.CancelledError:
             # Shutdown ran out of time: hand the runs back without counting them.
             self._free(slot, len(claims))
+            span.outcome("released", "interrupted", outcomes.INTERRUPTED.error)
+            span.end()
             interrupted = asyncio.gather(
                 *(
                     outcomes.record(self._inbox, claim, outcomes.INTERRUPTED, started_at, metrics)
@@ -581,13 +591,23 @@ class Dispatcher:
             logger.exception("batch attempt failed outside the handler")
             results = [outcomes.internal_error(slot.config, claim, exc) for claim in claims]
         self._free(slot, len(claims))
-        # Recorded together: on PostgreSQL one group-committed statement.
-        await asyncio.gather(
-            *(
-                self._record_in_batch(claim, result, started_at, metrics)
-                for claim, result in zip(claims, results, strict=True)
+        failed = [result for result in results if result.outcome != "done"]
+        span.set("ci_receiver.runs.failed", len(failed))
+        if failed:
+            first = failed[0]
+            span.outcome(first.outcome, first.error_type, first.error)
+        else:
+            span.outcome("done", None, None)
+        try:
+            # Recorded together: on PostgreSQL one group-committed statement.
+            await asyncio.gather(
+                *(
+                    self._record_in_batch(claim, result, started_at, metrics)
+                    for claim, result in zip(claims, results, strict=True)
+                )
             )
-        )
+        finally:
+            span.end()
 
     async def _record_in_batch(
         self, claim: Claim, result: outcomes.Result, started_at: datetime, metrics: SlotMetrics

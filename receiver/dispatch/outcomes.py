@@ -47,6 +47,8 @@ class Result:
     outcome: Outcome
     error: str | None = None
     retry_at: datetime | None = None  # with `retry`: when the run is due again
+    # What failed, as a trace shows it: the exception's class (`Retry`, `TimeoutError`).
+    error_type: str | None = None
 
 
 DONE = Result("done")
@@ -68,13 +70,16 @@ def _sane_delay(after: float | None) -> float | None:
     return min(max(after, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
-def _retry(config: HandlerConfig, attempt: int, error: str, delay: float | None) -> Result:
+def _retry(
+    config: HandlerConfig, attempt: int, error: str, delay: float | None, error_type: str
+) -> Result:
     """A failed attempt: retried after `delay` (the back-off's when None), or dead-lettered
     when it was the last."""
     if attempt >= config.max_attempts:
-        return Result("dead", error)
+        return Result("dead", error, error_type=error_type)
     delay = backoff(config, attempt) if delay is None else delay
-    return Result("retry", error, datetime.now(timezone.utc) + timedelta(seconds=delay))
+    retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
+    return Result("retry", error, retry_at, error_type)
 
 
 def context(slot: Slot, claim: Claim, deadline: float, inspector_url: str | None) -> Context:
@@ -152,24 +157,26 @@ def failed(
 ) -> Result:
     """What a handler's exception makes of the run's attempt; retried after `delay`
     seconds if given, else as `Retry(after=)` asks, else after the back-off's."""
+    error_type = type(exc).__qualname__
     if isinstance(exc, Fail):
-        return Result("dead", f"Fail: {exc}")
+        return Result("dead", f"Fail: {exc}", error_type=error_type)
     if isinstance(exc, Forged):
-        return Result("forged", f"forged: {exc}")
+        return Result("forged", f"forged: {exc}", error_type=error_type)
     if isinstance(exc, Retry):
         error, delay = f"Retry: {exc}", _sane_delay(exc.after) if delay is None else delay
     elif isinstance(exc, asyncio.TimeoutError):
         error = f"timed out after {config.timeout:g}s"
     else:
         error = f"{type(exc).__name__}: {exc}"
-    return _retry(config, claim.attempts + 1, error, delay)
+    return _retry(config, claim.attempts + 1, error, delay, error_type)
 
 
 def internal_error(config: HandlerConfig, claim: Claim, exc: Exception) -> Result:
     """A bug of ours around the handler: still counted, and tried again later."""
     delay = backoff(config, claim.attempts + 1)
     retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay)
-    return Result("retry", f"internal error: {type(exc).__name__}: {exc}", retry_at)
+    error = f"internal error: {type(exc).__name__}: {exc}"
+    return Result("retry", error, retry_at, "internal_error")
 
 
 async def record(

@@ -12,6 +12,7 @@ from typing import Protocol
 import structlog
 from structlog.contextvars import bind_contextvars
 
+from receiver import tracing
 from receiver.callback import vocabulary
 from receiver.callback.decode import Limits, PayloadError
 from receiver.callback.event import Event
@@ -211,7 +212,9 @@ class Ingestor:
         pending = _pending(routed, verify)
         leases = self._handoff.reserve(pending)
         try:
-            stored = await self._inbox.store(receipt, routed, verify=verify, leases=leases)
+            with tracing.storing([receipt.source_meta]) as span:
+                stored = await self._inbox.store(receipt, routed, verify=verify, leases=leases)
+                span.set("ci_receiver.events.new", len(stored.new))
         except asyncio.CancelledError:  # the store goes on, and may yet commit
             self._handoff.abandoned(leases)
             raise
@@ -256,7 +259,8 @@ class Ingestor:
                 self._handoff.stored(receipt.request_id, [], leases)
             raise
         try:
-            outcomes = await self._inbox.store_many([item for _, item, _, _ in parsed])
+            with tracing.storing([item[0].source_meta for _, item, _, _ in parsed]):
+                outcomes = await self._inbox.store_many([item for _, item, _, _ in parsed])
         except asyncio.CancelledError:  # the stores go on, and may yet commit
             for _, (_, _, _, leases), _, _ in parsed:
                 self._handoff.abandoned(leases)

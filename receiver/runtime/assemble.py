@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from handlers import HandlerConfigError
+from receiver import tracing
 from receiver.admin.listener import admin_listener
 from receiver.config import Config
 from receiver.ingest.routing import log_warnings
@@ -66,19 +67,30 @@ class Assembly:
         """Run until stopped; the process's exit code. Raises what made the backend's
         start fail (an inbox it cannot use, a relay topic it cannot publish to)."""
         ready = None if self.link is None else self.link.ready
-        exit_code = await run_service(
-            self.backend, self.sources, self.reload, serving=self.serving, on_ready=ready
-        )
+        try:
+            exit_code = await run_service(
+                self.backend, self.sources, self.reload, serving=self.serving, on_ready=ready
+            )
+        finally:
+            # The spans still held sent (within OTEL_BSP_EXPORT_TIMEOUT), in a thread: a
+            # collector away must not hold the loop.
+            await asyncio.to_thread(tracing.stop)
         if self.link is not None and self.public is not None:  # what it did, for the log
             logger.info("worker stopped", pid=os.getpid(), requests=self.public.requests_served)
         return exit_code
 
 
 def start_logging(config: Config, worker: WorkerSpec | None = None) -> None:
-    """Configure the log, and say there what in the config is likely a mistake (a worker
-    of `serve --workers` names itself in every line; worker 0 alone warns)."""
+    """Start tracing ([otel]) and configure the log, and say there what in the config is
+    likely a mistake (a worker of `serve --workers` names itself in every line; worker 0
+    alone warns). Each process traces on its own: the exporter's thread would not
+    survive a fork."""
     fields = {} if worker is None else {"worker": worker.index}
-    configure_logging(config.log.level, config.log.format, config.log.timezone, fields)
+    problem = tracing.start(config)
+    log = config.log
+    configure_logging(log.level, log.format, log.timezone, fields, trace_ids=tracing.active())
+    if problem is not None:
+        logger.warning(problem)
     if worker is None or worker.index == 0:
         log_warnings(config)
 

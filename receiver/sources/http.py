@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from receiver import tracing
 from receiver.callback.decode import PayloadError
 from receiver.ids import new_id
 from receiver.inbox import Receipt
@@ -195,8 +196,10 @@ class Callbacks:
         status = 500
         bound = structlog.contextvars.bind_contextvars(request_id=request_id)
         started = False
+        route = "/callbacks" if token is None else "/callbacks/{token}"
+        span = tracing.receiving_http(scope, route, headers, agent)
         try:
-            answer = await self._answer(scope, receive, token, request_id, headers)
+            answer = await self._answer(scope, receive, token, request_id, headers, span.carrier())
             status = answer.status
             started = True
             await send(
@@ -225,9 +228,10 @@ class Callbacks:
             await send({"type": "http.response.body", "body": _SERVER_ERROR})
             raise
         finally:
-            if self._access_log:
-                path = "/callbacks" if token is None else "/callbacks/{token}"
-                log_request(scope, path, status, began, agent)
+            if self._access_log:  # inside the span: the line carries its trace id
+                log_request(scope, route, status, began, agent)
+            span.http_status(status)
+            span.end()
             structlog.contextvars.reset_contextvars(**bound)
 
     async def _answer(
@@ -237,7 +241,9 @@ class Callbacks:
         token: str | None,
         request_id: str,
         headers: dict[str, str],
+        trace: dict[str, str],
     ) -> Answer:
+        """`trace`: the W3C fields of the request's span, kept with the callback."""
         refusal = self._senders.check(scope, token)
         if refusal is not None:
             self._metrics.series(self._metrics.callbacks, "http", refusal.reason).inc()
@@ -248,7 +254,7 @@ class Callbacks:
             received_at=datetime.now(timezone.utc),
             request_id=request_id,
             headers=headers,
-            source_meta={"request_id": request_id},
+            source_meta={"request_id": request_id, **trace},
         )
         max_bytes = self._max_bytes
         declared = headers.get("content-length", "")

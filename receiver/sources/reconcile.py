@@ -32,6 +32,7 @@ import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from receiver import tracing
 from receiver.callback.decode import PayloadError
 from receiver.callback.event import Event
 from receiver.callback.fields import text
@@ -281,19 +282,21 @@ class Reconciler:
     async def _recover(
         self, watch: Watch, body: dict[str, Any], missing: list[Event], report: Report
     ) -> None:
-        receipt = Receipt(
-            body=orjson.dumps(body),
-            source="reconcile",
-            received_at=datetime.now(timezone.utc),
-            request_id=new_id(),
-            headers={"content-type": "application/json"},
-            source_meta={"bucket": watch.bucket, "watch": str(watch)},
-        )
-        try:
-            stored = await self._intake.ingest(receipt)
-        except PayloadError as error:  # kept as rejected by the ingestor
-            logger.error("a job from CI's API cannot be stored", error=str(error))
-            return
+        # No callback began a trace: the recovery begins one of its own.
+        with tracing.recovering(watch.bucket, str(watch)) as span:
+            receipt = Receipt(
+                body=orjson.dumps(body),
+                source="reconcile",
+                received_at=datetime.now(timezone.utc),
+                request_id=new_id(),
+                headers={"content-type": "application/json"},
+                source_meta={"bucket": watch.bucket, "watch": str(watch), **span.carrier()},
+            )
+            try:
+                stored = await self._intake.ingest(receipt)
+            except PayloadError as error:  # kept as rejected by the ingestor
+                logger.error("a job from CI's API cannot be stored", error=str(error))
+                return
         new = set(stored.new)
         for event in missing:
             recovered = event.id in new

@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter, Histogram
 
+from receiver import tracing
 from receiver.callback.decode import PayloadError
 from receiver.config import CmqConfig
 from receiver.inbox import Receipt
@@ -254,6 +255,14 @@ class CmqConsumer:
         may be deleted. Nothing escapes: a failure leaves the message to come back."""
         receipt = _receipt(queue, message)
         structlog.contextvars.bind_contextvars(request_id=receipt.request_id)
+        with tracing.consuming("tencent_cmq", queue, message.msg_id, current=True) as span:
+            receipt.source_meta.update(span.carrier())
+            kept = await self._keep_receipt(queue, message, receipt)
+            if not kept:
+                span.fail("not_kept", "it will come back")
+            return kept
+
+    async def _keep_receipt(self, queue: str, message: Message, receipt: Receipt) -> bool:
         try:
             if message.body is None:
                 # The same message is unreadable every time: kept, not looped over.

@@ -41,6 +41,7 @@ import structlog
 from prometheus_client import Counter
 from structlog.contextvars import bind_contextvars
 
+from receiver import tracing
 from receiver.callback.decode import PayloadError
 from receiver.config import TdmqConfig
 from receiver.inbox import Receipt, Stored
@@ -239,6 +240,38 @@ class TdmqConsumer:
         them grouped, so no answer has to come back through the event loop."""
         client_side = consumer._consumer
         deliveries = [_read(message) for message in batch]
+        spans = self._spans(batch, deliveries) if tracing.active() else None
+        try:
+            await self._settle(client_side, batch, deliveries, spans)
+        finally:
+            for span in spans or ():
+                span.end()
+
+    def _spans(
+        self, batch: list[_pulsar.Message], deliveries: list[messages.Delivery]
+    ) -> list[tracing.SpanScope]:
+        """A consumer span of each message, continuing the trace its properties name (the
+        relay's, the Pulsar handler's), and kept with its callback."""
+        spans = []
+        for message, delivery in zip(batch, deliveries, strict=True):
+            span = tracing.consuming(
+                "pulsar",
+                message.topic_name(),
+                str(message.message_id()),
+                message.properties(),
+                messaging__consumer__group__name=self._config.subscription,
+            )
+            delivery.receipt.source_meta.update(span.carrier())
+            spans.append(span)
+        return spans
+
+    async def _settle(
+        self,
+        client_side: _pulsar.Consumer,
+        batch: list[_pulsar.Message],
+        deliveries: list[messages.Delivery],
+        spans: list[tracing.SpanScope] | None,
+    ) -> None:
         ingesting = [i for i, delivery in enumerate(deliveries) if delivery.refused is None]
         try:
             outcomes = await self._intake.ingest_many([deliveries[i].receipt for i in ingesting])
@@ -263,6 +296,8 @@ class TdmqConsumer:
                 )
                 kept = False
             if not kept:
+                if spans is not None:
+                    spans[index].fail("nack", "not kept; it will be delivered again")
                 self._nack(client_side, message)
                 continue
             if isinstance(outcome, Stored):

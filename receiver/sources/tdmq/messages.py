@@ -56,6 +56,11 @@ def relay_properties(
     properties[SOURCE] = receipt.source
     properties[REQUEST_ID] = receipt.request_id
     properties[RECEIVED_AT] = receipt.received_at.isoformat()
+    # The request's trace (W3C fields, when tracing was on), for the consumer to continue.
+    for name in ("traceparent", "tracestate"):
+        value = receipt.source_meta.get(name)
+        if isinstance(value, str):
+            properties[name] = value
     if refused is not None:
         properties[REJECTED] = refused.reason
         properties[REJECTED_DETAIL] = refused.message
