@@ -8,12 +8,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY receiver ./receiver
 COPY handlers ./handlers
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres,mysql]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres,mysql,otel]"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/ci-receiver --create-home ci-receiver
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels ci-receiver[postgres,mysql] \
+RUN pip install --no-cache-dir --no-index --find-links /wheels ci-receiver[postgres,mysql,otel] \
     && rm -rf /wheels
 USER ci-receiver
 WORKDIR /var/lib/ci-receiver

@@ -17,6 +17,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -170,6 +171,10 @@ def instrument(provider: TracerProvider) -> list[Callable[[], None]]:
         try:
             instrumentor = getattr(importlib.import_module(module), name)()
         except ImportError:
+            continue
+        # One that declines the installed library's version would say so at ERROR on
+        # every start: left out quietly instead (SQLAlchemy's declines 2.1).
+        if get_dependency_conflicts(instrumentor.instrumentation_dependencies()) is not None:
             continue
         instrumentor.instrument(tracer_provider=provider, **options)
         if instrumentor.is_instrumented_by_opentelemetry:

@@ -428,3 +428,115 @@ def test_alert_rules_and_dashboard_name_only_metrics_that_exist(tmp_path):
     for rule in rules:
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}
+
+
+# --- traces: deploy/otel/collector.yaml, its compose and Kubernetes setups --------------
+
+OTLP_HTTP_PORT = 4318  # where ci-receiver's OTLP/HTTP exporter sends, as the collector says
+
+
+def collector_config() -> dict:
+    return yaml.safe_load((DEPLOY / "otel" / "collector.yaml").read_text())
+
+
+def test_the_collector_takes_otlp_http_and_forwards_every_span():
+    config = collector_config()
+    endpoint = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert endpoint == f"0.0.0.0:{OTLP_HTTP_PORT}"
+    (pipeline,) = config["service"]["pipelines"].values()
+    # Every component the pipeline names is defined, of the kinds the collector has.
+    for kind in ("receivers", "processors", "exporters"):
+        assert pipeline[kind], kind
+        assert set(pipeline[kind]) <= set(config[kind]), kind
+    assert set(config["service"]["extensions"]) <= set(config["extensions"])
+    # memory_limiter first, as the collector's docs ask, then batch.
+    assert pipeline["processors"] == ["memory_limiter", "batch"]
+    variables = set(
+        re.findall(r"\$\{env:(\w+)\}", (DEPLOY / "otel" / "collector.yaml").read_text())
+    )
+    assert variables == {"TRACES_BACKEND", "TRACES_BACKEND_INSECURE"}
+
+
+def test_compose_sends_traces_to_its_collector_and_links_jaeger():
+    base = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    compose = yaml.safe_load((DEPLOY / "docker-compose.otel.yml").read_text())
+    services = compose["services"]
+    collector = services["otel-collector"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in collector["volumes"]}
+    inside = collector["command"][0].removeprefix("--config=")
+    assert (DEPLOY / mounted[inside]).resolve() == DEPLOY / "otel" / "collector.yaml"
+    # The collector forwards to the Jaeger of this file, on its OTLP gRPC port.
+    host, port = collector["environment"]["TRACES_BACKEND"].split(":")
+    assert host in services
+    assert port == "4317"
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    for service in (collector, services["jaeger"]):
+        assert not service["image"].endswith(":latest"), service["image"]
+    for name in ("receiver", "consumer"):
+        assert name in base  # the override merges into the base file's services
+        env = services[name]["environment"]
+        assert_env_keys(env)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{OTLP_HTTP_PORT}"
+        config = Config.model_validate(
+            {
+                "otel": {
+                    "enabled": env["CI_RECEIVER_OTEL__ENABLED"],
+                    "trace_url": env["CI_RECEIVER_OTEL__TRACE_URL"],
+                }
+            }
+        )
+        assert config.otel.enabled
+        assert config.otel.link("abc") == "http://127.0.0.1:16686/trace/abc"  # Jaeger's page
+        assert services[name]["depends_on"]["otel-collector"]
+
+
+def test_kubernetes_collector_runs_the_same_config_and_the_pods_reach_it():
+    docs = {doc["kind"]: doc for doc in documents("kubernetes-otel.yaml")}
+    assert set(docs) == {"ConfigMap", "Deployment", "Service"}
+    inlined = yaml.safe_load(docs["ConfigMap"]["data"]["collector.yaml"])
+    assert inlined == collector_config()  # deploy/otel/collector.yaml, in step
+    pod = docs["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert not container["image"].endswith(":latest")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["otlp-http"] == OTLP_HTTP_PORT
+    health = collector_config()["extensions"]["health_check"]["endpoint"]
+    assert ports["health"] == int(health.rsplit(":", 1)[1])
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "health"
+    assert {e["name"] for e in container["env"]} == {"TRACES_BACKEND", "TRACES_BACKEND_INSECURE"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert pod["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    service = docs["Service"]
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+    (port,) = service["spec"]["ports"]
+    # The `kubectl set env` the comments give: real keys, and the Service's address.
+    comments = " ".join(
+        line.lstrip("# ").rstrip("\\")
+        for line in (DEPLOY / "kubernetes-otel.yaml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    command = re.search(r"kubectl set env (.*?)(?= The image| $)", comments)[1]
+    words = shlex.split(command)
+    deployments = {
+        doc["metadata"]["name"]
+        for doc in documents("kubernetes.yaml")
+        if doc["kind"] == "Deployment"
+    }
+    assert {
+        w.removeprefix("deployment/") for w in words if w.startswith("deployment/")
+    } == deployments
+    env = dict(w.split("=", 1) for w in words if "=" in w)
+    assert_env_keys(env)
+    assert env["CI_RECEIVER_OTEL__ENABLED"] == "true"
+    name = service["metadata"]["name"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{name}:{port['port']}"
+    assert port["port"] == OTLP_HTTP_PORT
+
+
+def test_the_image_can_trace(dockerfile):
+    for run in instructions(dockerfile, "RUN"):
+        if "pip install" in run or "pip wheel" in run:
+            assert "otel" in re.search(r"\[([a-z,]+)\]", run)[1].split(",")
