@@ -11,7 +11,7 @@ import click
 import orjson
 
 from handlers import HandlerConfigError, shown_options
-from receiver import rates
+from receiver import rates, tracing
 from receiver.cli.common import config_option, inbox_errors, load
 from receiver.inbox.factory import probe
 from receiver.masking import mask_credentials
@@ -49,6 +49,7 @@ def check_config(config_path: Path | None) -> None:
     with inbox_errors():
         found = asyncio.run(probe(config))
     click.echo(f"inbox: {found}", err=True)
+    click.echo(f"traces: {tracing.destination(config)}", err=True)
     click.echo("config OK", err=True)
 
 

@@ -72,8 +72,8 @@ class Assembly:
                 self.backend, self.sources, self.reload, serving=self.serving, on_ready=ready
             )
         finally:
-            # The spans still held sent (within OTEL_BSP_EXPORT_TIMEOUT), in a thread: a
-            # collector away must not hold the loop.
+            # The spans still held sent (for tracing.SHUTDOWN_SECONDS at most), in a
+            # thread: the event loop is not held while they go.
             await asyncio.to_thread(tracing.stop)
         if self.link is not None and self.public is not None:  # what it did, for the log
             logger.info("worker stopped", pid=os.getpid(), requests=self.public.requests_served)

@@ -17,6 +17,8 @@ message properties, and the consumer continues from them.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -138,6 +140,25 @@ def active() -> bool:
     return _spans is not None
 
 
+def destination(config: Config) -> str:
+    """Where traces go, as `check-config` tells it: off, the extra missing, or the
+    OTLP/HTTP endpoint the OTEL_* variables name."""
+    if not config.otel.enabled:
+        return "off"
+    if any(
+        importlib.util.find_spec(module) is None
+        for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+    ):
+        return "enabled, but " + EXTRA_MISSING.removeprefix("[otel] enabled ")
+    from receiver.masking import mask_url
+
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318").rstrip("/")
+        + "/v1/traces"
+    )
+    return f"sent over OTLP/HTTP to {mask_url(endpoint)}"
+
+
 def receiving_http(
     scope: Mapping[str, Any], route: str, headers: Mapping[str, str], agent: str | None
 ) -> SpanScope:
@@ -151,14 +172,14 @@ def consuming(
     message_id: str | None,
     properties: Mapping[str, Any] | None = None,
     *,
+    group: str | None = None,
     current: bool = False,
-    **attributes: Any,
 ) -> SpanScope:
     spans = _spans
     if spans is None:
         return OFF
     return spans.consuming(
-        system, destination, message_id, properties, current=current, **attributes
+        system, destination, message_id, properties, group=group, current=current
     )
 
 

@@ -179,13 +179,12 @@ class Spans:
         message_id: str | None,
         properties: Mapping[str, Any] | None = None,
         *,
+        group: str | None = None,
         current: bool = False,
-        **attributes: Any,
     ) -> Scope:
         """The consumer span of one message (a broker's: its W3C properties, which the
-        relay or the Pulsar handler wrote, are its parent). Current only when asked: a
-        batch's messages are each in their own span at once. An attribute's name is
-        given with `__` for its dots."""
+        relay or the Pulsar handler wrote, are its parent; `group`: the subscription).
+        Current only when asked: a batch's messages are each in their own span at once."""
         values: dict[str, Any] = {
             "messaging.system": system,
             "messaging.operation.type": "process",
@@ -194,7 +193,8 @@ class Spans:
         }
         if message_id:
             values["messaging.message.id"] = message_id
-        values.update({key.replace("__", "."): value for key, value in attributes.items()})
+        if group:
+            values["messaging.consumer.group.name"] = group
         parent = carried(properties) if properties else None
         return self._scope(
             f"process {destination}", SpanKind.CONSUMER, values, parent=parent, current=current

@@ -18,6 +18,7 @@ from receiver import tracing
 from receiver.config import Config, ConfigError, load_config
 from receiver.logs import configure_logging
 from tests.support.callbacks import load
+from tests.support.cli import ci_receiver
 from tests.support.processes import REPO, Receiver
 from tests.support.sample_events import event
 
@@ -206,3 +207,15 @@ def test_off_a_served_callback_imports_nothing_of_opentelemetry(tmp_path, enable
         assert "opentelemetry.sdk.trace" in imported
     else:
         assert imported == []
+
+
+def test_check_config_says_where_traces_go(tmp_path):
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    off = ci_receiver(config, "check-config", text=True, ok=True)
+    assert "traces: off" in off.stderr
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[otel]\nenabled = true\n')
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://user:pw@collector.example.com:4318/"}
+    on = ci_receiver(config, "check-config", env=endpoint, text=True, ok=True)
+    shown = "https://user:***@collector.example.com:4318/v1/traces"  # its password masked
+    assert f"traces: sent over OTLP/HTTP to {shown}" in on.stderr

@@ -259,7 +259,7 @@ class TdmqConsumer:
                 message.topic_name(),
                 str(message.message_id()),
                 message.properties(),
-                messaging__consumer__group__name=self._config.subscription,
+                group=self._config.subscription,
             )
             delivery.receipt.source_meta.update(span.carrier())
             spans.append(span)
@@ -272,6 +272,8 @@ class TdmqConsumer:
         deliveries: list[messages.Delivery],
         spans: list[tracing.SpanScope] | None,
     ) -> None:
+        """Keep the batch's callbacks, then ack or nack each message (`spans`: each
+        message's, told of one not kept)."""
         ingesting = [i for i, delivery in enumerate(deliveries) if delivery.refused is None]
         try:
             outcomes = await self._intake.ingest_many([deliveries[i].receipt for i in ingesting])
