@@ -64,7 +64,9 @@ class HttpHandler:
         # is on: a peer that traces continues it.
         trace = tracing.carrier()
         if trace:
-            kwargs["headers"] = {**(kwargs.get("headers") or {}), **trace}
+            headers = httpx.Headers(kwargs.get("headers"))
+            headers.update(trace)
+            kwargs["headers"] = headers
         try:
             return await self._client.post(url, **kwargs)
         except httpx.TimeoutException as exc:

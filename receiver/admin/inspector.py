@@ -107,13 +107,14 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
         if detail is None:
             raise BadRequest(f"No event {event_id!r} is stored.", status=404)
         receipt = await inbox().receipt(detail.receipt_id)
-        # The trace it was received in (stored with it when tracing was on).
-        trace_id = tracing.trace_id_of(detail.event.source_meta)
+        # The trace it was received in (stored with it when tracing was on), linked when
+        # the sampler kept it.
+        trace = tracing.trace_of(detail.event.source_meta)
         return pages.render(
             request, "event.html", section="events", detail=detail, event=detail.event,
             receipt=receipt, replayed=flash.replayed,
             waiting=any(run.status == "pending" for run in detail.runs),
-            trace_id=trace_id, trace_link=trace_id and config.otel.link(trace_id),
+            trace=trace, trace_link=trace and trace[1] and config.otel.link(trace[0]),
         )  # fmt: skip
 
     async def job(request: Request) -> Response:

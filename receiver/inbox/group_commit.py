@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -46,7 +47,12 @@ class GroupCommit(Generic[Item, Result]):
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if self._committing is None:
-            self._committing = asyncio.create_task(self._commit_all(), name=self._name)
+            # In a context of its own, not the first caller's: the task commits every
+            # caller's items, for as long as they keep coming (its log lines, and any
+            # span of its queries, are no one request's).
+            self._committing = contextvars.Context().run(
+                asyncio.create_task, self._commit_all(), name=self._name
+            )
         # A caller cancelled cancels only its own future: the batch goes on for the others.
         return await future
 

@@ -89,9 +89,9 @@ def start_logging(config: Config, worker: WorkerSpec | None = None) -> None:
     problem = tracing.start(config)
     log = config.log
     configure_logging(log.level, log.format, log.timezone, fields, trace_ids=tracing.active())
-    if problem is not None:
-        logger.warning(problem)
     if worker is None or worker.index == 0:
+        if problem is not None:
+            logger.warning(problem)
         log_warnings(config)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import handlers as handler_api
+from receiver import tracing
 from receiver.config import Config
 from receiver.dispatch.loop import Dispatcher
 from receiver.dispatch.slots import Slot
@@ -33,12 +34,14 @@ Check = Callable[[], Awaitable[tuple[bool, str]]]
 
 def handler_secrets_masker(config: Config, slots: list[Slot]) -> Masker:
     """Masks the handlers' secret options (as configured, and as the handlers validated
-    them) and URLs' user info and query."""
+    them) and URLs' user info and query; the spans of traces are masked by it too."""
     secrets = [secret for handler in config.handlers.values() for secret in secrets_in(handler)]
     secrets += [
         secret for slot in slots for secret in secrets_in(getattr(slot.handler, "options", None))
     ]
-    return Masker(secrets)
+    masker = Masker(secrets)
+    tracing.mask_with(masker)
+    return masker
 
 
 def build_slots(config: Config) -> list[Slot]:

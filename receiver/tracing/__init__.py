@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def start(config: Config, exporter: SpanExporter | None = None) -> str | None:
         _provider.get_tracer("ci-receiver"),
         Masker(secrets_in(config)),
         trust_traceparent=config.otel.trust_traceparent,
-        inbox_system="postgresql" if config.inbox.url else "sqlite",
+        inbox_backend="postgresql" if config.inbox.url else "sqlite",
     )
     return None
 
@@ -138,6 +138,13 @@ def stop() -> None:
 
 def active() -> bool:
     return _spans is not None
+
+
+def mask_with(mask: Callable[[str], str]) -> None:
+    """Mask errors' descriptions with this too (the handlers' secrets as they validated
+    them, made again on every reload), besides the config's secrets and URLs."""
+    if _spans is not None:
+        _spans.mask_with(mask)
 
 
 def destination(config: Config) -> str:
@@ -215,17 +222,20 @@ def carrier() -> dict[str, str]:
     return {} if spans is None else spans.current_carrier()
 
 
-def trace_id_of(carrier: Mapping[str, Any]) -> str | None:
-    """The trace id a stored `traceparent` names (`source_meta`), whether or not tracing
-    is on now: what the inspector shows."""
+def trace_of(carrier: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """The trace a stored `traceparent` names (`source_meta`), whether or not tracing is
+    on now, and whether it was sampled (kept: the sampler may have dropped it): what the
+    inspector shows."""
     value = carrier.get("traceparent")
     if not isinstance(value, str):
         return None
     parts = value.split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32 or len(parts[3]) != 2:
         return None
-    trace_id = parts[1].lower()
-    return trace_id if all(c in "0123456789abcdef" for c in trace_id) else None
+    trace_id, flags = parts[1].lower(), parts[3].lower()
+    if not all(c in "0123456789abcdef" for c in trace_id + flags):
+        return None
+    return trace_id, bool(int(flags, 16) & 1)
 
 
 def add_trace_ids(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:

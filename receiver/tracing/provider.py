@@ -30,11 +30,15 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
+from receiver.masking import Masker
+
 INSTRUMENTATION_SCOPE = "ci-receiver"
 # Where the OTLP/HTTP span exporter logs its failures.
 OTLP_LOGGER = OTLPSpanExporter.__module__
 
 logger = structlog.get_logger("ci_receiver.tracing")
+# The exporter's reason names the collector's URL, which may carry a token in its query.
+_mask_urls = Masker()
 
 
 class NoOrphanClients(Sampler):
@@ -71,7 +75,9 @@ def resource() -> Resource:
     where they name no service."""
     found = Resource.create()
     named = str(found.attributes.get(SERVICE_NAME, ""))
-    ours: dict[str, str] = {SERVICE_VERSION: _version()}
+    ours: dict[str, str] = {}
+    if SERVICE_VERSION not in found.attributes:
+        ours[SERVICE_VERSION] = _version()
     if not named or named.startswith("unknown_service"):
         ours[SERVICE_NAME] = INSTRUMENTATION_SCOPE
     return found.merge(Resource(ours))
@@ -114,7 +120,7 @@ class WatchedExporter(SpanExporter):
             self._failing = True
             logger.warning(
                 "cannot send traces to the collector; spans are dropped until it takes them",
-                reason=reason[:300],
+                reason=_mask_urls(reason)[:300],
             )
         return result
 
@@ -143,8 +149,9 @@ def make_provider(exporter: SpanExporter | None = None) -> TracerProvider:
 
 
 def shut_down(provider: TracerProvider, seconds: float) -> None:
-    """Send the spans still held, for at most `seconds` (a collector away would hold the
-    exporter in its retries much longer); what is left then is dropped."""
+    """Send the spans still held, for at most `seconds`; what is left then is dropped.
+    The SDK's own shutdown waits up to 30 s for an export retrying against a collector
+    away: it is left behind, in a daemon thread, which the process's exit ends."""
     closing = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
     closing.start()
     closing.join(seconds)
@@ -155,16 +162,19 @@ def instrument(provider: TracerProvider) -> list[Callable[[], None]]:
     decline a version it does not know); what turns each off again. An outgoing
     request's span shows its URL as `shown_url` does."""
 
-    async def masked_url(span: trace.Span, request: Any) -> None:
+    def mask_url(span: trace.Span, request: Any) -> None:
         if span.is_recording():
             shown = shown_url(str(request.url))
             for key in ("url.full", "http.url"):
                 span.set_attribute(key, shown)
 
+    async def mask_url_async(span: trace.Span, request: Any) -> None:
+        mask_url(span, request)
+
     undo: list[Callable[[], None]] = []
     for module, name, options in (
         ("opentelemetry.instrumentation.httpx", "HTTPXClientInstrumentor",
-         {"async_request_hook": masked_url}),
+         {"request_hook": mask_url, "async_request_hook": mask_url_async}),
         ("opentelemetry.instrumentation.sqlalchemy", "SQLAlchemyInstrumentor", {}),
         ("opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor", {}),
     ):  # fmt: skip

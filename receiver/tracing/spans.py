@@ -59,7 +59,7 @@ class Scope:
 
     __slots__ = ("_mask", "_span", "_token")
 
-    def __init__(self, span: trace.Span, mask: Callable[[str], str], *, current: bool) -> None:
+    def __init__(self, span: trace.Span, mask: Masking, *, current: bool) -> None:
         self._span = span
         self._mask = mask
         self._token = otel_context.attach(trace.set_span_in_context(span)) if current else None
@@ -86,7 +86,7 @@ class Scope:
 
     def fail(self, error_type: str, description: str | None = None) -> None:
         self._span.set_attribute("error.type", error_type)
-        text = None if description is None else self._mask(description)[:MAX_DESCRIPTION]
+        text = None if description is None else self._mask.apply(description)[:MAX_DESCRIPTION]
         self._span.set_status(Status(StatusCode.ERROR, text))
 
     def http_status(self, status: int) -> None:
@@ -108,6 +108,18 @@ class Scope:
         self._span.end()
 
 
+class Masking:
+    """What an error's description goes through: the config's secrets and URLs, then the
+    handlers' secrets as they validated them (`also`, set again on every reload)."""
+
+    def __init__(self, first: Callable[[str], str]) -> None:
+        self.first = first
+        self.also: Callable[[str], str] = str
+
+    def apply(self, text: str) -> str:
+        return self.also(self.first(text))
+
+
 class Spans:
     """Makes the spans of the flow, from the tracer of ci-receiver's provider."""
 
@@ -117,12 +129,15 @@ class Spans:
         mask: Callable[[str], str],
         *,
         trust_traceparent: bool,
-        inbox_system: str,
+        inbox_backend: str,
     ) -> None:
         self._tracer = tracer
-        self._mask = mask
+        self._mask = Masking(mask)
         self._trust_traceparent = trust_traceparent
-        self._inbox_system = inbox_system
+        self._inbox_backend = inbox_backend
+
+    def mask_with(self, mask: Callable[[str], str]) -> None:
+        self._mask.also = mask
 
     def _scope(
         self,
@@ -194,7 +209,7 @@ class Spans:
         if message_id:
             values["messaging.message.id"] = message_id
         if group:
-            values["messaging.consumer.group.name"] = group
+            values["messaging.destination.subscription.name"] = group
         parent = carried(properties) if properties else None
         return self._scope(
             f"process {destination}", SpanKind.CONSUMER, values, parent=parent, current=current
@@ -205,8 +220,7 @@ class Spans:
         current span (the request's), else of the one callback's span, else (several
         committed together) a span linked to each one's."""
         attributes = {
-            "db.system.name": self._inbox_system,
-            "db.operation.name": "store",
+            "ci_receiver.inbox": self._inbox_backend,
             "ci_receiver.callbacks": len(carriers),
         }
         if trace.get_current_span().get_span_context().is_valid:
@@ -228,7 +242,7 @@ class Spans:
         }
         return self._scope(
             f"handle {handler}",
-            SpanKind.CONSUMER,
+            SpanKind.INTERNAL,
             attributes,
             parent=carried(event.source_meta) or otel_context.Context(),
         )
@@ -240,16 +254,16 @@ class Spans:
         listed = list(events)
         attributes: dict[str, Any] = {
             "ci_receiver.handler": handler,
-            "messaging.batch.message_count": len(listed),
+            "ci_receiver.batch.size": len(listed),
         }
         if len(listed) == 1:
             attributes.update(_event_attributes(listed[0]))
             parent = carried(listed[0].source_meta) or otel_context.Context()
-            return self._scope(f"handle {handler}", SpanKind.CONSUMER, attributes, parent=parent)
+            return self._scope(f"handle {handler}", SpanKind.INTERNAL, attributes, parent=parent)
         links = [link for event in listed for link in link_to(carried(event.source_meta))]
         return self._scope(
             f"handle {handler}",
-            SpanKind.CONSUMER,
+            SpanKind.INTERNAL,
             attributes,
             parent=otel_context.Context(),
             links=links,

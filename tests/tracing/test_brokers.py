@@ -78,7 +78,7 @@ topic = "{OUT}"
     assert (received.trace_id, received.parent_span_id) == (trace_id, server.span_id)
     assert received.attributes["messaging.system"] == "pulsar"
     assert received.attributes["messaging.destination.name"] == TOPIC
-    assert received.attributes["messaging.consumer.group.name"] == "ci-receiver"
+    assert received.attributes["messaging.destination.subscription.name"] == "ci-receiver"
     assert (store.trace_id, store.parent_span_id) == (trace_id, received.span_id)
     assert (attempt.trace_id, attempt.parent_span_id) == (trace_id, received.span_id)
     assert attempt.attributes["ci_receiver.event.id"] == event("transcode.xml").id

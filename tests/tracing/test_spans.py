@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from receiver import tracing
 from receiver.config import Config, ConfigError, load_config
 from receiver.logs import configure_logging
+from receiver.runtime.service import build_slots, handler_secrets_masker
 from tests.support.callbacks import load
 from tests.support.cli import ci_receiver
 from tests.support.processes import REPO, Receiver
@@ -90,7 +91,7 @@ def test_a_batch_of_many_links_to_each_callback_and_a_batch_of_one_continues_it(
     many, alone, store = spans[2:]
     assert many.parent is None
     assert [link.context.span_id for link in many.links] == [s.context.span_id for s in servers]
-    assert many.attributes["messaging.batch.message_count"] == 2
+    assert many.attributes["ci_receiver.batch.size"] == 2
     assert alone.parent.span_id == servers[0].context.span_id
     assert alone.context.trace_id == servers[0].context.trace_id
     assert [link.context.span_id for link in store.links] == [s.context.span_id for s in servers]
@@ -146,11 +147,14 @@ def test_log_lines_inside_a_span_carry_its_ids(exported, monkeypatch):
     assert "trace_id" not in outside
 
 
-def test_a_stored_traceparent_names_its_trace():
-    assert tracing.trace_id_of({"traceparent": SENT}) == "4bf92f3577b34da6a3ce929d0e0e4736"
+def test_a_stored_traceparent_names_its_trace_and_whether_it_was_kept():
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert tracing.trace_of({"traceparent": SENT}) == (trace_id, True)
+    unsampled = SENT.removesuffix("01") + "00"
+    assert tracing.trace_of({"traceparent": unsampled}) == (trace_id, False)
     for broken in ("", "00-zz-00f067aa0ba902b7-01", f"00-{'0' * 32}-00f067aa0ba902b7-01", 7):
-        assert tracing.trace_id_of({"traceparent": broken}) is None
-    assert tracing.trace_id_of({}) is None
+        assert tracing.trace_of({"traceparent": broken}) is None
+    assert tracing.trace_of({}) is None
 
 
 def test_the_trace_url_must_name_the_trace(tmp_path):
@@ -219,3 +223,14 @@ def test_check_config_says_where_traces_go(tmp_path):
     on = ci_receiver(config, "check-config", env=endpoint, text=True, ok=True)
     shown = "https://user:***@collector.example.com:4318/v1/traces"  # its password masked
     assert f"traces: sent over OTLP/HTTP to {shown}" in on.stderr
+
+
+def test_a_handlers_validated_secrets_are_masked_too(exported):
+    exporter = exported()
+    hook = "https://hooks.slack.com/services/T000/B000/slack-path-secret-99"
+    config = Config(handlers={"team": {"type": "slack", "url": hook}})
+    handler_secrets_masker(config, build_slots(config))  # as the service does, and on reload
+    with tracing.attempting("team", event("transcode.xml"), 1) as span:
+        span.outcome("retry", "Retry", f"posting to {hook} failed")
+    [attempt] = exporter.get_finished_spans()
+    assert "slack-path-secret-99" not in attempt.status.description

@@ -132,7 +132,7 @@ table = "{table}"
     # The commit, inside the request.
     [store] = by_name(spans, "inbox store")
     assert (store.trace_id, store.parent_span_id) == (trace_id, server.span_id)
-    assert store.attributes["db.system.name"] == "sqlite"
+    assert store.attributes["ci_receiver.inbox"] == "sqlite"
 
     # Each attempt continues the receipt's trace, its retry included.
     attempts = sorted(

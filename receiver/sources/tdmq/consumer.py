@@ -240,19 +240,23 @@ class TdmqConsumer:
         them grouped, so no answer has to come back through the event loop."""
         client_side = consumer._consumer
         deliveries = [_read(message) for message in batch]
-        spans = self._spans(batch, deliveries) if tracing.active() else None
+        spans: list[tracing.SpanScope] = []
         try:
-            await self._settle(client_side, batch, deliveries, spans)
+            if tracing.active():
+                self._spans(batch, deliveries, spans)
+            await self._settle(client_side, batch, deliveries, spans or None)
         finally:
-            for span in spans or ():
+            for span in spans:
                 span.end()
 
     def _spans(
-        self, batch: list[_pulsar.Message], deliveries: list[messages.Delivery]
-    ) -> list[tracing.SpanScope]:
-        """A consumer span of each message, continuing the trace its properties name (the
-        relay's, the Pulsar handler's), and kept with its callback."""
-        spans = []
+        self,
+        batch: list[_pulsar.Message],
+        deliveries: list[messages.Delivery],
+        spans: list[tracing.SpanScope],
+    ) -> None:
+        """Into `spans`, a consumer span of each message, continuing the trace its
+        properties name (the relay's, the Pulsar handler's), and kept with its callback."""
         for message, delivery in zip(batch, deliveries, strict=True):
             span = tracing.consuming(
                 "pulsar",
@@ -261,9 +265,8 @@ class TdmqConsumer:
                 message.properties(),
                 group=self._config.subscription,
             )
-            delivery.receipt.source_meta.update(span.carrier())
             spans.append(span)
-        return spans
+            delivery.receipt.source_meta.update(span.carrier())
 
     async def _settle(
         self,
