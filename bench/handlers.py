@@ -34,12 +34,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench import sink
 from bench.delay_proxy import database_behind
 from handlers import BatchContext
 from handlers.sql import SqlHandler, async_url
@@ -50,7 +50,6 @@ from receiver.callback.event import Event
 from receiver.dispatch.outcomes import handler_logger
 from tests.support.callbacks import load
 from tests.support.databases import answers, drop_tables, server_url
-from tests.support.processes import free_port, wait_for_port
 
 SECRET = "whsec_" + base64.b64encode(b"benchmark secret, thirty-two by!").decode()
 
@@ -191,14 +190,8 @@ async def bench_webhook(url: str, args: argparse.Namespace) -> tuple[float, floa
 
 
 def start_sink() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.sink:app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    wait_for_port(port, process)
-    return process, f"http://127.0.0.1:{port}/hook"
+    process, url = sink.start()
+    return process, f"{url}/hook"
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -303,13 +303,14 @@ async def _all_runs_done(inbox: Path, count: int) -> None:
 
 
 @contextlib.contextmanager
-def logging_to_devnull() -> Iterator[None]:
-    """Production logging (JSON lines, info), written to /dev/null."""
+def logging_to_devnull(*, trace_ids: bool = False) -> Iterator[None]:
+    """Production logging (JSON lines, info; `trace_ids` as `serve` logs with tracing
+    on), written to /dev/null."""
     real = sys.stdout
     with open(os.devnull, "w") as devnull:
         sys.stdout = devnull
         try:
-            configure_logging("info", "json", "UTC")
+            configure_logging("info", "json", "UTC", trace_ids=trace_ids)
         finally:
             sys.stdout = real
         yield

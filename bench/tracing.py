@@ -22,20 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
 
 import uvloop
 
-from bench.stages import SAMPLES, Bench
+from bench import sink
+from bench.stages import SAMPLES, Bench, logging_to_devnull
 from receiver import tracing
 from receiver.config import Config
-from receiver.logs import configure_logging
-from tests.support.processes import free_port, wait_for_port
 
 # The sampler of each mode (OTEL_TRACES_SAMPLER, _ARG); None: tracing off.
 MODES: dict[str, tuple[str, str] | None] = {
@@ -45,55 +41,40 @@ MODES: dict[str, tuple[str, str] | None] = {
 }
 
 
-def start_collector() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.sink:app", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_for_port(port, process)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def trace_with(sampler: tuple[str, str] | None, log: TextIO) -> None:
-    """Start tracing with this sampler (or leave it off), and log to `log` as `serve`
-    then does."""
+def start_tracing(sampler: tuple[str, str] | None) -> None:
+    """Start tracing with this sampler (None: leave it off)."""
     tracing.stop()
     if sampler is not None:
         os.environ["OTEL_TRACES_SAMPLER"], os.environ["OTEL_TRACES_SAMPLER_ARG"] = sampler
         assert tracing.start(Config(otel={"enabled": True})) is None
-    real, sys.stdout = sys.stdout, log
-    try:
-        configure_logging("info", "json", "UTC", trace_ids=tracing.active())
-    finally:
-        sys.stdout = real
+
+
+async def handled(bench: Bench, fmt: str, sampler: tuple[str, str] | None) -> float:
+    """CPU seconds of `bench.count` callbacks stored and handled, traced with `sampler`,
+    logged as `serve` then logs; the spans still held sent (their cost is the callbacks')."""
+    start_tracing(sampler)
+    with logging_to_devnull(trace_ids=tracing.active()):
+        seconds = await bench.end_to_end(fmt, handler=True)
+        began = time.process_time()
+        tracing.stop()
+        return seconds + time.process_time() - began
 
 
 async def measure(count: int, concurrency: int, rounds: int) -> dict[str, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     bench = Bench(work, count, concurrency)
     best: dict[str, dict[str, float]] = {fmt: {} for fmt in SAMPLES}
-    log = open(os.devnull, "w")  # noqa: SIM115 (open for the whole run)
     try:
         for fmt in SAMPLES:  # warm up: imports, caches, the first inbox
             for sampler in MODES.values():
-                trace_with(sampler, log)
-                await bench.end_to_end(fmt, handler=True)
+                await handled(bench, fmt, sampler)
         for _ in range(rounds):
             for fmt in SAMPLES:
                 for mode, sampler in MODES.items():
-                    trace_with(sampler, log)
-                    seconds = await bench.end_to_end(fmt, handler=True)
-                    # The spans still held are sent: their cost is the callbacks'.
-                    began = time.process_time()
-                    tracing.stop()
-                    seconds += time.process_time() - began
-                    us = seconds / count * 1e6
+                    us = await handled(bench, fmt, sampler) / count * 1e6
                     best[fmt][mode] = min(best[fmt].get(mode, float("inf")), us)
     finally:
         tracing.stop()
-        log.close()
         shutil.rmtree(work, ignore_errors=True)
     return best
 
@@ -104,7 +85,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    collector, endpoint = start_collector()
+    collector, endpoint = sink.start()
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
     try:
         best = uvloop.run(measure(args.callbacks, args.concurrency, args.rounds))

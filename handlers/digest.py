@@ -13,7 +13,6 @@ A window that gathered one event sends the usual message.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -24,11 +23,10 @@ from pydantic import BaseModel, Field, field_validator
 from handlers import Batching
 from handlers.markup import Markup
 from receiver.callback.event import Event
+from receiver.config import parse_duration
 
 # The most events one digest holds: a window that gathers more sends several.
 DIGEST_MAX_EVENTS = 1000
-_WINDOW = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 
 
 class DigestOptions(BaseModel):
@@ -54,10 +52,14 @@ class DigestOptions(BaseModel):
 
 
 def window_seconds(text: str) -> float:
-    match = _WINDOW.fullmatch(text)
-    if not match or float(match.group(1)) <= 0:
+    """A digest's window in seconds, read as the config reads a duration."""
+    try:
+        seconds = parse_duration(text.strip().lower())
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
         raise ValueError(f"digest {text!r}: a window like '30s', '1m', '5m' or '1h'")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    return seconds
 
 
 def title(events: Sequence[Event]) -> str:

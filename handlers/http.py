@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from handlers import Fail, Retry
 from receiver import tracing
+from receiver.masking import origin
 
 # A peer asking for a longer pause than this is waited on for this long: a typo in a
 # Retry-After header should not park an event for days.
@@ -70,9 +71,9 @@ class HttpHandler:
         try:
             return await self._client.post(url, **kwargs)
         except httpx.TimeoutException as exc:
-            raise Retry(f"{where(url)} timed out ({type(exc).__name__})") from exc
+            raise Retry(f"{origin(str(url))} timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise Retry(f"cannot reach {where(url)}: {type(exc).__name__}: {exc}") from exc
+            raise Retry(f"cannot reach {origin(str(url))}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_status(response: httpx.Response) -> None:
@@ -81,7 +82,7 @@ def check_status(response: httpx.Response) -> None:
     if response.is_success:
         return
     status = response.status_code
-    summary = f"{where(response.request.url)} answered {status}: {excerpt(response)}"
+    summary = f"{origin(str(response.request.url))} answered {status}: {excerpt(response)}"
     if status == 429 or status >= 500:
         raise Retry(summary, after=retry_after(response))
     raise Fail(summary)
@@ -102,14 +103,6 @@ def retry_after(response: httpx.Response) -> float | None:
     if not math.isfinite(seconds):
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
-
-
-def where(url: str | httpx.URL) -> str:
-    """The URL's scheme, host and port only: robot URLs carry their token in the path or
-    the query, and error messages end up in logs."""
-    parsed = httpx.URL(url)
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{parsed.host}{port}"
 
 
 def excerpt(response: httpx.Response, limit: int = 200) -> str:

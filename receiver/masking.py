@@ -98,3 +98,18 @@ def secrets_in(value: Any, name: str = "") -> Iterator[str]:
     elif isinstance(value, (list, tuple, set)):
         for item in value:
             yield from secrets_in(item, name)
+
+
+def origin(url: str) -> str:
+    """A URL's scheme, host and port alone: what may be shown of a peer's URL in an error
+    or a span (a robot's key or token travels in the path or the query, a password in the
+    user info)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a port: nothing more of it is shown
+        port = ""
+    return f"{parts.scheme}://{host}{port}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from receiver.masking import Masker, secrets_in
+from receiver.masking import Masker, origin, secrets_in
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,12 @@ def test_secrets_are_found_by_type_and_by_option_name():
         "pw-1234",
     ]
     assert sorted(secrets_in({"api_key": ["k1", "k2"], "level": "info"})) == ["k1", "k2"]
+
+
+def test_origin_shows_scheme_host_and_port_alone():
+    assert origin("https://u:pw@Hooks.Slack.com/services/T0/B0/secret?x=1#f") == (
+        "https://hooks.slack.com"
+    )
+    assert origin("http://127.0.0.1:8080/cgi-bin/webhook/send?key=k") == "http://127.0.0.1:8080"
+    assert origin("http://[::1]:9000/hook") == "http://[::1]:9000"
+    assert origin("http://host:notaport/x") == "http://host"

@@ -541,14 +541,7 @@ class Dispatcher:
         try:
             result = await outcomes.attempt(slot, claim, metrics, self._inspector_url)
         except asyncio.CancelledError:
-            # Shutdown ran out of time: hand the run back without counting it.
-            self._free(slot)
-            span.outcome("released", "interrupted", outcomes.INTERRUPTED.error)
-            span.end()
-            interrupted = outcomes.record(
-                self._inbox, claim, outcomes.INTERRUPTED, started_at, metrics
-            )
-            await asyncio.shield(interrupted)
+            await self._interrupted(slot, [claim], span, started_at, metrics)
             raise
         except Exception as exc:  # a bug of ours: still count it and try later
             logger.exception("attempt failed outside the handler")
@@ -575,17 +568,7 @@ class Dispatcher:
         try:
             results = await outcomes.attempt_batch(slot, claims, metrics, self._inspector_url)
         except asyncio.CancelledError:
-            # Shutdown ran out of time: hand the runs back without counting them.
-            self._free(slot, len(claims))
-            span.outcome("released", "interrupted", outcomes.INTERRUPTED.error)
-            span.end()
-            interrupted = asyncio.gather(
-                *(
-                    outcomes.record(self._inbox, claim, outcomes.INTERRUPTED, started_at, metrics)
-                    for claim in claims
-                )
-            )
-            await asyncio.shield(interrupted)
+            await self._interrupted(slot, claims, span, started_at, metrics)
             raise
         except Exception as exc:  # a bug of ours: still count it and try later
             logger.exception("batch attempt failed outside the handler")
@@ -608,6 +591,27 @@ class Dispatcher:
             )
         finally:
             span.end()
+
+    async def _interrupted(
+        self,
+        slot: Slot,
+        claims: list[Claim],
+        span: tracing.SpanScope,
+        started_at: datetime,
+        metrics: SlotMetrics,
+    ) -> None:
+        """Shutdown ran out of time for an attempt: its runs handed back without counting
+        them, however the cancellation goes on."""
+        self._free(slot, len(claims))
+        span.outcome("released", "interrupted", outcomes.INTERRUPTED.error)
+        span.end()
+        interrupted = asyncio.gather(
+            *(
+                outcomes.record(self._inbox, claim, outcomes.INTERRUPTED, started_at, metrics)
+                for claim in claims
+            )
+        )
+        await asyncio.shield(interrupted)
 
     async def _record_in_batch(
         self, claim: Claim, result: outcomes.Result, started_at: datetime, metrics: SlotMetrics

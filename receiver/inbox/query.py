@@ -238,11 +238,11 @@ HEARTBEAT = Fixed(
 
 # --- the run queue ---------------------------------------------------------------
 
-# Runs leased under a token and not yet ended, handed back unattempted: claimable at once
-# (they wake the others).
+# A leased run handed back unattempted: claimable at once.
+_UNLEASE = "UPDATE runs SET lease_until = NULL, lease_token = NULL, updated_at = now()"
+# Runs leased under a token and not yet ended, handed back (they wake the others).
 RELEASE = Fixed(
-    "UPDATE runs SET lease_until = NULL, lease_token = NULL, updated_at = now()"
-    " WHERE lease_token = ? AND status = 'pending'",
+    f"{_UNLEASE} WHERE lease_token = ? AND status = 'pending'",
     "count",
     wakes=True,
 )
@@ -253,8 +253,7 @@ def release_runs(tx: Tx, lease_token: str, handler: str, event_ids: Sequence[str
     are handed back for a rate limit, which holds every process alike."""
     s = Sql(tx)
     return s.count(
-        "UPDATE runs SET lease_until = NULL, lease_token = NULL, updated_at = now()"
-        f" WHERE lease_token = {s(lease_token)} AND handler = {s(handler)}"
+        f"{_UNLEASE} WHERE lease_token = {s(lease_token)} AND handler = {s(handler)}"
         f" AND status = 'pending' AND event_id {s.any(event_ids)}"
     )
 

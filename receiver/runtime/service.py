@@ -34,14 +34,12 @@ Check = Callable[[], Awaitable[tuple[bool, str]]]
 
 def handler_secrets_masker(config: Config, slots: list[Slot]) -> Masker:
     """Masks the handlers' secret options (as configured, and as the handlers validated
-    them) and URLs' user info and query; the spans of traces are masked by it too."""
+    them) and URLs' user info and query."""
     secrets = [secret for handler in config.handlers.values() for secret in secrets_in(handler)]
     secrets += [
         secret for slot in slots for secret in secrets_in(getattr(slot.handler, "options", None))
     ]
-    masker = Masker(secrets)
-    tracing.mask_with(masker)
-    return masker
+    return Masker(secrets)
 
 
 def build_slots(config: Config) -> list[Slot]:
@@ -96,6 +94,8 @@ class Service:
                             wake=lambda: self.dispatcher.wake())
             )  # fmt: skip
         slots += self._own_slots
+        masker = handler_secrets_masker(config, slots)
+        tracing.mask_with(masker)  # the spans' error descriptions, as the log's
         self.dispatcher = Dispatcher(
             self.inbox,
             slots,
@@ -103,7 +103,7 @@ class Service:
             poll_interval=config.dispatch.poll_interval,
             drain_timeout=config.dispatch.drain_timeout,
             lease_grace=config.dispatch.lease_grace,
-            mask=handler_secrets_masker(config, slots),
+            mask=masker,
             inspector_url=config.admin.inspector_url,
         )
         self.ingestor = Ingestor(
@@ -135,9 +135,9 @@ class Service:
             update={"handlers": config.handlers, "routes": config.routes}
         )
         self.ingestor.router = Router(config.routes, list(config.handlers))
-        changes = self.dispatcher.replace_handlers(
-            slots, handler_secrets_masker(self.config, slots)
-        )
+        masker = handler_secrets_masker(self.config, slots)
+        tracing.mask_with(masker)
+        changes = self.dispatcher.replace_handlers(slots, masker)
         self.monitor.handlers = self.presence.handlers = list(config.handlers)
         with contextlib.suppress(Exception):  # else said within the presence interval
             await self.presence.announce()  # so that `replay` knows at once

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
-from receiver.masking import Masker
+from receiver.masking import Masker, origin
 
 INSTRUMENTATION_SCOPE = "ci-receiver"
 # Where the OTLP/HTTP span exporter logs its failures.
@@ -160,11 +160,11 @@ def shut_down(provider: TracerProvider, seconds: float) -> None:
 def instrument(provider: TracerProvider) -> list[Callable[[], None]]:
     """Turn on the instrumentations installed that take the installed library (one may
     decline a version it does not know); what turns each off again. An outgoing
-    request's span shows its URL as `shown_url` does."""
+    request's span shows its URL's `origin` alone."""
 
     def mask_url(span: trace.Span, request: Any) -> None:
         if span.is_recording():
-            shown = shown_url(str(request.url))
+            shown = origin(str(request.url))
             for key in ("url.full", "http.url"):
                 span.set_attribute(key, shown)
 
@@ -190,11 +190,3 @@ def instrument(provider: TracerProvider) -> list[Callable[[], None]]:
         if instrumentor.is_instrumented_by_opentelemetry:
             undo.append(instrumentor.uninstrument)
     return undo
-
-
-def shown_url(url: str) -> str:
-    """An outgoing URL as a span shows it: its scheme, host and port alone (a robot's key
-    or token travels in the path or the query, a password in the user info)."""
-    scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
-    return f"{scheme}://{host}"

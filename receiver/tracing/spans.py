@@ -19,12 +19,13 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from receiver.callback.event import Event
+from receiver.tracing.fields import FIELDS
 
 # What is stored with a callback and sent on with its events: W3C Trace Context alone,
 # whatever OTEL_PROPAGATORS says (baggage from a sender is not kept).
 W3C = TraceContextTextMapPropagator()
-# The names of the W3C fields, as `source_meta`, headers and message properties have them.
-FIELDS = ("traceparent", "tracestate")
+# The same names as ASGI gives headers.
+_HEADER_FIELDS = tuple(name.encode() for name in FIELDS)
 # An error's description on a span is cut to this many characters.
 MAX_DESCRIPTION = 300
 
@@ -301,7 +302,7 @@ def _header_fields(scope: Mapping[str, Any]) -> dict[str, str]:
     """A request's W3C header fields, as sent."""
     fields: dict[str, str] = {}
     for name, value in scope.get("headers", ()):
-        if name in (b"traceparent", b"tracestate"):
+        if name in _HEADER_FIELDS:
             fields[name.decode()] = value.decode("latin-1")
     return fields
 

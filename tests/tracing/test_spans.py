@@ -229,7 +229,7 @@ def test_a_handlers_validated_secrets_are_masked_too(exported):
     exporter = exported()
     hook = "https://hooks.slack.com/services/T000/B000/slack-path-secret-99"
     config = Config(handlers={"team": {"type": "slack", "url": hook}})
-    handler_secrets_masker(config, build_slots(config))  # as the service does, and on reload
+    tracing.mask_with(handler_secrets_masker(config, build_slots(config)))  # as Service does
     with tracing.attempting("team", event("transcode.xml"), 1) as span:
         span.outcome("retry", "Retry", f"posting to {hook} failed")
     [attempt] = exporter.get_finished_spans()

@@ -240,40 +240,33 @@ class TdmqConsumer:
         them grouped, so no answer has to come back through the event loop."""
         client_side = consumer._consumer
         deliveries = [_read(message) for message in batch]
-        spans: list[tracing.SpanScope] = []
-        try:
-            if tracing.active():
-                self._spans(batch, deliveries, spans)
-            await self._settle(client_side, batch, deliveries, spans or None)
-        finally:
-            for span in spans:
-                span.end()
+        with contextlib.ExitStack() as ending:  # each span ends, whatever happens
+            spans = [
+                ending.enter_context(self._span(message, delivery)) if tracing.active()
+                else tracing.OFF
+                for message, delivery in zip(batch, deliveries, strict=True)
+            ]  # fmt: skip
+            await self._settle(client_side, batch, deliveries, spans)
 
-    def _spans(
-        self,
-        batch: list[_pulsar.Message],
-        deliveries: list[messages.Delivery],
-        spans: list[tracing.SpanScope],
-    ) -> None:
-        """Into `spans`, a consumer span of each message, continuing the trace its
-        properties name (the relay's, the Pulsar handler's), and kept with its callback."""
-        for message, delivery in zip(batch, deliveries, strict=True):
-            span = tracing.consuming(
-                "pulsar",
-                message.topic_name(),
-                str(message.message_id()),
-                message.properties(),
-                group=self._config.subscription,
-            )
-            spans.append(span)
-            delivery.receipt.source_meta.update(span.carrier())
+    def _span(self, message: _pulsar.Message, delivery: messages.Delivery) -> tracing.SpanScope:
+        """A consumer span of the message, continuing the trace its properties name (the
+        relay's, the Pulsar handler's), and kept with its callback."""
+        span = tracing.consuming(
+            "pulsar",
+            message.topic_name(),
+            str(message.message_id()),
+            message.properties(),
+            group=self._config.subscription,
+        )
+        delivery.receipt.source_meta.update(span.carrier())
+        return span
 
     async def _settle(
         self,
         client_side: _pulsar.Consumer,
         batch: list[_pulsar.Message],
         deliveries: list[messages.Delivery],
-        spans: list[tracing.SpanScope] | None,
+        spans: list[tracing.SpanScope],
     ) -> None:
         """Keep the batch's callbacks, then ack or nack each message (`spans`: each
         message's, told of one not kept)."""
@@ -301,8 +294,7 @@ class TdmqConsumer:
                 )
                 kept = False
             if not kept:
-                if spans is not None:
-                    spans[index].fail("nack", "not kept; it will be delivered again")
+                spans[index].fail("nack", "not kept; it will be delivered again")
                 self._nack(client_side, message)
                 continue
             if isinstance(outcome, Stored):

@@ -27,6 +27,7 @@ import _pulsar
 from receiver.callback.decode import PayloadError
 from receiver.inbox import Receipt
 from receiver.sources.http import HEADERS_OF_INTEREST
+from receiver.tracing.fields import FIELDS
 
 PREFIX = "ci-receiver-"
 SOURCE = PREFIX + "source"  # "http": published by the relay
@@ -57,7 +58,7 @@ def relay_properties(
     properties[REQUEST_ID] = receipt.request_id
     properties[RECEIVED_AT] = receipt.received_at.isoformat()
     # The request's trace (W3C fields, when tracing was on), for the consumer to continue.
-    for name in ("traceparent", "tracestate"):
+    for name in FIELDS:
         value = receipt.source_meta.get(name)
         if isinstance(value, str):
             properties[name] = value
