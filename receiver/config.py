@@ -31,8 +31,8 @@ from pydantic import (
 )
 
 from receiver import envvars, rates
-from receiver.callback import vocabulary
 from receiver.callback.decode import DEFAULT_LIMITS, Limits
+from receiver.callback.matching import FIELDS
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
 from receiver.timezones import check_timezone
 
@@ -628,7 +628,8 @@ class RouteMatch(Section):
     """Every key given must match; a list matches any of its values; `key` and
     `user_data` are glob patterns (`videos/*.mp4`). `kind`, `state` and `verdict` take
     only what CI can send, in any case; `event_name`, `tag` and `label` match without
-    regard to case."""
+    regard to case, and `tag` is an event name for an event without a Tag (a workflow's,
+    a moderation verdict's). receiver/callback/matching.py holds these rules."""
 
     kind: StrOrList = None
     event_name: StrOrList = None
@@ -648,20 +649,9 @@ class RouteMatch(Section):
     def _one_of_the_known(cls, value: StrOrList, info: ValidationInfo) -> StrOrList:
         if value is None:
             return None
-        known = {
-            "kind": vocabulary.KINDS,
-            "state": vocabulary.STATES,
-            "verdict": tuple(vocabulary.VERDICTS.values()),
-        }[info.field_name or ""]
-        values = [value] if isinstance(value, str) else value
-        canonical = [vocabulary.canonical(v, known) for v in values]
-        unknown = [v for v, s in zip(values, canonical, strict=True) if s is None]
-        if unknown:
-            raise ValueError(
-                f"{', '.join(map(repr, unknown))} can never match: CI sends"
-                f" {', '.join(known)} (in any case)"
-            )
-        spelled = [s for s in canonical if s is not None]  # every one: none is unknown
+        spelled = FIELDS[info.field_name or ""].spelled(
+            [value] if isinstance(value, str) else value
+        )
         return spelled[0] if isinstance(value, str) else spelled
 
 

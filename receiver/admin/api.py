@@ -96,6 +96,7 @@ def api_routes(inspection: Inspection) -> list[BaseRoute]:
                 "totals": totals,
                 "tags": traffic.tags,
                 "states": traffic.states,
+                "verdicts": traffic.verdicts,
                 "handlers": [_handler_json(h) for h in found.handlers],
             }
         )

@@ -55,6 +55,7 @@ class Bar:
     label: str
     count: int
     percent: float  # of the largest count
+    rest: bool = False  # the bar of the counts past the limit, summed
 
 
 def traffic_chart(
@@ -112,8 +113,13 @@ def bars(counts: dict[str, int], limit: int = 10) -> list[Bar]:
     if len(ranked) > limit:
         rest = sum(count for _, count in ranked[limit - 1 :])
         ranked = [*ranked[: limit - 1], (f"{len(ranked) - limit + 1} others", rest)]
+    else:
+        limit = len(ranked) + 1
     top = max((count for _, count in ranked), default=0) or 1
-    return [Bar(label, count, round(100 * count / top, 1)) for label, count in ranked]
+    return [
+        Bar(label, count, round(100 * count / top, 1), rest=position == limit)
+        for position, (label, count) in enumerate(ranked, 1)
+    ]
 
 
 def _points(points: list[tuple[float, float]]) -> str:

@@ -33,11 +33,17 @@ from receiver.admin.params import (
     text_param,
 )
 from receiver.admin.rendering import HEADERS, PREFIX, ZONE_COOKIE, Pages
+from receiver.callback import vocabulary
 from receiver.config import Config
 from receiver.inbox import EventFilter, Inbox
 
 PREVIEW_BYTES = 512
 MAX_FORM_BYTES = 16384
+
+
+def _recent(name: str, value: str) -> str:
+    """The events page of the last 24 hours' events whose `name` is `value`."""
+    return f"{PREFIX}/events?" + urlencode({name: value, "since": "24h"})
 
 
 class DetailPage(Strict):
@@ -80,12 +86,15 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
             chart=charts.traffic_chart(found.traffic, found.since, steps, zone),
             states=charts.bars(found.traffic.states),
             tags=charts.bars(found.traffic.tags),
+            verdicts=charts.bars(found.traffic.verdicts),
             dead_bars=charts.bars(dead),
             pending=sum(h.pending for h in found.handlers),
             dead_total=sum(dead.values()),
-            state_link=lambda state: (
-                f"{PREFIX}/events?" + urlencode({"state": state, "since": "24h"})
-            ),
+            # An event without a state, or whose tag is its kind (it has neither tag nor
+            # event name), is in a bar no filter selects.
+            state_link=lambda state: None if state == "-" else _recent("state", state),
+            tag_link=lambda tag: None if tag in vocabulary.KINDS else _recent("tag", tag),
+            verdict_link=lambda verdict: _recent("verdict", verdict),
             dead_link=lambda name: f"{PREFIX}/dead?" + urlencode({"handler": name}),
         )
 

@@ -9,11 +9,12 @@ so that a typing mistake is not silently a filter that selects everything.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.datastructures import QueryParams
 
+from receiver.callback.matching import FIELDS
 from receiver.config import parse_moment
 from receiver.inbox import EventFilter, RunStatus
 
@@ -44,12 +45,26 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Filter(Strict):
-    """Which events: every field given must match (as `EventFilter`)."""
+def _as_routes_match(name: str) -> AfterValidator:
+    """A value as a route's key `name` takes it: one CI never sends (a state, kind or
+    verdict) is refused, since it could never match."""
 
-    kind: Literal["job", "workflow", "moderation"] | None = None
+    def spelled(value: str) -> str:
+        (found,) = FIELDS[name].spelled([value])
+        return found
+
+    return AfterValidator(spelled)
+
+
+class Filter(Strict):
+    """Which events: every field given must match (as `EventFilter`), as a route's key
+    of its name matches (without regard to case; `tag` takes an event name too)."""
+
+    kind: Annotated[Text, _as_routes_match("kind")] | None = None
+    event_name: Text | None = None
     tag: Text | None = None
-    state: Text | None = None
+    state: Annotated[Text, _as_routes_match("state")] | None = None
+    verdict: Annotated[Text, _as_routes_match("verdict")] | None = None
     job: Text | None = None
     bucket: Text | None = None
     key: Text | None = None

@@ -19,6 +19,7 @@ from receiver.admin.guard import CSRF_FIELD, csrf_token, keep_csrf_token
 from receiver.admin.inspection import Inspection, NotAvailable
 from receiver.admin.params import BadRequest
 from receiver.admin.pretty import pretty
+from receiver.callback import matching, vocabulary
 from receiver.config import Config
 from receiver.inbox import RUN_STATUSES, InboxUnavailable
 from receiver.timezones import parse_timezone
@@ -59,7 +60,14 @@ def environment() -> jinja2.Environment:
         pretty=pretty,
         text=lambda body: body.decode("utf-8", "replace"),
     )
-    env.globals.update(prefix=PREFIX, statuses=RUN_STATUSES, url_query=urlencode, verdict=verdict)
+    env.globals.update(
+        prefix=PREFIX,
+        statuses=RUN_STATUSES,
+        url_query=urlencode,
+        verdict=verdict,
+        verdict_of=matching.verdict,
+        vocabulary=vocabulary,
+    )
     return env
 
 

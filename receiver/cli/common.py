@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from receiver.callback.matching import FIELDS
 from receiver.config import Config, ConfigError, load_config, parse_moment
 from receiver.inbox import EventFilter, Inbox, InboxUnavailable, ReadOnlyInbox, SchemaError
 from receiver.inbox.roles import Lifecycle
@@ -60,12 +61,37 @@ class Moment(TimeParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _as_routes_match(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A filter's value as a route's key of its name takes it: one CI never sends (a
+    state, kind or verdict) is refused, since it could never match."""
+    if value is None or param.name is None:
+        return value
+    try:
+        (spelled,) = FIELDS[param.name].spelled([value])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return spelled
+
+
 def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options choosing events (`events list`, `replay`): each one given must match."""
+    """The options choosing events (`events list`, `replay`): each one given must match,
+    as a route's key of its name matches (without regard to case)."""
     options = [
-        click.option("--kind", type=click.Choice(["job", "workflow", "moderation"])),
-        click.option("--tag", help="Job tag (e.g. SmartCover), or a workflow's event name."),
-        click.option("--state", help="Job state, e.g. Failed."),
+        click.option("--kind", help="job, workflow or moderation.", callback=_as_routes_match),
+        click.option("--event-name", help="CI's EventName: TaskFinish, WorkflowFinish, ..."),
+        click.option(
+            "--tag",
+            help="The job's Tag (SmartCover, ...), or the event name of an event"
+            " without one (WorkflowFinish, ReviewVideo, ...).",
+        ),
+        click.option(
+            "--state", help="Submitted, Running, Success, Failed, ...", callback=_as_routes_match
+        ),
+        click.option(
+            "--verdict",
+            help="A moderation event's: normal, violation or suspected.",
+            callback=_as_routes_match,
+        ),
         click.option("--job", "job_id", help="A JobId (or a workflow's RunId)."),
         click.option("--bucket", help="The input object's bucket."),
         click.option("--key", help="A glob over the input object's key: 'videos/*.mp4'."),

@@ -52,7 +52,9 @@ def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: 
     """The latest events, newest first, with each handler's status.
 
     TAG is the job's Tag: workflow and moderation events have none (-), and EVENT tells
-    them apart (WorkflowFinish, ReviewVideo, ...).
+    them apart (WorkflowFinish, ReviewVideo, ...). VERDICT is a moderation event's:
+    normal, violation or suspected. The filters match as routes do, without regard to
+    case; --tag takes an event name too.
     """
     zone = _zone(config_path)
     found = with_inbox(
@@ -66,7 +68,7 @@ def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: 
             click.echo(orjson.dumps(summary_json(summary)).decode())
         return
     rows = [summary_row(summary, zone) for summary in found]
-    header = ("RECEIVED", "ID", "EVENT", "TAG", "STATE", "HANDLERS")
+    header = ("RECEIVED", "ID", "EVENT", "TAG", "STATE", "VERDICT", "HANDLERS")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         click.echo(_aligned(row, widths))
@@ -79,14 +81,11 @@ def _aligned(row: tuple[str, ...], widths: list[int]) -> str:
 
 def _say_none(filters: dict[str, Any]) -> None:
     chosen = " ".join(
-        f"--{name.replace('_id', '')} {value}" for name, value in filters.items() if value
+        f"--{name.replace('_id', '').replace('_', '-')} {value}"
+        for name, value in filters.items()
+        if value
     )
     click.echo(f"no events{' match ' + chosen if chosen else ' stored yet'}", err=True)
-    if filters.get("tag"):
-        click.echo(
-            "(a tag is a job's Tag: workflow and moderation events have none; use --kind)",
-            err=True,
-        )
 
 
 @events.command("show")

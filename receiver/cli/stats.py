@@ -19,7 +19,8 @@ from receiver.inbox import Counts
 )
 @click.option("--json", "as_json", is_flag=True, help="The counts as one JSON object.")
 def stats(config_path: Path | None, since: datetime | None, as_json: bool) -> None:
-    """Callbacks by outcome, events by tag and state, and handler runs by outcome."""
+    """Callbacks by outcome, events by tag, state and verdict, and handler runs by
+    outcome."""
     start = since or datetime.now(timezone.utc) - timedelta(hours=24)
     counts: Counts = with_inbox(config_path, lambda inbox: inbox.counts(start))
     if as_json:
@@ -28,6 +29,7 @@ def stats(config_path: Path | None, since: datetime | None, as_json: bool) -> No
             "callbacks": counts.receipts,
             "tags": counts.tags,
             "states": counts.states,
+            "verdicts": counts.verdicts,
             "handlers": counts.runs,
         }
         click.echo(orjson.dumps(record).decode())
@@ -39,6 +41,8 @@ def stats(config_path: Path | None, since: datetime | None, as_json: bool) -> No
     _table("callbacks", counts.receipts)
     _table("events by tag", counts.tags)
     _table("events by state", counts.states)
+    if counts.verdicts:
+        _table("moderation events by verdict", counts.verdicts)
     for handler, by_status in sorted(counts.runs.items()):
         _table(f"handler {handler}", by_status)
 

@@ -30,7 +30,7 @@ def printable(text: str) -> str:
 
 
 def summary_row(summary: EventSummary, zone: tzinfo) -> tuple[str, ...]:
-    """RECEIVED, ID, EVENT, TAG, STATE, HANDLERS of `events list` and `tail`."""
+    """RECEIVED, ID, EVENT, TAG, STATE, VERDICT, HANDLERS of `events list` and `tail`."""
     handlers = " ".join(f"{r.handler}={r.status}" for r in summary.runs) or "(no route)"
     return (
         f"{summary.received_at.astimezone(zone):%Y-%m-%d %H:%M:%S}",
@@ -38,6 +38,7 @@ def summary_row(summary: EventSummary, zone: tzinfo) -> tuple[str, ...]:
         printable(summary.event_name or "-"),
         printable(summary.tag or "-"),
         printable(summary.state or "-"),
+        summary.verdict or "-",
         handlers,
     )
 

@@ -22,6 +22,7 @@ def summary_json(summary: EventSummary) -> dict[str, Any]:
         "job_id": summary.job_id,
         "bucket": summary.bucket,
         "key": summary.key,
+        "verdict": summary.verdict,
         "source": summary.source,
         "handlers": {
             r.handler: {"status": r.status, "attempts": r.attempts, "error": r.last_error}

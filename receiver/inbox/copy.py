@@ -51,12 +51,13 @@ RETURNING 1
 
 COPY_EVENTS = """
 INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id, tag, state, bucket,
-    key, data)
+    key, data, verdict)
 SELECT e.id, r.id, e.received_at, e.kind, e.event_name, e.job_id, e.tag, e.state, e.bucket,
-    e.key, e.data
+    e.key, e.data, e.verdict
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[]) WITH ORDINALITY
-    AS e(id, origin, received_at, kind, event_name, job_id, tag, state, bucket, key, data, n)
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[], $12::text[]) WITH ORDINALITY
+    AS e(id, origin, received_at, kind, event_name, job_id, tag, state, bucket, key, data,
+        verdict, n)
 JOIN receipts r ON r.origin = e.origin
 ORDER BY e.n
 ON CONFLICT (id) DO NOTHING
@@ -174,7 +175,7 @@ async def _copy(
         async with target.transaction():
             copied = await target.fetch(COPY_RECEIPTS, *_columns(rows.receipts, 12))
             tables["receipts"].add(len(rows.receipts), len(copied))
-            copied = await target.fetch(COPY_EVENTS, *_columns(rows.events, 11))
+            copied = await target.fetch(COPY_EVENTS, *_columns(rows.events, 12))
             tables["events"].add(len(rows.events), len(copied))
             inserted = [row[0] for row in await target.fetch(COPY_RUNS, *_columns(rows.runs, 9))]
             tables["runs"].add(len(rows.runs), inserted.count(True), inserted.count(False))
@@ -221,7 +222,7 @@ def _read_batch(connection: sqlite3.Connection, *, after: int, limit: int) -> _B
     events = _select(
         connection,
         "SELECT id, receipt_id, received_at, kind, event_name, job_id, tag, state, bucket, key,"
-        " data FROM events WHERE receipt_id IN ({}) ORDER BY seq",
+        " data, verdict FROM events WHERE receipt_id IN ({}) ORDER BY seq",
         list(origins),
     )
     event_ids = [row[0] for row in events]
@@ -247,9 +248,9 @@ def _read_batch(connection: sqlite3.Connection, *, after: int, limit: int) -> _B
         ],
         [
             (text(event_id), origins[receipt_id], _time(at), kind, text(name), text(job),
-             text(tag), text(state), text(bucket), text(key), _bytes(data))
-            for (event_id, receipt_id, at, kind, name, job, tag, state, bucket, key, data)
-            in events
+             text(tag), text(state), text(bucket), text(key), _bytes(data), verdict)
+            for (event_id, receipt_id, at, kind, name, job, tag, state, bucket, key, data,
+                 verdict) in events
         ],
         [
             (text(event_id), handler, status, attempts_made, _time(due), _time(lease), lease_token,

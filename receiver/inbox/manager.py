@@ -172,19 +172,21 @@ class InboxReader:
             runs: dict[str, dict[str, int]] = {}
             for handler, status, count in (yield query.RUNS_BY_STATUS(tx, tx.time(since))):
                 runs.setdefault(handler, {})[status] = count
-            return Counts(receipts=grouped[0], tags=grouped[1], states=grouped[2], runs=runs)
+            receipts, tags, states, verdicts = grouped
+            return Counts(receipts, tags, states, verdicts, runs)
 
         return await self.connector.read(counts)
 
     async def traffic(self, since: datetime, *, step: int = 60) -> Traffic:
-        # Two passes over two tables: side by side (two reader threads, two connections).
-        steps, tallied = await asyncio.gather(
+        # Passes over two tables: side by side (reader threads, connections of their own).
+        steps, tallied, verdicts = await asyncio.gather(
             self.connector.read_one(lambda tx: query.CALLBACKS_PER_STEP(tx, step, tx.time(since))),
             self.connector.read_one(lambda tx: query.EVENTS_BY_TAG_AND_STATE(tx, tx.time(since))),
+            self.connector.read_one(lambda tx: query.VERDICTS(tx, tx.time(since))),
         )
         tags, states = query.tallies(tallied)
         found = [(as_datetime(bucket * step), outcome, count) for bucket, outcome, count in steps]
-        return Traffic(step, found, tags, states)
+        return Traffic(step, found, tags, states, {str(v): count for v, count in verdicts})
 
     async def load(self, event_ids: list[str]) -> list[Event]:
         if not event_ids:
@@ -464,10 +466,23 @@ def _delivery(
 
 def _event_summary(row: Sequence[Any], runs: list[RunState]) -> EventSummary:
     """An event from a row of `query.SUMMARY_COLUMNS`, and its runs."""
-    seq, event_id, received_at, kind, event_name, tag, state, job_id, bucket, key, source = row
+    (
+        seq,
+        event_id,
+        received_at,
+        kind,
+        event_name,
+        tag,
+        state,
+        job_id,
+        bucket,
+        key,
+        verdict,
+        source,
+    ) = row
     return EventSummary(
         seq, event_id, as_datetime(received_at), kind, event_name, tag, state, job_id, bucket,
-        key, source, runs,
+        key, verdict, source, runs,
     )  # fmt: skip
 
 

@@ -154,6 +154,8 @@ DIALECT = Dialect(
     chunk=None,
     try_lock="SELECT pg_try_advisory_xact_lock(hashtext('ci-receiver prune ' || current_schema()))",
     text=lambda value: text(value),
+    # In the "C" collation lower() lowers ASCII letters only, as SQLite's does.
+    fold=lambda expression: f'lower({expression} COLLATE "C")',
 )
 
 # The callbacks of a batch in one statement: their receipts, their new events and the
@@ -175,30 +177,32 @@ WITH receipt AS (
 delivered AS (
     SELECT e.*, r.id AS receipt_id, r.received_at
     FROM unnest($9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[],
-        $14::text[], $15::text[], $16::text[], $17::text[]) WITH ORDINALITY
-        AS e(receipt_n, id, kind, event_name, job_id, tag, state, bucket, key, n)
+        $14::text[], $15::text[], $16::text[], $17::text[], $18::text[]) WITH ORDINALITY
+        AS e(receipt_n, id, kind, event_name, job_id, tag, state, bucket, key, verdict, n)
     JOIN receipt r ON r.n = e.receipt_n
 ),
 runs_of AS (
     SELECT DISTINCT ON (r.id, u.event_id, u.handler) r.id AS receipt_id, u.event_id,
         u.handler, u.status, u.lease_token,
         now() + make_interval(secs => u.lease_seconds) AS lease_until
-    FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[], $22::text[],
-        $23::float8[]) AS u(receipt_n, event_id, handler, status, lease_token, lease_seconds)
+    FROM unnest($19::bigint[], $20::text[], $21::text[], $22::text[], $23::text[],
+        $24::float8[]) AS u(receipt_n, event_id, handler, status, lease_token, lease_seconds)
     JOIN receipt r ON r.n = u.receipt_n
 ),
 inserted AS (
     -- No JSON (`data`): the event is rebuilt from the receipt's body (records.py).
     INSERT INTO events (id, receipt_id, received_at, kind, event_name, job_id, tag, state,
-        bucket, key)
-    SELECT id, receipt_id, received_at, kind, event_name, job_id, tag, state, bucket, key
+        bucket, key, verdict)
+    SELECT id, receipt_id, received_at, kind, event_name, job_id, tag, state, bucket, key,
+        verdict
     FROM delivered ORDER BY n
     ON CONFLICT (id) DO NOTHING
     RETURNING id, receipt_id
 ),
 replaced AS (
     UPDATE events SET kind = d.kind, event_name = d.event_name, job_id = d.job_id,
-        tag = d.tag, state = d.state, bucket = d.bucket, key = d.key, data = NULL,
+        tag = d.tag, state = d.state, bucket = d.bucket, key = d.key, verdict = d.verdict,
+        data = NULL,
         receipt_id = d.receipt_id, received_at = d.received_at
     FROM (SELECT DISTINCT ON (id) * FROM delivered ORDER BY id, n) d
     WHERE events.id = d.id AND {FORGED_EVENT.replace("e.id", "events.id")}
@@ -578,7 +582,7 @@ def _store_columns(deliveries: list[Delivery]) -> list[list[Any]]:
     """STORE's arguments for a batch: the receipts' columns, then their events', each
     with the position of its receipt (1-based), then their runs'."""
     receipts: list[list[Any]] = [[] for _ in range(8)]
-    events: list[list[Any]] = [[] for _ in range(9)]
+    events: list[list[Any]] = [[] for _ in range(10)]
     runs: list[list[Any]] = [[] for _ in range(6)]
     for position, delivery in enumerate(deliveries, 1):
         receipt = delivery.receipt

@@ -15,7 +15,8 @@ a claim (which changes no indexed column) updates its row in place, without new 
 entries: together a fifth of a small callback's bytes. Version 4 compresses bodies with
 zstd where 3 used zlib (records.py `pack`): its tables are 3's, and bodies written before
 stay zlib, which `unpack` still reads; the version says that an older ci-receiver, which
-reads zlib alone, must not use the schema.
+reads zlib alone, must not use the schema. Version 5 keeps a moderation event's verdict
+in a column, for filters and counts.
 
 The inbox is marked as ci-receiver's by a row in `meta` (mark.py), which needs no more
 rights than writing the schema version; tables of its names that it did not create,
@@ -28,12 +29,13 @@ import asyncpg  # type: ignore[import-untyped]
 import structlog
 
 from receiver.inbox.mark import KEYS, MARK, claim_inbox
+from receiver.inbox.records import EVENT_COLUMNS, verdicts
 from receiver.inbox.types import SchemaError
 from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 OUR_TABLES = ["meta", "state", "receipts", "events", "runs", "attempts"]
 # The tables of every version (mark.py).
@@ -80,7 +82,10 @@ TABLES = [
         bucket text,
         key text,
         -- NULL while the receipt keeps the body (the event is rebuilt from it)
-        data bytea
+        data bytea,
+        -- A moderation event's verdict (normal, violation, suspected), for filters and
+        -- counts
+        verdict text
     )""",
     "CREATE INDEX IF NOT EXISTS events_job ON events (job_id)",
     # The overview's events by tag and state, read from the index alone, and any range
@@ -88,6 +93,9 @@ TABLES = [
     "CREATE INDEX IF NOT EXISTS events_time_tally"
     " ON events (received_at, tag, event_name, kind, state)",
     "CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id)",
+    # The overview's verdicts, read from the index alone: moderation events only.
+    "CREATE INDEX IF NOT EXISTS events_verdict ON events (received_at, verdict)"
+    " WHERE verdict IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS runs (
         event_id text NOT NULL,
         handler text NOT NULL,
@@ -144,6 +152,8 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
             if found in (1, 2):
                 await _migrate_from_2(connection, schema)
             # From 3 to 4 nothing changes but the version written below.
+            if found is not None and found < 5:
+                await _add_verdicts(connection, schema)
             for statement in TABLES:
                 await connection.execute(statement)
             await connection.execute(
@@ -223,6 +233,25 @@ async def _migrate_from_2(connection: asyncpg.Connection, schema: str) -> None:
         f'ALTER TABLE "{schema}".runs SET (fillfactor = 70)',
     ):
         await connection.execute(statement)
+
+
+async def _add_verdicts(connection: asyncpg.Connection, schema: str) -> None:
+    """Version 4 kept no verdict: the column is added (to the catalog alone) and filled
+    for the moderation events, rebuilt from their rows as reads rebuild them."""
+    events = f'"{schema}".events'
+    await connection.execute(f"ALTER TABLE {events} ADD COLUMN IF NOT EXISTS verdict text")
+    count = await connection.fetchval(f"SELECT count(*) FROM {events} WHERE kind = 'moderation'")
+    logger.info("adding verdicts to the inbox's moderation events", schema=schema, events=count)
+    after = 0
+    while rows := await connection.fetch(
+        f'SELECT e.seq, {EVENT_COLUMNS} FROM {events} e JOIN "{schema}".receipts r'
+        " ON r.id = e.receipt_id WHERE e.kind = 'moderation' AND e.seq > $1 ORDER BY e.seq"
+        " LIMIT 500",
+        after,
+    ):
+        found = verdicts([tuple(row)[1:] for row in rows])
+        await connection.executemany(f"UPDATE {events} SET verdict = $1 WHERE id = $2", found)
+        after = rows[-1][0]
 
 
 async def check_readable(connection: asyncpg.Connection, schema: str) -> None:

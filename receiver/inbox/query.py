@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, NamedTuple, TypeVar
 
+from receiver.callback.matching import FIELDS
 from receiver.inbox.records import EVENT_COLUMNS, as_datetime
 from receiver.inbox.types import VERIFY_RUN, Backlog, EventFilter, ReceiptOutcome
 
@@ -52,7 +53,7 @@ RUN_STATUS = {
 # What a list shows of each event `e`: the columns of `EventSummary`, but its runs.
 SUMMARY_COLUMNS = (
     "e.seq, e.id, e.received_at, e.kind, e.event_name, e.tag, e.state, e.job_id, e.bucket,"
-    " e.key, (SELECT r.source FROM receipts r WHERE r.id = e.receipt_id)"
+    " e.key, e.verdict, (SELECT r.source FROM receipts r WHERE r.id = e.receipt_id)"
 )
 
 Fetch = Literal["rows", "row", "value", "count", "many", "none"]
@@ -109,6 +110,8 @@ class Dialect:
     try_lock: str | None
     # What a text value reads back as (PostgreSQL's text refuses NUL: `postgres.text`).
     text: Callable[[str], str]
+    # (a text expression) -> it with ASCII letters lowered, as `matching.fold` does.
+    fold: Callable[[str], str]
 
 
 def dialect_text(dialect: Dialect, text: str) -> tuple[str, bool]:
@@ -332,18 +335,39 @@ def requeue_existing(
 # --- reading ---------------------------------------------------------------------
 
 
+# The columns holding what a filter matches on, compared as a route compares the event's
+# fields (receiver/callback/matching.py).
+MATCHED_COLUMNS = {
+    "kind": "e.kind",
+    "event_name": "e.event_name",
+    "tag": "coalesce(e.tag, e.event_name)",
+    "state": "e.state",
+    "verdict": "e.verdict",
+    "bucket": "e.bucket",
+    "key": "e.key",
+}
+
+
 def event_conditions(s: Sql, filter: EventFilter | None) -> list[str]:
     """Conditions over `events e` (and its runs) for a filter."""
     found: list[str] = []
     if filter is None:
         return found
     dialect = s.tx.dialect
-    for column in ("kind", "tag", "state", "job_id", "bucket"):
-        value = getattr(filter, column)
-        if value is not None:
-            found.append(f"e.{column} = {s(value)}")
-    if filter.key is not None:
-        found.append(dialect.glob("e.key", s(dialect.glob_pattern(filter.key))))
+    for name, column in MATCHED_COLUMNS.items():
+        value = getattr(filter, name)
+        if value is None:
+            continue
+        matched = FIELDS[name]
+        (wanted,) = matched.wanted([value])
+        if matched.comparison == "glob":
+            found.append(dialect.glob(column, s(dialect.glob_pattern(wanted))))
+        elif matched.comparison == "folded":
+            found.append(f"{dialect.fold(column)} = {s(wanted)}")
+        else:
+            found.append(f"{column} = {s(wanted)}")
+    if filter.job_id is not None:
+        found.append(f"e.job_id = {s(filter.job_id)}")
     if filter.since is not None:
         found.append(f"e.received_at >= {s.time(filter.since)}")
     if filter.until is not None:
@@ -473,15 +497,26 @@ def backlogs(rows: Iterable[Sequence[Any]]) -> dict[str, Backlog]:
     return found
 
 
+# The moderation events received since a moment (the argument) by verdict, from the
+# partial index of verdicts.
+VERDICTS = Fixed(
+    "SELECT verdict, count(*) FROM events WHERE received_at >= ? AND verdict IS NOT NULL"
+    " GROUP BY 1",
+    "rows",
+)
+
 # What was received since a moment (the argument), counted: receipts by outcome, events
-# by tag, events by state (`Counts`).
-COUNTS = tuple(
-    Fixed(f"SELECT {key}, count(*) FROM {table} WHERE received_at >= ? GROUP BY 1", "rows")
-    for table, key in (
-        ("receipts", "outcome"),
-        ("events", "coalesce(tag, event_name, kind)"),
-        ("events", "coalesce(state, '-')"),
-    )
+# by tag, by state and by verdict (`Counts`).
+COUNTS = (
+    *(
+        Fixed(f"SELECT {key}, count(*) FROM {table} WHERE received_at >= ? GROUP BY 1", "rows")
+        for table, key in (
+            ("receipts", "outcome"),
+            ("events", "coalesce(tag, event_name, kind)"),
+            ("events", "coalesce(state, '-')"),
+        )
+    ),
+    VERDICTS,
 )
 
 RUNS_BY_STATUS = Fixed(

@@ -25,6 +25,7 @@ import zstandard
 
 from receiver.callback.decode import Limits, PayloadError
 from receiver.callback.event import Event, ObjectRef
+from receiver.callback.matching import verdict
 from receiver.callback.normalize import parse_callback
 
 # A stored body passed the limits in force when it arrived; decoding it again must not
@@ -51,12 +52,20 @@ EVENT_WIDTH = 15
 
 def event_row(event: Event) -> tuple[Any, ...]:
     """An event's row as both inboxes store it: id, kind, event_name, job_id, tag,
-    state, bucket, key. Its JSON is not stored: it is rebuilt from the receipt's body."""
+    state, bucket, key, verdict. Its JSON is not stored: it is rebuilt from the
+    receipt's body."""
     source = event.input
     return (
         event.id, event.kind, event.event_name, event.job_id, event.tag, event.state,
-        source.bucket if source else None, source.key if source else None,
+        source.bucket if source else None, source.key if source else None, verdict(event),
     )  # fmt: skip
+
+
+def verdicts(rows: Sequence[Sequence[Any]]) -> list[tuple[str | None, str]]:
+    """(verdict, event id) of the moderation events of `EVENT_COLUMNS` rows: what an
+    inbox of an older schema, which did not keep verdicts, fills its rows with."""
+    documents = Documents()
+    return [(verdict(documents.event(row)), row[0]) for row in rows]
 
 
 def pack(body: bytes) -> bytes:

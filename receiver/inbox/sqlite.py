@@ -53,6 +53,8 @@ DIALECT = Dialect(
     chunk=500,
     try_lock=None,
     text=lambda value: value,
+    # SQLite's lower() lowers ASCII letters only (without the ICU extension).
+    fold=lambda expression: f"lower({expression})",
 )
 
 # Due pending runs leased by rowid: one writer at a time, so no row is leased twice.
@@ -73,12 +75,13 @@ ACCEPT = (
 )
 # No JSON (`data`): the event is rebuilt from the receipt's body (records.py).
 INSERT_EVENT = (
-    "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key, receipt_id,"
-    " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id"
+    "INSERT INTO events (id, kind, event_name, job_id, tag, state, bucket, key, verdict,"
+    " receipt_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 REPLACE_FORGED = (
     "UPDATE events SET kind = ?, event_name = ?, job_id = ?, tag = ?, state = ?, bucket = ?,"
-    " key = ?, data = NULL, receipt_id = ?, received_at = ?"
+    " key = ?, verdict = ?, data = NULL, receipt_id = ?, received_at = ?"
     f" WHERE id = ? AND {FORGED_EVENT.replace('e.id', 'events.id')}"
 )
 DELETE_RUNS = "DELETE FROM runs WHERE event_id = ?"

@@ -11,6 +11,7 @@ indexes runs by status and receipts by outcome only where they are not the commo
 no query. Version 5 compresses bodies with zstd where 4 used zlib (records.py `pack`):
 its tables are 4's, and bodies written before stay zlib, which `unpack` still reads; the
 version says that an older ci-receiver, which reads zlib alone, must not open the file.
+Version 6 keeps a moderation event's verdict in a column, for filters and counts.
 
 The inbox is marked as ci-receiver's by a row in `meta` (mark.py); a file that holds
 anything else is not touched (receiver/ownership.py).
@@ -25,13 +26,13 @@ import orjson
 import structlog
 
 from receiver.inbox.mark import KEYS, MARK, claim_inbox
-from receiver.inbox.records import lean
+from receiver.inbox.records import EVENT_COLUMNS, lean, verdicts
 from receiver.inbox.types import SchemaError
 from receiver.ownership import Claim
 
 logger = structlog.get_logger("ci_receiver.inbox")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The tables of every version (mark.py).
 EVERY_VERSION = {"meta", "receipts", "events", "runs", "attempts"}
@@ -73,13 +74,18 @@ CREATE TABLE IF NOT EXISTS events (
     bucket TEXT,
     key TEXT,
     -- NULL while the receipt keeps the body (the event is rebuilt from it), see records.py
-    data BLOB
+    data BLOB,
+    verdict TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
 -- The overview's events by tag and state, read from the index alone, and any range of
 -- events by time.
 CREATE INDEX IF NOT EXISTS events_time_tally ON events (received_at, tag, event_name, kind, state);
 CREATE INDEX IF NOT EXISTS events_receipt ON events (receipt_id);
+-- A moderation event's verdict (normal, violation, suspected), for filters and the
+-- overview's counts, read from the index alone: moderation events only.
+CREATE INDEX IF NOT EXISTS events_verdict ON events (received_at, verdict)
+    WHERE verdict IS NOT NULL;
 CREATE TABLE IF NOT EXISTS runs (
     event_id TEXT NOT NULL,
     handler TEXT NOT NULL,
@@ -181,6 +187,8 @@ def setup(connection: sqlite3.Connection) -> None:
                 "DROP INDEX IF EXISTS runs_status; DROP INDEX IF EXISTS receipts_outcome",
             )
         # From 4 to 5 nothing changes but the version written below.
+        if found is not None and found < 6:
+            _add_verdicts(connection)
         _script(connection, TABLES)
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -291,6 +299,29 @@ def _migrate_from_2(connection: sqlite3.Connection) -> None:
         DROP TABLE events_v2;
         """,
     )
+
+
+# The moderation events after a seq, a batch at a time, to rebuild (records.verdicts).
+MODERATION_EVENTS = (
+    f"SELECT e.seq, {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
+    " WHERE e.kind = 'moderation' AND e.seq > ? ORDER BY e.seq LIMIT 500"
+)
+
+
+def _add_verdicts(connection: sqlite3.Connection) -> None:
+    """Version 5 kept no verdict: the column is added (to the catalog alone) and filled
+    for the moderation events, rebuilt from their rows as reads rebuild them."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+    if "verdict" not in columns:  # the tables of a migration from 1 or 2 have it
+        connection.execute("ALTER TABLE events ADD COLUMN verdict TEXT")
+    count = connection.execute("SELECT count(*) FROM events WHERE kind = 'moderation'")
+    logger.info("adding verdicts to the inbox's moderation events", events=count.fetchone()[0])
+    after = 0
+    while rows := connection.execute(MODERATION_EVENTS, (after,)).fetchall():
+        connection.executemany(
+            "UPDATE events SET verdict = ? WHERE id = ?", verdicts([row[1:] for row in rows])
+        )
+        after = rows[-1][0]
 
 
 def _epoch(text: str) -> float:

@@ -122,6 +122,7 @@ class EventSummary:
     job_id: str | None
     bucket: str | None
     key: str | None
+    verdict: str | None  # a moderation event's: normal, violation or suspected
     source: str  # its receipt's: how it came (`http`, `cmq-push`, `tdmq`, ...)
     runs: list[RunState]
 
@@ -151,14 +152,18 @@ class ReceiptSummary:
 class EventFilter:
     """Which events a list, a replay or a count is about; every field set must match.
 
-    `key` is a glob over the input object's key (`*` any run of characters, `?` one).
-    `status` selects events with a run in that status (of `handler`, when given);
-    `since` / `until` bound `received_at` (from inclusive, to exclusive).
+    `kind` to `key` match as a route's keys of those names do (receiver/callback/
+    matching.py): `state failed` finds what CI calls Failed, `tag` a workflow's event
+    name too; `key` is a glob over the input object's key (`*` any run of characters,
+    `?` one). `status` selects events with a run in that status (of `handler`, when
+    given); `since` / `until` bound `received_at` (from inclusive, to exclusive).
     """
 
     kind: str | None = None
+    event_name: str | None = None
     tag: str | None = None
     state: str | None = None
+    verdict: str | None = None
     job_id: str | None = None
     bucket: str | None = None
     key: str | None = None
@@ -184,19 +189,22 @@ class Counts:
     receipts: dict[str, int]  # by outcome: accepted, duplicate, rejected
     tags: dict[str, int]  # new events by tag (or event name, for workflows and verdicts)
     states: dict[str, int]  # new events by state
+    verdicts: dict[str, int]  # new moderation events by verdict
     runs: dict[str, dict[str, int]]  # of those events' runs: handler -> status -> count
 
 
 @dataclass(slots=True)
 class Traffic:
     """What arrived since a moment, for the inspector's overview: callbacks per `step`
-    seconds by outcome, and the new events by tag and by state (as `Counts` has them)."""
+    seconds by outcome, and the new events by tag, by state and by verdict (as `Counts`
+    has them)."""
 
     step: int
     # (the start of a step, outcome, count), oldest first; steps with none left out.
     callbacks: list[tuple[datetime, ReceiptOutcome, int]]
     tags: dict[str, int]
     states: dict[str, int]
+    verdicts: dict[str, int]
 
 
 @dataclass(slots=True)

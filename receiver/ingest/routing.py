@@ -1,20 +1,18 @@
 """Which handlers an event goes to: `[[routes]]` from the config, matched in order.
 
 Several routes may match; each handler runs once per event. With no routes at all,
-every configured handler gets every event. `kind`, `state` and `verdict` reach here in
-CI's own spelling (the config checks them); `event_name`, `tag` and `label` match
-without regard to case.
+every configured handler gets every event. How each key compares is written once, in
+receiver/callback/matching.py, which the inbox's filters follow as well.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from fnmatch import fnmatchcase
 
 import structlog
 
-from receiver.callback import vocabulary
 from receiver.callback.event import Event
+from receiver.callback.matching import FIELDS, Matched
 from receiver.config import Config, RouteConfig, RouteMatch
 
 Predicate = Callable[[Event], bool]
@@ -47,16 +45,13 @@ def warnings(config: Config) -> list[str]:
             if name not in routed:
                 found.append(f"handlers.{name}: no route sends it anything")
     for index, route in enumerate(config.routes or ()):
-        for field, known in (
-            ("event_name", vocabulary.EVENT_NAMES),
-            ("tag", vocabulary.TAGS),
-        ):
-            for value in _values(getattr(route.match, field)) or ():
-                if vocabulary.canonical(value, known) is None:
-                    found.append(
-                        f"routes[{index}].match.{field}: CI is not known to send {value!r}"
-                        f" (known: {', '.join(known)})"
-                    )
+        for name in ("event_name", "tag"):
+            matched = FIELDS[name]
+            for value in matched.unknown(_values(getattr(route.match, name)) or ()):
+                found.append(
+                    f"routes[{index}].match.{name}: CI is not known to send {value!r}"
+                    f" (known: {', '.join(matched.known)})"
+                )
     return found
 
 
@@ -72,52 +67,17 @@ def _always(event: Event) -> bool:
 
 
 def _predicate(match: RouteMatch) -> Predicate:
-    """Whether an event matches: every key the route gives must."""
-    checks: list[Predicate] = []
-
-    def among(wanted: frozenset[str] | None, value: Callable[[Event], str | None]) -> None:
-        if wanted is not None:
-            checks.append(lambda e: value(e) in wanted)
-
-    def globbed(patterns: frozenset[str] | None, value: Callable[[Event], str | None]) -> None:
-        if patterns is not None:
-            checks.append(lambda e: (text := value(e)) is not None and _glob(text, patterns))
-
-    among(_values(match.kind), lambda e: e.kind)
-    among(_values(match.state), lambda e: e.state)
-    among(_folded(match.event_name), lambda e: _fold(e.event_name))
-    among(_folded(match.tag), lambda e: _fold(e.tag))
-    among(_values(match.verdict), _verdict)
-    among(
-        _folded(match.label), lambda e: None if e.moderation is None else _fold(e.moderation.label)
-    )
-    among(_values(match.bucket), lambda e: None if e.input is None else e.input.bucket)
-    among(_values(match.region), lambda e: None if e.input is None else e.input.region)
-    globbed(_values(match.key), lambda e: None if e.input is None else e.input.key)
-    globbed(_values(match.user_data), lambda e: e.user_data)
-    return lambda event: all(check(event) for check in checks)
+    """Whether an event matches: every key the route gives must (receiver/callback/
+    matching.py says how each compares)."""
+    checks: list[tuple[Matched, frozenset[str]]] = []
+    for name, matched in FIELDS.items():
+        values = _values(getattr(match, name))
+        if values is not None:
+            checks.append((matched, matched.wanted(values)))
+    return lambda event: all(matched.matches(wanted, event) for matched, wanted in checks)
 
 
-def _verdict(event: Event) -> str | None:
-    if event.moderation is None or event.moderation.result is None:
-        return None
-    return vocabulary.VERDICTS.get(event.moderation.result)
-
-
-def _values(value: str | list[str] | None) -> frozenset[str] | None:
+def _values(value: str | list[str] | None) -> list[str] | None:
     if value is None:
         return None
-    return frozenset([value] if isinstance(value, str) else value)
-
-
-def _folded(value: str | list[str] | None) -> frozenset[str] | None:
-    values = _values(value)
-    return None if values is None else frozenset(v.casefold() for v in values)
-
-
-def _fold(text: str | None) -> str | None:
-    return None if text is None else text.casefold()
-
-
-def _glob(text: str, patterns: frozenset[str]) -> bool:
-    return any(fnmatchcase(text, pattern) for pattern in patterns)
+    return [value] if isinstance(value, str) else value

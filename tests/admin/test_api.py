@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from receiver import parse_callback
+from receiver.testing import sample_body
 from tests.support.callbacks import job, load
 from tests.support.handler_doubles import recorded
 from tests.support.inbox_places import InboxPlace
@@ -80,6 +81,11 @@ def test_events_by_every_filter_and_page_by_cursor(receiver):
 
     assert jobs(state="Failed") == ["j2"]
     assert jobs(tag="Snapshot") == ["j2"]
+    # As routes match: without regard to case, and an event name where a tag is asked.
+    assert jobs(state="failed") == jobs(state="FAILED") == ["j2"]
+    assert jobs(tag="snapshot") == ["j2"]
+    assert jobs(tag="workflowfinish") == jobs(event_name="WorkflowFinish") == [workflow.job_id]
+    assert jobs(verdict="violation") == []
     assert jobs(kind="workflow") == [workflow.job_id]
     assert jobs(job="j1") == ["j1"]
     assert jobs(key="videos/*.mp4") == ["j1"]
@@ -106,6 +112,29 @@ def test_events_by_every_filter_and_page_by_cursor(receiver):
     assert (first["bucket"], first["key"]) == ("media-1250000000", "other/4.mp4")
 
 
+def test_moderation_verdicts_listed_filtered_and_counted(receiver):
+    for name in ("moderation-simple", "moderation-detail", "moderation-suspected"):
+        assert receiver.post(sample_body(name)).status_code == 200
+    dead_for_db(receiver, 3)
+
+    def verdicts(**params) -> list[str | None]:
+        answer = get(receiver, "/api/events", **params)
+        assert answer.status_code == 200, answer.text
+        return [event["verdict"] for event in answer.json()["events"]]
+
+    assert sorted(map(str, verdicts(kind="moderation"))) == ["normal", "suspected", "violation"]
+    assert verdicts(verdict="Violation") == ["violation"]
+    assert verdicts(verdict="suspected", tag="reviewimage") == ["suspected"]
+    overview = get(receiver, "/api/overview").json()
+    assert overview["verdicts"] == {"normal": 1, "suspected": 1, "violation": 1}
+    page = httpx.get(receiver.admin_url + "/inspector/events", params={"verdict": "violation"})
+    assert page.text.count('<span class="verdict violation"') == 1
+    assert "verdict suspected" not in page.text
+    front = httpx.get(receiver.admin_url + "/inspector").text
+    assert "Moderation verdicts" in front
+    assert "/inspector/events?verdict=violation&amp;since=24h" in front
+
+
 @pytest.mark.parametrize(
     ("params", "named"),
     [
@@ -121,6 +150,8 @@ def test_events_by_every_filter_and_page_by_cursor(receiver):
         ({"since": "1h", "until": "2h"}, "until"),
         ({"tag": "x" * 2000}, "tag"),
         ({"state": "a\x00b"}, "state"),
+        ({"state": "done"}, "state"),
+        ({"verdict": "porn"}, "verdict"),
         ({"stat": "dead"}, "stat"),
         ([("tag", "a"), ("tag", "b")], "tag"),
     ],

@@ -126,7 +126,7 @@ def test_a_person_finds_a_failure_replays_it_and_looks_around(browser, receiver,
     page.get_by_role("link", name="Events", exact=True).click()
     expect(page.locator("table.events tbody tr")).to_have_count(6)
     shot("events")
-    page.get_by_label("State", exact=True).fill("Failed")
+    page.get_by_label("State", exact=True).select_option("Failed")
     page.get_by_role("button", name="Filter").click()
     expect(page).to_have_url(re.compile(r"/inspector/events\?.*state=Failed"))
     rows = page.locator("table.events tbody tr")

@@ -28,6 +28,7 @@ def test_the_traffic_chart_stacks_outcomes_per_minute():
         [(at(0), "accepted", 4), (at(0), "rejected", 1), (at(90), "duplicate", 2)],
         {},
         {},
+        {},
     )
     chart = traffic_chart(traffic, SINCE, 180, timezone.utc, width=180, height=100)
     assert chart.peak == 5
@@ -48,7 +49,7 @@ def test_the_traffic_chart_stacks_outcomes_per_minute():
 
 
 def test_chart_labels_are_in_the_viewers_zone_and_empty_traffic_draws_nothing():
-    chart = traffic_chart(Traffic(60, [], {}, {}), SINCE, 1440, ZoneInfo("Asia/Kolkata"))
+    chart = traffic_chart(Traffic(60, [], {}, {}, {}), SINCE, 1440, ZoneInfo("Asia/Kolkata"))
     assert chart.peak == 0
     assert chart.layers == []
     # +05:30: the local hours fall on the half hours of UTC.

@@ -11,11 +11,14 @@ import orjson
 import pytest
 
 from receiver import parse_callback
+from receiver.testing import SAMPLES, sample_body
 from tests.support.callbacks import load, path
 from tests.support.cli import cli
 from tests.support.handler_doubles import recorded
 from tests.support.processes import REPO, Receiver
 from tests.support.waiting import wait_until
+
+SAMPLE_FILES = {name: sample_body(name) for name in SAMPLES}
 
 
 @pytest.fixture
@@ -74,13 +77,14 @@ def test_events_list_and_show(receiver, tmp_path):
     wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 3)
     time.sleep(0.3)
     header, *listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
-    assert header.split() == ["RECEIVED", "ID", "EVENT", "TAG", "STATE", "HANDLERS"]
+    assert header.split() == ["RECEIVED", "ID", "EVENT", "TAG", "STATE", "VERDICT", "HANDLERS"]
     assert [line.split()[2:] for line in listed] == [
         [
             "workflow:i166ee19017b011eda8a5525400c540df:WorkflowFinish:Success",
             "WorkflowFinish",
             "-",
             "Success",
+            "-",
             "recorder=done",
         ],
         [
@@ -88,6 +92,7 @@ def test_events_list_and_show(receiver, tmp_path):
             "TaskFinish",
             "SmartCover",
             "Failed",
+            "-",
             "recorder=done",
         ],
         [
@@ -95,17 +100,21 @@ def test_events_list_and_show(receiver, tmp_path):
             "TaskFinish",
             "Transcode",
             "Success",
+            "-",
             "recorder=done",
         ],
     ]
-    failed = cli(tmp_path, "events", "list", "--state", "Failed", "--json").stdout.splitlines()
+    # The filters match as routes do: without regard to case, and a workflow (which has
+    # no tag) by its event name.
+    failed = cli(tmp_path, "events", "list", "--state", "failed", "--json").stdout.splitlines()
     assert [orjson.loads(line)["tag"] for line in failed] == ["SmartCover"]
-    # The TAG column and --tag agree: a workflow has no tag; --kind finds it, and its
-    # RunId is its job.
-    none = cli(tmp_path, "events", "list", "--tag", "WorkflowFinish")
+    workflow = cli(tmp_path, "events", "list", "--tag", "workflowfinish", "--json")
+    assert [orjson.loads(line)["kind"] for line in workflow.stdout.splitlines()] == ["workflow"]
+    none = cli(tmp_path, "events", "list", "--tag", "Snapshot")
     assert none.stdout == b""
-    assert b"no events match --tag WorkflowFinish" in none.stderr
-    assert b"use --kind" in none.stderr
+    assert b"no events match --tag Snapshot" in none.stderr
+    never = cli(tmp_path, "events", "list", "--state", "done", ok=False)
+    assert b"'done' can never match: CI sends Submitted, Running, Success" in never.stderr
     run = cli(tmp_path, "events", "list", "--job", "i166ee19017b011eda8a5525400c540df", "--json")
     assert [orjson.loads(line)["kind"] for line in run.stdout.splitlines()] == ["workflow"]
 
@@ -126,6 +135,25 @@ def test_events_list_and_show(receiver, tmp_path):
     assert [(a["handler"], a["outcome"]) for a in full["attempts"]] == [("recorder", "done")]
     missing = cli(tmp_path, "events", "show", "job:nope:Success", ok=False)
     assert b"no event 'job:nope:Success'" in missing.stderr
+
+
+def test_moderation_verdicts_show_and_filter_in_events_list_and_stats(receiver, tmp_path):
+    for name in ("moderation-simple", "moderation-detail", "moderation-suspected"):
+        assert receiver.post(SAMPLE_FILES[name]).status_code == 200
+    receiver.post(load("transcode.xml"))
+    wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 4)
+    header, *listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
+    column = header.split().index("VERDICT") + 1  # RECEIVED is a date and a time
+    assert sorted(line.split()[column] for line in listed) == [
+        "-", "normal", "suspected", "violation",
+    ]  # fmt: skip
+    porn = cli(tmp_path, "events", "list", "--verdict", "VIOLATION", "--json")
+    assert [orjson.loads(line)["verdict"] for line in porn.stdout.splitlines()] == ["violation"]
+    refused = cli(tmp_path, "events", "list", "--verdict", "porn", ok=False)
+    assert b"'porn' can never match: CI sends normal, violation, suspected" in refused.stderr
+    counts = orjson.loads(cli(tmp_path, "stats", "--json").stdout)
+    assert counts["verdicts"] == {"normal": 1, "violation": 1, "suspected": 1}
+    assert "moderation events by verdict" in cli(tmp_path, "stats").stdout.decode()
 
 
 def test_events_list_json_carries_each_events_source_as_show_does(receiver, tmp_path):

@@ -19,11 +19,21 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from receiver.inbox import Cutoffs, Receipt, SchemaError, postgres_schema, sqlite_schema
+from receiver.inbox import (
+    Cutoffs,
+    EventFilter,
+    Receipt,
+    SchemaError,
+    postgres_schema,
+    sqlite_schema,
+)
 from receiver.inbox.postgres import PostgresInbox
 from receiver.inbox.records import PACKED, PACKED_ZLIB, event_data
 from receiver.inbox.sqlite import SqliteInbox
 from tests.support.callbacks import load
+
+# (The `postgres_schema` fixture hides the module's name in the tests that take it.)
+POSTGRES_VERSION = postgres_schema.SCHEMA_VERSION
 
 NAMES = ["transcode.xml", "smartcover.json", "two_jobs.xml", "workflow_finish.xml"]
 HEADERS = {"content-type": "application/xml"}
@@ -280,7 +290,7 @@ async def test_an_inbox_of_sqlite_schema_2_is_migrated_on_start(tmp_path):
     try:
         assert connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone() == ("5",)
+        ).fetchone() == (str(sqlite_schema.SCHEMA_VERSION),)
         # An earlier version's inbox, unmarked, recognised and marked as ci-receiver's.
         assert connection.execute("SELECT value FROM meta WHERE key = 'created_by'").fetchone() == (
             "ci-receiver",
@@ -356,9 +366,9 @@ async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(postgres_schem
             await replica.close()
     connection = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
-        assert (
-            await connection.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "4"
-        )
+        assert await connection.fetchval(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ) == str(POSTGRES_VERSION)
         # An earlier version's inbox, unmarked, recognised and marked as ci-receiver's.
         assert (
             await connection.fetchval("SELECT value FROM meta WHERE key = 'created_by'")
@@ -425,7 +435,7 @@ async def test_an_inbox_of_sqlite_schema_3_gets_its_partial_indexes(tmp_path):
         assert not {"runs_status", "receipts_outcome"} & indexes
         assert connection.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone() == ("5",)
+        ).fetchone() == (str(sqlite_schema.SCHEMA_VERSION),)
     finally:
         connection.close()
 
@@ -493,3 +503,33 @@ async def test_an_inbox_of_zlib_bodies_is_migrated_and_keeps_them(inbox_place, m
     monkeypatch.setattr(schema, "SCHEMA_VERSION", ZLIB_VERSION[inbox_place.backend])
     with pytest.raises(SchemaError, match="newer ci-receiver"):
         await inbox_place.open()
+
+
+# --- SQLite 5 -> 6, PostgreSQL 4 -> 5: verdicts in a column -----------------------------
+
+# The last versions that kept no verdict; their tables are this version's but for it.
+VERDICTLESS_VERSION = {"sqlite": 5, "postgresql": 4}
+
+
+async def test_the_moderation_events_of_an_older_inbox_get_their_verdicts(inbox_place):
+    inbox = await inbox_place.open()
+    received = datetime.now(timezone.utc)
+    for name in ("moderation_video_detail.json", "moderation_document_detail.json", NAMES[0]):
+        body = load(name)
+        await inbox.store(
+            Receipt(body, "http", received, "r", HEADERS, {}),
+            [(event, ["a"]) for event in parse_callback(body, HEADERS)],
+        )
+    expected = await inbox_place.sql("SELECT id, verdict FROM events ORDER BY seq")
+    assert "violation" in {verdict for _, verdict in expected}
+    await inbox.close()
+    if inbox_place.backend == "sqlite":
+        await inbox_place.sql("DROP INDEX events_verdict")
+    await inbox_place.sql("ALTER TABLE events DROP COLUMN verdict")
+    version = str(VERDICTLESS_VERSION[inbox_place.backend])
+    await inbox_place.sql("UPDATE meta SET value = ? WHERE key = 'schema_version'", version)
+
+    inbox = await inbox_place.open()
+    assert await inbox_place.sql("SELECT id, verdict FROM events ORDER BY seq") == expected
+    found = await inbox.events(EventFilter(verdict="violation"), limit=10)
+    assert [summary.id for summary in found] == [i for i, v in expected if v == "violation"]
