@@ -1,56 +1,12 @@
-"""`check-config` and `send`: for setting a receiver up and trying it."""
+"""`send` and `new-handler`: for trying a receiver and extending it."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import BinaryIO
 
 import click
-import orjson
-
-from handlers import HandlerConfigError, shown_options
-from receiver import rates, tracing
-from receiver.cli.common import config_option, inbox_errors, load
-from receiver.inbox.factory import probe
-from receiver.masking import mask_credentials
-
-
-@click.command("check-config")
-@config_option
-def check_config(config_path: Path | None) -> None:
-    """Validate the config and every handler's options; print the effective config."""
-    from receiver.ingest.routing import warnings
-    from receiver.runtime.service import build_slots
-
-    config = load(config_path)
-    try:
-        slots = build_slots(config)
-    except HandlerConfigError as exc:
-        raise click.ClickException(f"config: {exc}") from None
-    effective = config.effective()
-    for slot in slots:
-        # The handler's own view of its options: defaults filled in, SecretStr masked.
-        shown = shown_options(slot.handler)
-        entry = effective["handlers"][slot.name]
-        if shown is not None:
-            entry.update(mask_credentials(shown))
-        # What dispatch will use: its limits (the type's default unless configured), the
-        # batch keys only where the handler takes batches.
-        entry["rate"] = [str(limit) for limit in slot.limits] or rates.OFF
-        if slot.batch is None:
-            del entry["batch_size"], entry["batch_wait"]
-        else:
-            entry["batch_size"], entry["batch_wait"] = slot.batch_size, slot.batch_wait
-    click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
-    for warning in warnings(config):
-        click.echo(f"warning: {warning}", err=True)
-    with inbox_errors():
-        found = asyncio.run(probe(config))
-    click.echo(f"inbox: {found}", err=True)
-    click.echo(f"traces: {tracing.destination(config)}", err=True)
-    click.echo("config OK", err=True)
 
 
 @click.command()

@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 
 import structlog
 
+from receiver import envvars
 from receiver.callback import vocabulary
 from receiver.callback.event import Event
 from receiver.config import Config, RouteConfig, RouteMatch
@@ -54,7 +55,8 @@ def warnings(config: Config) -> list[str]:
             for value in _values(getattr(route.match, field)) or ():
                 if vocabulary.canonical(value, known) is None:
                     found.append(
-                        f"routes[{index}].match.{field}: CI is not known to send {value!r}"
+                        f"{envvars.dotted(('routes', index, 'match', field))}: CI is not known"
+                        f" to send {value!r}"
                         f" (known: {', '.join(known)})"
                     )
     return found
