@@ -605,12 +605,12 @@ class HandlerConfig(BaseModel):
     # [dispatch] unready_on_handler_error says.
     required: bool | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _log_needs_no_bound(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type") == "log" and "concurrency" not in data:
-            return {**data, "concurrency": DEFAULT_LOG_CONCURRENCY}
-        return data
+    @model_validator(mode="after")
+    def _log_needs_no_bound(self) -> HandlerConfig:
+        if self.type == "log" and "concurrency" not in self.model_fields_set:
+            # Into __dict__: the type's default, not a key the config set (check-config).
+            self.__dict__["concurrency"] = DEFAULT_LOG_CONCURRENCY
+        return self
 
     @field_validator("rate")
     @classmethod

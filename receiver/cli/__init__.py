@@ -7,6 +7,7 @@ import click
 from receiver.cli.check import check_config
 from receiver.cli.events import events
 from receiver.cli.inbox import inbox
+from receiver.cli.init import init
 from receiver.cli.prune import prune
 from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
@@ -22,6 +23,7 @@ def main() -> None:
 
 
 for command in (
+    init,
     serve,
     consume,
     run_all,

@@ -76,19 +76,25 @@ __all__ = [
     "run_handler",
     "run_handler_sync",
     "sample",
+    "sample_body",
     "samples",
 ]
 
 
 def sample(name: str = "transcode") -> Event:
     """A new `Event` of the sample callback `name` (one of `SAMPLES`)."""
+    return event_from(sample_body(name))
+
+
+def sample_body(name: str) -> bytes:
+    """The callback `name` (one of `SAMPLES`) as CI sends it: what `send --sample` posts."""
     if name not in SAMPLES:
         known = ", ".join(SAMPLES)
         raise KeyError(f"no sample callback {name!r}; there are: {known}")
     body = files(__name__).joinpath("samples").joinpath(SAMPLES[name]).read_bytes()
     if name in VARIANTS:
         body = body.replace(*VARIANTS[name])
-    return event_from(body)
+    return body
 
 
 def samples() -> dict[str, Event]:
