@@ -90,8 +90,11 @@ def test_every_error_names_the_file_once_after_one_config_prefix(tmp_path):
     assert error_line(alone).startswith("Error: config: routes[1] names handler 'nope'")
 
 
-def test_serve_names_the_file_of_a_handler_whose_options_are_wrong(tmp_path):
+def test_the_running_commands_name_the_file_of_what_stops_them(tmp_path):
     config = tmp_path / "ci-receiver.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n[handlers.events]\ntype = "jsonl"\n')
     served = ci_receiver(config, "serve", text=True)
     assert f"Error: config: {config}: handlers.events: bad options" in error_line(served)
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    consumed = ci_receiver(config, "consume", text=True)
+    assert error_line(consumed).startswith(f"Error: config: {config}: nothing to consume: ")
