@@ -59,9 +59,9 @@ def init(path: Path, force: bool) -> None:
     for command, why in steps:
         click.echo(f"  {command.ljust(width)}  # {why}")
     click.echo(
-        "  Then give CI the CallBack URL: in the CI console, your bucket's Jobs and Workflows"
-        "\n  > a queue's (or a workflow's) callback settings; a job made by the API takes it"
-        "\n  as its CallBack parameter."
+        "  Then give CI the CallBack URL: in the CI console, as the callback of the bucket's"
+        "\n  queue or workflow (NotifyConfig.Url in the API), or as a job's CallBack when the"
+        "\n  job is created by the API."
     )
 
 
