@@ -41,6 +41,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from receiver.callback.event import Event
+from receiver.spelling import did_you_mean
 
 ENTRY_POINT_GROUP = "ci_receiver.handlers"
 
@@ -187,9 +188,10 @@ def load_factory(type_name: str) -> HandlerFactory:
     else:
         found = entry_points(group=ENTRY_POINT_GROUP, name=type_name)
         if not found:
-            known = ", ".join(sorted({*BUILTINS, *entry_point_names()}))
+            names = {*BUILTINS, *entry_point_names()}
             raise HandlerConfigError(
-                f"unknown handler type {type_name!r}: not built in ({known}), not an entry "
+                f"unknown handler type {type_name!r}{did_you_mean(type_name, names)}: not built"
+                f" in ({', '.join(sorted(names))}), not an entry "
                 f"point of {ENTRY_POINT_GROUP!r}, not a dotted path like 'package.module:Class'"
             )
         try:

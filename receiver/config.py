@@ -12,10 +12,10 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeGuard, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -34,6 +35,7 @@ from receiver import envvars, rates
 from receiver.callback.decode import DEFAULT_LIMITS, Limits
 from receiver.callback.matching import FIELDS
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
+from receiver.spelling import did_you_mean
 from receiver.timezones import check_timezone
 
 if sys.version_info >= (3, 11):
@@ -84,7 +86,7 @@ class HttpConfig(Section):
         for index, token in enumerate(tokens):
             if not _URL_SAFE.fullmatch(token.get_secret_value()):
                 raise ValueError(
-                    f"token {index} must be letters, digits, '-', '_', '.' or '~' (it is a path"
+                    f"token {index + 1} must be letters, digits, '-', '_', '.' or '~' (it is a path"
                     " segment), and not empty"
                 )
         return tokens
@@ -603,12 +605,12 @@ class HandlerConfig(BaseModel):
     # [dispatch] unready_on_handler_error says.
     required: bool | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _log_needs_no_bound(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type") == "log" and "concurrency" not in data:
-            return {**data, "concurrency": DEFAULT_LOG_CONCURRENCY}
-        return data
+    @model_validator(mode="after")
+    def _log_needs_no_bound(self) -> HandlerConfig:
+        if self.type == "log" and "concurrency" not in self.model_fields_set:
+            # Into __dict__: the type's default, not a key the config set (check-config).
+            self.__dict__["concurrency"] = DEFAULT_LOG_CONCURRENCY
+        return self
 
     @field_validator("rate")
     @classmethod
@@ -684,14 +686,19 @@ class Config(BaseModel):
     # None: every handler gets every event.
     routes: list[RouteConfig] | None = None
 
+    # Where it was read from, and the `${NAME}` references left unresolved (load_config).
+    _file: str | None = PrivateAttr(None)
+    _unset: tuple[envvars.Unset, ...] = PrivateAttr(())
+
     @model_validator(mode="after")
     def _routes_name_known_handlers(self) -> Config:
         for index, route in enumerate(self.routes or ()):
             for name in route.handlers:
                 if name not in self.handlers:
                     raise ValueError(
-                        f"routes[{index}] names handler {name!r}, which is not configured"
-                        f" (configured: {', '.join(sorted(self.handlers)) or 'none'})"
+                        f"{envvars.dotted(('routes', index))} names handler {name!r}, which is"
+                        f" not configured{did_you_mean(name, self.handlers)}; configured:"
+                        f" {', '.join(sorted(self.handlers)) or 'none'}"
                     )
         return self
 
@@ -715,6 +722,16 @@ class Config(BaseModel):
             if getattr(self, name).verify != "none"
             for source in sources
         )
+
+    @property
+    def unset(self) -> tuple[envvars.Unset, ...]:
+        """The `${NAME}` references to unset variables that were not needed, each read as
+        `envvars.placeholder(NAME)`: a config loaded for a command that does not use them."""
+        return self._unset
+
+    def located(self, message: str) -> str:
+        """An error about this config, prefixed with the file it was read from."""
+        return f"{self._file}: {message}" if self._file else message
 
     @property
     def inbox_path(self) -> Path:
@@ -744,8 +761,13 @@ class Config(BaseModel):
         return self.dispatch.unready_on_handler_error if own is None else own
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read the TOML file (or `$CI_RECEIVER_CONFIG`, or none) and the environment."""
+def load_config(path: str | Path | None = None, *, needs: Collection[str] | None = None) -> Config:
+    """Read the TOML file (or `$CI_RECEIVER_CONFIG`, or none) and the environment.
+
+    `needs`: the top-level keys (`inbox`, `data_dir`) whose values the caller uses. Only
+    the `${NAME}` references under them must be set: one elsewhere reads as a placeholder
+    (`Config.unset` lists them), so that looking at the inbox takes none of the secrets
+    serving does. None: every reference must be set."""
     path = path or os.environ.get(CONFIG_ENV)
     where = f"{path}: " if path else ""
     data: dict[str, Any] = {}
@@ -762,31 +784,90 @@ def load_config(path: str | Path | None = None) -> Config:
         except OSError as exc:  # a folder, no permission to read it
             raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     try:
-        data = envvars.expand_references(data, os.environ)
-    except envvars.EnvironmentProblem as exc:
-        raise ConfigError(where + str(exc)) from None
-    try:
+        data, unset = envvars.expand_references(
+            data, os.environ, lambda key: needs is None or key[0] in needs
+        )
         overrides, sources = envvars.overrides(Config, os.environ)
     except envvars.EnvironmentProblem as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        return Config.model_validate(envvars.merge(data, overrides))
-    except ValidationError as exc:
-        raise ConfigError(where + _describe(exc, sources)) from None
+        raise ConfigError(where + str(exc)) from None
+    merged = envvars.merge(data, overrides)
+    while True:
+        try:
+            config = Config.model_validate(merged)
+            break
+        except ValidationError as exc:
+            # A placeholder the key does not take (`service_url = "${PULSAR_URL}"`): as
+            # the variable is not needed, the key is left unset rather than refused.
+            if not _drop_refused_placeholders(merged, exc, unset):
+                raise ConfigError(where + _describe(exc, sources)) from None
+    config._file = str(path) if path else None
+    config._unset = tuple(unset)
+    return config
+
+
+def _drop_refused_placeholders(
+    data: dict[str, Any], error: ValidationError, unset: list[envvars.Unset]
+) -> bool:
+    """Remove from `data` every key holding a placeholder that validation refused (the
+    whole list, for an item of one); whether there was any."""
+    refused = [tuple(item["loc"]) for item in error.errors() if item["loc"]]
+    dropped = False
+    for reference in unset:
+        if any(_overlap(reference.key, location) for location in refused):
+            key = reference.key
+            first_item = next((i for i, part in enumerate(key) if isinstance(part, int)), None)
+            dropped |= _remove(data, key[:first_item])
+    return dropped
+
+
+def _overlap(a: tuple[str | int, ...], b: tuple[str | int, ...]) -> bool:
+    return a[: len(b)] == b or b[: len(a)] == a
+
+
+def _remove(data: dict[str, Any], key: tuple[str | int, ...]) -> bool:
+    table: Any = data
+    for part in key[:-1]:
+        table = table.get(part) if isinstance(table, dict) else None
+    if isinstance(table, dict) and key and key[-1] in table:
+        del table[key[-1]]
+        return True
+    return False
 
 
 def _describe(error: ValidationError, sources: Mapping[tuple[str | int, ...], str]) -> str:
     lines = []
     for item in error.errors():
-        location = envvars.dotted(item["loc"]) or "config"
+        location = envvars.dotted(item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(str(item["loc"][-1]), _known_keys(item["loc"]))
         variable = envvars.source_of(item["loc"], sources)
         if variable is not None:
             message += f" (from the environment variable {variable})"
-        lines.append(f"{location}: {message}")
+        # An error of the whole config (a route naming no handler) names its key itself.
+        lines.append(f"{location}: {message}" if location else message)
     return "; ".join(lines)
+
+
+def _known_keys(location: tuple[str | int, ...]) -> list[str]:
+    """The keys the table holding `location` takes (none known: a table of free keys)."""
+    annotation: Any = Config
+    for part in location[:-1]:
+        for option in envvars.alternatives(annotation):
+            if _is_table(option) and part in option.model_fields:
+                annotation = option.model_fields[str(part)].annotation
+                break
+            if get_origin(option) in (list, dict):
+                annotation = get_args(option)[-1]  # an item of a list, a value of a table
+                break
+        else:
+            return []
+    return [key for option in envvars.alternatives(annotation) if _is_table(option)
+            for key in option.model_fields]  # fmt: skip
+
+
+def _is_table(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _mask(options: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
 import orjson
@@ -73,14 +74,36 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def expand_references(data: Any, environ: Mapping[str, str]) -> Any:
-    """Replace every `${NAME}` in the strings of `data`; every reference to an unset
-    variable is reported, together, with the key that holds it."""
-    missing: list[str] = []
-    expanded = _expand(data, environ, (), missing)
+@dataclass(frozen=True)
+class Unset:
+    """A `${NAME}` reference to a variable that is not set, and the key holding it."""
+
+    key: Path
+    variable: str
+
+    def __str__(self) -> str:
+        return f"{dotted(self.key)}: environment variable {self.variable} is not set"
+
+
+def placeholder(variable: str) -> str:
+    """What an unset variable that is not needed reads as: letters, digits, '-' and '_'
+    only, so that the keys that take a secret (a path token, a password) still validate,
+    and naming the variable wherever it shows."""
+    return f"unset-{variable}"
+
+
+def expand_references(
+    data: Any, environ: Mapping[str, str], needed: Callable[[Path], bool] = lambda key: True
+) -> tuple[Any, list[Unset]]:
+    """Replace every `${NAME}` in the strings of `data`. A reference to an unset variable
+    under a key whose value is `needed` is an error, every one reported together with the
+    key that holds it; one elsewhere reads as its `placeholder`, and is returned."""
+    unset: list[Unset] = []
+    expanded = _expand(data, environ, (), unset)
+    missing = [str(reference) for reference in unset if needed(reference.key)]
     if missing:
         raise EnvironmentProblem("; ".join(missing))
-    return expanded
+    return expanded, unset
 
 
 def source_of(location: Path, sources: Mapping[Path, str]) -> str | None:
@@ -93,9 +116,11 @@ def source_of(location: Path, sources: Mapping[Path, str]) -> str | None:
 
 
 def dotted(key: Path) -> str:
+    """`routes[1].match.tag`: a key as a person finds it in the file, where the first
+    `[[routes]]` table (or item of a list) is the 1st."""
     out = ""
     for part in key:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part + 1}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
@@ -132,7 +157,7 @@ def _annotation_at(model: type[BaseModel], path: tuple[str, ...]) -> Any:
     """The type the config expects at `path`, `_Anything` inside a table of free keys."""
     annotation: Any = model
     for part in path:
-        options = _options(annotation)
+        options = alternatives(annotation)
         table = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
         mapping = next((o for o in options if get_origin(o) is dict), None)
         if table is not None:
@@ -149,7 +174,7 @@ def _annotation_at(model: type[BaseModel], path: tuple[str, ...]) -> Any:
     return annotation
 
 
-def _options(annotation: Any) -> tuple[Any, ...]:
+def alternatives(annotation: Any) -> tuple[Any, ...]:
     """The alternatives of a union (`str | list[str] | None`), or the type itself."""
     if get_origin(annotation) in (Union, types.UnionType):
         return tuple(a for a in get_args(annotation) if a is not type(None))
@@ -157,21 +182,21 @@ def _options(annotation: Any) -> tuple[Any, ...]:
 
 
 def _takes(annotation: Any, kind: type) -> bool:
-    return any(option is kind for option in _options(annotation))
+    return any(option is kind for option in alternatives(annotation))
 
 
 def _takes_container(annotation: Any) -> bool:
     return any(
         get_origin(option) in (list, dict)
         or (isinstance(option, type) and issubclass(option, BaseModel))
-        for option in _options(annotation)
+        for option in alternatives(annotation)
     )
 
 
 def _is_string_list(annotation: Any) -> bool:
     return any(
         get_origin(option) is list and get_args(option)[0] in (str, SecretStr)
-        for option in _options(annotation)
+        for option in alternatives(annotation)
     )
 
 
@@ -191,18 +216,18 @@ def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 # --- ${NAME} ----------------------------------------------------------------------------
 
 
-def _expand(value: Any, environ: Mapping[str, str], key: Path, missing: list[str]) -> Any:
+def _expand(value: Any, environ: Mapping[str, str], key: Path, unset: list[Unset]) -> Any:
     if isinstance(value, dict):
-        return {k: _expand(v, environ, (*key, k), missing) for k, v in value.items()}
+        return {k: _expand(v, environ, (*key, k), unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, environ, (*key, i), missing) for i, v in enumerate(value)]
+        return [_expand(v, environ, (*key, i), unset) for i, v in enumerate(value)]
     if isinstance(value, str):
 
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in environ:
-                missing.append(f"{dotted(key)}: environment variable {name} is not set")
-                return match.group()
+                unset.append(Unset(key, name))
+                return placeholder(name)
             return environ[name]
 
         return _REFERENCE.sub(replace, value)

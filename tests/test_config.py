@@ -90,15 +90,15 @@ def test_a_missing_env_reference_names_the_key_and_the_variable(tmp_path, monkey
         ('[handlers.x]\npath = "a"\n', "handlers.x.type: Field required"),
         (
             "[[routes]]\nhandlers = ['nope']\n",
-            "routes[0] names handler 'nope', which is not configured",
+            "routes[1] names handler 'nope', which is not configured",
         ),
         (
             "[[routes]]\nmatch = { colour = 'x' }\nhandlers = ['log']\n",
-            "routes[0].match.colour: unknown key",
+            "routes[1].match.colour: unknown key",
         ),
         ("[http\n", "not valid TOML"),
-        ('[http]\ntokens = [""]\n', "http.tokens: token 0 must be letters, digits"),
-        ('[http]\ntokens = ["a/b"]\n', "http.tokens: token 0 must be letters, digits"),
+        ('[http]\ntokens = [""]\n', "http.tokens: token 1 must be letters, digits"),
+        ('[http]\ntokens = ["a/b"]\n', "http.tokens: token 1 must be letters, digits"),
         (
             "[limits]\nmax_depth = 300\n",
             "limits.max_depth: Input should be less than or equal to 200",
@@ -156,13 +156,13 @@ def test_tables_and_lists_of_tables_from_the_environment_in_json(tmp_path, monke
         (
             "CI_RECEIVER_ROUTES",
             '[{"match": {"colour": "red"}, "handlers": ["log"]}]',
-            "routes[0].match.colour: unknown key (from the environment variable"
+            "routes[1].match.colour: unknown key (from the environment variable"
             " CI_RECEIVER_ROUTES)",
         ),
         (
             "CI_RECEIVER_HTTP__TOKENS",
             "a/b",
-            "http.tokens: token 0 must be letters, digits, '-', '_', '.' or '~' (it is a path"
+            "http.tokens: token 1 must be letters, digits, '-', '_', '.' or '~' (it is a path"
             " segment), and not empty (from the environment variable CI_RECEIVER_HTTP__TOKENS)",
         ),
         (
@@ -196,7 +196,7 @@ def test_every_missing_env_reference_is_reported_at_once(tmp_path, monkeypatch):
         '[http]\ntokens = ["${NOPE_A}"]\n[handlers.hook]\ntype = "log"\nsecret = "${NOPE_B}"\n',
     )
     assert error(path) == (
-        f"{path}: http.tokens[0]: environment variable NOPE_A is not set;"
+        f"{path}: http.tokens[1]: environment variable NOPE_A is not set;"
         " handlers.hook.secret: environment variable NOPE_B is not set"
     )
 
@@ -228,9 +228,9 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def checked(path) -> tuple[dict, subprocess.CompletedProcess]:
+def checked(path, *options: str) -> tuple[dict, subprocess.CompletedProcess]:
     """check-config of the file, which must pass: the effective config it printed."""
-    result = run_cli("check-config", "--config", str(path))
+    result = run_cli("check-config", "--config", str(path), *options)
     assert result.returncode == 0, result.stderr
     return orjson.loads(result.stdout), result
 
@@ -242,7 +242,7 @@ def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path):
         '[handlers.jobs]\ntype = "sqlite"\npath = "jobs.db"\n'
         '[handlers.events]\ntype = "jsonl"\npath = "e.jsonl"\n',
     )
-    printed, result = checked(path)
+    printed, result = checked(path, "--all")
     assert printed["http"]["tokens"] == ["**********"]
     assert "hunter2" not in result.stdout
     assert printed["handlers"]["jobs"] == {
@@ -307,11 +307,11 @@ def test_check_config_warns_of_routes_that_miss(tmp_path):
     printed, result = checked(path)
     assert printed["routes"][0]["match"]["state"] == "Failed"
     assert "warning: handlers.db: no route sends it anything" in result.stderr
-    assert "warning: routes[0].match.tag" not in result.stderr  # a known tag in another case
+    assert "warning: routes[1].match.tag" not in result.stderr  # a known tag in another case
     path.write_text(path.read_text().replace('"failed"', '"done"'))
     result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 1
-    assert "routes[0].match.state: 'done' can never match: CI sends Submitted" in result.stderr
+    assert "routes[1].match.state: 'done' can never match: CI sends Submitted" in result.stderr
 
 
 def test_check_config_shows_each_handlers_rate_and_batches_where_it_takes_them(tmp_path):
@@ -321,7 +321,7 @@ def test_check_config_shows_each_handlers_rate_and_batches_where_it_takes_them(t
         '[handlers.slower]\ntype = "feishu"\nurl = "https://example.invalid/h"\nrate = "1/s"\n'
         '[handlers.events]\ntype = "jsonl"\npath = "e.jsonl"\nbatch_size = 500\n',
     )
-    shown = checked(path)[0]["handlers"]
+    shown = checked(path, "--all")[0]["handlers"]
     assert shown["robot"]["rate"] == ["20/min"]  # the vendor's documented limit
     assert shown["slower"]["rate"] == ["1/s"]
     assert "batch_size" not in shown["robot"]

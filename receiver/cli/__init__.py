@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
+from receiver.cli.check import check_config
 from receiver.cli.events import events
 from receiver.cli.inbox import inbox
+from receiver.cli.init import init
 from receiver.cli.prune import prune
 from receiver.cli.reconcile import reconcile
 from receiver.cli.replay import replay
 from receiver.cli.serving import consume, run_all, serve
-from receiver.cli.setup import check_config, new_handler, send
+from receiver.cli.setup import new_handler, send
 from receiver.cli.stats import stats
 
 
@@ -21,6 +23,7 @@ def main() -> None:
 
 
 for command in (
+    init,
     serve,
     consume,
     run_all,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # imported by the commands that make one
 
 T = TypeVar("T")
 Opened = TypeVar("Opened", bound=Lifecycle)
+
+# What the commands that only look at the inbox use of the config: a `${NAME}` elsewhere
+# (the path token, passwords, handlers' secrets) need not be set for them.
+INBOX_ONLY = ("data_dir", "inbox", "log")
 
 config_option = click.option(
     "--config",
@@ -107,18 +111,22 @@ def event_filter(**options: Any) -> EventFilter:
     return EventFilter(**{k: v for k, v in options.items() if k in EventFilter.__slots__})
 
 
-def load(config_path: Path | None, **overrides: Any) -> Config:
+def load(
+    config_path: Path | None, needs: Collection[str] | None = None, **overrides: Any
+) -> Config:
     """The config, with --host / --port / --workers applied; a bad one ends the command
-    with its error."""
+    with its error. `needs`: as `load_config`'s (None: every `${NAME}` must be set)."""
     try:
-        return read_config(config_path, **overrides)
+        return read_config(config_path, needs, **overrides)
     except ConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
 
 
-def read_config(config_path: Path | None, **overrides: Any) -> Config:
+def read_config(
+    config_path: Path | None, needs: Collection[str] | None = None, **overrides: Any
+) -> Config:
     """The config, with --host / --port / --workers applied; raises ConfigError."""
-    config = load_config(config_path)
+    config = load_config(config_path, needs=needs)
     http = {k: v for k, v in overrides.items() if v is not None}
     if http:
         config = config.model_copy(update={"http": config.http.model_copy(update=http)})
@@ -159,7 +167,7 @@ def with_inbox(config_path: Path | None, query: Callable[[ReadOnlyInbox], Awaita
     commands take no lock a running receiver could wait for."""
     from receiver.inbox.factory import open_inbox
 
-    config = load(config_path)
+    config = load(config_path, INBOX_ONLY)
     return _with(lambda: open_inbox(config, read_only=True), query)
 
 

@@ -13,7 +13,14 @@ from typing import Any
 import click
 import orjson
 
-from receiver.cli.common import config_option, event_filter, filter_options, load, with_inbox
+from receiver.cli.common import (
+    INBOX_ONLY,
+    config_option,
+    event_filter,
+    filter_options,
+    load,
+    with_inbox,
+)
 from receiver.cli.views import event_lines, printable, summary_row
 from receiver.inbox import RUN_STATUSES, EventSummary, ReadOnlyInbox
 from receiver.inbox.as_json import detail_json, summary_json
@@ -40,7 +47,7 @@ def event_filters(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _zone(config_path: Path | None) -> tzinfo:
-    return parse_timezone(load(config_path).log.timezone)
+    return parse_timezone(load(config_path, INBOX_ONLY).log.timezone)
 
 
 @events.command("list")

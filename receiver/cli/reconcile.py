@@ -47,7 +47,8 @@ def reconcile(
 
     config = load(config_path)
     if not config.ci.enabled:
-        raise click.ClickException("config: [ci] watches no buckets (see [[ci.buckets]])")
+        nothing = config.located("[ci] watches no buckets (see [[ci.buckets]])")
+        raise click.ClickException(f"config: {nothing}")
     names = [b.name for b in config.ci.buckets]
     if bucket is not None and bucket not in names:
         raise click.ClickException(f"{bucket} is not in [ci] buckets ({', '.join(names)})")

@@ -1,75 +1,68 @@
-"""`check-config` and `send`: for setting a receiver up and trying it."""
+"""`send` and `new-handler`: for trying a receiver and extending it."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import BinaryIO
 
 import click
-import orjson
 
-from handlers import HandlerConfigError, shown_options
-from receiver import rates, tracing
-from receiver.cli.common import config_option, inbox_errors, load
-from receiver.inbox.factory import probe
-from receiver.masking import mask_credentials
-
-
-@click.command("check-config")
-@config_option
-def check_config(config_path: Path | None) -> None:
-    """Validate the config and every handler's options; print the effective config."""
-    from receiver.ingest.routing import warnings
-    from receiver.runtime.service import build_slots
-
-    config = load(config_path)
-    try:
-        slots = build_slots(config)
-    except HandlerConfigError as exc:
-        raise click.ClickException(f"config: {exc}") from None
-    effective = config.effective()
-    for slot in slots:
-        # The handler's own view of its options: defaults filled in, SecretStr masked.
-        shown = shown_options(slot.handler)
-        entry = effective["handlers"][slot.name]
-        if shown is not None:
-            entry.update(mask_credentials(shown))
-        # What dispatch will use: its limits (the type's default unless configured), the
-        # batch keys only where the handler takes batches.
-        entry["rate"] = [str(limit) for limit in slot.limits] or rates.OFF
-        if slot.batch is None:
-            del entry["batch_size"], entry["batch_wait"]
-        else:
-            entry["batch_size"], entry["batch_wait"] = slot.batch_size, slot.batch_wait
-    click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
-    for warning in warnings(config):
-        click.echo(f"warning: {warning}", err=True)
-    with inbox_errors():
-        found = asyncio.run(probe(config))
-    click.echo(f"inbox: {found}", err=True)
-    click.echo(f"traces: {tracing.destination(config)}", err=True)
-    click.echo("config OK", err=True)
+from receiver.cli.common import config_option, load
+from receiver.cli.listener import local_url
+from receiver.testing import SAMPLES, sample_body
 
 
 @click.command()
-@click.argument("file", type=click.File("rb"))
-@click.option("--url", default="http://127.0.0.1:8080/callbacks", show_default=True)
+@config_option
+@click.argument("file", type=click.File("rb"), required=False)
+@click.option(
+    "--sample",
+    type=click.Choice(sorted(SAMPLES)),
+    help="Post this sample callback (as CI sends it) instead of a FILE.",
+)
+@click.option(
+    "--url",
+    help="Where to POST (default: the configured listener, on the loopback when it listens"
+    " on every address, with the first path token).",
+)
 @click.option("--header", "-H", "headers", multiple=True, help="Extra header, 'Name: value'.")
-def send(file: BinaryIO, url: str, headers: tuple[str, ...]) -> None:
-    """POST a callback file to a receiver, as CI would (for testing a setup)."""
+def send(
+    config_path: Path | None,
+    file: BinaryIO | None,
+    sample: str | None,
+    url: str | None,
+    headers: tuple[str, ...],
+) -> None:
+    """POST a callback FILE (or --sample) to a receiver, as CI would (for testing a setup)."""
     import httpx
 
+    if file is not None and sample is None:
+        body = file.read()
+    elif sample is not None and file is None:
+        body = sample_body(sample)
+    else:
+        raise click.UsageError("give a callback FILE or --sample NAME (one of them)")
+    auth = None
+    shown = url  # what an error shows of the URL: not the path token of the config's
+    if url is None:
+        config = load(config_path, needs=("http",))
+        url, shown = local_url(config), local_url(config, reveal_token=False)
+        if not config.http.tokens and config.http.basic_auth:
+            user, password = next(iter(config.http.basic_auth.items()))
+            auth = (user, password.get_secret_value())
     extra = dict(_header(h) for h in headers)
-    body = file.read()
     content_type = "application/json" if body.lstrip()[:1] in (b"{", b"[") else "application/xml"
     try:
         response = httpx.post(
-            url, content=body, headers={"Content-Type": content_type, **extra}, timeout=30
+            url,
+            content=body,
+            headers={"Content-Type": content_type, **extra},
+            auth=auth,
+            timeout=30,
         )
     except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot POST to {url}: {exc}") from None
+        raise click.ClickException(f"cannot POST to {shown}: {exc}") from None
     click.echo(f"{response.status_code} {response.reason_phrase}", err=True)
     click.echo(response.text)
     if not response.is_success:

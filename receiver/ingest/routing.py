@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from receiver import envvars
 from receiver.callback.event import Event
 from receiver.callback.matching import FIELDS, Matched
 from receiver.config import Config, RouteConfig, RouteMatch
@@ -49,8 +50,8 @@ def warnings(config: Config) -> list[str]:
             matched = FIELDS[name]
             for value in matched.unknown(_values(getattr(route.match, name)) or ()):
                 found.append(
-                    f"routes[{index}].match.{name}: CI is not known to send {value!r}"
-                    f" (known: {', '.join(matched.known)})"
+                    f"{envvars.dotted(('routes', index, 'match', name))}: CI is not known"
+                    f" to send {value!r} (known: {', '.join(matched.known)})"
                 )
     return found
 

@@ -233,9 +233,12 @@ def _consumers(config: Config, service: Service, say: Say) -> list[Source]:
     }
     if not any(wanted.values()):
         raise CannotAssemble(
-            "config: nothing to consume: set [cmq] region (or endpoint), secret_id,"
-            " secret_key and queues for the TDMQ for CMQ queues CI delivers to, and/or"
-            " [tdmq] service_url and topics for TDMQ for Pulsar"
+            "config: "
+            + config.located(
+                "nothing to consume: set [cmq] region (or endpoint), secret_id, secret_key"
+                " and queues for the TDMQ for CMQ queues CI delivers to, and/or [tdmq]"
+                " service_url and topics for TDMQ for Pulsar"
+            )
         )
     consumers: list[Source] = []
     if wanted["cmq"]:
@@ -250,7 +253,8 @@ def _cmq_consumer(config: Config, service: Service, say: Say) -> Source:
 
     missing = config.cmq.missing_for_consumer()
     if missing:
-        raise CannotAssemble(f"config: set {' and '.join(missing)} to consume from CMQ")
+        needed = f"set {' and '.join(missing)} to consume from CMQ"
+        raise CannotAssemble(f"config: {config.located(needed)}")
     consumer = CmqConsumer(config.cmq, service.ingestor, service.metrics)
     service.add_check("cmq", consumer.check)
     say(f"consuming CMQ queues {consumer.where}")
@@ -262,7 +266,8 @@ def _tdmq_consumer(config: Config, service: Service, say: Say) -> Source:
 
     missing = config.tdmq.missing_for_consumer()
     if missing:
-        raise CannotAssemble(f"config: set {' and '.join(missing)} to consume from TDMQ")
+        needed = f"set {' and '.join(missing)} to consume from TDMQ"
+        raise CannotAssemble(f"config: {config.located(needed)}")
     consumer = TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
     service.add_check("tdmq", consumer.check)
     say(f"consuming {consumer.where} from {mask_url(config.tdmq.service_url or '')}")
@@ -295,6 +300,7 @@ def _relay_service(config: Config, say: Say) -> Backend:
     from receiver.sources.tdmq import RelayService
 
     if not config.tdmq.service_url:
-        raise CannotAssemble("config: relay.topic is set: set tdmq.service_url too")
+        needed = "relay.topic is set: set tdmq.service_url too"
+        raise CannotAssemble(f"config: {config.located(needed)}")
     say(f"relaying callbacks to {config.relay.topic}")
     return RelayService(config)

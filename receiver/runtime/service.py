@@ -49,7 +49,7 @@ def build_slots(config: Config) -> list[Slot]:
         try:
             handler = handler_api.build(handler_config.type, handler_config.options)
         except handler_api.HandlerConfigError as exc:
-            raise handler_api.HandlerConfigError(f"handlers.{name}: {exc}") from exc
+            raise handler_api.HandlerConfigError(config.located(f"handlers.{name}: {exc}")) from exc
         slots.append(Slot(name, handler, handler_config))
     return slots
 

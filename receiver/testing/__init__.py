@@ -76,6 +76,7 @@ __all__ = [
     "run_handler",
     "run_handler_sync",
     "sample",
+    "sample_body",
     "samples",
 ]
 
@@ -86,7 +87,7 @@ def sample(name: str = "transcode") -> Event:
 
 
 def sample_body(name: str = "transcode") -> bytes:
-    """The bytes of the sample callback `name` (one of `SAMPLES`), as CI sends them."""
+    """The callback `name` (one of `SAMPLES`) as CI sends it: what `send --sample` posts."""
     if name not in SAMPLES:
         known = ", ".join(SAMPLES)
         raise KeyError(f"no sample callback {name!r}; there are: {known}")

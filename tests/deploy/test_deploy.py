@@ -45,13 +45,13 @@ SECRETS = {
 def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`ci-receiver check-config` on a deploy file, with its secrets set. A PostgreSQL inbox
     is pointed at the machine's server, in a schema nothing uses (check-config only looks),
-    since the deploy file's host does not exist here."""
+    since the deploy file's host does not exist here. Every key is printed, defaults too."""
     environment = {**os.environ, **SECRETS, **(env or {}), "PYTHONPATH": str(REPO)}
     if tomllib.loads(path.read_text()).get("inbox", {}).get("url"):
         environment["CI_RECEIVER_INBOX__URL"] = require_server("postgresql")
         environment["CI_RECEIVER_INBOX__POSTGRES_SCHEMA"] = f"unused_{uuid.uuid4().hex[:8]}"
     return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "check-config", "--config", str(path)],
+        [sys.executable, "-m", "receiver.cli", "check-config", "--all", "--config", str(path)],
         capture_output=True,
         text=True,
         env=environment,

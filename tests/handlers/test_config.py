@@ -48,7 +48,7 @@ def check_config(tmp_path, text: str) -> subprocess.CompletedProcess:
     config = tmp_path / "ci-receiver.toml"
     config.write_text(text)
     return subprocess.run(
-        [sys.executable, "-m", "receiver.cli", "check-config", "--config", str(config)],
+        [sys.executable, "-m", "receiver.cli", "check-config", "--all", "--config", str(config)],
         capture_output=True, text=True, env={**os.environ, **SECRETS}, timeout=60,
     )  # fmt: skip
 

@@ -119,7 +119,7 @@ def test_an_event_name_or_tag_ci_is_not_known_to_send_is_a_warning():
     routes = [{"match": {"tag": ["SmartCover", "SmartCovr"]}, "handlers": ["db", "chat"]}]
     (warning,) = warnings(config(routes))
     assert warning.startswith(
-        "routes[0].match.tag: CI is not known to send 'SmartCovr' (known: Transcode,"
+        "routes[1].match.tag: CI is not known to send 'SmartCovr' (known: Transcode,"
     )
     routes = [{"match": {"event_name": "workflowstart"}, "handlers": ["db", "chat"]}]
     assert warnings(config(routes)) == []

@@ -197,7 +197,7 @@ def test_reconcile_by_hand_dry_run_changes_nothing(tmp_path, ci):
 
 def test_check_config_masks_the_credentials_from_file_or_environment(tmp_path, ci):
     config(tmp_path, ci)
-    shown = cli(tmp_path, "check-config", CI_RECEIVER_CI__SECRET_ID="AKIDfromenvironment")
+    shown = cli(tmp_path, "check-config", "--all", CI_RECEIVER_CI__SECRET_ID="AKIDfromenvironment")
     assert shown.returncode == 0, shown.stderr
     effective = orjson.loads(shown.stdout)["ci"]
     assert (effective["secret_id"], effective["secret_key"]) == ("**********", "**********")
@@ -217,4 +217,4 @@ def test_check_config_masks_the_credentials_from_file_or_environment(tmp_path, c
     )
     refused = cli(tmp_path, "check-config")
     assert refused.returncode == 1
-    assert "ci.buckets[0]: name the job tags" in refused.stderr
+    assert "ci.buckets[1]: name the job tags" in refused.stderr

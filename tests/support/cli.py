@@ -17,9 +17,10 @@ def ci_receiver(
     env: Mapping[str, str] | None = None,
     text: bool = False,
     ok: bool = False,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """The command in the config's folder, the config named by CI_RECEIVER_CONFIG (which
-    every command reads as `--config`; `send` has no such option). The environment is
+    """The command in the config's folder (or `cwd`), the config named by
+    CI_RECEIVER_CONFIG (which every command reads as `--config`). The environment is
     bare, so nothing of the machine's leaks in: PYTHONPATH (configs name the tests'
     handlers by dotted path) and `env`. `ok`: the test fails, showing stderr, unless the
     command exits 0."""
@@ -31,7 +32,7 @@ def ci_receiver(
         capture_output=True,
         text=text,
         timeout=60,
-        cwd=None if config is None else config.parent,
+        cwd=cwd or (None if config is None else config.parent),
         env=environment,
     )
     if ok:

@@ -1,0 +1,44 @@
+"""Where the configured HTTP listener is reached: from this host (`send`), and from CI
+(the CallBack URL `init` prints)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from receiver.config import Config
+
+# What stands for this host's address in a CallBack URL when it has none CI can reach.
+PUBLIC_PLACEHOLDER = "<public-address>"
+
+
+def local_url(config: Config, *, reveal_token: bool = True) -> str:
+    """The callback URL of the listener as seen from this host, with the first path token:
+    a listener on every address (0.0.0.0, ::) is reached on the loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        config.http.host, config.http.host
+    )
+    return callback_url(config, host, reveal_token=reveal_token)
+
+
+def callback_url(config: Config, host: str, *, reveal_token: bool) -> str:
+    """http://<host>:<port>/callbacks[/<token>]: the token itself, or `<token>`."""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    path = "/callbacks"
+    if config.http.tokens:
+        path += "/" + (config.http.tokens[0].get_secret_value() if reveal_token else "<token>")
+    return f"http://{host}:{config.http.port}{path}"
+
+
+def public_address() -> str | None:
+    """This host's own address on the way to the internet, when it is a public one CI can
+    call back (CI refuses private addresses); None behind NAT, a proxy or no route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            # A UDP connect only chooses the route (and so the address): nothing is sent.
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1, routed as any public address
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return address if ipaddress.ip_address(address).is_global else None
