@@ -13,6 +13,7 @@ import orjson
 from handlers import HandlerConfigError, shown_options
 from receiver import rates, tracing
 from receiver.cli.common import config_option, inbox_errors, load
+from receiver.config import AdminConfig, Config, HttpConfig
 from receiver.inbox.factory import probe
 from receiver.masking import mask_credentials
 
@@ -29,6 +30,7 @@ def check_config(config_path: Path | None) -> None:
         slots = build_slots(config)
     except HandlerConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
+    served = _tls_served(config)
     effective = config.effective()
     for slot in slots:
         # The handler's own view of its options: defaults filled in, SecretStr masked.
@@ -50,7 +52,28 @@ def check_config(config_path: Path | None) -> None:
         found = asyncio.run(probe(config))
     click.echo(f"inbox: {found}", err=True)
     click.echo(f"traces: {tracing.destination(config)}", err=True)
+    for line in served:
+        click.echo(f"tls: {line}", err=True)
     click.echo("config OK", err=True)
+
+
+def _tls_served(config: Config) -> list[str]:
+    """What each listener with TLS serves, its certificate and key read as at start; a
+    pair that cannot be served ends the command with the reason."""
+    from receiver.sources.tls import TlsCertificate, TlsError
+
+    listeners: list[tuple[str, str, HttpConfig | AdminConfig]] = [("public", "http", config.http)]
+    if config.admin.enabled:
+        listeners.append(("admin", "admin", config.admin))
+    served = []
+    for name, section, keys in listeners:
+        try:
+            certificate = TlsCertificate.of(name, section, keys)
+        except TlsError as exc:
+            raise click.ClickException(f"config: {exc}") from None
+        if certificate is not None:
+            served.append(f"the {name} listener serves {certificate.files.cert} (https)")
+    return served
 
 
 @click.command()
