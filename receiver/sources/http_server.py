@@ -247,7 +247,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if config.tls is not None:
             self.guard.handshakes += 1
             self._handshake = self.loop.call_at(
-                self._accepted_at + self._limits.header_timeout, self._handshake_over
+                self._accepted_at + self._limits.header_timeout, self._handshake_failed
             )
 
     # --- connection ------------------------------------------------------------------
@@ -271,12 +271,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._set_deadline(_HEAD, self._accepted_at + self._limits.header_timeout)
 
     def _handshake_over(self) -> None:
-        """The TLS handshake is done, or has had its time (and the event loop's TLS layer
-        closed the connection, without a word to this protocol, which is then dropped)."""
+        """The TLS handshake is done: the connection counts as any other from now on."""
         if self._handshake is not None:
             self._handshake.cancel()
             self._handshake = None
             self.guard.handshakes -= 1
+
+    def _handshake_failed(self) -> None:
+        """The TLS handshake has had its time and the connection was never made: the
+        event loop's TLS layer closed it (it failed, or timed out), without a word to this
+        protocol, which is then dropped. Counted now, with no address to tell."""
+        self._handshake = None
+        self.guard.handshakes -= 1
+        self.guard.refused("tls_handshake", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

@@ -8,49 +8,18 @@ from __future__ import annotations
 
 import signal
 import socket
-import ssl
 import time
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
-import trustme
 
 from tests.support.callbacks import job
+from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver, cli
-from tests.support.processes import Receiver, log_lines, start_workers
+from tests.support.processes import Receiver, log_lines, metric, start_workers
 from tests.support.waiting import wait_until
-
-
-class Certificates:
-    """A test CA, and the server certificate and key files a config names; `renew`
-    writes a new pair in their place, as certbot does."""
-
-    def __init__(self, folder: Path) -> None:
-        self.ca = trustme.CA()
-        self.ca_file = folder / "ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        self.cert = folder / "cert.pem"
-        self.key = folder / "key.pem"
-        self.served = self.renew()
-
-    def renew(self) -> bytes:
-        """A new certificate and key in the files; the certificate, DER."""
-        issued = self.ca.issue_cert("127.0.0.1", "localhost")
-        self.cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-        self.key.write_bytes(issued.private_key_pem.bytes())
-        self.served = ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode())
-        return self.served
-
-    def other_key(self) -> bytes:
-        return self.ca.issue_cert("127.0.0.1").private_key_pem.bytes()
-
-    def client(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
-
-    def keys(self) -> str:
-        return f'tls_cert = "{self.cert}"\ntls_key = "{self.key}"\n'
 
 
 def write_config(tmp_path: Path, http: str = "", admin: str = "") -> Path:
@@ -75,6 +44,7 @@ def served_certificate(port: int, certificates: Certificates) -> bytes:
     return served
 
 
+TLS_REFUSED = 'ci_receiver_http_refused_total{reason="tls_handshake",server="public"}'
 NOT_RELOADED = "tls certificate not reloaded: the running one stays"
 
 
@@ -108,10 +78,13 @@ def test_a_callback_posted_over_https_is_stored(receiver, certificates, tmp_path
     assert f"CallBack URL for CI: https://127.0.0.1:{receiver.port}/callbacks" in receiver.log()
 
 
-def test_plain_http_to_the_tls_port_gets_no_answer(receiver):
+def test_plain_http_to_the_tls_port_gets_no_answer_and_is_counted(receiver):
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(receiver.url + "/healthz", timeout=5)
     assert receiver.process.poll() is None
+    # Once its handshake's time (header_timeout) is over; with the port probe that
+    # waited for the start (a connection without a handshake too).
+    wait_until(lambda: metric(receiver, TLS_REFUSED) == 2, what="the failed handshake counted")
 
 
 def test_a_client_that_never_handshakes_is_closed_within_header_timeout(receiver):
@@ -126,6 +99,9 @@ def test_connections_in_their_handshake_count_against_max_connections(tmp_path, 
     config = write_config(tmp_path, certificates.keys() + limits)
     receiver = Receiver(config).start()
     try:
+        # The test's own wait for the port: a connection with no handshake, counted once
+        # its time is over.
+        wait_until(lambda: metric(receiver, TLS_REFUSED) == 1, what="the port probe counted")
         silent = [socket.create_connection(("127.0.0.1", receiver.port)) for _ in range(2)]
         time.sleep(0.3)  # accepted
         with httpx.Client(verify=certificates.client()) as client:
@@ -134,6 +110,7 @@ def test_connections_in_their_handshake_count_against_max_connections(tmp_path, 
             assert busy.headers["retry-after"] == "1"
             for sock in silent:
                 assert sock.recv(1024) == b""  # their handshake's time is over
+            assert metric(receiver, TLS_REFUSED) == 3
             assert client.get(https(receiver) + "/healthz").status_code == 200
     finally:
         receiver.stop()
