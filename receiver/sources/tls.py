@@ -6,7 +6,7 @@ key loaded and matched, or `TlsError` says in one line which key of which sectio
 wrong and why. A reload makes a new context the same way and only then takes it in
 place of the old one, so that a renewal half written (or a key that does not match)
 leaves the running certificate serving. Each connection takes the context in force when
-it is accepted: new connections get the new certificate, open ones keep theirs.
+its handshake begins: new connections get the new certificate, open ones keep theirs.
 """
 
 from __future__ import annotations
