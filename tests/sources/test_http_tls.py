@@ -182,14 +182,16 @@ def test_a_bad_renewal_keeps_the_running_certificate_and_says_why(receiver, cert
     assert served_certificate(receiver.port, certificates) == renewed
 
 
-@pytest.mark.parametrize("command", ["serve", "check-config"])
+@pytest.mark.parametrize(
+    "command", [("serve",), ("serve", "--workers", "2"), ("check-config",)], ids=" ".join
+)
 def test_a_key_that_does_not_match_ends_the_start_with_one_line(tmp_path, certificates, command):
     certificates.key.write_bytes(certificates.other_key())
     config = write_config(tmp_path, certificates.keys())
-    result = ci_receiver(config, command, text=True)
+    result = ci_receiver(config, *command, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: {'config: ' if command == 'check-config' else ''}[http] tls_key:"
+        f"Error: {'config: ' if command == ('check-config',) else ''}[http] tls_key:"
         f" {certificates.key} does not match the certificate in tls_cert {certificates.cert}"
     )
     assert "Traceback" not in result.stderr
@@ -209,6 +211,10 @@ def test_a_key_that_does_not_match_ends_the_start_with_one_line(tmp_path, certif
         (
             'tls_cert = "{cert}"\n',
             "admin: tls_cert and tls_key go together: set tls_key too (or neither)",
+        ),
+        (
+            'tls_key_password = "s3cret"\n',
+            "admin: tls_key_password is set without tls_cert and tls_key",
         ),
     ],
 )
