@@ -25,7 +25,10 @@ in the event loop's own TLS layer, with the handshake bounded by `header_timeout
 protocol sees the connection once the handshake is done. Until then it counts against
 `max_connections` (a connection cannot tell us that its handshake failed, so one counts
 until it is made or `header_timeout` has passed), and the head's deadline runs from the
-accept, so that the handshake and the head together get `header_timeout`.
+accept, so that the handshake and the head together get `header_timeout`. Unlike a plain
+one, a connection past the connections held is not closed at its accept: the event loop
+gives the protocol no transport to close before the handshake is done, so it is refused
+then (or closed when its handshake's time is over).
 """
 
 from __future__ import annotations
