@@ -133,6 +133,21 @@ class HttpConfig(Section):
     # runs one at a time), beyond which new ones get 503 at once.
     max_requests: int = Field(16384, ge=1)
 
+    # --- TLS (receiver/sources/tls.py) ---
+    tls_cert: Path | None = None
+    """The certificate chain (PEM: the server's certificate, then the intermediates) to
+    serve this port over HTTPS with; with `tls_key`. Read at start and again on SIGHUP,
+    so that a renewed certificate is served without a restart. Unset: plain HTTP."""
+    tls_key: Path | None = None
+    """The private key (PEM) of `tls_cert`."""
+    tls_key_password: SecretStr | None = None
+    """The password of `tls_key`, when it is encrypted."""
+
+    @model_validator(mode="after")
+    def _tls_cert_and_key(self) -> HttpConfig:
+        _check_tls_keys(self.tls_cert, self.tls_key, self.tls_key_password)
+        return self
+
     @field_validator("basic_auth")
     @classmethod
     def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
@@ -216,6 +231,18 @@ class AdminConfig(Section):
     # This listener's base URL as people reach it (https://ci.example.com, behind a
     # proxy): with `inspector`, handlers link to its pages (a digest to its events).
     public_url: str | None = None
+    tls_cert: Path | None = None
+    """The certificate chain (PEM) to serve the admin listener over HTTPS with; with
+    `tls_key`. Read at start and again on SIGHUP. Unset: plain HTTP."""
+    tls_key: Path | None = None
+    """The private key (PEM) of `tls_cert`."""
+    tls_key_password: SecretStr | None = None
+    """The password of `tls_key`, when it is encrypted."""
+
+    @model_validator(mode="after")
+    def _tls_cert_and_key(self) -> AdminConfig:
+        _check_tls_keys(self.tls_cert, self.tls_key, self.tls_key_password)
+        return self
 
     @field_validator("public_url")
     @classmethod
@@ -252,6 +279,15 @@ class AdminConfig(Section):
                 f"host {self.host!r} is not a loopback address: set admin.token or admin.basic_auth"
             )
         return self
+
+
+def _check_tls_keys(cert: Path | None, key: Path | None, password: SecretStr | None) -> None:
+    """A section's TLS keys: a certificate and its key together, or neither."""
+    if (cert is None) != (key is None):
+        missing = "tls_key" if key is None else "tls_cert"
+        raise ValueError(f"tls_cert and tls_key go together: set {missing} too (or neither)")
+    if password is not None and key is None:
+        raise ValueError("tls_key_password is set without tls_cert and tls_key")
 
 
 def _usable_users(users: dict[str, SecretStr]) -> dict[str, SecretStr]:

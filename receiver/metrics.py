@@ -97,7 +97,8 @@ class Metrics:
             "ci_receiver_http_refused",
             "Connections and requests refused by the HTTP server before the app, by server"
             " (public, admin) and reason (headers_too_large, header_timeout, body_timeout,"
-            " idle_connection, too_many_connections, too_many_requests, bad_request).",
+            " idle_connection, too_many_connections, too_many_requests, bad_request,"
+            " tls_handshake).",
             ["server", "reason"],
             registry=self.registry,
         )

@@ -10,6 +10,7 @@ from receiver.admin.app import create_admin_app
 from receiver.sources.backend import Backend
 from receiver.sources.http_server import ServerLimits
 from receiver.sources.http_source import HttpServer
+from receiver.sources.tls import TlsCertificate
 
 # The admin listener serves operators and monitoring: a few connections are plenty.
 ADMIN_CONNECTIONS = 32
@@ -38,4 +39,5 @@ def admin_listener(
         graceful_timeout=http.graceful_timeout,
         on_listening=on_listening,
         sock=sock,
+        tls=TlsCertificate.of("admin", "admin", admin),
     )

@@ -12,7 +12,7 @@ import orjson
 from handlers import HandlerConfigError, shown_options
 from receiver import rates, tracing
 from receiver.cli.common import config_option, inbox_errors, load
-from receiver.config import Config
+from receiver.config import AdminConfig, Config, HttpConfig
 from receiver.masking import mask_credentials, mask_url
 
 
@@ -34,6 +34,7 @@ def check_config(config_path: Path | None, show_all: bool, no_connect: bool) -> 
 
     # Without a connection no secret is used: every reference may be left unresolved.
     config = load(config_path, needs=() if no_connect else None)
+    served = _tls_served(config)
     unchecked = {str(u.key[1]) for u in config.unset if u.key[0] == "handlers" and len(u.key) > 2}
     effective = _effective(config, unchecked)
     if not show_all:
@@ -55,7 +56,33 @@ def check_config(config_path: Path | None, show_all: bool, no_connect: bool) -> 
             found = asyncio.run(probe(config))
         click.echo(f"inbox: {found}", err=True)
     click.echo(f"traces: {tracing.destination(config)}", err=True)
+    for line in served:
+        click.echo(f"tls: {line}", err=True)
     click.echo("config OK", err=True)
+
+
+def _tls_served(config: Config) -> list[str]:
+    """What each listener with TLS serves, its certificate and key read as at start; a
+    pair that cannot be served ends the command with the reason. (A key whose password
+    is a variable not set, with --no-connect, is left unread.)"""
+    from receiver.sources.tls import TlsCertificate, TlsError
+
+    listeners: list[tuple[str, str, HttpConfig | AdminConfig]] = [("public", "http", config.http)]
+    if config.admin.enabled:
+        listeners.append(("admin", "admin", config.admin))
+    unset = {unset.key[:2] for unset in config.unset}
+    served = []
+    for name, section, keys in listeners:
+        if (section, "tls_key_password") in unset:
+            served.append(f"the {name} listener's key not read: its password is not set")
+            continue
+        try:
+            certificate = TlsCertificate.of(name, section, keys)
+        except TlsError as exc:
+            raise click.ClickException(f"config: {exc}") from None
+        if certificate is not None:
+            served.append(f"the {name} listener serves {certificate.files.cert} (https)")
+    return served
 
 
 def _effective(config: Config, unchecked: set[str]) -> dict[str, Any]:

@@ -131,12 +131,14 @@ def _run_relay(assembly: Assembly) -> int:
 
 @contextlib.contextmanager
 def assembly_errors() -> Iterator[None]:
-    """A config that asks for what cannot be run, or a port that cannot be had, ends the
-    command with the reason and what to change."""
+    """A config that asks for what cannot be run, a port that cannot be had, or a
+    certificate that cannot be served, ends the command with the reason and what to
+    change."""
     from receiver.runtime.assemble import CannotAssemble
     from receiver.sources.listen import CannotListen
+    from receiver.sources.tls import TlsError
 
     try:
         yield
-    except (CannotAssemble, CannotListen) as exc:
+    except (CannotAssemble, CannotListen, TlsError) as exc:
         raise click.ClickException(str(exc)) from None

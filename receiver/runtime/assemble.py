@@ -22,7 +22,7 @@ import structlog
 from handlers import HandlerConfigError
 from receiver import tracing
 from receiver.admin.listener import admin_listener
-from receiver.config import Config
+from receiver.config import AdminConfig, Config, HttpConfig
 from receiver.ingest.routing import log_warnings
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
@@ -34,6 +34,7 @@ from receiver.sources.backend import Backend
 from receiver.sources.http_auth import open_to_anyone_warning
 from receiver.sources.http_source import HttpServer
 from receiver.sources.source import Source
+from receiver.sources.tls import TlsCertificate
 
 # The commands' logger, as when this was theirs: the log lines are the same.
 logger = structlog.get_logger("ci_receiver.cli")
@@ -105,12 +106,12 @@ def for_serve(
     if not config.relay.topic:
         service = service_for(config)
         public, servers = _http_servers(service, say, worker, link)
-        reload = _reloader(service, read, worker)
+        reload = _reloader(service, read, servers, worker)
         reconciler = _reconciler(config, service, say, worker)
         return Assembly(service, servers, reconciler, reload, link, public)
     relay = _relay_service(config, say)
     public, servers = _http_servers(relay, say, worker, link)
-    return Assembly(relay, servers, [], None, link, public)
+    return Assembly(relay, servers, [], _certificate_reloader(relay, servers), link, public)
 
 
 def for_consume(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
@@ -118,8 +119,8 @@ def for_consume(config: Config, read: Callable[[], Config], say: Say) -> Assembl
     admin listener)."""
     service = service_for(config)
     sources = [*_consumers(config, service, say), *_reconciler(config, service, say)]
-    reload = _reloader(service, read)
-    return Assembly(service, _admin_server(service, say), sources, reload)
+    servers = _admin_server(service, say)
+    return Assembly(service, servers, sources, _reloader(service, read, servers))
 
 
 def for_run(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
@@ -130,9 +131,8 @@ def for_run(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
         say("run is one process: [http] workers applies to serve only")
     service = service_for(config)
     sources = [*_consumers(config, service, say), *_reconciler(config, service, say)]
-    reload = _reloader(service, read)
     public, servers = _http_servers(service, say)
-    return Assembly(service, servers, sources, reload, public=public)
+    return Assembly(service, servers, sources, _reloader(service, read, servers), public=public)
 
 
 def supervise(config: Config, config_path: Path | None, say: Say) -> int:
@@ -143,6 +143,11 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
 
     configure_logging(config.log.level, config.log.format, config.log.timezone)
     http, admin = config.http, config.admin
+    # Each worker reads the certificates itself; read here first, so that one that
+    # cannot be served ends the command with its reason rather than a worker.
+    TlsCertificate.of("public", "http", http)
+    if admin.enabled:
+        TlsCertificate.of("admin", "admin", admin)
     public = listen("public", http.host, http.port)
     admin_socket = listen("admin", admin.host, admin.port) if admin.enabled else None
     host, port = public.getsockname()[:2]
@@ -173,11 +178,29 @@ def service_for(config: Config, *, wait: bool = True) -> Service:
 
 
 def _reloader(
-    service: Service, read: Callable[[], Config], worker: WorkerSpec | None = None
+    service: Service,
+    read: Callable[[], Config],
+    servers: list[Source],
+    worker: WorkerSpec | None = None,
 ) -> Reload:
     """What SIGHUP runs: the config read again as at start (file, environment and the
-    command's options), its handlers and routes applied."""
-    return Reloader(service, read, warn=worker is None or worker.index == 0).reload
+    command's options), its handlers and routes applied; the certificates of the HTTP
+    `servers` served over TLS read again."""
+    warn = worker is None or worker.index == 0
+    return Reloader(service, read, service.metrics, _certificates(servers), warn=warn).reload
+
+
+def _certificate_reloader(backend: Backend, servers: list[Source]) -> Reload | None:
+    """What SIGHUP runs for a relay, which has no handlers or routes: the certificates
+    read again, if any."""
+    certificates = _certificates(servers)
+    if not certificates:
+        return None
+    return Reloader(None, None, backend.metrics, certificates).reload
+
+
+def _certificates(servers: list[Source]) -> list[TlsCertificate]:
+    return [s.tls for s in servers if isinstance(s, HttpServer) and s.tls is not None]
 
 
 def _http_servers(
@@ -208,7 +231,7 @@ def _admin_server(backend: Backend, say: Say, sock: socket.socket | None = None)
         routes = "/metrics, /readyz"
         if backend.config.admin.inspector:
             routes += ", /api, the inspector at /inspector"
-        say(f"admin listener on http://{host}:{port} ({routes})")
+        say(f"admin listener on {_scheme(backend.config.admin)}://{host}:{port} ({routes})")
 
     return [admin_listener(backend, announce, sock)]
 
@@ -217,11 +240,16 @@ def _announce(config: Config, say: Say) -> Callable[[str, int], None]:
     def announce(bound_host: str, bound_port: int) -> None:
         path = "/callbacks/<token>" if config.http.tokens else "/callbacks"
         public = "<this host's public address>" if bound_host in ("0.0.0.0", "::") else bound_host
-        say(f"ci-receiver listening on http://{bound_host}:{bound_port}")
-        say(f"CallBack URL for CI: http://{public}:{bound_port}{path}")
+        scheme = _scheme(config.http)
+        say(f"ci-receiver listening on {scheme}://{bound_host}:{bound_port}")
+        say(f"CallBack URL for CI: {scheme}://{public}:{bound_port}{path}")
         say("  (CI calls back over the internet: it refuses private addresses)")
 
     return announce
+
+
+def _scheme(listener: HttpConfig | AdminConfig) -> str:
+    return "http" if listener.tls_cert is None else "https"
 
 
 def _consumers(config: Config, service: Service, say: Say) -> list[Source]:

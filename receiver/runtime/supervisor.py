@@ -17,8 +17,9 @@ What the supervisor does:
   `RESTART_WINDOW` seconds, or a worker that exits before it was ever ready (a config or
   inbox it cannot open), stop the others and end the command with 1: the service
   manager then restarts it, or an operator reads why.
-- SIGHUP: passes it to every worker, each of which reloads its handlers and routes
-  (receiver/runtime/reload.py); a worker still starting gets it once it is ready.
+- SIGHUP: passes it to every worker, each of which reloads its handlers and routes, and
+  its listeners' TLS certificates (receiver/runtime/reload.py); a worker still starting
+  gets it once it is ready.
 - systemd (`Type=notify`): `READY=1` once every worker is ready (it listens from the
   start, and is ready once its inbox is open), `STOPPING=1` when it
   stops them; the workers themselves say nothing to the service manager.
@@ -124,7 +125,7 @@ class Supervisor:
         if self._stopping:
             logger.info("SIGHUP ignored: stopping")
             return
-        logger.info("SIGHUP: the workers reload their handlers and routes")
+        logger.info("SIGHUP: the workers reload their handlers, routes and certificates")
         self._reloads += 1
         for index, process in self._processes.items():
             if index in self._ready:

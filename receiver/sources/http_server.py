@@ -19,6 +19,16 @@ request (one loop timer per connection, moved only when a deadline comes closer)
   closes gracefully: our side of the connection is shut after the response, and what the
   client still sends is read and dropped for up to `LINGER_SECONDS`, so that the client
   reads its answer instead of a reset ("lingering close", as Apache and nginx do).
+
+With TLS (`[http] tls_cert`, receiver/sources/tls.py) the server wraps each connection
+in the event loop's own TLS layer, with the handshake bounded by `header_timeout`, and the
+protocol sees the connection once the handshake is done. Until then it counts against
+`max_connections` (a connection cannot tell us that its handshake failed, so one counts
+until it is made or `header_timeout` has passed), and the head's deadline runs from the
+accept, so that the handshake and the head together get `header_timeout`. Unlike a plain
+one, a connection past the connections held is not closed at its accept: the event loop
+gives the protocol no transport to close before the handshake is done, so it is refused
+then (or closed when its handshake's time is over).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import asyncio
 import contextlib
 import resource
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +56,7 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from receiver.metrics import Metrics
 from receiver.sources.listen import LISTEN_BACKLOG
+from receiver.sources.tls import TlsCertificate
 
 logger = structlog.get_logger("ci_receiver.sources.http_server")
 
@@ -102,6 +114,8 @@ class Guard:
         )
         self._metrics = metrics
         self._logged: dict[str, tuple[float, int]] = {}
+        # TLS connections accepted whose handshake is not done (nor timed out).
+        self.handshakes = 0
 
     def refused(self, reason: str, client: tuple[str, int] | None) -> None:
         if self._metrics is not None:
@@ -230,15 +244,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # of the headers parsed so far, exactly
         self._lingered = 0
         self._writer: _ResponseWriter | None = None
+        # Made when the connection is accepted: over TLS, before the handshake.
+        self._accepted_at = self.loop.time()
+        self._handshake: asyncio.TimerHandle | None = None
+        if config.tls is not None:
+            self.guard.handshakes += 1
+            self._handshake = self.loop.call_at(
+                self._accepted_at + self._limits.header_timeout, self._handshake_failed
+            )
 
     # --- connection ------------------------------------------------------------------
 
     # Ignored, override: asyncio.Protocol's takes any BaseTransport; a TCP server's is a
     # Transport, as uvicorn's own override (which carries the same ignore) says.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._handshake_over()
         super().connection_made(transport)
         self._writer = _ResponseWriter(transport, self._close_after_response, self.loop)
-        open_connections = len(self.connections)
+        open_connections = len(self.connections) + self.guard.handshakes
         if open_connections > self._limits.max_connections:
             self.guard.refused("too_many_connections", self.client)
             if open_connections > self.guard.refusing_limit:
@@ -248,7 +271,22 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 error_response(503, "busy", "too many connections; send again", retry_after=1)
             )
             return
-        self._set_deadline(_HEAD, self.loop.time() + self._limits.header_timeout)
+        self._set_deadline(_HEAD, self._accepted_at + self._limits.header_timeout)
+
+    def _handshake_over(self) -> None:
+        """The TLS handshake is done: the connection counts as any other from now on."""
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+            self.guard.handshakes -= 1
+
+    def _handshake_failed(self) -> None:
+        """The TLS handshake has had its time and the connection was never made: the
+        event loop's TLS layer closed it (it failed, or timed out), without a word to this
+        protocol, which is then dropped. Counted now, with no address to tell."""
+        self._handshake = None
+        self.guard.handshakes -= 1
+        self.guard.refused("tls_handshake", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -430,7 +468,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._phase = _LINGER
         self.flow.resume_reading()
         # Our side ends here (FIN after the response); reading goes on, and the client's
-        # own FIN, or the deadline, closes.
+        # own FIN, or the deadline, closes. Over TLS the transport cannot half-close (a
+        # FIN under the TLS stream would cut it short, and close_notify ends both ways):
+        # the response is followed by nothing until the deadline or the client closes.
         if transport.can_write_eof():
             transport.write_eof()
         self._set_deadline(_LINGER, self.loop.time() + LINGER_SECONDS)
@@ -439,7 +479,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 class BoundedConfig(uvicorn.Config):
     """uvicorn's Config, carrying the Guard its connections share."""
 
-    def __init__(self, app: ASGIApp, *, guard: Guard, **kwargs: Any) -> None:
+    def __init__(
+        self, app: ASGIApp, *, guard: Guard, tls: TlsCertificate | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(
             app,
             http=BoundedHttpProtocol,
@@ -454,6 +496,7 @@ class BoundedConfig(uvicorn.Config):
             **kwargs,
         )
         self.guard = guard
+        self.tls = tls
 
 
 class Server(uvicorn.Server):
@@ -467,14 +510,51 @@ class Server(uvicorn.Server):
         yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            self.on_started(self)
+        """uvicorn's, on the sockets given (the only way it is started here), with TLS
+        as `BoundedConfig.tls` says: uvicorn's own TLS settings would leave the handshake
+        60 s and the closing handshake 30 s, and take its certificate once."""
+        assert sockets is not None
+        config = self.config
+        assert isinstance(config, BoundedConfig)
+        tls = config.tls
+        loop = asyncio.get_running_loop()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return BoundedHttpProtocol(
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        self.servers = [
+            await loop.create_server(
+                create_protocol,
+                sock=sock,
+                backlog=config.backlog,
+                **({} if tls is None else _tls_options(tls, config.guard.limits)),
+            )
+            for sock in sockets
+        ]
+        self.started = True
+        self.on_started(self)
 
     @property
     def address(self) -> tuple[str, int]:
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         return host, port
+
+
+def _tls_options(tls: TlsCertificate, limits: ServerLimits) -> dict[str, Any]:
+    """The TLS arguments of `create_server`: the handshake within the head's time; the
+    closing one (our close_notify, the client's answer) within the lingering close's."""
+    options: dict[str, Any] = {
+        "ssl": tls.listening,
+        "ssl_handshake_timeout": limits.header_timeout,
+    }
+    if sys.version_info >= (3, 11):  # asyncio's own loop takes it from 3.11 (uvloop: always)
+        options["ssl_shutdown_timeout"] = LINGER_SECONDS
+    return options
 
 
 def raise_open_files_limit() -> int:

@@ -23,6 +23,7 @@ from receiver.sources.http_server import (
     raise_open_files_limit,
 )
 from receiver.sources.listen import bind
+from receiver.sources.tls import TlsCertificate
 
 # The runner's logger, as before this class left it: the log lines are the same.
 logger = structlog.get_logger("ci_receiver.runner")
@@ -45,8 +46,11 @@ class HttpServer:
         on_listening: Callable[[str, int], None],
         trusted_proxies: Sequence[IPv4Network | IPv6Network] = (),
         sock: socket.socket | None = None,
+        tls: TlsCertificate | None = None,
     ) -> None:
         self.name = name
+        # Served over TLS with it (reloaded on SIGHUP), or plain HTTP.
+        self.tls = tls
         # Bound now, before the service starts (migrations, handlers): a port that cannot
         # be had ends the command at once (CannotListen says which server, the address,
         # why and what to change); connections are taken once it runs. Under `serve
@@ -55,6 +59,7 @@ class HttpServer:
         config = BoundedConfig(
             app,
             guard=Guard(name, limits, metrics),
+            tls=tls,
             host=host,
             port=port,
             timeout_graceful_shutdown=graceful_timeout,
@@ -73,8 +78,10 @@ class HttpServer:
         on_listening: Callable[[str, int], None],
         sock: socket.socket | None = None,
     ) -> HttpServer:
-        """The port CI posts to: /callbacks, /healthz, a bare /readyz."""
+        """The port CI posts to: /callbacks, /healthz, a bare /readyz. Raises `TlsError`
+        when its certificate or key cannot be served."""
         http = service.config.http
+        tls = TlsCertificate.of("public", "http", http)
         open_files = raise_open_files_limit()
         connections = connection_limits(open_files, http.max_connections)
         if connections.lowered:
@@ -105,6 +112,7 @@ class HttpServer:
             on_listening=on_listening,
             trusted_proxies=http.trusted_proxies,
             sock=sock,
+            tls=tls,
         )
 
     @property

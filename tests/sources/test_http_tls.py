@@ -1,0 +1,252 @@
+"""TLS on the public and admin listeners, against `ci-receiver serve` as a process, with
+certificates from a test CA (trustme) and clients that verify against it: callbacks
+posted over HTTPS, plain HTTP refused, the admin listener, a renewed certificate taken
+on SIGHUP (and a bad one refused), a certificate or key that cannot be served at start,
+connections that never complete their handshake, and `serve --workers 2`."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.support.callbacks import job
+from tests.support.certificates import Certificates
+from tests.support.cli import ci_receiver, cli
+from tests.support.processes import Receiver, log_lines, metric, start_workers
+from tests.support.waiting import wait_until
+
+
+def write_config(tmp_path: Path, http: str = "", admin: str = "") -> Path:
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[log]\nformat = "json"\n'
+        f'[http]\n{http}[admin]\n{admin}[handlers.log]\ntype = "log"\n'
+    )
+    return config
+
+
+def https(receiver: Receiver) -> str:
+    return f"https://127.0.0.1:{receiver.port}"
+
+
+def served_certificate(port: int, certificates: Certificates) -> bytes:
+    """The certificate a new connection is served (DER), verified against the test CA."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with certificates.client().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        served = tls.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+TLS_REFUSED = 'ci_receiver_http_refused_total{reason="tls_handshake",server="public"}'
+NOT_RELOADED = "tls certificate not reloaded: the running one stays"
+
+
+def events_logged(receiver: Receiver, event: str) -> list[dict]:
+    return [line for line in log_lines(receiver) if line["event"] == event]
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Certificates:
+    return Certificates(tmp_path)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path, certificates: Certificates):
+    process = Receiver(write_config(tmp_path, certificates.keys() + "header_timeout = 1\n"))
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_a_callback_posted_over_https_is_stored(receiver, certificates, tmp_path):
+    with httpx.Client(verify=certificates.client()) as client:
+        answer = client.post(https(receiver) + "/callbacks", content=job("j" + "1" * 24))
+    assert answer.status_code == 200, answer.text
+    assert answer.http_version == "HTTP/1.1"
+    (event_id,) = answer.json()["ids"]
+    shown = orjson.loads(cli(tmp_path, "events", "show", event_id, "--json").stdout)
+    assert shown["event"]["job_id"] == "j" + "1" * 24
+    assert shown["event"]["source"] == "http"
+    # The start-up lines give the https:// URL to configure in CI.
+    assert f"CallBack URL for CI: https://127.0.0.1:{receiver.port}/callbacks" in receiver.log()
+
+
+def test_plain_http_to_the_tls_port_gets_no_answer_and_is_counted(receiver):
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(receiver.url + "/healthz", timeout=5)
+    assert receiver.process.poll() is None
+    # Once its handshake's time (header_timeout) is over; with the port probe that
+    # waited for the start (a connection without a handshake too).
+    wait_until(lambda: metric(receiver, TLS_REFUSED) == 2, what="the failed handshake counted")
+
+
+def test_a_client_that_never_handshakes_is_closed_within_header_timeout(receiver):
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(1024) == b""  # closed by the server, having said nothing
+        assert time.monotonic() - started < 4  # header_timeout = 1
+
+
+def test_connections_in_their_handshake_count_against_max_connections(tmp_path, certificates):
+    limits = "max_connections = 2\nheader_timeout = 2\n"
+    config = write_config(tmp_path, certificates.keys() + limits)
+    receiver = Receiver(config).start()
+    try:
+        # The test's own wait for the port: a connection with no handshake, counted once
+        # its time is over.
+        wait_until(lambda: metric(receiver, TLS_REFUSED) == 1, what="the port probe counted")
+        silent = [socket.create_connection(("127.0.0.1", receiver.port)) for _ in range(2)]
+        time.sleep(0.3)  # accepted
+        with httpx.Client(verify=certificates.client()) as client:
+            busy = client.get(https(receiver) + "/healthz")
+            assert busy.status_code == 503
+            assert busy.headers["retry-after"] == "1"
+            for sock in silent:
+                assert sock.recv(1024) == b""  # their handshake's time is over
+            assert metric(receiver, TLS_REFUSED) == 3
+            assert client.get(https(receiver) + "/healthz").status_code == 200
+    finally:
+        receiver.stop()
+
+
+def test_the_admin_listener_over_tls(tmp_path, certificates):
+    receiver = Receiver(write_config(tmp_path, admin=certificates.keys())).start()
+    try:
+        receiver.wait_for_log(f"admin listener on https://127.0.0.1:{receiver.admin_port}")
+        admin = f"https://127.0.0.1:{receiver.admin_port}"
+        answer = httpx.get(admin + "/metrics", verify=certificates.client())
+        assert answer.status_code == 200
+        assert "ci_receiver_" in answer.text
+        # The public port, without keys of its own, stays plain HTTP.
+        assert httpx.get(receiver.url + "/healthz").status_code == 200
+    finally:
+        receiver.stop()
+
+
+def test_a_body_over_the_limit_reads_its_413_over_tls(tmp_path, certificates):
+    config = write_config(tmp_path, certificates.keys())
+    config.write_text(config.read_text() + "[limits]\nmax_bytes = 1000\n")
+    receiver = Receiver(config).start()
+    try:
+        # The body is refused before it is read; the lingering close reads the rest, over
+        # TLS as over plain TCP, so the client reads its answer, not a reset.
+        with httpx.Client(verify=certificates.client()) as client:
+            answer = client.post(https(receiver) + "/callbacks", content=b"<" * 2**21)
+        assert answer.status_code == 413
+        assert answer.json()["error"] == "too_large"
+    finally:
+        receiver.stop()
+
+
+def test_sighup_serves_a_renewed_certificate_to_new_connections(receiver, certificates):
+    first = certificates.served
+    with httpx.Client(verify=certificates.client()) as open_client:
+        assert open_client.get(https(receiver) + "/healthz").status_code == 200
+        renewed = certificates.renew()
+        receiver.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: events_logged(receiver, "tls certificate reloaded"), what="the reload logged"
+        )
+        assert served_certificate(receiver.port, certificates) == renewed != first
+        # A connection opened before goes on with its certificate.
+        answer = open_client.get(https(receiver) + "/healthz")
+        assert answer.status_code == 200
+        stream = answer.extensions["network_stream"]
+        assert stream.get_extra_info("ssl_object").getpeercert(True) == first
+    assert receiver.process.poll() is None
+
+
+def test_a_bad_renewal_keeps_the_running_certificate_and_says_why(receiver, certificates):
+    first = certificates.served
+    certificates.renew()
+    certificates.key.write_bytes(certificates.other_key())  # the key of another certificate
+    receiver.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: events_logged(receiver, NOT_RELOADED), what="the refusal logged")
+    (refusal,) = events_logged(receiver, NOT_RELOADED)
+    assert refusal["level"] == "error"
+    assert "does not match the certificate" in refusal["error"]
+    assert served_certificate(receiver.port, certificates) == first
+    metrics = httpx.get(receiver.admin_url + "/metrics").text
+    assert 'ci_receiver_config_reloads_total{outcome="refused"} 1.0' in metrics
+    # Mended, the next SIGHUP takes it.
+    renewed = certificates.renew()
+    receiver.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: events_logged(receiver, "tls certificate reloaded"), what="the reload")
+    assert served_certificate(receiver.port, certificates) == renewed
+
+
+@pytest.mark.parametrize(
+    "command", [("serve",), ("serve", "--workers", "2"), ("check-config",)], ids=" ".join
+)
+def test_a_key_that_does_not_match_ends_the_start_with_one_line(tmp_path, certificates, command):
+    certificates.key.write_bytes(certificates.other_key())
+    config = write_config(tmp_path, certificates.keys())
+    result = ci_receiver(config, *command, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {'config: ' if command == ('check-config',) else ''}[http] tls_key:"
+        f" {certificates.key} does not match the certificate in tls_cert {certificates.cert}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        (
+            'tls_cert = "{cert}"\ntls_key = "{folder}/missing.pem"\n',
+            "[admin] tls_key: cannot read {folder}/missing.pem: No such file or directory",
+        ),
+        (
+            'tls_cert = "{key}"\ntls_key = "{key}"\n',
+            "[admin] tls_cert: {key} holds no PEM certificate",
+        ),
+        (
+            'tls_cert = "{cert}"\n',
+            "admin: tls_cert and tls_key go together: set tls_key too (or neither)",
+        ),
+        (
+            'tls_key_password = "s3cret"\n',
+            "admin: tls_key_password is set without tls_cert and tls_key",
+        ),
+    ],
+)
+def test_certificate_keys_that_cannot_be_served_are_one_line_errors(
+    tmp_path, certificates, keys, error
+):
+    names = {"cert": certificates.cert, "key": certificates.key, "folder": tmp_path}
+    config = write_config(tmp_path, admin=keys.format(**names))
+    result = ci_receiver(config, "check-config", text=True)
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: config: ")
+    assert line.endswith(error.format(**names))
+
+
+def test_workers_serve_tls_and_each_takes_a_renewal(tmp_path, certificates):
+    config = write_config(tmp_path, certificates.keys())
+    receiver = Receiver(config, args=("--workers", "2"))
+    start_workers(receiver)
+    try:
+        with httpx.Client(verify=certificates.client()) as client:
+            posted = client.post(https(receiver) + "/callbacks", content=job("j" + "2" * 24))
+            assert posted.status_code == 200
+        renewed = certificates.renew()
+        receiver.process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: len(events_logged(receiver, "tls certificate reloaded")) == 2,
+            what="both workers reloaded",
+        )
+        # New connections, whichever worker takes each, get the renewed certificate.
+        for _ in range(8):
+            assert served_certificate(receiver.port, certificates) == renewed
+        assert receiver.terminate() == 0
+    finally:
+        receiver.stop()
