@@ -107,6 +107,12 @@ class HttpConfig(Section):
     trusted_proxies: list[IPvAnyNetwork] = []
     # Failed authentications per address (IPv6: per /64) and minute before 429; 0: no limit.
     auth_failures_per_minute: int = Field(30, ge=0)
+    require_auth: bool = False
+    """Whether `serve` and `run` refuse to start when none of tokens, basic_auth and
+    allow_from is set, rather than warn and take callbacks from anyone. Off by default, so
+    that the embedded default runs as it is on a development machine; the container image
+    turns it on (CI_RECEIVER_HTTP__REQUIRE_AUTH=true), so that a deployment open to the
+    world is one somebody asked for."""
 
     # --- bounds on every request ---
     max_header_bytes: int = Field(16 * 1024, ge=1024)
@@ -754,8 +760,11 @@ class Config(BaseModel):
         return self.dispatch.unready_on_handler_error if own is None else own
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read the TOML file (or `$CI_RECEIVER_CONFIG`, or none) and the environment."""
+def load_config(path: str | Path | None = None, *, unset_reads_as: str | None = None) -> Config:
+    """Read the TOML file (or `$CI_RECEIVER_CONFIG`, or none) and the environment.
+    `unset_reads_as`: what a `${NAME}` of a variable that is not set reads as, rather than
+    an error, for a command that uses none of the secrets such references carry
+    (`health` needs the ports, not the database password)."""
     path = path or os.environ.get(CONFIG_ENV)
     where = f"{path}: " if path else ""
     data: dict[str, Any] = {}
@@ -772,7 +781,10 @@ def load_config(path: str | Path | None = None) -> Config:
         except OSError as exc:  # a folder, no permission to read it
             raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     try:
-        data = envvars.expand_references(data, os.environ)
+        environ: Mapping[str, str] = os.environ
+        if unset_reads_as is not None:
+            environ = envvars.Defaulting(os.environ, unset_reads_as)
+        data = envvars.expand_references(data, environ)
     except envvars.EnvironmentProblem as exc:
         raise ConfigError(where + str(exc)) from None
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Union, get_args, get_origin
 
 import orjson
@@ -81,6 +81,24 @@ def expand_references(data: Any, environ: Mapping[str, str]) -> Any:
     if missing:
         raise EnvironmentProblem("; ".join(missing))
     return expanded
+
+
+class Defaulting(Mapping[str, str]):
+    """`environ`, where a variable that is not set reads as `default` (for `${NAME}`
+    references a command does not use)."""
+
+    def __init__(self, environ: Mapping[str, str], default: str) -> None:
+        self._environ = environ
+        self._default = default
+
+    def __getitem__(self, name: str) -> str:
+        return self._environ.get(name, self._default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._environ)
+
+    def __len__(self) -> int:
+        return len(self._environ)
 
 
 def source_of(location: Path, sources: Mapping[Path, str]) -> str | None:
