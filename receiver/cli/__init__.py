@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from receiver.cli.events import events
+from receiver.cli.health import health
 from receiver.cli.inbox import inbox
 from receiver.cli.prune import prune
 from receiver.cli.reconcile import reconcile
@@ -25,6 +26,7 @@ for command in (
     consume,
     run_all,
     check_config,
+    health,
     send,
     new_handler,
     events,
