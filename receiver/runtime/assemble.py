@@ -101,7 +101,7 @@ def for_serve(
     """`serve` (or one worker of `serve --workers`): the HTTP receiver and the dispatcher,
     the reconciler when [ci] watches buckets; with [relay] topic, the relay alone.
     `read` reads the config again as at start, for SIGHUP."""
-    refuse_open_to_anyone(config)
+    _refuse_open_to_anyone(config)
     link = None if worker is None else SupervisorLink(worker)
     if not config.relay.topic:
         service = service_for(config)
@@ -129,7 +129,7 @@ def for_run(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
         say("run stores HTTP callbacks itself: [relay] applies to serve only")
     if config.http.workers > 1:
         say("run is one process: [http] workers applies to serve only")
-    refuse_open_to_anyone(config)
+    _refuse_open_to_anyone(config)
     service = service_for(config)
     sources = [*_consumers(config, service, say), *_reconciler(config, service, say)]
     reload = _reloader(service, read)
@@ -143,7 +143,7 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
     from receiver.runtime.supervisor import Supervisor, worker_command
     from receiver.sources.listen import listen
 
-    refuse_open_to_anyone(config)
+    _refuse_open_to_anyone(config)
     configure_logging(config.log.level, config.log.format, config.log.timezone)
     http, admin = config.http, config.admin
     public = listen("public", http.host, http.port)
@@ -166,7 +166,7 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
             admin_socket.close()
 
 
-def refuse_open_to_anyone(config: Config) -> None:
+def _refuse_open_to_anyone(config: Config) -> None:
     """With [http] require_auth, a public port nothing guards ends the command before
     anything is made (the inbox, a port)."""
     refusal = open_to_anyone_refusal(config.http)
