@@ -109,6 +109,12 @@ class HttpConfig(Section):
     trusted_proxies: list[IPvAnyNetwork] = []
     # Failed authentications per address (IPv6: per /64) and minute before 429; 0: no limit.
     auth_failures_per_minute: int = Field(30, ge=0)
+    require_auth: bool = False
+    """Whether `serve` and `run` refuse to start when none of tokens, basic_auth and
+    allow_from is set, rather than warn and take callbacks from anyone. Off by default, so
+    that the embedded default runs as it is on a development machine; the container image
+    turns it on (CI_RECEIVER_HTTP__REQUIRE_AUTH=true), so that a deployment open to the
+    world is one somebody asked for."""
 
     # --- bounds on every request ---
     max_header_bytes: int = Field(16 * 1024, ge=1024)

@@ -18,7 +18,13 @@ from receiver.admin.inspection import Inspection
 from receiver.admin.inspector import inspector_routes
 from receiver.metrics import exposition
 from receiver.sources.backend import Backend
-from receiver.sources.http import JsonResponse, RequestContext, error, json_http_error
+from receiver.sources.http import (
+    JsonResponse,
+    RequestContext,
+    error,
+    json_http_error,
+    ready_or_not,
+)
 
 
 def routes(service: Backend) -> list[BaseRoute]:
@@ -27,6 +33,8 @@ def routes(service: Backend) -> list[BaseRoute]:
 
     async def readyz(request: Request) -> Response:
         ready, checks = await service.readiness()
+        if "access" not in request.scope.get("state", {}):  # a probe, without credentials
+            return ready_or_not(ready)
         if ready:
             return JsonResponse({"ready": True, "checks": checks})
         return JsonResponse(

@@ -2,6 +2,9 @@
 on a loopback listener with none configured, none (the config refuses a non-loopback
 host without any).
 
+A listener with credentials answers /healthz, and /readyz without its details, to a
+request that presents none: a Kubernetes probe cannot send a secret.
+
 Credentials come in two scopes: `token` / `basic_auth` may do everything, `read_token` /
 `read_basic_auth` only look. The scope a request was let in with is left in
 `scope["state"]["access"]` ("write" or "read") for the routes that change something.
@@ -30,6 +33,8 @@ from receiver.credentials import (
 )
 
 FAILURES_PER_MINUTE = 30
+# Answered without credentials too: /readyz then without its details.
+PROBES = frozenset({"/healthz", "/readyz"})
 
 Access = Literal["read", "write"]
 
@@ -66,6 +71,12 @@ class AdminAuth:
                 await _refuse(send, 403, "forbidden", [], detail)
                 return
             scope.setdefault("state", {})["access"] = "write"
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in PROBES and authorization(scope["headers"]) is None:
+            # A kubelet's probe carries no credentials: it is told whether the process
+            # lives, or is ready, and nothing more (the routes answer it as on the
+            # public port).
             await self.app(scope, receive, send)
             return
         client = scope.get("client")

@@ -6,6 +6,7 @@ import click
 
 from receiver.cli.check import check_config
 from receiver.cli.events import events
+from receiver.cli.health import health
 from receiver.cli.inbox import inbox
 from receiver.cli.init import init
 from receiver.cli.prune import prune
@@ -28,6 +29,7 @@ for command in (
     consume,
     run_all,
     check_config,
+    health,
     send,
     new_handler,
     events,

@@ -31,7 +31,7 @@ from receiver.runtime.runner import run_service
 from receiver.runtime.service import Service
 from receiver.runtime.worker import SupervisorLink, WorkerSpec
 from receiver.sources.backend import Backend
-from receiver.sources.http_auth import open_to_anyone_warning
+from receiver.sources.http_auth import open_to_anyone_refusal, open_to_anyone_warning
 from receiver.sources.http_source import HttpServer
 from receiver.sources.source import Source
 from receiver.sources.tls import TlsCertificate
@@ -102,6 +102,7 @@ def for_serve(
     """`serve` (or one worker of `serve --workers`): the HTTP receiver and the dispatcher,
     the reconciler when [ci] watches buckets; with [relay] topic, the relay alone.
     `read` reads the config again as at start, for SIGHUP."""
+    _refuse_open_to_anyone(config)
     link = None if worker is None else SupervisorLink(worker)
     if not config.relay.topic:
         service = service_for(config)
@@ -129,6 +130,7 @@ def for_run(config: Config, read: Callable[[], Config], say: Say) -> Assembly:
         say("run stores HTTP callbacks itself: [relay] applies to serve only")
     if config.http.workers > 1:
         say("run is one process: [http] workers applies to serve only")
+    _refuse_open_to_anyone(config)
     service = service_for(config)
     sources = [*_consumers(config, service, say), *_reconciler(config, service, say)]
     public, servers = _http_servers(service, say)
@@ -141,6 +143,7 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
     from receiver.runtime.supervisor import Supervisor, worker_command
     from receiver.sources.listen import listen
 
+    _refuse_open_to_anyone(config)
     configure_logging(config.log.level, config.log.format, config.log.timezone)
     http, admin = config.http, config.admin
     # Each worker reads the certificates itself; read here first, so that one that
@@ -166,6 +169,14 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
         public.close()
         if admin_socket is not None:
             admin_socket.close()
+
+
+def _refuse_open_to_anyone(config: Config) -> None:
+    """With [http] require_auth, a public port nothing guards ends the command before
+    anything is made (the inbox, a port)."""
+    refusal = open_to_anyone_refusal(config.http)
+    if refusal is not None:
+        raise CannotAssemble(refusal)
 
 
 def service_for(config: Config, *, wait: bool = True) -> Service:

@@ -365,17 +365,21 @@ async def _served_by_callbacks(request: Request) -> Response:
     raise AssertionError("POST /callbacks is served by `Callbacks`, before Starlette")
 
 
+def ready_or_not(ready: bool) -> Response:
+    """/readyz as a load balancer or a probe sees it: ready or not, and no more (the
+    details, inbox, handlers, broker, are for the admin listener's credentials)."""
+    if ready:
+        return JsonResponse({"ready": True})
+    return JsonResponse({"ready": False}, status_code=503, headers={"retry-after": "5"})
+
+
 def create_app(service: Backend) -> PublicApp:
     async def healthz(request: Request) -> Response:
         return JsonResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        # What a load balancer needs and no more: the details (inbox, handlers, broker)
-        # are on the admin listener.
         ready, _ = await service.readiness()
-        if ready:
-            return JsonResponse({"ready": True})
-        return JsonResponse({"ready": False}, status_code=503, headers={"retry-after": "5"})
+        return ready_or_not(ready)
 
     rest = Starlette(
         routes=[

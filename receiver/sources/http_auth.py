@@ -108,12 +108,29 @@ def _allowed(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6
     return ip is not None and any(ip in network for network in networks)
 
 
+_HOW_TO_AUTHENTICATE = (
+    "Set http.tokens (a long random path token: CI_RECEIVER_HTTP__TOKENS), http.basic_auth,"
+    " or http.allow_from (the addresses that may post)."
+)
+
+
 def open_to_anyone_warning(http: HttpConfig) -> str | None:
     """What `serve` says at start when nothing keeps strangers from posting."""
     if http.authenticated:
         return None
     return (
         "WARNING: no sender authentication is configured: anyone who can reach this port can"
-        " post callbacks. Set http.tokens (a long random path token), http.basic_auth, or"
-        " http.allow_from (the addresses that may post)."
+        f" post callbacks. {_HOW_TO_AUTHENTICATE}"
+    )
+
+
+def open_to_anyone_refusal(http: HttpConfig) -> str | None:
+    """Why `serve` and `run` do not start, when `require_auth` is on and nothing keeps
+    strangers from posting; None when they may."""
+    if http.authenticated or not http.require_auth:
+        return None
+    return (
+        "refusing to serve without sender authentication (http.require_auth is on)."
+        f" {_HOW_TO_AUTHENTICATE} Or, to take callbacks from anyone who reaches the port,"
+        " set http.require_auth = false (CI_RECEIVER_HTTP__REQUIRE_AUTH=false)."
     )

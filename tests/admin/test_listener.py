@@ -58,19 +58,25 @@ def test_a_second_serve_on_one_host_says_the_admin_port_is_taken_and_how_to_chan
     assert "CallBack URL" not in second.log()
 
 
-def test_a_token_or_basic_credentials_guard_every_route(tmp_path):
+def test_a_token_or_basic_credentials_guard_every_route_but_the_probes(tmp_path):
     receiver = serve(tmp_path, 'token = "admin-tok-1"\nbasic_auth = { ops = "ops-pw-1" }')
     try:
-        for path in ("/metrics", "/readyz", "/healthz", "/nope"):
+        for path in ("/metrics", "/nope", "/api/overview", "/healthz/x"):
             refused = httpx.get(receiver.admin_url + path)
             assert refused.status_code == 401, path
             assert refused.headers["www-authenticate"] == 'Basic realm="ci-receiver admin"'
-        wrong = httpx.get(receiver.admin_url + "/metrics", headers={"Authorization": "Bearer x"})
-        assert wrong.status_code == 401
+        wrong = {"Authorization": "Bearer x"}
+        for path in ("/metrics", "/readyz", "/healthz"):
+            assert httpx.get(receiver.admin_url + path, headers=wrong).status_code == 401, path
         bearer = {"Authorization": "Bearer admin-tok-1"}
         assert httpx.get(receiver.admin_url + "/metrics", headers=bearer).status_code == 200
-        assert httpx.get(receiver.admin_url + "/readyz", auth=("ops", "ops-pw-1")).is_success
+        detailed = httpx.get(receiver.admin_url + "/readyz", auth=("ops", "ops-pw-1"))
+        assert detailed.is_success
+        assert "inbox" in detailed.json()["checks"]
         assert httpx.get(receiver.admin_url + "/nope", headers=bearer).status_code == 404
+        # A kubelet's probes send no credentials: told alive, and ready, and no more.
+        assert httpx.get(receiver.admin_url + "/healthz").json() == {"status": "ok"}
+        assert httpx.get(receiver.admin_url + "/readyz").json() == {"ready": True}
     finally:
         receiver.terminate()
     assert "admin-tok-1" not in receiver.log()

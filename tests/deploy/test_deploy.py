@@ -12,15 +12,21 @@ import subprocess
 import sys
 import typing
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import promql_parser
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from receiver.admin.auth import PROBES
 from receiver.cli import main as cli
-from receiver.config import Config, load_config
+from receiver.config import CONFIG_ENV, Config, load_config
+from receiver.sources.http_auth import open_to_anyone_refusal
 from receiver.sources.http_server import MOST_CONNECTIONS, connection_limits
 from tests.support.databases import require_server
 from tests.support.processes import REPO
@@ -70,7 +76,7 @@ def assert_command(argv: list[str]) -> None:
 def assert_env_keys(env: dict[str, str]) -> None:
     """Every CI_RECEIVER_* variable is a config key (the environment overrides keys)."""
     for name in env:
-        if not name.startswith("CI_RECEIVER_"):
+        if not name.startswith("CI_RECEIVER_") or name == CONFIG_ENV:
             continue
         path = name.removeprefix("CI_RECEIVER_").lower().split("__")
         fields = Config.model_fields
@@ -98,28 +104,28 @@ def test_dockerfile_runs_ci_receiver_as_a_user_on_the_default_port(dockerfile):
     assert instructions(dockerfile, "USER") == ["ci-receiver"]
     assert instructions(dockerfile, "EXPOSE") == [str(Config().http.port)]
     assert instructions(dockerfile, "STOPSIGNAL") == ["SIGTERM"]
+    # The health check asks the port the config names (tests/cli/test_health.py).
     (healthcheck,) = instructions(dockerfile, "HEALTHCHECK")
-    assert re.search(rf"127\.0\.0\.1:{Config().http.port}/healthz", healthcheck)
+    program, *argv = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert program == "ci-receiver"
+    assert argv[0] == "health"
+    assert_command(argv)
 
 
-def test_dockerfile_copies_what_exists_and_installs_real_extras(dockerfile):
+def test_dockerfile_copies_what_exists_and_sets_real_config_keys(dockerfile):
     for value in instructions(dockerfile, "COPY"):
         if value.startswith("--from"):
             continue
         for source in value.split()[:-1]:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]
-    for run in instructions(dockerfile, "RUN"):
-        for named in re.findall(r"\[([a-z,]+)\]", run):
-            assert set(named.split(",")) <= set(extras), f"RUN names unknown extras: {named}"
     env = dict(
         pair.split("=", 1)
         for value in instructions(dockerfile, "ENV")
         for pair in shlex.split(value)
     )
     assert_env_keys(env)
+    # Open to the world only when asked for (tests/sources/test_senders.py).
+    assert image_environment()["CI_RECEIVER_HTTP__REQUIRE_AUTH"] == "true"
 
 
 def test_the_example_configs_pass_check_config():
@@ -137,8 +143,11 @@ def test_compose_runs_receivers_and_consumers_on_one_postgresql_inbox():
         assert (DEPLOY / service["build"] / "Dockerfile").exists()
         assert_command(service["command"])
         assert service["command"][0] == {"receiver": "serve", "consumer": "consume"}[name]
+        # The config from the environment, which the image's health check reads too.
+        assert "--config" not in service["command"]
         assert service["deploy"]["replicas"] >= 2
         assert_env_keys(service["environment"])
+        assert_compose_hardened(service)
         for dependency in service["depends_on"]:
             assert dependency in services
         for volume in service.get("volumes", []):
@@ -151,9 +160,11 @@ def test_compose_runs_receivers_and_consumers_on_one_postgresql_inbox():
         assert not connections.lowered
         # The admin listener is not published: it stays on the container's loopback.
         assert all(str(Config().admin.port) not in port for port in service.get("ports", []))
-    # consume has no public port: its health check asks the admin listener.
-    (probe,) = [word for word in ours["consumer"]["healthcheck"]["test"] if "urlopen" in word]
-    assert f"127.0.0.1:{Config().admin.port}/healthz" in probe
+    # serve: the image's health check; consume has no public port: its asks the admin
+    # listener (tests/cli/test_health.py).
+    assert "healthcheck" not in ours["receiver"]
+    kind, program, *argv = ours["consumer"]["healthcheck"]["test"]
+    assert (kind, program, argv) == ("CMD", "ci-receiver", ["health", "--admin"])
     # One config for all (the same handlers and routes), on the compose PostgreSQL.
     configs = {mounted_config(service) for service in ours.values()}
     assert len(configs) == 1
@@ -164,8 +175,10 @@ def test_compose_runs_receivers_and_consumers_on_one_postgresql_inbox():
     checked = {}
     for name, service in ours.items():
         assert service["environment"]["POSTGRES_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
-        checked[name] = check_config(config_file, env=service["environment"])
+        env = compose_environment(service)
+        checked[name] = check_config(config_file, env=env)
         assert checked[name].returncode == 0, checked[name].stderr
+        assert_serves_with_the_image_environment(service["command"][0], config_file, env)
     assert '"service_url": "pulsar://pulsar:6650"' in checked["consumer"].stdout
     # The load balancer spreads over every receiver replica, on the port they listen on.
     balancer = services["lb"]
@@ -179,11 +192,47 @@ def test_compose_runs_receivers_and_consumers_on_one_postgresql_inbox():
 
 
 def mounted_config(service: dict) -> Path:
-    """The deploy file a compose service runs with (its --config, mounted from deploy/)."""
-    command = service["command"]
-    inside = command[command.index("--config") + 1]
+    """The deploy file a compose service runs with (its CI_RECEIVER_CONFIG, mounted from
+    deploy/)."""
+    inside = service["environment"][CONFIG_ENV]
     mounted = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
     return (DEPLOY / mounted[inside]).resolve()
+
+
+def compose_environment(service: dict) -> dict[str, str]:
+    """A compose service's environment as compose sets it: `${NAME:?why}` (compose refuses
+    to start while NAME is unset) is given the test's value of that secret."""
+    env = {}
+    for name, value in service["environment"].items():
+        required = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", value)
+        env[name] = SECRETS[required[1]] if required else value
+    return env
+
+
+def assert_compose_hardened(service: dict) -> None:
+    """No write but to volumes, no capability, no privilege gained by a setuid binary."""
+    assert service["read_only"] is True
+    assert "/tmp" in service["tmpfs"]
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+
+
+def image_environment() -> dict[str, str]:
+    """The CI_RECEIVER_* variables the image sets (its ENV)."""
+    dockerfile = DockerfileParser(path=str(REPO / "Dockerfile"))
+    return {k: v for k, v in dockerfile.envs.items() if k.startswith("CI_RECEIVER_")}
+
+
+def assert_serves_with_the_image_environment(command: str, config: Path, env: dict) -> None:
+    """Under the image's [http] require_auth, a deploy config's `serve` starts: its
+    public port has sender authentication."""
+    environment = {**image_environment(), **env}
+    assert environment["CI_RECEIVER_HTTP__REQUIRE_AUTH"] == "true"
+    with mock.patch.dict(os.environ, environment):
+        loaded = load_config(config)
+    assert loaded.http.require_auth
+    if command in ("serve", "run"):
+        assert open_to_anyone_refusal(loaded.http) is None
 
 
 def documents(name: str) -> list[dict]:
@@ -244,6 +293,10 @@ def check_pod(
             assert effective["admin"]["host"] == "0.0.0.0"
             assert effective["admin"]["token"] == "**********"
             assert "CI_ADMIN_TOKEN" in env
+        assert_probes_reach_what_it_serves(container, args[0], effective)
+        assert_serves_with_the_image_environment(args[0], config, env)
+        # Nothing written but to volumes (readOnlyRootFilesystem): /tmp is one.
+        assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
         if args[0] == "serve":
             assert ports["http"] == effective["http"]["port"]
             assert container["readinessProbe"]["httpGet"]["port"] == "http"  # no credentials
@@ -254,6 +307,71 @@ def check_pod(
             assert pod["terminationGracePeriodSeconds"] > (
                 defaults.http.graceful_timeout + defaults.dispatch.drain_timeout
             )
+
+
+def assert_probes_reach_what_it_serves(container: dict, command: str, effective: dict) -> None:
+    """A liveness and a readiness probe, each an HTTP GET of a path the listener on its
+    port serves, to a request without credentials (a kubelet sends none)."""
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    listeners = {}
+    if command in ("serve", "run"):
+        listeners[effective["http"]["port"]] = ROUTES
+    if effective["admin"]["enabled"]:
+        # With a token, the admin listener answers these alone without one.
+        open_admin = not (effective["admin"]["token"] or effective["admin"]["basic_auth"])
+        listeners[effective["admin"]["port"]] = ADMIN_ROUTES if open_admin else PROBES
+    for kind in ("livenessProbe", "readinessProbe"):
+        probe = container[kind]["httpGet"]
+        port = ports.get(probe["port"], probe["port"])  # a port's name, or its number
+        assert port in listeners, (command, kind, probe)
+        assert probe["path"] in listeners[port], (command, kind, probe)
+        assert "httpHeaders" not in probe  # no credentials written into the manifest
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def workloads() -> list[tuple[str, dict]]:
+    """(file, Deployment or StatefulSet) of every Kubernetes file in deploy/."""
+    return [
+        (path.name, doc)
+        for path in sorted(DEPLOY.glob("kubernetes*.yaml"))
+        for doc in documents(path.name)
+        if doc["kind"] in ("Deployment", "StatefulSet")
+    ]
+
+
+def test_every_pod_runs_restricted(tmp_path):
+    """Kubernetes' "restricted" Pod Security Standard, and a read-only root file system,
+    for every container of every workload."""
+    found = workloads()
+    assert {(name, doc["metadata"]["name"]) for name, doc in found} >= {
+        ("kubernetes.yaml", "ci-receiver"),
+        ("kubernetes.yaml", "ci-receiver-consumer"),
+        ("kubernetes-sqlite.yaml", "ci-receiver"),
+        ("kubernetes-otel.yaml", "otel-collector"),
+    }
+    for name, workload in found:
+        pod = workload["spec"]["template"]["spec"]
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod), name
+        for container in pod["containers"]:
+            where = (name, workload["metadata"]["name"], container["name"])
+            # The container's own settings, over the pod's.
+            security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+            assert security["runAsNonRoot"] is True, where
+            assert security.get("runAsUser", 1) != 0, where
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["readOnlyRootFilesystem"] is True, where
+            assert security["capabilities"] == {"drop": ["ALL"]}, where
+            assert security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert "privileged" not in security, where
+            # Probed, and what it writes is on volumes of the pod.
+            assert {"livenessProbe", "readinessProbe"} <= set(container), where
+            volumes = {v["name"] for v in pod.get("volumes", [])} | {
+                claim["metadata"]["name"]
+                for claim in workload["spec"].get("volumeClaimTemplates", [])
+            }
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, (where, mount)
 
 
 def test_kubernetes_scale_out_on_postgresql(tmp_path):
@@ -274,7 +392,10 @@ def test_kubernetes_scale_out_on_postgresql(tmp_path):
     for deployment in deployments.values():
         check_pod(deployment["spec"]["template"], config_map, secrets, tmp_path)
         for volume in deployment["spec"]["template"]["spec"]["volumes"]:
-            assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+            else:  # scratch: /tmp
+                assert volume["emptyDir"]["sizeLimit"], volume
     assert (
         deployments["ci-receiver-consumer"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
         == "consume"
@@ -536,7 +657,176 @@ def test_kubernetes_collector_runs_the_same_config_and_the_pods_reach_it():
     assert port["port"] == OTLP_HTTP_PORT
 
 
-def test_the_image_can_trace(dockerfile):
-    for run in instructions(dockerfile, "RUN"):
-        if "pip install" in run or "pip wheel" in run:
-            assert "otel" in re.search(r"\[([a-z,]+)\]", run)[1].split(",")
+def test_the_image_can_trace():
+    assert "otel" in LOCKS["image.txt"]
+
+
+# --- what the image is built from: a base image by digest, packages by hash ------------
+
+LOCKED = REPO / "requirements"
+# Each lock: the extras of pyproject.toml it holds, and whether it holds what builds the
+# project ([build-system] requires).
+LOCKS = {
+    "dev.txt": ("test",),  # `make` (the Makefile)
+    "image.txt": ("postgres", "mysql", "otel"),  # the image's venv (the Dockerfile)
+    "build.txt": (),  # the image's wheel of the project
+}
+BUILDS = {"dev.txt", "build.txt"}  # make builds the editable install from dev.txt's
+# Where every lock is for: the image's Python on Linux x86_64 (the Makefile's LOCK_FOR).
+TARGET = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.15",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+}
+
+
+@dataclass(frozen=True)
+class Pin:
+    requirement: Requirement
+    hashes: list[str]
+
+
+def read_lock(text: str) -> dict[str, Pin]:
+    """A requirements file as pip reads it with --require-hashes: one requirement a
+    logical line (continued by backslashes), with its --hash options."""
+    pins = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        head, *hashes = re.split(r"\s+--hash=", line)
+        requirement = Requirement(head)
+        pins[canonicalize_name(requirement.name)] = Pin(requirement, hashes)
+    return pins
+
+
+def wanted(extras: tuple[str, ...], builds: bool) -> list[Requirement]:
+    """What pyproject.toml asks for on the target: the project's dependencies and those
+    of `extras` (and of the extras they name of ci-receiver itself), or with none, none;
+    with `builds`, [build-system] requires too."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    found = [Requirement(r) for r in project["dependencies"]] if extras else []
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for text in project["optional-dependencies"][extra]:
+            requirement = Requirement(text)
+            if canonicalize_name(requirement.name) == "ci-receiver":
+                todo.extend(requirement.extras)
+            else:
+                found.append(requirement)
+    if builds:
+        found += [Requirement(r) for r in pyproject["build-system"]["requires"]]
+    return [r for r in found if r.marker is None or r.marker.evaluate(TARGET)]
+
+
+def lock_problems(pins: dict[str, Pin], requirements: list[Requirement]) -> list[str]:
+    """What keeps `pip install --require-hashes` of the lock from installing what the
+    requirements ask for: an entry not pinned to one version or without a hash, a
+    requirement the lock lacks or pins outside its range."""
+    problems = []
+    for name, pin in pins.items():
+        (specifier, *more) = pin.requirement.specifier or [None]
+        if specifier is None or more or specifier.operator != "==" or "*" in specifier.version:
+            problems.append(f"{name}: not pinned to one version")
+        if not pin.hashes or not all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in pin.hashes):
+            problems.append(f"{name}: no sha256 hash")
+    for requirement in requirements:
+        pin = pins.get(canonicalize_name(requirement.name))
+        if pin is None:
+            problems.append(f"{requirement}: not in the lock")
+            continue
+        version = next(iter(pin.requirement.specifier)).version
+        if not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{requirement}: the lock has {version}")
+    return problems
+
+
+def pinned(name: str) -> dict[str, str]:
+    """name -> version, of a lock in requirements/."""
+    return {
+        key: next(iter(pin.requirement.specifier)).version
+        for key, pin in read_lock((LOCKED / name).read_text()).items()
+    }
+
+
+@pytest.mark.parametrize("lock", sorted(LOCKS))
+def test_every_lock_holds_what_pyproject_asks_for_each_with_its_hashes(lock):
+    pins = read_lock((LOCKED / lock).read_text())
+    assert pins
+    assert lock_problems(pins, wanted(LOCKS[lock], lock in BUILDS)) == []
+
+
+def test_the_image_runs_what_make_tests():
+    dev, image, build = pinned("dev.txt"), pinned("image.txt"), pinned("build.txt")
+    assert image.items() <= dev.items()  # the same versions, and no package dev lacks
+    assert build.items() <= dev.items()
+    assert "pytest" not in image  # no test tool in the image
+
+
+def test_the_lock_check_catches_what_pip_would_refuse():
+    sha = "--hash=sha256:" + "a" * 64
+    pins = read_lock(
+        f"# a comment\nclick==8.1.0 \\\n    {sha}\nhttpx>=0.27 {sha}\norjson==3.9.0\n"
+        f"uvicorn==0.54.0 {sha}\n"
+    )
+    problems = lock_problems(
+        pins,
+        [Requirement(r) for r in ("click>=8.1", "orjson>=3.9", "uvicorn>=0.55", "jinja2>=3")],
+    )
+    assert problems == [
+        "httpx: not pinned to one version",
+        "orjson: no sha256 hash",
+        "uvicorn>=0.55: the lock has 0.54.0",
+        "jinja2>=3: not in the lock",
+    ]
+    # Markers are read for the target: Python 3.11 needs no tomli.
+    assert wanted(("test",), True)
+    assert "tomli" not in {r.name for r in wanted(("test",), True)}
+
+
+def test_make_and_the_image_install_the_locks_by_hash_and_make_lock_writes_them(dockerfile):
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install --quiet --require-hashes -r requirements/dev.txt" in makefile
+    assert "pip install --quiet --no-deps --no-build-isolation -e ." in makefile
+    # Every pip of the image checks hashes, or installs the project's own wheel alone.
+    runs = " ".join(instructions(dockerfile, "RUN"))
+    commands = re.findall(r"pip (install|wheel) ([^&]*)", runs)
+    assert commands
+    for verb, options in commands:
+        assert "--require-hashes -r requirements/" in options or "--no-deps" in options, options
+        if verb == "wheel":
+            assert "--no-build-isolation" in options
+    assert {m for m in re.findall(r"-r (requirements/\S+)", runs)} == {
+        "requirements/image.txt",
+        "requirements/build.txt",
+    }
+    # `make lock` compiles each lock from the extras this test holds it to, for the
+    # Python of the image's base (python:3.11...).
+    recipe = makefile.split("\nlock:", 1)[1].replace("\\\n", " ")
+    for line in recipe.splitlines():
+        written = re.search(r"-o requirements/(\S+)", line)
+        if written:
+            assert tuple(re.findall(r"--extra (\w+)", line)) == LOCKS[written[1]], line
+    target = re.search(r"--python-version (\S+) --python-platform (\S+)", makefile)
+    assert target.groups() == (TARGET["python_version"], "x86_64-manylinux_2_28")
+    for base in instructions(dockerfile, "FROM"):
+        assert base.startswith(f"python:{TARGET['python_full_version']}-"), base
+
+
+def test_every_base_image_is_pinned_by_digest(dockerfile):
+    bases = instructions(dockerfile, "FROM")
+    assert len(bases) == 2  # the build stage and the image
+    for base in bases:
+        image = base.split()[0]
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), base
+    assert len({base.split()[0] for base in bases}) == 1  # both stages on the same one

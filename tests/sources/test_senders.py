@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.support.callbacks import load
 from tests.support.processes import Receiver, metric
@@ -123,6 +124,52 @@ def test_serve_says_loudly_when_anyone_may_post(tmp_path):
         assert "Set http.tokens" in receiver.log()
     finally:
         receiver.stop()
+
+
+@pytest.mark.parametrize(
+    ("command", "workers"), [("serve", ()), ("serve", ("--workers", "2")), ("run", ())]
+)
+def test_with_require_auth_an_open_port_does_not_start_and_says_how_to_close_it(
+    tmp_path, command, workers
+):
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[tdmq]\nservice_url = "pulsar://x:1"\n')
+    receiver = Receiver(config, command, args=workers)
+    receiver.start(env={"CI_RECEIVER_HTTP__REQUIRE_AUTH": "true"}, wait_http=False)
+    try:
+        assert receiver.wait(30) == 1
+    finally:
+        receiver.stop()
+    (line,) = receiver.log().splitlines()
+    assert line.startswith("Error: refusing to serve without sender authentication")
+    assert "CI_RECEIVER_HTTP__TOKENS" in line
+    assert "CI_RECEIVER_HTTP__REQUIRE_AUTH=false" in line
+    # Nothing made, nothing listened on.
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", receiver.port), timeout=2)
+
+
+def test_with_require_auth_any_guard_lets_it_start_and_false_opts_out(tmp_path):
+    body = load("transcode.xml")
+    for name, sections, env, path in (
+        ("token", '[http]\ntokens = ["path-token-1"]\n', {}, "/callbacks/path-token-1"),
+        ("allow", '[http]\nallow_from = ["127.0.0.0/8"]\n', {}, "/callbacks"),
+        ("open", "", {"CI_RECEIVER_HTTP__REQUIRE_AUTH": "false"}, "/callbacks"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = folder / "ci-receiver.toml"
+        config.write_text(f'data_dir = "{folder / "data"}"\n{sections}')
+        receiver = Receiver(config)
+        receiver.start(env={"CI_RECEIVER_HTTP__REQUIRE_AUTH": "true", **env})
+        try:
+            assert receiver.post(body, path=path).status_code == 200, name
+        finally:
+            assert receiver.terminate() == 0
+        assert "refusing" not in receiver.log()
+        # Asked for explicitly, an open port still says so.
+        assert ("anyone who can reach this port" in receiver.log()) == (name == "open")
 
 
 def test_refused_bodies_are_kept_within_the_budget_and_counted_beyond(tmp_path):
