@@ -789,7 +789,7 @@ class Config(BaseModel):
     ci: CiConfig = CiConfig()
     retention: RetentionConfig = RetentionConfig()
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
-    """The handlers, by a name of your choosing; default: the `log` handler alone."""
+    """The handlers, by a name of your choosing (the routes name them)."""
     routes: list[RouteConfig] | None = None
     """Which handlers each event goes to; unset: every handler gets every event."""
 

@@ -85,15 +85,18 @@ def _tables(model: type[BaseModel], table: Table | None, description: str | None
     for name, field in model.model_fields.items():
         inner, shape = _nested_model(field.annotation)
         if inner is not None:
-            nested.append((inner, _child(table, name, shape), field.description))
+            text = field.description or ""
+            if shape != "table":  # a table's default is its keys'; a list's or map's is its own
+                text += f" Default: {_default(field)}."
+            nested.append((inner, _child(table, name, shape), text.strip()))
         else:
             rows.append(_row(name, field, table))
     out: list[str] = []
     if table is not None:
         out += [f"## `{table.heading}`", ""]
-        for text in (inspect.cleandoc(model.__dict__.get("__doc__") or ""), description):
-            if text:
-                out += [_inline(text.replace("\n", " ")), ""]
+        for paragraph in (inspect.cleandoc(model.__dict__.get("__doc__") or ""), description):
+            if paragraph:
+                out += [_inline(paragraph.replace("\n", " ")), ""]
     elif rows:
         out += ["## Top level", ""]
     if rows:
@@ -103,8 +106,8 @@ def _tables(model: type[BaseModel], table: Table | None, description: str | None
             *rows,
             "",
         ]
-    for inner, child, text in nested:
-        out += _tables(inner, child, text)
+    for inner, child, note in nested:
+        out += _tables(inner, child, note)
     return out
 
 
@@ -180,7 +183,7 @@ def _type_name(annotation: Any) -> str:
         return f"list of {_type_name(args[0])}"
     if origin is dict:
         return f"table of {_type_name(args[1])}"
-    names = {
+    plain: dict[Any, str] = {
         str: "string",
         int: "integer",
         float: "number",
@@ -188,8 +191,8 @@ def _type_name(annotation: Any) -> str:
         Path: "path",
         SecretStr: "string",
     }
-    if annotation in names:
-        return names[annotation]
+    if annotation in plain:
+        return plain[annotation]
     if getattr(annotation, "__name__", "") == "IPvAnyNetwork":
         return "CIDR"
     return f"`{getattr(annotation, '__name__', annotation)}`"
@@ -278,14 +281,16 @@ def _metrics_in(path: Path) -> Iterator[Metric]:
         kind = _metric_kind(node.func, imported)
         if kind is None:
             continue
-        where = f"{path.relative_to(ROOT)}:{node.lineno}"
-        arguments = {**dict(enumerate(node.args)), **{k.arg: k.value for k in node.keywords}}
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        where = f"{shown}:{node.lineno}"
+        arguments: dict[int | str | None, ast.expr] = dict(enumerate(node.args))
+        arguments.update((keyword.arg, keyword.value) for keyword in node.keywords)
         name = _literal(arguments.get(0, arguments.get("name")), where, "name")
         help_text = _literal(arguments.get(1, arguments.get("documentation")), where, "help")
         labels_node = arguments.get(2, arguments.get("labelnames"))
         labels = tuple(_literal(item, where, "label") for item in _items(labels_node, where))
         exposed = name.removesuffix("_total") + "_total" if kind == "counter" else name
-        yield Metric(exposed, kind, help_text, labels, str(path.relative_to(ROOT)))
+        yield Metric(exposed, kind, help_text, labels, str(shown))
 
 
 def _metric_kind(func: ast.expr, imported: dict[str, str]) -> str | None:
