@@ -10,7 +10,8 @@
 - ```sh, ```shell, ```bash, ```console: `bash -n` passes (in a transcript, whose lines
   start with `$ `, the commands alone), and every `ci-receiver ...` command in it names
   a command that exists, with options it has (click parses it, as the command would).
-- ```python: compiles.
+- ```python: compiles, and passes `ruff format --check` and `ruff check` with the
+  project's settings (less what an excerpt cannot help: EXCERPT_IGNORES).
 """
 
 from __future__ import annotations
@@ -221,6 +222,20 @@ def test_a_command_the_cli_does_not_have_is_refused():
 # --- Python --------------------------------------------------------------------------
 
 
+# An example is an excerpt: it may use names from the page's text or an earlier block
+# (F821), and import what its comments name (F401); type annotations are the reader's.
+EXCERPT_IGNORES = "F821,F401,ANN"
+
+
 @pytest.mark.parametrize("block", cases(of("python")))
-def test_python_examples_compile(block):
+def test_python_examples_compile_and_pass_ruff(block):
     compile(block.text, str(block), "exec")
+    for command in (
+        ["format", "--check", "--diff"],
+        ["check", "--extend-ignore", EXCERPT_IGNORES, "--output-format", "concise"],
+    ):
+        ran = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "--stdin-filename", "example.py", "-"],
+            input=block.text, capture_output=True, text=True, cwd=REPO, timeout=60,
+        )  # fmt: skip
+        assert ran.returncode == 0, f"{block}: ruff {command[0]}:\n{ran.stdout}{ran.stderr}"
