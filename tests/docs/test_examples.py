@@ -10,6 +10,8 @@
 - ```sh, ```shell, ```bash, ```console: `bash -n` passes (in a transcript, whose lines
   start with `$ `, the commands alone), and every `ci-receiver ...` command in it names
   a command that exists, with options it has (click parses it, as the command would).
+- A usage summary (a block without a language whose lines are `ci-receiver ...`):
+  every command and option it names exists.
 - ```python: compiles, and passes `ruff format --check` and `ruff check` with the
   project's settings (less what an excerpt cannot help: EXCERPT_IGNORES).
 """
@@ -217,6 +219,34 @@ def test_a_command_the_cli_does_not_have_is_refused():
     for wrong in (["event", "list"], ["events", "list", "--colour"], ["replay", "--dead", "-z"]):
         with pytest.raises(click.UsageError):
             resolve(wrong)
+
+
+def synopses(block: Block) -> list[tuple[list[str], list[str]]]:
+    """A usage summary (a block without a language, lines `ci-receiver COMMAND [--opt X]
+    ...`, continued on indented lines): each command's words and the options it names."""
+    found: list[tuple[list[str], list[str]]] = []
+    for line in block.text.splitlines():
+        if line.startswith("ci-receiver "):
+            words = re.findall(r"^ci-receiver((?: [a-z][a-z-]*)+)", line)[0].split()
+            found.append((words, []))
+        elif not found:
+            continue
+        found[-1][1].extend(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", line))
+    return found
+
+
+def test_the_command_summaries_name_real_commands_and_options():
+    summaries = [s for block in of("") for s in synopses(block)]
+    assert len(summaries) > 10  # the summary in docs/operations.md was read
+    for words, options in summaries:
+        command: click.Command = main
+        for word in words:
+            if isinstance(command, click.Group) and word in command.commands:
+                command = command.commands[word]
+        assert not isinstance(command, click.Group), f"ci-receiver {' '.join(words)}"
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        unknown = set(options) - known - {"--help", "-h"}
+        assert not unknown, f"ci-receiver {' '.join(words)}: no {sorted(unknown)}"
 
 
 # --- Python --------------------------------------------------------------------------
