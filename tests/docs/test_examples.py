@@ -10,6 +10,8 @@
 - ```sh, ```shell, ```bash, ```console: `bash -n` passes (in a transcript, whose lines
   start with `$ `, the commands alone), and every `ci-receiver ...` command in it names
   a command that exists, with options it has (click parses it, as the command would).
+- A table of a section's keys (its header `| `[admin]` key | ...`) names keys the
+  section has.
 - A usage summary (a block without a language whose lines are `ci-receiver ...`):
   every command and option it names exists.
 - ```python: compiles, and passes `ruff format --check` and `ruff check` with the
@@ -37,7 +39,7 @@ import tomli_w
 from markdown_it import MarkdownIt
 
 from receiver.cli import main
-from receiver.config import load_config
+from receiver.config import Config, load_config
 from receiver.envvars import merge
 from receiver.runtime.service import build_slots
 
@@ -247,6 +249,38 @@ def test_the_command_summaries_name_real_commands_and_options():
         known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
         unknown = set(options) - known - {"--help", "-h"}
         assert not unknown, f"ci-receiver {' '.join(words)}: no {sorted(unknown)}"
+
+
+# --- tables of keys ------------------------------------------------------------------
+
+
+def key_tables(page: Path) -> list[tuple[str, int, list[str]]]:
+    """The pages' tables of a section's keys (a header `| `[admin]` key | ...`): the
+    section, the table's line, and the keys its rows name in their first cell."""
+    found = []
+    lines = page.read_text().splitlines()
+    for number, line in enumerate(lines):
+        header = re.match(r"\| `\[(\w+)\]` key \|", line)
+        if not header:
+            continue
+        keys = []
+        for row in lines[number + 2 :]:
+            if not row.startswith("|"):
+                break
+            first = row.split("|")[1]
+            keys += re.findall(r"`(\w+)`", first.split(" (")[0])
+        found.append((header.group(1), number + 1, keys))
+    return found
+
+
+def test_tables_of_a_sections_keys_name_keys_it_has():
+    tables = [(page, *table) for page in PAGES for table in key_tables(page)]
+    assert len(tables) >= 5
+    for page, section, line, keys in tables:
+        model = Config.model_fields[section].annotation
+        assert keys, f"{page.relative_to(REPO)}:{line}"
+        unknown = [key for key in keys if key not in model.model_fields]
+        assert not unknown, f"{page.relative_to(REPO)}:{line}: [{section}] has no {unknown}"
 
 
 # --- Python --------------------------------------------------------------------------
