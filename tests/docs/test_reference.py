@@ -136,3 +136,20 @@ def test_the_readme_links_to_pages_that_exist():
     assert targets
     for target in targets:
         assert (REPO / target).exists(), target
+
+
+# Names of that form that are not metrics: the sql handler's registry table.
+NOT_METRICS = {"ci_receiver_tables"}
+
+
+def test_every_metric_the_pages_name_exists():
+    from tests.docs.test_examples import PAGES
+
+    series = set(NOT_METRICS)
+    for metric in reference.metrics():
+        base = metric.name.removesuffix("_total")  # a counter is named without it too
+        series |= {metric.name, base}
+        series |= {base + suffix for suffix in SERIES_SUFFIXES.get(metric.type, ())}
+    for page in PAGES:
+        named = set(re.findall(r"ci_receiver_[a-z_]*[a-z]", page.read_text()))
+        assert named <= series, f"{page.relative_to(REPO)}: no metric {sorted(named - series)}"
