@@ -683,7 +683,7 @@ class HandlerConfig(BaseModel):
     "20/min", or a list ["100/min", "5/s"]; "off": none, not even the type's default
     (the robots ship their vendor's documented limit). receiver/rates.py."""
     required: bool | None = None
-    """Whether this handler not running makes /readyz answer 503; None: as
+    """Whether this handler not running makes /readyz answer 503; unset: as
     [dispatch] unready_on_handler_error says."""
 
     @model_validator(mode="before")

@@ -96,7 +96,7 @@ def _tables(model: type[BaseModel], table: Table | None, description: str | None
         out += [f"## `{table.heading}`", ""]
         for paragraph in (inspect.cleandoc(model.__dict__.get("__doc__") or ""), description):
             if paragraph:
-                out += [_inline(paragraph.replace("\n", " ")), ""]
+                out += [_inline(_one_line(paragraph)), ""]
     elif rows:
         out += ["## Top level", ""]
     if rows:
@@ -146,7 +146,7 @@ def _row(name: str, field: Any, table: Table | None) -> str:
         env = f"`{table.env}__{name.upper()}`"
     else:
         env = f"in `{table.env_whole}` (JSON)"
-    description = _inline((field.description or "").replace("\n", " "))
+    description = _inline(_one_line(field.description or ""))
     if not description:
         key = f"{table.path}.{name}" if table else name
         raise ValueError(f"{key}: no docstring under the field in receiver/config.py")
@@ -162,11 +162,20 @@ def _row(name: str, field: Any, table: Table | None) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
+def _is_duration(metadata: list[Any]) -> bool:
+    return any(getattr(item, "func", None) is receiver_config.parse_duration for item in metadata)
+
+
+def _duration_text(seconds: float) -> str:
+    """A duration as the config writes it: `"30d"`, `"5m"`, `90` (the largest whole unit)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f'"{int(seconds // size)}{unit}"'
+    return f"{seconds:g}"
+
+
 def _type(annotation: Any, metadata: list[Any]) -> str:
-    if any(getattr(item, "func", None) is receiver_config.parse_duration for item in metadata):
-        text = "duration"
-    else:
-        text = _type_name(annotation)
+    text = "duration" if _is_duration(metadata) else _type_name(annotation)
     bounds = [_bound(item) for item in metadata]
     return ", ".join([text, *(b for b in bounds if b)])
 
@@ -221,6 +230,8 @@ def _default(field: Any) -> str:
     value = field.get_default(call_default_factory=True)
     if value is None:
         return "unset"
+    if _is_duration(field.metadata):
+        return f"`{_duration_text(value)}`"
     dumped = TypeAdapter(field.annotation).dump_python(value, mode="json", exclude_defaults=True)
     return f"`{json.dumps(dumped, ensure_ascii=False)}`"
 
@@ -237,6 +248,10 @@ def _mentions(annotation: Any, kind: type) -> bool:
 
 def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _inline(text: str) -> str:
@@ -345,7 +360,7 @@ def metrics_page() -> str:
     ]
     for metric in metrics():
         labels = ", ".join(f"`{label}`" for label in metric.labels) or "none"
-        help_text = _inline(re.sub(r"\s+", " ", metric.help)).replace("|", "\\|")
+        help_text = _inline(_one_line(metric.help)).replace("|", "\\|")
         lines.append(
             f"| `{metric.name}` | {metric.type} | {labels} | {help_text} | `{metric.where}` |"
         )

@@ -49,6 +49,7 @@ def test_every_config_key_has_a_row_with_its_variable_and_description():
     assert len(rows(page)) == leaf_keys(Config)
     assert "| `port` | integer, ≥ 0, ≤ 65535 | `8080` | `CI_RECEIVER_HTTP__PORT` |" in page
     assert "`CI_RECEIVER_HANDLERS__<NAME>__TIMEOUT`" in page
+    assert '| `events` | duration, ≥ 0 | `"30d"` | `CI_RECEIVER_RETENTION__EVENTS` |' in page
     assert "## `[[ci.buckets]]`" in page
     assert "in `CI_RECEIVER_CI__BUCKETS` (JSON)" in page
     assert "## `[routes.match]`" in page
