@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
+from markdown import Markdown
+from markdown.extensions import Extension
+from markdown.preprocessors import Preprocessor
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 from pydantic import BaseModel, SecretStr, TypeAdapter
@@ -39,6 +42,12 @@ ROOT = Path(__file__).resolve().parents[2]
 METRIC_SOURCES = ("receiver", "handlers")
 
 
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
+    """Show click's verbatim paragraphs as `--help` does (mkdocs' hook)."""
+    config.markdown_extensions.append(ClickVerbatim())  # type: ignore[arg-type]
+    return config
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     """Add the generated pages to the site (mkdocs' hook)."""
     for uri, content in (
@@ -47,6 +56,53 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     ):
         files.append(File.generated(config, uri, content=content))
     return files
+
+
+# --- the command line: mkdocs-click's pages, click's verbatim paragraphs kept --------------
+
+
+class _ClickPage(Preprocessor):
+    """mkdocs-click's preprocessor, and then its pages' verbatim paragraphs as code.
+
+    A paragraph a command's help marks `\\b` (not to be rewrapped: the examples) comes
+    out of click's formatter as written, indented by two spaces, and mkdocs-click passes
+    it on as Markdown, where it would read as prose run together. Only pages with a
+    `::: mkdocs-click` block are touched."""
+
+    def __init__(self, md: Markdown, click_page: Preprocessor) -> None:
+        super().__init__(md)
+        self.click_page = click_page
+
+    def run(self, lines: list[str]) -> list[str]:
+        if not any(line.startswith("::: mkdocs-click") for line in lines):
+            return list(self.click_page.run(lines))
+        out: list[str] = []
+        fenced = verbatim = False
+        previous = ""
+        for line in self.click_page.run(lines):
+            if verbatim:
+                if line.strip():
+                    out.append(line[2:])
+                    continue
+                out += ["```", ""]
+                verbatim, previous = False, ""
+                continue
+            if line.startswith("```"):
+                fenced = not fenced
+            if not fenced and not previous.strip() and re.match(r"  \S", line):
+                out += ["```text", line[2:]]
+                verbatim = True
+            else:
+                out.append(line)
+            previous = line
+        return [*out, "```"] if verbatim else out
+
+
+class ClickVerbatim(Extension):
+    def extendMarkdown(self, md: Markdown) -> None:
+        # In place of mkdocs-click's own preprocessor (registered before this extension).
+        click_page = md.preprocessors["mk_click"]
+        md.preprocessors.register(_ClickPage(md, click_page), "mk_click", 141)
 
 
 # --- configuration -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from pydantic import BaseModel, Field, SecretStr
 
@@ -154,3 +155,32 @@ def test_every_metric_the_pages_name_exists():
     for page in PAGES:
         named = set(re.findall(r"ci_receiver_[a-z_]*[a-z]", page.read_text()))
         assert named <= series, f"{page.relative_to(REPO)}: no metric {sorted(named - series)}"
+
+
+def command_paths(group: click.Group, prefix: str = "ci-receiver") -> list[str]:
+    paths = []
+    for name, command in group.commands.items():
+        paths.append(f"{prefix} {name}")
+        if isinstance(command, click.Group):
+            paths += command_paths(command, f"{prefix} {name}")
+    return paths
+
+
+def test_the_command_line_page_has_every_command_and_its_examples_as_written():
+    """docs/reference/cli.md as the site renders it (mkdocs-click, and the hook's
+    verbatim paragraphs): a heading per command, and replay's examples one per line."""
+    import markdown
+
+    from receiver.cli import main
+
+    renderer = markdown.Markdown(
+        extensions=["attr_list", "pymdownx.superfences", "mkdocs-click", reference.ClickVerbatim()]
+    )
+    page = renderer.convert((REPO / "docs/reference/cli.md").read_text())
+    headings = re.findall(r"<h\d[^>]*>([^<]+)</h\d>", page)
+    for path in command_paths(main):
+        assert path in headings, path
+    assert (
+        "<code>ci-receiver replay --dead                     every dead-lettered run\n"
+        "ci-receiver replay --dead --handler db" in page
+    )
