@@ -54,7 +54,6 @@ ENVIRONMENT = {
     "HOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     "HOOK_SECRET_OLD": "whsec_c2VjcmV0LXRoYXQtd2FzLXJvdGF0ZWQtb3V0",
     "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX",
-    "DINGTALK_SECRET": "SEC0123456789abcdef",
 }
 DEFAULT_VALUE = "example-value-0123456789"
 
