@@ -18,7 +18,7 @@ from receiver.callback.event import Event, ObjectRef
 from receiver.callback.vocabulary import VERDICTS
 from receiver.timezones import shown
 
-# Every field a template may use, and what it holds (README: "Message templates").
+# Every field a template may use, and what it holds (docs/handlers.md: "Message templates").
 FIELDS: dict[str, str] = {
     "title": "what happened in a few words: `SmartCover Success`, `Transcode Failed`",
     "details": "the default body: labelled lines, in the target's markup",

@@ -56,7 +56,9 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Each field's docstring is its description (model_fields[name].description): the
+    # documentation site's configuration reference is made from them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 # The run of the built-in verification step (receiver/ci/verify.py), which the inbox stores
@@ -75,10 +77,16 @@ VERIFYING_SECTIONS = {"http": ("http", "cmq-push"), "tdmq": ("tdmq",), "cmq": ("
 
 
 class HttpConfig(Section):
+    """`[http]`: the public listener CI posts its callbacks to, who may post, and the
+    bounds on every request."""
+
     host: str = "0.0.0.0"
+    """The address the public listener binds (`serve --host` overrides it)."""
     port: int = Field(8080, ge=0, le=65535)
-    # When set, callbacks are only accepted on /callbacks/<one of these>.
+    """The public listener's port (`serve --port` overrides it)."""
     tokens: list[SecretStr] = []
+    """When set, callbacks are only accepted on /callbacks/<one of these> (letters, digits,
+    `-`, `_`, `.`, `~`: a path segment; make it long and random)."""
 
     @field_validator("tokens")
     @classmethod
@@ -92,23 +100,28 @@ class HttpConfig(Section):
         return tokens
 
     access_log: bool = True
-    # Processes serving the port (`serve` only): each takes connections from one shared
-    # listening socket and runs ingest and a dispatcher over the shared inbox; 1 serves
-    # in the command's own process, as without it (README: "Several worker processes").
+    """One log line per request: method, route (never a token), status, ms, client."""
     workers: int = Field(1, ge=1, le=64)
-    # Seconds to let in-flight requests finish after SIGTERM.
+    """Processes serving the port (`serve` only): each takes connections from one shared
+    listening socket and runs ingest and a dispatcher over the shared inbox; 1 serves
+    in the command's own process, as without it (docs: Operations, "Several worker
+    processes")."""
     graceful_timeout: float = Field(10.0, gt=0)
+    """Seconds to let in-flight requests finish after SIGTERM."""
     verify: Verify = "none"
+    """`ci-api`: each event of a callback posted here (a CMQ push too) waits for CI's job
+    API to confirm it before any handler runs ([ci] credentials and buckets needed)."""
 
     # --- who may post (besides tokens) ---
-    # HTTP Basic credentials: {username = "password"}.
     basic_auth: dict[str, SecretStr] = {}
-    # Only these addresses (CIDRs) may post; empty: any address.
+    """HTTP Basic credentials, `{username = "password"}`; with tokens too, either one lets
+    a callback in."""
     allow_from: list[IPvAnyNetwork] = []
-    # X-Forwarded-For is read only from these (the load balancer in front).
+    """Only these addresses (CIDRs) may post; empty: any address."""
     trusted_proxies: list[IPvAnyNetwork] = []
-    # Failed authentications per address (IPv6: per /64) and minute before 429; 0: no limit.
+    """X-Forwarded-For is read only from these (the load balancer in front)."""
     auth_failures_per_minute: int = Field(30, ge=0)
+    """Failed authentications per address (IPv6: per /64) and minute before 429; 0: no limit."""
     require_auth: bool = False
     """Whether `serve` and `run` refuse to start when none of tokens, basic_auth and
     allow_from is set, rather than warn and take callbacks from anyone. Off by default, so
@@ -118,26 +131,35 @@ class HttpConfig(Section):
 
     # --- bounds on every request ---
     max_header_bytes: int = Field(16 * 1024, ge=1024)
+    """Bytes of the request line and headers; past it `431`, decided before the body is
+    read."""
     max_headers: int = Field(100, ge=10)
+    """Headers in one request; past it `431`."""
     header_timeout: float = Field(10.0, gt=0)
+    """Seconds for the head to arrive, else `408` (a connection that sends nothing is
+    closed)."""
     body_timeout: float = Field(30.0, gt=0)
+    """Seconds for the body, from the end of the head, else `408`."""
     keepalive_timeout: float = Field(5.0, gt=0)
-    # Open connections beyond which new ones are answered 503 + Retry-After, then closed.
-    # Unset: as many as the open files limit allows next to a reserve for the inbox,
-    # handlers and logs, up to 10,000 (receiver/sources/http_server.py).
+    """Seconds an idle keep-alive connection stays open."""
     max_connections: int | None = Field(None, ge=1)
-    # Callbacks in progress are bounded by the memory they hold: their bodies' bytes
-    # (Content-Length, or read so far) plus a constant each. One that does not fit waits
-    # up to `admission_wait` seconds for room before a 503 + Retry-After: a burst of
-    # honest callbacks is taken in, not refused (CI documents no retry).
+    """Open connections beyond which new ones are answered 503 + Retry-After, then closed.
+    Unset: as many as the open files limit allows next to a reserve for the inbox,
+    handlers and logs, up to 10,000 (receiver/sources/http_server.py)."""
     max_inflight_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    """Callbacks in progress are bounded by the memory they hold: their bodies' bytes
+    (Content-Length, or read so far) plus a constant each. One that does not fit waits
+    up to `admission_wait` seconds for room before a 503 + Retry-After: a burst of
+    honest callbacks is taken in, not refused (CI documents no retry)."""
     admission_wait: float = Field(10.0, ge=0)
-    # Of those, bodies over 64 KiB (decoded one at a time; several times their size
-    # meanwhile).
+    """Seconds a callback waits for room under `max_inflight_bytes` before `503` +
+    Retry-After."""
     max_large_requests: int = Field(8, ge=1)
-    # A safety net far above any burst: requests in the app at once (each connection
-    # runs one at a time), beyond which new ones get 503 at once.
+    """Callbacks in progress with a body over 64 KiB (decoded one at a time; several times
+    their size meanwhile); past it `503` + Retry-After."""
     max_requests: int = Field(16384, ge=1)
+    """A safety net far above any burst: requests in the app at once (each connection
+    runs one at a time), beyond which new ones get 503 at once."""
 
     # --- TLS (receiver/sources/tls.py) ---
     tls_cert: Path | None = None
@@ -166,12 +188,19 @@ class HttpConfig(Section):
 
 
 class LimitsConfig(Section):
+    """`[limits]`: what one callback may hold, over HTTP, CMQ and TDMQ alike; enforced
+    while parsing, so an XML bomb stops at its first element past a limit."""
+
     max_bytes: int = Field(DEFAULT_LIMITS.max_bytes, gt=0)
-    # At most 200: a deeper document could not be written out as JSON again (orjson stops
-    # at 254 levels, and the Event nests the document two levels down).
+    """Bytes of one callback's body; over HTTP past it `413 too_large`."""
     max_depth: int = Field(DEFAULT_LIMITS.max_depth, gt=0, le=200)
+    """Nesting depth of the decoded document (an XML element that repeats is a list of
+    objects: two levels). At most 200: a deeper document could not be written out as JSON
+    again (orjson stops at 254 levels, and the Event nests the document two levels down)."""
     max_elements: int = Field(DEFAULT_LIMITS.max_elements, gt=0)
+    """XML elements (their attributes count too) or JSON values in one callback."""
     max_events: int = Field(DEFAULT_LIMITS.max_events, gt=0)
+    """Events one callback may give (`JobsDetail` entries)."""
 
     def to_limits(self) -> Limits:
         return Limits(**self.model_dump())
@@ -181,40 +210,45 @@ class InboxConfig(Section):
     """`[inbox]`: the SQLite file (the default), or a PostgreSQL database that any number
     of receivers and consumers share."""
 
-    # postgresql://user:password@host:5432/db (password URL-encoded; `${PW}` reads it from
-    # the environment). Unset: the SQLite file at `path`.
     url: str | None = Field(None, pattern=r"^postgres(ql)?://")
-    # The PostgreSQL schema holding the inbox's tables (created when missing), so that they
-    # never meet the tables of a `sql` handler on the same database.
+    """A PostgreSQL inbox that any number of processes share:
+    postgresql://user:password@host:5432/db (password URL-encoded; `${PW}` reads it from
+    the environment). Unset: the SQLite file at `path`."""
     postgres_schema: str = Field("ci_receiver", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    # Connections each process keeps to PostgreSQL.
+    """The PostgreSQL schema holding the inbox's tables (created when missing), so that they
+    never meet the tables of a `sql` handler on the same database."""
     pool_size: int = Field(10, ge=2, le=1000)
-    # Default: <data_dir>/inbox.db
+    """Connections each process keeps to PostgreSQL."""
     path: Path | None = None
-    # "full": a commit survives power loss; "normal": survives a process crash only.
+    """The SQLite inbox's file; default: <data_dir>/inbox.db. A file holding other tables
+    is refused, untouched."""
     synchronous: Literal["full", "normal"] = "full"
-    # How much of a rejected body is kept for inspection.
+    """SQLite: with `full` a commit survives power loss; with `normal` it survives a
+    process crash only, for fewer fsyncs."""
     rejected_body_bytes: int = Field(64 * 1024, ge=0)
-    # Refused callbacks kept per hour, in bytes (bodies and a fixed cost per row); past
-    # it they are counted by reason, not kept.
+    """How much of a rejected body is kept for inspection."""
     rejected_bytes_per_hour: int = Field(64 * 1024 * 1024, ge=0)
-    # Below this much free space in data_dir the receiver reports itself not ready.
+    """Refused callbacks kept per hour, in bytes (bodies and a fixed cost per row); past
+    it they are counted by reason, not kept."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Below this much free space in data_dir the receiver reports itself not ready."""
 
 
 class DispatchConfig(Section):
-    # Longest wait before looking for retries that came due.
+    """`[dispatch]`: how handler runs are claimed, leased and drained."""
+
     poll_interval: float = Field(1.0, gt=0)
-    # Seconds running handler attempts get to finish on shutdown before being cancelled.
+    """Longest wait before looking for retries that came due."""
     drain_timeout: float = Field(10.0, ge=0)
-    # Seconds a run stays leased past its handler's `timeout`, on SQLite and PostgreSQL
-    # alike: room to record the attempt's outcome (behind another process's write lock on
-    # SQLite, which waits up to 10 s for it; through a slow pool or a failover on
-    # PostgreSQL) before another process may take the run and attempt it again.
+    """Seconds running handler attempts get to finish on shutdown before being cancelled."""
     lease_grace: float = Field(15.0, ge=0)
-    # Whether a handler that has not started (or cannot) makes /readyz answer 503; a
-    # handler's own `required` overrides this. Callbacks are kept either way.
+    """Seconds a run stays leased past its handler's `timeout`, on SQLite and PostgreSQL
+    alike: room to record the attempt's outcome (behind another process's write lock on
+    SQLite, which waits up to 10 s for it; through a slow pool or a failover on
+    PostgreSQL) before another process may take the run and attempt it again."""
     unready_on_handler_error: bool = False
+    """Whether a handler that has not started (or cannot) makes /readyz answer 503; a
+    handler's own `required` overrides this. Callbacks are kept either way."""
 
 
 class AdminConfig(Section):
@@ -222,21 +256,28 @@ class AdminConfig(Section):
     the JSON admin API and the inspector pages, apart from the public port CI posts to."""
 
     enabled: bool = True
+    """`false`: no admin listener."""
     host: str = "127.0.0.1"
+    """Where the admin listener binds; a host that is not a loopback address needs
+    `token` or `basic_auth`."""
     port: int = Field(8081, ge=0, le=65535)
-    # The JSON admin API (/api) and the inspector pages (/inspector): off unless asked
-    # for, as they show what callbacks carry and can replay them.
+    """The admin listener's port."""
     inspector: bool = False
-    # Either a bearer token (Authorization: Bearer <token>) or Basic credentials; on a
-    # loopback host both may be left out. These may do everything (replay too).
+    """The JSON admin API (/api) and the inspector pages (/inspector): off unless asked
+    for, as they show what callbacks carry and can replay them."""
     token: SecretStr | None = None
+    """A bearer token (Authorization: Bearer <token>); it or `basic_auth` may be left out
+    on a loopback host. These may do everything (replay too)."""
     basic_auth: dict[str, SecretStr] = {}
-    # Credentials that may only look (every GET), never replay.
+    """Basic credentials, `{user = "password"}`, that may do everything (replay too); what
+    a browser sends, so give people these."""
     read_token: SecretStr | None = None
+    """A bearer token that may only look (every GET), never replay."""
     read_basic_auth: dict[str, SecretStr] = {}
-    # This listener's base URL as people reach it (https://ci.example.com, behind a
-    # proxy): with `inspector`, handlers link to its pages (a digest to its events).
+    """Basic credentials that may only look (every GET), never replay."""
     public_url: str | None = None
+    """This listener's base URL as people reach it (https://ci.example.com, behind a
+    proxy): with `inspector`, handlers link to its pages (a digest to its events)."""
     tls_cert: Path | None = None
     """The certificate chain (PEM) to serve the admin listener over HTTPS with; with
     `tls_key`. Read at start and again on SIGHUP. Unset: plain HTTP."""
@@ -316,12 +357,15 @@ def _is_loopback(host: str) -> bool:
 
 
 class LogConfig(Section):
+    """`[log]`: structlog lines on stdout."""
+
     level: Literal["debug", "info", "warning", "error"] = "info"
-    # auto: console on a terminal, JSON lines otherwise.
+    """The lowest level written."""
     format: Literal["auto", "json", "console"] = "auto"
-    # The zone of the log's timestamps and of the times the CLI shows: an IANA name
-    # (Asia/Shanghai) or UTC.
+    """`auto`: console on a terminal, JSON lines otherwise."""
     timezone: str = "UTC"
+    """The zone of the log's timestamps and of the times the CLI shows: an IANA name
+    (Asia/Shanghai) or UTC."""
 
     _check_timezone = field_validator("timezone")(check_timezone)
 
@@ -334,12 +378,14 @@ class OtelConfig(Section):
     OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, ...)."""
 
     enabled: bool = False
-    # Whether a `traceparent` that a callback arrives with (CI, or a proxy in front) is
-    # its trace's parent. Off, it is linked instead: the public port lets anyone send one.
+    """Traces on; with the `otel` extra missing, the service says so in one line and runs
+    without them. Off, nothing of OpenTelemetry is imported."""
     trust_traceparent: bool = False
-    # A trace viewer's page of one trace, `{trace_id}` standing for its id
-    # (https://grafana.example.com/explore?...{trace_id}): the inspector links each event's.
+    """Whether a `traceparent` that a callback arrives with (CI, or a proxy in front) is
+    its trace's parent. Off, it is linked instead: the public port lets anyone send one."""
     trace_url: str | None = None
+    """A trace viewer's page of one trace, `{trace_id}` standing for its id
+    (https://grafana.example.com/explore?...{trace_id}): the inspector links each event's."""
 
     @field_validator("trace_url")
     @classmethod
@@ -359,44 +405,55 @@ class PulsarConnection(Section):
     """How to reach a TDMQ for Pulsar (or Apache Pulsar) cluster: `[tdmq]`, and the
     `pulsar` handler's options."""
 
-    # The cluster's access address: pulsar://host:6650, pulsar+ssl://host:6651, or the
-    # http://... address the TDMQ console shows.
     service_url: str | None = Field(None, pattern=PULSAR_SERVICE_URL)
-    # A TDMQ role token (console: role management); None connects without authentication.
+    """The cluster's access address: pulsar://host:6650, pulsar+ssl://host:6651, or the
+    http://... address the TDMQ console shows."""
     token: SecretStr | None = None
-    # Seconds for the client's own operations (connecting, topic lookups, sends).
+    """A TDMQ role token (console: role management); None connects without authentication."""
     operation_timeout: float = Field(30.0, gt=0)
+    """Seconds for the client's own operations (connecting, topic lookups, sends)."""
     tls_trust_certs_file: Path | None = None
+    """A file of CA certificates the broker's TLS certificate is checked against
+    (pulsar+ssl:// or https://); unset: the client library's default."""
     tls_allow_insecure_connection: bool = False
+    """Accept a broker certificate that does not verify (tests only)."""
     tls_validate_hostname: bool = False
-    # The Pulsar client library's own log lines at this level and above go into the log
-    # (logger "pulsar"); "off" drops them.
+    """Check that the broker's certificate names the host connected to."""
     client_log_level: Literal["debug", "info", "warn", "error", "off"] = "warn"
+    """The Pulsar client library's own log lines at this level and above go into the log
+    (logger "pulsar"); "off" drops them."""
 
 
 class TdmqConfig(PulsarConnection):
     """`[tdmq]`: the connection, and what `consume` reads."""
 
-    # Full names, persistent://<cluster id>/<namespace>/<topic>; or a pattern instead.
     topics: list[str] = []
+    """The topics `consume` reads: full names, persistent://<cluster id>/<namespace>/<topic>;
+    or a pattern instead."""
     topic_pattern: str | None = None
+    """One regex over a namespace's topics, instead of `topics` (not both)."""
     subscription: str = "ci-receiver"
-    # shared: every consumer process takes a part of the messages (scale out);
-    # key_shared: the same, but one job's messages always go to the same process;
-    # failover / exclusive: one process at a time.
+    """The subscription's name (create it on the topic in the TDMQ console)."""
     subscription_type: Literal["shared", "key_shared", "failover", "exclusive"] = "shared"
-    # Where a new subscription starts: earliest also takes what was published before.
+    """shared: every consumer process takes a part of the messages (scale out);
+    key_shared: the same, but one job's messages always go to the same process;
+    failover / exclusive: one process at a time."""
     initial_position: Literal["earliest", "latest"] = "earliest"
-    # Messages the client fetches ahead, and messages ingested at once: together the bound
-    # on what this process holds in memory.
+    """Where a new subscription starts: earliest also takes what was published before."""
     receiver_queue_size: int = Field(100, ge=1)
+    """Messages the client fetches ahead; with `concurrency`, the bound on what this process
+    holds in memory."""
     concurrency: int = Field(32, ge=1)
-    # Seconds before a message whose commit failed is delivered again.
+    """Messages being ingested at once; with `receiver_queue_size`, the bound on what this
+    process holds in memory."""
     nack_delay: float = Field(5.0, gt=0)
-    # Messages that cannot be decoded are kept in the inbox as rejected and acked; when
-    # this is set they are also published here (raw body, with the reason in properties).
+    """Seconds before a message whose commit failed is delivered again."""
     dead_letter_topic: str | None = None
+    """Messages that cannot be decoded are kept in the inbox as rejected and acked; when
+    this is set they are also published here (raw body, with the reason in properties)."""
     verify: Verify = "none"
+    """`ci-api`: each event of a message from these topics (your own bridge) waits for CI's
+    job API to confirm it before any handler runs."""
 
     @model_validator(mode="after")
     def _topics_or_pattern(self) -> TdmqConfig:
@@ -416,31 +473,38 @@ class CmqConfig(Section):
     """`[cmq]`: TDMQ for CMQ queues, where CI delivers with `CallBackType=TDMQ` and
     `MqMode=Queue`; what `consume` (and `run`) pull from."""
 
-    # CallBackMqConfig.MqRegion (sh, bj, gz, cd, hk, ...): the endpoint is made from it
-    # and `network`, unless `endpoint` is set.
     region: str | None = None
+    """CallBackMqConfig.MqRegion (sh, bj, gz, cd, hk, ...): the endpoint is made from it
+    and `network`, unless `endpoint` is set."""
     network: Literal["public", "vpc"] = "public"
-    # The console's API request address (队列服务 > API 请求地址), e.g.
-    # https://cmq-gz.public.tencenttdmq.com: scheme, host and port only.
+    """`public`: https://cmq-<region>.public.tencenttdmq.com; `vpc` (from a CVM in the
+    region): http://<region>.mqadapter.cmq.tencentyun.com."""
     endpoint: str | None = None
-    # A CAM key allowed to receive and delete on the queues; a temporary key also needs
-    # its token.
+    """The console's API request address (队列服务 > API 请求地址), e.g.
+    https://cmq-gz.public.tencenttdmq.com: scheme, host and port only; overrides `region`
+    and `network`."""
     secret_id: SecretStr | None = None
+    """The SecretId of a CAM key allowed to receive and delete on the queues."""
     secret_key: SecretStr | None = None
+    """The SecretKey of that CAM key."""
     token: SecretStr | None = None
+    """The session token of a temporary key (STS), sent with `secret_id` and `secret_key`."""
     signature_method: Literal["HmacSHA256", "HmacSHA1"] = "HmacSHA256"
-    # CallBackMqConfig.MqName of every queue CI delivers to.
+    """How requests are signed (CMQ API 2.0 signature)."""
     queues: list[str] = []
-    # Seconds a receive waits for a message (long polling).
+    """CallBackMqConfig.MqName of every queue CI delivers to."""
     polling_wait: int = Field(10, ge=0, le=30)
-    # Messages taken per receive, and receives (batches) in hand at once per queue:
-    # together the bound on messages held, batch x concurrency per queue.
+    """Seconds a receive waits for a message (long polling, 0-30)."""
     batch: int = Field(16, ge=1, le=16)
+    """Messages taken per receive (1-16; 1 uses ReceiveMessage/DeleteMessage); with
+    `concurrency`, the bound on messages held: batch x concurrency per queue."""
     concurrency: int = Field(2, ge=1)
-    # Seconds for an answer beyond `polling_wait`.
+    """Receives (batches) in hand at once per queue."""
     request_timeout: float = Field(10.0, gt=0)
-    # "ci-api": each event waits for CI's job API to confirm it before any handler runs.
+    """Seconds for an answer beyond `polling_wait`."""
     verify: Verify = "none"
+    """`ci-api`: each event of a queue's message waits for CI's job API to confirm it before
+    any handler runs."""
 
     @field_validator("region")
     @classmethod
@@ -502,8 +566,9 @@ class RelayConfig(Section):
     `[tdmq]` connection) instead of storing it; `consume` processes do the rest."""
 
     topic: str | None = None
-    # Seconds to wait for the broker to confirm a callback before answering 503.
+    """The topic `serve` publishes each callback to; unset: no relay, `serve` stores."""
     send_timeout: float = Field(10.0, gt=0)
+    """Seconds to wait for the broker to confirm a callback before answering 503."""
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?")
@@ -544,15 +609,17 @@ def parse_moment(value: str) -> datetime:
 class CiBucket(Section):
     """`[[ci.buckets]]`: one bucket bound to CI, and what of it to watch."""
 
-    # With its APPID, as CI names it: `media-1250000000`.
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*-[0-9]+$")
+    """With its APPID, as CI names it: `media-1250000000`."""
     region: str = Field(pattern=r"^[a-z]+(-[a-z0-9]+)+$")
-    # The job list API takes one tag per call (Transcode, Snapshot, SmartCover, ...).
+    """The bucket's region, as the cloud API writes it: `ap-guangzhou`."""
     tags: list[str] = []
-    # Only jobs of these queues; empty: every queue.
+    """The job tags watched (Transcode, Snapshot, SmartCover, ...): the job list API takes
+    one tag per call."""
     queue_ids: list[str] = []
-    # Workflow ids whose executions are watched.
+    """Only jobs of these queues; empty: every queue."""
     workflows: list[str] = []
+    """Workflow ids whose executions are watched."""
 
     @model_validator(mode="after")
     def _something_to_watch(self) -> CiBucket:
@@ -567,28 +634,35 @@ class CiConfig(Section):
     """`[ci]`: credentials for CI's job query API, and what the reconciler watches."""
 
     secret_id: SecretStr | None = None
+    """The SecretId of a key allowed the read-only job and workflow queries."""
     secret_key: SecretStr | None = None
-    # The session token of temporary credentials (STS), sent with secret_id and secret_key.
+    """The SecretKey of that key."""
     token: SecretStr | None = None
+    """The session token of temporary credentials (STS), sent with secret_id and secret_key."""
     buckets: list[CiBucket] = []
-    # Where the API requests go instead of https://<bucket>.ci.<region>.myqcloud.com:
-    # scheme://host[:port] (a private gateway or proxy; tests). The Host header still names
-    # the bucket's CI domain.
+    """The buckets bound to CI whose jobs are reconciled (and whose callbacks may be
+    verified)."""
     endpoint: str | None = Field(None, pattern=r"^https?://[^/?#\s]+/?$")
-    # Seconds between reconcile passes, and how far back each pass looks.
+    """Where the API requests go instead of https://<bucket>.ci.<region>.myqcloud.com:
+    scheme://host[:port] (a private gateway or proxy; tests). The Host header still names
+    the bucket's CI domain."""
     interval: Duration = Field(300.0, gt=0)
+    """Seconds between reconcile passes."""
     window: Duration = Field(86400.0, gt=0)
-    # How long after a job ended its callback may still be on its way: a pass leaves a
-    # job that ended more recently to a later one, so what it recovers never came.
+    """How far back each pass looks."""
     settle: Duration = Field(120.0, ge=0)
-    # Seconds for one API request, and attempts for one that is throttled or fails.
+    """How long after a job ended its callback may still be on its way: a pass leaves a
+    job that ended more recently to a later one, so what it recovers never came."""
     request_timeout: float = Field(10.0, gt=0)
+    """Seconds for one API request."""
     max_attempts: int = Field(5, ge=1)
-    # Verification: how long after a callback CI's API may still show its job unfinished
-    # (CI's own lag) before the callback counts as forged; and what becomes of events the
-    # API cannot confirm (see the README): held until replayed by name, or passed as is.
+    """Attempts for one API request that is throttled or fails (5xx, network errors)."""
     verify_lag: Duration = Field(60.0, ge=0)
+    """Verification: how long after a callback CI's API may still show its job unfinished
+    (CI's own lag) before the callback counts as forged."""
     verify_uncovered: Literal["hold", "pass"] = "hold"
+    """Verification: what becomes of events the API cannot confirm (kinds no query covers;
+    docs: Reconcile and verify): held until replayed by name, or passed as is."""
 
     @model_validator(mode="after")
     def _credentials_to_watch(self) -> CiConfig:
@@ -606,46 +680,55 @@ class RetentionConfig(Section):
 
     Pending, held and dead-lettered work is never removed, whatever its age."""
 
-    # Handled events (every run done, or none routed), with their runs, attempts and
-    # receipts, and duplicate deliveries' receipts.
     events: Duration = Field(30 * 86400.0, ge=0)
-    # The bodies of handled callbacks: their events stay, without the decoded document.
+    """Handled events (every run done, or none routed), with their runs, attempts and
+    receipts, and duplicate deliveries' receipts."""
     bodies: Duration = Field(7 * 86400.0, ge=0)
-    # Refused callbacks.
+    """The bodies of handled callbacks: their events stay, without the decoded document."""
     refused: Duration = Field(3 * 86400.0, ge=0)
-    # How often the background pruning runs.
+    """Refused callbacks."""
     interval: Duration = Field(3600.0, gt=0)
+    """How often the background pruning runs."""
 
 
 # A `log` handler writes a line and holds nothing outside: its attempts at once need no
 # bound to spare a service, and 8 (each claim taking no more than its free places) let
-# dispatch fall far behind a busy receiver (README, HTTP benchmark).
+# dispatch fall far behind a busy receiver (docs: Benchmarks, HTTP).
 DEFAULT_LOG_CONCURRENCY = 64
 
 
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     type: str
+    """The handler: a built-in type (`log`, `jsonl`, `sql`, `webhook`, `wecom`, ...), one an
+    installed package registers (the `ci_receiver.handlers` entry points), or
+    `module:attribute` on PYTHONPATH."""
     timeout: float = Field(30.0, gt=0)
+    """Seconds per attempt."""
     max_attempts: int = Field(10, ge=1)
+    """Attempts before the run is dead-lettered."""
     backoff_initial: float = Field(1.0, ge=0)
+    """Seconds before the first retry; the delay doubles per attempt, with jitter."""
     backoff_max: float = Field(600.0, ge=0)
+    """The longest delay between attempts, in seconds."""
     concurrency: int = Field(8, ge=1)
-    # A handler that takes batches (handle_batch): at most this many events in one, and
-    # how long to wait for more once the first is due (the batch is leased meanwhile).
-    # `concurrency` counts batches. Ignored by a handler that takes events one by one.
+    """Attempts of this handler at once (`log`: 64 unless set)."""
     batch_size: int = Field(100, ge=1)
+    """A handler that takes batches (handle_batch): at most this many events in one.
+    `concurrency` counts batches. Ignored by a handler that takes events one by one."""
     batch_wait: float = Field(0.2, ge=0)
-    # At most this many attempts started in any such window, by all processes together:
-    # "20/min", or a list ["100/min", "5/s"]; "off": none, not even the type's default
-    # (the robots ship their vendor's documented limit). receiver/rates.py.
+    """A handler that takes batches: seconds to wait for more events once the first is due
+    (the batch is leased meanwhile)."""
     rate: str | list[str] | None = None
-    # Whether this handler not running makes /readyz answer 503; None: as
-    # [dispatch] unready_on_handler_error says.
+    """At most this many attempts started in any such window, by all processes together:
+    "20/min", or a list ["100/min", "5/s"]; "off": none, not even the type's default
+    (the robots ship their vendor's documented limit). receiver/rates.py."""
     required: bool | None = None
+    """Whether this handler not running makes /readyz answer 503; unset: as
+    [dispatch] unready_on_handler_error says."""
 
     @model_validator(mode="after")
     def _log_needs_no_bound(self) -> HandlerConfig:
@@ -676,17 +759,26 @@ class RouteMatch(Section):
     a moderation verdict's). receiver/callback/matching.py holds these rules."""
 
     kind: StrOrList = None
+    """`job`, `workflow` or `moderation`."""
     event_name: StrOrList = None
+    """CI's `EventName`: `TaskFinish`, `WorkflowFinish`, `ReviewVideo`, ..."""
     tag: StrOrList = None
+    """The job's `Tag`: `SmartCover`, `Transcode`, ... (one CI is not known to send is a
+    warning)."""
     state: StrOrList = None
-    # Moderation events: `violation`, `suspected` or `normal` (Moderation.result 1, 2, 0),
-    # and CI's label (`Porn`, `Ads`, ...).
+    """`Submitted`, `Running`, `Success`, `Failed`, `Pause` or `Cancel`."""
     verdict: StrOrList = None
+    """Moderation events: `violation`, `suspected` or `normal` (Moderation.result 1, 2, 0)."""
     label: StrOrList = None
+    """Moderation events: CI's label (`Porn`, `Ads`, ...)."""
     bucket: StrOrList = None
+    """The input object's bucket."""
     region: StrOrList = None
+    """The input object's region."""
     key: StrOrList = None
+    """A glob on the input object's key (`videos/*.mp4`)."""
     user_data: StrOrList = None
+    """A glob on the job's `UserData`."""
 
     @field_validator("kind", "state", "verdict")
     @classmethod
@@ -700,8 +792,13 @@ class RouteMatch(Section):
 
 
 class RouteConfig(Section):
+    """`[[routes]]`: which events go to which handlers. Several routes may match one event;
+    each handler runs once per event."""
+
     match: RouteMatch = RouteMatch()
+    """The event's fields to match; empty: every event."""
     handlers: list[str] = Field(min_length=1)
+    """The configured handlers to run on the events it matches."""
 
 
 def _default_handlers() -> dict[str, HandlerConfig]:
@@ -709,9 +806,10 @@ def _default_handlers() -> dict[str, HandlerConfig]:
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
     data_dir: Path = Path("ci-receiver-data")
+    """The folder the SQLite inbox lives in (and whose free space is watched)."""
     http: HttpConfig = HttpConfig()
     admin: AdminConfig = AdminConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -725,8 +823,9 @@ class Config(BaseModel):
     ci: CiConfig = CiConfig()
     retention: RetentionConfig = RetentionConfig()
     handlers: dict[str, HandlerConfig] = Field(default_factory=_default_handlers)
-    # None: every handler gets every event.
+    """The handlers, by a name of your choosing (the routes name them)."""
     routes: list[RouteConfig] | None = None
+    """Which handlers each event goes to; unset: every handler gets every event."""
 
     # Where it was read from, and the `${NAME}` references left unresolved (load_config).
     _file: str | None = PrivateAttr(None)

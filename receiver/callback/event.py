@@ -142,7 +142,7 @@ class Event:
     """One normalized callback: a job result, a workflow instance or a moderation verdict.
 
     `id` is the dedup key: the same job reaching the same state gets the same id,
-    whether it arrived as XML or JSON, over HTTP or TDMQ. README.md documents each field.
+    whether it arrived as XML or JSON, over HTTP or TDMQ. docs/concepts.md documents each field.
     """
 
     id: str

@@ -1,5 +1,5 @@
 """The values CI writes in the fields routes match on, as its documentation lists them
-(see README "The Event"); what routes are checked against."""
+(see "The Event" in docs/concepts.md); what routes are checked against."""
 
 from __future__ import annotations
 

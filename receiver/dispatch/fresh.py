@@ -3,7 +3,7 @@ run: what those claims would otherwise read back from the inbox and decode again
 
 Bounded: once dispatch falls behind, what is held lives long, and the collector's full
 passes walk all of it (10,000 events: 60-120 ms pauses of the loop, the p99 of every
-callback; see the README's HTTP benchmark). An event pushed out is simply read back by
+callback; see the HTTP benchmark in docs/benchmarks.md). An event pushed out is simply read back by
 its claims, as one stored by another process is.
 
 Each handler's attempt gets an event of its own, so that none sees what another changed:

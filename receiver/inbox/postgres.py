@@ -133,7 +133,7 @@ FATAL_CONNECT_ERRORS = (
 # generic plan it makes after the first executions until the table is next analyzed
 # (autovacuum: a minute or more). One made while the tables were still small (a new
 # inbox, one just emptied by retention) reads a table whole to join it, cheapest then,
-# and a burst meanwhile has every claim and outcome read all of `runs` (README, "Next to
+# and a burst meanwhile has every claim and outcome read all of `runs` (docs/benchmarks.md, "Next to
 # a hand-written receiver"). Where no index serves, a table is still
 # read whole; JIT is off, since such a scan now costs more than any threshold of it. Set
 # once a connection is open, not sent as startup parameters, which PgBouncer refuses

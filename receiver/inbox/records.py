@@ -73,7 +73,7 @@ def pack(body: bytes) -> bytes:
     JSON: a third of their size compressed, and a receipt row then fits an SQLite page
     several times over where an uncompressed one of 2 KB took a page of its own. zstd
     level 1 on a context kept per thread: about as many bytes as zlib's level 1 in a
-    fraction of its time, which allocated its state anew on every call (README,
+    fraction of its time, which allocated its state anew on every call (docs/operations.md,
     "Retention"). It runs on the event loop, for every callback. The frame says the
     body's size, which `unpack` needs."""
     return PACKED + _CODECS.compressor.compress(body)

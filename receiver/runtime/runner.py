@@ -124,7 +124,7 @@ def _started(reloads: _Reloads) -> None:
     # Callbacks in flight hold many small containers at once, nearly all freed by their
     # reference counts as each callback ends; at the default threshold (a young collection
     # every 700 containers more than freed) a burst ran the collector a hundred times a
-    # second, to find almost nothing (`python -m bench.peer`, README).
+    # second, to find almost nothing (`python -m bench.peer`, docs/benchmarks.md).
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloads.request)
     if _reload_asked_while_starting:

@@ -52,10 +52,10 @@ STALE_HANDLE = 4430
 HINTS = {
     40: "CMQ refused the request: if the message names CAM or a permission, the key's"
     " user needs the tdmq ReceiveMessage, BatchReceiveMessage, DeleteMessage and"
-    " BatchDeleteMessage actions on this queue (see the README's CAM policy)",
+    " BatchDeleteMessage actions on this queue (see the CAM policy in docs/sources.md)",
     41: "check cmq.secret_id and cmq.secret_key (the key must exist and be enabled, and a"
     " temporary key needs cmq.token), that this machine's clock is right, and that the"
-    " key's user may use this queue (see the README's CAM policy)",
+    " key's user may use this queue (see the CAM policy in docs/sources.md)",
     42: "the request expired: check this machine's clock",
     43: "the account is in arrears or barred: CMQ serves it again once that is settled",
     44: "check the queue name (CallBackMqConfig.MqName) and that it exists in the region"

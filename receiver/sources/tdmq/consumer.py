@@ -20,7 +20,7 @@ acks and nacks each message straight through the client (which sends acks groupe
 Taking one message at a time from the event loop (`pulsar.asyncio`'s `receive()`)
 costs a thread hand-over per message, which made draining a backlog about half as fast;
 a task, a commit future and an awaited ack (one more hand-over back from the client's
-thread) per message cost about as much again (README, "Draining a TDMQ backlog"). The
+thread) per message cost about as much again (docs/benchmarks.md, "Draining a TDMQ backlog"). The
 hand-off is bounded: at most `concurrency` messages are being ingested (in batches of
 half as many; one more batch waits for a free slot) and `receiver_queue_size` wait in
 the client, so memory stays flat however long the backlog.
