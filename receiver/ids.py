@@ -17,3 +17,8 @@ _COUNTER = itertools.count(1)
 def new_id() -> str:
     """A 12-hex-digit process prefix and a hex counter, e.g. `3f9a1c07b2e4-1a`."""
     return f"{_PREFIX}-{next(_COUNTER):x}"
+
+
+def process_of(made: str) -> str:
+    """The prefix of the process that made an id of `new_id` (a lease's holder)."""
+    return made.partition("-")[0]

@@ -33,6 +33,7 @@ from receiver.admin.params import (
 from receiver.inbox import InboxUnavailable
 from receiver.inbox.as_json import detail_json, rejected_json, summary_json
 from receiver.sources.http import JsonResponse, error
+from receiver.upkeep import presence
 
 # A replay request names at most 10,000 events: well under this.
 MAX_BODY_BYTES = 1 << 20
@@ -120,7 +121,7 @@ def api_routes(inspection: Inspection) -> list[BaseRoute]:
         detail = await inspection.inbox.event(event_id)
         if detail is None:
             raise BadRequest(f"no event {event_id!r}", status=404)
-        return JsonResponse(detail_json(detail))
+        return JsonResponse(detail_json(detail, await presence.names(inspection.inbox)))
 
     async def job(request: Request) -> Response:
         job_id = text_param("job", request.path_params["job_id"])

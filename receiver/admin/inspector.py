@@ -36,6 +36,7 @@ from receiver.admin.rendering import HEADERS, PREFIX, ZONE_COOKIE, Pages
 from receiver.callback import vocabulary
 from receiver.config import Config
 from receiver.inbox import EventFilter, Inbox
+from receiver.upkeep import presence
 
 PREVIEW_BYTES = 512
 MAX_FORM_BYTES = 16384
@@ -119,9 +120,15 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
         # The trace it was received in (stored with it when tracing was on), linked when
         # the sampler kept it.
         trace = tracing.trace_of(detail.event.source_meta)
+        running = {
+            run.handler: presence.holder(run, names)
+            for names in [await presence.names(inbox())]
+            for run in detail.runs
+            if run.leased_by is not None
+        }
         return pages.render(
             request, "event.html", section="events", detail=detail, event=detail.event,
-            receipt=receipt, replayed=flash.replayed,
+            receipt=receipt, replayed=flash.replayed, running=running,
             waiting=any(run.status == "pending" for run in detail.runs),
             trace=trace, trace_link=trace and trace[1] and config.otel.link(trace[0]),
         )  # fmt: skip

@@ -22,9 +22,10 @@ from receiver.cli.common import (
     with_inbox,
 )
 from receiver.cli.views import event_lines, printable, summary_row
-from receiver.inbox import RUN_STATUSES, EventSummary, ReadOnlyInbox
+from receiver.inbox import RUN_STATUSES, EventDetail, EventSummary, ReadOnlyInbox
 from receiver.inbox.as_json import detail_json, summary_json
 from receiver.timezones import parse_timezone
+from receiver.upkeep import presence
 
 # How many of the newest events `tail` reads on each look.
 TAIL_PAGE = 200
@@ -102,14 +103,18 @@ def _say_none(filters: dict[str, Any]) -> None:
 def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
     """One event, its handler runs and every attempt."""
     zone = _zone(config_path)
-    detail = with_inbox(config_path, lambda inbox: inbox.event(event_id))
+
+    async def read(inbox: ReadOnlyInbox) -> tuple[EventDetail | None, dict[str, str]]:
+        return await inbox.event(event_id), await presence.names(inbox)
+
+    detail, names = with_inbox(config_path, read)
     if detail is None:
         raise click.ClickException(f"no event {printable(event_id)!r}")
     if not as_json:
-        for line in event_lines(detail, zone):
+        for line in event_lines(detail, zone, names):
             click.echo(line)
         return
-    record = detail_json(detail)
+    record = detail_json(detail, names)
     click.echo(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
 
 

@@ -13,6 +13,7 @@ from handlers.message import verdict
 from receiver.callback.event import Event, ObjectRef
 from receiver.inbox import EventDetail, EventSummary
 from receiver.timezones import shown
+from receiver.upkeep.presence import holder
 
 _LABEL_WIDTH = 10
 
@@ -43,8 +44,9 @@ def summary_row(summary: EventSummary, zone: tzinfo) -> tuple[str, ...]:
     )
 
 
-def event_lines(detail: EventDetail, zone: tzinfo) -> list[str]:
-    """`events show`: the event in labelled lines, its handlers' runs, every attempt."""
+def event_lines(detail: EventDetail, zone: tzinfo, names: dict[str, str]) -> list[str]:
+    """`events show`: the event in labelled lines, its handlers' runs, every attempt.
+    `names`: the processes' (`presence.names`), for the runs being run."""
     event = detail.event
     lines = [printable(event.id)]
     lines += [_field(label, value) for label, value in _fields(event, detail, zone) if value]
@@ -53,7 +55,12 @@ def event_lines(detail: EventDetail, zone: tzinfo) -> list[str]:
         lines.append("  (no route sent it to any)")
     for run in detail.runs:
         text = f"  {run.handler}  {run.status}, {run.attempts} attempt(s)"
-        if run.status == "pending" and run.due_at is not None:
+        if run.leased_by is not None:
+            text = (
+                f"  {run.handler}  running on {holder(run, names)} since"
+                f" {shown(run.leased_since, zone)}, {run.attempts} attempt(s) before"
+            )
+        elif run.status == "pending" and run.due_at is not None:
             text += f", next {shown(run.due_at, zone)}"
         if run.last_error:
             text += f", last error: {run.last_error}"
@@ -64,7 +71,7 @@ def event_lines(detail: EventDetail, zone: tzinfo) -> list[str]:
         took = (attempt.finished_at - attempt.started_at).total_seconds() * 1000
         text = (
             f"  {shown(attempt.started_at, zone)}  {attempt.handler} #{attempt.number}"
-            f"  {attempt.outcome} ({took:.0f} ms)"
+            f"{' (replayed)' if attempt.replayed else ''}  {attempt.outcome} ({took:.0f} ms)"
         )
         lines.append(printable(text + (f": {attempt.error}" if attempt.error else "")))
     return lines

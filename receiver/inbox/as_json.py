@@ -3,6 +3,7 @@ answers, in one shape. Times are ISO 8601 in UTC."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -31,24 +32,35 @@ def summary_json(summary: EventSummary) -> dict[str, Any]:
     }
 
 
-def detail_json(detail: EventDetail) -> dict[str, Any]:
-    """One event whole (its callback decoded), its runs and every attempt."""
+def detail_json(detail: EventDetail, names: Mapping[str, str]) -> dict[str, Any]:
+    """One event whole (its callback decoded), its runs and every attempt; `names`: the
+    processes' (`presence.names`), for the runs being run."""
     return {
         "event": detail.event.to_dict(),
         "receipt_id": detail.receipt_id,
         "request_id": detail.request_id,
-        "runs": [run_json(run) for run in detail.runs],
+        "runs": [run_json(run, names) for run in detail.runs],
         "attempts": [attempt_json(attempt) for attempt in detail.attempts],
     }
 
 
-def run_json(run: RunState) -> dict[str, Any]:
+def run_json(run: RunState, names: Mapping[str, str]) -> dict[str, Any]:
+    """A run; `running` while a process runs it: which (its id, and `host (pid N)` when
+    it says so) and since when."""
+    running = None
+    if run.leased_by is not None:
+        running = {
+            "process": run.leased_by,
+            "on": names.get(run.leased_by),
+            "since": _time(run.leased_since),
+        }
     return {
         "handler": run.handler,
         "status": run.status,
         "attempts": run.attempts,
         "due_at": _time(run.due_at),
         "error": run.last_error,
+        "running": running,
     }
 
 
@@ -57,6 +69,7 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
     return {
         "handler": attempt.handler,
         "number": attempt.number,
+        "replayed": attempt.replayed,
         "outcome": attempt.outcome,
         "started_at": attempt.started_at.isoformat(),
         "finished_at": attempt.finished_at.isoformat(),

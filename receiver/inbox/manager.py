@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 
 from receiver.callback.event import Event
-from receiver.ids import new_id
+from receiver.ids import new_id, process_of
 from receiver.inbox import query
 from receiver.inbox.connector import Connector, Delivered, Delivery, Finished
 from receiver.inbox.query import RUN_STATUS, Offload, Statement, Tx, Work
@@ -109,10 +109,7 @@ class InboxReader:
             rows = yield query.load(tx, [event_id])
             if not rows:
                 return None
-            attempts = [
-                Attempt(h, n, as_datetime(s), as_datetime(f), o, err)
-                for h, n, s, f, o, err in (yield query.ATTEMPTS(tx, event_id))
-            ]
+            attempts = _attempts((yield query.ATTEMPTS(tx, event_id)))
             runs = yield from _runs(tx, [event_id])
             return (*rows[0], runs.get(tx.dialect.text(event_id), []), attempts)
 
@@ -206,6 +203,10 @@ class InboxReader:
 
     async def size(self) -> int:
         return await self.connector.size()
+
+    async def states(self, prefix: str) -> dict[str, str]:
+        rows = await self.connector.read_one(lambda tx: query.STATES(tx, len(prefix), prefix))
+        return {row[0]: row[1] for row in rows}
 
     async def prunable(self, cutoffs: Cutoffs) -> Pruned:
         return await self.connector.read(lambda tx: _pruning(tx, cutoffs, None))
@@ -430,10 +431,6 @@ class InboxManager(InboxReader):
     async def set_state(self, key: str, value: str) -> None:
         await self.connector.execute(lambda tx: query.SET_STATE(tx, key, value))
 
-    async def states(self, prefix: str) -> dict[str, str]:
-        rows = await self.connector.read_one(lambda tx: query.STATES(tx, len(prefix), prefix))
-        return {row[0]: row[1] for row in rows}
-
     async def delete_state(self, key: str) -> None:
         await self.connector.execute(lambda tx: query.DELETE_STATE(tx, key))
 
@@ -509,11 +506,34 @@ def _savepoint(text: str) -> Statement:
 def _runs(tx: Tx, event_ids: Sequence[str]) -> Work[dict[str, list[RunState]]]:
     found: dict[str, list[RunState]] = {}
     for chunk in tx.chunks(event_ids):
-        for event_id, handler, status, attempts, due, error in (yield query.runs(tx, chunk)):
+        for row in (yield query.runs(tx, chunk)):
+            event_id, handler, status, attempts, due, error, lease, leased_at = row
             due_at = as_datetime(due) if status == "pending" else None
-            found.setdefault(event_id, []).append(
-                RunState(handler, status, attempts, due_at, error)
-            )
+            run = RunState(handler, status, attempts, due_at, error)
+            if lease is not None:  # a lease is taken with the run's time set
+                run.leased_by, run.leased_since = process_of(lease), as_datetime(leased_at)
+            found.setdefault(event_id, []).append(run)
+    return found
+
+
+def _attempts(rows: Sequence[Sequence[Any]]) -> list[Attempt]:
+    """Attempts in the order made, numbered per handler across replays. A replay starts
+    again the count a run keeps (what `max_attempts` measures), so the number stored
+    with an attempt falls back there: below the one that would follow, it marks the
+    first attempt after a replay. (A run released at shutdown is no attempt: it keeps
+    the number before it.)"""
+    made: dict[str, int] = {}  # attempts per handler, across replays
+    last: dict[str, int] = {}  # the number stored with the handler's latest
+    found = []
+    for handler, number, started, finished, outcome, error in rows:
+        counted = int(outcome != "released")
+        replayed = handler in last and number < last[handler] + counted
+        last[handler] = number
+        made[handler] = made.get(handler, 0) + counted
+        started_at, finished_at = as_datetime(started), as_datetime(finished)
+        found.append(
+            Attempt(handler, made[handler], started_at, finished_at, outcome, error, replayed)
+        )
     return found
 
 

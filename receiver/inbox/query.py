@@ -415,7 +415,8 @@ def event_ids(tx: Tx, filter: EventFilter | None, limit: int, after: int) -> Sta
 def runs(tx: Tx, event_ids: Sequence[str]) -> Statement:
     s = Sql(tx)
     return s.rows(
-        "SELECT event_id, handler, status, attempts, due_at, last_error FROM runs"
+        "SELECT event_id, handler, status, attempts, due_at, last_error,"
+        " CASE WHEN lease_until > now() THEN lease_token END, updated_at FROM runs"
         f" WHERE event_id {s.any(event_ids)} ORDER BY handler"
     )
 

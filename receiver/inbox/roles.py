@@ -182,6 +182,10 @@ class Reading(Protocol):
         many events in pages (replay by filter)."""
         ...
 
+    async def states(self, prefix: str) -> dict[str, str]:
+        """Every kept value whose key starts with `prefix` (the processes present...)."""
+        ...
+
     async def event(self, event_id: str) -> EventDetail | None: ...
 
     async def known(self, event_ids: list[str], *, forged: bool = True) -> set[str]:

@@ -93,19 +93,23 @@ class Claim:
 class RunState:
     handler: str
     status: RunStatus
-    attempts: int
+    attempts: int  # since it was stored or last replayed: what `max_attempts` counts
     due_at: datetime | None  # when a pending run may be attempted next
     last_error: str | None
+    # While a process runs it (its lease held): which one (`ids.process_of`), since when.
+    leased_by: str | None = None
+    leased_since: datetime | None = None
 
 
 @dataclass(slots=True)
 class Attempt:
     handler: str
-    number: int
+    number: int  # the handler's attempts at the event so far, replays or not
     started_at: datetime
     finished_at: datetime
     outcome: Outcome
     error: str | None
+    replayed: bool = False  # the first attempt after a replay
 
 
 @dataclass(slots=True)

@@ -56,6 +56,22 @@ def warnings(config: Config) -> list[str]:
     return found
 
 
+def changes(before: Sequence[RouteConfig] | None, after: Sequence[RouteConfig] | None) -> list[str]:
+    """What differs between two configs' routes, by route number (from 1, as
+    check-config counts): `+3` added, `~1` changed, `-4` removed. No routes at all
+    (every handler gets every event) is none to compare."""
+    old, new = list(before or ()), list(after or ())
+    found = []
+    for number in range(1, max(len(old), len(new)) + 1):
+        if number > len(old):
+            found.append(f"+{number}")
+        elif number > len(new):
+            found.append(f"-{number}")
+        elif old[number - 1] != new[number - 1]:
+            found.append(f"~{number}")
+    return found
+
+
 def log_warnings(config: Config) -> None:
     """`warnings` in the log, where a receiver starts or reloads its config."""
     logger = structlog.get_logger("ci_receiver.config")

@@ -23,6 +23,7 @@ import structlog
 
 from handlers import HandlerConfigError
 from receiver.config import Config, ConfigError
+from receiver.ingest.routing import changes as route_changes
 from receiver.ingest.routing import log_warnings
 from receiver.metrics import Metrics
 from receiver.runtime.service import Service, build_slots
@@ -86,8 +87,11 @@ class Reloader:
             for name in type(config).model_fields
             if name not in RELOADED and getattr(config, name) != getattr(running, name)
         ]
-        changes = await service.reload(config, slots)
-        logger.info("config reloaded", handlers=changes or "unchanged")
+        routes = route_changes(running.routes, config.routes)
+        handlers = await service.reload(config, slots)
+        logger.info(
+            "config reloaded", handlers=handlers or "unchanged", routes=routes or "unchanged"
+        )
         if on_restart:
             logger.warning("config changes that take effect on restart", sections=on_restart)
         if self._warn:

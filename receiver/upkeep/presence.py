@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import orjson
 import structlog
 
-from receiver.ids import new_id
-from receiver.inbox import KeptState
+from receiver.ids import new_id, process_of
+from receiver.inbox import KeptState, Reading, RunState
 
 logger = structlog.get_logger("ci_receiver.presence")
 
@@ -72,6 +72,23 @@ class Presence:
             "seen": time.time(),
         }
         await self._inbox.set_state(self._key, orjson.dumps(process).decode())
+
+
+async def names(inbox: Reading) -> dict[str, str]:
+    """`host (pid N)` of each process heard of, by the prefix of the ids it makes (what
+    a lease it holds names: `ids.process_of`)."""
+    found = {}
+    for key, value in (await inbox.states(PREFIX)).items():
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError):
+            process = orjson.loads(value)
+            # The key ends with an id the process made (`Presence`).
+            found[process_of(key.rpartition(":")[2])] = f"{process['host']} (pid {process['pid']})"
+    return found
+
+
+def holder(run: RunState, names: dict[str, str]) -> str:
+    """Which process runs `run` (it holds its lease), as `names` calls it."""
+    return names.get(run.leased_by or "", f"process {run.leased_by}")
 
 
 async def running(inbox: KeptState) -> list[Process]:

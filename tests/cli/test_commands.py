@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
+import httpx
 import orjson
 import pytest
 
@@ -154,6 +157,50 @@ def test_moderation_verdicts_show_and_filter_in_events_list_and_stats(receiver, 
     counts = orjson.loads(cli(tmp_path, "stats", "--json").stdout)
     assert counts["verdicts"] == {"normal": 1, "violation": 1, "suspected": 1}
     assert "moderation events by verdict" in cli(tmp_path, "stats").stdout.decode()
+
+
+def test_a_run_being_run_shows_where_and_since_when_and_replays_keep_counting(tmp_path):
+    (tmp_path / "ci-receiver.toml").write_text(
+        f"""
+data_dir = "{tmp_path / "data"}"
+[dispatch]
+poll_interval = 0.1
+[admin]
+inspector = true
+[handlers.slow]
+type = "tests.support.handler_doubles:Recorder"
+path = "{tmp_path / "slow.jsonl"}"
+delay = 3
+"""
+    )
+    receiver = Receiver(tmp_path / "ci-receiver.toml").start()
+    try:
+        receiver.post(load("transcode.xml"))
+        wait_until(lambda: len(recorded(tmp_path / "slow.jsonl", "started")) == 1)
+        event_id = "job:j68427030f84611ecb8546d80f2baf56f:Success"
+        shown = cli(tmp_path, "events", "show", event_id).stdout.decode().splitlines()
+        (run,) = [line.strip() for line in shown if line.strip().startswith("slow ")]
+        assert run.startswith(f"slow  running on {socket.gethostname()} (pid ")
+        assert run.endswith(", 0 attempt(s) before")
+        record = orjson.loads(cli(tmp_path, "events", "show", "--json", event_id).stdout)
+        running = record["runs"][0]["running"]
+        assert running["on"] == f"{socket.gethostname()} (pid {receiver.process.pid})"
+        page = httpx.get(f"{receiver.admin_url}/inspector/events/{quote(event_id, safe='')}")
+        assert '<span class="badge running">running</span>' in page.text
+        assert f"on {socket.gethostname()} (pid {receiver.process.pid}) since" in page.text
+        wait_until(lambda: len(recorded(tmp_path / "slow.jsonl")) == 1, 15)
+
+        cli(tmp_path, "replay", event_id)
+        wait_until(lambda: len(recorded(tmp_path / "slow.jsonl")) == 2, 15)
+        time.sleep(0.3)
+        shown = cli(tmp_path, "events", "show", event_id).stdout.decode().splitlines()
+        attempts = [line.split()[3:] for line in shown[shown.index("attempts") + 1 :]]
+        assert [words[:3] for words in attempts] == [
+            ["slow", "#1", "done"],
+            ["slow", "#2", "(replayed)"],
+        ]
+    finally:
+        receiver.stop()
 
 
 def test_events_list_json_carries_each_events_source_as_show_does(receiver, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import zstandard
 
 from receiver import parse_callback
+from receiver.ids import new_id, process_of
 from receiver.inbox import (
     VERIFY_RUN,
     Claim,
@@ -996,3 +997,38 @@ async def test_a_pruned_event_arriving_again_is_new(inbox):
     await finish_all(inbox, "a", "done")
     await prune_all(inbox, Cutoffs(events=now() - 30 * DAY, bodies=None, refused=None))
     assert (await store_body(inbox, job("jagain"))).new == ["job:jagain:Success"]
+
+
+async def test_attempts_keep_counting_across_a_replay_which_is_marked(inbox):
+    (event_id,) = (await store_body(inbox, job("jagain"))).new
+    (claim,) = await inbox.claim("a", 1, 30)
+    await inbox.finish(claim, "released", started_at=now(), error="interrupted")
+    (claim,) = await inbox.claim("a", 1, 30)
+    await inbox.finish(claim, "retry", started_at=now(), error="e1", retry_at=now())
+    (claim,) = await inbox.claim("a", 1, 30)
+    await inbox.finish(claim, "done", started_at=now())
+    # A replay: the run counts from 0 again.
+    assert await inbox.requeue([event_id], None, dead_only=False) == 1
+    (claim,) = await inbox.claim("a", 1, 30)
+    assert claim.attempts == 0  # what max_attempts measures
+    await inbox.finish(claim, "done", started_at=now())
+    attempts = (await inbox.event(event_id)).attempts
+    assert [(a.number, a.outcome, a.replayed) for a in attempts] == [
+        (0, "released", False),
+        (1, "retry", False),
+        (2, "done", False),
+        (3, "done", True),
+    ]
+
+
+async def test_a_run_being_run_says_by_which_process_since_when(inbox):
+    (event_id,) = (await store_body(inbox, job("jrunning"))).new
+    before = now()
+    (claim,) = await inbox.claim("a", 1, 30)
+    (run,) = (await inbox.event(event_id)).runs
+    assert (run.status, run.leased_by) == ("pending", process_of(claim.lease_token))
+    assert run.leased_by == process_of(new_id())  # this process's
+    assert before - timedelta(seconds=1) <= run.leased_since <= now()
+    await inbox.finish(claim, "retry", started_at=now(), error="e", retry_at=now())
+    (run,) = (await inbox.event(event_id)).runs
+    assert (run.leased_by, run.leased_since) == (None, None)

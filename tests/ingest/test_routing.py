@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from receiver import parse_callback
-from receiver.config import Config, RouteConfig
-from receiver.ingest.routing import Router, warnings
+from receiver.config import Config, RouteConfig, RouteMatch
+from receiver.ingest.routing import Router, changes, warnings
 from tests.support.callbacks import load
 
 SMARTCOVER = parse_callback(load("smartcover.xml"))[0]
@@ -123,3 +123,16 @@ def test_an_event_name_or_tag_ci_is_not_known_to_send_is_a_warning():
     )
     routes = [{"match": {"event_name": "workflowstart"}, "handlers": ["db", "chat"]}]
     assert warnings(config(routes)) == []
+
+
+def test_the_changes_of_routes_a_reload_logs_are_by_route_number():
+    first, second, third = (
+        RouteConfig(match=RouteMatch(state=state), handlers=["h"])
+        for state in ("Failed", "Success", "Cancel")
+    )
+    assert changes([first, second], [first, second]) == []
+    assert changes([first, second], [first, third, second]) == ["~2", "+3"]
+    assert changes([first, second, third], [first]) == ["-2", "-3"]
+    assert changes(None, [first]) == ["+1"]
+    assert changes([first], None) == ["-1"]
+    assert changes(None, None) == []

@@ -104,6 +104,9 @@ def test_sighup_applies_new_handlers_and_routes_while_callbacks_keep_coming(rece
     )
     sent_before_signal = len(sender.statuses)
     hang_up(receiver, 0)
+    # The log says what changed: a handler added, the one route changed.
+    [reloaded] = [line for line in log_lines(receiver) if line["event"] == "config reloaded"]
+    assert (reloaded["handlers"], reloaded["routes"]) == (["+second"], ["~1"])
     routed_after = len(sender.statuses) + 1  # the one in flight may have gone either way
     wait_until(lambda: len(sender.statuses) >= routed_after + 20, what="callbacks after it")
     statuses = sender.stop()
