@@ -328,6 +328,11 @@ class AdminConfig(Section):
         return self
 
 
+def scheme(listener: HttpConfig | AdminConfig) -> str:
+    """`https` for a listener that serves TLS (`tls_cert`), else `http`."""
+    return "http" if listener.tls_cert is None else "https"
+
+
 def _check_tls_keys(cert: Path | None, key: Path | None, password: SecretStr | None) -> None:
     """A section's TLS keys: a certificate and its key together, or neither."""
     if (cert is None) != (key is None):
@@ -950,10 +955,14 @@ def _drop_refused_placeholders(
     data: dict[str, Any], error: ValidationError, unset: list[envvars.Unset]
 ) -> bool:
     """Remove from `data` every key holding a placeholder that validation refused (the
-    whole list, for an item of one); whether there was any."""
+    whole list, for an item of one); whether there was any. A key that an environment
+    variable set since holds what that variable says, which stays refused."""
     refused = [tuple(item["loc"]) for item in error.errors() if item["loc"]]
     dropped = False
     for reference in unset:
+        value = _at(data, reference.key)
+        if not (isinstance(value, str) and envvars.placeholder(reference.variable) in value):
+            continue
         if any(_overlap(reference.key, location) for location in refused):
             key = reference.key
             first_item = next((i for i, part in enumerate(key) if isinstance(part, int)), None)
@@ -963,6 +972,18 @@ def _drop_refused_placeholders(
 
 def _overlap(a: tuple[str | int, ...], b: tuple[str | int, ...]) -> bool:
     return a[: len(b)] == b or b[: len(a)] == a
+
+
+def _at(data: Any, key: tuple[str | int, ...]) -> Any:
+    """The value at `key` in nested tables and lists; None where there is none."""
+    for part in key:
+        if isinstance(data, dict) and isinstance(part, str):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
 
 
 def _remove(data: dict[str, Any], key: tuple[str | int, ...]) -> bool:

@@ -9,14 +9,17 @@ the events a route `state = "failed"` sends.
   (as SQL's `lower()` folds them in both databases). `tag` is the job's Tag or, for an
   event without one (a workflow's, a moderation verdict's), its event name: what
   `stats` and the inspector list under "events by tag".
-- `bucket` and `region` match exactly; `key` and `user_data` are glob patterns.
+- `bucket` and `region` match exactly; `key` and `user_data` are glob patterns: `*` any
+  run of characters (`/` too), `?` one, every other character itself (`[` too), as both
+  databases' filters take them (receiver/inbox/query.py `glob_to_like`, `glob_to_sqlite`).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Literal
 
 from receiver.callback import vocabulary
@@ -90,8 +93,15 @@ class Matched:
         if value is None:
             return False
         if self.comparison == "glob":
-            return any(fnmatchcase(value, pattern) for pattern in wanted)
+            return any(_glob(pattern).fullmatch(value) for pattern in wanted)
         return (fold(value) if self.comparison == "folded" else value) in wanted
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A glob as a regular expression: `*` any run of characters, `?` one."""
+    parts = {"*": ".*", "?": "."}
+    return re.compile("".join(parts.get(c) or re.escape(c) for c in pattern), re.DOTALL)
 
 
 def _input(part: Literal["bucket", "region", "key"]) -> Callable[[Event], str | None]:

@@ -12,8 +12,11 @@ import orjson
 from handlers import HandlerConfigError, shown_options
 from receiver import rates, tracing
 from receiver.cli.common import config_option, inbox_errors, load
-from receiver.config import AdminConfig, Config, HttpConfig
+from receiver.config import AdminConfig, Config, HandlerConfig, HttpConfig
 from receiver.masking import mask_credentials, mask_url
+
+# What an option of a handler whose options were not checked shows.
+UNCHECKED = "********** (not checked: a variable is unset)"
 
 
 @click.command("check-config")
@@ -41,7 +44,7 @@ def check_config(config_path: Path | None, show_all: bool, no_connect: bool) -> 
         effective = _only_set(effective, config.model_dump(exclude_unset=True))
     click.echo(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     for unset in config.unset:
-        click.echo(f"warning: {unset} (serve needs it)", err=True)
+        click.echo(f"warning: {unset} (the commands that run need it)", err=True)
     for name in sorted(unchecked):
         click.echo(f"warning: handlers.{name}: options not checked, a variable is unset", err=True)
     for warning in warnings(config):
@@ -63,8 +66,8 @@ def check_config(config_path: Path | None, show_all: bool, no_connect: bool) -> 
 
 def _tls_served(config: Config) -> list[str]:
     """What each listener with TLS serves, its certificate and key read as at start; a
-    pair that cannot be served ends the command with the reason. (A key whose password
-    is a variable not set, with --no-connect, is left unread.)"""
+    pair that cannot be served ends the command with the reason. (With --no-connect, a
+    listener whose files or password are a variable not set is left unread.)"""
     from receiver.sources.tls import TlsCertificate, TlsError
 
     listeners: list[tuple[str, str, HttpConfig | AdminConfig]] = [("public", "http", config.http)]
@@ -73,8 +76,8 @@ def _tls_served(config: Config) -> list[str]:
     unset = {unset.key[:2] for unset in config.unset}
     served = []
     for name, section, keys in listeners:
-        if (section, "tls_key_password") in unset:
-            served.append(f"the {name} listener's key not read: its password is not set")
+        if {(section, key) for key in ("tls_cert", "tls_key", "tls_key_password")} & unset:
+            served.append(f"the {name} listener's certificate not read: a variable is unset")
             continue
         try:
             certificate = TlsCertificate.of(name, section, keys)
@@ -97,6 +100,12 @@ def _effective(config: Config, unchecked: set[str]) -> dict[str, Any]:
     except HandlerConfigError as exc:
         raise click.ClickException(f"config: {exc}") from None
     effective = config.effective()
+    for name in unchecked:
+        # The handler does not say which of its options are secret until it is made:
+        # unmade, every one of its own options is hidden.
+        entry = effective["handlers"][name]
+        for option in set(entry) - set(HandlerConfig.model_fields) - {"required"}:
+            entry[option] = UNCHECKED
     for slot in slots:
         # The handler's own view of its options: defaults filled in, SecretStr masked.
         shown = shown_options(slot.handler)

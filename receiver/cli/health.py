@@ -10,10 +10,11 @@ from typing import NoReturn
 import click
 
 from receiver.cli.common import config_option
+from receiver.cli.listener import local_base
 from receiver.config import ConfigError, load_config
 
-# A listener on every address is asked on the loopback of its family.
-LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# The keys that say where the receiver listens: a `${VAR}` in them must be set.
+WHERE = {(section, key) for section in ("http", "admin") for key in ("host", "port", "tls_cert")}
 
 
 @click.command()
@@ -42,15 +43,20 @@ def health(config_path: Path | None, admin: bool, timeout: float) -> None:
         config = load_config(config_path, needs=())
     except ConfigError as exc:
         _unhealthy(f"config: {exc}")
+    for unset in config.unset:
+        if unset.key[:2] in WHERE:
+            _unhealthy(f"config: {unset}")
     listener = config.admin if admin else config.http
     if admin and not config.admin.enabled:
         _unhealthy("[admin] enabled = false: there is no admin listener to ask")
     if listener.port == 0:
         _unhealthy("the port is 0 (any free one): set the port the receiver listens on")
-    url = f"http://{address(listener.host, listener.port)}/healthz"
+    url = local_base(listener) + "/healthz"
     try:
-        # No proxy from the environment: the receiver is on this host.
-        response = httpx.get(url, timeout=timeout, trust_env=False)
+        # No proxy from the environment: the receiver is on this host, and asked by the
+        # loopback, which its certificate does not name (whether it answers is asked,
+        # not its TLS).
+        response = httpx.get(url, timeout=timeout, trust_env=False, verify=False)
     except httpx.TimeoutException:
         _unhealthy(f"{url}: no answer in {timeout:g} s")
     except httpx.HTTPError as exc:
@@ -58,12 +64,6 @@ def health(config_path: Path | None, admin: bool, timeout: float) -> None:
     if response.status_code != 200:
         _unhealthy(f"{url} answered {response.status_code} {response.reason_phrase}")
     click.echo(f"healthy: {url} answered 200")
-
-
-def address(host: str, port: int) -> str:
-    """host:port to connect to for a listener on `host` (brackets around IPv6)."""
-    host = LOOPBACK.get(host, host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _unhealthy(why: str) -> NoReturn:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import tempfile
 from pathlib import Path
 
 import click
@@ -67,9 +69,21 @@ def init(path: Path, force: bool) -> None:
 
 def _write_private(path: Path, text: str, *, overwrite: bool) -> None:
     """Write `text` at `path` readable and writable by its owner alone (0600) from the
-    first byte: the path token is never readable by others, not even for a moment."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    descriptor = os.open(path, flags, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.chmod(path, 0o600)  # an existing file overwritten keeps its mode otherwise
+    first byte: the path token is never readable by others, not even for a moment. Over
+    an existing file (`overwrite`), a new file takes its place whole: the old one's mode,
+    and any reader holding it open, never see the token."""
+    if not overwrite:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        return
+    # Made beside it (same file system, so the rename is atomic) with mode 0600.
+    descriptor, written = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(written, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(written)
+        raise

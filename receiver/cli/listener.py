@@ -1,34 +1,47 @@
-"""Where the configured HTTP listener is reached: from this host (`send`), and from CI
-(the CallBack URL `init` prints)."""
+"""Where the configured listeners are reached: from this host (`send`, `health`), and
+from CI (the CallBack URL `init` prints)."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
 
-from receiver.config import Config
+from receiver.config import AdminConfig, Config, HttpConfig, scheme
 
 # What stands for this host's address in a CallBack URL when it has none CI can reach.
 PUBLIC_PLACEHOLDER = "<public-address>"
+# A listener on every address is reached on the loopback of its family.
+LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def local_base(listener: HttpConfig | AdminConfig) -> str:
+    """The listener's base URL as seen from this host (scheme, host, port)."""
+    return base(listener, LOOPBACK.get(listener.host, listener.host))
+
+
+def base(listener: HttpConfig | AdminConfig, host: str) -> str:
+    """<scheme>://<host>:<port> of the listener reached at `host`."""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{scheme(listener)}://{host}:{listener.port}"
 
 
 def local_url(config: Config, *, reveal_token: bool = True) -> str:
-    """The callback URL of the listener as seen from this host, with the first path token:
-    a listener on every address (0.0.0.0, ::) is reached on the loopback."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
-        config.http.host, config.http.host
-    )
-    return callback_url(config, host, reveal_token=reveal_token)
+    """The callback URL of the listener as seen from this host, with the first path
+    token (or `<token>`)."""
+    return local_base(config.http) + _callbacks(config, reveal_token)
 
 
 def callback_url(config: Config, host: str, *, reveal_token: bool) -> str:
-    """http://<host>:<port>/callbacks[/<token>]: the token itself, or `<token>`."""
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
+    """<scheme>://<host>:<port>/callbacks[/<token>]: the token itself, or `<token>`."""
+    return base(config.http, host) + _callbacks(config, reveal_token)
+
+
+def _callbacks(config: Config, reveal_token: bool) -> str:
     path = "/callbacks"
     if config.http.tokens:
         path += "/" + (config.http.tokens[0].get_secret_value() if reveal_token else "<token>")
-    return f"http://{host}:{config.http.port}{path}"
+    return path
 
 
 def public_address() -> str | None:

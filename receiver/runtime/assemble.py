@@ -22,7 +22,7 @@ import structlog
 from handlers import HandlerConfigError
 from receiver import tracing
 from receiver.admin.listener import admin_listener
-from receiver.config import AdminConfig, Config, HttpConfig
+from receiver.config import Config, scheme
 from receiver.ingest.routing import log_warnings
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
@@ -242,7 +242,7 @@ def _admin_server(backend: Backend, say: Say, sock: socket.socket | None = None)
         routes = "/metrics, /readyz"
         if backend.config.admin.inspector:
             routes += ", /api, the inspector at /inspector"
-        say(f"admin listener on {_scheme(backend.config.admin)}://{host}:{port} ({routes})")
+        say(f"admin listener on {scheme(backend.config.admin)}://{host}:{port} ({routes})")
 
     return [admin_listener(backend, announce, sock)]
 
@@ -251,16 +251,12 @@ def _announce(config: Config, say: Say) -> Callable[[str, int], None]:
     def announce(bound_host: str, bound_port: int) -> None:
         path = "/callbacks/<token>" if config.http.tokens else "/callbacks"
         public = "<this host's public address>" if bound_host in ("0.0.0.0", "::") else bound_host
-        scheme = _scheme(config.http)
-        say(f"ci-receiver listening on {scheme}://{bound_host}:{bound_port}")
-        say(f"CallBack URL for CI: {scheme}://{public}:{bound_port}{path}")
+        served = scheme(config.http)
+        say(f"ci-receiver listening on {served}://{bound_host}:{bound_port}")
+        say(f"CallBack URL for CI: {served}://{public}:{bound_port}{path}")
         say("  (CI calls back over the internet: it refuses private addresses)")
 
     return announce
-
-
-def _scheme(listener: HttpConfig | AdminConfig) -> str:
-    return "http" if listener.tls_cert is None else "https"
 
 
 def _consumers(config: Config, service: Service, say: Say) -> list[Source]:

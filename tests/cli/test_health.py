@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver
 from tests.support.processes import PulsarLite, Receiver, free_port
 
@@ -100,3 +101,35 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
     finally:
         consumer.stop()
         broker.stop()
+
+
+def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path):
+    port, admin_port = free_port(), free_port()
+    certificates = Certificates(tmp_path)
+    config = write_config(tmp_path, port, admin_port)
+    # The certificate served on the public port ([http], the file's first table).
+    config.write_text(config.read_text().replace("tokens =", certificates.keys() + "tokens ="))
+    receiver = Receiver(config, port=port)
+    receiver.admin_port = admin_port
+    receiver.start(env={"CALLBACK_TOKEN": "path-token-1"})
+    try:
+        result = ci_receiver(config, "health", text=True)
+        assert result.stdout == f"healthy: https://127.0.0.1:{port}/healthz answered 200\n"
+        sent = ci_receiver(
+            config, "send", "--config", str(config), "--sample", "smartcover",
+            env={"CALLBACK_TOKEN": "path-token-1"}, text=True,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stderr.strip() == "200 OK"
+    finally:
+        assert receiver.terminate() == 0
+
+
+def test_a_listening_key_whose_variable_is_unset_is_said_not_guessed(tmp_path):
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text('[http]\nport = "${RECEIVER_PORT}"\n')
+    result = ci_receiver(config, "health", text=True)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "unhealthy: config: http.port: environment variable RECEIVER_PORT is not set\n"
+    )

@@ -75,13 +75,17 @@ def test_init_writes_a_private_config_that_serves_what_send_posts(tmp_path):
 def test_init_keeps_an_existing_file_unless_forced(tmp_path):
     config = tmp_path / "mine.toml"
     config.write_text("# mine\n")
+    config.chmod(0o644)
     refused = init(tmp_path, str(config), ok=False)
     assert refused.returncode == 1
     assert refused.stderr.strip() == f"Error: {config} exists: --force to overwrite it"
     assert config.read_text() == "# mine\n"
-    init(tmp_path, str(config), "--force")
+    with config.open() as reader:  # someone reading the old file while it is replaced
+        init(tmp_path, str(config), "--force")
+        assert reader.read() == "# mine\n"  # reads the old file, never the token
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert load_config(config).http.tokens
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".mine")] == []
 
 
 def test_every_optional_section_of_the_starter_is_valid_once_uncommented(tmp_path):

@@ -9,6 +9,7 @@ import base64
 import orjson
 import pytest
 
+from receiver.cli.check import UNCHECKED
 from receiver.config import load_config
 from tests.support.callbacks import load
 from tests.support.cli import ci_receiver
@@ -31,6 +32,7 @@ basic_auth = {{ ops = "${{ADMIN_PASSWORD}}" }}
 type = "webhook"
 url = "http://127.0.0.1:9/hook"
 secret = "${{HOOK_SECRET}}"
+headers = {{ Authorization = "Bearer literal-secret-in-a-header" }}
 """
 
 
@@ -70,20 +72,25 @@ def test_check_config_no_connect_warns_of_each_unset_variable(served):
     warnings = [line for line in checked.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [
         "warning: http.tokens[1]: environment variable CI_CALLBACK_TOKEN is not set"
-        " (serve needs it)",
+        " (the commands that run need it)",
         "warning: admin.basic_auth.ops: environment variable ADMIN_PASSWORD is not set"
-        " (serve needs it)",
+        " (the commands that run need it)",
         "warning: handlers.hook.secret: environment variable HOOK_SECRET is not set"
-        " (serve needs it)",
+        " (the commands that run need it)",
         "warning: handlers.hook: options not checked, a variable is unset",
     ]
     assert f"inbox: {served.parent / 'data' / 'inbox.db'} (not opened: --no-connect)" in (
         checked.stderr
     )
+    # A handler not made does not say which of its options are secret: none is shown.
+    assert "literal-secret-in-a-header" not in checked.stdout
+    assert printed["handlers"]["hook"]["headers"] == UNCHECKED
+    assert printed["handlers"]["hook"]["type"] == "webhook"
     # With the variables set, the handler's options are checked too.
     full = ci_receiver(served, "check-config", "--no-connect", env=SECRETS, text=True, ok=True)
     assert "warning" not in full.stderr
     assert orjson.loads(full.stdout)["handlers"]["hook"]["secret"] == ["**********"]
+    assert "literal-secret-in-a-header" not in full.stdout
 
 
 @pytest.mark.parametrize("command", [("serve",), ("check-config",)])
@@ -123,3 +130,14 @@ def test_a_key_that_refuses_the_stand_in_of_an_unneeded_variable_is_left_unset(
     assert [str(unset) for unset in loaded.unset] == [
         "tdmq.service_url: environment variable PULSAR_URL is not set"
     ]
+
+
+def test_a_bad_override_of_a_key_holding_an_unset_variable_stays_an_error(tmp_path):
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text('[http]\nport = "${RECEIVER_PORT}"\n')
+    result = ci_receiver(
+        config, "check-config", "--no-connect", env={"CI_RECEIVER_HTTP__PORT": "abc"}, text=True
+    )
+    assert result.returncode == 1
+    assert "CI_RECEIVER_HTTP__PORT" in result.stderr
+    assert "config OK" not in result.stderr

@@ -42,6 +42,7 @@ def every_value() -> list[Event]:
         varied(job, input=ObjectRef("media-1250000000", "ap-chongqing", "videos/a.mp4")),
         varied(job, input=ObjectRef("Media-1250000000", "ap-chongqing", "videos/b.MP4")),
         varied(job, input=ObjectRef("media-1250000000", "ap-chongqing", "audio/c.mp3")),
+        varied(job, input=ObjectRef("media-1250000000", "ap-chongqing", "videos/[a].mp4")),
         varied(job, input=None, tag=None, event_name=None),
     ]
     return events
@@ -63,9 +64,12 @@ CASES = [
     ("key", "videos/*.mp4"),
     ("key", "videos/*"),
     ("key", "*.MP4"),
+    ("key", "videos/[ab].mp4"),  # brackets are themselves, in routes as in filters
+    ("key", "videos/?.mp4"),
+    ("key", "videos/[a].mp4"),
 ]
 # The values of CASES that no event of `every_value` has.
-NEVER_STORED = {"NotATagCiSends", "MEDIA-1250000000"}
+NEVER_STORED = {"NotATagCiSends", "MEDIA-1250000000", "videos/[ab].mp4"}
 
 
 async def test_each_filter_finds_what_the_route_of_its_key_and_value_sends(inbox):
