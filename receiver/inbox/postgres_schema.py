@@ -26,10 +26,11 @@ in a schema a user pointed it at, are not touched (receiver/ownership.py).
 from __future__ import annotations
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 import structlog
 
 from receiver.inbox.mark import KEYS, MARK, claim_inbox
-from receiver.inbox.records import EVENT_COLUMNS, verdicts
+from receiver.inbox.records import EVENT_COLUMNS, VERDICTS_BATCH, VERDICTS_TO_FILL, verdicts
 from receiver.inbox.types import SchemaError
 from receiver.ownership import Claim
 
@@ -153,9 +154,11 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
                 await _migrate_from_2(connection, schema)
             # From 3 to 4 nothing changes but the version written below.
             if found is not None and found < 5:
-                await _add_verdicts(connection, schema)
+                await _add_verdict_column(connection, schema)
             for statement in TABLES:
                 await connection.execute(statement)
+            if found is not None and found < 5:
+                await _plan_verdicts(connection)
             await connection.execute(
                 "INSERT INTO meta VALUES ('schema_version', $1)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -170,6 +173,7 @@ async def setup(connection: asyncpg.Connection, schema: str) -> None:
         await connection.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
     if ownership == "adopted":
         logger.info("marked the inbox an earlier ci-receiver made as its own", schema=schema)
+    await fill_verdicts(connection)
 
 
 async def owned(connection: asyncpg.Connection, schema: str) -> Claim:
@@ -235,23 +239,61 @@ async def _migrate_from_2(connection: asyncpg.Connection, schema: str) -> None:
         await connection.execute(statement)
 
 
-async def _add_verdicts(connection: asyncpg.Connection, schema: str) -> None:
-    """Version 4 kept no verdict: the column is added (to the catalog alone) and filled
-    for the moderation events, rebuilt from their rows as reads rebuild them."""
-    events = f'"{schema}".events'
-    await connection.execute(f"ALTER TABLE {events} ADD COLUMN IF NOT EXISTS verdict text")
-    count = await connection.fetchval(f"SELECT count(*) FROM {events} WHERE kind = 'moderation'")
-    logger.info("adding verdicts to the inbox's moderation events", schema=schema, events=count)
-    after = 0
-    while rows := await connection.fetch(
-        f'SELECT e.seq, {EVENT_COLUMNS} FROM {events} e JOIN "{schema}".receipts r'
-        " ON r.id = e.receipt_id WHERE e.kind = 'moderation' AND e.seq > $1 ORDER BY e.seq"
-        " LIMIT 500",
-        after,
-    ):
-        found = verdicts([tuple(row)[1:] for row in rows])
-        await connection.executemany(f"UPDATE {events} SET verdict = $1 WHERE id = $2", found)
-        after = rows[-1][0]
+async def _add_verdict_column(connection: asyncpg.Connection, schema: str) -> None:
+    """Version 4 kept no verdict: the column is added (to the catalog alone)."""
+    await connection.execute(f'ALTER TABLE "{schema}".events ADD COLUMN IF NOT EXISTS verdict text')
+
+
+async def _plan_verdicts(connection: asyncpg.Connection) -> None:
+    """The moderation events stored so far get their verdicts after the migration
+    (`fill_verdicts`): those stored from now on have theirs."""
+    through = await connection.fetchval(
+        "SELECT coalesce(max(seq), 0) FROM events WHERE kind = 'moderation'"
+    )
+    if through:
+        await connection.execute(
+            "INSERT INTO state VALUES ($1, $2) ON CONFLICT (key) DO UPDATE"
+            " SET value = excluded.value",
+            VERDICTS_TO_FILL,
+            orjson.dumps({"after": 0, "through": through}).decode(),
+        )
+
+
+async def fill_verdicts(connection: asyncpg.Connection) -> None:
+    """Fill in the verdicts a migration left to fill, a batch per transaction (the plan's
+    row locked meanwhile: replicas starting together take turns), so that no lock is held
+    long and a process stopped half-way leaves the rest to the next start."""
+    logged = False
+    while True:
+        async with connection.transaction():
+            value = await connection.fetchval(
+                "SELECT value FROM state WHERE key = $1 FOR UPDATE", VERDICTS_TO_FILL
+            )
+            if value is None:
+                return
+            plan = orjson.loads(value)
+            if not logged:
+                logger.info("filling in the verdicts of the inbox's moderation events", **plan)
+                logged = True
+            batch = await connection.fetch(
+                f"SELECT e.seq, {EVENT_COLUMNS} FROM events e JOIN receipts r"
+                " ON r.id = e.receipt_id WHERE e.kind = 'moderation' AND e.seq > $1"
+                f" AND e.seq <= $2 ORDER BY e.seq LIMIT {VERDICTS_BATCH}",
+                plan["after"],
+                plan["through"],
+            )
+            if not batch:
+                await connection.execute("DELETE FROM state WHERE key = $1", VERDICTS_TO_FILL)
+                logger.info("the inbox's moderation events have their verdicts")
+                return
+            found = verdicts([tuple(row)[1:] for row in batch])
+            await connection.executemany("UPDATE events SET verdict = $1 WHERE id = $2", found)
+            plan["after"] = batch[-1][0]
+            await connection.execute(
+                "UPDATE state SET value = $1 WHERE key = $2",
+                orjson.dumps(plan).decode(),
+                VERDICTS_TO_FILL,
+            )
 
 
 async def check_readable(connection: asyncpg.Connection, schema: str) -> None:

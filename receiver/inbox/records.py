@@ -61,6 +61,12 @@ def event_row(event: Event) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+# Kept in `state` while an inbox migrated from a schema without verdicts has moderation
+# events to fill theirs in: {"after": seq, "through": seq}, the next batch after `after`.
+VERDICTS_TO_FILL = "inbox:verdicts to fill"
+VERDICTS_BATCH = 500
+
+
 def verdicts(rows: Sequence[Sequence[Any]]) -> list[tuple[str | None, str]]:
     """(verdict, event id) of the moderation events of `EVENT_COLUMNS` rows: what an
     inbox of an older schema, which did not keep verdicts, fills its rows with."""

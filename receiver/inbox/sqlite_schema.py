@@ -26,7 +26,13 @@ import orjson
 import structlog
 
 from receiver.inbox.mark import KEYS, MARK, claim_inbox
-from receiver.inbox.records import EVENT_COLUMNS, lean, verdicts
+from receiver.inbox.records import (
+    EVENT_COLUMNS,
+    VERDICTS_BATCH,
+    VERDICTS_TO_FILL,
+    lean,
+    verdicts,
+)
 from receiver.inbox.types import SchemaError
 from receiver.ownership import Claim
 
@@ -188,8 +194,10 @@ def setup(connection: sqlite3.Connection) -> None:
             )
         # From 4 to 5 nothing changes but the version written below.
         if found is not None and found < 6:
-            _add_verdicts(connection)
+            _add_verdict_column(connection)
         _script(connection, TABLES)
+        if found is not None and found < 6:
+            _plan_verdicts(connection)
         connection.execute(
             "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -208,6 +216,7 @@ def setup(connection: sqlite3.Connection) -> None:
         # The old events table's pages back to the file system (a file made by version 2
         # has incremental vacuum): no rewrite of the whole file.
         connection.execute("PRAGMA incremental_vacuum")
+    fill_verdicts(connection)
 
 
 def _script(connection: sqlite3.Connection, script: str) -> None:
@@ -301,27 +310,67 @@ def _migrate_from_2(connection: sqlite3.Connection) -> None:
     )
 
 
-# The moderation events after a seq, a batch at a time, to rebuild (records.verdicts).
+# The moderation events of a batch to fill in (after, through), to rebuild.
 MODERATION_EVENTS = (
     f"SELECT e.seq, {EVENT_COLUMNS} FROM events e JOIN receipts r ON r.id = e.receipt_id"
-    " WHERE e.kind = 'moderation' AND e.seq > ? ORDER BY e.seq LIMIT 500"
+    f" WHERE e.kind = 'moderation' AND e.seq > ? AND e.seq <= ? ORDER BY e.seq"
+    f" LIMIT {VERDICTS_BATCH}"
 )
 
 
-def _add_verdicts(connection: sqlite3.Connection) -> None:
-    """Version 5 kept no verdict: the column is added (to the catalog alone) and filled
-    for the moderation events, rebuilt from their rows as reads rebuild them."""
+def _add_verdict_column(connection: sqlite3.Connection) -> None:
+    """Version 5 kept no verdict: the column is added (to the catalog alone)."""
     columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
     if "verdict" not in columns:  # the tables of a migration from 1 or 2 have it
         connection.execute("ALTER TABLE events ADD COLUMN verdict TEXT")
-    count = connection.execute("SELECT count(*) FROM events WHERE kind = 'moderation'")
-    logger.info("adding verdicts to the inbox's moderation events", events=count.fetchone()[0])
-    after = 0
-    while rows := connection.execute(MODERATION_EVENTS, (after,)).fetchall():
-        connection.executemany(
-            "UPDATE events SET verdict = ? WHERE id = ?", verdicts([row[1:] for row in rows])
-        )
-        after = rows[-1][0]
+
+
+def _plan_verdicts(connection: sqlite3.Connection) -> None:
+    """The moderation events stored so far get their verdicts after the migration
+    (`fill_verdicts`): those stored from now on have theirs."""
+    (through,) = connection.execute(
+        "SELECT coalesce(max(seq), 0) FROM events WHERE kind = 'moderation'"
+    ).fetchone()
+    if through:
+        plan = orjson.dumps({"after": 0, "through": through}).decode()
+        connection.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (VERDICTS_TO_FILL, plan))
+
+
+def fill_verdicts(connection: sqlite3.Connection) -> None:
+    """Fill in the verdicts a migration left to fill, a batch per transaction, so that
+    the other processes on the file wait for one batch at most, and a process stopped
+    half-way leaves the rest to the next start."""
+    logged = False
+    while True:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            row = connection.execute(
+                "SELECT value FROM state WHERE key = ?", (VERDICTS_TO_FILL,)
+            ).fetchone()
+            if row is None:
+                connection.execute("COMMIT")
+                return
+            plan = orjson.loads(row[0])
+            if not logged:
+                logger.info("filling in the verdicts of the inbox's moderation events", **plan)
+                logged = True
+            rows = connection.execute(MODERATION_EVENTS, (plan["after"], plan["through"]))
+            batch = rows.fetchall()
+            update = "UPDATE events SET verdict = ? WHERE id = ?"
+            connection.executemany(update, verdicts([row[1:] for row in batch]))
+            if batch:
+                plan["after"] = batch[-1][0]
+                connection.execute(
+                    "UPDATE state SET value = ? WHERE key = ?",
+                    (orjson.dumps(plan).decode(), VERDICTS_TO_FILL),
+                )
+            else:
+                connection.execute("DELETE FROM state WHERE key = ?", (VERDICTS_TO_FILL,))
+                logger.info("the inbox's moderation events have their verdicts")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
 
 
 def _epoch(text: str) -> float:

@@ -28,7 +28,7 @@ from receiver.inbox import (
     sqlite_schema,
 )
 from receiver.inbox.postgres import PostgresInbox
-from receiver.inbox.records import PACKED, PACKED_ZLIB, event_data
+from receiver.inbox.records import PACKED, PACKED_ZLIB, VERDICTS_TO_FILL, event_data
 from receiver.inbox.sqlite import SqliteInbox
 from tests.support.callbacks import load
 
@@ -533,3 +533,16 @@ async def test_the_moderation_events_of_an_older_inbox_get_their_verdicts(inbox_
     assert await inbox_place.sql("SELECT id, verdict FROM events ORDER BY seq") == expected
     found = await inbox.events(EventFilter(verdict="violation"), limit=10)
     assert [summary.id for summary in found] == [i for i, v in expected if v == "violation"]
+    assert await inbox_place.sql("SELECT key FROM state WHERE key LIKE 'inbox:%'") == []
+    await inbox.close()
+
+    # A process stopped half-way: the next start fills in what is left, and only that.
+    seqs = await inbox_place.sql("SELECT seq FROM events WHERE kind = 'moderation' ORDER BY seq")
+    await inbox_place.sql("UPDATE events SET verdict = NULL")
+    plan = orjson.dumps({"after": seqs[0][0], "through": seqs[-1][0]}).decode()
+    await inbox_place.sql("INSERT INTO state VALUES (?, ?)", VERDICTS_TO_FILL, plan)
+    await inbox_place.open()
+    first, *rest = [(i, v) for i, v in expected if v is not None]
+    after = await inbox_place.sql("SELECT id, verdict FROM events WHERE verdict IS NOT NULL")
+    assert sorted(after) == sorted(rest)
+    assert first not in after
