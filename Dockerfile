@@ -50,7 +50,9 @@ ENV PATH=/opt/ci-receiver/bin:$PATH \
 VOLUME ["/var/lib/ci-receiver"]
 EXPOSE 8080
 # `ci-receiver health` reads the config as `serve` does (--config, CI_RECEIVER_CONFIG,
-# CI_RECEIVER_*) and asks /healthz on the port it is configured to listen on.
+# CI_RECEIVER_*) and asks /healthz on the port it is configured to listen on. A container
+# running `consume` (no public port) asks its admin listener instead:
+# docker run --health-cmd "ci-receiver health --admin" ... ci-receiver consume
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s CMD ["ci-receiver", "health"]
 # SIGTERM drains: in-flight requests and running handler attempts finish first.
 STOPSIGNAL SIGTERM

@@ -215,7 +215,15 @@ def _row(name: str, field: Any, table: Table | None) -> str:
         env,
         description,
     ]
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+    return "| " + " | ".join(_cell(cell) for cell in cells) + " |"
+
+
+def _cell(text: str) -> str:
+    """`text` in a table cell: a `|` escaped where it would end the cell, outside code
+    spans (Python-Markdown's tables leave one inside backticks alone, and an escape
+    there would show)."""
+    parts = text.split("`")  # the odd ones are inside backticks
+    return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
 def _is_duration(metadata: list[Any]) -> bool:
@@ -416,7 +424,7 @@ def metrics_page() -> str:
     ]
     for metric in metrics():
         labels = ", ".join(f"`{label}`" for label in metric.labels) or "none"
-        help_text = _inline(_one_line(metric.help)).replace("|", "\\|")
+        help_text = _cell(_inline(_one_line(metric.help)))
         lines.append(
             f"| `{metric.name}` | {metric.type} | {labels} | {help_text} | `{metric.where}` |"
         )

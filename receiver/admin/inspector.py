@@ -91,9 +91,12 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
             dead_bars=charts.bars(dead),
             pending=sum(h.pending for h in found.handlers),
             dead_total=sum(dead.values()),
-            # An event without a state, or whose tag is its kind (it has neither tag nor
-            # event name), is in a bar no filter selects.
-            state_link=lambda state: None if state == "-" else _recent("state", state),
+            # An event without a state CI sends (none, or one CI's documents do not list),
+            # or whose tag is its kind (it has neither tag nor event name), is in a bar no
+            # filter selects.
+            state_link=lambda state: (
+                _recent("state", state) if state in vocabulary.STATES else None
+            ),
             tag_link=lambda tag: None if tag in vocabulary.KINDS else _recent("tag", tag),
             verdict_link=lambda verdict: _recent("verdict", verdict),
             dead_link=lambda name: f"{PREFIX}/dead?" + urlencode({"handler": name}),

@@ -24,16 +24,9 @@ from typing import Literal
 
 from receiver.callback import vocabulary
 from receiver.callback.event import Event
+from receiver.callback.vocabulary import fold
 
 Comparison = Literal["known", "folded", "exact", "glob"]
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def fold(text: str) -> str:
-    """`text` with its ASCII letters lowered, as SQLite's `lower()` does (and
-    PostgreSQL's, on text in the "C" collation)."""
-    return text.translate(_ASCII_LOWER)
 
 
 def verdict(event: Event) -> str | None:

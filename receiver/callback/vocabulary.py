@@ -72,7 +72,17 @@ TAGS = (
 )
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold(text: str) -> str:
+    """`text` with its ASCII letters lowered, as SQLite's `lower()` does (and
+    PostgreSQL's, on text in the "C" collation): how routes and filters ignore case."""
+    return text.translate(_ASCII_LOWER)
+
+
 def canonical(value: str, known: tuple[str, ...] | list[str]) -> str | None:
-    """The known spelling of `value`, compared without case; None if it is not known."""
-    folded = value.casefold()
-    return next((name for name in known if name.casefold() == folded), None)
+    """The known spelling of `value`, compared without case (`fold`); None if it is not
+    known."""
+    folded = fold(value)
+    return next((name for name in known if fold(name) == folded), None)

@@ -110,7 +110,7 @@ class Dialect:
     try_lock: str | None
     # What a text value reads back as (PostgreSQL's text refuses NUL: `postgres.text`).
     text: Callable[[str], str]
-    # (a text expression) -> it with ASCII letters lowered, as `matching.fold` does.
+    # (a text expression) -> it with ASCII letters lowered, as `vocabulary.fold` does.
     fold: Callable[[str], str]
 
 
