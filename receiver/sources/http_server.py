@@ -20,15 +20,13 @@ request (one loop timer per connection, moved only when a deadline comes closer)
   client still sends is read and dropped for up to `LINGER_SECONDS`, so that the client
   reads its answer instead of a reset ("lingering close", as Apache and nginx do).
 
-With TLS (`[http] tls_cert`, receiver/sources/tls.py) the server wraps each connection
-in the event loop's own TLS layer, with the handshake bounded by `header_timeout`, and the
-protocol sees the connection once the handshake is done. Until then it counts against
-`max_connections` (a connection cannot tell us that its handshake failed, so one counts
-until it is made or `header_timeout` has passed), and the head's deadline runs from the
-accept, so that the handshake and the head together get `header_timeout`. Unlike a plain
-one, a connection past the connections held is not closed at its accept: the event loop
-gives the protocol no transport to close before the handshake is done, so it is refused
-then (or closed when its handshake's time is over).
+With TLS (`[http] tls_cert`, receiver/sources/tls.py) the listener accepts plain TCP and
+each connection takes its handshake on its own (receiver/sources/tls_accept.py): it counts
+against `max_connections` from its accept, as a plain one does (past the connections held
+it is closed at once, before any handshake), until its handshake fails or times out
+(uncounted then, at once) or succeeds and the protocol sees it. The handshake gets
+`header_timeout`, and the head's deadline runs from the accept, so that the handshake and
+the head together get `header_timeout`. Shutdown aborts the handshakes in progress.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +55,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from receiver.metrics import Metrics
 from receiver.sources.listen import LISTEN_BACKLOG
 from receiver.sources.tls import TlsCertificate
+from receiver.sources.tls_accept import Peer, TlsAccept
 
 logger = structlog.get_logger("ci_receiver.sources.http_server")
 
@@ -114,10 +113,23 @@ class Guard:
         )
         self._metrics = metrics
         self._logged: dict[str, tuple[float, int]] = {}
-        # TLS connections accepted whose handshake is not done (nor timed out).
-        self.handshakes = 0
+        # The TLS connections accepted whose handshake is not over (a `TlsAccept`, once
+        # the server listens over TLS): open connections as much as those served.
+        self.handshakes: Sized = ()
 
-    def refused(self, reason: str, client: tuple[str, int] | None) -> None:
+    def open_connections(self, served: int) -> int:
+        """The connections open, `served` (uvicorn's) and those in their handshake."""
+        return served + len(self.handshakes)
+
+    def holds(self, open_connections: int, client: Peer) -> bool:
+        """Whether a connection, one of `open_connections`, is held (served, or answered
+        503); if not, it is counted as refused and is to be closed without a word."""
+        if open_connections <= self.refusing_limit:
+            return True
+        self.refused("too_many_connections", client)
+        return False
+
+    def refused(self, reason: str, client: Peer) -> None:
         if self._metrics is not None:
             self._metrics.series(self._metrics.http_refused, self.name, reason).inc()
         now = time.monotonic()
@@ -231,7 +243,15 @@ async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
 class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits, deadlines and a lingering close."""
 
-    def __init__(self, config: BoundedConfig, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: BoundedConfig,
+        *args: Any,
+        handshake_over: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`handshake_over`: over TLS, what uncounts the connection's handshake (it is
+        counted as served from `connection_made` on)."""
         super().__init__(config, *args, **kwargs)
         self.guard = config.guard
         self._limits = config.guard.limits
@@ -246,47 +266,28 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._writer: _ResponseWriter | None = None
         # Made when the connection is accepted: over TLS, before the handshake.
         self._accepted_at = self.loop.time()
-        self._handshake: asyncio.TimerHandle | None = None
-        if config.tls is not None:
-            self.guard.handshakes += 1
-            self._handshake = self.loop.call_at(
-                self._accepted_at + self._limits.header_timeout, self._handshake_failed
-            )
+        self._handshake_over = handshake_over
 
     # --- connection ------------------------------------------------------------------
 
     # Ignored, override: asyncio.Protocol's takes any BaseTransport; a TCP server's is a
     # Transport, as uvicorn's own override (which carries the same ignore) says.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._handshake_over()
+        if self._handshake_over is not None:
+            self._handshake_over()
         super().connection_made(transport)
         self._writer = _ResponseWriter(transport, self._close_after_response, self.loop)
-        open_connections = len(self.connections) + self.guard.handshakes
+        open_connections = self.guard.open_connections(len(self.connections))
         if open_connections > self._limits.max_connections:
-            self.guard.refused("too_many_connections", self.client)
-            if open_connections > self.guard.refusing_limit:
+            if not self.guard.holds(open_connections, self.client):
                 transport.abort()
                 return
+            self.guard.refused("too_many_connections", self.client)
             self._answer_and_close(
                 error_response(503, "busy", "too many connections; send again", retry_after=1)
             )
             return
         self._set_deadline(_HEAD, self._accepted_at + self._limits.header_timeout)
-
-    def _handshake_over(self) -> None:
-        """The TLS handshake is done: the connection counts as any other from now on."""
-        if self._handshake is not None:
-            self._handshake.cancel()
-            self._handshake = None
-            self.guard.handshakes -= 1
-
-    def _handshake_failed(self) -> None:
-        """The TLS handshake has had its time and the connection was never made: the
-        event loop's TLS layer closed it (it failed, or timed out), without a word to this
-        protocol, which is then dropped. Counted now, with no address to tell."""
-        self._handshake = None
-        self.guard.handshakes -= 1
-        self.guard.refused("tls_handshake", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -504,6 +505,8 @@ class Server(uvicorn.Server):
     when it listens."""
 
     on_started: Callable[[Server], None] = staticmethod(lambda server: None)
+    # Over TLS: the connections in their handshake, which uvicorn does not see.
+    tls_accept: TlsAccept | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -512,32 +515,51 @@ class Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's, on the sockets given (the only way it is started here), with TLS
         as `BoundedConfig.tls` says: uvicorn's own TLS settings would leave the handshake
-        60 s and the closing handshake 30 s, and take its certificate once."""
+        60 s and the closing handshake 30 s, take its certificate once, and keep the
+        connections in their handshake out of sight (receiver/sources/tls_accept.py)."""
         assert sockets is not None
         config = self.config
         assert isinstance(config, BoundedConfig)
-        tls = config.tls
+        guard = config.guard
         loop = asyncio.get_running_loop()
 
-        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+        def create_protocol(
+            handshake_over: Callable[[], None] | None = None,
+        ) -> BoundedHttpProtocol:
             return BoundedHttpProtocol(
                 config=config,
                 server_state=self.server_state,
                 app_state=self.lifespan.state,
-                _loop=_loop,
+                handshake_over=handshake_over,
             )
 
-        self.servers = [
-            await loop.create_server(
-                create_protocol,
-                sock=sock,
-                backlog=config.backlog,
-                **({} if tls is None else _tls_options(tls, config.guard.limits)),
+        def admit(peer: Peer) -> bool:
+            return guard.holds(guard.open_connections(len(self.server_state.connections)), peer)
+
+        accept_connection: Callable[[], asyncio.Protocol] = create_protocol
+        if config.tls is not None:
+            self.tls_accept = guard.handshakes = TlsAccept(
+                config.tls.listening,
+                options=_tls_options(loop, guard.limits),
+                make_protocol=create_protocol,
+                admit=admit,
+                failed=lambda peer: guard.refused("tls_handshake", peer),
             )
+            accept_connection = self.tls_accept.acceptor
+        self.servers = [
+            await loop.create_server(accept_connection, sock=sock, backlog=config.backlog)
             for sock in sockets
         ]
         self.started = True
         self.on_started(self)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, the handshakes in progress aborted first: uvicorn, which asks its
+        connections to end and waits for them, does not know of these, and they would
+        be served once their handshake is done."""
+        if self.tls_accept is not None:
+            self.tls_accept.close()
+        await super().shutdown(sockets)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -545,14 +567,12 @@ class Server(uvicorn.Server):
         return host, port
 
 
-def _tls_options(tls: TlsCertificate, limits: ServerLimits) -> dict[str, Any]:
-    """The TLS arguments of `create_server`: the handshake within the head's time; the
+def _tls_options(loop: asyncio.AbstractEventLoop, limits: ServerLimits) -> dict[str, float]:
+    """The timeouts of a connection's TLS: the handshake within the head's time; the
     closing one (our close_notify, the client's answer) within the lingering close's."""
-    options: dict[str, Any] = {
-        "ssl": tls.listening,
-        "ssl_handshake_timeout": limits.header_timeout,
-    }
-    if sys.version_info >= (3, 11):  # asyncio's own loop takes it from 3.11 (uvloop: always)
+    options = {"ssl_handshake_timeout": limits.header_timeout}
+    # asyncio's own loop takes it from Python 3.11; uvloop's, always.
+    if sys.version_info >= (3, 11) or type(loop).__module__.startswith("uvloop"):
         options["ssl_shutdown_timeout"] = LINGER_SECONDS
     return options
 

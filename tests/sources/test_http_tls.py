@@ -2,7 +2,8 @@
 certificates from a test CA (trustme) and clients that verify against it: callbacks
 posted over HTTPS, plain HTTP refused, the admin listener, a renewed certificate taken
 on SIGHUP (and a bad one refused), a certificate or key that cannot be served at start,
-connections that never complete their handshake, and `serve --workers 2`."""
+connections that never complete their handshake (capped from their accept, uncounted as
+soon as they fail, closed on time and at shutdown), and `serve --workers 2`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import httpx
 import orjson
+import psutil
 import pytest
 
+from receiver.sources.http_server import connection_limits
 from tests.support.callbacks import job
 from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver, cli
@@ -44,7 +47,21 @@ def served_certificate(port: int, certificates: Certificates) -> bytes:
     return served
 
 
+def healthz(client: httpx.Client, receiver: Receiver) -> int:
+    return client.get(https(receiver) + "/healthz").status_code
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock` by now (not waiting)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+
+
 TLS_REFUSED = 'ci_receiver_http_refused_total{reason="tls_handshake",server="public"}'
+TOO_MANY = 'ci_receiver_http_refused_total{reason="too_many_connections",server="public"}'
 NOT_RELOADED = "tls certificate not reloaded: the running one stays"
 
 
@@ -82,8 +99,8 @@ def test_plain_http_to_the_tls_port_gets_no_answer_and_is_counted(receiver):
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(receiver.url + "/healthz", timeout=5)
     assert receiver.process.poll() is None
-    # Once its handshake's time (header_timeout) is over; with the port probe that
-    # waited for the start (a connection without a handshake too).
+    # With the port probe that waited for the start (a connection without a handshake
+    # too); each as soon as it is closed, not when its handshake's time is over.
     wait_until(lambda: metric(receiver, TLS_REFUSED) == 2, what="the failed handshake counted")
 
 
@@ -99,8 +116,7 @@ def test_connections_in_their_handshake_count_against_max_connections(tmp_path, 
     config = write_config(tmp_path, certificates.keys() + limits)
     receiver = Receiver(config).start()
     try:
-        # The test's own wait for the port: a connection with no handshake, counted once
-        # its time is over.
+        # The test's own wait for the port: a connection closed with no handshake.
         wait_until(lambda: metric(receiver, TLS_REFUSED) == 1, what="the port probe counted")
         silent = [socket.create_connection(("127.0.0.1", receiver.port)) for _ in range(2)]
         time.sleep(0.3)  # accepted
@@ -112,6 +128,80 @@ def test_connections_in_their_handshake_count_against_max_connections(tmp_path, 
                 assert sock.recv(1024) == b""  # their handshake's time is over
             assert metric(receiver, TLS_REFUSED) == 3
             assert client.get(https(receiver) + "/healthz").status_code == 200
+    finally:
+        receiver.stop()
+
+
+def test_connections_past_those_held_are_closed_at_their_accept(tmp_path, certificates):
+    # 2,000 descriptors and max_connections = 20: up to `hold` connections are held (to be
+    # answered 503 once their handshake is done); any more are closed as they come,
+    # before a handshake, as plain HTTP ones are.
+    hold = connection_limits(2000, 20).hold
+    config = write_config(tmp_path, certificates.keys() + "max_connections = 20\n")
+    receiver = Receiver(config).start(open_files=2000)
+    try:
+        process = psutil.Process(receiver.process.pid)
+        descriptors = process.num_fds()
+        silent = [socket.create_connection(("127.0.0.1", receiver.port)) for _ in range(hold + 400)]
+        # Well before any handshake's time (header_timeout, 10 s) is over: at their accept.
+        wait_until(lambda: sum(map(closed_by_server, silent)) >= 400, timeout=5, what="400 closed")
+        assert sum(map(closed_by_server, silent)) == 400
+        assert process.num_fds() < descriptors + hold + 20
+        assert metric(receiver, TOO_MANY) == 400
+        for sock in silent:
+            sock.close()
+        with httpx.Client(verify=certificates.client()) as client:
+            wait_until(lambda: healthz(client, receiver) == 200, what="served again")
+    finally:
+        receiver.stop()
+
+
+def test_a_burst_of_connections_closed_unshaken_leaves_no_503(tmp_path, certificates):
+    # Each closed before its handshake is uncounted at once: were they counted until
+    # their handshake's time (10 s) was over, the next sender would get 503 meanwhile.
+    config = write_config(tmp_path, certificates.keys() + "max_connections = 20\n")
+    receiver = Receiver(config).start()
+    try:
+        with httpx.Client(verify=certificates.client()) as client:
+            for burst in range(3):
+                for _ in range(60):
+                    socket.create_connection(("127.0.0.1", receiver.port)).close()
+                assert healthz(client, receiver) == 200, burst
+        # Counted as they failed (with the port probe), none as too many connections.
+        wait_until(lambda: metric(receiver, TLS_REFUSED) == 181, what="all counted")
+        assert metric(receiver, TOO_MANY) == 0
+    finally:
+        receiver.stop()
+
+
+def test_a_handshake_that_stalls_is_closed_within_header_timeout(receiver):
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as slow:
+        # The start of a ClientHello (a TLS 1.0 record header, 512 bytes announced, and
+        # the handshake's type), and nothing more.
+        slow.sendall(b"\x16\x03\x01\x02\x00\x01")
+        started = time.monotonic()
+        assert slow.recv(1024) == b""
+        assert time.monotonic() - started < 4  # header_timeout = 1
+    wait_until(lambda: metric(receiver, TLS_REFUSED) == 2, what="counted (with the port probe)")
+
+
+def test_sigterm_during_handshakes_closes_them_and_exits_cleanly(tmp_path, certificates):
+    config = write_config(tmp_path, certificates.keys() + "header_timeout = 30\n")
+    receiver = Receiver(config).start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", receiver.port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", receiver.port), timeout=10)
+        slow.sendall(b"\x16\x03\x01\x02\x00\x01")
+        time.sleep(0.3)  # both accepted, in their handshake
+        started = time.monotonic()
+        assert receiver.terminate() == 0
+        assert time.monotonic() - started < 10  # not held until their handshake's time
+        assert silent.recv(1024) == slow.recv(1024) == b""
+        silent.close()
+        slow.close()
+        log = receiver.log()
+        assert "Traceback" not in log
+        assert "Task was destroyed" not in log
     finally:
         receiver.stop()
 
