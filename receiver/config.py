@@ -76,7 +76,40 @@ Verify = Literal["none", "ci-api"]
 VERIFYING_SECTIONS = {"http": ("http", "cmq-push"), "tdmq": ("tdmq",), "cmq": ("cmq",)}
 
 
-class HttpConfig(Section):
+class Listener(Section):
+    """What the two HTTP listeners ([http], [admin]) share: where they listen (each
+    section has its own defaults), and HTTPS when configured (receiver/sources/tls.py)."""
+
+    host: str
+    """The address the listener binds."""
+    port: int = Field(ge=0, le=65535)
+    """The listener's port."""
+    tls_cert: Path | None = None
+    """The certificate chain (PEM: the server's certificate, then the intermediates) to
+    serve this listener over HTTPS with; with `tls_key`. Read at start and again on
+    SIGHUP, so that a renewed certificate is served without a restart. Unset: plain
+    HTTP."""
+    tls_key: Path | None = None
+    """The private key (PEM) of `tls_cert`."""
+    tls_key_password: SecretStr | None = None
+    """The password of `tls_key`, when it is encrypted."""
+
+    @model_validator(mode="after")
+    def _tls_cert_and_key(self) -> Listener:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ValueError(f"tls_cert and tls_key go together: set {missing} too (or neither)")
+        if self.tls_key_password is not None and self.tls_key is None:
+            raise ValueError("tls_key_password is set without tls_cert and tls_key")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """`https` for a listener that serves TLS, else `http`."""
+        return "http" if self.tls_cert is None else "https"
+
+
+class HttpConfig(Listener):
     """`[http]`: the public listener CI posts its callbacks to, who may post, and the
     bounds on every request."""
 
@@ -161,21 +194,6 @@ class HttpConfig(Section):
     """A safety net far above any burst: requests in the app at once (each connection
     runs one at a time), beyond which new ones get 503 at once."""
 
-    # --- TLS (receiver/sources/tls.py) ---
-    tls_cert: Path | None = None
-    """The certificate chain (PEM: the server's certificate, then the intermediates) to
-    serve this port over HTTPS with; with `tls_key`. Read at start and again on SIGHUP,
-    so that a renewed certificate is served without a restart. Unset: plain HTTP."""
-    tls_key: Path | None = None
-    """The private key (PEM) of `tls_cert`."""
-    tls_key_password: SecretStr | None = None
-    """The password of `tls_key`, when it is encrypted."""
-
-    @model_validator(mode="after")
-    def _tls_cert_and_key(self) -> HttpConfig:
-        _check_tls_keys(self.tls_cert, self.tls_key, self.tls_key_password)
-        return self
-
     @field_validator("basic_auth")
     @classmethod
     def _basic_auth_usable(cls, users: dict[str, SecretStr]) -> dict[str, SecretStr]:
@@ -251,7 +269,7 @@ class DispatchConfig(Section):
     handler's own `required` overrides this. Callbacks are kept either way."""
 
 
-class AdminConfig(Section):
+class AdminConfig(Listener):
     """`[admin]`: the listener for /metrics, the detailed /readyz, and (with `inspector`)
     the JSON admin API and the inspector pages, apart from the public port CI posts to."""
 
@@ -278,18 +296,6 @@ class AdminConfig(Section):
     public_url: str | None = None
     """This listener's base URL as people reach it (https://ci.example.com, behind a
     proxy): with `inspector`, handlers link to its pages (a digest to its events)."""
-    tls_cert: Path | None = None
-    """The certificate chain (PEM) to serve the admin listener over HTTPS with; with
-    `tls_key`. Read at start and again on SIGHUP. Unset: plain HTTP."""
-    tls_key: Path | None = None
-    """The private key (PEM) of `tls_cert`."""
-    tls_key_password: SecretStr | None = None
-    """The password of `tls_key`, when it is encrypted."""
-
-    @model_validator(mode="after")
-    def _tls_cert_and_key(self) -> AdminConfig:
-        _check_tls_keys(self.tls_cert, self.tls_key, self.tls_key_password)
-        return self
 
     @field_validator("public_url")
     @classmethod
@@ -326,20 +332,6 @@ class AdminConfig(Section):
                 f"host {self.host!r} is not a loopback address: set admin.token or admin.basic_auth"
             )
         return self
-
-
-def scheme(listener: HttpConfig | AdminConfig) -> str:
-    """`https` for a listener that serves TLS (`tls_cert`), else `http`."""
-    return "http" if listener.tls_cert is None else "https"
-
-
-def _check_tls_keys(cert: Path | None, key: Path | None, password: SecretStr | None) -> None:
-    """A section's TLS keys: a certificate and its key together, or neither."""
-    if (cert is None) != (key is None):
-        missing = "tls_key" if key is None else "tls_cert"
-        raise ValueError(f"tls_cert and tls_key go together: set {missing} too (or neither)")
-    if password is not None and key is None:
-        raise ValueError("tls_key_password is set without tls_cert and tls_key")
 
 
 def _usable_users(users: dict[str, SecretStr]) -> dict[str, SecretStr]:
@@ -987,9 +979,7 @@ def _at(data: Any, key: tuple[str | int, ...]) -> Any:
 
 
 def _remove(data: dict[str, Any], key: tuple[str | int, ...]) -> bool:
-    table: Any = data
-    for part in key[:-1]:
-        table = table.get(part) if isinstance(table, dict) else None
+    table = _at(data, key[:-1])
     if isinstance(table, dict) and key and key[-1] in table:
         del table[key[-1]]
         return True

@@ -271,19 +271,22 @@ def _type_name(annotation: Any) -> str:
     return f"`{getattr(annotation, '__name__', annotation)}`"
 
 
+# Each bound pydantic keeps in a field's metadata: its class, its value's attribute, and
+# how the reference says it.
+BOUNDS = (
+    (annotated_types.Ge, "ge", "≥ {}"),
+    (annotated_types.Gt, "gt", "> {}"),
+    (annotated_types.Le, "le", "≤ {}"),
+    (annotated_types.Lt, "lt", "< {}"),
+    (annotated_types.MinLen, "min_length", "at least {}"),
+    (annotated_types.MaxLen, "max_length", "at most {}"),
+)
+
+
 def _bound(item: Any) -> str:
-    if isinstance(item, annotated_types.Ge):
-        return f"≥ {item.ge}"
-    if isinstance(item, annotated_types.Gt):
-        return f"> {item.gt}"
-    if isinstance(item, annotated_types.Le):
-        return f"≤ {item.le}"
-    if isinstance(item, annotated_types.Lt):
-        return f"< {item.lt}"
-    if isinstance(item, annotated_types.MinLen):
-        return f"at least {item.min_length}"
-    if isinstance(item, annotated_types.MaxLen):
-        return f"at most {item.max_length}"
+    for kind, attribute, text in BOUNDS:
+        if isinstance(item, kind):
+            return text.format(getattr(item, attribute))
     pattern = getattr(item, "pattern", None)
     return f"matching `{pattern}`" if pattern else ""
 

@@ -121,7 +121,8 @@ def api_routes(inspection: Inspection) -> list[BaseRoute]:
         detail = await inspection.inbox.event(event_id)
         if detail is None:
             raise BadRequest(f"no event {event_id!r}", status=404)
-        return JsonResponse(detail_json(detail, await presence.names(inspection.inbox)))
+        names = await presence.names(inspection.inbox, detail.runs)
+        return JsonResponse(detail_json(detail, names))
 
     async def job(request: Request) -> Response:
         job_id = text_param("job", request.path_params["job_id"])

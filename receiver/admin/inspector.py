@@ -123,9 +123,9 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
         # The trace it was received in (stored with it when tracing was on), linked when
         # the sampler kept it.
         trace = tracing.trace_of(detail.event.source_meta)
+        names = await presence.names(inbox(), detail.runs)
         running = {
             run.handler: presence.holder(run, names)
-            for names in [await presence.names(inbox())]
             for run in detail.runs
             if run.leased_by is not None
         }

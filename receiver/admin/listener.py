@@ -39,5 +39,5 @@ def admin_listener(
         graceful_timeout=http.graceful_timeout,
         on_listening=on_listening,
         sock=sock,
-        tls=TlsCertificate.of("admin", "admin", admin),
+        tls=TlsCertificate.of("admin", admin),
     )

@@ -45,26 +45,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _as_routes_match(name: str) -> AfterValidator:
-    """A value as a route's key `name` takes it: one CI never sends (a state, kind or
-    verdict) is refused, since it could never match."""
-
-    def spelled(value: str) -> str:
-        (found,) = FIELDS[name].spelled([value])
-        return found
-
-    return AfterValidator(spelled)
-
-
 class Filter(Strict):
     """Which events: every field given must match (as `EventFilter`), as a route's key
-    of its name matches (without regard to case; `tag` takes an event name too)."""
+    of its name matches (without regard to case; `tag` takes an event name too); a
+    kind, state or verdict CI never sends is refused, since it could never match."""
 
-    kind: Annotated[Text, _as_routes_match("kind")] | None = None
+    kind: Annotated[Text, AfterValidator(FIELDS["kind"].spell)] | None = None
     event_name: Text | None = None
     tag: Text | None = None
-    state: Annotated[Text, _as_routes_match("state")] | None = None
-    verdict: Annotated[Text, _as_routes_match("verdict")] | None = None
+    state: Annotated[Text, AfterValidator(FIELDS["state"].spell)] | None = None
+    verdict: Annotated[Text, AfterValidator(FIELDS["verdict"].spell)] | None = None
     job: Text | None = None
     bucket: Text | None = None
     key: Text | None = None

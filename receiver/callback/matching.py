@@ -75,6 +75,11 @@ class Matched:
             )
         return [s for s in spelled if s is not None]
 
+    def spell(self, value: str) -> str:
+        """One value as `spelled` gives it (a filter's)."""
+        (spelled,) = self.spelled([value])
+        return spelled
+
     def unknown(self, values: Iterable[str]) -> list[str]:
         """The values of a "folded" field CI is not known to send."""
         if self.comparison != "folded" or not self.known:

@@ -12,7 +12,7 @@ import orjson
 from handlers import HandlerConfigError, shown_options
 from receiver import rates, tracing
 from receiver.cli.common import config_option, inbox_errors, load
-from receiver.config import AdminConfig, Config, HandlerConfig, HttpConfig
+from receiver.config import Config, HandlerConfig
 from receiver.masking import mask_credentials, mask_url
 
 # What an option of a handler whose options were not checked shows.
@@ -68,19 +68,17 @@ def _tls_served(config: Config) -> list[str]:
     """What each listener with TLS serves, its certificate and key read as at start; a
     pair that cannot be served ends the command with the reason. (With --no-connect, a
     listener whose files or password are a variable not set is left unread.)"""
-    from receiver.sources.tls import TlsCertificate, TlsError
+    from receiver.sources.tls import LISTENERS, TlsCertificate, TlsError, listeners
 
-    listeners: list[tuple[str, str, HttpConfig | AdminConfig]] = [("public", "http", config.http)]
-    if config.admin.enabled:
-        listeners.append(("admin", "admin", config.admin))
     unset = {unset.key[:2] for unset in config.unset}
     served = []
-    for name, section, keys in listeners:
+    for section, keys in listeners(config):
+        name = LISTENERS[section]
         if {(section, key) for key in ("tls_cert", "tls_key", "tls_key_password")} & unset:
             served.append(f"the {name} listener's certificate not read: a variable is unset")
             continue
         try:
-            certificate = TlsCertificate.of(name, section, keys)
+            certificate = TlsCertificate.of(section, keys)
         except TlsError as exc:
             raise click.ClickException(f"config: {exc}") from None
         if certificate is not None:

@@ -71,10 +71,9 @@ def _as_routes_match(ctx: click.Context, param: click.Parameter, value: str | No
     if value is None or param.name is None:
         return value
     try:
-        (spelled,) = FIELDS[param.name].spelled([value])
+        return FIELDS[param.name].spell(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    return spelled
 
 
 def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -105,7 +105,8 @@ def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
     zone = _zone(config_path)
 
     async def read(inbox: ReadOnlyInbox) -> tuple[EventDetail | None, dict[str, str]]:
-        return await inbox.event(event_id), await presence.names(inbox)
+        detail = await inbox.event(event_id)
+        return detail, {} if detail is None else await presence.names(inbox, detail.runs)
 
     detail, names = with_inbox(config_path, read)
     if detail is None:

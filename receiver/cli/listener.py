@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from receiver.config import AdminConfig, Config, HttpConfig, scheme
+from receiver.config import Config, Listener
 
 # What stands for this host's address in a CallBack URL when it has none CI can reach.
 PUBLIC_PLACEHOLDER = "<public-address>"
@@ -14,16 +14,16 @@ PUBLIC_PLACEHOLDER = "<public-address>"
 LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
-def local_base(listener: HttpConfig | AdminConfig) -> str:
+def local_base(listener: Listener) -> str:
     """The listener's base URL as seen from this host (scheme, host, port)."""
     return base(listener, LOOPBACK.get(listener.host, listener.host))
 
 
-def base(listener: HttpConfig | AdminConfig, host: str) -> str:
+def base(listener: Listener, host: str) -> str:
     """<scheme>://<host>:<port> of the listener reached at `host`."""
     if ":" in host:  # IPv6
         host = f"[{host}]"
-    return f"{scheme(listener)}://{host}:{listener.port}"
+    return f"{listener.scheme}://{host}:{listener.port}"
 
 
 def local_url(config: Config, *, reveal_token: bool = True) -> str:

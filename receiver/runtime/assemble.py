@@ -22,7 +22,7 @@ import structlog
 from handlers import HandlerConfigError
 from receiver import tracing
 from receiver.admin.listener import admin_listener
-from receiver.config import Config, scheme
+from receiver.config import Config
 from receiver.ingest.routing import log_warnings
 from receiver.logs import configure_logging
 from receiver.masking import mask_url
@@ -34,7 +34,7 @@ from receiver.sources.backend import Backend
 from receiver.sources.http_auth import open_to_anyone_refusal, open_to_anyone_warning
 from receiver.sources.http_source import HttpServer
 from receiver.sources.source import Source
-from receiver.sources.tls import TlsCertificate
+from receiver.sources.tls import TlsCertificate, certificates
 
 # The commands' logger, as when this was theirs: the log lines are the same.
 logger = structlog.get_logger("ci_receiver.cli")
@@ -148,9 +148,7 @@ def supervise(config: Config, config_path: Path | None, say: Say) -> int:
     http, admin = config.http, config.admin
     # Each worker reads the certificates itself; read here first, so that one that
     # cannot be served ends the command with its reason rather than a worker.
-    TlsCertificate.of("public", "http", http)
-    if admin.enabled:
-        TlsCertificate.of("admin", "admin", admin)
+    certificates(config)
     public = listen("public", http.host, http.port)
     admin_socket = listen("admin", admin.host, admin.port) if admin.enabled else None
     host, port = public.getsockname()[:2]
@@ -242,7 +240,7 @@ def _admin_server(backend: Backend, say: Say, sock: socket.socket | None = None)
         routes = "/metrics, /readyz"
         if backend.config.admin.inspector:
             routes += ", /api, the inspector at /inspector"
-        say(f"admin listener on {scheme(backend.config.admin)}://{host}:{port} ({routes})")
+        say(f"admin listener on {backend.config.admin.scheme}://{host}:{port} ({routes})")
 
     return [admin_listener(backend, announce, sock)]
 
@@ -251,9 +249,9 @@ def _announce(config: Config, say: Say) -> Callable[[str, int], None]:
     def announce(bound_host: str, bound_port: int) -> None:
         path = "/callbacks/<token>" if config.http.tokens else "/callbacks"
         public = "<this host's public address>" if bound_host in ("0.0.0.0", "::") else bound_host
-        served = scheme(config.http)
-        say(f"ci-receiver listening on {served}://{bound_host}:{bound_port}")
-        say(f"CallBack URL for CI: {served}://{public}:{bound_port}{path}")
+        scheme = config.http.scheme
+        say(f"ci-receiver listening on {scheme}://{bound_host}:{bound_port}")
+        say(f"CallBack URL for CI: {scheme}://{public}:{bound_port}{path}")
         say("  (CI calls back over the internet: it refuses private addresses)")
 
     return announce

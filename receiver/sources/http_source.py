@@ -81,7 +81,7 @@ class HttpServer:
         """The port CI posts to: /callbacks, /healthz, a bare /readyz. Raises `TlsError`
         when its certificate or key cannot be served."""
         http = service.config.http
-        tls = TlsCertificate.of("public", "http", http)
+        tls = TlsCertificate.of("http", http)
         open_files = raise_open_files_limit()
         connections = connection_limits(open_files, http.max_connections)
         if connections.lowered:

@@ -15,15 +15,36 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
-from receiver.config import AdminConfig, HttpConfig
+from receiver.config import Config, Listener
 
 logger = structlog.get_logger("ci_receiver.tls")
 
 # HTTP/1.1 is what the listeners speak; said in the handshake to clients that ask (ALPN).
 ALPN = ["http/1.1"]
+
+
+Section = Literal["http", "admin"]
+# Each listener's name in logs and errors, by the section that configures it.
+LISTENERS: dict[Section, str] = {"http": "public", "admin": "admin"}
+
+
+def listeners(config: Config) -> list[tuple[Section, Listener]]:
+    """(section, keys) of each listener the config has: the admin one unless disabled."""
+    found: list[tuple[Section, Listener]] = [("http", config.http)]
+    if config.admin.enabled:
+        found.append(("admin", config.admin))
+    return found
+
+
+def certificates(config: Config) -> list[TlsCertificate]:
+    """The certificates of the listeners that serve TLS, read as at start; `TlsError`
+    says why one cannot be served."""
+    read = (TlsCertificate.of(section, keys) for section, keys in listeners(config))
+    return [certificate for certificate in read if certificate is not None]
 
 
 class TlsError(Exception):
@@ -39,7 +60,7 @@ class _NoPassword(Exception):
 class TlsFiles:
     """Where one listener's certificate chain and private key are, as configured."""
 
-    section: str  # "http" or "admin": named in every error
+    section: Section  # named in every error
     cert: Path
     key: Path
     password: str | None = None
@@ -99,9 +120,8 @@ class TlsCertificate:
             connection.context = current
 
     @classmethod
-    def of(cls, name: str, section: str, config: HttpConfig | AdminConfig) -> TlsCertificate | None:
-        """The certificate of listener `name` as `[section]` configures it; None: plain
-        HTTP."""
+    def of(cls, section: Section, config: Listener) -> TlsCertificate | None:
+        """The certificate of the listener `[section]` configures; None: plain HTTP."""
         if config.tls_cert is None or config.tls_key is None:
             return None
         password = config.tls_key_password
@@ -111,7 +131,7 @@ class TlsCertificate:
             config.tls_key,
             None if password is None else password.get_secret_value(),
         )
-        return cls(name, files)
+        return cls(LISTENERS[section], files)
 
     def reload(self) -> None:
         """Read the files again and serve them to new connections; `TlsError` (and the

@@ -74,10 +74,12 @@ class Presence:
         await self._inbox.set_state(self._key, orjson.dumps(process).decode())
 
 
-async def names(inbox: Reading) -> dict[str, str]:
+async def names(inbox: Reading, runs: list[RunState]) -> dict[str, str]:
     """`host (pid N)` of each process heard of, by the prefix of the ids it makes (what
-    a lease it holds names: `ids.process_of`)."""
-    found = {}
+    a lease it holds names: `ids.process_of`); read only when one of `runs` is being run."""
+    found: dict[str, str] = {}
+    if not any(run.leased_by is not None for run in runs):
+        return found
     for key, value in (await inbox.states(PREFIX)).items():
         with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError):
             process = orjson.loads(value)
