@@ -211,10 +211,19 @@ def listening(receiver: Receiver) -> list[tuple[int, int]]:
 
 
 def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict[int, int]:
-    """`serve --workers N`: start, and wait until every worker listens: {worker: pid}."""
+    """`serve --workers N`: start, and wait until every worker listens: {worker: pid}.
+    The supervisor says so once each worker has told it; each worker's own line is
+    written by that worker, and may reach the log a moment later."""
     receiver.start(env=env, wait_http=False)
     receiver.wait_for_log("all workers listening")
-    return dict(listening(receiver))
+    (count,) = [
+        line["workers"] for line in log_lines(receiver) if line["event"] == "all workers listening"
+    ][:1]
+    deadline = time.monotonic() + 10
+    while len(workers := dict(listening(receiver))) < count:
+        assert time.monotonic() < deadline, f"{count} workers said they listen: {workers}"
+        time.sleep(0.05)
+    return workers
 
 
 def _limit_open_files(limit: int) -> None:
