@@ -12,6 +12,7 @@ import contextlib
 import logging
 import select
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone, tzinfo
 from typing import IO, Any
@@ -23,14 +24,28 @@ from receiver import tracing
 from receiver.timezones import parse_timezone
 
 
-class ZonedTimeStamper:
-    """`timestamp` in ISO 8601 with the zone's offset (`2026-11-22T15:29:48.123+08:00`)."""
+class TimeStamper:
+    """`timestamp` in ISO 8601 to the microsecond, with the zone's offset
+    (`2026-11-22T15:29:48.123456+08:00`; UTC written with a `Z`). The date, time and
+    offset of the current second are formatted once and kept: every callback logs two
+    lines, and formatting a datetime for each cost a fifth of a line (structlog's
+    `TimeStamper`). Offsets change on whole seconds, so a second's offset is its own."""
 
     def __init__(self, zone: tzinfo) -> None:
         self.zone = zone
+        # (second, its date and time, its offset), replaced whole: any thread may log.
+        self._second: tuple[int, str, str] = (-1, "", "")
 
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-        event["timestamp"] = datetime.now(self.zone).isoformat()
+        second_now, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+        second, prefix, suffix = self._second
+        if second != second_now:
+            second = second_now
+            moment = datetime.fromtimestamp(second, self.zone)
+            prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+            suffix = "Z" if self.zone is timezone.utc else moment.isoformat()[19:]
+            self._second = (second, prefix, suffix)
+        event["timestamp"] = f"{prefix}.{nanoseconds // 1000:06d}{suffix}"
         return event
 
 
@@ -48,19 +63,13 @@ class StaticFields:
 def _shared_processors(
     timezone_name: str, fields: dict[str, Any] | None = None, trace_ids: bool = False
 ) -> list[Any]:
-    zone = parse_timezone(timezone_name)
-    stamper = (
-        structlog.processors.TimeStamper(fmt="iso", utc=True)
-        if zone is timezone.utc
-        else ZonedTimeStamper(zone)
-    )
     return [
         structlog.contextvars.merge_contextvars,
         *([StaticFields(fields)] if fields else []),
         *([tracing.add_trace_ids] if trace_ids else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        stamper,
+        TimeStamper(parse_timezone(timezone_name)),
     ]
 
 

@@ -7,14 +7,16 @@ import io
 import logging
 import os
 import sys
-from datetime import datetime, timedelta
+import time
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
 import structlog
 
 from receiver.config import ConfigError, load_config
-from receiver.logs import configure_logging
+from receiver.logs import TimeStamper, configure_logging
 
 
 def logged(capsys) -> list[dict]:
@@ -26,15 +28,37 @@ def logged(capsys) -> list[dict]:
 )
 def test_timestamps_in_the_configured_zone(capsys, restore_logging, zone, offset):
     configure_logging("info", "json", zone)
+    before = datetime.now(timezone.utc)
     structlog.get_logger("test").info("ours")
     logging.getLogger("uvicorn.error").info("the standard library's")
+    after = datetime.now(timezone.utc)
     lines = logged(capsys)
     assert [line["event"] for line in lines] == ["ours", "the standard library's"]
     for line in lines:
         stamp = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
         assert stamp.utcoffset() == offset
+        assert before <= stamp <= after  # to the microsecond, the time of the line
     if zone == "UTC":
         assert lines[0]["timestamp"].endswith("Z")  # as before: UTC written with a Z
+
+
+def test_timestamps_across_seconds_and_a_change_of_offset(monkeypatch):
+    # Each second's date, time and offset are kept for the lines of that second: a line
+    # in the next one, or past the end of summer time, is stamped anew.
+    zone = ZoneInfo("Europe/Berlin")
+    stamper = TimeStamper(zone)
+    moments = [
+        datetime(2026, 10, 25, 0, 59, 59, 999_998, tzinfo=timezone.utc),  # +02:00 still
+        datetime(2026, 10, 25, 1, 0, 0, 1, tzinfo=timezone.utc),  # +01:00 since 01:00 UTC
+        datetime(2026, 10, 25, 1, 0, 0, 500_000, tzinfo=timezone.utc),
+    ]
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    for moment in moments:
+        nanoseconds = (moment - epoch) // timedelta(microseconds=1) * 1000
+        monkeypatch.setattr(time, "time_ns", lambda: nanoseconds)  # noqa: B023
+        stamp = datetime.fromisoformat(stamper(None, "info", {})["timestamp"])
+        assert stamp == moment
+        assert stamp.utcoffset() == moment.astimezone(zone).utcoffset()
 
 
 def test_an_unknown_zone_is_a_config_error(tmp_path, monkeypatch):
