@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import sys
+import tomllib
 from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,11 +37,6 @@ from receiver.callback.matching import FIELDS
 from receiver.masking import SECRET_NAME, mask_credentials, mask_url
 from receiver.spelling import did_you_mean
 from receiver.timezones import check_timezone
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 CONFIG_ENV = "CI_RECEIVER_CONFIG"
 ENV_PREFIX = envvars.PREFIX

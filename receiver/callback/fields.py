@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -190,8 +189,6 @@ def timestamp(value: Any, name: str, warnings: list[str]) -> datetime | None:
 
 
 def _time(value: str) -> datetime | None:
-    if sys.version_info < (3, 11) and value[-5:-4] in ("+", "-") and value[-4:].isdigit():
-        value = f"{value[:-2]}:{value[-2:]}"  # 3.10's fromisoformat wants +08:00
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:

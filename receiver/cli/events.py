@@ -154,7 +154,7 @@ def tail(
             try:
                 await asyncio.wait_for(stop.wait(), interval)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             found = await inbox.events(event_filter(**filters), limit=TAIL_PAGE)
             new = [summary for summary in found if summary.id not in seen]

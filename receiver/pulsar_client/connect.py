@@ -126,7 +126,7 @@ async def close(
         outcomes = await asyncio.wait_for(
             asyncio.gather(*(part.close() for part in closing), return_exceptions=True), timeout
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.info("tdmq close incomplete", error=f"no answer within {timeout:g}s")
     else:
         for part, outcome in zip(closing, outcomes, strict=True):

@@ -237,14 +237,8 @@ async def _spawn(
 ) -> asyncio.subprocess.Process:
     """A worker, in a process group of its own: signals from the terminal reach the
     supervisor only, which passes them on."""
-    if sys.version_info >= (3, 11):
-        return await asyncio.create_subprocess_exec(
-            *command, pass_fds=inherited, env=env, process_group=0
-        )
-    # Python 3.10 has no `process_group`: a session of its own is a group of its own
-    # too, and a worker has no use for the terminal.
     return await asyncio.create_subprocess_exec(
-        *command, pass_fds=inherited, env=env, start_new_session=True
+        *command, pass_fds=inherited, env=env, process_group=0
     )
 
 

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import resource
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
@@ -570,11 +569,7 @@ class Server(uvicorn.Server):
 def _tls_options(loop: asyncio.AbstractEventLoop, limits: ServerLimits) -> dict[str, float]:
     """The timeouts of a connection's TLS: the handshake within the head's time; the
     closing one (our close_notify, the client's answer) within the lingering close's."""
-    options = {"ssl_handshake_timeout": limits.header_timeout}
-    # asyncio's own loop takes it from Python 3.11; uvloop's, always.
-    if sys.version_info >= (3, 11) or type(loop).__module__.startswith("uvloop"):
-        options["ssl_shutdown_timeout"] = LINGER_SECONDS
-    return options
+    return {"ssl_handshake_timeout": limits.header_timeout, "ssl_shutdown_timeout": LINGER_SECONDS}
 
 
 def raise_open_files_limit() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import stat
-import sys
+import tomllib
 
 import orjson
 
@@ -13,11 +13,6 @@ from receiver.config import load_config
 from tests.support.callbacks import path as fixture
 from tests.support.cli import ci_receiver
 from tests.support.processes import Receiver
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def init(folder, *args: str, ok: bool = True):

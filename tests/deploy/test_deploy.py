@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 import typing
 import uuid
 from dataclasses import dataclass
@@ -30,11 +31,6 @@ from receiver.sources.http_auth import open_to_anyone_refusal
 from receiver.sources.http_server import MOST_CONNECTIONS, connection_limits
 from tests.support.databases import require_server
 from tests.support.processes import REPO
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEPLOY = REPO / "deploy"
 ROUTES = {"/callbacks", "/healthz", "/readyz"}  # on the public port

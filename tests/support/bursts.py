@@ -61,7 +61,7 @@ async def _send(port: int, payload: bytes, job_id: str, go: asyncio.Event) -> An
         status, headers = await asyncio.wait_for(_exchange(port, payload), ANSWER_TIMEOUT)
     except (ConnectionError, OSError, asyncio.IncompleteReadError):
         status, headers = "closed", b""
-    except asyncio.TimeoutError:
+    except TimeoutError:
         status, headers = "timeout", b""
     return Answer(status, time.monotonic() - began, headers, job_id)
 
