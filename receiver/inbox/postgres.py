@@ -28,6 +28,7 @@ many at a time (`LEASE`).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import functools
 import random
@@ -167,26 +168,48 @@ DIALECT = Dialect(
 # row is touched twice. A run with a lease is stored leased (the storer starts it). It
 # wakes the other replicas once, when runs were made that they may claim. One row per
 # callback, in order: its receipt's id and the ids of the events it stored.
+#
+# The batch is one argument, a JSON text (`_store_batch_json`): [receipts, events, runs],
+# each a list of rows, a row its columns by position, bytea columns in base64 (`decode`
+# reads them whatever the database's encoding). Not an array per column: asyncpg encodes
+# arrays element by element in Python (type checks of each), over 10 µs of the event
+# loop per callback, where orjson writes the whole batch in a few. It is parsed once
+# (`batch`), as jsonb, whose rows are then read column by column without parsing them
+# again. The events' and runs' rows go through an array (`unnest(ARRAY(...))`): the
+# planner expects 10 rows of an array it does not know, and 100 of
+# `jsonb_array_elements`, enough for a plan made while the tables were small (and kept,
+# `KEYED_PLANS`) to read a whole index to join them (FINISH's read `runs`'). Not the
+# receipts', which would be copied, bodies and all, into the array, and which meet no
+# table but in their INSERT.
 STORE = f"""
-WITH receipt AS (
-    SELECT nextval('receipts_id_seq') AS id, r.*
-    FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bytea[], $5::bytea[],
-        $6::bytea[], $7::int[], $8::bytea[]) WITH ORDINALITY
-        AS r(received_at, source, request_id, headers, source_meta, body, size, event_ids, n)
+WITH batch AS (SELECT $1::jsonb AS b),
+receipt AS (
+    SELECT nextval('receipts_id_seq') AS id, (r->>0)::timestamptz AS received_at,
+        r->>1 AS source, r->>2 AS request_id, decode(r->>3, 'base64') AS headers,
+        decode(r->>4, 'base64') AS source_meta, decode(r->>5, 'base64') AS body,
+        (r->>6)::int AS size, decode(r->>7, 'base64') AS event_ids, n
+    FROM batch, jsonb_array_elements(b->0) WITH ORDINALITY AS j(r, n)
 ),
 delivered AS (
     SELECT e.*, r.id AS receipt_id, r.received_at
-    FROM unnest($9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[],
-        $14::text[], $15::text[], $16::text[], $17::text[], $18::text[]) WITH ORDINALITY
-        AS e(receipt_n, id, kind, event_name, job_id, tag, state, bucket, key, verdict, n)
+    FROM (
+        SELECT (v->>0)::bigint AS receipt_n, v->>1 AS id, v->>2 AS kind,
+            v->>3 AS event_name, v->>4 AS job_id, v->>5 AS tag, v->>6 AS state,
+            v->>7 AS bucket, v->>8 AS key, v->>9 AS verdict, n
+        FROM unnest(ARRAY(SELECT jsonb_array_elements(b->1) FROM batch))
+            WITH ORDINALITY AS j(v, n)
+    ) e
     JOIN receipt r ON r.n = e.receipt_n
 ),
 runs_of AS (
     SELECT DISTINCT ON (r.id, u.event_id, u.handler) r.id AS receipt_id, u.event_id,
         u.handler, u.status, u.lease_token,
         now() + make_interval(secs => u.lease_seconds) AS lease_until
-    FROM unnest($19::bigint[], $20::text[], $21::text[], $22::text[], $23::text[],
-        $24::float8[]) AS u(receipt_n, event_id, handler, status, lease_token, lease_seconds)
+    FROM (
+        SELECT (v->>0)::bigint AS receipt_n, v->>1 AS event_id, v->>2 AS handler,
+            v->>3 AS status, v->>4 AS lease_token, (v->>5)::float8 AS lease_seconds
+        FROM unnest(ARRAY(SELECT jsonb_array_elements(b->2) FROM batch)) AS j(v)
+    ) u
     JOIN receipt r ON r.n = u.receipt_n
 ),
 inserted AS (
@@ -264,12 +287,14 @@ FROM leased l JOIN events e ON e.id = l.event_id JOIN receipts r ON r.id = e.rec
 # The outcomes of many claims in one statement: each run updated only while its lease is
 # still held, an attempt recorded for each one updated; the positions of those updated
 # come back. Rows are locked in key order, so that two batches never wait on each other.
+# The outcomes are one argument, a JSON text: a row of `Finished`'s columns for each, read
+# through an array as STORE's events are, for the same reasons.
 FINISH = """
 WITH o AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-        $6::timestamptz[], $7::text[], $8::int[], $9::timestamptz[], $10::text[])
-        WITH ORDINALITY AS o(event_id, handler, token, status, counted, retry_at, error,
-            number, started_at, outcome, n)
+    SELECT v->>0 AS event_id, v->>1 AS handler, v->>2 AS token, v->>3 AS status,
+        (v->>4)::int AS counted, (v->>5)::timestamptz AS retry_at, v->>6 AS error,
+        (v->>7)::int AS number, (v->>8)::timestamptz AS started_at, v->>9 AS outcome, n
+    FROM unnest(ARRAY(SELECT jsonb_array_elements($1::jsonb))) WITH ORDINALITY AS j(v, n)
 ),
 locked AS (
     SELECT r.event_id, r.handler, o.n FROM runs r
@@ -448,7 +473,7 @@ class PostgresConnector:
 
     async def _store_batch(self, deliveries: list[Delivery]) -> list[Delivered]:
         with self._writing():
-            rows = await self.pool.fetch(STORE, *_store_columns(deliveries))
+            rows = await self.pool.fetch(STORE, _store_batch_json(deliveries))
         return [Delivered(row[0], row[1]) for row in rows]
 
     # --- the run queue -------------------------------------------------------------
@@ -469,11 +494,14 @@ class PostgresConnector:
 
     async def _finish_batch(self, outcomes: list[Finished]) -> list[bool]:
         """Whether each outcome was recorded (its lease still held)."""
-        columns: list[list[Any]] = [list(column) for column in zip(*outcomes, strict=True)]
-        for texts in (columns[0], columns[6]):  # event ids, errors
-            texts[:] = [text(value) for value in texts]
+        rows = [  # FINISH's argument: `Finished` as they are, but for their text
+            (text(event_id), handler, token, status, counted, retry_at, text(error), number,
+             started_at, outcome)
+            for (event_id, handler, token, status, counted, retry_at, error, number,
+                 started_at, outcome) in outcomes
+        ]  # fmt: skip
         with self._writing():
-            recorded = set(await self.pool.fetchval(FINISH, *columns) or ())
+            recorded = set(await self.pool.fetchval(FINISH, orjson.dumps(rows).decode()) or ())
         return [position in recorded for position in range(1, len(outcomes) + 1)]
 
     def watch(self, wake: Callable[[], None]) -> None:
@@ -578,36 +606,38 @@ async def _plan_by_keys(connection: asyncpg.Connection) -> None:
     await connection.execute(KEYED_PLANS)
 
 
-def _store_columns(deliveries: list[Delivery]) -> list[list[Any]]:
-    """STORE's arguments for a batch: the receipts' columns, then their events', each
-    with the position of its receipt (1-based), then their runs'."""
-    receipts: list[list[Any]] = [[] for _ in range(8)]
-    events: list[list[Any]] = [[] for _ in range(10)]
-    runs: list[list[Any]] = [[] for _ in range(6)]
+def _store_batch_json(deliveries: list[Delivery]) -> str:
+    """STORE's argument for a batch: the receipts' rows, then their events', each with
+    the position of its receipt (1-based), then their runs'."""
+    receipts: list[tuple[Any, ...]] = []
+    events: list[tuple[Any, ...]] = []
+    runs: list[tuple[Any, ...]] = []
     for position, delivery in enumerate(deliveries, 1):
         receipt = delivery.receipt
-        row = (
-            receipt.received_at,
-            receipt.source,
-            text(receipt.request_id),
-            orjson.dumps(receipt.headers),
-            orjson.dumps(receipt.source_meta),
-            delivery.body,
-            len(receipt.body),
-            orjson.dumps([event[0] for event, _ in delivery.events]),
+        receipts.append(
+            (
+                receipt.received_at,
+                receipt.source,
+                text(receipt.request_id),
+                _base64(orjson.dumps(receipt.headers)),
+                _base64(orjson.dumps(receipt.source_meta)),
+                _base64(delivery.body),
+                len(receipt.body),
+                _base64(orjson.dumps([event[0] for event, _ in delivery.events])),
+            )
         )
-        for column, value in zip(receipts, row, strict=True):
-            column.append(value)
         for event, handlers in delivery.events:
-            events[0].append(position)
-            for column, value in zip(events[1:], event, strict=True):
-                column.append(text(value))
+            event_id = text(event[0])
+            events.append((position, event_id, *[text(value) for value in event[1:]]))
             for handler, status, lease in handlers:
                 token, seconds = (None, None) if lease is None else (lease.token, lease.seconds)
-                run = (position, text(event[0]), handler, status, token, seconds)
-                for column, value in zip(runs, run, strict=True):
-                    column.append(value)
-    return [*receipts, *events, *runs]
+                runs.append((position, event_id, handler, status, token, seconds))
+    return orjson.dumps((receipts, events, runs)).decode()
+
+
+def _base64(value: bytes) -> str:
+    """A bytea column's value as STORE takes it (`decode(..., 'base64')`)."""
+    return binascii.b2a_base64(value, newline=False).decode("ascii")
 
 
 async def run(connection: asyncpg.Connection, work: Callable[[Tx], Work[T]]) -> T:

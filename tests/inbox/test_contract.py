@@ -124,7 +124,8 @@ async def test_a_batch_is_stored_as_each_callback_alone_would_be(inbox):
     `store` would (the same job twice in one batch: one new, one duplicate), and one
     that cannot be stored fails alone while the others are kept."""
     transcode, snapshot = load("transcode.xml"), load("snapshot.xml")
-    unstorable = [(e, [{"not": "a handler name"}]) for e in parse_callback(load("smartcover.xml"))]
+    # A run without a handler, which the database refuses (NOT NULL).
+    unstorable = [(e, [None]) for e in parse_callback(load("smartcover.xml"))]
     items = [
         (receipt(transcode, "1"), [(e, ["a"]) for e in parse_callback(transcode)], False, {}),
         (receipt(transcode, "2"), [(e, ["a"]) for e in parse_callback(transcode)], False, {}),

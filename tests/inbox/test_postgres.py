@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import orjson
@@ -21,6 +21,7 @@ from sqlalchemy import make_url
 
 from receiver import parse_callback
 from receiver.inbox import InboxUnavailable, Lease, Receipt
+from receiver.inbox.connector import Delivery, Finished
 from receiver.inbox.postgres import PostgresInbox
 from tests.support.tcp_proxy import TcpProxy
 
@@ -276,6 +277,132 @@ async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_del
             assert await inbox.known([forged], forged=False) == set()
             # Once it can, the same delivery replaces it.
             assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
+    finally:
+        await inbox.close()
+
+
+async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres_schema):
+    """STORE and FINISH take their batch as one JSON text: every value comes back as it
+    went in (bytes byte for byte, times to the microsecond whatever their offset, a
+    lease's float seconds, NULL as NULL, and text as the inbox always stores it: NUL,
+    which PostgreSQL refuses in text, as U+FFFD)."""
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    every_byte = bytes(range(256))
+    east, west = timezone(timedelta(hours=8)), timezone(-timedelta(hours=3, minutes=30))
+    received = [
+        datetime(2024, 2, 29, 23, 59, 59, 999_999, tzinfo=west),
+        datetime(2025, 1, 1, 8, 0, 0, 1, tzinfo=east),
+    ]
+    receipts = [
+        Receipt(
+            b"\x00raw\xff" * 3,
+            "http",
+            received[0],
+            "请求\x00一",
+            headers={"x-名字": "值\x00", "content-type": "application/json"},
+            source_meta={"queue": "队列", "none": None, "number": 1.5},
+        ),
+        Receipt(b"", "tdmq", received[1], None, headers={}, source_meta={}),  # no request id
+    ]
+    events = [
+        (
+            "job:事件\x00一",
+            "job",
+            "任务完成",
+            "j\x00一",
+            None,
+            "Success",
+            "桶-1",
+            "键/文件.mp4",
+            None,
+        ),
+        ("job:two", "moderation", None, None, "标签", None, None, None, "violation"),
+    ]
+    ids = ["job:事件\ufffd一", "job:two"]
+    deliveries = [
+        Delivery(
+            receipts[0],
+            every_byte,
+            [(events[0], [("a", "pending", Lease("令牌", 12.345678)), ("b", "pending", None)])],
+        ),
+        Delivery(receipts[1], every_byte[::-1], [(events[1], [("a", "held", None)])]),
+    ]
+    started = datetime(2024, 3, 1, 0, 0, 0, 123_456, tzinfo=east)
+    retry_at = datetime(2024, 3, 1, 0, 5, 0, 654_321, tzinfo=west)
+    outcomes = [
+        Finished(
+            ids[0], "a", "令牌", "pending", 1, retry_at, "错误\x00 \u2028", 1, started, "retry"
+        ),
+        Finished(ids[0], "b", "not its lease", "done", 1, None, None, 1, started, "done"),
+    ]
+    await inbox.open()
+    try:
+        async with direct(url, schema) as connection:
+            stored = await inbox.connector.store_many(deliveries)
+            assert [d.stored for d in stored] == [[ids[0]], [ids[1]]]
+            assert await transactions_of_receipts(url, schema) == 1  # one batch
+            leases = await connection.fetch(
+                "SELECT event_id, handler, lease_token, lease_until - updated_at FROM runs"
+            )
+            assert {(row[0], row[1]): tuple(row[2:]) for row in leases} == {
+                (ids[0], "a"): ("令牌", timedelta(seconds=12, microseconds=345_678)),
+                (ids[0], "b"): (None, None),
+                (ids[1], "a"): (None, None),
+            }
+            assert await asyncio.gather(*map(inbox.connector.finish, outcomes)) == [True, False]
+
+            kept = await connection.fetch(
+                "SELECT received_at, source, request_id, headers, source_meta, body, size,"
+                " event_ids, outcome FROM receipts ORDER BY id"
+            )
+            assert [tuple(row) for row in kept] == [
+                (
+                    received[0],
+                    "http",
+                    "请求\ufffd一",
+                    orjson.dumps(receipts[0].headers),
+                    orjson.dumps(receipts[0].source_meta),
+                    every_byte,
+                    len(receipts[0].body),
+                    orjson.dumps([events[0][0]]),
+                    "accepted",
+                ),
+                (
+                    received[1],
+                    "tdmq",
+                    None,
+                    b"{}",
+                    b"{}",
+                    every_byte[::-1],
+                    0,
+                    b'["job:two"]',
+                    "accepted",
+                ),
+            ]
+            assert [row[0].microsecond for row in kept] == [received[0].microsecond, 1]
+            rows = await connection.fetch(
+                "SELECT id, kind, event_name, job_id, tag, state, bucket, key, verdict,"
+                " received_at, data FROM events ORDER BY seq"
+            )
+            assert [tuple(row) for row in rows] == [
+                (ids[0], *events[0][1:3], "j\ufffd一", *events[0][4:], received[0], None),
+                (*events[1], received[1], None),
+            ]
+            runs = await connection.fetch(
+                "SELECT event_id, handler, status, attempts, due_at, lease_token, last_error"
+                " FROM runs"
+            )
+            by_key = {(row[0], row[1]): tuple(row[2:]) for row in runs}
+            assert by_key[ids[0], "a"] == ("pending", 1, retry_at, None, "错误\ufffd \u2028")
+            assert by_key[ids[0], "b"][:2] == ("pending", 0)
+            assert by_key[ids[1], "a"][:2] == ("held", 0)
+            attempts = await connection.fetch(
+                "SELECT event_id, handler, number, started_at, outcome, error FROM attempts"
+            )
+            assert [tuple(row) for row in attempts] == [
+                (ids[0], "a", 1, started, "retry", "错误\ufffd \u2028")
+            ]
     finally:
         await inbox.close()
 
