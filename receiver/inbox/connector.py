@@ -21,12 +21,12 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Delivery:
-    """A callback to store, as rows: its receipt, its body packed, and each of its
-    events (`records.event_row`) with its new runs (handler, status, and the lease it
-    is stored with, if any)."""
+    """A callback to store, as rows: its receipt, and each of its events
+    (`records.event_row`) with its new runs (handler, status, and the lease it is stored
+    with, if any). The connector packs the receipt's body (`records.pack`) as it writes,
+    off the event loop."""
 
     receipt: Receipt
-    body: bytes
     events: list[tuple[tuple[Any, ...], list[tuple[str, RunStatus, Lease | None]]]]
 
 

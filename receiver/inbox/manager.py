@@ -28,7 +28,6 @@ from receiver.inbox.records import (
     as_datetime,
     event_row,
     materialize,
-    pack,
     stored_body,
 )
 from receiver.inbox.roles import StateChange
@@ -458,7 +457,7 @@ def _delivery(
             for name, status in new_runs(handlers, verify)
         ]
         events.append((event_row(event), runs))
-    return Delivery(receipt, pack(receipt.body), events)
+    return Delivery(receipt, events)
 
 
 def _event_summary(row: Sequence[Any], runs: list[RunState]) -> EventSummary:

@@ -47,6 +47,7 @@ from receiver.inbox.manager import InboxManager, InboxReader
 from receiver.inbox.postgres_schema import SCHEMA_VERSION, check_readable, setup
 from receiver.inbox.query import FORGED_EVENT, Dialect, Offload, Statement, Tx, Work, glob_to_like
 from receiver.inbox.reach import Location, Reach, cannot_connect, describe, quiet_pool_floor
+from receiver.inbox.records import pack
 from receiver.inbox.types import InboxUnavailable, SchemaError
 
 T = TypeVar("T")
@@ -609,10 +610,13 @@ async def _plan_by_keys(connection: asyncpg.Connection) -> None:
 def _store_batch_json(deliveries: list[Delivery]) -> str:
     """STORE's argument for a batch: the receipts' rows, then their events', each with
     the position of its receipt (1-based), then their runs'."""
+    # The bodies packed together, before the rest: one after another, zstd's code and
+    # context stay in the CPU's caches (`records.pack`).
+    bodies = [_base64(pack(delivery.receipt.body)) for delivery in deliveries]
     receipts: list[tuple[Any, ...]] = []
     events: list[tuple[Any, ...]] = []
     runs: list[tuple[Any, ...]] = []
-    for position, delivery in enumerate(deliveries, 1):
+    for position, (delivery, body) in enumerate(zip(deliveries, bodies, strict=True), 1):
         receipt = delivery.receipt
         receipts.append(
             (
@@ -621,7 +625,7 @@ def _store_batch_json(deliveries: list[Delivery]) -> str:
                 text(receipt.request_id),
                 _base64(orjson.dumps(receipt.headers)),
                 _base64(orjson.dumps(receipt.source_meta)),
-                _base64(delivery.body),
+                body,
                 len(receipt.body),
                 _base64(orjson.dumps([event[0] for event, _ in delivery.events])),
             )

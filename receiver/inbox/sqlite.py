@@ -29,6 +29,7 @@ from receiver.inbox.connector import Delivered, Delivery, Finished
 from receiver.inbox.manager import InboxManager, InboxReader
 from receiver.inbox.query import FORGED_EVENT, Dialect, Offload, Statement, Tx, Work, glob_to_sqlite
 from receiver.inbox.reader import Reader
+from receiver.inbox.records import pack
 from receiver.inbox.sqlite_schema import SCHEMA_VERSION, check_readable, owned, setup, version
 from receiver.inbox.types import InboxUnavailable, Lease, SchemaError
 from receiver.inbox.writer import Writer
@@ -140,7 +141,8 @@ def store_delivery(connection: sqlite3.Connection, delivery: Delivery) -> Delive
     now, received_at = time.time(), receipt.received_at.timestamp()
     headers, meta = orjson.dumps(receipt.headers), orjson.dumps(receipt.source_meta)
     ids = orjson.dumps([row[0] for row, _ in delivery.events])
-    arguments = (received_at, receipt.source, receipt.request_id, headers, meta, delivery.body)
+    body = pack(receipt.body)  # on the writer's thread
+    arguments = (received_at, receipt.source, receipt.request_id, headers, meta, body)
     (receipt_id,) = connection.execute(ACCEPT, (*arguments, len(receipt.body), ids)).fetchone()
     stored = []
     for row, runs in delivery.events:

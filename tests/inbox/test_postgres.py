@@ -23,6 +23,7 @@ from receiver import parse_callback
 from receiver.inbox import InboxUnavailable, Lease, Receipt
 from receiver.inbox.connector import Delivery, Finished
 from receiver.inbox.postgres import PostgresInbox
+from receiver.inbox.records import pack
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -296,14 +297,15 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
     ]
     receipts = [
         Receipt(
-            b"\x00raw\xff" * 3,
+            every_byte,
             "http",
             received[0],
             "请求\x00一",
             headers={"x-名字": "值\x00", "content-type": "application/json"},
             source_meta={"queue": "队列", "none": None, "number": 1.5},
         ),
-        Receipt(b"", "tdmq", received[1], None, headers={}, source_meta={}),  # no request id
+        # No request id.
+        Receipt(every_byte[::-1], "tdmq", received[1], None, headers={}, source_meta={}),
     ]
     events = [
         (
@@ -323,10 +325,9 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
     deliveries = [
         Delivery(
             receipts[0],
-            every_byte,
             [(events[0], [("a", "pending", Lease("令牌", 12.345678)), ("b", "pending", None)])],
         ),
-        Delivery(receipts[1], every_byte[::-1], [(events[1], [("a", "held", None)])]),
+        Delivery(receipts[1], [(events[1], [("a", "held", None)])]),
     ]
     started = datetime(2024, 3, 1, 0, 0, 0, 123_456, tzinfo=east)
     retry_at = datetime(2024, 3, 1, 0, 5, 0, 654_321, tzinfo=west)
@@ -363,8 +364,8 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
                     "请求\ufffd一",
                     orjson.dumps(receipts[0].headers),
                     orjson.dumps(receipts[0].source_meta),
-                    every_byte,
-                    len(receipts[0].body),
+                    pack(every_byte),
+                    len(every_byte),
                     orjson.dumps([events[0][0]]),
                     "accepted",
                 ),
@@ -374,8 +375,8 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
                     None,
                     b"{}",
                     b"{}",
-                    every_byte[::-1],
-                    0,
+                    pack(every_byte[::-1]),
+                    len(every_byte),
                     b'["job:two"]',
                     "accepted",
                 ),
