@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import weakref
 from types import TracebackType
 
 # A timer may fire this early (libuv counts in milliseconds): a block whose deadline is
@@ -71,9 +70,9 @@ class _OpenBlocks:
             self._set_timer(earliest)
 
 
-_OPEN: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _OpenBlocks] = (
-    weakref.WeakKeyDictionary()
-)
+# Where a loop keeps its open blocks: on the loop itself, so that they go with it (kept
+# in a table by loop, they would hold their loop, and it them, for ever).
+_ON_THE_LOOP = "_ci_receiver_open_blocks"
 
 
 class Timeout:
@@ -87,6 +86,8 @@ class Timeout:
         self._expired = False
 
     async def __aenter__(self) -> Timeout:
+        if self.when != math.inf:  # as asyncio's: one block each
+            raise RuntimeError("this timeout has already been entered")
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         if task is None:
@@ -94,9 +95,10 @@ class Timeout:
         self._task = task
         self._cancelling = task.cancelling()
         self.when = loop.time() + self.seconds
-        open_blocks = _OPEN.get(loop)
+        open_blocks: _OpenBlocks | None = getattr(loop, _ON_THE_LOOP, None)
         if open_blocks is None:
-            open_blocks = _OPEN[loop] = _OpenBlocks(loop)
+            open_blocks = _OpenBlocks(loop)
+            setattr(loop, _ON_THE_LOOP, open_blocks)
         self._open = open_blocks
         open_blocks.add(self)
         return self

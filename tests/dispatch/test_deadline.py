@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -155,3 +157,27 @@ def test_many_blocks_of_one_length_share_one_timer():
 
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
         assert runner.run(main()) == 1
+
+
+@pytest.mark.parametrize("new_loop", [LOOPS[name] for name in sorted(LOOPS)], ids=sorted(LOOPS))
+def test_a_loop_that_used_it_goes_when_it_is_closed(new_loop):
+    # Its open blocks are kept on the loop: nothing else holds the loop afterwards.
+    loop = new_loop()
+    loop.run_until_complete(limited(5, 0))
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_timeout_is_entered_once(run):
+    async def main() -> None:
+        limit = timeout(5)
+        async with limit:
+            pass
+        with pytest.raises(RuntimeError, match="already been entered"):
+            async with limit:
+                pass
+
+    run(main())
