@@ -52,8 +52,10 @@ class ConfigError(Exception):
 
 class Section(BaseModel):
     # Each field's docstring is its description (model_fields[name].description): the
-    # documentation site's configuration reference is made from them.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # documentation site's configuration reference is made from them. No number is
+    # infinite or NaN (TOML has `inf` and `nan`): a lease of `inf` seconds, for one, is
+    # no lease.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 # The run of the built-in verification step (receiver/ci/verify.py), which the inbox stores
@@ -692,7 +694,7 @@ DEFAULT_LOG_CONCURRENCY = 64
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, allow_inf_nan=False)
 
     type: str
     """The handler: a built-in type (`log`, `jsonl`, `sql`, `webhook`, `wecom`, ...), one an
@@ -798,7 +800,9 @@ def _default_handlers() -> dict[str, HandlerConfig]:
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
     data_dir: Path = Path("ci-receiver-data")
     """The folder the SQLite inbox lives in (and whose free space is watched)."""

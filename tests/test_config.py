@@ -103,6 +103,10 @@ def test_a_missing_env_reference_names_the_key_and_the_variable(tmp_path, monkey
             "[limits]\nmax_depth = 300\n",
             "limits.max_depth: Input should be less than or equal to 200",
         ),
+        # TOML has them; a lease of `inf` seconds would be no lease (stored NULL).
+        ('[handlers.log]\ntype = "log"\ntimeout = inf\n', "handlers.log.timeout: Input should be"),
+        ("[dispatch]\npoll_interval = nan\n", "dispatch.poll_interval: Input should be"),
+        ("[http]\nheader_timeout = inf\n", "http.header_timeout: Input should be"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, message):

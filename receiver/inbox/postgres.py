@@ -34,6 +34,7 @@ import functools
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
@@ -181,7 +182,8 @@ DIALECT = Dialect(
 # `jsonb_array_elements`, enough for a plan made while the tables were small (and kept,
 # `KEYED_PLANS`) to read a whole index to join them (FINISH's read `runs`'). Not the
 # receipts', which would be copied, bodies and all, into the array, and which meet no
-# table but in their INSERT.
+# table but in their INSERT. Each array keeps its rows' order (`ORDER BY i`), which
+# positions (`n`) stand for.
 STORE = f"""
 WITH batch AS (SELECT $1::jsonb AS b),
 receipt AS (
@@ -197,8 +199,8 @@ delivered AS (
         SELECT (v->>0)::bigint AS receipt_n, v->>1 AS id, v->>2 AS kind,
             v->>3 AS event_name, v->>4 AS job_id, v->>5 AS tag, v->>6 AS state,
             v->>7 AS bucket, v->>8 AS key, v->>9 AS verdict, n
-        FROM unnest(ARRAY(SELECT jsonb_array_elements(b->1) FROM batch))
-            WITH ORDINALITY AS j(v, n)
+        FROM unnest(ARRAY(SELECT v FROM batch, jsonb_array_elements(b->1)
+            WITH ORDINALITY AS a(v, i) ORDER BY i)) WITH ORDINALITY AS j(v, n)
     ) e
     JOIN receipt r ON r.n = e.receipt_n
 ),
@@ -295,7 +297,8 @@ WITH o AS (
     SELECT v->>0 AS event_id, v->>1 AS handler, v->>2 AS token, v->>3 AS status,
         (v->>4)::int AS counted, (v->>5)::timestamptz AS retry_at, v->>6 AS error,
         (v->>7)::int AS number, (v->>8)::timestamptz AS started_at, v->>9 AS outcome, n
-    FROM unnest(ARRAY(SELECT jsonb_array_elements($1::jsonb))) WITH ORDINALITY AS j(v, n)
+    FROM unnest(ARRAY(SELECT v FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS a(v, i)
+        ORDER BY i)) WITH ORDINALITY AS j(v, n)
 ),
 locked AS (
     SELECT r.event_id, r.handler, o.n FROM runs r
@@ -496,8 +499,8 @@ class PostgresConnector:
     async def _finish_batch(self, outcomes: list[Finished]) -> list[bool]:
         """Whether each outcome was recorded (its lease still held)."""
         rows = [  # FINISH's argument: `Finished` as they are, but for their text
-            (text(event_id), handler, token, status, counted, retry_at, text(error), number,
-             started_at, outcome)
+            (text(event_id), handler, token, status, counted, _utc(retry_at), text(error),
+             number, _utc(started_at), outcome)
             for (event_id, handler, token, status, counted, retry_at, error, number,
                  started_at, outcome) in outcomes
         ]  # fmt: skip
@@ -620,7 +623,7 @@ def _store_batch_json(deliveries: list[Delivery]) -> str:
         receipt = delivery.receipt
         receipts.append(
             (
-                receipt.received_at,
+                _utc(receipt.received_at),
                 receipt.source,
                 text(receipt.request_id),
                 _base64(orjson.dumps(receipt.headers)),
@@ -637,6 +640,14 @@ def _store_batch_json(deliveries: list[Delivery]) -> str:
                 token, seconds = (None, None) if lease is None else (lease.token, lease.seconds)
                 runs.append((position, event_id, handler, status, token, seconds))
     return orjson.dumps((receipts, events, runs)).decode()
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time as STORE and FINISH take it: in UTC, which orjson writes whole (an offset
+    with seconds it cuts to minutes); a naive one is local time, as asyncpg read it."""
+    if moment is None or moment.tzinfo is timezone.utc:
+        return moment
+    return moment.astimezone(timezone.utc)
 
 
 def _base64(value: bytes) -> str:

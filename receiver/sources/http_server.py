@@ -539,7 +539,7 @@ class Server(uvicorn.Server):
         if config.tls is not None:
             self.tls_accept = guard.handshakes = TlsAccept(
                 config.tls.listening,
-                options=_tls_options(loop, guard.limits),
+                options=_tls_options(guard.limits),
                 make_protocol=create_protocol,
                 admit=admit,
                 failed=lambda peer: guard.refused("tls_handshake", peer),
@@ -566,7 +566,7 @@ class Server(uvicorn.Server):
         return host, port
 
 
-def _tls_options(loop: asyncio.AbstractEventLoop, limits: ServerLimits) -> dict[str, float]:
+def _tls_options(limits: ServerLimits) -> dict[str, float]:
     """The timeouts of a connection's TLS: the handshake within the head's time; the
     closing one (our close_notify, the client's answer) within the lingering close's."""
     return {"ssl_handshake_timeout": limits.header_timeout, "ssl_shutdown_timeout": LINGER_SECONDS}

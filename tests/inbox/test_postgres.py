@@ -290,10 +290,12 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
     url, schema = postgres_schema
     inbox = inbox_at(url, schema)
     every_byte = bytes(range(256))
-    east, west = timezone(timedelta(hours=8)), timezone(-timedelta(hours=3, minutes=30))
+    west = timezone(-timedelta(hours=3, minutes=30))
+    # An offset with seconds (a local mean time, or any producer's): not cut to minutes.
+    odd = timezone(timedelta(hours=5, minutes=30, seconds=15))
     received = [
         datetime(2024, 2, 29, 23, 59, 59, 999_999, tzinfo=west),
-        datetime(2025, 1, 1, 8, 0, 0, 1, tzinfo=east),
+        datetime(2025, 1, 1, 8, 0, 0, 1, tzinfo=odd),
     ]
     receipts = [
         Receipt(
@@ -329,7 +331,7 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
         ),
         Delivery(receipts[1], [(events[1], [("a", "held", None)])]),
     ]
-    started = datetime(2024, 3, 1, 0, 0, 0, 123_456, tzinfo=east)
+    started = datetime(2024, 3, 1, 0, 0, 0, 123_456, tzinfo=odd)
     retry_at = datetime(2024, 3, 1, 0, 5, 0, 654_321, tzinfo=west)
     outcomes = [
         Finished(
