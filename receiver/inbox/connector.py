@@ -23,8 +23,8 @@ T = TypeVar("T")
 class Delivery:
     """A callback to store, as rows: its receipt, and each of its events
     (`records.event_row`) with its new runs (handler, status, and the lease it is stored
-    with, if any). The connector packs the receipt's body (`records.pack`) as it writes,
-    off the event loop."""
+    with, if any). The connector packs the receipt's body (`records.pack`) as it writes
+    it: a batch's bodies one after another."""
 
     receipt: Receipt
     events: list[tuple[tuple[Any, ...], list[tuple[str, RunStatus, Lease | None]]]]
