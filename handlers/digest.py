@@ -54,7 +54,7 @@ class DigestOptions(BaseModel):
 def window_seconds(text: str) -> float:
     """A digest's window in seconds, read as the config reads a duration."""
     try:
-        seconds = parse_duration(text.strip().lower())
+        seconds = parse_duration(text.lower())
     except ValueError:
         seconds = 0.0
     if seconds <= 0:

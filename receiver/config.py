@@ -50,12 +50,15 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, key or variable."""
 
 
+# What every table of the config is: each field's docstring is its description
+# (model_fields[name].description), which the documentation site's configuration
+# reference is made from; no number is infinite or NaN (TOML has `inf` and `nan`): a lease
+# of `inf` seconds, for one, is no lease.
+TABLE = ConfigDict(use_attribute_docstrings=True, allow_inf_nan=False)
+
+
 class Section(BaseModel):
-    # Each field's docstring is its description (model_fields[name].description): the
-    # documentation site's configuration reference is made from them. No number is
-    # infinite or NaN (TOML has `inf` and `nan`): a lease of `inf` seconds, for one, is
-    # no lease.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+    model_config = ConfigDict(**TABLE, extra="forbid")
 
 
 # The run of the built-in verification step (receiver/ci/verify.py), which the inbox stores
@@ -694,7 +697,7 @@ DEFAULT_LOG_CONCURRENCY = 64
 class HandlerConfig(BaseModel):
     """`[handlers.NAME]`: the generic keys below; every other key is the handler's own."""
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, allow_inf_nan=False)
+    model_config = ConfigDict(**TABLE, extra="allow")
 
     type: str
     """The handler: a built-in type (`log`, `jsonl`, `sql`, `webhook`, `wecom`, ...), one an
@@ -800,9 +803,7 @@ def _default_handlers() -> dict[str, HandlerConfig]:
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", validate_default=True, use_attribute_docstrings=True, allow_inf_nan=False
-    )
+    model_config = ConfigDict(**TABLE, extra="forbid", validate_default=True)
 
     data_dir: Path = Path("ci-receiver-data")
     """The folder the SQLite inbox lives in (and whose free space is watched)."""

@@ -93,7 +93,7 @@ def placeholder(variable: str) -> str:
 
 
 def expand_references(
-    data: Any, environ: Mapping[str, str], needed: Callable[[Path], bool] = lambda key: True
+    data: Any, environ: Mapping[str, str], needed: Callable[[Path], bool]
 ) -> tuple[Any, list[Unset]]:
     """Replace every `${NAME}` in the strings of `data`. A reference to an unset variable
     under a key whose value is `needed` is an error, every one reported together with the

@@ -110,14 +110,13 @@ def traffic_chart(
 def bars(counts: dict[str, int], limit: int = 10) -> list[Bar]:
     """The largest counts first; past `limit`, the rest summed as one bar."""
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    if len(ranked) > limit:
+    folded = len(ranked) > limit
+    if folded:
         rest = sum(count for _, count in ranked[limit - 1 :])
         ranked = [*ranked[: limit - 1], (f"{len(ranked) - limit + 1} others", rest)]
-    else:
-        limit = len(ranked) + 1
     top = max((count for _, count in ranked), default=0) or 1
     return [
-        Bar(label, count, round(100 * count / top, 1), rest=position == limit)
+        Bar(label, count, round(100 * count / top, 1), rest=folded and position == limit)
         for position, (label, count) in enumerate(ranked, 1)
     ]
 

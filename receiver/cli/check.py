@@ -102,7 +102,7 @@ def _effective(config: Config, unchecked: set[str]) -> dict[str, Any]:
         # The handler does not say which of its options are secret until it is made:
         # unmade, every one of its own options is hidden.
         entry = effective["handlers"][name]
-        for option in set(entry) - set(HandlerConfig.model_fields) - {"required"}:
+        for option in set(entry) - set(HandlerConfig.model_fields):
             entry[option] = UNCHECKED
     for slot in slots:
         # The handler's own view of its options: defaults filled in, SecretStr masked.

@@ -10,8 +10,8 @@ from typing import NoReturn
 import click
 
 from receiver.cli.common import config_option
-from receiver.cli.listener import local_base
 from receiver.config import ConfigError, load_config
+from receiver.sources.addresses import local_base
 
 # The keys that say where the receiver listens: a `${VAR}` in them must be set.
 WHERE = {(section, key) for section in ("http", "admin") for key in ("host", "port", "tls_cert")}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from receiver.cli.listener import PUBLIC_PLACEHOLDER, callback_url, public_address
 from receiver.cli.starter import new_token, starter_config
 from receiver.config import ConfigError, load_config
+from receiver.sources.addresses import PUBLIC_PLACEHOLDER, callback_url, public_address
 
 
 @click.command()

@@ -9,7 +9,7 @@ from typing import BinaryIO
 import click
 
 from receiver.cli.common import config_option, load
-from receiver.cli.listener import local_url
+from receiver.sources.addresses import local_url
 from receiver.testing import SAMPLES, sample_body
 
 

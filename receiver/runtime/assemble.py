@@ -30,6 +30,7 @@ from receiver.runtime.reload import Reloader
 from receiver.runtime.runner import run_service
 from receiver.runtime.service import Service
 from receiver.runtime.worker import SupervisorLink, WorkerSpec
+from receiver.sources.addresses import base, callback_url
 from receiver.sources.backend import Backend
 from receiver.sources.http_auth import open_to_anyone_refusal, open_to_anyone_warning
 from receiver.sources.http_source import HttpServer
@@ -247,11 +248,10 @@ def _admin_server(backend: Backend, say: Say, sock: socket.socket | None = None)
 
 def _announce(config: Config, say: Say) -> Callable[[str, int], None]:
     def announce(bound_host: str, bound_port: int) -> None:
-        path = "/callbacks/<token>" if config.http.tokens else "/callbacks"
         public = "<this host's public address>" if bound_host in ("0.0.0.0", "::") else bound_host
-        scheme = config.http.scheme
-        say(f"ci-receiver listening on {scheme}://{bound_host}:{bound_port}")
-        say(f"CallBack URL for CI: {scheme}://{public}:{bound_port}{path}")
+        url = callback_url(config, public, reveal_token=False, port=bound_port)
+        say(f"ci-receiver listening on {base(config.http, bound_host, bound_port)}")
+        say(f"CallBack URL for CI: {url}")
         say("  (CI calls back over the internet: it refuses private addresses)")
 
     return announce

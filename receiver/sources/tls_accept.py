@@ -143,7 +143,6 @@ class _Handshake:
             )
         except OSError:  # failed (ssl.SSLError), timed out, or cut by the client
             # The TLS layer has closed the connection. (Aborted at shutdown: cancelled.)
-            self.over()
             accept.failed(self._peer)
         finally:
             self.over()

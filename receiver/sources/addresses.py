@@ -1,5 +1,5 @@
 """Where the configured listeners are reached: from this host (`send`, `health`), and
-from CI (the CallBack URL `init` prints)."""
+from CI (the CallBack URL that `init` and `serve` print)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ def local_base(listener: Listener) -> str:
     return base(listener, LOOPBACK.get(listener.host, listener.host))
 
 
-def base(listener: Listener, host: str) -> str:
-    """<scheme>://<host>:<port> of the listener reached at `host`."""
+def base(listener: Listener, host: str, port: int | None = None) -> str:
+    """<scheme>://<host>:<port> of the listener reached at `host` (on `port`: the one it
+    is bound to, where the config's is 0)."""
     if ":" in host:  # IPv6
         host = f"[{host}]"
-    return f"{listener.scheme}://{host}:{listener.port}"
+    return f"{listener.scheme}://{host}:{listener.port if port is None else port}"
 
 
 def local_url(config: Config, *, reveal_token: bool = True) -> str:
@@ -32,9 +33,9 @@ def local_url(config: Config, *, reveal_token: bool = True) -> str:
     return local_base(config.http) + _callbacks(config, reveal_token)
 
 
-def callback_url(config: Config, host: str, *, reveal_token: bool) -> str:
+def callback_url(config: Config, host: str, *, reveal_token: bool, port: int | None = None) -> str:
     """<scheme>://<host>:<port>/callbacks[/<token>]: the token itself, or `<token>`."""
-    return base(config.http, host) + _callbacks(config, reveal_token)
+    return base(config.http, host, port) + _callbacks(config, reveal_token)
 
 
 def _callbacks(config: Config, reveal_token: bool) -> str:
