@@ -14,6 +14,8 @@ from typing import IO, Any
 import httpx
 import orjson
 
+from tests.support.waiting import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 # The start-up hooks (sitecustomize.py) a ci-receiver child process imports when this
 # folder is on its PYTHONPATH: they stall or reshape it where a test asks.
@@ -216,14 +218,15 @@ def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict
     written by that worker, and may reach the log a moment later."""
     receiver.start(env=env, wait_http=False)
     receiver.wait_for_log("all workers listening")
-    (count,) = [
+    count = next(
         line["workers"] for line in log_lines(receiver) if line["event"] == "all workers listening"
-    ][:1]
-    deadline = time.monotonic() + 10
-    while len(workers := dict(listening(receiver))) < count:
-        assert time.monotonic() < deadline, f"{count} workers said they listen: {workers}"
-        time.sleep(0.05)
-    return workers
+    )
+
+    def every_worker() -> dict[int, int] | None:
+        workers = dict(listening(receiver))
+        return workers if len(workers) >= count else None
+
+    return wait_until(every_worker, 10, f"{count} workers saying they listen")
 
 
 def _limit_open_files(limit: int) -> None:
