@@ -28,8 +28,8 @@ def test_healthy_on_the_configured_port_without_the_secrets(tmp_path):
     port, admin_port = free_port(), free_port()
     config = write_config(tmp_path, port, admin_port)
     # Listening on loopback alone; the config's 0.0.0.0 is asked on 127.0.0.1.
-    receiver = Receiver(config, port=port)  # the ports in its environment are the file's
-    receiver.admin_port = admin_port
+    # The ports in its environment are the file's.
+    receiver = Receiver(config, port=port, admin_port=admin_port)
     receiver.start(env={"CALLBACK_TOKEN": "path-token-1"})
     try:
         result = ci_receiver(config, "health", text=True)
@@ -81,8 +81,8 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
         f'host = "0.0.0.0"\ntoken = "${{ADMIN_TOKEN}}"\n'
         f'[tdmq]\nservice_url = "{broker.url}"\ntopics = ["persistent://public/default/t"]\n',
     )
-    consumer = Receiver(config, "consume")  # the ports in its environment are the file's
-    consumer.admin_port = admin_port
+    # The ports in its environment are the file's.
+    consumer = Receiver(config, "consume", admin_port=admin_port)
     try:
         consumer.start(
             env={
@@ -109,8 +109,7 @@ def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path):
     config = write_config(tmp_path, port, admin_port)
     # The certificate served on the public port ([http], the file's first table).
     config.write_text(config.read_text().replace("tokens =", certificates.keys() + "tokens ="))
-    receiver = Receiver(config, port=port)
-    receiver.admin_port = admin_port
+    receiver = Receiver(config, port=port, admin_port=admin_port)
     receiver.start(env={"CALLBACK_TOKEN": "path-token-1"})
     try:
         result = ci_receiver(config, "health", text=True)

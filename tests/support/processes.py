@@ -94,6 +94,7 @@ class Receiver:
         command: str = "serve",
         port: int | None = None,
         args: tuple[str, ...] = (),
+        admin_port: int | None = None,
     ) -> None:
         self.config_file = config_file
         self.command = command
@@ -101,7 +102,7 @@ class Receiver:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # The admin listener (/metrics, the detailed /readyz) on a port of its own.
-        self.admin_port = free_port()
+        self.admin_port = admin_port or free_port()
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process: subprocess.Popen | None = None
         self.log_path = config_file.parent / f"{command}-{self.port}.log"
