@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver
-from tests.support.processes import PulsarLite, Receiver, free_port
+from tests.support.processes import Receiver, free_port
 
 
 def write_config(folder: Path, port: int, admin_port: int, more: str = "") -> Path:
@@ -68,9 +68,7 @@ def test_unhealthy_when_something_else_answers_or_nothing_does_in_time(tmp_path)
     assert "http.port" in result.stderr
 
 
-def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
-    broker = PulsarLite(tmp_path / "broker")
-    broker.start()
+def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path, pulsar_broker):
     admin_port = free_port()
     # consume's admin listener on every interface, so with a token: health has none and
     # needs none (/healthz answers probes without credentials).
@@ -79,7 +77,7 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
         free_port(),
         admin_port,
         f'host = "0.0.0.0"\ntoken = "${{ADMIN_TOKEN}}"\n'
-        f'[tdmq]\nservice_url = "{broker.url}"\ntopics = ["persistent://public/default/t"]\n',
+        f'[tdmq]\nservice_url = "{pulsar_broker.url}"\ntopics = ["persistent://public/default/t"]\n',
     )
     # The ports in its environment are the file's.
     consumer = Receiver(config, "consume", admin_port=admin_port)
@@ -100,7 +98,6 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
         assert ci_receiver(config, "health", text=True).returncode == 1
     finally:
         consumer.stop()
-        broker.stop()
 
 
 def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path):
