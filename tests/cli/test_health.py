@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver
 from tests.support.processes import Receiver, free_port
 
@@ -100,9 +99,8 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path, pulsar_
         consumer.stop()
 
 
-def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path):
+def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path, certificates):
     port, admin_port = free_port(), free_port()
-    certificates = Certificates(tmp_path)
     config = write_config(tmp_path, port, admin_port)
     # The certificate served on the public port ([http], the file's first table).
     config.write_text(config.read_text().replace("tokens =", certificates.keys() + "tokens ="))

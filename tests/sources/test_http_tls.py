@@ -70,11 +70,6 @@ def events_logged(receiver: Receiver, event: str) -> list[dict]:
 
 
 @pytest.fixture
-def certificates(tmp_path: Path) -> Certificates:
-    return Certificates(tmp_path)
-
-
-@pytest.fixture
 def receiver(tmp_path: Path, certificates: Certificates):
     process = Receiver(write_config(tmp_path, certificates.keys() + "header_timeout = 1\n"))
     process.start()
