@@ -204,13 +204,14 @@ def log_lines(receiver: Receiver) -> list[dict[str, Any]]:
     return lines
 
 
+def logged(receiver: Receiver, event: str) -> list[dict[str, Any]]:
+    """The JSON lines the process logged whose event is `event`, in order."""
+    return [line for line in log_lines(receiver) if line["event"] == event]
+
+
 def listening(receiver: Receiver) -> list[tuple[int, int]]:
     """(worker, pid) of every worker that said it listens, in order."""
-    return [
-        (line["worker"], line["pid"])
-        for line in log_lines(receiver)
-        if line["event"] == "worker listening"
-    ]
+    return [(line["worker"], line["pid"]) for line in logged(receiver, "worker listening")]
 
 
 def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict[int, int]:
@@ -219,9 +220,7 @@ def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict
     written by that worker, and may reach the log a moment later."""
     receiver.start(env=env, wait_http=False)
     receiver.wait_for_log("all workers listening")
-    count = next(
-        line["workers"] for line in log_lines(receiver) if line["event"] == "all workers listening"
-    )
+    count = logged(receiver, "all workers listening")[0]["workers"]
 
     def every_worker() -> dict[int, int] | None:
         workers = dict(listening(receiver))
