@@ -9,6 +9,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
+from tests.support.certificates import Certificates
 from tests.support.ci_api_server import SECRET_ID, SECRET_KEY, CiApiServer
 from tests.support.databases import drop_tables, execute, require_server, schema_keyword
 from tests.support.inbox_places import BACKENDS, InboxPlace, drop_schema
@@ -32,6 +33,12 @@ def pulsar_broker(tmp_path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    """A test CA, and server certificate and key files in this test's folder."""
+    return Certificates(tmp_path)
 
 
 @pytest.fixture

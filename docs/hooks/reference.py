@@ -184,7 +184,7 @@ def _child(parent: Table | None, name: str, shape: str) -> Table:
 
 def _nested_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
     """The model a key holds as a table, a list of tables or a table of tables."""
-    for option in _options(annotation):
+    for option in envvars.alternatives(annotation):
         if _is_model(option):
             return option, "table"
         args = get_args(option)
@@ -301,12 +301,6 @@ def _default(field: Any) -> str:
         return f"`{_duration_text(value)}`"
     dumped = TypeAdapter(field.annotation).dump_python(value, mode="json", exclude_defaults=True)
     return f"`{json.dumps(dumped, ensure_ascii=False)}`"
-
-
-def _options(annotation: Any) -> tuple[Any, ...]:
-    if get_origin(annotation) in (Union, types.UnionType):
-        return tuple(a for a in get_args(annotation) if a is not type(None))
-    return (annotation,)
 
 
 def _mentions(annotation: Any, kind: type) -> bool:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -14,34 +15,40 @@ import orjson
 import pytest
 
 from receiver import parse_callback
-from receiver.testing import SAMPLES, sample_body
+from receiver.testing import sample_body
 from tests.support.callbacks import load, path
 from tests.support.cli import cli
 from tests.support.handler_doubles import recorded
 from tests.support.processes import REPO, Receiver
 from tests.support.waiting import wait_until
 
-SAMPLE_FILES = {name: sample_body(name) for name in SAMPLES}
+
+def recorder(tmp_path: Path, name: str, file: str, options: str = "") -> str:
+    """The `[handlers.NAME]` table of a Recorder writing to `tmp_path / file`."""
+    return (
+        f'[handlers.{name}]\ntype = "tests.support.handler_doubles:Recorder"\n'
+        f'path = "{tmp_path / file}"\n{options}'
+    )
+
+
+def write_config(tmp_path: Path, *tables: str) -> Path:
+    """ci-receiver.toml in `tmp_path`: its data folder, a quick dispatch poll, `tables`."""
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[dispatch]\npoll_interval = 0.1\n' + "".join(tables)
+    )
+    return config
 
 
 @pytest.fixture
 def receiver(tmp_path):
-    (tmp_path / "ci-receiver.toml").write_text(
-        f"""
-data_dir = "{tmp_path / "data"}"
-[dispatch]
-poll_interval = 0.1
-[handlers.recorder]
-type = "tests.support.handler_doubles:Recorder"
-path = "{tmp_path / "recorded.jsonl"}"
-[handlers.later]
-type = "tests.support.handler_doubles:Recorder"
-path = "{tmp_path / "later.jsonl"}"
-[[routes]]
-handlers = ["recorder"]
-"""
+    config = write_config(
+        tmp_path,
+        recorder(tmp_path, "recorder", "recorded.jsonl"),
+        recorder(tmp_path, "later", "later.jsonl"),
+        '[[routes]]\nhandlers = ["recorder"]\n',
     )
-    process = Receiver(tmp_path / "ci-receiver.toml").start()
+    process = Receiver(config).start()
     yield process
     process.stop()
 
@@ -142,7 +149,7 @@ def test_events_list_and_show(receiver, tmp_path):
 
 def test_moderation_verdicts_show_and_filter_in_events_list_and_stats(receiver, tmp_path):
     for name in ("moderation-simple", "moderation-detail", "moderation-suspected"):
-        assert receiver.post(SAMPLE_FILES[name]).status_code == 200
+        assert receiver.post(sample_body(name)).status_code == 200
     receiver.post(load("transcode.xml"))
     wait_until(lambda: len(recorded(tmp_path / "recorded.jsonl")) == 4)
     header, *listed = cli(tmp_path, "events", "list").stdout.decode().splitlines()
@@ -159,48 +166,37 @@ def test_moderation_verdicts_show_and_filter_in_events_list_and_stats(receiver, 
     assert "moderation events by verdict" in cli(tmp_path, "stats").stdout.decode()
 
 
-def test_a_run_being_run_shows_where_and_since_when_and_replays_keep_counting(tmp_path):
-    (tmp_path / "ci-receiver.toml").write_text(
-        f"""
-data_dir = "{tmp_path / "data"}"
-[dispatch]
-poll_interval = 0.1
-[admin]
-inspector = true
-[handlers.slow]
-type = "tests.support.handler_doubles:Recorder"
-path = "{tmp_path / "slow.jsonl"}"
-delay = 3
-"""
+def test_a_run_being_run_shows_where_and_since_when_and_replays_keep_counting(receivers, tmp_path):
+    config = write_config(
+        tmp_path,
+        "[admin]\ninspector = true\n",
+        recorder(tmp_path, "slow", "slow.jsonl", "delay = 3\n"),
     )
-    receiver = Receiver(tmp_path / "ci-receiver.toml").start()
-    try:
-        receiver.post(load("transcode.xml"))
-        wait_until(lambda: len(recorded(tmp_path / "slow.jsonl", "started")) == 1)
-        event_id = "job:j68427030f84611ecb8546d80f2baf56f:Success"
-        shown = cli(tmp_path, "events", "show", event_id).stdout.decode().splitlines()
-        (run,) = [line.strip() for line in shown if line.strip().startswith("slow ")]
-        assert run.startswith(f"slow  running on {socket.gethostname()} (pid ")
-        assert run.endswith(", 0 attempt(s) before")
-        record = orjson.loads(cli(tmp_path, "events", "show", "--json", event_id).stdout)
-        running = record["runs"][0]["running"]
-        assert running["on"] == f"{socket.gethostname()} (pid {receiver.process.pid})"
-        page = httpx.get(f"{receiver.admin_url}/inspector/events/{quote(event_id, safe='')}")
-        assert '<span class="badge running">running</span>' in page.text
-        assert f"on {socket.gethostname()} (pid {receiver.process.pid}) since" in page.text
-        wait_until(lambda: len(recorded(tmp_path / "slow.jsonl")) == 1, 15)
+    receiver = receivers(config, "serve")
+    receiver.post(load("transcode.xml"))
+    wait_until(lambda: len(recorded(tmp_path / "slow.jsonl", "started")) == 1)
+    event_id = "job:j68427030f84611ecb8546d80f2baf56f:Success"
+    shown = cli(tmp_path, "events", "show", event_id).stdout.decode().splitlines()
+    (run,) = [line.strip() for line in shown if line.strip().startswith("slow ")]
+    assert run.startswith(f"slow  running on {socket.gethostname()} (pid ")
+    assert run.endswith(", 0 attempt(s) before")
+    record = orjson.loads(cli(tmp_path, "events", "show", "--json", event_id).stdout)
+    running = record["runs"][0]["running"]
+    assert running["on"] == f"{socket.gethostname()} (pid {receiver.process.pid})"
+    page = httpx.get(f"{receiver.admin_url}/inspector/events/{quote(event_id, safe='')}")
+    assert '<span class="badge running">running</span>' in page.text
+    assert f"on {socket.gethostname()} (pid {receiver.process.pid}) since" in page.text
+    wait_until(lambda: len(recorded(tmp_path / "slow.jsonl")) == 1, 15)
 
-        cli(tmp_path, "replay", event_id)
-        wait_until(lambda: len(recorded(tmp_path / "slow.jsonl")) == 2, 15)
-        time.sleep(0.3)
-        shown = cli(tmp_path, "events", "show", event_id).stdout.decode().splitlines()
-        attempts = [line.split()[3:] for line in shown[shown.index("attempts") + 1 :]]
-        assert [words[:3] for words in attempts] == [
-            ["slow", "#1", "done"],
-            ["slow", "#2", "(replayed)"],
-        ]
-    finally:
-        receiver.stop()
+    cli(tmp_path, "replay", event_id)
+    wait_until(lambda: len(recorded(tmp_path / "slow.jsonl")) == 2, 15)
+    time.sleep(0.3)
+    shown = cli(tmp_path, "events", "show", event_id).stdout.decode().splitlines()
+    attempts = [line.split()[3:] for line in shown[shown.index("attempts") + 1 :]]
+    assert [words[:3] for words in attempts] == [
+        ["slow", "#1", "done"],
+        ["slow", "#2", "(replayed)"],
+    ]
 
 
 def test_events_list_json_carries_each_events_source_as_show_does(receiver, tmp_path):
@@ -378,8 +374,7 @@ def test_replay_for_a_handler_no_running_receiver_has_warns(receiver, tmp_path):
     config.write_text(
         config.read_text().replace(
             "[[routes]]",
-            f'[handlers.added]\ntype = "tests.support.handler_doubles:Recorder"\n'
-            f'path = "{tmp_path / "added.jsonl"}"\n[[routes]]',
+            recorder(tmp_path, "added", "added.jsonl") + "[[routes]]",
         )
     )
     wait_until(lambda: presence_written(tmp_path))

@@ -7,9 +7,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver
-from tests.support.processes import PulsarLite, Receiver, free_port
+from tests.support.processes import Receiver, free_port
 
 
 def write_config(folder: Path, port: int, admin_port: int, more: str = "") -> Path:
@@ -28,8 +27,8 @@ def test_healthy_on_the_configured_port_without_the_secrets(tmp_path):
     port, admin_port = free_port(), free_port()
     config = write_config(tmp_path, port, admin_port)
     # Listening on loopback alone; the config's 0.0.0.0 is asked on 127.0.0.1.
-    receiver = Receiver(config, port=port)  # the ports in its environment are the file's
-    receiver.admin_port = admin_port
+    # The ports in its environment are the file's.
+    receiver = Receiver(config, port=port, admin_port=admin_port)
     receiver.start(env={"CALLBACK_TOKEN": "path-token-1"})
     try:
         result = ci_receiver(config, "health", text=True)
@@ -68,9 +67,7 @@ def test_unhealthy_when_something_else_answers_or_nothing_does_in_time(tmp_path)
     assert "http.port" in result.stderr
 
 
-def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
-    broker = PulsarLite(tmp_path / "broker")
-    broker.start()
+def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path, pulsar_broker):
     admin_port = free_port()
     # consume's admin listener on every interface, so with a token: health has none and
     # needs none (/healthz answers probes without credentials).
@@ -79,10 +76,10 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
         free_port(),
         admin_port,
         f'host = "0.0.0.0"\ntoken = "${{ADMIN_TOKEN}}"\n'
-        f'[tdmq]\nservice_url = "{broker.url}"\ntopics = ["persistent://public/default/t"]\n',
+        f'[tdmq]\nservice_url = "{pulsar_broker.url}"\ntopics = ["persistent://public/default/t"]\n',
     )
-    consumer = Receiver(config, "consume")  # the ports in its environment are the file's
-    consumer.admin_port = admin_port
+    # The ports in its environment are the file's.
+    consumer = Receiver(config, "consume", admin_port=admin_port)
     try:
         consumer.start(
             env={
@@ -100,17 +97,14 @@ def test_admin_asks_the_admin_listener_of_consume_with_a_token(tmp_path):
         assert ci_receiver(config, "health", text=True).returncode == 1
     finally:
         consumer.stop()
-        broker.stop()
 
 
-def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path):
+def test_over_tls_health_and_send_reach_the_listener_by_https(tmp_path, certificates):
     port, admin_port = free_port(), free_port()
-    certificates = Certificates(tmp_path)
     config = write_config(tmp_path, port, admin_port)
     # The certificate served on the public port ([http], the file's first table).
     config.write_text(config.read_text().replace("tokens =", certificates.keys() + "tokens ="))
-    receiver = Receiver(config, port=port)
-    receiver.admin_port = admin_port
+    receiver = Receiver(config, port=port, admin_port=admin_port)
     receiver.start(env={"CALLBACK_TOKEN": "path-token-1"})
     try:
         result = ci_receiver(config, "health", text=True)

@@ -10,6 +10,7 @@ import tomllib
 import orjson
 
 from receiver.config import load_config
+from tests.support.callbacks import load
 from tests.support.callbacks import path as fixture
 from tests.support.cli import ci_receiver
 from tests.support.processes import Receiver
@@ -40,7 +41,7 @@ def test_init_writes_a_private_config_that_serves_what_send_posts(tmp_path):
     receiver = Receiver(config).start()  # serve, on a free port (CI_RECEIVER_HTTP__PORT)
     port = {"CI_RECEIVER_HTTP__PORT": str(receiver.port)}
     try:
-        assert receiver.post(fixture("smartcover.xml").read_bytes()).status_code == 401
+        assert receiver.post(load("smartcover.xml")).status_code == 401
         sent = ci_receiver(
             None, "send", "--config", str(config), "--sample", "smartcover", env=port, text=True
         )

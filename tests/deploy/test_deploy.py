@@ -4,6 +4,7 @@ them, so they are parsed and what they name is checked against the code."""
 from __future__ import annotations
 
 import configparser
+import functools
 import json
 import os
 import re
@@ -114,12 +115,7 @@ def test_dockerfile_copies_what_exists_and_sets_real_config_keys(dockerfile):
             continue
         for source in value.split()[:-1]:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-    env = dict(
-        pair.split("=", 1)
-        for value in instructions(dockerfile, "ENV")
-        for pair in shlex.split(value)
-    )
-    assert_env_keys(env)
+    assert_env_keys(image_environment())
     # Open to the world only when asked for (tests/sources/test_senders.py).
     assert image_environment()["CI_RECEIVER_HTTP__REQUIRE_AUTH"] == "true"
 
@@ -213,8 +209,9 @@ def assert_compose_hardened(service: dict) -> None:
     assert "no-new-privileges:true" in service["security_opt"]
 
 
+@functools.cache
 def image_environment() -> dict[str, str]:
-    """The CI_RECEIVER_* variables the image sets (its ENV)."""
+    """The CI_RECEIVER_* variables the image sets (its ENV); read once, not to be changed."""
     dockerfile = DockerfileParser(path=str(REPO / "Dockerfile"))
     return {k: v for k, v in dockerfile.envs.items() if k.startswith("CI_RECEIVER_")}
 
@@ -336,7 +333,7 @@ def workloads() -> list[tuple[str, dict]]:
     ]
 
 
-def test_every_pod_runs_restricted(tmp_path):
+def test_every_pod_runs_restricted():
     """Kubernetes' "restricted" Pod Security Standard, and a read-only root file system,
     for every container of every workload."""
     found = workloads()

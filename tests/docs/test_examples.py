@@ -69,9 +69,10 @@ class Block:
 def blocks(page: Path) -> list[Block]:
     """The fenced code blocks of a Markdown page, as CommonMark reads them (inside lists
     too), each with whether the line before it marks it a fragment."""
-    lines = page.read_text().splitlines()
+    text = page.read_text()
+    lines = text.splitlines()
     found = []
-    for token in MarkdownIt("commonmark").parse(page.read_text()):
+    for token in MarkdownIt("commonmark").parse(text):
         if token.type != "fence" or token.map is None:
             continue
         start = token.map[0]

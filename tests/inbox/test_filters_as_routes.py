@@ -21,6 +21,11 @@ HEADERS = {"content-type": "application/json"}
 ids = count()
 
 
+def receipt(received: datetime) -> Receipt:
+    """The HTTP callback the test's events arrived in: its body is not looked at."""
+    return Receipt(b"{}", "http", received, "r", HEADERS, {})
+
+
 def varied(event: Event, **fields: object) -> Event:
     return dataclasses.replace(event, id=f"event-{next(ids)}", **fields)
 
@@ -76,7 +81,7 @@ async def test_each_filter_finds_what_the_route_of_its_key_and_value_sends(inbox
     events = every_value()
     received = datetime.now(timezone.utc)
     for event in events:
-        await inbox.store(Receipt(b"{}", "http", received, "r", HEADERS, {}), [(event, [])])
+        await inbox.store(receipt(received), [(event, [])])
     for name, value in CASES:
         router = Router([RouteConfig(match=RouteMatch(**{name: value}), handlers=["h"])], ["h"])
         routed = {event.id for event in events if router.handlers_for(event)}
@@ -101,10 +106,8 @@ async def test_verdicts_are_stored_and_counted(inbox):
     for result in (1, 1, 2, 0, None):
         moderation: Moderation = dataclasses.replace(base.moderation, result=result)
         event = varied(base, moderation=moderation)
-        await inbox.store(Receipt(b"{}", "http", received, "r", HEADERS, {}), [(event, [])])
-    await inbox.store(
-        Receipt(b"{}", "http", received, "r", HEADERS, {}), [(varied(sample("transcode")), [])]
-    )
+        await inbox.store(receipt(received), [(event, [])])
+    await inbox.store(receipt(received), [(varied(sample("transcode")), [])])
     listed = await inbox.events(EventFilter(kind="moderation"), limit=10)
     assert sorted(str(summary.verdict) for summary in listed) == [
         "None", "normal", "suspected", "violation", "violation",

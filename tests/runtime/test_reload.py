@@ -21,7 +21,7 @@ import pytest
 from tests.support.callbacks import job
 from tests.support.cli import cli
 from tests.support.handler_doubles import recorded
-from tests.support.processes import Receiver, log_lines, start_workers
+from tests.support.processes import Receiver, logged, start_workers
 from tests.support.tcp_proxy import ThreadedProxy
 from tests.support.waiting import wait_until
 
@@ -75,7 +75,7 @@ class Sender(threading.Thread):
 
 
 def reloads(receiver: Receiver, event: str) -> int:
-    return sum(1 for line in log_lines(receiver) if line["event"] == event)
+    return len(logged(receiver, event))
 
 
 def hang_up(receiver: Receiver, applied_before: int) -> None:
@@ -105,7 +105,7 @@ def test_sighup_applies_new_handlers_and_routes_while_callbacks_keep_coming(rece
     sent_before_signal = len(sender.statuses)
     hang_up(receiver, 0)
     # The log says what changed: a handler added, the one route changed.
-    [reloaded] = [line for line in log_lines(receiver) if line["event"] == "config reloaded"]
+    [reloaded] = logged(receiver, "config reloaded")
     assert (reloaded["handlers"], reloaded["routes"]) == (["+second"], ["~1"])
     routed_after = len(sender.statuses) + 1  # the one in flight may have gone either way
     wait_until(lambda: len(sender.statuses) >= routed_after + 20, what="callbacks after it")
@@ -141,11 +141,7 @@ def test_a_removed_handler_stops_and_a_bad_config_changes_nothing(receiver, tmp_
     assert receiver.process is not None
     receiver.process.send_signal(signal.SIGHUP)
     wait_until(lambda: reloads(receiver, "config not reloaded: the running one stays"))
-    refused = next(
-        line
-        for line in log_lines(receiver)
-        if line["event"] == "config not reloaded: the running one stays"
-    )
+    refused = logged(receiver, "config not reloaded: the running one stays")[0]
     assert "handlers.broken" in refused["error"]
     receiver.post(callback(1))
     wait_until(lambda: len(recorded(tmp_path / "first.jsonl")) == 2)
@@ -159,9 +155,7 @@ def test_a_removed_handler_stops_and_a_bad_config_changes_nothing(receiver, tmp_
     hang_up(receiver, 0)
     receiver.wait_for_log("handler stopped (config reloaded)")
     sections = [
-        line["sections"]
-        for line in log_lines(receiver)
-        if line["event"] == "config changes that take effect on restart"
+        line["sections"] for line in logged(receiver, "config changes that take effect on restart")
     ]
     assert sections == [["retention"]]
     receiver.post(callback(2))
@@ -253,9 +247,7 @@ def test_serve_workers_passes_sighup_to_every_worker(tmp_path):
         assert receiver.process is not None
         receiver.process.send_signal(signal.SIGHUP)
         wait_until(lambda: reloads(receiver, "config reloaded") == 2, 15, "both reloads")
-        reloaded = {
-            line["worker"] for line in log_lines(receiver) if line["event"] == "config reloaded"
-        }
+        reloaded = {line["worker"] for line in logged(receiver, "config reloaded")}
         assert reloaded == {0, 1}
         for n in range(20):  # on connections of their own: both workers take some
             answer = httpx.post(
@@ -302,8 +294,9 @@ def test_route_warnings_are_logged_at_start_and_again_on_reload(tmp_path):
     try:
 
         def warned() -> list[str]:
-            return [line["warning"] for line in log_lines(receiver)
-                    if line["event"] == "config may not do what was meant"]  # fmt: skip
+            return [
+                line["warning"] for line in logged(receiver, "config may not do what was meant")
+            ]
 
         wait_until(warned, what="the warning at start")
         assert warned() == ["handlers.spare: no route sends it anything"]

@@ -21,7 +21,7 @@ from receiver.sources.http_server import connection_limits
 from tests.support.callbacks import job
 from tests.support.certificates import Certificates
 from tests.support.cli import ci_receiver, cli
-from tests.support.processes import Receiver, log_lines, metric, start_workers
+from tests.support.processes import Receiver, logged, metric, start_workers
 from tests.support.waiting import wait_until
 
 
@@ -63,15 +63,6 @@ def closed_by_server(sock: socket.socket) -> bool:
 TLS_REFUSED = 'ci_receiver_http_refused_total{reason="tls_handshake",server="public"}'
 TOO_MANY = 'ci_receiver_http_refused_total{reason="too_many_connections",server="public"}'
 NOT_RELOADED = "tls certificate not reloaded: the running one stays"
-
-
-def events_logged(receiver: Receiver, event: str) -> list[dict]:
-    return [line for line in log_lines(receiver) if line["event"] == event]
-
-
-@pytest.fixture
-def certificates(tmp_path: Path) -> Certificates:
-    return Certificates(tmp_path)
 
 
 @pytest.fixture
@@ -241,9 +232,7 @@ def test_sighup_serves_a_renewed_certificate_to_new_connections(receiver, certif
         assert open_client.get(https(receiver) + "/healthz").status_code == 200
         renewed = certificates.renew()
         receiver.process.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: events_logged(receiver, "tls certificate reloaded"), what="the reload logged"
-        )
+        wait_until(lambda: logged(receiver, "tls certificate reloaded"), what="the reload logged")
         assert served_certificate(receiver.port, certificates) == renewed != first
         # A connection opened before goes on with its certificate.
         answer = open_client.get(https(receiver) + "/healthz")
@@ -258,8 +247,8 @@ def test_a_bad_renewal_keeps_the_running_certificate_and_says_why(receiver, cert
     certificates.renew()
     certificates.key.write_bytes(certificates.other_key())  # the key of another certificate
     receiver.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: events_logged(receiver, NOT_RELOADED), what="the refusal logged")
-    (refusal,) = events_logged(receiver, NOT_RELOADED)
+    wait_until(lambda: logged(receiver, NOT_RELOADED), what="the refusal logged")
+    (refusal,) = logged(receiver, NOT_RELOADED)
     assert refusal["level"] == "error"
     assert "does not match the certificate" in refusal["error"]
     assert served_certificate(receiver.port, certificates) == first
@@ -268,7 +257,7 @@ def test_a_bad_renewal_keeps_the_running_certificate_and_says_why(receiver, cert
     # Mended, the next SIGHUP takes it.
     renewed = certificates.renew()
     receiver.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: events_logged(receiver, "tls certificate reloaded"), what="the reload")
+    wait_until(lambda: logged(receiver, "tls certificate reloaded"), what="the reload")
     assert served_certificate(receiver.port, certificates) == renewed
 
 
@@ -331,7 +320,7 @@ def test_workers_serve_tls_and_each_takes_a_renewal(tmp_path, certificates):
         renewed = certificates.renew()
         receiver.process.send_signal(signal.SIGHUP)
         wait_until(
-            lambda: len(events_logged(receiver, "tls certificate reloaded")) == 2,
+            lambda: len(logged(receiver, "tls certificate reloaded")) == 2,
             what="both workers reloaded",
         )
         # New connections, whichever worker takes each, get the renewed certificate.

@@ -15,13 +15,13 @@ from tests.support.callbacks import load
 from tests.support.processes import Receiver, metric
 
 
-def serve(tmp_path: Path, sections: str) -> Receiver:
+def serve(tmp_path: Path, sections: str, env: dict[str, str] | None = None) -> Receiver:
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "ci-receiver.toml"
     config.write_text(
         f'data_dir = "{tmp_path / "data"}"\n{sections}\n[handlers.log]\ntype = "log"\n'
     )
-    return Receiver(config).start()
+    return Receiver(config).start(env=env)
 
 
 def receipts(tmp_path: Path) -> list[tuple]:
@@ -157,12 +157,9 @@ def test_with_require_auth_any_guard_lets_it_start_and_false_opts_out(tmp_path):
         ("allow", '[http]\nallow_from = ["127.0.0.0/8"]\n', {}, "/callbacks"),
         ("open", "", {"CI_RECEIVER_HTTP__REQUIRE_AUTH": "false"}, "/callbacks"),
     ):
-        folder = tmp_path / name
-        folder.mkdir()
-        config = folder / "ci-receiver.toml"
-        config.write_text(f'data_dir = "{folder / "data"}"\n{sections}')
-        receiver = Receiver(config)
-        receiver.start(env={"CI_RECEIVER_HTTP__REQUIRE_AUTH": "true", **env})
+        receiver = serve(
+            tmp_path / name, sections, {"CI_RECEIVER_HTTP__REQUIRE_AUTH": "true", **env}
+        )
         try:
             assert receiver.post(body, path=path).status_code == 200, name
         finally:

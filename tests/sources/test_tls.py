@@ -44,11 +44,6 @@ def served(certificate: TlsCertificate, certificates: Certificates) -> bytes:
     return peer
 
 
-@pytest.fixture
-def certificates(tmp_path) -> Certificates:
-    return Certificates(tmp_path)
-
-
 def files(certificates: Certificates, password: str | None = None) -> TlsFiles:
     return TlsFiles("http", certificates.cert, certificates.key, password)
 

@@ -47,11 +47,6 @@ async def serving(server: Server, sock: socket.socket) -> asyncio.Task[None]:
     return task
 
 
-@pytest.fixture
-def certificates(tmp_path) -> Certificates:
-    return Certificates(tmp_path)
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_clients_sending_at_once_are_all_served(certificates, loop):
     server = tls_server(certificates)

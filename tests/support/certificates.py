@@ -19,7 +19,7 @@ class Certificates:
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         self.cert = folder / "cert.pem"
         self.key = folder / "key.pem"
-        self.served = self.renew()
+        self.renew()
 
     def renew(self) -> bytes:
         """A new certificate and key in the files; the certificate, DER."""

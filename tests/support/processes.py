@@ -14,6 +14,8 @@ from typing import IO, Any
 import httpx
 import orjson
 
+from tests.support.waiting import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 # The start-up hooks (sitecustomize.py) a ci-receiver child process imports when this
 # folder is on its PYTHONPATH: they stall or reshape it where a test asks.
@@ -92,6 +94,7 @@ class Receiver:
         command: str = "serve",
         port: int | None = None,
         args: tuple[str, ...] = (),
+        admin_port: int | None = None,
     ) -> None:
         self.config_file = config_file
         self.command = command
@@ -99,7 +102,7 @@ class Receiver:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # The admin listener (/metrics, the detailed /readyz) on a port of its own.
-        self.admin_port = free_port()
+        self.admin_port = admin_port or free_port()
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.process: subprocess.Popen | None = None
         self.log_path = config_file.parent / f"{command}-{self.port}.log"
@@ -201,13 +204,14 @@ def log_lines(receiver: Receiver) -> list[dict[str, Any]]:
     return lines
 
 
+def logged(receiver: Receiver, event: str) -> list[dict[str, Any]]:
+    """The JSON lines the process logged whose event is `event`, in order."""
+    return [line for line in log_lines(receiver) if line["event"] == event]
+
+
 def listening(receiver: Receiver) -> list[tuple[int, int]]:
     """(worker, pid) of every worker that said it listens, in order."""
-    return [
-        (line["worker"], line["pid"])
-        for line in log_lines(receiver)
-        if line["event"] == "worker listening"
-    ]
+    return [(line["worker"], line["pid"]) for line in logged(receiver, "worker listening")]
 
 
 def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict[int, int]:
@@ -216,14 +220,13 @@ def start_workers(receiver: Receiver, env: dict[str, str] | None = None) -> dict
     written by that worker, and may reach the log a moment later."""
     receiver.start(env=env, wait_http=False)
     receiver.wait_for_log("all workers listening")
-    (count,) = [
-        line["workers"] for line in log_lines(receiver) if line["event"] == "all workers listening"
-    ][:1]
-    deadline = time.monotonic() + 10
-    while len(workers := dict(listening(receiver))) < count:
-        assert time.monotonic() < deadline, f"{count} workers said they listen: {workers}"
-        time.sleep(0.05)
-    return workers
+    count = logged(receiver, "all workers listening")[0]["workers"]
+
+    def every_worker() -> dict[int, int] | None:
+        workers = dict(listening(receiver))
+        return workers if len(workers) >= count else None
+
+    return wait_until(every_worker, 10, f"{count} workers saying they listen")
 
 
 def _limit_open_files(limit: int) -> None:
