@@ -236,7 +236,9 @@ async def test_a_start_that_hangs_is_given_up_after_the_handler_timeout(inbox):
 async def test_a_retry_delay_that_is_no_usable_number_is_bounded(inbox, after):
     odd = Recording([Retry("odd", after=after)])
     (event_id,) = await store(inbox, "transcode.xml", ["odd"])
-    d = dispatcher(inbox, odd=(odd, {}))
+    # A delay that is no number falls back to the back-off's: one long enough that the
+    # retry cannot come due before the stop (FAST's, 25-50 ms, sometimes did under load).
+    d = dispatcher(inbox, odd=(odd, {"backoff_initial": 60, "backoff_max": 60}))
     await d.start()
     await until(lambda: _attempted(inbox, event_id))
     await d.stop()
