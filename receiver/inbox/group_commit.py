@@ -8,6 +8,11 @@ commit, one WAL flush). A burst of callbacks is then a few large commits instead
 per callback; an item alone commits at once. Each caller still returns only once its own
 item is committed.
 
+The batches that follow one another without a pause are written through one session
+(`hold`: a connection of the pool), taken for the first and given back after the last:
+taking a connection from asyncpg's pool and giving it back cost more CPU than the
+statement itself (`python -m bench.dispatch_cost --postgres`).
+
 A batch that fails as a whole because the server cannot be reached fails every item of
 it (each sender is asked to send again). One that fails for any other reason (a
 deadlock with another replica's batch, one row the server refuses) is written again one
@@ -17,9 +22,9 @@ item at a time, so that one item's failure is never the others'.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
 from receiver.inbox.types import InboxUnavailable
@@ -30,14 +35,22 @@ MOST_PER_BATCH = 256
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Session = TypeVar("Session")
 
 
-class GroupCommit(Generic[Item, Result]):
+class GroupCommit(Generic[Session, Item, Result]):
     """Items written in batches by `write`, which commits a list of them in one
-    transaction and returns a result for each, in order."""
+    transaction through a session of `hold` and returns a result for each, in order.
+    `hold` raises InboxUnavailable when no session can be had."""
 
-    def __init__(self, write: Callable[[list[Item]], Awaitable[list[Result]]], name: str) -> None:
+    def __init__(
+        self,
+        write: Callable[[Session, list[Item]], Awaitable[list[Result]]],
+        hold: Callable[[], AbstractAsyncContextManager[Session]],
+        name: str,
+    ) -> None:
         self._write = write
+        self._hold = hold
         self._name = name
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._committing: asyncio.Task[None] | None = None
@@ -59,17 +72,32 @@ class GroupCommit(Generic[Item, Result]):
     async def _commit_all(self) -> None:
         try:
             while self._waiting:
-                batch = self._waiting[:MOST_PER_BATCH]
-                del self._waiting[:MOST_PER_BATCH]
-                with contextlib.suppress(InboxUnavailable):  # each of the batch told
-                    await self._commit(batch)
+                batch = self._next_batch()
+                try:
+                    async with self._hold() as session:
+                        await self._commit(session, batch)
+                        while self._waiting:
+                            batch = self._next_batch()
+                            await self._commit(session, batch)
+                except InboxUnavailable as exc:
+                    # No session (each of the batch told here), or the server went away
+                    # during a batch (each told already): a new session for the next.
+                    for _, future in batch:
+                        _settle(future, exception=exc)
         finally:
             self._committing = None
 
-    async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+        batch = self._waiting[:MOST_PER_BATCH]
+        del self._waiting[:MOST_PER_BATCH]
+        return batch
+
+    async def _commit(
+        self, session: Session, batch: list[tuple[Item, asyncio.Future[Result]]]
+    ) -> None:
         """Raises InboxUnavailable, once it has failed the whole batch with it."""
         try:
-            results = await self._write([item for item, _ in batch])
+            results = await self._write(session, [item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results written for {len(batch)} items")
         except InboxUnavailable as exc:  # the server away: none of them is kept
@@ -84,7 +112,7 @@ class GroupCommit(Generic[Item, Result]):
             # is found away (the rest then fail at once rather than wait each in turn).
             for position, (item, future) in enumerate(batch):
                 try:
-                    await self._commit([(item, future)])
+                    await self._commit(session, [(item, future)])
                 except InboxUnavailable as away:
                     for _, waiting in batch[position + 1 :]:
                         _settle(waiting, exception=away)

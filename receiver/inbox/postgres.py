@@ -351,8 +351,8 @@ class PostgresConnector:
         self._last_failure = 0.0
         # The callbacks being stored at one moment, and the outcomes being recorded,
         # each committed together.
-        self._stores = GroupCommit(self._store_batch, "inbox-store")
-        self._outcomes = GroupCommit(self._finish_batch, "inbox-finish")
+        self._stores = GroupCommit(self._store_batch, self._held, "inbox-store")
+        self._outcomes = GroupCommit(self._finish_batch, self._held, "inbox-finish")
 
     # --- connections ---------------------------------------------------------------
 
@@ -475,9 +475,15 @@ class PostgresConnector:
         )
         return stored
 
-    async def _store_batch(self, deliveries: list[Delivery]) -> list[Delivered]:
-        with self._writing():
-            rows = await self.pool.fetch(STORE, _store_batch_json(deliveries))
+    def _held(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection for a group commit's batches, held from the first to the last."""
+        return self.pool.acquire()
+
+    async def _store_batch(
+        self, connection: asyncpg.Connection, deliveries: list[Delivery]
+    ) -> list[Delivered]:
+        with self._writing(), self._reach:
+            rows = await connection.fetch(STORE, _store_batch_json(deliveries))
         return [Delivered(row[0], row[1]) for row in rows]
 
     # --- the run queue -------------------------------------------------------------
@@ -496,7 +502,9 @@ class PostgresConnector:
         """With the others of the moment (`self._outcomes`), in one statement (`FINISH`)."""
         return await self._outcomes.run(finished)
 
-    async def _finish_batch(self, outcomes: list[Finished]) -> list[bool]:
+    async def _finish_batch(
+        self, connection: asyncpg.Connection, outcomes: list[Finished]
+    ) -> list[bool]:
         """Whether each outcome was recorded (its lease still held)."""
         rows = [  # FINISH's argument: `Finished` as they are, but for their text
             (text(event_id), handler, token, status, counted, _utc(retry_at), text(error),
@@ -504,8 +512,8 @@ class PostgresConnector:
             for (event_id, handler, token, status, counted, retry_at, error, number,
                  started_at, outcome) in outcomes
         ]  # fmt: skip
-        with self._writing():
-            recorded = set(await self.pool.fetchval(FINISH, orjson.dumps(rows).decode()) or ())
+        with self._writing(), self._reach:
+            recorded = set(await connection.fetchval(FINISH, orjson.dumps(rows).decode()) or ())
         return [position in recorded for position in range(1, len(outcomes) + 1)]
 
     def watch(self, wake: Callable[[], None]) -> None:

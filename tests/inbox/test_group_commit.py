@@ -1,10 +1,15 @@
-"""Group commit's failure rules, with a writer standing in for the database: a batch
-the server refuses is written again item by item, and once the server is found away,
-the items left fail at once instead of each waiting for its own failure."""
+"""Group commit's rules, with a writer and sessions standing in for the database and
+its connections: a batch the server refuses is written again item by item, and once the
+server is found away, the items left fail at once instead of each waiting for its own
+failure; batches in a row share one session, and a session lost or not had is the
+failure of one batch, the next taking a new one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,10 +17,38 @@ from receiver.inbox.group_commit import GroupCommit
 from receiver.inbox.types import InboxUnavailable
 
 
+@contextlib.asynccontextmanager
+async def session() -> AsyncIterator[None]:
+    yield None
+
+
+class Sessions:
+    """Numbered sessions; `refuse` of them cannot be had; which are open."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.refuse = refuse
+        self.numbers = itertools.count(1)
+        self.taken: list[int] = []
+        self.open: set[int] = set()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[int]:
+        if self.refuse:
+            self.refuse -= 1
+            raise InboxUnavailable("no connection")
+        number = next(self.numbers)
+        self.taken.append(number)
+        self.open.add(number)
+        try:
+            yield number
+        finally:
+            self.open.discard(number)
+
+
 async def test_a_refused_batch_is_written_item_by_item_until_the_server_is_away():
     writes: list[list[int]] = []
 
-    async def write(items: list[int]) -> list[int]:
+    async def write(_: None, items: list[int]) -> list[int]:
         writes.append(items)
         if len(items) > 1:
             raise ValueError("one row refused")
@@ -23,7 +56,7 @@ async def test_a_refused_batch_is_written_item_by_item_until_the_server_is_away(
             raise InboxUnavailable("the server went away")
         return [item * 10 for item in items]
 
-    commits = GroupCommit(write, "test")
+    commits = GroupCommit(write, session, "test")
     first = asyncio.ensure_future(commits.run(0))  # alone: committed at once
     await asyncio.sleep(0)
     results = await asyncio.gather(*(commits.run(i) for i in range(1, 6)), return_exceptions=True)
@@ -35,10 +68,10 @@ async def test_a_refused_batch_is_written_item_by_item_until_the_server_is_away(
 
 
 async def test_a_writer_returning_too_few_results_fails_its_items_rather_than_hang():
-    async def write(items: list[int]) -> list[int]:
+    async def write(_: None, items: list[int]) -> list[int]:
         return items[:1]
 
-    commits = GroupCommit(write, "test")
+    commits = GroupCommit(write, session, "test")
     first = asyncio.ensure_future(commits.run(0))
     await asyncio.sleep(0)
     batch = [commits.run(1), commits.run(2)]
@@ -50,12 +83,12 @@ async def test_a_cancelled_caller_leaves_the_batch_to_the_others():
     gate = asyncio.Event()
     written: list[int] = []
 
-    async def write(items: list[int]) -> list[int]:
+    async def write(_: None, items: list[int]) -> list[int]:
         await gate.wait()
         written.extend(items)
         return items
 
-    commits = GroupCommit(write, "test")
+    commits = GroupCommit(write, session, "test")
     calls = [asyncio.ensure_future(commits.run(i)) for i in range(3)]
     await asyncio.sleep(0)
     calls[1].cancel()
@@ -65,3 +98,67 @@ async def test_a_cancelled_caller_leaves_the_batch_to_the_others():
     with pytest.raises(asyncio.CancelledError):
         await calls[1]
     assert written == [0, 1, 2]
+
+
+async def test_batches_in_a_row_share_one_session_given_back_after_the_last():
+    sessions = Sessions()
+    written: list[tuple[int, list[int]]] = []
+    gate = asyncio.Event()
+
+    async def write(number: int, items: list[int]) -> list[int]:
+        written.append((number, items))
+        await gate.wait()
+        return items
+
+    commits = GroupCommit(write, sessions.hold, "test")
+    first = asyncio.ensure_future(commits.run(0))
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(commits.run(i)) for i in (1, 2)]  # while 0 is written
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(first, *later) == [0, 1, 2]
+    assert written == [(1, [0]), (1, [1, 2])]
+    assert sessions.open == set()
+    assert await commits.run(3) == 3  # after a pause: a session of its own
+    assert written[-1] == (2, [3])
+
+
+async def test_a_session_not_had_fails_its_batch_and_the_next_batch_tries_again():
+    sessions = Sessions(refuse=1)
+
+    async def write(number: int, items: list[int]) -> list[int]:
+        return items
+
+    commits = GroupCommit(write, sessions.hold, "test")
+    first = asyncio.ensure_future(commits.run(0))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(commits.run(1))  # waits for the next batch
+    with pytest.raises(InboxUnavailable, match="no connection"):
+        await first
+    assert await second == 1
+    assert sessions.taken == [1]
+
+
+async def test_a_session_lost_during_a_batch_is_replaced_for_the_next():
+    sessions = Sessions()
+    gate = asyncio.Event()
+    written: list[tuple[int, list[int]]] = []
+
+    async def write(number: int, items: list[int]) -> list[int]:
+        written.append((number, items))
+        await gate.wait()
+        if number == 1:
+            raise InboxUnavailable("the server went away")
+        return items
+
+    commits = GroupCommit(write, sessions.hold, "test")
+    first = asyncio.ensure_future(commits.run(0))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(commits.run(1))
+    await asyncio.sleep(0)
+    gate.set()
+    with pytest.raises(InboxUnavailable):
+        await first
+    assert await second == 1
+    assert written == [(1, [0]), (2, [1])]
+    assert sessions.open == set()
