@@ -15,8 +15,9 @@ statement itself (`python -m bench.dispatch_cost --postgres`).
 
 A batch that fails as a whole because the server cannot be reached fails every item of
 it (each sender is asked to send again). One that fails for any other reason (a
-deadlock with another replica's batch, one row the server refuses) is written again one
-item at a time, so that one item's failure is never the others'.
+deadlock with another replica's batch, one row the server refuses, a connection that
+died under it) is written again one item at a time, each in a new session, so that one
+item's failure is never the others'.
 """
 
 from __future__ import annotations
@@ -72,54 +73,58 @@ class GroupCommit(Generic[Session, Item, Result]):
     async def _commit_all(self) -> None:
         try:
             while self._waiting:
-                batch = self._next_batch()
-                try:
-                    async with self._hold() as session:
-                        await self._commit(session, batch)
-                        while self._waiting:
-                            batch = self._next_batch()
-                            await self._commit(session, batch)
-                except InboxUnavailable as exc:
-                    # No session (each of the batch told here), or the server went away
-                    # during a batch (each told already): a new session for the next.
-                    for _, future in batch:
-                        _settle(future, exception=exc)
+                await self._commit_run()
         finally:
             self._committing = None
+
+    async def _commit_run(self) -> None:
+        """Batches one after another through one session, until none is waiting or one
+        fails: a failed session is given back (broken, cancelling a statement that timed
+        out: the pool mends it), and the next batch takes a new one."""
+        batch = self._next_batch()
+        try:
+            async with self._hold() as session:
+                while True:
+                    results = await self._write(session, [item for item, _ in batch])
+                    _settle_all(batch, results)
+                    if not self._waiting:
+                        return
+                    batch = self._next_batch()
+        except InboxUnavailable as exc:  # no session, or the server away: none is kept
+            for _, future in batch:
+                _settle(future, exception=exc)
+        except Exception:
+            await self._commit_each(batch)
+
+    async def _commit_each(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """A batch that failed, written again one item at a time, each in a session of
+        its own: one item's failure is never the others', and an item alone that met a
+        connection as it died (asyncpg's client errors) is tried once more on another.
+        Once the server is found away, the rest fail at once rather than wait each in
+        turn."""
+        for position, (item, future) in enumerate(batch):
+            try:
+                async with self._hold() as session:
+                    _settle_all([(item, future)], await self._write(session, [item]))
+            except InboxUnavailable as away:
+                for _, waiting in batch[position:]:
+                    _settle(waiting, exception=away)
+                return
+            except Exception as exc:
+                _settle(future, exception=exc)
 
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         batch = self._waiting[:MOST_PER_BATCH]
         del self._waiting[:MOST_PER_BATCH]
         return batch
 
-    async def _commit(
-        self, session: Session, batch: list[tuple[Item, asyncio.Future[Result]]]
-    ) -> None:
-        """Raises InboxUnavailable, once it has failed the whole batch with it."""
-        try:
-            results = await self._write(session, [item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results written for {len(batch)} items")
-        except InboxUnavailable as exc:  # the server away: none of them is kept
-            for _, future in batch:
-                _settle(future, exception=exc)
-            raise
-        except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0][1], exception=exc)
-                return
-            # One item's failure must not be the others': each alone, until the server
-            # is found away (the rest then fail at once rather than wait each in turn).
-            for position, (item, future) in enumerate(batch):
-                try:
-                    await self._commit(session, [(item, future)])
-                except InboxUnavailable as away:
-                    for _, waiting in batch[position + 1 :]:
-                        _settle(waiting, exception=away)
-                    return
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            _settle(future, result=result)
+
+def _settle_all(batch: list[tuple[Any, asyncio.Future[Any]]], results: list[Any]) -> None:
+    """Each item's future its result; raises, settling none, when the count is wrong."""
+    if len(results) != len(batch):
+        raise RuntimeError(f"{len(results)} results written for {len(batch)} items")
+    for (_, future), result in zip(batch, results, strict=True):
+        _settle(future, result=result)
 
 
 def _settle(

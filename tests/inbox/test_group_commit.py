@@ -162,3 +162,41 @@ async def test_a_session_lost_during_a_batch_is_replaced_for_the_next():
     assert await second == 1
     assert written == [(1, [0]), (2, [1])]
     assert sessions.open == set()
+
+
+async def test_a_refused_batch_is_written_again_each_item_in_a_new_session():
+    # The session the batch failed on may be what failed (a connection closed under it):
+    # the items are tried again on others.
+    sessions = Sessions()
+    written: list[tuple[int, list[int]]] = []
+
+    async def write(number: int, items: list[int]) -> list[int]:
+        written.append((number, items))
+        if number == 2:
+            raise RuntimeError("the connection was closed")
+        return items
+
+    commits = GroupCommit(write, sessions.hold, "test")
+    first = asyncio.ensure_future(commits.run(0))
+    await asyncio.sleep(0)
+    assert await first == 0
+    assert await asyncio.gather(commits.run(1), commits.run(2)) == [1, 2]
+    assert written == [(1, [0]), (2, [1, 2]), (3, [1]), (4, [2])]
+    assert sessions.open == set()
+
+
+async def test_an_item_alone_that_met_a_dying_session_is_tried_once_more_on_another():
+    sessions = Sessions()
+
+    async def write(number: int, items: list[int]) -> list[int]:
+        if number == 1:
+            raise RuntimeError("another operation is in progress")  # asyncpg, dying
+        if items == [1]:
+            raise ValueError("the server refuses this row")
+        return items
+
+    commits = GroupCommit(write, sessions.hold, "test")
+    assert await commits.run(0) == 0  # on session 2
+    with pytest.raises(ValueError, match="refuses"):  # on sessions 3 and 4: it stands
+        await commits.run(1)
+    assert sessions.taken == [1, 2, 3, 4]

@@ -235,6 +235,38 @@ async def test_callbacks_stored_at_one_moment_are_committed_together(postgres_sc
     assert await transactions_of_receipts(url, schema) <= 10
 
 
+async def test_connections_killed_under_the_inbox_fail_a_batch_at_most_then_stores_resume(
+    postgres_schema,
+):
+    # The group commit holds a connection through a run of batches: one killed must be
+    # given back (the pool replaces it), never kept to fail the batches after it.
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    try:
+        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(50)))
+        assert all(len(s.new) == 1 for s in stored)
+        async with direct(url) as connection:
+            killed = await connection.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'ci-receiver' AND pid <> pg_backend_pid()"
+                " AND query LIKE '%WITH batch AS%'"
+            )
+        assert killed >= 1
+        failed = 0
+        for attempt in range(5):  # the pool's connections that were killed: each fails once
+            try:
+                await inbox.store(*receipt_for(f"jafter{attempt}"))
+                break
+            except InboxUnavailable:
+                failed += 1
+        assert failed <= killed
+        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"k{i}")) for i in range(200)))
+        assert all(len(s.new) == 1 for s in stored)
+    finally:
+        await inbox.close()
+
+
 async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(postgres_schema):
     url, schema = postgres_schema
     inbox = inbox_at(url, schema)
