@@ -24,7 +24,8 @@ digest).
 A `type` in the config names a built-in (`log`, `jsonl`, `sql`, `webhook`, ...), an
 entry point of the group `ci_receiver.handlers`, or a dotted path
 `package.module:attribute`. A handler that keeps its validated options as a pydantic
-model in `self.options` gets them printed by `check-config`, secrets masked.
+model in `self.options` (a `HandlerOptions`) gets them printed by `check-config`, secrets
+masked.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from importlib.metadata import entry_points
 from typing import Any, Protocol, cast, runtime_checkable
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from receiver.callback.event import Event
 from receiver.spelling import did_you_mean
@@ -127,6 +128,16 @@ class Batching:
 # What `handle_batch` returns: the events that did not succeed, by event id, each with
 # what it would have raised alone; None (or an empty mapping): all succeeded.
 BatchResult = Mapping[str, BaseException] | None
+
+
+class HandlerOptions(BaseModel):
+    """A handler's options as its table in the config gives them (`[handlers.NAME]`, the
+    keys every handler takes removed), for a handler's own model to subclass: a key it
+    does not know stops the start and is named, and a number must be finite, as
+    everywhere in the config (TOML allows `inf` and `nan`: a `request_timeout = inf`
+    would wait for ever)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @runtime_checkable

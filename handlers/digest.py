@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
-from handlers import Batching
+from handlers import Batching, HandlerOptions
 from handlers.markup import Markup
 from receiver.callback.event import Event
 from receiver.config import parse_duration
@@ -29,7 +29,7 @@ from receiver.config import parse_duration
 DIGEST_MAX_EVENTS = 1000
 
 
-class DigestOptions(BaseModel):
+class DigestOptions(HandlerOptions):
     """What the robots and e-mail take for digests: off by default."""
 
     # The window, e.g. "30s", "1m", "5m", "1h".

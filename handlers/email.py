@@ -31,7 +31,7 @@ DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 
 
 class EmailOptions(DigestOptions):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     host: str
     # Default: 587 for starttls, 465 for ssl, 25 for none.

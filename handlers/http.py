@@ -10,9 +10,9 @@ import time
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from handlers import Fail, Retry
+from handlers import Fail, HandlerOptions, Retry
 from receiver import tracing
 from receiver.masking import origin
 
@@ -22,8 +22,8 @@ MAX_RETRY_AFTER_SECONDS = 3600.0
 USER_AGENT = "ci-receiver"
 
 
-class HttpOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class HttpOptions(HandlerOptions):
+    model_config = ConfigDict(populate_by_name=True)
 
     # Seconds for each of connecting, writing and reading. Keep it below the handler's
     # `timeout`, which bounds the whole attempt.

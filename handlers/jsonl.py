@@ -20,15 +20,11 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from handlers import BatchContext, BatchResult
+from handlers import BatchContext, BatchResult, HandlerOptions
 from receiver.callback.event import Event
 
 
-class JsonLinesOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class JsonLinesOptions(HandlerOptions):
     path: Path
     # The decoded document can be large; leave it out for a slimmer file.
     include_raw: bool = True

@@ -6,14 +6,12 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict
 
+from handlers import HandlerOptions
 from receiver.callback.event import Event
 
 
-class LogOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LogOptions(HandlerOptions):
     level: Literal["debug", "info", "warning"] = "info"
 
 

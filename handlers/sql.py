@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import Field, field_serializer
 from sqlalchemy import URL, Insert, Table, case, make_url
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -32,7 +32,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from handlers import BatchContext, BatchResult, HandlerConfigError
+from handlers import BatchContext, BatchResult, HandlerConfigError, HandlerOptions
 from handlers.sql_schema import Prepared, Wanted, prepare
 from handlers.sql_tables import event_row, job_row
 from receiver.callback.event import Event
@@ -53,10 +53,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_RECYCLE_SECONDS = 1800
 
 
-class TableOptions(BaseModel):
+class TableOptions(HandlerOptions):
     """What `sql` and `sqlite` share: the tables."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # Not `jobs`, a name a database may well hold already (an earlier default, still
     # used where it is ci-receiver's: sql_schema._name).

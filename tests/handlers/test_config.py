@@ -80,3 +80,21 @@ def test_a_bad_option_names_the_handler_and_the_key(tmp_path):
         result.stderr
     )
     assert "smtp-password-0" not in result.stderr
+
+
+def test_a_number_that_is_not_finite_is_a_bad_option_of_every_handler(tmp_path):
+    # TOML allows inf and nan; a handler's options, like the rest of the config, do not
+    # (`HandlerOptions`): a request that could wait for ever is refused at once.
+    result = check_config(
+        tmp_path,
+        CONFIG.replace(
+            'url = "https://example.com/hook"',
+            'url = "https://example.com/hook"\nrequest_timeout = inf',
+        ),
+    )
+
+    assert result.returncode == 1
+    assert "handlers.hook: bad options for handler type 'webhook': request_timeout:" in (
+        result.stderr
+    )
+    assert "finite" in result.stderr
