@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeGuard, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeGuard
 
 from pydantic import (
     BaseModel,
@@ -1003,18 +1003,8 @@ def _describe(error: ValidationError, sources: Mapping[tuple[str | int, ...], st
 
 def _known_keys(location: tuple[str | int, ...]) -> list[str]:
     """The keys the table holding `location` takes (none known: a table of free keys)."""
-    annotation: Any = Config
-    for part in location[:-1]:
-        for option in envvars.alternatives(annotation):
-            if _is_table(option) and part in option.model_fields:
-                annotation = option.model_fields[str(part)].annotation
-                break
-            if get_origin(option) in (list, dict):
-                annotation = get_args(option)[-1]  # an item of a list, a value of a table
-                break
-        else:
-            return []
-    return [key for option in envvars.alternatives(annotation) if _is_table(option)
+    holder = envvars.annotation_at(Config, location[:-1])
+    return [key for option in envvars.alternatives(holder) if _is_table(option)
             for key in option.model_fields]  # fmt: skip
 
 

@@ -52,7 +52,7 @@ def overrides(
         try:
             if not all(path):
                 raise ValueError("an empty level (four underscores in a row?)")
-            value = _decode(environ[name], _annotation_at(model, path))
+            value = _decode(environ[name], annotation_at(model, path))
             _put(data, path, value)
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
@@ -153,15 +153,17 @@ def _decode(raw: str, annotation: Any) -> Any:
     )
 
 
-def _annotation_at(model: type[BaseModel], path: tuple[str, ...]) -> Any:
-    """The type the config expects at `path`, `_Anything` inside a table of free keys."""
+def annotation_at(model: type[BaseModel], path: Path) -> Any:
+    """The type the config expects at `path` (a list's items by their index),
+    `_Anything` inside a table of free keys or where the path leads nowhere known."""
     annotation: Any = model
     for part in path:
         options = alternatives(annotation)
         table = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
         mapping = next((o for o in options if get_origin(o) is dict), None)
+        sequence = next((o for o in options if get_origin(o) is list), None)
         if table is not None:
-            field = table.model_fields.get(part)
+            field = table.model_fields.get(str(part))
             if field is None:
                 # A table with free keys (a handler's options) takes anything; another
                 # one refuses the key, which validation reports by name.
@@ -169,6 +171,8 @@ def _annotation_at(model: type[BaseModel], path: tuple[str, ...]) -> Any:
             annotation = field.annotation
         elif mapping is not None:
             annotation = get_args(mapping)[1]
+        elif sequence is not None and isinstance(part, int):
+            annotation = get_args(sequence)[0]
         else:
             return _Anything
     return annotation

@@ -96,6 +96,11 @@ def test_a_missing_env_reference_names_the_key_and_the_variable(tmp_path, monkey
             "[[routes]]\nmatch = { colour = 'x' }\nhandlers = ['log']\n",
             "routes[1].match.colour: unknown key",
         ),
+        # The keys of a list's item are known too.
+        (
+            "[[routes]]\nmatch = { stat = 'Failed' }\nhandlers = ['log']\n",
+            "routes[1].match.stat: unknown key (did you mean 'state'?)",
+        ),
         ("[http\n", "not valid TOML"),
         ('[http]\ntokens = [""]\n', "http.tokens: token 1 must be letters, digits"),
         ('[http]\ntokens = ["a/b"]\n', "http.tokens: token 1 must be letters, digits"),
