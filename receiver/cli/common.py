@@ -161,20 +161,19 @@ def inbox_errors() -> Iterator[None]:
         raise click.ClickException(f"inbox: {exc}") from None
 
 
-def with_inbox(config_path: Path | None, query: Callable[[ReadOnlyInbox], Awaitable[T]]) -> T:
-    """Open the configured inbox read-only, run `query` on it, close it: the inspection
-    commands take no lock a running receiver could wait for."""
+def with_inbox(config: Config, query: Callable[[ReadOnlyInbox], Awaitable[T]]) -> T:
+    """Open the config's inbox read-only, run `query` on it, close it: the inspection
+    commands take no lock a running receiver could wait for. (A config loaded with
+    `needs=INBOX_ONLY` will do: the inbox is all it reads.)"""
     from receiver.inbox.factory import open_inbox
 
-    config = load(config_path, INBOX_ONLY)
     return _with(lambda: open_inbox(config, read_only=True), query)
 
 
-def with_writable_inbox(config_path: Path | None, query: Callable[[Inbox], Awaitable[T]]) -> T:
+def with_writable_inbox(config: Config, query: Callable[[Inbox], Awaitable[T]]) -> T:
     """`with_inbox` for the commands that change the inbox (replay, prune)."""
     from receiver.inbox.factory import open_inbox
 
-    config = load(config_path)
     return _with(lambda: open_inbox(config), query)
 
 

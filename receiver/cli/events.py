@@ -22,6 +22,7 @@ from receiver.cli.common import (
     with_inbox,
 )
 from receiver.cli.views import event_lines, printable, summary_row
+from receiver.config import Config
 from receiver.inbox import RUN_STATUSES, EventDetail, EventSummary, ReadOnlyInbox
 from receiver.inbox.as_json import detail_json, summary_json
 from receiver.timezones import parse_timezone
@@ -47,8 +48,8 @@ def event_filters(command: Callable[..., Any]) -> Callable[..., Any]:
     return filter_options(command)
 
 
-def _zone(config_path: Path | None) -> tzinfo:
-    return parse_timezone(load(config_path, INBOX_ONLY).log.timezone)
+def _zone(config: Config) -> tzinfo:
+    return parse_timezone(config.log.timezone)
 
 
 @events.command("list")
@@ -64,10 +65,9 @@ def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: 
     normal, violation or suspected. The filters match as routes do, without regard to
     case; --tag takes an event name too.
     """
-    zone = _zone(config_path)
-    found = with_inbox(
-        config_path, lambda inbox: inbox.events(event_filter(**filters), limit=limit)
-    )
+    config = load(config_path, INBOX_ONLY)
+    zone = _zone(config)
+    found = with_inbox(config, lambda inbox: inbox.events(event_filter(**filters), limit=limit))
     if not found:
         _say_none(filters)
         return
@@ -102,13 +102,14 @@ def _say_none(filters: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The whole record as JSON, callback too.")
 def show_event(config_path: Path | None, event_id: str, as_json: bool) -> None:
     """One event, its handler runs and every attempt."""
-    zone = _zone(config_path)
+    config = load(config_path, INBOX_ONLY)
+    zone = _zone(config)
 
     async def read(inbox: ReadOnlyInbox) -> tuple[EventDetail | None, dict[str, str]]:
         detail = await inbox.event(event_id)
         return detail, {} if detail is None else await presence.names(inbox, detail.runs)
 
-    detail, names = with_inbox(config_path, read)
+    detail, names = with_inbox(config, read)
     if detail is None:
         raise click.ClickException(f"no event {printable(event_id)!r}")
     if not as_json:
@@ -133,7 +134,8 @@ def tail(
     Each event shows once, when it is stored, with its handlers' status then. Works
     while a receiver runs on the same data folder.
     """
-    zone = _zone(config_path)
+    config = load(config_path, INBOX_ONLY)
+    zone = _zone(config)
 
     def show(summary: EventSummary) -> None:
         if as_json:
@@ -168,7 +170,7 @@ def tail(
             # The newest page is enough: an event once out of it never comes back to it.
             seen = {summary.id for summary in found}
 
-    with_inbox(config_path, follow)
+    with_inbox(config, follow)
 
 
 @events.command("rejected")
@@ -177,16 +179,15 @@ def tail(
 @click.option("--body", "receipt_id", type=int, help="Print the kept body of this receipt.")
 def rejected(config_path: Path | None, limit: int, receipt_id: int | None) -> None:
     """Callbacks that could not be decoded, with why; `--body N` prints one's bytes."""
+    config = load(config_path, INBOX_ONLY)
     if receipt_id is not None:
-        found = with_inbox(config_path, lambda inbox: inbox.receipt(receipt_id))
+        found = with_inbox(config, lambda inbox: inbox.receipt(receipt_id))
         if found is None:
             raise click.ClickException(f"no receipt {receipt_id}")
         sys.stdout.buffer.write(found.body)
         return
-    zone = _zone(config_path)
-    receipts = with_inbox(
-        config_path, lambda inbox: inbox.receipts(limit=limit, outcome="rejected")
-    )
+    zone = _zone(config)
+    receipts = with_inbox(config, lambda inbox: inbox.receipts(limit=limit, outcome="rejected"))
     if not receipts:
         click.echo("no rejected callbacks", err=True)
     for r in receipts:

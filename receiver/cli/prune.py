@@ -38,7 +38,7 @@ def prune(config_path: Path | None, dry_run: bool) -> None:
             )
 
     # A dry run only reads: the inbox is opened read-only.
-    found = with_inbox(config_path, plan) if dry_run else with_writable_inbox(config_path, run)
+    found = with_inbox(config, plan) if dry_run else with_writable_inbox(config, run)
     verb = "would remove" if dry_run else "removed"
     click.echo(
         f"{verb} {found.events} event(s), {found.receipts} receipt(s) and {found.bodies}"

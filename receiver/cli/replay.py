@@ -124,7 +124,7 @@ def replay(
         if done.runs and not dry_run:
             _warn_if_nobody_runs(await running(inbox), list(handler_names))
 
-    with_writable_inbox(config_path, run)
+    with_writable_inbox(config, run)
 
 
 def _warn_if_nobody_runs(processes: list[Process], handlers: list[str]) -> None:

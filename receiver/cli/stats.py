@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import orjson
 
-from receiver.cli.common import Moment, config_option, with_inbox
+from receiver.cli.common import INBOX_ONLY, Moment, config_option, load, with_inbox
 from receiver.inbox import Counts
 
 
@@ -22,7 +22,8 @@ def stats(config_path: Path | None, since: datetime | None, as_json: bool) -> No
     """Callbacks by outcome, events by tag, state and verdict, and handler runs by
     outcome."""
     start = since or datetime.now(timezone.utc) - timedelta(hours=24)
-    counts: Counts = with_inbox(config_path, lambda inbox: inbox.counts(start))
+    config = load(config_path, INBOX_ONLY)
+    counts: Counts = with_inbox(config, lambda inbox: inbox.counts(start))
     if as_json:
         record = {
             "since": start.isoformat(),
