@@ -50,6 +50,12 @@ class CannotAssemble(Exception):
     """The config asks for what cannot be run; the message says what to set."""
 
 
+def _unusable(config: Config, needed: str) -> CannotAssemble:
+    """What a command raises when the config lacks what it needs, said as its other
+    errors are (naming the file)."""
+    return CannotAssemble(f"config: {config.located(needed)}")
+
+
 @dataclass(frozen=True, slots=True)
 class Assembly:
     """What a long-running command runs (`receiver.runtime.runner.run_service`): the
@@ -265,13 +271,11 @@ def _consumers(config: Config, service: Service, say: Say) -> list[Source]:
         "tdmq": bool(tdmq.service_url or tdmq.topics or tdmq.topic_pattern),
     }
     if not any(wanted.values()):
-        raise CannotAssemble(
-            "config: "
-            + config.located(
-                "nothing to consume: set [cmq] region (or endpoint), secret_id, secret_key"
-                " and queues for the TDMQ for CMQ queues CI delivers to, and/or [tdmq]"
-                " service_url and topics for TDMQ for Pulsar"
-            )
+        raise _unusable(
+            config,
+            "nothing to consume: set [cmq] region (or endpoint), secret_id, secret_key and"
+            " queues for the TDMQ for CMQ queues CI delivers to, and/or [tdmq] service_url"
+            " and topics for TDMQ for Pulsar",
         )
     consumers: list[Source] = []
     if wanted["cmq"]:
@@ -287,7 +291,7 @@ def _cmq_consumer(config: Config, service: Service, say: Say) -> Source:
     missing = config.cmq.missing_for_consumer()
     if missing:
         needed = f"set {' and '.join(missing)} to consume from CMQ"
-        raise CannotAssemble(f"config: {config.located(needed)}")
+        raise _unusable(config, needed)
     consumer = CmqConsumer(config.cmq, service.ingestor, service.metrics)
     service.add_check("cmq", consumer.check)
     say(f"consuming CMQ queues {consumer.where}")
@@ -300,7 +304,7 @@ def _tdmq_consumer(config: Config, service: Service, say: Say) -> Source:
     missing = config.tdmq.missing_for_consumer()
     if missing:
         needed = f"set {' and '.join(missing)} to consume from TDMQ"
-        raise CannotAssemble(f"config: {config.located(needed)}")
+        raise _unusable(config, needed)
     consumer = TdmqConsumer(config.tdmq, service.ingestor, service.metrics)
     service.add_check("tdmq", consumer.check)
     say(f"consuming {consumer.where} from {mask_url(config.tdmq.service_url or '')}")
@@ -334,6 +338,6 @@ def _relay_service(config: Config, say: Say) -> Backend:
 
     if not config.tdmq.service_url:
         needed = "relay.topic is set: set tdmq.service_url too"
-        raise CannotAssemble(f"config: {config.located(needed)}")
+        raise _unusable(config, needed)
     say(f"relaying callbacks to {config.relay.topic}")
     return RelayService(config)
