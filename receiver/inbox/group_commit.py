@@ -9,9 +9,10 @@ per callback; an item alone commits at once. Each caller still returns only once
 item is committed.
 
 The batches that follow one another without a pause are written through one session
-(`hold`: a connection of the pool), taken for the first and given back after the last:
-taking a connection from asyncpg's pool and giving it back cost more CPU than the
-statement itself (`python -m bench.dispatch_cost --postgres`).
+(`hold`: a connection of the pool), taken for the first and given back after the last,
+or after `MOST_SECONDS_HELD`: taking a connection from asyncpg's pool and giving it back
+cost more CPU than a statement of a batch (about 95 µs against 127 for a STORE of 32:
+`python -m bench.peer`, docs/benchmarks.md).
 
 A batch that fails as a whole because the server cannot be reached fails every item of
 it (each sender is asked to send again). One that fails for any other reason (a
@@ -33,6 +34,10 @@ from receiver.inbox.types import InboxUnavailable
 # The most items committed in one transaction: a larger batch holds its row locks and
 # its connection longer without saving anything that matters.
 MOST_PER_BATCH = 256
+# The longest a session is held for batches in a row: then it is given back, and the
+# next batch takes one anew, so that a burst never keeps a connection from the pool's
+# other users (claims, readiness, the inspector) for longer, however small the pool.
+MOST_SECONDS_HELD = 0.05
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -78,16 +83,19 @@ class GroupCommit(Generic[Session, Item, Result]):
             self._committing = None
 
     async def _commit_run(self) -> None:
-        """Batches one after another through one session, until none is waiting or one
-        fails: a failed session is given back (broken, cancelling a statement that timed
-        out: the pool mends it), and the next batch takes a new one."""
+        """Batches one after another through one session, until none is waiting, one
+        fails or `MOST_SECONDS_HELD` have passed: a failed session is given back (broken,
+        cancelling a statement that timed out: the pool mends it), and the next batch
+        takes a new one."""
         batch = self._next_batch()
+        loop = asyncio.get_running_loop()
         try:
             async with self._hold() as session:
+                until = loop.time() + MOST_SECONDS_HELD
                 while True:
                     results = await self._write(session, [item for item, _ in batch])
                     _settle_all(batch, results)
-                    if not self._waiting:
+                    if not self._waiting or loop.time() >= until:
                         return
                     batch = self._next_batch()
         except InboxUnavailable as exc:  # no session, or the server away: none is kept

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from receiver.inbox import group_commit
 from receiver.inbox.group_commit import GroupCommit
 from receiver.inbox.types import InboxUnavailable
 
@@ -200,3 +201,25 @@ async def test_an_item_alone_that_met_a_dying_session_is_tried_once_more_on_anot
     with pytest.raises(ValueError, match="refuses"):  # on sessions 3 and 4: it stands
         await commits.run(1)
     assert sessions.taken == [1, 2, 3, 4]
+
+
+async def test_a_session_is_given_back_after_a_while_however_many_batches_wait(monkeypatch):
+    # So that a burst never keeps a connection from the pool's other users.
+    monkeypatch.setattr(group_commit, "MOST_SECONDS_HELD", 0.0)
+    sessions = Sessions()
+    gate = asyncio.Event()
+    written: list[tuple[int, list[int]]] = []
+
+    async def write(number: int, items: list[int]) -> list[int]:
+        written.append((number, items))
+        await gate.wait()
+        return items
+
+    commits = GroupCommit(write, sessions.hold, "test")
+    first = asyncio.ensure_future(commits.run(0))
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(commits.run(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(first, *later) == [0, 1, 2]
+    assert written == [(1, [0]), (2, [1, 2])]

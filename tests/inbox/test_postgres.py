@@ -267,6 +267,25 @@ async def test_connections_killed_under_the_inbox_fail_a_batch_at_most_then_stor
         await inbox.close()
 
 
+async def test_a_burst_of_stores_never_keeps_the_one_connection_from_other_statements(
+    postgres_schema,
+):
+    # The store's group commit holds a connection through batches in a row, but gives
+    # it back after a while: with a pool of one, a statement beside a long burst (a
+    # claim, a readiness probe) gets its turn before the burst ends.
+    url, schema = postgres_schema
+    inbox = PostgresInbox(url, schema=schema, pool_size=1, rejected_body_bytes=1024)
+    await inbox.open()
+    try:
+        burst = asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(6000)))
+        await asyncio.sleep(0.02)  # the first batches under way
+        assert await inbox.size() > 0
+        assert not burst.done()
+        assert all(len(s.new) == 1 for s in await burst)
+    finally:
+        await inbox.close()
+
+
 async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(postgres_schema):
     url, schema = postgres_schema
     inbox = inbox_at(url, schema)
