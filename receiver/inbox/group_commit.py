@@ -11,8 +11,8 @@ item is committed.
 The batches that follow one another without a pause are written through one session
 (`hold`: a connection of the pool), taken for the first and given back after the last,
 or after `MOST_SECONDS_HELD`: taking a connection from asyncpg's pool and giving it back
-cost more CPU than a statement of a batch (about 95 µs against 127 for a STORE of 32:
-`python -m bench.peer`, docs/benchmarks.md).
+(a task, futures, the holder's bookkeeping) cost about as much CPU as the batch's
+statement itself (`python -m bench.peer`, docs/benchmarks.md).
 
 A batch that fails as a whole because the server cannot be reached fails every item of
 it (each sender is asked to send again). One that fails for any other reason (a
