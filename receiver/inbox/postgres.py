@@ -475,9 +475,21 @@ class PostgresConnector:
         )
         return stored
 
-    def _held(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-        """A connection for a group commit's batches, held from the first to the last."""
-        return self.pool.acquire()
+    @contextlib.asynccontextmanager
+    async def _held(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for a group commit's batches, held from the first to the last.
+        Failing to get one counts as a failed write (`ping`). One that failed other than
+        by the server's refusal (asyncpg's client errors, as when its backend dies
+        under it) is closed rather than handed to the pool's next user."""
+        with self._writing():
+            async with self.pool.acquire() as connection:
+                try:
+                    yield connection
+                except asyncpg.PostgresError:  # the server answered: the connection is sound
+                    raise
+                except BaseException:
+                    connection.terminate()
+                    raise
 
     async def _store_batch(
         self, connection: asyncpg.Connection, deliveries: list[Delivery]

@@ -223,3 +223,21 @@ async def test_a_session_is_given_back_after_a_while_however_many_batches_wait(m
     gate.set()
     assert await asyncio.gather(first, *later) == [0, 1, 2]
     assert written == [(1, [0]), (2, [1, 2])]
+
+
+async def test_items_committed_are_not_written_again_when_their_session_fails_to_close():
+    # A pool closing under the group commit may refuse the connection it is given back.
+    written: list[list[int]] = []
+
+    @contextlib.asynccontextmanager
+    async def hold() -> AsyncIterator[None]:
+        yield None
+        raise RuntimeError("the pool is closed")
+
+    async def write(_: None, items: list[int]) -> list[int]:
+        written.append(items)
+        return items
+
+    commits = GroupCommit(write, hold, "test")
+    assert await commits.run(0) == 0
+    assert written == [[0]]
