@@ -111,8 +111,8 @@ class GroupCommit(Generic[Session, Item, Result]):
         Once the server is found away, the rest fail at once rather than wait each in
         turn."""
         for position, (item, future) in enumerate(batch):
-            if future.done():  # settled before its session failed to be given back
-                continue
+            if future.done() and not future.cancelled():
+                continue  # committed: its session failed only to be given back
             try:
                 async with self._hold() as session:
                     _settle_all([(item, future)], await self._write(session, [item]))

@@ -241,3 +241,27 @@ async def test_items_committed_are_not_written_again_when_their_session_fails_to
     commits = GroupCommit(write, hold, "test")
     assert await commits.run(0) == 0
     assert written == [[0]]
+
+
+async def test_an_item_whose_caller_left_is_still_written_again_after_its_batch_failed():
+    # An outcome's attempt cancelled at shutdown still wants its record kept.
+    written: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def write(_: None, items: list[int]) -> list[int]:
+        written.append(items)
+        await gate.wait()
+        if len(items) > 1:
+            raise ValueError("one row refused")
+        return items
+
+    commits = GroupCommit(write, session, "test")
+    first = asyncio.ensure_future(commits.run(0))
+    await asyncio.sleep(0)
+    gone, staying = asyncio.ensure_future(commits.run(1)), asyncio.ensure_future(commits.run(2))
+    await asyncio.sleep(0)
+    gone.cancel()
+    gate.set()
+    assert await first == 0
+    assert await staying == 2
+    assert written == [[0], [1, 2], [1], [2]]
