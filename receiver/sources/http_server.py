@@ -52,7 +52,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from receiver.metrics import Metrics
-from receiver.sources.listen import LISTEN_BACKLOG
+from receiver.sources.listen import LISTEN_BACKLOG, start_listening
 from receiver.sources.tls import TlsCertificate
 from receiver.sources.tls_accept import Peer, TlsAccept
 
@@ -545,6 +545,8 @@ class Server(uvicorn.Server):
                 failed=lambda peer: guard.refused("tls_handshake", peer),
             )
             accept_connection = self.tls_accept.acceptor
+        for sock in sockets:
+            start_listening(guard.name, sock, config.backlog)
         self.servers = [
             await loop.create_server(accept_connection, sock=sock, backlog=config.backlog)
             for sock in sockets

@@ -22,7 +22,11 @@ def listen(server: str, host: str, port: int) -> socket.socket:
     """A listening TCP socket for the `public` or `admin` server, as uvicorn would bind
     it, or `CannotListen` naming the address, the OS error and the keys to change."""
     sock = bind(server, host, port)
-    sock.listen(LISTEN_BACKLOG)
+    try:
+        start_listening(server, sock)
+    except CannotListen:
+        sock.close()
+        raise
     return sock
 
 
@@ -36,11 +40,28 @@ def bind(server: str, host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        section = SECTIONS[server]
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        env = f"CI_RECEIVER_{section.upper()}__"
-        raise CannotListen(
-            f"the {server} HTTP server cannot listen on {address}: {exc}; set another"
-            f" [{section}] port ({env}PORT) or host ({env}HOST)"
-        ) from None
+        raise CannotListen(_cannot(server, host, port, exc)) from None
     return sock
+
+
+def start_listening(server: str, sock: socket.socket, backlog: int = LISTEN_BACKLOG) -> None:
+    """Listen on a socket `bind` made. SO_REUSEADDR lets sockets share an address until
+    one of them listens, so another process that bound the same port meanwhile (two
+    started at once with the same config) may have taken it: the second then gets
+    `CannotListen`, not a server with no socket (what uvloop's create_server makes of a
+    socket it cannot listen on)."""
+    try:
+        sock.listen(backlog)
+    except OSError as exc:
+        host, port = sock.getsockname()[:2]
+        raise CannotListen(_cannot(server, host, port, exc)) from None
+
+
+def _cannot(server: str, host: str, port: int, error: OSError) -> str:
+    section = SECTIONS[server]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    env = f"CI_RECEIVER_{section.upper()}__"
+    return (
+        f"the {server} HTTP server cannot listen on {address}: {error}; set another"
+        f" [{section}] port ({env}PORT) or host ({env}HOST)"
+    )
