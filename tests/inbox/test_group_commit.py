@@ -101,8 +101,11 @@ async def test_a_cancelled_caller_leaves_the_batch_to_the_others():
     assert written == [0, 1, 2]
 
 
-async def test_batches_in_a_row_share_one_session_given_back_after_the_last():
-    sessions = Sessions()
+async def zero_then_one_and_two(
+    sessions: Sessions,
+) -> tuple[GroupCommit[int, int, int], list[tuple[int, list[int]]]]:
+    """Item 0 committed alone, items 1 and 2 arriving while it is: the group commit, and
+    what was written through which session."""
     written: list[tuple[int, list[int]]] = []
     gate = asyncio.Event()
 
@@ -114,10 +117,16 @@ async def test_batches_in_a_row_share_one_session_given_back_after_the_last():
     commits = GroupCommit(write, sessions.hold, "test")
     first = asyncio.ensure_future(commits.run(0))
     await asyncio.sleep(0)
-    later = [asyncio.ensure_future(commits.run(i)) for i in (1, 2)]  # while 0 is written
+    later = [asyncio.ensure_future(commits.run(i)) for i in (1, 2)]
     await asyncio.sleep(0)
     gate.set()
     assert await asyncio.gather(first, *later) == [0, 1, 2]
+    return commits, written
+
+
+async def test_batches_in_a_row_share_one_session_given_back_after_the_last():
+    sessions = Sessions()
+    commits, written = await zero_then_one_and_two(sessions)
     assert written == [(1, [0]), (1, [1, 2])]
     assert sessions.open == set()
     assert await commits.run(3) == 3  # after a pause: a session of its own
@@ -206,22 +215,7 @@ async def test_an_item_alone_that_met_a_dying_session_is_tried_once_more_on_anot
 async def test_a_session_is_given_back_after_a_while_however_many_batches_wait(monkeypatch):
     # So that a burst never keeps a connection from the pool's other users.
     monkeypatch.setattr(group_commit, "MOST_SECONDS_HELD", 0.0)
-    sessions = Sessions()
-    gate = asyncio.Event()
-    written: list[tuple[int, list[int]]] = []
-
-    async def write(number: int, items: list[int]) -> list[int]:
-        written.append((number, items))
-        await gate.wait()
-        return items
-
-    commits = GroupCommit(write, sessions.hold, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
-    later = [asyncio.ensure_future(commits.run(i)) for i in (1, 2)]
-    await asyncio.sleep(0)
-    gate.set()
-    assert await asyncio.gather(first, *later) == [0, 1, 2]
+    _, written = await zero_then_one_and_two(Sessions())
     assert written == [(1, [0]), (2, [1, 2])]
 
 

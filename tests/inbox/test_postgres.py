@@ -52,6 +52,14 @@ def receipt_for(job_id: str) -> tuple[Receipt, list]:
     return Receipt(body, "http", datetime.now(timezone.utc), "r"), routed
 
 
+async def store_new(inbox: PostgresInbox, prefix: str, count: int) -> None:
+    """`count` callbacks stored at one moment, each a new job's."""
+    stored = await asyncio.gather(
+        *(inbox.store(*receipt_for(f"{prefix}{i}")) for i in range(count))
+    )
+    assert all(len(s.new) == 1 for s in stored)
+
+
 async def eventually(condition, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -225,8 +233,7 @@ async def test_callbacks_stored_at_one_moment_are_committed_together(postgres_sc
     inbox = inbox_at(url, schema)
     await inbox.open()
     try:
-        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(300)))
-        assert all(len(s.new) == 1 for s in stored)
+        await store_new(inbox, "j", 300)
         alone = await inbox.store(*receipt_for("jalone"))  # a callback alone commits at once
         assert len(alone.new) == 1
     finally:
@@ -244,8 +251,7 @@ async def test_connections_killed_under_the_inbox_fail_a_batch_at_most_then_stor
     inbox = inbox_at(url, schema)
     await inbox.open()
     try:
-        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(50)))
-        assert all(len(s.new) == 1 for s in stored)
+        await store_new(inbox, "j", 50)
         async with direct(url) as connection:
             killed = await connection.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -261,8 +267,7 @@ async def test_connections_killed_under_the_inbox_fail_a_batch_at_most_then_stor
             except InboxUnavailable:
                 failed += 1
         assert failed <= killed
-        stored = await asyncio.gather(*(inbox.store(*receipt_for(f"k{i}")) for i in range(200)))
-        assert all(len(s.new) == 1 for s in stored)
+        await store_new(inbox, "k", 200)
     finally:
         await inbox.close()
 
