@@ -477,10 +477,12 @@ class PostgresConnector:
 
     @contextlib.asynccontextmanager
     async def _held(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection for a group commit's batches, held from the first to the last.
-        Failing to get one counts as a failed write (`ping`). One that failed other than
-        by the server's refusal (asyncpg's client errors, as when its backend dies
-        under it) is closed rather than handed to the pool's next user."""
+        """A connection for a group commit's batches, held from the first to the last:
+        what they write goes through it, and it records (`_writing`, for `ping`) and
+        names (`Reach`, in `_Pool.acquire`) their failures, and the failure to get a
+        connection. One that failed other than by the server's refusal (asyncpg's
+        client errors, as when its backend dies under it) is closed rather than handed
+        to the pool's next user."""
         with self._writing():
             async with self.pool.acquire() as connection:
                 try:
@@ -494,8 +496,7 @@ class PostgresConnector:
     async def _store_batch(
         self, connection: asyncpg.Connection, deliveries: list[Delivery]
     ) -> list[Delivered]:
-        with self._writing(), self._reach:
-            rows = await connection.fetch(STORE, _store_batch_json(deliveries))
+        rows = await connection.fetch(STORE, _store_batch_json(deliveries))
         return [Delivered(row[0], row[1]) for row in rows]
 
     # --- the run queue -------------------------------------------------------------
@@ -524,8 +525,7 @@ class PostgresConnector:
             for (event_id, handler, token, status, counted, retry_at, error, number,
                  started_at, outcome) in outcomes
         ]  # fmt: skip
-        with self._writing(), self._reach:
-            recorded = set(await connection.fetchval(FINISH, orjson.dumps(rows).decode()) or ())
+        recorded = set(await connection.fetchval(FINISH, orjson.dumps(rows).decode()) or ())
         return [position in recorded for position in range(1, len(outcomes) + 1)]
 
     def watch(self, wake: Callable[[], None]) -> None:
