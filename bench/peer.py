@@ -3,6 +3,7 @@ latency, CPU per callback, and database round trips per callback.
 
     python -m bench.peer [--duration 6] [--connections 32] [--db-rtt MS [MS ...]]
                          [--body json xml] [--rounds 2] [--short] [--against REV]
+                         [--variant CI_RECEIVER_KEY=VALUE [...]] ...
 
 Needs wrk (Debian: apt-get install wrk) and a PostgreSQL server
 (CI_RECEIVER_TEST_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test; each
@@ -14,7 +15,10 @@ run gets a schema of its own, dropped afterwards). The receivers:
   - ci-receiver: `serve` in its default config (the `log` handler on every event, the
     access log and the default logging to the process's log file), its inbox on SQLite
     or PostgreSQL (`[inbox] url`);
-  - with `--against REV`, also ci-receiver at that git revision (bench/trees.py).
+  - with `--against REV`, also ci-receiver at that git revision (bench/trees.py);
+  - with `--variant`, also ci-receiver with those config overrides (receiver/envvars.py),
+    one more receiver per `--variant`: what a part of the default config costs, e.g.
+    `--variant CI_RECEIVER_HTTP__ACCESS_LOG=false --variant CI_RECEIVER_ROUTES=[]`.
 The setups, each for every body: both on SQLite; both on PostgreSQL directly; and for
 every `--db-rtt MS`, both on PostgreSQL behind bench/delay_proxy.py holding every chunk
 MS/2 in each direction (a database across a network; this kernel has no netem).
@@ -60,6 +64,7 @@ from bench import needs
 from bench.delay_proxy import DelayProxy, database_behind
 from bench.http import BODIES, PROGRESS, body_template, counts, cpu_seconds, start, stop, wrk
 from bench.trees import HERE, export
+from receiver.envvars import PREFIX
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
 
@@ -78,6 +83,7 @@ class Setup:
 class Receiver:
     name: str
     tree: Path  # the code it runs
+    overrides: tuple[str, ...] = ()  # CI_RECEIVER_KEY=VALUE, its config's
 
 
 @dataclass
@@ -111,7 +117,7 @@ def launch(
     config.write_text(text)
     command = [sys.executable, "-m", "receiver.cli", "serve", "--config", str(config),
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    return command, {}
+    return command, dict(override.split("=", 1) for override in receiver.overrides)
 
 
 async def progress(run: Run, observer: asyncpg.Connection | None) -> tuple[int, int]:
@@ -232,6 +238,11 @@ def main() -> None:
         help="runs of each receiver, in turn; the best is kept (1-20)",
     )  # fmt: skip
     parser.add_argument("--against", metavar="REV", help="also ci-receiver at this revision")
+    parser.add_argument(
+        "--variant", nargs="+", action="append", default=[], type=_override,
+        metavar="CI_RECEIVER_KEY=VALUE",
+        help="also ci-receiver with these config overrides (repeat for more receivers)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.short:
         args.duration = 2
@@ -244,6 +255,9 @@ def main() -> None:
         if args.against:
             tree = export(args.against, root / "against", own_bench=True)
             receivers.append(Receiver(f"ci-receiver {args.against}", tree))
+        for overrides in args.variant:
+            name = "ci-receiver " + " ".join(o.removeprefix(PREFIX) for o in overrides)
+            receivers.append(Receiver(name, HERE, tuple(overrides)))
         setups = [Setup("SQLite", postgres=False), Setup("PostgreSQL")]
         setups += [Setup(f"PostgreSQL {rtt:g} ms", rtt=rtt) for rtt in args.db_rtt]
         bodies = {fmt: body_template(root, fmt) for fmt in args.body}
@@ -304,6 +318,14 @@ def report(
         print(f"{setup.name}, against hand-written: " + "; ".join(parts))
     if backlog:
         print(f"\nruns not done after {DRAIN_TIMEOUT:.0f} s: " + ", ".join(backlog))
+
+
+def _override(text: str) -> str:
+    """A `--variant` item: a config override as `serve` reads it from the environment."""
+    name, equals, _ = text.partition("=")
+    if not (equals and name.upper().startswith(PREFIX)):
+        raise argparse.ArgumentTypeError(f"{text!r}: not {PREFIX}KEY=VALUE")
+    return text
 
 
 def _better(result: dict[str, Any], than: dict[str, Any]) -> bool:
