@@ -309,6 +309,57 @@ async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(post
         await inbox.close()
 
 
+async def test_outcomes_caught_in_a_deadlock_are_recorded_one_by_one(postgres_schema):
+    """FINISH locks its runs as its UPDATE meets them, in key order; a statement of someone
+    else's that takes them in another order makes a cycle, which PostgreSQL breaks by
+    aborting one side. When that side is a batch of outcomes, each is written again
+    alone, and none is lost."""
+    url, schema = postgres_schema
+    inbox = inbox_at(url, schema)
+    await inbox.open()
+    try:
+        stored = [await inbox.store(*receipt_for(f"jdeadlock{i}")) for i in range(2)]
+        first, second = sorted(s.new[0] for s in stored)
+        claims = await inbox.claim("a", 2, lease_seconds=60)
+        assert sorted(claim.event.id for claim in claims) == [first, second]
+        async with direct(url, schema) as other, direct(url) as observer:
+            # The other side waits long before looking for a cycle: the batch finds it.
+            await other.execute("SET deadlock_timeout = '60s'")
+            deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+            before = await observer.fetchval(deadlocks)
+            locking = "SELECT 1 FROM runs WHERE event_id = $1 FOR UPDATE"
+            async with other.transaction():
+                await other.execute(locking, second)
+                finishing = asyncio.gather(
+                    *(inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
+                      for claim in claims)
+                )  # fmt: skip
+                # The batch holds the first run and waits for the second ...
+                waiting = (
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%UPDATE runs SET status%'"
+                )
+                while not await observer.fetchval(waiting):
+                    await asyncio.sleep(0.02)
+                # ... which waits for the first: the server aborts the batch.
+                await other.execute(locking, first)
+            assert await finishing == [True, True]
+
+            async def counted() -> int:
+                await observer.execute("SELECT pg_stat_clear_snapshot()")
+                return int(await observer.fetchval(deadlocks))
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while await counted() == before:
+                assert asyncio.get_running_loop().time() < deadline, "no deadlock was counted"
+                await asyncio.sleep(0.1)
+            runs = await other.fetch("SELECT status, attempts FROM runs ORDER BY event_id")
+            assert [tuple(row) for row in runs] == [("done", 1), ("done", 1)]
+            assert await other.fetchval("SELECT count(*) FROM attempts") == 2
+    finally:
+        await inbox.close()
+
+
 async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_delivery(
     postgres_schema,
 ):
