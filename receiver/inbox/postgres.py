@@ -291,12 +291,13 @@ FROM leased l JOIN events e ON e.id = l.event_id JOIN receipts r ON r.id = e.rec
 # still held, an attempt recorded for each one updated; the positions of those updated
 # come back. The outcomes are one argument, a JSON text: a row of `Finished`'s columns for
 # each and its position, read through an array as STORE's events are, for the same
-# reasons. The array is in the runs' key order, which the join to `runs` keeps: rows are
-# locked in the primary key's order. No `SELECT ... ORDER BY ... FOR UPDATE` first to make
-# sure of it: locking every row twice cost a third of the statement's server CPU, against
-# a cycle that two batches of outcomes cannot make (a run's lease token is one process's)
-# and that PostgreSQL breaks should another statement make one (the loser is aborted; a
-# batch of outcomes is then written again item by item).
+# reasons. The array is in the runs' key order (then the outcomes' own), which the join to
+# `runs` keeps under `KEYED_PLANS` (a nested loop over the primary key): every batch locks
+# its runs in that one order, so no two wait on each other in a cycle. No `SELECT ...
+# ORDER BY ... FOR UPDATE` first to make sure of it: locking every row twice cost a third
+# of the statement's server CPU, and should another statement make a cycle, PostgreSQL
+# breaks it (the loser is aborted; a batch of outcomes is then written again item by
+# item).
 FINISH = """
 WITH o AS (
     SELECT v->>0 AS event_id, v->>1 AS handler, v->>2 AS token, v->>3 AS status,
@@ -304,7 +305,7 @@ WITH o AS (
         (v->>7)::int AS number, (v->>8)::timestamptz AS started_at, v->>9 AS outcome,
         (v->>10)::int AS n
     FROM unnest(ARRAY(SELECT v FROM jsonb_array_elements($1::jsonb) AS a(v)
-        ORDER BY v->>0, v->>1)) AS j(v)
+        ORDER BY v->>0, v->>1, (v->>10)::int)) AS j(v)
 ),
 updated AS (
     UPDATE runs SET status = o.status, attempts = runs.attempts + o.counted,

@@ -317,16 +317,25 @@ async def test_outcomes_caught_in_a_deadlock_are_recorded_one_by_one(postgres_sc
     url, schema = postgres_schema
     inbox = inbox_at(url, schema)
     await inbox.open()
+    outcomes = inbox.connector._outcomes
+    written: list[int] = []  # the size of every batch FINISH was run on
+    write = outcomes._write
+
+    async def counting(session, items):
+        written.append(len(items))
+        return await write(session, items)
+
+    outcomes._write = counting
     try:
         stored = [await inbox.store(*receipt_for(f"jdeadlock{i}")) for i in range(2)]
         first, second = sorted(s.new[0] for s in stored)
         claims = await inbox.claim("a", 2, lease_seconds=60)
         assert sorted(claim.event.id for claim in claims) == [first, second]
         async with direct(url, schema) as other, direct(url) as observer:
-            # The other side waits long before looking for a cycle: the batch finds it.
-            await other.execute("SET deadlock_timeout = '60s'")
-            deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-            before = await observer.fetchval(deadlocks)
+            # The batch looks for a cycle 1 s into its wait (the server's default), the
+            # other side only after 10: the batch is the one to find it.
+            await other.execute("SET deadlock_timeout = '10s'")
+            other_pid = await other.fetchval("SELECT pg_backend_pid()")
             locking = "SELECT 1 FROM runs WHERE event_id = $1 FOR UPDATE"
             async with other.transaction():
                 await other.execute(locking, second)
@@ -335,24 +344,21 @@ async def test_outcomes_caught_in_a_deadlock_are_recorded_one_by_one(postgres_sc
                       for claim in claims)
                 )  # fmt: skip
                 # The batch holds the first run and waits for the second ...
-                waiting = (
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE '%UPDATE runs SET status%'"
+                blocked = (
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
                 )
-                while not await observer.fetchval(waiting):
+                deadline = asyncio.get_running_loop().time() + 10
+                while not await observer.fetchval(blocked, other_pid):
+                    assert not finishing.done(), "the batch ended without waiting"
+                    assert asyncio.get_running_loop().time() < deadline, "the batch never waited"
                     await asyncio.sleep(0.02)
                 # ... which waits for the first: the server aborts the batch.
-                await other.execute(locking, first)
+                try:
+                    await other.execute(locking, first)
+                except asyncpg.DeadlockDetectedError:
+                    pytest.fail("the test lost the race: its own side was aborted, not the batch")
             assert await finishing == [True, True]
-
-            async def counted() -> int:
-                await observer.execute("SELECT pg_stat_clear_snapshot()")
-                return int(await observer.fetchval(deadlocks))
-
-            deadline = asyncio.get_running_loop().time() + 10
-            while await counted() == before:
-                assert asyncio.get_running_loop().time() < deadline, "no deadlock was counted"
-                await asyncio.sleep(0.1)
+            assert written == [2, 1, 1]  # the batch, then each outcome alone
             runs = await other.fetch("SELECT status, attempts FROM runs ORDER BY event_id")
             assert [tuple(row) for row in runs] == [("done", 1), ("done", 1)]
             assert await other.fetchval("SELECT count(*) FROM attempts") == 2
