@@ -28,7 +28,7 @@ best run (most callbacks/s answered 2xx) is what its row shows, every figure fro
 machine's noise only ever takes away. Every run starts its receiver afresh; wrk drives
 it (-t2, `--connections`, each request a new job) for `--duration` s. Measured from the
 start of the load until the receiver's work is done (the hand-written one's when the
-load ends; ci-receiver's when every stored event's `log` run is, the backlog read over
+load ends; ci-receiver's when every run of every stored event is, the backlog read over
 a direct connection):
   - CPU µs/cb: user + system CPU of the receiver's processes (psutil), per request wrk
     completed;
@@ -64,7 +64,8 @@ from bench import needs
 from bench.delay_proxy import DelayProxy, database_behind
 from bench.http import BODIES, PROGRESS, body_template, counts, cpu_seconds, start, stop, wrk
 from bench.trees import HERE, export
-from receiver.envvars import PREFIX
+from receiver.config import Config
+from receiver.envvars import PREFIX, EnvironmentProblem, overrides
 from tests.support.inbox_places import drop_schema
 from tests.support.processes import free_port
 
@@ -255,9 +256,11 @@ def main() -> None:
         if args.against:
             tree = export(args.against, root / "against", own_bench=True)
             receivers.append(Receiver(f"ci-receiver {args.against}", tree))
-        for overrides in args.variant:
-            name = "ci-receiver " + " ".join(o.removeprefix(PREFIX) for o in overrides)
-            receivers.append(Receiver(name, HERE, tuple(overrides)))
+        for variant in args.variant:
+            name = "ci-receiver " + " ".join(item[len(PREFIX) :] for item in variant)
+            if name in {receiver.name for receiver in receivers}:
+                parser.error(f"--variant {' '.join(variant)} is given twice")
+            receivers.append(Receiver(name, HERE, tuple(variant)))
         setups = [Setup("SQLite", postgres=False), Setup("PostgreSQL")]
         setups += [Setup(f"PostgreSQL {rtt:g} ms", rtt=rtt) for rtt in args.db_rtt]
         bodies = {fmt: body_template(root, fmt) for fmt in args.body}
@@ -321,10 +324,15 @@ def report(
 
 
 def _override(text: str) -> str:
-    """A `--variant` item: a config override as `serve` reads it from the environment."""
-    name, equals, _ = text.partition("=")
-    if not (equals and name.upper().startswith(PREFIX)):
-        raise argparse.ArgumentTypeError(f"{text!r}: not {PREFIX}KEY=VALUE")
+    """A `--variant` item: a config override as `serve` reads it from the environment,
+    refused unless it names a key of the config (one `serve` would pass over unread)."""
+    name, equals, value = text.partition("=")
+    try:
+        data, _ = overrides(Config, {name: value}) if equals else ({}, {})
+    except EnvironmentProblem as problem:
+        raise argparse.ArgumentTypeError(str(problem)) from None
+    if not data:
+        raise argparse.ArgumentTypeError(f"{text!r}: not {PREFIX}KEY=VALUE of a config key")
     return text
 
 
