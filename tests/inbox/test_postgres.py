@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import re
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
@@ -27,8 +28,21 @@ from receiver.inbox.records import pack
 from tests.support.tcp_proxy import TcpProxy
 
 
-def inbox_at(url: str, schema: str, **options) -> PostgresInbox:
-    return PostgresInbox(url, schema=schema, pool_size=4, rejected_body_bytes=1024, **options)
+def inbox_at(url: str, schema: str, pool_size: int = 4, **options) -> PostgresInbox:
+    return PostgresInbox(
+        url, schema=schema, pool_size=pool_size, rejected_body_bytes=1024, **options
+    )
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, schema: str, **options) -> AsyncIterator[PostgresInbox]:
+    """`inbox_at`'s inbox, open for the block."""
+    inbox = inbox_at(url, schema, **options)
+    await inbox.open()
+    try:
+        yield inbox
+    finally:
+        await inbox.close()
 
 
 @contextlib.asynccontextmanager
@@ -133,38 +147,36 @@ async def test_replicas_starting_together_create_the_schema_once(postgres_schema
 
 async def test_an_outage_fails_operations_and_service_resumes_by_itself(postgres_schema):
     url, schema = postgres_schema
-    async with TcpProxy(make_url(url).port) as proxy:
-        inbox = inbox_at(through(proxy, url), schema)
-        await inbox.open()
+    async with (
+        TcpProxy(make_url(url).port) as proxy,
+        opened(through(proxy, url), schema) as inbox,
+    ):
         wakes = []
         inbox.watch(lambda: wakes.append(1))
-        try:
-            await inbox.store(*receipt_for("jbefore"))
-            await inbox.ping()
-            await eventually(lambda: wakes)
+        await inbox.store(*receipt_for("jbefore"))
+        await inbox.ping()
+        await eventually(lambda: wakes)
 
-            await proxy.cut()
-            where = re.escape(f"PostgreSQL at 127.0.0.1:{proxy.port}/{make_url(url).database}")
-            with pytest.raises(InboxUnavailable, match=f"^{where} unreachable") as first:
-                await inbox.store(*receipt_for("jduring"))
-            # The write before it no longer vouches for the inbox: ping asks the server.
-            with pytest.raises(InboxUnavailable, match=f"^{where} unreachable since ") as later:
-                await inbox.ping()
-            assert later.value.since == first.value.since is not None
-
-            await proxy.restore()
-            woken = len(wakes)
-            stored = await retrying(lambda: inbox.store(*receipt_for("jafter")))
-            assert stored.new == ["job:jafter:Success"]
+        await proxy.cut()
+        where = re.escape(f"PostgreSQL at 127.0.0.1:{proxy.port}/{make_url(url).database}")
+        with pytest.raises(InboxUnavailable, match=f"^{where} unreachable") as first:
+            await inbox.store(*receipt_for("jduring"))
+        # The write before it no longer vouches for the inbox: ping asks the server.
+        with pytest.raises(InboxUnavailable, match=f"^{where} unreachable since ") as later:
             await inbox.ping()
-            # The listening connection comes back too, and wakes: work may have come
-            # meanwhile.
-            await eventually(lambda: len(wakes) > woken, timeout=40)
-            assert await inbox.known(["job:jbefore:Success", "job:jduring:Success"]) == {
-                "job:jbefore:Success"
-            }
-        finally:
-            await inbox.close()
+        assert later.value.since == first.value.since is not None
+
+        await proxy.restore()
+        woken = len(wakes)
+        stored = await retrying(lambda: inbox.store(*receipt_for("jafter")))
+        assert stored.new == ["job:jafter:Success"]
+        await inbox.ping()
+        # The listening connection comes back too, and wakes: work may have come
+        # meanwhile.
+        await eventually(lambda: len(wakes) > woken, timeout=40)
+        assert await inbox.known(["job:jbefore:Success", "job:jduring:Success"]) == {
+            "job:jbefore:Success"
+        }
 
 
 async def retrying(operation, timeout: float = 10.0):
@@ -230,14 +242,10 @@ async def transactions_of_receipts(url: str, schema: str) -> int:
 
 async def test_callbacks_stored_at_one_moment_are_committed_together(postgres_schema):
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
-    await inbox.open()
-    try:
+    async with opened(url, schema) as inbox:
         await store_new(inbox, "j", 300)
         alone = await inbox.store(*receipt_for("jalone"))  # a callback alone commits at once
         assert len(alone.new) == 1
-    finally:
-        await inbox.close()
     # A burst is a few large commits, not one per callback.
     assert await transactions_of_receipts(url, schema) <= 10
 
@@ -248,9 +256,7 @@ async def test_connections_killed_under_the_inbox_fail_a_batch_at_most_then_stor
     # The group commit holds a connection through a run of batches: one killed must be
     # given back (the pool replaces it), never kept to fail the batches after it.
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
-    await inbox.open()
-    try:
+    async with opened(url, schema) as inbox:
         await store_new(inbox, "j", 50)
         async with direct(url) as connection:
             killed = await connection.fetchval(
@@ -268,8 +274,6 @@ async def test_connections_killed_under_the_inbox_fail_a_batch_at_most_then_stor
                 failed += 1
         assert failed <= killed
         await store_new(inbox, "k", 200)
-    finally:
-        await inbox.close()
 
 
 async def test_a_burst_of_stores_never_keeps_the_one_connection_from_other_statements(
@@ -279,23 +283,17 @@ async def test_a_burst_of_stores_never_keeps_the_one_connection_from_other_state
     # it back after a while: with a pool of one, a statement beside a long burst (a
     # claim, a readiness probe) gets its turn before the burst ends.
     url, schema = postgres_schema
-    inbox = PostgresInbox(url, schema=schema, pool_size=1, rejected_body_bytes=1024)
-    await inbox.open()
-    try:
+    async with opened(url, schema, pool_size=1) as inbox:
         burst = asyncio.gather(*(inbox.store(*receipt_for(f"j{i}")) for i in range(6000)))
         await asyncio.sleep(0.02)  # the first batches under way
         assert await inbox.size() > 0
         assert not burst.done()
         assert all(len(s.new) == 1 for s in await burst)
-    finally:
-        await inbox.close()
 
 
 async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(postgres_schema):
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
-    await inbox.open()
-    try:
+    async with opened(url, schema) as inbox:
         broken, routed = receipt_for("jbroken")
         broken.received_at = None  # receipts.received_at is NOT NULL: the server refuses it
         stores = [inbox.store(*receipt_for(f"j{i}")) for i in range(20)]
@@ -305,8 +303,6 @@ async def test_a_store_the_server_refuses_fails_alone_and_its_batch_is_kept(post
         assert all(len(o.new) == 1 for i, o in enumerate(outcomes) if i != 10)
         # Those of its batch were committed: the same callback again is a duplicate.
         assert len((await inbox.store(*receipt_for("j3"))).duplicates) == 1
-    finally:
-        await inbox.close()
 
 
 async def test_outcomes_caught_in_a_deadlock_are_recorded_one_by_one(postgres_schema):
@@ -315,18 +311,16 @@ async def test_outcomes_caught_in_a_deadlock_are_recorded_one_by_one(postgres_sc
     aborting one side. When that side is a batch of outcomes, each is written again
     alone, and none is lost."""
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
-    await inbox.open()
-    outcomes = inbox.connector._outcomes
-    written: list[int] = []  # the size of every batch FINISH was run on
-    write = outcomes._write
+    async with opened(url, schema) as inbox:
+        outcomes = inbox.connector._outcomes
+        written: list[int] = []  # the size of every batch FINISH was run on
+        write = outcomes._write
 
-    async def counting(session, items):
-        written.append(len(items))
-        return await write(session, items)
+        async def counting(session, items):
+            written.append(len(items))
+            return await write(session, items)
 
-    outcomes._write = counting
-    try:
+        outcomes._write = counting
         stored = [await inbox.store(*receipt_for(f"jdeadlock{i}")) for i in range(2)]
         first, second = sorted(s.new[0] for s in stored)
         claims = await inbox.claim("a", 2, lease_seconds=60)
@@ -362,37 +356,30 @@ async def test_outcomes_caught_in_a_deadlock_are_recorded_one_by_one(postgres_sc
             runs = await other.fetch("SELECT status, attempts FROM runs ORDER BY event_id")
             assert [tuple(row) for row in runs] == [("done", 1), ("done", 1)]
             assert await other.fetchval("SELECT count(*) FROM attempts") == 2
-    finally:
-        await inbox.close()
 
 
 async def test_a_forged_event_is_replaced_in_the_transaction_storing_its_new_delivery(
     postgres_schema,
 ):
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
-    await inbox.open()
-    try:
-        async with direct(url, schema) as connection:
-            (forged,) = (await inbox.store(*receipt_for("jtaken"), verify=True)).new
-            await inbox.settle(forged, genuine=False)
-            # The replacement's runs cannot be written: the delivery must leave nothing
-            # behind, its receipt included, and the forged event as it was.
-            await connection.execute(
-                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
-                " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
-                " CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW"
-                " EXECUTE FUNCTION refuse()"
-            )
-            with pytest.raises(asyncpg.RaiseError, match="refused"):
-                await inbox.store(*receipt_for("jtaken"))
-            await connection.execute("DROP TRIGGER refuse ON runs; DROP FUNCTION refuse()")
-            assert await connection.fetchval("SELECT count(*) FROM receipts") == 1
-            assert await inbox.known([forged], forged=False) == set()
-            # Once it can, the same delivery replaces it.
-            assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
-    finally:
-        await inbox.close()
+    async with opened(url, schema) as inbox, direct(url, schema) as connection:
+        (forged,) = (await inbox.store(*receipt_for("jtaken"), verify=True)).new
+        await inbox.settle(forged, genuine=False)
+        # The replacement's runs cannot be written: the delivery must leave nothing
+        # behind, its receipt included, and the forged event as it was.
+        await connection.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON runs FOR EACH ROW"
+            " EXECUTE FUNCTION refuse()"
+        )
+        with pytest.raises(asyncpg.RaiseError, match="refused"):
+            await inbox.store(*receipt_for("jtaken"))
+        await connection.execute("DROP TRIGGER refuse ON runs; DROP FUNCTION refuse()")
+        assert await connection.fetchval("SELECT count(*) FROM receipts") == 1
+        assert await inbox.known([forged], forged=False) == set()
+        # Once it can, the same delivery replaces it.
+        assert (await inbox.store(*receipt_for("jtaken"))).new == [forged]
 
 
 async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres_schema):
@@ -401,7 +388,6 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
     lease's float seconds, NULL as NULL, and text as the inbox always stores it: NUL,
     which PostgreSQL refuses in text, as U+FFFD)."""
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
     every_byte = bytes(range(256))
     west = timezone(-timedelta(hours=3, minutes=30))
     # An offset with seconds (a local mean time, or any producer's): not cut to minutes.
@@ -452,75 +438,70 @@ async def test_a_batch_of_unusual_values_is_stored_and_finished_exactly(postgres
         ),
         Finished(ids[0], "b", "not its lease", "done", 1, None, None, 1, started, "done"),
     ]
-    await inbox.open()
-    try:
-        async with direct(url, schema) as connection:
-            stored = await inbox.connector.store_many(deliveries)
-            assert [d.stored for d in stored] == [[ids[0]], [ids[1]]]
-            assert await transactions_of_receipts(url, schema) == 1  # one batch
-            leases = await connection.fetch(
-                "SELECT event_id, handler, lease_token, lease_until - updated_at FROM runs"
-            )
-            assert {(row[0], row[1]): tuple(row[2:]) for row in leases} == {
-                (ids[0], "a"): ("令牌", timedelta(seconds=12, microseconds=345_678)),
-                (ids[0], "b"): (None, None),
-                (ids[1], "a"): (None, None),
-            }
-            assert await asyncio.gather(*map(inbox.connector.finish, outcomes)) == [True, False]
+    async with opened(url, schema) as inbox, direct(url, schema) as connection:
+        stored = await inbox.connector.store_many(deliveries)
+        assert [d.stored for d in stored] == [[ids[0]], [ids[1]]]
+        assert await transactions_of_receipts(url, schema) == 1  # one batch
+        leases = await connection.fetch(
+            "SELECT event_id, handler, lease_token, lease_until - updated_at FROM runs"
+        )
+        assert {(row[0], row[1]): tuple(row[2:]) for row in leases} == {
+            (ids[0], "a"): ("令牌", timedelta(seconds=12, microseconds=345_678)),
+            (ids[0], "b"): (None, None),
+            (ids[1], "a"): (None, None),
+        }
+        assert await asyncio.gather(*map(inbox.connector.finish, outcomes)) == [True, False]
 
-            kept = await connection.fetch(
-                "SELECT received_at, source, request_id, headers, source_meta, body, size,"
-                " event_ids, outcome FROM receipts ORDER BY id"
-            )
-            assert [tuple(row) for row in kept] == [
-                (
-                    received[0],
-                    "http",
-                    "请求\ufffd一",
-                    orjson.dumps(receipts[0].headers),
-                    orjson.dumps(receipts[0].source_meta),
-                    pack(every_byte),
-                    len(every_byte),
-                    orjson.dumps([events[0][0]]),
-                    "accepted",
-                ),
-                (
-                    received[1],
-                    "tdmq",
-                    None,
-                    b"{}",
-                    b"{}",
-                    pack(every_byte[::-1]),
-                    len(every_byte),
-                    b'["job:two"]',
-                    "accepted",
-                ),
-            ]
-            assert [row[0].microsecond for row in kept] == [received[0].microsecond, 1]
-            rows = await connection.fetch(
-                "SELECT id, kind, event_name, job_id, tag, state, bucket, key, verdict,"
-                " received_at, data FROM events ORDER BY seq"
-            )
-            assert [tuple(row) for row in rows] == [
-                (ids[0], *events[0][1:3], "j\ufffd一", *events[0][4:], received[0], None),
-                (*events[1], received[1], None),
-            ]
-            runs = await connection.fetch(
-                "SELECT event_id, handler, status, attempts, due_at, lease_token, last_error"
-                " FROM runs"
-            )
-            by_key = {(row[0], row[1]): tuple(row[2:]) for row in runs}
-            assert by_key[ids[0], "a"] == ("pending", 1, retry_at, None, "错误\ufffd \u2028")
-            assert by_key[ids[0], "b"][:2] == ("pending", 0)
-            assert by_key[ids[1], "a"][:2] == ("held", 0)
-            attempts = await connection.fetch(
-                "SELECT event_id, handler, number, started_at, outcome, error FROM attempts"
-            )
-            assert [tuple(row) for row in attempts] == [
-                (ids[0], "a", 1, started, "retry", "错误\ufffd \u2028")
-            ]
-    finally:
-        await inbox.close()
+        kept = await connection.fetch(
+            "SELECT received_at, source, request_id, headers, source_meta, body, size,"
+            " event_ids, outcome FROM receipts ORDER BY id"
+        )
+        assert [tuple(row) for row in kept] == [
+            (
+                received[0],
+                "http",
+                "请求\ufffd一",
+                orjson.dumps(receipts[0].headers),
+                orjson.dumps(receipts[0].source_meta),
+                pack(every_byte),
+                len(every_byte),
+                orjson.dumps([events[0][0]]),
+                "accepted",
+            ),
+            (
+                received[1],
+                "tdmq",
+                None,
+                b"{}",
+                b"{}",
+                pack(every_byte[::-1]),
+                len(every_byte),
+                b'["job:two"]',
+                "accepted",
+            ),
+        ]
+        assert [row[0].microsecond for row in kept] == [received[0].microsecond, 1]
+        rows = await connection.fetch(
+            "SELECT id, kind, event_name, job_id, tag, state, bucket, key, verdict,"
+            " received_at, data FROM events ORDER BY seq"
+        )
+        assert [tuple(row) for row in rows] == [
+            (ids[0], *events[0][1:3], "j\ufffd一", *events[0][4:], received[0], None),
+            (*events[1], received[1], None),
+        ]
+        runs = await connection.fetch(
+            "SELECT event_id, handler, status, attempts, due_at, lease_token, last_error FROM runs"
+        )
+        by_key = {(row[0], row[1]): tuple(row[2:]) for row in runs}
+        assert by_key[ids[0], "a"] == ("pending", 1, retry_at, None, "错误\ufffd \u2028")
+        assert by_key[ids[0], "b"][:2] == ("pending", 0)
+        assert by_key[ids[1], "a"][:2] == ("held", 0)
+        attempts = await connection.fetch(
+            "SELECT event_id, handler, number, started_at, outcome, error FROM attempts"
+        )
+        assert [tuple(row) for row in attempts] == [
+            (ids[0], "a", 1, started, "retry", "错误\ufffd \u2028")
+        ]
 
 
 def ports_toward(url: str) -> list[int]:
@@ -553,16 +534,14 @@ async def rows_of_runs_read(url: str, schema: str, ports: list[int]) -> int:
 
 async def test_plans_made_while_the_inbox_was_new_never_read_runs_whole(postgres_schema):
     url, schema = postgres_schema
-    inbox = inbox_at(url, schema)
-    await inbox.open()
+    async with opened(url, schema) as inbox:
 
-    async def store_claim_finish(prefix: str) -> None:
-        for i in range(10):
-            await inbox.store(*receipt_for(f"{prefix}{i}"))
-            for claim in await inbox.claim("a", 5, 30):
-                assert await inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
+        async def store_claim_finish(prefix: str) -> None:
+            for i in range(10):
+                await inbox.store(*receipt_for(f"{prefix}{i}"))
+                for claim in await inbox.claim("a", 5, 30):
+                    assert await inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
 
-    try:
         # Each statement prepared, and its generic plan made (after 5 executions), while
         # `runs` is all but empty ...
         await store_claim_finish("jnew")
@@ -574,7 +553,5 @@ async def test_plans_made_while_the_inbox_was_new_never_read_runs_whole(postgres
             )
         await store_claim_finish("jgrown")
         ports = ports_toward(url)
-    finally:
-        await inbox.close()
     # No statement read the 20,000 rows to find the few it wanted.
     assert await rows_of_runs_read(url, schema, ports) < 20_000
