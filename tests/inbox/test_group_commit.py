@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,14 @@ class Sessions:
             self.open.discard(number)
 
 
+async def started(commits: GroupCommit[Any, int, int], item: int) -> asyncio.Future[int]:
+    """`commits.run(item)`, under way far enough that its batch leaves out any item
+    run after it."""
+    call = asyncio.ensure_future(commits.run(item))
+    await asyncio.sleep(0)
+    return call
+
+
 async def test_a_refused_batch_is_written_item_by_item_until_the_server_is_away():
     writes: list[list[int]] = []
 
@@ -58,8 +67,7 @@ async def test_a_refused_batch_is_written_item_by_item_until_the_server_is_away(
         return [item * 10 for item in items]
 
     commits = GroupCommit(write, session, "test")
-    first = asyncio.ensure_future(commits.run(0))  # alone: committed at once
-    await asyncio.sleep(0)
+    first = await started(commits, 0)  # alone: committed at once
     results = await asyncio.gather(*(commits.run(i) for i in range(1, 6)), return_exceptions=True)
     assert await first == 0
     assert results[0] == 10
@@ -73,8 +81,7 @@ async def test_a_writer_returning_too_few_results_fails_its_items_rather_than_ha
         return items[:1]
 
     commits = GroupCommit(write, session, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
+    first = await started(commits, 0)
     batch = [commits.run(1), commits.run(2)]
     assert await first == 0
     assert await asyncio.wait_for(asyncio.gather(*batch), 1) == [1, 2]  # each alone
@@ -115,8 +122,7 @@ async def zero_then_one_and_two(
         return items
 
     commits = GroupCommit(write, sessions.hold, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
+    first = await started(commits, 0)
     later = [asyncio.ensure_future(commits.run(i)) for i in (1, 2)]
     await asyncio.sleep(0)
     gate.set()
@@ -140,8 +146,7 @@ async def test_a_session_not_had_fails_its_batch_and_the_next_batch_tries_again(
         return items
 
     commits = GroupCommit(write, sessions.hold, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
+    first = await started(commits, 0)
     second = asyncio.ensure_future(commits.run(1))  # waits for the next batch
     with pytest.raises(InboxUnavailable, match="no connection"):
         await first
@@ -162,10 +167,8 @@ async def test_a_session_lost_during_a_batch_is_replaced_for_the_next():
         return items
 
     commits = GroupCommit(write, sessions.hold, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
-    second = asyncio.ensure_future(commits.run(1))
-    await asyncio.sleep(0)
+    first = await started(commits, 0)
+    second = await started(commits, 1)
     gate.set()
     with pytest.raises(InboxUnavailable):
         await first
@@ -187,8 +190,7 @@ async def test_a_refused_batch_is_written_again_each_item_in_a_new_session():
         return items
 
     commits = GroupCommit(write, sessions.hold, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
+    first = await started(commits, 0)
     assert await first == 0
     assert await asyncio.gather(commits.run(1), commits.run(2)) == [1, 2]
     assert written == [(1, [0]), (2, [1, 2]), (3, [1]), (4, [2])]
@@ -250,8 +252,7 @@ async def test_an_item_whose_caller_left_is_still_written_again_after_its_batch_
         return items
 
     commits = GroupCommit(write, session, "test")
-    first = asyncio.ensure_future(commits.run(0))
-    await asyncio.sleep(0)
+    first = await started(commits, 0)
     gone, staying = asyncio.ensure_future(commits.run(1)), asyncio.ensure_future(commits.run(2))
     await asyncio.sleep(0)
     gone.cancel()
