@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import socket
 
+from receiver.envvars import PREFIX
+
 # Connections not yet accepted that the kernel keeps (it caps this at net.core.somaxconn):
 # a burst of senders connecting at once waits there rather than being refused.
 LISTEN_BACKLOG = 65535
@@ -60,7 +62,7 @@ def start_listening(server: str, sock: socket.socket, backlog: int = LISTEN_BACK
 def _cannot(server: str, host: str, port: int, error: OSError) -> str:
     section = SECTIONS[server]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    env = f"CI_RECEIVER_{section.upper()}__"
+    env = f"{PREFIX}{section.upper()}__"
     return (
         f"the {server} HTTP server cannot listen on {address}: {error}; set another"
         f" [{section}] port ({env}PORT) or host ({env}HOST)"
