@@ -120,6 +120,10 @@ class HttpServer:
         return self._server.server_state.total_requests
 
     async def run(self) -> None:
+        # Both servers log through uvicorn's one logger ("Started server process", its
+        # shutdown), so each of those lines came twice, alike. Bound in this task, the
+        # name goes on them and on every request line it serves (its tasks inherit it).
+        structlog.contextvars.bind_contextvars(listener=self.name)
         await self._server.serve(self._sockets)
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from receiver.config import ConfigError, load_config
-from tests.support.processes import Receiver
+from tests.support.processes import Receiver, log_lines
 
 
 def serve(tmp_path: Path, admin: str = "") -> Receiver:
@@ -33,6 +33,22 @@ def test_on_loopback_without_credentials_and_apart_from_the_public_port(tmp_path
         receiver.wait_for_log(f"admin listener on http://127.0.0.1:{receiver.admin_port}")
     finally:
         receiver.stop()
+
+
+def test_each_servers_lines_say_which_listener_logged_them(tmp_path):
+    receiver = serve(tmp_path)
+    try:
+        assert httpx.get(receiver.url + "/healthz").status_code == 200
+        assert httpx.get(receiver.admin_url + "/metrics").status_code == 200
+    finally:
+        assert receiver.terminate() == 0
+    lines = log_lines(receiver)
+    # uvicorn's own lines, one of each per server, no longer alike.
+    for said in ("Started server process", "Shutting down", "Finished server process"):
+        listeners = [line.get("listener") for line in lines if line["event"].startswith(said)]
+        assert sorted(listeners) == ["admin", "public"], said
+    requests = {line["path"]: line["listener"] for line in lines if line["event"] == "request"}
+    assert requests == {"/healthz": "public", "/metrics": "admin"}
 
 
 def test_a_second_serve_on_one_host_says_the_admin_port_is_taken_and_how_to_change_it(
