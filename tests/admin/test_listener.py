@@ -41,7 +41,8 @@ def test_each_servers_lines_say_which_listener_logged_them(tmp_path):
         assert httpx.get(receiver.url + "/healthz").status_code == 200
         assert httpx.get(receiver.admin_url + "/metrics").status_code == 200
     finally:
-        assert receiver.terminate() == 0
+        stopped = receiver.terminate()
+    assert stopped == 0
     lines = log_lines(receiver)
     # uvicorn's own lines, one of each per server, no longer alike.
     for said in ("Started server process", "Shutting down", "Finished server process"):
