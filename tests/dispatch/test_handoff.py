@@ -32,13 +32,20 @@ class Watched:
     def __init__(self, inbox) -> None:
         self.inbox = inbox
         self.claimed = 0
+        self.asked_for: set[str] = set()  # the handlers whose runs claims asked for
+        self.claiming = 0
         self.failing_stores = 0
 
     def __getattr__(self, name: str):
         return getattr(self.inbox, name)
 
-    async def claim(self, *args, **kwargs):
-        claims = await self.inbox.claim(*args, **kwargs)
+    async def claim(self, handler: str, *args, **kwargs):
+        self.claiming += 1
+        try:
+            claims = await self.inbox.claim(handler, *args, **kwargs)
+        finally:
+            self.claiming -= 1
+            self.asked_for.add(handler)
         self.claimed += len(claims)
         return claims
 
@@ -56,9 +63,9 @@ def receipt(body: bytes, request_id: str = "req") -> Receipt:
 class SlowClaims(Watched):
     """Claims that take 0.1 s (their round trip, stretched)."""
 
-    async def claim(self, *args, **kwargs):
+    async def claim(self, handler: str, *args, **kwargs):
         await asyncio.sleep(0.1)
-        return await super().claim(*args, **kwargs)
+        return await super().claim(handler, *args, **kwargs)
 
 
 class CommitsWhenGivenUp(Watched):
@@ -71,18 +78,28 @@ class CommitsWhenGivenUp(Watched):
         return await self.under_way
 
 
-async def service(inbox, watched_as=Watched, poll=0.05, **handlers):
-    """A started dispatcher of these handlers, and an ingestor handing off to it."""
+async def service(inbox, watched_as=Watched, poll=60.0, **handlers):
+    """A started dispatcher of these handlers, and an ingestor handing off to it.
+
+    The loop is idle once this returns: its first claims made, and (with the default
+    `poll`) no other until something wakes it. A claim under way holds the places it asks
+    for, so a callback stored meanwhile would be claimed rather than started at once,
+    and the tests counting claims would count it."""
     watched = watched_as(inbox)
     d = dispatcher(watched, poll=poll, **handlers)
     await d.start()
     await until(lambda: _started(d))
+    await until(lambda: _idle(watched, handlers))
     ingestor = Ingestor(watched, Router(None, list(handlers)), Metrics(), Limits(), handoff=d)
     return watched, d, ingestor
 
 
 async def _started(d) -> bool:
     return all(d.handler_started().values())
+
+
+async def _idle(watched: Watched, handlers: dict) -> bool:
+    return watched.asked_for >= set(handlers) and not watched.claiming
 
 
 async def test_a_run_stored_here_starts_without_a_claim(inbox):
