@@ -78,15 +78,19 @@ class CommitsWhenGivenUp(Watched):
         return await self.under_way
 
 
-async def service(inbox, watched_as=Watched, poll=60.0, **handlers):
+# Longer than any test here: the loop claims only when something wakes it.
+QUIET_POLL_SECONDS = 60.0
+
+
+async def service(inbox, watched_as=Watched, **handlers):
     """A started dispatcher of these handlers, and an ingestor handing off to it.
 
-    The loop is idle once this returns: its first claims made, and (with the default
-    `poll`) no other until something wakes it. A claim under way holds the places it asks
-    for, so a callback stored meanwhile would be claimed rather than started at once,
-    and the tests counting claims would count it."""
+    The loop is idle once this returns: its first claims made, and no other until
+    something wakes it. A claim under way holds the places it asks for, so a callback
+    stored meanwhile would be claimed rather than started at once, and the tests counting
+    claims would count it."""
     watched = watched_as(inbox)
-    d = dispatcher(watched, poll=poll, **handlers)
+    d = dispatcher(watched, poll=QUIET_POLL_SECONDS, **handlers)
     await d.start()
     await until(lambda: _started(d))
     await until(lambda: _idle(watched, handlers))
