@@ -181,6 +181,61 @@ class _LineWriter:
     debug = info = warning = warn = error = critical = exception = fatal = failure = msg
 
 
+def _direct_logger_class(min_level: int) -> type[Any]:
+    """structlog's filtering bound logger for `min_level`, whose enabled methods run the
+    processor chain themselves. structlog's hand the event's fields on through two more
+    calls, unpacking and packing them again at each: a measurable part of every line,
+    two of which every callback writes (`python -m bench.stages`, docs/benchmarks.md).
+    The chain, and so every line, is the same. A call with %-style arguments takes
+    structlog's own method, which interpolates them."""
+    base: type[Any] = structlog.make_filtering_bound_logger(min_level)
+
+    def direct(name: str) -> Any:
+        interpolating = getattr(base, name)
+
+        def log(self: Any, event: str | None = None, *args: Any, **kw: Any) -> Any:
+            if args:
+                return interpolating(self, event, *args, **kw)
+            event_dict: Any = self._context.copy()
+            event_dict.update(kw)
+            if event is not None:
+                event_dict["event"] = event
+            logger = self._logger
+            try:
+                for processor in self._processors:
+                    event_dict = processor(logger, name, event_dict)
+            except structlog.DropEvent:
+                return None
+            if isinstance(event_dict, (str, bytes, bytearray)):
+                return getattr(logger, name)(event_dict)
+            # What else structlog lets the last processor return, passed on as it does.
+            if isinstance(event_dict, tuple):
+                args, kw = event_dict
+                return getattr(logger, name)(*args, **kw)
+            if isinstance(event_dict, dict):
+                return getattr(logger, name)(**event_dict)
+            raise ValueError(f"the last log processor returned {type(event_dict).__name__}")
+
+        log.__name__ = name
+        return log
+
+    enabled = [name for level, name in _LEVEL_NAMES.items() if level >= min_level]
+    methods = {name: direct(name) for name in enabled}
+    for alias, name in (("warn", "warning"), ("fatal", "critical"), ("msg", "info")):
+        if name in methods:
+            methods[alias] = methods[name]
+    return type(f"Direct{base.__name__}", (base,), methods)
+
+
+_LEVEL_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "critical",
+}
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -229,7 +284,7 @@ def configure_logging(
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        wrapper_class=_direct_logger_class(numeric),
         logger_factory=line_writer,
         cache_logger_on_first_use=True,
     )

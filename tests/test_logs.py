@@ -118,3 +118,67 @@ def test_a_turn_of_many_lines_is_written_in_whole_lines_no_write_past_pipe_buf()
     assert all(text.endswith("\n") for text in writes)
     # Only a line longer than PIPE_BUF on its own makes a longer write.
     assert [len(text.encode()) <= ATOMIC_WRITE_BYTES for text in writes] == [True, False, True]
+
+
+def test_each_level_method_writes_what_structlogs_own_writes(capsys, restore_logging):
+    """The configured logger runs the processor chain itself (receiver.logs): every line
+    is the one structlog's filtering logger writes for the same call, levels below the
+    configured one write nothing, and %-style arguments are interpolated."""
+    configure_logging("info", "json")
+    config = structlog.get_config()
+    ours = structlog.get_logger("same").bind(job="j1")
+    theirs = structlog.wrap_logger(
+        config["logger_factory"]("same"),
+        processors=config["processors"],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    ).bind(job="j1")
+    assert type(ours) is not type(theirs)
+    structlog.contextvars.bind_contextvars(request_id="r1")
+
+    def calls(logger) -> None:
+        logger.debug("hidden", n=0)
+        logger.info("plain", n=1, items=[1, "a"])
+        logger.warning("warned %s of %d", "one", 2, n=2)
+        logger.warn("alias")
+        logger.error("failed", n=3)
+        logger.critical("critical")
+        logger.msg("a msg")
+        logger.log(logging.INFO, "by level %s", "info")
+        logger.log(logging.DEBUG, "hidden by level")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("caught", n=4)
+
+    try:
+        calls(ours)
+        sys.stdout.flush()
+        mine = logged(capsys)
+        calls(theirs)
+        sys.stdout.flush()
+        reference = logged(capsys)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    for line in mine + reference:
+        del line["timestamp"]
+    assert [line["event"] for line in mine] == [
+        "plain",
+        "warned one of 2",
+        "alias",
+        "failed",
+        "critical",
+        "a msg",
+        "by level info",
+        "caught",
+    ]
+    assert mine == reference
+    assert mine[0] == {
+        "event": "plain",
+        "n": 1,
+        "items": [1, "a"],
+        "job": "j1",
+        "request_id": "r1",
+        "level": "info",
+        "logger": "same",
+    }
+    assert "ValueError: boom" in mine[-1]["exception"]
