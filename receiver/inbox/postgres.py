@@ -112,8 +112,8 @@ def channel(schema: str) -> str:
     return f"{CHANNEL_PREFIX}{schema}"[:63]
 
 
-# Seconds any one statement may take before it counts as a failure (a database that
-# stopped answering must not hold a callback's answer for ever).
+# Seconds any one statement, or connecting, may take before it counts as a failure (a
+# database that stopped answering must not hold a callback's answer for ever).
 COMMAND_TIMEOUT = 10.0
 # How often the listening connection is checked: a connection that died quietly (a
 # network cut) is only noticed when used.
@@ -402,6 +402,10 @@ class PostgresConnector:
             connection_class=_PooledConnection,
             min_size=1,
             max_size=self._pool_size,
+            # Connecting too: asyncpg's own bound is a minute, which every caller
+            # waiting for a batch's new connection would wait on a server that stopped
+            # answering (a network cut).
+            timeout=COMMAND_TIMEOUT,
             command_timeout=COMMAND_TIMEOUT,
             server_settings=self._settings(),
             init=None if self._read_only else _plan_by_keys,

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import make_url
 
 from receiver import parse_callback
-from receiver.inbox import InboxUnavailable, Lease, Receipt
+from receiver.inbox import InboxUnavailable, Lease, Receipt, postgres
 from receiver.inbox.connector import Delivery, Finished
 from receiver.inbox.postgres import PostgresInbox
 from receiver.inbox.records import pack
@@ -177,6 +177,41 @@ async def test_an_outage_fails_operations_and_service_resumes_by_itself(postgres
         assert await inbox.known(["job:jbefore:Success", "job:jduring:Success"]) == {
             "job:jbefore:Success"
         }
+
+
+async def test_a_database_that_stops_answering_fails_each_store_within_the_timeout(
+    postgres_schema, monkeypatch
+):
+    # A network that stops carrying packets (not a server that refuses): the batch's
+    # statement times out, and the next batch's connection must not wait asyncpg's own
+    # minute to connect, nor each caller behind it a minute more.
+    monkeypatch.setattr(postgres, "COMMAND_TIMEOUT", 1.0)
+    url, schema = postgres_schema
+    async with (
+        TcpProxy(make_url(url).port) as proxy,
+        opened(through(proxy, url), schema) as inbox,
+    ):
+        await inbox.store(*receipt_for("jbefore"))
+        proxy.stall()
+        loop = asyncio.get_running_loop()
+
+        async def store_failing(job_id: str) -> float:
+            began = loop.time()
+            with pytest.raises(InboxUnavailable):
+                await inbox.store(*receipt_for(job_id))
+            return loop.time() - began
+
+        first = asyncio.create_task(store_failing("jfirst"))
+        await asyncio.sleep(0.3)  # the first batch under way: these wait behind it
+        later = [asyncio.create_task(store_failing(f"jlater{i}")) for i in range(3)]
+        waits = await asyncio.wait_for(asyncio.gather(first, *later), 30)
+        # Each failed within about one timeout of the statement, or of the connection
+        # its batch waited for: not asyncpg's 60 s to connect.
+        assert max(waits) < 4, waits
+
+        proxy.flow()
+        stored = await retrying(lambda: inbox.store(*receipt_for("jafter")), timeout=20)
+        assert stored.new == ["job:jafter:Success"]
 
 
 async def retrying(operation, timeout: float = 10.0):

@@ -4,9 +4,12 @@ use at the same time.
 
 In-process: `async with TcpProxy(upstream_port) as proxy: ... await proxy.cut() ...
 await proxy.restore()`. Cutting closes every connection and stops listening, as a server
-that went down would look from outside. For a test that drives child processes and
-waits on them (blocking), `ThreadedProxy` runs the same proxy on an event loop of its
-own thread: `with ThreadedProxy(port) as proxy: ... proxy.cut() ... proxy.restore()`.
+that went down would look from outside. Stalling (`stall`, then `flow`) is a network
+that stops carrying packets: connections stay open and new ones are taken, but no byte
+goes either way until it flows again, when what was held goes on. For a test that
+drives child processes and waits on them (blocking), `ThreadedProxy` runs the same
+proxy on an event loop of its own thread: `with ThreadedProxy(port) as proxy: ...
+proxy.cut() ... proxy.restore()`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def __aenter__(self) -> TcpProxy:
         await self.restore()
@@ -39,6 +44,7 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def cut(self) -> None:
+        self._flowing.set()  # connections taken while stalled end, cut like the others
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -49,7 +55,23 @@ class TcpProxy:
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
 
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            await self._flowing.wait()
+        except asyncio.CancelledError:  # the loop closing while stalled: nothing to report
+            writer.transport.abort()
+            return
+        finally:
+            self._writers.discard(writer)
+        if writer.transport.is_closing():  # cut while stalled
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -71,10 +93,10 @@ class TcpProxy:
                 self._writers.discard(end)
             self._pipes.difference_update(pipes)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(65536):
+                await self._flowing.wait()  # stalled: held, as a cut network holds it
                 writer.write(data)
                 await writer.drain()
 
