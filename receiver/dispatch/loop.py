@@ -182,8 +182,10 @@ class Dispatcher:
         token = next(iter(leases.values())).token
         places = self._reserved.pop(token, {})
         unleased: list[tuple[Event, list[str]]] = []
-        # Stored leased here, but not to be started by this process: handed back.
+        # Stored leased here, but not to be started by this process: handed back, those
+        # runs only (others under the same lease are starting).
         unstarted: dict[tuple[str, str], Slot] = {}
+        handed_back: list[Claim] = []
         for event, names in runs:
             rest, starting = [], []
             for name in names:
@@ -194,6 +196,7 @@ class Dispatcher:
                     starting.append(slot)
                 else:  # a reload replaced its handler meanwhile (or the handlers closed)
                     unstarted[(event.id, name)] = slot
+                    handed_back.append(Claim(event, name, 0, token, request_id))
             # Each attempt has an event of its own: the event itself goes to the last one,
             # unless other handlers' claims here will read it (`FreshEvents.take`).
             kept = any((s := self._handlers.get(name)) and s.started for name in rest)
@@ -206,7 +209,7 @@ class Dispatcher:
             self._give_back(slot)
         if unstarted:
             self._reserved[token] = unstarted
-            self._hand_back(token, after=0.0)
+            self._hand_back(token, after=0.0, runs=handed_back)
         elif not self._reserved:
             self._none_reserved.set()
         if unleased:
@@ -219,18 +222,23 @@ class Dispatcher:
         if leases:
             self._hand_back(next(iter(leases.values())).token, after=STORE_END_SECONDS)
 
-    def _hand_back(self, token: str, after: float) -> None:
-        task = self._context.run(asyncio.create_task, self._release(token, after))
+    def _hand_back(self, token: str, after: float, runs: list[Claim] | None = None) -> None:
+        task = self._context.run(asyncio.create_task, self._release(token, after, runs))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _release(self, token: str, after: float) -> None:
-        """Hand back the runs leased under `token` that this process will not start, in
-        `after` seconds: claimable at once (here or elsewhere), rather than once their
-        lease ends. Their places are held until then (`stop` waits for them)."""
+    async def _release(self, token: str, after: float, runs: list[Claim] | None) -> None:
+        """Hand back, in `after` seconds, the runs leased under `token` that this process
+        will not start: `runs`, or every one (a store given up on started none).
+        Claimable at once (here or elsewhere), rather than once their lease ends. Their
+        places are held until then (`stop` waits for them)."""
         try:
             await asyncio.sleep(after)
-            if await self._inbox.release(token):
+            if runs is None:
+                released = await self._inbox.release(token)
+            else:
+                released = await self._inbox.release_claims(runs)
+            if released:
                 self.wake()
         except Exception as exc:  # the database away: they wait for their lease to end
             logger.warning("cannot hand back runs leased here", error=str(exc))

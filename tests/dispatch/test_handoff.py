@@ -244,6 +244,34 @@ async def test_a_run_whose_handler_a_reload_replaced_meanwhile_is_handed_back(in
     assert (old.calls, new.calls) == ([], [event.id])
 
 
+async def test_handing_back_a_replaced_handlers_run_leaves_the_others_leased(inbox):
+    # The event's runs of both handlers are leased under the callback's one token; a
+    # reload replaces `b` while it is stored. Only b's run is handed back: a's, started,
+    # stays leased to its attempt (else claimed again and run twice at once, and its
+    # outcome refused for the lease it lost).
+    a, old_b, new_b = Recording(delay=0.5), Recording(), Recording()
+    _, d, _ = await service(inbox, a=(a, {}), b=(old_b, {}))
+    body = job("jtwohandlers")
+    (event,) = parse_callback(body)
+    routed = [(event, ["a", "b"])]
+    leases = d.reserve(routed)
+    d.replace_handlers(
+        [
+            d._handlers.get("a"),
+            Slot("b", new_b, HandlerConfig(type="test", timeout=7)),
+        ],
+        unmasked,
+    )
+    await asyncio.sleep(0.2)  # the loop swaps the handlers
+    await inbox.store(receipt(body), routed, leases=leases)
+    d.stored("req", routed, leases)
+    await until(lambda: settled(inbox, event.id), timeout=5.0)
+    await d.stop()
+    assert (a.calls, old_b.calls, new_b.calls) == ([event.id], [], [event.id])
+    assert a.most_running == 1
+    assert await statuses(inbox, event.id) == {"a": ("done", 1), "b": ("done", 1)}
+
+
 async def test_an_event_named_twice_in_a_callback_runs_once_and_is_not_kept(inbox):
     handler = Recording()
     watched, d, ingestor = await service(inbox, h=(handler, {}))
