@@ -108,7 +108,9 @@ async def attempt(
             deadline = time.monotonic() + config.timeout
             ctx = context(slot, claim, deadline, inspector_url) if slot.takes_context else None
             await slot.call(claim.event, ctx)
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and _stopping():
+            raise
         return failed(config, claim, exc)
     finally:
         metrics.seconds.observe(time.perf_counter() - began)
@@ -137,7 +139,9 @@ async def attempt_batch(
                 inspector_url=inspector_url,
             )
             not_done = await slot.batch([claim.event for claim in claims], ctx) or {}
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and _stopping():
+            raise
         # The whole batch failed: each run as it would alone, but all due again at the
         # same time, to be retried as one batch again.
         number = max(claim.attempts for claim in claims) + 1
@@ -150,6 +154,14 @@ async def attempt_batch(
         DONE if (why := not_done.get(claim.event.id)) is None else failed(config, claim, why)
         for claim in claims
     ]
+
+
+def _stopping() -> bool:
+    """Whether a CancelledError out of a handler is the attempt being stopped (shutdown
+    out of time: its task cancelled), rather than the handler's own failure: one it
+    raised, or a future it shared with a task that was cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def failed(

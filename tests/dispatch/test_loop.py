@@ -81,6 +81,23 @@ async def settled(inbox, event_id: str) -> bool:
     return all(status != "pending" for status, _ in (await statuses(inbox, event_id)).values())
 
 
+async def test_a_cancellation_the_handler_raises_itself_is_a_failure_like_any(inbox):
+    # A CancelledError that does not come from stopping the attempt (a shared future
+    # another task's cancellation cancelled, or raised by the handler's own code) is
+    # the handler's failure: counted, retried after a back-off, dead-lettered in the
+    # end; never handed back uncounted and due at once, again and again.
+    stray = Recording([asyncio.CancelledError("shared future cancelled")] * 3)
+    (event_id,) = await store(inbox, "transcode.xml", ["stray"])
+    d = dispatcher(inbox, stray=(stray, {"max_attempts": 3}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    assert await statuses(inbox, event_id) == {"stray": ("dead", 3)}
+    attempts = (await inbox.event(event_id)).attempts
+    assert [(a.number, a.outcome) for a in attempts] == [(1, "retry"), (2, "retry"), (3, "dead")]
+    assert "CancelledError: shared future cancelled" in attempts[0].error
+
+
 async def test_a_failing_handler_is_retried_alone(inbox):
     flaky = Recording([RuntimeError("db down"), Retry("busy")])
     steady = Recording()
