@@ -69,8 +69,9 @@ class Slot:
     maybe_due: bool = True
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     starting: asyncio.Task[None] | None = None
-    # The slot of the same name a reload replaced, while its attempts finish: they count
-    # toward this one's concurrency, which a handler may rely on (one at a time).
+    # The slot of the same name a reload replaced (or took out), while its attempts
+    # finish, and so on back through every generation still finishing: their attempts
+    # count toward this one's concurrency, which a handler may rely on (one at a time).
     predecessor: Slot | None = None
 
     def __post_init__(self) -> None:
@@ -93,7 +94,10 @@ class Slot:
     def free(self) -> int:
         if not self.started:
             return 0
-        before = self.predecessor.running if self.predecessor is not None else 0
+        before, older = 0, self.predecessor
+        while older is not None:
+            before += older.running
+            older = older.predecessor
         return self.config.concurrency - self.running - before
 
     @property
@@ -264,7 +268,9 @@ class HandlerSlots:
         self.by_name = {s.name: current[s.name] if s.name in kept else s for s in slots}
         for name in self.by_name.keys() - kept:
             self.metrics[name] = SlotMetrics(self._all_metrics, name)
-            self.by_name[name].predecessor = current.get(name)
+            # The generation it replaces, or, for a name taken out and added again, the
+            # last one still finishing.
+            self.by_name[name].predecessor = current.get(name) or self._finishing(name)
         retired = [slot for name, slot in current.items() if name not in kept]
         for slot in retired:
             task = asyncio.create_task(self._retire(slot), name=f"retire {slot.name}")
@@ -284,12 +290,24 @@ class HandlerSlots:
         if slot.tasks:
             await drain(set(slot.tasks), self._drain_timeout)
         await _close(slot)
-        successor = self.by_name.get(slot.name)
-        if successor is None:  # not replaced by a new one of the same name
+        # Out of the line of generations: a newer one no longer waits for its places.
+        for newer in [*self, *self._retiring.values()]:
+            if newer.predecessor is slot:
+                newer.predecessor = slot.predecessor
+        # The name's series go with its last generation: attempts of another still
+        # finishing record into them.
+        if self.by_name.get(slot.name) is None and self._finishing(slot.name, but=slot) is None:
             self._forget_series(slot.name)
-        elif successor.predecessor is slot:
-            successor.predecessor = None
         logger.info("handler stopped (config reloaded)", handler=slot.name)
+
+    def _finishing(self, name: str, but: Slot | None = None) -> Slot | None:
+        """The latest slot of this name a reload took out whose attempts still finish
+        (other than `but`)."""
+        found = None
+        for slot in self._retiring.values():
+            if slot.name == name and slot is not but:
+                found = slot
+        return found
 
     def _forget_series(self, name: str) -> None:
         """A removed handler's gauges go, rather than go on saying it is down. Under

@@ -533,3 +533,54 @@ async def test_a_changed_handler_keeps_its_concurrency_while_the_old_one_finishe
     assert old.calls == [first]
     assert sorted(new.calls) == sorted(ids)
     assert together["most"] == 1  # never the old and the new one at once
+
+
+async def test_reloads_in_a_row_keep_the_concurrency_of_every_generation_draining(inbox):
+    # `one` changed twice while its first generation's attempt still runs, then taken
+    # out and added again: each new generation counts every older one still draining.
+    together: Counter[str] = Counter()
+    first = Counted(together, delay=0.6)
+    second, third, fourth = (Counted(together, delay=0.3) for _ in range(3))
+    (running_first,) = await store(inbox, "transcode.xml", ["one"])
+    d = dispatcher(inbox, one=(first, {"concurrency": 1}))
+    await d.start()
+    await until(lambda: _running(first))
+    d.replace_handlers([slot("one", second, concurrency=1, max_attempts=3)], str)
+    (for_second,) = await store(inbox, "smartcover.json", ["one"])
+    d.wake()
+    await asyncio.sleep(0.1)  # applied: `second` waits for `first`'s place
+    d.replace_handlers([slot("one", third, concurrency=1, max_attempts=4)], str)
+    d.wake()
+    await asyncio.sleep(0.1)
+    d.replace_handlers([], str)
+    d.wake()
+    await asyncio.sleep(0.1)
+    d.replace_handlers([slot("one", fourth, concurrency=1, max_attempts=5)], str)
+    ids = [(await store(inbox, name, ["one"]))[0] for name in ("snapshot.xml", "two_jobs.xml")]
+    d.wake()
+    for event_id in [running_first, for_second, *ids]:
+        await until(lambda e=event_id: settled(inbox, e))
+    await d.stop()
+    assert first.calls == [running_first]
+    assert together["most"] == 1  # never two generations' attempts at once
+
+
+async def test_a_handler_changed_then_removed_records_what_each_generation_ran(inbox):
+    # Changed, then removed while both generations' attempts still run: neither
+    # generation's end may take the other's metric series from under its attempts.
+    first, second = Closable(delay=0.3), Closable(delay=0.6)
+    (for_first,) = await store(inbox, "transcode.xml", ["x"])
+    d = dispatcher(inbox, x=(first, {"concurrency": 1}))
+    await d.start()
+    await until(lambda: _running(first))
+    d.replace_handlers([slot("x", second, max_attempts=3)], str)
+    (for_second,) = await store(inbox, "smartcover.json", ["x"])
+    d.wake()
+    await until(lambda: _running(second))
+    d.replace_handlers([], str)
+    d.wake()
+    await until(lambda: _closed(first))
+    await until(lambda: _closed(second))
+    await d.stop()
+    assert await statuses(inbox, for_first) == {"x": ("done", 1)}
+    assert await statuses(inbox, for_second) == {"x": ("done", 1)}
