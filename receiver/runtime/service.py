@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 # A readiness check: returns (ok, detail).
 Check = Callable[[], Awaitable[tuple[bool, str]]]
+# How long readiness waits for the inbox to take its probe write: one it has not taken
+# by then (the SQLite file locked by another process, a disk that stopped answering) is
+# not ready, said at once rather than after every batch queued before it.
+INBOX_PROBE_SECONDS = 5.0
 
 
 def handler_secrets_masker(config: Config, slots: list[Slot]) -> Masker:
@@ -167,8 +171,14 @@ class Service:
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         checks: dict[str, tuple[bool, str]] = {}
         try:
-            await self.inbox.ping()
+            await asyncio.wait_for(self.inbox.ping(), INBOX_PROBE_SECONDS)
             checks["inbox"] = (True, "writable")
+        except TimeoutError:
+            checks["inbox"] = (
+                False,
+                f"not writable: no write taken within {INBOX_PROBE_SECONDS:g} s"
+                " (locked by another process, or its storage not answering)",
+            )
         except Exception as exc:
             checks["inbox"] = (False, str(exc))
         if self.config.inbox.url is None:  # the inbox is a file on this host's disk

@@ -5,6 +5,8 @@ the config's choice."""
 from __future__ import annotations
 
 import signal
+import sqlite3
+import time
 
 import httpx
 import pytest
@@ -94,3 +96,39 @@ def test_a_reload_that_removes_a_required_handler_that_cannot_start_makes_it_rea
         assert ready.json()["checks"]["handler:log"] == "started"
     finally:
         receiver.stop()
+
+
+def test_an_inbox_another_process_keeps_locked_is_unready_at_once_and_ready_again(tmp_path):
+    # Another writer (here the test, as `consume` on the same data folder would) holds
+    # SQLite's write lock: the probe write waits behind it, and readiness says so within
+    # its bound rather than hanging; once the lock goes, ready again.
+    receiver = receiver_with(tmp_path, "", "")
+    receiver.start()
+    try:
+        assert receiver.post(load("smartcover.xml")).status_code == 200
+        other = sqlite3.connect(tmp_path / "data" / "inbox.db", isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            time.sleep(5.5)  # the last write is no longer fresh: readiness writes
+            began = time.monotonic()
+            locked = httpx.get(receiver.admin_url + "/readyz", timeout=30)
+            waited = time.monotonic() - began
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        ready = wait_until(
+            lambda: (
+                (r := httpx.get(receiver.admin_url + "/readyz", timeout=30)).json()["checks"][
+                    "inbox"
+                ]
+                == "writable"
+                and r
+            ),
+            what="the inbox writable again",
+        )
+    finally:
+        receiver.stop()
+    assert locked.status_code == 503
+    assert locked.json()["checks"]["inbox"].startswith("not writable: no write taken within 5 s")
+    assert waited < 8
+    assert ready.status_code == 200
