@@ -16,6 +16,12 @@ commit, which syncs the whole WAL before it. What a power cut can take is bookke
 after the last callback committed: a claim (the run is claimed again) or an outcome
 (the handler runs again), which is the at-least-once dispatch promises anyway. A
 batch holding anything else (a callback, a replay, a verdict) commits as configured.
+
+A batch that fails as a whole (a full disk, another process keeping the lock past the
+lock timeout, an I/O error) fails each of its callers with `InboxUnavailable`: each
+sender is answered 503 and each consumer leaves its message to come back, as with a
+PostgreSQL inbox away. The log says so once as it begins and once as a commit goes
+through again, however many batches fail between.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
+
+from receiver.inbox.types import InboxUnavailable
+
+logger = structlog.get_logger("ci_receiver.inbox")
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -69,6 +81,8 @@ class Writer:
         # The last batch that failed as a whole (disk full, lock timeout), and when.
         self.last_failure: Exception | None = None
         self.last_failure_at = 0.0
+        # Batches failed as a whole since the last commit that went through.
+        self._failed_batches = 0
 
     async def start(self) -> None:
         self._connection = await self._in_thread(self._connect)
@@ -167,12 +181,25 @@ class Writer:
             await self._in_thread(connection.execute, "COMMIT")
             self.commits += 1
             self.last_commit = time.monotonic()
+            if self._failed_batches:
+                logger.info("inbox writable again", path=str(self._path),
+                            failed_batches=self._failed_batches)  # fmt: skip
+                self._failed_batches = 0
         except Exception as exc:  # the batch as a whole failed: disk full, lock timeout
             self.last_failure, self.last_failure_at = exc, time.monotonic()
             with contextlib.suppress(sqlite3.Error):
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
-            results = [(None, exc)] * len(batch)
+            if not self._failed_batches:
+                logger.warning(
+                    "inbox not writable; callbacks are answered 503 until it is",
+                    path=str(self._path),
+                    error=str(exc),
+                )
+            self._failed_batches += 1
+            unavailable = InboxUnavailable(f"not writable: {exc}")
+            unavailable.__cause__ = exc
+            results = [(None, unavailable)] * len(batch)
         for (_, future, _), (result, error) in zip(batch, results, strict=True):
             if future.cancelled():
                 continue

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from receiver.inbox import InboxUnavailable
 from receiver.inbox import writer as writer_module
 from receiver.inbox.writer import Writer
 
@@ -76,8 +77,10 @@ async def test_a_lock_held_past_the_timeout_fails_the_batch(tmp_path, monkeypatc
     thread, taken = _hold_lock(path, released)
     try:
         assert taken.wait(10)
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        # The batch failed as a whole: its caller is told the inbox cannot write now.
+        with pytest.raises(InboxUnavailable, match=r"^not writable: .*locked") as failed:
             await writer.submit(_insert(1))
+        assert isinstance(failed.value.__cause__, sqlite3.OperationalError)
         released.set()
         thread.join()
         assert await writer.submit(_insert(2)) == 2  # the lock let go: writing again

@@ -99,8 +99,15 @@ def test_without_the_free_space_check_a_failing_commit_shows_until_one_succeeds(
         assert checks["inbox"].startswith("not writable: ")
         assert "full" in checks["inbox"] or str(errno.ENOSPC) in checks["inbox"]
         assert httpx.get(receiver.url + "/readyz").status_code == 503
+        assert receiver.post(job(2)).status_code == 503
         filler.unlink()
         assert receiver.post(job(1)).status_code == 200
         assert admin_checks(receiver)["inbox"] == "writable"
     finally:
         receiver.stop()
+    # Said once as it began and once as it ended, however many callbacks failed between:
+    # no traceback per callback.
+    log = receiver.log()
+    assert log.count("inbox not writable; callbacks are answered 503 until it is") == 1
+    assert log.count("inbox writable again") == 1
+    assert "Traceback" not in log
