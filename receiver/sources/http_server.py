@@ -15,6 +15,11 @@ request (one loop timer per connection, moved only when a deadline comes closer)
   closed) and at most `max_requests` are in the app (`503` + `Retry-After`), a safety
   net: what bounds the callbacks in progress is their memory
   (receiver/sources/admission.py);
+- requests pipelined behind one in the app are bounded: at most `MAX_PIPELINED` read
+  ahead, and `max_header_bytes` of what arrives while it is in the app; past either the
+  connection is closed (no sender of callbacks pipelines; a flood of tiny requests in one
+  read would otherwise queue without end). A request read ahead gets the deadlines of
+  its head and body as any other;
 - a connection closed with request bytes still coming (a body refused early, `413`)
   closes gracefully: our side of the connection is shut after the response, and what the
   client still sends is read and dropped for up to `LINGER_SECONDS`, so that the client
@@ -82,6 +87,9 @@ MIN_REFUSALS = 1000
 # A refusal of one kind is logged at most this often (with the count since the last).
 LOG_EVERY_SECONDS = 10.0
 
+# Requests read ahead of the one in the app (pipelined) at most.
+MAX_PIPELINED = 16
+
 # Connection phases: what the connection's deadline is about.
 _HEAD, _BODY, _APP, _IDLE, _LINGER = "head", "body", "app", "idle", "linger"
 
@@ -144,6 +152,10 @@ class Guard:
             client=client[0] if client else None,
             more_since_last_logged=suppressed,
         )
+
+
+class _TooManyPipelined(Exception):
+    pass
 
 
 class _HeadTooLarge(Exception):
@@ -260,6 +272,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._head_bytes = 0  # bytes received while the head was incomplete
+        self._ahead = 0  # bytes received while a request was in the app
         self._header_bytes = 0  # of the headers parsed so far, exactly
         self._lingered = 0
         self._writer: _ResponseWriter | None = None
@@ -305,11 +318,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # Counted before parsing: httptools gathers a header's value whole before
             # calling on_header, so a huge one is caught here, while it arrives.
             self._head_bytes += len(data)
+        elif phase is _APP:  # pipelined behind the request in the app
+            self._ahead += len(data)
+            if self._ahead > self._limits.max_header_bytes:
+                self._refuse_pipelined("pipelined_too_much")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._refuse_head()
+            elif isinstance(exc.__context__, _TooManyPipelined):
+                self._refuse_pipelined("too_many_pipelined")
             else:
                 self._bad_request()
         except httptools.HttpParserUpgrade:
@@ -317,7 +337,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self._bad_request()
         else:
-            if self._phase is _HEAD and self._head_bytes > self._limits.max_header_bytes:
+            # _IDLE too: a head begun behind the last request goes on after its answer.
+            phase = self._phase
+            if (phase is _HEAD or phase is _IDLE) and (
+                self._head_bytes > self._limits.max_header_bytes
+            ):
                 self._refuse_head()
 
     # --- parser callbacks ------------------------------------------------------------
@@ -343,6 +367,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             or len(self.headers) > limits.max_headers
         ):
             raise _HeadTooLarge
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _TooManyPipelined
         if len(self.tasks) >= limits.max_requests:
             self.guard.refused("too_many_requests", self.client)
             self.app = _busy
@@ -354,7 +380,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # Ignored, assignment: the writer stands in for the transport with what the
         # request cycle calls on it (write, close, is_closing), not a whole Transport.
         self.cycle.transport = self._writer  # type: ignore[assignment]
-        if self._phase is _HEAD:
+        # _IDLE: a head begun behind the last request, completed after its answer.
+        if self._phase is _HEAD or self._phase is _IDLE:
             self._set_deadline(_BODY, self.loop.time() + limits.body_timeout)
 
     def on_message_complete(self) -> None:
@@ -368,9 +395,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing() or self._phase is _LINGER:
             return
+        self._ahead = 0
         if self.pipeline:
             self.flow.resume_reading()
             cycle, app = self.pipeline.pop()
+            # Its body may still be coming: then it has the body's deadline, as any.
+            if cycle.more_body:
+                self._set_deadline(_BODY, self.loop.time() + self._limits.body_timeout)
             self._start_asgi_task(cycle, app)
             return
         if self.cycle.more_body:  # answered before the whole body came: close
@@ -421,6 +452,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 )
 
     # --- refusing and closing --------------------------------------------------------
+
+    def _refuse_pipelined(self, reason: str) -> None:
+        """More requests pipelined than served: the connection ends (what is answered
+        by then is sent first). No sender of callbacks pipelines."""
+        self.guard.refused(reason, self.client)
+        self.transport.close()
 
     def _refuse_head(self) -> None:
         self.guard.refused("headers_too_large", self.client)

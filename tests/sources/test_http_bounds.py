@@ -6,6 +6,7 @@ and a process with few descriptors."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 import urllib.error
@@ -16,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from receiver.sources.http_server import LINGER_BYTES
+from receiver.sources.http_server import LINGER_BYTES, MAX_PIPELINED
 from tests.support.callbacks import load
 from tests.support.processes import Receiver
 from tests.support.waiting import wait_until
@@ -238,3 +239,63 @@ def test_few_descriptors_lower_the_cap_and_the_receiver_keeps_answering(tmp_path
         )
     finally:
         receiver.stop()
+
+
+def responses(received: bytes) -> list[int]:
+    """The statuses of the responses in `received`, in order (each status line follows
+    the body before it)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+
+
+def test_honest_pipelined_callbacks_are_each_answered_in_order(receiver):
+    sock = connect(receiver)
+    bodies = [load("smartcover.xml"), load("transcode.xml")]
+    sock.sendall(b"".join(
+        HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body for body in bodies
+    ) + b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")  # fmt: skip
+    received = answer(sock)
+    assert responses(received) == [200, 200, 200]
+    assert received.count(b'"accepted":1') == 2
+
+
+def test_a_flood_of_pipelined_requests_is_cut_off_and_costs_no_memory(receiver):
+    rss_before = psutil.Process(receiver.process.pid).memory_info().rss
+    sock = connect(receiver)
+    flood = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" * 30_000  # ~1 MB, tiny requests
+    with contextlib.suppress(OSError):
+        sock.sendall(flood)
+    received = b""
+    with contextlib.suppress(ConnectionResetError):  # closed with the flood unread
+        while chunk := sock.recv(65536):
+            received += chunk
+    answered = responses(received)
+    assert set(answered) <= {200}
+    assert len(answered) <= 1 + MAX_PIPELINED  # then the connection was closed
+    rss_after = psutil.Process(receiver.process.pid).memory_info().rss
+    assert rss_after - rss_before < 16 * 2**20
+    assert receiver.post(load("transcode.xml")).status_code == 200
+    assert refused_metric(receiver, "too_many_pipelined") == 1
+
+
+def test_a_head_pipelined_behind_a_request_is_bounded_as_any(receiver):
+    sock = connect(receiver)
+    # A head begun behind a request in one write, then a header value without end.
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + HEAD + b"User-Agent: ")
+    sent = send_until_closed(sock, b"a" * 65536, 100 * 2**20)
+    assert sent < LINGER_BYTES + 8 * 2**20
+    answered = responses(answer(sock))
+    assert answered[:1] == [200]
+    assert answered[1:] in ([], [431])
+    assert receiver.post(load("transcode.xml")).status_code == 200
+
+
+def test_a_pipelined_body_that_never_comes_is_cut_off_with_408(receiver):
+    sock = connect(receiver)
+    body = load("smartcover.xml")
+    sock.sendall(
+        HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        + HEAD + b"Content-Length: 1000\r\n\r\n<Response>"
+    )  # fmt: skip
+    began = time.monotonic()
+    assert responses(answer(sock)) == [200, 408]
+    assert time.monotonic() - began < 4
