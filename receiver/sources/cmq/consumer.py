@@ -182,6 +182,10 @@ class CmqConsumer:
                 if messages:
                     self._receive_seconds.observe(time.perf_counter() - began)
                     await self._take(queue, messages)
+                    # The inbox away: what was taken comes back after its visibility
+                    # timeout; more is taken only after a pause (receiver/sources/outage.py).
+                    if pause := self._outage.pause():
+                        await self._sleep(pause)
                 continue
             delay = min(delay * 2, BACKOFF_MAX)
             await self._sleep(pause)

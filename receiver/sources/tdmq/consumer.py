@@ -177,6 +177,10 @@ class TdmqConsumer:
         # pulsar.asyncio.Consumer has no batch_receive(); the C++ consumer under it has.
         client_side = consumer._consumer
         while not self._stopping.is_set():
+            # The inbox away: what was taken comes back nacked; more is taken only after
+            # a pause (receiver/sources/outage.py).
+            if (pause := self._outage.pause()) and self._stopping.wait(pause):
+                return
             try:
                 batch = client_side.batch_receive()
             except Exception as exc:  # pulsar.exceptions.*, e.g. while reconnecting

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 
 import pytest
 from structlog.testing import capture_logs
@@ -14,6 +15,7 @@ from receiver import parse_callback
 from receiver.callback.decode import Limits, PayloadError
 from receiver.config import CmqConfig
 from receiver.inbox import Inbox, Receipt, Stored
+from receiver.inbox import writer as writer_module
 from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
@@ -121,6 +123,37 @@ async def test_an_inbox_failure_leaves_the_message_to_come_back(tmp_path, stand_
         assert await queued(stand_in) == 0
     finally:
         await running.stop()
+        await inbox.close()
+
+
+async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
+    tmp_path, stand_in, monkeypatch
+):
+    # Each taking counts toward a queue's own dead-letter policy (maxReceiveCount): an
+    # outage of the inbox must not take the backlog again every visibility timeout.
+    # Away as a SQLite inbox is: another process keeps its write lock.
+    monkeypatch.setattr(writer_module, "LOCK_TIMEOUT", 0.05)
+    inbox = SqliteInbox(tmp_path / "late.db", rejected_body_bytes=1024)
+    await inbox.open()
+    other = sqlite3.connect(tmp_path / "late.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    metrics = Metrics()
+    running = consume(stand_in, ingestor(inbox, metrics), metrics)
+    backlog = 40
+    try:
+        bodies = [load("smartcover.xml").replace(b"<JobId>j", b"<JobId>j%d" % i, 1)
+                  for i in range(backlog)]  # fmt: skip
+        await asyncio.to_thread(stand_in.send, bodies)
+        await eventually(lambda: running.count("failed") >= 1, "the first failed commit")
+        await asyncio.sleep(4)  # four visibility timeouts
+        # Taken again every second, the backlog would have failed about 160 times.
+        assert running.count("failed") < 2 * backlog
+        assert running.count("deleted") == 0
+        other.execute("ROLLBACK")  # the inbox is back
+        await eventually(lambda: running.count("deleted") == backlog, "all kept once back")
+    finally:
+        await running.stop()
+        other.close()
         await inbox.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
 from datetime import datetime, timezone
 
@@ -14,6 +15,7 @@ import pytest
 from receiver.callback.decode import Limits, PayloadError
 from receiver.config import ConfigError, TdmqConfig, load_config
 from receiver.inbox import Inbox, Receipt
+from receiver.inbox import writer as writer_module
 from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
@@ -74,6 +76,41 @@ async def test_an_inbox_failure_is_nacked_and_the_message_comes_back(tmp_path, p
     finally:
         consumer.stop()
         await asyncio.wait_for(running, 30)
+        await inbox.close()
+
+
+async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
+    tmp_path, pulsar_broker, monkeypatch
+):
+    # A backlog nacked while the inbox is away comes back after nack_delay (0.2 s here):
+    # taken again each time, it would only spin.
+    # Away as a SQLite inbox is: another process keeps its write lock.
+    monkeypatch.setattr(writer_module, "LOCK_TIMEOUT", 0.05)
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)
+    await inbox.open()
+    other = sqlite3.connect(tmp_path / "inbox.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    metrics = Metrics()
+    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
+    running = asyncio.create_task(consumer.run())
+    count = counter(metrics)
+    backlog = 100
+    bodies = [load("smartcover.xml").replace(b"<JobId>j", b"<JobId>j%d" % i, 1)
+              for i in range(backlog)]  # fmt: skip
+    try:
+        await asyncio.to_thread(publish, pulsar_broker.url, TOPIC, bodies)
+        await eventually(lambda: count("nacked") >= 1, "the first failed commit")
+        await asyncio.sleep(3)
+        # Taken again after every nack_delay, the backlog would have been nacked about
+        # fifteen times over.
+        assert count("nacked") < 2 * backlog
+        other.execute("ROLLBACK")  # the inbox is back
+        await eventually(lambda: count("acked") == backlog, "all kept once back")
+        assert len(await inbox.events(limit=2 * backlog)) == backlog
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(running, 30)
+        other.close()
         await inbox.close()
 
 
