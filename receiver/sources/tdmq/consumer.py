@@ -259,7 +259,7 @@ class TdmqConsumer:
             "pulsar",
             message.topic_name(),
             str(message.message_id()),
-            message.properties(),
+            messages.properties_if_text(message) or {},
             group=self._config.subscription,
         )
         delivery.receipt.source_meta.update(span.carrier())
@@ -331,7 +331,7 @@ class TdmqConsumer:
         if self._dead_letters is None:
             return True
         properties = {
-            **message.properties(),
+            **(messages.properties_if_text(message) or {}),
             messages.REJECTED: refused.reason,
             messages.REJECTED_DETAIL: refused.message,
             messages.PREFIX + "topic": message.topic_name(),

@@ -124,6 +124,16 @@ def read(message: _pulsar.Message) -> Delivery:
     )
 
 
+def properties_if_text(message: _pulsar.Message) -> dict[str, str] | None:
+    """The message's properties; None when one is not UTF-8 text (another client may set
+    bytes), which the Python client cannot read at all."""
+    try:
+        properties: dict[str, str] = message.properties()
+    except UnicodeDecodeError:
+        return None
+    return properties
+
+
 def unreadable(message: _pulsar.Message, error: Exception) -> Delivery:
     """A message `read` refused, as a bridge message refused with the reason
     `bad_message`: kept with its body and every property, so that it is seen, and acked
@@ -137,7 +147,7 @@ def unreadable(message: _pulsar.Message, error: Exception) -> Delivery:
         source_meta={
             "topic": message.topic_name(),
             "message_id": message_id,
-            "properties": message.properties(),
+            "properties": properties_if_text(message),
         },
     )
     return Delivery(receipt, PayloadError("bad_message", f"the message cannot be read: {error}"))

@@ -155,6 +155,40 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
         await inbox.close()
 
 
+async def test_a_message_whose_properties_are_not_text_is_kept_as_rejected_beside_the_others(
+    tmp_path, pulsar_broker
+):
+    # Another client may set a property to bytes that are not UTF-8, which the Python
+    # client cannot read: that message is kept as rejected and acked, and the callbacks
+    # taken with it are stored as ever (none of them left unacked, to come back for ever).
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=65536)
+    await inbox.open()
+    metrics = Metrics()
+    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
+    running = asyncio.create_task(consumer.run())
+    count = counter(metrics)
+    body = load("smartcover.xml")
+    not_text: dict = {"origin": b"\xff\xfe"}
+    try:
+        await asyncio.to_thread(
+            publish, pulsar_broker.url, TOPIC, [(body, not_text), load("transcode.xml")]
+        )
+        await eventually(lambda: count("acked") == 2, "both acked")
+        receipts = await inbox.receipts()
+        assert sorted(r.outcome for r in receipts) == ["accepted", "rejected"]
+        [kept] = [r for r in receipts if r.outcome == "rejected"]
+        assert kept.error_reason == "bad_message"
+        receipt = await inbox.receipt(kept.id)
+        assert receipt is not None
+        assert receipt.body == body
+        assert receipt.source_meta["properties"] is None  # not text: not kept
+        assert count("nacked") == 0
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(running, 30)
+        await inbox.close()
+
+
 async def test_a_refusal_the_inbox_cannot_record_is_nacked_not_lost(tmp_path, pulsar_broker):
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
     metrics = Metrics()
