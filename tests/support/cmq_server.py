@@ -215,7 +215,8 @@ class StandIn:
         first["msgBody"] = placeholder = uuid.uuid4().hex
         text = json.dumps(answer).replace(f'"{placeholder}"', self.raw_body, 1)
         self.raw_body = None
-        return Response(text, media_type="application/json")
+        # A lone surrogate of U+DC80-U+DCFF in it stands for a byte that is not UTF-8.
+        return Response(text.encode("utf-8", "surrogateescape"), media_type="application/json")
 
     def authenticate(self, request: Request, params: dict[str, str]) -> None:
         for name in COMMON:

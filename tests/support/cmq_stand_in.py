@@ -4,6 +4,7 @@ ci-receiver installation reading from it."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -111,7 +112,14 @@ class CmqStandIn:
     def control(self, **change: Any) -> None:
         """throttle=N / unavailable=N: the next N requests; deny=[actions];
         refuse={"code": C, "message": M}: every request until refuse=None."""
-        self._http.post(self.url + "/_stand-in/control", json=change).raise_for_status()
+        # ASCII JSON: a lone surrogate (a raw_body standing for a byte that is not UTF-8)
+        # travels as its escape.
+        body = json.dumps(change).encode()
+        self._http.post(
+            self.url + "/_stand-in/control",
+            content=body,
+            headers={"content-type": "application/json"},
+        ).raise_for_status()
 
 
 def cmq_section(stand_in: CmqStandIn, **keys: Any) -> str:

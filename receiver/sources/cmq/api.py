@@ -218,7 +218,8 @@ class CmqApi:
         try:
             # Not orjson: a message body may hold a lone surrogate escape, which orjson
             # refuses for the whole answer; it is refused later, for that message only.
-            parsed = json.loads(response.content)
+            # So are bytes that are not UTF-8 (kept as they came: surrogateescape).
+            parsed = json.loads(response.content.decode("utf-8", "surrogateescape"))
         except ValueError:
             raise CmqUnavailable(f"{action}: {status}, not a CMQ answer (no JSON)") from None
         answer: dict[str, Any] = parsed if isinstance(parsed, dict) else {}

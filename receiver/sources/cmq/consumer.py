@@ -347,9 +347,7 @@ class CmqConsumer:
 
 def _receipt(queue: str, message: Message) -> Receipt:
     return Receipt(
-        # surrogatepass: a lone surrogate escaped in the JSON answer makes bytes that
-        # are not UTF-8, which the decoder refuses as it refuses any such body.
-        body=(message.body or "").encode("utf-8", "surrogatepass"),
+        body=_body_bytes(message.body or ""),
         source="cmq",
         received_at=datetime.now(timezone.utc),
         request_id=message.msg_id or message.receipt_handle or "",
@@ -360,6 +358,16 @@ def _receipt(queue: str, message: Message) -> Receipt:
             "dequeue_count": message.dequeue_count,
         },
     )
+
+
+def _body_bytes(body: str) -> bytes:
+    """A message body as bytes: bytes CMQ sent that were not UTF-8 as they came, a lone
+    surrogate escaped in its JSON as the bytes that encode it; the decoder refuses
+    either, as it refuses any body that is not UTF-8."""
+    try:
+        return body.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return body.encode("utf-8", "surrogatepass")
 
 
 def _from_seconds(seconds: int | None) -> str | None:

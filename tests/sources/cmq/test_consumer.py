@@ -163,6 +163,7 @@ async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
         (None, "malformed_xml"),  # as sent: an XML document cut short
         ("null", "bad_message"),  # no msgBody string in CMQ's answer
         ('"\\ud800"', "not_xml_or_json"),  # a lone surrogate: not UTF-8 once encoded
+        ('"\udcff"', "not_xml_or_json"),  # the byte 0xff as it came: not UTF-8
     ],
 )
 async def test_a_body_that_cannot_be_read_is_kept_as_rejected_and_deleted(
