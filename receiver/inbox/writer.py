@@ -21,13 +21,16 @@ A batch that fails as a whole (a full disk, another process keeping the lock pas
 lock timeout, an I/O error) fails each of its callers with `InboxUnavailable`: each
 sender is answered 503 and each consumer leaves its message to come back, as with a
 PostgreSQL inbox away. The log says so once as it begins and once as a commit goes
-through again, however many batches fail between.
+through again, however many batches fail between. So does a batch for an inbox file
+deleted or replaced while the process runs (its commits would go on into the deleted
+file, and be lost with it when the process ends): answered 503 until a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -63,6 +66,10 @@ class InboxClosedError(RuntimeError):
     pass
 
 
+class InboxFileGone(RuntimeError):
+    pass
+
+
 class Writer:
     def __init__(self, path: Path, *, synchronous: str, setup: Operation) -> None:
         self._path = path
@@ -70,6 +77,7 @@ class Writer:
         self._syncing = synchronous  # the connection's setting now
         self._setup = setup
         self._connection: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
         self._pending: list[_Item] = []
         self._batch: list[_Item] = []  # being committed
         self._work = asyncio.Event()
@@ -137,7 +145,21 @@ class Writer:
         # No waiting on the event loop: a BEGIN that finds the lock taken is retried on
         # the helper thread, with the lock timeout.
         connection.execute("PRAGMA busy_timeout=0")
+        opened = os.stat(self._path)
+        self._file = (opened.st_dev, opened.st_ino)
         return connection
+
+    def _check_file(self) -> None:
+        """Raises InboxFileGone when the path no longer names the file opened."""
+        try:
+            now = os.stat(self._path)
+        except FileNotFoundError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != self._file:
+            raise InboxFileGone(
+                f"{self._path} was deleted or replaced while this process ran: what is"
+                " committed now would be lost with the deleted file; restart to open it anew"
+            )
 
     async def _run(self) -> None:
         while self._accepting or self._pending:
@@ -170,6 +192,7 @@ class Writer:
         connection = self._connection
         assert connection is not None
         try:
+            self._check_file()
             self._sync(connection, batch)
             await self._begin(connection)
             try:

@@ -132,3 +132,30 @@ def test_an_inbox_another_process_keeps_locked_is_unready_at_once_and_ready_agai
     assert locked.json()["checks"]["inbox"].startswith("not writable: no write taken within 5 s")
     assert waited < 8
     assert ready.status_code == 200
+
+
+def test_an_inbox_file_deleted_under_it_is_refused_not_written_into_the_void(tmp_path):
+    # Commits into a deleted file would go on, answered 200, and be lost with it when
+    # the process ends: refused instead, said once, until a restart opens it anew.
+    config = tmp_path / "ci-receiver.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    receiver = Receiver(config).start()
+    try:
+        assert receiver.post(load("smartcover.xml")).status_code == 200
+        for name in ("inbox.db", "inbox.db-wal", "inbox.db-shm"):
+            (tmp_path / "data" / name).unlink(missing_ok=True)
+        refused = [receiver.post(load(name)) for name in ("transcode.xml", "snapshot.xml")]
+        ready = httpx.get(receiver.admin_url + "/readyz", timeout=30)
+    finally:
+        receiver.stop()
+    assert [r.status_code for r in refused] == [503, 503]
+    assert ready.status_code == 503
+    assert "was deleted or replaced while this process ran" in ready.json()["checks"]["inbox"]
+    log = receiver.log()
+    assert log.count("inbox not writable; callbacks are answered 503 until it is") == 1
+    assert "Traceback" not in log
+    restarted = Receiver(config).start()  # opens a new inbox file
+    try:
+        assert restarted.post(load("transcode.xml")).status_code == 200
+    finally:
+        restarted.stop()
