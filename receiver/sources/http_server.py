@@ -356,6 +356,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # uvicorn's, counting bytes on the way.
         self._header_bytes += len(name) + len(value)
         name = name.lower()
+        # llhttp keeps trailing blanks, which are not part of the value (RFC 9110, 5.5).
+        value = value.rstrip(b" \t")
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))

@@ -299,3 +299,17 @@ def test_a_pipelined_body_that_never_comes_is_cut_off_with_408(receiver):
     began = time.monotonic()
     assert responses(answer(sock)) == [200, 408]
     assert time.monotonic() - began < 4
+
+
+def test_header_values_with_trailing_blanks_read_as_without(receiver):
+    # `Expect: 100-continue ` still gets its 100 Continue before the body is sent, and
+    # `Content-Length: N ` is the declared length (RFC 9110: trailing blanks are no part
+    # of a field's value).
+    sock = connect(receiver)
+    body = load("smartcover.xml")
+    sock.sendall(HEAD + b"Expect: 100-continue \r\nContent-Length: %d \r\n\r\n" % len(body))
+    assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+    sock.sendall(body)
+    response = sock.recv(65536)
+    assert status(response) == 200
+    assert b'"accepted":1' in response
