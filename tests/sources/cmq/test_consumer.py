@@ -146,8 +146,10 @@ async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
         await asyncio.to_thread(stand_in.send, bodies)
         await eventually(lambda: running.count("failed") >= 1, "the first failed commit")
         await asyncio.sleep(4)  # four visibility timeouts
-        # Taken again every second, the backlog would have failed about 160 times.
-        assert running.count("failed") < 2 * backlog
+        # Taken again every second, the backlog would fail 160 times and more (176-200
+        # measured). Paused 0.25-0.5, then 0.5-1, 1-2, 2-4 s (with jitter, shared by
+        # the two pollers), at most 7 batches of 16 are taken: 112.
+        assert running.count("failed") <= 112
         assert running.count("deleted") == 0
         other.execute("ROLLBACK")  # the inbox is back
         await eventually(lambda: running.count("deleted") == backlog, "all kept once back")
