@@ -353,14 +353,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._set_deadline(_HEAD, self.loop.time() + self._limits.header_timeout)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # uvicorn's, counting bytes on the way.
         self._header_bytes += len(name) + len(value)
-        name = name.lower()
-        # llhttp keeps trailing blanks, which are not part of the value (RFC 9110, 5.5).
-        value = value.rstrip(b" \t")
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         limits = self._limits

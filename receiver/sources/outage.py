@@ -52,4 +52,9 @@ class Outage:
             return 0.0
         pause = self._pause
         self._pause = min(pause * 2, LAST_PAUSE_SECONDS)
-        return pause * random.uniform(0.5, 1.0)
+        return jitter(pause)
+
+
+def jitter(delay: float) -> float:
+    """Between half and all of `delay`: consumers that failed together spread out."""
+    return random.uniform(delay / 2, delay)

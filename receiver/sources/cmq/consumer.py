@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from receiver.inbox import Receipt
 from receiver.ingest.ingest import Intake, IntakeUnavailable
 from receiver.metrics import Metrics
 from receiver.sources.cmq.api import STALE_HANDLE, CmqApi, CmqRefused, CmqUnavailable, Message
-from receiver.sources.outage import Outage
+from receiver.sources.outage import Outage, jitter
 
 logger = structlog.get_logger("ci_receiver.sources.cmq")
 
@@ -221,16 +220,16 @@ class CmqConsumer:
         answer = f"code {refused.code}: {refused.message}"
         if refused.throttled:
             self._change(queue, True, "throttled", answer, "info")
-            return _jitter(delay)
+            return jitter(delay)
         if refused.fatal:
             self._change(queue, False, "refused", answer, "error", hint=refused.hint)
             return REFUSED_RETRY
         self._change(queue, False, "failing", answer, "warning")
-        return _jitter(delay)
+        return jitter(delay)
 
     def _unavailable(self, queue: str, error: str, delay: float) -> float:
         self._change(queue, False, "unavailable", error, "warning")
-        return _jitter(delay)
+        return jitter(delay)
 
     def _change(
         self, queue: str, ready: bool, kind: str, error: str, level: str, **extra: Any
@@ -311,7 +310,7 @@ class CmqConsumer:
             except (CmqRefused, CmqUnavailable) as exc:
                 fatal = isinstance(exc, CmqRefused) and exc.fatal
                 if not fatal and time.time() + delay < deadline:
-                    await asyncio.sleep(_jitter(delay))
+                    await asyncio.sleep(jitter(delay))
                     delay = min(delay * 2, DELETE_BACKOFF_MAX)
                     continue
                 refused = dict.fromkeys(handles, exc)
@@ -377,8 +376,3 @@ def _from_seconds(seconds: int | None) -> str | None:
         return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
     except (OverflowError, OSError, ValueError):
         return None
-
-
-def _jitter(delay: float) -> float:
-    """Between half and all of `delay`: pollers that failed together spread out."""
-    return random.uniform(delay / 2, delay)
