@@ -5,7 +5,6 @@ the config's choice."""
 from __future__ import annotations
 
 import signal
-import sqlite3
 import time
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 
 from tests.support.callbacks import load
 from tests.support.processes import Receiver
+from tests.support.sqlite_lock import HeldLock
 from tests.support.waiting import wait_until
 
 TOKEN = "tok-9d2a41c7e3"  # the handler's secret option: never to be shown
@@ -106,16 +106,11 @@ def test_an_inbox_another_process_keeps_locked_is_unready_at_once_and_ready_agai
     receiver.start()
     try:
         assert receiver.post(load("smartcover.xml")).status_code == 200
-        other = sqlite3.connect(tmp_path / "data" / "inbox.db", isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
+        with HeldLock(tmp_path / "data" / "inbox.db"):
             time.sleep(5.5)  # the last write is no longer fresh: readiness writes
             began = time.monotonic()
             locked = httpx.get(receiver.admin_url + "/readyz", timeout=30)
             waited = time.monotonic() - began
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         ready = wait_until(
             lambda: (
                 (r := httpx.get(receiver.admin_url + "/readyz", timeout=30)).json()["checks"][

@@ -62,6 +62,11 @@ def status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
 
+def memory(receiver: Receiver) -> int:
+    """The receiver process's resident memory, in bytes."""
+    return psutil.Process(receiver.process.pid).memory_info().rss
+
+
 def refused_metric(receiver: Receiver, reason: str) -> float:
     text = httpx.get(receiver.admin_url + "/metrics").text
     prefix = f'ci_receiver_http_refused_total{{reason="{reason}",server="public"}} '
@@ -79,7 +84,7 @@ def receiver(tmp_path):
 
 
 def test_a_huge_header_is_refused_while_it_arrives_and_costs_no_memory(receiver):
-    rss_before = psutil.Process(receiver.process.pid).memory_info().rss
+    rss_before = memory(receiver)
     sock = connect(receiver)
     sock.sendall(HEAD + b"User-Agent: ")
     # Refused at 16 KiB of head; what comes after is read and dropped (LINGER_BYTES at
@@ -87,8 +92,7 @@ def test_a_huge_header_is_refused_while_it_arrives_and_costs_no_memory(receiver)
     sent = send_until_closed(sock, b"a" * 65536, 100 * 2**20)
     assert sent < LINGER_BYTES + 8 * 2**20
     assert status(answer(sock)) == 431
-    rss_after = psutil.Process(receiver.process.pid).memory_info().rss
-    assert rss_after - rss_before < 16 * 2**20
+    assert memory(receiver) - rss_before < 16 * 2**20
     assert receiver.post(load("transcode.xml")).status_code == 200
     assert refused_metric(receiver, "headers_too_large") == 1
 
@@ -259,7 +263,7 @@ def test_honest_pipelined_callbacks_are_each_answered_in_order(receiver):
 
 
 def test_a_flood_of_pipelined_requests_is_cut_off_and_costs_no_memory(receiver):
-    rss_before = psutil.Process(receiver.process.pid).memory_info().rss
+    rss_before = memory(receiver)
     sock = connect(receiver)
     flood = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" * 30_000  # ~1 MB, tiny requests
     with contextlib.suppress(OSError):
@@ -271,8 +275,7 @@ def test_a_flood_of_pipelined_requests_is_cut_off_and_costs_no_memory(receiver):
     answered = responses(received)
     assert set(answered) <= {200}
     assert len(answered) <= 1 + MAX_PIPELINED  # then the connection was closed
-    rss_after = psutil.Process(receiver.process.pid).memory_info().rss
-    assert rss_after - rss_before < 16 * 2**20
+    assert memory(receiver) - rss_before < 16 * 2**20
     assert receiver.post(load("transcode.xml")).status_code == 200
     assert refused_metric(receiver, "too_many_pipelined") == 1
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sqlite3
 
 import pytest
 from structlog.testing import capture_logs
@@ -24,6 +23,7 @@ from receiver.sources.cmq import CmqConsumer, CmqError
 from tests.support.callbacks import load
 from tests.support.cmq_stand_in import QUEUE, SECRET_ID, SECRET_KEY, CmqStandIn
 from tests.support.installations import variant
+from tests.support.sqlite_lock import HeldLock
 from tests.support.waiting import eventually
 
 # A key CMQ no longer knows (deleted while in use, say): a 41xx code of its own.
@@ -135,28 +135,26 @@ async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
     monkeypatch.setattr(writer_module, "LOCK_TIMEOUT", 0.05)
     inbox = SqliteInbox(tmp_path / "late.db", rejected_body_bytes=1024)
     await inbox.open()
-    other = sqlite3.connect(tmp_path / "late.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
     metrics = Metrics()
-    running = consume(stand_in, ingestor(inbox, metrics), metrics)
     backlog = 40
-    try:
-        bodies = [load("smartcover.xml").replace(b"<JobId>j", b"<JobId>j%d" % i, 1)
-                  for i in range(backlog)]  # fmt: skip
-        await asyncio.to_thread(stand_in.send, bodies)
-        await eventually(lambda: running.count("failed") >= 1, "the first failed commit")
-        await asyncio.sleep(4)  # four visibility timeouts
-        # Taken again every second, the backlog would fail 160 times and more (176-200
-        # measured). Paused 0.25-0.5, then 0.5-1, 1-2, 2-4 s (with jitter, shared by
-        # the two pollers), at most 7 batches of 16 are taken: 112.
-        assert running.count("failed") <= 112
-        assert running.count("deleted") == 0
-        other.execute("ROLLBACK")  # the inbox is back
-        await eventually(lambda: running.count("deleted") == backlog, "all kept once back")
-    finally:
-        await running.stop()
-        other.close()
-        await inbox.close()
+    bodies = [load("smartcover.xml").replace(b"<JobId>j", b"<JobId>j%d" % i, 1)
+              for i in range(backlog)]  # fmt: skip
+    with HeldLock(tmp_path / "late.db") as lock:
+        running = consume(stand_in, ingestor(inbox, metrics), metrics)
+        try:
+            await asyncio.to_thread(stand_in.send, bodies)
+            await eventually(lambda: running.count("failed") >= 1, "the first failed commit")
+            await asyncio.sleep(4)  # four visibility timeouts
+            # Taken again every second, the backlog would fail 160 times and more
+            # (176-200 measured). Paused 0.25-0.5, then 0.5-1, 1-2, 2-4 s (with jitter,
+            # shared by the two pollers), at most 7 batches of 16 are taken: 112.
+            assert running.count("failed") <= 112
+            assert running.count("deleted") == 0
+            lock.release()  # the inbox is back
+            await eventually(lambda: running.count("deleted") == backlog, "all kept once back")
+        finally:
+            await running.stop()
+            await inbox.close()
 
 
 @pytest.mark.parametrize(

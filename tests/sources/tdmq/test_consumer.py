@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import threading
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 
 import pulsar
@@ -25,6 +25,7 @@ from receiver.sources.tdmq import TdmqConsumer, TdmqError, messages
 from tests.support.callbacks import load
 from tests.support.installations import TOKEN, publish
 from tests.support.processes import free_port
+from tests.support.sqlite_lock import HeldLock
 from tests.support.waiting import eventually
 
 TOPIC = "persistent://public/default/ci-callbacks"
@@ -50,17 +51,30 @@ def ingestor(inbox: Inbox, metrics: Metrics) -> Ingestor:
     return Ingestor(inbox, Router(None, []), metrics, Limits())
 
 
+@contextlib.asynccontextmanager
+async def consuming(
+    broker_url: str, inbox: Inbox
+) -> AsyncIterator[tuple[TdmqConsumer, Callable[[str], float]]]:
+    """A consumer of the topic into `inbox`, running on the event loop, and what it has
+    counted; stopped, then the inbox closed, at the end."""
+    metrics = Metrics()
+    consumer = TdmqConsumer(consumer_config(broker_url), ingestor(inbox, metrics), metrics)
+    running = asyncio.create_task(consumer.run())
+    try:
+        yield consumer, counter(metrics)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(running, 30)
+        await inbox.close()
+
+
 async def test_an_inbox_failure_is_nacked_and_the_message_comes_back(tmp_path, pulsar_broker):
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
-    metrics = Metrics()
-    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
-    running = asyncio.create_task(consumer.run())
-    count = counter(metrics)
 
     async def stored() -> bool:
         return bool(await inbox.events())
 
-    try:
+    async with consuming(pulsar_broker.url, inbox) as (consumer, count):
         await asyncio.to_thread(publish, pulsar_broker.url, TOPIC, [load("smartcover.xml")])
         await eventually(lambda: count("nacked") >= 1, "the failed commit nacked")
         assert count("acked") == 0
@@ -73,10 +87,6 @@ async def test_an_inbox_failure_is_nacked_and_the_message_comes_back(tmp_path, p
         assert kept.source_meta["redelivery_count"] >= 1
         await eventually(lambda: count("acked") == 1, "acked")
         assert (await consumer.check())[0]
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(running, 30)
-        await inbox.close()
 
 
 async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
@@ -88,30 +98,20 @@ async def test_while_the_inbox_is_away_messages_are_taken_ever_more_slowly(
     monkeypatch.setattr(writer_module, "LOCK_TIMEOUT", 0.05)
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)
     await inbox.open()
-    other = sqlite3.connect(tmp_path / "inbox.db", isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    metrics = Metrics()
-    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
-    running = asyncio.create_task(consumer.run())
-    count = counter(metrics)
     backlog = 100
     bodies = [load("smartcover.xml").replace(b"<JobId>j", b"<JobId>j%d" % i, 1)
               for i in range(backlog)]  # fmt: skip
-    try:
-        await asyncio.to_thread(publish, pulsar_broker.url, TOPIC, bodies)
-        await eventually(lambda: count("nacked") >= 1, "the first failed commit")
-        await asyncio.sleep(3)
-        # Taken again after every nack_delay, the backlog would have been nacked about
-        # fifteen times over.
-        assert count("nacked") < 2 * backlog
-        other.execute("ROLLBACK")  # the inbox is back
-        await eventually(lambda: count("acked") == backlog, "all kept once back")
-        assert len(await inbox.events(limit=2 * backlog)) == backlog
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(running, 30)
-        other.close()
-        await inbox.close()
+    with HeldLock(tmp_path / "inbox.db") as lock:
+        async with consuming(pulsar_broker.url, inbox) as (_, count):
+            await asyncio.to_thread(publish, pulsar_broker.url, TOPIC, bodies)
+            await eventually(lambda: count("nacked") >= 1, "the first failed commit")
+            await asyncio.sleep(3)
+            # Taken again after every nack_delay, the backlog would have been nacked
+            # about fifteen times over.
+            assert count("nacked") < 2 * backlog
+            lock.release()  # the inbox is back
+            await eventually(lambda: count("acked") == backlog, "all kept once back")
+            assert len(await inbox.events(limit=2 * backlog)) == backlog
 
 
 # Relay properties that are not what the relay writes, and an event time past the year
@@ -133,12 +133,8 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
     properties, send = UNREADABLE[unreadable]
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=65536)
     await inbox.open()
-    metrics = Metrics()
-    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
-    running = asyncio.create_task(consumer.run())
-    count = counter(metrics)
     body = load("smartcover.xml")
-    try:
+    async with consuming(pulsar_broker.url, inbox) as (_, count):
         await asyncio.to_thread(publish, pulsar_broker.url, TOPIC, [(body, properties)], **send)
         await eventually(lambda: count("acked") == 1, "acked")
         [kept] = await inbox.receipts()
@@ -149,10 +145,6 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
         assert receipt.body == body
         assert receipt.source_meta["properties"] == properties  # what was wrong, kept
         assert count("nacked") == 0
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(running, 30)
-        await inbox.close()
 
 
 async def test_a_message_whose_properties_are_not_text_is_kept_as_rejected_beside_the_others(
@@ -163,13 +155,9 @@ async def test_a_message_whose_properties_are_not_text_is_kept_as_rejected_besid
     # taken with it are stored as ever (none of them left unacked, to come back for ever).
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=65536)
     await inbox.open()
-    metrics = Metrics()
-    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
-    running = asyncio.create_task(consumer.run())
-    count = counter(metrics)
     body = load("smartcover.xml")
     not_text: dict = {"origin": b"\xff\xfe"}
-    try:
+    async with consuming(pulsar_broker.url, inbox) as (_, count):
         await asyncio.to_thread(
             publish, pulsar_broker.url, TOPIC, [(body, not_text), load("transcode.xml")]
         )
@@ -183,20 +171,12 @@ async def test_a_message_whose_properties_are_not_text_is_kept_as_rejected_besid
         assert receipt.body == body
         assert receipt.source_meta["properties"] is None  # not text: not kept
         assert count("nacked") == 0
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(running, 30)
-        await inbox.close()
 
 
 async def test_a_refusal_the_inbox_cannot_record_is_nacked_not_lost(tmp_path, pulsar_broker):
     inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=1024)  # not open: failing
-    metrics = Metrics()
-    consumer = TdmqConsumer(consumer_config(pulsar_broker.url), ingestor(inbox, metrics), metrics)
-    running = asyncio.create_task(consumer.run())
-    count = counter(metrics)
     refused_by_relay = {messages.SOURCE: "http", messages.REJECTED: "malformed_xml"}
-    try:
+    async with consuming(pulsar_broker.url, inbox) as (_, count):
         await asyncio.to_thread(
             publish,
             pulsar_broker.url,
@@ -212,10 +192,6 @@ async def test_a_refusal_the_inbox_cannot_record_is_nacked_not_lost(tmp_path, pu
             ("rejected", "bad_message"),
             ("rejected", "malformed_xml"),
         ]
-    finally:
-        consumer.stop()
-        await asyncio.wait_for(running, 30)
-        await inbox.close()
 
 
 def receiving_threads() -> list[str]:
