@@ -138,8 +138,10 @@ def owned(connection: sqlite3.Connection) -> Claim:
     names = {
         row[0]
         for row in connection.execute(
+            # SQLite's own names begin "sqlite_"; in LIKE a bare "_" is any character,
+            # and a user's table "sqlitedata" would pass for none at all.
             "SELECT name FROM sqlite_master"
-            " WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'"
+            " WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
         )
     }
     meta = _meta(connection) if "meta" in names else {}

@@ -10,7 +10,10 @@ import subprocess
 import sys
 
 import asyncpg
+import pytest
 
+from receiver.inbox.sqlite_schema import setup
+from receiver.ownership import NotOurs
 from tests.support.processes import REPO, Receiver
 
 
@@ -87,3 +90,22 @@ async def test_a_users_tables_in_the_postgres_schema_are_left_alone(tmp_path, po
     # The table and its primary key's index: no index of the inbox's, no table beside it.
     assert [tuple(row) for row in tables] == [("events", "r"), ("events_pkey", "i")]
     assert [tuple(row) for row in rows] == [(1, "theirs")]
+
+
+def test_a_users_table_named_like_sqlites_own_is_still_theirs(tmp_path):
+    # SQLite's own tables are named "sqlite_..."; "sqlitedata" only looks like one to a
+    # LIKE pattern whose "_" is not escaped.
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE sqlitedata (id INTEGER PRIMARY KEY)")
+    connection.close()
+    before = path.read_bytes()
+
+    connection = sqlite3.connect(path)
+    try:
+        with pytest.raises(NotOurs, match=r"holding sqlitedata\) was not created by ci-receiver"):
+            setup(connection)
+    finally:
+        connection.close()
+    assert path.read_bytes() == before
+    assert not path.with_name("app.db-wal").exists()
