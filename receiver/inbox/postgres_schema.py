@@ -218,25 +218,36 @@ async def _migrate_from_1(connection: asyncpg.Connection, schema: str) -> None:
     """Version 1 required an event's JSON. Both changes are to the catalog alone: no row
     is rewritten (older rows keep their JSON, and their bodies uncompressed, which
     `records.unpack` tells apart), so the lock is held for a moment."""
-    for statement in (
-        f'ALTER TABLE "{schema}".events ALTER COLUMN data DROP NOT NULL',
-        f'DROP INDEX IF EXISTS "{schema}".events_time',
-        f'DROP INDEX IF EXISTS "{schema}".receipts_time',
-    ):
-        await connection.execute(statement)
+    await connection.execute(f'ALTER TABLE "{schema}".events ALTER COLUMN data DROP NOT NULL')
+    await _drop_index_of(connection, schema, "events", "events_time")
+    await _drop_index_of(connection, schema, "receipts", "receipts_time")
 
 
 async def _migrate_from_2(connection: asyncpg.Connection, schema: str) -> None:
     """Version 2 indexed every run by status, every receipt by outcome and origin. The
     new partial indexes are built when the tables are made (`TABLES`); the fill factor
     applies to pages written from now on."""
+    await _drop_index_of(connection, schema, "runs", "runs_status")
+    await _drop_index_of(connection, schema, "receipts", "receipts_outcome")
     for statement in (
-        f'DROP INDEX IF EXISTS "{schema}".runs_status',
-        f'DROP INDEX IF EXISTS "{schema}".receipts_outcome',
         f'ALTER TABLE "{schema}".receipts DROP CONSTRAINT IF EXISTS receipts_origin_key',
         f'ALTER TABLE "{schema}".runs SET (fillfactor = 70)',
     ):
         await connection.execute(statement)
+
+
+async def _drop_index_of(
+    connection: asyncpg.Connection, schema: str, table: str, index: str
+) -> None:
+    """Drop the index an older inbox kept on its `table`, and nothing else of that name: in
+    a shared schema (`public`) the name may be a user's index on a table of theirs, made
+    before the inbox's own, which `CREATE INDEX IF NOT EXISTS` then never made."""
+    ours = await connection.fetchval(
+        "SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND tablename = $2 AND indexname = $3",
+        schema, table, index,
+    )  # fmt: skip
+    if ours:
+        await connection.execute(f'DROP INDEX "{schema}".{index}')
 
 
 async def _add_verdict_column(connection: asyncpg.Connection, schema: str) -> None:

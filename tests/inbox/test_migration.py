@@ -317,11 +317,12 @@ async def test_an_inbox_of_sqlite_schema_2_is_migrated_on_start(tmp_path):
 # --- PostgreSQL 1 -> 2 ------------------------------------------------------------------
 
 
-async def write_postgres_1(url: str, schema: str) -> list:
+async def write_postgres_1(url: str, schema: str, users: tuple[str, ...] = ()) -> list:
+    """An inbox of schema 1, written after `users`' statements (a user's own tables)."""
     connection = await asyncpg.connect(url, server_settings={"search_path": schema})
     try:
         await connection.execute(f'CREATE SCHEMA "{schema}"')
-        for statement in POSTGRES_SCHEMA_1:
+        for statement in (*users, *POSTGRES_SCHEMA_1):
             await connection.execute(statement)
         await connection.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         receipts, events = old_rows()
@@ -391,6 +392,31 @@ async def test_an_inbox_of_postgres_schema_1_is_migrated_on_start(postgres_schem
         assert data is None
     finally:
         await connection.close()
+
+
+async def test_a_users_index_of_a_retired_name_outlives_the_migration(postgres_schema):
+    """In a shared schema a user's index may hold a name an older inbox's index would have
+    had (so it was never made): the migration retires the inbox's indexes only."""
+    url, schema = postgres_schema
+    users = (
+        "CREATE TABLE orders (id int PRIMARY KEY, status text)",
+        "CREATE INDEX runs_status ON orders (status)",
+        "CREATE INDEX receipts_time ON orders (id, status)",
+    )
+    await write_postgres_1(url, schema, users)
+    inbox = PostgresInbox(url, schema=schema, pool_size=2, rejected_body_bytes=1024)
+    await inbox.open()
+    await inbox.close()
+    connection = await asyncpg.connect(url)
+    try:
+        kept = await connection.fetch(
+            "SELECT indexname, tablename FROM pg_indexes WHERE schemaname = $1"
+            " AND indexname IN ('runs_status', 'receipts_time') ORDER BY 1",
+            schema,
+        )
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in kept] == [("receipts_time", "orders"), ("runs_status", "orders")]
 
 
 # --- SQLite 3 -> 4: indexes only -------------------------------------------------------
