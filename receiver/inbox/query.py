@@ -38,8 +38,15 @@ UNFINISHED_RUN = (
 
 # An event verification found forged. It keeps its id only until another delivery of
 # that id comes (the genuine callback, or the reconciler recovering it from CI's API),
-# which replaces it, runs and all, instead of being dropped as its duplicate.
-FORGED_EVENT = "EXISTS (SELECT 1 FROM runs f WHERE f.event_id = e.id AND f.status = 'forged')"
+# which replaces it, runs and all, instead of being dropped as its duplicate. Once a
+# replay released any of its handlers' runs, somebody vouched for it and they may have
+# run: from then on it is an ordinary event, whose next delivery is a duplicate. (The
+# verification step's own run is left out: it ends `forged` only after the verdict.)
+FORGED_EVENT = (
+    "(EXISTS (SELECT 1 FROM runs f WHERE f.event_id = e.id AND f.status = 'forged')"
+    " AND NOT EXISTS (SELECT 1 FROM runs v WHERE v.event_id = e.id"
+    f" AND v.handler <> '{VERIFY_RUN}' AND v.status <> 'forged'))"
+)
 
 # The status a run takes when a handler reports each outcome.
 RUN_STATUS = {

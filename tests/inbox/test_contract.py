@@ -644,6 +644,25 @@ async def test_replay_releases_a_held_or_forged_event_only_when_named(inbox):
     assert await inbox.requeue([forged], ["b"], dead_only=False) == 1
 
 
+async def test_a_released_forged_event_is_not_replaced_by_its_next_delivery(inbox):
+    # An operator vouched for it and its handler ran: the reconciler must not recover its
+    # job, nor a delivery of its id replace it and run the handler again.
+    forged = await store_verified(inbox, "jvouched", handlers=["a"])
+    (check,) = await inbox.claim(VERIFY_RUN, 5, 30)
+    await inbox.settle(forged, genuine=False)
+    await inbox.finish(check, "forged", started_at=now())
+    assert await inbox.requeue([forged], None, dead_only=False) == 1
+    (run,) = await inbox.claim("a", 5, 30)
+    assert await inbox.finish(run, "done", started_at=now())
+    assert await inbox.known([forged], forged=False) == {forged}
+    body = job("jvouched", key="the/real/input.mp4")
+    stored = await inbox.store(receipt(body), [(e, ["a"]) for e in parse_callback(body)])
+    assert (stored.new, stored.duplicates) == ([], [forged])
+    assert await run_states(inbox, forged) == {VERIFY_RUN: ("forged", 1), "a": ("done", 1)}
+    # Still listed as forged: the verdict stays on record.
+    assert [e.id for e in await inbox.events(EventFilter(status="forged"))] == [forged]
+
+
 # --- reading --------------------------------------------------------------------------
 
 
