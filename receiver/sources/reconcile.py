@@ -259,8 +259,10 @@ class Reconciler:
                 if _ended_after(events, settled):
                     report.settling += [Found(watch, event, recovered=False) for event in missing]
                     # The next pass must list it again: its window has to reach back to the
-                    # job's creation (within this pass's, or CI would not have listed it).
-                    created = min(e.created_at or start for e in missing)
+                    # job's creation (within this pass's, or CI would not have listed it),
+                    # and a second before, since CI lists jobs created strictly after
+                    # startCreationTime, to the second.
+                    created = min(e.created_at or start for e in missing) - timedelta(seconds=1)
                     done_until = min(done_until, created + timedelta(seconds=self._config.window))
                 elif dry_run:
                     report.found += [Found(watch, event, recovered=False) for event in missing]

@@ -281,8 +281,10 @@ def _page(
         return _error(400, "InvalidArgument", "size is 1 to 100")
     entries = [
         e for e in entries
-        if (since is None or _time(e[time_field]) >= since)
-        and (until is None or _time(e[time_field]) <= until)
+        # As CI documents them, both bounds are strict: created "大于" (after) the start
+        # and "小于" (before) the end.
+        if (since is None or _time(e[time_field]) > since)
+        and (until is None or _time(e[time_field]) < until)
     ]  # fmt: skip
     entries.sort(key=lambda e: _time(e[time_field]), reverse=query.get("orderByTime") != "Asc")
     page = entries[offset : offset + size]
