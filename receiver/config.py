@@ -852,6 +852,17 @@ class Config(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _reconcile_within_retention(self) -> Config:
+        kept = self.retention.events
+        if self.ci.enabled and kept and self.ci.window >= kept:
+            raise ValueError(
+                f"ci.window ({self.ci.window:g} s) reaches back as far as retention.events"
+                f" keeps handled events ({kept:g} s): the reconciler would recover events"
+                " retention pruned and run their handlers again; make the window shorter"
+            )
+        return self
+
     def verified_sources(self) -> frozenset[str]:
         """The event sources whose events wait for verification."""
         return frozenset(

@@ -112,6 +112,14 @@ def test_a_missing_env_reference_names_the_key_and_the_variable(tmp_path, monkey
         ('[handlers.log]\ntype = "log"\ntimeout = inf\n', "handlers.log.timeout: Input should be"),
         ("[dispatch]\npoll_interval = nan\n", "dispatch.poll_interval: Input should be"),
         ("[http]\nheader_timeout = inf\n", "http.header_timeout: Input should be"),
+        # Pruned events would look missing, be recovered and handled again.
+        (
+            '[retention]\nevents = "12h"\n[ci]\nsecret_id = "i"\nsecret_key = "k"\n'
+            '[[ci.buckets]]\nname = "b-1250000000"\nregion = "ap-guangzhou"\n'
+            'tags = ["Transcode"]\n',
+            "ci.window (86400 s) reaches back as far as retention.events keeps handled events"
+            " (43200 s)",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, message):

@@ -63,7 +63,10 @@ def reconcile(
         await api.check()
         await service.inbox.open()
         try:
-            reconciler = Reconciler(config.ci, api, service.inbox, service.ingestor)
+            reconciler = Reconciler(
+                config.ci, api, service.inbox, service.ingestor,
+                events_kept=config.retention.events,
+            )  # fmt: skip
             with click.progressbar(
                 length=len(todo), label="reconciling", file=sys.stderr,
                 item_show_func=_shown,

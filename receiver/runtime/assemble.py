@@ -325,8 +325,9 @@ def _reconciler(
     assert api is not None  # made by the service when [ci] names buckets
     try:
         reconciler = reconciler_for(
-            config.ci, api, service.inbox, service.ingestor, service.metrics.registry
-        )
+            config.ci, api, service.inbox, service.ingestor, service.metrics.registry,
+            events_kept=config.retention.events,
+        )  # fmt: skip
     except CiApiError as exc:
         raise CannotAssemble(f"[ci]: {exc}") from None
     say(f"reconciling {len(config.ci.buckets)} bucket(s) with CI's job API")

@@ -51,6 +51,9 @@ from receiver.ingest.ingest import Intake, IntakeUnavailable
 
 logger = structlog.get_logger("ci_receiver.sources.reconcile")
 
+# How far inside [retention] events a pass stays: CI's clock and this one may disagree.
+RETENTION_MARGIN = timedelta(minutes=5)
+
 
 @dataclass(frozen=True, slots=True)
 class Watch:
@@ -116,9 +119,11 @@ class Reconciler:
 
     def __init__(
         self, config: CiConfig, api: CiApi, inbox: Reconciled, intake: Intake,
-        registry: CollectorRegistry | None = None,
+        registry: CollectorRegistry | None = None, *, events_kept: float = 0.0,
     ) -> None:  # fmt: skip
+        """`events_kept`: [retention] events, how long handled events stay (0: for ever)."""
         self._config = config
+        self._events_kept = events_kept
         self._api = api
         self._inbox = inbox
         self._intake = intake
@@ -213,6 +218,17 @@ class Reconciler:
             cursor = await self._inbox.get_state(watch.cursor_key)
             last = datetime.fromisoformat(cursor) if cursor else until
             start = min(last, until) - timedelta(seconds=self._config.window)
+        if self._events_kept:
+            # A job created before then may have had its event handled and pruned since:
+            # recovered, it would run its handlers again. (A callback comes after its job
+            # was created, and retention goes by when the callback came.)
+            kept_since = until - timedelta(seconds=self._events_kept) + RETENTION_MARGIN
+            if start < kept_since:
+                logger.info(
+                    "reconcile looks back only as far as retention keeps events",
+                    watch=str(watch), wanted=start.isoformat(), since=kept_since.isoformat(),
+                )  # fmt: skip
+                start = kept_since
         # A listed item as the callback it stands for.
         document: Callable[[dict[str, Any]], dict[str, Any]]
         if watch.workflow_id:
@@ -330,8 +346,9 @@ def _ended_after(events: list[Event], moment: datetime) -> bool:
 
 
 def reconciler_for(
-    config: CiConfig, api: CiApi, inbox: Reconciled, intake: Intake, registry: CollectorRegistry
-) -> Reconciler:
+    config: CiConfig, api: CiApi, inbox: Reconciled, intake: Intake, registry: CollectorRegistry,
+    *, events_kept: float,
+) -> Reconciler:  # fmt: skip
     """The reconciler of `serve`, `consume` and `run`, its credentials tried first (one
     cheap call per bucket): raises `CiApiError` when CI refuses them, a bucket or a tag.
     CI out of reach is no reason not to start: the passes keep trying."""
@@ -341,4 +358,4 @@ def reconciler_for(
         if not error.retryable:
             raise
         logger.warning("CI's job API cannot be reached yet", error=str(error))
-    return Reconciler(config, api, inbox, intake, registry)
+    return Reconciler(config, api, inbox, intake, registry, events_kept=events_kept)

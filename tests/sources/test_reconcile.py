@@ -7,6 +7,7 @@ import asyncio
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from structlog.testing import capture_logs
 
 from receiver import parse_callback
 from receiver.callback.decode import Limits
@@ -17,7 +18,7 @@ from receiver.inbox.sqlite import SqliteInbox
 from receiver.ingest.ingest import Ingestor
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
-from receiver.sources.reconcile import Reconciler, Watch, watches
+from receiver.sources.reconcile import RETENTION_MARGIN, Reconciler, Watch, watches
 from tests.support.ci_api_server import (
     BUCKET,
     REGION,
@@ -43,8 +44,9 @@ async def inbox(tmp_path):
 
 class Setup:
     def __init__(
-        self, ci: CiApiServer, inbox: SqliteInbox, backoff: float = 0.01, **ci_options
-    ) -> None:
+        self, ci: CiApiServer, inbox: SqliteInbox, backoff: float = 0.01,
+        events_kept: float = 0.0, **ci_options: object,
+    ) -> None:  # fmt: skip
         options = {
             "secret_id": SECRET_ID,
             "secret_key": SECRET_KEY,
@@ -61,7 +63,10 @@ class Setup:
         api = CiApi(
             self.config, self.metrics.registry, backoff_initial=backoff, backoff_max=backoff
         )
-        self.reconciler = Reconciler(self.config, api, inbox, self.ingestor, self.metrics.registry)
+        self.reconciler = Reconciler(
+            self.config, api, inbox, self.ingestor, self.metrics.registry,
+            events_kept=events_kept,
+        )  # fmt: skip
 
     # The ingestor's handoff: what it stored, no runs started.
     def reserve(self, runs: list) -> dict:
@@ -288,6 +293,28 @@ async def test_a_job_left_to_settle_is_listed_by_the_next_pass_whatever_its_age(
     assert [f.event.job_id for f in report.recovered] == [f"j{1:032x}"]
     # Nothing left to settle: the cursor is the end of the pass again.
     assert datetime.fromisoformat(await inbox.get_state(cursor)) == later
+
+
+async def test_a_pass_looks_back_no_further_than_retention_keeps_events(ci, inbox):
+    """Events handled and pruned by retention look missing: a pass (here one asked to look
+    back 60 days, as after a long stop) leaves the jobs created before retention's reach."""
+    setup = Setup(ci, inbox, events_kept=12 * 3600)
+    now = datetime.now(timezone.utc)
+    pruned = job(
+        1, BUCKET, REGION, created=now - timedelta(hours=13), ended=now - timedelta(hours=13)
+    )
+    lost = job(
+        2, BUCKET, REGION, created=now - timedelta(hours=11), ended=now - timedelta(hours=11)
+    )
+    ci.add_jobs(BUCKET, pruned, lost)
+
+    with capture_logs() as logs:
+        report = await setup.reconciler.reconcile(since=timedelta(days=60), now=now)
+
+    assert [f.event.job_id for f in report.recovered] == [f"j{2:032x}"]
+    assert report.checked == 1
+    (said,) = [line for line in logs if line["event"].startswith("reconcile looks back only")]
+    assert datetime.fromisoformat(said["since"]) == now - timedelta(hours=12) + RETENTION_MARGIN
 
 
 async def test_a_workflow_execution_that_just_ended_waits_too(ci, inbox):
