@@ -31,6 +31,7 @@ from receiver.admin.params import (
     Text,
     from_query,
     text_param,
+    validated,
 )
 from receiver.admin.rendering import HEADERS, PREFIX, ZONE_COOKIE, Pages
 from receiver.callback import vocabulary
@@ -176,7 +177,8 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
     async def replay_dead(request: Request) -> Response:
         form = await _replay_form(request)
         handler = _replayable_handler(inspection, form.get("handler"))
-        done = await inspection.replay(ReplayRequest(dead=True, handlers=[handler]))
+        chosen = validated(ReplayRequest, {"dead": True, "handlers": [handler]})
+        done = await inspection.replay(chosen)
         return _see(f"{PREFIX}/dead?" + urlencode({"handler": handler, "replayed": done.runs}))
 
     async def replay_event(request: Request) -> Response:
@@ -186,7 +188,9 @@ def inspector_routes(inspection: Inspection, config: Config) -> list[BaseRoute]:
             raise BadRequest("event: which event to replay")
         handler = form.get("handler") or None
         handlers = [_replayable_handler(inspection, handler)] if handler else []
-        done = await inspection.replay(ReplayRequest(events=[event_id], handlers=handlers))
+        # Validated as the API's body is: an id too long or holding a NUL is a 400, not a 500.
+        chosen = validated(ReplayRequest, {"events": [event_id], "handlers": handlers})
+        done = await inspection.replay(chosen)
         return _see(f"{PREFIX}/events/{quote(event_id, safe='')}?replayed={done.runs}")
 
     async def refused(request: Request) -> Response:

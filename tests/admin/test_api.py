@@ -339,6 +339,18 @@ def test_requests_from_another_site_are_refused(receiver):
     assert "token" in page.text
 
 
+def test_the_inspectors_replay_form_checks_what_it_is_given(receiver):
+    with httpx.Client(base_url=receiver.admin_url) as browser:
+        browser.get("/inspector/dead")  # sets the page's form token
+        token = browser.cookies["ci_receiver_csrf"]
+        for event in ("j" * 1025, "job:\x00:Success"):
+            page = browser.post("/inspector/replay", data={"event": event, "csrf": token})
+            assert page.status_code == 400, event
+            assert "events.0" in page.text
+        dead = browser.post("/inspector/dead/replay", data={"handler": "db", "csrf": token})
+        assert dead.status_code == 303
+
+
 def test_an_open_listener_answers_loopback_names_only(receiver):
     port = receiver.admin_port
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"inspector.localhost:{port}"):
