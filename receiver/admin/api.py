@@ -32,6 +32,7 @@ from receiver.admin.params import (
 )
 from receiver.inbox import InboxUnavailable
 from receiver.inbox.as_json import detail_json, rejected_json, summary_json
+from receiver.ingest.ingest import IntakeUnavailable
 from receiver.sources.http import JsonResponse, error
 from receiver.upkeep import presence
 
@@ -68,6 +69,12 @@ def json_answers(endpoint: Endpoint) -> Endpoint:
             since = exc.since.isoformat() if exc.since else None
             return JsonResponse(
                 {"error": "inbox_unavailable", "detail": str(exc), "since": since},
+                status_code=503,
+                headers={"retry-after": RETRY_AFTER},
+            )
+        except IntakeUnavailable as exc:  # a callback decoded again, not taken now
+            return JsonResponse(
+                {"error": exc.reason, "detail": str(exc), "since": None},
                 status_code=503,
                 headers={"retry-after": RETRY_AFTER},
             )

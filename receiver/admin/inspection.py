@@ -14,10 +14,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Protocol, runtime_checkable
 
 from receiver.admin.params import BadRequest, ReplayRequest
-from receiver.callback.decode import PayloadError
 from receiver.dispatch.loop import Dispatcher
 from receiver.dispatch.replay import Replayed, chosen_ids, replay
 from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
+from receiver.ingest.again import NotDecodedAgain, decode_again
 from receiver.ingest.routing import Router
 from receiver.sources.backend import Backend
 
@@ -149,25 +149,7 @@ class Inspection:
 
     async def replay_receipt(self, receipt_id: int) -> Stored:
         """Decode a stored callback again (`replay --receipt`), as the CLI does."""
-        receipt = await self.inbox.receipt(receipt_id)
-        if receipt is None:
-            raise BadRequest(f"no receipt {receipt_id}", status=404)
-        if receipt.cut_from is not None or not receipt.body:
-            raise BadRequest(
-                f"receipt {receipt_id} was not kept whole (refused for its size, or its body"
-                " removed by retention): it cannot be decoded again",
-                status=409,
-            )
-        receipt.source_meta = {
-            **receipt.source_meta,
-            "replayed_receipt": receipt_id,
-            "replayed_source": receipt.source,
-        }
-        receipt.source = "replay"
         try:
-            return await self._service.ingestor.ingest(receipt)
-        except PayloadError as exc:
-            raise BadRequest(
-                f"receipt {receipt_id} still cannot be decoded: {exc.reason}: {exc.message}",
-                status=422,
-            ) from None
+            return await decode_again(self.inbox, self._service.ingestor, receipt_id)
+        except NotDecodedAgain as exc:
+            raise BadRequest(str(exc), status=exc.status) from None

@@ -155,9 +155,11 @@ def make_service(config: Config) -> Service:
 def inbox_errors() -> Iterator[None]:
     """An inbox that cannot be used (its database away, a schema of another version)
     ends the command with one line saying why, and exit code 1."""
+    from receiver.ingest.ingest import IntakeUnavailable  # a callback decoded again
+
     try:
         yield
-    except (InboxUnavailable, SchemaError, NotOurs) as exc:
+    except (InboxUnavailable, IntakeUnavailable, SchemaError, NotOurs) as exc:
         raise click.ClickException(f"inbox: {exc}") from None
 
 

@@ -147,36 +147,20 @@ def _warn_if_nobody_runs(processes: list[Process], handlers: list[str]) -> None:
 
 
 def _replay_receipt(config: Config, receipt_id: int) -> None:
-    from receiver.callback.decode import PayloadError
+    from receiver.ingest.again import NotDecodedAgain, decode_again
 
     service = make_service(config)
 
     async def run() -> Stored:
         await service.inbox.open()
         try:
-            receipt = await service.inbox.receipt(receipt_id)
-            if receipt is None:
-                raise click.ClickException(f"no receipt {receipt_id}")
-            if receipt.cut_from is not None or not receipt.body:
-                raise click.ClickException(
-                    f"receipt {receipt_id} was not kept whole (refused for its size, or its"
-                    " body removed by retention): it cannot be decoded again"
-                )
-            receipt.source_meta = {
-                **receipt.source_meta,
-                "replayed_receipt": receipt_id,
-                "replayed_source": receipt.source,
-            }
-            receipt.source = "replay"
-            return await service.ingestor.ingest(receipt)
+            return await decode_again(service.inbox, service.ingestor, receipt_id)
         finally:
             await service.inbox.close()
 
     try:
         with inbox_errors():
             stored = asyncio.run(run())
-    except PayloadError as exc:
-        raise click.ClickException(
-            f"receipt {receipt_id} still cannot be decoded: {exc.reason}: {exc.message}"
-        ) from None
+    except NotDecodedAgain as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"{len(stored.new)} new event(s), {len(stored.duplicates)} already stored")

@@ -42,13 +42,17 @@ _PARSER = ThreadPoolExecutor(1, thread_name_prefix="parse")
 REJECTED_ROW_BYTES = 512
 
 
-async def parse_or_refuse(receipt: Receipt, limits: Limits, intake: Intake) -> Normalized:
+async def parse_or_refuse(
+    receipt: Receipt, limits: Limits, intake: Intake, *, keep_refused: bool = True
+) -> Normalized:
     """Decode and normalize a receipt's body. A body that cannot be is first kept through
-    `intake.reject`, then its `PayloadError` is raised."""
+    `intake.reject` (unless not `keep_refused`: a body decoded again, kept already), then
+    its `PayloadError` is raised."""
     try:
         return await _parse(receipt, limits)
     except PayloadError as error:
-        await intake.reject(receipt, error)
+        if keep_refused:
+            await intake.reject(receipt, error)
         raise
 
 
@@ -110,10 +114,10 @@ class RejectionNotKept(IntakeUnavailable):
 class Intake(Protocol):
     """Where a source hands its callbacks: the `Ingestor` below, or the TDMQ relay."""
 
-    async def ingest(self, receipt: Receipt) -> Stored:
-        """Keep the callback; raise `PayloadError` for a body refused (and kept),
-        `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
-        when it cannot be kept now."""
+    async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
+        """Keep the callback; raise `PayloadError` for a body refused (and kept, unless
+        not `keep_refused`: a body decoded again), `RejectionNotKept` for one refused that
+        could not be kept, `IntakeUnavailable` when it cannot be kept now."""
         ...
 
     async def reject(
@@ -201,11 +205,12 @@ class Ingestor:
         # Events from these sources wait for verification (receiver/ci/verify.py).
         self._verified_sources = verified_sources
 
-    async def ingest(self, receipt: Receipt) -> Stored:
+    async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
-        body that cannot be decoded. Returns only once the commit is durable."""
+        body that cannot be decoded (`Intake.ingest`). Returns only once the commit is
+        durable."""
         began = time.perf_counter()
-        parsed = await parse_or_refuse(receipt, self._limits, self)
+        parsed = await parse_or_refuse(receipt, self._limits, self, keep_refused=keep_refused)
         receipt = _by_its_events_source(receipt, parsed.events)
         routed = [(event, self.router.handlers_for(event)) for event in parsed.events]
         verify = self._verifies(receipt)

@@ -287,6 +287,8 @@ def test_a_stored_callback_decoded_again(receiver):
     (kept,) = get(receiver, "/api/refused").json()["refused"]
     still = post(receiver, f"/api/receipts/{kept['id']}/replay", {})
     assert (still.status_code, still.json()["error"]) == (422, "undecodable")
+    # It is kept already: not kept (nor counted) as refused once more.
+    assert [r["id"] for r in get(receiver, "/api/refused").json()["refused"]] == [kept["id"]]
 
 
 def test_read_only_credentials_look_and_never_replay(tmp_path):

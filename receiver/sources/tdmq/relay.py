@@ -76,9 +76,10 @@ class Relay:
         await close(self._client, self._producer)
         self._client = self._producer = None
 
-    async def ingest(self, receipt: Receipt) -> Stored:
+    async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         began = time.perf_counter()
-        events = (await parse_or_refuse(receipt, self._limits, self)).events
+        parsed = await parse_or_refuse(receipt, self._limits, self, keep_refused=keep_refused)
+        events = parsed.events
         try:
             await self._publish(receipt.body, relay_properties(receipt), _message_key(events[0]))
         except Exception as exc:
