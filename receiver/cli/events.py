@@ -55,7 +55,7 @@ def _zone(config: Config) -> tzinfo:
 @events.command("list")
 @config_option
 @event_filters
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_events(config_path: Path | None, as_json: bool, limit: int, **filters: Any) -> None:
     """The latest events, newest first, with each handler's status.
@@ -173,9 +173,20 @@ def tail(
     with_inbox(config, follow)
 
 
+def _safe_on_a_terminal(body: bytes) -> bool:
+    """Whether the body is text a terminal only shows: a sender's bytes may hold escape
+    sequences (a refused body is anybody's)."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return False
+    lines = text.replace("\r\n", "\n").replace("\t", " ").split("\n")
+    return all(printable(line) == line for line in lines)
+
+
 @events.command("rejected")
 @config_option
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--body", "receipt_id", type=int, help="Print the kept body of this receipt.")
 def rejected(config_path: Path | None, limit: int, receipt_id: int | None) -> None:
     """Callbacks that could not be decoded, with why; `--body N` prints one's bytes."""
@@ -184,6 +195,11 @@ def rejected(config_path: Path | None, limit: int, receipt_id: int | None) -> No
         found = with_inbox(config, lambda inbox: inbox.receipt(receipt_id))
         if found is None:
             raise click.ClickException(f"no receipt {receipt_id}")
+        if sys.stdout.isatty() and not _safe_on_a_terminal(found.body):
+            raise click.ClickException(
+                f"receipt {receipt_id}'s body holds control characters or bytes that are not"
+                " UTF-8, which a terminal would act on: send it to a file (> body.bin)"
+            )
         sys.stdout.buffer.write(found.body)
         return
     zone = _zone(config)

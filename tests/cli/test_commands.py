@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
 import signal
 import socket
 import subprocess
@@ -234,6 +237,33 @@ def test_an_empty_inbox_says_so(receiver, tmp_path):
     assert (listed.stdout, listed.stderr) == (b"", b"no events match --status dead\n")
     rejected = cli(tmp_path, "events", "rejected")
     assert (rejected.stdout, rejected.stderr) == (b"", b"no rejected callbacks\n")
+
+
+def test_a_refused_body_is_not_written_raw_to_a_terminal(receiver, tmp_path):
+    hostile = b"\x1b]0;pwned\x07\x1b[2Jnot a callback"
+    assert receiver.post(hostile).status_code == 400
+    # To a pipe or a file: the bytes as they came.
+    assert cli(tmp_path, "events", "rejected", "--body", "1").stdout == hostile
+    # To a terminal: refused, and said why.
+    controller, terminal = pty.openpty()
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "events", "rejected", "--body", "1"],
+            stdout=terminal, stderr=subprocess.PIPE, timeout=60, cwd=tmp_path,
+            env={"PYTHONPATH": str(REPO), "CI_RECEIVER_CONFIG": str(tmp_path / "ci-receiver.toml")},
+        )  # fmt: skip
+        os.close(terminal)
+        written = b""
+        with contextlib.suppress(OSError):  # the terminal's other end is gone: all read
+            while chunk := os.read(controller, 4096):
+                written += chunk
+    finally:
+        os.close(controller)
+    assert shown.returncode == 1
+    assert b"send it to a file" in shown.stderr
+    assert b"\x1b" not in written
+    # A bad --limit is a usage error, on either backend alike.
+    assert cli(tmp_path, "events", "list", "--limit", "-1", ok=False).returncode == 2
 
 
 def test_stats_counts_what_arrived_and_what_the_handlers_did(receiver, tmp_path):
