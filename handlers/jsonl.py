@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
@@ -22,6 +23,7 @@ from typing import Any, BinaryIO, Literal
 
 from handlers import BatchContext, BatchResult, HandlerOptions
 from receiver.callback.event import Event
+from receiver.ownership import claim
 
 
 class JsonLinesOptions(HandlerOptions):
@@ -98,5 +100,28 @@ class JsonLinesHandler:
         # One file open at a time: the current day's, while rotating.
         if self._file is not None:
             self._file.close()
+            self._file, self._file_path = None, None
+        _claim(path)
         self._file = open(path, "ab")  # noqa: SIM115 (held open until the next file)
         self._file_path = path
+
+
+# How every line this handler writes begins (Event.to_json): a file that begins so is its own.
+_OUR_LINE = re.compile(rb'\{"id":"[^"\n]*","kind":"')
+
+
+def _claim(path: Path) -> None:
+    """Refuse (`NotOurs`) to append to a file of somebody else's: the path may name a log,
+    a config, a database, mistyped or copied."""
+    try:
+        with open(path, "rb") as existing:
+            head = existing.read(4096)
+    except FileNotFoundError:
+        head = b""
+    claim(
+        f"the file {path}",
+        "`path`",
+        exists=bool(head),
+        marked=bool(_OUR_LINE.match(head)),
+        shaped=False,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from datetime import timezone
 
 import orjson
 import pytest
@@ -13,6 +14,7 @@ import handlers
 from handlers import BatchContext
 from receiver import parse_callback
 from receiver.dispatch.outcomes import handler_logger
+from receiver.ownership import NotOurs
 from tests.support.callbacks import load
 
 
@@ -50,6 +52,30 @@ async def test_jsonl_can_leave_out_the_raw_document(tmp_path):
     (line,) = (tmp_path / "e.jsonl").read_bytes().splitlines()
     assert "raw" not in orjson.loads(line)
     assert orjson.loads(line)["operation"]["TemplateName"] == "trans_993874"
+
+
+async def test_jsonl_appends_to_its_own_file_and_never_to_anybody_elses(tmp_path):
+    event = parse_callback(load("transcode.xml"))[0]
+    ours = tmp_path / "events.jsonl"
+    for _ in range(2):  # a restart appends to the file it wrote
+        handler = await started("jsonl", path=str(ours), include_raw=False)
+        await handler(event)
+        await handlers.close(handler)
+    assert len(ours.read_bytes().splitlines()) == 2
+
+    theirs = tmp_path / "app.log"
+    theirs.write_bytes(b'{"level": "info", "msg": "a line of theirs"}\n')
+    before = theirs.read_bytes()
+    with pytest.raises(NotOurs, match=f"the file {theirs} was not created by ci-receiver"):
+        await started("jsonl", path=str(theirs))
+    # While rotating, the day's file is claimed when the day's first event is written.
+    day = event.received_at.astimezone(timezone.utc).date().isoformat()
+    theirs.with_name(f"app-{day}.log").write_bytes(before)
+    handler = await started("jsonl", path=str(theirs), rotate="daily")
+    with pytest.raises(NotOurs):
+        await handler(event)
+    await handlers.close(handler)
+    assert theirs.read_bytes() == theirs.with_name(f"app-{day}.log").read_bytes() == before
 
 
 def job_rows(path):
