@@ -194,8 +194,9 @@ def _name(
 
 
 def _marked(inspector: Inspector, table: Table, holds: Holds, registered: dict[str, str]) -> bool:
-    """Registered as holding `holds`, and still the table that was: our primary key."""
-    return registered.get(table.name) == holds and _keyed(inspector, table)
+    """Registered as holding `holds`, and still the table that was: our shape (a table a
+    user made in its place may well be keyed by job_id too)."""
+    return registered.get(table.name) == holds and _shaped(inspector, table)
 
 
 def _registered(

@@ -315,12 +315,15 @@ def test_check_config_hides_the_database_password(tmp_path):
 # --- only its own tables ------------------------------------------------------------
 
 
-async def users_jobs_table(url: str, schema: str | None, name: str = "jobs") -> Table:
-    """A table of the user's that happens to be called `jobs` (or `name`), with a row."""
+async def users_jobs_table(
+    url: str, schema: str | None, name: str = "jobs", key: str = "id"
+) -> Table:
+    """A table of the user's that happens to be called `jobs` (or `name`), with a row;
+    its primary key `key` (`job_id`: the name ci-receiver's own table keys by)."""
     table = Table(
         name,
         MetaData(),
-        Column("id", Integer, primary_key=True),
+        Column(key, String(64), primary_key=True),
         Column("name", String(64)),
         Column("created_at", DateTime),
         schema=schema,
@@ -330,7 +333,9 @@ async def users_jobs_table(url: str, schema: str | None, name: str = "jobs") -> 
         async with engine.begin() as connection:
             await connection.run_sync(table.metadata.create_all)
             await connection.execute(
-                table.insert().values(id=7, name="theirs", created_at=datetime(2026, 1, 1))
+                table.insert().values(
+                    {key: "7", "name": "theirs", "created_at": datetime(2026, 1, 1)}
+                )
             )
     finally:
         await engine.dispose()
@@ -451,15 +456,16 @@ async def test_the_tables_of_an_earlier_default_are_adopted_with_their_data(sql_
     assert not {"ci_jobs", "ci_events"} & set(tables)
 
 
-async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_place):
+@pytest.mark.parametrize("key", ["id", "job_id"])
+async def test_a_users_table_in_place_of_a_registered_one_is_left_as_it_is(sql_place, key):
     # ci-receiver made and registered ci_jobs; the user dropped it and made their own
-    # under the name, which the registry still lists.
+    # under the name, which the registry still lists (keyed as ours was, or not).
     url, schema = sql_place
     handler = await started(place_options(url, schema))
     await handler.close()
     qualified = f"{schema}.ci_jobs" if schema else "ci_jobs"
     await execute(url, f"DROP TABLE {qualified}")
-    theirs = await users_jobs_table(url, schema, "ci_jobs")
+    theirs = await users_jobs_table(url, schema, "ci_jobs", key)
     before = await snapshot(url, theirs)
     assert await registered(url, schema) == {"ci_jobs": "jobs"}
 
