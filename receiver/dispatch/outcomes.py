@@ -199,12 +199,17 @@ async def record(
     number = claim.attempts + 1
     if result.outcome == "done":
         logger.debug("handled", attempt=number)
+        failed = metrics.failing.over()
+        if failed is not None:
+            logger.info("handler succeeds again", failed_since=failed)
     elif result.outcome == "retry":
-        logger.warning(
+        said = metrics.failing.news(result.error or "")
+        (logger.warning if said else logger.debug)(
             "handler failed; will retry",
             attempt=number,
             error=result.error,
             retry_at=result.retry_at,
+            **({"repeats": "logged at debug until an attempt succeeds"} if said else {}),
         )
     elif result.outcome == "dead":
         logger.error("handler gave up; dead-lettered", attempt=number, error=result.error)

@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from structlog.testing import capture_logs
 
 from handlers import Fail, Retry
 from receiver.callback.event import Event
@@ -117,6 +118,35 @@ async def test_a_failing_handler_is_retried_alone(inbox):
         ("flaky", 3, "done"),
     ]
     assert "RuntimeError: db down" in attempts[0].error
+
+
+async def test_a_handler_failing_every_event_the_same_way_says_so_once(inbox):
+    # A peer down: every event's attempt fails alike. One warning, then one line when an
+    # attempt succeeds again; a different failure is news and said too.
+    peer_down = Retry("cannot reach http://peer: ConnectError")
+    hook = Recording([peer_down] * 6 + [Retry("http://peer answered 503")])
+    ids = [
+        *await store(inbox, "transcode.xml", ["hook"]),
+        *await store(inbox, "two_jobs.xml", ["hook"]),
+    ]
+    d = dispatcher(inbox, hook=(hook, {"concurrency": 1, "max_attempts": 20}))
+    with capture_logs() as logs:
+        await d.start()
+        for event_id in ids:
+            await until(lambda event_id=event_id: settled(inbox, event_id))
+        await d.stop()
+    said = [(line["event"], line["log_level"], line.get("error")) for line in logs
+            if line["event"] in ("handler failed; will retry", "handler succeeds again")
+            and line["log_level"] != "debug"]  # fmt: skip
+    assert said == [
+        ("handler failed; will retry", "warning", "Retry: cannot reach http://peer: ConnectError"),
+        ("handler failed; will retry", "warning", "Retry: http://peer answered 503"),
+        ("handler succeeds again", "info", None),
+    ]
+    (back,) = [line for line in logs if line["event"] == "handler succeeds again"]
+    assert back["failed_since"] == 7
+    attempts = [a for event_id in ids for a in (await inbox.event(event_id)).attempts]
+    assert Counter(a.outcome for a in attempts) == {"retry": 7, "done": 3}
 
 
 async def test_dead_letter_after_the_last_attempt(inbox):
