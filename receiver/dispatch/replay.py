@@ -1,10 +1,10 @@
 """Replay: choose stored events and queue their handler runs again.
 
 Events are chosen by id, or by a filter (every event, for `--all`), and gone through in
-pages. Runs are queued for the handlers named (created where missing), or, with none
-named, the runs the events already have (only dead-lettered ones, with `dead_only`). A
-run is created only for an event the current routes send to that handler, unless routes
-are ignored: the same choice ingest would make today.
+pages. Runs are queued for the handlers named (created where missing; with `dead_only`,
+their dead-lettered runs only), or, with none named, the runs the events already have
+(only dead-lettered ones, with `dead_only`). A handler named runs only events the current
+routes send to it, unless routes are ignored: the same choice ingest would make today.
 """
 
 from __future__ import annotations
@@ -64,14 +64,16 @@ async def replay(
     done = Replayed(events=len(event_ids))
     for start in range(0, len(event_ids), PAGE):
         page = event_ids[start : start + PAGE]
-        if handlers and not dead_only and not ignore_routes:
+        if handlers and not ignore_routes:
             events = await inbox.load(page)
             for handler in handlers:
                 routed = [e.id for e in events if handler in router.handlers_for(e)]
-                done.unrouted[handler] = done.unrouted.get(handler, 0) + len(page) - len(routed)
+                if not dead_only:  # (dead ones: these events may have no run of it)
+                    unrouted = len(page) - len(routed)
+                    done.unrouted[handler] = done.unrouted.get(handler, 0) + unrouted
                 if routed:
                     done.runs += await inbox.requeue(
-                        routed, [handler], dead_only=False, dry_run=dry_run, release=release
+                        routed, [handler], dead_only=dead_only, dry_run=dry_run, release=release
                     )
         else:
             done.runs += await inbox.requeue(

@@ -14,11 +14,13 @@ from structlog.testing import capture_logs
 
 from handlers import Fail, Retry
 from receiver.callback.event import Event
-from receiver.config import DispatchConfig, HandlerConfig
+from receiver.config import DispatchConfig, HandlerConfig, RouteConfig
 from receiver.dispatch.loop import Dispatcher
 from receiver.dispatch.outcomes import backoff
+from receiver.dispatch.replay import replay
 from receiver.dispatch.slots import Slot
 from receiver.inbox import EventFilter, Receipt
+from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.runtime.service import Service
 from tests.support.callbacks import load
@@ -400,6 +402,21 @@ async def test_requeue_dead_runs_replays_them(inbox):
     assert await statuses(inbox, event_id) == {"h": ("done", 1), "other": ("done", 1)}
     assert broken.calls == [event_id, event_id]
     assert other.calls == [event_id]
+
+
+async def test_dead_letters_of_a_handler_the_routes_no_longer_send_to_are_left_alone(inbox):
+    # As the inspector's confirmation says, and as replaying for a named handler does.
+    (event_id,) = await store(inbox, "transcode.xml", ["h"])
+    d = dispatcher(inbox, h=(Recording([Fail("bad config")]), {}))
+    await d.start()
+    await until(lambda: settled(inbox, event_id))
+    await d.stop()
+    rerouted = Router([RouteConfig(handlers=["elsewhere"])], ["h", "elsewhere"])
+    left = await replay(inbox, rerouted, [event_id], handlers=["h"], dead_only=True)
+    assert (left.runs, await statuses(inbox, event_id)) == (0, {"h": ("dead", 1)})
+    still = Router(None, ["h"])
+    assert (await replay(inbox, still, [event_id], handlers=["h"], dead_only=True)).runs == 1
+    assert await statuses(inbox, event_id) == {"h": ("pending", 0)}
 
 
 def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():
