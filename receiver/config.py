@@ -617,6 +617,10 @@ class CiBucket(Section):
     """Only jobs of these queues; empty: every queue."""
     workflows: list[str] = []
     """Workflow ids whose executions are watched."""
+    workflow_jobs: bool = False
+    """Whether the tags' watches recover jobs a workflow started too. CI sends their
+    TaskFinish only when the workflow's notify asks for it, so by default they are left
+    to the workflow's own watch (its WorkflowFinish holds every task)."""
 
     @model_validator(mode="after")
     def _something_to_watch(self) -> CiBucket:

@@ -64,6 +64,7 @@ class Watch:
     tag: str | None = None
     queue_id: str | None = None
     workflow_id: str | None = None
+    workflow_jobs: bool = False  # a tag's: also the jobs a workflow started
 
     @property
     def cursor_key(self) -> str:
@@ -82,7 +83,10 @@ def watches(config: CiConfig, bucket: str | None = None) -> list[Watch]:
             continue
         queues: list[str | None] = [*watched.queue_ids] or [None]  # None: every queue
         for tag in watched.tags:
-            found += [Watch(watched.name, tag, queue) for queue in queues]
+            found += [
+                Watch(watched.name, tag, queue, workflow_jobs=watched.workflow_jobs)
+                for queue in queues
+            ]
         found += [Watch(watched.name, workflow_id=w) for w in watched.workflows]
     return found
 
@@ -246,7 +250,11 @@ class Reconciler:
             document = job_document
         done_until = until
         async for page in pages:
-            finished = [i for i in page.items if text(i.get("State")) in FINAL_STATES]
+            finished = [
+                item for item in page.items
+                if text(item.get("State")) in FINAL_STATES
+                and (watch.workflow_id or watch.workflow_jobs or not _by_a_workflow(item))
+            ]  # fmt: skip
             report.checked += len(finished)
             self._checked.inc(len(finished))
             candidates = []
@@ -336,6 +344,12 @@ def _unreadable(watch: Watch, item: dict[str, Any], error: PayloadError) -> None
         watch=str(watch), job_id=str(item.get("JobId") or item.get("RunId"))[:100],
         error=str(error),
     )  # fmt: skip
+
+
+def _by_a_workflow(item: dict[str, Any]) -> bool:
+    """Whether a listed job was started by a workflow (it names the execution)."""
+    workflow = item.get("Workflow")
+    return isinstance(workflow, dict) and bool(text(workflow.get("RunId")))
 
 
 def _ended_after(events: list[Event], moment: datetime) -> bool:

@@ -243,6 +243,24 @@ async def test_stop_ends_a_pass_at_once(ci, inbox):
     await asyncio.wait_for(running, 5)
 
 
+async def test_jobs_a_workflow_started_are_left_to_its_watch_unless_asked_for(ci, inbox):
+    # CI sends their TaskFinish only if the workflow's notify asks for it: recovering
+    # them would make up callbacks that were never meant to come.
+    by_workflow = job(1, BUCKET, REGION)
+    by_workflow["Workflow"] = {
+        "Name": "Transcode_1", "RunId": f"i{1:032x}", "WorkflowId": "w1", "WorkflowName": "w",
+    }  # fmt: skip
+    ci.add_jobs(BUCKET, by_workflow, job(2, BUCKET, REGION))
+
+    report = await Setup(ci, inbox).reconciler.reconcile()
+    assert [f.event.job_id for f in report.recovered] == [f"j{2:032x}"]
+    assert report.checked == 1
+
+    bucket = {"name": BUCKET, "region": REGION, "tags": ["Transcode"], "workflow_jobs": True}
+    report = await Setup(ci, inbox, buckets=[bucket]).reconciler.reconcile()
+    assert [f.event.job_id for f in report.recovered] == [f"j{1:032x}"]
+
+
 async def test_a_job_that_just_ended_waits_for_a_later_pass(ci, inbox):
     """Its callback may still be on its way: a pass leaves it (settle, 2 minutes by
     default); a later one recovers it only if the callback never came."""
