@@ -3,7 +3,7 @@ latency, CPU per callback, and database round trips per callback.
 
     python -m bench.peer [--duration 6] [--connections 32] [--db-rtt MS [MS ...]]
                          [--body json xml] [--rounds 2] [--short] [--against REV]
-                         [--variant CI_RECEIVER_KEY=VALUE [...]] ...
+                         [--peer-access-log] [--variant CI_RECEIVER_KEY=VALUE [...]] ...
 
 Needs wrk (Debian: apt-get install wrk) and a PostgreSQL server
 (CI_RECEIVER_TEST_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test; each
@@ -11,7 +11,9 @@ run gets a schema of its own, dropped afterwards). The receivers:
   - hand-written: bench/hand_written.py, a Starlette endpoint that decodes the body
     (xmltodict or orjson) and runs one INSERT ... ON CONFLICT DO NOTHING per callback
     through an asyncpg pool of 16, or on SQLite (WAL, synchronous=FULL) a commit per
-    callback in a thread; uvicorn with uvloop and httptools, no access log;
+    callback in a thread; uvicorn with uvloop and httptools, no access log (the ratios
+    are against it); with `--peer-access-log`, also the same with uvicorn's access log
+    on, as uvicorn runs by default;
   - ci-receiver: `serve` in its default config (the `log` handler on every event, the
     access log and the default logging to the process's log file), its inbox on SQLite
     or PostgreSQL (`[inbox] url`);
@@ -71,6 +73,10 @@ from tests.support.processes import free_port
 
 DRAIN_TIMEOUT = 300.0
 HAND_WRITTEN = "hand-written"
+# The same under uvicorn's defaults: its access log on, at info (ci-receiver's default
+# logs each request too).
+HAND_WRITTEN_LOGGED = "hand-written +access log"
+PEERS = (HAND_WRITTEN, HAND_WRITTEN_LOGGED)
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,12 @@ def launch(
     run_dir: Path, setup: Setup, receiver: Receiver, database: str, schema: str, port: int
 ) -> tuple[list[str], dict[str, str]]:
     """The receiver's command and environment."""
-    if receiver.name == HAND_WRITTEN:
+    if receiver.name in PEERS:
         where = database if setup.postgres else str(run_dir / "hand_written.db")
         command = [sys.executable, "-m", "uvicorn", "bench.hand_written:app",
-                   "--port", str(port), "--loop", "uvloop", "--http", "httptools",
-                   "--no-access-log", "--log-level", "warning"]  # fmt: skip
+                   "--port", str(port), "--loop", "uvloop", "--http", "httptools"]  # fmt: skip
+        if receiver.name == HAND_WRITTEN:
+            command += ["--no-access-log", "--log-level", "warning"]
         return command, {"HAND_WRITTEN_DATABASE": where, "HAND_WRITTEN_SCHEMA": schema}
     config = run_dir / "receiver.toml"
     # The default config, but for an admin port of its own (the default one may be taken)
@@ -123,7 +130,7 @@ def launch(
 
 async def progress(run: Run, observer: asyncpg.Connection | None) -> tuple[int, int]:
     """(callbacks stored, callbacks whose handling is done)."""
-    if run.receiver.name == HAND_WRITTEN:  # done once stored
+    if run.receiver.name in PEERS:  # done once stored
         query = "SELECT count(*) FROM callbacks"
         (stored,) = await counts(run.work / "hand_written.db", observer, [query])
         return stored, stored
@@ -240,6 +247,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--against", metavar="REV", help="also ci-receiver at this revision")
     parser.add_argument(
+        "--peer-access-log", action="store_true",
+        help="also the hand-written receiver with uvicorn's access log on (its default)",
+    )  # fmt: skip
+    parser.add_argument(
         "--variant", nargs="+", action="append", default=[], type=_override,
         metavar="CI_RECEIVER_KEY=VALUE",
         help="also ci-receiver with these config overrides (repeat for more receivers)",
@@ -253,6 +264,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     try:
         receivers = [Receiver(HAND_WRITTEN, HERE), Receiver("ci-receiver", HERE)]
+        if args.peer_access_log:
+            receivers.insert(1, Receiver(HAND_WRITTEN_LOGGED, HERE))
         if args.against:
             tree = export(args.against, root / "against", own_bench=True)
             receivers.append(Receiver(f"ci-receiver {args.against}", tree))
@@ -309,16 +322,17 @@ def report(
                     backlog.append(f"{setup.name} {fmt} {receiver.name}: {result['backlog']}")
     print()
     for setup in setups:
-        parts = []
-        for receiver in receivers[1:]:
-            for fmt in bodies:
-                ours = results[setup.name, fmt, receiver.name]
-                base = results[setup.name, fmt, HAND_WRITTEN]
-                parts.append(
-                    f"{receiver.name} {fmt} {ours['rps'] / base['rps']:.2f}x cb/s,"
-                    f" {ours['cpu'] / base['cpu']:.2f}x CPU"
-                )
-        print(f"{setup.name}, against hand-written: " + "; ".join(parts))
+        for peer in (r.name for r in receivers if r.name in PEERS):
+            parts = []
+            for receiver in (r for r in receivers if r.name not in PEERS):
+                for fmt in bodies:
+                    ours = results[setup.name, fmt, receiver.name]
+                    base = results[setup.name, fmt, peer]
+                    parts.append(
+                        f"{receiver.name} {fmt} {ours['rps'] / base['rps']:.2f}x cb/s,"
+                        f" {ours['cpu'] / base['cpu']:.2f}x CPU"
+                    )
+            print(f"{setup.name}, against {peer}: " + "; ".join(parts))
     if backlog:
         print(f"\nruns not done after {DRAIN_TIMEOUT:.0f} s: " + ", ".join(backlog))
 
