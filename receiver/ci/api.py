@@ -26,6 +26,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from receiver.callback.event import Event
 from receiver.callback.fields import text
 from receiver.callback.normalize import normalize
 from receiver.config import CiConfig
+from receiver.failing import Failing
 
 logger = structlog.get_logger("ci_receiver.ci_api")
 
@@ -76,14 +78,22 @@ MODERATION_FAMILIES = {
 
 
 class CiApiError(Exception):
-    """A request to CI's API failed; `retryable` when trying again later may help."""
+    """A request to CI's API failed; `retryable` when trying again later may help.
+    `detail`: what went wrong without naming the request (the same for every request
+    while CI is out of reach)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 retryable: bool = False) -> None:  # fmt: skip
+                 retryable: bool = False, detail: str | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
         self.retryable = retryable
+        self.detail = detail or message
+
+    @property
+    def reason(self) -> str:
+        """Why, in a word (`network`, `refused`, `throttled`, `server`, `other`)."""
+        return _reason(self)
 
 
 class CredentialsError(CiApiError):
@@ -130,6 +140,8 @@ class CiApi:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._clients: dict[str, CosS3Client] = {}
+        # CI out of reach fails every request alike: said once, and once when it answers.
+        self._failing = Failing()
         self._lock = threading.Lock()
         self.errors = Counter(
             "ci_receiver_ci_api_errors",
@@ -322,11 +334,16 @@ class CiApi:
         for attempt in range(1, attempts + 1):
             with tracing.calling_ci(operation, bucket) as span:
                 try:
-                    return await asyncio.to_thread(call)
+                    answer = await asyncio.to_thread(call)
                 except (CosServiceError, CosClientError) as exc:
                     error = _error(exc, what)
                 except Exception as exc:  # the SDK could not read the answer (a proxy's page?)
-                    error = CiApiError(f"{what}: unreadable answer ({exc!r})", retryable=True)
+                    error = _failed(what, f"unreadable answer ({exc!r})", retryable=True)
+                else:
+                    failed = self._failing.over()
+                    if failed is not None:
+                        logger.info("CI's job API answers again", failed_since=failed)
+                    return answer
                 span.fail(_reason(error), str(error))
             self.errors.labels(_reason(error)).inc()
             if not error.retryable or attempt == attempts:
@@ -334,9 +351,12 @@ class CiApi:
             # Full jitter: a random wait up to the backoff, so that many receivers
             # throttled at once do not come back at once.
             wait = random.uniform(0, delay)
-            logger.warning(
+            # The reason alone decides whether it is news: the request's own words differ.
+            said = self._failing.news(_reason(error))
+            (logger.warning if said else logger.debug)(
                 "CI API request failed; trying again",
                 request=what, error=str(error), attempt=attempt, retry_in=round(wait, 2),
+                **({"repeats": "logged at debug until a request succeeds"} if said else {}),
             )  # fmt: skip
             await asyncio.sleep(wait)
             delay = min(delay * 2, self._backoff_max)
@@ -353,18 +373,28 @@ def _entries(value: Any) -> list[dict[str, Any]]:
 
 def _error(exc: CosServiceError | CosClientError, what: str) -> CiApiError:
     if isinstance(exc, CosClientError):  # no answer: connection refused, reset, timeout
-        return CiApiError(f"{what}: no answer from CI ({exc})", retryable=True)
+        # urllib3 names the request's path ("with url: /jobs/<id>"): what went wrong is the
+        # same for every request while CI is out of reach.
+        cause = _REQUEST_PATH.sub("", str(exc))
+        return _failed(what, f"no answer from CI ({cause})", retryable=True)
     status = exc.get_status_code()
     code, message = _error_body(exc)
-    described = f"{what}: HTTP {status} {code or ''}{': ' + message if message else ''}".rstrip()
+    detail = f"HTTP {status} {code or ''}{': ' + message if message else ''}".rstrip()
     if status in (401, 403):
-        return CredentialsError(
-            described + " (check [ci] secret_id, secret_key and token, and that the key may"
-            " call ci:DescribeMediaJobs and the workflow queries)",
-            status=status, code=code,
-        )  # fmt: skip
+        detail += (
+            " (check [ci] secret_id, secret_key and token, and that the key may call"
+            " ci:DescribeMediaJobs and the workflow queries)"
+        )
+        return CredentialsError(f"{what}: {detail}", status=status, code=code, detail=detail)
     retryable = status == 429 or status >= 500
-    return CiApiError(described, status=status, code=code, retryable=retryable)
+    return _failed(what, detail, status=status, code=code, retryable=retryable)
+
+
+_REQUEST_PATH = re.compile(r" with url: \S+")
+
+
+def _failed(what: str, detail: str, **how: Any) -> CiApiError:
+    return CiApiError(f"{what}: {detail}", detail=detail, **how)
 
 
 def _error_body(exc: CosServiceError) -> tuple[str | None, str | None]:

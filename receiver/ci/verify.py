@@ -151,9 +151,12 @@ class Verifier:
                 document = {"EventName": event.event_name, "JobsDetail": detail} if detail else None
             found = events_of(document) if document else []
         except (CiApiError, PayloadError) as error:
-            # The event waits; the dispatcher tries again with backoff.
+            # The event waits; the dispatcher tries again with backoff. Said without the
+            # request, which is this event's: CI out of reach is then the same failure
+            # for every event, which the dispatcher logs once (receiver/failing.py).
             self._outcomes.labels("deferred").inc()
-            raise Retry(f"cannot ask CI's job API: {error}") from None
+            said = error.detail if isinstance(error, CiApiError) else str(error)
+            raise Retry(f"cannot ask CI's job API: {said}") from None
         return next((e for e in found if e.subject == subject), None)
 
     def _compare(self, claimed: Event, actual: Event | None) -> str | None:

@@ -27,6 +27,7 @@ from handlers import AnyHandler, BatchCall, Call
 from receiver import rates
 from receiver.config import HandlerConfig
 from receiver.dispatch.deadline import timeout
+from receiver.failing import Failing
 from receiver.inbox import Claim
 from receiver.metrics import Metrics
 from receiver.rates import RateLimit
@@ -118,37 +119,9 @@ class Slot:
         return f"not started: {self.start_error}"
 
 
-class Failing:
-    """What the log has said of a handler's failing attempts. A peer down fails every
-    event's attempt the same way: the first failure is a warning, the same failure of
-    the others goes at debug (each is still counted and kept in the inbox), until an
-    attempt succeeds, which says so once."""
-
-    __slots__ = ("error", "failed")
-
-    def __init__(self) -> None:
-        self.error: str | None = None  # the failure said last, while failing
-        self.failed = 0  # attempts failed since the failing began
-
-    def news(self, error: str) -> bool:
-        """An attempt failed with `error`: whether to say so (not said just before)."""
-        self.failed += 1
-        if error == self.error:
-            return False
-        self.error = error
-        return True
-
-    def over(self) -> int | None:
-        """An attempt succeeded: how many had failed since the failing began, if it had."""
-        if self.error is None:
-            return None
-        failed, self.error, self.failed = self.failed, None, 0
-        return failed
-
-
 class SlotMetrics:
     """A handler's metric series, looked up once rather than on every attempt, and what
-    its log has said of its failures."""
+    its log has said of its failures (a peer down fails every event's attempt alike)."""
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.outcomes: dict[str, Counter] = {

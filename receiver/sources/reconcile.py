@@ -45,6 +45,7 @@ from receiver.ci.api import (
     workflow_document,
 )
 from receiver.config import CiConfig
+from receiver.failing import Failing
 from receiver.ids import new_id
 from receiver.inbox import InboxUnavailable, KeptState, Reading, Receipt
 from receiver.ingest.ingest import Intake, IntakeUnavailable
@@ -128,6 +129,7 @@ class Reconciler:
         """`events_kept`: [retention] events, how long handled events stay (0: for ever)."""
         self._config = config
         self._events_kept = events_kept
+        self._failing = Failing()
         self._api = api
         self._inbox = inbox
         self._intake = intake
@@ -200,7 +202,15 @@ class Reconciler:
                 await self._reconcile(watch, report, since, dry_run, until, until - settle)
             except CiApiError as error:
                 report.failed[watch] = str(error)
-                logger.error("cannot list from CI's job API", watch=str(watch), error=str(error))
+                # CI out of reach fails every watch alike, pass after pass: said once
+                # (the API client says when it answers again).
+                said = self._failing.news(error.reason)
+                (logger.error if said else logger.debug)(
+                    "cannot list from CI's job API", watch=str(watch), error=str(error),
+                    **({"repeats": "logged at debug until a listing succeeds"} if said else {}),
+                )  # fmt: skip
+            else:
+                self._failing.over()
             if on_watch is not None:
                 on_watch(watch, report)
         return report

@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 import xmltodict
+from structlog.testing import capture_logs
 
 from receiver.ci import verify
 from receiver.config import Config
@@ -216,6 +217,24 @@ async def test_the_event_waits_while_ci_is_unreachable_or_throttling(inbox_place
         tries = [a.outcome for a in detail_runs.attempts if a.handler == VERIFY_RUN]
         assert tries == ["retry"] * 4 + ["done"]
     assert [s.status for s in ci.requests] == [503, 429, 0, 500, 200]
+
+
+async def test_ci_out_of_reach_while_events_wait_is_said_once(inbox_place, tmp_path, ci):
+    # Every event's verification fails alike, each asking about its own job: one line,
+    # and one more when CI answers again.
+    details = [job(n, BUCKET, REGION) for n in range(6, 10)]
+    ci.add_jobs(BUCKET, *details)
+    ci.fail_next(*[Failure(drop=True)] * 12)
+    with capture_logs() as logs:
+        async with Receiver(inbox_place, tmp_path, ci) as receiver:
+            ids = [await receiver.post(callback_body(detail)) for detail in details]
+            for event_id in ids:
+                assert (await receiver.settled(event_id))[VERIFY_RUN] == "done"
+    said = [line for line in logs if line["event"] == "handler failed; will retry"]
+    assert len(said) == 12
+    assert [line["log_level"] for line in said].count("warning") == 1
+    assert "/jobs/" not in said[0]["error"]
+    assert len([line for line in logs if line["event"] == "handler succeeds again"]) == 1
 
 
 async def test_a_job_ci_still_shows_running_is_asked_again(inbox_place, tmp_path, ci):

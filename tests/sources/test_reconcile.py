@@ -232,6 +232,31 @@ async def test_api_errors_are_retried_and_a_failing_watch_keeps_its_cursor(ci, i
     assert await inbox.get_state(snapshot.cursor_key) > before
 
 
+async def test_ci_out_of_reach_is_said_once_and_once_more_when_it_answers(ci, inbox):
+    tags = ["Transcode", "Snapshot", "SmartCover"]
+    setup = Setup(
+        ci, inbox, max_attempts=3, buckets=[{"name": BUCKET, "region": REGION, "tags": tags}]
+    )
+    ci.add_jobs(BUCKET, job(1, BUCKET, REGION))
+    with capture_logs() as logs:
+        for _ in range(2):  # two passes, every request refused: 3 watches x 3 attempts
+            ci.fail_next(*[Failure(503, "ServiceUnavailable")] * 9)
+            report = await setup.reconciler.reconcile()
+            assert len(report.failed) == 3
+        report = await setup.reconciler.reconcile()
+    assert not report.failed
+    said = [(line["event"], line["log_level"]) for line in logs if line["log_level"] != "debug"]
+    assert said == [
+        ("CI API request failed; trying again", "warning"),
+        ("cannot list from CI's job API", "error"),
+        ("CI's job API answers again", "info"),
+        ("recovered an event whose callback never came", "info"),
+    ]
+    (back,) = [line for line in logs if line["event"] == "CI's job API answers again"]
+    assert back["failed_since"] == 12  # the retried ones: 2 passes x 3 watches x 2
+    assert setup.metric("ci_receiver_ci_api_errors_total", reason="server") == 18
+
+
 async def test_stop_ends_a_pass_at_once(ci, inbox):
     # CI throttling, and a long backoff: the pass is waiting on it when stopped.
     setup = Setup(ci, inbox, backoff=30, interval=3600)
