@@ -270,21 +270,37 @@ def _import(path: str) -> object:
 def _as_factory(type_name: str, target: object) -> HandlerFactory:
     """What the config names, as a factory: taken on trust as far as Python can tell (a
     coroutine function is a handler, a callable a factory); `build` checks what it makes."""
-    # A bare `async def handle(event)` is a handler that takes no options.
-    if inspect.iscoroutinefunction(target):
+    # A bare `async def handle(event)` is a handler that takes no options, and so is a
+    # class with no `__init__` of its own (made as the test kit makes it: `Handler()`).
+    plain = inspect.iscoroutinefunction(target)
+    if plain or (inspect.isclass(target) and _no_init(target)):
+        what = "a plain function" if plain else "a class without __init__(self, options)"
 
         def factory(options: Mapping[str, Any]) -> AnyHandler:
             if options:
                 raise HandlerConfigError(
-                    f"handler {type_name!r} is a plain function and takes no options,"
-                    f" got {sorted(options)}"
+                    f"handler {type_name!r} is {what} and takes no options, got {sorted(options)}"
                 )
-            return cast(AnyHandler, target)
+            return cast(AnyHandler, target if plain else cast(type, target)())
 
         return factory
     if not callable(target):
         raise HandlerConfigError(f"handler type {type_name!r} is not a class or function")
     return cast(HandlerFactory, target)
+
+
+def _no_init(cls: type) -> bool:
+    """Whether the class has no `__init__` but object's (or a Protocol's placeholder,
+    which a class subclassing `Handler` inherits)."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            return (
+                init is object.__init__
+                or klass in (Handler, BatchHandler)
+                or (getattr(init, "__name__", "") == "_no_init_or_replace_init")
+            )
+    return True
 
 
 def takes_context(handler: object) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import handlers
+from handlers import Context, Handler
 from receiver.callback.event import Event
 from tests.support.callbacks import load
 from tests.support.processes import REPO, Receiver
@@ -38,6 +39,13 @@ async def bare(event: Event) -> None:
     """A plain function is a handler without options."""
 
 
+class Warehouse(Handler):
+    """The README's handler: a class with no `__init__`, as the test kit makes it."""
+
+    async def __call__(self, event: Event, ctx: Context) -> None:
+        pass
+
+
 @pytest.mark.parametrize("name", sorted(handlers.BUILTINS))
 def test_every_builtin_type_loads(name):
     assert callable(handlers.load_factory(name))
@@ -55,6 +63,12 @@ def test_a_plain_function_takes_no_options():
     assert handlers.build("tests.handlers.test_plugins:bare", {}) is bare
     with pytest.raises(handlers.HandlerConfigError, match="takes no options"):
         handlers.build("tests.handlers.test_plugins:bare", {"x": 1})
+
+
+def test_a_class_without_init_is_made_without_options():
+    assert isinstance(handlers.build("tests.handlers.test_plugins:Warehouse", {}), Warehouse)
+    with pytest.raises(handlers.HandlerConfigError, match=r"without __init__.*takes no options"):
+        handlers.build("tests.handlers.test_plugins:Warehouse", {"x": 1})
 
 
 @pytest.mark.parametrize(
