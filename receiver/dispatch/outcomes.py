@@ -10,8 +10,10 @@ import asyncio
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import structlog
 
@@ -179,8 +181,19 @@ def failed(
     elif isinstance(exc, asyncio.TimeoutError):
         error = f"timed out after {config.timeout:g}s"
     else:
-        error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}{_raised_at(exc)}"
     return _retry(config, claim.attempts + 1, error, delay, error_type)
+
+
+def _raised_at(exc: BaseException) -> str:
+    """Where an exception no handler meant to raise came from (its innermost frame): a
+    bug's line, in the log, `events show` and the inspector alike."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    frame = frames[-1]
+    where = "/".join(Path(frame.filename).parts[-2:])
+    return f" (raised at {where}:{frame.lineno} in {frame.name})"
 
 
 def internal_error(config: HandlerConfig, claim: Claim, exc: Exception) -> Result:

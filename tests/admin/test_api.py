@@ -15,7 +15,7 @@ import pytest
 from receiver import parse_callback
 from receiver.testing import sample_body
 from tests.support.callbacks import job, load
-from tests.support.handler_doubles import recorded
+from tests.support.handler_doubles import PLANNED, recorded
 from tests.support.inbox_places import InboxPlace
 from tests.support.inspector_site import start
 from tests.support.processes import Receiver
@@ -106,7 +106,7 @@ def test_events_by_every_filter_and_page_by_cursor(receiver):
     assert pages == [["jpage4", "jpage3", "jpage2"], ["jpage1", "jpage0"]]
     first = get(receiver, "/api/events", limit=1).json()["events"][0]
     assert first["handlers"] == {
-        "db": {"status": "dead", "attempts": 1, "error": "RuntimeError: planned failure 1 of 1"},
+        "db": {"status": "dead", "attempts": 1, "error": PLANNED.format(1, 1)},
         "log": {"status": "done", "attempts": 1, "error": None},
     }
     assert (first["bucket"], first["key"]) == ("media-1250000000", "other/4.mp4")
@@ -208,7 +208,8 @@ def test_one_event_whole_and_a_job_history(receiver):
     }
     (failed,) = [a for a in detail["attempts"] if a["handler"] == "db"]
     assert failed["outcome"] == "dead"
-    assert failed["error"] == "RuntimeError: planned failure 1 of 1"
+    # A handler's own exception says where it was raised: a bug's line.
+    assert failed["error"] == PLANNED.format(1, 1)
     assert failed["ms"] >= 0
     body = get(receiver, f"/api/receipts/{detail['receipt_id']}/body")
     assert body.content == job("jhist", state="Failed")

@@ -15,7 +15,7 @@ import pytest
 from receiver import parse_callback
 from tests.support.callbacks import ALL, load
 from tests.support.cli import ci_receiver
-from tests.support.handler_doubles import recorded
+from tests.support.handler_doubles import PLANNED, recorded
 from tests.support.processes import Receiver
 from tests.support.waiting import wait_until
 
@@ -331,6 +331,6 @@ def test_dead_letters_then_replay(tmp_path):
     assert row["handlers"]["recorder"] == {
         "status": "dead",
         "attempts": 2,
-        "error": "RuntimeError: planned failure 4 of 5",
+        "error": PLANNED.format(4, 5),
     }
     assert row["handlers"]["jobs"]["status"] == "done"

@@ -4,6 +4,7 @@ in a ci-receiver process: it appends what it sees to a JSON-lines file."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -67,3 +68,15 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 def recorded(path: Path, what: str = "done") -> list[str]:
     return [line["id"] for line in json_lines(path) if line["what"] == what]
+
+
+def _planned_line() -> int:
+    lines, first = inspect.getsourcelines(Recorder.__call__)
+    return first + next(i for i, line in enumerate(lines) if "planned failure" in line)
+
+
+# The error of a planned failure, as the inbox keeps it: with where it was raised.
+PLANNED = (
+    "RuntimeError: planned failure {} of {}"
+    f" (raised at support/handler_doubles.py:{_planned_line()} in __call__)"
+)

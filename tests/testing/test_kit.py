@@ -4,6 +4,7 @@ and handlers run by the dispatcher's rules without a server."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Sequence
 
 import pytest
@@ -93,7 +94,10 @@ async def test_failures_are_retried_until_success_without_waiting():
         (2, "retry"),
         (3, "done"),
     ]
-    assert run.errors == ["RuntimeError: db down", "Retry: busy"]
+    lines, first = inspect.getsourcelines(Flaky.__call__)
+    line = first + next(i for i, text in enumerate(lines) if "raise failure" in text)
+    raised_at = f"(raised at testing/test_kit.py:{line} in __call__)"
+    assert run.errors == [f"RuntimeError: db down {raised_at}", "Retry: busy"]
     assert 0 < run.attempts[0].retry_after <= 1.0  # the back-off's first step: 0.5-1 s
     assert 89 < run.attempts[1].retry_after <= 90
     assert handler.seen == [(1, False), (2, False), (3, False)]
