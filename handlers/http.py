@@ -72,18 +72,25 @@ class HttpHandler:
             return await self._client.post(url, **kwargs)
         except httpx.TimeoutException as exc:
             raise Retry(f"{origin(str(url))} timed out ({type(exc).__name__})") from exc
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+            # The request cannot be made as configured: trying again cannot help, and the
+            # client's words may quote a header's value (a secret).
+            raise Fail(
+                f"cannot send to {origin(str(url))}: {type(exc).__name__} (a header or the"
+                " URL as configured is not valid HTTP)"
+            ) from None
         except httpx.TransportError as exc:
             raise Retry(f"cannot reach {origin(str(url))}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_status(response: httpx.Response) -> None:
-    """2xx passes; 429 and 5xx are retried (after `Retry-After` when given); any other
-    status fails at once: the request itself is wrong (bad URL, token, payload)."""
+    """2xx passes; 408, 429 and 5xx are retried (after `Retry-After` when given); any
+    other status fails at once: the request itself is wrong (bad URL, token, payload)."""
     if response.is_success:
         return
     status = response.status_code
     summary = f"{origin(str(response.request.url))} answered {status}: {excerpt(response)}"
-    if status == 429 or status >= 500:
+    if status in (408, 429) or status >= 500:
         raise Retry(summary, after=retry_after(response))
     raise Fail(summary)
 
@@ -100,9 +107,11 @@ def retry_after(response: httpx.Response) -> float | None:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-    if not math.isfinite(seconds):
+    if not math.isfinite(seconds) or seconds <= 0:
+        # "Now" (0, or a date already past: the clocks disagree): the back-off's step, so
+        # a peer saying so cannot spend every attempt within a second.
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
 
 
 def excerpt(response: httpx.Response, limit: int = 200) -> str:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,9 @@ from handlers.http import HttpHandler, HttpOptions, check_status
 from receiver.callback.event import Event
 
 SECRET_PREFIX = "whsec_"
+# RFC 9110: a field name is a token; a field value holds no control character but tab.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class WebhookOptions(HttpOptions):
@@ -40,6 +44,21 @@ class WebhookOptions(HttpOptions):
         for secret in secrets:
             decode_secret(secret.get_secret_value())
         return secrets
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_can_be_sent(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # A value from a file or a Kubernetes secret often ends in a newline: HTTP cannot
+        # carry it, and the client's error would quote the secret. Said here, not quoted.
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not a token HTTP allows")
+            if _CONTROL.search(value.get_secret_value()):
+                raise ValueError(
+                    f"header {name}: its value holds a line break or another control"
+                    " character (a trailing newline from a secret's file?)"
+                )
+        return headers
 
     @property
     def secrets(self) -> list[SecretStr]:

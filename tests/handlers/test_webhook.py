@@ -12,7 +12,7 @@ import pytest
 from standardwebhooks import Webhook
 
 import handlers
-from handlers import Fail, Retry
+from handlers import Fail, HandlerConfigError, Retry
 from handlers.webhook import WebhookHandler
 from tests.support.handler_runs import run_handler
 from tests.support.http_peers import HttpPeer, Reply
@@ -76,7 +76,7 @@ async def test_a_repeat_keeps_its_webhook_id_and_raw_can_be_left_out(peer):
     assert (payload["state"], payload["code"]) == ("Failed", failed.code)
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 429])
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 408])
 async def test_server_errors_and_rate_limits_are_retried(peer, status):
     peer.replies = [Reply(status=status, body="busy")]
     with pytest.raises(Retry, match=f"answered {status}: busy") as raised:
@@ -95,6 +95,25 @@ async def test_retry_after_is_honoured_in_seconds_and_as_a_date(peer):
         await run_handler("webhook", {"url": peer.url}, event())
     assert seconds.value.after == 7
     assert 100 < date.value.after <= 120
+    # "Now", or a date the peer's clock thinks past: the back-off's step instead, or every
+    # attempt would be spent within a second.
+    peer.replies = [
+        Reply(status=503, headers={"Retry-After": "0"}),
+        Reply(status=503, headers={"Retry-After": formatdate(time() - 60, usegmt=True)}),
+    ]
+    for _ in range(2):
+        with pytest.raises(Retry) as now:
+            await run_handler("webhook", {"url": peer.url}, event())
+        assert now.value.after is None
+
+
+async def test_a_header_value_http_cannot_carry_is_refused_without_quoting_it(peer):
+    secret = "Bearer s3cr3t-token"
+    with pytest.raises(HandlerConfigError, match="header Authorization: its value holds") as bad:
+        handlers.build("webhook", {"url": peer.url, "headers": {"Authorization": secret + "\n"}})
+    assert "s3cr3t" not in str(bad.value)
+    with pytest.raises(HandlerConfigError, match="header name 'Bad Name'"):
+        handlers.build("webhook", {"url": peer.url, "headers": {"Bad Name": "x"}})
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 410, 301])
@@ -144,3 +163,17 @@ def test_bad_options_name_the_key(options, says):
     with pytest.raises(handlers.HandlerConfigError, match="handler type 'webhook'") as raised:
         handlers.build("webhook", options)
     assert says in str(raised.value)
+
+
+async def test_a_request_that_cannot_be_sent_fails_at_once_without_quoting_it(peer):
+    # Past the config's checks (a handler of one's own on HttpHandler, say): no retries,
+    # and the client's words, which quote the value, are not kept.
+    handler = WebhookHandler({"url": peer.url})
+    await handler.start()
+    try:
+        with pytest.raises(Fail, match="LocalProtocolError") as failed:
+            await handler.post(peer.url, headers={"Authorization": "Bearer s3cr3t\n"})
+    finally:
+        await handler.close()
+    assert "s3cr3t" not in str(failed.value)
+    assert peer.requests == []
