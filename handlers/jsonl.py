@@ -58,11 +58,12 @@ class JsonLinesHandler:
         return path.with_name(f"{path.stem}-{day}{path.suffix}")
 
     async def __call__(self, event: Event) -> None:
-        await self._append([event])
+        failed = await self._append([event])
+        if failed:
+            raise next(iter(failed.values()))
 
     async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
-        await self._append(events)
-        return None
+        return await self._append(events) or None
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writer, self._close)
@@ -73,28 +74,46 @@ class JsonLinesHandler:
         self._file, self._file_path, self._started = None, None, False
         self._writer.shutdown(wait=False)  # this is its last task
 
-    async def _append(self, events: Sequence[Event]) -> None:
-        """The events' lines, each file's in one write and one fsync."""
+    async def _append(self, events: Sequence[Event]) -> dict[str, BaseException]:
+        """The events' lines, each file's in one write and one fsync; the events of the
+        files that could not be written, with why (those of the others are written, and
+        must not be written again when these are retried)."""
         include_raw = self.options.include_raw
-        by_path: dict[Path, list[bytes]] = {}
+        by_path: dict[Path, list[Event]] = {}
         for event in events:
-            by_path.setdefault(self.path_for(event), []).append(
-                event.to_json(include_raw=include_raw) + b"\n"
-            )
+            by_path.setdefault(self.path_for(event), []).append(event)
         loop = asyncio.get_running_loop()
-        for path, lines in by_path.items():
-            await loop.run_in_executor(self._writer, self._write, path, b"".join(lines))
+        failed: dict[str, BaseException] = {}
+        for path, in_file in by_path.items():
+            data = b"".join(event.to_json(include_raw=include_raw) + b"\n" for event in in_file)
+            try:
+                await loop.run_in_executor(self._writer, self._write, path, data)
+            except Exception as exc:
+                failed.update((event.id, exc) for event in in_file)
+        return failed
 
     def _write(self, path: Path, data: bytes) -> None:
         if not self._started:
             raise RuntimeError("the jsonl handler is not started")
-        if path != self._file_path:
+        if path != self._file_path or self._moved():
             self._open(path)
         assert self._file is not None
         self._file.write(data)
         self._file.flush()
         if self.options.fsync:
             os.fsync(self._file.fileno())
+
+    def _moved(self) -> bool:
+        """Whether the open file is no longer at its path (rotated away or deleted): lines
+        written to it now would be lost with it."""
+        assert self._file is not None
+        assert self._file_path is not None
+        try:
+            there = os.stat(self._file_path)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._file.fileno())
+        return (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino)
 
     def _open(self, path: Path) -> None:
         # One file open at a time: the current day's, while rotating.

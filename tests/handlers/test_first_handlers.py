@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from datetime import timezone
+from datetime import timedelta, timezone
 
 import orjson
 import pytest
@@ -76,6 +76,49 @@ async def test_jsonl_appends_to_its_own_file_and_never_to_anybody_elses(tmp_path
         await handler(event)
     await handlers.close(handler)
     assert theirs.read_bytes() == theirs.with_name(f"app-{day}.log").read_bytes() == before
+
+
+async def test_jsonl_follows_its_file_when_it_is_rotated_away_or_deleted(tmp_path):
+    first, second, third = parse_callback(load("two_jobs.xml")) + parse_callback(
+        load("transcode.xml")
+    )
+    path = tmp_path / "events.jsonl"
+    handler = await started("jsonl", path=str(path), include_raw=False)
+    try:
+        await handler(first)
+        path.rename(tmp_path / "events.jsonl.1")  # logrotate's rename
+        await handler(second)
+        (tmp_path / "events.jsonl.1").unlink()  # ... and its compression, later
+        path.unlink()  # or a user cleaning up
+        await handler(third)
+    finally:
+        await handlers.close(handler)
+    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [third.id]
+
+
+async def test_jsonl_fails_only_the_events_of_a_file_it_could_not_write(tmp_path):
+    # A batch across two days (midnight, a replay): the first day's lines are written
+    # once, and only the second day's events are left to retry.
+    today, yesterday = parse_callback(load("two_jobs.xml"))
+    yesterday.received_at -= timedelta(days=1)
+    path = tmp_path / "events.jsonl"
+    theirs = path.with_name(f"events-{today.received_at.astimezone(timezone.utc).date()}.jsonl")
+    theirs.write_bytes(b"somebody else's\n")
+    handler = await started("jsonl", path=str(path), rotate="daily", include_raw=False)
+    ctx = BatchContext(handler="jsonl", deadline=0.0, log=handler_logger, runs={})
+    try:
+        failed = await handler.handle_batch([yesterday, today], ctx)
+    finally:
+        await handlers.close(handler)
+    assert list(failed) == [today.id]
+    assert isinstance(failed[today.id], NotOurs)
+    written = path.with_name(
+        f"events-{yesterday.received_at.astimezone(timezone.utc).date()}.jsonl"
+    )
+    assert [orjson.loads(line)["id"] for line in written.read_bytes().splitlines()] == [
+        yesterday.id
+    ]
+    assert theirs.read_bytes() == b"somebody else's\n"
 
 
 def job_rows(path):
