@@ -103,9 +103,7 @@ class EmailHandler:
 
     async def send(self, message: EmailMessage) -> None:
         try:
-            smtp = self._client()
-            async with smtp:
-                await smtp.send_message(message)
+            await self._deliver(message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refusals = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
             if all(r.code >= 500 for r in exc.recipients):
@@ -119,6 +117,25 @@ class EmailHandler:
             raise Fail(f"the relay cannot do what is configured: {exc}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise Retry(f"{type(exc).__name__}: {exc}") from None
+
+    async def _deliver(self, message: EmailMessage) -> None:
+        smtp = self._client()
+        try:
+            await smtp.connect()
+            await smtp.send_message(message)
+        except BaseException:
+            # At once: `async with` would send QUIT and wait up to request_timeout for its
+            # answer, past the attempt's time limit (its lease) and SIGTERM's drain.
+            smtp.close()
+            raise
+        # The message is taken: a relay that answers QUIT badly or late changes nothing.
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+        except BaseException:
+            smtp.close()
+            raise
 
     def message(self, event: Event) -> EmailMessage:
         options = self.options

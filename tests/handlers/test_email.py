@@ -3,9 +3,11 @@ certificate (from a test CA made by trustme), and AUTH LOGIN/PLAIN."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import ssl
+import time
 
 import pytest
 import trustme
@@ -228,3 +230,31 @@ async def test_a_digest_is_one_mail_counting_the_events_with_a_link(starttls_rel
     html_part = mail.get_body(("html",)).get_content()
     assert '<a href="https://ci.example.com/inspector/events?handler=mail&amp;since=' in html_part
     assert "<at id=all>" not in html_part  # the forged event's values, escaped as ever
+
+
+class Hanging(Mailbox):
+    """A relay that takes the message and then never answers."""
+
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(30)
+        return "250 Message accepted"
+
+
+async def test_an_attempt_stopped_while_the_relay_hangs_ends_at_once():
+    # Its time limit (or SIGTERM's drain) cancels it: it must not then wait up to
+    # request_timeout for the answer to a polite QUIT, past its lease.
+    mailbox = Hanging()
+    controller = relay(mailbox)
+    try:
+        handler = handlers.build(
+            "email",
+            options(
+                controller.port, security="none", request_timeout=6, username=None, password=None
+            ),
+        )
+        began = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(handler(event()), 0.5)
+        assert time.monotonic() - began < 1.5
+    finally:
+        controller.stop(no_assert=True)
