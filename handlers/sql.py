@@ -32,7 +32,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from handlers import BatchContext, BatchResult, HandlerConfigError, HandlerOptions
+from handlers import BatchContext, BatchResult, Fail, HandlerConfigError, HandlerOptions
 from handlers.sql_schema import Prepared, Wanted, prepare
 from handlers.sql_tables import event_row, job_row
 from receiver.callback.event import Event
@@ -218,14 +218,21 @@ class SqlHandler:
             self._engine = None
 
     async def __call__(self, event: Event) -> None:
-        await self._write([event])
+        try:
+            await self._write([event])
+        except DBAPIError as exc:
+            if refused_for_its_data(exc):
+                raise refusal(exc) from None
+            raise
 
     async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
         try:
             await self._write(events)
         except DBAPIError as exc:
-            if len(events) == 1 or not refused_for_its_data(exc):
+            if not refused_for_its_data(exc):
                 raise
+            if len(events) == 1:
+                raise refusal(exc) from None
             ctx.log.warning(
                 "the database refused the batch; writing its events one by one",
                 error=f"{type(exc).__name__}: {exc.orig}",
@@ -239,7 +246,7 @@ class SqlHandler:
             except DBAPIError as exc:
                 if not refused_for_its_data(exc):
                     raise
-                refused[event.id] = exc
+                refused[event.id] = refusal(exc)
         return refused
 
     async def _write(self, events: Sequence[Event]) -> None:
@@ -280,6 +287,16 @@ def refused_for_its_data(exc: DBAPIError) -> bool:
         return True
     sqlstate = getattr(exc.orig, "sqlstate", None)
     return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
+
+
+def refusal(exc: DBAPIError) -> Fail:
+    """A row the database refused: trying again cannot help (a dead letter, to look at and
+    replay once the table can take it). Said in a line: the driver's own words, without
+    the statement and its parameters that SQLAlchemy's message adds (kilobytes)."""
+    cause = exc.orig if exc.orig is not None else exc
+    words = str(cause).strip().splitlines()
+    said = words[0][:300] if words else ""
+    return Fail(f"the database refused the event's row: {type(cause).__name__}: {said}")
 
 
 def latest_rows(events: Sequence[Event]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
 import handlers
+from handlers import Fail
 from handlers.sql import SqlHandler, async_url
 from handlers.sql_schema import REGISTRY, registry_table
 from handlers.sql_tables import events_table, job_row, jobs_table
@@ -718,11 +719,25 @@ async def test_a_batch_the_database_refuses_fails_only_the_events_at_fault(sql_o
         assert written == {e.job_id for e in [*good, bad]}
         return
     assert list(answer) == [bad.id]
-    assert "too long" in str(answer[bad.id]).lower()
+    # A dead letter at once (trying again cannot help), said in a line: no statement, no
+    # parameters.
+    refused = answer[bad.id]
+    assert isinstance(refused, Fail)
+    assert str(refused).startswith("the database refused the event's row: ")
+    assert "too long" in str(refused).lower()
+    assert "INSERT" not in str(refused)
+    assert len(str(refused)) < 400
     assert written == {e.job_id for e in good}
     assert [line["event"] for line in logs] == [
         "the database refused the batch; writing its events one by one"
     ]
+    # Alone, the same.
+    handler = await started(sql_options)
+    try:
+        with pytest.raises(Fail, match="the database refused the event's row"):
+            await handler(bad)
+    finally:
+        await handler.close()
 
 
 async def test_batches_sharing_jobs_at_once_do_not_deadlock(sql_options):
