@@ -31,6 +31,11 @@ def test_a_sample_for_every_kind_of_callback_and_its_failures():
     tags = {event.tag for event in made.values()}
     assert {"SmartCover", "Animation", "Transcode", "Snapshot"} <= tags
     assert {event.state for event in made.values()} >= {"Success", "Failed", "Cancel"}
+    # A job that did not succeed lists no output, as CI's do: a handler that forgets to
+    # look at the state is caught by its test.
+    unfinished = [e for e in made.values() if e.kind == "job" and e.state != "Success"]
+    assert {e.state for e in unfinished} == {"Failed", "Cancel"}
+    assert [e.outputs for e in unfinished] == [[]] * len(unfinished)
     verdicts = [
         made[f"moderation-{v}"].moderation.result for v in ("simple", "detail", "suspected")
     ]
