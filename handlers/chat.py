@@ -41,6 +41,11 @@ from receiver.timezones import check_timezone, parse_timezone
 
 # WeCom's documented content limits, in UTF-8 bytes.
 WECOM_MAX_BYTES = {"text": 2048, "markdown": 4096}
+# Feishu refuses a request body over 20 KB (code 9499), and DingTalk a message too long,
+# for good: one event's long Message or UserData (anybody's, in a forged callback) would
+# sink the digest it is in. The content is cut to this, which stays under the limit
+# however the JSON writes it (as \uXXXX escapes: 6 bytes a character of 3).
+ROBOT_MAX_BYTES = 8000
 # Error codes that mean "not now" rather than "never": -1 is a busy server on all three.
 WECOM_RETRYABLE = {-1, 45009}  # 45009: over the 20 messages per minute
 DINGTALK_RETRYABLE = {-1, 130101, 410100, 90030}  # sending too fast / over the limit
@@ -216,12 +221,13 @@ class DingTalkHandler(ChatHandler):
             payload: dict[str, Any] = {
                 "msgtype": "markdown",
                 "markdown": {
-                    "title": message.title(TEXT),
-                    "text": message.text(DINGTALK_MARKDOWN),
+                    "title": truncate_utf8(message.title(TEXT), ROBOT_MAX_BYTES // 8),
+                    "text": truncate_utf8(message.text(DINGTALK_MARKDOWN), ROBOT_MAX_BYTES),
                 },
             }
         else:
-            payload = {"msgtype": "text", "text": {"content": message.text(CHAT_TEXT)}}
+            content = truncate_utf8(message.text(CHAT_TEXT), ROBOT_MAX_BYTES)
+            payload = {"msgtype": "text", "text": {"content": content}}
         url = httpx.URL(options.url.get_secret_value())
         if options.secret is not None:
             timestamp = int(time.time() * 1000)
@@ -277,15 +283,23 @@ class FeishuHandler(ChatHandler):
                     "header": {
                         "title": {
                             "tag": "plain_text",
-                            "content": message.title(TEXT),
+                            "content": truncate_utf8(message.title(TEXT), ROBOT_MAX_BYTES // 8),
                         },
                         "template": "red" if message.failed else "green",
                     },
-                    "elements": [{"tag": "markdown", "content": message.text(FEISHU_MARKDOWN)}],
+                    "elements": [
+                        {
+                            "tag": "markdown",
+                            "content": truncate_utf8(
+                                message.text(FEISHU_MARKDOWN), ROBOT_MAX_BYTES
+                            ),
+                        }
+                    ],
                 },
             }
         else:
-            payload = {"msg_type": "text", "content": {"text": message.text(FEISHU_TEXT)}}
+            content = truncate_utf8(message.text(FEISHU_TEXT), ROBOT_MAX_BYTES)
+            payload = {"msg_type": "text", "content": {"text": content}}
         if options.secret is not None:
             timestamp = int(time.time())
             payload["timestamp"] = str(timestamp)

@@ -18,6 +18,7 @@ from markdown_it import MarkdownIt
 
 import handlers
 from handlers import BatchContext, Fail, Retry
+from handlers.chat import ROBOT_MAX_BYTES
 from receiver.callback.event import Event
 from receiver.dispatch.outcomes import handler_logger
 from tests.support.handler_runs import run_handler
@@ -155,6 +156,29 @@ def feishu():
     with HttpPeer(feishu_bot(SECRET)) as peer:
         peer.hook = f"{peer.url}/open-apis/bot/v2/hook/{FEISHU_HOOK}"
         yield peer
+
+
+@pytest.mark.parametrize("msgtype", ["markdown", "text"])
+async def test_feishu_takes_an_event_of_any_size_its_message_cut(feishu, msgtype):
+    # A forged callback's Message can be hundreds of KB: Feishu would refuse the body
+    # for good (over 20 KB), and with it every event of a digest it is in.
+    huge = dataclasses.replace(event("smartcover_failed.xml"), message="下载失败" * 30000)
+    options = {"url": feishu.hook, "secret": SECRET, "msgtype": msgtype}
+    await run_handler("feishu", options, huge)
+    body = feishu.requests[0].json()
+    content = (
+        body["card"]["elements"][0]["content"] if msgtype == "markdown" else body["content"]["text"]
+    )
+    assert content.endswith("...")
+    assert len(content.encode()) <= ROBOT_MAX_BYTES
+
+
+async def test_dingtalk_message_is_cut_too(dingtalk):
+    huge = dataclasses.replace(event("smartcover_failed.xml"), message="x" * 100_000)
+    await run_handler("dingtalk", {"url": dingtalk.hook, "secret": SECRET}, huge)
+    text = dingtalk.requests[0].json()["markdown"]["text"]
+    assert text.endswith("...")
+    assert len(text.encode()) <= ROBOT_MAX_BYTES
 
 
 async def test_feishu_gets_a_signed_card(feishu):

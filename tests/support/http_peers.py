@@ -180,6 +180,8 @@ def feishu_bot(secret: str | None) -> Responder:
     """飞书: POST /open-apis/bot/v2/hook/ID with `timestamp` (s) and `sign` in the body."""
 
     def respond(request: Request) -> Reply:
+        if len(request.body) > 20 * 1024:  # Feishu: "请求体大小不能超过20k"
+            return Reply(body={"code": 9499, "msg": "Bad Request", "data": {}})
         body = request.json()
         if secret is not None:
             timestamp = str(body.get("timestamp", ""))
