@@ -49,6 +49,9 @@ from receiver.failing import Failing
 
 logger = structlog.get_logger("ci_receiver.ci_api")
 
+# What urllib3 adds to a failure of a request: its path (`with url: /jobs/<id>`).
+_REQUEST_PATH = re.compile(r" with url: \S+")
+
 # The SDK logs each request's headers at DEBUG (a temporary credential's token among
 # them) and every failure with a traceback; we log each failure once, with its retry.
 logging.getLogger("qcloud_cos").setLevel(logging.CRITICAL)
@@ -93,7 +96,13 @@ class CiApiError(Exception):
     @property
     def reason(self) -> str:
         """Why, in a word (`network`, `refused`, `throttled`, `server`, `other`)."""
-        return _reason(self)
+        if self.status is None:
+            return "network"
+        if isinstance(self, CredentialsError):
+            return "refused"
+        if self.status == 429 or self.code in ("SlowDown", "RequestLimitExceeded"):
+            return "throttled"
+        return "server" if self.status >= 500 else "other"
 
 
 class CredentialsError(CiApiError):
@@ -340,23 +349,19 @@ class CiApi:
                 except Exception as exc:  # the SDK could not read the answer (a proxy's page?)
                     error = _failed(what, f"unreadable answer ({exc!r})", retryable=True)
                 else:
-                    failed = self._failing.over()
-                    if failed is not None:
-                        logger.info("CI's job API answers again", failed_since=failed)
+                    self._failing.say_succeeded(logger, "CI's job API answers again")
                     return answer
-                span.fail(_reason(error), str(error))
-            self.errors.labels(_reason(error)).inc()
+                span.fail(error.reason, str(error))
+            self.errors.labels(error.reason).inc()
             if not error.retryable or attempt == attempts:
                 raise error
             # Full jitter: a random wait up to the backoff, so that many receivers
             # throttled at once do not come back at once.
             wait = random.uniform(0, delay)
             # The reason alone decides whether it is news: the request's own words differ.
-            said = self._failing.news(_reason(error))
-            (logger.warning if said else logger.debug)(
-                "CI API request failed; trying again",
+            self._failing.say_failed(
+                logger, "warning", "CI API request failed; trying again", error.reason,
                 request=what, error=str(error), attempt=attempt, retry_in=round(wait, 2),
-                **({"repeats": "logged at debug until a request succeeds"} if said else {}),
             )  # fmt: skip
             await asyncio.sleep(wait)
             delay = min(delay * 2, self._backoff_max)
@@ -390,9 +395,6 @@ def _error(exc: CosServiceError | CosClientError, what: str) -> CiApiError:
     return _failed(what, detail, status=status, code=code, retryable=retryable)
 
 
-_REQUEST_PATH = re.compile(r" with url: \S+")
-
-
 def _failed(what: str, detail: str, **how: Any) -> CiApiError:
     return CiApiError(f"{what}: {detail}", detail=detail, **how)
 
@@ -413,13 +415,3 @@ def _error_body(exc: CosServiceError) -> tuple[str | None, str | None]:
     error = data.get("Error")
     body = error if isinstance(error, dict) else data
     return text(body.get("Code")), text(body.get("Message"))
-
-
-def _reason(error: CiApiError) -> str:
-    if error.status is None:
-        return "network"
-    if isinstance(error, CredentialsError):
-        return "refused"
-    if error.status == 429 or error.code in ("SlowDown", "RequestLimitExceeded"):
-        return "throttled"
-    return "server" if error.status >= 500 else "other"

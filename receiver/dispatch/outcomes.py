@@ -212,18 +212,12 @@ async def record(
     number = claim.attempts + 1
     if result.outcome == "done":
         logger.debug("handled", attempt=number)
-        failed = metrics.failing.over()
-        if failed is not None:
-            logger.info("handler succeeds again", failed_since=failed)
+        metrics.failing.say_succeeded(logger, "handler succeeds again")
     elif result.outcome == "retry":
-        said = metrics.failing.news(result.error or "")
-        (logger.warning if said else logger.debug)(
-            "handler failed; will retry",
-            attempt=number,
-            error=result.error,
-            retry_at=result.retry_at,
-            **({"repeats": "logged at debug until an attempt succeeds"} if said else {}),
-        )
+        metrics.failing.say_failed(
+            logger, "warning", "handler failed; will retry", result.error or "",
+            attempt=number, error=result.error, retry_at=result.retry_at,
+        )  # fmt: skip
     elif result.outcome == "dead":
         logger.error("handler gave up; dead-lettered", attempt=number, error=result.error)
     try:

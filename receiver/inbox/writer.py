@@ -40,9 +40,12 @@ from typing import Any, TypeVar
 
 import structlog
 
+from receiver.failing import Failing
 from receiver.inbox.types import InboxUnavailable
 
 logger = structlog.get_logger("ci_receiver.inbox")
+# Every batch that fails as a whole is news once, whatever its error's words.
+UNWRITABLE = "the inbox file cannot be written"
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -89,8 +92,8 @@ class Writer:
         # The last batch that failed as a whole (disk full, lock timeout), and when.
         self.last_failure: Exception | None = None
         self.last_failure_at = 0.0
-        # Batches failed as a whole since the last commit that went through.
-        self._failed_batches = 0
+        # Batches failing as a whole: said once as it begins, once as a commit goes through.
+        self._failing = Failing()
 
     async def start(self) -> None:
         self._connection = await self._in_thread(self._connect)
@@ -204,22 +207,20 @@ class Writer:
             await self._in_thread(connection.execute, "COMMIT")
             self.commits += 1
             self.last_commit = time.monotonic()
-            if self._failed_batches:
-                logger.info("inbox writable again", path=str(self._path),
-                            failed_batches=self._failed_batches)  # fmt: skip
-                self._failed_batches = 0
+            failed = self._failing.over()
+            if failed is not None:
+                logger.info("inbox writable again", path=str(self._path), failed_batches=failed)
         except Exception as exc:  # the batch as a whole failed: disk full, lock timeout
             self.last_failure, self.last_failure_at = exc, time.monotonic()
             with contextlib.suppress(sqlite3.Error):
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
-            if not self._failed_batches:
+            if self._failing.news(UNWRITABLE):
                 logger.warning(
                     "inbox not writable; callbacks are answered 503 until it is",
                     path=str(self._path),
                     error=str(exc),
                 )
-            self._failed_batches += 1
             unavailable = InboxUnavailable(f"not writable: {exc}")
             unavailable.__cause__ = exc
             results = [(None, unavailable)] * len(batch)

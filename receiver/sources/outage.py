@@ -16,10 +16,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from receiver.failing import Failing
+
 # The pause before taking more messages while the inbox cannot take them: doubling from
 # the first to the last, with jitter, until a message is committed again.
 FIRST_PAUSE_SECONDS = 0.5
 LAST_PAUSE_SECONDS = 30.0
+OUTAGE = "the inbox cannot take messages"
 
 
 class Outage:
@@ -27,28 +30,28 @@ class Outage:
         """`failing`: what becomes of the messages meanwhile; `back`: that they are
         committed again."""
         self._logger = logger
-        self._failing = failing
+        self._said_failing = failing
         self._back = back
-        self._failed = 0  # messages failed since the outage began; 0: none under way
+        # Every message fails alike while the inbox is away, whatever its error's words.
+        self._failing = Failing()
         self._pause = FIRST_PAUSE_SECONDS
 
     def failed(self, error: BaseException) -> None:
         """A message not kept because the inbox cannot take it now (`IntakeUnavailable`)."""
-        if not self._failed:
-            self._logger.warning(self._failing, error=str(error))
-        self._failed += 1
+        if self._failing.news(OUTAGE):
+            self._logger.warning(self._said_failing, error=str(error))
 
     def committed(self) -> None:
         """A message committed: an outage under way is over."""
-        if self._failed:
-            self._logger.info(self._back, failed_messages=self._failed)
-            self._failed = 0
+        failed = self._failing.over()
+        if failed is not None:
+            self._logger.info(self._back, failed_messages=failed)
             self._pause = FIRST_PAUSE_SECONDS
 
     def pause(self) -> float:
         """Seconds to wait before taking more messages: 0 unless an outage is under way,
         then longer each time it is asked (with jitter), up to LAST_PAUSE_SECONDS."""
-        if not self._failed:
+        if self._failing.error is None:
             return 0.0
         pause = self._pause
         self._pause = min(pause * 2, LAST_PAUSE_SECONDS)

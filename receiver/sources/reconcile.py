@@ -204,10 +204,9 @@ class Reconciler:
                 report.failed[watch] = str(error)
                 # CI out of reach fails every watch alike, pass after pass: said once
                 # (the API client says when it answers again).
-                said = self._failing.news(error.reason)
-                (logger.error if said else logger.debug)(
-                    "cannot list from CI's job API", watch=str(watch), error=str(error),
-                    **({"repeats": "logged at debug until a listing succeeds"} if said else {}),
+                self._failing.say_failed(
+                    logger, "error", "cannot list from CI's job API", error.reason,
+                    watch=str(watch), error=str(error),
                 )  # fmt: skip
             else:
                 self._failing.over()

@@ -75,6 +75,16 @@ async def until(condition, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def dispatched_until(inbox, condition, **handlers) -> Dispatcher:
+    """A dispatcher of these handlers (as `dispatcher` takes them), started, run until
+    `condition` holds, and stopped."""
+    d = dispatcher(inbox, **handlers)
+    await d.start()
+    await until(condition)
+    await d.stop()
+    return d
+
+
 async def statuses(inbox, event_id: str) -> dict[str, tuple[str, int]]:
     detail = await inbox.event(event_id)
     return {run.handler: (run.status, run.attempts) for run in detail.runs}
@@ -91,10 +101,9 @@ async def test_a_cancellation_the_handler_raises_itself_is_a_failure_like_any(in
     # end; never handed back uncounted and due at once, again and again.
     stray = Recording([asyncio.CancelledError("shared future cancelled")] * 3)
     (event_id,) = await store(inbox, "transcode.xml", ["stray"])
-    d = dispatcher(inbox, stray=(stray, {"max_attempts": 3}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: settled(inbox, event_id), stray=(stray, {"max_attempts": 3})
+    )
     assert await statuses(inbox, event_id) == {"stray": ("dead", 3)}
     attempts = (await inbox.event(event_id)).attempts
     assert [(a.number, a.outcome) for a in attempts] == [(1, "retry"), (2, "retry"), (3, "dead")]
@@ -105,10 +114,9 @@ async def test_a_failing_handler_is_retried_alone(inbox):
     flaky = Recording([RuntimeError("db down"), Retry("busy")])
     steady = Recording()
     (event_id,) = await store(inbox, "transcode.xml", ["flaky", "steady"])
-    d = dispatcher(inbox, flaky=(flaky, {}), steady=(steady, {}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: settled(inbox, event_id), flaky=(flaky, {}), steady=(steady, {})
+    )
     assert await statuses(inbox, event_id) == {"flaky": ("done", 3), "steady": ("done", 1)}
     assert flaky.calls == [event_id] * 3
     assert steady.calls == [event_id]
@@ -154,10 +162,9 @@ async def test_a_handler_failing_every_event_the_same_way_says_so_once(inbox):
 async def test_dead_letter_after_the_last_attempt(inbox):
     always = Recording([RuntimeError("no")] * 10)
     (event_id,) = await store(inbox, "transcode.xml", ["always"])
-    d = dispatcher(inbox, always=(always, {"max_attempts": 3}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: settled(inbox, event_id), always=(always, {"max_attempts": 3})
+    )
     assert await statuses(inbox, event_id) == {"always": ("dead", 3)}
     assert len(always.calls) == 3
     assert [s.id for s in await inbox.events(EventFilter(status="dead"))] == [event_id]
@@ -166,10 +173,9 @@ async def test_dead_letter_after_the_last_attempt(inbox):
 async def test_fail_dead_letters_at_once(inbox):
     refusing = Recording([Fail("HTTP 404 from the peer")])
     (event_id,) = await store(inbox, "transcode.xml", ["refusing"])
-    d = dispatcher(inbox, refusing=(refusing, {"max_attempts": 5}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: settled(inbox, event_id), refusing=(refusing, {"max_attempts": 5})
+    )
     detail = await inbox.event(event_id)
     assert detail.runs[0].status == "dead"
     assert detail.runs[0].attempts == 1
@@ -179,10 +185,7 @@ async def test_fail_dead_letters_at_once(inbox):
 async def test_retry_after_sets_when_the_next_attempt_is_due(inbox):
     later = Recording([Retry("rate limited", after=3600)])
     (event_id,) = await store(inbox, "transcode.xml", ["later"])
-    d = dispatcher(inbox, later=(later, {}))
-    await d.start()
-    await until(lambda: _attempted(inbox, event_id))
-    await d.stop()
+    await dispatched_until(inbox, lambda: _attempted(inbox, event_id), later=(later, {}))
     run = (await inbox.event(event_id)).runs[0]
     assert (run.status, run.attempts) == ("pending", 1)
     wait = (run.due_at - datetime.now(timezone.utc)).total_seconds()
@@ -196,10 +199,9 @@ async def _attempted(inbox, event_id: str) -> bool:
 async def test_a_handler_past_its_timeout_is_retried(inbox):
     slow = Recording(delay=5)
     (event_id,) = await store(inbox, "transcode.xml", ["slow"])
-    d = dispatcher(inbox, slow=(slow, {"timeout": 0.1, "max_attempts": 2}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: settled(inbox, event_id), slow=(slow, {"timeout": 0.1, "max_attempts": 2})
+    )
     detail = await inbox.event(event_id)
     assert detail.runs[0].status == "dead"
     assert [a.error for a in detail.attempts] == ["timed out after 0.1s"] * 2
@@ -216,10 +218,9 @@ async def test_concurrency_is_bounded_per_handler(inbox):
         "two_jobs.xml",
     ):
         ids += await store(inbox, name, ["counted"])
-    d = dispatcher(inbox, counted=(counted, {"concurrency": 2}))
-    await d.start()
-    await until(lambda: _all_settled(inbox, ids))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: _all_settled(inbox, ids), counted=(counted, {"concurrency": 2})
+    )
     assert sorted(counted.calls) == sorted(ids)
     assert counted.most_running == 2
 
@@ -287,10 +288,11 @@ async def test_a_retry_delay_that_is_no_usable_number_is_bounded(inbox, after):
     (event_id,) = await store(inbox, "transcode.xml", ["odd"])
     # A delay that is no number falls back to the back-off's: one long enough that the
     # retry cannot come due before the stop (FAST's, 25-50 ms, sometimes did under load).
-    d = dispatcher(inbox, odd=(odd, {"backoff_initial": 60, "backoff_max": 60}))
-    await d.start()
-    await until(lambda: _attempted(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox,
+        lambda: _attempted(inbox, event_id),
+        odd=(odd, {"backoff_initial": 60, "backoff_max": 60}),
+    )
     detail = await inbox.event(event_id)
     assert detail.attempts[0].outcome == "retry"
     run = detail.runs[0]
@@ -308,10 +310,7 @@ async def test_a_retry_delay_that_is_no_usable_number_is_bounded(inbox, after):
 async def test_stop_lets_running_attempts_finish(inbox):
     slowish = Recording(delay=0.3)
     (event_id,) = await store(inbox, "transcode.xml", ["slowish"])
-    d = dispatcher(inbox, slowish=(slowish, {}), drain=5)
-    await d.start()
-    await until(lambda: _running(slowish))
-    await d.stop()
+    await dispatched_until(inbox, lambda: _running(slowish), slowish=(slowish, {}), drain=5)
     assert await statuses(inbox, event_id) == {"slowish": ("done", 1)}
 
 
@@ -322,10 +321,9 @@ async def _running(handler: Recording) -> bool:
 async def test_stop_releases_what_does_not_finish_in_time_without_counting_it(inbox):
     stuck = Recording(delay=60)
     (event_id,) = await store(inbox, "transcode.xml", ["stuck"])
-    d = dispatcher(inbox, stuck=(stuck, {"timeout": 120}), drain=0.2)
-    await d.start()
-    await until(lambda: _running(stuck))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: _running(stuck), stuck=(stuck, {"timeout": 120}), drain=0.2
+    )
     detail = await inbox.event(event_id)
     assert (detail.runs[0].status, detail.runs[0].attempts) == ("pending", 0)
     assert [(a.outcome, a.error) for a in detail.attempts] == [
@@ -333,10 +331,7 @@ async def test_stop_releases_what_does_not_finish_in_time_without_counting_it(in
     ]
     # A new dispatcher (the restarted process) runs it at once: the lease was handed back.
     again = Recording()
-    d = dispatcher(inbox, stuck=(again, {}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(inbox, lambda: settled(inbox, event_id), stuck=(again, {}))
     assert again.calls == [event_id]
 
 
@@ -345,10 +340,7 @@ async def test_a_run_leased_by_a_process_that_died_is_taken_over_after_its_lease
     (claim,) = await inbox.claim("h", 10, lease_seconds=0.3)  # the process dies here
     assert await inbox.claim("h", 10, lease_seconds=30) == []
     handler = Recording()
-    d = dispatcher(inbox, h=(handler, {}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(inbox, lambda: settled(inbox, event_id), h=(handler, {}))
     assert handler.calls == [event_id]
     # The dead process's late report is refused: its lease token no longer holds.
     assert not await inbox.finish(claim, "done", started_at=datetime.now(timezone.utc))
@@ -357,15 +349,11 @@ async def test_a_run_leased_by_a_process_that_died_is_taken_over_after_its_lease
 async def test_pending_work_resumes_after_a_restart(inbox):
     ids = await store(inbox, "two_jobs.xml", ["h"])
     first = Recording([RuntimeError("boom")])
-    d = dispatcher(inbox, h=(first, {"backoff_initial": 0.3, "backoff_max": 0.3}))
-    await d.start()
-    await until(lambda: _calls(first, 2))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: _calls(first, 2), h=(first, {"backoff_initial": 0.3, "backoff_max": 0.3})
+    )
     second = Recording()
-    d = dispatcher(inbox, h=(second, {}))
-    await d.start()
-    await until(lambda: _all_settled(inbox, ids))
-    await d.stop()
+    await dispatched_until(inbox, lambda: _all_settled(inbox, ids), h=(second, {}))
     assert Counter(first.calls + second.calls) == {ids[0]: 2, ids[1]: 1} or Counter(
         first.calls + second.calls
     ) == {ids[0]: 1, ids[1]: 2}
@@ -407,10 +395,9 @@ async def test_requeue_dead_runs_replays_them(inbox):
 async def test_dead_letters_of_a_handler_the_routes_no_longer_send_to_are_left_alone(inbox):
     # As the inspector's confirmation says, and as replaying for a named handler does.
     (event_id,) = await store(inbox, "transcode.xml", ["h"])
-    d = dispatcher(inbox, h=(Recording([Fail("bad config")]), {}))
-    await d.start()
-    await until(lambda: settled(inbox, event_id))
-    await d.stop()
+    await dispatched_until(
+        inbox, lambda: settled(inbox, event_id), h=(Recording([Fail("bad config")]), {})
+    )
     rerouted = Router([RouteConfig(handlers=["elsewhere"])], ["h", "elsewhere"])
     left = await replay(inbox, rerouted, [event_id], handlers=["h"], dead_only=True)
     assert (left.runs, await statuses(inbox, event_id)) == (0, {"h": ("dead", 1)})
