@@ -295,11 +295,7 @@ def _no_init(cls: type) -> bool:
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is not None:
-            return (
-                init is object.__init__
-                or klass in (Handler, BatchHandler)
-                or (getattr(init, "__name__", "") == "_no_init_or_replace_init")
-            )
+            return init is object.__init__ or init.__name__ == "_no_init_or_replace_init"
     return True
 
 
