@@ -197,6 +197,7 @@ def api_routes(inspection: Inspection) -> list[BaseRoute]:
                 "runs": done.runs,
                 "dry_run": body.dry_run,
                 "unrouted": {name: count for name, count in done.unrouted.items() if count},
+                "unrun": done.unrun,
             }
         )
 

@@ -92,7 +92,7 @@ def replay(
     async def run(inbox: Inbox) -> None:
         from receiver.dispatch.replay import chosen_ids, replay
         from receiver.ingest.routing import Router
-        from receiver.upkeep.presence import running
+        from receiver.upkeep.presence import runnable, running
 
         ids = await chosen_ids(inbox, list(event_ids), chosen)
         if not ids:
@@ -106,6 +106,7 @@ def replay(
                 Router(config.routes, list(config.handlers)),
                 ids,
                 handlers=list(handler_names),
+                runnable=await runnable(inbox, config.handlers),
                 dead_only=dead_only,
                 ignore_routes=ignore_routes,
                 dry_run=dry_run,
@@ -121,6 +122,12 @@ def replay(
                     " (--ignore-routes to run them anyway)",
                     err=True,
                 )
+        for handler, count in sorted(done.unrun.items()):
+            click.echo(
+                f"{count} run(s) of {handler} left as they are: no receiver runs that handler"
+                " (not in this config, nor in a running receiver's)",
+                err=True,
+            )
         if done.runs and not dry_run:
             _warn_if_nobody_runs(await running(inbox), list(handler_names))
 

@@ -3,13 +3,15 @@
 Events are chosen by id, or by a filter (every event, for `--all`), and gone through in
 pages. Runs are queued for the handlers named (created where missing; with `dead_only`,
 their dead-lettered runs only), or, with none named, the runs the events already have
-(only dead-lettered ones, with `dead_only`). A handler named runs only events the current
-routes send to it, unless routes are ignored: the same choice ingest would make today.
+(only dead-lettered ones, with `dead_only`) of the handlers some process runs: queued
+for a handler removed from every config, a run would wait forever. A handler named runs
+only events the current routes send to it, unless routes are ignored: the same choice
+ingest would make today.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +31,8 @@ class Replayed:
     runs: int = 0  # runs queued (with dry_run: that would be)
     # Per handler named: events chosen that the routes do not send to it.
     unrouted: dict[str, int] = field(default_factory=dict)
+    # With no handler named: runs of handlers no process runs, by handler, left as they are.
+    unrun: dict[str, int] = field(default_factory=dict)
 
 
 async def chosen_ids(
@@ -52,6 +56,7 @@ async def replay(
     event_ids: list[str],
     *,
     handlers: list[str],
+    runnable: Collection[str],
     dead_only: bool,
     ignore_routes: bool = False,
     dry_run: bool = False,
@@ -59,7 +64,8 @@ async def replay(
     progress: Callable[[int], None] | None = None,
 ) -> Replayed:
     """Queue again the runs of these events; `release` (events the user named) runs
-    them even if held or forged by verification. `progress` is told how many events
+    them even if held or forged by verification. With no handler named, only the runs
+    of `runnable` handlers (`presence.runnable`) are. `progress` is told how many events
     each page held."""
     done = Replayed(events=len(event_ids))
     for start in range(0, len(event_ids), PAGE):
@@ -75,10 +81,18 @@ async def replay(
                     done.runs += await inbox.requeue(
                         routed, [handler], dead_only=dead_only, dry_run=dry_run, release=release
                     )
+        elif handlers:
+            done.runs += await inbox.requeue(
+                page, handlers, dead_only=dead_only, dry_run=dry_run, release=release
+            )
         else:
             done.runs += await inbox.requeue(
-                page, handlers or None, dead_only=dead_only, dry_run=dry_run, release=release
-            )
+                page, None, among=list(runnable), dead_only=dead_only, dry_run=dry_run,
+                release=release,
+            )  # fmt: skip
+            for handler, count in (await inbox.runs_by_handler(page, dead_only)).items():
+                if handler not in runnable:
+                    done.unrun[handler] = done.unrun.get(handler, 0) + count
         if progress is not None:
             progress(len(page))
     return done

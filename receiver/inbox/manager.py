@@ -364,11 +364,14 @@ class InboxManager(InboxReader):
         event_ids: list[str] | None,
         handlers: list[str] | None,
         *,
+        among: list[str] | None = None,
         dead_only: bool,
         dry_run: bool = False,
         release: bool | None = None,
     ) -> int:
         vouched = event_ids is not None if release is None else release
+        if among is not None and not (handlers or among):
+            return 0  # the runs of no handler
 
         def requeue(tx: Tx) -> Work[int]:
             yield _savepoint("SAVEPOINT requeue")
@@ -379,13 +382,25 @@ class InboxManager(InboxReader):
                     for handler in handlers:
                         total += yield query.requeue_runs(tx, chunk, handler, vouched)
                 else:
-                    total += yield query.requeue_existing(tx, chunk, handlers, dead_only, vouched)
+                    total += yield query.requeue_existing(
+                        tx, chunk, handlers or among, dead_only, vouched
+                    )
             if dry_run:
                 yield _savepoint("ROLLBACK TO SAVEPOINT requeue")
             yield _savepoint("RELEASE SAVEPOINT requeue")
             return total
 
         return await self.connector.write(requeue)
+
+    async def runs_by_handler(self, event_ids: list[str], dead_only: bool) -> dict[str, int]:
+        def count(tx: Tx) -> Work[dict[str, int]]:
+            counts: dict[str, int] = {}
+            for chunk in tx.chunks(event_ids):
+                for handler, found in (yield query.runs_by_handler(tx, chunk, dead_only)):
+                    counts[handler] = counts.get(handler, 0) + found
+            return counts
+
+        return await self.connector.read(count) if event_ids else {}
 
     # --- upkeep --------------------------------------------------------------------
 

@@ -339,6 +339,15 @@ def requeue_existing(
     )
 
 
+def runs_by_handler(tx: Tx, event_ids: Sequence[str], dead_only: bool) -> Statement:
+    """(handler, how many) of the runs of these events, the verification step's aside."""
+    s = Sql(tx)
+    conditions = [f"event_id {s.any(event_ids)}", f"handler <> {s(VERIFY_RUN)}"]
+    if dead_only:
+        conditions.append("status = 'dead'")
+    return s.rows(f"SELECT handler, count(*) FROM runs {where(conditions)} GROUP BY handler")
+
+
 # --- reading ---------------------------------------------------------------------
 
 

@@ -148,20 +148,27 @@ class RunQueue(Protocol):
         event_ids: list[str] | None,
         handlers: list[str] | None,
         *,
+        among: list[str] | None = None,
         dead_only: bool,
         dry_run: bool = False,
         release: bool | None = None,
     ) -> int:
         """Make runs pending again with their attempts reset (named handlers: creating
-        the runs that do not exist yet); None selects every event or every handler.
-        Runs leased right now are left alone. Returns how many runs were (with
-        `dry_run`: would be) queued.
+        the runs that do not exist yet); None selects every event or every handler
+        (with `among`: the runs the events have of these handlers only). Runs leased
+        right now are left alone. Returns how many runs were (with `dry_run`: would be)
+        queued.
 
         Verification: with `release` (by default: when `event_ids` are named), the events
         run whatever verification said (held or forged: the caller vouches for them);
         without, held and forged runs are left alone, and a new run of a held event is
         created held. The verification run itself is requeued only when `handlers`
         names it."""
+        ...
+
+    async def runs_by_handler(self, event_ids: list[str], dead_only: bool) -> dict[str, int]:
+        """How many runs these events have of each handler (`dead_only`: dead ones), the
+        verification step's aside."""
         ...
 
 

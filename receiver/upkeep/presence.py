@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -96,6 +97,12 @@ def holder(run: RunState, names: dict[str, str]) -> str:
 async def running(inbox: KeptState) -> list[Process]:
     """The processes heard of lately."""
     return [p for p in await _processes(inbox) if time.time() - p.seen < GONE_SECONDS]
+
+
+async def runnable(inbox: KeptState, configured: Iterable[str]) -> set[str]:
+    """The handlers some process runs: those `configured` here, and those of every
+    process heard of lately (another replica's config may have more)."""
+    return set(configured).union(*(process.handlers for process in await running(inbox)))
 
 
 async def _processes(inbox: KeptState) -> list[Process]:

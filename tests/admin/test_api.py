@@ -256,12 +256,12 @@ def test_replay_with_a_dry_run_that_says_how_many(receiver, tmp_path):
     dead_for_db(receiver, 3)
     dead = {"dead": True, "handlers": ["db"]}
     dry = post(receiver, "/api/replay", {**dead, "dry_run": True}).json()
-    assert dry == {"events": 3, "runs": 3, "dry_run": True, "unrouted": {}}
+    assert dry == {"events": 3, "runs": 3, "dry_run": True, "unrouted": {}, "unrun": {}}
     assert len(get(receiver, "/api/events", status="dead").json()["events"]) == 3  # unchanged
     by_filter = {"filter": {"tag": "Snapshot"}, "handlers": ["db"], "dry_run": True}
     assert post(receiver, "/api/replay", by_filter).json()["runs"] == 2
     done = post(receiver, "/api/replay", {"events": ["job:jr0:Success"], "handlers": ["db"]})
-    assert done.json() == {"events": 1, "runs": 1, "dry_run": False, "unrouted": {}}
+    assert done.json() == {"events": 1, "runs": 1, "dry_run": False, "unrouted": {}, "unrun": {}}
     wait_until(lambda: "job:jr0:Success" in recorded(tmp_path / "db.jsonl"), what="jr0 replayed")
     assert post(receiver, "/api/replay", dead).json()["runs"] == 2
     wait_until(lambda: len(recorded(tmp_path / "db.jsonl")) == 3, what="dead letters replayed")

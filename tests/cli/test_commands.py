@@ -413,6 +413,36 @@ def test_replay_for_a_handler_no_running_receiver_has_warns(receiver, tmp_path):
     assert b"no running receiver has handler 'added'" in result.stderr
 
 
+def test_replay_leaves_the_runs_of_a_handler_no_receiver_runs(tmp_path):
+    # A handler taken out of the config: queued again, its dead run would wait for a
+    # receiver that never comes. Replaying every handler's dead runs leaves it dead, and
+    # says so.
+    fails = "fail_first = 1\nmax_attempts = 1\n"
+    kept = recorder(tmp_path, "kept", "kept.jsonl", fails)
+    config = write_config(tmp_path, kept, recorder(tmp_path, "removed", "removed.jsonl", fails))
+    process = Receiver(config).start()
+    try:
+        process.post(load("transcode.xml"))
+        wait_until(lambda: run_statuses(tmp_path) == {"kept": "dead", "removed": "dead"})
+    finally:
+        assert process.terminate() == 0  # gone: no longer running `removed`
+    write_config(tmp_path, kept)
+    result = cli(tmp_path, "replay", "--dead")
+    assert result.stdout.strip() == b"1 run(s) queued again, of 1 event(s)"
+    assert b"1 run(s) of removed left as they are: no receiver runs that handler" in result.stderr
+    assert run_statuses(tmp_path) == {"kept": "pending", "removed": "dead"}
+
+
+def run_statuses(tmp_path) -> dict[str, str]:
+    import sqlite3
+
+    connection = sqlite3.connect(tmp_path / "data" / "inbox.db")
+    try:
+        return dict(connection.execute("SELECT handler, status FROM runs").fetchall())
+    finally:
+        connection.close()
+
+
 def presence_written(tmp_path) -> bool:
     import sqlite3
 

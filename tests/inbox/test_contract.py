@@ -490,6 +490,21 @@ async def test_requeue_chosen_events_and_handlers(inbox):
     assert await inbox.requeue(["job:nothing:Success"], None, dead_only=False) == 0
 
 
+async def test_requeue_among_handlers_resets_only_their_runs(inbox):
+    # What replay does with no handler named: the runs of the handlers some process runs.
+    (event_id,) = (await store_body(inbox, job("jamong"), handlers=["a", "gone"])).new
+    for handler in ("a", "gone"):
+        (claim,) = await inbox.claim(handler, 1, 30)
+        await inbox.finish(claim, "dead", started_at=now(), error="x")
+    assert await inbox.runs_by_handler([event_id], dead_only=True) == {"a": 1, "gone": 1}
+    assert await inbox.requeue([event_id], None, among=[], dead_only=True) == 0
+    assert await inbox.requeue([event_id], None, among=["a", "b"], dead_only=True) == 1
+    assert await run_states(inbox, event_id) == {"a": ("pending", 0), "gone": ("dead", 1)}
+    assert await inbox.runs_by_handler([event_id], dead_only=True) == {"gone": 1}
+    assert await inbox.runs_by_handler([event_id], dead_only=False) == {"a": 1, "gone": 1}
+    assert await inbox.runs_by_handler(["job:nothing:Success"], dead_only=False) == {}
+
+
 async def test_a_leased_run_is_not_requeued_under_its_runner(inbox):
     (event_id,) = (await store(inbox, "transcode.xml", handlers=["a"])).new
     await inbox.claim("a", 1, 30)
