@@ -247,7 +247,8 @@ class InboxConfig(Section):
     """How much of a rejected body is kept for inspection."""
     rejected_bytes_per_hour: int = Field(64 * 1024 * 1024, ge=0)
     """Refused callbacks kept per hour, in bytes (bodies and a fixed cost per row); past
-    it they are counted by reason, not kept."""
+    it they are counted by reason, not kept (a queue's message stays in its queue, to be
+    kept once there is room)."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this much free space in data_dir the receiver reports itself not ready."""
 

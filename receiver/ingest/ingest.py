@@ -47,12 +47,12 @@ async def parse_or_refuse(
 ) -> Normalized:
     """Decode and normalize a receipt's body. A body that cannot be is first kept through
     `intake.reject` (unless not `keep_refused`: a body decoded again, kept already), then
-    its `PayloadError` is raised."""
+    its `PayloadError` is raised: `RefusedOverBudget` when there was no room to keep it."""
     try:
         return await _parse(receipt, limits)
     except PayloadError as error:
-        if keep_refused:
-            await intake.reject(receipt, error)
+        if keep_refused and not await intake.reject(receipt, error):
+            raise RefusedOverBudget(error.reason, error.message) from error
         raise
 
 
@@ -111,19 +111,28 @@ class RejectionNotKept(IntakeUnavailable):
     """A body was refused and could not be kept either: the sender should send it again."""
 
 
+class RefusedOverBudget(PayloadError):
+    """A body refused when the hour's budget for keeping refused bodies had no room for
+    it: counted, not kept. HTTP answers it as any refusal (a flood of garbage is what
+    spends the budget); a queue leaves the message to come back, kept once the budget has
+    refilled, rather than delete the only copy."""
+
+
 class Intake(Protocol):
     """Where a source hands its callbacks: the `Ingestor` below, or the TDMQ relay."""
 
     async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         """Keep the callback; raise `PayloadError` for a body refused (and kept, unless
-        not `keep_refused`: a body decoded again), `RejectionNotKept` for one refused that
-        could not be kept, `IntakeUnavailable` when it cannot be kept now."""
+        not `keep_refused`: a body decoded again; `RefusedOverBudget`: counted only),
+        `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
+        when it cannot be kept now."""
         ...
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
-    ) -> None:
-        """Keep a refused body for inspection; raise `RejectionNotKept` if it cannot be."""
+    ) -> bool:
+        """Keep a refused body for inspection; False when the budget for them had no room
+        (counted only); raise `RejectionNotKept` if it cannot be kept now."""
         ...
 
 
@@ -364,7 +373,7 @@ class Ingestor:
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
-    ) -> None:
+    ) -> bool:
         metrics = self._metrics
         metrics.series(metrics.callbacks, receipt.source, "rejected").inc()
         full_size = len(receipt.body) if size is None else size
@@ -373,7 +382,7 @@ class Ingestor:
             # Counted, not kept, and not logged one by one: a flood is what spends the
             # budget. The sender still gets its 4xx: the body was refused either way.
             metrics.series(metrics.rejected_not_kept, receipt.source, error.reason).inc()
-            return
+            return False
         logger.warning(
             "callback rejected", reason=error.reason, detail=error.message, size=full_size
         )
@@ -386,6 +395,7 @@ class Ingestor:
         except Exception as exc:
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
             raise RejectionNotKept(str(exc)) from exc
+        return True
 
     def _count(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], stored: Stored

@@ -338,7 +338,7 @@ class Callbacks:
         max_bytes = self._max_bytes
         too_large = PayloadError("too_large", f"the body is over the {max_bytes}-byte limit")
         try:
-            await self._ingestor.reject(receipt, too_large, size=size)
+            await self._ingestor.reject(receipt, too_large, size=size)  # kept, or counted
         except RejectionNotKept as exc:
             return unavailable(exc.reason)
         return Answer.error(413, too_large.reason, too_large.message)

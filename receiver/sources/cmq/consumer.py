@@ -4,7 +4,9 @@ deleted once its callback is committed.
 CMQ hides a received message for the queue's visibility timeout and hands it out again
 unless it is deleted with the receipt handle of its latest receive. So:
 - a message is deleted only after `Intake.ingest` returned (committed, or a duplicate)
-  or the refusal of its body was kept (`PayloadError`): it never loops;
+  or the refusal of its body was kept (`PayloadError`): it never loops. A refusal the
+  hour's budget for refused bodies has no room for (`RefusedOverBudget`) leaves the
+  message to come back, kept once the budget has refilled: the queue holds its only copy;
 - when the inbox fails (recording a refusal included) it is not deleted: it comes back
   after the visibility timeout, and the inbox recognizes it if it was committed after all.
   While the inbox cannot take messages at all (its database away) that is said once,
@@ -40,7 +42,7 @@ from receiver import tracing
 from receiver.callback.decode import PayloadError
 from receiver.config import CmqConfig
 from receiver.inbox import Receipt
-from receiver.ingest.ingest import Intake, IntakeUnavailable
+from receiver.ingest.ingest import Intake, IntakeUnavailable, RefusedOverBudget
 from receiver.metrics import Metrics
 from receiver.sources.cmq.api import STALE_HANDLE, CmqApi, CmqRefused, CmqUnavailable, Message
 from receiver.sources.outage import Outage, jitter
@@ -270,10 +272,14 @@ class CmqConsumer:
             if message.body is None:
                 # The same message is unreadable every time: kept, not looped over.
                 refused = PayloadError("bad_message", "the CMQ message has no msgBody string")
-                await self._intake.reject(receipt, refused)
+                if not await self._intake.reject(receipt, refused):
+                    raise RefusedOverBudget(refused.reason, refused.message)
                 self._outcomes["rejected"].inc()
                 return True
             await self._intake.ingest(receipt)
+        except RefusedOverBudget:  # counted by the ingestor; logged as a flood is, not each
+            self._outcomes["failed"].inc()
+            return False
         except PayloadError:  # kept as rejected by the ingestor
             self._outcomes["rejected"].inc()
             return True

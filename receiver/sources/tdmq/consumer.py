@@ -45,7 +45,7 @@ from receiver import tracing
 from receiver.callback.decode import PayloadError
 from receiver.config import TdmqConfig
 from receiver.inbox import Receipt, Stored
-from receiver.ingest.ingest import Intake, IntakeUnavailable
+from receiver.ingest.ingest import Intake, IntakeUnavailable, RefusedOverBudget
 from receiver.masking import mask_url
 from receiver.metrics import Metrics
 from receiver.pulsar_client.connect import (
@@ -318,10 +318,15 @@ class TdmqConsumer:
         `Stored`, the `PayloadError` its body was refused with, or what the inbox raised,
         raised again here). A refused one is recorded as rejected if the relay refused it
         or it could not be read, and dead-lettered; False when the dead-letter topic did
-        not take it."""
+        not take it, or, without one, when the budget for refused bodies had no room for
+        it (`RefusedOverBudget`): delivered again, it is kept once the budget has refilled,
+        rather than acknowledged as the only copy is lost."""
         if isinstance(outcome, PayloadError):
+            kept = not isinstance(outcome, RefusedOverBudget)
             if delivery.refused is not None:  # refused by the relay, or unreadable
-                await self._intake.reject(delivery.receipt, outcome, size=delivery.size)
+                kept = await self._intake.reject(delivery.receipt, outcome, size=delivery.size)
+            if self._dead_letters is None:
+                return kept
             return await self._dead_letter(message, outcome)
         if isinstance(outcome, BaseException):
             raise outcome

@@ -16,7 +16,7 @@ from receiver.config import CmqConfig
 from receiver.inbox import Inbox, Receipt, Stored
 from receiver.inbox import writer as writer_module
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.ingest.ingest import Ingestor
+from receiver.ingest.ingest import REJECTED_ROW_BYTES, Ingestor, RejectedBudget
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.sources.cmq import CmqConsumer, CmqError
@@ -183,6 +183,34 @@ async def test_a_body_that_cannot_be_read_is_kept_as_rejected_and_deleted(
         await running.stop()
 
 
+async def test_a_refusal_with_no_room_to_keep_it_leaves_the_message_to_come_back(stand_in, inbox):
+    # The hour's budget for refused bodies has room for one: the second garbage message
+    # is counted, not deleted (the queue holds its only copy), and comes back after the
+    # visibility timeout; kept once the budget has refilled, it is deleted then.
+    metrics = Metrics()
+    body = b"<Response><JobsDetail>"
+    budget = RejectedBudget(body_bytes=len(body), bytes_per_hour=REJECTED_ROW_BYTES + len(body))
+    intake = Ingestor(inbox, Router(None, []), metrics, Limits(), rejected=budget)
+    await asyncio.to_thread(stand_in.send, [body, body + b"<"])
+    running = consume(stand_in, intake, metrics, batch=1)
+    try:
+        await eventually(lambda: running.count("failed") >= 1, "the second one not kept")
+        await eventually(lambda: running.count("deleted") == 1, "the first one kept, deleted")
+        assert running.count("rejected") == 1
+        assert await queued(stand_in) == 1  # still in the queue
+        not_kept = metrics.registry.get_sample_value(
+            "ci_receiver_rejected_not_kept_total", {"source": "cmq", "reason": "malformed_xml"}
+        )
+        assert not_kept >= 1
+        budget._left = budget._capacity  # the hour gone by
+        await eventually(lambda: running.count("deleted") == 2, "kept once there is room")
+        rejected = await inbox.receipts(outcome="rejected")
+        assert sorted(r.size for r in rejected) == [len(body), len(body) + 1]
+        assert await queued(stand_in) == 0
+    finally:
+        await running.stop()
+
+
 class Held:
     """An intake that holds every callback until released: messages stay in hand."""
 
@@ -196,8 +224,8 @@ class Held:
         await self.release.wait()
         return await self.inner.ingest(receipt)
 
-    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> None:
-        await self.inner.reject(receipt, error, size=size)
+    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> bool:
+        return await self.inner.reject(receipt, error, size=size)
 
 
 async def test_at_most_batch_times_concurrency_messages_are_in_hand(stand_in, inbox):

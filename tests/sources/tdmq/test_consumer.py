@@ -17,7 +17,7 @@ from receiver.config import ConfigError, TdmqConfig, load_config
 from receiver.inbox import Inbox, Receipt
 from receiver.inbox import writer as writer_module
 from receiver.inbox.sqlite import SqliteInbox
-from receiver.ingest.ingest import Ingestor
+from receiver.ingest.ingest import REJECTED_ROW_BYTES, Ingestor, RejectedBudget
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.pulsar_client.connect import client_options, subscribe_options
@@ -47,18 +47,20 @@ def counter(metrics: Metrics):
     return count
 
 
-def ingestor(inbox: Inbox, metrics: Metrics) -> Ingestor:
-    return Ingestor(inbox, Router(None, []), metrics, Limits())
+def ingestor(inbox: Inbox, metrics: Metrics, budget: RejectedBudget | None = None) -> Ingestor:
+    return Ingestor(inbox, Router(None, []), metrics, Limits(), rejected=budget)
 
 
 @contextlib.asynccontextmanager
 async def consuming(
-    broker_url: str, inbox: Inbox
+    broker_url: str, inbox: Inbox, budget: RejectedBudget | None = None
 ) -> AsyncIterator[tuple[TdmqConsumer, Callable[[str], float]]]:
-    """A consumer of the topic into `inbox`, running on the event loop, and what it has
-    counted; stopped, then the inbox closed, at the end."""
+    """A consumer of the topic into `inbox` (refused bodies kept within `budget`),
+    running on the event loop, and what it has counted; stopped, then the inbox closed,
+    at the end."""
     metrics = Metrics()
-    consumer = TdmqConsumer(consumer_config(broker_url), ingestor(inbox, metrics), metrics)
+    intake = ingestor(inbox, metrics, budget)
+    consumer = TdmqConsumer(consumer_config(broker_url), intake, metrics)
     running = asyncio.create_task(consumer.run())
     try:
         yield consumer, counter(metrics)
@@ -145,6 +147,26 @@ async def test_a_message_it_cannot_read_is_kept_as_rejected_and_acked(
         assert receipt.body == body
         assert receipt.source_meta["properties"] == properties  # what was wrong, kept
         assert count("nacked") == 0
+
+
+async def test_a_refusal_with_no_room_to_keep_it_is_nacked_and_kept_when_there_is(
+    tmp_path, pulsar_broker
+):
+    # No dead-letter topic: the topic holds the only copy. The hour's budget for refused
+    # bodies has room for one; the second is counted, nacked, and delivered again until
+    # the budget has refilled.
+    body = b"<Response><JobsDetail>"
+    budget = RejectedBudget(body_bytes=len(body), bytes_per_hour=REJECTED_ROW_BYTES + len(body))
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=len(body))
+    await inbox.open()
+    async with consuming(pulsar_broker.url, inbox, budget) as (_, count):
+        await asyncio.to_thread(publish, pulsar_broker.url, TOPIC, [(body, {}), (body, {})])
+        await eventually(lambda: count("nacked") >= 2, "the second one nacked, again")
+        assert count("acked") == 1
+        assert len(await inbox.receipts(outcome="rejected")) == 1
+        budget._left = budget._capacity  # the hour gone by
+        await eventually(lambda: count("acked") == 2, "kept once there is room")
+        assert len(await inbox.receipts(outcome="rejected")) == 2
 
 
 async def test_a_message_whose_properties_are_not_text_is_kept_as_rejected_beside_the_others(
@@ -257,7 +279,7 @@ class _NoIntake:
     async def ingest_many(self, receipts: list[Receipt]):
         raise AssertionError("no message expected")
 
-    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> None:
+    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> bool:
         raise AssertionError("no message expected")
 
 
