@@ -15,7 +15,8 @@ backoff and jitter. One API request per event:
   bucket `[ci]` does not list or an id CI never makes: the held runs become `forged`,
   this run ends `forged` with the reason, and no handler ever sees the event;
 - **deferred**: CI unreachable or throttling, or still showing the job unfinished (its
-  own lag, for up to `[ci] verify_lag` after the callback): tried again later;
+  own lag, for up to `[ci] verify_lag` after the callback): tried again later; the first
+  answer after CI was out of reach makes every deferred verification due at once;
 - **held** or **passed**: a kind no query API here covers, as `[ci] verify_uncovered`
   says (held until replayed by name, or handled unverified).
 
@@ -67,9 +68,11 @@ MEDIA_JOB_TAGS = frozenset(
 # What CI's ids look like; anything else (a path, a comma-separated list) is never sent
 # to the API: it would ask for something else than the callback names.
 CI_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Seconds: the verification's attempts back off up to this, and never give up.
+# Seconds: the verification's attempts back off up to this, and never give up. Ten
+# minutes bounds what a long outage of CI's API costs (a request and an attempt's row per
+# waiting event and try); when the API answers again the others are tried at once.
 BACKOFF_INITIAL = 1.0
-BACKOFF_MAX = 60.0
+BACKOFF_MAX = 600.0
 CONCURRENCY = 8
 
 
@@ -89,6 +92,9 @@ class Verifier:
         self._inbox = inbox
         self._wake = wake
         self._watched = {bucket.name for bucket in config.buckets}
+        # Whether asking CI's API failed since it last answered: its next answer ends the
+        # others' wait.
+        self._unanswered = False
         self._outcomes = Counter(
             "ci_receiver_verify",
             "Verifications of callbacks against CI's job API, by outcome (confirmed, forged,"
@@ -155,8 +161,13 @@ class Verifier:
             # request, which is this event's: CI out of reach is then the same failure
             # for every event, which the dispatcher logs once (receiver/failing.py).
             self._outcomes.labels("deferred").inc()
+            self._unanswered = True
             said = error.detail if isinstance(error, CiApiError) else str(error)
             raise Retry(f"cannot ask CI's job API: {said}") from None
+        if self._unanswered:
+            self._unanswered = False
+            if await self._inbox.hasten(VERIFY_RUN):
+                self._wake()
         return next((e for e in found if e.subject == subject), None)
 
     def _compare(self, claimed: Event, actual: Event | None) -> str | None:

@@ -263,6 +263,9 @@ class InboxManager(InboxReader):
         settle = query.SETTLE_GENUINE if genuine else query.SETTLE_FORGED
         return int(await self.connector.execute(lambda tx: settle(tx, event_id)))
 
+    async def hasten(self, handler: str) -> int:
+        return int(await self.connector.execute(lambda tx: query.HASTEN(tx, handler)))
+
     async def ping(self) -> None:
         # A write that went through a moment ago, and no failure since, says as much as
         # one of our own would: readiness probes then add no write to a busy inbox.

@@ -239,6 +239,15 @@ _SETTLE = (
 SETTLE_GENUINE = Fixed(_SETTLE.format("pending"), "count", wakes=True)
 SETTLE_FORGED = Fixed(_SETTLE.format("forged"), "count")
 
+# A handler's runs waiting for a retry made due now (they wake the others); those leased
+# are being attempted, and their outcome sets when they are due next.
+HASTEN = Fixed(
+    "UPDATE runs SET due_at = now(), updated_at = now() WHERE handler = ?"
+    " AND status = 'pending' AND due_at > now() AND (lease_until IS NULL OR lease_until <= now())",
+    "count",
+    wakes=True,
+)
+
 HEARTBEAT = Fixed(
     "INSERT INTO meta VALUES ('heartbeat', ?)"
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

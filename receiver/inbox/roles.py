@@ -91,6 +91,11 @@ class Storing(Protocol):
         released by a replay)."""
         ...
 
+    async def hasten(self, handler: str) -> int:
+        """Make the pending runs of `handler` waiting for a retry due now (the ones being
+        attempted aside); returns how many."""
+        ...
+
     async def ping(self) -> None:
         """Raise unless the inbox takes writes."""
         ...

@@ -237,6 +237,30 @@ async def test_ci_out_of_reach_while_events_wait_is_said_once(inbox_place, tmp_p
     assert len([line for line in logs if line["event"] == "handler succeeds again"]) == 1
 
 
+async def test_ci_answering_again_ends_the_wait_of_the_deferred_verifications(
+    inbox_place, tmp_path, ci, monkeypatch
+):
+    # Out of reach, CI is asked again after a backoff of up to ten minutes; its first
+    # answer since makes the others due at once rather than at the end of theirs.
+    monkeypatch.setattr(verify, "BACKOFF_INITIAL", 60.0)
+    monkeypatch.setattr(verify, "BACKOFF_MAX", 600.0)
+    first, second = job(11, BUCKET, REGION), job(12, BUCKET, REGION)
+    ci.add_jobs(BUCKET, first, second)
+    ci.fail_next(Failure(drop=True))
+    async with Receiver(inbox_place, tmp_path, ci) as receiver:
+        waiting = await receiver.post(callback_body(first))
+        for _ in range(400):
+            if receiver.count("deferred"):
+                break
+            await asyncio.sleep(0.025)
+        assert await receiver.runs(waiting) == {VERIFY_RUN: "pending", "recorder": "held"}
+        answered = await receiver.post(callback_body(second))
+        assert (await receiver.settled(answered))[VERIFY_RUN] == "done"
+        # Within the seconds `settled` waits, not the 30 to 60 of its backoff.
+        assert await receiver.settled(waiting) == {VERIFY_RUN: "done", "recorder": "done"}
+    assert [s.status for s in ci.requests] == [0, 200, 200]
+
+
 async def test_a_job_ci_still_shows_running_is_asked_again(inbox_place, tmp_path, ci):
     detail = job(6, BUCKET, REGION)
     ci.add_jobs(BUCKET, {**detail, "State": "Running"})
