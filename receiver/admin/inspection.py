@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from receiver.admin.params import BadRequest, ReplayRequest
 from receiver.dispatch.loop import Dispatcher
-from receiver.dispatch.replay import Replayed, chosen_ids, replay
+from receiver.dispatch.replay import Replayed, chosen, replay
 from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
 from receiver.ingest.again import NotDecodedAgain, decode_again
 from receiver.ingest.routing import Router
@@ -114,8 +114,8 @@ class Inspection:
 
     async def replay(self, request: ReplayRequest) -> Replayed:
         """`ci-receiver replay` with these options; BadRequest for what it would refuse."""
-        chosen = request.filter.event_filter() if request.filter else EventFilter()
-        if not (request.events or request.all or request.dead or chosen != EventFilter()):
+        matching = request.filter.event_filter() if request.filter else EventFilter()
+        if not (request.events or request.all or request.dead or matching != EventFilter()):
             raise BadRequest("say what to replay: events, a filter, dead or all")
         if request.all and not (request.handlers or request.dead):
             raise BadRequest("all runs handlers over every stored event: name them in handlers")
@@ -126,18 +126,18 @@ class Inspection:
             known = ", ".join(self.handler_names)
             raise BadRequest(f"handlers: not configured: {', '.join(unknown)} (known: {known})")
         if request.dead:
-            if chosen.status not in (None, "dead"):
+            if matching.status not in (None, "dead"):
                 raise BadRequest("filter.status: dead replays dead-lettered runs only")
-            chosen.status = "dead"
+            matching.status = "dead"
             if len(request.handlers) == 1:  # only events with a dead run of that handler
-                chosen.handler = request.handlers[0]
-        ids = await chosen_ids(self.inbox, list(request.events), chosen)
-        if not ids:
+                matching.handler = request.handlers[0]
+        events = await chosen(self.inbox, list(request.events), matching)
+        if not events.count:
             return Replayed()
         done = await replay(
             self.inbox,
             Router(self._service.config.routes, self.handler_names),
-            ids,
+            events,
             handlers=list(request.handlers),
             runnable=await runnable(self.inbox, self.handler_names),
             dead_only=request.dead,

@@ -73,8 +73,8 @@ def replay(
     if receipt_id is not None:
         _replay_receipt(config, receipt_id)
         return
-    chosen = event_filter(**filters)
-    if not (event_ids or all_events or dead_only or chosen != EventFilter()):
+    matching = event_filter(**filters)
+    if not (event_ids or all_events or dead_only or matching != EventFilter()):
         raise click.UsageError(
             "say what to replay: EVENT_IDS, a filter (--tag, --since, ...), --dead, --all"
             " or --receipt"
@@ -87,24 +87,24 @@ def replay(
     if unknown:
         raise click.ClickException(f"handler(s) not configured: {', '.join(unknown)}")
     if dead_only:
-        chosen.status = "dead"
+        matching.status = "dead"
 
     async def run(inbox: Inbox) -> None:
-        from receiver.dispatch.replay import chosen_ids, replay
+        from receiver.dispatch.replay import chosen, replay
         from receiver.ingest.routing import Router
         from receiver.upkeep.presence import runnable, running
 
-        ids = await chosen_ids(inbox, list(event_ids), chosen)
-        if not ids:
+        events = await chosen(inbox, list(event_ids), matching)
+        if not events.count:
             click.echo("no event matches: nothing to replay", err=True)
             return
         with click.progressbar(
-            length=len(ids), label="replaying", file=sys.stderr, show_pos=True
+            length=events.count, label="replaying", file=sys.stderr, show_pos=True
         ) as bar:
             done = await replay(
                 inbox,
                 Router(config.routes, list(config.handlers)),
-                ids,
+                events,
                 handlers=list(handler_names),
                 runnable=await runnable(inbox, config.handlers),
                 dead_only=dead_only,

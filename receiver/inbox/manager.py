@@ -98,10 +98,22 @@ class InboxReader:
         return await self.connector.read(events)
 
     async def event_ids(
-        self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
+        self,
+        filter: EventFilter | None = None,
+        *,
+        limit: int = 1000,
+        after: int = 0,
+        through: int | None = None,
     ) -> list[tuple[int, str]]:
-        rows = await self.connector.read_one(lambda tx: query.event_ids(tx, filter, limit, after))
+        rows = await self.connector.read_one(
+            lambda tx: query.event_ids(tx, filter, limit, after, through)
+        )
         return [(row[0], row[1]) for row in rows]
+
+    async def matching(self, filter: EventFilter | None = None) -> tuple[int, int]:
+        rows = await self.connector.read_one(lambda tx: query.matching(tx, filter))
+        count, newest = rows[0]
+        return int(count), int(newest or 0)
 
     async def event(self, event_id: str) -> EventDetail | None:
         def event(tx: Tx) -> Work[tuple[Any, ...] | None]:

@@ -429,12 +429,21 @@ def events(tx: Tx, filter: EventFilter | None, limit: int, before: int | None) -
     )
 
 
-def event_ids(tx: Tx, filter: EventFilter | None, limit: int, after: int) -> Statement:
+def event_ids(
+    tx: Tx, filter: EventFilter | None, limit: int, after: int, through: int | None
+) -> Statement:
     s = Sql(tx)
     conditions = [*event_conditions(s, filter), f"e.seq > {s(after)}"]
+    if through is not None:
+        conditions.append(f"e.seq <= {s(through)}")
     return s.rows(
         f"SELECT e.seq, e.id FROM events e {where(conditions)} ORDER BY e.seq LIMIT {s(limit)}"
     )
+
+
+def matching(tx: Tx, filter: EventFilter | None) -> Statement:
+    s = Sql(tx)
+    return s.rows(f"SELECT count(*), max(e.seq) FROM events e {where(event_conditions(s, filter))}")
 
 
 def runs(tx: Tx, event_ids: Sequence[str]) -> Statement:

@@ -188,10 +188,19 @@ class Reading(Protocol):
         ...
 
     async def event_ids(
-        self, filter: EventFilter | None = None, *, limit: int = 1000, after: int = 0
+        self,
+        filter: EventFilter | None = None,
+        *,
+        limit: int = 1000,
+        after: int = 0,
+        through: int | None = None,
     ) -> list[tuple[int, str]]:
-        """(seq, id) of matching events, oldest first from `after`: for going through
-        many events in pages (replay by filter)."""
+        """(seq, id) of matching events, oldest first from `after` (up to `through`):
+        for going through many events in pages (replay by filter)."""
+        ...
+
+    async def matching(self, filter: EventFilter | None = None) -> tuple[int, int]:
+        """How many events match, and the `seq` of the newest of them (0: none)."""
         ...
 
     async def states(self, prefix: str) -> dict[str, str]:

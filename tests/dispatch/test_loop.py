@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,15 +16,17 @@ from structlog.testing import capture_logs
 from handlers import Fail, Retry
 from receiver.callback.event import Event
 from receiver.config import DispatchConfig, HandlerConfig, RouteConfig
+from receiver.dispatch import replay as replay_module
 from receiver.dispatch.loop import Dispatcher
 from receiver.dispatch.outcomes import backoff
-from receiver.dispatch.replay import replay
+from receiver.dispatch.replay import chosen, replay
 from receiver.dispatch.slots import Slot
 from receiver.inbox import EventFilter, Receipt
 from receiver.ingest.routing import Router
 from receiver.metrics import Metrics
 from receiver.runtime.service import Service
 from tests.support.callbacks import load
+from tests.support.installations import variant
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "timeout": 5}
 
@@ -52,9 +55,12 @@ class Recording:
 
 
 async def store(inbox, name: str, handlers: list[str]) -> list[str]:
+    return await store_body(inbox, load(name), handlers)
+
+
+async def store_body(inbox, body: bytes, handlers: list[str]) -> list[str]:
     from receiver import parse_callback
 
-    body = load(name)
     events = parse_callback(body)
     receipt = Receipt(body, "http", datetime.now(timezone.utc), "req-1")
     stored = await inbox.store(receipt, [(event, handlers) for event in events])
@@ -399,12 +405,39 @@ async def test_dead_letters_of_a_handler_the_routes_no_longer_send_to_are_left_a
         inbox, lambda: settled(inbox, event_id), h=(Recording([Fail("bad config")]), {})
     )
     rerouted = Router([RouteConfig(handlers=["elsewhere"])], ["h", "elsewhere"])
-    left = await replay(inbox, rerouted, [event_id], handlers=["h"], runnable={"h"}, dead_only=True)
+    named = await chosen(inbox, [event_id], None)
+    left = await replay(inbox, rerouted, named, handlers=["h"], runnable={"h"}, dead_only=True)
     assert (left.runs, await statuses(inbox, event_id)) == (0, {"h": ("dead", 1)})
     still = Router(None, ["h"])
-    again = await replay(inbox, still, [event_id], handlers=["h"], runnable={"h"}, dead_only=True)
+    named = await chosen(inbox, [event_id], None)
+    again = await replay(inbox, still, named, handlers=["h"], runnable={"h"}, dead_only=True)
     assert again.runs == 1
     assert await statuses(inbox, event_id) == {"h": ("pending", 0)}
+
+
+async def test_a_replay_goes_through_the_events_chosen_as_it_started(inbox, monkeypatch):
+    # A page at a time (two here), not every id read first; an event stored meanwhile is
+    # not chosen: its runs are new already.
+    monkeypatch.setattr(replay_module, "PAGE", 2)
+    for n in range(5):
+        await store_body(inbox, variant(load("smartcover.json"), n), ["h"])
+    events = await chosen(inbox, None, EventFilter())
+    assert events.count == 5
+    await store_body(inbox, variant(load("smartcover.json"), 5), ["h"])
+    pages = []
+    events.pages = _noting(events.pages, pages)
+    done = await replay(
+        inbox, Router(None, ["h"]), events, handlers=["h"], runnable={"h"}, dead_only=False,
+        dry_run=True,
+    )  # fmt: skip
+    assert (done.events, done.runs) == (5, 5)
+    assert [len(page) for page in pages] == [2, 2, 1]
+
+
+async def _noting(pages, seen: list) -> AsyncIterator[list[str]]:
+    async for page in pages:
+        seen.append(page)
+        yield page
 
 
 def test_backoff_doubles_up_to_its_ceiling_with_equal_jitter():

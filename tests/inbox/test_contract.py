@@ -736,6 +736,12 @@ async def test_events_page_by_cursor(inbox):
         oldest_first += [event_id for _, event_id in chunk]
         after = chunk[-1][0]
     assert oldest_first == [f"job:jp{n}:Success" for n in range(7)]
+    newest = max(seq for seq, _ in await inbox.event_ids())
+    assert await inbox.matching(EventFilter(tag="Transcode")) == (7, newest)
+    await store_body(inbox, job("jlater"))
+    through = await inbox.event_ids(EventFilter(tag="Transcode"), after=0, through=newest)
+    assert [event_id for _, event_id in through] == oldest_first  # not the later one
+    assert await inbox.matching(EventFilter(tag="NoSuchTag")) == (0, 0)
 
 
 async def test_receipts_page_and_filter_by_outcome(inbox):
