@@ -170,7 +170,7 @@ class _AnsweringIntake:
     async def ingest(self, receipt: Receipt) -> Stored:
         return self._stored
 
-    async def reject(self, receipt: Receipt, error: Any, *, size: int | None = None) -> None:
+    async def reject(self, receipt: Receipt, error: Any, *, size: int | None = None) -> bool:
         raise AssertionError("nothing is refused here")
 
 

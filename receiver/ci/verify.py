@@ -16,7 +16,8 @@ backoff and jitter. One API request per event:
   this run ends `forged` with the reason, and no handler ever sees the event;
 - **deferred**: CI unreachable or throttling, or still showing the job unfinished (its
   own lag, for up to `[ci] verify_lag` after the callback): tried again later; the first
-  answer after CI was out of reach makes every deferred verification due at once;
+  answer after CI was out of reach (no answer, or 5xx) makes every deferred verification
+  due at once;
 - **held** or **passed**: a kind no query API here covers, as `[ci] verify_uncovered`
   says (held until replayed by name, or handled unverified).
 
@@ -70,9 +71,13 @@ MEDIA_JOB_TAGS = frozenset(
 CI_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Seconds: the verification's attempts back off up to this, and never give up. Ten
 # minutes bounds what a long outage of CI's API costs (a request and an attempt's row per
-# waiting event and try); when the API answers again the others are tried at once.
+# waiting event and try); when the API answers again after being out of reach, the
+# others are tried at once.
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 600.0
+# The failures of CI's API that end when CI is back (not a throttling, which an answer to
+# one request does not end, nor a refusal of this one request).
+OUT_OF_REACH = frozenset({"network", "server"})
 CONCURRENCY = 8
 
 
@@ -161,14 +166,22 @@ class Verifier:
             # request, which is this event's: CI out of reach is then the same failure
             # for every event, which the dispatcher logs once (receiver/failing.py).
             self._outcomes.labels("deferred").inc()
-            self._unanswered = True
+            if isinstance(error, CiApiError) and error.reason in OUT_OF_REACH:
+                self._unanswered = True
             said = error.detail if isinstance(error, CiApiError) else str(error)
             raise Retry(f"cannot ask CI's job API: {said}") from None
         if self._unanswered:
             self._unanswered = False
+            await self._hasten_the_others()
+        return next((e for e in found if e.subject == subject), None)
+
+    async def _hasten_the_others(self) -> None:
+        """CI answers again: the verifications that waited for it are due now."""
+        try:
             if await self._inbox.hasten(VERIFY_RUN):
                 self._wake()
-        return next((e for e in found if e.subject == subject), None)
+        except Exception as exc:  # they are tried at the end of their backoff instead
+            logger.warning("cannot make the waiting verifications due", error=str(exc))
 
     def _compare(self, claimed: Event, actual: Event | None) -> str | None:
         """Why the callback is forged, or None when CI's API says the same."""

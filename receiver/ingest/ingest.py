@@ -111,11 +111,17 @@ class RejectionNotKept(IntakeUnavailable):
     """A body was refused and could not be kept either: the sender should send it again."""
 
 
+# The sources whose message stays in its queue until its consumer is done with it: a
+# refused one the budget for refused bodies has no room for now waits there, and is kept
+# when it comes back, rather than be taken off the queue that holds its only copy. (A
+# relayed HTTP callback's sender had its answer already: it is counted, as over HTTP.)
+QUEUED_SOURCES = frozenset({"cmq", "tdmq"})
+
+
 class RefusedOverBudget(PayloadError):
-    """A body refused when the hour's budget for keeping refused bodies had no room for
-    it: counted, not kept. HTTP answers it as any refusal (a flood of garbage is what
-    spends the budget); a queue leaves the message to come back, kept once the budget has
-    refilled, rather than delete the only copy."""
+    """A queue's message refused when the hour's budget for keeping refused bodies had no
+    room for it: neither kept nor counted yet. Its consumer leaves it to come back, kept
+    once the budget has refilled (`QUEUED_SOURCES`)."""
 
 
 class Intake(Protocol):
@@ -123,7 +129,8 @@ class Intake(Protocol):
 
     async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         """Keep the callback; raise `PayloadError` for a body refused (and kept, unless
-        not `keep_refused`: a body decoded again; `RefusedOverBudget`: counted only),
+        not `keep_refused`: a body decoded again; `RefusedOverBudget`: a queue's message
+        with no room to keep it now),
         `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
         when it cannot be kept now."""
         ...
@@ -131,8 +138,10 @@ class Intake(Protocol):
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
     ) -> bool:
-        """Keep a refused body for inspection; False when the budget for them had no room
-        (counted only); raise `RejectionNotKept` if it cannot be kept now."""
+        """Keep a refused body for inspection (or count it, past the budget for them);
+        False for a queue's message the budget has no room for now but will have: left in
+        its queue, it is kept when it comes back. Raise `RejectionNotKept` if it cannot be
+        kept now."""
         ...
 
 
@@ -178,6 +187,10 @@ class RejectedBudget:
         self._capacity = float(bytes_per_hour)
         self._left = float(bytes_per_hour)
         self._at = time.monotonic()
+
+    def fits(self, body: bytes) -> bool:
+        """Whether the budget has room for `body` when full: else it is never kept."""
+        return min(len(body), self.body_bytes) + REJECTED_ROW_BYTES <= self._capacity
 
     def take(self, body: bytes) -> bytes | None:
         """The part of `body` to keep, or None when the budget is spent."""
@@ -375,14 +388,16 @@ class Ingestor:
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
     ) -> bool:
         metrics = self._metrics
-        metrics.series(metrics.callbacks, receipt.source, "rejected").inc()
         full_size = len(receipt.body) if size is None else size
         kept = self._rejected.take(receipt.body)
+        if kept is None and receipt.source in QUEUED_SOURCES and self._rejected.fits(receipt.body):
+            return False  # counted when it comes back and is kept
+        metrics.series(metrics.callbacks, receipt.source, "rejected").inc()
         if kept is None:
             # Counted, not kept, and not logged one by one: a flood is what spends the
             # budget. The sender still gets its 4xx: the body was refused either way.
             metrics.series(metrics.rejected_not_kept, receipt.source, error.reason).inc()
-            return False
+            return True
         logger.warning(
             "callback rejected", reason=error.reason, detail=error.message, size=full_size
         )

@@ -329,7 +329,7 @@ class Reconciler:
             )
             try:
                 stored = await self._intake.ingest(receipt)
-            except PayloadError as error:  # kept as rejected by the ingestor
+            except PayloadError as error:  # kept (or counted) as rejected by the ingestor
                 logger.error("a job from CI's API cannot be stored", error=str(error))
                 return
         new = set(stored.new)

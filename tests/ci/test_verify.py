@@ -261,6 +261,29 @@ async def test_ci_answering_again_ends_the_wait_of_the_deferred_verifications(
     assert [s.status for s in ci.requests] == [0, 200, 200]
 
 
+async def test_an_answer_after_a_throttling_leaves_the_others_to_their_backoff(
+    inbox_place, tmp_path, ci, monkeypatch
+):
+    # CI answering one request does not end a throttling: the event it held back waits
+    # out its backoff rather than join a burst against an API asking for fewer.
+    monkeypatch.setattr(verify, "BACKOFF_INITIAL", 60.0)
+    monkeypatch.setattr(verify, "BACKOFF_MAX", 600.0)
+    first, second = job(13, BUCKET, REGION), job(14, BUCKET, REGION)
+    ci.add_jobs(BUCKET, first, second)
+    ci.fail_next(Failure(429, "RequestLimitExceeded"))
+    async with Receiver(inbox_place, tmp_path, ci) as receiver:
+        waiting = await receiver.post(callback_body(first))
+        for _ in range(400):
+            if receiver.count("deferred"):
+                break
+            await asyncio.sleep(0.025)
+        answered = await receiver.post(callback_body(second))
+        assert (await receiver.settled(answered))[VERIFY_RUN] == "done"
+        await asyncio.sleep(1.0)  # a hastened verification would be done by now
+        assert await receiver.runs(waiting) == {VERIFY_RUN: "pending", "recorder": "held"}
+    assert [s.status for s in ci.requests] == [429, 200]
+
+
 async def test_a_job_ci_still_shows_running_is_asked_again(inbox_place, tmp_path, ci):
     detail = job(6, BUCKET, REGION)
     ci.add_jobs(BUCKET, {**detail, "State": "Running"})

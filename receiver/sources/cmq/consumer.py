@@ -277,7 +277,7 @@ class CmqConsumer:
                 self._outcomes["rejected"].inc()
                 return True
             await self._intake.ingest(receipt)
-        except RefusedOverBudget:  # counted by the ingestor; logged as a flood is, not each
+        except RefusedOverBudget:  # counted once kept; not logged each time: a flood
             self._outcomes["failed"].inc()
             return False
         except PayloadError:  # kept as rejected by the ingestor

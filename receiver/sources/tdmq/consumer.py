@@ -8,7 +8,8 @@ turns it into a receipt) and is acked only after the inbox commit is durable:
   (receiver/sources/outage.py);
 - the body cannot be decoded, or the message itself cannot be read (a garbled relay
   property): it is kept as rejected; it is also published to `dead_letter_topic` when
-  one is set, then acked, so it never loops;
+  one is set, then acked, so it never loops. Without a dead-letter topic, one past the
+  budget for refused bodies is nacked, to be kept once the budget has refilled;
 - the ack itself is lost (broker restart): the message comes again and the inbox
   recognizes it as a duplicate.
 

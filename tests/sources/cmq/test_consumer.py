@@ -198,14 +198,35 @@ async def test_a_refusal_with_no_room_to_keep_it_leaves_the_message_to_come_back
         await eventually(lambda: running.count("deleted") == 1, "the first one kept, deleted")
         assert running.count("rejected") == 1
         assert await queued(stand_in) == 1  # still in the queue
-        not_kept = metrics.registry.get_sample_value(
-            "ci_receiver_rejected_not_kept_total", {"source": "cmq", "reason": "malformed_xml"}
+        # Neither kept nor counted as refused yet: it is, once it is kept.
+        refused = metrics.registry.get_sample_value(
+            "ci_receiver_callbacks_total", {"source": "cmq", "outcome": "rejected"}
         )
-        assert not_kept >= 1
+        assert refused == 1
         budget._left = budget._capacity  # the hour gone by
         await eventually(lambda: running.count("deleted") == 2, "kept once there is room")
         rejected = await inbox.receipts(outcome="rejected")
         assert sorted(r.size for r in rejected) == [len(body), len(body) + 1]
+        assert await queued(stand_in) == 0
+    finally:
+        await running.stop()
+
+
+async def test_a_refusal_the_budget_never_has_room_for_is_counted_and_deleted(stand_in, inbox):
+    # With no budget for refused bodies at all, waiting would not help: counted, deleted.
+    metrics = Metrics()
+    budget = RejectedBudget(body_bytes=64, bytes_per_hour=0)
+    intake = Ingestor(inbox, Router(None, []), metrics, Limits(), rejected=budget)
+    await asyncio.to_thread(stand_in.send, [b"<Response><JobsDetail>"])
+    running = consume(stand_in, intake, metrics, batch=1)
+    try:
+        await eventually(lambda: running.count("deleted") == 1, "deleted")
+        assert (running.count("rejected"), running.count("failed")) == (1, 0)
+        assert await inbox.receipts(outcome="rejected") == []
+        not_kept = metrics.registry.get_sample_value(
+            "ci_receiver_rejected_not_kept_total", {"source": "cmq", "reason": "malformed_xml"}
+        )
+        assert not_kept == 1
         assert await queued(stand_in) == 0
     finally:
         await running.stop()

@@ -169,6 +169,23 @@ async def test_a_refusal_with_no_room_to_keep_it_is_nacked_and_kept_when_there_i
         assert len(await inbox.receipts(outcome="rejected")) == 2
 
 
+async def test_a_relayed_refusal_past_the_budget_is_counted_and_acked(tmp_path, pulsar_broker):
+    # An HTTP callback the relay refused had its answer already: past the budget it is
+    # counted, as over HTTP, and acked, not delivered again and again.
+    body = b"<Response><JobsDetail>"
+    budget = RejectedBudget(body_bytes=len(body), bytes_per_hour=REJECTED_ROW_BYTES + len(body))
+    inbox = SqliteInbox(tmp_path / "inbox.db", rejected_body_bytes=len(body))
+    await inbox.open()
+    refused = {messages.SOURCE: "http", messages.REJECTED: "malformed_xml"}
+    async with consuming(pulsar_broker.url, inbox, budget) as (_, count):
+        await asyncio.to_thread(
+            publish, pulsar_broker.url, TOPIC, [(body, refused), (body, refused)]
+        )
+        await eventually(lambda: count("acked") == 2, "both acked")
+        assert count("nacked") == 0
+        assert len(await inbox.receipts(outcome="rejected")) == 1
+
+
 async def test_a_message_whose_properties_are_not_text_is_kept_as_rejected_beside_the_others(
     tmp_path, pulsar_broker
 ):
