@@ -237,16 +237,26 @@ async def test_ci_out_of_reach_while_events_wait_is_said_once(inbox_place, tmp_p
     assert len([line for line in logs if line["event"] == "handler succeeds again"]) == 1
 
 
-async def test_ci_answering_again_ends_the_wait_of_the_deferred_verifications(
-    inbox_place, tmp_path, ci, monkeypatch
+@pytest.mark.parametrize(
+    ("failure", "hastened", "asked"),
+    [
+        (Failure(drop=True), True, [0, 200, 200]),
+        (Failure(429, "RequestLimitExceeded"), False, [429, 200]),
+    ],
+    ids=["out of reach", "throttling"],
+)
+async def test_ci_back_in_reach_ends_the_wait_of_the_deferred_verifications(
+    inbox_place, tmp_path, ci, monkeypatch, failure, hastened, asked
 ):
     # Out of reach, CI is asked again after a backoff of up to ten minutes; its first
-    # answer since makes the others due at once rather than at the end of theirs.
+    # answer since makes the others due at once rather than at the end of theirs. An
+    # answer does not end a throttling: then they wait out their backoff rather than
+    # join a burst against an API asking for fewer requests.
     monkeypatch.setattr(verify, "BACKOFF_INITIAL", 60.0)
     monkeypatch.setattr(verify, "BACKOFF_MAX", 600.0)
     first, second = job(11, BUCKET, REGION), job(12, BUCKET, REGION)
     ci.add_jobs(BUCKET, first, second)
-    ci.fail_next(Failure(drop=True))
+    ci.fail_next(failure)
     async with Receiver(inbox_place, tmp_path, ci) as receiver:
         waiting = await receiver.post(callback_body(first))
         for _ in range(400):
@@ -256,32 +266,13 @@ async def test_ci_answering_again_ends_the_wait_of_the_deferred_verifications(
         assert await receiver.runs(waiting) == {VERIFY_RUN: "pending", "recorder": "held"}
         answered = await receiver.post(callback_body(second))
         assert (await receiver.settled(answered))[VERIFY_RUN] == "done"
-        # Within the seconds `settled` waits, not the 30 to 60 of its backoff.
-        assert await receiver.settled(waiting) == {VERIFY_RUN: "done", "recorder": "done"}
-    assert [s.status for s in ci.requests] == [0, 200, 200]
-
-
-async def test_an_answer_after_a_throttling_leaves_the_others_to_their_backoff(
-    inbox_place, tmp_path, ci, monkeypatch
-):
-    # CI answering one request does not end a throttling: the event it held back waits
-    # out its backoff rather than join a burst against an API asking for fewer.
-    monkeypatch.setattr(verify, "BACKOFF_INITIAL", 60.0)
-    monkeypatch.setattr(verify, "BACKOFF_MAX", 600.0)
-    first, second = job(13, BUCKET, REGION), job(14, BUCKET, REGION)
-    ci.add_jobs(BUCKET, first, second)
-    ci.fail_next(Failure(429, "RequestLimitExceeded"))
-    async with Receiver(inbox_place, tmp_path, ci) as receiver:
-        waiting = await receiver.post(callback_body(first))
-        for _ in range(400):
-            if receiver.count("deferred"):
-                break
-            await asyncio.sleep(0.025)
-        answered = await receiver.post(callback_body(second))
-        assert (await receiver.settled(answered))[VERIFY_RUN] == "done"
-        await asyncio.sleep(1.0)  # a hastened verification would be done by now
-        assert await receiver.runs(waiting) == {VERIFY_RUN: "pending", "recorder": "held"}
-    assert [s.status for s in ci.requests] == [429, 200]
+        if hastened:
+            # Within the seconds `settled` waits, not the 30 to 60 of its backoff.
+            assert await receiver.settled(waiting) == {VERIFY_RUN: "done", "recorder": "done"}
+        else:
+            await asyncio.sleep(1.0)  # a hastened verification would be done by now
+            assert await receiver.runs(waiting) == {VERIFY_RUN: "pending", "recorder": "held"}
+    assert [s.status for s in ci.requests] == asked
 
 
 async def test_a_job_ci_still_shows_running_is_asked_again(inbox_place, tmp_path, ci):
