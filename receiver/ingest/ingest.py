@@ -130,9 +130,8 @@ class Intake(Protocol):
     async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         """Keep the callback; raise `PayloadError` for a body refused (and kept, unless
         not `keep_refused`: a body decoded again; `RefusedOverBudget`: a queue's message
-        with no room to keep it now),
-        `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
-        when it cannot be kept now."""
+        with no room to keep it now), `RejectionNotKept` for one refused that could not
+        be kept, `IntakeUnavailable` when it cannot be kept now."""
         ...
 
     async def reject(
