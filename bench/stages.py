@@ -170,7 +170,7 @@ class _AnsweringIntake:
     async def ingest(self, receipt: Receipt) -> Stored:
         return self._stored
 
-    async def reject(self, receipt: Receipt, error: Any, *, size: int | None = None) -> bool:
+    async def reject(self, receipt: Receipt, error: Any, *, size: int | None = None) -> None:
         raise AssertionError("nothing is refused here")
 
 

@@ -868,6 +868,13 @@ class Config(BaseModel):
             )
         return self
 
+    def refusals_wait_in(self) -> frozenset[str]:
+        """The sources whose refused message, when the budget for refused bodies has no
+        room for it, stays in its queue to be kept once it has: CMQ's (deleted only once
+        kept), and TDMQ's unless a dead-letter topic takes it. (A relayed HTTP callback's
+        sender had its answer already: it is counted, as over HTTP.)"""
+        return frozenset({"cmq"} if self.tdmq.dead_letter_topic else {"cmq", "tdmq"})
+
     def verified_sources(self) -> frozenset[str]:
         """The event sources whose events wait for verification."""
         return frozenset(

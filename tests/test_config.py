@@ -348,3 +348,9 @@ def test_check_config_shows_each_handlers_rate_and_batches_where_it_takes_them(t
 def test_a_rate_that_cannot_be_read_is_a_config_error(tmp_path):
     path = write(tmp_path, '[handlers.robot]\ntype = "log"\nrate = "20 a minute"\n')
     assert "rate '20 a minute': write it as COUNT/UNIT" in error(path)
+
+
+def test_a_refusal_waits_in_its_queue_unless_a_dead_letter_topic_takes_it():
+    assert Config().refusals_wait_in() == {"cmq", "tdmq"}
+    dead_letters = Config(tdmq={"dead_letter_topic": "persistent://public/default/dead"})
+    assert dead_letters.refusals_wait_in() == {"cmq"}

@@ -47,12 +47,12 @@ async def parse_or_refuse(
 ) -> Normalized:
     """Decode and normalize a receipt's body. A body that cannot be is first kept through
     `intake.reject` (unless not `keep_refused`: a body decoded again, kept already), then
-    its `PayloadError` is raised: `RefusedOverBudget` when there was no room to keep it."""
+    its `PayloadError` is raised (`RefusedOverBudget`, by `reject`, when it is to wait)."""
     try:
         return await _parse(receipt, limits)
     except PayloadError as error:
-        if keep_refused and not await intake.reject(receipt, error):
-            raise RefusedOverBudget(error.reason, error.message) from error
+        if keep_refused:
+            await intake.reject(receipt, error)
         raise
 
 
@@ -111,17 +111,10 @@ class RejectionNotKept(IntakeUnavailable):
     """A body was refused and could not be kept either: the sender should send it again."""
 
 
-# The sources whose message stays in its queue until its consumer is done with it: a
-# refused one the budget for refused bodies has no room for now waits there, and is kept
-# when it comes back, rather than be taken off the queue that holds its only copy. (A
-# relayed HTTP callback's sender had its answer already: it is counted, as over HTTP.)
-QUEUED_SOURCES = frozenset({"cmq", "tdmq"})
-
-
 class RefusedOverBudget(PayloadError):
     """A queue's message refused when the hour's budget for keeping refused bodies had no
     room for it: neither kept nor counted yet. Its consumer leaves it to come back, kept
-    once the budget has refilled (`QUEUED_SOURCES`)."""
+    once the budget has refilled (`Config.refusals_wait_in`)."""
 
 
 class Intake(Protocol):
@@ -129,18 +122,18 @@ class Intake(Protocol):
 
     async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         """Keep the callback; raise `PayloadError` for a body refused (and kept, unless
-        not `keep_refused`: a body decoded again; `RefusedOverBudget`: a queue's message
-        with no room to keep it now), `RejectionNotKept` for one refused that could not
-        be kept, `IntakeUnavailable` when it cannot be kept now."""
+        not `keep_refused`: a body decoded again; `RefusedOverBudget`, as `reject`),
+        `RejectionNotKept` for one refused that could not be kept, `IntakeUnavailable`
+        when it cannot be kept now."""
         ...
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
-    ) -> bool:
-        """Keep a refused body for inspection (or count it, past the budget for them);
-        False for a queue's message the budget has no room for now but will have: left in
-        its queue, it is kept when it comes back. Raise `RejectionNotKept` if it cannot be
-        kept now."""
+    ) -> None:
+        """Keep a refused body for inspection (or count it, past the budget for them).
+        Raise `RefusedOverBudget` for a queue's message the budget has no room for now but
+        will have (left in its queue, it is kept when it comes back), `RejectionNotKept`
+        if it cannot be kept now."""
         ...
 
 
@@ -189,19 +182,21 @@ class RejectedBudget:
 
     def fits(self, body: bytes) -> bool:
         """Whether the budget has room for `body` when full: else it is never kept."""
-        return min(len(body), self.body_bytes) + REJECTED_ROW_BYTES <= self._capacity
+        return self._cost(body) <= self._capacity
 
     def take(self, body: bytes) -> bytes | None:
         """The part of `body` to keep, or None when the budget is spent."""
         now = time.monotonic()
         self._left = min(self._capacity, self._left + (now - self._at) * self._rate)
         self._at = now
-        kept = body[: self.body_bytes]
-        cost = len(kept) + REJECTED_ROW_BYTES
+        cost = self._cost(body)
         if cost > self._left:
             return None
         self._left -= cost
-        return kept
+        return body[: self.body_bytes]
+
+    def _cost(self, body: bytes) -> int:
+        return min(len(body), self.body_bytes) + REJECTED_ROW_BYTES
 
 
 class Ingestor:
@@ -214,6 +209,7 @@ class Ingestor:
         handoff: Handoff | None = None,
         rejected: RejectedBudget | None = None,
         verified_sources: frozenset[str] = frozenset(),
+        refusals_wait_in: frozenset[str] = frozenset(),
     ) -> None:
         self._inbox = inbox
         # Replaced whole by a config reload (receiver/runtime/reload.py): each callback is routed
@@ -225,6 +221,8 @@ class Ingestor:
         self._rejected = rejected or RejectedBudget(64 * 1024, 64 * 1024 * 1024)
         # Events from these sources wait for verification (receiver/ci/verify.py).
         self._verified_sources = verified_sources
+        # Refusals from these sources wait in their queue for room in `rejected`.
+        self._refusals_wait_in = refusals_wait_in
 
     async def ingest(self, receipt: Receipt, *, keep_refused: bool = True) -> Stored:
         """Commit the callback and its events; raise `PayloadError` after recording a
@@ -385,18 +383,23 @@ class Ingestor:
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
-    ) -> bool:
+    ) -> None:
         metrics = self._metrics
         full_size = len(receipt.body) if size is None else size
         kept = self._rejected.take(receipt.body)
-        if kept is None and receipt.source in QUEUED_SOURCES and self._rejected.fits(receipt.body):
-            return False  # counted when it comes back and is kept
+        if (
+            kept is None
+            and receipt.source in self._refusals_wait_in
+            and self._rejected.fits(receipt.body)
+        ):
+            # Counted when it comes back and is kept; not logged each time: a flood.
+            raise RefusedOverBudget(error.reason, error.message)
         metrics.series(metrics.callbacks, receipt.source, "rejected").inc()
         if kept is None:
             # Counted, not kept, and not logged one by one: a flood is what spends the
             # budget. The sender still gets its 4xx: the body was refused either way.
             metrics.series(metrics.rejected_not_kept, receipt.source, error.reason).inc()
-            return True
+            return
         logger.warning(
             "callback rejected", reason=error.reason, detail=error.message, size=full_size
         )
@@ -409,7 +412,6 @@ class Ingestor:
         except Exception as exc:
             logger.exception("cannot record the rejected callback", head=receipt.body[:200])
             raise RejectionNotKept(str(exc)) from exc
-        return True
 
     def _count(
         self, receipt: Receipt, routed: list[tuple[Event, list[str]]], stored: Stored

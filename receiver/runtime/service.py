@@ -120,6 +120,7 @@ class Service:
                 config.inbox.rejected_body_bytes, config.inbox.rejected_bytes_per_hour
             ),
             verified_sources=config.verified_sources(),
+            refusals_wait_in=config.refusals_wait_in(),
         )
         # Inbox upkeep, running beside the dispatcher for as long as the service does.
         self.pruner = Pruner(self.inbox, config.retention, self.metrics.registry)

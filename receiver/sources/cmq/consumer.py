@@ -272,12 +272,11 @@ class CmqConsumer:
             if message.body is None:
                 # The same message is unreadable every time: kept, not looped over.
                 refused = PayloadError("bad_message", "the CMQ message has no msgBody string")
-                if not await self._intake.reject(receipt, refused):
-                    raise RefusedOverBudget(refused.reason, refused.message)
+                await self._intake.reject(receipt, refused)
                 self._outcomes["rejected"].inc()
                 return True
             await self._intake.ingest(receipt)
-        except RefusedOverBudget:  # counted once kept; not logged each time: a flood
+        except RefusedOverBudget:  # to come back: counted once it is kept
             self._outcomes["failed"].inc()
             return False
         except PayloadError:  # kept as rejected by the ingestor

@@ -322,12 +322,14 @@ class TdmqConsumer:
         not take it, or, without one, when the budget for refused bodies had no room for
         it (`RefusedOverBudget`): delivered again, it is kept once the budget has refilled,
         rather than acknowledged as the only copy is lost."""
+        if isinstance(outcome, RefusedOverBudget):
+            return False
         if isinstance(outcome, PayloadError):
-            kept = not isinstance(outcome, RefusedOverBudget)
             if delivery.refused is not None:  # refused by the relay, or unreadable
-                kept = await self._intake.reject(delivery.receipt, outcome, size=delivery.size)
-            if self._dead_letters is None:
-                return kept
+                try:
+                    await self._intake.reject(delivery.receipt, outcome, size=delivery.size)
+                except RefusedOverBudget:
+                    return False
             return await self._dead_letter(message, outcome)
         if isinstance(outcome, BaseException):
             raise outcome

@@ -94,7 +94,7 @@ class Relay:
 
     async def reject(
         self, receipt: Receipt, error: PayloadError, *, size: int | None = None
-    ) -> bool:
+    ) -> None:
         self._metrics.callbacks.labels(receipt.source, "rejected").inc()
         full_size = size if size is not None else len(receipt.body)
         logger.warning(
@@ -111,7 +111,6 @@ class Relay:
                 head=receipt.body[:200],
             )
             raise RejectionNotKept(describe(exc), reason=UNAVAILABLE) from exc
-        return True
 
     def _where(self) -> dict[str, str]:
         """The broker and topic a failure is about, for the log."""

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from receiver import parse_callback
 from receiver.callback.decode import Limits, PayloadError
-from receiver.config import CmqConfig
+from receiver.config import CmqConfig, Config
 from receiver.inbox import Inbox, Receipt, Stored
 from receiver.inbox import writer as writer_module
 from receiver.inbox.sqlite import SqliteInbox
@@ -26,6 +26,8 @@ from tests.support.installations import variant
 from tests.support.sqlite_lock import HeldLock
 from tests.support.waiting import eventually
 
+# As a config without a TDMQ dead-letter topic has it (`Config.refusals_wait_in`).
+WAITING = Config().refusals_wait_in()
 # A key CMQ no longer knows (deleted while in use, say): a 41xx code of its own.
 KEY_GONE = {"code": 4104, "message": "the key does not exist"}
 
@@ -190,7 +192,9 @@ async def test_a_refusal_with_no_room_to_keep_it_leaves_the_message_to_come_back
     metrics = Metrics()
     body = b"<Response><JobsDetail>"
     budget = RejectedBudget(body_bytes=len(body), bytes_per_hour=REJECTED_ROW_BYTES + len(body))
-    intake = Ingestor(inbox, Router(None, []), metrics, Limits(), rejected=budget)
+    intake = Ingestor(
+        inbox, Router(None, []), metrics, Limits(), rejected=budget, refusals_wait_in=WAITING
+    )
     await asyncio.to_thread(stand_in.send, [body, body + b"<"])
     running = consume(stand_in, intake, metrics, batch=1)
     try:
@@ -216,7 +220,9 @@ async def test_a_refusal_the_budget_never_has_room_for_is_counted_and_deleted(st
     # With no budget for refused bodies at all, waiting would not help: counted, deleted.
     metrics = Metrics()
     budget = RejectedBudget(body_bytes=64, bytes_per_hour=0)
-    intake = Ingestor(inbox, Router(None, []), metrics, Limits(), rejected=budget)
+    intake = Ingestor(
+        inbox, Router(None, []), metrics, Limits(), rejected=budget, refusals_wait_in=WAITING
+    )
     await asyncio.to_thread(stand_in.send, [b"<Response><JobsDetail>"])
     running = consume(stand_in, intake, metrics, batch=1)
     try:
@@ -245,8 +251,8 @@ class Held:
         await self.release.wait()
         return await self.inner.ingest(receipt)
 
-    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> bool:
-        return await self.inner.reject(receipt, error, size=size)
+    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> None:
+        await self.inner.reject(receipt, error, size=size)
 
 
 async def test_at_most_batch_times_concurrency_messages_are_in_hand(stand_in, inbox):

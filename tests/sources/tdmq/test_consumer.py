@@ -13,7 +13,7 @@ import pulsar.asyncio
 import pytest
 
 from receiver.callback.decode import Limits, PayloadError
-from receiver.config import ConfigError, TdmqConfig, load_config
+from receiver.config import Config, ConfigError, TdmqConfig, load_config
 from receiver.inbox import Inbox, Receipt
 from receiver.inbox import writer as writer_module
 from receiver.inbox.sqlite import SqliteInbox
@@ -48,7 +48,11 @@ def counter(metrics: Metrics):
 
 
 def ingestor(inbox: Inbox, metrics: Metrics, budget: RejectedBudget | None = None) -> Ingestor:
-    return Ingestor(inbox, Router(None, []), metrics, Limits(), rejected=budget)
+    # Refusals wait as they do with no dead-letter topic (`Config.refusals_wait_in`).
+    waiting = Config().refusals_wait_in()
+    return Ingestor(
+        inbox, Router(None, []), metrics, Limits(), rejected=budget, refusals_wait_in=waiting
+    )
 
 
 @contextlib.asynccontextmanager
@@ -296,7 +300,7 @@ class _NoIntake:
     async def ingest_many(self, receipts: list[Receipt]):
         raise AssertionError("no message expected")
 
-    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> bool:
+    async def reject(self, receipt: Receipt, error: PayloadError, *, size=None) -> None:
         raise AssertionError("no message expected")
 
 
