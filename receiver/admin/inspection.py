@@ -20,7 +20,7 @@ from receiver.inbox import Backlog, EventFilter, Inbox, Stored, Traffic
 from receiver.ingest.again import NotDecodedAgain, decode_again
 from receiver.ingest.routing import Router
 from receiver.sources.backend import Backend
-from receiver.upkeep.presence import runnable
+from receiver.upkeep.presence import runnable, running
 
 # The overview's period.
 OVERVIEW_HOURS = 24
@@ -139,7 +139,7 @@ class Inspection:
             Router(self._service.config.routes, self.handler_names),
             events,
             handlers=list(request.handlers),
-            runnable=await runnable(self.inbox, self.handler_names),
+            runnable=runnable(await running(self.inbox), self.handler_names),
             dead_only=request.dead,
             ignore_routes=request.ignore_routes,
             dry_run=request.dry_run,

@@ -98,6 +98,7 @@ def replay(
         if not events.count:
             click.echo("no event matches: nothing to replay", err=True)
             return
+        processes = await running(inbox)
         with click.progressbar(
             length=events.count, label="replaying", file=sys.stderr, show_pos=True
         ) as bar:
@@ -106,7 +107,7 @@ def replay(
                 Router(config.routes, list(config.handlers)),
                 events,
                 handlers=list(handler_names),
-                runnable=await runnable(inbox, config.handlers),
+                runnable=runnable(processes, config.handlers),
                 dead_only=dead_only,
                 ignore_routes=ignore_routes,
                 dry_run=dry_run,
@@ -129,7 +130,7 @@ def replay(
                 err=True,
             )
         if done.runs and not dry_run:
-            _warn_if_nobody_runs(await running(inbox), list(handler_names))
+            _warn_if_nobody_runs(processes, list(handler_names))
 
     with_writable_inbox(config, run)
 

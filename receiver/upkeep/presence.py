@@ -99,10 +99,10 @@ async def running(inbox: KeptState) -> list[Process]:
     return [p for p in await _processes(inbox) if time.time() - p.seen < GONE_SECONDS]
 
 
-async def runnable(inbox: KeptState, configured: Iterable[str]) -> set[str]:
-    """The handlers some process runs: those `configured` here, and those of every
-    process heard of lately (another replica's config may have more)."""
-    return set(configured).union(*(process.handlers for process in await running(inbox)))
+def runnable(processes: list[Process], configured: Iterable[str]) -> set[str]:
+    """The handlers some process runs: those `configured` here, and those of the
+    `processes` heard of lately (`running`: another replica's config may have more)."""
+    return set(configured).union(*(process.handlers for process in processes))
 
 
 async def _processes(inbox: KeptState) -> list[Process]:
