@@ -158,6 +158,16 @@ def truncate_utf8(text: str, limit: int) -> str:
     return data[: limit - 3].decode(errors="ignore") + "..."
 
 
+def robot_title(message: Message) -> str:
+    """A DingTalk or Feishu message's title, cut to fit (`ROBOT_MAX_BYTES`)."""
+    return truncate_utf8(message.title(TEXT), ROBOT_MAX_BYTES // 8)
+
+
+def robot_text(message: Message, markup: Markup) -> str:
+    """A DingTalk or Feishu message's text in `markup`, cut to fit (`ROBOT_MAX_BYTES`)."""
+    return truncate_utf8(message.text(markup), ROBOT_MAX_BYTES)
+
+
 # --- WeCom ------------------------------------------------------------------------------
 
 
@@ -221,13 +231,12 @@ class DingTalkHandler(ChatHandler):
             payload: dict[str, Any] = {
                 "msgtype": "markdown",
                 "markdown": {
-                    "title": truncate_utf8(message.title(TEXT), ROBOT_MAX_BYTES // 8),
-                    "text": truncate_utf8(message.text(DINGTALK_MARKDOWN), ROBOT_MAX_BYTES),
+                    "title": robot_title(message),
+                    "text": robot_text(message, DINGTALK_MARKDOWN),
                 },
             }
         else:
-            content = truncate_utf8(message.text(CHAT_TEXT), ROBOT_MAX_BYTES)
-            payload = {"msgtype": "text", "text": {"content": content}}
+            payload = {"msgtype": "text", "text": {"content": robot_text(message, CHAT_TEXT)}}
         url = httpx.URL(options.url.get_secret_value())
         if options.secret is not None:
             timestamp = int(time.time() * 1000)
@@ -283,23 +292,17 @@ class FeishuHandler(ChatHandler):
                     "header": {
                         "title": {
                             "tag": "plain_text",
-                            "content": truncate_utf8(message.title(TEXT), ROBOT_MAX_BYTES // 8),
+                            "content": robot_title(message),
                         },
                         "template": "red" if message.failed else "green",
                     },
                     "elements": [
-                        {
-                            "tag": "markdown",
-                            "content": truncate_utf8(
-                                message.text(FEISHU_MARKDOWN), ROBOT_MAX_BYTES
-                            ),
-                        }
+                        {"tag": "markdown", "content": robot_text(message, FEISHU_MARKDOWN)}
                     ],
                 },
             }
         else:
-            content = truncate_utf8(message.text(FEISHU_TEXT), ROBOT_MAX_BYTES)
-            payload = {"msg_type": "text", "content": {"text": content}}
+            payload = {"msg_type": "text", "content": {"text": robot_text(message, FEISHU_TEXT)}}
         if options.secret is not None:
             timestamp = int(time.time())
             payload["timestamp"] = str(timestamp)

@@ -112,8 +112,7 @@ class JsonLinesHandler:
             there = os.stat(self._file_path)
         except FileNotFoundError:
             return True
-        held = os.fstat(self._file.fileno())
-        return (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino)
+        return not os.path.samestat(there, os.fstat(self._file.fileno()))
 
     def _open(self, path: Path) -> None:
         # One file open at a time: the current day's, while rotating.

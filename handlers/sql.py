@@ -218,21 +218,17 @@ class SqlHandler:
             self._engine = None
 
     async def __call__(self, event: Event) -> None:
-        try:
-            await self._write([event])
-        except DBAPIError as exc:
-            if refused_for_its_data(exc):
-                raise refusal(exc) from None
-            raise
+        await self._write_alone(event)
 
     async def handle_batch(self, events: Sequence[Event], ctx: BatchContext) -> BatchResult:
+        if len(events) == 1:
+            await self._write_alone(events[0])
+            return None
         try:
             await self._write(events)
         except DBAPIError as exc:
             if not refused_for_its_data(exc):
                 raise
-            if len(events) == 1:
-                raise refusal(exc) from None
             ctx.log.warning(
                 "the database refused the batch; writing its events one by one",
                 error=f"{type(exc).__name__}: {exc.orig}",
@@ -242,12 +238,20 @@ class SqlHandler:
         refused: dict[str, BaseException] = {}
         for event in events:
             try:
-                await self._write([event])
-            except DBAPIError as exc:
-                if not refused_for_its_data(exc):
-                    raise
-                refused[event.id] = refusal(exc)
+                await self._write_alone(event)
+            except Fail as exc:
+                refused[event.id] = exc
         return refused
+
+    async def _write_alone(self, event: Event) -> None:
+        """One event's rows; `Fail` (`refusal`) when the database refuses them for their
+        data."""
+        try:
+            await self._write([event])
+        except DBAPIError as exc:
+            if refused_for_its_data(exc):
+                raise refusal(exc) from None
+            raise
 
     async def _write(self, events: Sequence[Event]) -> None:
         """The events' rows in one transaction, each statement run over all its rows."""

@@ -10,6 +10,7 @@ open loopback listener) and a JSON body.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from functools import wraps
 
 from starlette.requests import Request
@@ -66,23 +67,23 @@ def json_answers(endpoint: Endpoint) -> Endpoint:
         except NotAvailable as exc:
             return error(404, "not_available", str(exc))
         except InboxUnavailable as exc:
-            since = exc.since.isoformat() if exc.since else None
-            return JsonResponse(
-                {"error": "inbox_unavailable", "detail": str(exc), "since": since},
-                status_code=503,
-                headers={"retry-after": RETRY_AFTER},
-            )
+            return _unavailable("inbox_unavailable", exc, exc.since)
         except IntakeUnavailable as exc:  # a callback decoded again, not taken now
-            return JsonResponse(
-                {"error": exc.reason, "detail": str(exc), "since": None},
-                status_code=503,
-                headers={"retry-after": RETRY_AFTER},
-            )
+            return _unavailable(exc.reason, exc, None)
         response.headers["cache-control"] = "no-store"
         response.headers["x-content-type-options"] = "nosniff"
         return response
 
     return answer
+
+
+def _unavailable(reason: str, exc: Exception, since: datetime | None) -> JsonResponse:
+    """503 + Retry-After: the inbox away (since when, if known), or the callback not taken."""
+    return JsonResponse(
+        {"error": reason, "detail": str(exc), "since": since.isoformat() if since else None},
+        status_code=503,
+        headers={"retry-after": RETRY_AFTER},
+    )
 
 
 def api_routes(inspection: Inspection) -> list[BaseRoute]:

@@ -10,7 +10,6 @@ import asyncio
 import math
 import random
 import time
-import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -188,12 +187,14 @@ def failed(
 def _raised_at(exc: BaseException) -> str:
     """Where an exception no handler meant to raise came from (its innermost frame): a
     bug's line, in the log, `events show` and the inspector alike."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
+    last = exc.__traceback__
+    if last is None:
         return ""
-    frame = frames[-1]
-    where = "/".join(Path(frame.filename).parts[-2:])
-    return f" (raised at {where}:{frame.lineno} in {frame.name})"
+    while last.tb_next is not None:  # (not traceback.extract_tb: it reads every frame's line)
+        last = last.tb_next
+    code = last.tb_frame.f_code
+    where = "/".join(Path(code.co_filename).parts[-2:])
+    return f" (raised at {where}:{last.tb_lineno} in {code.co_name})"
 
 
 def internal_error(config: HandlerConfig, claim: Claim, exc: Exception) -> Result:
