@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from receiver.dispatch.deadline import timeout
+from receiver.dispatch.deadline import Timeout, timeout
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -97,14 +97,19 @@ def test_a_cancellation_at_the_deadline_from_outside_is_not_taken_for_the_limit(
     # The task is cancelled by someone else (a shutdown) in the same turn as its limit
     # ends: as with asyncio's, the cancellation goes on rather than a TimeoutError.
     async def main() -> None:
+        limits: list[Timeout] = []
+
         async def block() -> None:
-            async with timeout(0.1):
+            async with timeout(0.1) as limit:
+                limits.append(limit)
                 await asyncio.sleep(10)
 
         task = asyncio.create_task(block())
         loop = asyncio.get_running_loop()
         await asyncio.sleep(0)
-        loop.call_at(loop.time() + 0.1, task.cancel)
+        # At the limit's own deadline, not one read off the clock again: under load a
+        # millisecond may pass in between, and the two would fire in separate turns.
+        loop.call_at(limits[0].when, task.cancel)
         with pytest.raises(asyncio.CancelledError):
             await task
 
