@@ -65,6 +65,8 @@ class Slot:
     started: bool = False
     start_error: str | None = None
     start_failures: int = 0
+    # A start failing alike at every retry (a wrong password) is said once.
+    start_failing: Failing = field(default_factory=Failing)
     next_start_at: float = 0.0
     # Whether the inbox may hold due runs of this handler: claiming is skipped otherwise.
     maybe_due: bool = True
@@ -223,12 +225,10 @@ class HandlerSlots:
                 else f"{type(exc).__name__}: {exc}"
             )
             slot.start_error = error
-            logger.error(
-                "handler cannot start; its events wait in the inbox",
-                handler=slot.name,
-                error=error,
-                retry_in=delay,
-            )
+            slot.start_failing.say_failed(
+                logger, "error", "handler cannot start; its events wait in the inbox", error,
+                handler=slot.name, error=error, retry_in=delay,
+            )  # fmt: skip
             self.metrics[slot.name].up.set(0)
         else:
             if slot.start_failures:
